@@ -1,0 +1,14 @@
+//! Formats shared by the memory pool, its clients and the disk tier: the snapshot manifest,
+//! the framed wire protocol spoken with the pool, the on-disk snapshot file, and the size
+//! and name rules every one of them enforces. Everything that crosses a process boundary
+//! carries a magic, a version, a checksum and a size bound, and is checked on the way in.
+
+pub mod manifest;
+pub mod names;
+pub mod size;
+pub mod snapfile;
+pub mod wire;
+
+pub use manifest::{FileEntry, Manifest, CHUNK_SIZE};
+pub use names::{validate_file_name, validate_snapshot_name, NameError};
+pub use size::{format_bytes, parse_size, SizeError};

@@ -1,0 +1,196 @@
+//! The snapshot manifest: what a snapshot is made of (its CRIU image files, their sizes and
+//! per-chunk checksums) and where it came from (root PID, process tree, CRIU version).
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::names::{validate_file_name, validate_snapshot_name, NameError};
+
+/// Unit of checksumming and of pool memory: every stored byte belongs to one chunk whose
+/// CRC32C is kept in the manifest and verified whenever the chunk is served.
+pub const CHUNK_SIZE: u64 = 1 << 20;
+/// Most image files one snapshot may hold; CRIU writes a few per process, so this is generous.
+pub const MAX_FILES: usize = 65_536;
+/// Largest single image file accepted (1 TiB); bounds arithmetic and allocations.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// Most processes recorded in the tree of one snapshot.
+pub const MAX_PIDS: usize = 65_536;
+
+/// Where a snapshot came from; the pool stores it and hands it back, it never interprets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMeta {
+    /// PID of the tree's root at checkpoint time; a restore recreates it under this PID.
+    pub root_pid: i32,
+    /// Every PID of the tree, so a restore can wait for all of them to be free.
+    pub pids: Vec<i32>,
+    /// CRIU version that wrote the images; restore with an older CRIU may not read them.
+    pub criu_version: String,
+    /// Resident memory of the tree at checkpoint, for policy and reports.
+    pub footprint_bytes: u64,
+}
+
+/// One image file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// CRIU's file name (`pages-1.img`, `inventory.img`, …).
+    pub name: String,
+    /// Exact length in bytes.
+    pub size: u64,
+    /// CRC32C of each `CHUNK_SIZE` piece of the file (the last may be shorter).
+    pub chunk_crcs: Vec<u32>,
+}
+
+impl FileEntry {
+    /// Number of chunks a file of `size` bytes occupies.
+    pub fn chunks_for(size: u64) -> usize {
+        size.div_ceil(CHUNK_SIZE) as usize
+    }
+}
+
+/// A committed snapshot's description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Snapshot (service) name.
+    pub name: String,
+    /// Increases by one with every commit under the same name.
+    pub generation: u64,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Origin of the snapshot.
+    pub meta: SnapshotMeta,
+    /// Image files in the order they were received.
+    pub files: Vec<FileEntry>,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("manifest lists {0} files, more than {MAX_FILES}")]
+    TooManyFiles(usize),
+    #[error("manifest lists {0} pids, more than {MAX_PIDS}")]
+    TooManyPids(usize),
+    #[error("file {0:?} appears twice")]
+    DuplicateFile(String),
+    #[error("file {name:?} is {size} bytes, more than the {MAX_FILE_SIZE} byte limit")]
+    FileTooLarge { name: String, size: u64 },
+    #[error("file {name:?} has {actual} chunk checksums, {expected} expected for its size")]
+    ChunkCountMismatch {
+        name: String,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+impl Manifest {
+    /// Total bytes of all image files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Looks up a file by name.
+    pub fn file(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// Checks every rule a manifest from an untrusted source must satisfy.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        validate_snapshot_name(&self.name)?;
+        if self.files.len() > MAX_FILES {
+            return Err(ManifestError::TooManyFiles(self.files.len()));
+        }
+        if self.meta.pids.len() > MAX_PIDS {
+            return Err(ManifestError::TooManyPids(self.meta.pids.len()));
+        }
+        let mut seen = HashSet::new();
+        for f in &self.files {
+            validate_file_name(&f.name)?;
+            if !seen.insert(f.name.as_str()) {
+                return Err(ManifestError::DuplicateFile(f.name.clone()));
+            }
+            if f.size > MAX_FILE_SIZE {
+                return Err(ManifestError::FileTooLarge {
+                    name: f.name.clone(),
+                    size: f.size,
+                });
+            }
+            let expected = FileEntry::chunks_for(f.size);
+            if f.chunk_crcs.len() != expected {
+                return Err(ManifestError::ChunkCountMismatch {
+                    name: f.name.clone(),
+                    expected,
+                    actual: f.chunk_crcs.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn sample_manifest() -> Manifest {
+    Manifest {
+        name: "svc".into(),
+        generation: 3,
+        created_unix_ms: 1_700_000_000_000,
+        meta: SnapshotMeta {
+            root_pid: 42,
+            pids: vec![42, 43],
+            criu_version: "4.2.1".into(),
+            footprint_bytes: 1 << 20,
+        },
+        files: vec![
+            FileEntry {
+                name: "inventory.img".into(),
+                size: 10,
+                chunk_crcs: vec![crc32c::crc32c(b"0123456789")],
+            },
+            FileEntry {
+                name: "pages-1.img".into(),
+                size: CHUNK_SIZE + 1,
+                chunk_crcs: vec![1, 2],
+            },
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_manifest_passes() {
+        let m = sample_manifest();
+        m.validate().unwrap();
+        assert_eq!(m.total_bytes(), CHUNK_SIZE + 11);
+    }
+
+    #[test]
+    fn each_rule_is_enforced() {
+        let mut m = sample_manifest();
+        m.files[1].chunk_crcs.pop();
+        assert!(matches!(m.validate(), Err(ManifestError::ChunkCountMismatch { .. })));
+
+        let mut m = sample_manifest();
+        m.files[1].name = "inventory.img".into();
+        assert!(matches!(m.validate(), Err(ManifestError::DuplicateFile(_))));
+
+        let mut m = sample_manifest();
+        m.files[0].name = "../../etc/passwd".into();
+        assert!(matches!(m.validate(), Err(ManifestError::Name(_))));
+
+        let mut m = sample_manifest();
+        m.files[0].size = MAX_FILE_SIZE + 1;
+        assert!(matches!(m.validate(), Err(ManifestError::FileTooLarge { .. })));
+
+        let mut m = sample_manifest();
+        m.meta.pids = vec![1; MAX_PIDS + 1];
+        assert!(matches!(m.validate(), Err(ManifestError::TooManyPids(_))));
+    }
+}
