@@ -175,7 +175,10 @@ mod tests {
     fn each_rule_is_enforced() {
         let mut m = sample_manifest();
         m.files[1].chunk_crcs.pop();
-        assert!(matches!(m.validate(), Err(ManifestError::ChunkCountMismatch { .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::ChunkCountMismatch { .. })
+        ));
 
         let mut m = sample_manifest();
         m.files[1].name = "inventory.img".into();
@@ -187,7 +190,10 @@ mod tests {
 
         let mut m = sample_manifest();
         m.files[0].size = MAX_FILE_SIZE + 1;
-        assert!(matches!(m.validate(), Err(ManifestError::FileTooLarge { .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::FileTooLarge { .. })
+        ));
 
         let mut m = sample_manifest();
         m.meta.pids = vec![1; MAX_PIDS + 1];

@@ -62,7 +62,12 @@ mod tests {
 
     #[test]
     fn accepts_criu_names() {
-        for n in ["pages-1.img", "core-4242.img", "stats-dump", "inventory.img"] {
+        for n in [
+            "pages-1.img",
+            "core-4242.img",
+            "stats-dump",
+            "inventory.img",
+        ] {
             validate_file_name(n).unwrap();
         }
         validate_snapshot_name("redis-0").unwrap();

@@ -9,7 +9,9 @@ pub enum SizeError {
     Empty(String),
     #[error("size {0:?} has no number (expected e.g. 64MiB, 8GiB, 4096)")]
     NoNumber(String),
-    #[error("size {input:?} has unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")]
+    #[error(
+        "size {input:?} has unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+    )]
     UnknownUnit { input: String, unit: String },
     #[error("size {0:?} does not fit in 64 bits")]
     Overflow(String),
@@ -84,8 +86,14 @@ mod tests {
     fn refuses_bad_input() {
         assert!(matches!(parse_size(""), Err(SizeError::Empty(_))));
         assert!(matches!(parse_size("GiB"), Err(SizeError::NoNumber(_))));
-        assert!(matches!(parse_size("5 parsecs"), Err(SizeError::UnknownUnit { .. })));
-        assert!(matches!(parse_size("99999999999TiB"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("5 parsecs"),
+            Err(SizeError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            parse_size("99999999999TiB"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

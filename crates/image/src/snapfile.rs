@@ -68,17 +68,22 @@ pub struct Prefix {
 impl Prefix {
     /// Byte offset of each file's data, in manifest order.
     pub fn file_offsets(&self) -> Vec<u64> {
-        let mut off = self.data_offset;
-        self.manifest
-            .files
-            .iter()
-            .map(|f| {
-                let at = off;
-                off += f.size;
-                at
-            })
-            .collect()
+        file_offsets(&self.manifest, self.data_offset)
     }
+}
+
+/// Byte offset of each file's data when the data starts at `data_offset`.
+pub fn file_offsets(manifest: &Manifest, data_offset: u64) -> Vec<u64> {
+    let mut off = data_offset;
+    manifest
+        .files
+        .iter()
+        .map(|f| {
+            let at = off;
+            off += f.size;
+            at
+        })
+        .collect()
 }
 
 /// Reads and checks the header and manifest; `file_len` is the file's total length.
@@ -155,18 +160,27 @@ mod tests {
 
         let mut b = good.clone();
         b[8] = 2;
-        assert!(matches!(decode(&b), Err(SnapfileError::UnsupportedVersion(2))));
+        assert!(matches!(
+            decode(&b),
+            Err(SnapfileError::UnsupportedVersion(2))
+        ));
 
         let mut b = good.clone();
         b[12..16].copy_from_slice(&(MAX_MANIFEST_LEN + 1).to_le_bytes());
-        assert!(matches!(decode(&b), Err(SnapfileError::ManifestTooLarge(_))));
+        assert!(matches!(
+            decode(&b),
+            Err(SnapfileError::ManifestTooLarge(_))
+        ));
 
         let mut b = good.clone();
         b[30] ^= 1;
         assert!(matches!(decode(&b), Err(SnapfileError::ManifestChecksum)));
 
         let b = &good[..good.len() - 1];
-        assert!(matches!(decode(b), Err(SnapfileError::LengthMismatch { .. })));
+        assert!(matches!(
+            decode(b),
+            Err(SnapfileError::LengthMismatch { .. })
+        ));
 
         assert!(matches!(decode(&good[..10]), Err(SnapfileError::Io(_))));
     }

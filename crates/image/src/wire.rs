@@ -172,7 +172,9 @@ pub struct SnapshotInfo {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Must be the first frame of a connection.
-    Hello { token: String },
+    Hello {
+        token: String,
+    },
     /// Starts a snapshot upload; nothing is visible until `PutCommit`.
     PutBegin {
         name: String,
@@ -181,9 +183,15 @@ pub enum Request {
         size_hint: Option<u64>,
     },
     /// Opens an image file of the upload under a connection-local id used by data frames.
-    FileOpen { file_id: u32, name: String },
+    FileOpen {
+        file_id: u32,
+        name: String,
+    },
     /// Ends a file; `size` must match the bytes received.
-    FileClose { file_id: u32, size: u64 },
+    FileClose {
+        file_id: u32,
+        size: u64,
+    },
     /// Makes the upload visible as the next generation.
     PutCommit,
     /// Drops the upload.
@@ -266,7 +274,10 @@ pub fn decode_control<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T,
 
 /// Writes one data frame (file id + bytes) without copying the bytes.
 pub fn write_data<W: Write>(w: &mut W, file_id: u32, bytes: &[u8]) -> Result<(), WireError> {
-    assert!(bytes.len() as u64 <= CHUNK_SIZE, "data frame over one chunk");
+    assert!(
+        bytes.len() as u64 <= CHUNK_SIZE,
+        "data frame over one chunk"
+    );
     let id = file_id.to_le_bytes();
     let mut hasher = crc32c::crc32c(&id);
     hasher = crc32c::crc32c_append(hasher, bytes);
@@ -354,7 +365,10 @@ mod tests {
         assert!(matches!(roundtrip(&bad), Err(WireError::BadMagic(_))));
         let mut bad = good.clone();
         bad[4] = 9;
-        assert!(matches!(roundtrip(&bad), Err(WireError::UnsupportedVersion(9))));
+        assert!(matches!(
+            roundtrip(&bad),
+            Err(WireError::UnsupportedVersion(9))
+        ));
         let mut bad = good.clone();
         bad[5] = 77;
         assert!(matches!(roundtrip(&bad), Err(WireError::UnknownKind(77))));
@@ -388,7 +402,10 @@ mod tests {
         let mut bytes = encode_control(&Request::List);
         let last = bytes.len() - 2;
         bytes[last] ^= 0x20;
-        assert!(matches!(roundtrip(&bytes), Err(WireError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            roundtrip(&bytes),
+            Err(WireError::ChecksumMismatch { .. })
+        ));
     }
 
     #[test]

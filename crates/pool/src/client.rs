@@ -1,0 +1,314 @@
+//! Blocking client of the pool, used from the CRIU engine's threads and the CLI.
+
+use std::{
+    io::{self, BufReader, BufWriter, Read, Write},
+    net::TcpStream,
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use thiserror::Error;
+use torpor_image::{
+    manifest::SnapshotMeta,
+    wire::{self, ErrorCode, Frame, Request, Response, SnapshotInfo, Tier, WireError},
+    Manifest,
+};
+
+use crate::{addr::PoolAddr, store::error_chain};
+
+/// Why a pool call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot connect to pool at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("pool refused: {message}")]
+    Pool { code: ErrorCode, message: String },
+    #[error("unexpected reply from pool: {0}")]
+    Unexpected(String),
+    #[error("pool sent data for file id {0}, expected 0")]
+    WrongFileId(u32),
+}
+
+impl ClientError {
+    /// The pool's error class, when the pool itself refused.
+    pub fn pool_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Pool { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection to a pool, authenticated.
+#[derive(Debug)]
+pub struct PoolClient {
+    rd: BufReader<Stream>,
+    wr: BufWriter<Stream>,
+    buf: Vec<u8>,
+}
+
+/// Result of a committed upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub generation: u64,
+    pub bytes: u64,
+    pub tier: Tier,
+}
+
+impl PoolClient {
+    /// Connects and says hello with `token` (empty when the pool has no token).
+    pub fn connect(addr: &PoolAddr, token: &str) -> Result<PoolClient, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let stream = match addr {
+            PoolAddr::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(connect_err)?;
+                s.set_nodelay(true).map_err(connect_err)?;
+                Stream::Tcp(s)
+            }
+            PoolAddr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(connect_err)?),
+        };
+        let rd = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(connect_err)?);
+        let wr = BufWriter::with_capacity(64 << 10, stream);
+        let mut client = PoolClient {
+            rd,
+            wr,
+            buf: Vec::new(),
+        };
+        match client.call(&Request::Hello {
+            token: token.to_string(),
+        })? {
+            Response::Welcome { .. } => Ok(client),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        self.wr
+            .write_all(&wire::encode_control(req))
+            .map_err(WireError::Io)?;
+        self.wr.flush().map_err(WireError::Io)?;
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Response, ClientError> {
+        match wire::read_frame(&mut self.rd, &mut self.buf)? {
+            Frame::Control(p) => match wire::decode_control(p)? {
+                Response::Error { code, message } => Err(ClientError::Pool { code, message }),
+                r => Ok(r),
+            },
+            Frame::Data { .. } => Err(ClientError::Unexpected("data frame".into())),
+        }
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        match self.send(req) {
+            Ok(()) => self.recv(),
+            Err(e) => Err(self.explain_write_failure(e)),
+        }
+    }
+
+    /// After a failed write the pool has usually said why before closing; fetch that.
+    fn explain_write_failure(&mut self, e: ClientError) -> ClientError {
+        let _ = self
+            .rd
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(2)));
+        match self.recv() {
+            Err(pool @ ClientError::Pool { .. }) => pool,
+            _ => e,
+        }
+    }
+
+    /// Starts an upload.
+    pub fn put_begin(
+        &mut self,
+        name: &str,
+        meta: SnapshotMeta,
+        size_hint: Option<u64>,
+    ) -> Result<(), ClientError> {
+        match self.call(&Request::PutBegin {
+            name: name.to_string(),
+            meta,
+            size_hint,
+        })? {
+            Response::PutReady => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn file_open(&mut self, file_id: u32, name: &str) -> Result<(), ClientError> {
+        self.send(&Request::FileOpen {
+            file_id,
+            name: name.to_string(),
+        })
+        .map_err(|e| self.explain_write_failure(e))
+    }
+
+    /// Sends up to one chunk of a file's bytes.
+    pub fn file_data(&mut self, file_id: u32, bytes: &[u8]) -> Result<(), ClientError> {
+        let r = wire::write_data(&mut self.wr, file_id, bytes).map_err(ClientError::from);
+        r.map_err(|e| self.explain_write_failure(e))
+    }
+
+    pub fn file_close(&mut self, file_id: u32, size: u64) -> Result<(), ClientError> {
+        self.send(&Request::FileClose { file_id, size })
+            .map_err(|e| self.explain_write_failure(e))
+    }
+
+    /// Commits the upload: it becomes the name's next generation.
+    pub fn commit(&mut self) -> Result<CommitInfo, ClientError> {
+        match self.call(&Request::PutCommit)? {
+            Response::Committed {
+                generation,
+                bytes,
+                tier,
+            } => Ok(CommitInfo {
+                generation,
+                bytes,
+                tier,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Drops the upload in progress.
+    pub fn abort(&mut self) -> Result<(), ClientError> {
+        self.send(&Request::PutAbort)
+    }
+
+    pub fn list(&mut self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.call(&Request::List)? {
+            Response::Listing { snapshots } => Ok(snapshots),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The manifest of a generation, the newest when `None`.
+    pub fn manifest(
+        &mut self,
+        name: &str,
+        generation: Option<u64>,
+    ) -> Result<Manifest, ClientError> {
+        match self.call(&Request::GetManifest {
+            name: name.to_string(),
+            generation,
+        })? {
+            Response::Manifest { manifest } => {
+                manifest
+                    .validate()
+                    .map_err(|e| ClientError::Unexpected(error_chain(&e)))?;
+                Ok(manifest)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Streams one file into `sink`, a chunk at a time; returns its size.
+    pub fn get_file(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, ClientError> {
+        self.send(&Request::GetFile {
+            name: name.to_string(),
+            generation,
+            file: file.to_string(),
+        })?;
+        let mut got = 0u64;
+        loop {
+            match wire::read_frame(&mut self.rd, &mut self.buf)? {
+                Frame::Data { file_id, bytes } => {
+                    if file_id != 0 {
+                        return Err(ClientError::WrongFileId(file_id));
+                    }
+                    got += bytes.len() as u64;
+                    sink(bytes).map_err(WireError::Io)?;
+                }
+                Frame::Control(p) => {
+                    return match wire::decode_control(p)? {
+                        Response::FileEnd { size } if size == got => Ok(size),
+                        Response::FileEnd { size } => Err(ClientError::Unexpected(format!(
+                            "file {file:?} ended after {got} bytes, pool says {size}"
+                        ))),
+                        Response::Error { code, message } => {
+                            Err(ClientError::Pool { code, message })
+                        }
+                        other => Err(unexpected(other)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes a generation, or every generation of `name`.
+    pub fn delete(&mut self, name: &str, generation: Option<u64>) -> Result<u64, ClientError> {
+        match self.call(&Request::Delete {
+            name: name.to_string(),
+            generation,
+        })? {
+            Response::Deleted { count } => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(r: Response) -> ClientError {
+    ClientError::Unexpected(format!("{r:?}"))
+}

@@ -1,0 +1,18 @@
+//! The memory pool: stores snapshots (a manifest plus CRIU image files) for compute nodes.
+//!
+//! * [`arena`] owns the RAM tier's memory: one pre-faulted mapping cut into chunks, reused.
+//! * [`store`] owns the snapshots: generations, atomic commit, LRU spill to disk, checksums.
+//! * [`server`] speaks the wire protocol of `torpor_image::wire` to many clients.
+//! * [`client`] is the blocking client used by the CRIU engine and the CLI.
+//! * [`addr`] parses `HOST:PORT` and `unix:PATH` addresses.
+
+pub mod addr;
+pub mod arena;
+pub mod client;
+pub mod server;
+pub mod store;
+
+pub use addr::{AddrError, PoolAddr};
+pub use client::{ClientError, PoolClient};
+pub use server::{serve, Listener, PoolServerError};
+pub use store::{Store, StoreConfig, StoreError};

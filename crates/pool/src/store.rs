@@ -1,0 +1,793 @@
+//! Snapshots held by the pool: named, with increasing generations, visible only once
+//! committed whole. New uploads go to the RAM tier; when it has no free chunk the least
+//! recently used committed snapshot is written whole to the disk tier (the spill directory)
+//! and its memory reused. Without a spill directory the upload is refused instead: nothing
+//! is evicted silently. Every chunk's CRC32C is checked each time it is served.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::{self, File},
+    io::{self, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use thiserror::Error;
+use torpor_image::{
+    format_bytes,
+    manifest::SnapshotMeta,
+    snapfile::{self, SnapfileError},
+    validate_file_name, validate_snapshot_name,
+    wire::{ErrorCode, SnapshotInfo, Tier},
+    FileEntry, Manifest, NameError, CHUNK_SIZE,
+};
+use tracing::{info, warn};
+
+use crate::arena::{Arena, Chunk};
+
+/// How a store is set up.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Bytes of RAM tier, pre-faulted at start.
+    pub capacity: u64,
+    /// Disk tier; `None` means full RAM refuses new uploads.
+    pub spill_dir: Option<PathBuf>,
+    /// Generations kept per name (at least 1).
+    pub keep: usize,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot reserve {} of RAM tier", format_bytes(*capacity))]
+    Arena {
+        capacity: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spill directory {path} is unusable")]
+    SpillDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pool RAM tier is full ({} in use) and the pool has no spill directory: restart it with --spill-dir to move least-recently-used snapshots to disk, or give it more --capacity", format_bytes(*capacity))]
+    FullNoSpill { capacity: u64 },
+    #[error("pool RAM tier is full ({} in use) and holds nothing that can be spilled: the snapshot being stored is larger than the RAM tier", format_bytes(*capacity))]
+    FullNothingToSpill { capacity: u64 },
+    #[error("spilling snapshot {name:?} generation {generation} to {path} failed")]
+    Spill {
+        name: String,
+        generation: u64,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("snapshot {0:?} not found")]
+    NotFound(String),
+    #[error("snapshot {name:?} has no generation {generation}")]
+    GenerationNotFound { name: String, generation: u64 },
+    #[error("snapshot {name:?} generation {generation} has no file {file:?}")]
+    FileNotFound {
+        name: String,
+        generation: u64,
+        file: String,
+    },
+    #[error("snapshot {name:?} generation {generation} file {file:?} chunk {chunk} fails its checksum: stored bytes are corrupt")]
+    Corrupt {
+        name: String,
+        generation: u64,
+        file: String,
+        chunk: usize,
+    },
+    #[error("reading {path} from the disk tier failed")]
+    DiskRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("bad upload: {0}")]
+    Upload(String),
+}
+
+impl StoreError {
+    /// The wire error class for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::FullNoSpill { .. } | StoreError::FullNothingToSpill { .. } => {
+                ErrorCode::Full
+            }
+            StoreError::NotFound(_)
+            | StoreError::GenerationNotFound { .. }
+            | StoreError::FileNotFound { .. } => ErrorCode::NotFound,
+            StoreError::Corrupt { .. } => ErrorCode::Corrupt,
+            StoreError::Name(_) | StoreError::Upload(_) => ErrorCode::BadRequest,
+            StoreError::Arena { .. }
+            | StoreError::SpillDir { .. }
+            | StoreError::Spill { .. }
+            | StoreError::DiskRead { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The bytes of a committed snapshot, wherever they are.
+#[derive(Debug, Clone)]
+pub enum StoredData {
+    /// Chunks per file, in manifest order.
+    Ram(Arc<Vec<Vec<Chunk>>>),
+    Disk(Arc<DiskFile>),
+}
+
+/// A snapshot in the spill directory.
+#[derive(Debug)]
+pub struct DiskFile {
+    path: PathBuf,
+    /// Start of each file's bytes, in manifest order.
+    offsets: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    manifest: Arc<Manifest>,
+    data: StoredData,
+    /// LRU clock value of the last put or get.
+    last_used: u64,
+}
+
+#[derive(Debug, Default)]
+struct NameState {
+    /// Highest generation ever committed, so numbers never repeat after deletes.
+    last_generation: u64,
+    generations: BTreeMap<u64, Entry>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    names: BTreeMap<String, NameState>,
+    tick: u64,
+}
+
+/// The pool's snapshot store.
+#[derive(Debug)]
+pub struct Store {
+    arena: Arena,
+    spill_dir: Option<PathBuf>,
+    keep: usize,
+    state: Mutex<State>,
+    /// One spill at a time, so two uploads never write out the same victim.
+    spill_lock: Mutex<()>,
+}
+
+/// What a commit produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub generation: u64,
+    pub bytes: u64,
+    pub tier: Tier,
+}
+
+/// An upload in progress: private to its connection, invisible to everyone else, and
+/// returned to the arena whole if dropped before commit.
+#[derive(Debug)]
+pub struct Upload {
+    name: String,
+    meta: SnapshotMeta,
+    files: Vec<UploadFile>,
+    /// Connection-local file id to index in `files`, for files still open.
+    open: HashMap<u32, usize>,
+}
+
+#[derive(Debug)]
+struct UploadFile {
+    name: String,
+    chunks: Vec<Chunk>,
+    /// CRC32C of each completed chunk.
+    crcs: Vec<u32>,
+    size: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Reserves and faults in the RAM tier and reads the disk tier's snapshots back.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let arena = Arena::new(config.capacity).map_err(|source| StoreError::Arena {
+            capacity: config.capacity,
+            source,
+        })?;
+        let store = Store {
+            arena,
+            spill_dir: config.spill_dir,
+            keep: config.keep.max(1),
+            state: Mutex::new(State::default()),
+            spill_lock: Mutex::new(()),
+        };
+        if let Some(dir) = &store.spill_dir {
+            store.recover_disk_tier(dir)?;
+        }
+        Ok(store)
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.arena.capacity_bytes()
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.arena.free_bytes()
+    }
+
+    fn recover_disk_tier(&self, dir: &Path) -> Result<(), StoreError> {
+        let spill_err = |source| StoreError::SpillDir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(spill_err)?;
+        let mut state = self.state.lock().expect("store lock");
+        for name_dir in fs::read_dir(dir).map_err(spill_err)? {
+            let name_dir = name_dir.map_err(spill_err)?.path();
+            if !name_dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&name_dir).map_err(spill_err)? {
+                let path = file.map_err(spill_err)?.path();
+                let fname = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                if fname.ends_with(".tmp") {
+                    // An interrupted spill: the snapshot was still in RAM then, now lost.
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+                if !fname.ends_with(".tsnap") {
+                    continue;
+                }
+                match read_snapfile(&path) {
+                    Ok((manifest, offsets)) => {
+                        let ns = state.names.entry(manifest.name.clone()).or_default();
+                        ns.last_generation = ns.last_generation.max(manifest.generation);
+                        info!(name = %manifest.name, generation = manifest.generation, path = %path.display(), "found snapshot in disk tier");
+                        ns.generations.insert(
+                            manifest.generation,
+                            Entry {
+                                manifest: Arc::new(manifest),
+                                data: StoredData::Disk(Arc::new(DiskFile { path, offsets })),
+                                last_used: 0,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %error_chain(&e), "ignoring unreadable snapshot file");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an upload. A size hint lets the pool spill before the bytes arrive.
+    pub fn begin_upload(
+        &self,
+        name: &str,
+        meta: SnapshotMeta,
+        size_hint: Option<u64>,
+    ) -> Result<Upload, StoreError> {
+        validate_snapshot_name(name)?;
+        if let Some(hint) = size_hint {
+            if hint > self.arena.capacity_bytes() {
+                return Err(match self.spill_dir {
+                    None => StoreError::FullNoSpill {
+                        capacity: self.arena.capacity_bytes(),
+                    },
+                    Some(_) => StoreError::FullNothingToSpill {
+                        capacity: self.arena.capacity_bytes(),
+                    },
+                });
+            }
+        }
+        Ok(Upload {
+            name: name.to_string(),
+            meta,
+            files: Vec::new(),
+            open: HashMap::new(),
+        })
+    }
+
+    /// A free chunk, spilling least-recently-used snapshots to disk when RAM is full.
+    /// May block on disk I/O; async callers try [`Store::try_alloc_chunk`] first.
+    pub fn alloc_chunk(&self) -> Result<Chunk, StoreError> {
+        loop {
+            if let Some(c) = self.arena.try_alloc() {
+                return Ok(c);
+            }
+            let capacity = self.arena.capacity_bytes();
+            let Some(dir) = &self.spill_dir else {
+                return Err(StoreError::FullNoSpill { capacity });
+            };
+            let _spilling = self.spill_lock.lock().expect("spill lock");
+            if let Some(c) = self.arena.try_alloc() {
+                return Ok(c);
+            }
+            let victim = {
+                let state = self.state.lock().expect("store lock");
+                state
+                    .names
+                    .values()
+                    .flat_map(|ns| ns.generations.values())
+                    .filter_map(|e| match &e.data {
+                        StoredData::Ram(chunks) => {
+                            Some((e.last_used, e.manifest.clone(), chunks.clone()))
+                        }
+                        StoredData::Disk(_) => None,
+                    })
+                    .min_by_key(|(used, _, _)| *used)
+            };
+            let Some((_, manifest, chunks)) = victim else {
+                return Err(StoreError::FullNothingToSpill { capacity });
+            };
+            self.spill(dir, &manifest, &chunks)?;
+        }
+    }
+
+    /// A free chunk if one is at hand, without any I/O.
+    pub fn try_alloc_chunk(&self) -> Option<Chunk> {
+        self.arena.try_alloc()
+    }
+
+    fn spill(
+        &self,
+        dir: &Path,
+        manifest: &Arc<Manifest>,
+        chunks: &Arc<Vec<Vec<Chunk>>>,
+    ) -> Result<(), StoreError> {
+        let path = snapfile_path(dir, &manifest.name, manifest.generation);
+        let spill_err = |source| StoreError::Spill {
+            name: manifest.name.clone(),
+            generation: manifest.generation,
+            path: path.clone(),
+            source,
+        };
+        let data_offset = write_snapfile(&path, manifest, chunks).map_err(spill_err)?;
+        let offsets = snapfile::file_offsets(manifest, data_offset);
+        let mut state = self.state.lock().expect("store lock");
+        let entry = state
+            .names
+            .get_mut(&manifest.name)
+            .and_then(|ns| ns.generations.get_mut(&manifest.generation));
+        match entry {
+            Some(e) => {
+                e.data = StoredData::Disk(Arc::new(DiskFile { path, offsets }));
+                info!(name = %manifest.name, generation = manifest.generation, bytes = manifest.total_bytes(), "spilled snapshot to disk tier (RAM tier full)");
+            }
+            // Deleted meanwhile: the file is not wanted either.
+            None => {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes an upload visible as the name's next generation and prunes old generations.
+    pub fn commit(&self, mut upload: Upload) -> Result<Committed, StoreError> {
+        if let Some(id) = upload.open.keys().next() {
+            return Err(StoreError::Upload(format!(
+                "file id {id} is still open at commit"
+            )));
+        }
+        let mut files = Vec::with_capacity(upload.files.len());
+        let mut chunks = Vec::with_capacity(upload.files.len());
+        for f in upload.files.drain(..) {
+            files.push(FileEntry {
+                name: f.name,
+                size: f.size,
+                chunk_crcs: f.crcs,
+            });
+            chunks.push(f.chunks);
+        }
+        let mut state = self.state.lock().expect("store lock");
+        state.tick += 1;
+        let tick = state.tick;
+        let ns = state.names.entry(upload.name.clone()).or_default();
+        ns.last_generation += 1;
+        let manifest = Manifest {
+            name: upload.name.clone(),
+            generation: ns.last_generation,
+            created_unix_ms: now_ms(),
+            meta: upload.meta.clone(),
+            files,
+        };
+        manifest
+            .validate()
+            .map_err(|e| StoreError::Upload(error_chain(&e)))?;
+        let committed = Committed {
+            generation: manifest.generation,
+            bytes: manifest.total_bytes(),
+            tier: Tier::Ram,
+        };
+        ns.generations.insert(
+            manifest.generation,
+            Entry {
+                manifest: Arc::new(manifest),
+                data: StoredData::Ram(Arc::new(chunks)),
+                last_used: tick,
+            },
+        );
+        let cutoff = ns.last_generation.saturating_sub(self.keep as u64);
+        let old: Vec<u64> = ns.generations.range(..=cutoff).map(|(g, _)| *g).collect();
+        for g in old {
+            if let Some(e) = ns.generations.remove(&g) {
+                info!(name = %upload.name, generation = g, keep = self.keep, "dropped old generation");
+                remove_data(e.data);
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Every committed snapshot, by name then generation.
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        let state = self.state.lock().expect("store lock");
+        state
+            .names
+            .values()
+            .flat_map(|ns| ns.generations.values())
+            .map(|e| SnapshotInfo {
+                name: e.manifest.name.clone(),
+                generation: e.manifest.generation,
+                bytes: e.manifest.total_bytes(),
+                tier: match e.data {
+                    StoredData::Ram(_) => Tier::Ram,
+                    StoredData::Disk(_) => Tier::Disk,
+                },
+                created_unix_ms: e.manifest.created_unix_ms,
+            })
+            .collect()
+    }
+
+    /// A generation (the newest when `None`) and its data; counts as a use for LRU.
+    pub fn lookup(
+        &self,
+        name: &str,
+        generation: Option<u64>,
+    ) -> Result<(Arc<Manifest>, StoredData), StoreError> {
+        let mut state = self.state.lock().expect("store lock");
+        state.tick += 1;
+        let tick = state.tick;
+        let ns = state
+            .names
+            .get_mut(name)
+            .filter(|ns| !ns.generations.is_empty())
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let entry = match generation {
+            Some(g) => {
+                ns.generations
+                    .get_mut(&g)
+                    .ok_or_else(|| StoreError::GenerationNotFound {
+                        name: name.to_string(),
+                        generation: g,
+                    })?
+            }
+            None => ns
+                .generations
+                .values_mut()
+                .next_back()
+                .expect("non-empty checked above"),
+        };
+        entry.last_used = tick;
+        Ok((entry.manifest.clone(), entry.data.clone()))
+    }
+
+    /// Deletes one generation or all; returns how many were removed.
+    pub fn delete(&self, name: &str, generation: Option<u64>) -> u64 {
+        let mut state = self.state.lock().expect("store lock");
+        let Some(ns) = state.names.get_mut(name) else {
+            return 0;
+        };
+        let victims: Vec<u64> = match generation {
+            Some(g) => ns
+                .generations
+                .contains_key(&g)
+                .then_some(g)
+                .into_iter()
+                .collect(),
+            None => ns.generations.keys().copied().collect(),
+        };
+        for g in &victims {
+            if let Some(e) = ns.generations.remove(g) {
+                remove_data(e.data);
+            }
+        }
+        victims.len() as u64
+    }
+
+    /// Flips a bit of a RAM-tier chunk; only for tests that prove corruption is detected.
+    #[cfg(test)]
+    pub(crate) fn corrupt_ram_for_test(&self, name: &str, file: usize, chunk: usize, at: usize) {
+        let mut state = self.state.lock().unwrap();
+        let e = state
+            .names
+            .get_mut(name)
+            .unwrap()
+            .generations
+            .values_mut()
+            .next_back()
+            .unwrap();
+        let StoredData::Ram(chunks) = &mut e.data else {
+            panic!("not in RAM")
+        };
+        Arc::get_mut(chunks).expect("no readers")[file][chunk].flip_bit_for_test(at);
+    }
+}
+
+fn remove_data(data: StoredData) {
+    if let StoredData::Disk(d) = data {
+        if let Err(e) = fs::remove_file(&d.path) {
+            warn!(path = %d.path.display(), error = %e, "could not remove dropped snapshot file");
+        }
+    }
+}
+
+impl StoredData {
+    /// Reads chunk `chunk` of file `file` (manifest order), checks its CRC and hands the bytes
+    /// to `sink`. `buf` is scratch space for the disk tier. May block on disk I/O.
+    pub fn with_chunk<R>(
+        &self,
+        manifest: &Manifest,
+        file: usize,
+        chunk: usize,
+        buf: &mut Vec<u8>,
+        sink: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, StoreError> {
+        let entry = &manifest.files[file];
+        let len = (entry.size - chunk as u64 * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
+        let bytes: &[u8] = match self {
+            StoredData::Ram(chunks) => chunks[file][chunk].bytes(),
+            StoredData::Disk(d) => {
+                buf.resize(len, 0);
+                d.read_at(d.offsets[file] + chunk as u64 * CHUNK_SIZE, buf)?;
+                buf
+            }
+        };
+        if bytes.len() != len || crc32c::crc32c(bytes) != entry.chunk_crcs[chunk] {
+            return Err(StoreError::Corrupt {
+                name: manifest.name.clone(),
+                generation: manifest.generation,
+                file: entry.name.clone(),
+                chunk,
+            });
+        }
+        Ok(sink(bytes))
+    }
+}
+
+impl DiskFile {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let err = |source| StoreError::DiskRead {
+            path: self.path.clone(),
+            source,
+        };
+        File::open(&self.path)
+            .and_then(|f| f.read_exact_at(buf, offset))
+            .map_err(err)
+    }
+}
+
+impl Upload {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens an image file under a connection-local id.
+    pub fn open_file(&mut self, file_id: u32, name: &str) -> Result<(), StoreError> {
+        validate_file_name(name)?;
+        if self.open.contains_key(&file_id) {
+            return Err(StoreError::Upload(format!(
+                "file id {file_id} is already open"
+            )));
+        }
+        if self.files.iter().any(|f| f.name == name) {
+            return Err(StoreError::Upload(format!("file {name:?} sent twice")));
+        }
+        if self.files.len() >= torpor_image::manifest::MAX_FILES {
+            return Err(StoreError::Upload("too many files".into()));
+        }
+        self.open.insert(file_id, self.files.len());
+        self.files.push(UploadFile {
+            name: name.to_string(),
+            chunks: Vec::new(),
+            crcs: Vec::new(),
+            size: 0,
+        });
+        Ok(())
+    }
+
+    /// The chunk that the next bytes of `file_id` go into, if it has room; `None` means the
+    /// caller must [`Upload::push_chunk`] a new one first.
+    pub fn writable_chunk(&mut self, file_id: u32) -> Result<Option<&mut Chunk>, StoreError> {
+        let f = self.file_mut(file_id)?;
+        Ok(f.chunks.last_mut().filter(|c| !c.is_full()))
+    }
+
+    /// Seals the current chunk (if any) and starts a new one for `file_id`.
+    pub fn push_chunk(&mut self, file_id: u32, chunk: Chunk) -> Result<(), StoreError> {
+        let f = self.file_mut(file_id)?;
+        f.seal_last();
+        f.chunks.push(chunk);
+        Ok(())
+    }
+
+    /// Records that `n` bytes were written into the writable chunk of `file_id`.
+    pub fn advance(&mut self, file_id: u32, n: usize) -> Result<(), StoreError> {
+        let f = self.file_mut(file_id)?;
+        let c = f
+            .chunks
+            .last_mut()
+            .ok_or_else(|| StoreError::Upload("no chunk to advance".into()))?;
+        c.advance(n);
+        f.size += n as u64;
+        if f.size > torpor_image::manifest::MAX_FILE_SIZE {
+            return Err(StoreError::Upload(format!("file {:?} too large", f.name)));
+        }
+        Ok(())
+    }
+
+    /// Closes a file; `size` is the sender's count and must match what arrived.
+    pub fn close_file(&mut self, file_id: u32, size: u64) -> Result<(), StoreError> {
+        let idx = self
+            .open
+            .remove(&file_id)
+            .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
+        let f = &mut self.files[idx];
+        f.seal_last();
+        if f.size != size {
+            return Err(StoreError::Upload(format!(
+                "file {:?}: sender says {size} bytes, {} arrived",
+                f.name, f.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn file_mut(&mut self, file_id: u32) -> Result<&mut UploadFile, StoreError> {
+        let idx = *self
+            .open
+            .get(&file_id)
+            .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
+        Ok(&mut self.files[idx])
+    }
+}
+
+impl UploadFile {
+    fn seal_last(&mut self) {
+        if self.crcs.len() < self.chunks.len() {
+            let last = self.chunks.last().expect("non-empty");
+            self.crcs.push(crc32c::crc32c(last.bytes()));
+        }
+    }
+}
+
+fn snapfile_path(dir: &Path, name: &str, generation: u64) -> PathBuf {
+    dir.join(name).join(format!("{generation:010}.tsnap"))
+}
+
+/// Writes a snapshot file atomically (temp file, fsync, rename); returns the data offset.
+fn write_snapfile(path: &Path, manifest: &Manifest, chunks: &[Vec<Chunk>]) -> io::Result<u64> {
+    let parent = path.parent().expect("snapfile path has a parent");
+    fs::create_dir_all(parent)?;
+    let tmp = path.with_extension("tsnap.tmp");
+    let mut f = io::BufWriter::with_capacity(CHUNK_SIZE as usize, File::create(&tmp)?);
+    let prefix = snapfile::encode_prefix(manifest);
+    f.write_all(&prefix)?;
+    for file_chunks in chunks {
+        for c in file_chunks {
+            f.write_all(c.bytes())?;
+        }
+    }
+    let f = f.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    File::open(parent)?.sync_all()?;
+    Ok(prefix.len() as u64)
+}
+
+fn read_snapfile(path: &Path) -> Result<(Manifest, Vec<u64>), SnapfileError> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let prefix = snapfile::decode_prefix(&mut io::BufReader::new(&mut f), len)?;
+    let offsets = prefix.file_offsets();
+    Ok((prefix.manifest, offsets))
+}
+
+/// Renders an error with its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(capacity_chunks: u64) -> Store {
+        Store::open(StoreConfig {
+            capacity: capacity_chunks * CHUNK_SIZE,
+            spill_dir: None,
+            keep: 2,
+        })
+        .unwrap()
+    }
+
+    fn upload(s: &Store, name: &str, bytes: &[u8]) -> Committed {
+        let mut u = s.begin_upload(name, SnapshotMeta::default(), None).unwrap();
+        u.open_file(0, "pages-1.img").unwrap();
+        for piece in bytes.chunks(CHUNK_SIZE as usize) {
+            let mut c = s.alloc_chunk().unwrap();
+            c.spare_mut()[..piece.len()].copy_from_slice(piece);
+            u.push_chunk(0, c).unwrap();
+            u.advance(0, piece.len()).unwrap();
+        }
+        u.close_file(0, bytes.len() as u64).unwrap();
+        s.commit(u).unwrap()
+    }
+
+    #[test]
+    fn corrupt_ram_chunk_is_refused() {
+        let s = store(4);
+        let bytes = vec![7u8; CHUNK_SIZE as usize + 10];
+        upload(&s, "svc", &bytes);
+        let read = |s: &Store| {
+            let (m, d) = s.lookup("svc", None).unwrap();
+            d.with_chunk(&m, 0, 1, &mut Vec::new(), |b| b.to_vec())
+        };
+        assert_eq!(read(&s).unwrap(), vec![7u8; 10]);
+        s.corrupt_ram_for_test("svc", 0, 1, 3);
+        assert!(matches!(
+            read(&s),
+            Err(StoreError::Corrupt { chunk: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn size_mismatch_and_open_files_are_refused() {
+        let s = store(2);
+        let mut u = s
+            .begin_upload("svc", SnapshotMeta::default(), None)
+            .unwrap();
+        u.open_file(0, "a").unwrap();
+        assert!(u.open_file(0, "b").is_err(), "id reused");
+        assert!(u.close_file(0, 5).is_err(), "size mismatch");
+        let mut u = s
+            .begin_upload("svc", SnapshotMeta::default(), None)
+            .unwrap();
+        u.open_file(1, "a").unwrap();
+        assert!(s.commit(u).is_err(), "file still open");
+        assert!(s.list().is_empty());
+        assert!(s
+            .begin_upload("../x", SnapshotMeta::default(), None)
+            .is_err());
+        assert!(matches!(
+            s.begin_upload("svc", SnapshotMeta::default(), Some(100 * CHUNK_SIZE)),
+            Err(StoreError::FullNoSpill { .. })
+        ));
+    }
+
+    #[test]
+    fn delete_frees_memory_and_generations_do_not_repeat() {
+        let s = store(4);
+        upload(&s, "svc", &[1; 100]);
+        assert_eq!(s.delete("svc", None), 1);
+        assert_eq!(s.free_bytes(), s.capacity_bytes());
+        assert_eq!(upload(&s, "svc", &[1; 100]).generation, 2);
+    }
+}
