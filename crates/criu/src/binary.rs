@@ -1,0 +1,142 @@
+//! Finding and running CRIU. Debian bookworm's CRIU fails on this project's kernels, so the
+//! setup installs CRIU 4.2 with newer libraries into a private prefix; it is run through
+//! that prefix's dynamic loader with `--library-path` (not `LD_LIBRARY_PATH`, so programs
+//! CRIU starts, such as iptables, keep the system's libraries).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use thiserror::Error;
+
+/// Lowest CRIU version that dumps TCP sockets on kernels ≥ 6.16.
+pub const MIN_VERSION: (u32, u32) = (4, 2);
+
+/// Why CRIU could not be found or run.
+#[derive(Debug, Error)]
+pub enum CriuError {
+    #[error("CRIU not found: run the README's setup, set TORPOR_CRIU_PREFIX to a prefix holding usr/sbin/criu, or put criu on PATH")]
+    NotFound,
+    #[error("running {0} failed")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("cannot read CRIU's version from {0:?}")]
+    Version(String),
+    #[error("CRIU {found} is too old: torpor needs {}.{} or newer on this kernel", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld { found: String },
+}
+
+/// A runnable CRIU.
+#[derive(Debug, Clone)]
+pub struct CriuBinary {
+    /// The criu executable.
+    pub criu: PathBuf,
+    /// Private prefix, when CRIU runs through its own loader and libraries.
+    pub prefix: Option<PathBuf>,
+}
+
+impl CriuBinary {
+    /// CRIU installed into `prefix` by the project's setup script.
+    pub fn from_prefix(prefix: &Path) -> Option<CriuBinary> {
+        let criu = prefix.join("usr/sbin/criu");
+        let loader = prefix.join("usr/lib64/ld-linux-x86-64.so.2");
+        (criu.is_file() && loader.is_file()).then(|| CriuBinary {
+            criu,
+            prefix: Some(prefix.to_path_buf()),
+        })
+    }
+
+    /// Finds CRIU: `TORPOR_CRIU_PREFIX`, then `.criu` in a parent of the running executable
+    /// (the project checkout), then `criu` on PATH.
+    pub fn locate() -> Result<CriuBinary, CriuError> {
+        if let Some(p) = env::var_os("TORPOR_CRIU_PREFIX") {
+            return CriuBinary::from_prefix(Path::new(&p)).ok_or(CriuError::NotFound);
+        }
+        if let Ok(exe) = env::current_exe() {
+            for dir in exe.ancestors().skip(1) {
+                if let Some(b) = CriuBinary::from_prefix(&dir.join(".criu")) {
+                    return Ok(b);
+                }
+            }
+        }
+        let path = env::var_os("PATH").unwrap_or_default();
+        env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|d| d.join("criu"))
+            .find(|p| p.is_file())
+            .map(|criu| CriuBinary { criu, prefix: None })
+            .ok_or(CriuError::NotFound)
+    }
+
+    /// A command running CRIU with `args`.
+    pub fn command(&self) -> Command {
+        match &self.prefix {
+            Some(prefix) => {
+                let mut c = Command::new(prefix.join("usr/lib64/ld-linux-x86-64.so.2"));
+                let libs = format!(
+                    "{}:{}",
+                    prefix.join("usr/lib/x86_64-linux-gnu").display(),
+                    prefix.join("lib/x86_64-linux-gnu").display()
+                );
+                c.arg("--library-path").arg(libs).arg(&self.criu);
+                c
+            }
+            None => Command::new(&self.criu),
+        }
+    }
+
+    /// `criu --version`, e.g. `4.2.1`; errors when older than [`MIN_VERSION`].
+    pub fn version(&self) -> Result<String, CriuError> {
+        let out = self
+            .command()
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| CriuError::Spawn(self.criu.display().to_string(), e))?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let version = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:"))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| CriuError::Version(text.clone()))?;
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_VERSION {
+            return Err(CriuError::TooOld { found: version });
+        }
+        Ok(version)
+    }
+
+    /// `criu check`: its verdict line, and whether it passed.
+    pub fn check(&self) -> Result<(bool, String), CriuError> {
+        let out = self
+            .command()
+            .arg("check")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| CriuError::Spawn(self.criu.display().to_string(), e))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let good = out.status.success() && text.contains("Looks good");
+        Ok((good, text.trim().to_string()))
+    }
+}
+
+/// The last `n` lines of a CRIU log, for error messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error") || l.contains("FAIL"))
+        .collect();
+    let lines: Vec<&str> = if errors.is_empty() {
+        text.lines().collect()
+    } else {
+        errors
+    };
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

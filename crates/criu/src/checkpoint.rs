@@ -1,0 +1,573 @@
+//! Checkpoint a process tree into the pool.
+//!
+//! CRIU runs with `--stream`; every image it writes arrives here through a pipe and is
+//! forwarded to the pool as it comes, through a small fixed set of buffers, so the node never
+//! holds more than a few MiB of the snapshot whatever the footprint. The snapshot must be
+//! committed in the pool before the tree is killed: a post-dump action script asks this
+//! process for a verdict, and when the pool did not commit, the script fails and CRIU
+//! resumes the tree (CRIU treats a failing post-dump script as a failed dump).
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Write},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::{fs::PermissionsExt, net::UnixStream},
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Condvar, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    poll::{poll, PollFd, PollFlags, PollTimeout},
+    sys::stat::Mode,
+    unistd::mkfifo,
+};
+use thiserror::Error;
+use torpor_image::{manifest::SnapshotMeta, CHUNK_SIZE};
+use torpor_pool::{client::CommitInfo, ClientError, PoolClient};
+use tracing::{debug, info, warn};
+
+use crate::{
+    binary::{log_tail, CriuBinary, CriuError},
+    procs,
+    stats::{parse_dump_stats, DumpStats},
+    streamer::{self, CAPTURE_SOCKET},
+    PoolTarget,
+};
+
+/// Buffers in flight between CRIU's pipes and the pool connection; with 1 MiB each this is
+/// the bound on what the node stages locally.
+const STAGING_BUFFERS: usize = 8;
+
+/// How a checkpoint is taken.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    /// Keep the tree running after the dump (a copy, not a move).
+    pub leave_running: bool,
+    /// Dump established TCP connections (CRIU's `--tcp-established`; needs iptables).
+    pub tcp_established: bool,
+    /// The tree belongs to a terminal session (CRIU's `--shell-job`).
+    pub shell_job: bool,
+    /// Where CRIU's work directory (log, sockets) is created.
+    pub work_root: PathBuf,
+    /// Longest wait of CRIU's post-dump hook for our verdict before it resumes the tree.
+    pub hook_timeout: Duration,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions {
+            leave_running: false,
+            tcp_established: true,
+            shell_job: false,
+            work_root: std::env::temp_dir(),
+            hook_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What a checkpoint did and cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointReport {
+    pub name: String,
+    pub generation: u64,
+    pub root_pid: i32,
+    pub pids: Vec<i32>,
+    /// Resident memory of the tree before the dump.
+    pub footprint_bytes: u64,
+    /// Bytes stored in the pool.
+    pub pool_bytes: u64,
+    pub files: usize,
+    /// From starting CRIU to CRIU's exit.
+    pub checkpoint_s: f64,
+    /// How long the tree was frozen, as CRIU measured it.
+    pub frozen_s: Option<f64>,
+    /// Most image bytes held by this process at once.
+    pub peak_staging_bytes: u64,
+    pub criu_version: String,
+    pub left_running: bool,
+}
+
+/// Why a checkpoint failed. In every case but `AfterCommit` the tree is running as before.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("process {0} does not exist")]
+    NoSuchProcess(i32),
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("preparing CRIU's work directory failed")]
+    WorkDir(#[source] io::Error),
+    #[error("cannot start the upload to the pool")]
+    Pool(#[source] ClientError),
+    #[error("the pool did not take the snapshot; process {pid} was resumed and keeps running")]
+    PoolRefused {
+        pid: i32,
+        #[source]
+        source: ClientError,
+    },
+    #[error("CRIU could not dump process {pid}; it was resumed and keeps running. CRIU's log ({log_path}) says:\n{log}")]
+    CriuFailed {
+        pid: i32,
+        log: String,
+        log_path: PathBuf,
+    },
+    #[error("talking to CRIU failed; process {pid} was resumed")]
+    Stream {
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("CRIU failed after generation {generation} was committed; check process {pid}. CRIU's log says:\n{log}")]
+    AfterCommit {
+        pid: i32,
+        generation: u64,
+        log: String,
+    },
+}
+
+/// A fixed set of reusable buffers; taking one blocks while all are in flight, which is what
+/// bounds local staging.
+#[derive(Debug)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    available: Condvar,
+    /// Bytes currently filled and not yet sent.
+    staged: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl BufferPool {
+    fn new() -> BufferPool {
+        BufferPool {
+            free: Mutex::new(
+                (0..STAGING_BUFFERS)
+                    .map(|_| Vec::with_capacity(CHUNK_SIZE as usize))
+                    .collect(),
+            ),
+            available: Condvar::new(),
+            staged: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        let mut free = self.free.lock().expect("buffer lock");
+        loop {
+            if let Some(b) = free.pop() {
+                return b;
+            }
+            free = self.available.wait(free).expect("buffer lock");
+        }
+    }
+
+    fn filled(&self, n: usize) {
+        let now = self.staged.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn give(&self, mut b: Vec<u8>) {
+        self.staged.fetch_sub(b.len() as u64, Ordering::SeqCst);
+        b.clear();
+        self.free.lock().expect("buffer lock").push(b);
+        self.available.notify_one();
+    }
+}
+
+enum Msg {
+    Open { id: u32, name: String },
+    Data { id: u32, buf: Vec<u8> },
+    Close { id: u32, size: u64 },
+    Commit(mpsc::Sender<Result<CommitInfo, ClientError>>),
+}
+
+/// State shared between the streamer thread and the coordinator.
+#[derive(Default)]
+struct Capture {
+    /// Set once CRIU reached post-dump: later files (its stats) stay local.
+    after_hook: bool,
+    readers: Vec<JoinHandle<()>>,
+    late_files: Vec<(String, Vec<u8>)>,
+    files: usize,
+}
+
+/// Checkpoints the tree rooted at `pid` into the pool under `name`.
+pub fn checkpoint_to_pool(
+    criu: &CriuBinary,
+    pid: i32,
+    name: &str,
+    pool: &PoolTarget,
+    opts: &CheckpointOptions,
+) -> Result<CheckpointReport, CheckpointError> {
+    if !procs::pid_in_use(pid) {
+        return Err(CheckpointError::NoSuchProcess(pid));
+    }
+    let criu_version = criu.version()?;
+    let pids = procs::tree_pids(pid);
+    let footprint_bytes = procs::tree_rss_bytes(&pids);
+    let mut client = pool.connect().map_err(CheckpointError::Pool)?;
+    client
+        .put_begin(
+            name,
+            SnapshotMeta {
+                root_pid: pid,
+                pids: pids.clone(),
+                criu_version: criu_version.clone(),
+                footprint_bytes,
+            },
+            None,
+        )
+        .map_err(CheckpointError::Pool)?;
+
+    let work = tempfile::Builder::new()
+        .prefix("torpor-dump-")
+        .tempdir_in(&opts.work_root)
+        .map_err(CheckpointError::WorkDir)?;
+    let hook = Hook::create(work.path(), opts.hook_timeout).map_err(CheckpointError::WorkDir)?;
+    let listener = streamer::bind(work.path(), CAPTURE_SOCKET).map_err(CheckpointError::WorkDir)?;
+    let log_path = work.path().join("dump.log");
+
+    let start = Instant::now();
+    let mut cmd = criu.command();
+    cmd.arg("dump")
+        .arg("--tree")
+        .arg(pid.to_string())
+        .arg("--images-dir")
+        .arg(work.path())
+        .arg("--stream")
+        .arg("--log-file")
+        .arg(&log_path)
+        .arg("-v4")
+        .arg("--action-script")
+        .arg(&hook.script);
+    if opts.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if opts.shell_job {
+        cmd.arg("--shell-job");
+    }
+    if opts.leave_running {
+        cmd.arg("--leave-running");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    debug!(pid, name, "criu dump started");
+
+    let buffers = Arc::new(BufferPool::new());
+    let failed = Arc::new(AtomicBool::new(false));
+    let criu_done = Arc::new(AtomicBool::new(false));
+    let capture = Arc::new(Mutex::new(Capture::default()));
+    let (tx, rx) = mpsc::sync_channel::<Msg>(2 * STAGING_BUFFERS);
+    let writer = spawn_writer(client, rx, buffers.clone(), failed.clone());
+    let streamer_thread = {
+        let (buffers, failed, criu_done, capture, tx) = (
+            buffers.clone(),
+            failed.clone(),
+            criu_done.clone(),
+            capture.clone(),
+            tx.clone(),
+        );
+        thread::spawn(move || -> io::Result<()> {
+            let Some(mut sock) = streamer::accept_while(&listener, || !criu_done.load(Ordering::SeqCst))? else {
+                return Ok(());
+            };
+            capture_images(&mut sock, &tx, &buffers, &failed, &capture)
+        })
+    };
+
+    // Wait for CRIU to reach post-dump (or to give up).
+    let outcome = loop {
+        if let Some(status) = child.try_wait().map_err(|e| CheckpointError::Stream { pid, source: e })? {
+            break Err(status);
+        }
+        match hook.wait_reached(streamer::POLL) {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                let _ = child.kill();
+                return Err(CheckpointError::Stream { pid, source: e });
+            }
+        }
+    };
+
+    let commit = match outcome {
+        Ok(()) => {
+            let readers = {
+                let mut c = capture.lock().expect("capture lock");
+                c.after_hook = true;
+                std::mem::take(&mut c.readers)
+            };
+            for r in readers {
+                let _ = r.join();
+            }
+            let result = if failed.load(Ordering::SeqCst) {
+                None
+            } else {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                let _ = tx.send(Msg::Commit(reply_tx));
+                reply_rx.recv().ok()
+            };
+            let committed = matches!(result, Some(Ok(_)));
+            hook.verdict(committed).map_err(|e| CheckpointError::Stream { pid, source: e })?;
+            result
+        }
+        Err(_) => None,
+    };
+    let status = child.wait().map_err(|e| CheckpointError::Stream { pid, source: e })?;
+    criu_done.store(true, Ordering::SeqCst);
+    let elapsed = start.elapsed();
+    drop(tx);
+    let writer_error = writer.join().expect("writer thread panicked");
+    let stream_result = streamer_thread.join().expect("streamer thread panicked");
+
+    match commit {
+        Some(Ok(info)) if status.success() => {
+            let c = capture.lock().expect("capture lock");
+            let stats = c
+                .late_files
+                .iter()
+                .find(|(n, _)| n == "stats-dump")
+                .map(|(_, b)| b.clone())
+                .or_else(|| fs::read(work.path().join("stats-dump")).ok())
+                .and_then(|b| parse_dump_stats(&b));
+            let report = CheckpointReport {
+                name: name.to_string(),
+                generation: info.generation,
+                root_pid: pid,
+                pids,
+                footprint_bytes,
+                pool_bytes: info.bytes,
+                files: c.files,
+                checkpoint_s: elapsed.as_secs_f64(),
+                frozen_s: stats.map(|s: DumpStats| s.frozen.as_secs_f64()),
+                peak_staging_bytes: buffers.peak.load(Ordering::SeqCst),
+                criu_version,
+                left_running: opts.leave_running,
+            };
+            info!(name, generation = info.generation, bytes = info.bytes, secs = report.checkpoint_s, "checkpoint committed");
+            Ok(report)
+        }
+        Some(Ok(info)) => Err(CheckpointError::AfterCommit {
+            pid,
+            generation: info.generation,
+            log: log_tail(&log_path, 12),
+        }),
+        Some(Err(e)) => Err(CheckpointError::PoolRefused { pid, source: e }),
+        None => {
+            if let Some(e) = writer_error {
+                return Err(CheckpointError::PoolRefused { pid, source: e });
+            }
+            if let Err(e) = stream_result {
+                warn!(error = %e, "image streamer failed");
+            }
+            let kept = keep_log(&log_path, name);
+            Err(CheckpointError::CriuFailed {
+                pid,
+                log: log_tail(&kept, 12),
+                log_path: kept,
+            })
+        }
+    }
+}
+
+/// Keeps a failed dump's log beside the work directory, which is about to be removed.
+fn keep_log(log: &Path, name: &str) -> PathBuf {
+    let kept = std::env::temp_dir().join(format!("torpor-dump-{name}.log"));
+    if fs::copy(log, &kept).is_ok() {
+        kept
+    } else {
+        log.to_path_buf()
+    }
+}
+
+/// Sends everything the readers produce to the pool; on the first error, stops the readers
+/// (so CRIU sees a broken pipe and gives up) and keeps draining.
+fn spawn_writer(
+    mut client: PoolClient,
+    rx: mpsc::Receiver<Msg>,
+    buffers: Arc<BufferPool>,
+    failed: Arc<AtomicBool>,
+) -> JoinHandle<Option<ClientError>> {
+    thread::spawn(move || {
+        let mut error: Option<ClientError> = None;
+        for msg in rx {
+            let result = match msg {
+                Msg::Open { id, name } if error.is_none() => client.file_open(id, &name),
+                Msg::Data { id, buf } => {
+                    let r = if error.is_none() {
+                        client.file_data(id, &buf)
+                    } else {
+                        Ok(())
+                    };
+                    buffers.give(buf);
+                    r
+                }
+                Msg::Close { id, size } if error.is_none() => client.file_close(id, size),
+                Msg::Commit(reply) => {
+                    let _ = reply.send(match error.take() {
+                        Some(e) => Err(e),
+                        None => client.commit(),
+                    });
+                    return None;
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "pool upload failed; stopping the dump");
+                failed.store(true, Ordering::SeqCst);
+                error = Some(e);
+            }
+        }
+        error
+    })
+}
+
+/// Serves CRIU's capture connection: one reader thread per image pipe.
+fn capture_images(
+    sock: &mut UnixStream,
+    tx: &mpsc::SyncSender<Msg>,
+    buffers: &Arc<BufferPool>,
+    failed: &Arc<AtomicBool>,
+    capture: &Arc<Mutex<Capture>>,
+) -> io::Result<()> {
+    let mut next_id = 0u32;
+    while let Some(name) = streamer::read_request(sock)? {
+        let pipe = streamer::recv_pipe(sock)?;
+        let mut c = capture.lock().expect("capture lock");
+        if c.after_hook {
+            // Written after the verdict (CRIU's stats): read it here, keep it local.
+            let mut bytes = Vec::new();
+            File::from(pipe).take(CHUNK_SIZE).read_to_end(&mut bytes)?;
+            c.late_files.push((name, bytes));
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        c.files += 1;
+        if tx.send(Msg::Open { id, name }).is_err() {
+            break;
+        }
+        let (tx, buffers, failed) = (tx.clone(), buffers.clone(), failed.clone());
+        c.readers
+            .push(thread::spawn(move || read_pipe(id, pipe, &tx, &buffers, &failed)));
+    }
+    Ok(())
+}
+
+/// Reads one image from its pipe in chunk-sized buffers until EOF.
+fn read_pipe(
+    id: u32,
+    pipe: OwnedFd,
+    tx: &mpsc::SyncSender<Msg>,
+    buffers: &BufferPool,
+    failed: &AtomicBool,
+) {
+    let mut f = File::from(pipe);
+    let mut size = 0u64;
+    loop {
+        if failed.load(Ordering::SeqCst) {
+            return; // dropping the pipe makes CRIU's next write fail
+        }
+        let mut buf = buffers.take();
+        let mut eof = false;
+        while buf.len() < CHUNK_SIZE as usize {
+            let filled = buf.len();
+            buf.resize(CHUNK_SIZE as usize, 0);
+            match f.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    buf.truncate(filled);
+                    eof = true;
+                    break;
+                }
+                Ok(n) => buf.truncate(filled + n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(filled),
+                Err(_) => {
+                    buf.truncate(filled);
+                    failed.store(true, Ordering::SeqCst);
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if buf.is_empty() {
+            buffers.give(buf);
+        } else {
+            size += buf.len() as u64;
+            buffers.filled(buf.len());
+            if tx.send(Msg::Data { id, buf }).is_err() {
+                return;
+            }
+        }
+        if eof {
+            let _ = tx.send(Msg::Close { id, size });
+            return;
+        }
+    }
+}
+
+/// The post-dump veto: a script CRIU runs at each action; at `post-dump` it announces itself
+/// through one FIFO and waits for `commit` or `abort` on another. Both FIFOs are held open
+/// read-write here so neither side blocks on open; if this process dies, the script's
+/// timeout fails it and CRIU resumes the tree.
+struct Hook {
+    script: PathBuf,
+    reached: File,
+    verdict: File,
+}
+
+impl Hook {
+    fn create(dir: &Path, timeout: Duration) -> io::Result<Hook> {
+        let dir_str = dir.to_str().filter(|s| !s.contains('\'')).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "work directory path unusable in a script")
+        })?;
+        for f in ["hook-reached", "hook-verdict"] {
+            mkfifo(&dir.join(f), Mode::S_IRUSR | Mode::S_IWUSR).map_err(io::Error::from)?;
+        }
+        let open = |f: &str| OpenOptions::new().read(true).write(true).open(dir.join(f));
+        let script = dir.join("post-dump-hook.sh");
+        fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 # torpor: the tree may be killed only once the pool has committed its snapshot.\n\
+                 [ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\n\
+                 exec timeout {} sh -c 'echo dumped > \"$1/hook-reached\" && read -r v < \"$1/hook-verdict\" && [ \"$v\" = commit ]' sh '{}'\n",
+                timeout.as_secs().max(1),
+                dir_str
+            ),
+        )?;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o700))?;
+        Ok(Hook {
+            script,
+            reached: open("hook-reached")?,
+            verdict: open("hook-verdict")?,
+        })
+    }
+
+    /// Whether CRIU reached post-dump within `wait`.
+    fn wait_reached(&self, wait: Duration) -> io::Result<bool> {
+        let mut fds = [PollFd::new(self.reached.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX))
+            .map_err(io::Error::from)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 64];
+        let n = (&self.reached).read(&mut buf)?;
+        Ok(n > 0)
+    }
+
+    fn verdict(&self, commit: bool) -> io::Result<()> {
+        (&self.verdict).write_all(if commit { b"commit\n" } else { b"abort\n" })
+    }
+}

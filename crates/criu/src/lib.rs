@@ -1,0 +1,38 @@
+//! Driving CRIU for torpor.
+//!
+//! * [`binary`] finds the CRIU to run (the project's private 4.2 prefix first) and runs it.
+//! * [`streamer`] speaks CRIU's image-streamer protocol (`--stream`), so images flow between
+//!   CRIU and the pool through pipes without being staged whole on the node.
+//! * [`checkpoint`] dumps a process tree into the pool; the dump commits only if the pool
+//!   commits, otherwise CRIU resumes the tree (its post-dump action-script veto).
+//! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
+//!   to be free again.
+//! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
+//! * [`procs`] reads process trees and footprints from `/proc`; [`stats`] decodes CRIU's
+//!   `stats-dump` image (frozen time).
+
+pub mod binary;
+pub mod checkpoint;
+pub mod local;
+pub mod procs;
+pub mod restore;
+pub mod stats;
+pub mod streamer;
+
+pub use binary::{CriuBinary, CriuError};
+pub use checkpoint::{checkpoint_to_pool, CheckpointError, CheckpointOptions, CheckpointReport};
+pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
+
+/// How to reach a pool.
+#[derive(Debug, Clone)]
+pub struct PoolTarget {
+    pub addr: torpor_pool::PoolAddr,
+    /// Shared secret; empty when the pool runs without one.
+    pub token: String,
+}
+
+impl PoolTarget {
+    pub fn connect(&self) -> Result<torpor_pool::PoolClient, torpor_pool::ClientError> {
+        torpor_pool::PoolClient::connect(&self.addr, &self.token)
+    }
+}

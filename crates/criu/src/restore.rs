@@ -1,0 +1,279 @@
+//! Restore a snapshot straight from the pool.
+//!
+//! CRIU runs with `--stream` and asks for image files one by one; each requested file is
+//! streamed from the pool into CRIU's pipe as it arrives, each chunk verified against its
+//! checksum by the pool before it is sent. Nothing is buffered whole on the node (buffering
+//! first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
+//! just dumped can linger as a zombie until its parent reaps it.
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    os::{fd::OwnedFd, unix::net::UnixStream},
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use torpor_image::{wire::ErrorCode, Manifest};
+use torpor_pool::{ClientError, PoolClient};
+use tracing::{debug, info};
+
+use crate::{
+    binary::{log_tail, CriuBinary, CriuError},
+    procs,
+    streamer::{self, SERVE_SOCKET},
+    PoolTarget,
+};
+
+/// How a restore is done.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Restore established TCP connections (CRIU's `--tcp-established`).
+    pub tcp_established: bool,
+    /// The tree was a terminal session (CRIU's `--shell-job`).
+    pub shell_job: bool,
+    /// Longest wait for the snapshot's PIDs to become free.
+    pub pid_wait: Duration,
+    /// Where CRIU's work directory (log, socket) is created.
+    pub work_root: PathBuf,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            tcp_established: true,
+            shell_job: false,
+            pid_wait: Duration::from_secs(10),
+            work_root: std::env::temp_dir(),
+        }
+    }
+}
+
+/// What a restore did and cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub name: String,
+    pub generation: u64,
+    /// PID of the restored root.
+    pub pid: i32,
+    /// From the request to CRIU's exit, the tree running.
+    pub restore_s: f64,
+    /// Of which waiting for the PIDs to be free.
+    pub pid_wait_s: f64,
+    pub bytes_fetched: u64,
+}
+
+/// Why a restore failed; nothing of the snapshot is left running in any case.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error("cannot read snapshot {name:?} from the pool")]
+    Pool {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("snapshot {name:?} is corrupt in the pool; refusing to restore it")]
+    Corrupt {
+        name: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("pid {pid} ({comm}) is still in use after {waited:?}; the snapshot's process tree needs it back")]
+    PidBusy {
+        pid: i32,
+        comm: String,
+        waited: Duration,
+    },
+    #[error("preparing CRIU's work directory failed")]
+    WorkDir(#[source] io::Error),
+    #[error("CRIU could not restore snapshot {name:?}. CRIU's log ({log_path}) says:\n{log}")]
+    CriuFailed {
+        name: String,
+        log: String,
+        log_path: PathBuf,
+    },
+    #[error("talking to CRIU failed")]
+    Stream(#[source] io::Error),
+    #[error("CRIU restored {name:?} but wrote no PID file")]
+    NoPid { name: String },
+}
+
+/// Restores generation `generation` (the newest when `None`) of `name` from the pool.
+pub fn restore_from_pool(
+    criu: &CriuBinary,
+    name: &str,
+    generation: Option<u64>,
+    pool: &PoolTarget,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let start = Instant::now();
+    let pool_err = |source| RestoreError::Pool {
+        name: name.to_string(),
+        source,
+    };
+    let mut client = pool.connect().map_err(pool_err)?;
+    let manifest = Arc::new(client.manifest(name, generation).map_err(pool_err)?);
+    procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| RestoreError::PidBusy {
+        pid,
+        comm: procs::comm(pid),
+        waited: opts.pid_wait,
+    })?;
+    let pid_wait_s = start.elapsed().as_secs_f64();
+
+    let work = tempfile::Builder::new()
+        .prefix("torpor-restore-")
+        .tempdir_in(&opts.work_root)
+        .map_err(RestoreError::WorkDir)?;
+    let listener = streamer::bind(work.path(), SERVE_SOCKET).map_err(RestoreError::WorkDir)?;
+    let log_path = work.path().join("restore.log");
+    let pidfile = work.path().join("root.pid");
+    let mut cmd = criu.command();
+    cmd.arg("restore")
+        .arg("--images-dir")
+        .arg(work.path())
+        .arg("--stream")
+        .arg("--restore-detached")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--log-file")
+        .arg(&log_path)
+        .arg("-v4");
+    if opts.tcp_established {
+        cmd.arg("--tcp-established");
+    }
+    if opts.shell_job {
+        cmd.arg("--shell-job");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    debug!(name, generation = manifest.generation, "criu restore started");
+
+    let server = Arc::new(FileServer {
+        pool: pool.clone(),
+        manifest: manifest.clone(),
+        idle: Mutex::new(vec![client]),
+        error: Mutex::new(None),
+        bytes: Default::default(),
+    });
+    let criu_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serve_thread = {
+        let (server, criu_done) = (server.clone(), criu_done.clone());
+        thread::spawn(move || -> io::Result<()> {
+            let alive = || !criu_done.load(std::sync::atomic::Ordering::SeqCst);
+            match streamer::accept_while(&listener, alive)? {
+                Some(mut sock) => server.serve(&mut sock),
+                None => Ok(()),
+            }
+        })
+    };
+    let status = child.wait().map_err(RestoreError::Stream)?;
+    criu_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let served = serve_thread.join().expect("serve thread panicked");
+    let restore_s = start.elapsed().as_secs_f64();
+
+    if let Some(e) = server.error.lock().expect("error lock").take() {
+        return Err(if e.pool_code() == Some(ErrorCode::Corrupt) {
+            RestoreError::Corrupt {
+                name: name.to_string(),
+                source: e,
+            }
+        } else {
+            pool_err(e)
+        });
+    }
+    if !status.success() {
+        let kept = std::env::temp_dir().join(format!("torpor-restore-{name}.log"));
+        let log_path = if fs::copy(&log_path, &kept).is_ok() { kept } else { log_path };
+        return Err(RestoreError::CriuFailed {
+            name: name.to_string(),
+            log: log_tail(&log_path, 12),
+            log_path,
+        });
+    }
+    served.map_err(RestoreError::Stream)?;
+    let pid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .ok_or_else(|| RestoreError::NoPid {
+            name: name.to_string(),
+        })?;
+    let bytes_fetched = server.bytes.load(std::sync::atomic::Ordering::SeqCst);
+    info!(name, generation = manifest.generation, pid, secs = restore_s, "restored");
+    Ok(RestoreReport {
+        name: name.to_string(),
+        generation: manifest.generation,
+        pid,
+        restore_s,
+        pid_wait_s,
+        bytes_fetched,
+    })
+}
+
+/// Answers CRIU's requests from one snapshot in the pool.
+struct FileServer {
+    pool: PoolTarget,
+    manifest: Arc<Manifest>,
+    /// Authenticated connections not in use; each file in flight takes one.
+    idle: Mutex<Vec<PoolClient>>,
+    /// First failure while fetching; CRIU then sees a short image and fails.
+    error: Mutex<Option<ClientError>>,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl FileServer {
+    fn serve(self: &Arc<Self>, sock: &mut UnixStream) -> io::Result<()> {
+        let mut fetches: Vec<JoinHandle<()>> = Vec::new();
+        while let Some(file) = streamer::read_request(sock)? {
+            let exists = self.manifest.file(&file).is_some();
+            streamer::send_reply(sock, exists)?;
+            if !exists {
+                continue;
+            }
+            let pipe = streamer::recv_pipe(sock)?;
+            // Files are fetched concurrently: CRIU may read them in any interleaving.
+            let me = self.clone();
+            fetches.push(thread::spawn(move || me.fetch(&file, pipe)));
+        }
+        for f in fetches {
+            let _ = f.join();
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, file: &str, pipe: OwnedFd) {
+        let client = self.idle.lock().expect("idle lock").pop();
+        let mut client = match client.map(Ok).unwrap_or_else(|| self.pool.connect()) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        let mut out = File::from(pipe);
+        let mut pipe_broken = false;
+        let result = client.get_file(&self.manifest.name, self.manifest.generation, file, |b| {
+            if !pipe_broken && out.write_all(b).is_err() {
+                // CRIU stopped reading; keep draining the pool's frames to stay in sync.
+                pipe_broken = true;
+            }
+            self.bytes
+                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        match result {
+            Ok(_) => self.idle.lock().expect("idle lock").push(client),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&self, e: ClientError) {
+        self.error.lock().expect("error lock").get_or_insert(e);
+    }
+}

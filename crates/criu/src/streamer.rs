@@ -1,0 +1,167 @@
+//! CRIU's image-streamer protocol (`criu --stream`), the side CRIU connects to.
+//!
+//! CRIU connects to `streamer-capture.sock` (dump) or `streamer-serve.sock` (restore) in its
+//! images directory. For each image it sends a length-prefixed (u32, little endian)
+//! protobuf `img_streamer_request_entry { filename = 1 }`; on restore the streamer answers
+//! with `img_streamer_reply_entry { exists = 1 }`. Then CRIU passes one end of a fresh pipe
+//! over the socket (SCM_RIGHTS, one data byte): on dump the read end, from which the image
+//! is read to EOF; on restore the write end, into which the image is written.
+
+use std::{
+    io::{self, IoSliceMut, Read, Write},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::Path,
+    time::Duration,
+};
+
+use nix::{
+    fcntl::{fcntl, FcntlArg},
+    poll::{poll, PollFd, PollFlags, PollTimeout},
+    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
+};
+use prost::Message;
+
+pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
+pub const SERVE_SOCKET: &str = "streamer-serve.sock";
+/// Longest request CRIU sends (a file name); anything longer is a protocol error.
+const MAX_REQUEST: u32 = 4096;
+/// Pipe capacity we ask for: fewer wake-ups per MiB than the default 64 KiB.
+pub const PIPE_SIZE: i32 = 1 << 20;
+
+#[derive(Clone, PartialEq, Message)]
+struct RequestEntry {
+    #[prost(string, required, tag = "1")]
+    filename: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ReplyEntry {
+    #[prost(bool, required, tag = "1")]
+    exists: bool,
+}
+
+/// Binds the streamer socket in `images_dir`.
+pub fn bind(images_dir: &Path, socket: &str) -> io::Result<UnixListener> {
+    UnixListener::bind(images_dir.join(socket))
+}
+
+/// Waits for CRIU to connect while `alive()` holds; `None` if it gave up first.
+pub fn accept_while(
+    listener: &UnixListener,
+    mut alive: impl FnMut() -> bool,
+) -> io::Result<Option<UnixStream>> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !alive() {
+                    return Ok(None);
+                }
+                let mut fds = [PollFd::new(listener_fd(listener), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(20u16));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn listener_fd(l: &UnixListener) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsFd;
+    l.as_fd()
+}
+
+/// The next file CRIU asks for, or `None` when it closed the connection.
+pub fn read_request(sock: &mut UnixStream) -> io::Result<Option<String>> {
+    let mut len = [0u8; 4];
+    match sock.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_REQUEST {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("streamer request of {len} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; len as usize];
+    sock.read_exact(&mut buf)?;
+    let req = RequestEntry::decode(&buf[..])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some(req.filename))
+}
+
+/// Tells CRIU whether a requested image exists (restore only).
+pub fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
+    let body = ReplyEntry { exists }.encode_to_vec();
+    let mut msg = (body.len() as u32).to_le_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    sock.write_all(&msg)
+}
+
+/// Receives the pipe end CRIU passes after a request.
+pub fn recv_pipe(sock: &UnixStream) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel just installed this descriptor for us; we own it.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                // A bigger pipe means fewer round trips; the default still works.
+                let _ = fcntl(owned.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+                return Ok(owned);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "CRIU sent no pipe after its request",
+    ))
+}
+
+/// Poll interval while waiting on CRIU.
+pub const POLL: Duration = Duration::from_millis(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_and_reply_encoding_matches_criu() {
+        // CRIU's pb_write_one: u32 length, then the protobuf message.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let body = RequestEntry {
+            filename: "pages-1.img".into(),
+        }
+        .encode_to_vec();
+        assert_eq!(&body[..2], &[0x0a, 11]);
+        a.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
+        a.write_all(&body).unwrap();
+        assert_eq!(read_request(&mut b).unwrap().as_deref(), Some("pages-1.img"));
+        send_reply(&mut b, true).unwrap();
+        let mut got = [0u8; 6];
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(got, [2, 0, 0, 0, 0x08, 1]);
+        drop(a);
+        assert_eq!(read_request(&mut b).unwrap(), None);
+    }
+
+    #[test]
+    fn oversized_request_is_refused() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(MAX_REQUEST + 1).to_le_bytes()).unwrap();
+        assert!(read_request(&mut b).is_err());
+    }
+}

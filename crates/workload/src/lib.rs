@@ -1,0 +1,148 @@
+//! The sample service that torpor checkpoints in its tests, demo and benchmarks: it holds a
+//! buffer of seeded pseudo-random bytes (so its memory can be checked bit for bit after a
+//! restore), a counter that a thread advances every 10 ms (so it visibly keeps running),
+//! and answers a line protocol over TCP: `PING` → `PONG`, `SUM` → CRC32C of the buffer,
+//! `COUNT` → the counter. Plain threads and blocking sockets: nothing that would make the
+//! checkpoint about the runtime rather than the memory.
+
+use std::{
+    fs,
+    io::{self, BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
+
+/// How the sample service starts.
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    pub listen: SocketAddr,
+    /// Bytes of seeded random memory to hold.
+    pub memory: u64,
+    pub seed: u64,
+    /// Written with the bound port once listening (useful with port 0).
+    pub port_file: Option<PathBuf>,
+}
+
+/// The buffer the service holds for a size and seed.
+pub fn seeded_buffer(memory: u64, seed: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; memory as usize];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut buf);
+    buf
+}
+
+/// Runs the service; returns only on a listen error.
+pub fn run(cfg: &SampleConfig) -> io::Result<()> {
+    let memory = Arc::new(seeded_buffer(cfg.memory, cfg.seed));
+    let counter = Arc::new(AtomicU64::new(0));
+    let listener = TcpListener::bind(cfg.listen)?;
+    if let Some(p) = &cfg.port_file {
+        let tmp = p.with_extension("tmp");
+        fs::write(&tmp, listener.local_addr()?.port().to_string())?;
+        fs::rename(tmp, p)?;
+    }
+    {
+        let counter = counter.clone();
+        thread::spawn(move || loop {
+            thread::sleep(Duration::from_millis(10));
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let (memory, counter) = (memory.clone(), counter.clone());
+        thread::spawn(move || {
+            let _ = serve(conn, &memory, &counter);
+        });
+    }
+    Ok(())
+}
+
+fn serve(conn: TcpStream, memory: &[u8], counter: &AtomicU64) -> io::Result<()> {
+    let mut out = conn.try_clone()?;
+    for line in BufReader::new(conn).lines() {
+        let reply = match line?.trim() {
+            "PING" => "PONG".to_string(),
+            "SUM" => format!("{:08x} {}", crc32c::crc32c(memory), memory.len()),
+            "COUNT" => counter.load(Ordering::Relaxed).to_string(),
+            other => format!("ERR unknown command {other:?}"),
+        };
+        out.write_all(reply.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// A connection to the sample service.
+#[derive(Debug)]
+pub struct SampleClient {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl SampleClient {
+    pub fn connect(addr: SocketAddr) -> io::Result<SampleClient> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(SampleClient {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Connects, retrying until `timeout` (for a service that is still starting).
+    pub fn connect_within(addr: SocketAddr, timeout: Duration) -> io::Result<SampleClient> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match SampleClient::connect(addr) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    pub fn call(&mut self, cmd: &str) -> io::Result<String> {
+        self.writer.write_all(cmd.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "service closed the connection"));
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    pub fn count(&mut self) -> io::Result<u64> {
+        self.call("COUNT")?
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The `SUM` answer a service with this size and seed must give.
+pub fn expected_sum(memory: u64, seed: u64) -> String {
+    let buf = seeded_buffer(memory, seed);
+    format!("{:08x} {}", crc32c::crc32c(&buf), buf.len())
+}
+
+/// Waits for a port file written by [`run`].
+pub fn wait_port_file(path: &std::path::Path, timeout: Duration) -> io::Result<u16> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(p) = fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()) {
+            return Ok(p);
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "sample service did not start"));
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
