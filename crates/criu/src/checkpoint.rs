@@ -278,7 +278,9 @@ pub fn checkpoint_to_pool(
             tx.clone(),
         );
         thread::spawn(move || -> io::Result<()> {
-            let Some(mut sock) = streamer::accept_while(&listener, || !criu_done.load(Ordering::SeqCst))? else {
+            let Some(mut sock) =
+                streamer::accept_while(&listener, || !criu_done.load(Ordering::SeqCst))?
+            else {
                 return Ok(());
             };
             capture_images(&mut sock, &tx, &buffers, &failed, &capture)
@@ -287,7 +289,10 @@ pub fn checkpoint_to_pool(
 
     // Wait for CRIU to reach post-dump (or to give up).
     let outcome = loop {
-        if let Some(status) = child.try_wait().map_err(|e| CheckpointError::Stream { pid, source: e })? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| CheckpointError::Stream { pid, source: e })?
+        {
             break Err(status);
         }
         match hook.wait_reached(streamer::POLL) {
@@ -318,12 +323,15 @@ pub fn checkpoint_to_pool(
                 reply_rx.recv().ok()
             };
             let committed = matches!(result, Some(Ok(_)));
-            hook.verdict(committed).map_err(|e| CheckpointError::Stream { pid, source: e })?;
+            hook.verdict(committed)
+                .map_err(|e| CheckpointError::Stream { pid, source: e })?;
             result
         }
         Err(_) => None,
     };
-    let status = child.wait().map_err(|e| CheckpointError::Stream { pid, source: e })?;
+    let status = child
+        .wait()
+        .map_err(|e| CheckpointError::Stream { pid, source: e })?;
     criu_done.store(true, Ordering::SeqCst);
     let elapsed = start.elapsed();
     drop(tx);
@@ -354,7 +362,13 @@ pub fn checkpoint_to_pool(
                 criu_version,
                 left_running: opts.leave_running,
             };
-            info!(name, generation = info.generation, bytes = info.bytes, secs = report.checkpoint_s, "checkpoint committed");
+            info!(
+                name,
+                generation = info.generation,
+                bytes = info.bytes,
+                secs = report.checkpoint_s,
+                "checkpoint committed"
+            );
             Ok(report)
         }
         Some(Ok(info)) => Err(CheckpointError::AfterCommit {
@@ -458,8 +472,9 @@ fn capture_images(
             break;
         }
         let (tx, buffers, failed) = (tx.clone(), buffers.clone(), failed.clone());
-        c.readers
-            .push(thread::spawn(move || read_pipe(id, pipe, &tx, &buffers, &failed)));
+        c.readers.push(thread::spawn(move || {
+            read_pipe(id, pipe, &tx, &buffers, &failed)
+        }));
     }
     Ok(())
 }
@@ -528,7 +543,10 @@ struct Hook {
 impl Hook {
     fn create(dir: &Path, timeout: Duration) -> io::Result<Hook> {
         let dir_str = dir.to_str().filter(|s| !s.contains('\'')).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "work directory path unusable in a script")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "work directory path unusable in a script",
+            )
         })?;
         for f in ["hook-reached", "hook-verdict"] {
             mkfifo(&dir.join(f), Mode::S_IRUSR | Mode::S_IWUSR).map_err(io::Error::from)?;
@@ -557,8 +575,11 @@ impl Hook {
     /// Whether CRIU reached post-dump within `wait`.
     fn wait_reached(&self, wait: Duration) -> io::Result<bool> {
         let mut fds = [PollFd::new(self.reached.as_fd(), PollFlags::POLLIN)];
-        let n = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX))
-            .map_err(io::Error::from)?;
+        let n = poll(
+            &mut fds,
+            PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
+        )
+        .map_err(io::Error::from)?;
         if n == 0 {
             return Ok(false);
         }

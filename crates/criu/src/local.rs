@@ -41,7 +41,13 @@ pub fn dump_to_dir(criu: &CriuBinary, pid: i32, dir: &Path) -> Result<LocalDump,
     let start = Instant::now();
     let status = criu
         .command()
-        .args(["dump", "--tcp-established", "-v4", "--tree", &pid.to_string()])
+        .args([
+            "dump",
+            "--tcp-established",
+            "-v4",
+            "--tree",
+            &pid.to_string(),
+        ])
         .arg("--images-dir")
         .arg(dir)
         .arg("--log-file")
@@ -69,7 +75,11 @@ pub fn dump_to_dir(criu: &CriuBinary, pid: i32, dir: &Path) -> Result<LocalDump,
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum();
-    Ok(LocalDump { wall, frozen, bytes })
+    Ok(LocalDump {
+        wall,
+        frozen,
+        bytes,
+    })
 }
 
 /// `criu restore --restore-detached` from `dir`; returns the root PID and the wall time.

@@ -16,7 +16,11 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
         if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
             for t in tasks.flatten() {
                 let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+                out.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
             }
         }
         i += 1;
@@ -80,7 +84,10 @@ mod tests {
 
     #[test]
     fn own_tree_and_footprint() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let me = std::process::id() as i32;
         let pids = tree_pids(me);
         assert_eq!(pids[0], me);

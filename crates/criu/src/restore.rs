@@ -119,10 +119,12 @@ pub fn restore_from_pool(
     };
     let mut client = pool.connect().map_err(pool_err)?;
     let manifest = Arc::new(client.manifest(name, generation).map_err(pool_err)?);
-    procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| RestoreError::PidBusy {
-        pid,
-        comm: procs::comm(pid),
-        waited: opts.pid_wait,
+    procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| {
+        RestoreError::PidBusy {
+            pid,
+            comm: procs::comm(pid),
+            waited: opts.pid_wait,
+        }
     })?;
     let pid_wait_s = start.elapsed().as_secs_f64();
 
@@ -156,7 +158,11 @@ pub fn restore_from_pool(
     let mut child = cmd
         .spawn()
         .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
-    debug!(name, generation = manifest.generation, "criu restore started");
+    debug!(
+        name,
+        generation = manifest.generation,
+        "criu restore started"
+    );
 
     let server = Arc::new(FileServer {
         pool: pool.clone(),
@@ -193,7 +199,11 @@ pub fn restore_from_pool(
     }
     if !status.success() {
         let kept = std::env::temp_dir().join(format!("torpor-restore-{name}.log"));
-        let log_path = if fs::copy(&log_path, &kept).is_ok() { kept } else { log_path };
+        let log_path = if fs::copy(&log_path, &kept).is_ok() {
+            kept
+        } else {
+            log_path
+        };
         return Err(RestoreError::CriuFailed {
             name: name.to_string(),
             log: log_tail(&log_path, 12),
@@ -208,7 +218,13 @@ pub fn restore_from_pool(
             name: name.to_string(),
         })?;
     let bytes_fetched = server.bytes.load(std::sync::atomic::Ordering::SeqCst);
-    info!(name, generation = manifest.generation, pid, secs = restore_s, "restored");
+    info!(
+        name,
+        generation = manifest.generation,
+        pid,
+        secs = restore_s,
+        "restored"
+    );
     Ok(RestoreReport {
         name: name.to_string(),
         generation: manifest.generation,

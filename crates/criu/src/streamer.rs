@@ -112,8 +112,13 @@ pub fn recv_pipe(sock: &UnixStream) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
     for cmsg in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             if let Some(&fd) = fds.first() {
@@ -149,7 +154,10 @@ mod tests {
         assert_eq!(&body[..2], &[0x0a, 11]);
         a.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
         a.write_all(&body).unwrap();
-        assert_eq!(read_request(&mut b).unwrap().as_deref(), Some("pages-1.img"));
+        assert_eq!(
+            read_request(&mut b).unwrap().as_deref(),
+            Some("pages-1.img")
+        );
         send_reply(&mut b, true).unwrap();
         let mut got = [0u8; 6];
         a.read_exact(&mut got).unwrap();

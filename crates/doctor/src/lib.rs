@@ -99,7 +99,12 @@ fn root_check() -> Check {
     if uid == 0 {
         Check::new("root", true, Status::Ok, "running as root")
     } else {
-        Check::new("root", true, Status::Missing, format!("running as uid {uid}: CRIU needs root"))
+        Check::new(
+            "root",
+            true,
+            Status::Missing,
+            format!("running as uid {uid}: CRIU needs root"),
+        )
     }
 }
 
@@ -116,7 +121,12 @@ fn unsafe_free_uid() -> u32 {
 
 fn criu_version_check(criu: Option<&CriuBinary>) -> Check {
     let Some(criu) = criu else {
-        return Check::new("criu", true, Status::Missing, "CRIU not found: run the README's setup command, or set TORPOR_CRIU_PREFIX");
+        return Check::new(
+            "criu",
+            true,
+            Status::Missing,
+            "CRIU not found: run the README's setup command, or set TORPOR_CRIU_PREFIX",
+        );
     };
     let place = match &criu.prefix {
         Some(p) => format!("private prefix {}", p.display()),
@@ -145,16 +155,22 @@ fn criu_check(criu: Option<&CriuBinary>) -> Check {
 }
 
 fn program_check(name: &'static str, required: bool, args: &[&str], why: &str) -> Check {
-    match Command::new(name)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-    {
+    match Command::new(name).args(args).stdin(Stdio::null()).output() {
         Ok(out) if out.status.success() => {
             let v = String::from_utf8_lossy(&out.stdout);
-            Check::new(name, required, Status::Ok, v.lines().next().unwrap_or("").trim().to_string())
+            Check::new(
+                name,
+                required,
+                Status::Ok,
+                v.lines().next().unwrap_or("").trim().to_string(),
+            )
         }
-        _ => Check::new(name, required, Status::Missing, format!("{name} not found: {why}")),
+        _ => Check::new(
+            name,
+            required,
+            Status::Missing,
+            format!("{name} not found: {why}"),
+        ),
     }
 }
 
@@ -167,7 +183,10 @@ fn kdat_cache_check(roots: &HostRoots) -> Check {
             "criu kdat cache",
             false,
             Status::Warn,
-            format!("stale {} blocks CRIU's kernel-probe cache: delete it", stale.display()),
+            format!(
+                "stale {} blocks CRIU's kernel-probe cache: delete it",
+                stale.display()
+            ),
         );
     }
     let mounts = fs::read_to_string(roots.proc.join("mounts")).unwrap_or_default();
@@ -178,7 +197,12 @@ fn kdat_cache_check(roots: &HostRoots) -> Check {
         f.len() > 2 && f[1] == run && f[2] == "tmpfs"
     });
     if tmpfs {
-        Check::new("criu kdat cache", false, Status::Ok, format!("{run} is a tmpfs: CRIU keeps its kernel-probe cache"))
+        Check::new(
+            "criu kdat cache",
+            false,
+            Status::Ok,
+            format!("{run} is a tmpfs: CRIU keeps its kernel-probe cache"),
+        )
     } else {
         Check::new(
             "criu kdat cache",
@@ -214,10 +238,18 @@ fn cgroup_check(roots: &HostRoots) -> Check {
     v1.dedup();
     let detail = format!(
         "cgroup v1 controllers: {}; cgroup v2 mounted: {}",
-        if v1.is_empty() { "none".to_string() } else { v1.join(", ") },
+        if v1.is_empty() {
+            "none".to_string()
+        } else {
+            v1.join(", ")
+        },
         if v2 { "yes" } else { "no" }
     );
-    let status = if v1.contains(&"cpuset") || v2 { Status::Ok } else { Status::Warn };
+    let status = if v1.contains(&"cpuset") || v2 {
+        Status::Ok
+    } else {
+        Status::Warn
+    };
     Check::new("cgroups", false, status, detail)
 }
 
@@ -237,16 +269,31 @@ fn cpuidle_check(roots: &HostRoots) -> Check {
             Status::Ok,
             format!("driver {d}, states on cpu0: {}", states.join(", ")),
         ),
-        _ => Check::new("cpuidle", false, Status::Warn, "no cpuidle driver: C-state residency cannot be measured"),
+        _ => Check::new(
+            "cpuidle",
+            false,
+            Status::Warn,
+            "no cpuidle driver: C-state residency cannot be measured",
+        ),
     }
 }
 
 fn rapl_check(roots: &HostRoots) -> Check {
     let p = roots.sys.join("class/powercap/intel-rapl:0/energy_uj");
     if p.exists() {
-        Check::new("rapl", false, Status::Ok, "RAPL energy counters present: energy is measured")
+        Check::new(
+            "rapl",
+            false,
+            Status::Ok,
+            "RAPL energy counters present: energy is measured",
+        )
     } else {
-        Check::new("rapl", false, Status::Warn, "no RAPL energy counters (typical in a VM): energy will be modelled from residency")
+        Check::new(
+            "rapl",
+            false,
+            Status::Warn,
+            "no RAPL energy counters (typical in a VM): energy will be modelled from residency",
+        )
     }
 }
 

@@ -1,1 +1,376 @@
-fn main() {}
+//! The `torpor` command: parses arguments and calls the libraries. One subcommand per role.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use torpor_criu::{CheckpointOptions, CriuBinary, PoolTarget, RestoreOptions};
+use torpor_image::{format_bytes, parse_size};
+use torpor_pool::{PoolAddr, Store, StoreConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "torpor",
+    version,
+    about = "Checkpoint idle services into a memory pool and wake them on request"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Walk through a checkpoint into a pool and a restore from it, timing each step.
+    Demo(torpor_bench::demo::DemoArgs),
+    /// Check what this host has and lacks for torpor.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a memory pool server.
+    Pool(PoolArgs),
+    /// List the snapshots a pool holds.
+    Snapshots {
+        #[command(flatten)]
+        pool: PoolOpt,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a process tree into a pool.
+    Checkpoint {
+        /// Root of the process tree.
+        #[arg(long)]
+        pid: i32,
+        /// Snapshot name (letters, digits, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        pool: PoolOpt,
+        /// Keep the tree running (take a copy).
+        #[arg(long)]
+        leave_running: bool,
+        /// The tree runs in a terminal session.
+        #[arg(long)]
+        shell_job: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot from a pool; prints the restored root PID.
+    Restore {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        pool: PoolOpt,
+        /// Generation to restore (default: the newest).
+        #[arg(long)]
+        generation: Option<u64>,
+        /// The tree ran in a terminal session.
+        #[arg(long)]
+        shell_job: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks, each with its baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// The sample service used by tests, the demo and benchmarks.
+    #[command(hide = true)]
+    SampleService {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "64MiB", value_parser = size_arg)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        port_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Checkpoint/restore: stock CRIU with images in /dev/shm vs torpor through a pool.
+    Cr(torpor_bench::cr::CrArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PoolArgs {
+    /// HOST:PORT, or unix:PATH for the same-host fast path.
+    #[arg(long)]
+    listen: PoolAddr,
+    /// RAM tier size, pre-faulted at start (e.g. 8GiB).
+    #[arg(long, value_parser = size_arg)]
+    capacity: u64,
+    /// Disk tier: least-recently-used snapshots move here when RAM is full.
+    #[arg(long)]
+    spill_dir: Option<PathBuf>,
+    /// File holding the shared token clients must present.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Serve a TCP address without a token (anyone who can connect can read snapshots).
+    #[arg(long)]
+    no_auth: bool,
+    /// Generations kept per snapshot name.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    keep: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct PoolOpt {
+    /// Pool address: HOST:PORT or unix:PATH.
+    #[arg(long)]
+    pool: PoolAddr,
+    /// File holding the pool's token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl PoolOpt {
+    fn target(&self) -> Result<PoolTarget> {
+        Ok(PoolTarget {
+            addr: self.pool.clone(),
+            token: match &self.token_file {
+                Some(f) => torpor_bench::harness::read_token(f)?,
+                None => String::new(),
+            },
+        })
+    }
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,torpor_pool=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("torpor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn criu() -> Result<CriuBinary> {
+    Ok(CriuBinary::locate()?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Demo(args) => torpor_bench::demo::run(&args)?,
+        Cmd::Doctor { json } => return doctor(json),
+        Cmd::Pool(args) => pool(args)?,
+        Cmd::Snapshots { pool, json } => {
+            let list = pool.target()?.connect()?.list()?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<24} {:>10} {:>12} {:>5}  created",
+                    "name", "generation", "bytes", "tier"
+                );
+                for s in list {
+                    println!(
+                        "{:<24} {:>10} {:>12} {:>5}  {}",
+                        s.name,
+                        s.generation,
+                        format_bytes(s.bytes),
+                        s.tier,
+                        torpor_bench::report::unix_ms_to_utc(s.created_unix_ms)
+                    );
+                }
+            }
+        }
+        Cmd::Checkpoint {
+            pid,
+            name,
+            pool,
+            leave_running,
+            shell_job,
+            json,
+        } => {
+            let opts = CheckpointOptions {
+                leave_running,
+                shell_job,
+                ..Default::default()
+            };
+            let r = torpor_criu::checkpoint_to_pool(&criu()?, pid, &name, &pool.target()?, &opts)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "checkpointed pid {} ({} process{}, {} resident) into {} as {} generation {}{}",
+                    r.root_pid,
+                    r.pids.len(),
+                    if r.pids.len() == 1 { "" } else { "es" },
+                    format_bytes(r.footprint_bytes),
+                    pool.pool,
+                    r.name,
+                    r.generation,
+                    if r.left_running {
+                        " (left running)"
+                    } else {
+                        ""
+                    }
+                );
+                println!(
+                    "  {} in {} files; checkpoint {:.3} s, frozen {}, peak local staging {}",
+                    format_bytes(r.pool_bytes),
+                    r.files,
+                    r.checkpoint_s,
+                    r.frozen_s
+                        .map(|f| format!("{f:.3} s"))
+                        .unwrap_or_else(|| "n/a".into()),
+                    format_bytes(r.peak_staging_bytes)
+                );
+            }
+        }
+        Cmd::Restore {
+            name,
+            pool,
+            generation,
+            shell_job,
+            json,
+        } => {
+            let opts = RestoreOptions {
+                shell_job,
+                ..Default::default()
+            };
+            let r = torpor_criu::restore_from_pool(
+                &criu()?,
+                &name,
+                generation,
+                &pool.target()?,
+                &opts,
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "restored {} generation {} as pid {} in {:.3} s ({} fetched)",
+                    r.name,
+                    r.generation,
+                    r.pid,
+                    r.restore_s,
+                    format_bytes(r.bytes_fetched)
+                );
+            }
+        }
+        Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
+        Cmd::SampleService {
+            listen,
+            memory,
+            seed,
+            port_file,
+        } => torpor_workload::run(&torpor_workload::SampleConfig {
+            listen,
+            memory,
+            seed,
+            port_file,
+        })?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn doctor(json: bool) -> Result<ExitCode> {
+    let criu = CriuBinary::locate().ok();
+    let checks = torpor_doctor::run_checks(&torpor_doctor::HostRoots::default(), criu.as_ref());
+    let fit = torpor_doctor::fit(&checks);
+    if json {
+        print_json(&serde_json::json!({ "fit": fit, "checks": checks }))?;
+    } else {
+        for c in &checks {
+            let mark = match (c.status, c.required) {
+                (torpor_doctor::Status::Ok, _) => "ok     ",
+                (torpor_doctor::Status::Warn, _) => "warn   ",
+                (torpor_doctor::Status::Missing, true) => "MISSING",
+                (torpor_doctor::Status::Missing, false) => "absent ",
+            };
+            println!("{mark} {:<16} {}", c.name, c.detail);
+        }
+        println!(
+            "{}",
+            if fit {
+                "this host can run torpor"
+            } else {
+                "this host cannot run torpor: fix the MISSING lines above"
+            }
+        );
+    }
+    Ok(if fit {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn pool(args: PoolArgs) -> Result<()> {
+    let token = match (&args.token_file, &args.listen, args.no_auth) {
+        (Some(f), _, _) => Some(torpor_bench::harness::read_token(f)?),
+        (None, PoolAddr::Unix(_), _) | (None, _, true) => None,
+        (None, PoolAddr::Tcp(_), false) => {
+            bail!("a TCP pool needs --token-file (or --no-auth to let anyone who can connect read snapshots)")
+        }
+    };
+    let started = Instant::now();
+    let store = Store::open(StoreConfig {
+        capacity: args.capacity,
+        spill_dir: args.spill_dir.clone(),
+        keep: args.keep as usize,
+    })
+    .context("opening the pool's store")?;
+    eprintln!(
+        "pool: RAM tier {} pre-faulted in {:.2} s; it is volatile: its snapshots are lost when the pool stops",
+        format_bytes(store.capacity_bytes()),
+        started.elapsed().as_secs_f64()
+    );
+    match &args.spill_dir {
+        Some(d) => eprintln!(
+            "pool: disk tier {} holds {} snapshot(s) from earlier runs",
+            d.display(),
+            store.list().len()
+        ),
+        None => eprintln!("pool: no spill dir: uploads are refused once the RAM tier is full"),
+    }
+    if token.is_none() {
+        eprintln!("pool: clients are not authenticated");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = torpor_pool::Listener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        eprintln!("pool: listening on {}", listener.local_addr()?);
+        torpor_pool::serve(
+            listener,
+            Arc::new(store),
+            token.map(Into::into),
+            shutdown_signal(),
+        )
+        .await?;
+        eprintln!("pool: stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

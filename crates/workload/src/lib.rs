@@ -115,7 +115,10 @@ impl SampleClient {
         self.writer.write_all(b"\n")?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "service closed the connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "service closed the connection",
+            ));
         }
         Ok(line.trim_end().to_string())
     }
@@ -137,11 +140,17 @@ pub fn expected_sum(memory: u64, seed: u64) -> String {
 pub fn wait_port_file(path: &std::path::Path, timeout: Duration) -> io::Result<u16> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(p) = fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(p) = fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             return Ok(p);
         }
         if Instant::now() >= deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "sample service did not start"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "sample service did not start",
+            ));
         }
         thread::sleep(Duration::from_millis(2));
     }

@@ -1,0 +1,286 @@
+//! `torpor bench cr`: for each size, a sample service holding that much random memory is
+//! checkpointed and restored (a) by stock CRIU with images in a tmpfs directory (/dev/shm)
+//! and (b) by torpor into and out of a pool on this machine (a `torpor pool` process on a
+//! Unix socket), alternating the order each repeat. Reports medians and torpor/baseline.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use torpor_criu::{local, CheckpointOptions, CriuBinary, RestoreOptions};
+use torpor_image::format_bytes;
+
+use crate::{
+    harness::{become_subreaper, first_response, kill_and_reap, PoolProcess, SampleProcess},
+    report::{fmt_opt, median, ratio},
+    ExperimentError,
+};
+
+/// Arguments of `torpor bench cr`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CrArgs {
+    /// Memory sizes of the sample service, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64MiB,256MiB,1GiB", value_parser = parse_size_arg)]
+    pub sizes: Vec<u64>,
+    /// Runs per size and method; medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+    /// Directory for the baseline's images (a tmpfs).
+    #[arg(long, default_value = "/dev/shm")]
+    pub baseline_dir: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    torpor_image::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// One method's medians for one size.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Medians {
+    pub checkpoint_s: Option<f64>,
+    pub frozen_s: Option<f64>,
+    pub restore_s: Option<f64>,
+    pub first_response_s: Option<f64>,
+    /// Torpor only: most image bytes held on the node at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_staging_bytes: Option<u64>,
+    /// Torpor: bytes stored in the pool; baseline: bytes of images in the directory.
+    pub image_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_bytes: Option<u64>,
+}
+
+/// torpor / baseline for each time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    pub checkpoint: Option<f64>,
+    pub frozen: Option<f64>,
+    pub restore: Option<f64>,
+    pub first_response: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeResult {
+    pub size_bytes: u64,
+    pub repeat: u64,
+    pub baseline: Medians,
+    pub torpor: Medians,
+    pub ratio: Ratios,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CrReport {
+    pub baseline: String,
+    pub criu_version: String,
+    pub sizes: Vec<SizeResult>,
+}
+
+#[derive(Default)]
+struct Samples {
+    checkpoint: Vec<f64>,
+    frozen: Vec<f64>,
+    restore: Vec<f64>,
+    first: Vec<f64>,
+    staging: Vec<u64>,
+    bytes: Vec<u64>,
+}
+
+impl Samples {
+    fn medians(&self, torpor: bool) -> Medians {
+        let med_u =
+            |v: &[u64]| median(&v.iter().map(|x| *x as f64).collect::<Vec<_>>()).map(|m| m as u64);
+        Medians {
+            checkpoint_s: median(&self.checkpoint),
+            frozen_s: median(&self.frozen),
+            restore_s: median(&self.restore),
+            first_response_s: median(&self.first),
+            peak_staging_bytes: if torpor {
+                self.staging.iter().max().copied()
+            } else {
+                None
+            },
+            image_bytes: med_u(&self.bytes),
+            pool_bytes: if torpor { med_u(&self.bytes) } else { None },
+        }
+    }
+}
+
+/// Runs the benchmark and prints the table (or JSON).
+pub fn run(criu: &CriuBinary, args: &CrArgs) -> Result<(), ExperimentError> {
+    let exe = std::env::current_exe()?;
+    let report = measure(criu, &exe, args)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Measures every size; `exe` is the `torpor` binary (for the pool and sample services).
+pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport, ExperimentError> {
+    become_subreaper()?;
+    let criu_version = criu.version()?;
+    let largest = args.sizes.iter().copied().max().unwrap_or(0);
+    // Room for the new generation while the previous one is still held.
+    let pool = PoolProcess::spawn(exe, 2 * largest + (512 << 20))?;
+    let steps = args.sizes.len() as u64 * args.repeat * 2;
+    let bar = ProgressBar::new(steps).with_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("bench cr");
+    let mut sizes = Vec::new();
+    for &size in &args.sizes {
+        let (mut base, mut ours) = (Samples::default(), Samples::default());
+        for rep in 0..args.repeat {
+            let torpor_first = rep % 2 == 1;
+            for method in [torpor_first, !torpor_first] {
+                bar.set_message(format!(
+                    "{} {} run {}",
+                    format_bytes(size),
+                    if method { "torpor" } else { "stock CRIU" },
+                    rep + 1
+                ));
+                if method {
+                    run_torpor(criu, exe, &pool, size, rep, &mut ours)?;
+                } else {
+                    run_baseline(criu, exe, &args.baseline_dir, size, rep, &mut base)?;
+                }
+                bar.inc(1);
+            }
+        }
+        let (b, t) = (base.medians(false), ours.medians(true));
+        sizes.push(SizeResult {
+            size_bytes: size,
+            repeat: args.repeat,
+            ratio: Ratios {
+                checkpoint: ratio(t.checkpoint_s, b.checkpoint_s),
+                frozen: ratio(t.frozen_s, b.frozen_s),
+                restore: ratio(t.restore_s, b.restore_s),
+                first_response: ratio(t.first_response_s, b.first_response_s),
+            },
+            baseline: b,
+            torpor: t,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(CrReport {
+        baseline: format!(
+            "stock CRIU {criu_version}, images in {}",
+            args.baseline_dir.display()
+        ),
+        criu_version,
+        sizes,
+    })
+}
+
+type BenchResult = Result<(), ExperimentError>;
+
+fn run_baseline(
+    criu: &CriuBinary,
+    exe: &Path,
+    dir: &Path,
+    size: u64,
+    seed: u64,
+    s: &mut Samples,
+) -> BenchResult {
+    let mut svc = SampleProcess::spawn(exe, size, seed)?;
+    let images = tempfile::Builder::new()
+        .prefix("torpor-bench-")
+        .tempdir_in(dir)?;
+    let dump = local::dump_to_dir(criu, svc.pid, images.path())?;
+    svc.reap();
+    let t0 = Instant::now();
+    let (pid, wall) = local::restore_from_dir(criu, images.path(), &[svc.pid])?;
+    let first = first_response(svc.addr, t0);
+    kill_and_reap(pid);
+    s.checkpoint.push(dump.wall.as_secs_f64());
+    s.frozen.extend(dump.frozen.map(|f| f.as_secs_f64()));
+    s.restore.push(wall.as_secs_f64());
+    s.first.push(first?.as_secs_f64());
+    s.bytes.push(dump.bytes);
+    Ok(())
+}
+
+fn run_torpor(
+    criu: &CriuBinary,
+    exe: &Path,
+    pool: &PoolProcess,
+    size: u64,
+    seed: u64,
+    s: &mut Samples,
+) -> BenchResult {
+    let mut svc = SampleProcess::spawn(exe, size, seed)?;
+    let name = format!("bench-{size}");
+    let r = torpor_criu::checkpoint_to_pool(
+        criu,
+        svc.pid,
+        &name,
+        &pool.target,
+        &CheckpointOptions::default(),
+    )?;
+    svc.reap();
+    let t0 = Instant::now();
+    let restored = torpor_criu::restore_from_pool(
+        criu,
+        &name,
+        Some(r.generation),
+        &pool.target,
+        &RestoreOptions::default(),
+    )?;
+    let first = first_response(svc.addr, t0);
+    kill_and_reap(restored.pid);
+    s.checkpoint.push(r.checkpoint_s);
+    s.frozen.extend(r.frozen_s);
+    s.restore.push(restored.restore_s);
+    s.first.push(first?.as_secs_f64());
+    s.staging.push(r.peak_staging_bytes);
+    s.bytes.push(r.pool_bytes);
+    Ok(())
+}
+
+fn print_table(r: &CrReport) {
+    println!(
+        "checkpoint/restore: torpor (streamed into a pool on this machine) vs {}",
+        r.baseline
+    );
+    println!(
+        "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
+        "size", "ckpt", "base", "ratio", "frozen", "base", "ratio", "restore", "base", "ratio", "1st resp", "base", "ratio", "staging", "pool"
+    );
+    for s in &r.sizes {
+        let (t, b, q) = (&s.torpor, &s.baseline, &s.ratio);
+        println!(
+            "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
+            format_bytes(s.size_bytes),
+            fmt_opt(t.checkpoint_s, 3, "s"),
+            fmt_opt(b.checkpoint_s, 3, "s"),
+            fmt_opt(q.checkpoint, 2, ""),
+            fmt_opt(t.frozen_s, 3, "s"),
+            fmt_opt(b.frozen_s, 3, "s"),
+            fmt_opt(q.frozen, 2, ""),
+            fmt_opt(t.restore_s, 3, "s"),
+            fmt_opt(b.restore_s, 3, "s"),
+            fmt_opt(q.restore, 2, ""),
+            fmt_opt(t.first_response_s, 3, "s"),
+            fmt_opt(b.first_response_s, 3, "s"),
+            fmt_opt(q.first_response, 2, ""),
+            t.peak_staging_bytes.map(format_bytes).unwrap_or_default(),
+            t.pool_bytes.map(format_bytes).unwrap_or_default(),
+        );
+    }
+    println!(
+        "medians of {} run(s) each; ratio = torpor / baseline (below 1 is faster)",
+        r.sizes.first().map(|s| s.repeat).unwrap_or(0)
+    );
+}

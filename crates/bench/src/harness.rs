@@ -1,0 +1,208 @@
+//! Real processes for experiments and tests: a pool server (`torpor pool`), sample services,
+//! and reaping of restored trees. The caller becomes a child subreaper, so a tree CRIU
+//! restores (detached) is re-parented to it and can be reaped at once instead of lingering as
+//! a zombie that would block the next restore of the same PID.
+
+use std::{
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::{
+        signal::{kill, Signal},
+        wait::waitpid,
+    },
+    unistd::Pid,
+};
+use thiserror::Error;
+use torpor_criu::PoolTarget;
+use torpor_pool::PoolAddr;
+
+/// Why a token file was refused.
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("cannot read token file {0}")]
+    Read(PathBuf, #[source] io::Error),
+    #[error("token file {0} holds fewer than 16 characters: use a long random token")]
+    TooShort(PathBuf),
+}
+
+/// Reads a shared token: the file's content without surrounding whitespace.
+pub fn read_token(path: &Path) -> Result<String, TokenError> {
+    let t = fs::read_to_string(path).map_err(|e| TokenError::Read(path.to_path_buf(), e))?;
+    let t = t.trim().to_string();
+    if t.len() < 16 {
+        return Err(TokenError::TooShort(path.to_path_buf()));
+    }
+    Ok(t)
+}
+
+/// Makes this process the reaper of orphaned descendants (restored trees).
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Kills a process (restored, so not a `Child` handle) and reaps it if it is ours.
+pub fn kill_and_reap(pid: i32) {
+    let p = Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGKILL);
+    if waitpid(p, None).is_err() {
+        // Not our child: wait for whoever reaps it.
+        let _ = torpor_criu::procs::wait_pids_free(&[pid], Duration::from_secs(5));
+    }
+}
+
+/// A sample service started as a child.
+#[derive(Debug)]
+pub struct SampleProcess {
+    child: Option<Child>,
+    pub pid: i32,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl SampleProcess {
+    /// Starts `exe sample-service` holding `memory` seeded bytes and waits until it listens.
+    pub fn spawn(exe: &Path, memory: u64, seed: u64) -> io::Result<SampleProcess> {
+        let dir = tempfile::tempdir()?;
+        let port_file = dir.path().join("port");
+        let mut cmd = Command::new(exe);
+        // CRIU dumps a tree whose root leads its own session (else it needs --shell-job).
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::unistd::setsid().map(|_| ()).map_err(io::Error::from)
+            });
+        }
+        let child = cmd
+            .args(["sample-service", "--listen", "127.0.0.1:0"])
+            .arg("--memory")
+            .arg(memory.to_string())
+            .arg("--seed")
+            .arg(seed.to_string())
+            .arg("--port-file")
+            .arg(&port_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pid = child.id() as i32;
+        let mut me = SampleProcess {
+            child: Some(child),
+            pid,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            _dir: dir,
+        };
+        // Filling a GiB of random bytes takes a while on a small VM.
+        let port = torpor_workload::wait_port_file(&port_file, Duration::from_secs(120))?;
+        me.addr.set_port(port);
+        Ok(me)
+    }
+
+    /// Reaps the child after CRIU killed it, freeing its PID at once.
+    pub fn reap(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SampleProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `torpor pool` server on a private Unix socket with a fresh token.
+#[derive(Debug)]
+pub struct PoolProcess {
+    child: Child,
+    pub target: PoolTarget,
+    /// How long the pool took to start (pre-faulting its RAM tier).
+    pub startup: Duration,
+    dir: tempfile::TempDir,
+}
+
+impl PoolProcess {
+    pub fn spawn(exe: &Path, capacity: u64) -> io::Result<PoolProcess> {
+        let dir = tempfile::tempdir()?;
+        let token: String = {
+            use rand::Rng;
+            rand::thread_rng()
+                .sample_iter(rand::distributions::Alphanumeric)
+                .take(32)
+                .map(char::from)
+                .collect()
+        };
+        let token_file = dir.path().join("token");
+        fs::write(&token_file, &token)?;
+        let sock = dir.path().join("pool.sock");
+        let started = Instant::now();
+        let child = Command::new(exe)
+            .arg("pool")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--capacity")
+            .arg(capacity.to_string())
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--keep")
+            .arg("1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let target = PoolTarget {
+            addr: PoolAddr::Unix(sock),
+            token,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while target.connect().is_err() {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "pool did not start",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(PoolProcess {
+            child,
+            target,
+            startup: started.elapsed(),
+            dir,
+        })
+    }
+
+    /// Where the token is, for commands that take `--token-file`.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+}
+
+impl Drop for PoolProcess {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// Time from `since` until the sample service at `addr` answers PING on a new connection.
+pub fn first_response(addr: SocketAddr, since: Instant) -> io::Result<Duration> {
+    let mut c = torpor_workload::SampleClient::connect_within(addr, Duration::from_secs(30))?;
+    let pong = c.call("PING")?;
+    if pong != "PONG" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("PING answered {pong:?}"),
+        ));
+    }
+    Ok(since.elapsed())
+}

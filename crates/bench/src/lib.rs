@@ -1,0 +1,27 @@
+//! torpor's experiments on a real machine: `torpor bench cr` (checkpoint/restore against
+//! stock CRIU in the same run) and the `torpor demo` walkthrough, plus the harness both use
+//! to start a pool and sample services as real processes and to reap what they restore.
+
+pub mod cr;
+pub mod demo;
+pub mod harness;
+pub mod report;
+
+/// Why an experiment stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    #[error("starting or talking to a process failed")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Criu(#[from] torpor_criu::CriuError),
+    #[error("checkpoint failed")]
+    Checkpoint(#[from] torpor_criu::CheckpointError),
+    #[error("restore failed")]
+    Restore(#[from] torpor_criu::RestoreError),
+    #[error("stock CRIU baseline failed")]
+    Baseline(#[from] torpor_criu::local::LocalCriuError),
+    #[error("pool request failed")]
+    Pool(#[from] torpor_pool::ClientError),
+    #[error("{0}")]
+    Mismatch(String),
+}
