@@ -78,6 +78,19 @@ pub fn wait_pids_free(pids: &[i32], timeout: Duration) -> Result<(), i32> {
     }
 }
 
+/// After a failed restore, CRIU has killed what it had started; if we are their subreaper the
+/// corpses are ours to reap. Waits up to `timeout` for the PIDs to be free.
+pub fn reap_failed_restore(pids: &[i32], timeout: Duration) {
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    let deadline = Instant::now() + timeout;
+    while pids.iter().any(|p| pid_in_use(*p)) && Instant::now() < deadline {
+        for &p in pids {
+            let _ = waitpid(nix::unistd::Pid::from_raw(p), Some(WaitPidFlag::WNOHANG));
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,7 +187,11 @@ pub fn restore_from_pool(
     let served = serve_thread.join().expect("serve thread panicked");
     let restore_s = start.elapsed().as_secs_f64();
 
-    if let Some(e) = server.error.lock().expect("error lock").take() {
+    let fetch_error = server.error.lock().expect("error lock").take();
+    if fetch_error.is_some() || !status.success() {
+        procs::reap_failed_restore(&manifest.meta.pids, Duration::from_secs(2));
+    }
+    if let Some(e) = fetch_error {
         return Err(if e.pool_code() == Some(ErrorCode::Corrupt) {
             RestoreError::Corrupt {
                 name: name.to_string(),
