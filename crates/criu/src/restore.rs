@@ -7,8 +7,7 @@
 //! just dumped can linger as a zombie until its parent reaps it.
 
 use std::{
-    fs::{self, File},
-    io::{self, Write},
+    fs, io,
     os::{fd::OwnedFd, unix::net::UnixStream},
     path::PathBuf,
     process::Stdio,
@@ -276,19 +275,19 @@ impl FileServer {
             Ok(c) => c,
             Err(e) => return self.fail(e),
         };
-        let mut out = File::from(pipe);
-        let mut pipe_broken = false;
-        let result = client.get_file(&self.manifest.name, self.manifest.generation, file, |b| {
-            if !pipe_broken && out.write_all(b).is_err() {
-                // CRIU stopped reading; keep draining the pool's frames to stay in sync.
-                pipe_broken = true;
-            }
-            self.bytes
-                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        });
+        let result = client.get_file_into_pipe(
+            &self.manifest.name,
+            self.manifest.generation,
+            file,
+            std::os::fd::AsFd::as_fd(&pipe),
+        );
         match result {
-            Ok(_) => self.idle.lock().expect("idle lock").push(client),
+            Ok(n) => {
+                self.bytes.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                self.idle.lock().expect("idle lock").push(client);
+            }
+            // CRIU stopped reading: its own log says why; this connection is mid-file, drop it.
+            Err(ClientError::Sink(e)) => debug!(file, error = %e, "CRIU closed its pipe early"),
             Err(e) => self.fail(e),
         }
     }

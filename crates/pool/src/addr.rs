@@ -51,6 +51,18 @@ impl fmt::Display for PoolAddr {
     }
 }
 
+/// Socket buffer size asked for on pool connections: a whole 1 MiB frame (and more) fits, so
+/// the sender checksums the next chunk while the receiver is still reading this one.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Enlarges a socket's send and receive buffers (capped by the host's `wmem_max`/`rmem_max`;
+/// a refusal only costs throughput).
+pub fn enlarge_socket_buffers(fd: &impl std::os::fd::AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(fd, sockopt::SndBuf, &SOCKET_BUFFER);
+    let _ = setsockopt(fd, sockopt::RcvBuf, &SOCKET_BUFFER);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

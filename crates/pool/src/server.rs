@@ -87,9 +87,11 @@ pub async fn serve(
                 match stream {
                     Accepted::Tcp(s, peer) => {
                         let _ = s.set_nodelay(true);
+                        crate::addr::enlarge_socket_buffers(&s);
                         conns.spawn(connection(s, store, token, peer));
                     }
                     Accepted::Unix(s) => {
+                        crate::addr::enlarge_socket_buffers(&s);
                         conns.spawn(connection(s, store, token, "unix".to_string()));
                     }
                 }
@@ -305,8 +307,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 .read_exact(&mut spare[..n])
                 .await
                 .map_err(WireError::Io)?;
-            crc = crc32c::crc32c_append(crc, &spare[..n]);
-            upload.advance(file_id, n)?;
+            let piece_crc = crc32c::crc32c(&spare[..n]);
+            crc = crc32c::crc32c_combine(crc, piece_crc, n);
+            upload.advance(file_id, n, piece_crc)?;
             remaining -= n;
         }
         if crc != header.crc {
@@ -438,10 +441,11 @@ fn find_file<'m>(m: &'m Manifest, name: &str) -> Option<(usize, &'m FileEntry)> 
     m.files.iter().enumerate().find(|(_, f)| f.name == name)
 }
 
-/// Header and file id (0) of the data frame that carries `bytes`.
-fn data_frame_prefix(bytes: &[u8]) -> [u8; HEADER_LEN + 4] {
+/// Header and file id (0) of the data frame that carries `bytes`, whose CRC32C is already
+/// known (verified against the store), so the frame CRC is combined, not recomputed.
+fn data_frame_prefix(bytes: &[u8], bytes_crc: u32) -> [u8; HEADER_LEN + 4] {
     let id = 0u32.to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&id), bytes);
+    let crc = crc32c::crc32c_combine(crc32c::crc32c(&id), bytes_crc, bytes.len());
     let header = FrameHeader {
         kind: FrameKind::Data,
         len: (4 + bytes.len()) as u32,

@@ -187,6 +187,8 @@ struct UploadFile {
     chunks: Vec<Chunk>,
     /// CRC32C of each completed chunk.
     crcs: Vec<u32>,
+    /// CRC32C of what the last, unsealed chunk holds so far.
+    open_crc: u32,
     size: u64,
 }
 
@@ -534,14 +536,15 @@ fn remove_data(data: StoredData) {
 
 impl StoredData {
     /// Reads chunk `chunk` of file `file` (manifest order), checks its CRC and hands the bytes
-    /// to `sink`. `buf` is scratch space for the disk tier. May block on disk I/O.
+    /// and their (verified) CRC to `sink`. `buf` is scratch space for the disk tier. May block
+    /// on disk I/O.
     pub fn with_chunk<R>(
         &self,
         manifest: &Manifest,
         file: usize,
         chunk: usize,
         buf: &mut Vec<u8>,
-        sink: impl FnOnce(&[u8]) -> R,
+        sink: impl FnOnce(&[u8], u32) -> R,
     ) -> Result<R, StoreError> {
         let entry = &manifest.files[file];
         let len = (entry.size - chunk as u64 * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
@@ -561,7 +564,7 @@ impl StoredData {
                 chunk,
             });
         }
-        Ok(sink(bytes))
+        Ok(sink(bytes, entry.chunk_crcs[chunk]))
     }
 }
 
@@ -601,6 +604,7 @@ impl Upload {
             name: name.to_string(),
             chunks: Vec::new(),
             crcs: Vec::new(),
+            open_crc: 0,
             size: 0,
         });
         Ok(())
@@ -621,14 +625,17 @@ impl Upload {
         Ok(())
     }
 
-    /// Records that `n` bytes were written into the writable chunk of `file_id`.
-    pub fn advance(&mut self, file_id: u32, n: usize) -> Result<(), StoreError> {
+    /// Records that `n` bytes whose CRC32C is `piece_crc` were written into the writable
+    /// chunk of `file_id`. The caller computed that CRC anyway (to check the frame), so the
+    /// chunk's CRC is combined from it instead of reading the bytes again.
+    pub fn advance(&mut self, file_id: u32, n: usize, piece_crc: u32) -> Result<(), StoreError> {
         let f = self.file_mut(file_id)?;
         let c = f
             .chunks
             .last_mut()
             .ok_or_else(|| StoreError::Upload("no chunk to advance".into()))?;
         c.advance(n);
+        f.open_crc = crc32c::crc32c_combine(f.open_crc, piece_crc, n);
         f.size += n as u64;
         if f.size > torpor_image::manifest::MAX_FILE_SIZE {
             return Err(StoreError::Upload(format!("file {:?} too large", f.name)));
@@ -665,8 +672,7 @@ impl Upload {
 impl UploadFile {
     fn seal_last(&mut self) {
         if self.crcs.len() < self.chunks.len() {
-            let last = self.chunks.last().expect("non-empty");
-            self.crcs.push(crc32c::crc32c(last.bytes()));
+            self.crcs.push(std::mem::take(&mut self.open_crc));
         }
     }
 }
@@ -735,7 +741,7 @@ mod tests {
             let mut c = s.alloc_chunk().unwrap();
             c.spare_mut()[..piece.len()].copy_from_slice(piece);
             u.push_chunk(0, c).unwrap();
-            u.advance(0, piece.len()).unwrap();
+            u.advance(0, piece.len(), crc32c::crc32c(piece)).unwrap();
         }
         u.close_file(0, bytes.len() as u64).unwrap();
         s.commit(u).unwrap()
@@ -748,7 +754,7 @@ mod tests {
         upload(&s, "svc", &bytes);
         let read = |s: &Store| {
             let (m, d) = s.lookup("svc", None).unwrap();
-            d.with_chunk(&m, 0, 1, &mut Vec::new(), |b| b.to_vec())
+            d.with_chunk(&m, 0, 1, &mut Vec::new(), |b, _| b.to_vec())
         };
         assert_eq!(read(&s).unwrap(), vec![7u8; 10]);
         s.corrupt_ram_for_test("svc", 0, 1, 3);
