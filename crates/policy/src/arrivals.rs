@@ -1,0 +1,156 @@
+//! Arrival statistics per service, on virtual time.
+
+use std::{collections::VecDeque, time::Duration};
+
+/// Log-spaced histogram of inter-arrival gaps: bucket `i` holds gaps in
+/// `[2^i, 2^(i+1))` milliseconds (bucket 0 also takes gaps under 1 ms). 32 buckets reach
+/// beyond a month, so no gap is dropped.
+#[derive(Debug, Clone, Default)]
+pub struct InterArrivalHistogram {
+    buckets: [u64; 32],
+    count: u64,
+}
+
+impl InterArrivalHistogram {
+    fn bucket(gap: Duration) -> usize {
+        let ms = gap.as_millis().max(1) as u64;
+        (63 - ms.leading_zeros() as usize).min(31)
+    }
+
+    pub fn record(&mut self, gap: Duration) {
+        self.buckets[Self::bucket(gap)] += 1;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The gap below which a fraction `q` of recorded gaps fall, at bucket resolution (the
+    /// bucket's lower edge, so predictions err early). `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let target = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                let lower = if i == 0 { 0 } else { 1u64 << i };
+                return Some(Duration::from_millis(lower));
+            }
+        }
+        None
+    }
+}
+
+/// What the gate knows about a service's arrivals.
+#[derive(Debug, Clone)]
+pub struct ArrivalTracker {
+    /// Window of the rate estimate.
+    window: Duration,
+    /// Arrival times inside the window, oldest first.
+    recent: VecDeque<Duration>,
+    last: Option<Duration>,
+    /// When tracking began, so idle time is defined before the first arrival.
+    since: Duration,
+    histogram: InterArrivalHistogram,
+}
+
+impl ArrivalTracker {
+    pub fn new(now: Duration, window: Duration) -> ArrivalTracker {
+        ArrivalTracker {
+            window,
+            recent: VecDeque::new(),
+            last: None,
+            since: now,
+            histogram: InterArrivalHistogram::default(),
+        }
+    }
+
+    /// Records one arrival at `now`.
+    pub fn record(&mut self, now: Duration) {
+        if let Some(last) = self.last {
+            self.histogram.record(now.saturating_sub(last));
+        }
+        self.last = Some(now);
+        self.recent.push_back(now);
+        self.expire(now);
+    }
+
+    fn expire(&mut self, now: Duration) {
+        while let Some(&t) = self.recent.front() {
+            if now.saturating_sub(t) > self.window {
+                self.recent.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Arrivals per second over the window ending at `now`.
+    pub fn rate(&mut self, now: Duration) -> f64 {
+        self.expire(now);
+        self.recent.len() as f64 / self.window.as_secs_f64()
+    }
+
+    /// Time since the last arrival (or since tracking began).
+    pub fn idle_for(&self, now: Duration) -> Duration {
+        now.saturating_sub(self.last.unwrap_or(self.since))
+    }
+
+    pub fn last_arrival(&self) -> Option<Duration> {
+        self.last
+    }
+
+    pub fn histogram(&self) -> &InterArrivalHistogram {
+        &self.histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn rate_idle_and_histogram() {
+        let mut t = ArrivalTracker::new(Duration::ZERO, Duration::from_secs(10));
+        for i in 0..20 {
+            t.record(i * 100 * MS);
+        }
+        assert!(
+            (t.rate(1900 * MS) - 2.0).abs() < 1e-9,
+            "20 arrivals in a 10 s window"
+        );
+        assert_eq!(t.idle_for(2400 * MS), 500 * MS);
+        assert_eq!(t.histogram().count(), 19);
+        // 100 ms gaps land in [64, 128) ms.
+        assert_eq!(t.histogram().quantile(0.5), Some(64 * MS));
+        // After the window passes, the rate falls to zero.
+        assert_eq!(t.rate(Duration::from_secs(30)), 0.0);
+    }
+
+    #[test]
+    fn histogram_quantiles_and_extremes() {
+        let mut h = InterArrivalHistogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for _ in 0..9 {
+            h.record(Duration::from_secs(1));
+        }
+        h.record(Duration::from_secs(100));
+        h.record(Duration::from_micros(10));
+        h.record(Duration::from_secs(10_000_000));
+        assert_eq!(h.quantile(0.0), Some(Duration::ZERO));
+        assert_eq!(h.quantile(0.5), Some(Duration::from_millis(512)));
+        assert_eq!(h.quantile(1.0), Some(Duration::from_millis(1 << 31)));
+    }
+
+    #[test]
+    fn idle_counts_from_start_before_any_arrival() {
+        let t = ArrivalTracker::new(Duration::from_secs(5), Duration::from_secs(10));
+        assert_eq!(t.idle_for(Duration::from_secs(7)), Duration::from_secs(2));
+    }
+}
