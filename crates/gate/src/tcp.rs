@@ -1,0 +1,63 @@
+//! Raw TCP gating: one held connection per client until the service is up.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+use torpor_control::ServiceLink;
+use tracing::{debug, warn};
+
+/// Accepts clients until `shutdown`; each is forwarded to `backend` once the link lets it in.
+pub async fn run(
+    listener: TcpListener,
+    backend: SocketAddr,
+    link: Arc<ServiceLink>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (client, peer) = accepted?;
+                let _ = client.set_nodelay(true);
+                conns.spawn(forward(client, peer, backend, link.clone()));
+            }
+        }
+    }
+    conns.shutdown().await;
+    Ok(())
+}
+
+async fn forward(mut client: TcpStream, peer: SocketAddr, backend: SocketAddr, link: Arc<ServiceLink>) {
+    let mut generation = link.watch_backend_generation();
+    generation.mark_unchanged();
+    let _guard = match link.enter().await {
+        Ok(g) => g,
+        Err(e) => {
+            warn!(service = %link.name, %peer, error = %e, "closing held TCP connection");
+            return;
+        }
+    };
+    let mut server = match TcpStream::connect(backend).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(service = %link.name, %peer, %backend, error = %e, "backend refused; closing client connection");
+            return;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+            debug!(service = %link.name, %peer, result = ?r, "TCP connection done");
+        }
+        // A drain outlived its deadline: the service is about to be checkpointed.
+        _ = generation.changed() => {
+            debug!(service = %link.name, %peer, "TCP connection cut by a drain");
+        }
+    }
+}
