@@ -324,8 +324,14 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(l.enter().await.unwrap_err(), HoldError::QueueFull(2));
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(a.await.unwrap(), Err(HoldError::Timeout(Duration::from_secs(5))));
-        assert_eq!(b.await.unwrap(), Err(HoldError::Timeout(Duration::from_secs(5))));
+        assert_eq!(
+            a.await.unwrap(),
+            Err(HoldError::Timeout(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            b.await.unwrap(),
+            Err(HoldError::Timeout(Duration::from_secs(5)))
+        );
         assert_eq!(l.rejected(), 3);
     }
 
@@ -362,7 +368,11 @@ mod tests {
             async move { l.drain(Duration::from_secs(1)).await }
         });
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(d.await.unwrap().still_inflight, 1, "deadline passed with one left");
+        assert_eq!(
+            d.await.unwrap().still_inflight,
+            1,
+            "deadline passed with one left"
+        );
         drop(g2);
     }
 
@@ -377,7 +387,9 @@ mod tests {
         l.fail_held("restore and cold start failed");
         assert_eq!(
             h.await.unwrap(),
-            Err(HoldError::WakeFailed("restore and cold start failed".into()))
+            Err(HoldError::WakeFailed(
+                "restore and cold start failed".into()
+            ))
         );
         let h = tokio::spawn({
             let l = l.clone();

@@ -207,7 +207,10 @@ fn plain(status: StatusCode, text: &str) -> Response<GateBody> {
 fn grpc_error(code: u32, message: &str) -> Response<GateBody> {
     let mut r = Response::new(full(""));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     h.insert("grpc-status", HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
         h.insert("grpc-message", v);

@@ -33,7 +33,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn forward(mut client: TcpStream, peer: SocketAddr, backend: SocketAddr, link: Arc<ServiceLink>) {
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    backend: SocketAddr,
+    link: Arc<ServiceLink>,
+) {
     let mut generation = link.watch_backend_generation();
     generation.mark_unchanged();
     let _guard = match link.enter().await {
