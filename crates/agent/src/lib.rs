@@ -1,0 +1,141 @@
+//! The node agent. Services are its children (it is also their subreaper, so trees CRIU
+//! restores come back to it); it restarts an awake service that crashed, puts an idle one to
+//! sleep (drain through the link, checkpoint into the pool, reap) and wakes it when a held
+//! request asks or the policy pre-warms (restore from the pool, wait until it accepts
+//! connections, open the link). A restore that fails, or a missing or corrupt snapshot, ends
+//! in a cold start from the service's command. Every transition is recorded with its duration.
+
+mod process;
+mod service;
+
+pub use process::Launch;
+pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition};
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use thiserror::Error;
+use tokio::{sync::watch, task::JoinSet};
+use torpor_control::ServiceLink;
+use torpor_criu::{CriuBinary, PoolTarget};
+
+use service::Managed;
+
+/// Why the agent could not start.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("cannot become the subreaper of restored services")]
+    Subreaper(#[source] std::io::Error),
+    #[error("service {name:?} did not start")]
+    Start {
+        name: String,
+        #[source]
+        source: process::LaunchError,
+    },
+}
+
+/// Most transitions kept for `torpor status`.
+const TRANSITION_LOG: usize = 1000;
+
+/// Shared by all service loops.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub criu: CriuBinary,
+    pub pool: PoolTarget,
+    pub started: tokio::time::Instant,
+    pub transitions: Mutex<VecDeque<Transition>>,
+}
+
+/// The agent of one node.
+#[derive(Debug)]
+pub struct Agent {
+    shared: Arc<Shared>,
+    services: Vec<Arc<Managed>>,
+}
+
+impl Agent {
+    /// Starts every service (cold), waits until each accepts connections and opens its link.
+    pub async fn start(
+        criu: CriuBinary,
+        pool: PoolTarget,
+        services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
+    ) -> Result<Agent, AgentError> {
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
+        let shared = Arc::new(Shared {
+            criu,
+            pool,
+            started: tokio::time::Instant::now(),
+            transitions: Mutex::new(VecDeque::new()),
+        });
+        let mut managed = Vec::new();
+        for (spec, link) in services {
+            let m = Arc::new(Managed::new(spec, link, shared.clone()));
+            if let Err(source) = m.cold_start_initial().await {
+                for started in &managed {
+                    Managed::stop(started).await;
+                }
+                return Err(AgentError::Start {
+                    name: m.spec.name.clone(),
+                    source,
+                });
+            }
+            managed.push(m);
+        }
+        Ok(Agent {
+            shared,
+            services: managed,
+        })
+    }
+
+    /// Runs every service's loop until `shutdown` turns true, then stops the services.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut loops = JoinSet::new();
+        for m in &self.services {
+            loops.spawn(Managed::run(m.clone(), shutdown.clone()));
+        }
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        while loops.join_next().await.is_some() {}
+        for m in &self.services {
+            Managed::stop(m).await;
+        }
+    }
+
+    /// Each service's figures now.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        self.services.iter().map(|m| m.status()).collect()
+    }
+
+    /// Recent transitions, oldest first.
+    pub fn transitions(&self) -> Vec<Transition> {
+        self.shared
+            .transitions
+            .lock()
+            .expect("transitions lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Time since the agent started.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+}
+
+impl Shared {
+    pub(crate) fn record(&self, t: Transition) {
+        tracing::info!(service = %t.service, from = ?t.from, to = ?t.to, took_s = t.took_s, detail = %t.detail, "transition");
+        let mut log = self.transitions.lock().expect("transitions lock");
+        if log.len() == TRANSITION_LOG {
+            log.pop_front();
+        }
+        log.push_back(t);
+    }
+}

@@ -1,0 +1,499 @@
+//! One managed service: its state machine and the loop that drives it.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, time::Instant};
+use torpor_control::ServiceLink;
+use torpor_criu::{procs, CheckpointOptions, RestoreOptions};
+use torpor_policy::{decide_sleep, prewarm_at, PolicyConfig, SleepDecision, SnapshotTier};
+use tracing::warn;
+
+use crate::{
+    process::{self, Launch, LaunchError},
+    Shared,
+};
+
+/// What the agent needs to run one service.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub launch: Launch,
+    /// Where the service itself listens (the gate forwards there).
+    pub backend: SocketAddr,
+    pub policy: PolicyConfig,
+    /// Longest wait for in-flight requests before a checkpoint.
+    pub drain_deadline: Duration,
+    /// Longest wait for a started or restored service to accept connections.
+    pub start_timeout: Duration,
+}
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Awake,
+    Draining,
+    Checkpointing,
+    Asleep,
+    Waking,
+    Failed,
+}
+
+/// One state change and what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transition {
+    /// Seconds since the agent started.
+    pub at_s: f64,
+    pub service: String,
+    pub from: ServiceState,
+    pub to: ServiceState,
+    /// Duration of the step that ended in `to`.
+    pub took_s: f64,
+    pub detail: String,
+}
+
+/// A service's figures for `torpor status` and `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: ServiceState,
+    pub pid: Option<i32>,
+    pub footprint_bytes: u64,
+    pub snapshot_bytes: Option<u64>,
+    pub snapshot_generation: Option<u64>,
+    pub snapshot_tier: Option<SnapshotTier>,
+    pub sleeps: u64,
+    pub wakes: u64,
+    pub prewarms: u64,
+    pub cold_starts: u64,
+    pub restarts: u64,
+    pub failed_checkpoints: u64,
+    pub last_checkpoint_s: Option<f64>,
+    pub last_wake_s: Option<f64>,
+    pub held_now: usize,
+    pub rejected_requests: u64,
+    pub time_asleep_s: f64,
+    pub time_awake_s: f64,
+}
+
+#[derive(Debug)]
+struct Runtime {
+    state: ServiceState,
+    since: Instant,
+    pid: Option<i32>,
+    /// Expected wake latency, for the policy: measured wakes, smoothed.
+    expected_wake: Duration,
+    /// No new sleep attempt before this (after a failed checkpoint).
+    sleep_not_before: Instant,
+    /// Virtual time when the service last fell asleep (pre-warm only after it).
+    asleep_at: Duration,
+    asleep_total: Duration,
+    awake_total: Duration,
+    status: ServiceStatus,
+}
+
+/// A service under the agent.
+#[derive(Debug)]
+pub(crate) struct Managed {
+    pub spec: ServiceSpec,
+    link: Arc<ServiceLink>,
+    shared: Arc<Shared>,
+    rt: Mutex<Runtime>,
+}
+
+/// How often a service's loop looks at its process and its policy.
+const TICK: Duration = Duration::from_millis(20);
+
+/// Why a service is being woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WakeCause {
+    Request,
+    Prewarm,
+}
+
+impl Managed {
+    pub fn new(spec: ServiceSpec, link: Arc<ServiceLink>, shared: Arc<Shared>) -> Managed {
+        let now = Instant::now();
+        let status = ServiceStatus {
+            name: spec.name.clone(),
+            state: ServiceState::Waking,
+            pid: None,
+            footprint_bytes: 0,
+            snapshot_bytes: None,
+            snapshot_generation: None,
+            snapshot_tier: None,
+            sleeps: 0,
+            wakes: 0,
+            prewarms: 0,
+            cold_starts: 0,
+            restarts: 0,
+            failed_checkpoints: 0,
+            last_checkpoint_s: None,
+            last_wake_s: None,
+            held_now: 0,
+            rejected_requests: 0,
+            time_asleep_s: 0.0,
+            time_awake_s: 0.0,
+        };
+        Managed {
+            spec,
+            link,
+            shared,
+            rt: Mutex::new(Runtime {
+                state: ServiceState::Waking,
+                since: now,
+                pid: None,
+                expected_wake: Duration::from_millis(100),
+                sleep_not_before: now,
+                asleep_at: Duration::ZERO,
+                asleep_total: Duration::ZERO,
+                awake_total: Duration::ZERO,
+                status,
+            }),
+        }
+    }
+
+    fn state(&self) -> ServiceState {
+        self.rt.lock().expect("runtime lock").state
+    }
+
+    fn pid(&self) -> Option<i32> {
+        self.rt.lock().expect("runtime lock").pid
+    }
+
+    /// Moves to `to`, accounting time asleep/awake and recording the transition.
+    fn transition(&self, to: ServiceState, took: Duration, detail: impl Into<String>) {
+        let from = {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            let now = Instant::now();
+            let spent = now - rt.since;
+            match rt.state {
+                ServiceState::Asleep => rt.asleep_total += spent,
+                ServiceState::Awake => rt.awake_total += spent,
+                _ => {}
+            }
+            let from = rt.state;
+            rt.state = to;
+            rt.since = now;
+            from
+        };
+        self.shared.record(Transition {
+            at_s: self.shared.started.elapsed().as_secs_f64(),
+            service: self.spec.name.clone(),
+            from,
+            to,
+            took_s: took.as_secs_f64(),
+            detail: detail.into(),
+        });
+    }
+
+    /// First start when the agent comes up.
+    pub async fn cold_start_initial(&self) -> Result<(), LaunchError> {
+        let t0 = Instant::now();
+        let pid = self.launch().await?;
+        self.rt.lock().expect("runtime lock").pid = Some(pid);
+        self.transition(
+            ServiceState::Awake,
+            t0.elapsed(),
+            format!("started as pid {pid}"),
+        );
+        self.link.open();
+        Ok(())
+    }
+
+    async fn launch(&self) -> Result<i32, LaunchError> {
+        let pid = self.spec.launch.spawn()?;
+        if let Err(e) =
+            process::wait_accepting(self.spec.backend, pid, self.spec.start_timeout).await
+        {
+            process::stop_tree(pid, Duration::from_millis(500)).await;
+            return Err(e);
+        }
+        Ok(pid)
+    }
+
+    /// The service's loop, until `shutdown` is true.
+    pub async fn run(me: Arc<Managed>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let asleep = me.state() == ServiceState::Asleep;
+            tokio::select! {
+                r = shutdown.changed() => if r.is_err() { return },
+                _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request).await,
+                _ = tick.tick() => me.on_tick().await,
+            }
+        }
+    }
+
+    async fn on_tick(&self) {
+        match self.state() {
+            ServiceState::Awake => {
+                let Some(pid) = self.pid() else { return };
+                if let Some(how) = process::exited(pid) {
+                    self.restart_crashed(how).await;
+                    return;
+                }
+                let (footprint, expected_wake, allowed) = {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    let pids = procs::tree_pids(pid);
+                    rt.status.footprint_bytes = procs::tree_rss_bytes(&pids);
+                    (
+                        rt.status.footprint_bytes,
+                        rt.expected_wake,
+                        Instant::now() >= rt.sleep_not_before,
+                    )
+                };
+                if !allowed {
+                    return;
+                }
+                let now = self.link.now();
+                let decision = self.link.with_arrivals(|a| {
+                    decide_sleep(&self.spec.policy, a, now, footprint, expected_wake)
+                });
+                if let SleepDecision::Sleep { tier } = decision {
+                    self.sleep(pid, tier).await;
+                }
+            }
+            ServiceState::Asleep => {
+                let (expected_wake, asleep_at) = {
+                    let rt = self.rt.lock().expect("runtime lock");
+                    (rt.expected_wake, rt.asleep_at)
+                };
+                let at = self
+                    .link
+                    .with_arrivals(|a| prewarm_at(&self.spec.policy, a, expected_wake));
+                if let Some(at) = at {
+                    if at > asleep_at && self.link.now() >= at {
+                        self.wake(WakeCause::Prewarm).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn restart_crashed(&self, how: String) {
+        warn!(service = %self.spec.name, %how, "service died; restarting");
+        self.link.drain(Duration::ZERO).await;
+        self.transition(
+            ServiceState::Waking,
+            Duration::ZERO,
+            format!("crashed ({how}); restarting"),
+        );
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.status.restarts += 1;
+            rt.pid = None;
+        }
+        self.bring_up_cold(Instant::now(), "restart after crash")
+            .await;
+    }
+
+    /// Drain, checkpoint into the pool, release.
+    async fn sleep(&self, pid: i32, tier: SnapshotTier) {
+        self.transition(
+            ServiceState::Draining,
+            Duration::ZERO,
+            format!("idle; snapshot tier {tier:?}"),
+        );
+        let drained = self.link.drain(self.spec.drain_deadline).await;
+        self.transition(
+            ServiceState::Checkpointing,
+            drained.took,
+            format!("drained ({} in flight cut)", drained.still_inflight),
+        );
+        let t0 = Instant::now();
+        let shared = self.shared.clone();
+        let name = self.spec.name.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let opts = CheckpointOptions {
+                // The gate closed its connections: anything still established would be a
+                // stranger to the gate, and must not be frozen behind iptables rules.
+                tcp_established: false,
+                ..Default::default()
+            };
+            torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
+        })
+        .await
+        .expect("checkpoint task panicked");
+        match result {
+            Ok(report) => {
+                process::reap(pid);
+                {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    rt.pid = None;
+                    rt.asleep_at = self.link.now();
+                    let s = &mut rt.status;
+                    s.sleeps += 1;
+                    s.last_checkpoint_s = Some(report.checkpoint_s);
+                    s.snapshot_bytes = Some(report.pool_bytes);
+                    s.snapshot_generation = Some(report.generation);
+                    s.snapshot_tier = Some(tier);
+                }
+                self.transition(
+                    ServiceState::Asleep,
+                    t0.elapsed(),
+                    format!(
+                        "generation {} in the pool, {} bytes",
+                        report.generation, report.pool_bytes
+                    ),
+                );
+                self.link.arm_wake();
+            }
+            Err(e) => {
+                warn!(service = %self.spec.name, error = %error_chain(&e), "checkpoint failed; service keeps running");
+                {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    rt.status.failed_checkpoints += 1;
+                    // Do not hammer a service CRIU cannot dump.
+                    rt.sleep_not_before =
+                        Instant::now() + 20 * self.spec.policy.idle_threshold.max(TICK);
+                }
+                self.transition(
+                    ServiceState::Awake,
+                    t0.elapsed(),
+                    format!("checkpoint failed: {e}"),
+                );
+                self.link.open();
+            }
+        }
+    }
+
+    /// Restore from the pool (cold start if that fails), then open the link.
+    async fn wake(&self, cause: WakeCause) {
+        let t0 = Instant::now();
+        self.transition(
+            ServiceState::Waking,
+            Duration::ZERO,
+            format!("{cause:?}").to_lowercase(),
+        );
+        let shared = self.shared.clone();
+        let name = self.spec.name.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            let opts = RestoreOptions {
+                tcp_established: false,
+                ..Default::default()
+            };
+            torpor_criu::restore_from_pool(&shared.criu, &name, None, &shared.pool, &opts)
+        })
+        .await
+        .expect("restore task panicked");
+        let reason = match restored {
+            Ok(r) => {
+                match process::wait_accepting(self.spec.backend, r.pid, self.spec.start_timeout)
+                    .await
+                {
+                    Ok(()) => {
+                        self.rt.lock().expect("runtime lock").pid = Some(r.pid);
+                        self.woke(
+                            t0,
+                            cause,
+                            format!("restored generation {} as pid {}", r.generation, r.pid),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        process::stop_tree(r.pid, Duration::from_millis(200)).await;
+                        format!("restored service did not come up: {e}")
+                    }
+                }
+            }
+            Err(e) => error_chain(&e),
+        };
+        warn!(service = %self.spec.name, %reason, "restore failed; cold start");
+        self.bring_up_cold(t0, &reason).await;
+    }
+
+    fn woke(&self, t0: Instant, cause: WakeCause, detail: String) {
+        let took = t0.elapsed();
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            // Smoothed, so one slow wake does not forbid sleeping for good.
+            rt.expected_wake = (rt.expected_wake * 3 + took) / 4;
+            let s = &mut rt.status;
+            match cause {
+                WakeCause::Request => s.wakes += 1,
+                WakeCause::Prewarm => s.prewarms += 1,
+            }
+            s.last_wake_s = Some(took.as_secs_f64());
+        }
+        self.transition(ServiceState::Awake, took, detail);
+        self.link.open();
+    }
+
+    async fn bring_up_cold(&self, t0: Instant, why: &str) {
+        match self.launch().await {
+            Ok(pid) => {
+                {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    rt.pid = Some(pid);
+                    rt.status.cold_starts += 1;
+                }
+                self.woke(
+                    t0,
+                    WakeCause::Request,
+                    format!("cold start as pid {pid} ({why})"),
+                );
+            }
+            Err(e) => {
+                let reason = format!("cold start failed: {e} (after: {why})");
+                warn!(service = %self.spec.name, %reason, "service is down");
+                self.transition(ServiceState::Failed, t0.elapsed(), reason.clone());
+                self.link.fail_held(&reason);
+            }
+        }
+    }
+
+    /// Stops the service for good (shutdown): held requests get an error, the tree is killed.
+    pub async fn stop(me: &Arc<Managed>) {
+        me.link.shut_down();
+        if let Some(pid) = me.rt.lock().expect("runtime lock").pid.take() {
+            process::stop_tree(pid, Duration::from_secs(2)).await;
+        }
+    }
+
+    pub fn status(&self) -> ServiceStatus {
+        let rt = self.rt.lock().expect("runtime lock");
+        let mut s = rt.status.clone();
+        let current = rt.since.elapsed();
+        s.state = rt.state;
+        s.pid = rt.pid;
+        s.held_now = self.link.held();
+        s.rejected_requests = self.link.rejected();
+        s.time_asleep_s = (rt.asleep_total
+            + if rt.state == ServiceState::Asleep {
+                current
+            } else {
+                Duration::ZERO
+            })
+        .as_secs_f64();
+        s.time_awake_s = (rt.awake_total
+            + if rt.state == ServiceState::Awake {
+                current
+            } else {
+                Duration::ZERO
+            })
+        .as_secs_f64();
+        s
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
