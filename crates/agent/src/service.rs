@@ -456,7 +456,8 @@ impl Managed {
     /// Stops the service for good (shutdown): held requests get an error, the tree is killed.
     pub async fn stop(me: &Arc<Managed>) {
         me.link.shut_down();
-        if let Some(pid) = me.rt.lock().expect("runtime lock").pid.take() {
+        let pid = me.rt.lock().expect("runtime lock").pid.take();
+        if let Some(pid) = pid {
             process::stop_tree(pid, Duration::from_secs(2)).await;
         }
     }

@@ -1,0 +1,418 @@
+//! `torpor.toml`: the pool, the status API and the services. Unknown keys and bad values are
+//! errors that name the key (`service[1].policy.idle_threshold: …`).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+use torpor_agent::{Launch, ServiceSpec};
+use torpor_gate::Protocol;
+use torpor_policy::PolicyConfig;
+use torpor_pool::PoolAddr;
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    status: RawStatus,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    /// Embedded pool's RAM tier (default 1GiB).
+    capacity: Option<String>,
+    spill_dir: Option<PathBuf>,
+    /// A remote pool instead of the embedded one.
+    address: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    command: Vec<String>,
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    listen: String,
+    backend: String,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    cpuset: Option<String>,
+    drain_deadline: Option<String>,
+    start_timeout: Option<String>,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Http
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    idle_threshold: Option<String>,
+    max_sleep_rate: Option<f64>,
+    wake_objective: Option<String>,
+    hold_queue: Option<usize>,
+    hold_timeout: Option<String>,
+    memory_tier_max: Option<String>,
+}
+
+/// Where snapshots go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolChoice {
+    Embedded {
+        capacity: u64,
+        spill_dir: Option<PathBuf>,
+    },
+    Remote {
+        addr: PoolAddr,
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// One service, ready for the agent and its gate.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub spec: ServiceSpec,
+    /// Public address the gate listens on.
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub hold_queue: usize,
+    pub hold_timeout: Duration,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool: PoolChoice,
+    pub status_listen: SocketAddr,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Default address of the status API.
+pub const DEFAULT_STATUS: &str = "127.0.0.1:7079";
+
+fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s).map_err(|e| {
+            invalid(
+                key,
+                format!("{s:?} is not a duration like 500ms or 30s ({e})"),
+            )
+        }),
+    }
+}
+
+fn size(key: &str, v: Option<&str>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => torpor_image::parse_size(s).map_err(|e| invalid(key, e.to_string())),
+    }
+}
+
+fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| invalid(key, format!("{v:?} is not an IP:PORT address")))
+}
+
+/// Parses a cpuset list like `0-2,5`.
+fn cpus(key: &str, v: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || invalid(key, format!("{v:?} is not a CPU list like 0-2,5"));
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        Config::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let pool = match (&raw.pool.address, &raw.pool.capacity, &raw.pool.spill_dir) {
+            (Some(a), None, None) => PoolChoice::Remote {
+                addr: a
+                    .parse()
+                    .map_err(|e: torpor_pool::AddrError| invalid("pool.address", e.to_string()))?,
+                token_file: raw.pool.token_file.clone(),
+            },
+            (Some(_), _, _) => return Err(invalid(
+                "pool.address",
+                "a remote pool takes no capacity or spill_dir (those configure the embedded pool)",
+            )),
+            (None, capacity, spill_dir) => {
+                if raw.pool.token_file.is_some() {
+                    return Err(invalid(
+                        "pool.token_file",
+                        "only a remote pool (pool.address) takes a token file",
+                    ));
+                }
+                PoolChoice::Embedded {
+                    capacity: size("pool.capacity", capacity.as_deref(), 1 << 30)?,
+                    spill_dir: spill_dir.clone(),
+                }
+            }
+        };
+        let status_listen = addr(
+            "status.listen",
+            raw.status.listen.as_deref().unwrap_or(DEFAULT_STATUS),
+        )?;
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut services = Vec::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let k = |field: &str| format!("service[{i}].{field}");
+            torpor_image::validate_snapshot_name(&s.name)
+                .map_err(|e| invalid(k("name"), e.to_string()))?;
+            if !names.insert(s.name.clone()) {
+                return Err(invalid(
+                    k("name"),
+                    format!("{:?} is used by two services", s.name),
+                ));
+            }
+            if s.command.is_empty() || s.command[0].is_empty() {
+                return Err(invalid(k("command"), "must name a program"));
+            }
+            let listen = addr(&k("listen"), &s.listen)?;
+            let backend = addr(&k("backend"), &s.backend)?;
+            if !listens.insert(listen) || listen == status_listen {
+                return Err(invalid(k("listen"), format!("{listen} is already used")));
+            }
+            if listen == backend {
+                return Err(invalid(
+                    k("backend"),
+                    "must differ from listen (the gate listens there)",
+                ));
+            }
+            let p = &s.policy;
+            let max_sleep_rate = p.max_sleep_rate.unwrap_or(10.0);
+            if !(max_sleep_rate >= 0.0 && max_sleep_rate.is_finite()) {
+                return Err(invalid(
+                    k("policy.max_sleep_rate"),
+                    "must be a non-negative number of requests per second",
+                ));
+            }
+            let hold_queue = p.hold_queue.unwrap_or(10_000);
+            if hold_queue == 0 {
+                return Err(invalid(k("policy.hold_queue"), "must be at least 1"));
+            }
+            let policy = PolicyConfig {
+                idle_threshold: duration(
+                    &k("policy.idle_threshold"),
+                    p.idle_threshold.as_deref(),
+                    Duration::from_millis(500),
+                )?,
+                max_sleep_rate,
+                wake_objective: match &p.wake_objective {
+                    Some(w) => Some(duration(
+                        &k("policy.wake_objective"),
+                        Some(w),
+                        Duration::ZERO,
+                    )?),
+                    None => None,
+                },
+                memory_tier_max_bytes: size(
+                    &k("policy.memory_tier_max"),
+                    p.memory_tier_max.as_deref(),
+                    1 << 30,
+                )?,
+                ..PolicyConfig::default()
+            };
+            services.push(ServiceConfig {
+                listen,
+                protocol: s.protocol,
+                hold_queue,
+                hold_timeout: duration(
+                    &k("policy.hold_timeout"),
+                    p.hold_timeout.as_deref(),
+                    Duration::from_secs(30),
+                )?,
+                spec: ServiceSpec {
+                    name: s.name,
+                    launch: Launch {
+                        argv: s.command,
+                        cwd: s.cwd,
+                        env: s.env,
+                        cpus: match &s.cpuset {
+                            Some(c) => cpus(&k("cpuset"), c)?,
+                            None => Vec::new(),
+                        },
+                    },
+                    backend,
+                    policy,
+                    drain_deadline: duration(
+                        &k("drain_deadline"),
+                        s.drain_deadline.as_deref(),
+                        crate::DEFAULT_DRAIN,
+                    )?,
+                    start_timeout: duration(
+                        &k("start_timeout"),
+                        s.start_timeout.as_deref(),
+                        Duration::from_secs(30),
+                    )?,
+                },
+            });
+        }
+        Ok(Config {
+            pool,
+            status_listen,
+            services,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [pool]
+        capacity = "512MiB"
+
+        [status]
+        listen = "127.0.0.1:0"
+
+        [[service]]
+        name = "web"
+        command = ["/usr/bin/python3", "-m", "http.server", "8081"]
+        env = { PYTHONUNBUFFERED = "1" }
+        listen = "127.0.0.1:8080"
+        backend = "127.0.0.1:8081"
+        cpuset = "0-1"
+        [service.policy]
+        idle_threshold = "250ms"
+        wake_objective = "200ms"
+        hold_queue = 100
+
+        [[service]]
+        name = "kv"
+        command = ["redis-server"]
+        listen = "127.0.0.1:6380"
+        backend = "127.0.0.1:6379"
+        protocol = "tcp"
+    "#;
+
+    #[test]
+    fn a_full_config_with_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(
+            c.pool,
+            PoolChoice::Embedded {
+                capacity: 512 << 20,
+                spill_dir: None
+            }
+        );
+        let web = &c.services[0];
+        assert_eq!(web.spec.policy.idle_threshold, Duration::from_millis(250));
+        assert_eq!(
+            web.spec.policy.wake_objective,
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(web.spec.launch.cpus, vec![0, 1]);
+        assert_eq!(web.hold_queue, 100);
+        let kv = &c.services[1];
+        assert_eq!(kv.protocol, Protocol::Tcp);
+        assert_eq!(kv.spec.policy.idle_threshold, Duration::from_millis(500));
+        assert_eq!(kv.spec.policy.max_sleep_rate, 10.0);
+        assert_eq!(kv.hold_queue, 10_000);
+        assert_eq!(kv.hold_timeout, Duration::from_secs(30));
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&GOOD.replace("hold_queue = 100", "hold_queue = 100\nholdqueue = 5"));
+        assert!(e.contains("holdqueue"), "{e}");
+        let e = err(&GOOD.replace("\"250ms\"", "\"soon\""));
+        assert!(e.starts_with("service[0].policy.idle_threshold"), "{e}");
+        let e = err(&GOOD.replace("protocol = \"tcp\"", "protocol = \"udp\""));
+        assert!(e.contains("udp"), "{e}");
+        let e = err(&GOOD.replace("\"0-1\"", "\"1-0\""));
+        assert!(e.starts_with("service[0].cpuset"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:6380", "127.0.0.1:8080"));
+        assert!(e.starts_with("service[1].listen"), "{e}");
+        let e = err(&GOOD.replace("name = \"kv\"", "name = \"web\""));
+        assert!(e.starts_with("service[1].name"), "{e}");
+        let e = err(&GOOD.replace("capacity = \"512MiB\"", "capacity = \"lots\""));
+        assert!(e.starts_with("pool.capacity"), "{e}");
+        let e = err(&GOOD.replace(
+            "capacity = \"512MiB\"",
+            "capacity = \"1GiB\"\naddress = \"unix:/x\"",
+        ));
+        assert!(e.starts_with("pool.address"), "{e}");
+        let e = err(&GOOD.replace("command = [\"redis-server\"]", "command = []"));
+        assert!(e.starts_with("service[1].command"), "{e}");
+        let e = err(&GOOD.replace("[status]", "[statsu]"));
+        assert!(e.contains("statsu"), "{e}");
+    }
+
+    #[test]
+    fn remote_pool() {
+        let c = Config::from_toml(
+            "[pool]\naddress = \"10.0.0.5:7070\"\ntoken_file = \"/etc/torpor/token\"\n",
+        )
+        .unwrap();
+        assert!(matches!(c.pool, PoolChoice::Remote { .. }));
+        assert!(c.services.is_empty());
+    }
+}

@@ -1,0 +1,259 @@
+//! The status API of `torpor up`: `GET /status` (JSON: services and recent transitions) and
+//! `GET /metrics` (Prometheus text exposition), on a small HTTP/1.1 listener.
+
+use std::{convert::Infallible, fmt::Write, future::Future, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use torpor_agent::{Agent, ServiceStatus, Transition};
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+pub struct StatusDoc {
+    pub uptime_s: f64,
+    pub services: Vec<ServiceStatus>,
+    pub transitions: Vec<Transition>,
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let agent = agent.clone();
+                        async move { Ok::<_, Infallible>(route(&agent, req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/status" => {
+            let doc = StatusDoc {
+                uptime_s: agent.uptime().as_secs_f64(),
+                services: agent.status(),
+                transitions: agent.transitions(),
+            };
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&doc).expect("status serializes"),
+            )
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics(&agent.status()),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /status or /metrics\n".to_string(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+const STATES: [&str; 6] = [
+    "awake",
+    "draining",
+    "checkpointing",
+    "asleep",
+    "waking",
+    "failed",
+];
+
+/// Prometheus text exposition of the services' figures.
+pub fn metrics(services: &[ServiceStatus]) -> String {
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&ServiceStatus) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in services {
+                if let Some(v) = value(s) {
+                    let _ = writeln!(out, "{name}{{service=\"{}\"}} {v}", s.name);
+                }
+            }
+        };
+    family(
+        "torpor_sleeps_total",
+        "counter",
+        "Checkpoints into the pool.",
+        &|s| Some(s.sleeps as f64),
+    );
+    family(
+        "torpor_wakes_total",
+        "counter",
+        "Wakes triggered by a request.",
+        &|s| Some(s.wakes as f64),
+    );
+    family(
+        "torpor_prewarms_total",
+        "counter",
+        "Wakes ahead of a predicted request.",
+        &|s| Some(s.prewarms as f64),
+    );
+    family(
+        "torpor_cold_starts_total",
+        "counter",
+        "Starts from the command after a failed restore.",
+        &|s| Some(s.cold_starts as f64),
+    );
+    family(
+        "torpor_restarts_total",
+        "counter",
+        "Restarts after a crash.",
+        &|s| Some(s.restarts as f64),
+    );
+    family(
+        "torpor_failed_checkpoints_total",
+        "counter",
+        "Checkpoints that failed (service kept running).",
+        &|s| Some(s.failed_checkpoints as f64),
+    );
+    family(
+        "torpor_rejected_requests_total",
+        "counter",
+        "Requests answered with a hold error.",
+        &|s| Some(s.rejected_requests as f64),
+    );
+    family(
+        "torpor_held_requests",
+        "gauge",
+        "Requests held now.",
+        &|s| Some(s.held_now as f64),
+    );
+    family(
+        "torpor_footprint_bytes",
+        "gauge",
+        "Resident memory of the service tree when last awake.",
+        &|s| Some(s.footprint_bytes as f64),
+    );
+    family(
+        "torpor_snapshot_bytes",
+        "gauge",
+        "Bytes of the newest snapshot in the pool.",
+        &|s| s.snapshot_bytes.map(|b| b as f64),
+    );
+    family(
+        "torpor_last_checkpoint_seconds",
+        "gauge",
+        "Duration of the last checkpoint.",
+        &|s| s.last_checkpoint_s,
+    );
+    family(
+        "torpor_last_wake_seconds",
+        "gauge",
+        "Duration of the last wake.",
+        &|s| s.last_wake_s,
+    );
+    family(
+        "torpor_asleep_seconds_total",
+        "counter",
+        "Time spent asleep.",
+        &|s| Some(s.time_asleep_s),
+    );
+    family(
+        "torpor_awake_seconds_total",
+        "counter",
+        "Time spent awake.",
+        &|s| Some(s.time_awake_s),
+    );
+    let _ = writeln!(out, "# HELP torpor_service_state 1 for the service's current state.\n# TYPE torpor_service_state gauge");
+    for s in services {
+        let current = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        for st in STATES {
+            let _ = writeln!(
+                out,
+                "torpor_service_state{{service=\"{}\",state=\"{st}\"}} {}",
+                s.name,
+                u8::from(current == st)
+            );
+        }
+    }
+    out
+}
+
+/// A service line of `/status`, as `torpor status` reads it back.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServiceLine {
+    pub name: String,
+    pub state: String,
+    pub pid: Option<i32>,
+    pub footprint_bytes: u64,
+    pub snapshot_bytes: Option<u64>,
+    pub snapshot_tier: Option<String>,
+    pub sleeps: u64,
+    pub wakes: u64,
+    pub prewarms: u64,
+    pub cold_starts: u64,
+    pub last_checkpoint_s: Option<f64>,
+    pub last_wake_s: Option<f64>,
+    pub held_now: u64,
+    pub time_asleep_s: f64,
+    pub time_awake_s: f64,
+}
+
+/// Fetches `path` from a running `torpor up`'s status API.
+pub async fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<String, FetchError> {
+    use http_body_util::{BodyExt, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|_| FetchError::Address(addr))?;
+    let resp = client
+        .get(uri)
+        .await
+        .map_err(|e| FetchError::Connect(addr, e.to_string()))?;
+    if resp.status() != StatusCode::OK {
+        return Err(FetchError::Status(resp.status().as_u16()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| FetchError::Connect(addr, e.to_string()))?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).to_string())
+}
+
+/// Why the status API could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("bad status address {0}")]
+    Address(std::net::SocketAddr),
+    #[error("no torpor up answering on {0} ({1}); is it running, and on that --addr?")]
+    Connect(std::net::SocketAddr, String),
+    #[error("status API answered HTTP {0}")]
+    Status(u16),
+}
