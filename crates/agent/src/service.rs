@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
-use torpor_criu::{procs, CheckpointOptions, RestoreOptions};
+use torpor_criu::{procs, CheckpointOptions, RestoreOptions, TcpConnections};
 use torpor_policy::{decide_sleep, prewarm_at, PolicyConfig, SleepDecision, SnapshotTier};
 use tracing::warn;
 
@@ -316,9 +316,9 @@ impl Managed {
         let name = self.spec.name.clone();
         let result = tokio::task::spawn_blocking(move || {
             let opts = CheckpointOptions {
-                // The gate closed its connections: anything still established would be a
-                // stranger to the gate, and must not be frozen behind iptables rules.
-                tcp_established: false,
+                // The gate closed its connections; any other (half-closed, foreign) comes
+                // back closed rather than held behind iptables rules while asleep.
+                tcp: TcpConnections::Close,
                 ..Default::default()
             };
             torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
@@ -380,7 +380,7 @@ impl Managed {
         let name = self.spec.name.clone();
         let restored = tokio::task::spawn_blocking(move || {
             let opts = RestoreOptions {
-                tcp_established: false,
+                tcp: TcpConnections::Close,
                 ..Default::default()
             };
             torpor_criu::restore_from_pool(&shared.criu, &name, None, &shared.pool, &opts)

@@ -46,13 +46,33 @@ use crate::{
 /// the bound on what the node stages locally.
 const STAGING_BUFFERS: usize = 8;
 
+/// What a checkpoint does with established TCP connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpConnections {
+    /// Dump them and restore them intact (`--tcp-established`): the peer keeps its
+    /// connection; CRIU holds them behind iptables rules until the restore.
+    Keep,
+    /// Restore them closed (`--tcp-close`): for services behind the gate, which closes its
+    /// own connections before a checkpoint, so only strays are affected.
+    Close,
+}
+
+impl TcpConnections {
+    pub fn criu_flag(self) -> &'static str {
+        match self {
+            TcpConnections::Keep => "--tcp-established",
+            TcpConnections::Close => "--tcp-close",
+        }
+    }
+}
+
 /// How a checkpoint is taken.
 #[derive(Debug, Clone)]
 pub struct CheckpointOptions {
     /// Keep the tree running after the dump (a copy, not a move).
     pub leave_running: bool,
-    /// Dump established TCP connections (CRIU's `--tcp-established`; needs iptables).
-    pub tcp_established: bool,
+    /// What to do with established TCP connections.
+    pub tcp: TcpConnections,
     /// The tree belongs to a terminal session (CRIU's `--shell-job`).
     pub shell_job: bool,
     /// Where CRIU's work directory (log, sockets) is created.
@@ -65,7 +85,7 @@ impl Default for CheckpointOptions {
     fn default() -> Self {
         CheckpointOptions {
             leave_running: false,
-            tcp_established: true,
+            tcp: TcpConnections::Keep,
             shell_job: false,
             work_root: std::env::temp_dir(),
             hook_timeout: Duration::from_secs(120),
@@ -246,9 +266,7 @@ pub fn checkpoint_to_pool(
         .arg("-v4")
         .arg("--action-script")
         .arg(&hook.script);
-    if opts.tcp_established {
-        cmd.arg("--tcp-established");
-    }
+    cmd.arg(opts.tcp.criu_flag());
     if opts.shell_job {
         cmd.arg("--shell-job");
     }

@@ -20,7 +20,9 @@ pub mod stats;
 pub mod streamer;
 
 pub use binary::{CriuBinary, CriuError};
-pub use checkpoint::{checkpoint_to_pool, CheckpointError, CheckpointOptions, CheckpointReport};
+pub use checkpoint::{
+    checkpoint_to_pool, CheckpointError, CheckpointOptions, CheckpointReport, TcpConnections,
+};
 pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
 
 /// How to reach a pool.

@@ -23,6 +23,7 @@ use tracing::{debug, info};
 
 use crate::{
     binary::{log_tail, CriuBinary, CriuError},
+    checkpoint::TcpConnections,
     procs,
     streamer::{self, SERVE_SOCKET},
     PoolTarget,
@@ -31,8 +32,8 @@ use crate::{
 /// How a restore is done.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    /// Restore established TCP connections (CRIU's `--tcp-established`).
-    pub tcp_established: bool,
+    /// Must match what the checkpoint did with established TCP connections.
+    pub tcp: TcpConnections,
     /// The tree was a terminal session (CRIU's `--shell-job`).
     pub shell_job: bool,
     /// Longest wait for the snapshot's PIDs to become free.
@@ -44,7 +45,7 @@ pub struct RestoreOptions {
 impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
-            tcp_established: true,
+            tcp: TcpConnections::Keep,
             shell_job: false,
             pid_wait: Duration::from_secs(10),
             work_root: std::env::temp_dir(),
@@ -145,9 +146,7 @@ pub fn restore_from_pool(
         .arg("--log-file")
         .arg(&log_path)
         .arg("-v4");
-    if opts.tcp_established {
-        cmd.arg("--tcp-established");
-    }
+    cmd.arg(opts.tcp.criu_flag());
     if opts.shell_job {
         cmd.arg("--shell-job");
     }

@@ -68,6 +68,18 @@ pub async fn run(
     });
     tokio::pin!(shutdown);
     let mut conns = JoinSet::new();
+    // Retire pooled backend connections as soon as a drain asks, not at the next request:
+    // the service is about to be checkpointed.
+    conns.spawn({
+        let gate = gate.clone();
+        async move {
+            let mut generation = gate.link.watch_backend_generation();
+            while generation.changed().await.is_ok() {
+                let g = *generation.borrow_and_update();
+                *gate.clients.lock().expect("clients lock") = Clients::new(g);
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = &mut shutdown => break,

@@ -28,6 +28,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run pool, agent and gates on this machine from one config file (the embedded default).
+    Up {
+        /// Configuration file.
+        #[arg(short, long, default_value = "torpor.toml")]
+        config: PathBuf,
+    },
+    /// Show the services of a running `torpor up`.
+    Status {
+        /// Address of its status API.
+        #[arg(long, default_value = torpor_up::config::DEFAULT_STATUS)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a memory pool server.
     Pool(PoolArgs),
     /// List the snapshots a pool holds.
@@ -83,6 +97,14 @@ enum Cmd {
         memory: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        #[arg(long)]
+        port_file: Option<PathBuf>,
+    },
+    /// The gRPC sample service (grpc.health.v1).
+    #[command(hide = true)]
+    SampleGrpc {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
         #[arg(long)]
         port_file: Option<PathBuf>,
     },
@@ -173,6 +195,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Demo(args) => torpor_bench::demo::run(&args)?,
         Cmd::Doctor { json } => return doctor(json),
         Cmd::Pool(args) => pool(args)?,
+        Cmd::Up { config } => up(&config)?,
+        Cmd::Status { addr, json } => status(addr, json)?,
+        Cmd::SampleGrpc { listen, port_file } => {
+            torpor_workload::grpc::run(listen, port_file.as_deref())?
+        }
         Cmd::Snapshots { pool, json } => {
             let list = pool.target()?.connect()?.list()?;
             if json {
@@ -364,6 +391,84 @@ fn pool(args: PoolArgs) -> Result<()> {
         eprintln!("pool: stopped");
         anyhow::Ok(())
     })
+}
+
+fn up(path: &std::path::Path) -> Result<()> {
+    let config = torpor_up::Config::load(path)
+        .with_context(|| format!("configuration {}", path.display()))?;
+    let criu = criu()?;
+    criu.version()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(torpor_up::run(
+        config,
+        criu,
+        shutdown_signal(),
+        |info, _| {
+            eprintln!(
+                "torpor up: {}; status API on http://{}/status and /metrics",
+                info.pool, info.status_addr
+            );
+            for (name, addr) in &info.services {
+                eprintln!("torpor up: service {name} on {addr}");
+            }
+        },
+    ))?;
+    eprintln!("torpor up: stopped");
+    Ok(())
+}
+
+fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let body = rt.block_on(torpor_up::status::fetch(addr, "/status"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let doc: serde_json::Value = serde_json::from_str(&body)?;
+    let services: Vec<torpor_up::status::ServiceLine> =
+        serde_json::from_value(doc["services"].clone())?;
+    println!(
+        "{:<16} {:<13} {:>7} {:>10} {:>10} {:>5} {:>6} {:>5} {:>8} {:>5} {:>9} {:>9} {:>9} {:>9}",
+        "service",
+        "state",
+        "pid",
+        "footprint",
+        "snapshot",
+        "tier",
+        "sleeps",
+        "wakes",
+        "prewarms",
+        "cold",
+        "last ckpt",
+        "last wake",
+        "asleep",
+        "awake"
+    );
+    for s in services {
+        let secs = |v: Option<f64>| {
+            v.map(|x| format!("{:.3}s", x))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{:<16} {:<13} {:>7} {:>10} {:>10} {:>5} {:>6} {:>5} {:>8} {:>5} {:>9} {:>9} {:>8.1}s {:>8.1}s{}",
+            s.name,
+            s.state,
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            format_bytes(s.footprint_bytes),
+            s.snapshot_bytes.map(format_bytes).unwrap_or_else(|| "-".into()),
+            s.snapshot_tier.unwrap_or_else(|| "-".into()),
+            s.sleeps,
+            s.wakes,
+            s.prewarms,
+            s.cold_starts,
+            secs(s.last_checkpoint_s),
+            secs(s.last_wake_s),
+            s.time_asleep_s,
+            s.time_awake_s,
+            if s.held_now > 0 { format!("  ({} held)", s.held_now) } else { String::new() }
+        );
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

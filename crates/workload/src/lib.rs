@@ -2,7 +2,7 @@
 //! buffer of seeded pseudo-random bytes (so its memory can be checked bit for bit after a
 //! restore), a counter that a thread advances every 10 ms (so it visibly keeps running),
 //! and answers a line protocol over TCP: `PING` → `PONG`, `SUM` → CRC32C of the buffer,
-//! `COUNT` → the counter. Plain threads and blocking sockets: nothing that would make the
+//! `COUNT` → the counter, or the same over HTTP/1.1 (`GET /ping`, `/sum`, `/count`). Plain threads and blocking sockets: nothing that would make the
 //! checkpoint about the runtime rather than the memory.
 
 use std::{
@@ -19,6 +19,8 @@ use std::{
 };
 
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
+
+pub mod grpc;
 
 /// How the sample service starts.
 #[derive(Debug, Clone)]
@@ -65,19 +67,56 @@ pub fn run(cfg: &SampleConfig) -> io::Result<()> {
     Ok(())
 }
 
+fn answer(cmd: &str, memory: &[u8], counter: &AtomicU64) -> Option<String> {
+    match cmd {
+        "PING" => Some("PONG".to_string()),
+        "SUM" => Some(format!("{:08x} {}", crc32c::crc32c(memory), memory.len())),
+        "COUNT" => Some(counter.load(Ordering::Relaxed).to_string()),
+        _ => None,
+    }
+}
+
+/// Serves one connection: the line protocol, or HTTP/1.1 `GET /ping|/sum|/count` (keep-alive)
+/// when the first line is an HTTP request line.
 fn serve(conn: TcpStream, memory: &[u8], counter: &AtomicU64) -> io::Result<()> {
     let mut out = conn.try_clone()?;
-    for line in BufReader::new(conn).lines() {
-        let reply = match line?.trim() {
-            "PING" => "PONG".to_string(),
-            "SUM" => format!("{:08x} {}", crc32c::crc32c(memory), memory.len()),
-            "COUNT" => counter.load(Ordering::Relaxed).to_string(),
-            other => format!("ERR unknown command {other:?}"),
-        };
-        out.write_all(reply.as_bytes())?;
-        out.write_all(b"\n")?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let cmd = line.trim();
+        if let Some(target) = cmd.strip_prefix("GET ") {
+            let path = target.split_whitespace().next().unwrap_or("/");
+            let mut header = String::new();
+            loop {
+                header.clear();
+                if reader.read_line(&mut header)? == 0 {
+                    return Ok(());
+                }
+                if header.trim().is_empty() {
+                    break;
+                }
+            }
+            let key = path.trim_start_matches('/').to_ascii_uppercase();
+            let (status, body) = match answer(&key, memory, counter) {
+                Some(b) => ("200 OK", b),
+                None => ("404 Not Found", format!("no such path {path}")),
+            };
+            write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        } else {
+            let reply = answer(cmd, memory, counter)
+                .unwrap_or_else(|| format!("ERR unknown command {cmd:?}"));
+            out.write_all(reply.as_bytes())?;
+            out.write_all(b"\n")?;
+        }
     }
-    Ok(())
 }
 
 /// A connection to the sample service.
