@@ -252,7 +252,7 @@ impl Managed {
                         Instant::now() >= rt.sleep_not_before,
                     )
                 };
-                if !allowed {
+                if !allowed || self.link.inflight() > 0 {
                     return;
                 }
                 let now = self.link.now();
@@ -428,6 +428,22 @@ impl Managed {
         }
         self.transition(ServiceState::Awake, took, detail);
         self.link.open();
+        self.release_snapshot();
+    }
+
+    /// Once the service runs again its snapshot is stale (restoring it would lose whatever
+    /// the service did since), so its pool memory is given back for the next checkpoint.
+    fn release_snapshot(&self) {
+        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = shared
+                .pool
+                .connect()
+                .and_then(|mut c| c.delete(&name, None))
+            {
+                warn!(service = %name, error = %e, "could not release the stale snapshot");
+            }
+        });
     }
 
     async fn bring_up_cold(&self, t0: Instant, why: &str) {

@@ -206,3 +206,24 @@ pub fn first_response(addr: SocketAddr, since: Instant) -> io::Result<Duration> 
     }
     Ok(since.elapsed())
 }
+
+/// Sends one command to a Redis server (RESP) and returns the first line of its answer.
+pub fn redis_command(addr: SocketAddr, args: &[&str]) -> io::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    }
+    s.write_all(req.as_bytes())?;
+    let mut reader = io::BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    // A bulk string's value is on the next line.
+    if line.starts_with('$') && !line.starts_with("$-1") {
+        line.clear();
+        reader.read_line(&mut line)?;
+    }
+    Ok(line.trim_end().to_string())
+}

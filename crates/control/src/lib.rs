@@ -157,7 +157,9 @@ impl ServiceLink {
         let result = tokio::time::timeout(self.limits.timeout, rx).await;
         self.held.fetch_sub(1, Ordering::SeqCst);
         match result {
-            Ok(Ok(Ok(()))) => Ok(self.guard()),
+            // `open` already counted this request as in flight (so a drain right after the
+            // wake waits for it); the guard takes that count over.
+            Ok(Ok(Ok(()))) => Ok(InflightGuard { link: self.clone() }),
             Ok(Ok(Err(e))) => Err(self.reject(e)),
             Ok(Err(_)) => Err(self.reject(HoldError::ShuttingDown)),
             Err(_) => Err(self.reject(HoldError::Timeout(self.limits.timeout))),
@@ -215,8 +217,15 @@ impl ServiceLink {
         let mut inner = self.inner.lock().expect("link lock");
         inner.open = true;
         inner.wake_armed = false;
+        let now = self.now();
+        inner.arrivals.mark_active(now);
         while let Some(w) = inner.waiters.pop_front() {
-            let _ = w.send(Ok(()));
+            // Counted before the waiter runs: the service must not be drained and
+            // checkpointed between its release and its forwarding.
+            self.inflight.fetch_add(1, Ordering::SeqCst);
+            if w.send(Ok(())).is_err() {
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 

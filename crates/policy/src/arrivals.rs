@@ -53,7 +53,8 @@ pub struct ArrivalTracker {
     /// Arrival times inside the window, oldest first.
     recent: VecDeque<Duration>,
     last: Option<Duration>,
-    /// When tracking began, so idle time is defined before the first arrival.
+    /// When tracking began or the service last became able to serve: idle time counts from
+    /// the latest of this and the last arrival (requests held during a wake arrived earlier).
     since: Duration,
     histogram: InterArrivalHistogram,
 }
@@ -95,9 +96,14 @@ impl ArrivalTracker {
         self.recent.len() as f64 / self.window.as_secs_f64()
     }
 
-    /// Time since the last arrival (or since tracking began).
+    /// Marks the service as active at `now` without counting an arrival (it just woke).
+    pub fn mark_active(&mut self, now: Duration) {
+        self.since = self.since.max(now);
+    }
+
+    /// Time since the last arrival or activity (or since tracking began).
     pub fn idle_for(&self, now: Duration) -> Duration {
-        now.saturating_sub(self.last.unwrap_or(self.since))
+        now.saturating_sub(self.last.unwrap_or(self.since).max(self.since))
     }
 
     pub fn last_arrival(&self) -> Option<Duration> {
@@ -146,6 +152,15 @@ mod tests {
         assert_eq!(h.quantile(0.0), Some(Duration::ZERO));
         assert_eq!(h.quantile(0.5), Some(Duration::from_millis(512)));
         assert_eq!(h.quantile(1.0), Some(Duration::from_millis(1 << 31)));
+    }
+
+    #[test]
+    fn idle_counts_from_a_wake_after_earlier_arrivals() {
+        let mut t = ArrivalTracker::new(Duration::ZERO, Duration::from_secs(10));
+        t.record(Duration::from_secs(1));
+        t.mark_active(Duration::from_secs(3));
+        assert_eq!(t.idle_for(Duration::from_secs(4)), Duration::from_secs(1));
+        assert_eq!(t.histogram().count(), 0, "activity is not an arrival");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //! host's iptables.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -13,7 +12,9 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use torpor_bench::harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess};
+use torpor_bench::harness::{
+    become_subreaper, kill_and_reap, redis_command, PoolProcess, SampleProcess,
+};
 use torpor_criu::{
     checkpoint_to_pool, procs, restore_from_pool, CheckpointError, CheckpointOptions, CriuBinary,
     RestoreError, RestoreOptions,
@@ -147,19 +148,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn redis(addr: SocketAddr, args: &[&str]) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
-    }
-    s.write_all(req.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    Ok(line.trim_end().to_string())
-}
-
 #[test]
 fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
     let _g = setup();
@@ -202,17 +190,20 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
         .context("redis-server from apt (the README's test command installs it)")?;
     let result = (|| -> Result<()> {
         let mut tries = 0;
-        while redis(addr, &["PING"]).map(|r| r != "+PONG").unwrap_or(true) {
+        while redis_command(addr, &["PING"])
+            .map(|r| r != "+PONG")
+            .unwrap_or(true)
+        {
             tries += 1;
             ensure!(tries < 500, "redis did not start");
             thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(
-            redis(addr, &["DEBUG", "POPULATE", "100000", "key", "1000"])?,
+            redis_command(addr, &["DEBUG", "POPULATE", "100000", "key", "1000"])?,
             "+OK"
         );
-        let digest = redis(addr, &["DEBUG", "DIGEST"])?;
-        assert_eq!(redis(addr, &["DBSIZE"])?, ":100000");
+        let digest = redis_command(addr, &["DEBUG", "DIGEST"])?;
+        assert_eq!(redis_command(addr, &["DBSIZE"])?, ":100000");
         let pid = child.id() as i32;
         let r = checkpoint_to_pool(
             &criu(),
@@ -234,7 +225,7 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
             &pool.target,
             &RestoreOptions::default(),
         )?;
-        let after = redis(addr, &["DEBUG", "DIGEST"]);
+        let after = redis_command(addr, &["DEBUG", "DIGEST"]);
         kill_and_reap(restored.pid);
         assert_eq!(
             after?, digest,

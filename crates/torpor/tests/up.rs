@@ -1,0 +1,368 @@
+//! `torpor up` end to end, with the real binary: services sleep into the pool and wake on
+//! request behind their gates, with real CRIU, as root.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use torpor_bench::harness::{redis_command, PoolProcess};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_torpor")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn addr(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+/// A running `torpor up`, stopped with SIGTERM when dropped.
+struct Up {
+    child: Option<Child>,
+    status: SocketAddr,
+    _dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Up {
+    fn start(pool: &str, services: &str) -> Result<Up> {
+        let dir = tempfile::tempdir()?;
+        let status = addr(free_port());
+        let cfg = format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}");
+        let path = dir.path().join("torpor.toml");
+        std::fs::write(&path, cfg)?;
+        let log = dir.path().join("up.log");
+        let child = Command::new(exe())
+            .args(["up", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut up = Up {
+            child: Some(child),
+            status,
+            _dir: dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while up.services().is_err() {
+            if Instant::now() > deadline || up.child.as_mut().unwrap().try_wait()?.is_some() {
+                bail!("torpor up did not come up:\n{}", up.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(up)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn services(&self) -> Result<Vec<serde_json::Value>> {
+        // Straight from the status API: `torpor status` per poll would be too slow to catch
+        // a short state such as checkpointing.
+        let doc: serde_json::Value = serde_json::from_str(&http_get(self.status, "/status")?)?;
+        Ok(doc["services"].as_array().context("services")?.clone())
+    }
+
+    /// `torpor status` as a user runs it.
+    fn status_text(&self) -> Result<String> {
+        let out = Command::new(exe())
+            .args(["status", "--addr", &self.status.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn service(&self, name: &str) -> Result<serde_json::Value> {
+        self.services()?
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .context("service listed")
+    }
+
+    /// Waits until `name` is in `state`.
+    fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.service(name)?;
+            if s["state"] == state {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} not {state} but {}; log:\n{}",
+                    s["state"],
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Stops `torpor up` and returns its exit status.
+    fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(child.wait()?)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+fn sample_http(name: &str, port: u16, backend: u16, memory: &str, idle: &str) -> String {
+    format!(
+        r#"
+[[service]]
+name = "{name}"
+command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "{memory}"]
+listen = "127.0.0.1:{port}"
+backend = "127.0.0.1:{backend}"
+[service.policy]
+idle_threshold = "{idle}"
+"#,
+        exe = exe()
+    )
+}
+
+/// A plain HTTP/1.1 GET through the gate; returns the body of a 200 answer.
+fn http_get(to: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(to)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: torpor\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("HTTP answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "answer: {head}");
+    Ok(body.to_string())
+}
+
+const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
+
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: String,
+) -> Result<String> {
+    let resp = client.get(url.parse()?).await?;
+    anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+    Ok(String::from_utf8(
+        resp.into_body().collect().await?.to_bytes().to_vec(),
+    )?)
+}
+
+#[test]
+fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (web, grpc, grpc_backend) = (free_port(), free_port(), free_port());
+    let services = format!(
+        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"127.0.0.1:{grpc_backend}\"]\nlisten = \"127.0.0.1:{grpc}\"\nbackend = \"127.0.0.1:{grpc_backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        sample_http("web", web, free_port(), "32MiB", "200ms"),
+        exe()
+    );
+    let mut up = Up::start(EMBEDDED, &services)?;
+    up.wait_state("web", "asleep", Duration::from_secs(30))?;
+    up.wait_state("grpc", "asleep", Duration::from_secs(30))?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let mut tasks = Vec::new();
+        for _ in 0..500 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                get(&client, format!("http://127.0.0.1:{web}/ping")).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await??, "PONG");
+        }
+
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
+            .connect_lazy();
+        let mut tasks = Vec::new();
+        for _ in 0..500 {
+            let mut c = HealthClient::new(channel.clone());
+            tasks.push(tokio::spawn(async move {
+                c.check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await??.into_inner().status, ServingStatus::Serving as i32);
+        }
+        anyhow::Ok(())
+    })?;
+    for name in ["web", "grpc"] {
+        let s = up.service(name)?;
+        assert!(s["sleeps"].as_u64() >= Some(1), "{s}");
+        assert!(s["wakes"].as_u64() >= Some(1), "{s}");
+        assert_eq!(s["cold_starts"], 0, "{s}\n{}", up.log_text());
+        assert_eq!(s["held_now"], 0);
+    }
+    let text = up.status_text()?;
+    assert!(text.contains("web") && text.contains("grpc"), "{text}");
+    let metrics = rt.block_on(torpor_up::status::fetch(up.status, "/metrics"))?;
+    assert!(
+        metrics.contains("torpor_wakes_total{service=\"web\"}"),
+        "{metrics}"
+    );
+    assert!(up.stop()?.success());
+    Ok(())
+}
+
+#[test]
+fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, backend) = (free_port(), free_port());
+    let dir = tempfile::tempdir()?;
+    let services = format!(
+        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{backend}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        dir.path().display()
+    );
+    let up = Up::start(EMBEDDED, &services)?;
+    for round in 0..3 {
+        up.wait_state("kv", "asleep", Duration::from_secs(30))?;
+        assert_eq!(
+            redis_command(
+                addr(port),
+                &["SET", &format!("key{round}"), &format!("value{round}")]
+            )?,
+            "+OK"
+        );
+        up.wait_state("kv", "asleep", Duration::from_secs(30))?;
+        for k in 0..=round {
+            assert_eq!(
+                redis_command(addr(port), &["GET", &format!("key{k}")])?,
+                format!("value{k}")
+            );
+        }
+    }
+    let s = up.service("kv")?;
+    assert!(s["wakes"].as_u64() >= Some(6), "{s}");
+    assert_eq!(s["cold_starts"], 0);
+    Ok(())
+}
+
+#[test]
+fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let web = free_port();
+    let up = Up::start(
+        EMBEDDED,
+        &sample_http("big", web, free_port(), "512MiB", "300ms"),
+    )?;
+    let expected = torpor_workload::expected_sum(512 << 20, 1);
+    // It falls asleep right after start; wake it, then catch its next checkpoint.
+    up.wait_state("big", "asleep", Duration::from_secs(30))?;
+    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    up.wait_state("big", "checkpointing", Duration::from_secs(30))?;
+    let sum = http_get(addr(web), "/sum").with_context(|| up.log_text())?;
+    assert_eq!(sum, expected, "answered by the restored service");
+    let s = up.service("big")?;
+    assert_eq!(s["sleeps"], 2, "{s}");
+    assert_eq!(s["wakes"], 2, "{s}");
+    Ok(())
+}
+
+#[test]
+fn a_missing_snapshot_ends_in_a_cold_start_and_the_request_is_answered() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = PoolProcess::spawn(Path::new(exe()), 256 << 20)?;
+    let pool_cfg = format!(
+        "[pool]\naddress = \"{}\"\ntoken_file = \"{}\"",
+        pool.target.addr,
+        pool.token_file().display()
+    );
+    let web = free_port();
+    let up = Up::start(
+        &pool_cfg,
+        &sample_http("web", web, free_port(), "16MiB", "200ms"),
+    )?;
+    up.wait_state("web", "asleep", Duration::from_secs(30))?;
+    assert_eq!(pool.target.connect()?.delete("web", None)?, 1);
+    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    let s = up.service("web")?;
+    assert_eq!(s["cold_starts"], 1, "{s}");
+    Ok(())
+}
+
+#[test]
+fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let iptables_before = Command::new("iptables").arg("-S").output()?.stdout;
+    let web = free_port();
+    let mut up = Up::start(
+        EMBEDDED,
+        &sample_http("web", web, free_port(), "8MiB", "1h"),
+    )?;
+    let s = up.wait_state("web", "awake", Duration::from_secs(10))?;
+    let pid = s["pid"].as_i64().context("pid")? as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = up.service("web")?;
+        if s["restarts"] == 1 && s["state"] == "awake" {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not restarted: {s}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    let new_pid = up.service("web")?["pid"].as_i64().context("pid")? as i32;
+    assert!(up.stop()?.success(), "graceful stop");
+    assert!(
+        !torpor_criu::procs::pid_in_use(new_pid),
+        "service stopped with torpor up"
+    );
+    assert!(
+        !torpor_criu::procs::pid_in_use(pid),
+        "crashed service reaped"
+    );
+    let iptables_after = Command::new("iptables").arg("-S").output()?.stdout;
+    assert_eq!(iptables_before, iptables_after, "no iptables rules left");
+    Ok(())
+}
