@@ -1,115 +1,421 @@
-//! `torpor demo`: a walkthrough on this machine. Starts a pool, starts a sample service
-//! holding seeded memory, checkpoints it into the pool (the process is gone), restores it
-//! from the pool, and shows that its memory, its counter and an open TCP connection all
-//! survived, with the time each step took.
+//! `torpor demo`: the whole system on this machine. `torpor up` runs in-process with a
+//! built-in configuration of three services (an HTTP service, a gRPC service, and an HTTP
+//! service holding a few hundred MiB of state), an open-loop bursty load drives them for
+//! about a minute (bursts separated by idle gaps longer than the idle threshold), the
+//! services' sleeps and wakes are shown as they happen, and a summary closes the run.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+    time::Duration,
+};
 
-use torpor_criu::{CheckpointOptions, CriuBinary, RestoreOptions};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::Serialize;
+use tokio::time::Instant;
+use torpor_agent::{Agent, ServiceState};
+use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
-use torpor_workload::SampleClient;
 
-use crate::harness::{become_subreaper, first_response, kill_and_reap, PoolProcess, SampleProcess};
-use crate::ExperimentError;
+use crate::{walkthrough, ExperimentError};
 
 /// Arguments of `torpor demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Memory the sample service holds.
-    #[arg(long, default_value = "256MiB", value_parser = |s: &str| torpor_image::parse_size(s).map_err(|e| e.to_string()))]
-    pub memory: u64,
+    /// How long the bursty load runs.
+    #[arg(long, default_value = "60s", value_parser = humantime_arg)]
+    pub duration: Duration,
+    /// Memory of the stateful service.
+    #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+    pub state_memory: u64,
+    /// Seed of the load's random arrivals.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Instead, walk through one checkpoint into a pool and a restore from it by hand.
+    #[arg(long)]
+    pub walkthrough: bool,
 }
 
-type DemoResult = Result<(), ExperimentError>;
+fn humantime_arg(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
 
-/// Runs the walkthrough, printing each step.
-pub fn run(args: &DemoArgs) -> DemoResult {
-    become_subreaper()?;
+fn size_arg(s: &str) -> Result<u64, String> {
+    torpor_image::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Request rate inside a burst (per second, Poisson).
+const BURST_RATE: f64 = 40.0;
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
+        Percentiles {
+            count: h.len(),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+        }
+    }
+}
+
+/// One service's part of the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub sleeps: u64,
+    pub wakes: u64,
+    pub prewarms: u64,
+    pub cold_starts: u64,
+    pub asleep_share: f64,
+    pub snapshot_bytes: Option<u64>,
+}
+
+/// What `torpor demo` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSummary {
+    pub duration_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub wake_latency: Percentiles,
+    pub latency_found_awake: Percentiles,
+    pub latency_found_asleep: Percentiles,
+    pub services: Vec<ServiceSummary>,
+    /// Energy is not measured yet; the power work adds it.
+    pub energy: Option<String>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
+    let (web, web_b, grpc, grpc_b, state, state_b) = (
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+    );
+    Ok(format!(
+        r#"
+[pool]
+capacity = "{pool}"
+[status]
+listen = "127.0.0.1:0"
+
+[[service]]
+name = "web"
+command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{web_b}", "--memory", "16MiB"]
+listen = "127.0.0.1:{web}"
+backend = "127.0.0.1:{web_b}"
+
+[[service]]
+name = "grpc"
+command = ["{exe}", "sample-grpc", "--listen", "127.0.0.1:{grpc_b}"]
+listen = "127.0.0.1:{grpc}"
+backend = "127.0.0.1:{grpc_b}"
+
+[[service]]
+name = "state"
+command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{state_b}", "--memory", "{state_memory}"]
+listen = "127.0.0.1:{state}"
+backend = "127.0.0.1:{state_b}"
+"#,
+        pool = 2 * state_memory + (256 << 20),
+    ))
+}
+
+/// Runs the demo (or the walkthrough) and prints what happens.
+pub fn run(args: &DemoArgs) -> Result<(), ExperimentError> {
+    if args.walkthrough {
+        return walkthrough::run(args.state_memory);
+    }
     let exe = std::env::current_exe()?;
     let criu = CriuBinary::locate()?;
-    println!("torpor demo: CRIU {} found", criu.version()?);
-
-    let pool = PoolProcess::spawn(&exe, 2 * args.memory + (256 << 20))?;
-    println!(
-        "1. memory pool started on {} ({} RAM tier, pre-faulted; ready in {:.2} s)",
-        pool.target.addr,
-        format_bytes(2 * args.memory + (256 << 20)),
-        pool.startup.as_secs_f64()
-    );
-
-    let started = Instant::now();
-    let mut svc = SampleProcess::spawn(&exe, args.memory, 42)?;
-    let mut conn = SampleClient::connect(svc.addr)?;
-    let sum_before = conn.call("SUM")?;
-    let count_before = conn.count()?;
-    println!(
-        "2. sample service pid {} on {} holds {} of seeded memory (ready in {:.2} s): checksum {}, counter {}",
-        svc.pid,
-        svc.addr,
-        format_bytes(args.memory),
-        started.elapsed().as_secs_f64(),
-        sum_before,
-        count_before
-    );
-
-    let r = torpor_criu::checkpoint_to_pool(
-        &criu,
-        svc.pid,
-        "demo",
-        &pool.target,
-        &CheckpointOptions::default(),
-    )?;
-    svc.reap();
-    println!(
-        "3. checkpointed into the pool in {:.3} s (frozen {}): {} in {} image files, at most {} staged on this node; pid {} is gone",
-        r.checkpoint_s,
-        r.frozen_s.map(|f| format!("{f:.3} s")).unwrap_or_else(|| "n/a".into()),
-        format_bytes(r.pool_bytes),
-        r.files,
-        format_bytes(r.peak_staging_bytes),
-        r.root_pid
-    );
-    let list = pool.target.connect()?.list()?;
-    for s in &list {
+    let version = criu.version()?;
+    let config =
+        torpor_up::Config::from_toml(&config(&exe.display().to_string(), args.state_memory)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let summary = rt.block_on(async {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let up = tokio::spawn(torpor_up::run(
+            config,
+            criu,
+            async {
+                let _ = stop_rx.await;
+            },
+            move |info, agent| {
+                let _ = ready_tx.send((info.clone(), agent.clone()));
+            },
+        ));
+        let Ok((info, agent)) = ready_rx.await else {
+            return Err(match up.await.expect("up task panicked") {
+                Err(e) => e.into(),
+                Ok(()) => ExperimentError::Mismatch("torpor up stopped before it was ready".into()),
+            });
+        };
+        if !args.json {
+            println!("torpor demo: CRIU {version}; {}", info.pool);
+            for (name, addr) in &info.services {
+                println!("  service {name:<6} behind its gate on {addr}");
+            }
+            println!("  status: torpor status --addr {}", info.status_addr);
+            println!("bursty load for {} (bursts of ~{BURST_RATE}/s, idle gaps of 2-4 s); sleeps and wakes as they happen:", humantime::format_duration(args.duration));
+        }
+        let printer = (!args.json).then(|| tokio::spawn(print_transitions(agent.clone())));
+        let result = drive(&info.services, &agent, args).await;
+        if let Some(p) = printer {
+            p.abort();
+        }
+        let _ = stop_tx.send(());
+        up.await.expect("up task panicked")?;
+        result
+    })?;
+    if args.json {
         println!(
-            "   pool holds {} generation {}: {} in its {} tier",
-            s.name,
-            s.generation,
-            format_bytes(s.bytes),
-            s.tier
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("summary serializes")
+        );
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+async fn print_transitions(agent: Arc<Agent>) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let all = agent.transitions();
+        for t in all.iter().skip(seen) {
+            let what = match t.to {
+                ServiceState::Asleep => format!(
+                    "asleep  (checkpoint {:.0} ms; {})",
+                    t.took_s * 1e3,
+                    t.detail
+                ),
+                ServiceState::Awake if t.from == ServiceState::Waking => {
+                    format!("awake   (woke in {:.0} ms; {})", t.took_s * 1e3, t.detail)
+                }
+                ServiceState::Failed => format!("FAILED  ({})", t.detail),
+                _ => continue,
+            };
+            println!("  {:>6.1}s  {:<6} {what}", t.at_s, t.service);
+        }
+        seen = all.len();
+    }
+}
+
+struct Outcome {
+    found_asleep: bool,
+    latency: Duration,
+    ok: bool,
+}
+
+/// Open-loop bursts until the duration is over; each request is sent on schedule whether
+/// or not earlier ones returned.
+async fn drive(
+    services: &[(String, SocketAddr)],
+    agent: &Arc<Agent>,
+    args: &DemoArgs,
+) -> Result<DemoSummary, ExperimentError> {
+    // Let everything fall asleep first, so the first burst finds sleeping services.
+    let settle = Instant::now() + Duration::from_secs(10);
+    while agent
+        .status()
+        .iter()
+        .any(|s| s.state != ServiceState::Asleep)
+        && Instant::now() < settle
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let grpc_addr = services.iter().find(|(n, _)| n == "grpc").map(|(_, a)| *a);
+    let channel = grpc_addr
+        .map(|a| {
+            tonic::transport::Endpoint::from_shared(format!("http://{a}")).map(|e| e.connect_lazy())
+        })
+        .transpose()
+        .map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let start = Instant::now();
+    let end = start + args.duration;
+    let mut tasks = Vec::new();
+    while Instant::now() < end {
+        let burst_end =
+            (Instant::now() + Duration::from_millis(rng.gen_range(1000..3000))).min(end);
+        let mut next = Instant::now();
+        while next < burst_end {
+            tokio::time::sleep_until(next).await;
+            let (name, addr) = services[rng.gen_range(0..services.len())].clone();
+            let found_asleep = agent
+                .status()
+                .iter()
+                .any(|s| s.name == name && s.state != ServiceState::Awake);
+            let (http, channel) = (http.clone(), channel.clone());
+            tasks.push(tokio::spawn(async move {
+                let t0 = Instant::now();
+                let ok = if name == "grpc" {
+                    match channel {
+                        Some(ch) => grpc_check(ch).await,
+                        None => false,
+                    }
+                } else {
+                    http_count(&http, addr).await
+                };
+                Outcome {
+                    found_asleep,
+                    latency: t0.elapsed(),
+                    ok,
+                }
+            }));
+            let gap: f64 = -rng.gen::<f64>().max(1e-12).ln() / BURST_RATE;
+            next += Duration::from_secs_f64(gap);
+        }
+        let idle = Duration::from_millis(rng.gen_range(2000..4000));
+        tokio::time::sleep_until((Instant::now() + idle).min(end)).await;
+    }
+    let mut awake = Histogram::<u64>::new(3).expect("histogram");
+    let mut asleep = Histogram::<u64>::new(3).expect("histogram");
+    let (mut requests, mut errors) = (0, 0);
+    for t in tasks {
+        let o = t.await.expect("request task panicked");
+        requests += 1;
+        if !o.ok {
+            errors += 1;
+            continue;
+        }
+        let us = o.latency.as_micros().max(1) as u64;
+        let h = if o.found_asleep {
+            &mut asleep
+        } else {
+            &mut awake
+        };
+        let _ = h.record(us);
+    }
+    let mut wakes = Histogram::<u64>::new(3).expect("histogram");
+    for t in agent.transitions() {
+        if t.from == ServiceState::Waking
+            && t.to == ServiceState::Awake
+            && t.detail.starts_with("restored")
+        {
+            let _ = wakes.record((t.took_s * 1e6).max(1.0) as u64);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let services = agent
+        .status()
+        .into_iter()
+        .map(|s| ServiceSummary {
+            asleep_share: s.time_asleep_s / (s.time_asleep_s + s.time_awake_s).max(1e-9),
+            name: s.name,
+            sleeps: s.sleeps,
+            wakes: s.wakes,
+            prewarms: s.prewarms,
+            cold_starts: s.cold_starts,
+            snapshot_bytes: s.snapshot_bytes,
+        })
+        .collect();
+    Ok(DemoSummary {
+        duration_s: elapsed,
+        requests,
+        errors,
+        wake_latency: Percentiles::of(&wakes),
+        latency_found_awake: Percentiles::of(&awake),
+        latency_found_asleep: Percentiles::of(&asleep),
+        services,
+        energy: None,
+    })
+}
+
+async fn http_count(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    addr: SocketAddr,
+) -> bool {
+    let Ok(uri) = format!("http://{addr}/count").parse() else {
+        return false;
+    };
+    match client.get(uri).await {
+        Ok(r) if r.status() == 200 => http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .is_ok(),
+        _ => false,
+    }
+}
+
+async fn grpc_check(channel: tonic::transport::Channel) -> bool {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    matches!(
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await,
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+fn print_summary(s: &DemoSummary) {
+    let p = |x: &Percentiles| {
+        format!(
+            "p50 {} ms, p99 {} ms ({} requests)",
+            x.p50_ms
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            x.p99_ms
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            x.count
+        )
+    };
+    println!(
+        "\nsummary after {:.0} s: {} requests, {} errors",
+        s.duration_s, s.requests, s.errors
+    );
+    println!(
+        "  wake latency (restore until accepting): {}",
+        p(&s.wake_latency).replace("requests", "wakes")
+    );
+    println!(
+        "  request latency, service found awake:   {}",
+        p(&s.latency_found_awake)
+    );
+    println!(
+        "  request latency, service found asleep:  {}",
+        p(&s.latency_found_asleep)
+    );
+    println!(
+        "  {:<6} {:>6} {:>6} {:>8} {:>5} {:>13} {:>10}",
+        "", "sleeps", "wakes", "prewarms", "cold", "time asleep", "snapshot"
+    );
+    for v in &s.services {
+        println!(
+            "  {:<6} {:>6} {:>6} {:>8} {:>5} {:>12.0}% {:>10}",
+            v.name,
+            v.sleeps,
+            v.wakes,
+            v.prewarms,
+            v.cold_starts,
+            100.0 * v.asleep_share,
+            v.snapshot_bytes
+                .map(format_bytes)
+                .unwrap_or_else(|| "-".into())
         );
     }
-
-    std::thread::sleep(Duration::from_millis(300));
-    let t0 = Instant::now();
-    let restored = torpor_criu::restore_from_pool(
-        &criu,
-        "demo",
-        None,
-        &pool.target,
-        &RestoreOptions::default(),
-    )?;
-    let first = first_response(svc.addr, t0)?;
-    println!(
-        "4. restored from the pool as pid {} in {:.3} s; first answer {:.3} s after the restore began",
-        restored.pid,
-        restored.restore_s,
-        first.as_secs_f64()
-    );
-    let sum_after = conn.call("SUM")?;
-    let count_after = conn.count()?;
-    println!(
-        "5. on the connection opened before the checkpoint: checksum {} ({}), counter {} (it keeps counting)",
-        sum_after,
-        if sum_after == sum_before { "identical" } else { "DIFFERENT" },
-        count_after
-    );
-    kill_and_reap(restored.pid);
-    if sum_after != sum_before || count_after < count_before {
-        return Err(ExperimentError::Mismatch(
-            "the restored service does not match the one checkpointed".into(),
-        ));
-    }
-    println!("demo done: the service left this node for the pool and came back intact");
-    Ok(())
+    println!("  energy: not estimated yet (needs the power model of issue #4)");
 }

@@ -1,11 +1,13 @@
 //! torpor's experiments on a real machine: `torpor bench cr` (checkpoint/restore against
-//! stock CRIU in the same run) and the `torpor demo` walkthrough, plus the harness both use
-//! to start a pool and sample services as real processes and to reap what they restore.
+//! stock CRIU in the same run), `torpor demo` (the whole system under a bursty load) and its
+//! `--walkthrough` (checkpoint and restore by hand), plus the harness they use to start a
+//! pool and sample services as real processes and to reap what they restore.
 
 pub mod cr;
 pub mod demo;
 pub mod harness;
 pub mod report;
+pub mod walkthrough;
 
 /// Why an experiment stopped.
 #[derive(Debug, thiserror::Error)]
@@ -24,4 +26,8 @@ pub enum ExperimentError {
     Pool(#[from] torpor_pool::ClientError),
     #[error("{0}")]
     Mismatch(String),
+    #[error(transparent)]
+    Up(#[from] torpor_up::UpError),
+    #[error(transparent)]
+    Config(#[from] torpor_up::ConfigError),
 }

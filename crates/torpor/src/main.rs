@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Walk through a checkpoint into a pool and a restore from it, timing each step.
+    /// The whole system on this machine under a bursty load (or --walkthrough: one
+    /// checkpoint and restore by hand).
     Demo(torpor_bench::demo::DemoArgs),
     /// Check what this host has and lacks for torpor.
     Doctor {
@@ -165,14 +166,20 @@ fn size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Servers log what they do; one-shot commands and the demo only warn.
+    let default = match cli.command {
+        Cmd::Pool(_) | Cmd::Up { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,torpor_pool=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("torpor: {e:#}");
