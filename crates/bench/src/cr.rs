@@ -186,14 +186,25 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
 
 type BenchResult = Result<(), ExperimentError>;
 
-fn run_baseline(
+/// One stock-CRIU checkpoint and restore of a sample service, images in `dir`.
+#[derive(Debug, Clone, Copy)]
+pub struct StockRound {
+    pub checkpoint_s: f64,
+    pub frozen_s: Option<f64>,
+    pub restore_s: f64,
+    /// From the restore's start until the service answers.
+    pub first_response_s: f64,
+    pub image_bytes: u64,
+}
+
+/// Runs one stock-CRIU round: dump to a fresh directory under `dir`, restore, first answer.
+pub fn stock_criu_round(
     criu: &CriuBinary,
     exe: &Path,
     dir: &Path,
     size: u64,
     seed: u64,
-    s: &mut Samples,
-) -> BenchResult {
+) -> Result<StockRound, ExperimentError> {
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let images = tempfile::Builder::new()
         .prefix("torpor-bench-")
@@ -204,11 +215,29 @@ fn run_baseline(
     let (pid, wall) = local::restore_from_dir(criu, images.path(), &[svc.pid])?;
     let first = first_response(svc.addr, t0);
     kill_and_reap(pid);
-    s.checkpoint.push(dump.wall.as_secs_f64());
-    s.frozen.extend(dump.frozen.map(|f| f.as_secs_f64()));
-    s.restore.push(wall.as_secs_f64());
-    s.first.push(first?.as_secs_f64());
-    s.bytes.push(dump.bytes);
+    Ok(StockRound {
+        checkpoint_s: dump.wall.as_secs_f64(),
+        frozen_s: dump.frozen.map(|f| f.as_secs_f64()),
+        restore_s: wall.as_secs_f64(),
+        first_response_s: first?.as_secs_f64(),
+        image_bytes: dump.bytes,
+    })
+}
+
+fn run_baseline(
+    criu: &CriuBinary,
+    exe: &Path,
+    dir: &Path,
+    size: u64,
+    seed: u64,
+    s: &mut Samples,
+) -> BenchResult {
+    let r = stock_criu_round(criu, exe, dir, size, seed)?;
+    s.checkpoint.push(r.checkpoint_s);
+    s.frozen.extend(r.frozen_s);
+    s.restore.push(r.restore_s);
+    s.first.push(r.first_response_s);
+    s.bytes.push(r.image_bytes);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 pub mod cr;
 pub mod demo;
+pub mod gate;
 pub mod harness;
 pub mod report;
 pub mod walkthrough;

@@ -115,6 +115,8 @@ enum Cmd {
 enum BenchCmd {
     /// Checkpoint/restore: stock CRIU with images in /dev/shm vs torpor through a pool.
     Cr(torpor_bench::cr::CrArgs),
+    /// The gate: warm overhead vs direct, and wake latency vs cold start and stock CRIU.
+    Gate(torpor_bench::gate::GateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -304,6 +306,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
+        Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
         Cmd::SampleService {
             listen,
             memory,

@@ -79,6 +79,8 @@ fn answer(cmd: &str, memory: &[u8], counter: &AtomicU64) -> Option<String> {
 /// Serves one connection: the line protocol, or HTTP/1.1 `GET /ping|/sum|/count` (keep-alive)
 /// when the first line is an HTTP request line.
 fn serve(conn: TcpStream, memory: &[u8], counter: &AtomicU64) -> io::Result<()> {
+    // Answers are small and final: no Nagle delay waiting for the peer's ACK.
+    conn.set_nodelay(true)?;
     let mut out = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
@@ -105,16 +107,16 @@ fn serve(conn: TcpStream, memory: &[u8], counter: &AtomicU64) -> io::Result<()> 
                 Some(b) => ("200 OK", b),
                 None => ("404 Not Found", format!("no such path {path}")),
             };
-            write!(
-                out,
+            let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
-            )?;
+            );
+            out.write_all(response.as_bytes())?;
         } else {
-            let reply = answer(cmd, memory, counter)
+            let mut reply = answer(cmd, memory, counter)
                 .unwrap_or_else(|| format!("ERR unknown command {cmd:?}"));
+            reply.push('\n');
             out.write_all(reply.as_bytes())?;
-            out.write_all(b"\n")?;
         }
     }
 }

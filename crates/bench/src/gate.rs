@@ -1,0 +1,411 @@
+//! `torpor bench gate`: what the gate costs while a service is awake, and what a wake costs.
+//!
+//! * Warm overhead: the same open-loop load (fixed rate, Poisson arrivals) sent directly to a
+//!   sample service and through its gate, in the same run: p50/p99 and their ratio; then the
+//!   highest sustained rate of each (closed loop, fixed concurrency) and their ratio.
+//! * Wake latency: time to first response for a request that finds the service asleep
+//!   (restore from the pool through the gate), per footprint, next to a cold start from the
+//!   command and to stock CRIU restoring from /dev/shm.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::Serialize;
+use tokio::time::Instant;
+use torpor_agent::{Agent, ServiceState};
+use torpor_criu::CriuBinary;
+use torpor_image::format_bytes;
+
+use crate::{
+    cr::stock_criu_round,
+    harness::{first_response, SampleProcess},
+    report::{fmt_opt, median, ratio},
+    ExperimentError,
+};
+
+/// Arguments of `torpor bench gate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GateArgs {
+    /// Open-loop request rate for the warm comparison (per second).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Length of each warm load.
+    #[arg(long, default_value = "5s", value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    pub duration: Duration,
+    /// Footprints for the wake latency, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64MiB,1GiB", value_parser = |s: &str| torpor_image::parse_size(s).map_err(|e| e.to_string()))]
+    pub sizes: Vec<u64>,
+    /// Wakes (and cold starts, and stock restores) per footprint.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+    /// Directory for the stock-CRIU baseline's images.
+    #[arg(long, default_value = "/dev/shm")]
+    pub baseline_dir: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Latency and rate of one load.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub achieved_rate: f64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WarmReport {
+    pub offered_rate: f64,
+    pub direct: LoadResult,
+    pub gate: LoadResult,
+    /// Gate p50 minus direct p50.
+    pub added_p50_us: Option<f64>,
+    pub p99_ratio: Option<f64>,
+    pub max_rate_direct: f64,
+    pub max_rate_gate: f64,
+    /// Gate's highest sustained rate over direct's.
+    pub max_rate_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WakeReport {
+    pub size_bytes: u64,
+    /// Medians over the repeats.
+    pub torpor_wake_s: Option<f64>,
+    pub torpor_wake_p99_s: Option<f64>,
+    pub cold_start_s: Option<f64>,
+    pub stock_criu_restore_s: Option<f64>,
+    pub ratio_to_cold_start: Option<f64>,
+    pub ratio_to_stock_criu: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    pub warm: WarmReport,
+    pub wake: Vec<WakeReport>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A `torpor up` with one sample service, run in-process.
+struct OneService {
+    gate: SocketAddr,
+    backend: SocketAddr,
+    agent: Arc<Agent>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), torpor_up::UpError>>,
+}
+
+impl OneService {
+    async fn start(
+        exe: &Path,
+        criu: &CriuBinary,
+        memory: u64,
+        idle: &str,
+    ) -> Result<OneService, ExperimentError> {
+        let (port, backend) = (free_port()?, free_port()?);
+        let cfg = format!(
+            "[pool]\ncapacity = \"{}\"\n[status]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"bench\"\ncommand = [\"{}\", \"sample-service\", \"--listen\", \"127.0.0.1:{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nmax_sleep_rate = 1000000.0\n",
+            memory + (256 << 20),
+            exe.display()
+        );
+        let config = torpor_up::Config::from_toml(&cfg)?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(torpor_up::run(
+            config,
+            criu.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+            move |_, agent| {
+                let _ = ready_tx.send(agent.clone());
+            },
+        ));
+        let agent = match ready_rx.await {
+            Ok(a) => a,
+            Err(_) => {
+                return Err(match task.await.expect("up task panicked") {
+                    Err(e) => e.into(),
+                    Ok(()) => ExperimentError::Mismatch("torpor up stopped early".into()),
+                })
+            }
+        };
+        Ok(OneService {
+            gate: ([127, 0, 0, 1], port).into(),
+            backend: ([127, 0, 0, 1], backend).into(),
+            agent,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    async fn wait_asleep(&self) {
+        while self.agent.status()[0].state != ServiceState::Asleep {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(mut self) -> Result<(), ExperimentError> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        Ok((&mut self.task).await.expect("up task panicked")?)
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+async fn get(client: &HttpClient, uri: &hyper::Uri) -> bool {
+    match client.get(uri.clone()).await {
+        Ok(r) if r.status() == 200 => http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .is_ok(),
+        _ => false,
+    }
+}
+
+/// Open loop: requests leave on a Poisson schedule at `rate` for `duration`, whatever the
+/// answers do.
+async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration, seed: u64) -> LoadResult {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
+    // Warm the connection pool so both paths start equal.
+    for _ in 0..8 {
+        get(&client, &uri).await;
+    }
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let mut next = start;
+    let mut tasks = Vec::new();
+    while next < start + duration {
+        tokio::time::sleep_until(next).await;
+        let (client, uri) = (client.clone(), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let ok = get(&client, &uri).await;
+            (ok, t0.elapsed())
+        }));
+        next += Duration::from_secs_f64(-rng.gen::<f64>().max(1e-12).ln() / rate);
+    }
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let mut errors = 0;
+    for t in tasks {
+        let (ok, lat) = t.await.expect("request task panicked");
+        if ok {
+            let _ = h.record(lat.as_micros().max(1) as u64);
+        } else {
+            errors += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    LoadResult {
+        p50_us: (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64),
+        p99_us: (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64),
+        achieved_rate: h.len() as f64 / secs,
+        errors,
+    }
+}
+
+/// Closed loop with `workers` concurrent requesters for `duration`: the sustained rate.
+async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
+    let end = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, uri) = (client.clone(), uri.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                if get(&client, &uri).await {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("worker panicked");
+    }
+    total as f64 / duration.as_secs_f64()
+}
+
+/// Runs the benchmark and prints the tables (or JSON).
+pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
+    crate::harness::become_subreaper()?;
+    let exe = std::env::current_exe()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(measure(criu, &exe, args))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn measure(
+    criu: &CriuBinary,
+    exe: &Path,
+    args: &GateArgs,
+) -> Result<GateReport, ExperimentError> {
+    let quiet = args.json;
+    let say = |m: String| {
+        if !quiet {
+            eprintln!("bench gate: {m}");
+        }
+    };
+    say(format!(
+        "warm overhead at {} req/s for {:?}, direct vs through the gate",
+        args.rate, args.duration
+    ));
+    let svc = OneService::start(exe, criu, 16 << 20, "1h").await?;
+    let direct = open_loop(svc.backend, args.rate, args.duration, 1).await;
+    let gate = open_loop(svc.gate, args.rate, args.duration, 1).await;
+    say("highest sustained rate (closed loop, 16 workers)".into());
+    let max_direct = max_rate(svc.backend, 16, Duration::from_secs(3)).await;
+    let max_gate = max_rate(svc.gate, 16, Duration::from_secs(3)).await;
+    svc.stop().await?;
+    let warm = WarmReport {
+        offered_rate: args.rate,
+        added_p50_us: match (gate.p50_us, direct.p50_us) {
+            (Some(g), Some(d)) => Some(g - d),
+            _ => None,
+        },
+        p99_ratio: ratio(gate.p99_us, direct.p99_us),
+        direct,
+        gate,
+        max_rate_direct: max_direct,
+        max_rate_gate: max_gate,
+        max_rate_ratio: max_gate / max_direct.max(1e-9),
+    };
+
+    let mut wake = Vec::new();
+    for &size in &args.sizes {
+        say(format!(
+            "wake latency at {}: {} wakes through the gate",
+            format_bytes(size),
+            args.repeat
+        ));
+        let svc = OneService::start(exe, criu, size, "200ms").await?;
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let uri: hyper::Uri = format!("http://{}/ping", svc.gate).parse().expect("uri");
+        let mut wakes = Vec::new();
+        for _ in 0..args.repeat {
+            svc.wait_asleep().await;
+            // Let the previous connection go, so the request pays the whole wake.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t0 = Instant::now();
+            if !get(&client, &uri).await {
+                return Err(ExperimentError::Mismatch(
+                    "a request to the sleeping service failed".into(),
+                ));
+            }
+            wakes.push(t0.elapsed().as_secs_f64());
+        }
+        svc.stop().await?;
+        say(format!(
+            "{}: cold starts and stock CRIU restores from {}",
+            format_bytes(size),
+            args.baseline_dir.display()
+        ));
+        let mut cold = Vec::new();
+        let mut stock = Vec::new();
+        for i in 0..args.repeat {
+            let exe2 = exe.to_path_buf();
+            let c = tokio::task::spawn_blocking(move || -> Result<f64, ExperimentError> {
+                let t0 = std::time::Instant::now();
+                let svc = SampleProcess::spawn(&exe2, size, i)?;
+                Ok(first_response(svc.addr, t0)?.as_secs_f64())
+            })
+            .await
+            .expect("cold start task panicked")?;
+            cold.push(c);
+            let (criu2, exe2, dir) = (criu.clone(), exe.to_path_buf(), args.baseline_dir.clone());
+            let s =
+                tokio::task::spawn_blocking(move || stock_criu_round(&criu2, &exe2, &dir, size, i))
+                    .await
+                    .expect("stock task panicked")?;
+            stock.push(s.first_response_s);
+        }
+        let mut sorted = wakes.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        let w = median(&wakes);
+        let (c, s) = (median(&cold), median(&stock));
+        wake.push(WakeReport {
+            size_bytes: size,
+            torpor_wake_s: w,
+            torpor_wake_p99_s: sorted.last().copied(),
+            cold_start_s: c,
+            stock_criu_restore_s: s,
+            ratio_to_cold_start: ratio(w, c),
+            ratio_to_stock_criu: ratio(w, s),
+        });
+    }
+    Ok(GateReport { warm, wake })
+}
+
+fn print_report(r: &GateReport) {
+    let w = &r.warm;
+    println!(
+        "warm overhead, open loop at {} req/s (Poisson):",
+        w.offered_rate
+    );
+    println!(
+        "  {:<8} {:>10} {:>10} {:>12} {:>7}",
+        "", "p50", "p99", "achieved/s", "errors"
+    );
+    for (name, l) in [("direct", &w.direct), ("gate", &w.gate)] {
+        println!(
+            "  {:<8} {:>10} {:>10} {:>12.0} {:>7}",
+            name,
+            fmt_opt(l.p50_us, 0, "us"),
+            fmt_opt(l.p99_us, 0, "us"),
+            l.achieved_rate,
+            l.errors
+        );
+    }
+    println!(
+        "  added p50 {}, p99 ratio {}; highest sustained rate: direct {:.0}/s, gate {:.0}/s, ratio {:.2}",
+        fmt_opt(w.added_p50_us, 0, "us"),
+        fmt_opt(w.p99_ratio, 2, ""),
+        w.max_rate_direct,
+        w.max_rate_gate,
+        w.max_rate_ratio
+    );
+    println!("wake latency: first response for a request that finds the service asleep (median of runs):");
+    println!(
+        "  {:>9} {:>10} {:>10} {:>11} {:>12} {:>9} {:>9}",
+        "size", "torpor", "worst", "cold start", "stock CRIU", "/cold", "/stock"
+    );
+    for k in &r.wake {
+        println!(
+            "  {:>9} {:>10} {:>10} {:>11} {:>12} {:>9} {:>9}",
+            format_bytes(k.size_bytes),
+            fmt_opt(k.torpor_wake_s.map(|v| v * 1e3), 1, "ms"),
+            fmt_opt(k.torpor_wake_p99_s.map(|v| v * 1e3), 1, "ms"),
+            fmt_opt(k.cold_start_s.map(|v| v * 1e3), 1, "ms"),
+            fmt_opt(k.stock_criu_restore_s.map(|v| v * 1e3), 1, "ms"),
+            fmt_opt(k.ratio_to_cold_start, 2, ""),
+            fmt_opt(k.ratio_to_stock_criu, 2, ""),
+        );
+    }
+    println!("  stock CRIU = restore from /dev/shm until the first answer, no gate; cold start = spawn until the first answer");
+}
