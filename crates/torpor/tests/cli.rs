@@ -181,3 +181,16 @@ fn doctor_reports_this_host() {
     assert_eq!(v["fit"], true, "{v:#}");
     assert!(out.status.success());
 }
+
+#[test]
+fn the_demo_sleeps_and_wakes_its_services_without_errors() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = torpor(&["demo", "--duration", "6s", "--state-memory", "64MiB", "--json"]);
+    let v = json(&out);
+    assert_eq!(v["errors"], 0, "{v:#}");
+    assert!(v["requests"].as_u64().unwrap() > 20, "{v:#}");
+    assert!(v["wake_latency"]["count"].as_u64().unwrap() >= 1, "{v:#}");
+    for s in v["services"].as_array().unwrap() {
+        assert!(s["sleeps"].as_u64().unwrap() >= 1, "{s}");
+    }
+}
