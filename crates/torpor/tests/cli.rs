@@ -185,7 +185,14 @@ fn doctor_reports_this_host() {
 #[test]
 fn the_demo_sleeps_and_wakes_its_services_without_errors() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = torpor(&["demo", "--duration", "6s", "--state-memory", "64MiB", "--json"]);
+    let out = torpor(&[
+        "demo",
+        "--duration",
+        "6s",
+        "--state-memory",
+        "64MiB",
+        "--json",
+    ]);
     let v = json(&out);
     assert_eq!(v["errors"], 0, "{v:#}");
     assert!(v["requests"].as_u64().unwrap() > 20, "{v:#}");
