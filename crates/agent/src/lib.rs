@@ -8,7 +8,7 @@
 mod process;
 mod service;
 
-pub use process::Launch;
+pub use process::{Launch, ProcessLaunch};
 pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition};
 
 use std::{
@@ -29,6 +29,8 @@ use service::Managed;
 pub enum AgentError {
     #[error("cannot become the subreaper of restored services")]
     Subreaper(#[source] std::io::Error),
+    #[error("cannot prepare runc for the containers")]
+    Runc(#[source] std::io::Error),
     #[error("service {name:?} did not start")]
     Start {
         name: String,
@@ -45,6 +47,10 @@ const TRANSITION_LOG: usize = 1000;
 pub(crate) struct Shared {
     pub criu: CriuBinary,
     pub pool: PoolTarget,
+    /// runc with this CRIU, when some service is a container.
+    pub runc: Option<torpor_criu::runc::Runc>,
+    /// Holds runc's CRIU wrapper script.
+    _runc_dir: Option<tempfile::TempDir>,
     pub started: tokio::time::Instant,
     pub transitions: Mutex<VecDeque<Transition>>,
 }
@@ -64,9 +70,21 @@ impl Agent {
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
     ) -> Result<Agent, AgentError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
+        let containers = services
+            .iter()
+            .any(|(s, _)| matches!(s.launch, Launch::Container { .. }));
+        let (runc, runc_dir) = if containers {
+            let dir = tempfile::tempdir().map_err(AgentError::Runc)?;
+            let runc = torpor_criu::runc::Runc::new(&criu, dir.path()).map_err(AgentError::Runc)?;
+            (Some(runc), Some(dir))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             criu,
             pool,
+            runc,
+            _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
         });

@@ -22,7 +22,16 @@ use tokio::time::Instant;
 
 /// How a service is started from scratch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Launch {
+pub enum Launch {
+    /// A command, run as a process tree of the agent.
+    Process(ProcessLaunch),
+    /// An OCI bundle, run with runc as container `torpor-NAME`.
+    Container { bundle: PathBuf },
+}
+
+/// A command line and its surroundings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessLaunch {
     /// Program and arguments.
     pub argv: Vec<String>,
     pub cwd: Option<PathBuf>,
@@ -42,9 +51,11 @@ pub enum LaunchError {
     Exited(String),
     #[error("not accepting connections on {addr} after {waited:?}")]
     NotAccepting { addr: SocketAddr, waited: Duration },
+    #[error(transparent)]
+    Runc(#[from] torpor_criu::runc::RuncError),
 }
 
-impl Launch {
+impl ProcessLaunch {
     /// Starts the command as our child, in its own session (so its tree can be signalled
     /// and checkpointed as a unit), on its CPUs, with stdio on /dev/null.
     pub fn spawn(&self) -> Result<i32, LaunchError> {

@@ -207,14 +207,108 @@ impl Managed {
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {
-        let pid = self.spec.launch.spawn()?;
+        let pid = match &self.spec.launch {
+            Launch::Process(p) => p.spawn()?,
+            Launch::Container { bundle } => {
+                let (runc, id, bundle) = (self.runc(), self.container_id(), bundle.clone());
+                tokio::task::spawn_blocking(move || runc.start(&id, &bundle))
+                    .await
+                    .expect("runc task panicked")?
+            }
+        };
         if let Err(e) =
             process::wait_accepting(self.spec.backend, pid, self.spec.start_timeout).await
         {
-            process::stop_tree(pid, Duration::from_millis(500)).await;
+            self.kill_tree(pid, Duration::from_millis(500)).await;
             return Err(e);
         }
         Ok(pid)
+    }
+
+    /// runc, present whenever a service is a container.
+    fn runc(&self) -> torpor_criu::runc::Runc {
+        self.shared
+            .runc
+            .clone()
+            .expect("runc is prepared when a service is a container")
+    }
+
+    fn container_id(&self) -> String {
+        format!("torpor-{}", self.spec.name)
+    }
+
+    /// Stops the running tree (process group, or container) and reaps it.
+    async fn kill_tree(&self, pid: i32, grace: Duration) {
+        match &self.spec.launch {
+            Launch::Process(_) => process::stop_tree(pid, grace).await,
+            Launch::Container { .. } => {
+                let (runc, id) = (self.runc(), self.container_id());
+                let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
+                process::reap(pid);
+            }
+        }
+    }
+
+    /// Checkpoints the tree into the pool: (generation, bytes, seconds).
+    async fn checkpoint(&self, pid: i32) -> Result<(u64, u64, f64), String> {
+        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+        match &self.spec.launch {
+            Launch::Process(_) => tokio::task::spawn_blocking(move || {
+                let opts = CheckpointOptions {
+                    // The gate closed its connections; any other (half-closed, foreign)
+                    // comes back closed rather than held behind iptables rules while asleep.
+                    tcp: TcpConnections::Close,
+                    ..Default::default()
+                };
+                torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
+                    .map(|r| (r.generation, r.pool_bytes, r.checkpoint_s))
+                    .map_err(|e| error_chain(&e))
+            })
+            .await
+            .expect("checkpoint task panicked"),
+            Launch::Container { .. } => {
+                let (runc, id) = (self.runc(), self.container_id());
+                tokio::task::spawn_blocking(move || {
+                    runc.checkpoint_to_pool(&id, &name, &shared.pool)
+                        .map_err(|e| error_chain(&e))
+                })
+                .await
+                .expect("checkpoint task panicked")
+            }
+        }
+    }
+
+    /// Restores the tree from the pool: (pid, detail).
+    async fn restore(&self) -> Result<(i32, String), String> {
+        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+        match &self.spec.launch {
+            Launch::Process(_) => tokio::task::spawn_blocking(move || {
+                let opts = RestoreOptions {
+                    tcp: TcpConnections::Close,
+                    ..Default::default()
+                };
+                torpor_criu::restore_from_pool(&shared.criu, &name, None, &shared.pool, &opts)
+                    .map(|r| {
+                        (
+                            r.pid,
+                            format!("restored generation {} as pid {}", r.generation, r.pid),
+                        )
+                    })
+                    .map_err(|e| error_chain(&e))
+            })
+            .await
+            .expect("restore task panicked"),
+            Launch::Container { bundle } => {
+                let (runc, id, bundle) = (self.runc(), self.container_id(), bundle.clone());
+                tokio::task::spawn_blocking(move || {
+                    runc.restore_from_pool(&id, &bundle, &name, &shared.pool)
+                        .map(|pid| (pid, format!("restored container {id} as pid {pid}")))
+                        .map_err(|e| error_chain(&e))
+                })
+                .await
+                .expect("restore task panicked")
+            }
+        }
     }
 
     /// The service's loop, until `shutdown` is true.
@@ -312,21 +406,9 @@ impl Managed {
             format!("drained ({} in flight cut)", drained.still_inflight),
         );
         let t0 = Instant::now();
-        let shared = self.shared.clone();
-        let name = self.spec.name.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let opts = CheckpointOptions {
-                // The gate closed its connections; any other (half-closed, foreign) comes
-                // back closed rather than held behind iptables rules while asleep.
-                tcp: TcpConnections::Close,
-                ..Default::default()
-            };
-            torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
-        })
-        .await
-        .expect("checkpoint task panicked");
+        let result = self.checkpoint(pid).await;
         match result {
-            Ok(report) => {
+            Ok((generation, bytes, secs)) => {
                 process::reap(pid);
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
@@ -334,23 +416,23 @@ impl Managed {
                     rt.asleep_at = self.link.now();
                     let s = &mut rt.status;
                     s.sleeps += 1;
-                    s.last_checkpoint_s = Some(report.checkpoint_s);
-                    s.snapshot_bytes = Some(report.pool_bytes);
-                    s.snapshot_generation = Some(report.generation);
+                    s.last_checkpoint_s = Some(secs);
+                    s.snapshot_bytes = Some(bytes);
+                    s.snapshot_generation = Some(generation);
                     s.snapshot_tier = Some(tier);
                 }
                 self.transition(
                     ServiceState::Asleep,
                     t0.elapsed(),
                     format!(
-                        "generation {} in the pool, {} bytes",
-                        report.generation, report.pool_bytes
+                        "generation {generation} in the pool, {}",
+                        torpor_image::format_bytes(bytes)
                     ),
                 );
                 self.link.arm_wake();
             }
             Err(e) => {
-                warn!(service = %self.spec.name, error = %error_chain(&e), "checkpoint failed; service keeps running");
+                warn!(service = %self.spec.name, error = %e, "checkpoint failed; service keeps running");
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     rt.status.failed_checkpoints += 1;
@@ -376,38 +458,23 @@ impl Managed {
             Duration::ZERO,
             format!("{cause:?}").to_lowercase(),
         );
-        let shared = self.shared.clone();
-        let name = self.spec.name.clone();
-        let restored = tokio::task::spawn_blocking(move || {
-            let opts = RestoreOptions {
-                tcp: TcpConnections::Close,
-                ..Default::default()
-            };
-            torpor_criu::restore_from_pool(&shared.criu, &name, None, &shared.pool, &opts)
-        })
-        .await
-        .expect("restore task panicked");
+        let restored = self.restore().await;
         let reason = match restored {
-            Ok(r) => {
-                match process::wait_accepting(self.spec.backend, r.pid, self.spec.start_timeout)
-                    .await
+            Ok((pid, detail)) => {
+                match process::wait_accepting(self.spec.backend, pid, self.spec.start_timeout).await
                 {
                     Ok(()) => {
-                        self.rt.lock().expect("runtime lock").pid = Some(r.pid);
-                        self.woke(
-                            t0,
-                            cause,
-                            format!("restored generation {} as pid {}", r.generation, r.pid),
-                        );
+                        self.rt.lock().expect("runtime lock").pid = Some(pid);
+                        self.woke(t0, cause, detail);
                         return;
                     }
                     Err(e) => {
-                        process::stop_tree(r.pid, Duration::from_millis(200)).await;
+                        self.kill_tree(pid, Duration::from_millis(200)).await;
                         format!("restored service did not come up: {e}")
                     }
                 }
             }
-            Err(e) => error_chain(&e),
+            Err(e) => e,
         };
         warn!(service = %self.spec.name, %reason, "restore failed; cold start");
         self.bring_up_cold(t0, &reason).await;
@@ -474,7 +541,7 @@ impl Managed {
         me.link.shut_down();
         let pid = me.rt.lock().expect("runtime lock").pid.take();
         if let Some(pid) = pid {
-            process::stop_tree(pid, Duration::from_secs(2)).await;
+            me.kill_tree(pid, Duration::from_secs(2)).await;
         }
     }
 

@@ -86,6 +86,33 @@ impl CriuBinary {
         }
     }
 
+    /// An executable that runs this CRIU with its arguments, for programs that take a CRIU
+    /// path (runc's `--criu`): the binary itself, or a script in `dir` that goes through the
+    /// private prefix's loader.
+    pub fn executable(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let Some(prefix) = &self.prefix else {
+            return Ok(self.criu.clone());
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("criu");
+        let libs = format!(
+            "{}:{}",
+            prefix.join("usr/lib/x86_64-linux-gnu").display(),
+            prefix.join("lib/x86_64-linux-gnu").display()
+        );
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nexec '{}' --library-path '{}' '{}' \"$@\"\n",
+                prefix.join("usr/lib64/ld-linux-x86-64.so.2").display(),
+                libs,
+                self.criu.display()
+            ),
+        )?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        Ok(script)
+    }
+
     /// `criu --version`, e.g. `4.2.1`; errors when older than [`MIN_VERSION`].
     pub fn version(&self) -> Result<String, CriuError> {
         let out = self

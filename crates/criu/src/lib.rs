@@ -8,6 +8,7 @@
 //! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
 //!   to be free again.
 //! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
+//! * [`runc`] checkpoints and restores OCI containers through runc, via the pool.
 //! * [`procs`] reads process trees and footprints from `/proc`; [`stats`] decodes CRIU's
 //!   `stats-dump` image (frozen time).
 
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod local;
 pub mod procs;
 pub mod restore;
+pub mod runc;
 pub mod stats;
 pub mod streamer;
 

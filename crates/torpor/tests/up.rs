@@ -366,3 +366,74 @@ fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result
     assert_eq!(iptables_before, iptables_after, "no iptables rules left");
     Ok(())
 }
+
+/// A busybox OCI bundle serving `body` with httpd on the host's loopback at `port`.
+fn busybox_bundle(dir: &Path, port: u16, body: &str) -> Result<std::path::PathBuf> {
+    let bundle = dir.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    for d in ["bin", "www", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("/bin/busybox (busybox-static, installed by the README's test command)")?;
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/httpd"))?;
+    std::fs::write(rootfs.join("www/index.html"), body)?;
+    let out = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(&bundle)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "runc spec: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!([
+        "/bin/httpd",
+        "-f",
+        "-p",
+        format!("127.0.0.1:{port}"),
+        "-h",
+        "/www"
+    ]);
+    spec["root"]["readonly"] = false.into();
+    // The host's network namespace, so the gate reaches it on loopback.
+    let ns = spec["linux"]["namespaces"]
+        .as_array()
+        .context("namespaces")?
+        .clone();
+    spec["linux"]["namespaces"] = ns.into_iter().filter(|n| n["type"] != "network").collect();
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+    Ok(bundle)
+}
+
+#[test]
+fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir()?;
+    let (port, backend) = (free_port(), free_port());
+    let bundle = busybox_bundle(dir.path(), backend, "hello from a container\n")?;
+    let services = format!(
+        "[[service]]\nname = \"box\"\nbundle = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        bundle.display()
+    );
+    let mut up = Up::start(EMBEDDED, &services)?;
+    for _ in 0..2 {
+        up.wait_state("box", "asleep", Duration::from_secs(30))?;
+        let body = http_get(addr(port), "/index.html").with_context(|| up.log_text())?;
+        assert_eq!(body, "hello from a container\n");
+    }
+    let s = up.service("box")?;
+    assert!(s["sleeps"].as_u64() >= Some(2), "{s}");
+    assert!(s["wakes"].as_u64() >= Some(2), "{s}\n{}", up.log_text());
+    assert_eq!(s["cold_starts"], 0, "{s}\n{}", up.log_text());
+    assert!(up.stop()?.success());
+    let list = Command::new("runc").arg("list").output()?;
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains("torpor-box"),
+        "container removed"
+    );
+    Ok(())
+}

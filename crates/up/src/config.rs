@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 use thiserror::Error;
-use torpor_agent::{Launch, ServiceSpec};
+use torpor_agent::{Launch, ProcessLaunch, ServiceSpec};
 use torpor_gate::Protocol;
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
@@ -65,7 +65,10 @@ struct RawStatus {
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: String,
-    command: Vec<String>,
+    /// A command to run (argv)...
+    command: Option<Vec<String>>,
+    /// ...or an OCI bundle to run with runc.
+    bundle: Option<PathBuf>,
     cwd: Option<PathBuf>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -227,9 +230,55 @@ impl Config {
                     format!("{:?} is used by two services", s.name),
                 ));
             }
-            if s.command.is_empty() || s.command[0].is_empty() {
-                return Err(invalid(k("command"), "must name a program"));
-            }
+            let launch = match (s.command, s.bundle) {
+                (Some(argv), None) => {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        return Err(invalid(k("command"), "must name a program"));
+                    }
+                    Launch::Process(ProcessLaunch {
+                        argv,
+                        cwd: s.cwd,
+                        env: s.env,
+                        cpus: match &s.cpuset {
+                            Some(c) => cpus(&k("cpuset"), c)?,
+                            None => Vec::new(),
+                        },
+                    })
+                }
+                (None, Some(bundle)) => {
+                    if !bundle.join("config.json").is_file() {
+                        return Err(invalid(
+                            k("bundle"),
+                            format!("{} holds no config.json", bundle.display()),
+                        ));
+                    }
+                    for (key, set) in [
+                        ("cwd", s.cwd.is_some()),
+                        ("env", !s.env.is_empty()),
+                        ("cpuset", s.cpuset.is_some()),
+                    ] {
+                        if set {
+                            return Err(invalid(
+                                k(key),
+                                "belongs in the bundle's config.json for a container",
+                            ));
+                        }
+                    }
+                    Launch::Container { bundle }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        k("bundle"),
+                        "give either command or bundle, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        k("command"),
+                        "a service needs a command or an OCI bundle",
+                    ))
+                }
+            };
             let listen = addr(&k("listen"), &s.listen)?;
             let backend = addr(&k("backend"), &s.backend)?;
             if !listens.insert(listen) || listen == status_listen {
@@ -286,15 +335,7 @@ impl Config {
                 )?,
                 spec: ServiceSpec {
                     name: s.name,
-                    launch: Launch {
-                        argv: s.command,
-                        cwd: s.cwd,
-                        env: s.env,
-                        cpus: match &s.cpuset {
-                            Some(c) => cpus(&k("cpuset"), c)?,
-                            None => Vec::new(),
-                        },
-                    },
+                    launch,
                     backend,
                     policy,
                     drain_deadline: duration(
@@ -365,7 +406,10 @@ mod tests {
             web.spec.policy.wake_objective,
             Some(Duration::from_millis(200))
         );
-        assert_eq!(web.spec.launch.cpus, vec![0, 1]);
+        let Launch::Process(p) = &web.spec.launch else {
+            panic!("a process")
+        };
+        assert_eq!(p.cpus, vec![0, 1]);
         assert_eq!(web.hold_queue, 100);
         let kv = &c.services[1];
         assert_eq!(kv.protocol, Protocol::Tcp);
@@ -404,6 +448,13 @@ mod tests {
         assert!(e.starts_with("service[1].command"), "{e}");
         let e = err(&GOOD.replace("[status]", "[statsu]"));
         assert!(e.contains("statsu"), "{e}");
+        let e = err(&GOOD.replace("command = [\"redis-server\"]", "bundle = \"/nonexistent\""));
+        assert!(
+            e.starts_with("service[1].bundle") && e.contains("config.json"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("command = [\"redis-server\"]", ""));
+        assert!(e.starts_with("service[1].command"), "{e}");
     }
 
     #[test]
