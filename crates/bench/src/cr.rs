@@ -197,13 +197,17 @@ pub struct StockRound {
     pub image_bytes: u64,
 }
 
-/// Runs one stock-CRIU round: dump to a fresh directory under `dir`, restore, first answer.
+/// Runs one stock-CRIU round: dump to a fresh directory under `dir`, stay asleep for
+/// `asleep`, restore, first answer. (On a VM, memory freed by the dump goes back to the host
+/// within a second or two and costs more to touch again, so a restore right after the dump
+/// is faster than one after a realistic sleep: compare like with like.)
 pub fn stock_criu_round(
     criu: &CriuBinary,
     exe: &Path,
     dir: &Path,
     size: u64,
     seed: u64,
+    asleep: std::time::Duration,
 ) -> Result<StockRound, ExperimentError> {
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let images = tempfile::Builder::new()
@@ -211,6 +215,7 @@ pub fn stock_criu_round(
         .tempdir_in(dir)?;
     let dump = local::dump_to_dir(criu, svc.pid, images.path())?;
     svc.reap();
+    std::thread::sleep(asleep);
     let t0 = Instant::now();
     let (pid, wall) = local::restore_from_dir(criu, images.path(), &[svc.pid])?;
     let first = first_response(svc.addr, t0);
@@ -232,7 +237,7 @@ fn run_baseline(
     seed: u64,
     s: &mut Samples,
 ) -> BenchResult {
-    let r = stock_criu_round(criu, exe, dir, size, seed)?;
+    let r = stock_criu_round(criu, exe, dir, size, seed, std::time::Duration::ZERO)?;
     s.checkpoint.push(r.checkpoint_s);
     s.frozen.extend(r.frozen_s);
     s.restore.push(r.restore_s);

@@ -47,6 +47,10 @@ pub struct GateArgs {
     /// Wakes (and cold starts, and stock restores) per footprint.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeat: u64,
+    /// How long a service stays asleep before the request that wakes it (the stock-CRIU
+    /// baseline waits as long between its dump and its restore).
+    #[arg(long, default_value = "1s", value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    pub asleep_for: Duration,
     /// Directory for the stock-CRIU baseline's images.
     #[arg(long, default_value = "/dev/shm")]
     pub baseline_dir: PathBuf,
@@ -310,8 +314,7 @@ async fn measure(
         let mut wakes = Vec::new();
         for _ in 0..args.repeat {
             svc.wait_asleep().await;
-            // Let the previous connection go, so the request pays the whole wake.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(args.asleep_for).await;
             let t0 = Instant::now();
             if !get(&client, &uri).await {
                 return Err(ExperimentError::Mismatch(
@@ -339,10 +342,12 @@ async fn measure(
             .expect("cold start task panicked")?;
             cold.push(c);
             let (criu2, exe2, dir) = (criu.clone(), exe.to_path_buf(), args.baseline_dir.clone());
-            let s =
-                tokio::task::spawn_blocking(move || stock_criu_round(&criu2, &exe2, &dir, size, i))
-                    .await
-                    .expect("stock task panicked")?;
+            let asleep = args.asleep_for;
+            let s = tokio::task::spawn_blocking(move || {
+                stock_criu_round(&criu2, &exe2, &dir, size, i, asleep)
+            })
+            .await
+            .expect("stock task panicked")?;
             stock.push(s.first_response_s);
         }
         let mut sorted = wakes.clone();
@@ -407,5 +412,5 @@ fn print_report(r: &GateReport) {
             fmt_opt(k.ratio_to_stock_criu, 2, ""),
         );
     }
-    println!("  stock CRIU = restore from /dev/shm until the first answer, no gate; cold start = spawn until the first answer");
+    println!("  stock CRIU = restore from /dev/shm until the first answer, no gate, after the same time asleep; cold start = spawn until the first answer");
 }
