@@ -11,6 +11,7 @@ use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
 use torpor_criu::{procs, CheckpointOptions, RestoreOptions, TcpConnections};
 use torpor_policy::{decide_sleep, prewarm_at, PolicyConfig, SleepDecision, SnapshotTier};
+use torpor_pool::error_chain;
 use tracing::warn;
 
 use crate::{
@@ -569,15 +570,4 @@ impl Managed {
         .as_secs_f64();
         s
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }

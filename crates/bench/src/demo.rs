@@ -4,11 +4,7 @@
 //! about a minute (bursts separated by idle gaps longer than the idle threshold), the
 //! services' sleeps and wakes are shown as they happen, and a summary closes the run.
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -21,7 +17,7 @@ use torpor_agent::{Agent, ServiceState};
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
 
-use crate::{walkthrough, ExperimentError};
+use crate::{harness::free_port, walkthrough, ExperimentError};
 
 /// Arguments of `torpor demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,10 +93,6 @@ pub struct DemoSummary {
     pub services: Vec<ServiceSummary>,
     /// Energy is not measured yet; the power work adds it.
     pub energy: Option<String>,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {

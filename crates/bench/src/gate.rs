@@ -27,7 +27,7 @@ use torpor_image::format_bytes;
 
 use crate::{
     cr::stock_criu_round,
-    harness::{first_response, SampleProcess},
+    harness::{first_response, free_port, SampleProcess},
     report::{fmt_opt, median, ratio},
     ExperimentError,
 };
@@ -97,12 +97,6 @@ pub struct WakeReport {
 pub struct GateReport {
     pub warm: WarmReport,
     pub wake: Vec<WakeReport>,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A `torpor up` with one sample service, run in-process.

@@ -133,14 +133,7 @@ pub struct PoolProcess {
 impl PoolProcess {
     pub fn spawn(exe: &Path, capacity: u64) -> io::Result<PoolProcess> {
         let dir = tempfile::tempdir()?;
-        let token: String = {
-            use rand::Rng;
-            rand::thread_rng()
-                .sample_iter(rand::distributions::Alphanumeric)
-                .take(32)
-                .map(char::from)
-                .collect()
-        };
+        let token = torpor_pool::random_token();
         let token_file = dir.path().join("token");
         fs::write(&token_file, &token)?;
         let sock = dir.path().join("pool.sock");
@@ -192,6 +185,13 @@ impl Drop for PoolProcess {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Time from `since` until the sample service at `addr` answers PING on a new connection.

@@ -113,6 +113,25 @@ impl CriuBinary {
         Ok(script)
     }
 
+    /// Starts a CRIU command built from [`CriuBinary::command`] with its stdio on /dev/null
+    /// (CRIU reports through its --log-file).
+    pub fn spawn(&self, cmd: &mut Command) -> Result<std::process::Child, CriuError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| CriuError::Spawn(self.criu.display().to_string(), e))
+    }
+
+    /// Runs a CRIU command to its end, quietly; returns whether it succeeded.
+    pub fn run(&self, cmd: &mut Command) -> Result<bool, CriuError> {
+        let mut child = self.spawn(cmd)?;
+        let status = child
+            .wait()
+            .map_err(|e| CriuError::Spawn(self.criu.display().to_string(), e))?;
+        Ok(status.success())
+    }
+
     /// `criu --version`, e.g. `4.2.1`; errors when older than [`MIN_VERSION`].
     pub fn version(&self) -> Result<String, CriuError> {
         let out = self
@@ -150,6 +169,17 @@ impl CriuBinary {
         );
         let good = out.status.success() && text.contains("Looks good");
         Ok((good, text.trim().to_string()))
+    }
+}
+
+/// Copies a failed operation's log out of its work directory (about to be removed) to
+/// `$TMPDIR/torpor-KIND-NAME.log`; returns where the log now is.
+pub fn keep_log(log: &Path, kind: &str, name: &str) -> PathBuf {
+    let kept = std::env::temp_dir().join(format!("torpor-{kind}-{name}.log"));
+    if std::fs::copy(log, &kept).is_ok() {
+        kept
+    } else {
+        log.to_path_buf()
     }
 }
 

@@ -15,7 +15,6 @@ use std::{
         unix::{fs::PermissionsExt, net::UnixStream},
     },
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc, Condvar, Mutex,
@@ -35,7 +34,7 @@ use torpor_pool::{client::CommitInfo, ClientError, PoolClient};
 use tracing::{debug, info, warn};
 
 use crate::{
-    binary::{log_tail, CriuBinary, CriuError},
+    binary::{keep_log, log_tail, CriuBinary, CriuError},
     procs,
     stats::{parse_dump_stats, DumpStats},
     streamer::{self, CAPTURE_SOCKET},
@@ -273,12 +272,7 @@ pub fn checkpoint_to_pool(
     if opts.leave_running {
         cmd.arg("--leave-running");
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    let mut child = criu.spawn(&mut cmd)?;
     debug!(pid, name, "criu dump started");
 
     let buffers = Arc::new(BufferPool::new());
@@ -402,23 +396,13 @@ pub fn checkpoint_to_pool(
             if let Err(e) = stream_result {
                 warn!(error = %e, "image streamer failed");
             }
-            let kept = keep_log(&log_path, name);
+            let kept = keep_log(&log_path, "dump", name);
             Err(CheckpointError::CriuFailed {
                 pid,
                 log: log_tail(&kept, 12),
                 log_path: kept,
             })
         }
-    }
-}
-
-/// Keeps a failed dump's log beside the work directory, which is about to be removed.
-fn keep_log(log: &Path, name: &str) -> PathBuf {
-    let kept = std::env::temp_dir().join(format!("torpor-dump-{name}.log"));
-    if fs::copy(log, &kept).is_ok() {
-        kept
-    } else {
-        log.to_path_buf()
     }
 }
 

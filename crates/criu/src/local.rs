@@ -4,7 +4,6 @@
 use std::{
     fs,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -39,26 +38,22 @@ pub struct LocalDump {
 /// `criu dump` of the tree at `pid` into `dir` (which must exist and be empty).
 pub fn dump_to_dir(criu: &CriuBinary, pid: i32, dir: &Path) -> Result<LocalDump, LocalCriuError> {
     let start = Instant::now();
-    let status = criu
-        .command()
-        .args([
-            "dump",
-            "--tcp-established",
-            "-v4",
-            "--tree",
-            &pid.to_string(),
-        ])
-        .arg("--images-dir")
-        .arg(dir)
-        .arg("--log-file")
-        .arg("dump.log")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    let ok = criu.run(
+        criu.command()
+            .args([
+                "dump",
+                "--tcp-established",
+                "-v4",
+                "--tree",
+                &pid.to_string(),
+            ])
+            .arg("--images-dir")
+            .arg(dir)
+            .arg("--log-file")
+            .arg("dump.log"),
+    )?;
     let wall = start.elapsed();
-    if !status.success() {
+    if !ok {
         return Err(LocalCriuError::Failed {
             action: "dump",
             log: log_tail(&dir.join("dump.log"), 12),
@@ -92,25 +87,21 @@ pub fn restore_from_dir(
     procs::wait_pids_free(pids, Duration::from_secs(10)).map_err(LocalCriuError::PidBusy)?;
     let start = Instant::now();
     let pidfile = dir.join("restored.pid");
-    let status = criu
-        .command()
-        .args(["restore", "--tcp-established", "--restore-detached", "-v4"])
-        .arg("--images-dir")
-        .arg(dir)
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .arg("--log-file")
-        .arg("restore.log")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    let ok = criu.run(
+        criu.command()
+            .args(["restore", "--tcp-established", "--restore-detached", "-v4"])
+            .arg("--images-dir")
+            .arg(dir)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--log-file")
+            .arg("restore.log"),
+    )?;
     let wall = start.elapsed();
     let pid = fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok());
-    match (status.success(), pid) {
+    match (ok, pid) {
         (true, Some(pid)) => Ok((pid, wall)),
         _ => Err(LocalCriuError::Failed {
             action: "restore",

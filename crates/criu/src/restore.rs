@@ -10,7 +10,6 @@ use std::{
     fs, io,
     os::{fd::OwnedFd, unix::net::UnixStream},
     path::PathBuf,
-    process::Stdio,
     sync::{Arc, Mutex},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -22,7 +21,7 @@ use torpor_pool::{ClientError, PoolClient};
 use tracing::{debug, info};
 
 use crate::{
-    binary::{log_tail, CriuBinary, CriuError},
+    binary::{keep_log, log_tail, CriuBinary, CriuError},
     checkpoint::TcpConnections,
     procs,
     streamer::{self, SERVE_SOCKET},
@@ -150,12 +149,7 @@ pub fn restore_from_pool(
     if opts.shell_job {
         cmd.arg("--shell-job");
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CriuError::Spawn(criu.criu.display().to_string(), e))?;
+    let mut child = criu.spawn(&mut cmd)?;
     debug!(
         name,
         generation = manifest.generation,
@@ -200,12 +194,7 @@ pub fn restore_from_pool(
         });
     }
     if !status.success() {
-        let kept = std::env::temp_dir().join(format!("torpor-restore-{name}.log"));
-        let log_path = if fs::copy(&log_path, &kept).is_ok() {
-            kept
-        } else {
-            log_path
-        };
+        let log_path = keep_log(&log_path, "restore", name);
         return Err(RestoreError::CriuFailed {
             name: name.to_string(),
             log: log_tail(&log_path, 12),

@@ -21,7 +21,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::net::TcpListener;
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
 
@@ -66,11 +66,9 @@ pub async fn run(
         link,
         backend,
     });
-    tokio::pin!(shutdown);
-    let mut conns = JoinSet::new();
     // Retire pooled backend connections as soon as a drain asks, not at the next request:
     // the service is about to be checkpointed.
-    conns.spawn({
+    let retire = tokio::spawn({
         let gate = gate.clone();
         async move {
             let mut generation = gate.link.watch_backend_generation();
@@ -80,31 +78,24 @@ pub async fn run(
             }
         }
     });
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = accepted?;
-                let _ = stream.set_nodelay(true);
+    let served = crate::accept_loop(listener, shutdown, |stream, peer| {
+        let gate = gate.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
                 let gate = gate.clone();
-                conns.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let gate = gate.clone();
-                        async move { Ok::<_, Infallible>(gate.handle(req).await) }
-                    });
-                    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        debug!(%peer, error = %e, "client connection ended");
-                    }
-                });
+                async move { Ok::<_, Infallible>(gate.handle(req).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "client connection ended");
             }
         }
-    }
-    conns.shutdown().await;
-    Ok(())
+    })
+    .await;
+    retire.abort();
+    served
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {

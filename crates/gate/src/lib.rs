@@ -14,7 +14,10 @@ pub mod tcp;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
 use torpor_control::ServiceLink;
 
 /// What a service speaks.
@@ -38,4 +41,32 @@ pub async fn run(
         Protocol::Http => http::run(listener, backend, link, shutdown).await,
         Protocol::Tcp => tcp::run(listener, backend, link, shutdown).await,
     }
+}
+
+/// Accepts clients until `shutdown`, each handled by its own task from `handle`; the tasks
+/// still running at shutdown are dropped with it.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut handle: F,
+) -> std::io::Result<()>
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = accepted?;
+                let _ = stream.set_nodelay(true);
+                conns.spawn(handle(stream, peer));
+            }
+        }
+    }
+    conns.shutdown().await;
+    Ok(())
 }

@@ -2,10 +2,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
+use tokio::net::{TcpListener, TcpStream};
 use torpor_control::ServiceLink;
 use tracing::{debug, warn};
 
@@ -16,21 +13,10 @@ pub async fn run(
     link: Arc<ServiceLink>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (client, peer) = accepted?;
-                let _ = client.set_nodelay(true);
-                conns.spawn(forward(client, peer, backend, link.clone()));
-            }
-        }
-    }
-    conns.shutdown().await;
-    Ok(())
+    crate::accept_loop(listener, shutdown, |client, peer| {
+        forward(client, peer, backend, link.clone())
+    })
+    .await
 }
 
 async fn forward(

@@ -288,18 +288,7 @@ impl PoolClient {
                     got += bytes.len() as u64;
                     sink(bytes).map_err(ClientError::Sink)?;
                 }
-                Frame::Control(p) => {
-                    return match wire::decode_control(p)? {
-                        Response::FileEnd { size } if size == got => Ok(size),
-                        Response::FileEnd { size } => Err(ClientError::Unexpected(format!(
-                            "file {file:?} ended after {got} bytes, pool says {size}"
-                        ))),
-                        Response::Error { code, message } => {
-                            Err(ClientError::Pool { code, message })
-                        }
-                        other => Err(unexpected(other)),
-                    }
-                }
+                Frame::Control(p) => return file_end(wire::decode_control(p)?, file, got),
             }
         }
     }
@@ -366,16 +355,7 @@ impl PoolClient {
                     self.buf.resize(header.len as usize, 0);
                     stream.read_exact(&mut self.buf).map_err(WireError::Io)?;
                     header.verify(&self.buf)?;
-                    return match wire::decode_control(&self.buf)? {
-                        Response::FileEnd { size } if size == got => Ok(size),
-                        Response::FileEnd { size } => Err(ClientError::Unexpected(format!(
-                            "file {file:?} ended after {got} bytes, pool says {size}"
-                        ))),
-                        Response::Error { code, message } => {
-                            Err(ClientError::Pool { code, message })
-                        }
-                        other => Err(unexpected(other)),
-                    };
+                    return file_end(wire::decode_control(&self.buf)?, file, got);
                 }
             }
         }
@@ -390,6 +370,18 @@ impl PoolClient {
             Response::Deleted { count } => Ok(count),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// The control frame that ends a file transfer: its size must match what arrived.
+fn file_end(resp: Response, file: &str, got: u64) -> Result<u64, ClientError> {
+    match resp {
+        Response::FileEnd { size } if size == got => Ok(size),
+        Response::FileEnd { size } => Err(ClientError::Unexpected(format!(
+            "file {file:?} ended after {got} bytes, pool says {size}"
+        ))),
+        Response::Error { code, message } => Err(ClientError::Pool { code, message }),
+        other => Err(unexpected(other)),
     }
 }
 

@@ -15,4 +15,14 @@ pub mod store;
 pub use addr::{AddrError, PoolAddr};
 pub use client::{ClientError, PoolClient};
 pub use server::{serve, Listener, PoolServerError};
-pub use store::{Store, StoreConfig, StoreError};
+pub use store::{error_chain, Store, StoreConfig, StoreError};
+
+/// A fresh random shared token (32 alphanumerics) for a pool and its clients.
+pub fn random_token() -> String {
+    use rand::Rng;
+    rand::thread_rng()
+        .sample_iter(rand::distributions::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}

@@ -3,7 +3,7 @@
 //! host's iptables.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -141,11 +141,7 @@ fn tcp_listener_and_established_connection_survive() -> Result<()> {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    torpor_bench::harness::free_port().expect("a free port")
 }
 
 #[test]

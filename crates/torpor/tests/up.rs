@@ -2,7 +2,7 @@
 //! request behind their gates, with real CRIU, as root.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::Mutex,
@@ -22,11 +22,7 @@ fn exe() -> &'static str {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    torpor_bench::harness::free_port().expect("a free port")
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -175,14 +175,7 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                 .map_err(UpError::Pool)?;
             let dir = tempfile::Builder::new().prefix("torpor-up-").tempdir()?;
             let addr = PoolAddr::Unix(dir.path().join("pool.sock"));
-            let token: String = {
-                use rand::Rng;
-                rand::thread_rng()
-                    .sample_iter(rand::distributions::Alphanumeric)
-                    .take(32)
-                    .map(char::from)
-                    .collect()
-            };
+            let token = torpor_pool::random_token();
             let listener =
                 torpor_pool::Listener::bind(&addr)
                     .await
