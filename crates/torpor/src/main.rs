@@ -68,6 +68,10 @@ enum Cmd {
         /// The tree runs in a terminal session.
         #[arg(long)]
         shell_job: bool,
+        /// Restore established TCP connections closed instead of keeping them (kept ones
+        /// are held behind iptables rules by CRIU until the restore).
+        #[arg(long)]
+        tcp_close: bool,
         #[arg(long)]
         json: bool,
     },
@@ -83,6 +87,9 @@ enum Cmd {
         /// The tree ran in a terminal session.
         #[arg(long)]
         shell_job: bool,
+        /// The checkpoint was taken with --tcp-close.
+        #[arg(long)]
+        tcp_close: bool,
         #[arg(long)]
         json: bool,
     },
@@ -190,6 +197,14 @@ fn main() -> ExitCode {
     }
 }
 
+fn tcp_mode(close: bool) -> torpor_criu::TcpConnections {
+    if close {
+        torpor_criu::TcpConnections::Close
+    } else {
+        torpor_criu::TcpConnections::Keep
+    }
+}
+
 fn criu() -> Result<CriuBinary> {
     Ok(CriuBinary::locate()?)
 }
@@ -236,11 +251,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pool,
             leave_running,
             shell_job,
+            tcp_close,
             json,
         } => {
             let opts = CheckpointOptions {
                 leave_running,
                 shell_job,
+                tcp: tcp_mode(tcp_close),
                 ..Default::default()
             };
             let r = torpor_criu::checkpoint_to_pool(&criu()?, pid, &name, &pool.target()?, &opts)?;
@@ -279,10 +296,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pool,
             generation,
             shell_job,
+            tcp_close,
             json,
         } => {
             let opts = RestoreOptions {
                 shell_job,
+                tcp: tcp_mode(tcp_close),
                 ..Default::default()
             };
             let r = torpor_criu::restore_from_pool(
