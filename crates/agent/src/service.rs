@@ -10,7 +10,9 @@ use serde::Serialize;
 use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
 use torpor_criu::{procs, CheckpointOptions, RestoreOptions, TcpConnections};
-use torpor_policy::{decide_sleep, prewarm_at, PolicyConfig, SleepDecision, SnapshotTier};
+use torpor_policy::{
+    decide_sleep, prewarm_at, prewarm_hold_until, PolicyConfig, SleepDecision, SnapshotTier,
+};
 use torpor_pool::error_chain;
 use tracing::warn;
 
@@ -367,8 +369,18 @@ impl Managed {
                     .link
                     .with_arrivals(|a| prewarm_at(&self.spec.policy, a, expected_wake));
                 if let Some(at) = at {
-                    if at > asleep_at && self.link.now() >= at {
+                    let now = self.link.now();
+                    if at > asleep_at && now >= at {
                         self.wake(WakeCause::Prewarm).await;
+                        // Stay up for the predicted request, or the pre-warm was for nothing.
+                        let hold = self
+                            .link
+                            .with_arrivals(|a| prewarm_hold_until(&self.spec.policy, a));
+                        if let Some(until) = hold {
+                            let left = until.saturating_sub(self.link.now());
+                            self.rt.lock().expect("runtime lock").sleep_not_before =
+                                Instant::now() + left;
+                        }
                     }
                 }
             }

@@ -2,19 +2,47 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-/// Log-spaced histogram of inter-arrival gaps: bucket `i` holds gaps in
-/// `[2^i, 2^(i+1))` milliseconds (bucket 0 also takes gaps under 1 ms). 32 buckets reach
-/// beyond a month, so no gap is dropped.
-#[derive(Debug, Clone, Default)]
+/// Sub-buckets per power of two: quarter octaves, so a bucket spans at most 25 % of its
+/// lower edge (a 1.5 s period lands in [1.28, 1.536) s).
+const SUBS: usize = 4;
+/// Octaves of milliseconds covered: 2^40 ms is decades, so no gap is dropped.
+const OCTAVES: usize = 40;
+
+/// Log-spaced histogram of inter-arrival gaps in milliseconds, quarter-octave resolution.
+#[derive(Debug, Clone)]
 pub struct InterArrivalHistogram {
-    buckets: [u64; 32],
+    buckets: [u64; OCTAVES * SUBS],
     count: u64,
+}
+
+impl Default for InterArrivalHistogram {
+    fn default() -> Self {
+        InterArrivalHistogram {
+            buckets: [0; OCTAVES * SUBS],
+            count: 0,
+        }
+    }
 }
 
 impl InterArrivalHistogram {
     fn bucket(gap: Duration) -> usize {
-        let ms = gap.as_millis().max(1) as u64;
-        (63 - ms.leading_zeros() as usize).min(31)
+        let ms = (gap.as_millis().max(1) as u64).min((1 << OCTAVES) - 1);
+        let octave = 63 - ms.leading_zeros() as usize;
+        // The two bits below the leading one pick the quarter.
+        let sub = if octave >= 2 {
+            (ms >> (octave - 2)) & 3
+        } else {
+            (ms << (2 - octave)) & 3
+        } as usize;
+        octave * SUBS + sub
+    }
+
+    /// Lower and upper edge of bucket `i`, in milliseconds (bucket 0 starts at 0).
+    fn edges(i: usize) -> (u64, u64) {
+        let (octave, sub) = ((i / SUBS) as u64, (i % SUBS) as u64);
+        let lower = ((4 + sub) << octave) / 4;
+        let upper = ((5 + sub) << octave) / 4;
+        (if i == 0 { 0 } else { lower }, upper.max(1))
     }
 
     pub fn record(&mut self, gap: Duration) {
@@ -26,22 +54,29 @@ impl InterArrivalHistogram {
         self.count
     }
 
-    /// The gap below which a fraction `q` of recorded gaps fall, at bucket resolution (the
-    /// bucket's lower edge, so predictions err early). `None` when empty.
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
+    fn quantile_bucket(&self, q: f64) -> Option<usize> {
         if self.count == 0 {
             return None;
         }
         let target = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
+        self.buckets.iter().position(|n| {
             seen += n;
-            if seen >= target {
-                let lower = if i == 0 { 0 } else { 1u64 << i };
-                return Some(Duration::from_millis(lower));
-            }
-        }
-        None
+            seen >= target
+        })
+    }
+
+    /// The gap below which a fraction `q` of recorded gaps fall, as its bucket's lower edge
+    /// (so predictions of the next arrival err early). `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        self.quantile_bucket(q)
+            .map(|i| Duration::from_millis(Self::edges(i).0))
+    }
+
+    /// The same quantile as its bucket's upper edge (for "by then it has surely come").
+    pub fn quantile_upper(&self, q: f64) -> Option<Duration> {
+        self.quantile_bucket(q)
+            .map(|i| Duration::from_millis(Self::edges(i).1))
     }
 }
 
@@ -133,8 +168,9 @@ mod tests {
         );
         assert_eq!(t.idle_for(2400 * MS), 500 * MS);
         assert_eq!(t.histogram().count(), 19);
-        // 100 ms gaps land in [64, 128) ms.
-        assert_eq!(t.histogram().quantile(0.5), Some(64 * MS));
+        // 100 ms gaps land in [96, 112) ms.
+        assert_eq!(t.histogram().quantile(0.5), Some(96 * MS));
+        assert_eq!(t.histogram().quantile_upper(0.5), Some(112 * MS));
         // After the window passes, the rate falls to zero.
         assert_eq!(t.rate(Duration::from_secs(30)), 0.0);
     }
@@ -150,8 +186,11 @@ mod tests {
         h.record(Duration::from_micros(10));
         h.record(Duration::from_secs(10_000_000));
         assert_eq!(h.quantile(0.0), Some(Duration::ZERO));
-        assert_eq!(h.quantile(0.5), Some(Duration::from_millis(512)));
-        assert_eq!(h.quantile(1.0), Some(Duration::from_millis(1 << 31)));
+        // 1000 ms lands in [896, 1024) ms.
+        assert_eq!(h.quantile(0.5), Some(Duration::from_millis(896)));
+        assert_eq!(h.quantile_upper(0.5), Some(Duration::from_millis(1024)));
+        // 10^10 ms lands in [2^33, 1.25 * 2^33) ms.
+        assert_eq!(h.quantile(1.0), Some(Duration::from_millis(1 << 33)));
     }
 
     #[test]

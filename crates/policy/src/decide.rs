@@ -101,9 +101,9 @@ pub fn decide_sleep(
 ///
 /// The next arrival is predicted as the last arrival plus the 10th percentile of recorded
 /// gaps: nine in ten gaps are longer, so a wake finished by then is rarely too late. Pre-
-/// warming is worth it only when sleeping until then still saves time asleep: the predicted
-/// gap must exceed the idle threshold plus two wake durations (one to sleep's worth of
-/// checkpoint, one to wake); otherwise the service should simply not have slept.
+/// warming is worth it only when the service still sleeps a while in between: the predicted
+/// gap must exceed the idle threshold plus two wake durations (roughly one checkpoint and
+/// one restore); otherwise the service should simply not have slept.
 pub fn prewarm_at(
     cfg: &PolicyConfig,
     arrivals: &ArrivalTracker,
@@ -119,6 +119,14 @@ pub fn prewarm_at(
         return None;
     }
     Some(last + early_gap - expected_wake)
+}
+
+/// Until when (virtual time) a pre-warmed service stays awake for the request it was woken
+/// for: the 90th-percentile gap after the last arrival (upper bucket edge), plus the idle
+/// threshold. Sleeping again earlier would waste the pre-warm.
+pub fn prewarm_hold_until(cfg: &PolicyConfig, arrivals: &ArrivalTracker) -> Option<Duration> {
+    let late_gap = arrivals.histogram().quantile_upper(0.9)?;
+    Some(arrivals.last_arrival()? + late_gap + cfg.idle_threshold)
 }
 
 #[cfg(test)]
@@ -204,9 +212,13 @@ mod tests {
         let t = tracker_with(&arrivals);
         let at = prewarm_at(&cfg, &t, 100 * MS).expect("predictable");
         let last = 60 * S;
-        // 5 s gaps fall in the [4.096, 8.192) s bucket: wake by last + 4.096 s.
+        // 5 s gaps fall in the [4.096, 5.12) s bucket: wake by last + 4.096 s.
         assert_eq!(at, last + 4096 * MS - 100 * MS);
         assert!(at < last + 5 * S, "ready before the next arrival");
+        // And it stays up until the bucket's upper edge plus the idle threshold.
+        let hold = prewarm_hold_until(&cfg, &t).unwrap();
+        assert_eq!(hold, last + 5120 * MS + 500 * MS);
+        assert!(hold > last + 5 * S, "still awake when the request comes");
     }
 
     #[test]

@@ -13,5 +13,6 @@ mod decide;
 
 pub use arrivals::{ArrivalTracker, InterArrivalHistogram};
 pub use decide::{
-    decide_sleep, prewarm_at, AwakeReason, PolicyConfig, SleepDecision, SnapshotTier,
+    decide_sleep, prewarm_at, prewarm_hold_until, AwakeReason, PolicyConfig, SleepDecision,
+    SnapshotTier,
 };

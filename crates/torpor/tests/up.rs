@@ -433,3 +433,41 @@ fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let web = free_port();
+    let up = Up::start(
+        EMBEDDED,
+        &sample_http("tick", web, free_port(), "16MiB", "200ms"),
+    )?;
+    let period = Duration::from_millis(1500);
+    let mut late = Vec::new();
+    for i in 0..14 {
+        let t0 = Instant::now();
+        assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+        let took = t0.elapsed();
+        // Once eight gaps are known, the agent restores ahead of each next request.
+        if i >= 10 {
+            late.push(took);
+        }
+        std::thread::sleep(period.saturating_sub(took));
+    }
+    let s = up.service("tick")?;
+    assert!(s["prewarms"].as_u64() >= Some(2), "{s}\n{}", up.log_text());
+    assert!(
+        s["sleeps"].as_u64() >= Some(10),
+        "it still sleeps between requests: {s}"
+    );
+    let awake = late
+        .iter()
+        .filter(|t| **t < Duration::from_millis(30))
+        .count();
+    assert!(
+        awake >= 3,
+        "pre-warmed requests answered at once: {late:?}\n{}",
+        up.log_text()
+    );
+    Ok(())
+}
