@@ -209,9 +209,10 @@ enum Msg {
 /// State shared between the streamer thread and the coordinator.
 #[derive(Default)]
 struct Capture {
-    /// Set once CRIU reached post-dump: later files (its stats) stay local.
-    after_hook: bool,
+    /// Set by the coordinator once CRIU reached post-dump.
+    hook_reached: bool,
     readers: Vec<JoinHandle<()>>,
+    /// Files CRIU opened after the snapshot was sealed (its stats), kept local.
     late_files: Vec<(String, Vec<u8>)>,
     files: usize,
 }
@@ -280,6 +281,8 @@ pub fn checkpoint_to_pool(
     let criu_done = Arc::new(AtomicBool::new(false));
     let capture = Arc::new(Mutex::new(Capture::default()));
     let (tx, rx) = mpsc::sync_channel::<Msg>(2 * STAGING_BUFFERS);
+    // The streamer thread says when every image CRIU sent before post-dump is in hand.
+    let (sealed_tx, sealed_rx) = mpsc::channel::<()>();
     let writer = spawn_writer(client, rx, buffers.clone(), failed.clone());
     let streamer_thread = {
         let (buffers, failed, criu_done, capture, tx) = (
@@ -295,7 +298,7 @@ pub fn checkpoint_to_pool(
             else {
                 return Ok(());
             };
-            capture_images(&mut sock, &tx, &buffers, &failed, &capture)
+            capture_images(&mut sock, &tx, &buffers, &failed, &capture, &sealed_tx)
         })
     };
 
@@ -319,11 +322,11 @@ pub fn checkpoint_to_pool(
 
     let commit = match outcome {
         Ok(()) => {
-            let readers = {
-                let mut c = capture.lock().expect("capture lock");
-                c.after_hook = true;
-                std::mem::take(&mut c.readers)
-            };
+            capture.lock().expect("capture lock").hook_reached = true;
+            // Requests CRIU sent before running the hook may still sit in the socket; the
+            // streamer thread drains them first (a closed channel means it ended).
+            let _ = sealed_rx.recv();
+            let readers = std::mem::take(&mut capture.lock().expect("capture lock").readers);
             for r in readers {
                 let _ = r.join();
             }
@@ -448,22 +451,45 @@ fn spawn_writer(
     })
 }
 
-/// Serves CRIU's capture connection: one reader thread per image pipe.
+/// Serves CRIU's capture connection: one reader thread per image pipe. Once the coordinator
+/// flags post-dump and no request is pending on the socket, the snapshot is sealed (told
+/// through `sealed`): CRIU wrote every request before running the hook, so none is lost;
+/// what comes later (CRIU's stats) is kept local.
 fn capture_images(
     sock: &mut UnixStream,
     tx: &mpsc::SyncSender<Msg>,
     buffers: &Arc<BufferPool>,
     failed: &Arc<AtomicBool>,
     capture: &Arc<Mutex<Capture>>,
+    sealed: &mpsc::Sender<()>,
 ) -> io::Result<()> {
     let mut next_id = 0u32;
-    while let Some(name) = streamer::read_request(sock)? {
+    let mut is_sealed = false;
+    loop {
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(
+            &mut fds,
+            PollTimeout::try_from(streamer::POLL).unwrap_or(PollTimeout::MAX),
+        )
+        .map_err(io::Error::from)?;
+        if ready == 0 {
+            if !is_sealed && capture.lock().expect("capture lock").hook_reached {
+                is_sealed = true;
+                let _ = sealed.send(());
+            }
+            continue;
+        }
+        let Some(name) = streamer::read_request(sock)? else {
+            break;
+        };
         let pipe = streamer::recv_pipe(sock)?;
         let mut c = capture.lock().expect("capture lock");
-        if c.after_hook {
-            // Written after the verdict (CRIU's stats): read it here, keep it local.
+        if is_sealed {
             let mut bytes = Vec::new();
             File::from(pipe).take(CHUNK_SIZE).read_to_end(&mut bytes)?;
+            if name != "stats-dump" {
+                warn!(file = %name, "CRIU wrote an image after post-dump; not in the snapshot");
+            }
             c.late_files.push((name, bytes));
             continue;
         }

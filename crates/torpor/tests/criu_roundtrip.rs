@@ -79,6 +79,16 @@ fn sample_with_256_mib_comes_back_with_identical_memory_and_keeps_counting() -> 
         SampleClient::connect(svc.addr).is_err(),
         "nobody listens while asleep"
     );
+    // The images CRIU writes last before post-dump (its inventory) must be in the snapshot,
+    // not left behind in the streamer socket when the snapshot is sealed.
+    let manifest = pool.target.connect()?.manifest("counter", None)?;
+    for f in ["inventory.img", "pstree.img"] {
+        assert!(manifest.file(f).is_some(), "{f} in {:?}", manifest.files);
+    }
+    assert!(
+        manifest.file("stats-dump").is_none(),
+        "stats are written after the seal"
+    );
 
     let restored = restore_from_pool(
         &criu(),
