@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
 use torpor_criu::{procs, CheckpointOptions, RestoreOptions, TcpConnections};
@@ -36,7 +36,7 @@ pub struct ServiceSpec {
 }
 
 /// Where a service is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceState {
     Awake,
@@ -45,6 +45,20 @@ pub enum ServiceState {
     Asleep,
     Waking,
     Failed,
+}
+
+impl ServiceState {
+    /// The state's name as `torpor status` and `/metrics` show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Awake => "awake",
+            ServiceState::Draining => "draining",
+            ServiceState::Checkpointing => "checkpointing",
+            ServiceState::Asleep => "asleep",
+            ServiceState::Waking => "waking",
+            ServiceState::Failed => "failed",
+        }
+    }
 }
 
 /// One state change and what it cost.
@@ -60,8 +74,8 @@ pub struct Transition {
     pub detail: String,
 }
 
-/// A service's figures for `torpor status` and `/metrics`.
-#[derive(Debug, Clone, Serialize)]
+/// A service's figures for `torpor status` and `/metrics` (read back by `torpor status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub state: ServiceState,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::arrivals::ArrivalTracker;
 
@@ -35,11 +35,20 @@ impl Default for PolicyConfig {
 }
 
 /// Where a snapshot should live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotTier {
     Memory,
     Tiered,
+}
+
+impl SnapshotTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotTier::Memory => "memory",
+            SnapshotTier::Tiered => "tiered",
+        }
+    }
 }
 
 /// Why a service stays awake.

@@ -454,7 +454,7 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         return Ok(());
     }
     let doc: serde_json::Value = serde_json::from_str(&body)?;
-    let services: Vec<torpor_up::status::ServiceLine> =
+    let services: Vec<torpor_up::status::ServiceStatus> =
         serde_json::from_value(doc["services"].clone())?;
     println!(
         "{:<16} {:<13} {:>7} {:>10} {:>10} {:>5} {:>6} {:>5} {:>8} {:>5} {:>9} {:>9} {:>9} {:>9}",
@@ -481,11 +481,11 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         println!(
             "{:<16} {:<13} {:>7} {:>10} {:>10} {:>5} {:>6} {:>5} {:>8} {:>5} {:>9} {:>9} {:>8.1}s {:>8.1}s{}",
             s.name,
-            s.state,
+            s.state.as_str(),
             s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             format_bytes(s.footprint_bytes),
             s.snapshot_bytes.map(format_bytes).unwrap_or_else(|| "-".into()),
-            s.snapshot_tier.unwrap_or_else(|| "-".into()),
+            s.snapshot_tier.map(|t| t.as_str()).unwrap_or("-"),
             s.sleeps,
             s.wakes,
             s.prewarms,

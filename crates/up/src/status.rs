@@ -7,9 +7,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
-use torpor_agent::{Agent, ServiceStatus, Transition};
+pub use torpor_agent::ServiceStatus;
+use torpor_agent::{Agent, ServiceState, Transition};
 
 /// The `/status` document.
 #[derive(Debug, Serialize)]
@@ -80,13 +81,13 @@ fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
     r
 }
 
-const STATES: [&str; 6] = [
-    "awake",
-    "draining",
-    "checkpointing",
-    "asleep",
-    "waking",
-    "failed",
+const STATES: [ServiceState; 6] = [
+    ServiceState::Awake,
+    ServiceState::Draining,
+    ServiceState::Checkpointing,
+    ServiceState::Asleep,
+    ServiceState::Waking,
+    ServiceState::Failed,
 ];
 
 /// Prometheus text exposition of the services' figures.
@@ -187,40 +188,17 @@ pub fn metrics(services: &[ServiceStatus]) -> String {
     );
     let _ = writeln!(out, "# HELP torpor_service_state 1 for the service's current state.\n# TYPE torpor_service_state gauge");
     for s in services {
-        let current = serde_json::to_value(s.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
         for st in STATES {
             let _ = writeln!(
                 out,
-                "torpor_service_state{{service=\"{}\",state=\"{st}\"}} {}",
+                "torpor_service_state{{service=\"{}\",state=\"{}\"}} {}",
                 s.name,
-                u8::from(current == st)
+                st.as_str(),
+                u8::from(s.state == st)
             );
         }
     }
     out
-}
-
-/// A service line of `/status`, as `torpor status` reads it back.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ServiceLine {
-    pub name: String,
-    pub state: String,
-    pub pid: Option<i32>,
-    pub footprint_bytes: u64,
-    pub snapshot_bytes: Option<u64>,
-    pub snapshot_tier: Option<String>,
-    pub sleeps: u64,
-    pub wakes: u64,
-    pub prewarms: u64,
-    pub cold_starts: u64,
-    pub last_checkpoint_s: Option<f64>,
-    pub last_wake_s: Option<f64>,
-    pub held_now: u64,
-    pub time_asleep_s: f64,
-    pub time_awake_s: f64,
 }
 
 /// Fetches `path` from a running `torpor up`'s status API.
