@@ -126,6 +126,8 @@ pub enum StoredData {
 #[derive(Debug)]
 pub struct DiskFile {
     path: PathBuf,
+    /// Opened once: every served chunk is a positioned read on it, not a fresh open.
+    file: File,
     /// Start of each file's bytes, in manifest order.
     offsets: Vec<u64>,
 }
@@ -251,7 +253,7 @@ impl Store {
                     continue;
                 }
                 match read_snapfile(&path) {
-                    Ok((manifest, offsets)) => {
+                    Ok((manifest, file, offsets)) => {
                         let ns = state.names.entry(manifest.name.clone()).or_default();
                         ns.last_generation = ns.last_generation.max(manifest.generation);
                         info!(name = %manifest.name, generation = manifest.generation, path = %path.display(), "found snapshot in disk tier");
@@ -259,7 +261,11 @@ impl Store {
                             manifest.generation,
                             Entry {
                                 manifest: Arc::new(manifest),
-                                data: StoredData::Disk(Arc::new(DiskFile { path, offsets })),
+                                data: StoredData::Disk(Arc::new(DiskFile {
+                                    path,
+                                    file,
+                                    offsets,
+                                })),
                                 last_used: 0,
                             },
                         );
@@ -357,6 +363,7 @@ impl Store {
         };
         let data_offset = write_snapfile(&path, manifest, chunks).map_err(spill_err)?;
         let offsets = snapfile::file_offsets(manifest, data_offset);
+        let file = File::open(&path).map_err(spill_err)?;
         let mut state = self.state.lock().expect("store lock");
         let entry = state
             .names
@@ -364,7 +371,11 @@ impl Store {
             .and_then(|ns| ns.generations.get_mut(&manifest.generation));
         match entry {
             Some(e) => {
-                e.data = StoredData::Disk(Arc::new(DiskFile { path, offsets }));
+                e.data = StoredData::Disk(Arc::new(DiskFile {
+                    path,
+                    file,
+                    offsets,
+                }));
                 info!(name = %manifest.name, generation = manifest.generation, bytes = manifest.total_bytes(), "spilled snapshot to disk tier (RAM tier full)");
             }
             // Deleted meanwhile: the file is not wanted either.
@@ -574,9 +585,7 @@ impl DiskFile {
             path: self.path.clone(),
             source,
         };
-        File::open(&self.path)
-            .and_then(|f| f.read_exact_at(buf, offset))
-            .map_err(err)
+        self.file.read_exact_at(buf, offset).map_err(err)
     }
 }
 
@@ -701,12 +710,14 @@ fn write_snapfile(path: &Path, manifest: &Manifest, chunks: &[Vec<Chunk>]) -> io
     Ok(prefix.len() as u64)
 }
 
-fn read_snapfile(path: &Path) -> Result<(Manifest, Vec<u64>), SnapfileError> {
+/// Reads and checks a snapshot file's prefix; returns its manifest, the open file and
+/// where each image starts.
+fn read_snapfile(path: &Path) -> Result<(Manifest, File, Vec<u64>), SnapfileError> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
     let prefix = snapfile::decode_prefix(&mut io::BufReader::new(&mut f), len)?;
     let offsets = prefix.file_offsets();
-    Ok((prefix.manifest, offsets))
+    Ok((prefix.manifest, f, offsets))
 }
 
 /// Renders an error with its sources, `a: b: c`.
