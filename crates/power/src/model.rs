@@ -1,0 +1,267 @@
+//! The power model: a profile turned into watts for what the cores did. Busy time costs active
+//! power; idle time is mapped to the deepest idle state a real server of the profile would have
+//! entered, which depends on how long each idle period was (its target residency), so deep sleep
+//! is credited only where it was reachable. Package C6 needs every core of the package deep at
+//! once.
+//!
+//! Measuring nodes smaller than the profile (a 2-vCPU VM against a 48-core server) are a slice of
+//! it: the package floor, DRAM idle and platform power are charged in proportion to the cores
+//! measured, so savings keep their proportions.
+
+use serde::Serialize;
+
+use crate::profile::Profile;
+
+/// Where one core spent an interval, as fractions that sum to 1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CoreResidency {
+    pub busy: f64,
+    /// Per profile idle state, in the profile's order.
+    pub idle: Vec<f64>,
+}
+
+/// Idle time the kernel saw as `entries` idle periods (one cpuidle state's counters over an
+/// interval): the periods' mean length is all that is known of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdleGroup {
+    pub time_s: f64,
+    pub entries: u64,
+}
+
+/// Modelled power of a node (or of the slice of one that was measured), in watts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PowerBreakdown {
+    /// Cores alone (active plus idle-state power).
+    pub cores_w: f64,
+    /// Cores plus the package floor: what RAPL's package domain would read.
+    pub package_w: f64,
+    pub dram_w: f64,
+    /// Outside RAPL: board, fans, PSU loss.
+    pub platform_w: f64,
+    pub total_w: f64,
+}
+
+/// Fraction of idle *time* spent in periods longer than `t` when period lengths are exponential
+/// with mean `mean` (a long period carries more time than a short one, hence the `1 + t/mean`).
+fn time_in_periods_longer_than(t: f64, mean: f64) -> f64 {
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    let x = t / mean;
+    (-x).exp() * (1.0 + x)
+}
+
+impl CoreResidency {
+    /// `busy` and the idle time split over the profile's states. Each group's periods are taken
+    /// as exponential with the group's mean length (all the kernel's counters tell), and a period
+    /// lands in the deepest state whose target residency it reaches.
+    pub fn from_idle_groups(profile: &Profile, busy: f64, groups: &[IdleGroup]) -> CoreResidency {
+        let busy = busy.clamp(0.0, 1.0);
+        let total_idle: f64 = groups.iter().map(|g| g.time_s).sum();
+        let mut idle = vec![0.0; profile.idle_states.len()];
+        if total_idle <= 0.0 {
+            idle[0] = 1.0 - busy;
+            return CoreResidency { busy, idle };
+        }
+        for g in groups.iter().filter(|g| g.time_s > 0.0) {
+            // No exit counted means one period spanned the whole time.
+            let mean = g.time_s / g.entries.max(1) as f64;
+            let share = g.time_s / total_idle * (1.0 - busy);
+            for (k, slot) in idle.iter_mut().enumerate() {
+                let from = if k == 0 {
+                    1.0
+                } else {
+                    let t = profile.idle_states[k].target_residency_us as f64 / 1e6;
+                    time_in_periods_longer_than(t, mean)
+                };
+                let to = profile
+                    .idle_states
+                    .get(k + 1)
+                    .map(|s| time_in_periods_longer_than(s.target_residency_us as f64 / 1e6, mean))
+                    .unwrap_or(0.0);
+                *slot += share * (from - to).max(0.0);
+            }
+        }
+        CoreResidency { busy, idle }
+    }
+
+    /// The same busy time with every idle moment in the shallowest state: the always-on node
+    /// with deep idle off.
+    pub fn all_shallow(profile: &Profile, busy: f64) -> CoreResidency {
+        let busy = busy.clamp(0.0, 1.0);
+        let mut idle = vec![0.0; profile.idle_states.len()];
+        idle[0] = 1.0 - busy;
+        CoreResidency { busy, idle }
+    }
+
+    /// Fraction of the interval in the profile's deepest state.
+    pub fn deepest(&self) -> f64 {
+        self.idle.last().copied().unwrap_or(0.0)
+    }
+}
+
+/// Estimated package C6 residency: every core deep at once, taking the cores as independent.
+pub fn pc6_if_independent(cores: &[CoreResidency]) -> f64 {
+    if cores.is_empty() {
+        return 0.0;
+    }
+    cores.iter().map(CoreResidency::deepest).product()
+}
+
+/// A profile's power model.
+#[derive(Debug, Clone, Copy)]
+pub struct Model<'a> {
+    pub profile: &'a Profile,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(profile: &'a Profile) -> Model<'a> {
+        Model { profile }
+    }
+
+    pub fn core_watts(&self, r: &CoreResidency) -> f64 {
+        r.busy * self.profile.core.active_watts
+            + r.idle
+                .iter()
+                .zip(&self.profile.idle_states)
+                .map(|(f, s)| f * s.core_watts)
+                .sum::<f64>()
+    }
+
+    /// Package-domain power for these cores: their own power plus their share of the package
+    /// floor, lowered by package C6 for `pc6` of the time.
+    pub fn package_watts(&self, cores: &[CoreResidency], pc6: f64) -> (f64, f64) {
+        let p = self.profile;
+        let core_w: f64 = cores.iter().map(|c| self.core_watts(c)).sum();
+        let packages = cores.len() as f64 / p.cores_per_package as f64;
+        let pc6 = pc6.clamp(0.0, 1.0);
+        let uncore =
+            packages * (p.package.c6_floor_watts * (1.0 - pc6) + p.package.pc6_watts * pc6);
+        (core_w, core_w + uncore)
+    }
+
+    /// The node (or the measured slice of it) while up, holding `service_gib` of service memory.
+    pub fn node(&self, cores: &[CoreResidency], pc6: f64, service_gib: f64) -> PowerBreakdown {
+        let p = self.profile;
+        let share = cores.len() as f64 / p.cores() as f64;
+        let (cores_w, package_w) = self.package_watts(cores, pc6);
+        let dram_w = share * p.dram.idle_watts + p.dram.watts_per_gib * service_gib.max(0.0);
+        let platform_w = share * p.platform_watts;
+        PowerBreakdown {
+            cores_w,
+            package_w,
+            dram_w,
+            platform_w,
+            total_w: package_w + dram_w + platform_w,
+        }
+    }
+
+    /// The slice of `cores` cores while the node is suspended.
+    pub fn suspended(&self, cores: usize) -> PowerBreakdown {
+        let share = cores as f64 / self.profile.cores() as f64;
+        let w = share * self.profile.node.suspend_watts;
+        PowerBreakdown {
+            total_w: w,
+            platform_w: w,
+            ..PowerBreakdown::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn icx() -> Profile {
+        Profile::resolve("icx-2s").unwrap()
+    }
+
+    #[test]
+    fn long_idle_periods_reach_c6_and_short_ones_do_not() {
+        let p = icx();
+        // 10 ms periods: nearly all time is in periods past C6's 600 us.
+        let long = CoreResidency::from_idle_groups(
+            &p,
+            0.0,
+            &[IdleGroup {
+                time_s: 1.0,
+                entries: 100,
+            }],
+        );
+        assert!(long.deepest() > 0.99, "{long:?}");
+        // 50 us periods: C6 is almost never worth it, C1E gets most.
+        let short = CoreResidency::from_idle_groups(
+            &p,
+            0.0,
+            &[IdleGroup {
+                time_s: 1.0,
+                entries: 20_000,
+            }],
+        );
+        assert!(short.deepest() < 0.01, "{short:?}");
+        assert!(short.idle[1] > 0.9, "{short:?}");
+    }
+
+    #[test]
+    fn residency_sums_to_one() {
+        let p = icx();
+        let r = CoreResidency::from_idle_groups(
+            &p,
+            0.3,
+            &[
+                IdleGroup {
+                    time_s: 0.2,
+                    entries: 5000,
+                },
+                IdleGroup {
+                    time_s: 0.5,
+                    entries: 300,
+                },
+            ],
+        );
+        let sum: f64 = r.busy + r.idle.iter().sum::<f64>();
+        assert!((sum - 1.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn exponential_time_share_matches_closed_form_edges() {
+        assert_eq!(time_in_periods_longer_than(0.0, 1.0), 1.0);
+        assert!(time_in_periods_longer_than(50.0, 1.0) < 1e-15);
+        // Mean 1, threshold 1: e^-1 * 2.
+        assert!((time_in_periods_longer_than(1.0, 1.0) - 2.0 / std::f64::consts::E).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_full_node_matches_the_profile_figures() {
+        let p = icx();
+        let m = Model::new(&p);
+        let idle_c6: Vec<_> = (0..p.cores())
+            .map(|_| CoreResidency {
+                busy: 0.0,
+                idle: vec![0.0, 0.0, 1.0],
+            })
+            .collect();
+        let b = m.node(&idle_c6, 0.0, 0.0);
+        let expect = 48.0 * 0.05 + 2.0 * 74.9;
+        assert!((b.package_w - expect).abs() < 1e-9, "{b:?}");
+        assert!((b.total_w - (expect + 9.4 + 60.0)).abs() < 1e-9, "{b:?}");
+        let pc6 = m.node(&idle_c6, 1.0, 0.0);
+        assert!(pc6.package_w < b.package_w);
+    }
+
+    #[test]
+    fn shallow_only_costs_more_than_deep_idle() {
+        let p = icx();
+        let m = Model::new(&p);
+        let deep = CoreResidency::from_idle_groups(
+            &p,
+            0.1,
+            &[IdleGroup {
+                time_s: 0.9,
+                entries: 90,
+            }],
+        );
+        let shallow = CoreResidency::all_shallow(&p, 0.1);
+        assert!(m.core_watts(&shallow) > m.core_watts(&deep));
+    }
+}
