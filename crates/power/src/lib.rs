@@ -7,8 +7,28 @@
 pub mod calibrate;
 pub mod model;
 pub mod profile;
+pub mod render;
 pub mod turbostat;
 
 pub use model::{CoreResidency, IdleGroup, Model, PowerBreakdown};
 pub use profile::{Profile, ProfileError};
 pub use turbostat::{TurbostatError, TurbostatLog};
+
+pub mod cpuidle;
+pub mod cpulist;
+pub mod rapl;
+pub mod telemetry;
+
+pub use cpuidle::HostRoots;
+pub use telemetry::{IntervalReport, PowerSource, Sample};
+
+use std::path::PathBuf;
+
+/// Why the node's counters could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Malformed(PathBuf, String),
+}

@@ -1,5 +1,7 @@
 //! The `torpor` command: parses arguments and calls the libraries. One subcommand per role.
 
+mod power;
+
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Instant};
 
 use anyhow::{bail, Context, Result};
@@ -93,6 +95,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Power: live C-state residency and power (measured or modelled), turbostat logs,
+    /// profile calibration.
+    Power(power::PowerArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -324,6 +329,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Cmd::Power(args) => power::run(args)?,
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
         Cmd::SampleService {
