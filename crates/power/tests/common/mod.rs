@@ -1,8 +1,6 @@
 //! A fake host tree (sysfs, procfs, cgroup fs, /dev) for tests of code that must never touch the
 //! real knobs.
 
-#![allow(dead_code)] // each test binary uses a different part
-
 use std::path::{Path, PathBuf};
 
 pub struct FakeHost {

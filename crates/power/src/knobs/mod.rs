@@ -1,0 +1,539 @@
+//! The power knobs the agent turns, each reversible and each with a dry run that only logs:
+//! idle states disabled on cores left idle (so they go straight to the deepest state), CPUs taken
+//! offline, cpusets that consolidate awake services onto few cores, a PM QoS latency request, and
+//! node sleep hooks. Every change goes into the journal before it is made, so `undo_all` (or
+//! the next start, after a crash) puts everything back. All paths are under [`KnobRoots`].
+
+pub mod journal;
+mod plan;
+
+pub use journal::{Change, Journal, JournalError};
+pub use plan::{consolidate, CorePlan};
+
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// Where the knobs live: `/sys`, the cgroup mount, `/dev/cpu_dma_latency`, `/proc` (to find
+/// our own cgroup); a fake tree in tests.
+#[derive(Debug, Clone)]
+pub struct KnobRoots {
+    pub sys: PathBuf,
+    pub cgroup: PathBuf,
+    pub cpu_dma_latency: PathBuf,
+    pub proc: PathBuf,
+}
+
+impl Default for KnobRoots {
+    fn default() -> Self {
+        KnobRoots {
+            sys: "/sys".into(),
+            cgroup: "/sys/fs/cgroup".into(),
+            cpu_dma_latency: "/dev/cpu_dma_latency".into(),
+            proc: "/proc".into(),
+        }
+    }
+}
+
+impl KnobRoots {
+    pub fn under(root: &Path) -> KnobRoots {
+        KnobRoots {
+            sys: root.join("sys"),
+            cgroup: root.join("cgroup"),
+            cpu_dma_latency: root.join("dev/cpu_dma_latency"),
+            proc: root.join("proc"),
+        }
+    }
+
+    fn cpu(&self, cpu: usize) -> PathBuf {
+        self.sys.join(format!("devices/system/cpu/cpu{cpu}"))
+    }
+}
+
+/// Why a knob could not be turned or put back.
+#[derive(Debug, Error)]
+pub enum KnobError {
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("knob journal")]
+    Journal(#[from] JournalError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("hook {command:?}: {problem}")]
+    Hook { command: String, problem: String },
+}
+
+fn read(path: &Path) -> Result<String, KnobError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| KnobError::Read(path.into(), e))
+}
+
+/// Which cgroup hierarchy holds cpusets.
+#[derive(Debug, Clone)]
+enum Cpusets {
+    /// Unified hierarchy: the cpuset controller is enabled down to our cgroups.
+    V2 { root: PathBuf },
+    /// Legacy cpuset hierarchy: a new cgroup needs `cpuset.mems` too.
+    V1 { root: PathBuf },
+}
+
+/// The node's knobs and the journal of what was changed.
+#[derive(Debug)]
+pub struct Knobs {
+    roots: KnobRoots,
+    dry_run: bool,
+    journal: Journal,
+    /// The open `/dev/cpu_dma_latency`: the kernel keeps the request while it is open (and drops
+    /// it when we exit, crash included, so it needs no journal).
+    pm_qos: Option<std::fs::File>,
+}
+
+/// Name of the cgroup under which torpor puts services.
+const CGROUP: &str = "torpor";
+
+impl Knobs {
+    /// Opens the journal and first undoes whatever a previous run left in it. Returns what was
+    /// undone, for the log.
+    pub fn open(
+        roots: KnobRoots,
+        journal: &Path,
+        dry_run: bool,
+    ) -> Result<(Knobs, Vec<String>), KnobError> {
+        let (journal, leftover) = Journal::open(journal)?;
+        let mut knobs = Knobs {
+            roots,
+            dry_run,
+            journal,
+            pm_qos: None,
+        };
+        let mut undone = Vec::new();
+        for change in leftover {
+            // A leftover is a real change from a real run, so it is undone even in a dry run.
+            knobs.undo_change(&change, false)?;
+            undone.push(describe(&change));
+        }
+        if !undone.is_empty() {
+            warn!(
+                changes = undone.len(),
+                "undid knob changes a previous run left behind"
+            );
+        }
+        Ok((knobs, undone))
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    pub fn roots(&self) -> &KnobRoots {
+        &self.roots
+    }
+
+    /// Changes in force now, oldest first.
+    pub fn changes(&self) -> &[Change] {
+        self.journal.changes()
+    }
+
+    /// Writes `value` to an attribute, journaling its first original value.
+    fn set(&mut self, path: &Path, value: &str) -> Result<(), KnobError> {
+        if self.dry_run {
+            info!(path = %path.display(), value, "dry run: would write");
+            return Ok(());
+        }
+        let journaled = self
+            .journal
+            .changes()
+            .iter()
+            .any(|c| matches!(c, Change::File { path: p, .. } if p == path));
+        if !journaled {
+            let original = read(path)?;
+            if original == value {
+                return Ok(());
+            }
+            self.journal.push(Change::File {
+                path: path.into(),
+                original,
+            })?;
+        }
+        write_attr(path, value)
+    }
+
+    /// Writes back the original of `path`, if torpor changed it.
+    fn restore(&mut self, path: &Path) -> Result<(), KnobError> {
+        let found = self
+            .journal
+            .changes()
+            .iter()
+            .rev()
+            .find(|c| matches!(c, Change::File { path: p, .. } if p == path))
+            .cloned();
+        match found {
+            Some(change) => self.undo_change(&change, self.dry_run),
+            None => Ok(()),
+        }
+    }
+
+    fn undo_change(&mut self, change: &Change, dry_run: bool) -> Result<(), KnobError> {
+        if dry_run {
+            info!(change = %describe(change), "dry run: would undo");
+            return Ok(());
+        }
+        match change {
+            Change::File { path, original } => write_attr(path, original)?,
+            Change::CreatedCgroup { path, parent_procs } => remove_cgroup(path, parent_procs)?,
+            Change::Controller {
+                subtree_control,
+                controller,
+            } => write_attr(subtree_control, &format!("-{controller}"))?,
+            Change::NodeAsleep { wake_command } => run_hook(wake_command)?,
+        }
+        self.journal.remove(change)?;
+        Ok(())
+    }
+
+    /// Puts back every change, newest first; keeps going past failures and reports the first.
+    pub fn undo_all(&mut self) -> Result<usize, KnobError> {
+        self.release_latency();
+        let changes: Vec<Change> = self.journal.changes().iter().rev().cloned().collect();
+        let mut first_error = None;
+        for change in &changes {
+            if let Err(e) = self.undo_change(change, false) {
+                warn!(change = %describe(change), error = %e, "could not undo a knob change");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(changes.len()),
+        }
+    }
+
+    // ---- idle states ----
+
+    /// Leaves `cpu` only its deepest enabled idle state, so an idle core does not linger in
+    /// shallow ones (the menu governor picks shallow states when it expects a wake-up soon).
+    pub fn deep_idle_only(&mut self, cpu: usize) -> Result<(), KnobError> {
+        let states = self.idle_state_dirs(cpu)?;
+        let Some(deepest) = states
+            .iter()
+            .rposition(|d| read(&d.join("disable")).map(|v| v == "0").unwrap_or(false))
+        else {
+            return Ok(());
+        };
+        for dir in &states[..deepest] {
+            self.set(&dir.join("disable"), "1")?;
+        }
+        Ok(())
+    }
+
+    /// Gives `cpu` its idle states back as they were.
+    pub fn restore_idle_states(&mut self, cpu: usize) -> Result<(), KnobError> {
+        for dir in self.idle_state_dirs(cpu)? {
+            self.restore(&dir.join("disable"))?;
+        }
+        Ok(())
+    }
+
+    fn idle_state_dirs(&self, cpu: usize) -> Result<Vec<PathBuf>, KnobError> {
+        let base = self.roots.cpu(cpu).join("cpuidle");
+        Ok((0..)
+            .map(|i| base.join(format!("state{i}")))
+            .take_while(|d| d.is_dir())
+            .collect())
+    }
+
+    // ---- CPU offline ----
+
+    /// Takes `cpu` offline. CPU 0 (often not removable) and the last online CPU are refused.
+    pub fn take_offline(&mut self, cpu: usize) -> Result<(), KnobError> {
+        if cpu == 0 {
+            return Err(KnobError::Refused("cpu0 stays online".into()));
+        }
+        let online = self.roots.sys.join("devices/system/cpu/online");
+        let cpus = crate::cpulist::parse(&read(&online)?).map_err(KnobError::Refused)?;
+        if cpus.len() <= 1 || !cpus.contains(&cpu) {
+            return Ok(());
+        }
+        self.set(&self.roots.cpu(cpu).join("online"), "0")
+    }
+
+    /// Brings `cpu` back online if torpor took it offline.
+    pub fn bring_online(&mut self, cpu: usize) -> Result<(), KnobError> {
+        self.restore(&self.roots.cpu(cpu).join("online"))
+    }
+
+    // ---- cpusets ----
+
+    fn cpusets(&self) -> Cpusets {
+        if self.roots.cgroup.join("cgroup.controllers").exists() {
+            Cpusets::V2 {
+                root: self.roots.cgroup.clone(),
+            }
+        } else {
+            Cpusets::V1 {
+                root: self.roots.cgroup.join("cpuset"),
+            }
+        }
+    }
+
+    /// Where processes go back to when torpor's cgroups are removed: the cgroup torpor itself
+    /// runs in (from /proc/self/cgroup), else the hierarchy's root.
+    fn home_procs(&self, root: &Path, v2: bool) -> PathBuf {
+        let own = std::fs::read_to_string(self.roots.proc.join("self/cgroup")).unwrap_or_default();
+        let rel = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let ours = if v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "cpuset")
+            };
+            ours.then(|| path.trim_start_matches('/').to_string())
+        });
+        let dir = match rel {
+            Some(rel) if !rel.is_empty() && root.join(&rel).is_dir() => root.join(rel),
+            _ => root.to_path_buf(),
+        };
+        dir.join("cgroup.procs")
+    }
+
+    fn make_cgroup(&mut self, path: &Path, parent_procs: PathBuf) -> Result<(), KnobError> {
+        if path.is_dir() {
+            return Ok(());
+        }
+        if self.dry_run {
+            info!(path = %path.display(), "dry run: would create cgroup");
+            return Ok(());
+        }
+        self.journal.push(Change::CreatedCgroup {
+            path: path.into(),
+            parent_procs,
+        })?;
+        std::fs::create_dir(path).map_err(|e| KnobError::Write(path.into(), e))
+    }
+
+    /// The cgroup of `group` (a service) limited to `cpus`; created with its parent on first
+    /// use. Returns its directory.
+    pub fn cpuset(&mut self, group: &str, cpus: &BTreeSet<usize>) -> Result<PathBuf, KnobError> {
+        if cpus.is_empty() {
+            return Err(KnobError::Refused(format!(
+                "cpuset for {group} would have no CPU"
+            )));
+        }
+        let list = crate::cpulist::format(cpus);
+        let (root, v2) = match self.cpusets() {
+            Cpusets::V2 { root } => (root, true),
+            Cpusets::V1 { root } => (root, false),
+        };
+        let home = self.home_procs(&root, v2);
+        let base = root.join(CGROUP);
+        let dir = base.join(group);
+        if v2 {
+            let control = root.join("cgroup.subtree_control");
+            let enabled = read(&control).unwrap_or_default();
+            if !enabled.split_whitespace().any(|c| c == "cpuset") {
+                if self.dry_run {
+                    info!(path = %control.display(), "dry run: would enable the cpuset controller");
+                } else {
+                    self.journal.push(Change::Controller {
+                        subtree_control: control.clone(),
+                        controller: "cpuset".into(),
+                    })?;
+                    write_attr(&control, "+cpuset")?;
+                }
+            }
+            self.make_cgroup(&base, home.clone())?;
+            self.write_own(&base.join("cgroup.subtree_control"), "+cpuset")?;
+            self.make_cgroup(&dir, home)?;
+        } else {
+            let mems = read(&root.join("cpuset.mems")).unwrap_or_else(|_| "0".into());
+            let all = read(&root.join("cpuset.cpus")).unwrap_or_else(|_| list.clone());
+            self.make_cgroup(&base, home.clone())?;
+            self.write_own(&base.join("cpuset.cpus"), &all)?;
+            self.write_own(&base.join("cpuset.mems"), &mems)?;
+            self.make_cgroup(&dir, home)?;
+            self.write_own(&dir.join("cpuset.mems"), &mems)?;
+        }
+        self.write_own(&dir.join("cpuset.cpus"), &list)?;
+        Ok(dir)
+    }
+
+    /// Moves processes into `group`'s cpuset (made with [`Knobs::cpuset`]).
+    pub fn attach(&mut self, group: &str, pids: &[i32]) -> Result<(), KnobError> {
+        let root = match self.cpusets() {
+            Cpusets::V2 { root } | Cpusets::V1 { root } => root,
+        };
+        let procs = root.join(CGROUP).join(group).join("cgroup.procs");
+        for pid in pids {
+            self.write_own(&procs, &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes into a cgroup torpor made (removing the cgroup undoes it, so no journal entry).
+    fn write_own(&self, path: &Path, value: &str) -> Result<(), KnobError> {
+        if self.dry_run {
+            info!(path = %path.display(), value, "dry run: would write");
+            return Ok(());
+        }
+        write_attr(path, value)
+    }
+
+    // ---- PM QoS ----
+
+    /// Holds a CPU latency request of `us` microseconds (the deepest states whose exit latency
+    /// exceeds it are avoided) until [`Knobs::release_latency`].
+    pub fn hold_latency(&mut self, us: i32) -> Result<(), KnobError> {
+        let path = self.roots.cpu_dma_latency.clone();
+        if self.dry_run {
+            info!(path = %path.display(), us, "dry run: would hold a PM QoS latency request");
+            return Ok(());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| KnobError::Write(path.clone(), e))?;
+        f.write_all(&us.to_ne_bytes())
+            .map_err(|e| KnobError::Write(path, e))?;
+        self.pm_qos = Some(f);
+        Ok(())
+    }
+
+    /// Drops the PM QoS request (closing the file is what releases it).
+    pub fn release_latency(&mut self) {
+        if self.pm_qos.take().is_some() {
+            info!("PM QoS latency request released");
+        }
+    }
+
+    pub fn holds_latency(&self) -> bool {
+        self.pm_qos.is_some()
+    }
+
+    // ---- node sleep ----
+
+    /// Runs the node sleep hook; its wake counterpart is journaled first, so it runs even if
+    /// torpor dies while the node sleeps.
+    pub fn node_sleep(
+        &mut self,
+        sleep_command: &[String],
+        wake_command: &[String],
+    ) -> Result<(), KnobError> {
+        if self.dry_run {
+            info!(command = ?sleep_command, "dry run: would run the node sleep hook");
+            return Ok(());
+        }
+        let change = Change::NodeAsleep {
+            wake_command: wake_command.to_vec(),
+        };
+        self.journal.push(change.clone())?;
+        if let Err(e) = run_hook(sleep_command) {
+            self.journal.remove(&change)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Runs the wake hook if the node sleep hook ran.
+    pub fn node_wake(&mut self) -> Result<bool, KnobError> {
+        let asleep = self
+            .journal
+            .changes()
+            .iter()
+            .rev()
+            .find(|c| matches!(c, Change::NodeAsleep { .. }))
+            .cloned();
+        match asleep {
+            Some(change) => self.undo_change(&change, false).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+fn write_attr(path: &Path, value: &str) -> Result<(), KnobError> {
+    // One write(2) per value: sysfs and cgroup files take a value per write.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .or_else(|e| {
+            // A fake tree has no file yet; real sysfs and cgroupfs always do.
+            if e.kind() == std::io::ErrorKind::NotFound && path.parent().is_some_and(Path::is_dir) {
+                std::fs::File::create(path)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| KnobError::Write(path.into(), e))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| KnobError::Write(path.into(), e))
+}
+
+fn remove_cgroup(path: &Path, parent_procs: &Path) -> Result<(), KnobError> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.split_whitespace() {
+        if let Err(e) = write_attr(parent_procs, pid) {
+            warn!(pid, error = %e, "could not move a process out of torpor's cgroup");
+        }
+    }
+    if std::fs::remove_dir(path).is_ok() {
+        return Ok(());
+    }
+    // A fake tree holds plain files where cgroupfs has interface files that vanish with rmdir.
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.path().is_file() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    std::fs::remove_dir(path).map_err(|e| KnobError::Write(path.into(), e))
+}
+
+fn run_hook(command: &[String]) -> Result<(), KnobError> {
+    let Some((program, args)) = command.split_first() else {
+        return Ok(());
+    };
+    let shown = command.join(" ");
+    info!(command = %shown, "running node hook");
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .map_err(|e| KnobError::Hook {
+            command: shown.clone(),
+            problem: e.to_string(),
+        })?;
+    if !status.success() {
+        return Err(KnobError::Hook {
+            command: shown,
+            problem: status.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// One line for logs and `torpor status`.
+pub fn describe(change: &Change) -> String {
+    match change {
+        Change::File { path, original } => format!("{} (was {original:?})", path.display()),
+        Change::CreatedCgroup { path, .. } => format!("cgroup {}", path.display()),
+        Change::Controller {
+            subtree_control,
+            controller,
+        } => format!("+{controller} in {}", subtree_control.display()),
+        Change::NodeAsleep { wake_command } => {
+            format!("node asleep (wake: {})", wake_command.join(" "))
+        }
+    }
+}
