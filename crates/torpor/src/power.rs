@@ -143,7 +143,7 @@ fn live(args: LiveArgs) -> Result<()> {
     let count = if args.once { Some(1) } else { args.count };
     let mut before = Sample::take(&roots).context("reading this machine's counters")?;
     let mut done = 0;
-    while count.is_none_or(|c| done < c) {
+    while !matches!(count, Some(c) if done >= c) {
         std::thread::sleep(args.interval);
         let after = Sample::take(&roots).context("reading this machine's counters")?;
         let report = IntervalReport::between(&before, &after, &profile);
