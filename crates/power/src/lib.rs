@@ -16,6 +16,7 @@ pub use turbostat::{TurbostatError, TurbostatLog};
 
 pub mod cpuidle;
 pub mod cpulist;
+pub mod energy;
 pub mod knobs;
 pub mod rapl;
 pub mod telemetry;
