@@ -5,11 +5,14 @@
 //! connections, open the link). A restore that fails, or a missing or corrupt snapshot, ends
 //! in a cold start from the service's command. Every transition is recorded with its duration.
 
+mod node;
 mod process;
 mod service;
 
+pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
 pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition};
+pub use torpor_power::energy::EnergyReport;
 
 use std::{
     collections::VecDeque,
@@ -22,7 +25,9 @@ use tokio::{sync::watch, task::JoinSet};
 use torpor_control::ServiceLink;
 use torpor_criu::{CriuBinary, PoolTarget};
 
+use node::{AwakeService, NodePower};
 use service::Managed;
+use torpor_power::energy::ServiceUsage;
 
 /// Why the agent could not start.
 #[derive(Debug, Error)]
@@ -31,6 +36,8 @@ pub enum AgentError {
     Subreaper(#[source] std::io::Error),
     #[error("cannot prepare runc for the containers")]
     Runc(#[source] std::io::Error),
+    #[error("cannot start node power")]
+    Power(#[from] NodePowerError),
     #[error("service {name:?} did not start")]
     Start {
         name: String,
@@ -53,7 +60,14 @@ pub(crate) struct Shared {
     _runc_dir: Option<tempfile::TempDir>,
     pub started: tokio::time::Instant,
     pub transitions: Mutex<VecDeque<Transition>>,
+    /// Knobs and energy account; `None` when power is off.
+    pub node: Option<Arc<NodePower>>,
+    /// A service slept or woke: the node loop re-plans the cores.
+    pub replan: tokio::sync::Notify,
 }
+
+/// How often the energy account samples the node.
+const ENERGY_TICK: Duration = Duration::from_secs(1);
 
 /// The agent of one node.
 #[derive(Debug)]
@@ -68,8 +82,13 @@ impl Agent {
         criu: CriuBinary,
         pool: PoolTarget,
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
+        power: Option<NodePowerConfig>,
     ) -> Result<Agent, AgentError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
+        let node = match power {
+            Some(p) => Some(Arc::new(NodePower::start(p)?)),
+            None => None,
+        };
         let containers = services
             .iter()
             .any(|(s, _)| matches!(s.launch, Launch::Container { .. }));
@@ -87,6 +106,8 @@ impl Agent {
             _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
+            node,
+            replan: tokio::sync::Notify::new(),
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
@@ -94,6 +115,9 @@ impl Agent {
             if let Err(source) = m.cold_start_initial().await {
                 for started in &managed {
                     Managed::stop(started).await;
+                }
+                if let Some(node) = &shared.node {
+                    node.restore_all();
                 }
                 return Err(AgentError::Start {
                     name: m.spec.name.clone(),
@@ -114,15 +138,76 @@ impl Agent {
         for m in &self.services {
             loops.spawn(Managed::run(m.clone(), shutdown.clone()));
         }
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                break;
+        if let Some(node) = &self.shared.node {
+            self.replan(node);
+            let mut tick = tokio::time::interval(ENERGY_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut last_cpu: Vec<(f64, f64)> =
+                self.services.iter().map(|m| m.cpu_counters()).collect();
+            while !*shutdown.borrow() {
+                tokio::select! {
+                    r = shutdown.changed() => if r.is_err() { break },
+                    _ = self.shared.replan.notified() => self.replan(node),
+                    _ = tick.tick() => {
+                        let mut usage = Vec::new();
+                        let mut ended = 0.0;
+                        let mut all_asleep = true;
+                        for (m, last) in self.services.iter().zip(&mut last_cpu) {
+                            let (total, ended_total) = m.cpu_counters();
+                            let s = m.status();
+                            all_asleep &= s.state == ServiceState::Asleep;
+                            usage.push(ServiceUsage {
+                                name: s.name,
+                                cpu_s: (total - last.0).max(0.0),
+                                resident_bytes: if s.pid.is_some() { s.footprint_bytes } else { 0 },
+                                footprint_bytes: s.footprint_bytes,
+                            });
+                            ended += (ended_total - last.1).max(0.0);
+                            *last = (total, ended_total);
+                        }
+                        let node = node.clone();
+                        // Node sleep hooks may block for as long as the node sleeps.
+                        let _ = tokio::task::spawn_blocking(move || node.tick(usage, ended, all_asleep)).await;
+                    }
+                }
+            }
+        } else {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
             }
         }
         while loops.join_next().await.is_some() {}
         for m in &self.services {
             Managed::stop(m).await;
         }
+        if let Some(node) = &self.shared.node {
+            node.restore_all();
+        }
+    }
+
+    fn replan(&self, node: &NodePower) {
+        let awake: Vec<AwakeService> = self
+            .services
+            .iter()
+            .filter_map(|m| m.awake_for_plan())
+            .collect();
+        node.settle(&awake);
+    }
+
+    /// The energy account so far, when node power is on.
+    pub fn energy(&self) -> Option<EnergyReport> {
+        self.shared.node.as_ref().map(|n| n.energy())
+    }
+
+    /// Power knob changes in force now.
+    pub fn knob_changes(&self) -> Vec<String> {
+        self.shared
+            .node
+            .as_ref()
+            .map_or_else(Vec::new, |n| n.knob_changes())
     }
 
     /// Each service's figures now.

@@ -96,6 +96,9 @@ pub struct ServiceStatus {
     pub rejected_requests: u64,
     pub time_asleep_s: f64,
     pub time_awake_s: f64,
+    /// CPU seconds its processes used, over all their lives.
+    #[serde(default)]
+    pub cpu_s: f64,
 }
 
 #[derive(Debug)]
@@ -111,6 +114,12 @@ struct Runtime {
     asleep_at: Duration,
     asleep_total: Duration,
     awake_total: Duration,
+    /// CPU seconds of the current process tree at the last tick.
+    life_cpu_s: f64,
+    /// CPU seconds of trees that have ended (their time is in our RUSAGE_CHILDREN).
+    ended_cpu_s: f64,
+    /// Recent CPU use in CPUs (smoothed), for consolidation.
+    demand_cpus: f64,
     status: ServiceStatus,
 }
 
@@ -156,6 +165,7 @@ impl Managed {
             rejected_requests: 0,
             time_asleep_s: 0.0,
             time_awake_s: 0.0,
+            cpu_s: 0.0,
         };
         Managed {
             spec,
@@ -170,9 +180,37 @@ impl Managed {
                 asleep_at: Duration::ZERO,
                 asleep_total: Duration::ZERO,
                 awake_total: Duration::ZERO,
+                life_cpu_s: 0.0,
+                ended_cpu_s: 0.0,
+                demand_cpus: 0.0,
                 status,
             }),
         }
+    }
+
+    /// The process tree is gone: its CPU time now sits in our children's usage.
+    fn end_life(&self) {
+        let mut rt = self.rt.lock().expect("runtime lock");
+        rt.ended_cpu_s += rt.life_cpu_s;
+        rt.life_cpu_s = 0.0;
+        rt.demand_cpus = 0.0;
+    }
+
+    /// (CPU seconds over all lives, CPU seconds of ended lives), for the energy account.
+    pub fn cpu_counters(&self) -> (f64, f64) {
+        let rt = self.rt.lock().expect("runtime lock");
+        (rt.status.cpu_s, rt.ended_cpu_s)
+    }
+
+    /// The service as consolidation sees it, when it is awake.
+    pub fn awake_for_plan(&self) -> Option<crate::node::AwakeService> {
+        let rt = self.rt.lock().expect("runtime lock");
+        let pid = rt.pid.filter(|_| rt.state == ServiceState::Awake)?;
+        Some(crate::node::AwakeService {
+            name: self.spec.name.clone(),
+            pids: procs::tree_pids(pid),
+            demand_cpus: rt.demand_cpus,
+        })
     }
 
     fn state(&self) -> ServiceState {
@@ -357,6 +395,12 @@ impl Managed {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     let pids = procs::tree_pids(pid);
                     rt.status.footprint_bytes = procs::tree_rss_bytes(&pids);
+                    let cpu = procs::tree_cpu_seconds(&pids);
+                    // A tree that lost a process can read lower than before: count from there.
+                    let used = (cpu - rt.life_cpu_s).max(0.0);
+                    rt.life_cpu_s = cpu;
+                    rt.status.cpu_s += used;
+                    rt.demand_cpus = 0.9 * rt.demand_cpus + 0.1 * used / TICK.as_secs_f64();
                     (
                         rt.status.footprint_bytes,
                         rt.expected_wake,
@@ -415,8 +459,10 @@ impl Managed {
             rt.status.restarts += 1;
             rt.pid = None;
         }
+        self.end_life();
         self.bring_up_cold(Instant::now(), "restart after crash")
             .await;
+        self.shared.replan.notify_one();
     }
 
     /// Drain, checkpoint into the pool, release.
@@ -437,6 +483,7 @@ impl Managed {
         match result {
             Ok((generation, bytes, secs)) => {
                 process::reap(pid);
+                self.end_life();
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     rt.pid = None;
@@ -457,6 +504,7 @@ impl Managed {
                     ),
                 );
                 self.link.arm_wake();
+                self.shared.replan.notify_one();
             }
             Err(e) => {
                 warn!(service = %self.spec.name, error = %e, "checkpoint failed; service keeps running");
@@ -473,12 +521,25 @@ impl Managed {
                     format!("checkpoint failed: {e}"),
                 );
                 self.link.open();
+                self.shared.replan.notify_one();
             }
         }
     }
 
-    /// Restore from the pool (cold start if that fails), then open the link.
+    /// Restore from the pool (cold start if that fails), then open the link. The node gets its
+    /// cores back first and re-plans after.
     async fn wake(&self, cause: WakeCause) {
+        if let Some(node) = &self.shared.node {
+            node.before_wake();
+        }
+        self.wake_service(cause).await;
+        if let Some(node) = &self.shared.node {
+            node.after_wake();
+        }
+        self.shared.replan.notify_one();
+    }
+
+    async fn wake_service(&self, cause: WakeCause) {
         let t0 = Instant::now();
         self.transition(
             ServiceState::Waking,
@@ -569,6 +630,7 @@ impl Managed {
         let pid = me.rt.lock().expect("runtime lock").pid.take();
         if let Some(pid) = pid {
             me.kill_tree(pid, Duration::from_secs(2)).await;
+            me.end_life();
         }
     }
 

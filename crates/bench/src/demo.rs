@@ -91,8 +91,8 @@ pub struct DemoSummary {
     pub latency_found_awake: Percentiles,
     pub latency_found_asleep: Percentiles,
     pub services: Vec<ServiceSummary>,
-    /// Energy is not measured yet; the power work adds it.
-    pub energy: Option<String>,
+    /// The node's energy account over the agent's life (measured or modelled, labelled).
+    pub energy: Option<torpor_agent::EnergyReport>,
 }
 
 fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
@@ -110,6 +110,8 @@ fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
 capacity = "{pool}"
 [status]
 listen = "127.0.0.1:0"
+[power]
+profile = "icx-2s"
 
 [[service]]
 name = "web"
@@ -333,7 +335,7 @@ async fn drive(
         latency_found_awake: Percentiles::of(&awake),
         latency_found_asleep: Percentiles::of(&asleep),
         services,
-        energy: None,
+        energy: agent.energy(),
     })
 }
 
@@ -409,5 +411,19 @@ fn print_summary(s: &DemoSummary) {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    println!("  energy: not estimated yet (needs the power model of issue #4)");
+    match &s.energy {
+        Some(e) => {
+            println!("  energy: {}", e.summary_line());
+            println!(
+                "          services {:.1} J, torpor's own work {:.1} J ({:.1} CPU-s), idle and platform {:.1} J; all services asleep {:.0} s",
+                e.services.values().map(|v| v.energy_j).sum::<f64>(),
+                e.torpor_j,
+                e.torpor_cpu_s,
+                e.idle_j,
+                e.all_asleep_s
+            );
+            println!("          scope: {}", e.scope);
+        }
+        None => println!("  energy: not accounted (node power is off)"),
+    }
 }

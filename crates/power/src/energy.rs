@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{pc6_if_independent, CoreResidency, Model},
+    model::{reachable_pc6, CoreResidency, Model},
     profile::Profile,
     rapl::ZoneKind,
     telemetry::{modelled_cores, PowerSource, Sample},
@@ -45,14 +45,14 @@ pub struct Activity {
 }
 
 /// One service's share.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServiceEnergy {
     pub cpu_s: f64,
     pub energy_j: f64,
 }
 
 /// One point of the power history.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct PowerPoint {
     /// Seconds since the account started.
     pub t_s: f64,
@@ -61,7 +61,7 @@ pub struct PowerPoint {
 }
 
 /// The account so far.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnergyReport {
     pub source: PowerSource,
     /// `measured (RAPL)` or `modelled (profile NAME)`.
@@ -81,6 +81,8 @@ pub struct EnergyReport {
     pub services: BTreeMap<String, ServiceEnergy>,
     pub node_asleep_s: f64,
     pub all_asleep_s: f64,
+    /// Power per sample, oldest first (empty in `/status`; `/energy` has it).
+    #[serde(default)]
     pub history: Vec<PowerPoint>,
 }
 
@@ -163,7 +165,7 @@ impl EnergyAccount {
         let actual = if activity.node_asleep {
             model.suspended(n)
         } else {
-            model.node(&cores, pc6_if_independent(&cores), resident_gib)
+            model.node(&cores, reachable_pc6(&self.profile, &cores), resident_gib)
         };
         // Always on: same service work without torpor's, every idle moment shallow.
         let torpor_share = activity.torpor_cpu_s / (secs * n as f64);

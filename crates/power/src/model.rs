@@ -6,7 +6,7 @@
 //!
 //! Measuring nodes smaller than the profile (a 2-vCPU VM against a 48-core server) are a slice of
 //! it: the package floor, DRAM idle and platform power are charged in proportion to the cores
-//! measured, so savings keep their proportions.
+//! measured, so savings keep their proportions; such a slice is never credited package C6.
 
 use serde::Serialize;
 
@@ -100,9 +100,11 @@ impl CoreResidency {
     }
 }
 
-/// Estimated package C6 residency: every core deep at once, taking the cores as independent.
-pub fn pc6_if_independent(cores: &[CoreResidency]) -> f64 {
-    if cores.is_empty() {
+/// Package C6 residency the measured cores allow: every core of a package deep at once, taking
+/// cores as independent. A slice smaller than one package gets none: the package's other cores
+/// are unknown, and the shared Ice Lake logs show PC6 is rare even at 1-2 % busy.
+pub fn reachable_pc6(profile: &Profile, cores: &[CoreResidency]) -> f64 {
+    if cores.is_empty() || cores.len() < profile.cores_per_package as usize {
         return 0.0;
     }
     cores.iter().map(CoreResidency::deepest).product()
@@ -247,6 +249,17 @@ mod tests {
         assert!((b.total_w - (expect + 9.4 + 60.0)).abs() < 1e-9, "{b:?}");
         let pc6 = m.node(&idle_c6, 1.0, 0.0);
         assert!(pc6.package_w < b.package_w);
+    }
+
+    #[test]
+    fn a_slice_of_a_package_gets_no_package_c6() {
+        let p = icx();
+        let deep = CoreResidency {
+            busy: 0.0,
+            idle: vec![0.0, 0.0, 1.0],
+        };
+        assert_eq!(reachable_pc6(&p, &vec![deep.clone(); 2]), 0.0);
+        assert_eq!(reachable_pc6(&p, &vec![deep; 48]), 1.0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     cpuidle::{self, CpuCounters, HostRoots},
-    model::{pc6_if_independent, CoreResidency, IdleGroup, Model, PowerBreakdown},
+    model::{reachable_pc6, CoreResidency, IdleGroup, Model, PowerBreakdown},
     profile::Profile,
     rapl::{self, ZoneKind, ZoneReading},
     TelemetryError,
@@ -54,7 +54,7 @@ pub struct CpuReport {
 }
 
 /// Whether power was read from a counter or computed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PowerSource {
     Measured,
@@ -237,7 +237,7 @@ fn power_between(a: &Sample, b: &Sample, profile: &Profile, seconds: f64) -> Pow
         };
     }
     let cores = modelled_cores(profile, a, b);
-    let pc6 = pc6_if_independent(&cores);
+    let pc6 = reachable_pc6(profile, &cores);
     let breakdown = Model::new(profile).node(&cores, pc6, 0.0);
     let source = PowerSource::Modelled {
         profile: profile.name.clone(),

@@ -503,6 +503,27 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
             if s.held_now > 0 { format!("  ({} held)", s.held_now) } else { String::new() }
         );
     }
+    let energy: Option<torpor_up::status::EnergyReport> =
+        serde_json::from_value(doc["energy"].clone())?;
+    if let Some(e) = energy {
+        println!("energy: {}", e.summary_line());
+        let per: Vec<String> = e
+            .services
+            .iter()
+            .map(|(n, s)| format!("{n} {:.1} J ({:.2} CPU-s)", s.energy_j, s.cpu_s))
+            .collect();
+        println!(
+            "  services: {}; torpor {:.1} J; idle {:.1} J; all asleep {:.0} s",
+            per.join(", "),
+            e.torpor_j,
+            e.idle_j,
+            e.all_asleep_s
+        );
+    }
+    let knobs: Vec<String> = serde_json::from_value(doc["knobs"].clone()).unwrap_or_default();
+    for k in knobs {
+        println!("knob: {k}");
+    }
     Ok(())
 }
 

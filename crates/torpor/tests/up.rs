@@ -471,3 +471,179 @@ fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result
     );
     Ok(())
 }
+
+/// A fake sysfs/cgroup/dev tree shaped like this machine's CPUs, for the power knobs.
+fn fake_knob_tree(root: &Path) -> Result<usize> {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")?;
+    let cpus = torpor_power::cpulist::parse(&online).map_err(anyhow::Error::msg)?;
+    let put = |p: std::path::PathBuf, v: &str| -> Result<()> {
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        Ok(std::fs::write(p, v)?)
+    };
+    let cpu_dir = root.join("sys/devices/system/cpu");
+    put(cpu_dir.join("online"), &online)?;
+    for cpu in &cpus {
+        put(cpu_dir.join(format!("cpu{cpu}/online")), "1\n")?;
+        for state in 0..2 {
+            put(
+                cpu_dir.join(format!("cpu{cpu}/cpuidle/state{state}/disable")),
+                "0\n",
+            )?;
+        }
+    }
+    put(root.join("cgroup/cpuset/cpuset.cpus"), &online)?;
+    put(root.join("cgroup/cpuset/cpuset.mems"), "0\n")?;
+    put(root.join("cgroup/cpuset/cgroup.procs"), "")?;
+    put(root.join("dev/cpu_dma_latency"), "")?;
+    Ok(cpus.len())
+}
+
+fn real_idle_knobs() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/devices/system/cpu")
+        .unwrap()
+        .flatten()
+    {
+        for s in 0..4 {
+            let p = e.path().join(format!("cpuidle/state{s}/disable"));
+            if let Ok(v) = std::fs::read_to_string(&p) {
+                out.push(format!("{}={}", p.display(), v.trim()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let real_before = real_idle_knobs();
+    let tree = tempfile::tempdir()?;
+    let ncpus = fake_knob_tree(tree.path())?;
+    let hooks = tree.path().join("hooks.log");
+    let journal = tree.path().join("run/knobs.json");
+    let power = format!(
+        r#"
+[power]
+profile = "icx-2s"
+knob_root = "{root}"
+journal = "{journal}"
+consolidate = true
+deep_idle = true
+offline_idle_cores = true
+wake_latency_us = 0
+[power.node_sleep]
+sleep = ["sh", "-c", "echo sleep >> {hooks}"]
+wake = ["sh", "-c", "echo wake >> {hooks}"]
+after = "300ms"
+"#,
+        root = tree.path().display(),
+        journal = journal.display(),
+        hooks = hooks.display()
+    );
+    let web = free_port();
+    let mut up = Up::start(
+        &format!("{EMBEDDED}\n{power}"),
+        &sample_http("web", web, free_port(), "8MiB", "200ms"),
+    )?;
+    up.wait_state("web", "asleep", Duration::from_secs(15))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&hooks)
+        .unwrap_or_default()
+        .contains("sleep")
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node sleep hook never ran:\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fake = |p: &str| {
+        std::fs::read_to_string(tree.path().join(p))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    if ncpus > 1 {
+        let last = ncpus - 1;
+        assert_eq!(
+            fake(&format!(
+                "sys/devices/system/cpu/cpu{last}/cpuidle/state0/disable"
+            )),
+            "1",
+            "free core: shallow state off"
+        );
+        assert_eq!(
+            fake(&format!(
+                "sys/devices/system/cpu/cpu{last}/cpuidle/state1/disable"
+            )),
+            "0",
+            "deepest state kept"
+        );
+        assert_eq!(
+            fake(&format!("sys/devices/system/cpu/cpu{last}/online")),
+            "0",
+            "free core offline"
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_str(&http_get(up.status, "/status")?)?;
+    assert!(
+        !doc["knobs"].as_array().context("knobs")?.is_empty(),
+        "{doc}"
+    );
+    assert_eq!(doc["energy"]["label"], "modelled (profile icx-2s)", "{doc}");
+    assert!(
+        doc["energy"]["seconds"].as_f64().unwrap_or(0.0) > 0.0,
+        "{doc}"
+    );
+
+    // A request wakes the node (wake hook), holds PM QoS, and the service comes back pinned.
+    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    assert_eq!(std::fs::read_to_string(&hooks)?.trim(), "sleep\nwake");
+    assert_eq!(
+        std::fs::read(tree.path().join("dev/cpu_dma_latency"))?,
+        0i32.to_ne_bytes()
+    );
+    let s = up.wait_state("web", "awake", Duration::from_secs(5))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake("cgroup/cpuset/torpor/web/cpuset.cpus") != "0" {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not consolidated:\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s["pid"].as_i64().is_some());
+    let text = up.status_text()?;
+    assert!(
+        text.contains("energy:") && text.contains("modelled (profile icx-2s)"),
+        "{text}"
+    );
+    let metrics = http_get(up.status, "/metrics")?;
+    assert!(metrics.contains("torpor_node_energy_joules_total{kind=\"counterfactual\",source=\"modelled\",profile=\"icx-2s\"}"), "{metrics}");
+
+    assert!(up.stop()?.success());
+    assert!(!journal.exists(), "every knob put back:\n{}", up.log_text());
+    for cpu in 0..ncpus {
+        assert_eq!(
+            fake(&format!(
+                "sys/devices/system/cpu/cpu{cpu}/cpuidle/state0/disable"
+            )),
+            "0"
+        );
+        assert_eq!(
+            fake(&format!("sys/devices/system/cpu/cpu{cpu}/online")),
+            "1"
+        );
+    }
+    assert!(!tree.path().join("cgroup/cpuset/torpor").exists());
+    assert_eq!(
+        real_idle_knobs(),
+        real_before,
+        "the real knobs were never touched"
+    );
+    Ok(())
+}

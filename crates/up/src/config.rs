@@ -10,10 +10,13 @@ use std::{
 
 use serde::Deserialize;
 use thiserror::Error;
-use torpor_agent::{Launch, ProcessLaunch, ServiceSpec};
+use torpor_agent::{
+    KnobConfig, Launch, NodePowerConfig, NodeSleepHooks, ProcessLaunch, ServiceSpec,
+};
 use torpor_gate::Protocol;
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
+use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
 
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
@@ -42,6 +45,38 @@ struct RawConfig {
     status: RawStatus,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    #[serde(default)]
+    power: RawPower,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPower {
+    /// Platform profile: built-in name or TOML file (default "generic").
+    profile: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    consolidate: bool,
+    #[serde(default)]
+    deep_idle: bool,
+    #[serde(default)]
+    offline_idle_cores: bool,
+    wake_latency_us: Option<i32>,
+    target_utilisation: Option<f64>,
+    journal: Option<PathBuf>,
+    /// A directory laid out as sys/, cgroup/, dev/, proc/ to turn the knobs in (a copy or a
+    /// fake tree) instead of the real ones.
+    knob_root: Option<PathBuf>,
+    node_sleep: Option<RawNodeSleep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeSleep {
+    sleep: Vec<String>,
+    wake: Vec<String>,
+    after: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +163,67 @@ pub struct Config {
     pub pool: PoolChoice,
     pub status_listen: SocketAddr,
     pub services: Vec<ServiceConfig>,
+    pub power: NodePowerConfig,
+}
+
+/// Where the knob journal lives unless `power.journal` says otherwise.
+pub const DEFAULT_KNOB_JOURNAL: &str = "/run/torpor/knobs.json";
+
+fn power(raw: RawPower) -> Result<NodePowerConfig, ConfigError> {
+    let profile = Profile::resolve(raw.profile.as_deref().unwrap_or("generic"))
+        .map_err(|e| invalid("power.profile", e.to_string()))?;
+    let target_utilisation = raw.target_utilisation.unwrap_or(0.7);
+    if !(target_utilisation > 0.0 && target_utilisation <= 1.0) {
+        return Err(invalid("power.target_utilisation", "must be in (0, 1]"));
+    }
+    if raw.wake_latency_us.is_some_and(|us| us < 0) {
+        return Err(invalid(
+            "power.wake_latency_us",
+            "must be 0 or more microseconds",
+        ));
+    }
+    let node_sleep = match raw.node_sleep {
+        Some(n) => {
+            for (key, argv) in [("sleep", &n.sleep), ("wake", &n.wake)] {
+                if !matches!(argv.first(), Some(p) if !p.is_empty()) {
+                    return Err(invalid(
+                        format!("power.node_sleep.{key}"),
+                        "must name a program",
+                    ));
+                }
+            }
+            Some(NodeSleepHooks {
+                after: duration("power.node_sleep.after", Some(&n.after), Duration::ZERO)?,
+                sleep: n.sleep,
+                wake: n.wake,
+            })
+        }
+        None => None,
+    };
+    let any = raw.consolidate
+        || raw.deep_idle
+        || raw.offline_idle_cores
+        || raw.wake_latency_us.is_some()
+        || node_sleep.is_some();
+    let knobs = any.then(|| KnobConfig {
+        roots: raw
+            .knob_root
+            .as_deref()
+            .map_or_else(KnobRoots::default, KnobRoots::under),
+        journal: raw.journal.unwrap_or_else(|| DEFAULT_KNOB_JOURNAL.into()),
+        dry_run: raw.dry_run,
+        consolidate: raw.consolidate,
+        deep_idle: raw.deep_idle,
+        offline: raw.offline_idle_cores,
+        wake_latency_us: raw.wake_latency_us,
+        node_sleep,
+        target_utilisation,
+    });
+    Ok(NodePowerConfig {
+        profile,
+        telemetry: HostRoots::default(),
+        knobs,
+    })
 }
 
 /// Default address of the status API.
@@ -159,25 +255,12 @@ fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
 
 /// Parses a cpuset list like `0-2,5`.
 fn cpus(key: &str, v: &str) -> Result<Vec<usize>, ConfigError> {
-    let bad = || invalid(key, format!("{v:?} is not a CPU list like 0-2,5"));
-    let mut out = Vec::new();
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(part.parse().map_err(|_| bad())?),
-        }
+    let bad = |why: String| invalid(key, format!("{v:?} is not a CPU list like 0-2,5 ({why})"));
+    let set = cpulist::parse(v).map_err(bad)?;
+    if set.is_empty() {
+        return Err(bad("it is empty".into()));
     }
-    if out.is_empty() {
-        return Err(bad());
-    }
-    Ok(out)
+    Ok(set.into_iter().collect())
 }
 
 impl Config {
@@ -355,6 +438,7 @@ impl Config {
             pool,
             status_listen,
             services,
+            power: power(raw.power)?,
         })
     }
 }

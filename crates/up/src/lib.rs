@@ -85,7 +85,15 @@ pub async fn run(
         })?;
     let status_addr = status_listener.local_addr()?;
 
-    let agent = Arc::new(Agent::start(criu, pool_target, agent_services).await?);
+    let agent = Arc::new(
+        Agent::start(
+            criu,
+            pool_target,
+            agent_services,
+            Some(config.power.clone()),
+        )
+        .await?,
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let mut services = Vec::new();

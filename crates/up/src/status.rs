@@ -9,6 +9,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
+pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
 use torpor_agent::{Agent, ServiceState, Transition};
 
@@ -18,6 +19,10 @@ pub struct StatusDoc {
     pub uptime_s: f64,
     pub services: Vec<ServiceStatus>,
     pub transitions: Vec<Transition>,
+    /// The node's energy account (its power history is at `/energy`).
+    pub energy: Option<EnergyReport>,
+    /// Power knob changes in force now.
+    pub knobs: Vec<String>,
 }
 
 /// Serves until `shutdown`.
@@ -54,6 +59,11 @@ fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
                 uptime_s: agent.uptime().as_secs_f64(),
                 services: agent.status(),
                 transitions: agent.transitions(),
+                energy: agent.energy().map(|mut e| {
+                    e.history.clear();
+                    e
+                }),
+                knobs: agent.knob_changes(),
             };
             (
                 StatusCode::OK,
@@ -61,15 +71,20 @@ fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
                 serde_json::to_string(&doc).expect("status serializes"),
             )
         }
+        "/energy" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&agent.energy()).expect("energy serializes"),
+        ),
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics(&agent.status()),
+            metrics(&agent.status(), agent.energy().as_ref()),
         ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /status or /metrics\n".to_string(),
+            "try /status, /energy or /metrics\n".to_string(),
         ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -90,8 +105,8 @@ const STATES: [ServiceState; 6] = [
     ServiceState::Failed,
 ];
 
-/// Prometheus text exposition of the services' figures.
-pub fn metrics(services: &[ServiceStatus]) -> String {
+/// Prometheus text exposition of the services' figures and the node's energy.
+pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> String {
     let mut out = String::new();
     let mut family =
         |name: &str, kind: &str, help: &str, value: &dyn Fn(&ServiceStatus) -> Option<f64>| {
@@ -186,6 +201,18 @@ pub fn metrics(services: &[ServiceStatus]) -> String {
         "Time spent awake.",
         &|s| Some(s.time_awake_s),
     );
+    family(
+        "torpor_service_cpu_seconds_total",
+        "counter",
+        "CPU time of the service's processes.",
+        &|s| Some(s.cpu_s),
+    );
+    family(
+        "torpor_service_energy_joules_total",
+        "counter",
+        "Energy attributed to the service (its CPU time and resident memory).",
+        &|s| Some(energy?.services.get(&s.name)?.energy_j),
+    );
     let _ = writeln!(out, "# HELP torpor_service_state 1 for the service's current state.\n# TYPE torpor_service_state gauge");
     for s in services {
         for st in STATES {
@@ -197,6 +224,27 @@ pub fn metrics(services: &[ServiceStatus]) -> String {
                 u8::from(s.state == st)
             );
         }
+    }
+    if let Some(e) = energy {
+        let source = match &e.source {
+            torpor_power::PowerSource::Measured => "source=\"measured\"".to_string(),
+            torpor_power::PowerSource::Modelled { profile } => {
+                format!("source=\"modelled\",profile=\"{profile}\"")
+            }
+        };
+        let _ = writeln!(out, "# HELP torpor_node_energy_joules_total Node energy: used, always-on counterfactual, torpor's own work, idle.\n# TYPE torpor_node_energy_joules_total counter");
+        for (kind, v) in [
+            ("used", e.energy_j),
+            ("counterfactual", e.counterfactual_j),
+            ("torpor", e.torpor_j),
+            ("idle", e.idle_j),
+        ] {
+            let _ = writeln!(
+                out,
+                "torpor_node_energy_joules_total{{kind=\"{kind}\",{source}}} {v}"
+            );
+        }
+        let _ = writeln!(out, "# HELP torpor_node_all_asleep_seconds_total Time every service was asleep.\n# TYPE torpor_node_all_asleep_seconds_total counter\ntorpor_node_all_asleep_seconds_total {}", e.all_asleep_s);
     }
     out
 }

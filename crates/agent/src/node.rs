@@ -1,0 +1,312 @@
+//! The node's power, driven by the services' sleeps and wakes: the knobs (consolidate awake
+//! services onto few cores with cpusets, deep idle or offline for the cores left free, a PM QoS
+//! request while a service wakes, node sleep hooks once every service has slept long enough)
+//! and the energy account sampled every second.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use torpor_power::{
+    energy::{Activity, EnergyAccount, EnergyReport, ServiceUsage},
+    knobs::{self, consolidate, KnobError, KnobRoots, Knobs},
+    HostRoots, Profile, Sample, TelemetryError,
+};
+use tracing::{info, warn};
+
+/// What the agent does about power.
+#[derive(Debug, Clone)]
+pub struct NodePowerConfig {
+    /// Models power where RAPL is missing, and prices the counterfactual.
+    pub profile: Profile,
+    /// Where telemetry is read (`/sys`, `/proc`).
+    pub telemetry: HostRoots,
+    /// The knobs to turn; `None` leaves the node's settings alone.
+    pub knobs: Option<KnobConfig>,
+}
+
+/// Which knobs are on.
+#[derive(Debug, Clone)]
+pub struct KnobConfig {
+    pub roots: KnobRoots,
+    /// Write-ahead record of changes, undone at the next start after a crash.
+    pub journal: PathBuf,
+    /// Log what would be done, change nothing.
+    pub dry_run: bool,
+    /// Awake services share the fewest cores their CPU demand needs.
+    pub consolidate: bool,
+    /// Cores left free keep only their deepest idle state.
+    pub deep_idle: bool,
+    /// Cores left free go offline.
+    pub offline: bool,
+    /// Hold this CPU latency (µs) through PM QoS while a service wakes.
+    pub wake_latency_us: Option<i32>,
+    pub node_sleep: Option<NodeSleepHooks>,
+    /// Consolidation packs cores to this utilisation.
+    pub target_utilisation: f64,
+}
+
+/// Commands run when every service has been asleep for `after`, and on the next wake.
+#[derive(Debug, Clone)]
+pub struct NodeSleepHooks {
+    pub sleep: Vec<String>,
+    pub wake: Vec<String>,
+    pub after: Duration,
+}
+
+/// Why node power could not start.
+#[derive(Debug, Error)]
+pub enum NodePowerError {
+    #[error("cannot read telemetry")]
+    Telemetry(#[from] TelemetryError),
+    #[error("cannot take over the power knobs")]
+    Knobs(#[from] KnobError),
+}
+
+/// An awake service as consolidation sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct AwakeService {
+    pub name: String,
+    pub pids: Vec<i32>,
+    /// CPUs of work it recently used.
+    pub demand_cpus: f64,
+}
+
+#[derive(Debug)]
+struct KnobState {
+    config: KnobConfig,
+    knobs: Knobs,
+    online: BTreeSet<usize>,
+    /// Cores currently given deep-idle-only or offline treatment.
+    freed: BTreeSet<usize>,
+    /// Services waking now (the PM QoS request is held while any is).
+    waking: usize,
+    all_asleep_since: Option<Instant>,
+    node_asleep: bool,
+}
+
+/// The node's power side, shared by the service loops and the node loop.
+#[derive(Debug)]
+pub(crate) struct NodePower {
+    telemetry: HostRoots,
+    knobs: Option<Mutex<KnobState>>,
+    account: Mutex<EnergyAccount>,
+    /// torpor's own CPU (self + reaped children) at the last sample.
+    last_process_cpu_s: Mutex<f64>,
+}
+
+fn process_cpu_s() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let secs = |who| {
+        getrusage(who).map_or(0.0, |u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+    };
+    secs(UsageWho::RUSAGE_SELF) + secs(UsageWho::RUSAGE_CHILDREN)
+}
+
+impl NodePower {
+    pub fn start(config: NodePowerConfig) -> Result<NodePower, NodePowerError> {
+        let first = Sample::take(&config.telemetry)?;
+        let online: BTreeSet<usize> = first.cpus.iter().map(|c| c.cpu).collect();
+        let knobs = match config.knobs {
+            Some(kc) => {
+                let (knobs, undone) = Knobs::open(kc.roots.clone(), &kc.journal, kc.dry_run)?;
+                for u in &undone {
+                    info!(change = %u, "undid a change left by a previous run");
+                }
+                Some(Mutex::new(KnobState {
+                    config: kc,
+                    knobs,
+                    online,
+                    freed: BTreeSet::new(),
+                    waking: 0,
+                    all_asleep_since: None,
+                    node_asleep: false,
+                }))
+            }
+            None => None,
+        };
+        Ok(NodePower {
+            telemetry: config.telemetry,
+            knobs,
+            account: Mutex::new(EnergyAccount::start(config.profile, first)),
+            last_process_cpu_s: Mutex::new(process_cpu_s()),
+        })
+    }
+
+    /// Before a restore: the node is woken, freed cores come back, and the latency request is
+    /// held, so the restore has cores that answer fast.
+    pub fn before_wake(&self) {
+        let Some(state) = &self.knobs else { return };
+        let mut s = state.lock().expect("knob lock");
+        s.waking += 1;
+        s.all_asleep_since = None;
+        if s.node_asleep {
+            s.node_asleep = false;
+            if let Err(e) = s.knobs.node_wake() {
+                warn!(error = %e, "node wake hook failed");
+            }
+        }
+        if let Some(us) = s.config.wake_latency_us {
+            if !s.knobs.holds_latency() {
+                if let Err(e) = s.knobs.hold_latency(us) {
+                    warn!(error = %e, "cannot hold the PM QoS request");
+                }
+            }
+        }
+        let freed = std::mem::take(&mut s.freed);
+        for cpu in freed {
+            give_back(&mut s.knobs, cpu);
+        }
+    }
+
+    /// A wake finished (well or not).
+    pub fn after_wake(&self) {
+        let Some(state) = &self.knobs else { return };
+        let mut s = state.lock().expect("knob lock");
+        s.waking = s.waking.saturating_sub(1);
+        if s.waking == 0 {
+            s.knobs.release_latency();
+        }
+    }
+
+    /// Re-plans the cores for the services awake now.
+    pub fn settle(&self, awake: &[AwakeService]) {
+        let Some(state) = &self.knobs else { return };
+        let mut s = state.lock().expect("knob lock");
+        if s.waking > 0 {
+            return; // the wake's own settle comes after it
+        }
+        let demand: Vec<f64> = awake.iter().map(|a| a.demand_cpus).collect();
+        let plan = consolidate(&s.online, &demand, s.config.target_utilisation);
+        if s.config.consolidate {
+            for a in awake {
+                let r = s
+                    .knobs
+                    .cpuset(&a.name, &plan.used)
+                    .and_then(|_| s.knobs.attach(&a.name, &a.pids));
+                if let Err(e) = r {
+                    warn!(service = %a.name, error = %e, "cannot consolidate");
+                }
+            }
+        }
+        let back: Vec<usize> = s.freed.difference(&plan.free).copied().collect();
+        for cpu in back {
+            give_back(&mut s.knobs, cpu);
+            s.freed.remove(&cpu);
+        }
+        let (deep, offline) = (s.config.deep_idle, s.config.offline);
+        let newly: Vec<usize> = plan.free.difference(&s.freed).copied().collect();
+        for cpu in newly {
+            if deep {
+                if let Err(e) = s.knobs.deep_idle_only(cpu) {
+                    warn!(cpu, error = %e, "cannot leave the core deep idle only");
+                }
+            }
+            if offline {
+                if let Err(e) = s.knobs.take_offline(cpu) {
+                    warn!(cpu, error = %e, "cannot take the core offline");
+                }
+            }
+            s.freed.insert(cpu);
+        }
+        info!(used = %torpor_power::cpulist::format(&plan.used), free = %torpor_power::cpulist::format(&s.freed), awake = awake.len(), "cores planned");
+    }
+
+    /// Every second: the energy account, and node sleep once everything slept long enough.
+    pub fn tick(&self, services: Vec<ServiceUsage>, ended_lives_cpu_s: f64, all_asleep: bool) {
+        let node_asleep = self.node_sleep_check(all_asleep);
+        let sample = match Sample::take(&self.telemetry) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "telemetry sample failed");
+                return;
+            }
+        };
+        let now = process_cpu_s();
+        let torpor_cpu_s = {
+            let mut last = self.last_process_cpu_s.lock().expect("cpu lock");
+            // Our children include the services we reaped: their share is theirs, not ours.
+            let d = (now - *last - ended_lives_cpu_s).max(0.0);
+            *last = now;
+            d
+        };
+        self.account.lock().expect("account lock").record(
+            sample,
+            &Activity {
+                services,
+                torpor_cpu_s,
+                node_asleep,
+                all_asleep,
+            },
+        );
+    }
+
+    fn node_sleep_check(&self, all_asleep: bool) -> bool {
+        let Some(state) = &self.knobs else {
+            return false;
+        };
+        let mut s = state.lock().expect("knob lock");
+        if !all_asleep || s.waking > 0 {
+            s.all_asleep_since = None;
+            return s.node_asleep;
+        }
+        let since = *s.all_asleep_since.get_or_insert_with(Instant::now);
+        let Some(hooks) = s.config.node_sleep.clone() else {
+            return false;
+        };
+        if !s.node_asleep && since.elapsed() >= hooks.after {
+            match s.knobs.node_sleep(&hooks.sleep, &hooks.wake) {
+                Ok(()) => s.node_asleep = !s.config.dry_run,
+                Err(e) => warn!(error = %e, "node sleep hook failed; the node stays up"),
+            }
+        }
+        s.node_asleep
+    }
+
+    pub fn energy(&self) -> EnergyReport {
+        self.account.lock().expect("account lock").report().clone()
+    }
+
+    /// Knob changes in force now, for `torpor status`.
+    pub fn knob_changes(&self) -> Vec<String> {
+        self.knobs.as_ref().map_or_else(Vec::new, |k| {
+            k.lock()
+                .expect("knob lock")
+                .knobs
+                .changes()
+                .iter()
+                .map(knobs::describe)
+                .collect()
+        })
+    }
+
+    /// Puts every knob back (shutdown).
+    pub fn restore_all(&self) {
+        let Some(state) = &self.knobs else { return };
+        let mut s = state.lock().expect("knob lock");
+        match s.knobs.undo_all() {
+            Ok(n) if n > 0 => info!(changes = n, "power knobs restored"),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "some power knobs could not be restored; the journal keeps them for the next start")
+            }
+        }
+        s.freed.clear();
+    }
+}
+
+fn give_back(knobs: &mut Knobs, cpu: usize) {
+    if let Err(e) = knobs
+        .bring_online(cpu)
+        .and_then(|()| knobs.restore_idle_states(cpu))
+    {
+        warn!(cpu, error = %e, "cannot give the core back");
+    }
+}
