@@ -72,6 +72,8 @@ pub struct TurbostatLog {
     pub preamble: Vec<String>,
     pub columns: Vec<String>,
     pub intervals: Vec<Interval>,
+    /// Lines among the rows that are not rows (turbostat's "12.3 sec" after a command, warnings).
+    pub other_lines: Vec<String>,
 }
 
 fn is_header(cells: &[&str]) -> bool {
@@ -96,6 +98,7 @@ impl TurbostatLog {
         // A new header starts a new interval; a summary row does too when headers are not repeated.
         let mut open = Interval::default();
         let mut open_has_rows = false;
+        let mut other_lines = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let cells: Vec<&str> = line.split_whitespace().collect();
             if cells.is_empty() {
@@ -113,6 +116,12 @@ impl TurbostatLog {
                 preamble.push(line.to_string());
                 continue;
             };
+            // A row starts with a number or "-"; anything else between rows is not data.
+            let row_like = cells[0] == "-" || cells[0].parse::<f64>().is_ok();
+            if !row_like || (cells.len() == 2 && cells[1] == "sec") {
+                other_lines.push(line.to_string());
+                continue;
+            }
             let row = parse_row(i + 1, cols, &cells)?;
             let summary = cols.iter().any(|c| TOPOLOGY.contains(&c.as_str()))
                 && row.package.is_none()
@@ -142,6 +151,7 @@ impl TurbostatLog {
             preamble,
             columns,
             intervals,
+            other_lines,
         })
     }
 
@@ -288,6 +298,15 @@ mod tests {
         let log = TurbostatLog::parse("Avg_MHz Busy% PkgWatt\n10 1.0 50\n20 3.0 70\n").unwrap();
         assert_eq!(log.intervals.len(), 2);
         assert_eq!(log.summary().busy_pct, Some(2.0));
+    }
+
+    #[test]
+    fn lines_that_are_not_rows_are_set_aside() {
+        let text = "Busy%\tPkgWatt\n1.0\t10\nturbostat: warning\n3.0\t30\n12.005 sec\n";
+        let log = TurbostatLog::parse(text).unwrap();
+        assert_eq!(log.intervals.len(), 2);
+        assert_eq!(log.other_lines.len(), 2);
+        assert_eq!(log.summary().pkg_watt, Some(20.0));
     }
 
     #[test]

@@ -200,4 +200,132 @@ fn the_demo_sleeps_and_wakes_its_services_without_errors() {
     for s in v["services"].as_array().unwrap() {
         assert!(s["sleeps"].as_u64().unwrap() >= 1, "{s}");
     }
+    let e = &v["energy"];
+    assert_eq!(e["label"], "modelled (profile icx-2s)", "{e:#}");
+    assert!(e["energy_j"].as_f64().unwrap() > 0.0, "{e:#}");
+    assert!(
+        e["counterfactual_j"].as_f64().unwrap() > e["energy_j"].as_f64().unwrap(),
+        "{e:#}"
+    );
+}
+
+#[test]
+fn power_once_reports_every_cpus_idle_states_read_only() {
+    let v = json(&torpor(&[
+        "power",
+        "--once",
+        "--interval",
+        "200ms",
+        "--json",
+    ]));
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let n = torpor_power::cpulist::parse(&online).unwrap().len();
+    let cpus = v["cpus"].as_array().unwrap();
+    assert_eq!(cpus.len(), n, "{v:#}");
+    for c in cpus {
+        let names: Vec<String> =
+            std::fs::read_dir(format!("/sys/devices/system/cpu/cpu{}/cpuidle", c["cpu"]))
+                .map(|d| {
+                    let mut v: Vec<_> = d
+                        .flatten()
+                        .filter_map(|e| std::fs::read_to_string(e.path().join("name")).ok())
+                        .map(|n| n.trim().to_string())
+                        .collect();
+                    v.sort();
+                    v
+                })
+                .unwrap_or_default();
+        let mut reported: Vec<String> = c["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        reported.sort();
+        assert_eq!(reported, names, "{c}");
+        for s in c["states"].as_array().unwrap() {
+            assert!(s["residency_pct"].as_f64().is_some() && s["entries_per_s"].as_f64().is_some());
+        }
+    }
+    assert!(
+        v["power"]["label"].as_str().unwrap().starts_with("m"),
+        "{v:#}"
+    );
+}
+
+/// A log in turbostat's format with a column set none of the shared logs has.
+const UNSEEN_LOG: &str = "turbostat version 2024.05.10 - Len Brown\n\
+CPUID(0): AuthenticAMD 0x10 CPUID levels\n\
+usec\tTime_Of_Day_Seconds\tCore\tCPU\tAvg_MHz\tBusy%\tBzy_MHz\tIRQ\tPOLL\tC1\tC2\tPOLL%\tC1%\tC2%\tCPU%c1\tCPU%c6\tPkg%pc6\tCorWatt\tPkgWatt\tRAMWatt\n\
+-\t1716000000.000001\t-\t-\t50\t2.00\t2500\t900\t1\t10\t80\t0.00\t1.00\t97.00\t1.50\t96.50\t10.00\t3.00\t40.00\t5.00\n\
+12\t1716000000.000002\t0\t0\t90\t4.00\t2500\t500\t1\t5\t40\t0.00\t1.00\t95.00\t1.00\t95.00\t10.00\t2.00\t40.00\t5.00\n\
+10\t1716000000.000003\t0\t1\t10\t0.00\t2500\t400\t0\t5\t40\t0.00\t1.00\t99.00\t2.00\t98.00\n\
+usec\tTime_Of_Day_Seconds\tCore\tCPU\tAvg_MHz\tBusy%\tBzy_MHz\tIRQ\tPOLL\tC1\tC2\tPOLL%\tC1%\tC2%\tCPU%c1\tCPU%c6\tPkg%pc6\tCorWatt\tPkgWatt\tRAMWatt\n\
+-\t1716000005.000001\t-\t-\t70\t4.00\t2500\t900\t1\t10\t80\t0.00\t1.00\t95.00\t2.50\t93.50\t20.00\t4.00\t60.00\t7.00\n\
+12\t1716000005.000002\t0\t0\t90\t6.00\t2500\t500\t1\t5\t40\t0.00\t1.00\t93.00\t3.00\t91.00\t20.00\t3.00\t60.00\t7.00\n\
+10\t1716000005.000003\t0\t1\t10\t2.00\t2500\t400\t0\t5\t40\t0.00\t1.00\t97.00\t2.00\t96.00\n\
+10.001 sec\n";
+
+#[test]
+fn power_turbostat_gives_the_means_of_a_log_it_has_never_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("amd.log");
+    std::fs::write(&path, UNSEEN_LOG).unwrap();
+    let v = json(&torpor(&[
+        "power",
+        "turbostat",
+        path.to_str().unwrap(),
+        "--json",
+    ]));
+    let s = &v["summary"];
+    assert_eq!(s["intervals"], 2, "{v:#}");
+    let close = |k: &str, want: f64| {
+        let got = s[k].as_f64().unwrap_or(f64::NAN);
+        assert!((got - want).abs() < 1e-9, "{k}: {got} vs {want}");
+    };
+    close("busy_pct", 3.0);
+    close("c6_pct", 95.0);
+    close("pkg_pc6_pct", 15.0);
+    close("pkg_watt", 50.0);
+    close("ram_watt", 6.0);
+    let cpu1 = &v["cpus"]["1"];
+    assert!(
+        (cpu1["Busy%"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{v:#}"
+    );
+    assert!(cpu1.get("PkgWatt").is_none(), "{v:#}");
+
+    // Text and a bad file.
+    let out = torpor(&["power", "turbostat", path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PkgWatt  50.00"));
+    std::fs::write(&path, "no header here\n").unwrap();
+    let out = torpor(&["power", "turbostat", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no column header line"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn power_calibrate_reports_the_fit_on_the_shared_logs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/turbostat");
+    let mut args = vec!["power".to_string(), "calibrate".into(), "--json".into()];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        args.push(e.path().display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = json(&torpor(&args));
+    assert_eq!(v["fitted_error"]["rows"], 65, "{v:#}");
+    assert!(
+        v["fitted_error"]["mape_pct"].as_f64().unwrap() < 10.0,
+        "{v:#}"
+    );
+    let out = torpor(&["power", "--profile", "no-such-profile", "--once"]);
+    assert!(
+        stderr(&out).contains("no built-in profile \"no-such-profile\""),
+        "{}",
+        stderr(&out)
+    );
 }
