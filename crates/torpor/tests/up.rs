@@ -515,15 +515,10 @@ fn real_idle_knobs() -> Vec<String> {
     out
 }
 
-#[test]
-fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let real_before = real_idle_knobs();
-    let tree = tempfile::tempdir()?;
-    let ncpus = fake_knob_tree(tree.path())?;
-    let hooks = tree.path().join("hooks.log");
-    let journal = tree.path().join("run/knobs.json");
-    let power = format!(
+/// `[power]` with every knob on, turned in the fake tree at `root`; node hooks log to
+/// `root/hooks.log`.
+fn knob_config(root: &Path) -> String {
+    format!(
         r#"
 [power]
 profile = "icx-2s"
@@ -538,18 +533,17 @@ sleep = ["sh", "-c", "echo sleep >> {hooks}"]
 wake = ["sh", "-c", "echo wake >> {hooks}"]
 after = "300ms"
 "#,
-        root = tree.path().display(),
-        journal = journal.display(),
-        hooks = hooks.display()
-    );
-    let web = free_port();
-    let mut up = Up::start(
-        &format!("{EMBEDDED}\n{power}"),
-        &sample_http("web", web, free_port(), "8MiB", "200ms"),
-    )?;
+        root = root.display(),
+        journal = root.join("run/knobs.json").display(),
+        hooks = root.join("hooks.log").display()
+    )
+}
+
+/// Waits until `up`'s service "web" is asleep and the node sleep hook has run.
+fn wait_node_asleep(up: &Up, hooks: &Path) -> Result<()> {
     up.wait_state("web", "asleep", Duration::from_secs(15))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&hooks)
+    while !std::fs::read_to_string(hooks)
         .unwrap_or_default()
         .contains("sleep")
     {
@@ -560,6 +554,24 @@ after = "300ms"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+#[test]
+fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let real_before = real_idle_knobs();
+    let tree = tempfile::tempdir()?;
+    let ncpus = fake_knob_tree(tree.path())?;
+    let hooks = tree.path().join("hooks.log");
+    let journal = tree.path().join("run/knobs.json");
+    let power = knob_config(tree.path());
+    let web = free_port();
+    let mut up = Up::start(
+        &format!("{EMBEDDED}\n{power}"),
+        &sample_http("web", web, free_port(), "8MiB", "200ms"),
+    )?;
+    wait_node_asleep(&up, &hooks)?;
     let fake = |p: &str| {
         std::fs::read_to_string(tree.path().join(p))
             .unwrap_or_default()
@@ -645,5 +657,46 @@ after = "300ms"
         real_before,
         "the real knobs were never touched"
     );
+    Ok(())
+}
+
+#[test]
+fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tree = tempfile::tempdir()?;
+    let ncpus = fake_knob_tree(tree.path())?;
+    let hooks = tree.path().join("hooks.log");
+    let journal = tree.path().join("run/knobs.json");
+    let config = format!("{EMBEDDED}\n{}", knob_config(tree.path()));
+    let web = free_port();
+    let mut up = Up::start(
+        &config,
+        &sample_http("web", web, free_port(), "8MiB", "200ms"),
+    )?;
+    wait_node_asleep(&up, &hooks)?;
+    // The agent dies without cleaning up: the journal keeps what it changed.
+    let mut child = up.child.take().context("running")?;
+    child.kill()?;
+    child.wait()?;
+    assert!(journal.exists(), "changes journaled");
+    // The next start puts everything back first (the wake hook runs), then plans afresh.
+    let mut again = Up::start(&config, &sample_http("web", web, free_port(), "8MiB", "1h"))?;
+    assert_eq!(std::fs::read_to_string(&hooks)?.trim(), "sleep\nwake");
+    assert!(
+        again
+            .log_text()
+            .contains("undid a change left by a previous run"),
+        "{}",
+        again.log_text()
+    );
+    assert!(again.stop()?.success());
+    assert!(!journal.exists());
+    for cpu in 0..ncpus {
+        let p = tree.path().join(format!(
+            "sys/devices/system/cpu/cpu{cpu}/cpuidle/state0/disable"
+        ));
+        assert_eq!(std::fs::read_to_string(p)?.trim(), "0");
+    }
+    assert!(!tree.path().join("cgroup/cpuset/torpor").exists());
     Ok(())
 }
