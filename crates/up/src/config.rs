@@ -475,6 +475,43 @@ mod tests {
     "#;
 
     #[test]
+    fn the_shipped_example_parses() {
+        let c = Config::from_toml(include_str!("../../../examples/torpor.toml")).unwrap();
+        assert_eq!(c.power.profile.name, "generic");
+        assert!(c.power.knobs.is_none(), "knobs stay off unless asked for");
+    }
+
+    #[test]
+    fn power_section_errors_name_the_key() {
+        let base = "[[service]]\nname = \"a\"\ncommand = [\"x\"]\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n";
+        for (power, key) in [
+            ("[power]\nprofile = \"nope\"", "power.profile"),
+            (
+                "[power]\ntarget_utilisation = 0.0\nconsolidate = true",
+                "power.target_utilisation",
+            ),
+            (
+                "[power.node_sleep]\nsleep = []\nwake = [\"true\"]\nafter = \"1s\"",
+                "power.node_sleep.sleep",
+            ),
+            (
+                "[power.node_sleep]\nsleep = [\"true\"]\nwake = [\"true\"]\nafter = \"soon\"",
+                "power.node_sleep.after",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("{base}{power}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{e}");
+        }
+        let c =
+            Config::from_toml(&format!("{base}[power]\ndeep_idle = true\ndry_run = true")).unwrap();
+        let k = c.power.knobs.expect("a knob on");
+        assert!(k.deep_idle && k.dry_run && !k.consolidate);
+        assert_eq!(k.journal, std::path::PathBuf::from(DEFAULT_KNOB_JOURNAL));
+    }
+
+    #[test]
     fn a_full_config_with_defaults() {
         let c = Config::from_toml(GOOD).unwrap();
         assert_eq!(
