@@ -8,7 +8,11 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{cpulist, TelemetryError};
+use crate::{
+    cpulist,
+    sysfs::{read_attr, read_number},
+    TelemetryError,
+};
 
 /// Where the kernel's trees are: `/sys` and `/proc`, or a fake copy in tests.
 #[derive(Debug, Clone)]
@@ -63,22 +67,10 @@ pub struct CpuCounters {
     pub states: Vec<StateCounters>,
 }
 
-fn read_trimmed(path: &Path) -> Result<String, TelemetryError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| TelemetryError::Read(path.into(), e))
-}
-
-fn read_u64(path: &Path) -> Result<u64, TelemetryError> {
-    let text = read_trimmed(path)?;
-    text.parse()
-        .map_err(|_| TelemetryError::Malformed(path.into(), format!("{text:?} is not a number")))
-}
-
 /// The online CPUs.
 pub fn online_cpus(roots: &HostRoots) -> Result<BTreeSet<usize>, TelemetryError> {
     let path = roots.cpu_dir().join("online");
-    cpulist::parse(&read_trimmed(&path)?).map_err(|e| TelemetryError::Malformed(path, e))
+    cpulist::parse(&read_attr(&path)?).map_err(|e| TelemetryError::Malformed(path, e))
 }
 
 /// The cpuidle states of `cpu`, in index order (empty when the CPU has no cpuidle driver).
@@ -91,12 +83,12 @@ pub fn read_states(roots: &HostRoots, cpu: usize) -> Result<Vec<StateCounters>, 
             break;
         }
         states.push(StateCounters {
-            name: read_trimmed(&s.join("name"))?,
-            exit_latency_us: read_u64(&s.join("latency"))?,
-            target_residency_us: read_u64(&s.join("residency"))?,
-            time_us: read_u64(&s.join("time"))?,
-            usage: read_u64(&s.join("usage"))?,
-            disabled: read_u64(&s.join("disable")).unwrap_or(0) != 0,
+            name: read_attr(&s.join("name"))?,
+            exit_latency_us: read_number(&s.join("latency"))?,
+            target_residency_us: read_number(&s.join("residency"))?,
+            time_us: read_number(&s.join("time"))?,
+            usage: read_number(&s.join("usage"))?,
+            disabled: read_number(&s.join("disable")).unwrap_or(0) != 0,
         });
     }
     Ok(states)

@@ -19,6 +19,7 @@ pub mod cpulist;
 pub mod energy;
 pub mod knobs;
 pub mod rapl;
+mod sysfs;
 pub mod telemetry;
 
 pub use cpuidle::HostRoots;

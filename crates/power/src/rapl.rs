@@ -1,11 +1,13 @@
 //! RAPL energy counters through powercap (`/sys/class/powercap/intel-rapl:*`): package, DRAM and
 //! sub-domains. The counters wrap at `max_energy_range_uj`; a delta across the wrap is handled.
 
-use std::path::Path;
-
 use serde::Serialize;
 
-use crate::{cpuidle::HostRoots, TelemetryError};
+use crate::{
+    cpuidle::HostRoots,
+    sysfs::{read_attr, read_number},
+    TelemetryError,
+};
 
 /// What a zone measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,18 +44,6 @@ impl ZoneReading {
     }
 }
 
-fn read(path: &Path) -> Result<String, TelemetryError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| TelemetryError::Read(path.into(), e))
-}
-
-fn number(path: &Path) -> Result<u64, TelemetryError> {
-    let t = read(path)?;
-    t.parse()
-        .map_err(|_| TelemetryError::Malformed(path.into(), format!("{t:?} is not a number")))
-}
-
 /// Every RAPL zone under the powercap class; empty where there is none (VMs, most ARM).
 pub fn read_zones(roots: &HostRoots) -> Result<Vec<ZoneReading>, TelemetryError> {
     let class = roots.sys.join("class/powercap");
@@ -68,7 +58,7 @@ pub fn read_zones(roots: &HostRoots) -> Result<Vec<ZoneReading>, TelemetryError>
             continue;
         }
         let dir = entry.path();
-        let name = read(&dir.join("name"))?;
+        let name = read_attr(&dir.join("name"))?;
         let kind = if name.starts_with("package") {
             ZoneKind::Package
         } else if name == "dram" {
@@ -80,8 +70,8 @@ pub fn read_zones(roots: &HostRoots) -> Result<Vec<ZoneReading>, TelemetryError>
             zone,
             name,
             kind,
-            energy_uj: number(&dir.join("energy_uj"))?,
-            max_energy_range_uj: number(&dir.join("max_energy_range_uj"))?,
+            energy_uj: read_number(&dir.join("energy_uj"))?,
+            max_energy_range_uj: read_number(&dir.join("max_energy_range_uj"))?,
         });
     }
     zones.sort_by(|a, b| a.zone.cmp(&b.zone));
