@@ -11,7 +11,12 @@ fn logs_dir() -> PathBuf {
 
 fn log_paths() -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(logs_dir())
-        .expect("../shared/data/turbostat is readable")
+        .unwrap_or_else(|e| {
+            panic!(
+                "the shared logs are read from ../shared/data/turbostat beside the project ({}): {e}",
+                logs_dir().display()
+            )
+        })
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();

@@ -312,7 +312,13 @@ fn power_turbostat_gives_the_means_of_a_log_it_has_never_seen() {
 fn power_calibrate_reports_the_fit_on_the_shared_logs() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/turbostat");
     let mut args = vec!["power".to_string(), "calibrate".into(), "--json".into()];
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "the shared logs are read from ../shared/data beside the project ({}): {e}",
+            dir.display()
+        )
+    });
+    for e in entries.flatten() {
         args.push(e.path().display().to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
