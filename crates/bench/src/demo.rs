@@ -414,6 +414,7 @@ fn print_summary(s: &DemoSummary) {
     match &s.energy {
         Some(e) => {
             println!("  energy: {}", e.summary_line());
+            println!("          {}", e.torpor_line());
             println!(
                 "          services {:.1} J, torpor's own work {:.1} J ({:.1} CPU-s), idle and platform {:.1} J; all services asleep {:.0} s",
                 e.services.values().map(|v| v.energy_j).sum::<f64>(),

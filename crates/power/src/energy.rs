@@ -2,7 +2,9 @@
 //! else the model), attributed to services by their CPU time, to torpor's own work (agent, gate,
 //! pool, CRIU) and to idle, beside the always-on counterfactual for the same interval: the same
 //! service work with nothing asleep (every service's memory resident), no torpor work, and
-//! shallow idle only (no deep core states, no package C6, no node sleep).
+//! shallow idle only (no deep core states, no package C6, no node sleep). A second counterfactual
+//! keeps the measured deep idle and only takes torpor away (always on, C-states as they were), so
+//! what snapshotting itself saves or costs is not hidden inside what the C-states save.
 
 use std::collections::BTreeMap;
 
@@ -73,6 +75,10 @@ pub struct EnergyReport {
     pub counterfactual_j: f64,
     pub saving_j: f64,
     pub saving_pct: f64,
+    /// Always on with the measured deep idle: torpor's own part of the saving is against this.
+    pub deep_idle_counterfactual_j: f64,
+    pub torpor_saving_j: f64,
+    pub torpor_saving_pct: f64,
     pub mean_power_w: f64,
     pub counterfactual_power_w: f64,
     pub idle_j: f64,
@@ -126,6 +132,9 @@ impl EnergyAccount {
                 counterfactual_j: 0.0,
                 saving_j: 0.0,
                 saving_pct: 0.0,
+                deep_idle_counterfactual_j: 0.0,
+                torpor_saving_j: 0.0,
+                torpor_saving_pct: 0.0,
                 mean_power_w: 0.0,
                 counterfactual_power_w: 0.0,
                 idle_j: 0.0,
@@ -174,7 +183,29 @@ impl EnergyAccount {
             .map(|c| CoreResidency::all_shallow(&self.profile, (c.busy - torpor_share).max(0.0)))
             .collect();
         let cf = model.node(&cf_cores, 0.0, footprint_gib);
-        let (energy_j, cf_j) = match self.report.source {
+        // Always on, deep idle as measured: torpor's CPU time goes back to idle in the same mix.
+        let deep_cores: Vec<CoreResidency> = cores
+            .iter()
+            .map(|c| {
+                let busy = (c.busy - torpor_share).max(0.0);
+                let scale = if c.busy < 1.0 {
+                    (1.0 - busy) / (1.0 - c.busy)
+                } else {
+                    0.0
+                };
+                let mut idle: Vec<f64> = c.idle.iter().map(|f| f * scale).collect();
+                if c.busy >= 1.0 {
+                    idle[0] = 1.0 - busy;
+                }
+                CoreResidency { busy, idle }
+            })
+            .collect();
+        let deep = model.node(
+            &deep_cores,
+            reachable_pc6(&self.profile, &deep_cores),
+            footprint_gib,
+        );
+        let (energy_j, cf_j, deep_j) = match self.report.source {
             PowerSource::Measured => {
                 let measured: f64 = now
                     .rapl
@@ -185,10 +216,15 @@ impl EnergyAccount {
                         Some(z.joules_since(before))
                     })
                     .sum();
-                let modelled_gap = (cf.package_w + cf.dram_w) - (actual.package_w + actual.dram_w);
-                (measured, measured + modelled_gap * secs)
+                let rapl_part = |b: &crate::model::PowerBreakdown| b.package_w + b.dram_w;
+                let gap = |b| (rapl_part(b) - rapl_part(&actual)) * secs;
+                (measured, measured + gap(&cf), measured + gap(&deep))
             }
-            PowerSource::Modelled { .. } => (actual.total_w * secs, cf.total_w * secs),
+            PowerSource::Modelled { .. } => (
+                actual.total_w * secs,
+                cf.total_w * secs,
+                deep.total_w * secs,
+            ),
         };
         let r = &mut self.report;
         // Attribution by CPU time at the profile's active power, capped at what was used.
@@ -217,6 +253,13 @@ impl EnergyAccount {
         };
         r.mean_power_w = r.energy_j / r.seconds;
         r.counterfactual_power_w = r.counterfactual_j / r.seconds;
+        r.deep_idle_counterfactual_j += deep_j;
+        r.torpor_saving_j = r.deep_idle_counterfactual_j - r.energy_j;
+        r.torpor_saving_pct = if r.deep_idle_counterfactual_j > 0.0 {
+            100.0 * r.torpor_saving_j / r.deep_idle_counterfactual_j
+        } else {
+            0.0
+        };
         if activity.node_asleep {
             r.node_asleep_s += secs;
         }
@@ -252,6 +295,17 @@ impl EnergyReport {
             self.saving_j,
             self.saving_pct,
             self.label
+        )
+    }
+
+    /// One line: torpor's own part, against always-on with the same deep idle.
+    pub fn torpor_line(&self) -> String {
+        format!(
+            "vs always-on with the same deep idle {:.1} J: snapshotting itself {} {:.1} J ({:.1} %)",
+            self.deep_idle_counterfactual_j,
+            if self.torpor_saving_j >= 0.0 { "saves" } else { "costs" },
+            self.torpor_saving_j.abs(),
+            self.torpor_saving_pct.abs()
         )
     }
 }
@@ -331,6 +385,9 @@ mod tests {
         assert!((r.seconds - 10.0).abs() < 1e-9);
         assert!(r.saving_j > 0.0, "{r:?}");
         assert!(r.counterfactual_j > r.energy_j);
+        // The sleeping service's 1 GiB is resident only in the counterfactuals.
+        assert!(r.deep_idle_counterfactual_j > r.energy_j, "{r:?}");
+        assert!(r.deep_idle_counterfactual_j < r.counterfactual_j, "{r:?}");
         assert!((r.services["svc"].energy_j - 2.0 * 5.0).abs() < 1e-9);
         let parts = r.services["svc"].energy_j + r.torpor_j + r.idle_j;
         assert!((parts - r.energy_j).abs() < 1e-6, "parts add up: {r:?}");

@@ -507,6 +507,7 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         serde_json::from_value(doc["energy"].clone())?;
     if let Some(e) = energy {
         println!("energy: {}", e.summary_line());
+        println!("  {}", e.torpor_line());
         let per: Vec<String> = e
             .services
             .iter()

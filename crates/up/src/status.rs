@@ -232,10 +232,11 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
                 format!("source=\"modelled\",profile=\"{profile}\"")
             }
         };
-        let _ = writeln!(out, "# HELP torpor_node_energy_joules_total Node energy: used, always-on counterfactual, torpor's own work, idle.\n# TYPE torpor_node_energy_joules_total counter");
+        let _ = writeln!(out, "# HELP torpor_node_energy_joules_total Node energy: used, always-on counterfactuals (shallow idle; measured deep idle), torpor's own work, idle.\n# TYPE torpor_node_energy_joules_total counter");
         for (kind, v) in [
             ("used", e.energy_j),
             ("counterfactual", e.counterfactual_j),
+            ("counterfactual_deep_idle", e.deep_idle_counterfactual_j),
             ("torpor", e.torpor_j),
             ("idle", e.idle_j),
         ] {
