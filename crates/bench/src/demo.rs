@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use torpor_loadgen::Percentiles;
 use http_body_util::Empty;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -49,25 +50,6 @@ fn size_arg(s: &str) -> Result<u64, String> {
 
 /// Request rate inside a burst (per second, Poisson).
 const BURST_RATE: f64 = 40.0;
-
-/// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-}
-
-impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
-        let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0);
-        Percentiles {
-            count: h.len(),
-            p50_ms: q(0.5),
-            p99_ms: q(0.99),
-        }
-    }
-}
 
 /// One service's part of the summary.
 #[derive(Debug, Clone, Serialize)]

@@ -98,6 +98,9 @@ enum Cmd {
     /// Power: live C-state residency and power (measured or modelled), turbostat logs,
     /// profile calibration.
     Power(power::PowerArgs),
+    /// Open-loop load: Poisson, bursty on/off, diurnal or trace-replay arrivals; latency
+    /// percentiles per phase.
+    Loadgen(torpor_loadgen::LoadgenArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -330,6 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Power(args) => power::run(args)?,
+        Cmd::Loadgen(args) => loadgen(&args)?,
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
         Cmd::SampleService {
@@ -449,6 +453,19 @@ fn up(path: &std::path::Path) -> Result<()> {
         },
     ))?;
     eprintln!("torpor up: stopped");
+    Ok(())
+}
+
+fn loadgen(args: &torpor_loadgen::LoadgenArgs) -> Result<()> {
+    let target = torpor_loadgen::cli::target(&args.target, &args.line)?;
+    let config = args.config()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(torpor_loadgen::run(target, &config));
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", torpor_loadgen::render(&report));
+    }
     Ok(())
 }
 

@@ -335,3 +335,70 @@ fn power_calibrate_reports_the_fit_on_the_shared_logs() {
         stderr(&out)
     );
 }
+
+#[test]
+fn loadgen_poisson_gaps_are_exponential_and_waiting_costs_no_cpu() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
+    let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
+    let url = format!("http://{}/ping", svc.addr);
+    let v = json(&torpor(&[
+        "loadgen",
+        "--target",
+        &url,
+        "--phase",
+        "poisson:rate=200@10s",
+        "--json",
+    ]));
+    let p = &v["phases"][0];
+    assert_eq!(p["errors"], 0, "{v:#}");
+    assert!(p["ok"].as_u64().unwrap() > 1700, "{v:#}");
+    let cv = p["send_gap_cv"].as_f64().unwrap();
+    assert!((cv - 1.0).abs() <= 0.05, "measured send gaps: cv {cv}");
+    assert!(p["latency"]["p99_ms"].as_f64().is_some());
+    // Mostly waiting: a spinning generator would burn a whole core.
+    let idle = json(&torpor(&[
+        "loadgen",
+        "--target",
+        &url,
+        "--phase",
+        "poisson:rate=2@3s",
+        "--json",
+    ]));
+    let cpu = idle["cpu_pct_of_one_core"].as_f64().unwrap();
+    assert!(cpu < 5.0, "loadgen used {cpu} % of a core while waiting");
+    assert!(v["cpu_pct_of_one_core"].as_f64().unwrap() < 30.0, "{v:#}");
+}
+
+#[test]
+fn loadgen_replays_the_shipped_trace_and_refuses_bad_input() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
+    let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../loadgen/fixtures/azure-functions-2019-sample.csv");
+    let target = format!("tcp://{}", svc.addr);
+    let v = json(&torpor(&[
+        "loadgen",
+        "--target",
+        &target,
+        "--trace",
+        trace.to_str().unwrap(),
+        "--speedup",
+        "600",
+        "--duration",
+        "2s",
+        "--json",
+    ]));
+    assert_eq!(v["total"]["errors"], 0, "{v:#}");
+    assert!(v["total"]["ok"].as_u64().unwrap() > 50, "{v:#}");
+    for (args, word) in [
+        (vec!["--phase", "poisson:rate=1"], "PROCESS@DURATION"),
+        (vec!["--phase", "zipf:rate=1@1s"], "unknown arrival process"),
+        (vec!["--trace", "/nonexistent.csv"], "cannot read the trace"),
+    ] {
+        let mut all = vec!["loadgen", "--target", &target];
+        all.extend(args);
+        let out = torpor(&all);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(word), "{}", stderr(&out));
+    }
+}

@@ -1,0 +1,424 @@
+//! Arrival processes, each a seeded generator of arrival times: Poisson (exponential gaps),
+//! bursty on/off (Poisson bursts at a burst rate, on and off periods from distributions),
+//! diurnal (Poisson with a sinusoidal rate, by thinning), and replay of per-minute counts.
+//! µSuite's own generator draws Poisson-*distributed* gaps, which makes arrivals nearly periodic;
+//! these are the real thing.
+
+use std::time::Duration;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::Serialize;
+use thiserror::Error;
+
+/// Why a process or distribution description was refused.
+#[derive(Debug, Error, PartialEq)]
+#[error("{spec:?}: {problem}")]
+pub struct SpecError {
+    pub spec: String,
+    pub problem: String,
+}
+
+fn spec_error(spec: &str, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        spec: spec.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// A distribution of durations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Dist {
+    Exponential {
+        mean_s: f64,
+    },
+    Constant {
+        s: f64,
+    },
+    Uniform {
+        min_s: f64,
+        max_s: f64,
+    },
+    /// Heavy-tailed: `scale_s` is the minimum, `shape` > 1 for a finite mean.
+    Pareto {
+        scale_s: f64,
+        shape: f64,
+    },
+}
+
+fn seconds(spec: &str, text: &str) -> Result<f64, SpecError> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        spec_error(
+            spec,
+            format!("{text:?} is not a duration like 2s or 500ms ({e})"),
+        )
+    })?;
+    Ok(d.as_secs_f64())
+}
+
+fn number(spec: &str, key: &str, text: &str) -> Result<f64, SpecError> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| {
+            spec_error(
+                spec,
+                format!("{key} = {text:?} is not a non-negative number"),
+            )
+        })
+}
+
+impl Dist {
+    /// `exp:2s`, `const:1s`, `uniform:1s..3s`, `pareto:500ms/1.5` (scale/shape).
+    pub fn parse(spec: &str) -> Result<Dist, SpecError> {
+        let (kind, arg) = spec
+            .split_once(':')
+            .ok_or_else(|| spec_error(spec, "expected KIND:ARGS, e.g. exp:2s"))?;
+        let d = match kind {
+            "exp" => Dist::Exponential {
+                mean_s: seconds(spec, arg)?,
+            },
+            "const" => Dist::Constant {
+                s: seconds(spec, arg)?,
+            },
+            "uniform" => {
+                let (a, b) = arg
+                    .split_once("..")
+                    .ok_or_else(|| spec_error(spec, "uniform takes MIN..MAX"))?;
+                let (min_s, max_s) = (seconds(spec, a)?, seconds(spec, b)?);
+                if min_s > max_s {
+                    return Err(spec_error(spec, "MIN is above MAX"));
+                }
+                Dist::Uniform { min_s, max_s }
+            }
+            "pareto" => {
+                let (a, b) = arg
+                    .split_once('/')
+                    .ok_or_else(|| spec_error(spec, "pareto takes SCALE/SHAPE"))?;
+                let shape = number(spec, "shape", b)?;
+                if shape <= 1.0 {
+                    return Err(spec_error(spec, "shape must exceed 1 for a finite mean"));
+                }
+                Dist::Pareto {
+                    scale_s: seconds(spec, a)?,
+                    shape,
+                }
+            }
+            other => {
+                return Err(spec_error(
+                    spec,
+                    format!("unknown distribution {other:?} (exp, const, uniform, pareto)"),
+                ))
+            }
+        };
+        Ok(d)
+    }
+
+    pub fn sample(&self, rng: &mut SmallRng) -> f64 {
+        match *self {
+            Dist::Exponential { mean_s } => exponential(rng, 1.0 / mean_s.max(1e-12)),
+            Dist::Constant { s } => s,
+            Dist::Uniform { min_s, max_s } => rng.gen_range(min_s..=max_s),
+            Dist::Pareto { scale_s, shape } => {
+                let u: f64 = 1.0 - rng.gen::<f64>();
+                scale_s / u.powf(1.0 / shape)
+            }
+        }
+    }
+
+    pub fn mean_s(&self) -> f64 {
+        match *self {
+            Dist::Exponential { mean_s } => mean_s,
+            Dist::Constant { s } => s,
+            Dist::Uniform { min_s, max_s } => (min_s + max_s) / 2.0,
+            Dist::Pareto { scale_s, shape } => scale_s * shape / (shape - 1.0),
+        }
+    }
+}
+
+/// An exponential gap at `rate` per second.
+fn exponential(rng: &mut SmallRng, rate: f64) -> f64 {
+    let u: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
+    -u.ln() / rate
+}
+
+/// An arrival process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Arrivals {
+    Poisson {
+        rate_per_s: f64,
+    },
+    /// Poisson at `burst_rate_per_s` during on periods, nothing during off periods.
+    OnOff {
+        burst_rate_per_s: f64,
+        on: Dist,
+        off: Dist,
+    },
+    /// Poisson with rate `mean × (1 + amplitude × sin(2πt / period))`.
+    Diurnal {
+        mean_rate_per_s: f64,
+        amplitude: f64,
+        period_s: f64,
+    },
+    /// Per-minute counts (a trace), `speedup` trace minutes per 60/speedup seconds; arrivals
+    /// uniform within each minute.
+    Replay {
+        per_minute: Vec<u64>,
+        speedup: f64,
+    },
+}
+
+impl Arrivals {
+    /// `poisson:rate=100`, `onoff:rate=200,on=exp:1s,off=exp:5s`,
+    /// `diurnal:rate=50,amplitude=0.8,period=60s`. Replay comes from a trace file.
+    pub fn parse(spec: &str) -> Result<Arrivals, SpecError> {
+        let (kind, args) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut kv = std::collections::BTreeMap::new();
+        for part in args.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| spec_error(spec, format!("{part:?} is not KEY=VALUE")))?;
+            kv.insert(k.trim(), v.trim());
+        }
+        let mut take = |key: &str| {
+            kv.remove(key)
+                .ok_or_else(|| spec_error(spec, format!("{kind} needs {key}=…")))
+        };
+        let a = match kind {
+            "poisson" => Arrivals::Poisson { rate_per_s: number(spec, "rate", take("rate")?)? },
+            "onoff" => Arrivals::OnOff {
+                burst_rate_per_s: number(spec, "rate", take("rate")?)?,
+                on: Dist::parse(take("on")?)?,
+                off: Dist::parse(take("off")?)?,
+            },
+            "diurnal" => {
+                let amplitude = number(spec, "amplitude", take("amplitude")?)?;
+                if amplitude > 1.0 {
+                    return Err(spec_error(spec, "amplitude is at most 1 (the rate never goes negative)"));
+                }
+                Arrivals::Diurnal {
+                    mean_rate_per_s: number(spec, "rate", take("rate")?)?,
+                    amplitude,
+                    period_s: seconds(spec, take("period")?)?,
+                }
+            }
+            other => {
+                return Err(spec_error(
+                    spec,
+                    format!("unknown arrival process {other:?} (poisson, onoff, diurnal; replay with --trace)"),
+                ))
+            }
+        };
+        if let Some(k) = kv.keys().next() {
+            return Err(spec_error(spec, format!("unknown key {k:?}")));
+        }
+        Ok(a)
+    }
+
+    /// The arrival times (offsets from the start) up to `horizon`, from `seed`.
+    pub fn schedule(&self, horizon: Duration, seed: u64) -> Vec<Duration> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let end = horizon.as_secs_f64();
+        let mut out: Vec<f64> = Vec::new();
+        match self {
+            Arrivals::Poisson { rate_per_s } => {
+                if *rate_per_s <= 0.0 {
+                    return Vec::new();
+                }
+                let mut t = exponential(&mut rng, *rate_per_s);
+                while t < end {
+                    out.push(t);
+                    t += exponential(&mut rng, *rate_per_s);
+                }
+            }
+            Arrivals::OnOff {
+                burst_rate_per_s,
+                on,
+                off,
+            } => {
+                let mut t = 0.0;
+                while t < end {
+                    let burst_end = (t + on.sample(&mut rng)).min(end);
+                    if *burst_rate_per_s > 0.0 {
+                        let mut a = t + exponential(&mut rng, *burst_rate_per_s);
+                        while a < burst_end {
+                            out.push(a);
+                            a += exponential(&mut rng, *burst_rate_per_s);
+                        }
+                    }
+                    t = burst_end + off.sample(&mut rng);
+                }
+            }
+            Arrivals::Diurnal {
+                mean_rate_per_s,
+                amplitude,
+                period_s,
+            } => {
+                let peak = mean_rate_per_s * (1.0 + amplitude);
+                if peak <= 0.0 {
+                    return Vec::new();
+                }
+                let mut t = 0.0;
+                loop {
+                    t += exponential(&mut rng, peak);
+                    if t >= end {
+                        break;
+                    }
+                    let rate = mean_rate_per_s
+                        * (1.0 + amplitude * (2.0 * std::f64::consts::PI * t / period_s).sin());
+                    if rng.gen::<f64>() * peak < rate {
+                        out.push(t);
+                    }
+                }
+            }
+            Arrivals::Replay {
+                per_minute,
+                speedup,
+            } => {
+                let minute = 60.0 / speedup.max(1e-9);
+                for (i, n) in per_minute.iter().enumerate() {
+                    let start = i as f64 * minute;
+                    if start >= end {
+                        break;
+                    }
+                    let mut times: Vec<f64> =
+                        (0..*n).map(|_| start + rng.gen::<f64>() * minute).collect();
+                    times.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+                    out.extend(times.into_iter().filter(|t| *t < end));
+                }
+            }
+        }
+        out.into_iter().map(Duration::from_secs_f64).collect()
+    }
+
+    /// Long-run mean rate, for the progress bar and sanity checks.
+    pub fn mean_rate_per_s(&self) -> f64 {
+        match self {
+            Arrivals::Poisson { rate_per_s } => *rate_per_s,
+            Arrivals::OnOff {
+                burst_rate_per_s,
+                on,
+                off,
+            } => burst_rate_per_s * on.mean_s() / (on.mean_s() + off.mean_s()).max(1e-12),
+            Arrivals::Diurnal {
+                mean_rate_per_s, ..
+            } => *mean_rate_per_s,
+            Arrivals::Replay {
+                per_minute,
+                speedup,
+            } => {
+                per_minute.iter().sum::<u64>() as f64
+                    / (per_minute.len().max(1) as f64 * 60.0 / speedup)
+            }
+        }
+    }
+}
+
+/// Mean and coefficient of variation of the gaps between consecutive times.
+pub fn gap_stats(times: &[Duration]) -> Option<(f64, f64)> {
+    if times.len() < 3 {
+        return None;
+    }
+    let gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let n = gaps.len() as f64;
+    let mean = gaps.iter().sum::<f64>() / n;
+    let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some((mean, var.sqrt() / mean))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_gaps_are_exponential() {
+        let times = Arrivals::Poisson { rate_per_s: 100.0 }.schedule(Duration::from_secs(300), 7);
+        let (mean, cv) = gap_stats(&times).unwrap();
+        assert!((mean - 0.01).abs() < 0.0005, "mean gap {mean}");
+        assert!((cv - 1.0).abs() < 0.05, "cv {cv}");
+    }
+
+    #[test]
+    fn same_seed_same_schedule() {
+        let a = Arrivals::parse("onoff:rate=50,on=exp:1s,off=exp:3s").unwrap();
+        assert_eq!(
+            a.schedule(Duration::from_secs(60), 1),
+            a.schedule(Duration::from_secs(60), 1)
+        );
+        assert_ne!(
+            a.schedule(Duration::from_secs(60), 1),
+            a.schedule(Duration::from_secs(60), 2)
+        );
+    }
+
+    #[test]
+    fn on_off_is_burstier_than_poisson_at_the_same_mean_rate() {
+        let a = Arrivals::parse("onoff:rate=100,on=exp:1s,off=exp:4s").unwrap();
+        assert!((a.mean_rate_per_s() - 20.0).abs() < 1e-9);
+        let times = a.schedule(Duration::from_secs(2000), 3);
+        let rate = times.len() as f64 / 2000.0;
+        assert!((rate - 20.0).abs() < 2.0, "rate {rate}");
+        let (_, cv) = gap_stats(&times).unwrap();
+        assert!(cv > 2.0, "bursty gaps have cv {cv}");
+    }
+
+    #[test]
+    fn diurnal_rate_follows_the_sine() {
+        let a = Arrivals::parse("diurnal:rate=100,amplitude=0.8,period=100s").unwrap();
+        let times = a.schedule(Duration::from_secs(100), 5);
+        let in_window = |from: f64, to: f64| {
+            times
+                .iter()
+                .filter(|t| (from..to).contains(&t.as_secs_f64()))
+                .count() as f64
+        };
+        // Peak quarter around t = 25 s, trough around t = 75 s.
+        let (peak, trough) = (in_window(15.0, 35.0), in_window(65.0, 85.0));
+        assert!(peak > 3.0 * trough, "peak {peak} trough {trough}");
+        assert!(
+            (times.len() as f64 - 10_000.0).abs() < 500.0,
+            "{}",
+            times.len()
+        );
+    }
+
+    #[test]
+    fn replay_puts_each_minutes_count_in_its_minute() {
+        let a = Arrivals::Replay {
+            per_minute: vec![3, 0, 5],
+            speedup: 60.0,
+        };
+        let times = a.schedule(Duration::from_secs(10), 1);
+        assert_eq!(times.len(), 8);
+        assert!(times[..3].iter().all(|t| *t < Duration::from_secs(1)));
+        assert!(times[3..]
+            .iter()
+            .all(|t| *t >= Duration::from_secs(2) && *t < Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        for (spec, word) in [
+            ("poisson", "needs rate"),
+            ("poisson:rate=fast", "not a non-negative number"),
+            ("onoff:rate=1,on=exp:1s,off=zipf:2", "unknown distribution"),
+            ("diurnal:rate=1,amplitude=2,period=1s", "at most 1"),
+            ("poisson:rate=1,burst=2", "unknown key"),
+            ("gamma:rate=1", "unknown arrival process"),
+            ("onoff:rate=1,on=exp:1s;off=exp:1s", "not a duration"),
+            ("poisson:rate", "not KEY=VALUE"),
+        ] {
+            let e = Arrivals::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(word), "{spec}: {e}");
+        }
+        assert!(Dist::parse("pareto:1s/0.9")
+            .unwrap_err()
+            .to_string()
+            .contains("exceed 1"));
+    }
+}
