@@ -8,7 +8,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use torpor_loadgen::Percentiles;
 use http_body_util::Empty;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -17,6 +16,7 @@ use tokio::time::Instant;
 use torpor_agent::{Agent, ServiceState};
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
+use torpor_loadgen::Percentiles;
 
 use crate::{harness::free_port, walkthrough, ExperimentError};
 

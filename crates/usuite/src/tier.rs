@@ -1,0 +1,124 @@
+//! What every tier shares: the data-set flags, serving a tonic router on a listener until
+//! shutdown, and the mid-tier's fan-out to its buckets (lazy channels that reconnect, one retry
+//! when a bucket is unreachable: a bucket that was just restored comes back with its old
+//! connections closed).
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{server::Router, Channel, Endpoint};
+
+/// Data-set sizes and seed: every tier of a service must get the same.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// HDSearch: feature vectors, their dimension and clusters.
+    #[arg(long, default_value_t = 20_000)]
+    pub vectors: usize,
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    #[arg(long, default_value_t = 50)]
+    pub clusters: usize,
+    /// Set Algebra: documents, vocabulary, terms per document.
+    #[arg(long, default_value_t = 20_000)]
+    pub docs: usize,
+    #[arg(long, default_value_t = 5_000)]
+    pub vocabulary: usize,
+    #[arg(long, default_value_t = 20)]
+    pub terms_per_doc: usize,
+    /// Recommend: users, items, rating density, model rank.
+    #[arg(long, default_value_t = 2_000)]
+    pub users: usize,
+    #[arg(long, default_value_t = 2_000)]
+    pub items: usize,
+    #[arg(long, default_value_t = 0.02)]
+    pub density: f64,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+}
+
+impl Default for DataArgs {
+    fn default() -> Self {
+        DataArgs {
+            seed: 1,
+            vectors: 20_000,
+            dim: 64,
+            clusters: 50,
+            docs: 20_000,
+            vocabulary: 5_000,
+            terms_per_doc: 20,
+            users: 2_000,
+            items: 2_000,
+            density: 0.02,
+            rank: 16,
+        }
+    }
+}
+
+impl DataArgs {
+    /// The same flags as command-line arguments, for starting other tiers.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--seed", self.seed.to_string()),
+            ("--vectors", self.vectors.to_string()),
+            ("--dim", self.dim.to_string()),
+            ("--clusters", self.clusters.to_string()),
+            ("--docs", self.docs.to_string()),
+            ("--vocabulary", self.vocabulary.to_string()),
+            ("--terms-per-doc", self.terms_per_doc.to_string()),
+            ("--users", self.users.to_string()),
+            ("--items", self.items.to_string()),
+            ("--density", self.density.to_string()),
+            ("--rank", self.rank.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Lazy channels to the buckets, in shard order.
+pub fn bucket_channels(buckets: &[SocketAddr]) -> Vec<Channel> {
+    buckets
+        .iter()
+        .map(|a| {
+            Endpoint::from_shared(format!("http://{a}"))
+                .expect("an IP:PORT makes a URI")
+                .connect_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .connect_lazy()
+        })
+        .collect()
+}
+
+/// Calls `f` once more if the first attempt found the bucket unreachable.
+pub async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    match f().await {
+        Err(s) if s.code() == tonic::Code::Unavailable => f().await,
+        other => other,
+    }
+}
+
+/// A stable 64-bit FNV-1a hash (keys must route the same in every process).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
