@@ -20,6 +20,13 @@ pub struct LoadgenArgs {
     /// The line sent to a tcp:// target.
     #[arg(long, default_value = "PING")]
     pub line: String,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How the load arrives and is reported, whatever the target.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
     /// A phase: PROCESS@DURATION, e.g. poisson:rate=100@30s,
     /// onoff:rate=200,on=exp:1s,off=exp:5s@60s, diurnal:rate=50,amplitude=0.8,period=60s@2m.
     /// Repeat for phases one after the other.
@@ -95,7 +102,7 @@ pub fn target(url: &str, line: &str) -> Result<Arc<dyn Target>, LoadgenError> {
     Ok(Arc::new(HttpGet::new(url).map_err(LoadgenError::Target)?))
 }
 
-impl LoadgenArgs {
+impl RunArgs {
     /// The run these arguments describe.
     pub fn config(&self) -> Result<RunConfig, LoadgenError> {
         let phases = match &self.trace {

@@ -10,7 +10,7 @@ pub mod target;
 pub mod trace;
 
 pub use arrival::{Arrivals, Dist, SpecError};
-pub use cli::{LoadgenArgs, LoadgenError};
+pub use cli::{LoadgenArgs, LoadgenError, RunArgs};
 pub use engine::{render, run, LoadReport, Percentiles, Phase, PhaseReport, RunConfig};
 pub use target::{HttpGet, Target, TcpLine};
 pub use trace::{Trace, TraceError};

@@ -101,6 +101,8 @@ enum Cmd {
     /// Open-loop load: Poisson, bursty on/off, diurnal or trace-replay arrivals; latency
     /// percentiles per phase.
     Loadgen(torpor_loadgen::LoadgenArgs),
+    /// µSuite: one tier (bucket, mid, client) of HDSearch, Router, Set Algebra or Recommend.
+    Usuite(torpor_usuite::cli::UsuiteArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -334,6 +336,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Power(args) => power::run(args)?,
         Cmd::Loadgen(args) => loadgen(&args)?,
+        Cmd::Usuite(args) => usuite(args)?,
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
         Cmd::SampleService {
@@ -457,9 +460,38 @@ fn up(path: &std::path::Path) -> Result<()> {
 }
 
 fn loadgen(args: &torpor_loadgen::LoadgenArgs) -> Result<()> {
-    let target = torpor_loadgen::cli::target(&args.target, &args.line)?;
-    let config = args.config()?;
     let rt = tokio::runtime::Runtime::new()?;
+    let target = torpor_loadgen::cli::target(&args.target, &args.line)?;
+    run_load(&rt, target, &args.run)
+}
+
+fn usuite(args: torpor_usuite::cli::UsuiteArgs) -> Result<()> {
+    use torpor_usuite::cli::TierCmd;
+    let rt = tokio::runtime::Runtime::new()?;
+    if let TierCmd::Client { mid, data, run } = &args.tier {
+        // Its gRPC channel is made (lazily) inside the runtime.
+        let _inside = rt.enter();
+        let target = Arc::new(torpor_usuite::client::UsuiteTarget::new(
+            args.service,
+            *mid,
+            data,
+        ));
+        return run_load(&rt, target, run);
+    }
+    rt.block_on(torpor_usuite::cli::run_server(
+        args.service,
+        args.tier,
+        shutdown_signal(),
+    ))?;
+    Ok(())
+}
+
+fn run_load(
+    rt: &tokio::runtime::Runtime,
+    target: Arc<dyn torpor_loadgen::Target>,
+    args: &torpor_loadgen::RunArgs,
+) -> Result<()> {
+    let config = args.config()?;
     let report = rt.block_on(torpor_loadgen::run(target, &config));
     if args.json {
         print_json(&report)?;

@@ -5,6 +5,8 @@
 // gRPC handlers must return tonic::Status, a large error type by design.
 #![allow(clippy::result_large_err)]
 
+pub mod cli;
+pub mod client;
 pub mod data;
 pub mod hdsearch;
 pub mod memcached;
@@ -16,4 +18,31 @@ pub mod tier;
 pub mod proto {
     #![allow(clippy::all)] // generated code
     tonic::include_proto!("usuite");
+}
+
+/// The four services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    Hdsearch,
+    Router,
+    Setalgebra,
+    Recommend,
+}
+
+impl Service {
+    pub const ALL: [Service; 4] = [
+        Service::Hdsearch,
+        Service::Router,
+        Service::Setalgebra,
+        Service::Recommend,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Hdsearch => "hdsearch",
+            Service::Router => "router",
+            Service::Setalgebra => "setalgebra",
+            Service::Recommend => "recommend",
+        }
+    }
 }

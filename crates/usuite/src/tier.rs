@@ -11,7 +11,8 @@ use tonic::transport::{server::Router, Channel, Endpoint};
 /// Data-set sizes and seed: every tier of a service must get the same.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
-    #[arg(long, default_value_t = 1)]
+    /// Seed of the data set (the load's own seed is --seed).
+    #[arg(long = "data-seed", id = "data_seed", default_value_t = 1)]
     pub seed: u64,
     /// HDSearch: feature vectors, their dimension and clusters.
     #[arg(long, default_value_t = 20_000)]
@@ -60,7 +61,7 @@ impl DataArgs {
     /// The same flags as command-line arguments, for starting other tiers.
     pub fn to_args(&self) -> Vec<String> {
         [
-            ("--seed", self.seed.to_string()),
+            ("--data-seed", self.seed.to_string()),
             ("--vectors", self.vectors.to_string()),
             ("--dim", self.dim.to_string()),
             ("--clusters", self.clusters.to_string()),
