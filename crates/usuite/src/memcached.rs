@@ -1,7 +1,11 @@
 //! A small memcached text-protocol client (get/set) over one connection that is re-opened when
 //! it breaks: a Router bucket restored from a snapshot finds its old connection closed.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use thiserror::Error;
 use tokio::{
@@ -148,5 +152,66 @@ async fn set_on(
         Ok(())
     } else {
         Err(MemcachedError::Protocol(line))
+    }
+}
+
+/// A memcached server (the apt package) started on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct MemcachedServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl MemcachedServer {
+    pub fn start(megabytes: u32) -> std::io::Result<MemcachedServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("memcached")
+            .args([
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "0",
+                "-u",
+                "root",
+            ])
+            .arg("-m")
+            .arg(megabytes.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot run memcached (apt install memcached): {e}"),
+                )
+            })?;
+        // Owned at once, so an early return still kills it.
+        let me = MemcachedServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(me.addr).is_err() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("memcached did not listen on {}", me.addr),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for MemcachedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

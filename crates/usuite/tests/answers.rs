@@ -4,8 +4,6 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Duration,
 };
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -13,7 +11,9 @@ use tokio::net::TcpListener;
 use tonic::transport::{server::Router, Server};
 use torpor_usuite::{
     data::Zipf,
-    hdsearch, proto, recommend, router, setalgebra,
+    hdsearch,
+    memcached::MemcachedServer,
+    proto, recommend, router, setalgebra,
     tier::{self, DataArgs},
 };
 
@@ -184,59 +184,14 @@ async fn recommend_matches_brute_force_prediction() {
     assert_eq!(bad.code(), tonic::Code::NotFound);
 }
 
-/// A memcached server on a free port, killed at drop.
-struct MemcachedProcess(Child, SocketAddr);
-
-impl MemcachedProcess {
-    fn start() -> MemcachedProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("memcached")
-            .args([
-                "-l",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "0",
-                "-u",
-                "root",
-                "-m",
-                "64",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("memcached is installed (./run installs it)");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        // Owned at once, so a panic below still kills it.
-        let me = MemcachedProcess(child, addr);
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return me;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("memcached did not listen on {addr}");
-    }
-}
-
-impl Drop for MemcachedProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn router_matches_a_map_and_replicates_sets_into_memcached() {
-    let caches: Vec<MemcachedProcess> = (0..SHARDS).map(|_| MemcachedProcess::start()).collect();
+    let caches: Vec<MemcachedServer> = (0..SHARDS)
+        .map(|_| MemcachedServer::start(64).unwrap())
+        .collect();
     let mut buckets = Vec::new();
     for c in &caches {
-        buckets.push(start(Server::builder().add_service(router::Bucket::new(c.1))).await);
+        buckets.push(start(Server::builder().add_service(router::Bucket::new(c.addr))).await);
     }
     let mid = start(Server::builder().add_service(router::Mid::new(&buckets, 2))).await;
     let mut client = proto::key_value_client::KeyValueClient::new(channel(mid));
@@ -271,7 +226,7 @@ async fn router_matches_a_map_and_replicates_sets_into_memcached() {
     // Each stored key sits in both of its replicas' memcached.
     let (key, value) = reference.iter().next().unwrap();
     for b in router::replicas_of(key, SHARDS, 2) {
-        let m = torpor_usuite::memcached::Memcached::new(caches[b].1);
+        let m = torpor_usuite::memcached::Memcached::new(caches[b].addr);
         assert_eq!(m.get(key).await.unwrap().as_ref(), Some(value));
     }
     let bad = client
