@@ -1,0 +1,294 @@
+//! µSuite behind torpor: every tier of the four services runs as its own service under
+//! `torpor up`, each behind its gate (the mid-tier reaches its buckets through their gates). Each
+//! service answers correctly when every tier is asleep and again when awake, checked against
+//! brute force.
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use torpor_usuite::{
+    data::term_name,
+    hdsearch,
+    memcached::MemcachedServer,
+    proto, recommend, setalgebra,
+    tier::{bucket_channels, DataArgs},
+    Service,
+};
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_torpor")
+}
+
+fn free_port() -> u16 {
+    torpor_bench::harness::free_port().expect("a free port")
+}
+
+fn data() -> DataArgs {
+    DataArgs {
+        vectors: 2000,
+        dim: 16,
+        clusters: 10,
+        docs: 2000,
+        vocabulary: 300,
+        terms_per_doc: 12,
+        users: 200,
+        items: 300,
+        density: 0.05,
+        rank: 8,
+        ..DataArgs::default()
+    }
+}
+
+/// The gate address of a service's mid-tier.
+struct Deployed {
+    service: Service,
+    mid_gate: SocketAddr,
+    tiers: Vec<String>,
+}
+
+/// torpor.toml services for the three tiers of `service` (two buckets).
+fn tiers(service: Service, d: &DataArgs, memcached: &[SocketAddr]) -> (String, Deployed) {
+    let name = service.as_str();
+    let data = d
+        .to_args()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut toml = String::new();
+    let mut bucket_gates = Vec::new();
+    let mut names = Vec::new();
+    for shard in 0..2 {
+        let (gate, backend) = (free_port(), free_port());
+        bucket_gates.push(format!("127.0.0.1:{gate}"));
+        let extra = if service == Service::Router {
+            format!(r#", "--memcached", "{}""#, memcached[shard])
+        } else {
+            String::new()
+        };
+        names.push(format!("{name}-b{shard}"));
+        toml.push_str(&format!(
+            r#"
+[[service]]
+name = "{name}-b{shard}"
+command = ["{exe}", "usuite", "{name}", "bucket", "--listen", "127.0.0.1:{backend}", "--shard", "{shard}", "--shards", "2"{extra}, {data}]
+listen = "127.0.0.1:{gate}"
+backend = "127.0.0.1:{backend}"
+[service.policy]
+idle_threshold = "300ms"
+"#,
+            exe = exe()
+        ));
+    }
+    let (gate, backend) = (free_port(), free_port());
+    names.push(format!("{name}-mid"));
+    toml.push_str(&format!(
+        r#"
+[[service]]
+name = "{name}-mid"
+command = ["{exe}", "usuite", "{name}", "mid", "--listen", "127.0.0.1:{backend}", "--buckets", "{buckets}", {data}]
+listen = "127.0.0.1:{gate}"
+backend = "127.0.0.1:{backend}"
+[service.policy]
+idle_threshold = "300ms"
+"#,
+        exe = exe(),
+        buckets = bucket_gates.join(",")
+    ));
+    (
+        toml,
+        Deployed {
+            service,
+            mid_gate: ([127, 0, 0, 1], gate).into(),
+            tiers: names,
+        },
+    )
+}
+
+struct Up {
+    child: Child,
+    status: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    fn states(&self) -> Result<Vec<(String, String)>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let body = rt.block_on(torpor_up::status::fetch(self.status, "/status"))?;
+        let doc: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(doc["services"]
+            .as_array()
+            .context("services")?
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or("").to_string(),
+                    s["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect())
+    }
+
+    fn wait_all(&self, names: &[String], state: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states = self.states().unwrap_or_default();
+            let all = names
+                .iter()
+                .all(|n| states.iter().any(|(m, s)| m == n && s == state));
+            if all {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not all {state}: {states:?}\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One query per service, its answer checked against brute force.
+async fn check_answer(dep: &Deployed, d: &DataArgs) -> Result<()> {
+    let ch = bucket_channels(&[dep.mid_gate]).remove(0);
+    match dep.service {
+        Service::Hdsearch => {
+            let v = hdsearch::vectors(d);
+            let query = v.points[123].clone();
+            let got = proto::hd_search_client::HdSearchClient::new(ch)
+                .search(proto::SearchRequest {
+                    query: query.clone(),
+                    k: 5,
+                })
+                .await?
+                .into_inner();
+            let candidates = hdsearch::lsh(&v, d).candidates(&query);
+            let want: Vec<u64> = hdsearch::reference(&v, &query, 5, Some(&candidates))
+                .iter()
+                .map(|x| x.0)
+                .collect();
+            let got: Vec<u64> = got.neighbors.iter().map(|n| n.id).collect();
+            anyhow::ensure!(got == want, "hdsearch: {got:?} vs {want:?}");
+            anyhow::ensure!(got[0] == 123, "the point itself is its nearest neighbour");
+        }
+        Service::Setalgebra => {
+            let corpus = setalgebra::corpus(d);
+            let terms = [0u32, 1];
+            let got = proto::set_algebra_client::SetAlgebraClient::new(ch)
+                .intersect(proto::IntersectRequest {
+                    terms: terms.iter().map(|t| term_name(*t)).collect(),
+                })
+                .await?
+                .into_inner()
+                .docs;
+            let want = setalgebra::reference(&corpus, &terms);
+            anyhow::ensure!(
+                !want.is_empty() && got == want,
+                "setalgebra: {} vs {} docs",
+                got.len(),
+                want.len()
+            );
+        }
+        Service::Recommend => {
+            let model = recommend::ratings(d);
+            let got = proto::recommend_client::RecommendClient::new(ch)
+                .top_n(proto::RecommendRequest { user: 42, n: 5 })
+                .await?
+                .into_inner();
+            let got: Vec<u64> = got.items.iter().map(|s| s.item).collect();
+            let want: Vec<u64> = recommend::best_items(&model, 42, 5, |_| true)
+                .iter()
+                .map(|x| x.0)
+                .collect();
+            anyhow::ensure!(got == want, "recommend: {got:?} vs {want:?}");
+        }
+        Service::Router => {
+            let mut c = proto::key_value_client::KeyValueClient::new(ch);
+            let key = format!(
+                "k{}",
+                Instant::now().elapsed().as_nanos() ^ std::process::id() as u128
+            );
+            let stored = c
+                .set(proto::SetRequest {
+                    key: key.clone(),
+                    value: b"torpor".to_vec(),
+                })
+                .await?
+                .into_inner();
+            anyhow::ensure!(stored.replicas == 2, "replicated: {stored:?}");
+            let got = c.get(proto::GetRequest { key }).await?.into_inner();
+            anyhow::ensure!(got.found && got.value == b"torpor", "router get: {got:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_usuite_service_answers_through_the_gates_asleep_and_awake() -> Result<()> {
+    let d = data();
+    let caches = [MemcachedServer::start(16)?, MemcachedServer::start(16)?];
+    let memcached: Vec<SocketAddr> = caches.iter().map(|c| c.addr).collect();
+    let mut services = String::new();
+    let mut deployed = Vec::new();
+    for s in Service::ALL {
+        let (toml, dep) = tiers(s, &d, &memcached);
+        services.push_str(&toml);
+        deployed.push(dep);
+    }
+    let dir = tempfile::tempdir()?;
+    let status: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let cfg = format!("[pool]\ncapacity = \"1GiB\"\n[status]\nlisten = \"{status}\"\n{services}");
+    std::fs::write(dir.path().join("torpor.toml"), cfg)?;
+    let log = dir.path().join("up.log");
+    let child = Command::new(exe())
+        .args(["up", "-c"])
+        .arg(dir.path().join("torpor.toml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let up = Up {
+        child,
+        status,
+        log,
+        _dir: dir,
+    };
+    let all: Vec<String> = deployed.iter().flat_map(|d| d.tiers.clone()).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    up.wait_all(&all, "asleep", Duration::from_secs(120))?;
+    for dep in &deployed {
+        // Every tier asleep: the query wakes the mid-tier, which wakes its buckets.
+        rt.block_on(check_answer(dep, &d))
+            .with_context(|| format!("{} while asleep", dep.service.as_str()))?;
+        up.wait_all(&dep.tiers, "awake", Duration::from_secs(5))?;
+        rt.block_on(check_answer(dep, &d))
+            .with_context(|| format!("{} while awake", dep.service.as_str()))?;
+    }
+    // And once more after they all fell asleep again.
+    up.wait_all(&all, "asleep", Duration::from_secs(60))?;
+    for dep in &deployed {
+        rt.block_on(check_answer(dep, &d))
+            .with_context(|| format!("{} after a second sleep", dep.service.as_str()))?;
+    }
+    Ok(())
+}
