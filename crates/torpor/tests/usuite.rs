@@ -65,10 +65,9 @@ fn tiers(service: Service, d: &DataArgs, memcached: &[SocketAddr]) -> (String, D
     for shard in 0..2 {
         let (gate, backend) = (free_port(), free_port());
         bucket_gates.push(format!("127.0.0.1:{gate}"));
-        let extra = if service == Service::Router {
-            format!(r#", "--memcached", "{}""#, memcached[shard])
-        } else {
-            String::new()
+        let extra = match (service, memcached.get(shard)) {
+            (Service::Router, Some(m)) => format!(r#", "--memcached", "{m}""#),
+            _ => String::new(),
         };
         names.push(format!("{name}-b{shard}"));
         toml.push_str(&format!(
