@@ -18,6 +18,8 @@ use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
 use torpor_loadgen::Percentiles;
 
+use crate::inproc::InProcessUp;
+
 use crate::{harness::free_port, walkthrough, ExperimentError};
 
 /// Arguments of `torpor demo`.
@@ -129,24 +131,8 @@ pub fn run(args: &DemoArgs) -> Result<(), ExperimentError> {
         torpor_up::Config::from_toml(&config(&exe.display().to_string(), args.state_memory)?)?;
     let rt = tokio::runtime::Runtime::new()?;
     let summary = rt.block_on(async {
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let up = tokio::spawn(torpor_up::run(
-            config,
-            criu,
-            async {
-                let _ = stop_rx.await;
-            },
-            move |info, agent| {
-                let _ = ready_tx.send((info.clone(), agent.clone()));
-            },
-        ));
-        let Ok((info, agent)) = ready_rx.await else {
-            return Err(match up.await.expect("up task panicked") {
-                Err(e) => e.into(),
-                Ok(()) => ExperimentError::Mismatch("torpor up stopped before it was ready".into()),
-            });
-        };
+        let up = InProcessUp::start(config, criu).await?;
+        let (info, agent) = (up.info.clone(), up.agent.clone());
         if !args.json {
             println!("torpor demo: CRIU {version}; {}", info.pool);
             for (name, addr) in &info.services {
@@ -160,8 +146,7 @@ pub fn run(args: &DemoArgs) -> Result<(), ExperimentError> {
         if let Some(p) = printer {
             p.abort();
         }
-        let _ = stop_tx.send(());
-        up.await.expect("up task panicked")?;
+        up.stop().await?;
         result
     })?;
     if args.json {

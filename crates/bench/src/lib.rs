@@ -7,7 +7,10 @@ pub mod cr;
 pub mod demo;
 pub mod gate;
 pub mod harness;
+pub mod inproc;
+pub mod plot;
 pub mod report;
+pub mod scenario;
 pub mod walkthrough;
 
 /// Why an experiment stopped.

@@ -134,6 +134,9 @@ enum BenchCmd {
     Cr(torpor_bench::cr::CrArgs),
     /// The gate: warm overhead vs direct, and wake latency vs cold start and stock CRIU.
     Gate(torpor_bench::gate::GateArgs),
+    /// The seed's four configurations under the same µSuite load: power and latency tables
+    /// (7.1, 7.2) and plots.
+    Scenario(torpor_bench::scenario::ScenarioArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -339,6 +342,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Usuite(args) => usuite(args)?,
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
+        Cmd::Bench(BenchCmd::Scenario(args)) => torpor_bench::scenario::run(&args)?,
         Cmd::SampleService {
             listen,
             memory,

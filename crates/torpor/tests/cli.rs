@@ -402,3 +402,55 @@ fn loadgen_replays_the_shipped_trace_and_refuses_bad_input() {
         assert!(stderr(&out).contains(word), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn bench_scenario_writes_both_tables_and_the_plots() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scenario");
+    // Knobs only logged: tests never turn the real ones.
+    let v = json(&torpor(&[
+        "bench",
+        "scenario",
+        "--duration",
+        "8s",
+        "--dry-run-knobs",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    let configs = v["configurations"].as_array().unwrap();
+    assert_eq!(configs.len(), 4, "{v:#}");
+    for c in configs {
+        assert_eq!(c["errors"], 0, "{c:#}");
+        assert!(c["requests"].as_u64().unwrap() > 0, "{c:#}");
+        assert!(
+            c["energy"]["label"]
+                .as_str()
+                .unwrap()
+                .starts_with("modelled")
+                || c["energy"]["label"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("measured")
+        );
+    }
+    assert!(
+        configs[3]["checkpoints"].as_u64().unwrap() > 0,
+        "(d) snapshots: {:#}",
+        configs[3]
+    );
+    for table in ["table_7_1", "table_7_2"] {
+        assert_eq!(
+            v[table].as_str().unwrap().lines().count(),
+            6,
+            "{table}: {}",
+            v[table]
+        );
+    }
+    for file in ["power.svg", "latency_cdf.svg", "report.json", "tables.md"] {
+        let text = std::fs::read_to_string(out.join(file)).unwrap();
+        assert!(text.len() > 200, "{file}");
+    }
+    assert!(!out.join("knobs.json").exists(), "no knob left changed");
+}

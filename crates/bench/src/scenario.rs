@@ -1,0 +1,676 @@
+//! `torpor bench scenario`: the seed's four configurations on this machine, one after the other,
+//! under the same workload (the four µSuite services, each with bursty on/off arrivals):
+//! (a) monolithic, always on; (b) disaggregated, each tier pinned, no sleeping (behind gates);
+//! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + snapshotting idle tiers into the
+//! pool. Reports energy (measured or modelled, labelled), C-state residency, latency split by
+//! whether a request found a tier asleep, checkpoint/restore counts and times, and the tables
+//! shaped like the seed's 7.1 and 7.2, with plots.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use torpor_agent::{Agent, ServiceState};
+use torpor_loadgen::{Arrivals, Percentiles, Phase, RunConfig, Target};
+use torpor_power::{
+    energy::{Activity, EnergyAccount, EnergyReport},
+    telemetry::CpuReport,
+    HostRoots, IntervalReport, Profile, Sample,
+};
+use torpor_usuite::{client::UsuiteTarget, memcached::MemcachedServer, tier::DataArgs, Service};
+
+use crate::{
+    harness::free_port,
+    inproc::InProcessUp,
+    plot::{cdf_ms, line_chart, Chart, Series},
+    report::median,
+    ExperimentError,
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScenarioArgs {
+    /// About a minute per configuration (under 10 minutes in all).
+    #[arg(long)]
+    pub quick: bool,
+    /// Load per configuration (default 75s with --quick, 5m without).
+    #[arg(long, value_parser = duration_arg)]
+    pub duration: Option<Duration>,
+    /// Where report.json, tables.md and the plots go.
+    #[arg(long, default_value = "torpor-scenario")]
+    pub out: PathBuf,
+    /// Platform profile for modelled power.
+    #[arg(long, default_value = "icx-2s")]
+    pub profile: String,
+    /// Only log the knobs of (c) and (d) instead of turning them (they are restored after).
+    #[arg(long)]
+    pub dry_run_knobs: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The seed's configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Configuration {
+    Monolithic,
+    Disaggregated,
+    DeepIdle,
+    Snapshot,
+}
+
+impl Configuration {
+    const ALL: [Configuration; 4] = [
+        Configuration::Monolithic,
+        Configuration::Disaggregated,
+        Configuration::DeepIdle,
+        Configuration::Snapshot,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Configuration::Monolithic => "(a) monolithic, always on",
+            Configuration::Disaggregated => "(b) disaggregated, pinned",
+            Configuration::DeepIdle => "(c) + consolidation, deep idle",
+            Configuration::Snapshot => "(d) + snapshots to the pool",
+        }
+    }
+}
+
+/// Bursty arrivals per service: bursts of ~2 s at 20/s, idle gaps of ~8 s.
+const ARRIVALS: &str = "onoff:rate=20,on=exp:2s,off=exp:8s";
+/// Idle threshold of the tiers in (d).
+const IDLE_THRESHOLD: &str = "1s";
+
+/// One configuration's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResult {
+    pub configuration: Configuration,
+    pub label: &'static str,
+    pub energy: EnergyReport,
+    /// Mean residency over all CPUs for the whole run.
+    pub residency: CpuReport,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_found_awake: Percentiles,
+    pub latency_found_asleep: Percentiles,
+    pub checkpoints: usize,
+    pub checkpoint_median_s: Option<f64>,
+    pub restores: usize,
+    pub restore_median_s: Option<f64>,
+    pub cold_start_median_s: Option<f64>,
+    #[serde(skip)]
+    cdf_awake: Vec<(f64, f64)>,
+    #[serde(skip)]
+    cdf_asleep: Vec<(f64, f64)>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub duration_per_configuration_s: f64,
+    pub arrivals_per_service: &'static str,
+    pub configurations: Vec<ConfigResult>,
+    pub table_7_1: String,
+    pub table_7_2: String,
+}
+
+/// Latency split by whether a tier of the service was asleep when the request was sent.
+struct Classified {
+    inner: UsuiteTarget,
+    agent: Option<Arc<Agent>>,
+    tiers: Vec<String>,
+    awake: Mutex<Histogram<u64>>,
+    asleep: Mutex<Histogram<u64>>,
+}
+
+#[async_trait]
+impl Target for Classified {
+    async fn call(&self, seq: u64) -> Result<(), String> {
+        let asleep = self.agent.as_ref().is_some_and(|a| {
+            a.status()
+                .iter()
+                .any(|s| self.tiers.contains(&s.name) && s.state != ServiceState::Awake)
+        });
+        let t0 = Instant::now();
+        let r = self.inner.call(seq).await;
+        if r.is_ok() {
+            let h = if asleep { &self.asleep } else { &self.awake };
+            let _ = h
+                .lock()
+                .expect("histogram lock")
+                .record(t0.elapsed().as_micros().max(1) as u64);
+        }
+        r
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn data() -> DataArgs {
+    DataArgs {
+        vectors: 10_000,
+        dim: 32,
+        docs: 10_000,
+        vocabulary: 2_000,
+        users: 1_000,
+        items: 1_000,
+        ..DataArgs::default()
+    }
+}
+
+/// One tier's command line.
+struct Tier {
+    service: Service,
+    name: String,
+    argv: Vec<String>,
+    backend: SocketAddr,
+    gate: SocketAddr,
+    cpu: usize,
+}
+
+/// Every tier of every service; `via_gates` points mid-tiers at the buckets' gates.
+fn tiers(
+    exe: &str,
+    d: &DataArgs,
+    memcached: &[SocketAddr],
+    via_gates: bool,
+) -> std::io::Result<Vec<Tier>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = Vec::new();
+    for (i, service) in Service::ALL.into_iter().enumerate() {
+        let name = service.as_str();
+        let mut bucket_addrs = Vec::new();
+        for shard in 0..2 {
+            let (backend, gate) = (local(free_port()?), local(free_port()?));
+            bucket_addrs.push(if via_gates { gate } else { backend });
+            let mut argv: Vec<String> = [
+                exe,
+                "usuite",
+                name,
+                "bucket",
+                "--listen",
+                &backend.to_string(),
+                "--shard",
+                &shard.to_string(),
+                "--shards",
+                "2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let (Service::Router, Some(m)) = (service, memcached.get(shard)) {
+                argv.extend(["--memcached".to_string(), m.to_string()]);
+            }
+            argv.extend(d.to_args());
+            out.push(Tier {
+                service,
+                name: format!("{name}-b{shard}"),
+                argv,
+                backend,
+                gate,
+                cpu: (2 * i + shard + 1) % cpus,
+            });
+        }
+        let (backend, gate) = (local(free_port()?), local(free_port()?));
+        let buckets: Vec<String> = bucket_addrs.iter().map(ToString::to_string).collect();
+        let mut argv: Vec<String> = [
+            exe,
+            "usuite",
+            name,
+            "mid",
+            "--listen",
+            &backend.to_string(),
+            "--buckets",
+            &buckets.join(","),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(d.to_args());
+        out.push(Tier {
+            service,
+            name: format!("{name}-mid"),
+            argv,
+            backend,
+            gate,
+            cpu: (2 * i) % cpus,
+        });
+    }
+    Ok(out)
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn toml_config(
+    tiers: &[Tier],
+    c: Configuration,
+    profile: &str,
+    journal: &std::path::Path,
+    dry_run: bool,
+) -> String {
+    let mut t = format!("[pool]\ncapacity = \"2GiB\"\n[status]\nlisten = \"127.0.0.1:0\"\n[power]\nprofile = \"{profile}\"\n");
+    if matches!(c, Configuration::DeepIdle | Configuration::Snapshot) {
+        let _ = writeln!(
+            t,
+            "consolidate = true\ndeep_idle = true\ndry_run = {dry_run}\njournal = \"{}\"",
+            journal.display()
+        );
+    }
+    let idle = if c == Configuration::Snapshot {
+        IDLE_THRESHOLD
+    } else {
+        "100000h"
+    };
+    for tier in tiers {
+        let argv: Vec<String> = tier.argv.iter().map(|a| format!("{a:?}")).collect();
+        let _ = write!(
+            t,
+            "\n[[service]]\nname = \"{}\"\ncommand = [{}]\nlisten = \"{}\"\nbackend = \"{}\"\ncpuset = \"{}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nwake_objective = \"60s\"\n",
+            tier.name,
+            argv.join(", "),
+            tier.gate,
+            tier.backend,
+            tier.cpu
+        );
+    }
+    t
+}
+
+/// Processes of configuration (a), killed when dropped.
+struct Plain(Vec<Child>, Vec<(String, f64)>);
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_plain(tiers: &[Tier]) -> Result<Plain, ExperimentError> {
+    let mut plain = Plain(Vec::new(), Vec::new());
+    for t in tiers {
+        let t0 = Instant::now();
+        let child = Command::new(&t.argv[0])
+            .args(&t.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        plain.0.push(child);
+        let deadline = t0 + Duration::from_secs(120);
+        while std::net::TcpStream::connect(t.backend).is_err() {
+            if Instant::now() > deadline {
+                return Err(ExperimentError::Mismatch(format!(
+                    "{} did not listen on {}",
+                    t.name, t.backend
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        plain.1.push((t.name.clone(), t0.elapsed().as_secs_f64()));
+    }
+    Ok(plain)
+}
+
+/// Runs one configuration and measures it.
+async fn run_one(
+    c: Configuration,
+    args: &ScenarioArgs,
+    duration: Duration,
+    memcached: &[SocketAddr],
+    profile: &Profile,
+) -> Result<ConfigResult, ExperimentError> {
+    let exe = std::env::current_exe()?.display().to_string();
+    let d = data();
+    let gated = c != Configuration::Monolithic;
+    let tiers = tiers(&exe, &d, memcached, gated)?;
+    let journal = args.out.join("knobs.json");
+    let (up, plain) = if gated {
+        let config = torpor_up::Config::from_toml(&toml_config(
+            &tiers,
+            c,
+            &args.profile,
+            &journal,
+            args.dry_run_knobs,
+        ))?;
+        (
+            Some(InProcessUp::start(config, torpor_criu::CriuBinary::locate()?).await?),
+            None,
+        )
+    } else {
+        (
+            None,
+            Some(tokio::task::block_in_place(|| start_plain(&tiers))?),
+        )
+    };
+    let agent = up.as_ref().map(|u| u.agent.clone());
+    if c == Configuration::Snapshot {
+        // Start from the state the configuration is about: every tier asleep.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agent
+            .as_ref()
+            .is_some_and(|a| a.status().iter().any(|s| s.state != ServiceState::Asleep))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Energy and residency: this run's own account, sampled every second.
+    let roots = HostRoots::default();
+    let first = Sample::take(&roots).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+    let account = Arc::new(Mutex::new(EnergyAccount::start(
+        profile.clone(),
+        first.clone(),
+    )));
+    let sampler = {
+        let (account, agent) = (account.clone(), agent.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let all_asleep = agent
+                    .as_ref()
+                    .is_some_and(|a| a.status().iter().all(|s| s.state == ServiceState::Asleep));
+                if let Ok(s) = Sample::take(&HostRoots::default()) {
+                    account.lock().expect("account lock").record(
+                        s,
+                        &Activity {
+                            all_asleep,
+                            ..Activity::default()
+                        },
+                    );
+                }
+            }
+        })
+    };
+    let targets: Vec<Arc<Classified>> = Service::ALL
+        .into_iter()
+        .map(|s| {
+            let mid = tiers
+                .iter()
+                .find(|t| t.service == s && t.name.ends_with("-mid"))
+                .expect("a mid-tier");
+            Arc::new(Classified {
+                inner: UsuiteTarget::new(s, if gated { mid.gate } else { mid.backend }, &d),
+                agent: agent.clone(),
+                tiers: tiers
+                    .iter()
+                    .filter(|t| t.service == s)
+                    .map(|t| t.name.clone())
+                    .collect(),
+                awake: Mutex::new(Histogram::new(3).expect("histogram")),
+                asleep: Mutex::new(Histogram::new(3).expect("histogram")),
+            })
+        })
+        .collect();
+    let runs = targets.iter().enumerate().map(|(i, t)| {
+        let config = RunConfig {
+            phases: vec![Phase {
+                name: "bursty".into(),
+                arrivals: Arrivals::parse(ARRIVALS).expect("valid arrivals"),
+                duration,
+            }],
+            seed: args.seed + i as u64,
+            timeout: Duration::from_secs(60),
+            max_in_flight: 10_000,
+            progress: false,
+        };
+        let t: Arc<dyn Target> = t.clone();
+        async move { torpor_loadgen::run(t, &config).await }
+    });
+    let reports = futures::future::join_all(runs).await;
+    sampler.abort();
+    let last = Sample::take(&roots).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+    account
+        .lock()
+        .expect("account lock")
+        .record(last.clone(), &Activity::default());
+    let residency = IntervalReport::between(&first, &last, profile).total;
+    let transitions = agent.as_ref().map(|a| a.transitions()).unwrap_or_default();
+    if let Some(up) = up {
+        up.stop().await?;
+    }
+    let cold: Vec<f64> = match &plain {
+        Some(p) => p.1.iter().map(|(_, s)| *s).collect(),
+        None => transitions
+            .iter()
+            .filter(|t| t.detail.starts_with("started as pid"))
+            .map(|t| t.took_s)
+            .collect(),
+    };
+    drop(plain);
+    let checkpoints: Vec<f64> = transitions
+        .iter()
+        .filter(|t| t.to == ServiceState::Asleep)
+        .map(|t| t.took_s)
+        .collect();
+    let restores: Vec<f64> = transitions
+        .iter()
+        .filter(|t| {
+            t.from == ServiceState::Waking
+                && t.to == ServiceState::Awake
+                && t.detail.starts_with("restored")
+        })
+        .map(|t| t.took_s)
+        .collect();
+    let mut awake = Histogram::<u64>::new(3).expect("histogram");
+    let mut asleep = Histogram::<u64>::new(3).expect("histogram");
+    for t in &targets {
+        let _ = awake.add(&*t.awake.lock().expect("histogram lock"));
+        let _ = asleep.add(&*t.asleep.lock().expect("histogram lock"));
+    }
+    let energy = account.lock().expect("account lock").report().clone();
+    Ok(ConfigResult {
+        configuration: c,
+        label: c.label(),
+        energy,
+        residency,
+        requests: reports.iter().map(|r| r.total.scheduled).sum(),
+        errors: reports.iter().map(|r| r.total.errors).sum(),
+        latency_found_awake: Percentiles::of(&awake),
+        latency_found_asleep: Percentiles::of(&asleep),
+        checkpoints: checkpoints.len(),
+        checkpoint_median_s: median(&checkpoints),
+        restores: restores.len(),
+        restore_median_s: median(&restores),
+        cold_start_median_s: median(&cold),
+        cdf_awake: cdf_ms(&awake),
+        cdf_asleep: cdf_ms(&asleep),
+    })
+}
+
+fn opt(v: Option<f64>, scale: f64, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{:.digits$}", v * scale))
+}
+
+fn tables(results: &[ConfigResult]) -> (String, String) {
+    let base = results
+        .first()
+        .map(|r| r.energy.mean_power_w)
+        .unwrap_or(0.0);
+    let mut t1 = String::from("| configuration | mean power (W) | reduction vs (a) | deepest idle state % | all tiers asleep % | source |\n|---|---|---|---|---|---|\n");
+    for r in results {
+        let deepest = r.residency.states.last().map_or(0.0, |s| s.residency_pct);
+        let _ = writeln!(
+            t1,
+            "| {} | {:.2} | {:.1} % | {:.1} | {:.0} | {} |",
+            r.label,
+            r.energy.mean_power_w,
+            if base > 0.0 {
+                100.0 * (base - r.energy.mean_power_w) / base
+            } else {
+                0.0
+            },
+            deepest,
+            100.0 * r.energy.all_asleep_s / r.energy.seconds.max(1e-9),
+            r.energy.label
+        );
+    }
+    let mut t2 = String::from("| configuration | requests | errors | p50 / p99 awake (ms) | p50 / p99 found asleep (ms) | checkpoints (median s) | restores (median s) | cold start (median s) | cold start / restore |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let _ = writeln!(
+            t2,
+            "| {} | {} | {} | {} / {} | {} / {} | {} ({}) | {} ({}) | {} | {} |",
+            r.label,
+            r.requests,
+            r.errors,
+            opt(r.latency_found_awake.p50_ms, 1.0, 2),
+            opt(r.latency_found_awake.p99_ms, 1.0, 2),
+            opt(r.latency_found_asleep.p50_ms, 1.0, 1),
+            opt(r.latency_found_asleep.p99_ms, 1.0, 1),
+            r.checkpoints,
+            opt(r.checkpoint_median_s, 1.0, 3),
+            r.restores,
+            opt(r.restore_median_s, 1.0, 3),
+            opt(r.cold_start_median_s, 1.0, 3),
+            crate::report::ratio(r.cold_start_median_s, r.restore_median_s)
+                .map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+        );
+    }
+    (t1, t2)
+}
+
+fn plots(args: &ScenarioArgs, results: &[ConfigResult]) -> Result<(), ExperimentError> {
+    let power: Vec<Series> = results
+        .iter()
+        .map(|r| Series {
+            name: r.label.into(),
+            points: r
+                .energy
+                .history
+                .iter()
+                .map(|p| (p.t_s, p.power_w))
+                .collect(),
+        })
+        .collect();
+    let title = format!(
+        "node power over time ({})",
+        results.first().map_or("", |r| r.energy.label.as_str())
+    );
+    line_chart(
+        &args.out.join("power.svg"),
+        &Chart {
+            title: &title,
+            x_label: "seconds",
+            y_label: "watts",
+            log_x: false,
+        },
+        &power,
+    )
+    .map_err(ExperimentError::Mismatch)?;
+    let mut cdfs = Vec::new();
+    for r in results {
+        cdfs.push(Series {
+            name: format!("{} awake", r.label),
+            points: r.cdf_awake.clone(),
+        });
+        if !r.cdf_asleep.is_empty() {
+            cdfs.push(Series {
+                name: format!("{} found asleep", r.label),
+                points: r.cdf_asleep.clone(),
+            });
+        }
+    }
+    line_chart(
+        &args.out.join("latency_cdf.svg"),
+        &Chart {
+            title: "request latency CDF",
+            x_label: "milliseconds (log)",
+            y_label: "fraction of requests",
+            log_x: true,
+        },
+        &cdfs,
+    )
+    .map_err(ExperimentError::Mismatch)
+}
+
+/// Runs the four configurations and writes the report.
+pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
+    let duration = args.duration.unwrap_or(if args.quick {
+        Duration::from_secs(75)
+    } else {
+        Duration::from_secs(300)
+    });
+    let profile =
+        Profile::resolve(&args.profile).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+    std::fs::create_dir_all(&args.out)?;
+    crate::harness::become_subreaper()?;
+    let caches = [MemcachedServer::start(64)?, MemcachedServer::start(64)?];
+    let memcached: Vec<SocketAddr> = caches.iter().map(|c| c.addr).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(4)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos}/{len} {msg}")
+            .expect("template"),
+    );
+    let mut results = Vec::new();
+    for c in Configuration::ALL {
+        bar.set_message(format!(
+            "{} ({} of load)",
+            c.label(),
+            humantime::format_duration(duration)
+        ));
+        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile))?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (table_7_1, table_7_2) = tables(&results);
+    plots(args, &results)?;
+    let report = ScenarioReport {
+        duration_per_configuration_s: duration.as_secs_f64(),
+        arrivals_per_service: ARRIVALS,
+        configurations: results,
+        table_7_1,
+        table_7_2,
+    };
+    let json = serde_json::to_string_pretty(&report).expect("report serializes");
+    std::fs::write(args.out.join("report.json"), &json)?;
+    std::fs::write(
+        args.out.join("tables.md"),
+        format!(
+            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}",
+            report.table_7_1, report.table_7_2
+        ),
+    )?;
+    if args.json {
+        println!("{json}");
+    } else {
+        println!("Table 7.1 (power; {} of the same bursty load per configuration: {ARRIVALS} per service)\n", humantime::format_duration(duration));
+        println!("{}", report.table_7_1);
+        println!("Table 7.2 (latency impact)\n");
+        println!("{}", report.table_7_2);
+        println!(
+            "plots: {} and {}; all figures in {}",
+            args.out.join("power.svg").display(),
+            args.out.join("latency_cdf.svg").display(),
+            args.out.join("report.json").display()
+        );
+    }
+    Ok(())
+}
