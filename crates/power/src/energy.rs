@@ -159,18 +159,15 @@ impl EnergyAccount {
         let model = Model::new(&self.profile);
         let cores = modelled_cores(&self.profile, &self.last, &now);
         let n = cores.len().max(1);
-        let resident_gib = activity
-            .services
-            .iter()
-            .map(|s| s.resident_bytes as f64)
-            .sum::<f64>()
-            / GIB;
-        let footprint_gib = activity
-            .services
-            .iter()
-            .map(|s| s.footprint_bytes as f64)
-            .sum::<f64>()
-            / GIB;
+        let gib = |bytes: fn(&ServiceUsage) -> u64| {
+            activity
+                .services
+                .iter()
+                .map(|s| bytes(s) as f64)
+                .sum::<f64>()
+                / GIB
+        };
+        let (resident_gib, footprint_gib) = (gib(|s| s.resident_bytes), gib(|s| s.footprint_bytes));
         let actual = if activity.node_asleep {
             model.suspended(n)
         } else {
