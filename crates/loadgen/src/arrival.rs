@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Why a process or distribution description was refused.
@@ -26,7 +26,7 @@ fn spec_error(spec: &str, problem: impl Into<String>) -> SpecError {
 }
 
 /// A distribution of durations.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Dist {
     Exponential {
@@ -144,7 +144,7 @@ fn exponential(rng: &mut SmallRng, rate: f64) -> f64 {
 }
 
 /// An arrival process.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Arrivals {
     Poisson {
@@ -219,78 +219,16 @@ impl Arrivals {
 
     /// The arrival times (offsets from the start) up to `horizon`, from `seed`.
     pub fn schedule(&self, horizon: Duration, seed: u64) -> Vec<Duration> {
-        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut stream = self.stream(SmallRng::seed_from_u64(seed));
         let end = horizon.as_secs_f64();
-        let mut out: Vec<f64> = Vec::new();
-        match self {
-            Arrivals::Poisson { rate_per_s } => {
-                if *rate_per_s <= 0.0 {
-                    return Vec::new();
-                }
-                let mut t = exponential(&mut rng, *rate_per_s);
-                while t < end {
-                    out.push(t);
-                    t += exponential(&mut rng, *rate_per_s);
-                }
-            }
-            Arrivals::OnOff {
-                burst_rate_per_s,
-                on,
-                off,
-            } => {
-                let mut t = 0.0;
-                while t < end {
-                    let burst_end = (t + on.sample(&mut rng)).min(end);
-                    if *burst_rate_per_s > 0.0 {
-                        let mut a = t + exponential(&mut rng, *burst_rate_per_s);
-                        while a < burst_end {
-                            out.push(a);
-                            a += exponential(&mut rng, *burst_rate_per_s);
-                        }
-                    }
-                    t = burst_end + off.sample(&mut rng);
-                }
-            }
-            Arrivals::Diurnal {
-                mean_rate_per_s,
-                amplitude,
-                period_s,
-            } => {
-                let peak = mean_rate_per_s * (1.0 + amplitude);
-                if peak <= 0.0 {
-                    return Vec::new();
-                }
-                let mut t = 0.0;
-                loop {
-                    t += exponential(&mut rng, peak);
-                    if t >= end {
-                        break;
-                    }
-                    let rate = mean_rate_per_s
-                        * (1.0 + amplitude * (2.0 * std::f64::consts::PI * t / period_s).sin());
-                    if rng.gen::<f64>() * peak < rate {
-                        out.push(t);
-                    }
-                }
-            }
-            Arrivals::Replay {
-                per_minute,
-                speedup,
-            } => {
-                let minute = 60.0 / speedup.max(1e-9);
-                for (i, n) in per_minute.iter().enumerate() {
-                    let start = i as f64 * minute;
-                    if start >= end {
-                        break;
-                    }
-                    let mut times: Vec<f64> =
-                        (0..*n).map(|_| start + rng.gen::<f64>() * minute).collect();
-                    times.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-                    out.extend(times.into_iter().filter(|t| *t < end));
-                }
-            }
-        }
-        out.into_iter().map(Duration::from_secs_f64).collect()
+        std::iter::from_fn(|| stream.next_arrival().filter(|t| *t < end))
+            .map(Duration::from_secs_f64)
+            .collect()
+    }
+
+    /// The arrivals one at a time, for simulations too long to hold a schedule.
+    pub fn stream(&self, rng: SmallRng) -> ArrivalStream {
+        ArrivalStream::new(std::sync::Arc::new(self.clone()), rng)
     }
 
     /// Long-run mean rate, for the progress bar and sanity checks.
@@ -311,6 +249,105 @@ impl Arrivals {
             } => {
                 per_minute.iter().sum::<u64>() as f64
                     / (per_minute.len().max(1) as f64 * 60.0 / speedup)
+            }
+        }
+    }
+}
+
+/// An arrival process unrolled lazily: each call gives the next arrival time in seconds.
+#[derive(Debug, Clone)]
+pub struct ArrivalStream {
+    /// Shared: a simulation runs many streams of one process.
+    process: std::sync::Arc<Arrivals>,
+    rng: SmallRng,
+    /// The last arrival (or the current position in the process).
+    t: f64,
+    /// On/off: end of the current burst.
+    burst_end: Option<f64>,
+    /// Replay: the next minute to unroll, and its arrivals not yet given (latest first).
+    minute: usize,
+    pending: Vec<f64>,
+}
+
+impl ArrivalStream {
+    pub fn new(process: std::sync::Arc<Arrivals>, rng: SmallRng) -> ArrivalStream {
+        ArrivalStream {
+            process,
+            rng,
+            t: 0.0,
+            burst_end: None,
+            minute: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next arrival, or `None` when the process has no more (a finished trace, rate 0).
+    pub fn next_arrival(&mut self) -> Option<f64> {
+        let rng = &mut self.rng;
+        match &*self.process {
+            Arrivals::Poisson { rate_per_s } => {
+                if *rate_per_s <= 0.0 {
+                    return None;
+                }
+                self.t += exponential(rng, *rate_per_s);
+                Some(self.t)
+            }
+            Arrivals::OnOff {
+                burst_rate_per_s,
+                on,
+                off,
+            } => {
+                if *burst_rate_per_s <= 0.0 {
+                    return None;
+                }
+                loop {
+                    let end = *self
+                        .burst_end
+                        .get_or_insert_with(|| self.t + on.sample(rng));
+                    let a = self.t + exponential(rng, *burst_rate_per_s);
+                    if a < end {
+                        self.t = a;
+                        return Some(a);
+                    }
+                    // The burst is over: an off period, then the next burst.
+                    self.t = end + off.sample(rng);
+                    self.burst_end = Some(self.t + on.sample(rng));
+                }
+            }
+            Arrivals::Diurnal {
+                mean_rate_per_s,
+                amplitude,
+                period_s,
+            } => {
+                let peak = mean_rate_per_s * (1.0 + amplitude);
+                if peak <= 0.0 {
+                    return None;
+                }
+                loop {
+                    self.t += exponential(rng, peak);
+                    let rate = mean_rate_per_s
+                        * (1.0
+                            + amplitude * (2.0 * std::f64::consts::PI * self.t / period_s).sin());
+                    if rng.gen::<f64>() * peak < rate {
+                        return Some(self.t);
+                    }
+                }
+            }
+            Arrivals::Replay {
+                per_minute,
+                speedup,
+            } => {
+                let minute_s = 60.0 / speedup.max(1e-9);
+                while self.pending.is_empty() {
+                    let n = *per_minute.get(self.minute)?;
+                    let start = self.minute as f64 * minute_s;
+                    self.pending = (0..n)
+                        .map(|_| start + rng.gen::<f64>() * minute_s)
+                        .collect();
+                    self.pending.sort_by(|a, b| b.total_cmp(a));
+                    self.minute += 1;
+                }
+                self.pending.pop()
             }
         }
     }

@@ -9,7 +9,7 @@ pub mod engine;
 pub mod target;
 pub mod trace;
 
-pub use arrival::{Arrivals, Dist, SpecError};
+pub use arrival::{ArrivalStream, Arrivals, Dist, SpecError};
 pub use cli::{LoadgenArgs, LoadgenError, RunArgs};
 pub use engine::{render, run, LoadReport, Percentiles, Phase, PhaseReport, RunConfig};
 pub use target::{HttpGet, Target, TcpLine};

@@ -1,0 +1,358 @@
+//! The simulator's TOML: node groups with a count and a profile, services with an arrival process
+//! and a service-time distribution placed on a node group, the pool approach, the policy, and
+//! the checkpoint/restore latency model. Unknown keys and bad values name their key.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+use torpor_loadgen::Arrivals;
+use torpor_power::Profile;
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum SimConfigError {
+    #[error("cannot read {0}")]
+    Read(std::path::PathBuf, #[source] std::io::Error),
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> SimConfigError {
+    SimConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Service-time distributions.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceTime {
+    Exponential {
+        mean_ms: f64,
+    },
+    Constant {
+        ms: f64,
+    },
+    Uniform {
+        min_ms: f64,
+        max_ms: f64,
+    },
+    /// Lognormal with this mean and coefficient of variation.
+    Lognormal {
+        mean_ms: f64,
+        cv: f64,
+    },
+}
+
+impl ServiceTime {
+    pub fn mean_s(&self) -> f64 {
+        match *self {
+            ServiceTime::Exponential { mean_ms } | ServiceTime::Lognormal { mean_ms, .. } => {
+                mean_ms / 1e3
+            }
+            ServiceTime::Constant { ms } => ms / 1e3,
+            ServiceTime::Uniform { min_ms, max_ms } => (min_ms + max_ms) / 2e3,
+        }
+    }
+}
+
+/// How snapshots reach the pool: the seed's three approaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Approach {
+    /// CXL-attached pool memory: load/store, ~0.4 µs, ~64 GB/s.
+    Cxl,
+    /// RDMA to a pool node: ~3 µs, 100 Gb/s.
+    Rdma,
+    /// Tiered memory with NVMe behind it: ~100 µs, ~3 GB/s.
+    Tiered,
+}
+
+impl Approach {
+    /// (latency s, bandwidth bytes/s) of the fabric.
+    pub fn fabric(self) -> (f64, f64) {
+        match self {
+            Approach::Cxl => (0.4e-6, 64e9),
+            Approach::Rdma => (3e-6, 12.5e9),
+            Approach::Tiered => (100e-6, 3e9),
+        }
+    }
+
+    pub const ALL: [Approach; 3] = [Approach::Cxl, Approach::Rdma, Approach::Tiered];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Approach::Cxl => "cxl",
+            Approach::Rdma => "rdma",
+            Approach::Tiered => "tiered",
+        }
+    }
+}
+
+/// The policies compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyName {
+    /// Never sleeps; idle cores in the shallowest state.
+    AlwaysOn,
+    /// Never sleeps; idle cores as deep as their idle periods allow.
+    C6Only,
+    /// Sleeps after `idle_threshold` of idleness.
+    FixedThreshold,
+    /// The live agent's decision (`torpor_policy::decide_sleep`): threshold, rate limit, wake objective.
+    SeedTable,
+    /// The seed table plus the inter-arrival histogram's pre-warm.
+    Predictor,
+    /// Knows the next arrival: sleeps only when the gap pays, wakes just in time (a bound).
+    Oracle,
+    /// PowerNap (Meisner et al. 2009): services never sleep; the whole node naps whenever idle.
+    Powernap,
+}
+
+impl PolicyName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyName::AlwaysOn => "always-on",
+            PolicyName::C6Only => "c6-only",
+            PolicyName::FixedThreshold => "fixed-threshold",
+            PolicyName::SeedTable => "seed-table",
+            PolicyName::Predictor => "predictor",
+            PolicyName::Oracle => "oracle",
+            PolicyName::Powernap => "powernap",
+        }
+    }
+
+    pub fn sleeps_services(self) -> bool {
+        matches!(
+            self,
+            PolicyName::FixedThreshold
+                | PolicyName::SeedTable
+                | PolicyName::Predictor
+                | PolicyName::Oracle
+        )
+    }
+}
+
+/// Checkpoint and restore latency as a function of footprint, before the fabric's share:
+/// `fixed + per_gib × GiB` (fit it with `torpor sim calibrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrModel {
+    pub checkpoint_fixed_s: f64,
+    pub checkpoint_per_gib_s: f64,
+    pub restore_fixed_s: f64,
+    pub restore_per_gib_s: f64,
+}
+
+impl Default for CrModel {
+    /// Fitted on `torpor bench cr` here (64 MiB-1 GiB, torpor through the pool; see the README).
+    fn default() -> Self {
+        CrModel {
+            checkpoint_fixed_s: 0.045,
+            checkpoint_per_gib_s: 0.44,
+            restore_fixed_s: 0.045,
+            restore_per_gib_s: 0.52,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "one")]
+    seed: u64,
+    duration: String,
+    policy: PolicyName,
+    idle_threshold: Option<String>,
+    #[serde(default = "default_approach")]
+    approach: Approach,
+    /// Every service on a node asleep this long: the node suspends (torpor's node sleep hook).
+    node_sleep_after: Option<String>,
+    #[serde(default)]
+    calibration: Option<CrModel>,
+    #[serde(rename = "node")]
+    nodes: Vec<RawNode>,
+    #[serde(rename = "service")]
+    services: Vec<RawService>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn default_approach() -> Approach {
+    Approach::Rdma
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    count: u32,
+    profile: String,
+    cores: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default = "one_u32")]
+    count: u32,
+    footprint: String,
+    arrival: Arrivals,
+    service_time: ServiceTime,
+    /// The node group it is placed on (round robin over its nodes).
+    nodes: String,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+/// A node group.
+#[derive(Debug, Clone)]
+pub struct NodeGroup {
+    pub name: String,
+    pub count: u32,
+    pub profile: Arc<Profile>,
+    pub cores: u32,
+}
+
+/// A service group.
+#[derive(Debug, Clone)]
+pub struct ServiceGroup {
+    pub name: String,
+    pub count: u32,
+    pub footprint_bytes: u64,
+    pub arrival: Arc<Arrivals>,
+    pub service_time: ServiceTime,
+    pub node_group: usize,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub duration: Duration,
+    pub policy: PolicyName,
+    pub idle_threshold: Duration,
+    pub approach: Approach,
+    pub node_sleep_after: Option<Duration>,
+    pub cr: CrModel,
+    pub nodes: Vec<NodeGroup>,
+    pub services: Vec<ServiceGroup>,
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, SimConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration like 30s or 24h ({e})"),
+        )
+    })
+}
+
+impl SimConfig {
+    pub fn load(path: &Path) -> Result<SimConfig, SimConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| SimConfigError::Read(path.into(), e))?;
+        SimConfig::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<SimConfig, SimConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let mut nodes = Vec::new();
+        for (i, n) in raw.nodes.iter().enumerate() {
+            let key = |f: &str| format!("node[{i}].{f}");
+            let profile =
+                Profile::resolve(&n.profile).map_err(|e| invalid(key("profile"), e.to_string()))?;
+            if n.count == 0 {
+                return Err(invalid(key("count"), "must be at least 1"));
+            }
+            let cores = n.cores.unwrap_or_else(|| profile.cores());
+            if cores == 0 {
+                return Err(invalid(key("cores"), "must be at least 1"));
+            }
+            nodes.push(NodeGroup {
+                name: n.name.clone(),
+                count: n.count,
+                profile: Arc::new(profile),
+                cores,
+            });
+        }
+        if nodes.is_empty() {
+            return Err(invalid("node", "give at least one [[node]] group"));
+        }
+        let mut services = Vec::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let key = |f: &str| format!("service[{i}].{f}");
+            let node_group = nodes
+                .iter()
+                .position(|n| n.name == s.nodes)
+                .ok_or_else(|| invalid(key("nodes"), format!("no node group {:?}", s.nodes)))?;
+            let footprint_bytes = torpor_image::parse_size(&s.footprint)
+                .map_err(|e| invalid(key("footprint"), e.to_string()))?;
+            let mean = s.service_time.mean_s();
+            if !(mean > 0.0 && mean.is_finite()) {
+                return Err(invalid(key("service_time"), "needs a positive mean"));
+            }
+            services.push(ServiceGroup {
+                name: s.name,
+                count: s.count,
+                footprint_bytes,
+                arrival: Arc::new(s.arrival),
+                service_time: s.service_time,
+                node_group,
+            });
+        }
+        if services.is_empty() {
+            return Err(invalid("service", "give at least one [[service]] group"));
+        }
+        let idle_threshold = match &raw.idle_threshold {
+            Some(t) => duration("idle_threshold", t)?,
+            None if raw.policy.sleeps_services() && raw.policy != PolicyName::Oracle => {
+                return Err(invalid(
+                    "idle_threshold",
+                    format!("policy {} needs one", raw.policy.as_str()),
+                ))
+            }
+            None => Duration::ZERO,
+        };
+        Ok(SimConfig {
+            seed: raw.seed,
+            duration: duration("duration", &raw.duration)?,
+            policy: raw.policy,
+            idle_threshold,
+            approach: raw.approach,
+            node_sleep_after: raw
+                .node_sleep_after
+                .as_deref()
+                .map(|t| duration("node_sleep_after", t))
+                .transpose()?,
+            cr: raw.calibration.unwrap_or_default(),
+            nodes,
+            services,
+        })
+    }
+
+    /// The service-time distribution of a service group by index.
+    pub fn service_time_of(&self, group: usize) -> &ServiceTime {
+        &self.services[group].service_time
+    }
+
+    /// Checkpoint and restore seconds for a footprint, fabric included.
+    pub fn cr_times(&self, footprint_bytes: u64) -> (f64, f64) {
+        let gib = footprint_bytes as f64 / (1u64 << 30) as f64;
+        let (lat, bw) = self.approach.fabric();
+        let wire = lat + footprint_bytes as f64 / bw;
+        (
+            self.cr.checkpoint_fixed_s + self.cr.checkpoint_per_gib_s * gib + wire,
+            self.cr.restore_fixed_s + self.cr.restore_per_gib_s * gib + wire,
+        )
+    }
+}

@@ -1,0 +1,844 @@
+//! The discrete-event engine: its own clock (seconds, f64) and seeded RNG. Services receive
+//! requests from their arrival streams; nodes run them on cores (FIFO); idle cores are credited
+//! the deepest idle state their idle period reached (target residency), and pay its exit latency
+//! on the next job; services sleep and wake by the chosen policy, checkpoint and restore being
+//! work on the node's cores; nodes suspend when every service on them sleeps (or, PowerNap,
+//! whenever idle), and a request arriving during a transition waits for it.
+
+use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::Serialize;
+use torpor_loadgen::{ArrivalStream, Percentiles};
+use torpor_policy::{decide_sleep, prewarm_at, ArrivalTracker, PolicyConfig, SleepDecision};
+use torpor_power::Profile;
+
+use crate::config::{PolicyName, ServiceTime, SimConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Arrival,
+    Complete,
+    SleepCheck,
+    Prewarm,
+    OracleWake,
+    NodeSleep,
+    NodeEntered,
+    NodeResumed,
+}
+
+/// What a core runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    Request,
+    Checkpoint,
+    Restore,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    t: f64,
+    seq: u64,
+    kind: Kind,
+    /// Service or node index.
+    id: u32,
+    /// Generation (timers) or the job's work kind.
+    aux: u32,
+    /// The job's arrival time (completions).
+    x: f64,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    /// Earliest first in a max-heap.
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.t.total_cmp(&self.t).then(o.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SvcState {
+    Awake,
+    Checkpointing,
+    Asleep,
+    Waking,
+}
+
+#[derive(Debug)]
+struct Svc {
+    node: u32,
+    /// Its service group (for the service-time distribution).
+    group: u32,
+    footprint: u64,
+    state: SvcState,
+    stream: ArrivalStream,
+    next_arrival: f64,
+    /// Requests queued or running.
+    in_system: u32,
+    /// Arrival times of requests held while asleep or waking.
+    held: Vec<f64>,
+    tracker: Option<ArrivalTracker>,
+    /// Timer generation: a timer that finds another generation is stale.
+    gen: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeState {
+    Up,
+    Entering,
+    Asleep,
+    Resuming,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    svc: u32,
+    arrival: f64,
+    work: Work,
+}
+
+#[derive(Debug)]
+struct Node {
+    group: u32,
+    cores: u32,
+    busy: u32,
+    /// Idle cores by the time their idle period began (a stack: the most recently idled is
+    /// reused first, so the others stay idle longer, as a consolidating scheduler would).
+    idle_cores: Vec<f64>,
+    queue: VecDeque<Job>,
+    state: NodeState,
+    /// Resume as soon as the entry transition ends.
+    resume_pending: bool,
+    /// Services whose restore waits for the node to resume.
+    waiting: Vec<u32>,
+    services: u32,
+    asleep_services: u32,
+    resident_bytes: u64,
+    last_t: f64,
+    energy_j: f64,
+    idle_time: f64,
+    idle_periods: u64,
+    asleep_time: f64,
+    gen: u32,
+}
+
+/// Power figures of one node of a group.
+#[derive(Debug, Clone)]
+struct NodePower {
+    /// Package floor, DRAM idle and platform, scaled to the group's cores.
+    base_w: f64,
+    active_w: f64,
+    per_gib_w: f64,
+    max_w: f64,
+    suspend_w: f64,
+    entry_s: f64,
+    resume_s: f64,
+    /// (target residency s, core watts, exit latency s), shallow first.
+    states: Vec<(f64, f64, f64)>,
+}
+
+impl NodePower {
+    fn new(p: &Profile, cores: u32) -> NodePower {
+        let scale = f64::from(cores) / f64::from(p.cores());
+        let base_w = p.package.c6_floor_watts * f64::from(cores) / f64::from(p.cores_per_package)
+            + scale * (p.dram.idle_watts + p.platform_watts);
+        NodePower {
+            base_w,
+            active_w: p.core.active_watts,
+            per_gib_w: p.dram.watts_per_gib,
+            max_w: base_w + f64::from(cores) * p.core.active_watts,
+            suspend_w: scale * p.node.suspend_watts,
+            entry_s: p.node.suspend_entry_s,
+            resume_s: p.node.resume_s,
+            states: p
+                .idle_states
+                .iter()
+                .map(|s| {
+                    (
+                        s.target_residency_us as f64 / 1e6,
+                        s.core_watts,
+                        s.exit_latency_us as f64 / 1e6,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The state an idle period of `len` seconds reaches: (core watts, exit latency).
+    fn idle_state(&self, len: f64, deep: bool) -> (f64, f64) {
+        let pick = if deep {
+            self.states
+                .iter()
+                .rev()
+                .find(|s| s.0 <= len)
+                .unwrap_or(&self.states[0])
+        } else {
+            &self.states[0]
+        };
+        (pick.1, pick.2)
+    }
+}
+
+/// One node group's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    pub name: String,
+    pub nodes: u32,
+    /// Share of core time idle (while the node was up).
+    pub idle_fraction: f64,
+    pub mean_idle_period_s: f64,
+    /// Share of node time suspended.
+    pub asleep_fraction: f64,
+    pub energy_j: f64,
+    pub mean_power_w: f64,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimReport {
+    pub policy: &'static str,
+    pub approach: &'static str,
+    pub seed: u64,
+    pub simulated_s: f64,
+    pub nodes: u32,
+    pub services: u32,
+    pub events: u64,
+    pub wall_s: f64,
+    pub events_per_s: f64,
+    pub node_groups: Vec<GroupReport>,
+    pub energy_j: f64,
+    pub mean_power_w: f64,
+    pub requests: u64,
+    pub latency: Percentiles,
+    /// Requests that found their service asleep, checkpointing or waking.
+    pub found_asleep: u64,
+    pub checkpoints: u64,
+    pub restores: u64,
+    pub node_sleeps: u64,
+}
+
+/// The simulator.
+#[derive(Debug)]
+pub struct Sim<'a> {
+    cfg: &'a SimConfig,
+    rng: SmallRng,
+    now: f64,
+    end: f64,
+    seq: u64,
+    events: u64,
+    heap: BinaryHeap<Event>,
+    svcs: Vec<Svc>,
+    nodes: Vec<Node>,
+    power: Vec<NodePower>,
+    latency_us: Histogram<u64>,
+    found_asleep: u64,
+    checkpoints: u64,
+    restores: u64,
+    node_sleeps: u64,
+    policy_cfg: PolicyConfig,
+}
+
+fn service_time(rng: &mut SmallRng, st: &ServiceTime) -> f64 {
+    match *st {
+        ServiceTime::Exponential { mean_ms } => -(1.0 - rng.gen::<f64>()).ln() * mean_ms / 1e3,
+        ServiceTime::Constant { ms } => ms / 1e3,
+        ServiceTime::Uniform { min_ms, max_ms } => rng.gen_range(min_ms..=max_ms) / 1e3,
+        ServiceTime::Lognormal { mean_ms, cv } => {
+            let sigma2 = (1.0 + cv * cv).ln();
+            let mu = (mean_ms / 1e3).ln() - sigma2 / 2.0;
+            let (u1, u2): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            (mu + sigma2.sqrt() * z).exp()
+        }
+    }
+}
+
+fn dur(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+impl<'a> Sim<'a> {
+    pub fn new(cfg: &'a SimConfig) -> Sim<'a> {
+        let mut rng = SmallRng::seed_from_u64(cfg.seed);
+        let mut nodes = Vec::new();
+        let mut power = Vec::new();
+        let mut first_node = Vec::new();
+        for (g, group) in cfg.nodes.iter().enumerate() {
+            first_node.push(nodes.len() as u32);
+            power.push(NodePower::new(&group.profile, group.cores));
+            for _ in 0..group.count {
+                nodes.push(Node {
+                    group: g as u32,
+                    cores: group.cores,
+                    busy: 0,
+                    idle_cores: vec![0.0; group.cores as usize],
+                    queue: VecDeque::new(),
+                    state: NodeState::Up,
+                    resume_pending: false,
+                    waiting: Vec::new(),
+                    services: 0,
+                    asleep_services: 0,
+                    resident_bytes: 0,
+                    last_t: 0.0,
+                    energy_j: 0.0,
+                    idle_time: 0.0,
+                    idle_periods: 0,
+                    asleep_time: 0.0,
+                    gen: 0,
+                });
+            }
+        }
+        let mut svcs = Vec::new();
+        let mut next_on_group = vec![0u32; cfg.nodes.len()];
+        let tracks = matches!(cfg.policy, PolicyName::SeedTable | PolicyName::Predictor);
+        for (service_group, s) in cfg.services.iter().enumerate() {
+            let group = &cfg.nodes[s.node_group];
+            for _ in 0..s.count {
+                let node = first_node[s.node_group] + next_on_group[s.node_group] % group.count;
+                next_on_group[s.node_group] += 1;
+                let stream =
+                    ArrivalStream::new(s.arrival.clone(), SmallRng::seed_from_u64(rng.gen()));
+                nodes[node as usize].services += 1;
+                nodes[node as usize].resident_bytes += s.footprint_bytes;
+                svcs.push(Svc {
+                    node,
+                    group: service_group as u32,
+                    footprint: s.footprint_bytes,
+                    state: SvcState::Awake,
+                    stream,
+                    next_arrival: f64::INFINITY,
+                    in_system: 0,
+                    held: Vec::new(),
+                    tracker: tracks
+                        .then(|| ArrivalTracker::new(Duration::ZERO, Duration::from_secs(60))),
+                    gen: 0,
+                });
+            }
+        }
+        let policy_cfg = PolicyConfig {
+            idle_threshold: cfg.idle_threshold,
+            max_sleep_rate: 1.0,
+            wake_objective: None,
+            ..PolicyConfig::default()
+        };
+        let mut sim = Sim {
+            cfg,
+            rng,
+            now: 0.0,
+            end: cfg.duration.as_secs_f64(),
+            seq: 0,
+            events: 0,
+            heap: BinaryHeap::new(),
+            svcs,
+            nodes,
+            power,
+            latency_us: Histogram::new_with_bounds(1, 86_400_000_000, 3).expect("histogram bounds"),
+            found_asleep: 0,
+            checkpoints: 0,
+            restores: 0,
+            node_sleeps: 0,
+            policy_cfg,
+        };
+        for i in 0..sim.svcs.len() {
+            sim.schedule_next_arrival(i as u32);
+        }
+        // Services that start idle may sleep from the start.
+        for i in 0..sim.svcs.len() {
+            sim.on_service_idle(i as u32);
+        }
+        sim
+    }
+
+    fn push(&mut self, t: f64, kind: Kind, id: u32, aux: u32, x: f64) {
+        self.seq += 1;
+        self.heap.push(Event {
+            t,
+            seq: self.seq,
+            kind,
+            id,
+            aux,
+            x,
+        });
+    }
+
+    fn schedule_next_arrival(&mut self, s: u32) {
+        let next = self.svcs[s as usize]
+            .stream
+            .next_arrival()
+            .unwrap_or(f64::INFINITY);
+        self.svcs[s as usize].next_arrival = next;
+        if next < self.end {
+            self.push(next, Kind::Arrival, s, 0, 0.0);
+        }
+    }
+
+    /// Runs to the end and reports.
+    pub fn run(mut self) -> SimReport {
+        let wall = Instant::now();
+        while let Some(ev) = self.heap.pop() {
+            if ev.t >= self.end {
+                break;
+            }
+            self.now = ev.t;
+            self.events += 1;
+            match ev.kind {
+                Kind::Arrival => self.on_arrival(ev.id),
+                Kind::Complete => self.on_complete(ev.id, ev.aux, ev.x),
+                Kind::SleepCheck => self.on_sleep_check(ev.id, ev.aux),
+                Kind::Prewarm => self.on_prewarm(ev.id, ev.aux),
+                Kind::OracleWake => self.on_prewarm(ev.id, ev.aux),
+                Kind::NodeSleep => self.on_node_sleep_timer(ev.id, ev.aux),
+                Kind::NodeEntered => self.on_node_entered(ev.id),
+                Kind::NodeResumed => self.on_node_resumed(ev.id),
+            }
+        }
+        self.now = self.end;
+        for n in 0..self.nodes.len() {
+            self.settle(n);
+            let deep = self.deep_idle();
+            let node = &mut self.nodes[n];
+            let p = &self.power[node.group as usize];
+            if node.state == NodeState::Up {
+                for since in std::mem::take(&mut node.idle_cores) {
+                    let len = self.end - since;
+                    node.energy_j += p.idle_state(len, deep).0 * len;
+                    node.idle_time += len;
+                    node.idle_periods += 1;
+                }
+            }
+        }
+        self.report(wall.elapsed().as_secs_f64())
+    }
+
+    fn deep_idle(&self) -> bool {
+        self.cfg.policy != PolicyName::AlwaysOn
+    }
+
+    /// Integrates the node's power up to now (before anything about it changes).
+    fn settle(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let p = &self.power[node.group as usize];
+        let dt = self.now - node.last_t;
+        if dt > 0.0 {
+            let w = match node.state {
+                NodeState::Up => {
+                    p.base_w
+                        + f64::from(node.busy) * p.active_w
+                        + p.per_gib_w * node.resident_bytes as f64 / (1u64 << 30) as f64
+                }
+                // Transitions draw full power (Meisner et al.'s assumption).
+                NodeState::Entering | NodeState::Resuming => p.max_w,
+                NodeState::Asleep => {
+                    node.asleep_time += dt;
+                    p.suspend_w
+                }
+            };
+            node.energy_j += w * dt;
+        }
+        node.last_t = self.now;
+    }
+
+    fn on_arrival(&mut self, s: u32) {
+        self.schedule_next_arrival(s);
+        let now = self.now;
+        let svc = &mut self.svcs[s as usize];
+        if let Some(t) = svc.tracker.as_mut() {
+            t.record(dur(now));
+        }
+        match svc.state {
+            SvcState::Awake => self.submit(s, now, Work::Request),
+            SvcState::Checkpointing | SvcState::Waking => {
+                svc.held.push(now);
+                self.found_asleep += 1;
+            }
+            SvcState::Asleep => {
+                svc.held.push(now);
+                self.found_asleep += 1;
+                self.wake(s);
+            }
+        }
+    }
+
+    /// Puts work for `s` on its node: a free core if the node is up, else its queue.
+    fn submit(&mut self, s: u32, arrival: f64, work: Work) {
+        let n = self.svcs[s as usize].node as usize;
+        if work == Work::Request {
+            self.svcs[s as usize].in_system += 1;
+        }
+        let job = Job {
+            svc: s,
+            arrival,
+            work,
+        };
+        match self.nodes[n].state {
+            NodeState::Up if !self.nodes[n].idle_cores.is_empty() => self.start(n, job),
+            NodeState::Up | NodeState::Resuming => self.nodes[n].queue.push_back(job),
+            NodeState::Entering => {
+                self.nodes[n].queue.push_back(job);
+                self.nodes[n].resume_pending = true;
+            }
+            NodeState::Asleep => {
+                self.nodes[n].queue.push_back(job);
+                self.resume_node(n);
+            }
+        }
+    }
+
+    fn start(&mut self, n: usize, job: Job) {
+        self.settle(n);
+        let deep = self.deep_idle();
+        let node = &mut self.nodes[n];
+        let since = node.idle_cores.pop().expect("an idle core");
+        let p = &self.power[node.group as usize];
+        let len = self.now - since;
+        let (watts, exit) = p.idle_state(len, deep);
+        node.energy_j += watts * len;
+        node.idle_time += len;
+        node.idle_periods += 1;
+        node.busy += 1;
+        let svc = &self.svcs[job.svc as usize];
+        let (fp, st) = (svc.footprint, self.cfg.service_time_of(svc.group as usize));
+        let work = match job.work {
+            Work::Request => service_time(&mut self.rng, st),
+            Work::Checkpoint => self.cfg.cr_times(fp).0,
+            Work::Restore => self.cfg.cr_times(fp).1,
+        };
+        let kind = job.work as u32;
+        self.push(
+            self.now + exit + work,
+            Kind::Complete,
+            job.svc,
+            kind,
+            job.arrival,
+        );
+    }
+
+    fn on_complete(&mut self, s: u32, work: u32, arrival: f64) {
+        let n = self.svcs[s as usize].node as usize;
+        self.settle(n);
+        self.nodes[n].busy -= 1;
+        self.nodes[n].idle_cores.push(self.now);
+        if let Some(next) = self.nodes[n].queue.pop_front() {
+            self.start(n, next);
+        }
+        match work {
+            w if w == Work::Request as u32 => {
+                let _ = self
+                    .latency_us
+                    .record(((self.now - arrival) * 1e6).max(1.0) as u64);
+                let svc = &mut self.svcs[s as usize];
+                svc.in_system -= 1;
+                if svc.in_system == 0 {
+                    self.on_service_idle(s);
+                }
+            }
+            w if w == Work::Checkpoint as u32 => self.checkpointed(s),
+            _ => self.restored(s),
+        }
+        self.maybe_node_idle(n);
+    }
+
+    /// `s` has nothing to do: the policy decides when (if ever) it sleeps.
+    fn on_service_idle(&mut self, s: u32) {
+        let svc = &mut self.svcs[s as usize];
+        if svc.state != SvcState::Awake || svc.in_system > 0 {
+            return;
+        }
+        svc.gen += 1;
+        let gen = svc.gen;
+        match self.cfg.policy {
+            PolicyName::FixedThreshold | PolicyName::SeedTable | PolicyName::Predictor => {
+                let t = self.now + self.cfg.idle_threshold.as_secs_f64();
+                self.push(t, Kind::SleepCheck, s, gen, 0.0);
+            }
+            PolicyName::Oracle => {
+                let gap = svc.next_arrival - self.now;
+                if gap > self.break_even_s(s) {
+                    self.checkpoint(s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Idle gap beyond which a snapshot pays for its checkpoint and restore: their CPU energy
+    /// over the power the service's sleep saves (its memory, plus its share of the node's
+    /// idle-versus-suspended power).
+    pub fn break_even_s(&self, s: u32) -> f64 {
+        let svc = &self.svcs[s as usize];
+        let node = &self.nodes[svc.node as usize];
+        let p = &self.power[node.group as usize];
+        let (c, r) = self.cfg.cr_times(svc.footprint);
+        let cost_j = (c + r) * p.active_w;
+        let saved_w = p.per_gib_w * svc.footprint as f64 / (1u64 << 30) as f64
+            + (p.base_w - p.suspend_w).max(0.0) / f64::from(node.services.max(1));
+        cost_j / saved_w.max(1e-9) + c + r
+    }
+
+    fn on_sleep_check(&mut self, s: u32, gen: u32) {
+        let now = dur(self.now);
+        let (expected_wake, _) = {
+            let svc = &self.svcs[s as usize];
+            if svc.gen != gen || svc.state != SvcState::Awake || svc.in_system > 0 {
+                return;
+            }
+            (dur(self.cfg.cr_times(svc.footprint).1), ())
+        };
+        let sleep = match self.cfg.policy {
+            PolicyName::FixedThreshold => true,
+            _ => {
+                let svc = &mut self.svcs[s as usize];
+                let fp = svc.footprint;
+                let tracker = svc.tracker.as_mut().expect("tracked policy");
+                matches!(
+                    decide_sleep(&self.policy_cfg, tracker, now, fp, expected_wake),
+                    SleepDecision::Sleep { .. }
+                )
+            }
+        };
+        if sleep {
+            self.checkpoint(s);
+        }
+    }
+
+    fn checkpoint(&mut self, s: u32) {
+        self.svcs[s as usize].state = SvcState::Checkpointing;
+        self.checkpoints += 1;
+        self.submit(s, self.now, Work::Checkpoint);
+    }
+
+    fn checkpointed(&mut self, s: u32) {
+        let n = self.svcs[s as usize].node as usize;
+        self.settle(n);
+        let svc = &mut self.svcs[s as usize];
+        svc.state = SvcState::Asleep;
+        svc.gen += 1;
+        let gen = svc.gen;
+        self.nodes[n].resident_bytes -= svc.footprint;
+        self.nodes[n].asleep_services += 1;
+        if !svc.held.is_empty() {
+            self.wake(s);
+            return;
+        }
+        match self.cfg.policy {
+            PolicyName::Oracle => {
+                let (_, restore) = self.cfg.cr_times(svc.footprint);
+                let at = (svc.next_arrival - restore).max(self.now);
+                if at < self.end {
+                    self.push(at, Kind::OracleWake, s, gen, 0.0);
+                }
+            }
+            PolicyName::Predictor => {
+                let expected = dur(self.cfg.cr_times(svc.footprint).1);
+                let tracker = svc.tracker.as_ref().expect("tracked policy");
+                if let Some(at) = prewarm_at(&self.policy_cfg, tracker, expected) {
+                    let at = at.as_secs_f64().max(self.now);
+                    if at < self.end {
+                        self.push(at, Kind::Prewarm, s, gen, 0.0);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.maybe_node_idle(n);
+    }
+
+    fn on_prewarm(&mut self, s: u32, gen: u32) {
+        let svc = &self.svcs[s as usize];
+        if svc.gen == gen && svc.state == SvcState::Asleep {
+            self.wake(s);
+        }
+    }
+
+    fn wake(&mut self, s: u32) {
+        let n = self.svcs[s as usize].node as usize;
+        let svc = &mut self.svcs[s as usize];
+        svc.state = SvcState::Waking;
+        svc.gen += 1;
+        self.restores += 1;
+        match self.nodes[n].state {
+            NodeState::Up => self.submit(s, self.now, Work::Restore),
+            _ => {
+                self.nodes[n].waiting.push(s);
+                match self.nodes[n].state {
+                    NodeState::Asleep => self.resume_node(n),
+                    NodeState::Entering => self.nodes[n].resume_pending = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn restored(&mut self, s: u32) {
+        let n = self.svcs[s as usize].node as usize;
+        self.settle(n);
+        let svc = &mut self.svcs[s as usize];
+        svc.state = SvcState::Awake;
+        self.nodes[n].resident_bytes += svc.footprint;
+        self.nodes[n].asleep_services -= 1;
+        let held = std::mem::take(&mut svc.held);
+        if let Some(t) = svc.tracker.as_mut() {
+            t.mark_active(dur(self.now));
+        }
+        for arrival in &held {
+            self.submit(s, *arrival, Work::Request);
+        }
+        if held.is_empty() {
+            self.on_service_idle(s);
+        }
+    }
+
+    /// Starts the node's sleep timer or (PowerNap) its nap when nothing runs on it.
+    fn maybe_node_idle(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        if node.state != NodeState::Up || node.busy > 0 || !node.queue.is_empty() {
+            return;
+        }
+        match (self.cfg.policy, self.cfg.node_sleep_after) {
+            (PolicyName::Powernap, _) => self.enter_node_sleep(n),
+            (p, Some(after)) if p.sleeps_services() && node.asleep_services == node.services => {
+                self.nodes[n].gen += 1;
+                let gen = self.nodes[n].gen;
+                self.push(
+                    self.now + after.as_secs_f64(),
+                    Kind::NodeSleep,
+                    n as u32,
+                    gen,
+                    0.0,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn on_node_sleep_timer(&mut self, n: u32, gen: u32) {
+        let node = &self.nodes[n as usize];
+        if node.gen == gen
+            && node.state == NodeState::Up
+            && node.busy == 0
+            && node.queue.is_empty()
+            && node.asleep_services == node.services
+        {
+            self.enter_node_sleep(n as usize);
+        }
+    }
+
+    fn enter_node_sleep(&mut self, n: usize) {
+        self.settle(n);
+        let deep = self.deep_idle();
+        let node = &mut self.nodes[n];
+        let p = &self.power[node.group as usize];
+        for since in std::mem::take(&mut node.idle_cores) {
+            let len = self.now - since;
+            node.energy_j += p.idle_state(len, deep).0 * len;
+            node.idle_time += len;
+            node.idle_periods += 1;
+        }
+        node.state = NodeState::Entering;
+        node.gen += 1;
+        self.node_sleeps += 1;
+        let t = self.now + p.entry_s;
+        self.push(t, Kind::NodeEntered, n as u32, 0, 0.0);
+    }
+
+    fn on_node_entered(&mut self, n: u32) {
+        let n = n as usize;
+        self.settle(n);
+        self.nodes[n].state = NodeState::Asleep;
+        if std::mem::take(&mut self.nodes[n].resume_pending) {
+            self.resume_node(n);
+        }
+    }
+
+    fn resume_node(&mut self, n: usize) {
+        self.settle(n);
+        let node = &mut self.nodes[n];
+        node.state = NodeState::Resuming;
+        let t = self.now + self.power[node.group as usize].resume_s;
+        self.push(t, Kind::NodeResumed, n as u32, 0, 0.0);
+    }
+
+    fn on_node_resumed(&mut self, n: u32) {
+        let n = n as usize;
+        self.settle(n);
+        let node = &mut self.nodes[n];
+        node.state = NodeState::Up;
+        node.idle_cores = vec![self.now; node.cores as usize];
+        for s in std::mem::take(&mut node.waiting) {
+            self.submit(s, self.now, Work::Restore);
+        }
+        while !self.nodes[n].idle_cores.is_empty() {
+            let Some(job) = self.nodes[n].queue.pop_front() else {
+                break;
+            };
+            self.start(n, job);
+        }
+        self.maybe_node_idle(n);
+    }
+
+    fn report(&self, wall_s: f64) -> SimReport {
+        let mut groups = Vec::new();
+        for (g, group) in self.cfg.nodes.iter().enumerate() {
+            let nodes: Vec<&Node> = self
+                .nodes
+                .iter()
+                .filter(|n| n.group as usize == g)
+                .collect();
+            let idle: f64 = nodes.iter().map(|n| n.idle_time).sum();
+            let periods: u64 = nodes.iter().map(|n| n.idle_periods).sum();
+            let energy: f64 = nodes.iter().map(|n| n.energy_j).sum();
+            let asleep: f64 = nodes.iter().map(|n| n.asleep_time).sum();
+            let core_time = self.end * f64::from(group.cores) * nodes.len() as f64;
+            groups.push(GroupReport {
+                name: group.name.clone(),
+                nodes: group.count,
+                idle_fraction: idle / core_time.max(1e-12),
+                mean_idle_period_s: idle / periods.max(1) as f64,
+                asleep_fraction: asleep / (self.end * nodes.len() as f64).max(1e-12),
+                energy_j: energy,
+                mean_power_w: energy / self.end.max(1e-12),
+            });
+        }
+        let energy_j: f64 = groups.iter().map(|g| g.energy_j).sum();
+        SimReport {
+            policy: self.cfg.policy.as_str(),
+            approach: self.cfg.approach.as_str(),
+            seed: self.cfg.seed,
+            simulated_s: self.end,
+            nodes: self.nodes.len() as u32,
+            services: self.svcs.len() as u32,
+            events: self.events,
+            wall_s,
+            events_per_s: self.events as f64 / wall_s.max(1e-9),
+            node_groups: groups,
+            energy_j,
+            mean_power_w: energy_j / self.end.max(1e-12),
+            requests: self.latency_us.len(),
+            latency: Percentiles::of(&self.latency_us),
+            found_asleep: self.found_asleep,
+            checkpoints: self.checkpoints,
+            restores: self.restores,
+            node_sleeps: self.node_sleeps,
+        }
+    }
+}
+
+/// Runs `cfg` to the end.
+pub fn simulate(cfg: &SimConfig) -> SimReport {
+    Sim::new(cfg).run()
+}
