@@ -499,6 +499,7 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Runs `job` on an idle core (which pays its idle state's exit latency).
     fn start(&mut self, n: usize, job: Job) {
         self.settle(n);
         let deep = self.deep_idle();
@@ -511,6 +512,11 @@ impl<'a> Sim<'a> {
         node.idle_time += len;
         node.idle_periods += 1;
         node.busy += 1;
+        self.run_job(job, exit);
+    }
+
+    /// Schedules `job`'s completion on a core that is already awake (after `exit` to wake it).
+    fn run_job(&mut self, job: Job, exit: f64) {
         let svc = &self.svcs[job.svc as usize];
         let (fp, st) = (svc.footprint, self.cfg.service_time_of(svc.group as usize));
         let work = match job.work {
@@ -530,11 +536,14 @@ impl<'a> Sim<'a> {
 
     fn on_complete(&mut self, s: u32, work: u32, arrival: f64) {
         let n = self.svcs[s as usize].node as usize;
-        self.settle(n);
-        self.nodes[n].busy -= 1;
-        self.nodes[n].idle_cores.push(self.now);
-        if let Some(next) = self.nodes[n].queue.pop_front() {
-            self.start(n, next);
+        match self.nodes[n].queue.pop_front() {
+            // The core goes straight on to the next job: no idle period.
+            Some(next) => self.run_job(next, 0.0),
+            None => {
+                self.settle(n);
+                self.nodes[n].busy -= 1;
+                self.nodes[n].idle_cores.push(self.now);
+            }
         }
         match work {
             w if w == Work::Request as u32 => {
