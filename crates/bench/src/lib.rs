@@ -11,6 +11,7 @@ pub mod inproc;
 pub mod plot;
 pub mod report;
 pub mod scenario;
+pub mod sim;
 pub mod walkthrough;
 
 /// Why an experiment stopped.

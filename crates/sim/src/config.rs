@@ -149,13 +149,13 @@ pub struct CrModel {
 }
 
 impl Default for CrModel {
-    /// Fitted on `torpor bench cr` here (64 MiB-1 GiB, torpor through the pool; see the README).
+    /// The fit of `fixtures/bench-cr.json` (`torpor bench cr` on a 2-vCPU VM, 64-512 MiB).
     fn default() -> Self {
         CrModel {
-            checkpoint_fixed_s: 0.045,
-            checkpoint_per_gib_s: 0.44,
-            restore_fixed_s: 0.045,
-            restore_per_gib_s: 0.52,
+            checkpoint_fixed_s: 0.0440,
+            checkpoint_per_gib_s: 0.5681,
+            restore_fixed_s: 0.0274,
+            restore_per_gib_s: 0.6973,
         }
     }
 }

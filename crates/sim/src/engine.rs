@@ -6,8 +6,7 @@
 //! whenever idle), and a request arriving during a transition waits for it.
 
 use std::{
-    cmp::Ordering,
-    collections::{BinaryHeap, VecDeque},
+    collections::VecDeque,
     time::{Duration, Instant},
 };
 
@@ -18,7 +17,10 @@ use torpor_loadgen::{ArrivalStream, Percentiles};
 use torpor_policy::{decide_sleep, prewarm_at, ArrivalTracker, PolicyConfig, SleepDecision};
 use torpor_power::Profile;
 
-use crate::config::{PolicyName, ServiceTime, SimConfig};
+use crate::{
+    config::{PolicyName, ServiceTime, SimConfig},
+    queue::{EventQueue, Timed},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -53,21 +55,9 @@ struct Event {
     x: f64,
 }
 
-impl PartialEq for Event {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Event {
-    /// Earliest first in a max-heap.
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.t.total_cmp(&self.t).then(o.seq.cmp(&self.seq))
+impl Timed for Event {
+    fn key(&self) -> (u64, u64) {
+        (self.t.to_bits(), self.seq)
     }
 }
 
@@ -95,6 +85,11 @@ struct Svc {
     tracker: Option<ArrivalTracker>,
     /// Timer generation: a timer that finds another generation is stale.
     gen: u32,
+    /// When it last ran out of work.
+    idle_since: f64,
+    /// A sleep check is in the queue (one at a time: it re-arms itself if the service was
+    /// busy in between, so a burst of requests costs one check, not one per request).
+    check_pending: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,7 +236,7 @@ pub struct Sim<'a> {
     end: f64,
     seq: u64,
     events: u64,
-    heap: BinaryHeap<Event>,
+    heap: EventQueue<Event>,
     svcs: Vec<Svc>,
     nodes: Vec<Node>,
     power: Vec<NodePower>,
@@ -327,6 +322,8 @@ impl<'a> Sim<'a> {
                     tracker: tracks
                         .then(|| ArrivalTracker::new(Duration::ZERO, Duration::from_secs(60))),
                     gen: 0,
+                    idle_since: 0.0,
+                    check_pending: false,
                 });
             }
         }
@@ -343,7 +340,7 @@ impl<'a> Sim<'a> {
             end: cfg.duration.as_secs_f64(),
             seq: 0,
             events: 0,
-            heap: BinaryHeap::new(),
+            heap: EventQueue::new(),
             svcs,
             nodes,
             power,
@@ -399,7 +396,7 @@ impl<'a> Sim<'a> {
             match ev.kind {
                 Kind::Arrival => self.on_arrival(ev.id),
                 Kind::Complete => self.on_complete(ev.id, ev.aux, ev.x),
-                Kind::SleepCheck => self.on_sleep_check(ev.id, ev.aux),
+                Kind::SleepCheck => self.on_sleep_check(ev.id),
                 Kind::Prewarm => self.on_prewarm(ev.id, ev.aux),
                 Kind::OracleWake => self.on_prewarm(ev.id, ev.aux),
                 Kind::NodeSleep => self.on_node_sleep_timer(ev.id, ev.aux),
@@ -569,11 +566,14 @@ impl<'a> Sim<'a> {
             return;
         }
         svc.gen += 1;
-        let gen = svc.gen;
+        svc.idle_since = self.now;
         match self.cfg.policy {
-            PolicyName::FixedThreshold | PolicyName::SeedTable | PolicyName::Predictor => {
+            PolicyName::FixedThreshold | PolicyName::SeedTable | PolicyName::Predictor
+                if !svc.check_pending =>
+            {
+                svc.check_pending = true;
                 let t = self.now + self.cfg.idle_threshold.as_secs_f64();
-                self.push(t, Kind::SleepCheck, s, gen, 0.0);
+                self.push(t, Kind::SleepCheck, s, 0, 0.0);
             }
             PolicyName::Oracle => {
                 let gap = svc.next_arrival - self.now;
@@ -585,28 +585,33 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Idle gap beyond which a snapshot pays for its checkpoint and restore: their CPU energy
-    /// over the power the service's sleep saves (its memory, plus its share of the node's
-    /// idle-versus-suspended power).
-    pub fn break_even_s(&self, s: u32) -> f64 {
+    fn break_even_s(&self, s: u32) -> f64 {
         let svc = &self.svcs[s as usize];
         let node = &self.nodes[svc.node as usize];
-        let p = &self.power[node.group as usize];
-        let (c, r) = self.cfg.cr_times(svc.footprint);
-        let cost_j = (c + r) * p.active_w;
-        let saved_w = p.per_gib_w * svc.footprint as f64 / (1u64 << 30) as f64
-            + (p.base_w - p.suspend_w).max(0.0) / f64::from(node.services.max(1));
-        cost_j / saved_w.max(1e-9) + c + r
+        break_even_for(
+            self.cfg,
+            &self.power[node.group as usize],
+            node.services,
+            svc.footprint,
+        )
     }
 
-    fn on_sleep_check(&mut self, s: u32, gen: u32) {
+    fn on_sleep_check(&mut self, s: u32) {
         let now = dur(self.now);
-        let (expected_wake, _) = {
-            let svc = &self.svcs[s as usize];
-            if svc.gen != gen || svc.state != SvcState::Awake || svc.in_system > 0 {
+        let threshold = self.cfg.idle_threshold.as_secs_f64();
+        let expected_wake = {
+            let svc = &mut self.svcs[s as usize];
+            svc.check_pending = false;
+            if svc.state != SvcState::Awake || svc.in_system > 0 {
+                return; // the next idle moment arms a new check
+            }
+            let due = svc.idle_since + threshold;
+            if self.now < due {
+                svc.check_pending = true;
+                self.push(due, Kind::SleepCheck, s, 0, 0.0);
                 return;
             }
-            (dur(self.cfg.cr_times(svc.footprint).1), ())
+            dur(self.cfg.cr_times(svc.footprint).1)
         };
         let sleep = match self.cfg.policy {
             PolicyName::FixedThreshold => true,
@@ -845,6 +850,36 @@ impl<'a> Sim<'a> {
             node_sleeps: self.node_sleeps,
         }
     }
+}
+
+/// Idle gap beyond which a snapshot pays for its checkpoint and restore: their CPU energy over
+/// the power the service's sleep saves (its memory, plus its share of the node's up-versus-
+/// suspended power among `services` on the node), plus the time they take.
+fn break_even_for(cfg: &SimConfig, p: &NodePower, services: u32, footprint: u64) -> f64 {
+    let (c, r) = cfg.cr_times(footprint);
+    let cost_j = (c + r) * p.active_w;
+    let saved_w = p.per_gib_w * footprint as f64 / (1u64 << 30) as f64
+        + (p.base_w - p.suspend_w).max(0.0) / f64::from(services.max(1));
+    cost_j / saved_w.max(1e-9) + c + r
+}
+
+/// The break-even idle period of a service of `footprint` bytes on node group `group`, with the
+/// services placed as the configuration places them.
+pub fn break_even_s(cfg: &SimConfig, group: usize, footprint: u64) -> f64 {
+    let g = &cfg.nodes[group];
+    let per_node: u32 = cfg
+        .services
+        .iter()
+        .filter(|s| s.node_group == group)
+        .map(|s| s.count)
+        .sum::<u32>()
+        / g.count.max(1);
+    break_even_for(
+        cfg,
+        &NodePower::new(&g.profile, g.cores),
+        per_node,
+        footprint,
+    )
 }
 
 /// Runs `cfg` to the end.

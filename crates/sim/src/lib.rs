@@ -4,8 +4,11 @@
 //! policies of the live system (`crates/policy`) beside always-on, C6-only, PowerNap and an
 //! oracle bound. Own clock, seeded RNG: the same seed gives the same answer.
 
+pub mod calibrate;
 pub mod config;
 pub mod engine;
+mod queue;
+pub mod study;
 
 pub use config::{Approach, CrModel, PolicyName, SimConfig, SimConfigError};
 pub use engine::{simulate, GroupReport, SimReport};

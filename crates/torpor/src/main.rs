@@ -103,6 +103,8 @@ enum Cmd {
     Loadgen(torpor_loadgen::LoadgenArgs),
     /// µSuite: one tier (bucket, mid, client) of HDSearch, Router, Set Algebra or Recommend.
     Usuite(torpor_usuite::cli::UsuiteArgs),
+    /// Cluster simulator: energy and latency of the policies at scale (see examples/sim-*.toml).
+    Sim(torpor_bench::sim::SimArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -339,6 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Power(args) => power::run(args)?,
         Cmd::Loadgen(args) => loadgen(&args)?,
+        Cmd::Sim(args) => torpor_bench::sim::run(&args)?,
         Cmd::Usuite(args) => usuite(args)?,
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,

@@ -1,0 +1,220 @@
+//! The seed's research questions, answered by runs of one configuration: every policy on the same
+//! cluster (Tables 7.1 and 7.2), an idle-threshold sweep (the optimal threshold), checkpoint and
+//! restore latency against footprint per approach, the break-even idle period, and how close
+//! prediction with pre-warm comes to the oracle.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::{
+    config::{Approach, PolicyName, SimConfig},
+    engine::{simulate, SimReport},
+};
+
+/// Policies in the tables, the baseline first.
+pub const POLICIES: [PolicyName; 7] = [
+    PolicyName::AlwaysOn,
+    PolicyName::C6Only,
+    PolicyName::Powernap,
+    PolicyName::FixedThreshold,
+    PolicyName::SeedTable,
+    PolicyName::Predictor,
+    PolicyName::Oracle,
+];
+
+/// Idle thresholds swept for the first research question (seconds).
+pub const THRESHOLDS_S: [f64; 8] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0];
+
+/// Footprints for the latency and break-even curves (GiB).
+pub const FOOTPRINTS_GIB: [f64; 8] = [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
+
+/// One point of the threshold sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    pub idle_threshold_s: f64,
+    pub mean_power_w: f64,
+    pub p99_ms: Option<f64>,
+}
+
+/// Checkpoint and restore time of one footprint.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CrPoint {
+    pub gib: f64,
+    pub checkpoint_s: f64,
+    pub restore_s: f64,
+}
+
+/// One approach's curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Curve<P> {
+    pub approach: &'static str,
+    pub points: Vec<P>,
+}
+
+/// Everything the study found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Study {
+    pub runs: Vec<SimReport>,
+    pub table_7_1: String,
+    pub table_7_2: String,
+    pub sweep: Vec<SweepPoint>,
+    pub best_threshold_s: Option<f64>,
+    /// Per approach: checkpoint and restore seconds against footprint.
+    pub cr_latency: Vec<Curve<CrPoint>>,
+    /// Per approach: (GiB, break-even idle period s) on the first node group.
+    pub break_even: Vec<Curve<(f64, f64)>>,
+    /// Predictor's energy saving as a share of the oracle's (against always-on).
+    pub predictor_vs_oracle: Option<f64>,
+}
+
+fn with_policy(cfg: &SimConfig, p: PolicyName) -> SimConfig {
+    let mut c = cfg.clone();
+    c.policy = p;
+    if c.idle_threshold.is_zero() {
+        c.idle_threshold = Duration::from_secs(30);
+    }
+    c
+}
+
+/// Runs the study; `progress` hears each finished run's name.
+pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
+    let mut runs = Vec::new();
+    for p in POLICIES {
+        runs.push(simulate(&with_policy(cfg, p)));
+        progress(p.as_str());
+    }
+    let mut sweep = Vec::new();
+    for t in THRESHOLDS_S {
+        let mut c = with_policy(cfg, PolicyName::FixedThreshold);
+        c.idle_threshold = Duration::from_secs_f64(t);
+        let r = simulate(&c);
+        progress(&format!("threshold {t}s"));
+        sweep.push(SweepPoint {
+            idle_threshold_s: t,
+            mean_power_w: r.mean_power_w,
+            p99_ms: r.latency.p99_ms,
+        });
+    }
+    // The best threshold: least power whose p99 stays within twice always-on's.
+    let p99_limit = runs[0].latency.p99_ms.map(|p| 2.0 * p.max(1.0));
+    let best_threshold_s = sweep
+        .iter()
+        .filter(|p| matches!((p.p99_ms, p99_limit), (Some(a), Some(b)) if a <= b))
+        .min_by(|a, b| a.mean_power_w.total_cmp(&b.mean_power_w))
+        .map(|p| p.idle_threshold_s);
+    let gib = (1u64 << 30) as f64;
+    let with_approach = |a: Approach| {
+        let mut c = cfg.clone();
+        c.approach = a;
+        c
+    };
+    let cr_latency = Approach::ALL
+        .iter()
+        .map(|&a| {
+            let c = with_approach(a);
+            let points = FOOTPRINTS_GIB
+                .iter()
+                .map(|&g| {
+                    let (checkpoint_s, restore_s) = c.cr_times((g * gib) as u64);
+                    CrPoint {
+                        gib: g,
+                        checkpoint_s,
+                        restore_s,
+                    }
+                })
+                .collect();
+            Curve {
+                approach: a.as_str(),
+                points,
+            }
+        })
+        .collect();
+    let break_even = Approach::ALL
+        .iter()
+        .map(|&a| {
+            let c = with_approach(a);
+            let points = FOOTPRINTS_GIB
+                .iter()
+                .map(|&g| (g, crate::engine::break_even_s(&c, 0, (g * gib) as u64)))
+                .collect();
+            Curve {
+                approach: a.as_str(),
+                points,
+            }
+        })
+        .collect();
+    let by = |p: PolicyName| {
+        runs.iter()
+            .find(|r| r.policy == p.as_str())
+            .map(|r| r.mean_power_w)
+    };
+    let predictor_vs_oracle = match (
+        by(PolicyName::AlwaysOn),
+        by(PolicyName::Predictor),
+        by(PolicyName::Oracle),
+    ) {
+        (Some(base), Some(pred), Some(oracle)) if base > oracle => {
+            Some((base - pred) / (base - oracle))
+        }
+        _ => None,
+    };
+    let (table_7_1, table_7_2) = tables(&runs);
+    Study {
+        runs,
+        table_7_1,
+        table_7_2,
+        sweep,
+        best_threshold_s,
+        cr_latency,
+        break_even,
+        predictor_vs_oracle,
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+/// Tables shaped like the seed's 7.1 (power reduction) and 7.2 (latency impact).
+pub fn tables(runs: &[SimReport]) -> (String, String) {
+    let base = runs.first().map_or(0.0, |r| r.mean_power_w);
+    let mut t1 = String::from("| policy | mean power (W) | reduction vs always-on | nodes asleep % | events | events/s |\n|---|---|---|---|---|---|\n");
+    for r in runs {
+        let asleep: f64 = r
+            .node_groups
+            .iter()
+            .map(|g| g.asleep_fraction * f64::from(g.nodes))
+            .sum::<f64>()
+            / f64::from(r.nodes.max(1));
+        t1.push_str(&format!(
+            "| {} | {:.0} | {:.1} % | {:.1} | {} | {:.2e} |\n",
+            r.policy,
+            r.mean_power_w,
+            if base > 0.0 {
+                100.0 * (base - r.mean_power_w) / base
+            } else {
+                0.0
+            },
+            100.0 * asleep,
+            r.events,
+            r.events_per_s
+        ));
+    }
+    let mut t2 = String::from("| policy | requests | found asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | checkpoints | restores | node sleeps |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in runs {
+        t2.push_str(&format!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            r.policy,
+            r.requests,
+            100.0 * r.found_asleep as f64 / r.requests.max(1) as f64,
+            ms(r.latency.p50_ms),
+            ms(r.latency.p99_ms),
+            ms(r.latency.p999_ms),
+            r.checkpoints,
+            r.restores,
+            r.node_sleeps
+        ));
+    }
+    (t1, t2)
+}
