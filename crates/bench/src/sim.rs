@@ -140,8 +140,8 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
         for c in &s.break_even {
             if let Some((_, t)) = c.points.iter().find(|p| (p.0 - 1.0).abs() < 1e-9) {
                 println!(
-                    "RQ3 {}: break-even idle period for 1 GiB {t:.1} s",
-                    c.approach
+                    "RQ3 {} ({}): break-even idle period for 1 GiB {t:.1} s",
+                    c.approach, c.basis
                 );
             }
         }
@@ -220,7 +220,7 @@ fn plots(out: &std::path::Path, s: &study::Study) -> Result<(), ExperimentError>
         .break_even
         .iter()
         .map(|c| Series {
-            name: c.approach.into(),
+            name: format!("{} ({})", c.approach, c.basis),
             points: c.points.clone(),
         })
         .collect();

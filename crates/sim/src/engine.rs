@@ -14,7 +14,9 @@ use hdrhistogram::Histogram;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Serialize;
 use torpor_loadgen::{ArrivalStream, Percentiles};
-use torpor_policy::{decide_sleep, prewarm_at, ArrivalTracker, PolicyConfig, SleepDecision};
+use torpor_policy::{
+    decide_sleep, prewarm_at, ArrivalTracker, AwakeReason, PolicyConfig, SleepDecision,
+};
 use torpor_power::Profile;
 
 use crate::{
@@ -585,6 +587,8 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// The oracle's bar: a sleep must pay for itself by the memory it frees (node sleep is a
+    /// collective outcome a per-service decision cannot count on).
     fn break_even_s(&self, s: u32) -> f64 {
         let svc = &self.svcs[s as usize];
         let node = &self.nodes[svc.node as usize];
@@ -593,6 +597,7 @@ impl<'a> Sim<'a> {
             &self.power[node.group as usize],
             node.services,
             svc.footprint,
+            false,
         )
     }
 
@@ -613,20 +618,27 @@ impl<'a> Sim<'a> {
             }
             dur(self.cfg.cr_times(svc.footprint).1)
         };
-        let sleep = match self.cfg.policy {
-            PolicyName::FixedThreshold => true,
+        let decision = match self.cfg.policy {
+            PolicyName::FixedThreshold => SleepDecision::Sleep {
+                tier: torpor_policy::SnapshotTier::Memory,
+            },
             _ => {
                 let svc = &mut self.svcs[s as usize];
                 let fp = svc.footprint;
                 let tracker = svc.tracker.as_mut().expect("tracked policy");
-                matches!(
-                    decide_sleep(&self.policy_cfg, tracker, now, fp, expected_wake),
-                    SleepDecision::Sleep { .. }
-                )
+                decide_sleep(&self.policy_cfg, tracker, now, fp, expected_wake)
             }
         };
-        if sleep {
-            self.checkpoint(s);
+        match decision {
+            SleepDecision::Sleep { .. } => self.checkpoint(s),
+            // The rate over the window may fall while the service stays idle: look again, as
+            // the live agent's tick would. A wake objective it misses will not change.
+            SleepDecision::StayAwake { reason } if reason != AwakeReason::WakeTooSlow => {
+                self.svcs[s as usize].check_pending = true;
+                let t = self.now + threshold.max(1.0);
+                self.push(t, Kind::SleepCheck, s, 0, 0.0);
+            }
+            SleepDecision::StayAwake { .. } => {}
         }
     }
 
@@ -853,19 +865,28 @@ impl<'a> Sim<'a> {
 }
 
 /// Idle gap beyond which a snapshot pays for its checkpoint and restore: their CPU energy over
-/// the power the service's sleep saves (its memory, plus its share of the node's up-versus-
-/// suspended power among `services` on the node), plus the time they take.
-fn break_even_for(cfg: &SimConfig, p: &NodePower, services: u32, footprint: u64) -> f64 {
+/// the power the service's sleep saves, plus the time they take. What it saves is its memory,
+/// and with `node_share` also its share (among `services` on the node) of the node's up-versus-
+/// suspended power, which it only gets if the whole node sleeps.
+fn break_even_for(
+    cfg: &SimConfig,
+    p: &NodePower,
+    services: u32,
+    footprint: u64,
+    node_share: bool,
+) -> f64 {
     let (c, r) = cfg.cr_times(footprint);
     let cost_j = (c + r) * p.active_w;
-    let saved_w = p.per_gib_w * footprint as f64 / (1u64 << 30) as f64
-        + (p.base_w - p.suspend_w).max(0.0) / f64::from(services.max(1));
+    let mut saved_w = p.per_gib_w * footprint as f64 / (1u64 << 30) as f64;
+    if node_share {
+        saved_w += (p.base_w - p.suspend_w).max(0.0) / f64::from(services.max(1));
+    }
     cost_j / saved_w.max(1e-9) + c + r
 }
 
 /// The break-even idle period of a service of `footprint` bytes on node group `group`, with the
-/// services placed as the configuration places them.
-pub fn break_even_s(cfg: &SimConfig, group: usize, footprint: u64) -> f64 {
+/// services placed as the configuration places them (see [`break_even_for`] for `node_share`).
+pub fn break_even_s(cfg: &SimConfig, group: usize, footprint: u64, node_share: bool) -> f64 {
     let g = &cfg.nodes[group];
     let per_node: u32 = cfg
         .services
@@ -879,6 +900,7 @@ pub fn break_even_s(cfg: &SimConfig, group: usize, footprint: u64) -> f64 {
         &NodePower::new(&g.profile, g.cores),
         per_node,
         footprint,
+        node_share,
     )
 }
 

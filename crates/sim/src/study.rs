@@ -45,10 +45,11 @@ pub struct CrPoint {
     pub restore_s: f64,
 }
 
-/// One approach's curve.
+/// One curve: an approach (and for break-even, what the sleep is credited with).
 #[derive(Debug, Clone, Serialize)]
 pub struct Curve<P> {
     pub approach: &'static str,
+    pub basis: &'static str,
     pub points: Vec<P>,
 }
 
@@ -62,7 +63,7 @@ pub struct Study {
     pub best_threshold_s: Option<f64>,
     /// Per approach: checkpoint and restore seconds against footprint.
     pub cr_latency: Vec<Curve<CrPoint>>,
-    /// Per approach: (GiB, break-even idle period s) on the first node group.
+    /// Per approach and basis: (GiB, break-even idle period s) on the first node group.
     pub break_even: Vec<Curve<(f64, f64)>>,
     /// Predictor's energy saving as a share of the oracle's (against always-on).
     pub predictor_vs_oracle: Option<f64>,
@@ -126,24 +127,31 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
                 .collect();
             Curve {
                 approach: a.as_str(),
+                basis: "latency",
                 points,
             }
         })
         .collect();
-    let break_even = Approach::ALL
-        .iter()
-        .map(|&a| {
-            let c = with_approach(a);
+    let mut break_even = Vec::new();
+    for a in Approach::ALL {
+        let c = with_approach(a);
+        for (basis, share) in [("memory only", false), ("with node-sleep share", true)] {
             let points = FOOTPRINTS_GIB
                 .iter()
-                .map(|&g| (g, crate::engine::break_even_s(&c, 0, (g * gib) as u64)))
+                .map(|&g| {
+                    (
+                        g,
+                        crate::engine::break_even_s(&c, 0, (g * gib) as u64, share),
+                    )
+                })
                 .collect();
-            Curve {
+            break_even.push(Curve {
                 approach: a.as_str(),
+                basis,
                 points,
-            }
-        })
-        .collect();
+            });
+        }
+    }
     let by = |p: PolicyName| {
         runs.iter()
             .find(|r| r.policy == p.as_str())

@@ -454,3 +454,75 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
     }
     assert!(!out.join("knobs.json").exists(), "no knob left changed");
 }
+
+const SMALL_CLUSTER: &str = r#"
+seed = 3
+duration = "1h"
+policy = "predictor"
+idle_threshold = "30s"
+node_sleep_after = "60s"
+[[node]]
+name = "n"
+count = 10
+profile = "icx-2s"
+cores = 8
+[[service]]
+name = "fn"
+count = 60
+footprint = "256MiB"
+arrival = { kind = "on_off", burst_rate_per_s = 1.0, on = { kind = "exponential", mean_s = 10.0 }, off = { kind = "exponential", mean_s = 300.0 } }
+service_time = { kind = "exponential", mean_ms = 20.0 }
+nodes = "n"
+"#;
+
+#[test]
+fn sim_reports_per_group_figures_and_the_study_writes_tables_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cluster.toml");
+    std::fs::write(&cfg, SMALL_CLUSTER).unwrap();
+    let v = json(&torpor(&[
+        "sim",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]));
+    let g = &v["node_groups"][0];
+    for key in ["idle_fraction", "mean_idle_period_s", "energy_j"] {
+        assert!(g[key].as_f64().is_some(), "{key}: {v:#}");
+    }
+    assert!(
+        v["energy_j"].as_f64().unwrap() > 0.0 && v["latency"]["p99_ms"].as_f64().is_some(),
+        "{v:#}"
+    );
+    let out = dir.path().join("study");
+    let s = json(&torpor(&[
+        "sim",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(s["runs"].as_array().unwrap().len(), 7, "every policy");
+    for file in [
+        "tables.md",
+        "study.json",
+        "rq1_threshold_power.svg",
+        "rq1_threshold_p99.svg",
+        "rq2_cr_latency.svg",
+        "rq3_break_even.svg",
+        "rq4_policies.svg",
+    ] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    let out = torpor(&["sim", "calibrate", "/nonexistent.json"]);
+    assert!(!out.status.success());
+    let calib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/fixtures/bench-cr.json");
+    let c = json(&torpor(&[
+        "sim",
+        "calibrate",
+        calib.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(c["restore_mape_pct"].as_f64().unwrap() < 10.0, "{c:#}");
+}
