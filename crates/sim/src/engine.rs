@@ -663,8 +663,13 @@ impl<'a> Sim<'a> {
         }
         match self.cfg.policy {
             PolicyName::Oracle => {
+                // Ready when the request comes, even if the node has suspended meanwhile.
                 let (_, restore) = self.cfg.cr_times(svc.footprint);
-                let at = (svc.next_arrival - restore).max(self.now);
+                let resume = match self.cfg.node_sleep_after {
+                    Some(_) => self.power[self.nodes[n].group as usize].resume_s,
+                    None => 0.0,
+                };
+                let at = (svc.next_arrival - restore - resume).max(self.now);
                 if at < self.end {
                     self.push(at, Kind::OracleWake, s, gen, 0.0);
                 }
