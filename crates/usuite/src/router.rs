@@ -27,18 +27,15 @@ fn check(key: &str) -> Result<(), Status> {
     }
 }
 
+/// A memcached failure as gRPC UNAVAILABLE, with its causes.
 fn unavailable(e: MemcachedError) -> Status {
-    Status::unavailable(format!("{e}: {}", e.source_text()))
-}
-
-trait SourceText {
-    fn source_text(&self) -> String;
-}
-
-impl SourceText for MemcachedError {
-    fn source_text(&self) -> String {
-        std::error::Error::source(self).map_or_else(String::new, |s| s.to_string())
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
     }
+    Status::unavailable(text)
 }
 
 /// One bucket in front of its memcached.
