@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub node: Option<Arc<NodePower>>,
     /// A service slept or woke: the node loop re-plans the cores.
     pub replan: tokio::sync::Notify,
+    /// Every service's link by name (for `wake_with`).
+    pub links: std::collections::HashMap<String, Arc<ServiceLink>>,
 }
 
 /// How often the energy account samples the node.
@@ -108,6 +110,10 @@ impl Agent {
             transitions: Mutex::new(VecDeque::new()),
             node,
             replan: tokio::sync::Notify::new(),
+            links: services
+                .iter()
+                .map(|(spec, link)| (spec.name.clone(), link.clone()))
+                .collect(),
         });
         let mut managed = Vec::new();
         for (spec, link) in services {

@@ -33,6 +33,9 @@ pub struct ServiceSpec {
     pub drain_deadline: Duration,
     /// Longest wait for a started or restored service to accept connections.
     pub start_timeout: Duration,
+    /// Services woken together with this one (a mid-tier's buckets), so a request does not
+    /// pay their restores one after the other.
+    pub wake_with: Vec<String>,
 }
 
 /// Where a service is in its life.
@@ -529,6 +532,11 @@ impl Managed {
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
     /// cores back first and re-plans after.
     async fn wake(&self, cause: WakeCause) {
+        for name in &self.spec.wake_with {
+            if let Some(link) = self.shared.links.get(name) {
+                link.request_wake();
+            }
+        }
         if let Some(node) = &self.shared.node {
             node.before_wake();
         }

@@ -280,14 +280,25 @@ fn toml_config(
     };
     for tier in tiers {
         let argv: Vec<String> = tier.argv.iter().map(|a| format!("{a:?}")).collect();
+        // A mid-tier wakes its buckets with it: their restores overlap instead of chaining.
+        let wake_with: Vec<String> = if tier.name.ends_with("-mid") {
+            tiers
+                .iter()
+                .filter(|t| t.service == tier.service && t.name != tier.name)
+                .map(|t| format!("{:?}", t.name))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let _ = write!(
             t,
-            "\n[[service]]\nname = \"{}\"\ncommand = [{}]\nlisten = \"{}\"\nbackend = \"{}\"\ncpuset = \"{}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nwake_objective = \"60s\"\n",
+            "\n[[service]]\nname = \"{}\"\ncommand = [{}]\nlisten = \"{}\"\nbackend = \"{}\"\ncpuset = \"{}\"\nstart_timeout = \"120s\"\nwake_with = [{}]\n[service.policy]\nidle_threshold = \"{idle}\"\nwake_objective = \"60s\"\n",
             tier.name,
             argv.join(", "),
             tier.gate,
             tier.backend,
-            tier.cpu
+            tier.cpu,
+            wake_with.join(", ")
         );
     }
     t

@@ -206,6 +206,16 @@ impl ServiceLink {
         }
     }
 
+    /// Asks a sleeping service to wake without a request of its own (it is about to get
+    /// some: a service it serves is waking). Nothing happens if it is awake or waking.
+    pub fn request_wake(&self) {
+        let mut inner = self.inner.lock().expect("link lock");
+        if inner.wake_armed {
+            inner.wake_armed = false;
+            self.wake.notify_one();
+        }
+    }
+
     /// Resolves when a held request wants the service woken.
     pub async fn wake_requested(&self) {
         self.wake.notified().await
@@ -290,6 +300,22 @@ mod tests {
                 timeout: Duration::from_secs(5),
             },
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleeping_service_can_be_woken_without_a_request_but_only_once() {
+        let l = link(10);
+        l.request_wake();
+        let early = tokio::time::timeout(Duration::from_millis(10), l.wake_requested()).await;
+        assert!(early.is_err(), "awake: nothing to wake");
+        l.arm_wake();
+        l.request_wake();
+        tokio::time::timeout(Duration::from_millis(10), l.wake_requested())
+            .await
+            .expect("asleep: woken");
+        l.request_wake();
+        let again = tokio::time::timeout(Duration::from_millis(10), l.wake_requested()).await;
+        assert!(again.is_err(), "already waking: no second wake");
     }
 
     #[tokio::test(start_paused = true)]

@@ -116,6 +116,9 @@ struct RawService {
     start_timeout: Option<String>,
     #[serde(default)]
     policy: RawPolicy,
+    /// Services to wake together with this one.
+    #[serde(default)]
+    wake_with: Vec<String>,
 }
 
 fn default_protocol() -> Protocol {
@@ -431,8 +434,19 @@ impl Config {
                         s.start_timeout.as_deref(),
                         Duration::from_secs(30),
                     )?,
+                    wake_with: s.wake_with,
                 },
             });
+        }
+        for (i, s) in services.iter().enumerate() {
+            for other in &s.spec.wake_with {
+                if other == &s.spec.name || !names.contains(other) {
+                    return Err(invalid(
+                        format!("service[{i}].wake_with"),
+                        format!("{other:?} is not another service here"),
+                    ));
+                }
+            }
         }
         Ok(Config {
             pool,
@@ -479,6 +493,19 @@ mod tests {
         let c = Config::from_toml(include_str!("../../../examples/torpor.toml")).unwrap();
         assert_eq!(c.power.profile.name, "generic");
         assert!(c.power.knobs.is_none(), "knobs stay off unless asked for");
+    }
+
+    #[test]
+    fn wake_with_names_other_services() {
+        let two = "[[service]]\nname = \"a\"\ncommand = [\"x\"]\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\nWAKE\n[[service]]\nname = \"b\"\ncommand = [\"x\"]\nlisten = \"127.0.0.1:3\"\nbackend = \"127.0.0.1:4\"\n";
+        let c = Config::from_toml(&two.replace("WAKE", "wake_with = [\"b\"]")).unwrap();
+        assert_eq!(c.services[0].spec.wake_with, vec!["b".to_string()]);
+        for bad in ["wake_with = [\"a\"]", "wake_with = [\"zz\"]"] {
+            let e = Config::from_toml(&two.replace("WAKE", bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("service[0].wake_with"), "{e}");
+        }
     }
 
     #[test]
