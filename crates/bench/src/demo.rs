@@ -26,7 +26,7 @@ use crate::{harness::free_port, walkthrough, ExperimentError};
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// How long the bursty load runs.
-    #[arg(long, default_value = "60s", value_parser = humantime_arg)]
+    #[arg(long, default_value = "60s", value_parser = torpor_loadgen::cli::duration_arg)]
     pub duration: Duration,
     /// Memory of the stateful service.
     #[arg(long, default_value = "256MiB", value_parser = size_arg)]
@@ -40,10 +40,6 @@ pub struct DemoArgs {
     /// Instead, walk through one checkpoint into a pool and a restore from it by hand.
     #[arg(long)]
     pub walkthrough: bool,
-}
-
-fn humantime_arg(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {

@@ -39,7 +39,7 @@ pub struct GateArgs {
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
     /// Length of each warm load.
-    #[arg(long, default_value = "5s", value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "5s", value_parser = torpor_loadgen::cli::duration_arg)]
     pub duration: Duration,
     /// Footprints for the wake latency, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "64MiB,1GiB", value_parser = |s: &str| torpor_image::parse_size(s).map_err(|e| e.to_string()))]
@@ -49,7 +49,7 @@ pub struct GateArgs {
     pub repeat: u64,
     /// How long a service stays asleep before the request that wakes it (the stock-CRIU
     /// baseline waits as long between its dump and its restore).
-    #[arg(long, default_value = "1s", value_parser = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string()))]
+    #[arg(long, default_value = "1s", value_parser = torpor_loadgen::cli::duration_arg)]
     pub asleep_for: Duration,
     /// Directory for the stock-CRIU baseline's images.
     #[arg(long, default_value = "/dev/shm")]

@@ -41,7 +41,7 @@ pub struct ScenarioArgs {
     #[arg(long)]
     pub quick: bool,
     /// Load per configuration (default 75s with --quick, 5m without).
-    #[arg(long, value_parser = duration_arg)]
+    #[arg(long, value_parser = torpor_loadgen::cli::duration_arg)]
     pub duration: Option<Duration>,
     /// Where report.json, tables.md and the plots go.
     #[arg(long, default_value = "torpor-scenario")]
@@ -56,10 +56,6 @@ pub struct ScenarioArgs {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
-}
-
-fn duration_arg(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// The seed's configurations.

@@ -70,7 +70,8 @@ pub enum LoadgenError {
     NoLoad,
 }
 
-fn duration_arg(s: &str) -> Result<Duration, String> {
+/// A duration flag (`500ms`, `30s`, `2m`); the error quotes what was given.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 

@@ -234,17 +234,12 @@ pub async fn run(target: Arc<dyn Target>, config: &RunConfig) -> LoadReport {
     bar.finish_and_clear();
     let wall_s = start.elapsed().as_secs_f64().max(total_time.as_secs_f64());
     let cpu_s = process_cpu_s() - cpu0;
-    let stats: Vec<PhaseStats> = Arc::try_unwrap(stats)
-        .map(|v| {
-            v.into_iter()
-                .map(|m| m.into_inner().expect("stats lock"))
-                .collect()
-        })
-        .unwrap_or_else(|arc| {
-            arc.iter()
-                .map(|m| clone_stats(&m.lock().expect("stats lock")))
-                .collect()
-        });
+    // Every request has reported (the channel closed); a finished task may still hold its
+    // Arc for a moment, so take the figures out rather than unwrap the Arc.
+    let stats: Vec<PhaseStats> = stats
+        .iter()
+        .map(|m| std::mem::replace(&mut *m.lock().expect("stats lock"), PhaseStats::new()))
+        .collect();
     let phases: Vec<PhaseReport> = config
         .phases
         .iter()
@@ -277,16 +272,6 @@ pub async fn run(target: Arc<dyn Target>, config: &RunConfig) -> LoadReport {
         cpu_pct_of_one_core: 100.0 * cpu_s / wall_s.max(1e-9),
         total: phase_report("total".into(), None, total_time.as_secs_f64(), &all),
         phases,
-    }
-}
-
-fn clone_stats(s: &PhaseStats) -> PhaseStats {
-    PhaseStats {
-        latency_us: s.latency_us.clone(),
-        lag_us: s.lag_us.clone(),
-        sends: s.sends.clone(),
-        ok: s.ok,
-        errors: s.errors.clone(),
     }
 }
 

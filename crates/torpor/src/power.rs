@@ -62,7 +62,7 @@ enum PowerCmd {
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let d = torpor_loadgen::cli::duration_arg(s)?;
     if d < Duration::from_millis(10) {
         return Err("an interval under 10ms measures nothing but the sampling".into());
     }
