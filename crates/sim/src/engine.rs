@@ -134,6 +134,25 @@ struct Node {
     gen: u32,
 }
 
+impl Node {
+    /// Ends one core's idle period of `len` seconds: credits the energy of the state it reached
+    /// and counts it. Returns that state's exit latency.
+    fn end_idle_period(&mut self, p: &NodePower, len: f64, deep: bool) -> f64 {
+        let (watts, exit) = p.idle_state(len, deep);
+        self.energy_j += watts * len;
+        self.idle_time += len;
+        self.idle_periods += 1;
+        exit
+    }
+
+    /// Ends every idle core's period at `now` (the node suspends, or the run ends).
+    fn end_all_idle(&mut self, p: &NodePower, now: f64, deep: bool) {
+        for since in std::mem::take(&mut self.idle_cores) {
+            self.end_idle_period(p, now - since, deep);
+        }
+    }
+}
+
 /// Power figures of one node of a group.
 #[derive(Debug, Clone)]
 struct NodePower {
@@ -411,14 +430,8 @@ impl<'a> Sim<'a> {
             self.settle(n);
             let deep = self.deep_idle();
             let node = &mut self.nodes[n];
-            let p = &self.power[node.group as usize];
             if node.state == NodeState::Up {
-                for since in std::mem::take(&mut node.idle_cores) {
-                    let len = self.end - since;
-                    node.energy_j += p.idle_state(len, deep).0 * len;
-                    node.idle_time += len;
-                    node.idle_periods += 1;
-                }
+                node.end_all_idle(&self.power[node.group as usize], self.end, deep);
             }
         }
         self.report(wall.elapsed().as_secs_f64())
@@ -504,12 +517,7 @@ impl<'a> Sim<'a> {
         let deep = self.deep_idle();
         let node = &mut self.nodes[n];
         let since = node.idle_cores.pop().expect("an idle core");
-        let p = &self.power[node.group as usize];
-        let len = self.now - since;
-        let (watts, exit) = p.idle_state(len, deep);
-        node.energy_j += watts * len;
-        node.idle_time += len;
-        node.idle_periods += 1;
+        let exit = node.end_idle_period(&self.power[node.group as usize], self.now - since, deep);
         node.busy += 1;
         self.run_job(job, exit);
     }
@@ -774,12 +782,7 @@ impl<'a> Sim<'a> {
         let deep = self.deep_idle();
         let node = &mut self.nodes[n];
         let p = &self.power[node.group as usize];
-        for since in std::mem::take(&mut node.idle_cores) {
-            let len = self.now - since;
-            node.energy_j += p.idle_state(len, deep).0 * len;
-            node.idle_time += len;
-            node.idle_periods += 1;
-        }
+        node.end_all_idle(p, self.now, deep);
         node.state = NodeState::Entering;
         node.gen += 1;
         self.node_sleeps += 1;
