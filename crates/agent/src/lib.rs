@@ -5,10 +5,15 @@
 //! connections, open the link). A restore that fails, or a missing or corrupt snapshot, ends
 //! in a cold start from the service's command. Every transition is recorded with its duration.
 
+mod cgroup;
+pub mod init;
 mod node;
 mod process;
+mod reaper;
 mod service;
 
+pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
+pub use init::InitOptions;
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
 pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition};
@@ -38,6 +43,16 @@ pub enum AgentError {
     Runc(#[source] std::io::Error),
     #[error("cannot start node power")]
     Power(#[from] NodePowerError),
+    #[error("cannot find the torpor binary that runs as the services' init")]
+    InitProgram(#[source] std::io::Error),
+    #[error("cannot create the cgroup of service {name:?}")]
+    Cgroup {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("processes of an earlier run are left in {path} and cannot be killed")]
+    Leftover { path: std::path::PathBuf },
     #[error("service {name:?} did not start")]
     Start {
         name: String,
@@ -66,6 +81,10 @@ pub(crate) struct Shared {
     pub replan: tokio::sync::Notify,
     /// Every service's link by name (for `wake_with`).
     pub links: std::collections::HashMap<String, Arc<ServiceLink>>,
+    /// The torpor binary, run as each plain service's PID-namespace init.
+    pub init_program: std::path::PathBuf,
+    /// Reaps service roots and orphans (the agent is their subreaper).
+    pub reaper: reaper::Reaper,
 }
 
 /// How often the energy account samples the node.
@@ -87,6 +106,11 @@ impl Agent {
         power: Option<NodePowerConfig>,
     ) -> Result<Agent, AgentError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
+        let init_program = init_program().map_err(AgentError::InitProgram)?;
+        let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
+        if let Some(root) = &cgroups {
+            clear_leftovers(root).await?;
+        }
         let node = match power {
             Some(p) => Some(Arc::new(NodePower::start(p)?)),
             None => None,
@@ -114,11 +138,23 @@ impl Agent {
                 .iter()
                 .map(|(spec, link)| (spec.name.clone(), link.clone()))
                 .collect(),
+            init_program,
+            reaper: reaper::Reaper::default(),
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
-            let m = Arc::new(Managed::new(spec, link, shared.clone()));
+            let cgroup = match (&cgroups, &spec.launch) {
+                (Some(root), Launch::Process(_)) => Some(root.service(&spec.name).map_err(
+                    |source| AgentError::Cgroup {
+                        name: spec.name.clone(),
+                        source,
+                    },
+                )?),
+                _ => None,
+            };
+            let m = Arc::new(Managed::new(spec, link, shared.clone(), cgroup));
             if let Err(source) = m.cold_start_initial().await {
+                Managed::stop(&m).await;
                 for started in &managed {
                     Managed::stop(started).await;
                 }
@@ -143,6 +179,10 @@ impl Agent {
         let mut loops = JoinSet::new();
         for m in &self.services {
             loops.spawn(Managed::run(m.clone(), shutdown.clone()));
+        }
+        {
+            let (shared, shutdown) = (self.shared.clone(), shutdown.clone());
+            loops.spawn(async move { shared.reaper.run(shutdown).await });
         }
         if let Some(node) = &self.shared.node {
             self.replan(node);
@@ -236,6 +276,36 @@ impl Agent {
     pub fn uptime(&self) -> Duration {
         self.shared.started.elapsed()
     }
+}
+
+/// The program each plain service runs under as its init: `$TORPOR_INIT`, else this binary
+/// (which must be `torpor`: it answers [`init::SUBCOMMAND`]).
+fn init_program() -> std::io::Result<std::path::PathBuf> {
+    match std::env::var_os("TORPOR_INIT") {
+        Some(p) => Ok(p.into()),
+        None => std::env::current_exe(),
+    }
+}
+
+/// Kills and removes services' cgroups a killed agent left behind, so nothing of an earlier
+/// run keeps serving (or holding ports) under the new one.
+async fn clear_leftovers(root: &CgroupRoot) -> Result<(), AgentError> {
+    for cg in root.existing() {
+        let procs = cg.procs();
+        if !procs.is_empty() {
+            tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
+        }
+        let c = cg.clone();
+        let empty = tokio::task::spawn_blocking(move || c.kill_all(Duration::from_secs(5)))
+            .await
+            .unwrap_or(false);
+        if !empty || cg.remove().is_err() {
+            return Err(AgentError::Leftover {
+                path: cg.path().to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Shared {

@@ -2,23 +2,22 @@
 
 use std::{
     collections::BTreeMap,
-    io,
+    io::{self, BufRead},
     net::SocketAddr,
-    os::unix::process::CommandExt,
-    path::PathBuf,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use nix::{
-    sys::{
-        signal::{killpg, Signal},
-        wait::{waitpid, WaitPidFlag, WaitStatus},
-    },
+    sys::signal::{kill, killpg, Signal},
     unistd::Pid,
 };
 use thiserror::Error;
 use tokio::time::Instant;
+
+use crate::{cgroup::ServiceCgroup, init::InitOptions, reaper::Reaper};
 
 /// How a service is started from scratch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,10 +33,12 @@ pub enum Launch {
 pub struct ProcessLaunch {
     /// Program and arguments.
     pub argv: Vec<String>,
-    pub cwd: Option<PathBuf>,
+    /// Added to the agent's environment.
     pub env: BTreeMap<String, String>,
     /// CPUs the service may run on (its cpuset); empty means all.
     pub cpus: Vec<usize>,
+    /// Who it runs as, its limits and directory (applied by its init).
+    pub init: InitOptions,
 }
 
 /// Why a service could not be started.
@@ -47,38 +48,61 @@ pub enum LaunchError {
     EmptyCommand,
     #[error("cannot run {0:?}")]
     Spawn(String, #[source] io::Error),
+    #[error("the service's init failed ({0})")]
+    Init(String),
     #[error("exited during start-up ({0})")]
     Exited(String),
     #[error("not accepting connections on {addr} after {waited:?}")]
     NotAccepting { addr: SocketAddr, waited: Duration },
+    #[error("cannot prepare the service's cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Runc(#[from] torpor_criu::runc::RuncError),
 }
 
 impl ProcessLaunch {
-    /// Starts the command as our child, in its own session (so its tree can be signalled
-    /// and checkpointed as a unit), on its CPUs, with stdio on /dev/null.
-    pub fn spawn(&self) -> Result<i32, LaunchError> {
-        let (program, args) = self.argv.split_first().ok_or(LaunchError::EmptyCommand)?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
+    /// Starts the command under `init` (the torpor binary, which becomes PID 1 of a new PID
+    /// namespace), in its own session, on its CPUs, in `cgroup`, with stdio on /dev/null.
+    /// Returns the host PID of the namespace's init, which the agent (the subreaper) adopts.
+    /// Blocking: call it off the async threads.
+    pub fn spawn(&self, init: &Path, cgroup: Option<&ServiceCgroup>) -> Result<i32, LaunchError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(LaunchError::EmptyCommand);
+        }
+        let mut cmd = Command::new(init);
+        cmd.arg(crate::init::SUBCOMMAND)
+            .args(self.init.to_args(&self.argv))
             .envs(&self.env)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if let Some(cwd) = &self.cwd {
-            cmd.current_dir(cwd);
-        }
+        let join = match cgroup {
+            Some(cg) => Some(cg.join_handle().map_err(|source| LaunchError::Cgroup {
+                path: cg.path().to_path_buf(),
+                source,
+            })?),
+            None => None,
+        };
+        let join_fd = join.as_ref().map(|f| f.as_raw_fd());
         let cpus = self.cpus.clone();
-        // SAFETY: setsid and sched_setaffinity are async-signal-safe; the CpuSet is built
-        // before fork and only read after.
         let mut set = nix::sched::CpuSet::new();
         for c in &cpus {
             let _ = set.set(*c);
         }
+        // SAFETY: only async-signal-safe calls (setsid, sched_setaffinity, write); everything
+        // they use is built before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(io::Error::from)?;
+                if let Some(fd) = join_fd {
+                    if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 if !cpus.is_empty() {
                     nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
                         .map_err(io::Error::from)?;
@@ -86,50 +110,61 @@ impl ProcessLaunch {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| LaunchError::Spawn(self.argv.join(" "), e))?;
-        // The agent reaps by PID (restored trees have no `Child`), so the handle is dropped.
-        Ok(child.id() as i32)
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| io::BufReader::new(out).read_line(&mut line));
+        let status = child
+            .wait()
+            .map_err(|e| LaunchError::Spawn(self.argv.join(" "), e))?;
+        match line.trim().parse::<i32>() {
+            Ok(pid) if status.success() => Ok(pid),
+            _ => Err(LaunchError::Init(match (read, status.code()) {
+                (Some(Err(e)), _) => e.to_string(),
+                (_, Some(code)) => format!("exit code {code}"),
+                _ => status.to_string(),
+            })),
+        }
     }
 }
 
-/// Whether `pid` (a child of ours) has exited; reaps it if so.
-pub fn exited(pid: i32) -> Option<String> {
-    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => Some(format!("exit code {code}")),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Some(format!("killed by {sig}")),
-        Ok(_) => None,
-        // Not our child any more (already reaped): gone.
-        Err(_) => (!torpor_criu::procs::pid_in_use(pid)).then(|| "gone".to_string()),
-    }
-}
-
-/// Reaps a child that is known to be dead or dying (after CRIU killed it).
-pub fn reap(pid: i32) {
-    let _ = waitpid(Pid::from_raw(pid), None);
-}
-
-/// Stops a service's tree: SIGTERM to its process group, SIGKILL after `grace`, reaped.
-pub async fn stop_tree(pid: i32, grace: Duration) {
-    let group = Pid::from_raw(pid);
-    let _ = killpg(group, Signal::SIGTERM);
+/// Stops a service's tree: SIGTERM to its root (a namespace init forwards it to the whole
+/// namespace; otherwise its process group), then SIGKILL to the whole cgroup (or group)
+/// after `grace`; the root is reaped.
+pub async fn stop_tree(pid: i32, cgroup: Option<&ServiceCgroup>, reaper: &Reaper, grace: Duration) {
+    let root = Pid::from_raw(pid);
+    let _ = kill(root, Signal::SIGTERM);
+    let _ = killpg(root, Signal::SIGTERM);
     let deadline = Instant::now() + grace;
+    let mut gone = false;
     while Instant::now() < deadline {
-        if exited(pid).is_some() {
-            let _ = killpg(group, Signal::SIGKILL); // stragglers of the group
-            return;
+        if reaper.exited(pid).is_some() {
+            gone = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let _ = killpg(group, Signal::SIGKILL);
-    reap(pid);
+    // Stragglers: a namespace dies with its init; a cgroup holds whatever escaped the group.
+    let _ = killpg(root, Signal::SIGKILL);
+    let _ = kill(root, Signal::SIGKILL);
+    if let Some(cg) = cgroup {
+        let cg = cg.clone();
+        let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
+    }
+    if !gone {
+        reaper.reap(pid, Duration::from_secs(5)).await;
+    }
 }
 
 /// Waits until something accepts TCP connections on `addr`, while `pid` lives.
 pub async fn wait_accepting(
     addr: SocketAddr,
     pid: i32,
+    reaper: &Reaper,
     timeout: Duration,
 ) -> Result<(), LaunchError> {
     let start = Instant::now();
@@ -137,7 +172,7 @@ pub async fn wait_accepting(
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
-        if let Some(how) = exited(pid) {
+        if let Some(how) = reaper.exited(pid) {
             return Err(LaunchError::Exited(how));
         }
         if start.elapsed() >= timeout {

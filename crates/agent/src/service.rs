@@ -17,6 +17,7 @@ use torpor_pool::error_chain;
 use tracing::warn;
 
 use crate::{
+    cgroup::ServiceCgroup,
     process::{self, Launch, LaunchError},
     Shared,
 };
@@ -132,6 +133,8 @@ pub(crate) struct Managed {
     pub spec: ServiceSpec,
     link: Arc<ServiceLink>,
     shared: Arc<Shared>,
+    /// The service's own cgroup (plain processes, where cgroups are mounted): its exact tree.
+    cgroup: Option<ServiceCgroup>,
     rt: Mutex<Runtime>,
 }
 
@@ -146,7 +149,12 @@ enum WakeCause {
 }
 
 impl Managed {
-    pub fn new(spec: ServiceSpec, link: Arc<ServiceLink>, shared: Arc<Shared>) -> Managed {
+    pub fn new(
+        spec: ServiceSpec,
+        link: Arc<ServiceLink>,
+        shared: Arc<Shared>,
+        cgroup: Option<ServiceCgroup>,
+    ) -> Managed {
         let now = Instant::now();
         let status = ServiceStatus {
             name: spec.name.clone(),
@@ -174,6 +182,7 @@ impl Managed {
             spec,
             link,
             shared,
+            cgroup,
             rt: Mutex::new(Runtime {
                 state: ServiceState::Waking,
                 since: now,
@@ -266,7 +275,16 @@ impl Managed {
 
     async fn launch(&self) -> Result<i32, LaunchError> {
         let pid = match &self.spec.launch {
-            Launch::Process(p) => p.spawn()?,
+            Launch::Process(p) => {
+                let (p, init, cg) = (
+                    p.clone(),
+                    self.shared.init_program.clone(),
+                    self.cgroup.clone(),
+                );
+                tokio::task::spawn_blocking(move || p.spawn(&init, cg.as_ref()))
+                    .await
+                    .expect("spawn task panicked")?
+            }
             Launch::Container { bundle } => {
                 let (runc, id, bundle) = (self.runc(), self.container_id(), bundle.clone());
                 tokio::task::spawn_blocking(move || runc.start(&id, &bundle))
@@ -274,13 +292,46 @@ impl Managed {
                     .expect("runc task panicked")?
             }
         };
-        if let Err(e) =
-            process::wait_accepting(self.spec.backend, pid, self.spec.start_timeout).await
+        self.shared.reaper.watch(pid);
+        if let Err(e) = process::wait_accepting(
+            self.spec.backend,
+            pid,
+            &self.shared.reaper,
+            self.spec.start_timeout,
+        )
+        .await
         {
             self.kill_tree(pid, Duration::from_millis(500)).await;
             return Err(e);
         }
         Ok(pid)
+    }
+
+    /// The service's processes: its cgroup's members, else the tree under `pid`.
+    fn tree(&self, pid: i32) -> Vec<i32> {
+        match &self.cgroup {
+            Some(cg) => {
+                let procs = cg.procs();
+                if procs.is_empty() {
+                    procs::tree_pids(pid)
+                } else {
+                    procs
+                }
+            }
+            None => procs::tree_pids(pid),
+        }
+    }
+
+    /// Puts a restored tree in the service's cgroup (CRIU restores cgroup membership where it
+    /// can; this makes it exact either way).
+    fn adopt_tree(&self, pid: i32) {
+        if let Some(cg) = &self.cgroup {
+            for p in procs::tree_pids(pid) {
+                if let Err(e) = cg.add(p) {
+                    warn!(service = %self.spec.name, pid = p, error = %e, "cannot move a restored process into the service's cgroup");
+                }
+            }
+        }
     }
 
     /// runc, present whenever a service is a container.
@@ -298,11 +349,13 @@ impl Managed {
     /// Stops the running tree (process group, or container) and reaps it.
     async fn kill_tree(&self, pid: i32, grace: Duration) {
         match &self.spec.launch {
-            Launch::Process(_) => process::stop_tree(pid, grace).await,
+            Launch::Process(_) => {
+                process::stop_tree(pid, self.cgroup.as_ref(), &self.shared.reaper, grace).await
+            }
             Launch::Container { .. } => {
                 let (runc, id) = (self.runc(), self.container_id());
                 let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
-                process::reap(pid);
+                self.shared.reaper.reap(pid, grace).await;
             }
         }
     }
@@ -390,13 +443,13 @@ impl Managed {
         match self.state() {
             ServiceState::Awake => {
                 let Some(pid) = self.pid() else { return };
-                if let Some(how) = process::exited(pid) {
+                if let Some(how) = self.shared.reaper.exited(pid) {
                     self.restart_crashed(how).await;
                     return;
                 }
                 let (footprint, expected_wake, allowed) = {
                     let mut rt = self.rt.lock().expect("runtime lock");
-                    let pids = procs::tree_pids(pid);
+                    let pids = self.tree(pid);
                     rt.status.footprint_bytes = procs::tree_rss_bytes(&pids);
                     let cpu = procs::tree_cpu_seconds(&pids);
                     // A tree that lost a process can read lower than before: count from there.
@@ -485,7 +538,14 @@ impl Managed {
         let result = self.checkpoint(pid).await;
         match result {
             Ok((generation, bytes, secs)) => {
-                process::reap(pid);
+                // CRIU killed the tree; a namespace dies with its init, the cgroup holds
+                // whatever else might be left.
+                self.shared.reaper.reap(pid, Duration::from_secs(5)).await;
+                if let Some(cg) = self.cgroup.clone() {
+                    let _ =
+                        tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5)))
+                            .await;
+                }
                 self.end_life();
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
@@ -557,7 +617,15 @@ impl Managed {
         let restored = self.restore().await;
         let reason = match restored {
             Ok((pid, detail)) => {
-                match process::wait_accepting(self.spec.backend, pid, self.spec.start_timeout).await
+                self.shared.reaper.watch(pid);
+                self.adopt_tree(pid);
+                match process::wait_accepting(
+                    self.spec.backend,
+                    pid,
+                    &self.shared.reaper,
+                    self.spec.start_timeout,
+                )
+                .await
                 {
                     Ok(()) => {
                         self.rt.lock().expect("runtime lock").pid = Some(pid);
@@ -639,6 +707,17 @@ impl Managed {
         if let Some(pid) = pid {
             me.kill_tree(pid, Duration::from_secs(2)).await;
             me.end_life();
+        }
+        if let Some(cg) = me.cgroup.clone() {
+            let removed = tokio::task::spawn_blocking(move || {
+                cg.kill_all(Duration::from_secs(5));
+                cg.remove()
+            })
+            .await
+            .expect("cgroup task panicked");
+            if let Err(e) = removed {
+                warn!(service = %me.spec.name, error = %e, "cannot remove the service's cgroup");
+            }
         }
     }
 

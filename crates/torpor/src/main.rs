@@ -190,6 +190,12 @@ fn size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // The init of a service's PID namespace is this binary too; it must run before anything
+    // else (no threads, no logging), as it stays inside the service's checkpoints.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).map(|a| a.as_os_str()) == Some(torpor_agent::init::SUBCOMMAND.as_ref()) {
+        return ExitCode::from(torpor_agent::init::main(&args[2..]));
+    }
     let cli = Cli::parse();
     // Servers log what they do; one-shot commands and the demo only warn.
     let default = match cli.command {

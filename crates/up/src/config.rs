@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 use torpor_agent::{
-    KnobConfig, Launch, NodePowerConfig, NodeSleepHooks, ProcessLaunch, ServiceSpec,
+    InitOptions, KnobConfig, Launch, NodePowerConfig, NodeSleepHooks, ProcessLaunch, ServiceSpec,
 };
 use torpor_gate::Protocol;
 use torpor_policy::PolicyConfig;
@@ -323,7 +323,10 @@ impl Config {
                     }
                     Launch::Process(ProcessLaunch {
                         argv,
-                        cwd: s.cwd,
+                        init: InitOptions {
+                            cwd: s.cwd,
+                            ..Default::default()
+                        },
                         env: s.env,
                         cpus: match &s.cpuset {
                             Some(c) => cpus(&k("cpuset"), c)?,

@@ -1,0 +1,203 @@
+//! Reaping, as an init does. The agent is the subreaper of what it starts and restores, so
+//! service roots (and anything a runtime leaves behind) come back to it as children. Service
+//! roots it watches are reaped as soon as they die, their status kept for the service loop;
+//! any other child that stays a zombie (an orphan nobody waits for) is reaped after a short
+//! grace, which leaves children the agent waits for itself (CRIU, runc, hooks) to their owner.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::wait::{waitpid, WaitPidFlag, WaitStatus},
+    unistd::Pid,
+};
+use tokio::sync::watch;
+
+/// How long a child nobody claimed may stay a zombie before the sweep reaps it.
+const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+/// Sweeps also run this often without a SIGCHLD (a signal can coalesce or arrive early).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Service roots: reaped at once, status kept.
+    watched: HashSet<i32>,
+    /// How watched roots ended, until the service loop asks.
+    exits: HashMap<i32, String>,
+    /// Unclaimed zombies and when they were first seen.
+    zombies: HashMap<i32, Instant>,
+}
+
+/// The agent's reaper.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    state: Mutex<State>,
+}
+
+fn describe(status: WaitStatus) -> Option<(i32, String)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), format!("exit code {code}"))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), format!("killed by {sig}"))),
+        _ => None,
+    }
+}
+
+impl Reaper {
+    /// From now on `pid` (a child of ours) is a service root.
+    pub fn watch(&self, pid: i32) {
+        self.state.lock().expect("reaper lock").watched.insert(pid);
+    }
+
+    /// Whether the watched root `pid` has exited (reaping it if so), and how.
+    pub fn exited(&self, pid: i32) -> Option<String> {
+        let mut s = self.state.lock().expect("reaper lock");
+        if let Some(how) = s.exits.remove(&pid) {
+            s.watched.remove(&pid);
+            return Some(how);
+        }
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(st) => describe(st).map(|(_, how)| {
+                s.watched.remove(&pid);
+                how
+            }),
+            // Not our child (any more): gone unless something else still has the PID.
+            Err(_) => {
+                if torpor_criu::procs::pid_in_use(pid) {
+                    None
+                } else {
+                    s.watched.remove(&pid);
+                    Some("gone".to_string())
+                }
+            }
+        }
+    }
+
+    /// Waits for the watched root `pid`, which is known to be dead or dying, for up to `wait`.
+    pub async fn reap(&self, pid: i32, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(how) = self.exited(pid) {
+                return Some(how);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Reaps what is ours to reap now.
+    pub fn sweep(&self) {
+        let me = std::process::id() as i32;
+        let zombies = zombie_children(me);
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("reaper lock");
+        s.zombies.retain(|pid, _| zombies.contains(pid));
+        for pid in zombies {
+            let claim = s.watched.contains(&pid)
+                || s.zombies
+                    .get(&pid)
+                    .is_some_and(|seen| now.duration_since(*seen) >= ORPHAN_GRACE);
+            if !claim {
+                s.zombies.entry(pid).or_insert(now);
+                continue;
+            }
+            if let Ok(st) = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                if let Some((pid, how)) = describe(st) {
+                    s.zombies.remove(&pid);
+                    if s.watched.contains(&pid) {
+                        s.exits.insert(pid, how);
+                    } else {
+                        tracing::debug!(pid, %how, "reaped an orphan");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sweeps on every SIGCHLD and every second until `shutdown` is true.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGCHLD stream; reaping once a second");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        while !*shutdown.borrow() {
+            tokio::select! {
+                r = shutdown.changed() => if r.is_err() { break },
+                _ = async { match &mut sigchld { Some(s) => { s.recv().await; } None => std::future::pending().await } } => self.sweep(),
+                _ = tick.tick() => self.sweep(),
+            }
+        }
+    }
+}
+
+/// Our children that are zombies now.
+fn zombie_children(me: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command's closing parenthesis: state, then ppid.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            f.next() == Some("Z") && f.next().and_then(|p| p.parse::<i32>().ok()) == Some(me)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn a_watched_child_is_reaped_by_the_sweep_and_its_status_kept() {
+        // The reaper, not the handle, waits for it: that is what is under test.
+        let pid = Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap()
+            .id() as i32;
+        let r = Reaper::default();
+        r.watch(pid);
+        // Wait until it is a zombie, then let the sweep take it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !zombie_children(std::process::id() as i32).contains(&pid) {
+            assert!(Instant::now() < deadline, "child never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.sweep();
+        assert!(!zombie_children(std::process::id() as i32).contains(&pid));
+        assert_eq!(r.exited(pid).as_deref(), Some("exit code 3"));
+    }
+
+    #[test]
+    fn an_unclaimed_zombie_is_left_to_its_owner_for_a_grace_period() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let r = Reaper::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !zombie_children(std::process::id() as i32).contains(&pid) {
+            assert!(Instant::now() < deadline, "child never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.sweep();
+        // Its owner can still wait for it.
+        assert!(child.wait().unwrap().success());
+    }
+}
