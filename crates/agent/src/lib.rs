@@ -16,7 +16,7 @@ pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
 pub use init::InitOptions;
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
-pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition};
+pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition, WakeTimeline};
 pub use torpor_power::energy::EnergyReport;
 
 use std::{

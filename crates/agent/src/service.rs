@@ -103,6 +103,30 @@ pub struct ServiceStatus {
     /// CPU seconds its processes used, over all their lives.
     #[serde(default)]
     pub cpu_s: f64,
+    /// Where the time of the last wake went.
+    #[serde(default)]
+    pub last_wake: Option<WakeTimeline>,
+}
+
+/// The steps of one wake, each in milliseconds from the moment the agent saw the wake
+/// request (the first held request's arrival, a pre-warm's decision or a crash).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WakeTimeline {
+    /// `request`, `prewarm` or `restart`.
+    pub cause: String,
+    /// `restore` or `cold start`.
+    pub how: String,
+    pub restore_start_ms: f64,
+    /// CRIU finished restoring (absent for a cold start).
+    pub criu_done_ms: Option<f64>,
+    /// The service accepted a connection on its backend address.
+    pub accepting_ms: f64,
+    /// The link opened: held requests went to the service.
+    pub released_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 #[derive(Debug)]
@@ -177,6 +201,7 @@ impl Managed {
             time_asleep_s: 0.0,
             time_awake_s: 0.0,
             cpu_s: 0.0,
+            last_wake: None,
         };
         Managed {
             spec,
@@ -392,13 +417,21 @@ impl Managed {
     /// Restores the tree from the pool: (pid, detail).
     async fn restore(&self) -> Result<(i32, String), String> {
         let (shared, name) = (self.shared.clone(), self.spec.name.clone());
+        // Exactly the generation this agent committed: never a newer one someone else put
+        // under the same name, never an older one.
+        let generation = self
+            .rt
+            .lock()
+            .expect("runtime lock")
+            .status
+            .snapshot_generation;
         match &self.spec.launch {
             Launch::Process(_) => tokio::task::spawn_blocking(move || {
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
-                torpor_criu::restore_from_pool(&shared.criu, &name, None, &shared.pool, &opts)
+                torpor_criu::restore_from_pool(&shared.criu, &name, generation, &shared.pool, &opts)
                     .map(|r| {
                         (
                             r.pid,
@@ -433,7 +466,7 @@ impl Managed {
             let asleep = me.state() == ServiceState::Asleep;
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { return },
-                _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request).await,
+                _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request, Instant::now()).await,
                 _ = tick.tick() => me.on_tick().await,
             }
         }
@@ -485,7 +518,7 @@ impl Managed {
                 if let Some(at) = at {
                     let now = self.link.now();
                     if at > asleep_at && now >= at {
-                        self.wake(WakeCause::Prewarm).await;
+                        self.wake(WakeCause::Prewarm, Instant::now()).await;
                         // Stay up for the predicted request, or the pre-warm was for nothing.
                         let hold = self
                             .link
@@ -516,7 +549,12 @@ impl Managed {
             rt.pid = None;
         }
         self.end_life();
-        self.bring_up_cold(Instant::now(), "restart after crash")
+        let t0 = Instant::now();
+        let timeline = WakeTimeline {
+            cause: "restart".into(),
+            ..Default::default()
+        };
+        self.bring_up_cold(t0, timeline, "restart after crash")
             .await;
         self.shared.replan.notify_one();
     }
@@ -591,7 +629,7 @@ impl Managed {
 
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
     /// cores back first and re-plans after.
-    async fn wake(&self, cause: WakeCause) {
+    async fn wake(&self, cause: WakeCause, asked: Instant) {
         for name in &self.spec.wake_with {
             if let Some(link) = self.shared.links.get(name) {
                 link.request_wake();
@@ -600,23 +638,26 @@ impl Managed {
         if let Some(node) = &self.shared.node {
             node.before_wake();
         }
-        self.wake_service(cause).await;
+        self.wake_service(cause, asked).await;
         if let Some(node) = &self.shared.node {
             node.after_wake();
         }
         self.shared.replan.notify_one();
     }
 
-    async fn wake_service(&self, cause: WakeCause) {
-        let t0 = Instant::now();
-        self.transition(
-            ServiceState::Waking,
-            Duration::ZERO,
-            format!("{cause:?}").to_lowercase(),
-        );
+    async fn wake_service(&self, cause: WakeCause, t0: Instant) {
+        let cause_name = format!("{cause:?}").to_lowercase();
+        self.transition(ServiceState::Waking, Duration::ZERO, cause_name.clone());
+        let mut timeline = WakeTimeline {
+            cause: cause_name,
+            how: "restore".into(),
+            restore_start_ms: ms_since(t0),
+            ..Default::default()
+        };
         let restored = self.restore().await;
         let reason = match restored {
             Ok((pid, detail)) => {
+                timeline.criu_done_ms = Some(ms_since(t0));
                 self.shared.reaper.watch(pid);
                 self.adopt_tree(pid);
                 match process::wait_accepting(
@@ -628,8 +669,9 @@ impl Managed {
                 .await
                 {
                     Ok(()) => {
+                        timeline.accepting_ms = ms_since(t0);
                         self.rt.lock().expect("runtime lock").pid = Some(pid);
-                        self.woke(t0, cause, detail);
+                        self.woke(t0, cause, timeline, detail);
                         return;
                     }
                     Err(e) => {
@@ -641,10 +683,10 @@ impl Managed {
             Err(e) => e,
         };
         warn!(service = %self.spec.name, %reason, "restore failed; cold start");
-        self.bring_up_cold(t0, &reason).await;
+        self.bring_up_cold(t0, timeline, &reason).await;
     }
 
-    fn woke(&self, t0: Instant, cause: WakeCause, detail: String) {
+    fn woke(&self, t0: Instant, cause: WakeCause, mut timeline: WakeTimeline, detail: String) {
         let took = t0.elapsed();
         {
             let mut rt = self.rt.lock().expect("runtime lock");
@@ -659,27 +701,46 @@ impl Managed {
         }
         self.transition(ServiceState::Awake, took, detail);
         self.link.open();
-        self.release_snapshot();
+        timeline.released_ms = ms_since(t0);
+        let up_to = {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.status.last_wake = Some(timeline);
+            rt.status.snapshot_generation
+        };
+        if let Some(up_to) = up_to {
+            self.release_snapshots(up_to);
+        }
     }
 
     /// Once the service runs again its snapshot is stale (restoring it would lose whatever
-    /// the service did since), so its pool memory is given back for the next checkpoint.
-    fn release_snapshot(&self) {
+    /// the service did since), so its pool memory is given back for the next checkpoint:
+    /// generations up to the one it woke from, never a newer one.
+    fn release_snapshots(&self, up_to: u64) {
         let (shared, name) = (self.shared.clone(), self.spec.name.clone());
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = shared
-                .pool
-                .connect()
-                .and_then(|mut c| c.delete(&name, None))
-            {
+            let released = shared.pool.connect().and_then(|mut c| {
+                let stale: Vec<u64> = c
+                    .list()?
+                    .into_iter()
+                    .filter(|s| s.name == name && s.generation <= up_to)
+                    .map(|s| s.generation)
+                    .collect();
+                stale
+                    .into_iter()
+                    .try_for_each(|g| c.delete(&name, Some(g)).map(|_| ()))
+            });
+            if let Err(e) = released {
                 warn!(service = %name, error = %e, "could not release the stale snapshot");
             }
         });
     }
 
-    async fn bring_up_cold(&self, t0: Instant, why: &str) {
+    async fn bring_up_cold(&self, t0: Instant, mut timeline: WakeTimeline, why: &str) {
+        timeline.how = "cold start".into();
+        timeline.criu_done_ms = None;
         match self.launch().await {
             Ok(pid) => {
+                timeline.accepting_ms = ms_since(t0);
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     rt.pid = Some(pid);
@@ -688,6 +749,7 @@ impl Managed {
                 self.woke(
                     t0,
                     WakeCause::Request,
+                    timeline,
                     format!("cold start as pid {pid} ({why})"),
                 );
             }

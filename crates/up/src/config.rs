@@ -107,6 +107,13 @@ struct RawService {
     cwd: Option<PathBuf>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// User (name or number) the service runs as; CRIU then runs as it too.
+    user: Option<String>,
+    /// Group (name or number); the user's primary group by default.
+    group: Option<String>,
+    /// `name = N`, `name = "unlimited"` or `name = [soft, hard]`.
+    #[serde(default)]
+    rlimits: BTreeMap<String, toml::Value>,
     listen: String,
     backend: String,
     #[serde(default = "default_protocol")]
@@ -256,6 +263,86 @@ fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| invalid(key, format!("{v:?} is not an IP:PORT address")))
 }
 
+/// Resolves `user` and `group` (names or numbers) to ids, with the user's supplementary
+/// groups, as the service's init will take them.
+fn identity(
+    k: &dyn Fn(&str) -> String,
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<InitOptions, ConfigError> {
+    use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+    let mut o = InitOptions::default();
+    let gid = match group {
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(n) => Group::from_gid(Gid::from_raw(n)).ok().flatten().map(|_| n),
+                Err(_) => Group::from_name(g).ok().flatten().map(|gr| gr.gid.as_raw()),
+            };
+            Some(found.ok_or_else(|| invalid(k("group"), format!("no group {g:?} on this host")))?)
+        }
+        None => None,
+    };
+    if let Some(u) = user {
+        let found = match u.parse::<u32>() {
+            Ok(n) => User::from_uid(Uid::from_raw(n)).ok().flatten(),
+            Err(_) => User::from_name(u).ok().flatten(),
+        };
+        let found =
+            found.ok_or_else(|| invalid(k("user"), format!("no user {u:?} on this host")))?;
+        let primary = gid.map_or(found.gid, Gid::from_raw);
+        let name = std::ffi::CString::new(found.name.clone())
+            .map_err(|_| invalid(k("user"), "name contains a NUL byte"))?;
+        o.uid = Some(found.uid.as_raw());
+        o.gid = Some(primary.as_raw());
+        o.groups = getgrouplist(&name, primary)
+            .map_err(|e| invalid(k("user"), format!("cannot list the groups of {u:?}: {e}")))?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+    } else {
+        o.gid = gid;
+    }
+    Ok(o)
+}
+
+/// Parses `[service.rlimits]`.
+fn rlimits(
+    key: &str,
+    raw: &BTreeMap<String, toml::Value>,
+) -> Result<Vec<(String, u64, u64)>, ConfigError> {
+    let one = |name: &str, v: &toml::Value| -> Option<u64> {
+        match v {
+            toml::Value::Integer(n) if *n >= 0 => Some(*n as u64),
+            toml::Value::String(s) if s == "unlimited" => Some(u64::MAX),
+            _ => None,
+        }
+        .filter(|_| torpor_agent::init::rlimit_resource(name).is_some())
+    };
+    raw.iter()
+        .map(|(name, v)| {
+            let k = format!("{key}.{name}");
+            if torpor_agent::init::rlimit_resource(name).is_none() {
+                return Err(invalid(&k, "unknown limit (nofile, nproc, core, memlock, stack, as, fsize, cpu, data, rss, msgqueue, nice, rtprio, sigpending, locks)"));
+            }
+            let bad = || invalid(&k, "must be a number, \"unlimited\", or [soft, hard]");
+            let (soft, hard) = match v {
+                toml::Value::Array(a) if a.len() == 2 => (
+                    one(name, &a[0]).ok_or_else(bad)?,
+                    one(name, &a[1]).ok_or_else(bad)?,
+                ),
+                v => {
+                    let n = one(name, v).ok_or_else(bad)?;
+                    (n, n)
+                }
+            };
+            if soft > hard {
+                return Err(invalid(&k, "soft limit above the hard one"));
+            }
+            Ok((name.clone(), soft, hard))
+        })
+        .collect()
+}
+
 /// Parses a cpuset list like `0-2,5`.
 fn cpus(key: &str, v: &str) -> Result<Vec<usize>, ConfigError> {
     let bad = |why: String| invalid(key, format!("{v:?} is not a CPU list like 0-2,5 ({why})"));
@@ -321,12 +408,12 @@ impl Config {
                     if argv.is_empty() || argv[0].is_empty() {
                         return Err(invalid(k("command"), "must name a program"));
                     }
+                    let mut init = identity(&k, s.user.as_deref(), s.group.as_deref())?;
+                    init.cwd = s.cwd;
+                    init.rlimits = rlimits(&k("rlimits"), &s.rlimits)?;
                     Launch::Process(ProcessLaunch {
                         argv,
-                        init: InitOptions {
-                            cwd: s.cwd,
-                            ..Default::default()
-                        },
+                        init,
                         env: s.env,
                         cpus: match &s.cpuset {
                             Some(c) => cpus(&k("cpuset"), c)?,
@@ -344,6 +431,9 @@ impl Config {
                     for (key, set) in [
                         ("cwd", s.cwd.is_some()),
                         ("env", !s.env.is_empty()),
+                        ("user", s.user.is_some()),
+                        ("group", s.group.is_some()),
+                        ("rlimits", !s.rlimits.is_empty()),
                         ("cpuset", s.cpuset.is_some()),
                     ] {
                         if set {
@@ -572,6 +662,36 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn user_group_and_limits_are_resolved() {
+        let c = Config::from_toml(&GOOD.replace(
+            "cpuset = \"0-1\"",
+            "cpuset = \"0-1\"\nuser = \"nobody\"\nrlimits = { nofile = [1024, 4096], core = \"unlimited\" }",
+        ))
+        .unwrap();
+        let Launch::Process(p) = &c.services[0].spec.launch else {
+            panic!("a process")
+        };
+        assert_eq!(p.init.uid, Some(65534));
+        assert_eq!(p.init.gid, Some(65534));
+        assert_eq!(
+            p.init.rlimits,
+            vec![
+                ("core".to_string(), u64::MAX, u64::MAX),
+                ("nofile".to_string(), 1024, 4096)
+            ]
+        );
+        let with = |extra: &str| err(&GOOD.replace("cpuset = \"0-1\"", extra));
+        assert!(with("user = \"no-such-user-x\"").starts_with("service[0].user"));
+        assert!(with("group = \"no-such-group-x\"").starts_with("service[0].group"));
+        let e = with("rlimits = { nofiles = 5 }");
+        assert!(e.starts_with("service[0].rlimits.nofiles"), "{e}");
+        let e = with("rlimits = { nofile = [10, 5] }");
+        assert!(e.contains("soft limit above"), "{e}");
+        let e = with("rlimits = { nofile = \"many\" }");
+        assert!(e.starts_with("service[0].rlimits.nofile"), "{e}");
     }
 
     #[test]
