@@ -52,6 +52,8 @@ pub enum LaunchError {
     Init(String),
     #[error("exited during start-up ({0})")]
     Exited(String),
+    #[error("another process, not the service, listens on {addr}")]
+    ForeignListener { addr: SocketAddr },
     #[error("not accepting connections on {addr} after {waited:?}")]
     NotAccepting { addr: SocketAddr, waited: Duration },
     #[error("cannot prepare the service's cgroup {path}")]
@@ -160,27 +162,169 @@ pub async fn stop_tree(pid: i32, cgroup: Option<&ServiceCgroup>, reaper: &Reaper
     }
 }
 
-/// Waits until something accepts TCP connections on `addr`, while `pid` lives.
+/// Waits until the service accepts TCP connections on `addr`, while `pid` lives. With
+/// `members` (the service's processes), the listening socket must be one of theirs: a
+/// process that bound the port while the service slept is not the service.
 pub async fn wait_accepting(
     addr: SocketAddr,
     pid: i32,
     reaper: &Reaper,
     timeout: Duration,
+    members: Option<&(dyn Fn() -> Vec<i32> + Send + Sync)>,
 ) -> Result<(), LaunchError> {
     let start = Instant::now();
+    let mut foreign = false;
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
+            match members {
+                None => return Ok(()),
+                Some(members) => {
+                    let inodes = listening_inodes(addr);
+                    if inodes.is_empty() || owns_any(&members(), &inodes) {
+                        // Unknown (no /proc/net) counts as the service's.
+                        return Ok(());
+                    }
+                    foreign = true;
+                }
+            }
         }
         if let Some(how) = reaper.exited(pid) {
             return Err(LaunchError::Exited(how));
         }
         if start.elapsed() >= timeout {
-            return Err(LaunchError::NotAccepting {
-                addr,
-                waited: timeout,
+            return Err(if foreign {
+                LaunchError::ForeignListener { addr }
+            } else {
+                LaunchError::NotAccepting {
+                    addr,
+                    waited: timeout,
+                }
             });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Socket inodes listening where a connection to `addr` would land (that address or the
+/// wildcard, same port), from `/proc/net/tcp` and `/proc/net/tcp6`.
+fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state, queues, timer, retransmits, uid, timeout, inode
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let Some((ip, port)) = f[1].split_once(':') else {
+                continue;
+            };
+            if u16::from_str_radix(port, 16).ok() != Some(addr.port()) {
+                continue;
+            }
+            if listen_ip_matches(ip, addr.ip()) {
+                if let Ok(inode) = f[9].parse() {
+                    found.push(inode);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether a listener bound to `hex` (the kernel's hex form) takes connections to `ip`.
+fn listen_ip_matches(hex: &str, ip: std::net::IpAddr) -> bool {
+    if hex.chars().all(|c| c == '0') {
+        return true;
+    }
+    match ip {
+        // One little-endian 32-bit word.
+        std::net::IpAddr::V4(v4) => {
+            u32::from_str_radix(hex, 16).ok().map(|w| w.to_le_bytes()) == Some(v4.octets())
+        }
+        std::net::IpAddr::V6(v6) => {
+            // Four little-endian 32-bit words.
+            let want = v6.octets();
+            hex.len() == 32
+                && (0..4).all(|i| {
+                    u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16)
+                        .ok()
+                        .map(|w| w.to_le_bytes())
+                        == Some([
+                            want[i * 4],
+                            want[i * 4 + 1],
+                            want[i * 4 + 2],
+                            want[i * 4 + 3],
+                        ])
+                })
+        }
+    }
+}
+
+/// Whether one of `pids` holds a socket with one of `inodes`.
+fn owns_any(pids: &[i32], inodes: &[u64]) -> bool {
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    pids.iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .map(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str()))
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_addresses_in_the_kernels_hex_form() {
+        let lo: std::net::IpAddr = [127, 0, 0, 1].into();
+        assert!(listen_ip_matches("0100007F", lo));
+        assert!(listen_ip_matches("00000000", lo));
+        assert!(!listen_ip_matches("0200007F", lo));
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert!(listen_ip_matches("00000000000000000000000001000000", v6));
+        assert!(!listen_ip_matches("00000000000000000000000002000000", v6));
+    }
+
+    #[tokio::test]
+    async fn a_port_held_by_another_process_is_not_the_service() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inodes = listening_inodes(addr);
+        assert_eq!(inodes.len(), 1, "our own listener is found");
+        assert!(owns_any(&[std::process::id() as i32], &inodes));
+        // A "service" that is some other process (here: a sleeping child) does not own it.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let other_pid = other.id() as i32;
+        let reaper = Reaper::default();
+        let members = move || vec![other_pid];
+        let r = wait_accepting(
+            addr,
+            other_pid,
+            &reaper,
+            Duration::from_millis(100),
+            Some(&members),
+        )
+        .await;
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(
+            matches!(r, Err(LaunchError::ForeignListener { .. })),
+            "{r:?}"
+        );
+        let me = || vec![std::process::id() as i32];
+        wait_accepting(addr, other_pid, &reaper, Duration::from_secs(5), Some(&me))
+            .await
+            .unwrap();
     }
 }

@@ -318,18 +318,28 @@ impl Managed {
             }
         };
         self.shared.reaper.watch(pid);
-        if let Err(e) = process::wait_accepting(
-            self.spec.backend,
-            pid,
-            &self.shared.reaper,
-            self.spec.start_timeout,
-        )
-        .await
-        {
+        if let Err(e) = self.wait_accepting(pid).await {
             self.kill_tree(pid, Duration::from_millis(500)).await;
             return Err(e);
         }
         Ok(pid)
+    }
+
+    /// Waits until the service (its own tree, for plain processes) accepts connections.
+    async fn wait_accepting(&self, pid: i32) -> Result<(), LaunchError> {
+        let members = move || self.tree(pid);
+        let members: Option<&(dyn Fn() -> Vec<i32> + Send + Sync)> = match self.spec.launch {
+            Launch::Process(_) => Some(&members),
+            Launch::Container { .. } => None,
+        };
+        process::wait_accepting(
+            self.spec.backend,
+            pid,
+            &self.shared.reaper,
+            self.spec.start_timeout,
+            members,
+        )
+        .await
     }
 
     /// The service's processes: its cgroup's members, else the tree under `pid`.
@@ -660,14 +670,7 @@ impl Managed {
                 timeline.criu_done_ms = Some(ms_since(t0));
                 self.shared.reaper.watch(pid);
                 self.adopt_tree(pid);
-                match process::wait_accepting(
-                    self.spec.backend,
-                    pid,
-                    &self.shared.reaper,
-                    self.spec.start_timeout,
-                )
-                .await
-                {
+                match self.wait_accepting(pid).await {
                     Ok(()) => {
                         timeline.accepting_ms = ms_since(t0);
                         self.rt.lock().expect("runtime lock").pid = Some(pid);
