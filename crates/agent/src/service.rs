@@ -9,7 +9,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
-use torpor_criu::{procs, CheckpointOptions, RestoreOptions, TcpConnections};
+use torpor_criu::{procs, CheckpointError, CheckpointOptions, RestoreOptions, TcpConnections};
 use torpor_policy::{
     decide_sleep, prewarm_at, prewarm_hold_until, PolicyConfig, SleepDecision, SnapshotTier,
 };
@@ -106,6 +106,19 @@ pub struct ServiceStatus {
     /// Where the time of the last wake went.
     #[serde(default)]
     pub last_wake: Option<WakeTimeline>,
+    /// Why this service can never be checkpointed on this host (it stays awake).
+    #[serde(default)]
+    pub cannot_sleep: Option<String>,
+}
+
+/// How a checkpoint failed, as the state machine needs it.
+#[derive(Debug)]
+struct CheckpointFailed {
+    message: String,
+    /// Retrying cannot help on this host (a tree of several uids without CAP_SYS_RESOURCE).
+    permanent: bool,
+    /// The pool had committed this generation before CRIU failed.
+    committed: Option<u64>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -202,6 +215,7 @@ impl Managed {
             time_awake_s: 0.0,
             cpu_s: 0.0,
             last_wake: None,
+            cannot_sleep: None,
         };
         Managed {
             spec,
@@ -396,7 +410,7 @@ impl Managed {
     }
 
     /// Checkpoints the tree into the pool: (generation, bytes, seconds).
-    async fn checkpoint(&self, pid: i32) -> Result<(u64, u64, f64), String> {
+    async fn checkpoint(&self, pid: i32) -> Result<(u64, u64, f64), CheckpointFailed> {
         let (shared, name) = (self.shared.clone(), self.spec.name.clone());
         match &self.spec.launch {
             Launch::Process(_) => tokio::task::spawn_blocking(move || {
@@ -408,7 +422,14 @@ impl Managed {
                 };
                 torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
                     .map(|r| (r.generation, r.pool_bytes, r.checkpoint_s))
-                    .map_err(|e| error_chain(&e))
+                    .map_err(|e| CheckpointFailed {
+                        message: error_chain(&e),
+                        permanent: matches!(e, CheckpointError::MixedUids { .. }),
+                        committed: match e {
+                            CheckpointError::AfterCommit { generation, .. } => Some(generation),
+                            _ => None,
+                        },
+                    })
             })
             .await
             .expect("checkpoint task panicked"),
@@ -416,7 +437,11 @@ impl Managed {
                 let (runc, id) = (self.runc(), self.container_id());
                 tokio::task::spawn_blocking(move || {
                     runc.checkpoint_to_pool(&id, &name, &shared.pool)
-                        .map_err(|e| error_chain(&e))
+                        .map_err(|e| CheckpointFailed {
+                            message: error_chain(&e),
+                            permanent: false,
+                            committed: None,
+                        })
                 })
                 .await
                 .expect("checkpoint task panicked")
@@ -503,7 +528,7 @@ impl Managed {
                     (
                         rt.status.footprint_bytes,
                         rt.expected_wake,
-                        Instant::now() >= rt.sleep_not_before,
+                        Instant::now() >= rt.sleep_not_before && rt.status.cannot_sleep.is_none(),
                     )
                 };
                 if !allowed || self.link.inflight() > 0 {
@@ -583,45 +608,31 @@ impl Managed {
             format!("drained ({} in flight cut)", drained.still_inflight),
         );
         let t0 = Instant::now();
-        let result = self.checkpoint(pid).await;
-        match result {
+        match self.checkpoint(pid).await {
             Ok((generation, bytes, secs)) => {
-                // CRIU killed the tree; a namespace dies with its init, the cgroup holds
-                // whatever else might be left.
-                self.shared.reaper.reap(pid, Duration::from_secs(5)).await;
-                if let Some(cg) = self.cgroup.clone() {
-                    let _ =
-                        tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5)))
-                            .await;
-                }
-                self.end_life();
-                {
-                    let mut rt = self.rt.lock().expect("runtime lock");
-                    rt.pid = None;
-                    rt.asleep_at = self.link.now();
-                    let s = &mut rt.status;
-                    s.sleeps += 1;
-                    s.last_checkpoint_s = Some(secs);
-                    s.snapshot_bytes = Some(bytes);
-                    s.snapshot_generation = Some(generation);
-                    s.snapshot_tier = Some(tier);
-                }
-                self.transition(
-                    ServiceState::Asleep,
-                    t0.elapsed(),
-                    format!(
-                        "generation {generation} in the pool, {}",
-                        torpor_image::format_bytes(bytes)
-                    ),
-                );
-                self.link.arm_wake();
-                self.shared.replan.notify_one();
+                self.fell_asleep(pid, tier, t0, generation, Some(bytes), Some(secs))
+                    .await
+            }
+            // CRIU failed after the pool committed: if the tree is gone, that snapshot is
+            // the service; restore from it rather than ever cold-starting over it.
+            Err(CheckpointFailed {
+                committed: Some(generation),
+                message,
+                ..
+            }) if self.tree_gone(pid) => {
+                warn!(service = %self.spec.name, generation, error = %message, "CRIU failed after the commit and the tree is gone; asleep in that generation");
+                self.fell_asleep(pid, tier, t0, generation, None, None)
+                    .await
             }
             Err(e) => {
-                warn!(service = %self.spec.name, error = %e, "checkpoint failed; service keeps running");
+                warn!(service = %self.spec.name, error = %e.message, permanent = e.permanent, "checkpoint failed; service keeps running");
                 {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     rt.status.failed_checkpoints += 1;
+                    if e.permanent {
+                        // Retrying cannot help on this host: say so once, stay awake.
+                        rt.status.cannot_sleep = Some(e.message.clone());
+                    }
                     // Do not hammer a service CRIU cannot dump.
                     rt.sleep_not_before =
                         Instant::now() + 20 * self.spec.policy.idle_threshold.max(TICK);
@@ -629,12 +640,67 @@ impl Managed {
                 self.transition(
                     ServiceState::Awake,
                     t0.elapsed(),
-                    format!("checkpoint failed: {e}"),
+                    format!("checkpoint failed: {}", e.message),
                 );
                 self.link.open();
                 self.shared.replan.notify_one();
             }
         }
+    }
+
+    /// Whether nothing of the tree rooted at `pid` runs any more.
+    fn tree_gone(&self, pid: i32) -> bool {
+        let root_gone = self.shared.reaper.exited(pid).is_some() || !procs::pid_in_use(pid);
+        root_gone
+            && self
+                .cgroup
+                .as_ref()
+                .map_or(true, |cg| cg.procs().is_empty())
+    }
+
+    /// The tree is in the pool as `generation` and gone from the node.
+    async fn fell_asleep(
+        &self,
+        pid: i32,
+        tier: SnapshotTier,
+        t0: Instant,
+        generation: u64,
+        bytes: Option<u64>,
+        secs: Option<f64>,
+    ) {
+        // CRIU killed the tree; a namespace dies with its init, the cgroup holds whatever
+        // else might be left.
+        self.shared.reaper.reap(pid, Duration::from_secs(5)).await;
+        if let Some(cg) = self.cgroup.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
+        }
+        self.end_life();
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.pid = None;
+            rt.asleep_at = self.link.now();
+            let s = &mut rt.status;
+            s.sleeps += 1;
+            s.last_checkpoint_s = secs.or(Some(t0.elapsed().as_secs_f64()));
+            s.snapshot_bytes = bytes;
+            s.snapshot_generation = Some(generation);
+            s.snapshot_tier = Some(tier);
+        }
+        self.transition(
+            ServiceState::Asleep,
+            t0.elapsed(),
+            match bytes {
+                Some(b) => format!(
+                    "generation {generation} in the pool, {}",
+                    torpor_image::format_bytes(b)
+                ),
+                None => {
+                    format!("generation {generation} in the pool (CRIU failed after the commit)")
+                }
+            },
+        );
+        self.link.arm_wake();
+        self.shared.replan.notify_one();
     }
 
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
