@@ -125,7 +125,7 @@ struct CheckpointFailed {
 /// request (the first held request's arrival, a pre-warm's decision or a crash).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WakeTimeline {
-    /// `request`, `prewarm` or `restart`.
+    /// `request`, `prewarm`, `restart` (after a crash) or `retry` (after a failure).
     pub cause: String,
     /// `restore` or `cold start`.
     pub how: String,
@@ -151,6 +151,9 @@ struct Runtime {
     expected_wake: Duration,
     /// No new sleep attempt before this (after a failed checkpoint).
     sleep_not_before: Instant,
+    /// While failed: the next cold-start attempt and the wait after it (doubling).
+    retry_at: Instant,
+    retry_backoff: Duration,
     /// Virtual time when the service last fell asleep (pre-warm only after it).
     asleep_at: Duration,
     asleep_total: Duration,
@@ -174,6 +177,10 @@ pub(crate) struct Managed {
     cgroup: Option<ServiceCgroup>,
     rt: Mutex<Runtime>,
 }
+
+/// First wait before a failed service is started again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How often a service's loop looks at its process and its policy.
 const TICK: Duration = Duration::from_millis(20);
@@ -228,6 +235,8 @@ impl Managed {
                 pid: None,
                 expected_wake: Duration::from_millis(100),
                 sleep_not_before: now,
+                retry_at: now,
+                retry_backoff: RETRY_FIRST,
                 asleep_at: Duration::ZERO,
                 asleep_total: Duration::ZERO,
                 awake_total: Duration::ZERO,
@@ -566,6 +575,24 @@ impl Managed {
                     }
                 }
             }
+            ServiceState::Failed => {
+                if Instant::now() < self.rt.lock().expect("runtime lock").retry_at {
+                    return;
+                }
+                let t0 = Instant::now();
+                self.transition(
+                    ServiceState::Waking,
+                    Duration::ZERO,
+                    "retrying after failure",
+                );
+                let timeline = WakeTimeline {
+                    cause: "retry".into(),
+                    ..Default::default()
+                };
+                self.bring_up_cold(t0, timeline, "retry after failure")
+                    .await;
+                self.shared.replan.notify_one();
+            }
             _ => {}
         }
     }
@@ -761,6 +788,7 @@ impl Managed {
             let mut rt = self.rt.lock().expect("runtime lock");
             // Smoothed, so one slow wake does not forbid sleeping for good.
             rt.expected_wake = (rt.expected_wake * 3 + took) / 4;
+            rt.retry_backoff = RETRY_FIRST;
             let s = &mut rt.status;
             match cause {
                 WakeCause::Request => s.wakes += 1,
@@ -825,7 +853,18 @@ impl Managed {
             Err(e) => {
                 let reason = format!("cold start failed: {e} (after: {why})");
                 warn!(service = %self.spec.name, %reason, "service is down");
-                self.transition(ServiceState::Failed, t0.elapsed(), reason.clone());
+                let backoff = {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    let b = rt.retry_backoff;
+                    rt.retry_at = Instant::now() + b;
+                    rt.retry_backoff = (b * 2).min(RETRY_MAX);
+                    b
+                };
+                self.transition(
+                    ServiceState::Failed,
+                    t0.elapsed(),
+                    format!("{reason}; next attempt in {backoff:?}"),
+                );
                 self.link.fail_held(&reason);
             }
         }
