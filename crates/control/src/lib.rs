@@ -9,6 +9,12 @@
 //!   accepts connections again (held requests go first, in arrival order), and waits on
 //!   [`ServiceLink::wake_requested`].
 //!
+//! A held request whose future is dropped (its client went away) or that timed out leaves the
+//! queue at once, so it takes no place and asks for no wake. Every request let through is
+//! counted in flight by an [`InflightGuard`], whose drop is the only way the count goes down:
+//! a guard dropped anywhere (finished, cancelled, panicked, or never picked up by its waiter)
+//! gives the count back, and a drain cannot wait on a request that no longer exists.
+//!
 //! Time is tokio time, so tests can pause it; arrivals feed the policy's tracker on a
 //! virtual clock counted from the link's creation.
 
@@ -16,7 +22,7 @@ use std::{
     collections::VecDeque,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
 };
@@ -50,14 +56,40 @@ pub struct HoldLimits {
     pub timeout: Duration,
 }
 
+/// What a held request is answered with: let through (already counted in flight) or refused.
+type Release = Result<InflightGuard, HoldError>;
+
+/// One held request.
+#[derive(Debug)]
+struct Waiter {
+    /// Identifies the request, so that a waiter going away removes itself and no other.
+    ticket: u64,
+    tx: oneshot::Sender<Release>,
+}
+
 #[derive(Debug)]
 struct Inner {
     open: bool,
     /// The service is asleep: the first held request asks for a wake.
     wake_armed: bool,
+    /// A wake was asked for and the agent has not taken it yet. A flag (not a stored `Notify`
+    /// permit) so that opening the link withdraws it: a wake asked for while the service was
+    /// already coming up must not wake it again after its next sleep.
+    wake_pending: bool,
     shutting_down: bool,
-    waiters: VecDeque<oneshot::Sender<Result<(), HoldError>>>,
+    /// Held requests in arrival order; only live ones (a waiter removes itself when it goes).
+    waiters: VecDeque<Waiter>,
+    /// Ticket of the next held request.
+    next_ticket: u64,
     arrivals: ArrivalTracker,
+}
+
+/// The in-flight count, shared with the guards so that a guard can give its count back
+/// wherever it is dropped (also inside [`ServiceLink::open`], which holds no `Arc` of the link).
+#[derive(Debug, Default)]
+struct Inflight {
+    count: AtomicUsize,
+    changed: Notify,
 }
 
 /// Shared by a service's gate and its agent.
@@ -67,11 +99,9 @@ pub struct ServiceLink {
     limits: HoldLimits,
     epoch: Instant,
     inner: Mutex<Inner>,
-    /// Requests (or connections) being forwarded now.
-    inflight: AtomicUsize,
-    /// Requests waiting in the hold queue now.
-    held: AtomicUsize,
-    inflight_changed: Notify,
+    /// Requests (or connections) being forwarded now, or released and not yet picked up.
+    inflight: Arc<Inflight>,
+    /// Signals the agent when `wake_pending` is set.
     wake: Notify,
     /// Bumped at every drain: the gate drops pooled backend connections of older generations
     /// and cuts long-lived ones (TCP) that outlived the drain deadline.
@@ -83,13 +113,54 @@ pub struct ServiceLink {
 /// Marks one request as in flight until dropped.
 #[derive(Debug)]
 pub struct InflightGuard {
-    link: Arc<ServiceLink>,
+    inflight: Arc<Inflight>,
+}
+
+impl InflightGuard {
+    fn new(inflight: &Arc<Inflight>) -> InflightGuard {
+        inflight.count.fetch_add(1, Ordering::SeqCst);
+        InflightGuard {
+            inflight: inflight.clone(),
+        }
+    }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.link.inflight.fetch_sub(1, Ordering::SeqCst);
-        self.link.inflight_changed.notify_waiters();
+        self.inflight.count.fetch_sub(1, Ordering::SeqCst);
+        self.inflight.changed.notify_waiters();
+    }
+}
+
+/// A request's place in the hold queue; dropping it (the request's future was dropped, or
+/// it timed out) gives the place up.
+struct Place<'a> {
+    link: &'a ServiceLink,
+    /// `None` once the request has left the queue.
+    ticket: Option<u64>,
+}
+
+impl Place<'_> {
+    /// Takes the request out of the queue; false if it had already left it (released or
+    /// refused by the agent, whose answer is then in the channel).
+    fn withdraw(&mut self) -> bool {
+        let Some(ticket) = self.ticket.take() else {
+            return false;
+        };
+        let mut inner = self.link.state();
+        match inner.waiters.iter().position(|w| w.ticket == ticket) {
+            Some(i) => {
+                inner.waiters.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.withdraw();
     }
 }
 
@@ -112,17 +183,25 @@ impl ServiceLink {
             inner: Mutex::new(Inner {
                 open: false,
                 wake_armed: false,
+                wake_pending: false,
                 shutting_down: false,
                 waiters: VecDeque::new(),
+                next_ticket: 0,
                 arrivals: ArrivalTracker::new(Duration::ZERO, Duration::from_secs(10)),
             }),
-            inflight: AtomicUsize::new(0),
-            held: AtomicUsize::new(0),
-            inflight_changed: Notify::new(),
+            inflight: Arc::default(),
             wake: Notify::new(),
             backend_generation: watch::Sender::new(0),
             rejected: AtomicU64::new(0),
         })
+    }
+
+    /// The link's state. A panic elsewhere while it was locked (in a [`Self::with_arrivals`]
+    /// closure, say) must not stop every later request; each field is updated in one step,
+    /// so what the panic left is consistent. It is also taken in `Place::drop`, which may
+    /// run while unwinding, where a second panic would abort.
+    fn state(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Virtual time for the policy: time since the link was created.
@@ -130,45 +209,58 @@ impl ServiceLink {
         Instant::now().duration_since(self.epoch)
     }
 
-    /// Lets one request through, holding it first if the service is not up.
+    /// Lets one request through, holding it first if the service is not up. Dropping the
+    /// future while it is held gives its place in the queue up.
     pub async fn enter(self: &Arc<Self>) -> Result<InflightGuard, HoldError> {
-        let rx = {
-            let mut inner = self.inner.lock().expect("link lock");
+        let (ticket, mut rx) = {
+            let mut inner = self.state();
             let now = self.now();
             inner.arrivals.record(now);
             if inner.shutting_down {
                 return Err(self.reject(HoldError::ShuttingDown));
             }
             if inner.open {
-                return Ok(self.guard());
+                return Ok(InflightGuard::new(&self.inflight));
             }
             if inner.waiters.len() >= self.limits.depth {
                 return Err(self.reject(HoldError::QueueFull(inner.waiters.len())));
             }
             let (tx, rx) = oneshot::channel();
-            inner.waiters.push_back(tx);
+            let ticket = inner.next_ticket;
+            inner.next_ticket += 1;
+            inner.waiters.push_back(Waiter { ticket, tx });
             if inner.wake_armed {
-                inner.wake_armed = false;
-                self.wake.notify_one();
+                self.ask_wake(&mut inner);
             }
-            rx
+            (ticket, rx)
         };
-        self.held.fetch_add(1, Ordering::SeqCst);
-        let result = tokio::time::timeout(self.limits.timeout, rx).await;
-        self.held.fetch_sub(1, Ordering::SeqCst);
-        match result {
-            // `open` already counted this request as in flight (so a drain right after the
-            // wake waits for it); the guard takes that count over.
-            Ok(Ok(Ok(()))) => Ok(InflightGuard { link: self.clone() }),
-            Ok(Ok(Err(e))) => Err(self.reject(e)),
-            Ok(Err(_)) => Err(self.reject(HoldError::ShuttingDown)),
-            Err(_) => Err(self.reject(HoldError::Timeout(self.limits.timeout))),
+        let mut place = Place {
+            link: self,
+            ticket: Some(ticket),
+        };
+        let answer = tokio::select! {
+            // An answer that is there wins over a deadline that passed at the same time.
+            biased;
+            answer = &mut rx => {
+                place.ticket = None;
+                answer.ok()
+            }
+            _ = tokio::time::sleep(self.limits.timeout) => {
+                if place.withdraw() {
+                    return Err(self.reject(HoldError::Timeout(self.limits.timeout)));
+                }
+                // The agent took the request out of the queue first: its answer (sent
+                // under the lock `withdraw` took) is in the channel.
+                rx.try_recv().ok()
+            }
+        };
+        match answer {
+            Some(Ok(guard)) => Ok(guard),
+            Some(Err(e)) => Err(self.reject(e)),
+            // Every waiter taken out of the queue is answered; were one ever not, its request
+            // is refused rather than left hanging.
+            None => Err(self.reject(HoldError::ShuttingDown)),
         }
-    }
-
-    fn guard(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        InflightGuard { link: self.clone() }
     }
 
     fn reject(&self, e: HoldError) -> HoldError {
@@ -176,15 +268,22 @@ impl ServiceLink {
         e
     }
 
+    /// Asks the agent for a wake (it takes it in [`Self::wake_requested`]).
+    fn ask_wake(&self, inner: &mut Inner) {
+        inner.wake_armed = false;
+        inner.wake_pending = true;
+        self.wake.notify_waiters();
+    }
+
     /// Stops forwarding (new requests are held), waits up to `deadline` for in-flight ones
     /// to finish, and retires pooled backend connections.
     pub async fn drain(&self, deadline: Duration) -> Drained {
         let start = Instant::now();
-        self.inner.lock().expect("link lock").open = false;
+        self.state().open = false;
         let end = start + deadline;
         loop {
-            let notified = self.inflight_changed.notified();
-            let left = self.inflight.load(Ordering::SeqCst);
+            let notified = self.inflight.changed.notified();
+            let left = self.inflight();
             if left == 0 || Instant::now() >= end {
                 self.backend_generation.send_modify(|g| *g += 1);
                 return Drained {
@@ -198,75 +297,89 @@ impl ServiceLink {
 
     /// The service is asleep: the next held request (or one already held) asks for a wake.
     pub fn arm_wake(&self) {
-        let mut inner = self.inner.lock().expect("link lock");
+        let mut inner = self.state();
         if inner.waiters.is_empty() {
             inner.wake_armed = true;
         } else {
-            self.wake.notify_one();
+            self.ask_wake(&mut inner);
         }
     }
 
     /// Asks a sleeping service to wake without a request of its own (it is about to get
     /// some: a service it serves is waking). Nothing happens if it is awake or waking.
     pub fn request_wake(&self) {
-        let mut inner = self.inner.lock().expect("link lock");
+        let mut inner = self.state();
         if inner.wake_armed {
-            inner.wake_armed = false;
-            self.wake.notify_one();
+            self.ask_wake(&mut inner);
         }
     }
 
-    /// Resolves when a held request wants the service woken.
+    /// Resolves when a held request (or [`Self::request_wake`]) wants the service woken, and
+    /// takes that wish: each wake asked for resolves one call. Cancel-safe.
     pub async fn wake_requested(&self) {
-        self.wake.notified().await
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a wake asked for in between is not lost.
+            notified.as_mut().enable();
+            if std::mem::take(&mut self.state().wake_pending) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The service accepts connections: release held requests in arrival order and forward
     /// from now on.
     pub fn open(&self) {
-        let mut inner = self.inner.lock().expect("link lock");
+        let mut inner = self.state();
         inner.open = true;
         inner.wake_armed = false;
+        // It is up: a wake asked for while it came up is answered.
+        inner.wake_pending = false;
         let now = self.now();
         inner.arrivals.mark_active(now);
         while let Some(w) = inner.waiters.pop_front() {
             // Counted before the waiter runs: the service must not be drained and
-            // checkpointed between its release and its forwarding.
-            self.inflight.fetch_add(1, Ordering::SeqCst);
-            if w.send(Ok(())).is_err() {
-                self.inflight.fetch_sub(1, Ordering::SeqCst);
-            }
+            // checkpointed between its release and its forwarding. If the waiter is gone
+            // before it picks the guard up, the guard is dropped with the channel.
+            let _ = w.tx.send(Ok(InflightGuard::new(&self.inflight)));
         }
     }
 
     /// The service could not be brought up: every held request gets `reason`.
     pub fn fail_held(&self, reason: &str) {
-        let mut inner = self.inner.lock().expect("link lock");
+        let mut inner = self.state();
+        // The wake attempt is over; nobody is left to wait for another.
+        inner.wake_pending = false;
         while let Some(w) = inner.waiters.pop_front() {
-            let _ = w.send(Err(HoldError::WakeFailed(reason.to_string())));
+            let _ = w.tx.send(Err(HoldError::WakeFailed(reason.to_string())));
         }
     }
 
     /// Refuses everything from now on and releases the held requests with an error.
     pub fn shut_down(&self) {
-        let mut inner = self.inner.lock().expect("link lock");
+        let mut inner = self.state();
         inner.shutting_down = true;
         inner.open = false;
+        inner.wake_pending = false;
         while let Some(w) = inner.waiters.pop_front() {
-            let _ = w.send(Err(HoldError::ShuttingDown));
+            let _ = w.tx.send(Err(HoldError::ShuttingDown));
         }
     }
 
     pub fn is_open(&self) -> bool {
-        self.inner.lock().expect("link lock").open
+        self.state().open
     }
 
+    /// Requests waiting in the hold queue now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
+        self.state().waiters.len()
     }
 
+    /// Requests let through and not finished (their [`InflightGuard`]s are alive).
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::SeqCst)
+        self.inflight.count.load(Ordering::SeqCst)
     }
 
     pub fn rejected(&self) -> u64 {
@@ -284,7 +397,7 @@ impl ServiceLink {
 
     /// Runs `f` on the arrival statistics (for the policy).
     pub fn with_arrivals<R>(&self, f: impl FnOnce(&mut ArrivalTracker) -> R) -> R {
-        f(&mut self.inner.lock().expect("link lock").arrivals)
+        f(&mut self.state().arrivals)
     }
 }
 
@@ -434,5 +547,172 @@ mod tests {
         l.shut_down();
         assert_eq!(h.await.unwrap(), Err(HoldError::ShuttingDown));
         assert_eq!(l.enter().await.unwrap_err(), HoldError::ShuttingDown);
+    }
+
+    /// Polls `f` once: a held request has taken its place in the queue.
+    async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx)))
+            .await
+    }
+
+    fn spawn_enter(l: &Arc<ServiceLink>) -> tokio::task::JoinHandle<Result<(), HoldError>> {
+        let l = l.clone();
+        tokio::spawn(async move { l.enter().await.map(|_| ()) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_give_their_places_up() {
+        let l = link(2);
+        l.arm_wake();
+        // A client that gives up (its future is cancelled by a select) and one whose task is
+        // aborted (the connection went away).
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), l.enter()).await;
+        assert!(gave_up.is_err());
+        assert_eq!(l.held(), 0);
+        let gone = spawn_enter(&l);
+        tokio::task::yield_now().await;
+        assert_eq!(l.held(), 1);
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        assert_eq!(l.held(), 0);
+        // Their places are free: two more are held, a fifth finds the queue full.
+        let (c, d) = (spawn_enter(&l), spawn_enter(&l));
+        tokio::task::yield_now().await;
+        assert_eq!(l.held(), 2);
+        assert_eq!(l.enter().await.unwrap_err(), HoldError::QueueFull(2));
+        l.open();
+        assert_eq!(l.inflight(), 2, "only the live waiters are released");
+        assert_eq!(c.await.unwrap(), Ok(()));
+        assert_eq!(d.await.unwrap(), Ok(()));
+        assert_eq!(l.held(), 0);
+        assert_eq!(l.inflight(), 0);
+        assert_eq!(l.rejected(), 1, "a client that went away was not refused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timed_out_waiters_leave_the_queue_and_ask_for_no_wake() {
+        let l = link(2);
+        // Held while the service is checkpointed (closed, no wake armed yet), and timed out.
+        let (a, b) = (spawn_enter(&l), spawn_enter(&l));
+        tokio::task::yield_now().await;
+        assert_eq!(l.held(), 2);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        for t in [a, b] {
+            assert_eq!(
+                t.await.unwrap(),
+                Err(HoldError::Timeout(Duration::from_secs(5)))
+            );
+        }
+        assert_eq!(l.held(), 0);
+        assert_eq!(l.rejected(), 2);
+        // The checkpoint is done and nobody waits: the service stays asleep.
+        l.arm_wake();
+        let woken = tokio::time::timeout(Duration::from_millis(10), l.wake_requested()).await;
+        assert!(woken.is_err(), "woken for requests that timed out");
+        // The queue has room for two again, and the first of them asks for the wake.
+        let (c, d) = (spawn_enter(&l), spawn_enter(&l));
+        tokio::task::yield_now().await;
+        assert_eq!(l.held(), 2);
+        tokio::time::timeout(Duration::from_millis(1), l.wake_requested())
+            .await
+            .expect("wake requested");
+        l.open();
+        assert_eq!(c.await.unwrap(), Ok(()));
+        assert_eq!(d.await.unwrap(), Ok(()));
+        assert_eq!(l.inflight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gone_after_its_release_is_not_left_in_flight() {
+        let l = link(10);
+        let mut waiter = Box::pin(l.enter());
+        assert!(poll_once(&mut waiter).await.is_pending());
+        assert_eq!(l.held(), 1);
+        l.open();
+        // Released and counted in flight, but its client goes away before it is forwarded.
+        assert_eq!(l.inflight(), 1);
+        drop(waiter);
+        assert_eq!(l.inflight(), 0);
+        let d = l.drain(Duration::from_secs(30)).await;
+        assert_eq!(
+            d,
+            Drained {
+                still_inflight: 0,
+                took: Duration::ZERO
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_cancelled_or_panicking_mid_flight_are_not_left_in_flight() {
+        let l = link(10);
+        l.open();
+        // The client goes away mid-request: the forwarding future is dropped.
+        let cut = tokio::time::timeout(Duration::from_millis(100), async {
+            let _g = l.enter().await.unwrap();
+            std::future::pending::<()>().await
+        })
+        .await;
+        assert!(cut.is_err());
+        assert_eq!(l.inflight(), 0);
+        // A forwarding task that panics.
+        let t = tokio::spawn({
+            let l = l.clone();
+            async move {
+                let _g = l.enter().await.unwrap();
+                panic!("handler bug (expected by the test)");
+            }
+        });
+        assert!(t.await.unwrap_err().is_panic());
+        assert_eq!(l.inflight(), 0);
+        let d = l.drain(Duration::from_secs(30)).await;
+        assert_eq!(d.still_inflight, 0);
+        assert_eq!(d.took, Duration::ZERO, "the drain completes at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_at_the_deadline_lets_the_request_through_once() {
+        let l = link(10);
+        let mut waiter = Box::pin(l.enter());
+        assert!(poll_once(&mut waiter).await.is_pending());
+        // The deadline passes and the service opens before the waiter runs again.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        l.open();
+        let g = waiter.await.expect("released, not timed out");
+        assert_eq!((l.inflight(), l.held(), l.rejected()), (1, 0, 0));
+        drop(g);
+        assert_eq!(l.inflight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_asked_for_while_waking_does_not_outlive_the_wake() {
+        let l = link(10);
+        l.arm_wake();
+        // The agent is busy pre-warming the service (not listening for wakes) when a request
+        // arrives and asks for one.
+        let t = spawn_enter(&l);
+        tokio::task::yield_now().await;
+        l.open();
+        assert_eq!(t.await.unwrap(), Ok(()));
+        // It sleeps again with nobody waiting: nothing asks for a wake.
+        l.drain(Duration::ZERO).await;
+        l.arm_wake();
+        let woken = tokio::time::timeout(Duration::from_millis(10), l.wake_requested()).await;
+        assert!(
+            woken.is_err(),
+            "woken by a wake the last one already answered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_under_the_lock_does_not_stop_the_link() {
+        let l = link(10);
+        l.open();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            l.with_arrivals(|_| panic!("policy bug (expected by the test)"))
+        }));
+        assert!(r.is_err());
+        drop(l.enter().await.expect("still forwarding"));
+        assert_eq!(l.inflight(), 0);
     }
 }

@@ -87,6 +87,7 @@ pub fn run_checks(roots: &HostRoots, criu: Option<&CriuBinary>) -> Vec<Check> {
         &["--version"],
         "needed only for OCI containers; install with: apt-get install runc",
     ));
+    out.extend(capability_checks(&roots.proc));
     out.push(kdat_cache_check(roots));
     out.push(cgroup_check(roots));
     out.push(cpuidle_check(roots));
@@ -117,6 +118,163 @@ fn unsafe_free_uid() -> u32 {
                 .and_then(|v| v.split_whitespace().nth(1).and_then(|u| u.parse().ok()))
         })
         .unwrap_or(u32::MAX)
+}
+
+/// A capability CRIU uses, and what is lost without it.
+struct Capability {
+    /// The name `capsh` prints.
+    name: &'static str,
+    /// Its number: the bit in `CapEff`.
+    bit: u32,
+    /// Missing makes the host unfit (CRIU cannot checkpoint at all); otherwise a warning.
+    required: bool,
+    /// What works with it.
+    uses: &'static str,
+    /// What breaks without it.
+    breaks: &'static str,
+}
+
+const CAP_SETPCAP: u32 = 8;
+
+/// What torpor's CRIU uses. When torpor runs CRIU as a non-root service's uid
+/// (`--unprivileged`), it keeps cap_checkpoint_restore, cap_sys_ptrace, cap_net_admin,
+/// cap_sys_admin and cap_setpcap across the switch as ambient capabilities; the switch fails if
+/// any of them is missing here.
+const CAPABILITIES: [Capability; 6] = [
+    Capability {
+        name: "cap_sys_admin",
+        bit: 21,
+        required: true,
+        uses: "namespaces, mounts, seccomp suspension",
+        breaks: "CRIU needs it to create and enter namespaces (a service restored into its own \
+                 PID namespace is cloned with CLONE_NEWPID; setns into a tree's namespaces), to \
+                 mount, and to suspend the seccomp filters of the processes it works inside \
+                 (PTRACE_O_SUSPEND_SECCOMP): checkpoints and restores fail",
+    },
+    Capability {
+        name: "cap_checkpoint_restore",
+        bit: 40,
+        required: true,
+        uses: "pids on restore, /proc/PID/map_files, exe links",
+        breaks: "CRIU run as a service's uid (--unprivileged) gets it to restore processes with \
+                 their own pids (clone3 set_tid), read /proc/PID/map_files and restore exe links; \
+                 without it torpor cannot switch CRIU to a service's uid, so services with `user` \
+                 set cannot be checkpointed or restored (root CRIU makes do with cap_sys_admin)",
+    },
+    Capability {
+        name: "cap_sys_ptrace",
+        bit: 19,
+        required: true,
+        uses: "attaching to the tree",
+        breaks: "CRIU seizes every process of the tree with ptrace and reads its memory; without \
+                 it the kernel allows that only for dumpable processes of CRIU's own uid holding \
+                 no capability CRIU lacks, and only if Yama's ptrace_scope lets a non-parent \
+                 attach: checkpoints fail",
+    },
+    Capability {
+        name: "cap_sys_resource",
+        bit: 24,
+        required: false,
+        uses: "prlimit across uids",
+        breaks: "CRIU cannot prlimit a process whose uid differs from its own: a tree whose \
+                 processes run as different users (a root master with www-data workers: \
+                 nginx/apache with `user`) cannot be checkpointed here; single-uid trees still \
+                 work (torpor runs CRIU as the service's uid with --unprivileged)",
+    },
+    Capability {
+        name: "cap_net_admin",
+        bit: 12,
+        required: false,
+        uses: "CRIU's network lock, TCP repair",
+        breaks: "CRIU cannot lock established TCP connections (iptables/nftables rules) or \
+                 restore them (TCP_REPAIR): a checkpoint that keeps connections (`torpor \
+                 checkpoint` without --tcp-close, an OCI container with its own network \
+                 namespace) fails for a tree holding one; and torpor cannot switch CRIU to a \
+                 service's uid, so services with `user` set cannot be checkpointed; root \
+                 services behind a gate (dumped with --tcp-close) still work",
+    },
+    Capability {
+        name: "cap_setpcap",
+        bit: CAP_SETPCAP,
+        required: false,
+        uses: "restoring capability bounding sets",
+        breaks: "CRIU's restorer needs it to rebuild each restored process's capability \
+                 bounding set (PR_CAPBSET_DROP: \"Unable to drop capability N\") and, run as \
+                 root, to keep its capabilities while it gives a process another uid \
+                 (SECURE_NO_SETUID_FIXUP): a process whose bounding set lacks a capability cannot \
+                 be restored unless it runs with no_new_privs; and torpor cannot switch CRIU to \
+                 a service's uid, so services with `user` set cannot be checkpointed",
+    },
+];
+
+/// A capability set from a `Cap*:` line of `<proc>/self/status`.
+fn cap_set(status: &str, field: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// One check per capability CRIU uses, from `CapEff` in `<proc>/self/status`: torpor starts
+/// CRIU with this process's capabilities.
+fn capability_checks(proc: &Path) -> Vec<Check> {
+    let path = proc.join("self/status");
+    let status = fs::read_to_string(&path).unwrap_or_default();
+    let Some(eff) = cap_set(&status, "CapEff") else {
+        return vec![Check::new(
+            "capabilities",
+            false,
+            Status::Warn,
+            format!(
+                "cannot read CapEff from {}: which capabilities CRIU gets is unknown",
+                path.display()
+            ),
+        )];
+    };
+    // Every process torpor starts inherits this bounding set, so when it is short of a
+    // capability the kernel has, restoring any of them needs cap_setpcap.
+    let last_cap = read_trim(&proc.join("sys/kernel/cap_last_cap"))
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(40)
+        .min(63);
+    let all = u64::MAX >> (63 - last_cap);
+    let short_bounding = cap_set(&status, "CapBnd").map(|b| all & !b);
+    CAPABILITIES
+        .iter()
+        .map(|c| {
+            if eff & (1u64 << c.bit) != 0 {
+                return Check::new(
+                    c.name,
+                    c.required,
+                    Status::Ok,
+                    format!("present ({})", c.uses),
+                );
+            }
+            let mut detail = format!("missing (capability {}): {}", c.bit, c.breaks);
+            let mut required = c.required;
+            if c.bit == CAP_SETPCAP {
+                if let Some(lacking) = short_bounding.filter(|&l| l != 0) {
+                    let bits: Vec<String> = (0..=last_cap)
+                        .filter(|b| lacking & (1u64 << b) != 0)
+                        .map(|b| b.to_string())
+                        .collect();
+                    let plural = if bits.len() > 1 { "ies" } else { "y" };
+                    detail.push_str(&format!(
+                        "; here the bounding set lacks capabilit{plural} {}, and every process \
+                         torpor starts inherits it: restores fail",
+                        bits.join(", ")
+                    ));
+                    required = true;
+                }
+            }
+            let status = if required {
+                Status::Missing
+            } else {
+                Status::Warn
+            };
+            Check::new(c.name, required, status, detail)
+        })
+        .collect()
 }
 
 fn criu_version_check(criu: Option<&CriuBinary>) -> Check {
@@ -359,6 +517,116 @@ mod tests {
         fs::create_dir_all(&rapl).unwrap();
         fs::write(rapl.join("energy_uj"), "1").unwrap();
         assert_eq!(rapl_check(&roots).status, Status::Ok);
+    }
+
+    /// Bits of the capabilities the checks look at, all set.
+    const ALL_CAPS: u64 = (1 << 8) | (1 << 12) | (1 << 19) | (1 << 21) | (1 << 24) | (1 << 40);
+
+    fn fake_status(cap_eff: u64) -> (tempfile::TempDir, HostRoots) {
+        let (t, roots) = fake_tree("");
+        fs::create_dir_all(roots.proc.join("self")).unwrap();
+        fs::write(
+            roots.proc.join("self/status"),
+            format!(
+                "Name:\tdoctor\nUid:\t0\t0\t0\t0\nCapInh:\t0000000000000000\n\
+                 CapPrm:\t{cap_eff:016x}\nCapEff:\t{cap_eff:016x}\nCapBnd:\t000001ffffffffff\n"
+            ),
+        )
+        .unwrap();
+        (t, roots)
+    }
+
+    fn find<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).expect(name)
+    }
+
+    #[test]
+    fn every_capability_present_is_fit() {
+        // A full root set, as `capsh --print` shows it on kernels with 41 capabilities.
+        let (_t, roots) = fake_status(0x0000_01ff_ffff_ffff);
+        let checks = capability_checks(&roots.proc);
+        assert_eq!(checks.len(), 6);
+        assert!(checks.iter().all(|c| c.status == Status::Ok), "{checks:?}");
+        assert!(fit(&checks));
+        let (_t, roots) = fake_status(ALL_CAPS);
+        assert!(capability_checks(&roots.proc)
+            .iter()
+            .all(|c| c.status == Status::Ok));
+    }
+
+    #[test]
+    fn missing_sys_resource_is_a_warning_that_says_what_breaks() {
+        // This host's set: everything but cap_sys_resource.
+        let (_t, roots) = fake_status(0x0000_01ff_feff_ffff);
+        let checks = capability_checks(&roots.proc);
+        let c = find(&checks, "cap_sys_resource");
+        assert_eq!(c.status, Status::Warn);
+        assert!(!c.required);
+        assert!(
+            c.detail
+                .contains("cannot prlimit a process whose uid differs from its own"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.contains("single-uid trees still work"));
+        assert!(fit(&checks), "a warning does not make the host unfit");
+        assert!(checks
+            .iter()
+            .filter(|c| c.name != "cap_sys_resource")
+            .all(|c| c.status == Status::Ok));
+    }
+
+    #[test]
+    fn missing_setpcap_is_unfit_only_with_a_short_bounding_set() {
+        let (_t, roots) = fake_status(ALL_CAPS & !(1 << 8));
+        let checks = capability_checks(&roots.proc);
+        let c = find(&checks, "cap_setpcap");
+        assert_eq!(
+            c.status,
+            Status::Warn,
+            "full bounding set: root services restore"
+        );
+        assert!(c.detail.contains("PR_CAPBSET_DROP"), "{}", c.detail);
+        assert!(fit(&checks));
+        // This host's bounding set lacks cap_sys_resource: every restore drops it.
+        let status = fs::read_to_string(roots.proc.join("self/status")).unwrap();
+        let short = status.replace("CapBnd:\t000001ffffffffff", "CapBnd:\t000001fffeffffff");
+        fs::write(roots.proc.join("self/status"), short).unwrap();
+        let checks = capability_checks(&roots.proc);
+        let c = find(&checks, "cap_setpcap");
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.detail.contains("lacks capability 24,"), "{}", c.detail);
+        assert!(!fit(&checks));
+    }
+
+    #[test]
+    fn missing_sys_admin_makes_the_host_unfit() {
+        let (_t, roots) = fake_status(ALL_CAPS & !(1 << 21));
+        let checks = capability_checks(&roots.proc);
+        let c = find(&checks, "cap_sys_admin");
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.required);
+        assert!(c.detail.contains("checkpoints and restores fail"));
+        assert!(!fit(&checks));
+        for (bit, name) in [(40, "cap_checkpoint_restore"), (19, "cap_sys_ptrace")] {
+            let (_t, roots) = fake_status(ALL_CAPS & !(1 << bit));
+            let checks = capability_checks(&roots.proc);
+            assert_eq!(find(&checks, name).status, Status::Missing);
+            assert!(!fit(&checks), "{name}");
+        }
+        let (_t, roots) = fake_status(ALL_CAPS & !(1 << 12));
+        let checks = capability_checks(&roots.proc);
+        assert_eq!(find(&checks, "cap_net_admin").status, Status::Warn);
+        assert!(fit(&checks));
+    }
+
+    #[test]
+    fn unreadable_status_is_a_warning() {
+        let (_t, roots) = fake_tree("");
+        let checks = capability_checks(&roots.proc);
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].status, Status::Warn);
+        assert!(fit(&checks));
     }
 
     #[test]
