@@ -10,6 +10,7 @@ pub mod init;
 mod node;
 mod process;
 mod reaper;
+mod runner;
 mod service;
 
 pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
@@ -31,6 +32,7 @@ use torpor_control::ServiceLink;
 use torpor_criu::{CriuBinary, PoolTarget};
 
 use node::{AwakeService, NodePower};
+use runner::Runner;
 use service::Managed;
 use torpor_power::energy::ServiceUsage;
 
@@ -67,11 +69,7 @@ const TRANSITION_LOG: usize = 1000;
 /// Shared by all service loops.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub criu: CriuBinary,
-    pub pool: PoolTarget,
-    /// runc with this CRIU, when some service is a container.
-    pub runc: Option<torpor_criu::runc::Runc>,
-    /// Holds runc's CRIU wrapper script.
+    /// Holds runc's CRIU wrapper script while containers may need it.
     _runc_dir: Option<tempfile::TempDir>,
     pub started: tokio::time::Instant,
     pub transitions: Mutex<VecDeque<Transition>>,
@@ -81,10 +79,8 @@ pub(crate) struct Shared {
     pub replan: tokio::sync::Notify,
     /// Every service's link by name (for `wake_with`).
     pub links: std::collections::HashMap<String, Arc<ServiceLink>>,
-    /// The torpor binary, run as each plain service's PID-namespace init.
-    pub init_program: std::path::PathBuf,
     /// Reaps service roots and orphans (the agent is their subreaper).
-    pub reaper: reaper::Reaper,
+    pub reaper: Arc<reaper::Reaper>,
 }
 
 /// How often the energy account samples the node.
@@ -125,10 +121,13 @@ impl Agent {
         } else {
             (None, None)
         };
-        let shared = Arc::new(Shared {
+        let reaper = Arc::new(reaper::Reaper::default());
+        let host = runner::Host {
             criu,
             pool,
-            runc,
+            reaper: reaper.clone(),
+        };
+        let shared = Arc::new(Shared {
             _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
@@ -138,21 +137,41 @@ impl Agent {
                 .iter()
                 .map(|(spec, link)| (spec.name.clone(), link.clone()))
                 .collect(),
-            init_program,
-            reaper: reaper::Reaper::default(),
+            reaper,
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
-            let cgroup = match (&cgroups, &spec.launch) {
-                (Some(root), Launch::Process(_)) => Some(root.service(&spec.name).map_err(
-                    |source| AgentError::Cgroup {
+            let runner: Arc<dyn Runner> =
+                match &spec.launch {
+                    Launch::Process(p) => Arc::new(runner::ProcessTree {
                         name: spec.name.clone(),
-                        source,
-                    },
-                )?),
-                _ => None,
-            };
-            let m = Arc::new(Managed::new(spec, link, shared.clone(), cgroup));
+                        launch: p.clone(),
+                        backend: spec.backend,
+                        start_timeout: spec.start_timeout,
+                        init_program: init_program.clone(),
+                        cgroup: match &cgroups {
+                            Some(root) => Some(root.service(&spec.name).map_err(|source| {
+                                AgentError::Cgroup {
+                                    name: spec.name.clone(),
+                                    source,
+                                }
+                            })?),
+                            None => None,
+                        },
+                        host: host.clone(),
+                    }),
+                    Launch::Container { bundle } => Arc::new(runner::Container {
+                        name: spec.name.clone(),
+                        bundle: bundle.clone(),
+                        backend: spec.backend,
+                        start_timeout: spec.start_timeout,
+                        runc: runc
+                            .clone()
+                            .expect("runc is prepared when a service is a container"),
+                        host: host.clone(),
+                    }),
+                };
+            let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
             if let Err(source) = m.cold_start_initial().await {
                 Managed::stop(&m).await;
                 for started in &managed {

@@ -9,16 +9,15 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 use torpor_control::ServiceLink;
-use torpor_criu::{procs, CheckpointError, CheckpointOptions, RestoreOptions, TcpConnections};
+use torpor_criu::procs;
 use torpor_policy::{
     decide_sleep, prewarm_at, prewarm_hold_until, PolicyConfig, SleepDecision, SnapshotTier,
 };
-use torpor_pool::error_chain;
 use tracing::warn;
 
 use crate::{
-    cgroup::ServiceCgroup,
-    process::{self, Launch, LaunchError},
+    process::{Launch, LaunchError},
+    runner::{CheckpointFailed, Committed, Restored, Runner},
     Shared,
 };
 
@@ -111,16 +110,6 @@ pub struct ServiceStatus {
     pub cannot_sleep: Option<String>,
 }
 
-/// How a checkpoint failed, as the state machine needs it.
-#[derive(Debug)]
-struct CheckpointFailed {
-    message: String,
-    /// Retrying cannot help on this host (a tree of several uids without CAP_SYS_RESOURCE).
-    permanent: bool,
-    /// The pool had committed this generation before CRIU failed.
-    committed: Option<u64>,
-}
-
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
 /// request (the first held request's arrival, a pre-warm's decision or a crash).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -173,8 +162,8 @@ pub(crate) struct Managed {
     pub spec: ServiceSpec,
     link: Arc<ServiceLink>,
     shared: Arc<Shared>,
-    /// The service's own cgroup (plain processes, where cgroups are mounted): its exact tree.
-    cgroup: Option<ServiceCgroup>,
+    /// What runs, checkpoints and restores it.
+    runner: Arc<dyn Runner>,
     rt: Mutex<Runtime>,
 }
 
@@ -197,7 +186,7 @@ impl Managed {
         spec: ServiceSpec,
         link: Arc<ServiceLink>,
         shared: Arc<Shared>,
-        cgroup: Option<ServiceCgroup>,
+        runner: Arc<dyn Runner>,
     ) -> Managed {
         let now = Instant::now();
         let status = ServiceStatus {
@@ -228,7 +217,7 @@ impl Managed {
             spec,
             link,
             shared,
-            cgroup,
+            runner,
             rt: Mutex::new(Runtime {
                 state: ServiceState::Waking,
                 since: now,
@@ -268,7 +257,7 @@ impl Managed {
         let pid = rt.pid.filter(|_| rt.state == ServiceState::Awake)?;
         Some(crate::node::AwakeService {
             name: self.spec.name.clone(),
-            pids: procs::tree_pids(pid),
+            pids: self.runner.members(pid),
             demand_cpus: rt.demand_cpus,
         })
     }
@@ -322,181 +311,12 @@ impl Managed {
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {
-        let pid = match &self.spec.launch {
-            Launch::Process(p) => {
-                let (p, init, cg) = (
-                    p.clone(),
-                    self.shared.init_program.clone(),
-                    self.cgroup.clone(),
-                );
-                tokio::task::spawn_blocking(move || p.spawn(&init, cg.as_ref()))
-                    .await
-                    .expect("spawn task panicked")?
-            }
-            Launch::Container { bundle } => {
-                let (runc, id, bundle) = (self.runc(), self.container_id(), bundle.clone());
-                tokio::task::spawn_blocking(move || runc.start(&id, &bundle))
-                    .await
-                    .expect("runc task panicked")?
-            }
-        };
-        self.shared.reaper.watch(pid);
-        if let Err(e) = self.wait_accepting(pid).await {
-            self.kill_tree(pid, Duration::from_millis(500)).await;
+        let pid = self.runner.launch().await?;
+        if let Err(e) = self.runner.wait_ready(pid).await {
+            self.runner.stop(pid, Duration::from_millis(500)).await;
             return Err(e);
         }
         Ok(pid)
-    }
-
-    /// Waits until the service (its own tree, for plain processes) accepts connections.
-    async fn wait_accepting(&self, pid: i32) -> Result<(), LaunchError> {
-        let members = move || self.tree(pid);
-        let members: Option<&(dyn Fn() -> Vec<i32> + Send + Sync)> = match self.spec.launch {
-            Launch::Process(_) => Some(&members),
-            Launch::Container { .. } => None,
-        };
-        process::wait_accepting(
-            self.spec.backend,
-            pid,
-            &self.shared.reaper,
-            self.spec.start_timeout,
-            members,
-        )
-        .await
-    }
-
-    /// The service's processes: its cgroup's members, else the tree under `pid`.
-    fn tree(&self, pid: i32) -> Vec<i32> {
-        match &self.cgroup {
-            Some(cg) => {
-                let procs = cg.procs();
-                if procs.is_empty() {
-                    procs::tree_pids(pid)
-                } else {
-                    procs
-                }
-            }
-            None => procs::tree_pids(pid),
-        }
-    }
-
-    /// Puts a restored tree in the service's cgroup (CRIU restores cgroup membership where it
-    /// can; this makes it exact either way).
-    fn adopt_tree(&self, pid: i32) {
-        if let Some(cg) = &self.cgroup {
-            for p in procs::tree_pids(pid) {
-                if let Err(e) = cg.add(p) {
-                    warn!(service = %self.spec.name, pid = p, error = %e, "cannot move a restored process into the service's cgroup");
-                }
-            }
-        }
-    }
-
-    /// runc, present whenever a service is a container.
-    fn runc(&self) -> torpor_criu::runc::Runc {
-        self.shared
-            .runc
-            .clone()
-            .expect("runc is prepared when a service is a container")
-    }
-
-    fn container_id(&self) -> String {
-        format!("torpor-{}", self.spec.name)
-    }
-
-    /// Stops the running tree (process group, or container) and reaps it.
-    async fn kill_tree(&self, pid: i32, grace: Duration) {
-        match &self.spec.launch {
-            Launch::Process(_) => {
-                process::stop_tree(pid, self.cgroup.as_ref(), &self.shared.reaper, grace).await
-            }
-            Launch::Container { .. } => {
-                let (runc, id) = (self.runc(), self.container_id());
-                let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
-                self.shared.reaper.reap(pid, grace).await;
-            }
-        }
-    }
-
-    /// Checkpoints the tree into the pool: (generation, bytes, seconds).
-    async fn checkpoint(&self, pid: i32) -> Result<(u64, u64, f64), CheckpointFailed> {
-        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
-        match &self.spec.launch {
-            Launch::Process(_) => tokio::task::spawn_blocking(move || {
-                let opts = CheckpointOptions {
-                    // The gate closed its connections; any other (half-closed, foreign)
-                    // comes back closed rather than held behind iptables rules while asleep.
-                    tcp: TcpConnections::Close,
-                    ..Default::default()
-                };
-                torpor_criu::checkpoint_to_pool(&shared.criu, pid, &name, &shared.pool, &opts)
-                    .map(|r| (r.generation, r.pool_bytes, r.checkpoint_s))
-                    .map_err(|e| CheckpointFailed {
-                        message: error_chain(&e),
-                        permanent: matches!(e, CheckpointError::MixedUids { .. }),
-                        committed: match e {
-                            CheckpointError::AfterCommit { generation, .. } => Some(generation),
-                            _ => None,
-                        },
-                    })
-            })
-            .await
-            .expect("checkpoint task panicked"),
-            Launch::Container { .. } => {
-                let (runc, id) = (self.runc(), self.container_id());
-                tokio::task::spawn_blocking(move || {
-                    runc.checkpoint_to_pool(&id, &name, &shared.pool)
-                        .map_err(|e| CheckpointFailed {
-                            message: error_chain(&e),
-                            permanent: false,
-                            committed: None,
-                        })
-                })
-                .await
-                .expect("checkpoint task panicked")
-            }
-        }
-    }
-
-    /// Restores the tree from the pool: (pid, detail).
-    async fn restore(&self) -> Result<(i32, String), String> {
-        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
-        // Exactly the generation this agent committed: never a newer one someone else put
-        // under the same name, never an older one.
-        let generation = self
-            .rt
-            .lock()
-            .expect("runtime lock")
-            .status
-            .snapshot_generation;
-        match &self.spec.launch {
-            Launch::Process(_) => tokio::task::spawn_blocking(move || {
-                let opts = RestoreOptions {
-                    tcp: TcpConnections::Close,
-                    ..Default::default()
-                };
-                torpor_criu::restore_from_pool(&shared.criu, &name, generation, &shared.pool, &opts)
-                    .map(|r| {
-                        (
-                            r.pid,
-                            format!("restored generation {} as pid {}", r.generation, r.pid),
-                        )
-                    })
-                    .map_err(|e| error_chain(&e))
-            })
-            .await
-            .expect("restore task panicked"),
-            Launch::Container { bundle } => {
-                let (runc, id, bundle) = (self.runc(), self.container_id(), bundle.clone());
-                tokio::task::spawn_blocking(move || {
-                    runc.restore_from_pool(&id, &bundle, &name, &shared.pool)
-                        .map(|pid| (pid, format!("restored container {id} as pid {pid}")))
-                        .map_err(|e| error_chain(&e))
-                })
-                .await
-                .expect("restore task panicked")
-            }
-        }
     }
 
     /// The service's loop, until `shutdown` is true.
@@ -520,13 +340,13 @@ impl Managed {
         match self.state() {
             ServiceState::Awake => {
                 let Some(pid) = self.pid() else { return };
-                if let Some(how) = self.shared.reaper.exited(pid) {
+                if let Some(how) = self.runner.exited(pid) {
                     self.restart_crashed(how).await;
                     return;
                 }
                 let (footprint, expected_wake, allowed) = {
                     let mut rt = self.rt.lock().expect("runtime lock");
-                    let pids = self.tree(pid);
+                    let pids = self.runner.members(pid);
                     rt.status.footprint_bytes = procs::tree_rss_bytes(&pids);
                     let cpu = procs::tree_cpu_seconds(&pids);
                     // A tree that lost a process can read lower than before: count from there.
@@ -635,21 +455,22 @@ impl Managed {
             format!("drained ({} in flight cut)", drained.still_inflight),
         );
         let t0 = Instant::now();
-        match self.checkpoint(pid).await {
-            Ok((generation, bytes, secs)) => {
-                self.fell_asleep(pid, tier, t0, generation, Some(bytes), Some(secs))
-                    .await
-            }
+        match self.runner.checkpoint(pid).await {
+            Ok(c) => self.fell_asleep(pid, tier, t0, c).await,
             // CRIU failed after the pool committed: if the tree is gone, that snapshot is
             // the service; restore from it rather than ever cold-starting over it.
             Err(CheckpointFailed {
                 committed: Some(generation),
                 message,
                 ..
-            }) if self.tree_gone(pid) => {
+            }) if self.runner.gone(pid) => {
                 warn!(service = %self.spec.name, generation, error = %message, "CRIU failed after the commit and the tree is gone; asleep in that generation");
-                self.fell_asleep(pid, tier, t0, generation, None, None)
-                    .await
+                let committed = Committed {
+                    generation,
+                    bytes: None,
+                    secs: None,
+                };
+                self.fell_asleep(pid, tier, t0, committed).await
             }
             Err(e) => {
                 warn!(service = %self.spec.name, error = %e.message, permanent = e.permanent, "checkpoint failed; service keeps running");
@@ -675,32 +496,14 @@ impl Managed {
         }
     }
 
-    /// Whether nothing of the tree rooted at `pid` runs any more.
-    fn tree_gone(&self, pid: i32) -> bool {
-        let root_gone = self.shared.reaper.exited(pid).is_some() || !procs::pid_in_use(pid);
-        root_gone
-            && self
-                .cgroup
-                .as_ref()
-                .map_or(true, |cg| cg.procs().is_empty())
-    }
-
-    /// The tree is in the pool as `generation` and gone from the node.
-    async fn fell_asleep(
-        &self,
-        pid: i32,
-        tier: SnapshotTier,
-        t0: Instant,
-        generation: u64,
-        bytes: Option<u64>,
-        secs: Option<f64>,
-    ) {
-        // CRIU killed the tree; a namespace dies with its init, the cgroup holds whatever
-        // else might be left.
-        self.shared.reaper.reap(pid, Duration::from_secs(5)).await;
-        if let Some(cg) = self.cgroup.clone() {
-            let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
-        }
+    /// The tree is in the pool and gone from the node.
+    async fn fell_asleep(&self, pid: i32, tier: SnapshotTier, t0: Instant, c: Committed) {
+        let Committed {
+            generation,
+            bytes,
+            secs,
+        } = c;
+        self.runner.clear(pid).await;
         self.end_life();
         {
             let mut rt = self.rt.lock().expect("runtime lock");
@@ -757,13 +560,18 @@ impl Managed {
             restore_start_ms: ms_since(t0),
             ..Default::default()
         };
-        let restored = self.restore().await;
-        let reason = match restored {
-            Ok((pid, detail)) => {
+        // Exactly the generation this agent committed: never a newer one someone else put
+        // under the same name, never an older one.
+        let generation = self
+            .rt
+            .lock()
+            .expect("runtime lock")
+            .status
+            .snapshot_generation;
+        let reason = match self.runner.restore(generation).await {
+            Ok(Restored { pid, detail }) => {
                 timeline.criu_done_ms = Some(ms_since(t0));
-                self.shared.reaper.watch(pid);
-                self.adopt_tree(pid);
-                match self.wait_accepting(pid).await {
+                match self.runner.wait_ready(pid).await {
                     Ok(()) => {
                         timeline.accepting_ms = ms_since(t0);
                         self.rt.lock().expect("runtime lock").pid = Some(pid);
@@ -771,7 +579,7 @@ impl Managed {
                         return;
                     }
                     Err(e) => {
-                        self.kill_tree(pid, Duration::from_millis(200)).await;
+                        self.runner.stop(pid, Duration::from_millis(200)).await;
                         format!("restored service did not come up: {e}")
                     }
                 }
@@ -805,31 +613,15 @@ impl Managed {
             rt.status.snapshot_generation
         };
         if let Some(up_to) = up_to {
-            self.release_snapshots(up_to);
-        }
-    }
-
-    /// Once the service runs again its snapshot is stale (restoring it would lose whatever
-    /// the service did since), so its pool memory is given back for the next checkpoint:
-    /// generations up to the one it woke from, never a newer one.
-    fn release_snapshots(&self, up_to: u64) {
-        let (shared, name) = (self.shared.clone(), self.spec.name.clone());
-        tokio::task::spawn_blocking(move || {
-            let released = shared.pool.connect().and_then(|mut c| {
-                let stale: Vec<u64> = c
-                    .list()?
-                    .into_iter()
-                    .filter(|s| s.name == name && s.generation <= up_to)
-                    .map(|s| s.generation)
-                    .collect();
-                stale
-                    .into_iter()
-                    .try_for_each(|g| c.delete(&name, Some(g)).map(|_| ()))
+            // Once the service runs again its snapshot is stale (restoring it would lose
+            // whatever the service did since): its pool memory goes back for the next one.
+            let (runner, name) = (self.runner.clone(), self.spec.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = runner.release(up_to).await {
+                    warn!(service = %name, error = %e, "could not release the stale snapshot");
+                }
             });
-            if let Err(e) = released {
-                warn!(service = %name, error = %e, "could not release the stale snapshot");
-            }
-        });
+        }
     }
 
     async fn bring_up_cold(&self, t0: Instant, mut timeline: WakeTimeline, why: &str) {
@@ -875,20 +667,10 @@ impl Managed {
         me.link.shut_down();
         let pid = me.rt.lock().expect("runtime lock").pid.take();
         if let Some(pid) = pid {
-            me.kill_tree(pid, Duration::from_secs(2)).await;
+            me.runner.stop(pid, Duration::from_secs(2)).await;
             me.end_life();
         }
-        if let Some(cg) = me.cgroup.clone() {
-            let removed = tokio::task::spawn_blocking(move || {
-                cg.kill_all(Duration::from_secs(5));
-                cg.remove()
-            })
-            .await
-            .expect("cgroup task panicked");
-            if let Err(e) = removed {
-                warn!(service = %me.spec.name, error = %e, "cannot remove the service's cgroup");
-            }
-        }
+        me.runner.retire().await;
     }
 
     pub fn status(&self) -> ServiceStatus {

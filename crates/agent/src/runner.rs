@@ -1,0 +1,405 @@
+//! The seam between a service's state machine and what actually runs it: how it is started,
+//! watched, checkpointed into the pool, restored from it and stopped. [`ProcessTree`] (CRIU on
+//! a process tree under torpor's init, in its own PID namespace and cgroup) and [`Container`]
+//! (runc) are the real ones; the state machine's tests drive a fake on paused time.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+
+use torpor_criu::{
+    procs, runc::Runc, CheckpointError, CheckpointOptions, CriuBinary, PoolTarget, RestoreOptions,
+    TcpConnections,
+};
+use torpor_pool::error_chain;
+use tracing::warn;
+
+use crate::{
+    cgroup::ServiceCgroup,
+    process::{self, LaunchError, ProcessLaunch},
+    reaper::Reaper,
+};
+
+/// A boxed future: the trait stays object-safe without a macro crate.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A snapshot committed to the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub generation: u64,
+    /// Bytes stored, when known (unknown when CRIU failed after the commit).
+    pub bytes: Option<u64>,
+    pub secs: Option<f64>,
+}
+
+/// How a checkpoint failed, as the state machine needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointFailed {
+    pub message: String,
+    /// Retrying cannot help on this host (a tree of several uids without CAP_SYS_RESOURCE).
+    pub permanent: bool,
+    /// The pool had committed this generation before the failure.
+    pub committed: Option<u64>,
+}
+
+/// A tree brought back from the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub pid: i32,
+    pub detail: String,
+}
+
+/// What the agent's state machine needs from whatever runs a service.
+pub trait Runner: Send + Sync + std::fmt::Debug {
+    /// Starts the service from its command (not yet accepting): the root's PID.
+    fn launch(&self) -> BoxFuture<'_, Result<i32, LaunchError>>;
+    /// Waits until the service rooted at `pid` accepts connections itself.
+    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>>;
+    /// Checkpoints the tree into the pool; on success the tree is gone.
+    fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>>;
+    /// Restores `generation` from the pool.
+    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>>;
+    /// Gives back the pool memory of generations up to `up_to`.
+    fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>>;
+    /// Stops the tree: politely, then by force after `grace`; reaps it.
+    fn stop(&self, pid: i32, grace: Duration) -> BoxFuture<'_, ()>;
+    /// Reaps what is left once the tree is gone (after a checkpoint).
+    fn clear(&self, pid: i32) -> BoxFuture<'_, ()>;
+    /// Whether the root has exited (reaping it), and how.
+    fn exited(&self, pid: i32) -> Option<String>;
+    /// Whether nothing of the tree runs any more.
+    fn gone(&self, pid: i32) -> bool;
+    /// The service's processes now.
+    fn members(&self, pid: i32) -> Vec<i32>;
+    /// The service is stopped for good: remove what was made for it.
+    fn retire(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Where things are that every real runner needs.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub criu: CriuBinary,
+    pub pool: PoolTarget,
+    pub reaper: Arc<Reaper>,
+}
+
+impl Host {
+    fn release(&self, name: &str, up_to: u64) -> BoxFuture<'static, Result<(), String>> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut c = pool.connect()?;
+                let stale: Vec<u64> = c
+                    .list()?
+                    .into_iter()
+                    .filter(|s| s.name == name && s.generation <= up_to)
+                    .map(|s| s.generation)
+                    .collect();
+                stale
+                    .into_iter()
+                    .try_for_each(|g| c.delete(&name, Some(g)).map(|_| ()))
+            })
+            .await
+            .expect("release task panicked")
+            .map_err(|e| error_chain(&e))
+        })
+    }
+}
+
+/// A plain process tree under torpor's init, checkpointed with CRIU.
+#[derive(Debug)]
+pub struct ProcessTree {
+    pub name: String,
+    pub launch: ProcessLaunch,
+    pub backend: SocketAddr,
+    pub start_timeout: Duration,
+    /// The torpor binary that runs as the namespace's init.
+    pub init_program: PathBuf,
+    /// The service's own cgroup, where cgroups are mounted.
+    pub cgroup: Option<ServiceCgroup>,
+    pub host: Host,
+}
+
+impl ProcessTree {
+    /// The service's processes: its cgroup's members, else the tree under `pid`.
+    fn tree(&self, pid: i32) -> Vec<i32> {
+        match self.cgroup.as_ref().map(|cg| cg.procs()) {
+            Some(procs) if !procs.is_empty() => procs,
+            _ => procs::tree_pids(pid),
+        }
+    }
+
+    async fn kill_cgroup(&self) {
+        if let Some(cg) = self.cgroup.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
+        }
+    }
+}
+
+impl Runner for ProcessTree {
+    fn launch(&self) -> BoxFuture<'_, Result<i32, LaunchError>> {
+        Box::pin(async move {
+            let (p, init, cg) = (
+                self.launch.clone(),
+                self.init_program.clone(),
+                self.cgroup.clone(),
+            );
+            let pid = tokio::task::spawn_blocking(move || p.spawn(&init, cg.as_ref()))
+                .await
+                .expect("spawn task panicked")?;
+            self.host.reaper.watch(pid);
+            Ok(pid)
+        })
+    }
+
+    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+        Box::pin(async move {
+            let members = move || self.tree(pid);
+            process::wait_accepting(
+                self.backend,
+                pid,
+                &self.host.reaper,
+                self.start_timeout,
+                Some(&members),
+            )
+            .await
+        })
+    }
+
+    fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
+        let (host, name) = (self.host.clone(), self.name.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let opts = CheckpointOptions {
+                    // The gate closed its connections; any other (half-closed, foreign)
+                    // comes back closed rather than held behind iptables rules while asleep.
+                    tcp: TcpConnections::Close,
+                    ..Default::default()
+                };
+                torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pool, &opts)
+                    .map(|r| Committed {
+                        generation: r.generation,
+                        bytes: Some(r.pool_bytes),
+                        secs: Some(r.checkpoint_s),
+                    })
+                    .map_err(|e| CheckpointFailed {
+                        message: error_chain(&e),
+                        permanent: matches!(e, CheckpointError::MixedUids { .. }),
+                        committed: match e {
+                            CheckpointError::AfterCommit { generation, .. } => Some(generation),
+                            _ => None,
+                        },
+                    })
+            })
+            .await
+            .expect("checkpoint task panicked")
+        })
+    }
+
+    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
+        let (host, name) = (self.host.clone(), self.name.clone());
+        Box::pin(async move {
+            let restored = tokio::task::spawn_blocking(move || {
+                let opts = RestoreOptions {
+                    tcp: TcpConnections::Close,
+                    ..Default::default()
+                };
+                torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pool, &opts)
+                    .map(|r| Restored {
+                        pid: r.pid,
+                        detail: format!("restored generation {} as pid {}", r.generation, r.pid),
+                    })
+                    .map_err(|e| error_chain(&e))
+            })
+            .await
+            .expect("restore task panicked")?;
+            self.host.reaper.watch(restored.pid);
+            // CRIU restores cgroup membership where it can; this makes it exact either way.
+            if let Some(cg) = &self.cgroup {
+                for p in procs::tree_pids(restored.pid) {
+                    if let Err(e) = cg.add(p) {
+                        warn!(service = %self.name, pid = p, error = %e, "cannot move a restored process into the service's cgroup");
+                    }
+                }
+            }
+            Ok(restored)
+        })
+    }
+
+    fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>> {
+        self.host.release(&self.name, up_to)
+    }
+
+    fn stop(&self, pid: i32, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(process::stop_tree(
+            pid,
+            self.cgroup.as_ref(),
+            &self.host.reaper,
+            grace,
+        ))
+    }
+
+    fn clear(&self, pid: i32) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // A namespace dies with its init; the cgroup holds whatever else might be left.
+            self.host.reaper.reap(pid, Duration::from_secs(5)).await;
+            self.kill_cgroup().await;
+        })
+    }
+
+    fn exited(&self, pid: i32) -> Option<String> {
+        self.host.reaper.exited(pid)
+    }
+
+    fn gone(&self, pid: i32) -> bool {
+        let root_gone = self.host.reaper.exited(pid).is_some() || !procs::pid_in_use(pid);
+        let cgroup_empty = match &self.cgroup {
+            Some(cg) => cg.procs().is_empty(),
+            None => true,
+        };
+        root_gone && cgroup_empty
+    }
+
+    fn members(&self, pid: i32) -> Vec<i32> {
+        self.tree(pid)
+    }
+
+    fn retire(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(cg) = self.cgroup.clone() {
+                let removed = tokio::task::spawn_blocking(move || {
+                    cg.kill_all(Duration::from_secs(5));
+                    cg.remove()
+                })
+                .await
+                .expect("cgroup task panicked");
+                if let Err(e) = removed {
+                    warn!(service = %self.name, error = %e, "cannot remove the service's cgroup");
+                }
+            }
+        })
+    }
+}
+
+/// An OCI bundle run and checkpointed by runc.
+#[derive(Debug)]
+pub struct Container {
+    pub name: String,
+    pub bundle: PathBuf,
+    pub backend: SocketAddr,
+    pub start_timeout: Duration,
+    pub runc: Runc,
+    pub host: Host,
+}
+
+impl Container {
+    fn id(&self) -> String {
+        format!("torpor-{}", self.name)
+    }
+}
+
+impl Runner for Container {
+    fn launch(&self) -> BoxFuture<'_, Result<i32, LaunchError>> {
+        Box::pin(async move {
+            let (runc, id, bundle) = (self.runc.clone(), self.id(), self.bundle.clone());
+            let pid = tokio::task::spawn_blocking(move || runc.start(&id, &bundle))
+                .await
+                .expect("runc task panicked")?;
+            self.host.reaper.watch(pid);
+            Ok(pid)
+        })
+    }
+
+    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+        // The container may have its own network namespace: no ownership check.
+        Box::pin(process::wait_accepting(
+            self.backend,
+            pid,
+            &self.host.reaper,
+            self.start_timeout,
+            None,
+        ))
+    }
+
+    fn checkpoint(&self, _pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
+        let (runc, id, name, pool) = (
+            self.runc.clone(),
+            self.id(),
+            self.name.clone(),
+            self.host.pool.clone(),
+        );
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                runc.checkpoint_to_pool(&id, &name, &pool)
+                    .map(|(generation, bytes, secs)| Committed {
+                        generation,
+                        bytes: Some(bytes),
+                        secs: Some(secs),
+                    })
+                    .map_err(|e| CheckpointFailed {
+                        message: error_chain(&e),
+                        permanent: false,
+                        committed: None,
+                    })
+            })
+            .await
+            .expect("checkpoint task panicked")
+        })
+    }
+
+    fn restore(&self, _generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
+        let (runc, id, bundle, name, pool) = (
+            self.runc.clone(),
+            self.id(),
+            self.bundle.clone(),
+            self.name.clone(),
+            self.host.pool.clone(),
+        );
+        Box::pin(async move {
+            let restored = tokio::task::spawn_blocking(move || {
+                runc.restore_from_pool(&id, &bundle, &name, &pool)
+                    .map(|pid| Restored {
+                        pid,
+                        detail: format!("restored container {id} as pid {pid}"),
+                    })
+                    .map_err(|e| error_chain(&e))
+            })
+            .await
+            .expect("restore task panicked")?;
+            self.host.reaper.watch(restored.pid);
+            Ok(restored)
+        })
+    }
+
+    fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>> {
+        self.host.release(&self.name, up_to)
+    }
+
+    fn stop(&self, pid: i32, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (runc, id) = (self.runc.clone(), self.id());
+            let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
+            self.host.reaper.reap(pid, grace).await;
+        })
+    }
+
+    fn clear(&self, pid: i32) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.host.reaper.reap(pid, Duration::from_secs(5)).await;
+        })
+    }
+
+    fn exited(&self, pid: i32) -> Option<String> {
+        self.host.reaper.exited(pid)
+    }
+
+    fn gone(&self, pid: i32) -> bool {
+        self.host.reaper.exited(pid).is_some() || !procs::pid_in_use(pid)
+    }
+
+    fn members(&self, pid: i32) -> Vec<i32> {
+        procs::tree_pids(pid)
+    }
+
+    fn retire(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
