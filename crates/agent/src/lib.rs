@@ -328,6 +328,20 @@ async fn clear_leftovers(root: &CgroupRoot) -> Result<(), AgentError> {
 }
 
 impl Shared {
+    /// No node power and no containers, for the state machine's tests.
+    #[cfg(test)]
+    pub(crate) fn bare(links: &[Arc<ServiceLink>]) -> Shared {
+        Shared {
+            _runc_dir: None,
+            started: tokio::time::Instant::now(),
+            transitions: Mutex::new(VecDeque::new()),
+            node: None,
+            replan: tokio::sync::Notify::new(),
+            links: links.iter().map(|l| (l.name.clone(), l.clone())).collect(),
+            reaper: Arc::default(),
+        }
+    }
+
     pub(crate) fn record(&self, t: Transition) {
         tracing::info!(service = %t.service, from = ?t.from, to = ?t.to, took_s = t.took_s, detail = %t.detail, "transition");
         let mut log = self.transitions.lock().expect("transitions lock");

@@ -698,3 +698,436 @@ impl Managed {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The state machine against a fake runner, on paused tokio time: every transition and
+    //! every failure path, without CRIU or processes.
+
+    use std::{
+        collections::{HashSet, VecDeque},
+        sync::atomic::{AtomicI32, AtomicU64, Ordering},
+    };
+
+    use torpor_control::{HoldError, HoldLimits};
+
+    use super::*;
+    use crate::{
+        process::ProcessLaunch,
+        runner::{BoxFuture, CheckpointFailed, Committed, Restored, Runner},
+    };
+
+    /// Scripted outcomes; each call takes the next one, or succeeds when none is left.
+    #[derive(Debug, Default)]
+    struct Fake {
+        /// Above any real PID (pid_max is at most 2^22), so /proc never has them.
+        next_pid: AtomicI32,
+        generation: AtomicU64,
+        log: Mutex<Vec<(Duration, String)>>,
+        checkpoints: Mutex<VecDeque<Result<(), CheckpointFailed>>>,
+        /// Whether a scripted checkpoint failure leaves the tree gone.
+        failure_kills: Mutex<bool>,
+        restores: Mutex<VecDeque<Result<(), String>>>,
+        launches: Mutex<VecDeque<Result<(), String>>>,
+        dead: Mutex<HashSet<i32>>,
+        started: Mutex<Option<Instant>>,
+    }
+
+    /// How long each fake operation takes.
+    const STEP: Duration = Duration::from_millis(30);
+
+    impl Fake {
+        fn note(&self, what: String) {
+            let t0 = *self
+                .started
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+            self.log.lock().unwrap().push((t0.elapsed(), what));
+        }
+
+        fn calls(&self, prefix: &str) -> Vec<(Duration, String)> {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, w)| w.starts_with(prefix))
+                .cloned()
+                .collect()
+        }
+
+        fn new_pid(&self) -> i32 {
+            5_000_000 + self.next_pid.fetch_add(1, Ordering::SeqCst)
+        }
+
+        fn kill(&self, pid: i32) {
+            self.dead.lock().unwrap().insert(pid);
+        }
+    }
+
+    impl Runner for Fake {
+        fn launch(&self) -> BoxFuture<'_, Result<i32, LaunchError>> {
+            Box::pin(async move {
+                tokio::time::sleep(STEP).await;
+                let next = self.launches.lock().unwrap().pop_front();
+                self.note("launch".into());
+                match next {
+                    Some(Err(e)) => Err(LaunchError::Exited(e)),
+                    _ => Ok(self.new_pid()),
+                }
+            })
+        }
+
+        fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+            Box::pin(async move {
+                tokio::time::sleep(STEP).await;
+                match self.exited(pid) {
+                    Some(how) => Err(LaunchError::Exited(how)),
+                    None => Ok(()),
+                }
+            })
+        }
+
+        fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
+            Box::pin(async move {
+                tokio::time::sleep(STEP).await;
+                self.note(format!("checkpoint {pid}"));
+                match self.checkpoints.lock().unwrap().pop_front() {
+                    Some(Err(e)) => {
+                        if *self.failure_kills.lock().unwrap() {
+                            self.kill(pid);
+                        }
+                        Err(e)
+                    }
+                    _ => {
+                        self.kill(pid);
+                        Ok(Committed {
+                            generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1,
+                            bytes: Some(4096),
+                            secs: Some(STEP.as_secs_f64()),
+                        })
+                    }
+                }
+            })
+        }
+
+        fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
+            Box::pin(async move {
+                tokio::time::sleep(STEP).await;
+                self.note(format!("restore {generation:?}"));
+                match self.restores.lock().unwrap().pop_front() {
+                    Some(Err(e)) => Err(e),
+                    _ => {
+                        let pid = self.new_pid();
+                        Ok(Restored {
+                            pid,
+                            detail: format!("restored {generation:?} as {pid}"),
+                        })
+                    }
+                }
+            })
+        }
+
+        fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                self.note(format!("release {up_to}"));
+                Ok(())
+            })
+        }
+
+        fn stop(&self, pid: i32, _grace: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async move {
+                self.note(format!("stop {pid}"));
+                self.kill(pid);
+            })
+        }
+
+        fn clear(&self, _pid: i32) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+
+        fn exited(&self, pid: i32) -> Option<String> {
+            self.dead
+                .lock()
+                .unwrap()
+                .contains(&pid)
+                .then(|| "killed by SIGKILL".into())
+        }
+
+        fn gone(&self, pid: i32) -> bool {
+            self.exited(pid).is_some()
+        }
+
+        fn members(&self, pid: i32) -> Vec<i32> {
+            vec![pid]
+        }
+
+        fn retire(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    struct Harness {
+        m: Arc<Managed>,
+        fake: Arc<Fake>,
+        link: Arc<ServiceLink>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    const IDLE: Duration = Duration::from_millis(100);
+
+    async fn start(fake: Fake) -> Harness {
+        let fake = Arc::new(fake);
+        let link = ServiceLink::new(
+            "svc",
+            HoldLimits {
+                depth: 16,
+                timeout: Duration::from_secs(30),
+            },
+        );
+        let spec = ServiceSpec {
+            name: "svc".into(),
+            launch: Launch::Process(ProcessLaunch {
+                argv: vec!["fake".into()],
+                env: Default::default(),
+                cpus: Vec::new(),
+                init: Default::default(),
+            }),
+            backend: ([127, 0, 0, 1], 9).into(),
+            policy: PolicyConfig {
+                idle_threshold: IDLE,
+                ..Default::default()
+            },
+            drain_deadline: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(5),
+            wake_with: Vec::new(),
+        };
+        let shared = Arc::new(Shared::bare(&[link.clone()]));
+        let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
+        m.cold_start_initial().await.expect("first start");
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(Managed::run(m.clone(), rx));
+        Harness {
+            m,
+            fake,
+            link,
+            stop,
+            task,
+        }
+    }
+
+    impl Harness {
+        async fn until(&self, state: ServiceState) {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while self.m.state() != state {
+                assert!(
+                    Instant::now() < deadline,
+                    "never {state:?}; transitions: {:?}",
+                    self.details()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        fn details(&self) -> Vec<String> {
+            self.m
+                .shared
+                .transitions
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|t| format!("{:?}->{:?} {}", t.from, t.to, t.detail))
+                .collect()
+        }
+
+        fn states(&self) -> Vec<ServiceState> {
+            let log = self.m.shared.transitions.lock().unwrap();
+            log.iter().map(|t| t.to).collect()
+        }
+
+        async fn finish(self) {
+            self.stop.send(true).unwrap();
+            self.task.await.unwrap();
+            Managed::stop(&self.m).await;
+        }
+    }
+
+    fn failed(message: &str, permanent: bool, committed: Option<u64>) -> CheckpointFailed {
+        CheckpointFailed {
+            message: message.into(),
+            permanent,
+            committed,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_service_sleeps_and_a_request_wakes_it_by_restoring_its_own_generation() {
+        let h = start(Fake::default()).await;
+        h.until(ServiceState::Asleep).await;
+        let request = tokio::spawn({
+            let link = h.link.clone();
+            async move { link.enter().await.map(drop) }
+        });
+        h.until(ServiceState::Awake).await;
+        request.await.unwrap().expect("the held request passes");
+        use ServiceState::*;
+        assert_eq!(
+            h.states(),
+            [Awake, Draining, Checkpointing, Asleep, Waking, Awake]
+        );
+        let s = h.m.status();
+        assert_eq!((s.sleeps, s.wakes, s.cold_starts), (1, 1, 0));
+        let w = s.last_wake.expect("a wake timeline");
+        assert_eq!((w.cause.as_str(), w.how.as_str()), ("request", "restore"));
+        assert!(w.restore_start_ms <= w.criu_done_ms.unwrap());
+        assert!(w.criu_done_ms.unwrap() <= w.accepting_ms && w.accepting_ms <= w.released_ms);
+        assert_eq!(h.fake.calls("restore").len(), 1);
+        assert_eq!(h.fake.calls("restore")[0].1, "restore Some(1)");
+        tokio::time::sleep(STEP).await;
+        assert_eq!(h.fake.calls("release")[0].1, "release 1");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_checkpoint_leaves_it_awake_and_serving_and_backs_off() {
+        let fake = Fake::default();
+        fake.checkpoints
+            .lock()
+            .unwrap()
+            .push_back(Err(failed("criu said no", false, None)));
+        let h = start(fake).await;
+        h.until(ServiceState::Checkpointing).await;
+        h.until(ServiceState::Awake).await;
+        assert!(h.link.is_open(), "the gate forwards again");
+        h.link.enter().await.expect("requests pass at once");
+        assert_eq!(h.m.status().failed_checkpoints, 1);
+        // Twenty idle thresholds before the next attempt, which then succeeds.
+        tokio::time::sleep(10 * IDLE).await;
+        assert_eq!(h.fake.calls("checkpoint").len(), 1, "no hammering");
+        h.until(ServiceState::Asleep).await;
+        let tries = h.fake.calls("checkpoint");
+        assert_eq!(tries.len(), 2);
+        assert!(tries[1].0 - tries[0].0 >= 20 * IDLE, "{tries:?}");
+        assert!(h.m.status().cannot_sleep.is_none());
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tree_that_can_never_be_checkpointed_is_said_so_once_and_stays_awake() {
+        let fake = Fake::default();
+        fake.checkpoints.lock().unwrap().push_back(Err(failed(
+            "several uids; needs CAP_SYS_RESOURCE",
+            true,
+            None,
+        )));
+        let h = start(fake).await;
+        h.until(ServiceState::Checkpointing).await;
+        h.until(ServiceState::Awake).await;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(h.fake.calls("checkpoint").len(), 1);
+        let s = h.m.status();
+        assert_eq!(s.state, ServiceState::Awake);
+        assert!(s.cannot_sleep.unwrap().contains("CAP_SYS_RESOURCE"));
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_the_commit_with_the_tree_gone_is_asleep_in_that_generation() {
+        let fake = Fake::default();
+        fake.checkpoints.lock().unwrap().push_back(Err(failed(
+            "criu failed after commit",
+            false,
+            Some(7),
+        )));
+        *fake.failure_kills.lock().unwrap() = true;
+        let h = start(fake).await;
+        h.until(ServiceState::Asleep).await;
+        assert_eq!(h.m.status().snapshot_generation, Some(7));
+        h.link.request_wake();
+        h.until(ServiceState::Awake).await;
+        assert_eq!(h.fake.calls("restore")[0].1, "restore Some(7)");
+        assert_eq!(
+            h.m.status().cold_starts,
+            0,
+            "never a cold start over a good snapshot"
+        );
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_the_commit_with_the_tree_alive_keeps_it_awake() {
+        let fake = Fake::default();
+        fake.checkpoints.lock().unwrap().push_back(Err(failed(
+            "criu failed after commit",
+            false,
+            Some(7),
+        )));
+        let h = start(fake).await;
+        h.until(ServiceState::Checkpointing).await;
+        h.until(ServiceState::Awake).await;
+        let s = h.m.status();
+        assert_eq!((s.failed_checkpoints, s.sleeps), (1, 0));
+        assert!(h.link.is_open());
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_restore_ends_in_a_cold_start_and_the_held_request_is_answered() {
+        let fake = Fake::default();
+        fake.restores
+            .lock()
+            .unwrap()
+            .push_back(Err("snapshot is corrupt".into()));
+        let h = start(fake).await;
+        h.until(ServiceState::Asleep).await;
+        h.link.enter().await.expect("late, not lost");
+        let s = h.m.status();
+        assert_eq!((s.state, s.cold_starts), (ServiceState::Awake, 1));
+        assert_eq!(s.last_wake.unwrap().how, "cold start");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_the_cold_start_fails_too_requests_get_an_error_and_it_retries_with_backoff() {
+        let fake = Fake::default();
+        fake.restores.lock().unwrap().push_back(Err("gone".into()));
+        let h = start(fake).await;
+        h.until(ServiceState::Asleep).await;
+        h.fake.launches.lock().unwrap().extend([
+            Err("exit code 1".to_string()),
+            Err("exit code 1".to_string()),
+            Ok(()),
+        ]);
+        let e = h.link.enter().await.map(drop).unwrap_err();
+        assert!(matches!(e, HoldError::WakeFailed(_)), "{e:?}");
+        assert_eq!(h.m.state(), ServiceState::Failed);
+        h.until(ServiceState::Awake).await;
+        let launches = h.fake.calls("launch");
+        // The first start, the failed one, two retries.
+        assert_eq!(launches.len(), 4, "{launches:?}");
+        let gap1 = launches[2].0 - launches[1].0;
+        let gap2 = launches[3].0 - launches[2].0;
+        assert!(
+            gap1 >= RETRY_FIRST && gap2 >= 2 * RETRY_FIRST,
+            "{launches:?}"
+        );
+        assert!(gap2 < 4 * RETRY_FIRST, "{launches:?}");
+        h.link.enter().await.expect("up again");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_service_is_restarted() {
+        let h = start(Fake::default()).await;
+        let pid = h.m.pid().unwrap();
+        h.fake.kill(pid);
+        h.until(ServiceState::Waking).await;
+        h.until(ServiceState::Awake).await;
+        let s = h.m.status();
+        assert_eq!(s.restarts, 1);
+        assert_ne!(s.pid, Some(pid));
+        assert_eq!(s.last_wake.unwrap().cause, "restart");
+        h.finish().await;
+    }
+}
