@@ -405,6 +405,7 @@ impl Managed {
                     Duration::ZERO,
                     "retrying after failure",
                 );
+                self.link.retrying();
                 let timeline = WakeTimeline {
                     cause: "retry".into(),
                     ..Default::default()
@@ -1102,6 +1103,11 @@ mod tests {
         let e = h.link.enter().await.map(drop).unwrap_err();
         assert!(matches!(e, HoldError::WakeFailed(_)), "{e:?}");
         assert_eq!(h.m.state(), ServiceState::Failed);
+        // While it is down, a new request is refused at once (the gate's 503 + Retry-After).
+        let t0 = Instant::now();
+        let e = h.link.enter().await.map(drop).unwrap_err();
+        assert!(matches!(e, HoldError::WakeFailed(_)), "{e:?}");
+        assert_eq!(t0.elapsed(), Duration::ZERO);
         h.until(ServiceState::Awake).await;
         let launches = h.fake.calls("launch");
         // The first start, the failed one, two retries.

@@ -77,6 +77,9 @@ struct Inner {
     /// already coming up must not wake it again after its next sleep.
     wake_pending: bool,
     shutting_down: bool,
+    /// Why the service is down (its wake and cold start failed; the agent retries): new
+    /// requests are refused at once rather than held for a wake that is not coming.
+    down: Option<String>,
     /// Held requests in arrival order; only live ones (a waiter removes itself when it goes).
     waiters: VecDeque<Waiter>,
     /// Ticket of the next held request.
@@ -185,6 +188,7 @@ impl ServiceLink {
                 wake_armed: false,
                 wake_pending: false,
                 shutting_down: false,
+                down: None,
                 waiters: VecDeque::new(),
                 next_ticket: 0,
                 arrivals: ArrivalTracker::new(Duration::ZERO, Duration::from_secs(10)),
@@ -221,6 +225,9 @@ impl ServiceLink {
             }
             if inner.open {
                 return Ok(InflightGuard::new(&self.inflight));
+            }
+            if let Some(reason) = &inner.down {
+                return Err(self.reject(HoldError::WakeFailed(reason.clone())));
             }
             if inner.waiters.len() >= self.limits.depth {
                 return Err(self.reject(HoldError::QueueFull(inner.waiters.len())));
@@ -334,6 +341,7 @@ impl ServiceLink {
     pub fn open(&self) {
         let mut inner = self.state();
         inner.open = true;
+        inner.down = None;
         inner.wake_armed = false;
         // It is up: a wake asked for while it came up is answered.
         inner.wake_pending = false;
@@ -347,14 +355,22 @@ impl ServiceLink {
         }
     }
 
-    /// The service could not be brought up: every held request gets `reason`.
+    /// The service could not be brought up: every held request gets `reason`, and so does
+    /// every new one until [`ServiceLink::open`].
     pub fn fail_held(&self, reason: &str) {
         let mut inner = self.state();
+        inner.down = Some(reason.to_string());
         // The wake attempt is over; nobody is left to wait for another.
         inner.wake_pending = false;
         while let Some(w) = inner.waiters.pop_front() {
             let _ = w.tx.send(Err(HoldError::WakeFailed(reason.to_string())));
         }
+    }
+
+    /// The agent tries again to bring a failed service up: requests are held for that
+    /// attempt instead of refused.
+    pub fn retrying(&self) {
+        self.state().down = None;
     }
 
     /// Refuses everything from now on and releases the held requests with an error.
@@ -539,6 +555,8 @@ mod tests {
                 "restore and cold start failed".into()
             ))
         );
+        // The agent tries again: requests are held for that attempt.
+        l.retrying();
         let h = tokio::spawn({
             let l = l.clone();
             async move { l.enter().await.map(|_| ()) }
@@ -702,6 +720,27 @@ mod tests {
             woken.is_err(),
             "woken by a wake the last one already answered"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_that_is_down_refuses_new_requests_at_once_until_it_is_up() {
+        let l = link(8);
+        l.arm_wake();
+        let held = tokio::spawn({
+            let l = l.clone();
+            async move { l.enter().await.map(drop) }
+        });
+        l.wake_requested().await;
+        l.fail_held("cold start failed");
+        assert!(matches!(held.await.unwrap(), Err(HoldError::WakeFailed(_))));
+        // Not held for a wake that is not coming: refused without waiting.
+        let t0 = Instant::now();
+        let e = l.enter().await.map(drop).unwrap_err();
+        assert_eq!(e, HoldError::WakeFailed("cold start failed".into()));
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(l.held(), 0);
+        l.open();
+        l.enter().await.expect("up again");
     }
 
     #[tokio::test(start_paused = true)]
