@@ -904,7 +904,7 @@ mod tests {
             start_timeout: Duration::from_secs(5),
             wake_with: Vec::new(),
         };
-        let shared = Arc::new(Shared::bare(&[link.clone()]));
+        let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
         m.cold_start_initial().await.expect("first start");
         let (stop, rx) = watch::channel(false);
