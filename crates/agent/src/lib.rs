@@ -91,6 +91,8 @@ const ENERGY_TICK: Duration = Duration::from_secs(1);
 pub struct Agent {
     shared: Arc<Shared>,
     services: Vec<Arc<Managed>>,
+    /// Where the services' cgroups are, removed at stop once empty.
+    cgroups: Option<CgroupRoot>,
 }
 
 impl Agent {
@@ -105,7 +107,8 @@ impl Agent {
         let init_program = init_program().map_err(AgentError::InitProgram)?;
         let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
         if let Some(root) = &cgroups {
-            clear_leftovers(root).await?;
+            let names: Vec<&str> = services.iter().map(|(s, _)| s.name.as_str()).collect();
+            clear_leftovers(root, &names).await?;
         }
         let node = match power {
             Some(p) => Some(Arc::new(NodePower::start(p)?)),
@@ -180,6 +183,7 @@ impl Agent {
                 if let Some(node) = &shared.node {
                     node.restore_all();
                 }
+                remove_root(cgroups.as_ref());
                 return Err(AgentError::Start {
                     name: m.spec.name.clone(),
                     source,
@@ -190,6 +194,7 @@ impl Agent {
         Ok(Agent {
             shared,
             services: managed,
+            cgroups,
         })
     }
 
@@ -251,6 +256,7 @@ impl Agent {
         if let Some(node) = &self.shared.node {
             node.restore_all();
         }
+        remove_root(self.cgroups.as_ref());
     }
 
     fn replan(&self, node: &NodePower) {
@@ -306,11 +312,26 @@ fn init_program() -> std::io::Result<std::path::PathBuf> {
     }
 }
 
-/// Kills and removes services' cgroups a killed agent left behind, so nothing of an earlier
-/// run keeps serving (or holding ports) under the new one.
-async fn clear_leftovers(root: &CgroupRoot) -> Result<(), AgentError> {
+/// Removes the services' cgroup directory when nothing is left in it (another agent on
+/// the host may still use it: then it stays).
+fn remove_root(root: Option<&CgroupRoot>) {
+    if let Some(root) = root {
+        let _ = std::fs::remove_dir(root.dir());
+    }
+}
+
+/// Kills and removes the cgroups of `names` that a killed agent left behind, so nothing of an
+/// earlier run keeps serving (or holding ports) under the new one. Other services' cgroups
+/// may belong to another agent that is alive: they are only reported.
+async fn clear_leftovers(root: &CgroupRoot, names: &[&str]) -> Result<(), AgentError> {
     for cg in root.existing() {
         let procs = cg.procs();
+        if !names.contains(&cg.name().as_str()) {
+            if !procs.is_empty() {
+                tracing::warn!(cgroup = %cg.path().display(), ?procs, "processes of a service this agent does not run (another agent's, or an earlier configuration's); left alone");
+            }
+            continue;
+        }
         if !procs.is_empty() {
             tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
         }
