@@ -172,11 +172,32 @@ impl CriuBinary {
     }
 }
 
+/// Reads a file CRIU wrote, without following a symlink: where CRIU runs as a service's uid,
+/// a process of that uid could otherwise point this process at any file.
+pub fn read_no_follow(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bytes_no_follow(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn read_bytes_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let mut bytes = Vec::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Copies a failed operation's log out of its work directory (about to be removed) to
 /// `$TMPDIR/torpor-KIND-NAME.log`; returns where the log now is.
 pub fn keep_log(log: &Path, kind: &str, name: &str) -> PathBuf {
     let kept = std::env::temp_dir().join(format!("torpor-{kind}-{name}.log"));
-    if std::fs::copy(log, &kept).is_ok() {
+    if read_bytes_no_follow(log)
+        .and_then(|bytes| std::fs::write(&kept, bytes))
+        .is_ok()
+    {
         kept
     } else {
         log.to_path_buf()
@@ -185,7 +206,7 @@ pub fn keep_log(log: &Path, kind: &str, name: &str) -> PathBuf {
 
 /// The last `n` lines of a CRIU log, for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = read_no_follow(path).unwrap_or_default();
     let errors: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("Error") || l.contains("error") || l.contains("FAIL"))

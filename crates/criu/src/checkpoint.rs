@@ -6,6 +6,10 @@
 //! committed in the pool before the tree is killed: a post-dump action script asks this
 //! process for a verdict, and when the pool did not commit, the script fails and CRIU
 //! resumes the tree (CRIU treats a failing post-dump script as a failed dump).
+//!
+//! CRIU runs as the identity the tree needs ([`run_as_for_tree`]): as root, or as the tree's
+//! own non-root uid where root lacks CAP_SYS_RESOURCE. The snapshot records that identity and
+//! whether the tree lives in its own PID namespace, for the restore.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -29,12 +33,16 @@ use nix::{
     unistd::mkfifo,
 };
 use thiserror::Error;
-use torpor_image::{manifest::SnapshotMeta, CHUNK_SIZE};
+use torpor_image::{
+    manifest::{RunAs, SnapshotMeta},
+    CHUNK_SIZE,
+};
 use torpor_pool::{client::CommitInfo, ClientError, PoolClient};
 use tracing::{debug, info, warn};
 
 use crate::{
     binary::{keep_log, log_tail, CriuBinary, CriuError},
+    identity::{self, CriuIdentity, Decision},
     procs,
     stats::{parse_dump_stats, DumpStats},
     streamer::{self, CAPTURE_SOCKET},
@@ -78,6 +86,10 @@ pub struct CheckpointOptions {
     pub work_root: PathBuf,
     /// Longest wait of CRIU's post-dump hook for our verdict before it resumes the tree.
     pub hook_timeout: Duration,
+    /// Identity CRIU runs as; by default the one the tree needs on this host
+    /// ([`run_as_for_tree`]), since root without CAP_SYS_RESOURCE cannot dump a tree of
+    /// another uid.
+    pub run_as: CriuIdentity,
 }
 
 impl Default for CheckpointOptions {
@@ -88,6 +100,7 @@ impl Default for CheckpointOptions {
             shell_job: false,
             work_root: std::env::temp_dir(),
             hook_timeout: Duration::from_secs(120),
+            run_as: CriuIdentity::Auto,
         }
     }
 }
@@ -112,6 +125,10 @@ pub struct CheckpointReport {
     pub peak_staging_bytes: u64,
     pub criu_version: String,
     pub left_running: bool,
+    /// Identity CRIU ran as (`None`: as this process); the restore uses the same.
+    pub run_as: Option<RunAs>,
+    /// The root was the init of its own PID namespace.
+    pub pid_namespace: bool,
 }
 
 /// Why a checkpoint failed. In every case but `AfterCommit` the tree is running as before.
@@ -119,6 +136,14 @@ pub struct CheckpointReport {
 pub enum CheckpointError {
     #[error("process {0} does not exist")]
     NoSuchProcess(i32),
+    #[error("process tree {pid} runs as several identities (uids {uids:?}, gids {gids:?}); CRIU can dump that only with CAP_SYS_RESOURCE, which root lacks on this host, so the tree cannot be checkpointed here and keeps running")]
+    MixedUids {
+        pid: i32,
+        uids: Vec<u32>,
+        gids: Vec<u32>,
+    },
+    #[error("process tree {pid} runs as uid {uid} in its own PID namespace with the host's /proc; only CRIU running as uid {uid} may dump it on this host (root lacks CAP_SYS_RESOURCE), and unprivileged CRIU cannot dump a task whose /proc belongs to another PID namespace, so the tree cannot be checkpointed here and keeps running")]
+    UnprivilegedPidNamespace { pid: i32, uid: u32 },
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error("preparing CRIU's work directory failed")]
@@ -217,6 +242,44 @@ struct Capture {
     files: usize,
 }
 
+/// The identity CRIU must run as to dump the tree rooted at `root` on this host: `None` for
+/// this process's own (root), `Some` for the tree's one other identity. A tree no CRIU can
+/// dump here is refused without running CRIU: one that mixes identities
+/// ([`CheckpointError::MixedUids`]) or one that only unprivileged CRIU may dump but whose PID
+/// namespace defeats it ([`CheckpointError::UnprivilegedPidNamespace`]); with
+/// CAP_SYS_RESOURCE both are dumped as root (`None`).
+pub fn run_as_for_tree(root: i32) -> Result<Option<RunAs>, CheckpointError> {
+    let tasks = procs::tree_uids(root);
+    if tasks.is_empty() {
+        return Err(CheckpointError::NoSuchProcess(root));
+    }
+    // The kernel's prlimit check compares the caller's real uid and gid with the target's.
+    let me = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let sys_resource = procs::has_cap_sys_resource();
+    match identity::decide(&tasks, me, sys_resource) {
+        Decision::Current => Ok(None),
+        Decision::As(who) if tasks.iter().any(|t| procs::lacks_own_proc(t.pid)) => {
+            if sys_resource {
+                Ok(None)
+            } else {
+                Err(CheckpointError::UnprivilegedPidNamespace {
+                    pid: root,
+                    uid: who.uid,
+                })
+            }
+        }
+        Decision::As(who) => Ok(Some(who)),
+        Decision::Mixed { uids, gids } => Err(CheckpointError::MixedUids {
+            pid: root,
+            uids,
+            gids,
+        }),
+    }
+}
+
 /// Checkpoints the tree rooted at `pid` into the pool under `name`.
 pub fn checkpoint_to_pool(
     criu: &CriuBinary,
@@ -228,6 +291,13 @@ pub fn checkpoint_to_pool(
     if !procs::pid_in_use(pid) {
         return Err(CheckpointError::NoSuchProcess(pid));
     }
+    // Decided before anything starts: a tree no CRIU can dump here is refused untouched.
+    let run_as = match opts.run_as {
+        CriuIdentity::Auto => run_as_for_tree(pid)?,
+        CriuIdentity::Current => None,
+        CriuIdentity::User(who) => Some(who),
+    };
+    let pid_namespace = procs::is_pid_namespace_init(pid);
     let criu_version = criu.version()?;
     let pids = procs::tree_pids(pid);
     let footprint_bytes = procs::tree_rss_bytes(&pids);
@@ -240,6 +310,8 @@ pub fn checkpoint_to_pool(
                 pids: pids.clone(),
                 criu_version: criu_version.clone(),
                 footprint_bytes,
+                run_as,
+                pid_namespace,
             },
             None,
         )
@@ -251,7 +323,18 @@ pub fn checkpoint_to_pool(
         .map_err(CheckpointError::WorkDir)?;
     let hook = Hook::create(work.path(), opts.hook_timeout).map_err(CheckpointError::WorkDir)?;
     let listener = streamer::bind(work.path(), CAPTURE_SOCKET).map_err(CheckpointError::WorkDir)?;
-    let log_path = work.path().join("dump.log");
+    // CRIU's own output goes where the identity it runs as may write.
+    let out_dir = match run_as {
+        Some(who) => {
+            let socket = work.path().join(CAPTURE_SOCKET);
+            let mut owned: Vec<&Path> = hook.fifos.iter().map(PathBuf::as_path).collect();
+            owned.push(&socket);
+            identity::open_to(work.path(), &owned, &[&hook.script], who)
+                .map_err(CheckpointError::WorkDir)?
+        }
+        None => work.path().to_path_buf(),
+    };
+    let log_path = out_dir.join("dump.log");
 
     let start = Instant::now();
     let mut cmd = criu.command();
@@ -273,8 +356,11 @@ pub fn checkpoint_to_pool(
     if opts.leave_running {
         cmd.arg("--leave-running");
     }
+    if let Some(who) = run_as {
+        identity::run_as(&mut cmd, who);
+    }
     let mut child = criu.spawn(&mut cmd)?;
-    debug!(pid, name, "criu dump started");
+    debug!(pid, name, ?run_as, pid_namespace, "criu dump started");
 
     let buffers = Arc::new(BufferPool::new());
     let failed = Arc::new(AtomicBool::new(false));
@@ -285,6 +371,7 @@ pub fn checkpoint_to_pool(
     let (sealed_tx, sealed_rx) = mpsc::channel::<()>();
     let writer = spawn_writer(client, rx, buffers.clone(), failed.clone());
     let streamer_thread = {
+        let criu_pid = child.id();
         let (buffers, failed, criu_done, capture, tx) = (
             buffers.clone(),
             failed.clone(),
@@ -294,7 +381,7 @@ pub fn checkpoint_to_pool(
         );
         thread::spawn(move || -> io::Result<()> {
             let Some(mut sock) =
-                streamer::accept_while(&listener, || !criu_done.load(Ordering::SeqCst))?
+                streamer::accept_while(&listener, criu_pid, || !criu_done.load(Ordering::SeqCst))?
             else {
                 return Ok(());
             };
@@ -376,6 +463,8 @@ pub fn checkpoint_to_pool(
                 peak_staging_bytes: buffers.peak.load(Ordering::SeqCst),
                 criu_version,
                 left_running: opts.leave_running,
+                run_as,
+                pid_namespace,
             };
             info!(
                 name,
@@ -564,6 +653,8 @@ fn read_pipe(
 /// timeout fails it and CRIU resumes the tree.
 struct Hook {
     script: PathBuf,
+    /// The two FIFOs' paths, for giving them to the identity CRIU runs as.
+    fifos: [PathBuf; 2],
     reached: File,
     verdict: File,
 }
@@ -576,8 +667,9 @@ impl Hook {
                 "work directory path unusable in a script",
             )
         })?;
-        for f in ["hook-reached", "hook-verdict"] {
-            mkfifo(&dir.join(f), Mode::S_IRUSR | Mode::S_IWUSR).map_err(io::Error::from)?;
+        let fifos = ["hook-reached", "hook-verdict"].map(|f| dir.join(f));
+        for f in &fifos {
+            mkfifo(f, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io::Error::from)?;
         }
         let open = |f: &str| OpenOptions::new().read(true).write(true).open(dir.join(f));
         let script = dir.join("post-dump-hook.sh");
@@ -597,6 +689,7 @@ impl Hook {
             script,
             reached: open("hook-reached")?,
             verdict: open("hook-verdict")?,
+            fifos,
         })
     }
 

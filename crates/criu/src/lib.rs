@@ -6,14 +6,17 @@
 //! * [`checkpoint`] dumps a process tree into the pool; the dump commits only if the pool
 //!   commits, otherwise CRIU resumes the tree (its post-dump action-script veto).
 //! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
-//!   to be free again.
+//!   to be free again (a tree that had its own PID namespace gets a fresh one and does not wait).
 //! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
 //! * [`runc`] checkpoints and restores OCI containers through runc, via the pool.
-//! * [`procs`] reads process trees and footprints from `/proc`; [`stats`] decodes CRIU's
-//!   `stats-dump` image (frozen time).
+//! * [`identity`] chooses and applies the identity CRIU runs as (root, or the tree's own uid
+//!   where root lacks CAP_SYS_RESOURCE).
+//! * [`procs`] reads process trees, footprints and credentials from `/proc`; [`stats`]
+//!   decodes CRIU's `stats-dump` image (frozen time).
 
 pub mod binary;
 pub mod checkpoint;
+pub mod identity;
 pub mod local;
 pub mod procs;
 pub mod restore;
@@ -23,8 +26,10 @@ pub mod streamer;
 
 pub use binary::{CriuBinary, CriuError};
 pub use checkpoint::{
-    checkpoint_to_pool, CheckpointError, CheckpointOptions, CheckpointReport, TcpConnections,
+    checkpoint_to_pool, run_as_for_tree, CheckpointError, CheckpointOptions, CheckpointReport,
+    TcpConnections,
 };
+pub use identity::{CriuIdentity, RunAs};
 pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
 
 /// How to reach a pool.

@@ -1,4 +1,5 @@
-//! Process trees and footprints from `/proc`, and waiting for PIDs to become free.
+//! Process trees, footprints, identities and namespaces from `/proc`, and waiting for PIDs
+//! to become free.
 
 use std::{
     fs,
@@ -26,6 +27,93 @@ pub fn tree_pids(root: i32) -> Vec<i32> {
         i += 1;
     }
     out
+}
+
+/// The credentials of one process, as `/proc/PID/status` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskIds {
+    pub pid: i32,
+    /// Real, effective, saved and filesystem uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem gid.
+    pub gids: [u32; 4],
+}
+
+impl TaskIds {
+    /// The one uid and gid the process runs as, when its four uids agree and so do its
+    /// four gids (a process in the middle of a setuid dance has none).
+    pub fn single(&self) -> Option<(u32, u32)> {
+        let same = |v: &[u32; 4]| v.iter().all(|x| *x == v[0]);
+        (same(&self.uids) && same(&self.gids)).then_some((self.uids[0], self.gids[0]))
+    }
+}
+
+/// The value of one `Name:` line of `/proc/PID/status`.
+fn status_field(pid: &str, name: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+fn four_ids(field: &str) -> Option<[u32; 4]> {
+    let v: Vec<u32> = field
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// The credentials of one process; `None` if it is gone.
+pub fn task_ids(pid: i32) -> Option<TaskIds> {
+    let p = pid.to_string();
+    Some(TaskIds {
+        pid,
+        uids: four_ids(&status_field(&p, "Uid")?)?,
+        gids: four_ids(&status_field(&p, "Gid")?)?,
+    })
+}
+
+/// The credentials of every process of the tree rooted at `root` (those that exit meanwhile
+/// are left out), root first.
+pub fn tree_uids(root: i32) -> Vec<TaskIds> {
+    tree_pids(root).into_iter().filter_map(task_ids).collect()
+}
+
+/// Whether this process has CAP_SYS_RESOURCE in its effective set. Without it, CRIU running
+/// as root cannot read or set the resource limits of a process of another uid.
+pub fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    status_field("self", "CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// Whether `pid` is the init (PID 1) of a PID namespace below ours: the last number of its
+/// `NSpid:` line is 1 and there is more than one.
+pub fn is_pid_namespace_init(pid: i32) -> bool {
+    status_field(&pid.to_string(), "NSpid").is_some_and(|v| {
+        let ids: Vec<&str> = v.split_whitespace().collect();
+        ids.len() > 1 && ids.last() == Some(&"1")
+    })
+}
+
+/// Whether `pid` is in a PID namespace other than ours yet shares our mount namespace, so its
+/// `/proc` belongs to our namespace, not its own, and it lacks CAP_SYS_ADMIN to mount one. CRIU's
+/// parasite, running with the task's credentials, then cannot get a `/proc` of the task's
+/// namespace: "can't dump unprivileged task whose /proc doesn't belong to it".
+pub fn lacks_own_proc(pid: i32) -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let ns = |who: &str, kind: &str| fs::read_link(format!("/proc/{who}/ns/{kind}")).ok();
+    let p = pid.to_string();
+    let foreign_pid_ns = matches!((ns(&p, "pid"), ns("self", "pid")), (Some(a), Some(b)) if a != b);
+    let our_mounts = matches!((ns(&p, "mnt"), ns("self", "mnt")), (Some(a), Some(b)) if a == b);
+    let sys_admin = status_field(&p, "CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+    foreign_pid_ns && our_mounts && !sys_admin
 }
 
 /// Resident bytes of one process (0 if it is gone).
@@ -135,5 +223,35 @@ mod tests {
         child.wait().unwrap();
         wait_pids_free(&[child.id() as i32], Duration::from_secs(5)).unwrap();
         assert_eq!(wait_pids_free(&[me], Duration::from_millis(10)), Err(me));
+    }
+
+    #[test]
+    fn own_identity_and_namespace() {
+        let me = std::process::id() as i32;
+        let ids = tree_uids(me);
+        assert_eq!(ids[0].pid, me);
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        assert_eq!(ids[0].uids[0], uid);
+        assert_eq!(ids[0].gids[0], gid);
+        assert_eq!(ids[0].single(), Some((uid, gid)));
+        assert!(
+            !is_pid_namespace_init(me),
+            "tests run in the host's PID namespace"
+        );
+        assert!(!lacks_own_proc(me), "our /proc is our namespace's");
+        assert_eq!(task_ids(-5), None);
+    }
+
+    #[test]
+    fn split_identities_have_no_single_one() {
+        let t = TaskIds {
+            pid: 1,
+            uids: [0, 65534, 0, 65534],
+            gids: [0; 4],
+        };
+        assert_eq!(t.single(), None);
+        assert_eq!(four_ids("1 2 3"), None);
+        assert_eq!(four_ids("1 2 3 4"), Some([1, 2, 3, 4]));
     }
 }

@@ -4,10 +4,12 @@
 //! streamed from the pool into CRIU's pipe as it arrives, each chunk verified against its
 //! checksum by the pool before it is sent. Nothing is buffered whole on the node (buffering
 //! first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
-//! just dumped can linger as a zombie until its parent reaps it.
+//! just dumped can linger as a zombie until its parent reaps it. A tree whose root was the
+//! init of its own PID namespace is restored into a fresh one, where its PIDs cannot collide,
+//! so it does not wait. CRIU runs as the identity the snapshot was dumped with.
 
 use std::{
-    fs, io,
+    io,
     os::{fd::OwnedFd, unix::net::UnixStream},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -16,13 +18,14 @@ use std::{
 };
 
 use thiserror::Error;
-use torpor_image::{wire::ErrorCode, Manifest};
+use torpor_image::{manifest::RunAs, wire::ErrorCode, Manifest};
 use torpor_pool::{ClientError, PoolClient};
 use tracing::{debug, info};
 
 use crate::{
-    binary::{keep_log, log_tail, CriuBinary, CriuError},
+    binary::{keep_log, log_tail, read_no_follow, CriuBinary, CriuError},
     checkpoint::TcpConnections,
+    identity::{self, CriuIdentity},
     procs,
     streamer::{self, SERVE_SOCKET},
     PoolTarget,
@@ -39,6 +42,9 @@ pub struct RestoreOptions {
     pub pid_wait: Duration,
     /// Where CRIU's work directory (log, socket) is created.
     pub work_root: PathBuf,
+    /// Identity CRIU runs as; by default the one the snapshot was dumped with, so a restore
+    /// needs no more privilege than its dump had.
+    pub run_as: CriuIdentity,
 }
 
 impl Default for RestoreOptions {
@@ -48,6 +54,7 @@ impl Default for RestoreOptions {
             shell_job: false,
             pid_wait: Duration::from_secs(10),
             work_root: std::env::temp_dir(),
+            run_as: CriuIdentity::Auto,
         }
     }
 }
@@ -61,9 +68,11 @@ pub struct RestoreReport {
     pub pid: i32,
     /// From the request to CRIU's exit, the tree running.
     pub restore_s: f64,
-    /// Of which waiting for the PIDs to be free.
+    /// Of which waiting for the PIDs to be free (0 for a tree in its own PID namespace).
     pub pid_wait_s: f64,
     pub bytes_fetched: u64,
+    /// Identity CRIU ran as (`None`: as this process).
+    pub run_as: Option<RunAs>,
 }
 
 /// Why a restore failed; nothing of the snapshot is left running in any case.
@@ -101,6 +110,8 @@ pub enum RestoreError {
     Stream(#[source] io::Error),
     #[error("CRIU restored {name:?} but wrote no PID file")]
     NoPid { name: String },
+    #[error("CRIU's PID file for {name:?} names pid {pid}, which does not run as uid {uid}; refusing to trust it")]
+    UntrustedPid { name: String, pid: i32, uid: u32 },
 }
 
 /// Restores generation `generation` (the newest when `None`) of `name` from the pool.
@@ -118,22 +129,39 @@ pub fn restore_from_pool(
     };
     let mut client = pool.connect().map_err(pool_err)?;
     let manifest = Arc::new(client.manifest(name, generation).map_err(pool_err)?);
-    procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| {
-        RestoreError::PidBusy {
-            pid,
-            comm: procs::comm(pid),
-            waited: opts.pid_wait,
-        }
-    })?;
-    let pid_wait_s = start.elapsed().as_secs_f64();
+    // In a fresh PID namespace the old host PIDs are not needed back.
+    let pid_namespace = manifest.meta.pid_namespace;
+    let pid_wait_s = if pid_namespace {
+        0.0
+    } else {
+        procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| {
+            RestoreError::PidBusy {
+                pid,
+                comm: procs::comm(pid),
+                waited: opts.pid_wait,
+            }
+        })?;
+        start.elapsed().as_secs_f64()
+    };
+    let run_as = match opts.run_as {
+        CriuIdentity::Auto => manifest.meta.run_as,
+        CriuIdentity::Current => None,
+        CriuIdentity::User(who) => Some(who),
+    };
 
     let work = tempfile::Builder::new()
         .prefix("torpor-restore-")
         .tempdir_in(&opts.work_root)
         .map_err(RestoreError::WorkDir)?;
     let listener = streamer::bind(work.path(), SERVE_SOCKET).map_err(RestoreError::WorkDir)?;
-    let log_path = work.path().join("restore.log");
-    let pidfile = work.path().join("root.pid");
+    // CRIU's own output goes where the identity it runs as may write.
+    let out_dir = match run_as {
+        Some(who) => identity::open_to(work.path(), &[&work.path().join(SERVE_SOCKET)], &[], who)
+            .map_err(RestoreError::WorkDir)?,
+        None => work.path().to_path_buf(),
+    };
+    let log_path = out_dir.join("restore.log");
+    let pidfile = out_dir.join("root.pid");
     let mut cmd = criu.command();
     cmd.arg("restore")
         .arg("--images-dir")
@@ -149,10 +177,15 @@ pub fn restore_from_pool(
     if opts.shell_job {
         cmd.arg("--shell-job");
     }
+    if let Some(who) = run_as {
+        identity::run_as(&mut cmd, who);
+    }
     let mut child = criu.spawn(&mut cmd)?;
     debug!(
         name,
         generation = manifest.generation,
+        ?run_as,
+        pid_namespace,
         "criu restore started"
     );
 
@@ -165,10 +198,10 @@ pub fn restore_from_pool(
     });
     let criu_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serve_thread = {
-        let (server, criu_done) = (server.clone(), criu_done.clone());
+        let (server, criu_done, criu_pid) = (server.clone(), criu_done.clone(), child.id());
         thread::spawn(move || -> io::Result<()> {
             let alive = || !criu_done.load(std::sync::atomic::Ordering::SeqCst);
-            match streamer::accept_while(&listener, alive)? {
+            match streamer::accept_while(&listener, criu_pid, alive)? {
                 Some(mut sock) => server.serve(&mut sock),
                 None => Ok(()),
             }
@@ -180,7 +213,8 @@ pub fn restore_from_pool(
     let restore_s = start.elapsed().as_secs_f64();
 
     let fetch_error = server.error.lock().expect("error lock").take();
-    if fetch_error.is_some() || !status.success() {
+    // A namespace's init dies with its namespace and the old host PIDs are not its.
+    if (fetch_error.is_some() || !status.success()) && !pid_namespace {
         procs::reap_failed_restore(&manifest.meta.pids, Duration::from_secs(2));
     }
     if let Some(e) = fetch_error {
@@ -202,12 +236,23 @@ pub fn restore_from_pool(
         });
     }
     served.map_err(RestoreError::Stream)?;
-    let pid = fs::read_to_string(&pidfile)
+    let pid = read_no_follow(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .ok_or_else(|| RestoreError::NoPid {
             name: name.to_string(),
         })?;
+    // A pid file CRIU wrote as `who` is in `who`'s reach too: it must name a process of `who`
+    // (or one already gone), or its reader could be made to signal anyone.
+    if let Some(who) = run_as {
+        if procs::task_ids(pid).is_some_and(|t| t.uids != [who.uid; 4]) {
+            return Err(RestoreError::UntrustedPid {
+                name: name.to_string(),
+                pid,
+                uid: who.uid,
+            });
+        }
+    }
     let bytes_fetched = server.bytes.load(std::sync::atomic::Ordering::SeqCst);
     info!(
         name,
@@ -223,6 +268,7 @@ pub fn restore_from_pool(
         restore_s,
         pid_wait_s,
         bytes_fetched,
+        run_as,
     })
 }
 

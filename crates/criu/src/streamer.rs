@@ -20,7 +20,7 @@ use std::{
 use nix::{
     fcntl::{fcntl, FcntlArg},
     poll::{poll, PollFd, PollFlags, PollTimeout},
-    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
+    sys::socket::{getsockopt, recvmsg, sockopt, ControlMessageOwned, MsgFlags},
 };
 use prost::Message;
 
@@ -48,15 +48,27 @@ pub fn bind(images_dir: &Path, socket: &str) -> io::Result<UnixListener> {
     UnixListener::bind(images_dir.join(socket))
 }
 
-/// Waits for CRIU to connect while `alive()` holds; `None` if it gave up first.
+/// Waits for CRIU (process `criu_pid`) to connect while `alive()` holds; `None` if it gave
+/// up first. Connections from any other process are dropped: where CRIU runs as a service's
+/// uid, its socket is within that uid's reach, and what comes through it is the snapshot.
 pub fn accept_while(
     listener: &UnixListener,
+    criu_pid: u32,
     mut alive: impl FnMut() -> bool,
 ) -> io::Result<Option<UnixStream>> {
     listener.set_nonblocking(true)?;
     loop {
         match listener.accept() {
             Ok((s, _)) => {
+                let peer = getsockopt(&s, sockopt::PeerCredentials).map(|c| c.pid());
+                if peer != Ok(criu_pid as i32) {
+                    tracing::warn!(
+                        ?peer,
+                        criu_pid,
+                        "dropped a streamer connection not from CRIU"
+                    );
+                    continue;
+                }
                 s.set_nonblocking(false)?;
                 return Ok(Some(s));
             }
@@ -164,6 +176,23 @@ mod tests {
         assert_eq!(got, [2, 0, 0, 0, 0x08, 1]);
         drop(a);
         assert_eq!(read_request(&mut b).unwrap(), None);
+    }
+
+    #[test]
+    fn only_the_criu_process_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = bind(dir.path(), CAPTURE_SOCKET).unwrap();
+        let me = std::process::id();
+        let _intruder = UnixStream::connect(dir.path().join(CAPTURE_SOCKET)).unwrap();
+        let mut polls = 0;
+        let got = accept_while(&listener, me + 1, || {
+            polls += 1;
+            polls < 3
+        })
+        .unwrap();
+        assert!(got.is_none(), "a connection from another pid is dropped");
+        let _criu = UnixStream::connect(dir.path().join(CAPTURE_SOCKET)).unwrap();
+        assert!(accept_while(&listener, me, || false).unwrap().is_some());
     }
 
     #[test]

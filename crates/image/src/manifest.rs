@@ -1,5 +1,6 @@
 //! The snapshot manifest: what a snapshot is made of (its CRIU image files, their sizes and
-//! per-chunk checksums) and where it came from (root PID, process tree, CRIU version).
+//! per-chunk checksums) and where it came from (root PID, process tree, CRIU version, the
+//! identity CRIU ran as, whether the tree had its own PID namespace).
 
 use std::collections::HashSet;
 
@@ -30,6 +31,24 @@ pub struct SnapshotMeta {
     pub criu_version: String,
     /// Resident memory of the tree at checkpoint, for policy and reports.
     pub footprint_bytes: u64,
+    /// Identity CRIU ran as for the dump (`None`: as the checkpointing process, root), which
+    /// where root lacks CAP_SYS_RESOURCE must be the tree's own. The restore runs CRIU as the
+    /// same, needing no more privilege than the dump. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<RunAs>,
+    /// The tree's root is the init of its own PID namespace. Its restore gets a fresh
+    /// namespace, so it never waits for the old host PIDs to be free.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pid_namespace: bool,
+}
+
+/// A non-root identity CRIU runs as (unprivileged, with the capabilities it needs), so that
+/// it may dump and restore a tree that runs as that identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// One image file of a snapshot.
@@ -144,6 +163,11 @@ pub(crate) fn sample_manifest() -> Manifest {
             pids: vec![42, 43],
             criu_version: "4.2.1".into(),
             footprint_bytes: 1 << 20,
+            run_as: Some(RunAs {
+                uid: 65534,
+                gid: 65534,
+            }),
+            pid_namespace: true,
         },
         files: vec![
             FileEntry {
@@ -198,5 +222,27 @@ mod tests {
         let mut m = sample_manifest();
         m.meta.pids = vec![1; MAX_PIDS + 1];
         assert!(matches!(m.validate(), Err(ManifestError::TooManyPids(_))));
+    }
+
+    #[test]
+    fn meta_round_trips_and_old_manifests_still_load() {
+        let m = sample_manifest();
+        let json = serde_json::to_string(&m.meta).unwrap();
+        let back: SnapshotMeta = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m.meta);
+        // Written before `run_as` and `pid_namespace` existed: a root tree in the host's
+        // PID namespace.
+        let old: SnapshotMeta = serde_json::from_str(
+            r#"{"root_pid":42,"pids":[42],"criu_version":"4.2.1","footprint_bytes":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.run_as, None);
+        assert!(!old.pid_namespace);
+        // Defaults are left out, so readers that predate them still accept the common case.
+        let plain = serde_json::to_string(&old).unwrap();
+        assert!(
+            !plain.contains("run_as") && !plain.contains("pid_namespace"),
+            "{plain}"
+        );
     }
 }
