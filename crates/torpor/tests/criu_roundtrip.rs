@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Mutex,
     thread,
     time::{Duration, Instant},
@@ -465,6 +465,18 @@ const NOBODY: RunAs = RunAs {
     gid: 65534,
 };
 
+/// SIGKILLs and reaps the processes a test started, in order, when the test ends, even
+/// through a failed assertion.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            kill_and_reap(pid);
+        }
+    }
+}
+
 /// Makes `cmd` lead its own session (CRIU wants the tree's root to).
 fn own_session(cmd: &mut Command) -> &mut Command {
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -502,318 +514,20 @@ fn state(pid: i32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-#[test]
-fn a_service_running_as_nobody_is_dumped_and_restored_by_criu_running_as_nobody() -> Result<()> {
-    let _g = setup();
-    let pool = PoolProcess::spawn(exe(), 256 * MIB)?;
-    let dir = tempfile::tempdir()?;
-    // The service writes its port file here as nobody.
-    std::os::unix::fs::chown(dir.path(), Some(NOBODY.uid), Some(NOBODY.gid))?;
-    let mut cmd = Command::new(exe());
-    cmd.uid(NOBODY.uid).gid(NOBODY.gid);
-    sample_args(&mut cmd, dir.path(), 48 * MIB, 11);
-    let mut child = own_session(&mut cmd).spawn()?;
-    let pid = child.id() as i32;
-    let result = (|| -> Result<()> {
-        let port =
-            torpor_workload::wait_port_file(&dir.path().join("port"), Duration::from_secs(30))?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut conn = SampleClient::connect(addr)?;
-        let before = conn.call("SUM")?;
-        assert_eq!(before, expected_sum(48 * MIB, 11));
-        assert_eq!(
-            uids(pid),
-            Some([NOBODY.uid; 4]),
-            "the service runs as nobody"
-        );
-        assert_eq!(
-            run_as_for_tree(pid)?,
-            Some(NOBODY),
-            "a nobody tree asks for nobody"
-        );
-
-        if !procs::has_cap_sys_resource() {
-            // Why it matters here: root's CRIU cannot dump it, and the tree survives that.
-            let err = checkpoint_to_pool(
-                &criu(),
-                pid,
-                "as-root",
-                &pool.target,
-                &CheckpointOptions {
-                    run_as: CriuIdentity::Current,
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
-            assert!(matches!(err, CheckpointError::CriuFailed { .. }), "{err}");
-            assert!(err.to_string().contains("rlimit"), "CRIU's reason: {err}");
-            assert_eq!(conn.call("PING")?, "PONG", "resumed after root's attempt");
+/// The first descendant of `root` that satisfies `want`, waited for up to 5 s.
+fn wait_descendant(root: i32, want: impl Fn(i32) -> bool) -> Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(p) = procs::tree_pids(root)
+            .into_iter()
+            .skip(1)
+            .find(|p| want(*p))
+        {
+            return Ok(p);
         }
-
-        let count_before = conn.count()?;
-        let r = checkpoint_to_pool(
-            &criu(),
-            pid,
-            "nobody",
-            &pool.target,
-            &CheckpointOptions::default(),
-        )?;
-        child.wait()?;
-        assert_eq!(r.run_as, Some(NOBODY), "CRIU dumped as nobody");
-        assert!(!r.pid_namespace);
-        let meta = pool.target.connect()?.manifest("nobody", None)?.meta;
-        assert_eq!(
-            meta.run_as,
-            Some(NOBODY),
-            "the snapshot records the identity"
-        );
-        assert!(!meta.pid_namespace);
-        assert!(
-            r.pool_bytes >= 48 * MIB,
-            "memory in the pool: {}",
-            r.pool_bytes
-        );
-
-        let restored = restore_from_pool(
-            &criu(),
-            "nobody",
-            None,
-            &pool.target,
-            &RestoreOptions::default(),
-        )?;
-        let checks = (|| -> Result<()> {
-            assert_eq!(restored.run_as, Some(NOBODY), "CRIU restored as nobody");
-            assert_eq!(restored.pid, pid, "CRIU restores the original PID");
-            assert_eq!(uids(restored.pid), Some([NOBODY.uid; 4]), "still nobody");
-            assert_eq!(
-                conn.call("PING")?,
-                "PONG",
-                "the established connection still works"
-            );
-            let mut fresh = SampleClient::connect_within(addr, Duration::from_secs(5))?;
-            assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
-            let c1 = fresh.count()?;
-            thread::sleep(Duration::from_millis(100));
-            let c2 = fresh.count()?;
-            assert!(
-                c1 >= count_before && c2 > c1,
-                "counter kept counting: {count_before} {c1} {c2}"
-            );
-            Ok(())
-        })();
-        kill_and_reap(restored.pid);
-        checks
-    })();
-    let _ = child.kill();
-    let _ = child.wait();
-    result
-}
-
-/// `unshare --pid --fork setsid exe sample-service …`: the service is the init of its own
-/// PID namespace, as the agent starts services.
-struct NamespacedSample {
-    unshare: Child,
-    init: i32,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl NamespacedSample {
-    fn spawn(memory: u64, seed: u64) -> Result<NamespacedSample> {
-        let dir = tempfile::tempdir()?;
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "setsid"]).arg(exe());
-        sample_args(&mut cmd, dir.path(), memory, seed);
-        let unshare = cmd.spawn().context("unshare from util-linux")?;
-        let mut me = NamespacedSample {
-            init: 0,
-            unshare,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            _dir: dir,
-        };
-        let port =
-            torpor_workload::wait_port_file(&me._dir.path().join("port"), Duration::from_secs(30))?;
-        me.addr.set_port(port);
-        let tree = procs::tree_pids(me.unshare.id() as i32);
-        me.init = *tree.get(1).context("unshare's child")?;
-        Ok(me)
+        ensure!(Instant::now() < deadline, "no such descendant of {root}");
+        thread::sleep(Duration::from_millis(5));
     }
-}
-
-impl Drop for NamespacedSample {
-    fn drop(&mut self) {
-        // A namespace init ignores SIGTERM; SIGKILL ends it and its namespace.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.init),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.unshare.id() as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-    }
-}
-
-#[test]
-fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie() -> Result<()> {
-    let _g = setup();
-    let pool = PoolProcess::spawn(exe(), 256 * MIB)?;
-    let svc = NamespacedSample::spawn(32 * MIB, 4)?;
-    assert!(
-        procs::is_pid_namespace_init(svc.init),
-        "pid {} is its namespace's init",
-        svc.init
-    );
-    let mut conn = SampleClient::connect(svc.addr)?;
-    let before = conn.call("SUM")?;
-    assert_eq!(before, expected_sum(32 * MIB, 4));
-
-    // unshare, the init's parent, is stopped: the dumped init stays a zombie holding its PID.
-    let unshare = nix::unistd::Pid::from_raw(svc.unshare.id() as i32);
-    nix::sys::signal::kill(unshare, nix::sys::signal::Signal::SIGSTOP)?;
-    let r = checkpoint_to_pool(
-        &criu(),
-        svc.init,
-        "pidns",
-        &pool.target,
-        &CheckpointOptions::default(),
-    )?;
-    assert!(r.pid_namespace, "the snapshot knows its namespace");
-    assert_eq!(r.run_as, None, "a root tree is dumped by root");
-    assert!(
-        pool.target
-            .connect()?
-            .manifest("pidns", None)?
-            .meta
-            .pid_namespace
-    );
-    assert_eq!(state(svc.init), Some('Z'), "the dumped init is a zombie");
-
-    let start = Instant::now();
-    let restored = restore_from_pool(
-        &criu(),
-        "pidns",
-        None,
-        &pool.target,
-        &RestoreOptions::default(),
-    );
-    let took = start.elapsed();
-    let zombie_during_restore = state(svc.init) == Some('Z');
-    nix::sys::signal::kill(unshare, nix::sys::signal::Signal::SIGCONT)?;
-    let restored = restored?;
-    let checks = (|| -> Result<()> {
-        assert!(
-            zombie_during_restore,
-            "the old PID was still taken throughout the restore"
-        );
-        assert_eq!(restored.pid_wait_s, 0.0, "no wait for the old PIDs");
-        assert!(took < Duration::from_secs(5), "restore took {took:?}");
-        assert_ne!(
-            restored.pid, svc.init,
-            "the old PID was taken, so the init got another"
-        );
-        assert!(
-            procs::is_pid_namespace_init(restored.pid),
-            "restored as the init of a fresh namespace"
-        );
-        assert_eq!(
-            conn.call("PING")?,
-            "PONG",
-            "the established connection still works"
-        );
-        let mut fresh = SampleClient::connect_within(svc.addr, Duration::from_secs(5))?;
-        assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
-        let c1 = fresh.count()?;
-        thread::sleep(Duration::from_millis(100));
-        assert!(fresh.count()? > c1, "keeps counting");
-        Ok(())
-    })();
-    kill_and_reap(restored.pid);
-    checks
-}
-
-#[test]
-fn a_tree_whose_child_switched_uid_is_refused_without_running_criu_and_keeps_running() -> Result<()>
-{
-    let _g = setup();
-    let pool = PoolProcess::spawn(exe(), 64 * MIB)?;
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args([
-        "-c",
-        "setpriv --reuid=nobody --regid=nogroup --clear-groups -- sleep 600 & wait",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut parent = own_session(&mut cmd).spawn()?;
-    let root = parent.id() as i32;
-    let result = (|| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let child = loop {
-            let tree = procs::tree_uids(root);
-            if let Some(c) = tree.iter().find(|t| t.uids == [NOBODY.uid; 4]) {
-                break c.pid;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the child did not switch to nobody: {tree:?}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        };
-        if procs::has_cap_sys_resource() {
-            // A host whose root may prlimit anyone dumps it as root.
-            assert_eq!(run_as_for_tree(root)?, None);
-            return Ok(());
-        }
-        let dir = tempfile::tempdir()?;
-        let (fake, mark) = criu_that_must_not_run(dir.path())?;
-        let err = checkpoint_to_pool(
-            &fake,
-            root,
-            "mixed",
-            &pool.target,
-            &CheckpointOptions::default(),
-        )
-        .unwrap_err();
-        let message = err.to_string();
-        assert!(
-            matches!(&err, CheckpointError::MixedUids { uids, .. } if uids.contains(&0) && uids.contains(&NOBODY.uid)),
-            "{err:?}"
-        );
-        assert!(message.contains("CAP_SYS_RESOURCE"), "{message}");
-        assert!(message.contains("keeps running"), "{message}");
-        assert!(!mark.exists(), "CRIU was not run");
-        thread::sleep(Duration::from_millis(50));
-        for pid in [root, child] {
-            assert!(
-                matches!(state(pid), Some('S' | 'R')),
-                "pid {pid} still runs: {:?}",
-                state(pid)
-            );
-        }
-        assert!(
-            pool.target.connect()?.list()?.is_empty(),
-            "nothing was stored"
-        );
-        Ok(())
-    })();
-    // The shell leads its session's process group: end it and its child together.
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(root),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = parent.wait();
-    for t in procs::tree_uids(std::process::id() as i32)
-        .into_iter()
-        .skip(1)
-    {
-        if procs::comm(t.pid) == "sleep" {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(t.pid), None);
-        }
-    }
-    result
 }
 
 /// A stand-in for CRIU that leaves `mark` behind if it is run at all.
@@ -835,6 +549,245 @@ fn criu_that_must_not_run(dir: &Path) -> Result<(CriuBinary, PathBuf)> {
 }
 
 #[test]
+fn a_service_running_as_nobody_is_dumped_and_restored_by_criu_running_as_nobody() -> Result<()> {
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 256 * MIB)?;
+    let dir = tempfile::tempdir()?;
+    // The service writes its port file here as nobody.
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY.uid), Some(NOBODY.gid))?;
+    let mut cmd = Command::new(exe());
+    cmd.uid(NOBODY.uid).gid(NOBODY.gid);
+    sample_args(&mut cmd, dir.path(), 48 * MIB, 11);
+    let pid = own_session(&mut cmd).spawn()?.id() as i32;
+    // The restored service has the same PID and is ours too (we are the subreaper).
+    let _cleanup = KillOnDrop(vec![pid]);
+    let port = torpor_workload::wait_port_file(&dir.path().join("port"), Duration::from_secs(30))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut conn = SampleClient::connect(addr)?;
+    let before = conn.call("SUM")?;
+    assert_eq!(before, expected_sum(48 * MIB, 11));
+    assert_eq!(
+        uids(pid),
+        Some([NOBODY.uid; 4]),
+        "the service runs as nobody"
+    );
+    assert_eq!(
+        run_as_for_tree(pid)?,
+        Some(NOBODY),
+        "a nobody tree asks for nobody"
+    );
+
+    if !procs::has_cap_sys_resource() {
+        // Why it matters here: root's CRIU cannot dump it, and the tree survives that.
+        let err = checkpoint_to_pool(
+            &criu(),
+            pid,
+            "as-root",
+            &pool.target,
+            &CheckpointOptions {
+                run_as: CriuIdentity::Current,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, CheckpointError::CriuFailed { .. }), "{err}");
+        assert!(err.to_string().contains("rlimit"), "CRIU's reason: {err}");
+        assert_eq!(conn.call("PING")?, "PONG", "resumed after root's attempt");
+    }
+
+    let count_before = conn.count()?;
+    let r = checkpoint_to_pool(
+        &criu(),
+        pid,
+        "nobody",
+        &pool.target,
+        &CheckpointOptions::default(),
+    )?;
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)?;
+    assert_eq!(r.run_as, Some(NOBODY), "CRIU dumped as nobody");
+    assert!(!r.pid_namespace);
+    let meta = pool.target.connect()?.manifest("nobody", None)?.meta;
+    assert_eq!(
+        meta.run_as,
+        Some(NOBODY),
+        "the snapshot records the identity"
+    );
+    assert!(!meta.pid_namespace);
+    assert!(
+        r.pool_bytes >= 48 * MIB,
+        "memory in the pool: {}",
+        r.pool_bytes
+    );
+
+    let restored = restore_from_pool(
+        &criu(),
+        "nobody",
+        None,
+        &pool.target,
+        &RestoreOptions::default(),
+    )?;
+    assert_eq!(restored.run_as, Some(NOBODY), "CRIU restored as nobody");
+    assert_eq!(restored.pid, pid, "CRIU restores the original PID");
+    assert_eq!(uids(restored.pid), Some([NOBODY.uid; 4]), "still nobody");
+    assert_eq!(
+        conn.call("PING")?,
+        "PONG",
+        "the established connection still works"
+    );
+    let mut fresh = SampleClient::connect_within(addr, Duration::from_secs(5))?;
+    assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
+    let c1 = fresh.count()?;
+    thread::sleep(Duration::from_millis(100));
+    let c2 = fresh.count()?;
+    assert!(
+        c1 >= count_before && c2 > c1,
+        "counter kept counting: {count_before} {c1} {c2}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie() -> Result<()> {
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 256 * MIB)?;
+    // As the agent starts services: the service is the init of its own PID namespace.
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "setsid"]).arg(exe());
+    sample_args(&mut cmd, dir.path(), 32 * MIB, 4);
+    let unshare = cmd.spawn().context("unshare from util-linux")?.id() as i32;
+    let mut cleanup = KillOnDrop(vec![unshare]);
+    let port = torpor_workload::wait_port_file(&dir.path().join("port"), Duration::from_secs(30))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let init = wait_descendant(unshare, |_| true)?;
+    // A namespace init ignores SIGTERM; SIGKILL (first, before unshare) ends it.
+    cleanup.0.insert(0, init);
+    assert!(
+        procs::is_pid_namespace_init(init),
+        "pid {init} is its namespace's init"
+    );
+    let mut conn = SampleClient::connect(addr)?;
+    let before = conn.call("SUM")?;
+    assert_eq!(before, expected_sum(32 * MIB, 4));
+
+    // unshare, the init's parent, is stopped: the dumped init stays a zombie holding its PID.
+    let unshare_pid = nix::unistd::Pid::from_raw(unshare);
+    nix::sys::signal::kill(unshare_pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let r = checkpoint_to_pool(
+        &criu(),
+        init,
+        "pidns",
+        &pool.target,
+        &CheckpointOptions::default(),
+    )?;
+    assert!(r.pid_namespace, "the snapshot knows its namespace");
+    assert_eq!(r.run_as, None, "a root tree is dumped by root");
+    assert!(
+        pool.target
+            .connect()?
+            .manifest("pidns", None)?
+            .meta
+            .pid_namespace
+    );
+    assert_eq!(state(init), Some('Z'), "the dumped init is a zombie");
+
+    let start = Instant::now();
+    let restored = restore_from_pool(
+        &criu(),
+        "pidns",
+        None,
+        &pool.target,
+        &RestoreOptions::default(),
+    );
+    let took = start.elapsed();
+    let zombie_during_restore = state(init) == Some('Z');
+    nix::sys::signal::kill(unshare_pid, nix::sys::signal::Signal::SIGCONT)?;
+    let restored = restored?;
+    cleanup.0.insert(0, restored.pid);
+    assert!(
+        zombie_during_restore,
+        "the old PID was still taken throughout the restore"
+    );
+    assert_eq!(restored.pid_wait_s, 0.0, "no wait for the old PIDs");
+    assert!(took < Duration::from_secs(5), "restore took {took:?}");
+    assert_ne!(
+        restored.pid, init,
+        "the old PID was taken, so the init got another"
+    );
+    assert!(
+        procs::is_pid_namespace_init(restored.pid),
+        "restored as the init of a fresh namespace"
+    );
+    assert_eq!(
+        conn.call("PING")?,
+        "PONG",
+        "the established connection still works"
+    );
+    let mut fresh = SampleClient::connect_within(addr, Duration::from_secs(5))?;
+    assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
+    let c1 = fresh.count()?;
+    thread::sleep(Duration::from_millis(100));
+    assert!(fresh.count()? > c1, "keeps counting");
+    Ok(())
+}
+
+#[test]
+fn a_tree_whose_child_switched_uid_is_refused_without_running_criu_and_keeps_running() -> Result<()>
+{
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 64 * MIB)?;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups -- sleep 600 & wait",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let root = own_session(&mut cmd).spawn()?.id() as i32;
+    let mut cleanup = KillOnDrop(vec![root]);
+    let child = wait_descendant(root, |p| uids(p) == Some([NOBODY.uid; 4]))?;
+    // The shell reaps its child once that is killed.
+    cleanup.0.insert(0, child);
+    if procs::has_cap_sys_resource() {
+        // A host whose root may prlimit anyone dumps it as root.
+        assert_eq!(run_as_for_tree(root)?, None);
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (fake, mark) = criu_that_must_not_run(dir.path())?;
+    let err = checkpoint_to_pool(
+        &fake,
+        root,
+        "mixed",
+        &pool.target,
+        &CheckpointOptions::default(),
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, CheckpointError::MixedUids { uids, .. } if uids.contains(&0) && uids.contains(&NOBODY.uid)),
+        "{err:?}"
+    );
+    assert!(message.contains("CAP_SYS_RESOURCE"), "{message}");
+    assert!(message.contains("keeps running"), "{message}");
+    assert!(!mark.exists(), "CRIU was not run");
+    thread::sleep(Duration::from_millis(50));
+    for pid in [root, child] {
+        assert!(
+            matches!(state(pid), Some('S' | 'R')),
+            "pid {pid} still runs: {:?}",
+            state(pid)
+        );
+    }
+    assert!(
+        pool.target.connect()?.list()?.is_empty(),
+        "nothing was stored"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail() -> Result<()> {
     let _g = setup();
     if procs::has_cap_sys_resource() {
@@ -842,7 +795,7 @@ fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail
         return Ok(());
     }
     let pool = PoolProcess::spawn(exe(), 64 * MIB)?;
-    let mut unshare = Command::new("unshare")
+    let unshare = Command::new("unshare")
         .args([
             "--pid",
             "--fork",
@@ -854,70 +807,56 @@ fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()?;
-    let result = (|| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let init = loop {
-            let tree = procs::tree_pids(unshare.id() as i32);
-            if let Some(&p) = tree.get(1) {
-                if uids(p) == Some([NOBODY.uid; 4]) && procs::comm(p) == "sleep" {
-                    break p;
-                }
-            }
-            ensure!(Instant::now() < deadline, "no nobody init under unshare");
-            thread::sleep(Duration::from_millis(5));
-        };
-        assert!(procs::is_pid_namespace_init(init));
-        let dir = tempfile::tempdir()?;
-        let (fake, mark) = criu_that_must_not_run(dir.path())?;
-        let err = checkpoint_to_pool(
-            &fake,
-            init,
-            "nsnobody",
-            &pool.target,
-            &CheckpointOptions::default(),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                CheckpointError::UnprivilegedPidNamespace { uid: 65534, .. }
-            ),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("keeps running"), "{err}");
-        assert!(!mark.exists(), "CRIU was not run");
+        .spawn()?
+        .id() as i32;
+    let mut cleanup = KillOnDrop(vec![unshare]);
+    let init = wait_descendant(unshare, |p| {
+        uids(p) == Some([NOBODY.uid; 4]) && procs::comm(p) == "sleep"
+    })?;
+    // A namespace init ignores SIGTERM; SIGKILL (first, before unshare) ends it.
+    cleanup.0.insert(0, init);
+    assert!(procs::is_pid_namespace_init(init));
+    let dir = tempfile::tempdir()?;
+    let (fake, mark) = criu_that_must_not_run(dir.path())?;
+    let err = checkpoint_to_pool(
+        &fake,
+        init,
+        "nsnobody",
+        &pool.target,
+        &CheckpointOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CheckpointError::UnprivilegedPidNamespace { uid: 65534, .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("keeps running"), "{err}");
+    assert!(!mark.exists(), "CRIU was not run");
 
-        // The prediction is CRIU's own verdict: asked to, CRIU as nobody fails for want of a
-        // /proc of the task's namespace (its parasite may neither mount one nor, depending on
-        // the task's working directory, make the mount point).
-        let err = checkpoint_to_pool(
-            &criu(),
-            init,
-            "nsnobody",
-            &pool.target,
-            &CheckpointOptions {
-                run_as: CriuIdentity::User(NOBODY),
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(matches!(err, CheckpointError::CriuFailed { .. }), "{err}");
-        assert!(
-            err.to_string().contains("Can't get /proc fd"),
-            "CRIU's reason: {err}"
-        );
-        thread::sleep(Duration::from_millis(50));
-        assert!(matches!(state(init), Some('S' | 'R')), "{:?}", state(init));
-        assert!(pool.target.connect()?.list()?.is_empty());
-        // A namespace init ignores SIGTERM; SIGKILL ends it and its namespace.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(init),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
-        Ok(())
-    })();
-    let _ = unshare.kill();
-    let _ = unshare.wait();
-    result
+    // The prediction is CRIU's own verdict: asked to, CRIU as nobody fails for want of a /proc
+    // of the task's namespace (its parasite may neither mount one nor, depending on the task's
+    // working directory, make the mount point).
+    let err = checkpoint_to_pool(
+        &criu(),
+        init,
+        "nsnobody",
+        &pool.target,
+        &CheckpointOptions {
+            run_as: CriuIdentity::User(NOBODY),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, CheckpointError::CriuFailed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("Can't get /proc fd"),
+        "CRIU's reason: {err}"
+    );
+    thread::sleep(Duration::from_millis(50));
+    assert!(matches!(state(init), Some('S' | 'R')), "{:?}", state(init));
+    assert!(pool.target.connect()?.list()?.is_empty());
+    Ok(())
 }
