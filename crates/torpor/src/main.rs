@@ -449,25 +449,28 @@ fn pool(args: PoolArgs) -> Result<()> {
 }
 
 fn up(path: &std::path::Path) -> Result<()> {
+    // The handlers come first, before the configuration is read or anything starts: from
+    // here on SIGTERM or SIGINT, whenever it arrives, stops torpor up cleanly with status 0
+    // (the default action would kill it with services, cgroups and the pool left behind).
+    let rt = tokio::runtime::Runtime::new()?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        StopSignals::install()?
+    };
     let config = torpor_up::Config::load(path)
         .with_context(|| format!("configuration {}", path.display()))?;
     let criu = criu()?;
     criu.version()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(torpor_up::run(
-        config,
-        criu,
-        shutdown_signal(),
-        |info, _| {
-            eprintln!(
-                "torpor up: {}; status API on http://{}/status and /metrics",
-                info.pool, info.status_addr
-            );
-            for (name, addr) in &info.services {
-                eprintln!("torpor up: service {name} on {addr}");
-            }
-        },
-    ))?;
+    rt.block_on(torpor_up::run(config, criu, stop.wait(), |info, _| {
+        eprintln!(
+            "torpor up: {}; status API on http://{}/status and /metrics",
+            info.pool, info.status_addr
+        );
+        for (name, addr) in &info.services {
+            eprintln!("torpor up: service {name} on {addr}");
+        }
+        eprintln!("torpor up: ready");
+    }))?;
     eprintln!("torpor up: stopped");
     Ok(())
 }
@@ -590,11 +593,36 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT handlers, installed when this is made (not when first awaited), so a
+/// signal that arrives in between is kept rather than lost or fatal.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs both handlers; call inside a Tokio runtime.
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
+
+    /// Resolves at the first SIGTERM or SIGINT since [`StopSignals::install`].
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT; the handlers are installed when it is first polled.
+async fn shutdown_signal() {
+    StopSignals::install()
+        .expect("signal handlers")
+        .wait()
+        .await
 }

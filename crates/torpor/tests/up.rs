@@ -2,141 +2,20 @@
 //! request behind their gates, with real CRIU, as root.
 
 use std::{
-    net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::Mutex,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use torpor_bench::harness::{redis_command, PoolProcess};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
 
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_torpor")
-}
-
-fn free_port() -> u16 {
-    torpor_bench::harness::free_port().expect("a free port")
-}
-
-fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
-/// A running `torpor up`, stopped with SIGTERM when dropped.
-struct Up {
-    child: Option<Child>,
-    status: SocketAddr,
-    _dir: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Up {
-    fn start(pool: &str, services: &str) -> Result<Up> {
-        let dir = tempfile::tempdir()?;
-        let status = addr(free_port());
-        let cfg = format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}");
-        let path = dir.path().join("torpor.toml");
-        std::fs::write(&path, cfg)?;
-        let log = dir.path().join("up.log");
-        let child = Command::new(exe())
-            .args(["up", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let mut up = Up {
-            child: Some(child),
-            status,
-            _dir: dir,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while up.services().is_err() {
-            if Instant::now() > deadline || up.child.as_mut().unwrap().try_wait()?.is_some() {
-                bail!("torpor up did not come up:\n{}", up.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(up)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn services(&self) -> Result<Vec<serde_json::Value>> {
-        // Straight from the status API: `torpor status` per poll would be too slow to catch
-        // a short state such as checkpointing.
-        let doc: serde_json::Value = serde_json::from_str(&http_get(self.status, "/status")?)?;
-        Ok(doc["services"].as_array().context("services")?.clone())
-    }
-
-    /// `torpor status` as a user runs it.
-    fn status_text(&self) -> Result<String> {
-        let out = Command::new(exe())
-            .args(["status", "--addr", &self.status.to_string()])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
-    }
-
-    fn service(&self, name: &str) -> Result<serde_json::Value> {
-        self.services()?
-            .into_iter()
-            .find(|s| s["name"] == name)
-            .context("service listed")
-    }
-
-    /// Waits until `name` is in `state`.
-    fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.service(name)?;
-            if s["state"] == state {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} not {state} but {}; log:\n{}",
-                    s["state"],
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Stops `torpor up` and returns its exit status.
-    fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        Ok(child.wait()?)
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop();
-        }
-    }
-}
+use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
 
 fn sample_http(name: &str, port: u16, backend: u16, memory: &str, idle: &str) -> String {
     format!(
@@ -152,24 +31,6 @@ idle_threshold = "{idle}"
         exe = exe()
     )
 }
-
-/// A plain HTTP/1.1 GET through the gate; returns the body of a 200 answer.
-fn http_get(to: SocketAddr, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(to)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: torpor\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("HTTP answer")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "answer: {head}");
-    Ok(body.to_string())
-}
-
-const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
 
 async fn get(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,

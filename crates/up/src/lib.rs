@@ -5,14 +5,14 @@
 pub mod config;
 pub mod status;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
-use torpor_agent::{Agent, AgentError};
+use torpor_agent::{Agent, AgentError, CgroupRoot, Launch};
 use torpor_control::{HoldLimits, ServiceLink};
 use torpor_criu::{CriuBinary, PoolTarget};
-use torpor_pool::{PoolAddr, Store, StoreConfig};
+use torpor_pool::{error_chain, PoolAddr, Store, StoreConfig};
 use tracing::info;
 
 pub use config::{Config, ConfigError, PoolChoice};
@@ -47,16 +47,151 @@ pub struct UpInfo {
 
 /// Runs everything until `shutdown` resolves, then stops it all: held requests get an
 /// error, services are killed and reaped, the embedded pool is dropped.
+///
+/// `shutdown` may resolve at any moment, also while things start: before the agent starts
+/// nothing is left to undo; during the agent's start what started is stopped (and services
+/// still starting are killed rather than waited for); `Ok(())` either way. Pass a future
+/// whose signal handlers are already installed (not one that installs them when first
+/// polled), or a signal arriving before that poll is lost.
+///
+/// The status API is served, and `on_ready` called, only once every gate accepts and every
+/// service has started: a `/status` answer means the whole configuration is up. Its
+/// listener is bound first (with the gates'), so a taken address fails before anything
+/// starts, and a client that connects earlier waits for the first answer.
 pub async fn run(
     config: Config,
     criu: CriuBinary,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
 ) -> Result<(), UpError> {
-    let (pool_target, pool_desc, pool_task, _pool_dir) = start_pool(&config).await?;
-    let mut gate_listeners = Vec::new();
-    let mut agent_services = Vec::new();
+    tokio::pin!(shutdown);
+    // `biased`: a stop already requested wins over a step that is also done.
+    let bound = tokio::select! {
+        biased;
+        _ = &mut shutdown => {
+            info!("stop requested before any service started");
+            return Ok(());
+        }
+        bound = bind_all(&config) => bound?,
+    };
+    let Bound {
+        pool_target,
+        pool_desc,
+        pool_task,
+        _pool_dir,
+        gates,
+        status_listener,
+    } = bound;
+    let status_addr = status_listener.local_addr()?;
+    let agent_services: Vec<_> = gates
+        .iter()
+        .map(|g| (g.spec.clone(), g.link.clone()))
+        .collect();
+    let start = Agent::start(
+        criu,
+        pool_target,
+        agent_services,
+        Some(config.power.clone()),
+    );
+    tokio::pin!(start);
+    let started = tokio::select! {
+        biased;
+        _ = &mut shutdown => None,
+        r = &mut start => Some(r),
+    };
+    let agent = match started {
+        Some(r) => Arc::new(r?),
+        None => {
+            info!("stop requested while the services start; stopping what started");
+            match finish_cancelled_start(start, &config).await {
+                Ok(agent) => {
+                    // Its loop with the stop already given only stops the services.
+                    let (_stop_tx, stop_rx) = watch::channel(true);
+                    agent.run(stop_rx).await;
+                }
+                Err(e) => info!(error = %error_chain(&e), "start-up cancelled"),
+            }
+            if let Some(t) = pool_task {
+                t.stop().await;
+            }
+            info!("stopped before it was ready");
+            return Ok(());
+        }
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agent_loop = {
+        let (agent, stop) = (agent.clone(), stop_rx.clone());
+        tokio::spawn(async move { agent.run(stop).await })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut services = Vec::new();
     let mut links = Vec::new();
+    for g in gates {
+        services.push((g.link.name.clone(), g.listener.local_addr()?));
+        links.push(g.link.clone());
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let _ = torpor_gate::run(g.listener, g.protocol, g.spec.backend, g.link, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+    }
+    // Last: the status API answers only once everything above runs.
+    {
+        let (agent, mut stop) = (agent.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            let _ = status::serve(status_listener, agent, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+    }
+    let info = UpInfo {
+        pool: pool_desc,
+        status_addr,
+        services,
+    };
+    info!(services = info.services.len(), "ready");
+    on_ready(&info, &agent);
+    shutdown.await;
+    info!("stopping");
+    for l in &links {
+        l.shut_down();
+    }
+    let _ = stop_tx.send(true);
+    let _ = agent_loop.await;
+    while tasks.join_next().await.is_some() {}
+    if let Some(t) = pool_task {
+        t.stop().await;
+    }
+    Ok(())
+}
+
+/// One service's gate, bound but not yet serving.
+struct Gate {
+    listener: TcpListener,
+    protocol: torpor_gate::Protocol,
+    spec: torpor_agent::ServiceSpec,
+    link: Arc<ServiceLink>,
+}
+
+/// Everything `torpor up` listens on, and the pool, before any service starts.
+struct Bound {
+    pool_target: PoolTarget,
+    pool_desc: String,
+    pool_task: Option<AbortOnDrop>,
+    _pool_dir: Option<tempfile::TempDir>,
+    gates: Vec<Gate>,
+    status_listener: TcpListener,
+}
+
+/// Starts the pool and binds every gate and the status API. Dropping the future midway
+/// leaves nothing running (the pool's task is aborted with its handle).
+async fn bind_all(config: &Config) -> Result<Bound, UpError> {
+    let (pool_target, pool_desc, pool_task, pool_dir) = start_pool(config).await?;
+    let mut gates = Vec::new();
     for s in &config.services {
         let listener = TcpListener::bind(s.listen)
             .await
@@ -72,9 +207,12 @@ pub async fn run(
                 timeout: s.hold_timeout,
             },
         );
-        gate_listeners.push((listener, s.protocol, s.spec.backend, link.clone()));
-        agent_services.push((s.spec.clone(), link.clone()));
-        links.push(link);
+        gates.push(Gate {
+            listener,
+            protocol: s.protocol,
+            spec: s.spec.clone(),
+            link,
+        });
     }
     let status_listener = TcpListener::bind(config.status_listen)
         .await
@@ -83,62 +221,72 @@ pub async fn run(
             what: "the status API".into(),
             source,
         })?;
-    let status_addr = status_listener.local_addr()?;
+    Ok(Bound {
+        pool_target,
+        pool_desc,
+        pool_task: pool_task.map(|t| AbortOnDrop(Some(t))),
+        _pool_dir: pool_dir,
+        gates,
+        status_listener,
+    })
+}
 
-    let agent = Arc::new(
-        Agent::start(
-            criu,
-            pool_target,
-            agent_services,
-            Some(config.power.clone()),
-        )
-        .await?,
-    );
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut services = Vec::new();
-    for (listener, protocol, backend, link) in gate_listeners {
-        services.push((link.name.clone(), listener.local_addr()?));
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            let _ = torpor_gate::run(listener, protocol, backend, link, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        });
+/// How often services that are still starting are killed once start-up is cancelled.
+const CANCEL_KILL_EVERY: Duration = Duration::from_millis(50);
+
+/// Lets a cancelled `Agent::start` end soon: it cannot be told to stop (and dropping it would
+/// leave what it started running, unowned), so the processes of the services being started
+/// are killed through their cgroups until it returns; each start then fails at once
+/// ("exited during start-up") and the agent stops what had started. A service without a
+/// cgroup (a container, a host without cgroups) is waited for, up to its start timeout.
+async fn finish_cancelled_start(
+    mut start: std::pin::Pin<&mut impl Future<Output = Result<Agent, AgentError>>>,
+    config: &Config,
+) -> Result<Agent, AgentError> {
+    let names: HashSet<&str> = config
+        .services
+        .iter()
+        .filter(|s| matches!(s.spec.launch, Launch::Process(_)))
+        .map(|s| s.spec.name.as_str())
+        .collect();
+    let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
+    let mut tick = tokio::time::interval(CANCEL_KILL_EVERY);
+    loop {
+        tokio::select! {
+            r = &mut start => return r,
+            _ = tick.tick() => {
+                // Repeatedly: a launch can put its process into the cgroup after one round.
+                for cg in cgroups.iter().flat_map(|r| r.existing()) {
+                    if names.contains(cg.name().as_str()) && !cg.procs().is_empty() {
+                        // One round, no waiting: the next tick takes what is left.
+                        cg.kill_all(Duration::ZERO);
+                    }
+                }
+            }
+        }
     }
-    {
-        let (agent, mut stop) = (agent.clone(), stop_rx.clone());
-        tasks.spawn(async move {
-            let _ = status::serve(status_listener, agent, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        });
+}
+
+/// A task aborted when its handle is dropped (the embedded pool's server), so that an
+/// abandoned start-up leaves it not running.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone (and with it the memory it holds).
+    async fn stop(mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
     }
-    let info = UpInfo {
-        pool: pool_desc,
-        status_addr,
-        services,
-    };
-    on_ready(&info, &agent);
-    let agent_loop = {
-        let (agent, stop) = (agent.clone(), stop_rx.clone());
-        tokio::spawn(async move { agent.run(stop).await })
-    };
-    shutdown.await;
-    info!("stopping");
-    for l in &links {
-        l.shut_down();
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
     }
-    let _ = stop_tx.send(true);
-    let _ = agent_loop.await;
-    while tasks.join_next().await.is_some() {}
-    if let Some(t) = pool_task {
-        t.abort();
-        let _ = t.await;
-    }
-    Ok(())
 }
 
 type PoolStart = (

@@ -1,0 +1,231 @@
+//! Shared by the `torpor up` end-to-end tests (`up.rs`, `trees.rs`): the real binary started
+//! from a config file, its status API, plain HTTP through a gate.
+
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Tests that start `torpor up` run one at a time: the machine has 2 cores, and CRIU timings
+/// matter.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// An embedded pool large enough for every test service here.
+pub const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_torpor")
+}
+
+pub fn free_port() -> u16 {
+    torpor_bench::harness::free_port().expect("a free port")
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+/// A running `torpor up`, stopped with SIGTERM when dropped.
+pub struct Up {
+    pub child: Option<Child>,
+    pub status: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Up {
+    /// Starts `torpor up` with the pool section `pool` and the services `services` (a status
+    /// section on a free port is added) and waits until it is ready.
+    pub fn start(pool: &str, services: &str) -> Result<Up> {
+        let status = addr(free_port());
+        let mut up = Up::spawn(&Up::config(pool, status, services), status)?;
+        up.wait_ready(Duration::from_secs(60))?;
+        Ok(up)
+    }
+
+    /// A whole config file: `pool`, the status API on `status`, `services`.
+    pub fn config(pool: &str, status: SocketAddr, services: &str) -> String {
+        format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}")
+    }
+
+    /// Starts `torpor up` on the config text `cfg` (whose status API is on `status`) and
+    /// returns at once.
+    pub fn spawn(cfg: &str, status: SocketAddr) -> Result<Up> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("torpor.toml");
+        std::fs::write(&path, cfg)?;
+        let log = dir.path().join("up.log");
+        let child = Command::new(exe())
+            .args(["up", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Up {
+            child: Some(child),
+            status,
+            dir,
+            log,
+        })
+    }
+
+    /// PID of the `torpor up` process.
+    pub fn pid(&self) -> Result<i32> {
+        Ok(self.child.as_ref().context("running")?.id() as i32)
+    }
+
+    /// Waits until the status API answers, which it does only once every gate listens and
+    /// every service has started (a connection made earlier waits for that).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.services().is_err() {
+            if Instant::now() > deadline
+                || self
+                    .child
+                    .as_mut()
+                    .context("running")?
+                    .try_wait()?
+                    .is_some()
+            {
+                bail!("torpor up did not come up:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn doc(&self) -> Result<serde_json::Value> {
+        // Straight from the status API: `torpor status` per poll would be too slow to catch
+        // a short state such as checkpointing.
+        Ok(serde_json::from_str(&http_get(self.status, "/status")?)?)
+    }
+
+    pub fn services(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(self.doc()?["services"]
+            .as_array()
+            .context("services")?
+            .clone())
+    }
+
+    /// `torpor status` as a user runs it.
+    pub fn status_text(&self) -> Result<String> {
+        let out = Command::new(exe())
+            .args(["status", "--addr", &self.status.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    pub fn service(&self, name: &str) -> Result<serde_json::Value> {
+        self.services()?
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .context("service listed")
+    }
+
+    /// Waits until `name`'s status satisfies `done`; `what` names the condition in the error.
+    pub fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.service(name)?;
+            if done(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{name} not {what} but {s}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until `name` is in `state`.
+    pub fn wait_state(
+        &self,
+        name: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        self.wait_for(name, state, timeout, |s| s["state"] == state)
+    }
+
+    /// Sends `sig` to `torpor up` and waits (up to `timeout`) for its exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "torpor up did not exit within {timeout:?} of {sig}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops `torpor up` and returns its exit status.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(60))
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the body of a 200 answer (HTTP/1.0 or 1.1).
+pub fn http_get(to: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(to)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: torpor\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("HTTP answer")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200"),
+        "answer: {head}"
+    );
+    Ok(body.to_string())
+}
