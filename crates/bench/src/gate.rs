@@ -10,7 +10,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -21,13 +20,14 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Serialize;
 use tokio::time::Instant;
-use torpor_agent::{Agent, ServiceState};
+use torpor_agent::ServiceState;
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
 
 use crate::{
     cr::stock_criu_round,
     harness::{first_response, free_port, SampleProcess},
+    inproc::InProcessUp,
     report::{fmt_opt, median, ratio},
     ExperimentError,
 };
@@ -103,9 +103,7 @@ pub struct GateReport {
 struct OneService {
     gate: SocketAddr,
     backend: SocketAddr,
-    agent: Arc<Agent>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), torpor_up::UpError>>,
+    up: InProcessUp,
 }
 
 impl OneService {
@@ -122,45 +120,25 @@ impl OneService {
             exe.display()
         );
         let config = torpor_up::Config::from_toml(&cfg)?;
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(torpor_up::run(
-            config,
-            criu.clone(),
-            async {
-                let _ = stop_rx.await;
-            },
-            move |_, agent| {
-                let _ = ready_tx.send(agent.clone());
-            },
-        ));
-        let agent = match ready_rx.await {
-            Ok(a) => a,
-            Err(_) => {
-                return Err(match task.await.expect("up task panicked") {
-                    Err(e) => e.into(),
-                    Ok(()) => ExperimentError::Mismatch("torpor up stopped early".into()),
-                })
-            }
-        };
         Ok(OneService {
             gate: ([127, 0, 0, 1], port).into(),
             backend: ([127, 0, 0, 1], backend).into(),
-            agent,
-            stop: Some(stop),
-            task,
+            up: InProcessUp::start(config, criu.clone()).await?,
         })
     }
 
-    async fn wait_asleep(&self) {
-        while self.agent.status()[0].state != ServiceState::Asleep {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    async fn wait_asleep(&self) -> Result<(), ExperimentError> {
+        // A 1 GiB checkpoint takes seconds here; ten minutes means it never will.
+        self.up
+            .wait_status("bench", "asleep", Duration::from_secs(600), |s| {
+                s.state == ServiceState::Asleep
+            })
+            .await
+            .map(|_| ())
     }
 
-    async fn stop(mut self) -> Result<(), ExperimentError> {
-        let _ = self.stop.take().map(|s| s.send(()));
-        Ok((&mut self.task).await.expect("up task panicked")?)
+    async fn stop(self) -> Result<(), ExperimentError> {
+        self.up.stop().await
     }
 }
 
@@ -307,7 +285,7 @@ async fn measure(
         let uri: hyper::Uri = format!("http://{}/ping", svc.gate).parse().expect("uri");
         let mut wakes = Vec::new();
         for _ in 0..args.repeat {
-            svc.wait_asleep().await;
+            svc.wait_asleep().await?;
             tokio::time::sleep(args.asleep_for).await;
             let t0 = Instant::now();
             if !get(&client, &uri).await {

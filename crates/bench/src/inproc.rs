@@ -1,10 +1,10 @@
 //! `torpor up` started inside the experiment's own runtime, so the experiment can read the
 //! agent's state directly (which tier is asleep when a request is sent).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::oneshot, task::JoinHandle};
-use torpor_agent::Agent;
+use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use torpor_agent::{Agent, ServiceStatus};
 use torpor_criu::CriuBinary;
 use torpor_up::{Config, UpInfo};
 
@@ -45,6 +45,43 @@ impl InProcessUp {
                 Err(e) => e.into(),
                 Ok(()) => ExperimentError::Mismatch("torpor up stopped before it was ready".into()),
             }),
+        }
+    }
+
+    /// The agent's status of service `name`.
+    pub fn status(&self, name: &str) -> Result<ServiceStatus, ExperimentError> {
+        self.agent
+            .status()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ExperimentError::Mismatch(format!("no service {name:?}")))
+    }
+
+    /// The status of service `name` as soon as `done` holds for it; fails after `timeout`,
+    /// naming `what` it waited for and the state it saw last. The agent has no change
+    /// notification, so this polls every few milliseconds.
+    pub async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&ServiceStatus) -> bool,
+    ) -> Result<ServiceStatus, ExperimentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(name)?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(ExperimentError::Mismatch(format!(
+                    "service {name:?} not {what} after {timeout:?} (state {}, {} failed checkpoints, {} cold starts)",
+                    status.state.as_str(),
+                    status.failed_checkpoints,
+                    status.cold_starts
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 

@@ -12,6 +12,7 @@ pub mod plot;
 pub mod report;
 pub mod scenario;
 pub mod sim;
+pub mod wake;
 pub mod walkthrough;
 
 /// Why an experiment stopped.

@@ -139,6 +139,9 @@ enum BenchCmd {
     /// The seed's four configurations under the same µSuite load: power and latency tables
     /// (7.1, 7.2) and plots.
     Scenario(torpor_bench::scenario::ScenarioArgs),
+    /// First response after a sleep for nginx behind torpor up (p50, worst, the agent's wake
+    /// timeline) vs stock CRIU restoring the same nginx from /dev/shm.
+    Wake(torpor_bench::wake::WakeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -352,6 +355,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(BenchCmd::Cr(args)) => torpor_bench::cr::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Gate(args)) => torpor_bench::gate::run(&criu()?, &args)?,
         Cmd::Bench(BenchCmd::Scenario(args)) => torpor_bench::scenario::run(&args)?,
+        Cmd::Bench(BenchCmd::Wake(args)) => torpor_bench::wake::run(&criu()?, &args)?,
         Cmd::SampleService {
             listen,
             memory,
