@@ -44,6 +44,10 @@ pub struct InitOptions {
     /// Resource limits: (name as in [`rlimit_resource`], soft, hard); `u64::MAX` is unlimited.
     pub rlimits: Vec<(String, u64, u64)>,
     pub cwd: Option<std::path::PathBuf>,
+    /// Run in a new PID namespace (root services). CRIU cannot dump a non-root task in its
+    /// own PID namespace (its parasite can use neither the host's /proc nor mount one), so a
+    /// service with another user runs in the host's, under an init that is its subreaper.
+    pub pid_namespace: bool,
 }
 
 impl InitOptions {
@@ -64,6 +68,9 @@ impl InitOptions {
         }
         if let Some(c) = &self.cwd {
             a.extend(["--cwd".into(), c.clone().into_os_string()]);
+        }
+        if self.pid_namespace {
+            a.push("--pid-namespace".into());
         }
         a.push("--".into());
         a.extend(argv.iter().map(OsString::from));
@@ -96,6 +103,7 @@ impl InitOptions {
                 Some("--cwd") => {
                     o.cwd = Some(it.next().ok_or("--cwd needs a directory")?.into());
                 }
+                Some("--pid-namespace") => o.pid_namespace = true,
                 Some("--") => {
                     let cmd: Vec<OsString> = it.cloned().collect();
                     if cmd.is_empty() {
@@ -151,9 +159,12 @@ pub fn main(args: &[OsString]) -> u8 {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    // Outer step: the next child is PID 1 of a new namespace; report it and leave.
-    if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
-        return fail(&format!("cannot create a PID namespace: {e}"));
+    // Outer step: fork the init (in a new namespace, whose PID 1 it becomes), report its
+    // PID and leave, so the agent adopts it as it adopts a restored tree.
+    if opts.pid_namespace {
+        if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
+            return fail(&format!("cannot create a PID namespace: {e}"));
+        }
     }
     // SAFETY: single-threaded here (called first thing in main).
     match unsafe { fork() } {
@@ -173,7 +184,7 @@ fn fail(msg: &str) -> u8 {
     127
 }
 
-/// PID 1 of the service's namespace.
+/// The service's init: PID 1 of its namespace, or its subreaper in the host's.
 fn namespace_init(opts: &InitOptions, cmd: &[OsString]) -> u8 {
     // Nothing else may read the agent's pipe; the service's output goes where stderr goes.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
@@ -181,6 +192,12 @@ fn namespace_init(opts: &InitOptions, cmd: &[OsString]) -> u8 {
     }
     if let Err(e) = setsid() {
         return fail(&format!("setsid: {e}"));
+    }
+    if !opts.pid_namespace {
+        // Orphans of the tree come to us, as they would to a namespace's PID 1.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            return fail(&format!("cannot become the subreaper: {e}"));
+        }
     }
     if let Err(e) = become_user(opts) {
         return fail(&e);
@@ -216,7 +233,7 @@ fn namespace_init(opts: &InitOptions, cmd: &[OsString]) -> u8 {
         }
         Ok(ForkResult::Parent { child }) => child,
     };
-    supervise(main_child, &all)
+    supervise(main_child, &all, opts.pid_namespace)
 }
 
 fn become_user(opts: &InitOptions) -> Result<(), String> {
@@ -231,6 +248,9 @@ fn become_user(opts: &InitOptions) -> Result<(), String> {
         setresgid(gid, gid, gid).map_err(|e| format!("setgid {gid}: {e}"))?;
         let uid = Uid::from_raw(uid);
         setresuid(uid, uid, uid).map_err(|e| format!("setuid {uid}: {e}"))?;
+        // A uid change leaves us undumpable (our /proc files stay root's), and CRIU, which
+        // then runs as this uid, must read them. The command regains it at its exec.
+        nix::sys::prctl::set_dumpable(true).map_err(|e| format!("set dumpable: {e}"))?;
     } else if let Some(gid) = opts.gid {
         let gid = Gid::from_raw(gid);
         setresgid(gid, gid, gid).map_err(|e| format!("setgid {gid}: {e}"))?;
@@ -241,8 +261,8 @@ fn become_user(opts: &InitOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// Reaps and forwards until the namespace is empty; returns the command's exit code.
-fn supervise(main_child: Pid, all: &SigSet) -> u8 {
+/// Reaps and forwards until the service is gone; returns the command's exit code.
+fn supervise(main_child: Pid, all: &SigSet, pid_namespace: bool) -> u8 {
     let mut code: u8 = 0;
     loop {
         let sig = match all.wait() {
@@ -252,8 +272,16 @@ fn supervise(main_child: Pid, all: &SigSet) -> u8 {
         };
         if sig != Signal::SIGCHLD {
             if FORWARDED.contains(&sig) {
-                // From the namespace's init, -1 is every process of the namespace but us.
-                let _ = kill(Pid::from_raw(-1), sig);
+                if pid_namespace {
+                    // From the namespace's init, -1 is every process of the namespace but us.
+                    let _ = kill(Pid::from_raw(-1), sig);
+                } else {
+                    // In the host's namespace -1 would be every process of the user: only
+                    // our session (the service, unless a process left it).
+                    for pid in session_members() {
+                        let _ = kill(Pid::from_raw(pid), sig);
+                    }
+                }
             }
             continue;
         }
@@ -280,6 +308,28 @@ fn supervise(main_child: Pid, all: &SigSet) -> u8 {
     }
 }
 
+/// Processes of our session but us.
+fn session_members() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After the command: state, ppid, pgrp, session.
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(3)?.parse::<i32>().ok()
+                })
+                == Some(me)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +342,7 @@ mod tests {
             groups: vec![4, 27],
             rlimits: vec![("nofile".into(), 1024, 4096)],
             cwd: Some("/srv/x y".into()),
+            pid_namespace: true,
         };
         let argv = vec!["nginx".to_string(), "-c".into(), "--uid".into()];
         let (back, cmd) = InitOptions::parse(&o.to_args(&argv)).unwrap();

@@ -67,17 +67,22 @@ pub enum LaunchError {
 }
 
 impl ProcessLaunch {
-    /// Starts the command under `init` (the torpor binary, which becomes PID 1 of a new PID
-    /// namespace), in its own session, on its CPUs, in `cgroup`, with stdio on /dev/null.
-    /// Returns the host PID of the namespace's init, which the agent (the subreaper) adopts.
+    /// Starts the command under `init` (the torpor binary: PID 1 of a new PID namespace for
+    /// a root service, the subreaper of the tree for another user's), in its own session, on
+    /// its CPUs, in `cgroup`, with stdio on /dev/null. Returns the init's host PID, which the
+    /// agent (the subreaper) adopts.
     /// Blocking: call it off the async threads.
     pub fn spawn(&self, init: &Path, cgroup: Option<&ServiceCgroup>) -> Result<i32, LaunchError> {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return Err(LaunchError::EmptyCommand);
         }
+        let init_opts = InitOptions {
+            pid_namespace: self.init.uid.unwrap_or(0) == 0,
+            ..self.init.clone()
+        };
         let mut cmd = Command::new(init);
         cmd.arg(crate::init::SUBCOMMAND)
-            .args(self.init.to_args(&self.argv))
+            .args(init_opts.to_args(&self.argv))
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

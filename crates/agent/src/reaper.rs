@@ -89,6 +89,28 @@ impl Reaper {
         }
     }
 
+    /// Waits up to `wait` until none of `pids` (a dumped tree's processes, which come to us
+    /// when their init is killed outside a PID namespace) exists, reaping those that are ours:
+    /// a restore must find their PIDs free.
+    pub async fn reap_gone(&self, pids: &[i32], wait: Duration) {
+        let deadline = Instant::now() + wait;
+        let mut left: Vec<i32> = pids.to_vec();
+        while !left.is_empty() && Instant::now() < deadline {
+            left.retain(|&pid| {
+                if self.exited(pid).is_some() {
+                    return false;
+                }
+                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(st) => describe(st).is_none(),
+                    Err(_) => torpor_criu::procs::pid_in_use(pid),
+                }
+            });
+            if !left.is_empty() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+
     /// Reaps what is ours to reap now.
     pub fn sweep(&self) {
         let me = std::process::id() as i32;

@@ -166,8 +166,9 @@ impl Runner for ProcessTree {
 
     fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
         let (host, name) = (self.host.clone(), self.name.clone());
+        let members = self.tree(pid);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
+            let done = tokio::task::spawn_blocking(move || {
                 let opts = CheckpointOptions {
                     // The gate closed its connections; any other (half-closed, foreign)
                     // comes back closed rather than held behind iptables rules while asleep.
@@ -182,7 +183,11 @@ impl Runner for ProcessTree {
                     })
                     .map_err(|e| CheckpointFailed {
                         message: error_chain(&e),
-                        permanent: matches!(e, CheckpointError::MixedUids { .. }),
+                        permanent: matches!(
+                            e,
+                            CheckpointError::MixedUids { .. }
+                                | CheckpointError::UnprivilegedPidNamespace { .. }
+                        ),
                         committed: match e {
                             CheckpointError::AfterCommit { generation, .. } => Some(generation),
                             _ => None,
@@ -190,7 +195,14 @@ impl Runner for ProcessTree {
                     })
             })
             .await
-            .expect("checkpoint task panicked")
+            .expect("checkpoint task panicked")?;
+            // Outside a PID namespace the killed tree's processes are handed to us: reap
+            // them now, so that the next restore finds their PIDs free.
+            self.host
+                .reaper
+                .reap_gone(&members, Duration::from_secs(5))
+                .await;
+            Ok(done)
         })
     }
 

@@ -27,11 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{
-    poll::{poll, PollFd, PollFlags, PollTimeout},
-    sys::stat::Mode,
-    unistd::mkfifo,
-};
+use nix::{sys::stat::Mode, unistd::mkfifo};
 use thiserror::Error;
 use torpor_image::{
     manifest::{RunAs, SnapshotMeta},
@@ -555,13 +551,7 @@ fn capture_images(
     let mut next_id = 0u32;
     let mut is_sealed = false;
     loop {
-        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-        let ready = poll(
-            &mut fds,
-            PollTimeout::try_from(streamer::POLL).unwrap_or(PollTimeout::MAX),
-        )
-        .map_err(io::Error::from)?;
-        if ready == 0 {
+        if !streamer::readable_within(sock.as_fd(), streamer::POLL)? {
             if !is_sealed && capture.lock().expect("capture lock").hook_reached {
                 is_sealed = true;
                 let _ = sealed.send(());
@@ -695,13 +685,7 @@ impl Hook {
 
     /// Whether CRIU reached post-dump within `wait`.
     fn wait_reached(&self, wait: Duration) -> io::Result<bool> {
-        let mut fds = [PollFd::new(self.reached.as_fd(), PollFlags::POLLIN)];
-        let n = poll(
-            &mut fds,
-            PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
-        )
-        .map_err(io::Error::from)?;
-        if n == 0 {
+        if !streamer::readable_within(self.reached.as_fd(), wait)? {
             return Ok(false);
         }
         let mut buf = [0u8; 64];

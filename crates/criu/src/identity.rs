@@ -31,6 +31,7 @@ pub enum CriuIdentity {
     User(RunAs),
 }
 
+const CAP_SETGID: u32 = 6;
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -38,13 +39,16 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 /// What unprivileged CRIU needs here to dump and restore a tree of its own uid (TCP sockets
-/// included); without CAP_SETPCAP its restorer fails with "Unable to drop capability 24".
-pub const CAPS: [u32; 5] = [
+/// included); without CAP_SETPCAP its restorer fails with "Unable to drop capability 24", and
+/// without CAP_SETGID it cannot give the tree back its supplementary groups ("Can't
+/// setgroups").
+pub const CAPS: [u32; 6] = [
     CAP_CHECKPOINT_RESTORE,
     CAP_SYS_PTRACE,
     CAP_NET_ADMIN,
     CAP_SYS_ADMIN,
     CAP_SETPCAP,
+    CAP_SETGID,
 ];
 
 /// The identity a tree asks CRIU to run as, from its processes' credentials.

@@ -72,15 +72,30 @@ pub fn accept_while(
                 s.set_nonblocking(false)?;
                 return Ok(Some(s));
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !alive() {
                     return Ok(None);
                 }
-                let mut fds = [PollFd::new(listener_fd(listener), PollFlags::POLLIN)];
-                let _ = poll(&mut fds, PollTimeout::from(20u16));
+                readable_within(listener_fd(listener), Duration::from_millis(20))?;
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether `fd` became readable within `timeout`. A signal's interruption counts as "not
+/// yet": poll(2) is never restarted, and the processes that use this (the agent) handle
+/// SIGCHLD.
+pub fn readable_within(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
