@@ -199,7 +199,14 @@ fn main() -> ExitCode {
     if args.get(1).map(|a| a.as_os_str()) == Some(torpor_agent::init::SUBCOMMAND.as_ref()) {
         return ExitCode::from(torpor_agent::init::main(&args[2..]));
     }
+    // SIGTERM and SIGINT wait (blocked) until `torpor up` has its handlers: one that arrives
+    // while it starts must stop it cleanly, not kill it with its services half started.
+    let stop = stop_signal_set();
+    let _ = stop.thread_block();
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Up { .. }) {
+        let _ = stop.thread_unblock();
+    }
     // Servers log what they do; one-shot commands and the demo only warn.
     let default = match cli.command {
         Cmd::Pool(_) | Cmd::Up { .. } => "info",
@@ -461,6 +468,8 @@ fn up(path: &std::path::Path) -> Result<()> {
         let _in_runtime = rt.enter();
         StopSignals::install()?
     };
+    // Handled from now on; one that came meanwhile is delivered now.
+    let _ = stop_signal_set().thread_unblock();
     let config = torpor_up::Config::load(path)
         .with_context(|| format!("configuration {}", path.display()))?;
     let criu = criu()?;
@@ -624,6 +633,14 @@ impl StopSignals {
 }
 
 /// Resolves at SIGTERM or SIGINT; the handlers are installed when it is first polled.
+/// The signals that stop a server.
+fn stop_signal_set() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set
+}
+
 async fn shutdown_signal() {
     StopSignals::install()
         .expect("signal handlers")
