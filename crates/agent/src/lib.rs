@@ -55,6 +55,8 @@ pub enum AgentError {
     },
     #[error("processes of an earlier run are left in {path} and cannot be killed")]
     Leftover { path: std::path::PathBuf },
+    #[error("start-up was cancelled")]
+    Cancelled,
     #[error("service {name:?} did not start")]
     Start {
         name: String,
@@ -97,11 +99,14 @@ pub struct Agent {
 
 impl Agent {
     /// Starts every service (cold), waits until each accepts connections and opens its link.
+    /// When `cancel` turns true first, what started is stopped (a service still starting is
+    /// killed, not waited for) and the start ends in [`AgentError::Cancelled`].
     pub async fn start(
         criu: CriuBinary,
         pool: PoolTarget,
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
         power: Option<NodePowerConfig>,
+        mut cancel: watch::Receiver<bool>,
     ) -> Result<Agent, AgentError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
         let init_program = init_program().map_err(AgentError::InitProgram)?;
@@ -175,7 +180,15 @@ impl Agent {
                     }),
                 };
             let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
-            if let Err(source) = m.cold_start_initial().await {
+            let started = match m.cold_start_initial(&mut cancel).await {
+                Err(process::LaunchError::Cancelled) => Err(AgentError::Cancelled),
+                r => r.map_err(|source| AgentError::Start {
+                    name: m.spec.name.clone(),
+                    source,
+                }),
+            };
+            if let Err(e) = started {
+                // Its tree, if the launch got that far, goes with its cgroup (or container).
                 Managed::stop(&m).await;
                 for started in &managed {
                     Managed::stop(started).await;
@@ -184,10 +197,7 @@ impl Agent {
                     node.restore_all();
                 }
                 remove_root(cgroups.as_ref());
-                return Err(AgentError::Start {
-                    name: m.spec.name.clone(),
-                    source,
-                });
+                return Err(e);
             }
             managed.push(m);
         }

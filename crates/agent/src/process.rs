@@ -50,6 +50,8 @@ pub enum LaunchError {
     Spawn(String, #[source] io::Error),
     #[error("the service's init failed ({0})")]
     Init(String),
+    #[error("start-up was cancelled")]
+    Cancelled,
     #[error("exited during start-up ({0})")]
     Exited(String),
     #[error("another process, not the service, listens on {addr}")]

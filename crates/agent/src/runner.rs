@@ -412,6 +412,10 @@ impl Runner for Container {
     }
 
     fn retire(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
+        // A start cut short may have left the container without its PID known to us.
+        let (runc, id) = (self.runc.clone(), self.id());
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
+        })
     }
 }

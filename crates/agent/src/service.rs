@@ -296,10 +296,26 @@ impl Managed {
         });
     }
 
-    /// First start when the agent comes up.
-    pub async fn cold_start_initial(&self) -> Result<(), LaunchError> {
+    /// First start when the agent comes up; `cancel` cuts the wait for it short (the
+    /// launch itself is not cut: a process must never start after its cgroup was cleared).
+    pub async fn cold_start_initial(
+        &self,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), LaunchError> {
+        if *cancel.borrow() {
+            return Err(LaunchError::Cancelled);
+        }
         let t0 = Instant::now();
-        let pid = self.launch().await?;
+        let pid = self.runner.launch().await?;
+        let ready = tokio::select! {
+            biased;
+            _ = cancel.wait_for(|c| *c) => Err(LaunchError::Cancelled),
+            r = self.runner.wait_ready(pid) => r,
+        };
+        if let Err(e) = ready {
+            self.runner.stop(pid, Duration::from_millis(500)).await;
+            return Err(e);
+        }
         self.rt.lock().expect("runtime lock").pid = Some(pid);
         self.transition(
             ServiceState::Awake,
@@ -906,7 +922,10 @@ mod tests {
         };
         let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
-        m.cold_start_initial().await.expect("first start");
+        let (_keep, mut no_cancel) = watch::channel(false);
+        m.cold_start_initial(&mut no_cancel)
+            .await
+            .expect("first start");
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(Managed::run(m.clone(), rx));
         Harness {

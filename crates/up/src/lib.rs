@@ -5,14 +5,14 @@
 pub mod config;
 pub mod status;
 
-use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
-use torpor_agent::{Agent, AgentError, CgroupRoot, Launch};
+use torpor_agent::{Agent, AgentError};
 use torpor_control::{HoldLimits, ServiceLink};
 use torpor_criu::{CriuBinary, PoolTarget};
-use torpor_pool::{error_chain, PoolAddr, Store, StoreConfig};
+use torpor_pool::{PoolAddr, Store, StoreConfig};
 use tracing::info;
 
 pub use config::{Config, ConfigError, PoolChoice};
@@ -87,36 +87,42 @@ pub async fn run(
         .iter()
         .map(|g| (g.spec.clone(), g.link.clone()))
         .collect();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
     let start = Agent::start(
         criu,
         pool_target,
         agent_services,
         Some(config.power.clone()),
+        cancel_rx,
     );
     tokio::pin!(start);
     let started = tokio::select! {
         biased;
-        _ = &mut shutdown => None,
-        r = &mut start => Some(r),
+        _ = &mut shutdown => {
+            info!("stop requested while the services start; stopping what started");
+            let _ = cancel_tx.send(true);
+            start.await
+        }
+        r = &mut start => r,
     };
     let agent = match started {
-        Some(r) => Arc::new(r?),
-        None => {
-            info!("stop requested while the services start; stopping what started");
-            match finish_cancelled_start(start, &config).await {
-                Ok(agent) => {
-                    // Its loop with the stop already given only stops the services.
-                    let (_stop_tx, stop_rx) = watch::channel(true);
-                    agent.run(stop_rx).await;
-                }
-                Err(e) => info!(error = %error_chain(&e), "start-up cancelled"),
-            }
-            if let Some(t) = pool_task {
-                t.stop().await;
-            }
-            info!("stopped before it was ready");
-            return Ok(());
+        Ok(agent) if !*cancel_tx.borrow() => Some(Arc::new(agent)),
+        Ok(agent) => {
+            // It finished starting as the stop came: its loop, with the stop already
+            // given, only stops the services.
+            let (_stop_tx, stop_rx) = watch::channel(true);
+            agent.run(stop_rx).await;
+            None
         }
+        Err(AgentError::Cancelled) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let Some(agent) = agent else {
+        if let Some(t) = pool_task {
+            t.stop().await;
+        }
+        info!("stopped before it was ready");
+        return Ok(());
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -229,42 +235,6 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
         gates,
         status_listener,
     })
-}
-
-/// How often services that are still starting are killed once start-up is cancelled.
-const CANCEL_KILL_EVERY: Duration = Duration::from_millis(50);
-
-/// Lets a cancelled `Agent::start` end soon: it cannot be told to stop (and dropping it would
-/// leave what it started running, unowned), so the processes of the services being started
-/// are killed through their cgroups until it returns; each start then fails at once
-/// ("exited during start-up") and the agent stops what had started. A service without a
-/// cgroup (a container, a host without cgroups) is waited for, up to its start timeout.
-async fn finish_cancelled_start(
-    mut start: std::pin::Pin<&mut impl Future<Output = Result<Agent, AgentError>>>,
-    config: &Config,
-) -> Result<Agent, AgentError> {
-    let names: HashSet<&str> = config
-        .services
-        .iter()
-        .filter(|s| matches!(s.spec.launch, Launch::Process(_)))
-        .map(|s| s.spec.name.as_str())
-        .collect();
-    let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
-    let mut tick = tokio::time::interval(CANCEL_KILL_EVERY);
-    loop {
-        tokio::select! {
-            r = &mut start => return r,
-            _ = tick.tick() => {
-                // Repeatedly: a launch can put its process into the cgroup after one round.
-                for cg in cgroups.iter().flat_map(|r| r.existing()) {
-                    if names.contains(cg.name().as_str()) && !cg.procs().is_empty() {
-                        // One round, no waiting: the next tick takes what is left.
-                        cg.kill_all(Duration::ZERO);
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// A task aborted when its handle is dropped (the embedded pool's server), so that an
