@@ -150,8 +150,10 @@ impl ServiceCgroup {
     }
 
     /// `cgroup.procs` opened for writing: a child that writes `0` to it before it runs the
-    /// service joins the cgroup, and so does everything it starts.
+    /// service joins the cgroup, and so does everything it starts. The cgroup is made again
+    /// if something removed it meanwhile.
     pub fn join_handle(&self) -> io::Result<File> {
+        fs::create_dir_all(&self.dir)?;
         OpenOptions::new()
             .write(true)
             .open(self.dir.join("cgroup.procs"))
