@@ -147,7 +147,9 @@ impl Runc {
     }
 
     /// Checkpoints container `id` into the pool as `name`; the container is removed only
-    /// after the pool committed. Returns (generation, bytes, seconds).
+    /// after the pool committed. It is paused (frozen) from before the dump until then, so
+    /// nothing it does after the dump is lost with it; if anything fails it is resumed and
+    /// keeps running. Returns (generation, bytes, seconds).
     pub fn checkpoint_to_pool(
         &self,
         id: &str,
@@ -155,6 +157,29 @@ impl Runc {
         pool: &PoolTarget,
     ) -> Result<(u64, u64, f64), RuncError> {
         let t0 = Instant::now();
+        self.run("pause", id, &["pause"], &[])?;
+        let committed = self.dump_paused(id, name, pool);
+        match committed {
+            Ok(commit) => {
+                self.delete(id)?;
+                Ok((commit.0, commit.1, t0.elapsed().as_secs_f64()))
+            }
+            Err(e) => {
+                if let Err(resume) = self.run("resume", id, &["resume"], &[]) {
+                    tracing::warn!(id, error = %resume, "could not resume the container after a failed checkpoint");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Dumps the paused container `id` (CRIU leaves it paused) and commits it to the pool.
+    fn dump_paused(
+        &self,
+        id: &str,
+        name: &str,
+        pool: &PoolTarget,
+    ) -> Result<(u64, u64), RuncError> {
         let images = self.stage()?;
         let work = tempfile::tempdir().map_err(RuncError::Staging)?;
         self.run(
@@ -164,12 +189,10 @@ impl Runc {
             &[images.path(), Path::new("--work-path"), work.path()],
         )
         .map_err(|e| e.with_log(&work.path().join("dump.log")))?;
-        let commit = upload_dir(pool, name, images.path()).map_err(|source| RuncError::Pool {
+        upload_dir(pool, name, images.path()).map_err(|source| RuncError::Pool {
             name: name.to_string(),
             source,
-        })?;
-        self.delete(id)?;
-        Ok((commit.0, commit.1, t0.elapsed().as_secs_f64()))
+        })
     }
 
     /// Restores `name` from the pool as container `id` of `bundle`; returns its init PID.

@@ -296,6 +296,35 @@ fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
 }
 
 #[test]
+fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir()?;
+    let (port, backend) = (free_port(), free_port());
+    let bundle = busybox_bundle(dir.path(), backend, "still here\n")?;
+    let services = format!(
+        "[[service]]\nname = \"boxfull\"\nbundle = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        bundle.display()
+    );
+    // Far too small for the container's images: the upload is refused after the dump, while
+    // the container is paused.
+    let mut up = Up::start("[pool]\ncapacity = \"64KiB\"", &services)?;
+    up.wait_for(
+        "boxfull",
+        "awake after a refused checkpoint",
+        Duration::from_secs(30),
+        |s| s["failed_checkpoints"].as_u64() >= Some(1) && s["state"] == "awake",
+    )?;
+    // Not left frozen: it answers at once (through the gate and directly).
+    let body = http_get(addr(backend), "/index.html").with_context(|| up.log_text())?;
+    assert_eq!(body, "still here\n");
+    let state = Command::new("runc").args(["state", "torpor-boxfull"]).output()?;
+    let state = String::from_utf8_lossy(&state.stdout);
+    assert!(state.contains("\"running\""), "{state}");
+    assert!(up.stop()?.success());
+    Ok(())
+}
+
+#[test]
 fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = free_port();
