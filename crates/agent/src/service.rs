@@ -125,6 +125,10 @@ pub struct WakeTimeline {
     pub accepting_ms: f64,
     /// The link opened: held requests went to the service.
     pub released_ms: f64,
+    /// The gate saw the service's first answer after the wake (HTTP: its response began;
+    /// TCP: the connection to it was made); absent until a request was answered.
+    #[serde(default)]
+    pub first_byte_ms: Option<f64>,
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -356,6 +360,7 @@ impl Managed {
         match self.state() {
             ServiceState::Awake => {
                 let Some(pid) = self.pid() else { return };
+                self.note_first_byte();
                 if let Some(how) = self.runner.exited(pid) {
                     self.restart_crashed(how).await;
                     return;
@@ -431,6 +436,18 @@ impl Managed {
                 self.shared.replan.notify_one();
             }
             _ => {}
+        }
+    }
+
+    /// Completes the last wake's timeline once the gate saw the first answer.
+    fn note_first_byte(&self) {
+        let mut rt = self.rt.lock().expect("runtime lock");
+        if let Some(w) = rt.status.last_wake.as_mut() {
+            if w.first_byte_ms.is_none() {
+                if let Some(d) = self.link.first_answer_after_open() {
+                    w.first_byte_ms = Some(w.released_ms + d.as_secs_f64() * 1e3);
+                }
+            }
         }
     }
 
@@ -987,10 +1004,14 @@ mod tests {
         h.until(ServiceState::Asleep).await;
         let request = tokio::spawn({
             let link = h.link.clone();
-            async move { link.enter().await.map(drop) }
+            async move { link.enter().await }
         });
         h.until(ServiceState::Awake).await;
-        request.await.unwrap().expect("the held request passes");
+        let guard = request.await.unwrap().expect("the held request passes");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        guard.answered();
+        drop(guard);
+        tokio::time::sleep(4 * TICK).await;
         use ServiceState::*;
         assert_eq!(
             h.states(),
@@ -1002,6 +1023,8 @@ mod tests {
         assert_eq!((w.cause.as_str(), w.how.as_str()), ("request", "restore"));
         assert!(w.restore_start_ms <= w.criu_done_ms.unwrap());
         assert!(w.criu_done_ms.unwrap() <= w.accepting_ms && w.accepting_ms <= w.released_ms);
+        let first = w.first_byte_ms.expect("the first answer is noted");
+        assert!(first >= w.released_ms + 3.0, "{w:?}");
         assert_eq!(h.fake.calls("restore").len(), 1);
         assert_eq!(h.fake.calls("restore")[0].1, "restore Some(1)");
         tokio::time::sleep(STEP).await;

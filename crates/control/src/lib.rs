@@ -93,6 +93,9 @@ struct Inner {
 struct Inflight {
     count: AtomicUsize,
     changed: Notify,
+    /// When the link last opened, and how long after that the service first answered a
+    /// request (the last wake's "first byte").
+    answered: Mutex<(Option<Instant>, Option<Duration>)>,
 }
 
 /// Shared by a service's gate and its agent.
@@ -124,6 +127,19 @@ impl InflightGuard {
         inflight.count.fetch_add(1, Ordering::SeqCst);
         InflightGuard {
             inflight: inflight.clone(),
+        }
+    }
+
+    /// The service answered this request (its response began): the first answer after the
+    /// link opened is kept as the wake's first byte.
+    pub fn answered(&self) {
+        let mut a = self
+            .inflight
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let (Some(opened), None) = *a {
+            a.1 = Some(opened.elapsed());
         }
     }
 }
@@ -342,6 +358,11 @@ impl ServiceLink {
         let mut inner = self.state();
         inner.open = true;
         inner.down = None;
+        *self
+            .inflight
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = (Some(Instant::now()), None);
         inner.wake_armed = false;
         // It is up: a wake asked for while it came up is answered.
         inner.wake_pending = false;
@@ -391,6 +412,15 @@ impl ServiceLink {
     /// Requests waiting in the hold queue now.
     pub fn held(&self) -> usize {
         self.state().waiters.len()
+    }
+
+    /// How long after the link last opened the service first answered a request, once it has.
+    pub fn first_answer_after_open(&self) -> Option<Duration> {
+        self.inflight
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
     }
 
     /// Requests let through and not finished (their [`InflightGuard`]s are alive).
@@ -741,6 +771,27 @@ mod tests {
         assert_eq!(l.held(), 0);
         l.open();
         l.enter().await.expect("up again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_answer_after_opening_is_timed_from_the_open() {
+        let l = link(8);
+        assert_eq!(l.first_answer_after_open(), None);
+        l.open();
+        tokio::time::sleep(Duration::from_millis(7)).await;
+        let g = l.enter().await.unwrap();
+        g.answered();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        l.enter().await.unwrap().answered();
+        assert_eq!(l.first_answer_after_open(), Some(Duration::from_millis(7)));
+        drop(g);
+        l.drain(Duration::from_secs(1)).await;
+        l.open();
+        assert_eq!(
+            l.first_answer_after_open(),
+            None,
+            "a new opening starts over"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -131,13 +131,16 @@ impl HttpGate {
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target"),
         };
         match client.request(req).await {
-            Ok(resp) => resp.map(|body| {
-                GuardedBody {
-                    inner: body,
-                    _guard: guard,
-                }
-                .boxed()
-            }),
+            Ok(resp) => {
+                guard.answered();
+                resp.map(|body| {
+                    GuardedBody {
+                        inner: body,
+                        _guard: guard,
+                    }
+                    .boxed()
+                })
+            }
             Err(e) => {
                 warn!(service = %self.link.name, backend = %self.backend, error = %e, "backend request failed");
                 if grpc {

@@ -27,7 +27,7 @@ async fn forward(
 ) {
     let mut generation = link.watch_backend_generation();
     generation.mark_unchanged();
-    let _guard = match link.enter().await {
+    let guard = match link.enter().await {
         Ok(g) => g,
         Err(e) => {
             warn!(service = %link.name, %peer, error = %e, "closing held TCP connection");
@@ -42,6 +42,8 @@ async fn forward(
         }
     };
     let _ = server.set_nodelay(true);
+    // Raw TCP has no response to wait for: the service answering is its accepting.
+    guard.answered();
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut server) => {
             debug!(service = %link.name, %peer, result = ?r, "TCP connection done");
