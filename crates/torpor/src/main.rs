@@ -557,7 +557,7 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         "asleep",
         "awake"
     );
-    for s in services {
+    for s in &services {
         let secs = |v: Option<f64>| {
             v.map(|x| format!("{:.3}s", x))
                 .unwrap_or_else(|| "-".into())
@@ -580,6 +580,25 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
             s.time_awake_s,
             if s.held_now > 0 { format!("  ({} held)", s.held_now) } else { String::new() }
         );
+    }
+    for s in &services {
+        if let Some(why) = &s.cannot_sleep {
+            println!("{}: never sleeps here: {why}", s.name);
+        }
+        if let Some(w) = &s.last_wake {
+            let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), |x| format!("{x:.1}"));
+            println!(
+                "{}: last wake ({}, {}) ms: restore start {:.1}, CRIU done {}, accepting {:.1}, released {:.1}, first byte {}",
+                s.name,
+                w.cause,
+                w.how,
+                w.restore_start_ms,
+                opt(w.criu_done_ms),
+                w.accepting_ms,
+                w.released_ms,
+                opt(w.first_byte_ms)
+            );
+        }
     }
     let energy: Option<torpor_up::status::EnergyReport> =
         serde_json::from_value(doc["energy"].clone())?;
