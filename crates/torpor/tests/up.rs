@@ -317,7 +317,9 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
     // Not left frozen: it answers at once (through the gate and directly).
     let body = http_get(addr(backend), "/index.html").with_context(|| up.log_text())?;
     assert_eq!(body, "still here\n");
-    let state = Command::new("runc").args(["state", "torpor-boxfull"]).output()?;
+    let state = Command::new("runc")
+        .args(["state", "torpor-boxfull"])
+        .output()?;
     let state = String::from_utf8_lossy(&state.stdout);
     assert!(state.contains("\"running\""), "{state}");
     assert!(up.stop()?.success());
