@@ -187,8 +187,28 @@ impl Drop for PoolProcess {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// Lowest port [`free_port`] hands out.
+const PORT_FLOOR: u16 = 10_000;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a process that binds it later. It
+/// is drawn below the kernel's ephemeral range (`ip_local_port_range`): a port from that range
+/// can be taken by any outgoing connection before its bind, and the processes under test make
+/// plenty of them.
 pub fn free_port() -> io::Result<u16> {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > PORT_FLOOR + 1000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..100 {
+            let port = rng.gen_range(PORT_FLOOR..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
