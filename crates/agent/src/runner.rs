@@ -208,10 +208,13 @@ impl Runner for ProcessTree {
 
     fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
         let (host, name) = (self.host.clone(), self.name.clone());
+        let cgroup = self.cgroup.as_ref().map(|cg| cg.path().to_path_buf());
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
+                    // Restored straight into the service's cgroup where that can be done.
+                    cgroup,
                     ..Default::default()
                 };
                 torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pool, &opts)
@@ -225,8 +228,14 @@ impl Runner for ProcessTree {
             .expect("restore task panicked")?;
             self.host.reaper.watch(restored.pid);
             // CRIU restores cgroup membership where it can; this makes it exact either way.
+            // Only processes outside are moved: each write to `cgroup.procs` may wait for an
+            // RCU grace period (5-15 ms here), even for a process already inside.
             if let Some(cg) = &self.cgroup {
+                let inside = cg.procs();
                 for p in procs::tree_pids(restored.pid) {
+                    if inside.contains(&p) {
+                        continue;
+                    }
                     if let Err(e) = cg.add(p) {
                         warn!(service = %self.name, pid = p, error = %e, "cannot move a restored process into the service's cgroup");
                     }

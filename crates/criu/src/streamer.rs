@@ -163,6 +163,11 @@ pub fn recv_pipe(sock: &UnixStream) -> io::Result<OwnedFd> {
     ))
 }
 
+/// How many bytes `pipe` holds before a write to it blocks.
+pub fn pipe_capacity(pipe: std::os::fd::BorrowedFd<'_>) -> usize {
+    fcntl(pipe.as_raw_fd(), FcntlArg::F_GETPIPE_SZ).map_or(0, |n| n.max(0) as usize)
+}
+
 /// Poll interval while waiting on CRIU.
 pub const POLL: Duration = Duration::from_millis(5);
 
