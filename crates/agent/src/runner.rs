@@ -208,13 +208,10 @@ impl Runner for ProcessTree {
 
     fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
         let (host, name) = (self.host.clone(), self.name.clone());
-        let cgroup = self.cgroup.as_ref().map(|cg| cg.path().to_path_buf());
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
-                    // Restored straight into the service's cgroup where that can be done.
-                    cgroup,
                     ..Default::default()
                 };
                 torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pool, &opts)
