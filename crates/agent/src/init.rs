@@ -311,21 +311,13 @@ fn supervise(main_child: Pid, all: &SigSet, pid_namespace: bool) -> u8 {
 /// Processes of our session but us.
 fn session_members() -> Vec<i32> {
     let me = std::process::id() as i32;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    let session = me.to_string();
+    torpor_criu::procs::all_pids()
+        .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // After the command: state, ppid, pgrp, session.
-                    let (_, rest) = stat.rsplit_once(')')?;
-                    rest.split_whitespace().nth(3)?.parse::<i32>().ok()
-                })
-                == Some(me)
+        .filter(|&pid| {
+            // State, ppid, pgrp, session.
+            torpor_criu::procs::stat_fields(pid).is_some_and(|f| f.get(3) == Some(&session))
         })
         .collect()
 }

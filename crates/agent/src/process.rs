@@ -165,7 +165,7 @@ pub async fn stop_tree(pid: i32, cgroup: Option<&ServiceCgroup>, reaper: &Reaper
         let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(5))).await;
     }
     if !gone {
-        reaper.reap(pid, Duration::from_secs(5)).await;
+        reaper.reap(&[pid], Duration::from_secs(5)).await;
     }
 }
 

@@ -75,36 +75,15 @@ impl Reaper {
         }
     }
 
-    /// Waits for the watched root `pid`, which is known to be dead or dying, for up to `wait`.
-    pub async fn reap(&self, pid: i32, wait: Duration) -> Option<String> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(how) = self.exited(pid) {
-                return Some(how);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Waits up to `wait` until none of `pids` (a dumped tree's processes, which come to us
-    /// when their init is killed outside a PID namespace) exists, reaping those that are ours:
-    /// a restore must find their PIDs free.
-    pub async fn reap_gone(&self, pids: &[i32], wait: Duration) {
+    /// Waits up to `wait` until none of `pids` (dead or dying: a stopped root, or a dumped
+    /// tree's processes, which come to us when their init is killed outside a PID namespace)
+    /// exists, reaping those that are ours: a restore must find their PIDs free.
+    pub async fn reap(&self, pids: &[i32], wait: Duration) {
         let deadline = Instant::now() + wait;
         let mut left: Vec<i32> = pids.to_vec();
         while !left.is_empty() && Instant::now() < deadline {
-            left.retain(|&pid| {
-                if self.exited(pid).is_some() {
-                    return false;
-                }
-                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(st) => describe(st).is_none(),
-                    Err(_) => torpor_criu::procs::pid_in_use(pid),
-                }
-            });
+            // `exited` reaps what is ours and calls gone what no longer exists.
+            left.retain(|&pid| self.exited(pid).is_none());
             if !left.is_empty() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -163,21 +142,13 @@ impl Reaper {
 
 /// Our children that are zombies now.
 fn zombie_children(me: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // After the command's closing parenthesis: state, then ppid.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut f = rest.split_whitespace();
-            f.next() == Some("Z") && f.next().and_then(|p| p.parse::<i32>().ok()) == Some(me)
+    let me = me.to_string();
+    torpor_criu::procs::all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            // State, then ppid.
+            torpor_criu::procs::stat_fields(pid)
+                .is_some_and(|f| f.len() > 1 && f[0] == "Z" && f[1] == me)
         })
         .collect()
 }

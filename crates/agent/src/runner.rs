@@ -200,7 +200,7 @@ impl Runner for ProcessTree {
             // them now, so that the next restore finds their PIDs free.
             self.host
                 .reaper
-                .reap_gone(&members, Duration::from_secs(5))
+                .reap(&members, Duration::from_secs(5))
                 .await;
             Ok(done)
         })
@@ -258,7 +258,7 @@ impl Runner for ProcessTree {
     fn clear(&self, pid: i32) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // A namespace dies with its init; the cgroup holds whatever else might be left.
-            self.host.reaper.reap(pid, Duration::from_secs(5)).await;
+            self.host.reaper.reap(&[pid], Duration::from_secs(5)).await;
             self.kill_cgroup().await;
         })
     }
@@ -395,13 +395,13 @@ impl Runner for Container {
         Box::pin(async move {
             let (runc, id) = (self.runc.clone(), self.id());
             let _ = tokio::task::spawn_blocking(move || runc.delete(&id)).await;
-            self.host.reaper.reap(pid, grace).await;
+            self.host.reaper.reap(&[pid], grace).await;
         })
     }
 
     fn clear(&self, pid: i32) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.host.reaper.reap(pid, Duration::from_secs(5)).await;
+            self.host.reaper.reap(&[pid], Duration::from_secs(5)).await;
         })
     }
 

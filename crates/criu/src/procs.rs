@@ -128,14 +128,32 @@ pub fn rss_bytes(pid: i32) -> u64 {
 }
 
 /// CPU seconds (user + system) one process has used (0 if it is gone).
+/// The fields of `/proc/PID/stat` after the parenthesised command (state first): split after
+/// its last `)`, so a command with spaces or parentheses cannot shift them.
+pub fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Every process's PID now.
+pub fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn cpu_seconds(pid: i32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
+    let Some(fields) = stat_fields(pid) else {
         return 0.0;
     };
-    let ticks: u64 = rest
-        .split_whitespace()
+    // utime and stime are the 12th and 13th fields after the command.
+    let ticks: u64 = fields
+        .iter()
         .skip(11)
         .take(2)
         .filter_map(|v| v.parse::<u64>().ok())
