@@ -29,7 +29,7 @@ use std::{
 use thiserror::Error;
 use tokio::{sync::watch, task::JoinSet};
 use torpor_control::ServiceLink;
-use torpor_criu::{CriuBinary, PoolTarget};
+use torpor_criu::{CriuBinary, Pools};
 
 use node::{AwakeService, NodePower};
 use runner::Runner;
@@ -88,6 +88,15 @@ pub(crate) struct Shared {
 /// How often the energy account samples the node.
 const ENERGY_TICK: Duration = Duration::from_secs(1);
 
+/// Where a node's snapshots go and under which names.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    /// The pool replicas and the node key.
+    pub pools: Pools,
+    /// This node's prefix of snapshot names on a shared pool.
+    pub namespace: String,
+}
+
 /// The agent of one node.
 #[derive(Debug)]
 pub struct Agent {
@@ -103,7 +112,7 @@ impl Agent {
     /// killed, not waited for) and the start ends in [`AgentError::Cancelled`].
     pub async fn start(
         criu: CriuBinary,
-        pool: PoolTarget,
+        snapshots: Snapshots,
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
         power: Option<NodePowerConfig>,
         mut cancel: watch::Receiver<bool>,
@@ -132,7 +141,8 @@ impl Agent {
         let reaper = Arc::new(reaper::Reaper::default());
         let host = runner::Host {
             criu,
-            pool,
+            pools: snapshots.pools,
+            namespace: snapshots.namespace,
             reaper: reaper.clone(),
         };
         let shared = Arc::new(Shared {

@@ -6,7 +6,7 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
 
 use torpor_criu::{
-    procs, runc::Runc, CheckpointError, CheckpointOptions, CriuBinary, PoolTarget, RestoreOptions,
+    procs, runc::Runc, CheckpointError, CheckpointOptions, CriuBinary, Pools, RestoreOptions,
     TcpConnections,
 };
 use torpor_pool::error_chain;
@@ -40,6 +40,15 @@ pub struct CheckpointFailed {
     pub committed: Option<u64>,
 }
 
+/// How a restore failed, as the state machine needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreFailed {
+    pub message: String,
+    /// The snapshot is gone or untrustworthy on every replica: the service's state is lost
+    /// (it cold-starts), as opposed to a pool that is only unreachable.
+    pub snapshot_lost: bool,
+}
+
 /// A tree brought back from the pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Restored {
@@ -56,7 +65,7 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     /// Checkpoints the tree into the pool; on success the tree is gone.
     fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>>;
     /// Restores `generation` from the pool.
-    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>>;
+    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>>;
     /// Gives back the pool memory of generations up to `up_to`.
     fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>>;
     /// Stops the tree: politely, then by force after `grace`; reaps it.
@@ -77,25 +86,44 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Host {
     pub criu: CriuBinary,
-    pub pool: PoolTarget,
+    /// The pool replicas and the node key that seals and verifies snapshots.
+    pub pools: Pools,
+    /// Prefix of this node's snapshot names (`NAMESPACE.SERVICE`), so that nodes sharing a
+    /// pool never collide nor release each other's snapshots.
+    pub namespace: String,
     pub reaper: Arc<Reaper>,
 }
 
 impl Host {
-    fn release(&self, name: &str, up_to: u64) -> BoxFuture<'static, Result<(), String>> {
-        let (pool, name) = (self.pool.clone(), name.to_string());
+    /// The pool name of a service's snapshots.
+    pub fn snapshot_name(&self, service: &str) -> String {
+        format!("{}.{service}", self.namespace)
+    }
+
+    /// Deletes this node's generations of `service` up to `up_to` on every replica (never
+    /// another node's, never a newer one).
+    fn release(&self, service: &str, up_to: u64) -> BoxFuture<'static, Result<(), String>> {
+        let (pools, name) = (self.pools.clone(), self.snapshot_name(service));
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let mut c = pool.connect()?;
-                let stale: Vec<u64> = c
-                    .list()?
-                    .into_iter()
-                    .filter(|s| s.name == name && s.generation <= up_to)
-                    .map(|s| s.generation)
-                    .collect();
-                stale
-                    .into_iter()
-                    .try_for_each(|g| c.delete(&name, Some(g)).map(|_| ()))
+                let mut first_error = None;
+                for pool in &pools.replicas {
+                    let released = pool.connect().and_then(|mut c| {
+                        let stale: Vec<u64> = c
+                            .list()?
+                            .into_iter()
+                            .filter(|s| s.name == name && s.generation <= up_to)
+                            .map(|s| s.generation)
+                            .collect();
+                        stale
+                            .into_iter()
+                            .try_for_each(|g| c.delete(&name, Some(g)).map(|_| ()))
+                    });
+                    if let Err(e) = released {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
             })
             .await
             .expect("release task panicked")
@@ -165,7 +193,7 @@ impl Runner for ProcessTree {
     }
 
     fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
-        let (host, name) = (self.host.clone(), self.name.clone());
+        let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
         let members = self.tree(pid);
         Box::pin(async move {
             let done = tokio::task::spawn_blocking(move || {
@@ -175,7 +203,7 @@ impl Runner for ProcessTree {
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
-                torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pool, &opts)
+                torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pools, &opts)
                     .map(|r| Committed {
                         generation: r.generation,
                         bytes: Some(r.pool_bytes),
@@ -206,20 +234,26 @@ impl Runner for ProcessTree {
         })
     }
 
-    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
-        let (host, name) = (self.host.clone(), self.name.clone());
+    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
+        let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
-                torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pool, &opts)
+                torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pools, &opts)
                     .map(|r| Restored {
                         pid: r.pid,
-                        detail: format!("restored generation {} as pid {}", r.generation, r.pid),
+                        detail: format!(
+                            "restored generation {} from pool replica {} as pid {}",
+                            r.generation, r.replica, r.pid
+                        ),
                     })
-                    .map_err(|e| error_chain(&e))
+                    .map_err(|e| RestoreFailed {
+                        message: error_chain(&e),
+                        snapshot_lost: e.snapshot_lost(),
+                    })
             })
             .await
             .expect("restore task panicked")?;
@@ -338,15 +372,15 @@ impl Runner for Container {
     }
 
     fn checkpoint(&self, _pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
-        let (runc, id, name, pool) = (
+        let (runc, id, name, pools) = (
             self.runc.clone(),
             self.id(),
-            self.name.clone(),
-            self.host.pool.clone(),
+            self.host.snapshot_name(&self.name),
+            self.host.pools.clone(),
         );
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                runc.checkpoint_to_pool(&id, &name, &pool)
+                runc.checkpoint_to_pool(&id, &name, &pools)
                     .map(|(generation, bytes, secs)| Committed {
                         generation,
                         bytes: Some(bytes),
@@ -363,22 +397,25 @@ impl Runner for Container {
         })
     }
 
-    fn restore(&self, _generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
-        let (runc, id, bundle, name, pool) = (
+    fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
+        let (runc, id, bundle, name, pools) = (
             self.runc.clone(),
             self.id(),
             self.bundle.clone(),
-            self.name.clone(),
-            self.host.pool.clone(),
+            self.host.snapshot_name(&self.name),
+            self.host.pools.clone(),
         );
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
-                runc.restore_from_pool(&id, &bundle, &name, &pool)
+                runc.restore_from_pool(&id, &bundle, &name, generation, &pools)
                     .map(|pid| Restored {
                         pid,
                         detail: format!("restored container {id} as pid {pid}"),
                     })
-                    .map_err(|e| error_chain(&e))
+                    .map_err(|e| RestoreFailed {
+                        message: error_chain(&e),
+                        snapshot_lost: e.snapshot_lost(),
+                    })
             })
             .await
             .expect("restore task panicked")?;

@@ -13,7 +13,7 @@ use torpor_criu::procs;
 use torpor_policy::{
     decide_sleep, prewarm_at, prewarm_hold_until, PolicyConfig, SleepDecision, SnapshotTier,
 };
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::{
     process::{Launch, LaunchError},
@@ -108,6 +108,13 @@ pub struct ServiceStatus {
     /// Why this service can never be checkpointed on this host (it stays awake).
     #[serde(default)]
     pub cannot_sleep: Option<String>,
+    /// Wakes that found the snapshot gone or untrustworthy on every pool replica (the
+    /// service cold-started without its state).
+    #[serde(default)]
+    pub snapshots_lost: u64,
+    /// Why the last such snapshot was lost.
+    #[serde(default)]
+    pub last_snapshot_lost: Option<String>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -205,6 +212,8 @@ impl Managed {
             wakes: 0,
             prewarms: 0,
             cold_starts: 0,
+            snapshots_lost: 0,
+            last_snapshot_lost: None,
             restarts: 0,
             failed_checkpoints: 0,
             last_checkpoint_s: None,
@@ -618,7 +627,16 @@ impl Managed {
                     }
                 }
             }
-            Err(e) => e,
+            Err(e) if e.snapshot_lost => {
+                let mut rt = self.rt.lock().expect("runtime lock");
+                rt.status.snapshots_lost += 1;
+                rt.status.last_snapshot_lost = Some(e.message.clone());
+                drop(rt);
+                // The state the service had when it slept is gone: say so loudly, once.
+                error!(service = %self.spec.name, event = "snapshot_lost", generation, reason = %e.message, "snapshot lost; the service cold-starts without its state");
+                format!("snapshot lost: {}", e.message)
+            }
+            Err(e) => e.message,
         };
         warn!(service = %self.spec.name, %reason, "restore failed; cold start");
         self.bring_up_cold(t0, timeline, &reason).await;
@@ -748,7 +766,7 @@ mod tests {
     use super::*;
     use crate::{
         process::ProcessLaunch,
-        runner::{BoxFuture, CheckpointFailed, Committed, Restored, Runner},
+        runner::{BoxFuture, CheckpointFailed, Committed, RestoreFailed, Restored, Runner},
     };
 
     /// Scripted outcomes; each call takes the next one, or succeeds when none is left.
@@ -761,7 +779,7 @@ mod tests {
         checkpoints: Mutex<VecDeque<Result<(), CheckpointFailed>>>,
         /// Whether a scripted checkpoint failure leaves the tree gone.
         failure_kills: Mutex<bool>,
-        restores: Mutex<VecDeque<Result<(), String>>>,
+        restores: Mutex<VecDeque<Result<(), RestoreFailed>>>,
         launches: Mutex<VecDeque<Result<(), String>>>,
         dead: Mutex<HashSet<i32>>,
         started: Mutex<Option<Instant>>,
@@ -845,7 +863,10 @@ mod tests {
             })
         }
 
-        fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, String>> {
+        fn restore(
+            &self,
+            generation: Option<u64>,
+        ) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
             Box::pin(async move {
                 tokio::time::sleep(STEP).await;
                 self.note(format!("restore {generation:?}"));
@@ -1118,23 +1139,47 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_restore_ends_in_a_cold_start_and_the_held_request_is_answered() {
         let fake = Fake::default();
-        fake.restores
-            .lock()
-            .unwrap()
-            .push_back(Err("snapshot is corrupt".into()));
+        fake.restores.lock().unwrap().push_back(Err(RestoreFailed {
+            message: "pool unreachable".into(),
+            snapshot_lost: false,
+        }));
         let h = start(fake).await;
         h.until(ServiceState::Asleep).await;
         h.link.enter().await.expect("late, not lost");
         let s = h.m.status();
         assert_eq!((s.state, s.cold_starts), (ServiceState::Awake, 1));
         assert_eq!(s.last_wake.unwrap().how, "cold start");
+        assert_eq!(s.snapshots_lost, 0, "unreachable is not lost");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_lost_on_every_replica_is_counted_and_reported_and_the_service_cold_starts()
+    {
+        let fake = Fake::default();
+        fake.restores.lock().unwrap().push_back(Err(RestoreFailed {
+            message: "snapshot \"n.web\" not found".into(),
+            snapshot_lost: true,
+        }));
+        let h = start(fake).await;
+        h.until(ServiceState::Asleep).await;
+        h.link.enter().await.expect("late, not lost");
+        let s = h.m.status();
+        assert_eq!(
+            (s.state, s.cold_starts, s.snapshots_lost),
+            (ServiceState::Awake, 1, 1)
+        );
+        assert!(s.last_snapshot_lost.unwrap().contains("not found"));
         h.finish().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn when_the_cold_start_fails_too_requests_get_an_error_and_it_retries_with_backoff() {
         let fake = Fake::default();
-        fake.restores.lock().unwrap().push_back(Err("gone".into()));
+        fake.restores.lock().unwrap().push_back(Err(RestoreFailed {
+            message: "gone".into(),
+            snapshot_lost: true,
+        }));
         let h = start(fake).await;
         h.until(ServiceState::Asleep).await;
         h.fake.launches.lock().unwrap().extend([

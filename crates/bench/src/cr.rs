@@ -260,7 +260,7 @@ fn run_torpor(
         criu,
         svc.pid,
         &name,
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     svc.reap();
@@ -269,7 +269,7 @@ fn run_torpor(
         criu,
         &name,
         Some(r.generation),
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )?;
     let first = first_response(svc.addr, t0);

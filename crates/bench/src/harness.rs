@@ -19,7 +19,8 @@ use nix::{
     unistd::Pid,
 };
 use thiserror::Error;
-use torpor_criu::PoolTarget;
+use torpor_criu::{PoolTarget, Pools};
+use torpor_image::NodeKey;
 use torpor_pool::PoolAddr;
 
 /// Why a token file was refused.
@@ -125,6 +126,8 @@ impl Drop for SampleProcess {
 pub struct PoolProcess {
     child: Child,
     pub target: PoolTarget,
+    /// The pool with a key made for this run, for sealed checkpoints and restores.
+    pub pools: Pools,
     /// How long the pool took to start (pre-faulting its RAM tier).
     pub startup: Duration,
     dir: tempfile::TempDir,
@@ -166,9 +169,11 @@ impl PoolProcess {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        let pools = Pools::single(target.clone(), std::sync::Arc::new(NodeKey::generate()));
         Ok(PoolProcess {
             child,
             target,
+            pools,
             startup: started.elapsed(),
             dir,
         })

@@ -46,7 +46,7 @@ pub fn run(memory: u64) -> Result<(), ExperimentError> {
         &criu,
         svc.pid,
         "demo",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     svc.reap();
@@ -76,7 +76,7 @@ pub fn run(memory: u64) -> Result<(), ExperimentError> {
         &criu,
         "demo",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )?;
     let first = first_response(svc.addr, t0)?;

@@ -33,16 +33,16 @@ use torpor_image::{
     manifest::{RunAs, SnapshotMeta},
     CHUNK_SIZE,
 };
-use torpor_pool::{client::CommitInfo, ClientError, PoolClient};
+use torpor_pool::ClientError;
 use tracing::{debug, info, warn};
 
 use crate::{
     binary::{keep_log, log_tail, CriuBinary, CriuError},
     identity::{self, CriuIdentity, Decision},
     procs,
+    replicas::{Committed, Pools, ReplicatedUpload},
     stats::{parse_dump_stats, DumpStats},
     streamer::{self, CAPTURE_SOCKET},
-    PoolTarget,
 };
 
 /// Buffers in flight between CRIU's pipes and the pool connection; with 1 MiB each this is
@@ -125,6 +125,8 @@ pub struct CheckpointReport {
     pub run_as: Option<RunAs>,
     /// The root was the init of its own PID namespace.
     pub pid_namespace: bool,
+    /// Pool replicas that committed the snapshot.
+    pub replicas: usize,
 }
 
 /// Why a checkpoint failed. In every case but `AfterCommit` the tree is running as before.
@@ -224,7 +226,7 @@ enum Msg {
     Open { id: u32, name: String },
     Data { id: u32, buf: Vec<u8> },
     Close { id: u32, size: u64 },
-    Commit(mpsc::Sender<Result<CommitInfo, ClientError>>),
+    Commit(mpsc::Sender<Result<Committed, ClientError>>),
 }
 
 /// State shared between the streamer thread and the coordinator.
@@ -276,12 +278,13 @@ pub fn run_as_for_tree(root: i32) -> Result<Option<RunAs>, CheckpointError> {
     }
 }
 
-/// Checkpoints the tree rooted at `pid` into the pool under `name`.
+/// Checkpoints the tree rooted at `pid` into the pools under `name`, sealed with the node's
+/// key; it counts (and the tree is killed) only once the pools' write quorum committed.
 pub fn checkpoint_to_pool(
     criu: &CriuBinary,
     pid: i32,
     name: &str,
-    pool: &PoolTarget,
+    pools: &Pools,
     opts: &CheckpointOptions,
 ) -> Result<CheckpointReport, CheckpointError> {
     if !procs::pid_in_use(pid) {
@@ -297,21 +300,19 @@ pub fn checkpoint_to_pool(
     let criu_version = criu.version()?;
     let pids = procs::tree_pids(pid);
     let footprint_bytes = procs::tree_rss_bytes(&pids);
-    let mut client = pool.connect().map_err(CheckpointError::Pool)?;
-    client
-        .put_begin(
-            name,
-            SnapshotMeta {
-                root_pid: pid,
-                pids: pids.clone(),
-                criu_version: criu_version.clone(),
-                footprint_bytes,
-                run_as,
-                pid_namespace,
-            },
-            None,
-        )
-        .map_err(CheckpointError::Pool)?;
+    let upload = ReplicatedUpload::begin(
+        pools,
+        name,
+        SnapshotMeta {
+            root_pid: pid,
+            pids: pids.clone(),
+            criu_version: criu_version.clone(),
+            footprint_bytes,
+            run_as,
+            pid_namespace,
+        },
+    )
+    .map_err(CheckpointError::Pool)?;
 
     let work = tempfile::Builder::new()
         .prefix("torpor-dump-")
@@ -365,7 +366,7 @@ pub fn checkpoint_to_pool(
     let (tx, rx) = mpsc::sync_channel::<Msg>(2 * STAGING_BUFFERS);
     // The streamer thread says when every image CRIU sent before post-dump is in hand.
     let (sealed_tx, sealed_rx) = mpsc::channel::<()>();
-    let writer = spawn_writer(client, rx, buffers.clone(), failed.clone());
+    let writer = spawn_writer(upload, rx, buffers.clone(), failed.clone());
     let streamer_thread = {
         let criu_pid = child.id();
         let (buffers, failed, criu_done, capture, tx) = (
@@ -461,6 +462,7 @@ pub fn checkpoint_to_pool(
                 left_running: opts.leave_running,
                 run_as,
                 pid_namespace,
+                replicas: info.replicas,
             };
             info!(
                 name,
@@ -497,30 +499,31 @@ pub fn checkpoint_to_pool(
 /// Sends everything the readers produce to the pool; on the first error, stops the readers
 /// (so CRIU sees a broken pipe and gives up) and keeps draining.
 fn spawn_writer(
-    mut client: PoolClient,
+    upload: ReplicatedUpload,
     rx: mpsc::Receiver<Msg>,
     buffers: Arc<BufferPool>,
     failed: Arc<AtomicBool>,
 ) -> JoinHandle<Option<ClientError>> {
     thread::spawn(move || {
+        let mut upload = Some(upload);
         let mut error: Option<ClientError> = None;
         for msg in rx {
-            let result = match msg {
-                Msg::Open { id, name } if error.is_none() => client.file_open(id, &name),
-                Msg::Data { id, buf } => {
-                    let r = if error.is_none() {
-                        client.file_data(id, &buf)
-                    } else {
-                        Ok(())
+            let result = match (msg, upload.as_mut()) {
+                (Msg::Open { id, name }, Some(u)) if error.is_none() => u.file_open(id, &name),
+                (Msg::Data { id, buf }, u) => {
+                    let r = match u {
+                        Some(u) if error.is_none() => u.file_data(id, &buf),
+                        _ => Ok(()),
                     };
                     buffers.give(buf);
                     r
                 }
-                Msg::Close { id, size } if error.is_none() => client.file_close(id, size),
-                Msg::Commit(reply) => {
-                    let _ = reply.send(match error.take() {
-                        Some(e) => Err(e),
-                        None => client.commit(),
+                (Msg::Close { id, size }, Some(u)) if error.is_none() => u.file_close(id, size),
+                (Msg::Commit(reply), _) => {
+                    let _ = reply.send(match (error.take(), upload.take()) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(u)) => u.commit(),
+                        (None, None) => Err(ClientError::Unexpected("committed twice".into())),
                     });
                     return None;
                 }

@@ -8,6 +8,8 @@
 //! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
 //!   to be free again (a tree that had its own PID namespace gets a fresh one and does not wait).
 //! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
+//! * [`replicas`] commits to a quorum of pool replicas under the node's seal and verifies
+//!   seals on the way back.
 //! * [`runc`] checkpoints and restores OCI containers through runc, via the pool.
 //! * [`identity`] chooses and applies the identity CRIU runs as (root, or the tree's own uid
 //!   where root lacks CAP_SYS_RESOURCE).
@@ -19,6 +21,7 @@ pub mod checkpoint;
 pub mod identity;
 pub mod local;
 pub mod procs;
+pub mod replicas;
 pub mod restore;
 pub mod runc;
 pub mod stats;
@@ -30,6 +33,7 @@ pub use checkpoint::{
     TcpConnections,
 };
 pub use identity::{CriuIdentity, RunAs};
+pub use replicas::{Pools, ReplicatedUpload};
 pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
 
 /// How to reach a pool.

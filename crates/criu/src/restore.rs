@@ -26,15 +26,21 @@ use std::{
 };
 
 use thiserror::Error;
-use torpor_image::{manifest::RunAs, wire::ErrorCode, Manifest};
+use torpor_image::{
+    manifest::RunAs,
+    seal::{FileDigest, SealedFile},
+    wire::ErrorCode,
+    Manifest, SealError,
+};
 use torpor_pool::{ClientError, PoolClient};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     binary::{keep_log, log_tail, read_no_follow, CriuBinary, CriuError},
     checkpoint::TcpConnections,
     identity::{self, CriuIdentity},
     procs,
+    replicas::{find_verified, FetchError, Pools},
     streamer::{self, SERVE_SOCKET},
     PoolTarget,
 };
@@ -81,6 +87,8 @@ pub struct RestoreReport {
     pub bytes_fetched: u64,
     /// Identity CRIU ran as (`None`: as this process).
     pub run_as: Option<RunAs>,
+    /// Index of the pool replica the snapshot came from.
+    pub replica: usize,
 }
 
 /// Why a restore failed; nothing of the snapshot is left running in any case.
@@ -99,6 +107,12 @@ pub enum RestoreError {
         name: String,
         #[source]
         source: ClientError,
+    },
+    #[error("snapshot {name:?} cannot be verified with this node's key; refusing to restore it")]
+    Unverified {
+        name: String,
+        #[source]
+        source: SealError,
     },
     #[error("pid {pid} ({comm}) is still in use after {waited:?}; the snapshot's process tree needs it back")]
     PidBusy {
@@ -122,21 +136,89 @@ pub enum RestoreError {
     UntrustedPid { name: String, pid: i32, uid: u32 },
 }
 
-/// Restores generation `generation` (the newest when `None`) of `name` from the pool.
+impl RestoreError {
+    fn from_fetch(name: &str, e: FetchError) -> RestoreError {
+        let name = name.to_string();
+        match e {
+            FetchError::Unverified(source) => RestoreError::Unverified { name, source },
+            FetchError::Pool(source) if source.pool_code() == Some(ErrorCode::Corrupt) => {
+                RestoreError::Corrupt { name, source }
+            }
+            FetchError::Pool(source) => RestoreError::Pool { name, source },
+        }
+    }
+
+    /// The replica serving the snapshot failed (another one may serve it).
+    fn replica_failed(&self) -> bool {
+        matches!(
+            self,
+            RestoreError::Pool { .. }
+                | RestoreError::Corrupt { .. }
+                | RestoreError::Unverified { .. }
+        )
+    }
+
+    /// The snapshot is gone or untrustworthy (as opposed to a pool that is merely
+    /// unreachable, or a failure of CRIU's): a state that is lost, not delayed.
+    pub fn snapshot_lost(&self) -> bool {
+        match self {
+            RestoreError::Corrupt { .. } | RestoreError::Unverified { .. } => true,
+            RestoreError::Pool { source, .. } => source.pool_code() == Some(ErrorCode::NotFound),
+            _ => false,
+        }
+    }
+}
+
+/// Restores generation `generation` (the newest when `None`) of `name` from the first pool
+/// replica that holds it under a seal this node's key verifies; when a replica fails while
+/// serving it (unreachable, corrupt, altered), the restore is tried again from the next one.
 pub fn restore_from_pool(
     criu: &CriuBinary,
     name: &str,
     generation: Option<u64>,
-    pool: &PoolTarget,
+    pools: &Pools,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let mut from = 0;
+    loop {
+        match restore_from_replica(criu, name, generation, pools, from, opts) {
+            Err((replica, e)) if e.replica_failed() && replica + 1 < pools.replicas.len() => {
+                warn!(name, replica, error = %torpor_pool::error_chain(&e), "restore failed on this pool replica; trying the next");
+                from = replica + 1;
+            }
+            other => return other.map_err(|(_, e)| e),
+        }
+    }
+}
+
+fn restore_from_replica(
+    criu: &CriuBinary,
+    name: &str,
+    generation: Option<u64>,
+    pools: &Pools,
+    from: usize,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, (usize, RestoreError)> {
+    let (replica, client, manifest) =
+        find_verified(pools, from, name, generation).map_err(|e| {
+            let last = pools.replicas.len().saturating_sub(1);
+            (last, RestoreError::from_fetch(name, e))
+        })?;
+    restore_verified(criu, name, pools, replica, client, manifest, opts).map_err(|e| (replica, e))
+}
+
+/// Restores a manifest whose seal was verified; every file is checked against it on the way.
+fn restore_verified(
+    criu: &CriuBinary,
+    name: &str,
+    pools: &Pools,
+    replica: usize,
+    client: PoolClient,
+    manifest: Manifest,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
-    let pool_err = |source| RestoreError::Pool {
-        name: name.to_string(),
-        source,
-    };
-    let mut client = pool.connect().map_err(pool_err)?;
-    let manifest = Arc::new(client.manifest(name, generation).map_err(pool_err)?);
+    let manifest = Arc::new(manifest);
     // In a fresh PID namespace the old host PIDs are not needed back.
     let pid_namespace = manifest.meta.pid_namespace;
     let pid_wait_s = if pid_namespace {
@@ -198,7 +280,7 @@ pub fn restore_from_pool(
     );
 
     let server = Arc::new(FileServer {
-        pool: pool.clone(),
+        pool: pools.replicas[replica].clone(),
         manifest: manifest.clone(),
         idle: Mutex::new(vec![client]),
         error: Mutex::new(None),
@@ -226,14 +308,7 @@ pub fn restore_from_pool(
         procs::reap_failed_restore(&manifest.meta.pids, Duration::from_secs(2));
     }
     if let Some(e) = fetch_error {
-        return Err(if e.pool_code() == Some(ErrorCode::Corrupt) {
-            RestoreError::Corrupt {
-                name: name.to_string(),
-                source: e,
-            }
-        } else {
-            pool_err(e)
-        });
+        return Err(RestoreError::from_fetch(name, e));
     }
     if !succeeded {
         let log_path = keep_log(&log_path, "restore", name);
@@ -277,6 +352,7 @@ pub fn restore_from_pool(
         pid_wait_s,
         bytes_fetched,
         run_as,
+        replica,
     })
 }
 
@@ -286,8 +362,8 @@ struct FileServer {
     manifest: Arc<Manifest>,
     /// Authenticated connections not in use; each file in flight takes one.
     idle: Mutex<Vec<PoolClient>>,
-    /// First failure while fetching; CRIU then sees a short image and fails.
-    error: Mutex<Option<ClientError>>,
+    /// First failure while fetching or verifying; CRIU then sees a short image and fails.
+    error: Mutex<Option<FetchError>>,
     bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -322,24 +398,41 @@ impl FileServer {
         match idle.map_or_else(|| self.pool.connect(), Ok) {
             Ok(c) => Some(c),
             Err(e) => {
-                self.fail(e);
+                self.fail(e.into());
                 None
             }
         }
     }
 
-    /// Fetches a file no larger than `pipe`'s capacity whole, then writes it in one go: into a
-    /// pipe nobody else writes to, that cannot block, whatever CRIU reads meanwhile.
+    /// The seal's entry for `file`; the manifest was verified, so a miss is a failure.
+    fn sealed(&self, file: &str) -> Option<&SealedFile> {
+        let found = self
+            .manifest
+            .seal
+            .as_ref()
+            .ok_or(SealError::Missing)
+            .and_then(|s| s.file(file));
+        found.map_err(|e| self.fail(e.into())).ok()
+    }
+
+    /// Fetches a file no larger than `pipe`'s capacity whole, checks it against the seal, then
+    /// writes it in one go: into a pipe nobody else writes to, that cannot block, whatever
+    /// CRIU reads meanwhile.
     fn write_whole(&self, file: &str, pipe: OwnedFd, buf: &mut Vec<u8>) {
-        let Some(mut client) = self.client() else {
+        let (Some(sealed), Some(mut client)) = (self.sealed(file), self.client()) else {
             return;
         };
         buf.clear();
+        let mut digest = FileDigest::default();
         let got = client.get_file(&self.manifest.name, self.manifest.generation, file, |b| {
+            digest.update(b);
             buf.extend_from_slice(b);
             Ok(())
         });
-        match got {
+        match got.map_err(FetchError::from).and_then(|n| {
+            digest.check(sealed)?;
+            Ok(n)
+        }) {
             Ok(n) => {
                 self.idle.lock().expect("idle lock").push(client);
                 match std::fs::File::from(pipe).write_all(buf) {
@@ -354,29 +447,98 @@ impl FileServer {
         }
     }
 
-    /// Streams a file larger than the pipe into it as it arrives from the pool.
+    /// Streams a file larger than the pipe into it as it arrives from the pool. Its last
+    /// `HOLD_BACK` bytes are written only once the whole file matched its sealed digest:
+    /// CRIU cannot finish (and no restored task runs) without them.
     fn stream(&self, file: &str, pipe: OwnedFd) {
-        let Some(mut client) = self.client() else {
+        let (Some(sealed), Some(mut client)) = (self.sealed(file), self.client()) else {
             return;
         };
-        let result = client.get_file_into_pipe(
-            &self.manifest.name,
-            self.manifest.generation,
-            file,
-            pipe.as_fd(),
-        );
+        let mut out = std::fs::File::from(pipe);
+        let mut digest = FileDigest::default();
+        let mut held = HeldTail::default();
+        let result = client
+            .get_file(&self.manifest.name, self.manifest.generation, file, |b| {
+                digest.update(b);
+                held.push(b, &mut out)
+            })
+            .map_err(FetchError::from)
+            .and_then(|n| {
+                digest.check(sealed)?;
+                held.release(&mut out).map_err(ClientError::Sink)?;
+                Ok(n)
+            });
         match result {
             Ok(n) => {
                 self.bytes.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
                 self.idle.lock().expect("idle lock").push(client);
             }
             // CRIU stopped reading: its own log says why; this connection is mid-file, drop it.
-            Err(ClientError::Sink(e)) => debug!(file, error = %e, "CRIU closed its pipe early"),
+            Err(FetchError::Pool(ClientError::Sink(e))) => {
+                debug!(file, error = %e, "CRIU closed its pipe early")
+            }
             Err(e) => self.fail(e),
         }
     }
 
-    fn fail(&self, e: ClientError) {
+    fn fail(&self, e: FetchError) {
         self.error.lock().expect("error lock").get_or_insert(e);
+    }
+}
+
+/// Bytes withheld from CRIU at the end of a streamed file until it is verified.
+const HOLD_BACK: usize = 4096;
+
+/// The last `HOLD_BACK` bytes seen of a stream; everything before them is passed on.
+#[derive(Debug, Default)]
+struct HeldTail {
+    bytes: Vec<u8>,
+}
+
+impl HeldTail {
+    /// Takes `b` in, writing out whatever is no longer among the last `HOLD_BACK` bytes.
+    fn push(&mut self, b: &[u8], out: &mut impl Write) -> io::Result<()> {
+        if b.len() >= HOLD_BACK {
+            out.write_all(&self.bytes)?;
+            let (pass, keep) = b.split_at(b.len() - HOLD_BACK);
+            out.write_all(pass)?;
+            self.bytes.clear();
+            self.bytes.extend_from_slice(keep);
+        } else {
+            self.bytes.extend_from_slice(b);
+            let excess = self.bytes.len().saturating_sub(HOLD_BACK);
+            out.write_all(&self.bytes[..excess])?;
+            self.bytes.drain(..excess);
+        }
+        Ok(())
+    }
+
+    /// Writes the withheld tail (once the stream is verified).
+    fn release(self, out: &mut impl Write) -> io::Result<()> {
+        out.write_all(&self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_bytes_of_a_stream_are_withheld_until_released() {
+        for pieces in [
+            vec![10_000usize],
+            vec![1, 2, 3],
+            vec![5000, 10, 4096, 1, 7000],
+        ] {
+            let data: Vec<u8> = (0..pieces.iter().sum::<usize>()).map(|i| i as u8).collect();
+            let (mut out, mut held, mut at) = (Vec::new(), HeldTail::default(), 0);
+            for n in pieces {
+                held.push(&data[at..at + n], &mut out).unwrap();
+                at += n;
+                assert_eq!(out, data[..at.saturating_sub(HOLD_BACK)], "withheld tail");
+            }
+            held.release(&mut out).unwrap();
+            assert_eq!(out, data);
+        }
     }
 }

@@ -16,10 +16,13 @@ use std::{
 };
 
 use thiserror::Error;
-use torpor_image::manifest::SnapshotMeta;
+use torpor_image::{manifest::SnapshotMeta, seal::FileDigest, SealError};
 use torpor_pool::ClientError;
 
-use crate::{binary::CriuBinary, PoolTarget};
+use crate::{
+    binary::CriuBinary,
+    replicas::{find_verified, FetchError, Pools, ReplicatedUpload},
+};
 
 /// Why a runc operation failed.
 #[derive(Debug, Error)]
@@ -38,13 +41,18 @@ pub enum RuncError {
     Pool {
         name: String,
         #[source]
-        source: ClientError,
+        source: FetchError,
     },
     #[error("runc wrote no usable pid file for {0}")]
     NoPid(String),
 }
 
 impl RuncError {
+    /// The snapshot is gone or untrustworthy on every replica.
+    pub fn snapshot_lost(&self) -> bool {
+        matches!(self, RuncError::Pool { source, .. } if source.is_lost())
+    }
+
     /// Adds the end of CRIU's log (about to be removed with its work directory).
     fn with_log(self, log: &Path) -> RuncError {
         match self {
@@ -154,11 +162,11 @@ impl Runc {
         &self,
         id: &str,
         name: &str,
-        pool: &PoolTarget,
+        pools: &Pools,
     ) -> Result<(u64, u64, f64), RuncError> {
         let t0 = Instant::now();
         self.run("pause", id, &["pause"], &[])?;
-        let committed = self.dump_paused(id, name, pool);
+        let committed = self.dump_paused(id, name, pools);
         match committed {
             Ok(commit) => {
                 self.delete(id)?;
@@ -174,12 +182,7 @@ impl Runc {
     }
 
     /// Dumps the paused container `id` (CRIU leaves it paused) and commits it to the pool.
-    fn dump_paused(
-        &self,
-        id: &str,
-        name: &str,
-        pool: &PoolTarget,
-    ) -> Result<(u64, u64), RuncError> {
+    fn dump_paused(&self, id: &str, name: &str, pools: &Pools) -> Result<(u64, u64), RuncError> {
         let images = self.stage()?;
         let work = tempfile::tempdir().map_err(RuncError::Staging)?;
         self.run(
@@ -189,9 +192,9 @@ impl Runc {
             &[images.path(), Path::new("--work-path"), work.path()],
         )
         .map_err(|e| e.with_log(&work.path().join("dump.log")))?;
-        upload_dir(pool, name, images.path()).map_err(|source| RuncError::Pool {
+        upload_dir(pools, name, images.path()).map_err(|source| RuncError::Pool {
             name: name.to_string(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -201,10 +204,11 @@ impl Runc {
         id: &str,
         bundle: &Path,
         name: &str,
-        pool: &PoolTarget,
+        generation: Option<u64>,
+        pools: &Pools,
     ) -> Result<i32, RuncError> {
         let images = self.stage()?;
-        download_dir(pool, name, images.path()).map_err(|source| RuncError::Pool {
+        download_dir(pools, name, generation, images.path()).map_err(|source| RuncError::Pool {
             name: name.to_string(),
             source,
         })?;
@@ -249,10 +253,9 @@ fn io_err(e: io::Error) -> ClientError {
     ClientError::Sink(e)
 }
 
-/// Uploads every regular file of `dir` as one snapshot; returns (generation, bytes).
-pub fn upload_dir(pool: &PoolTarget, name: &str, dir: &Path) -> Result<(u64, u64), ClientError> {
-    let mut client = pool.connect()?;
-    client.put_begin(name, SnapshotMeta::default(), None)?;
+/// Uploads every regular file of `dir` as one sealed snapshot; returns (generation, bytes).
+pub fn upload_dir(pools: &Pools, name: &str, dir: &Path) -> Result<(u64, u64), ClientError> {
+    let mut upload = ReplicatedUpload::begin(pools, name, SnapshotMeta::default())?;
     let mut buf = vec![0u8; torpor_image::CHUNK_SIZE as usize];
     let mut id = 0u32;
     for entry in fs::read_dir(dir).map_err(io_err)? {
@@ -262,30 +265,53 @@ pub fn upload_dir(pool: &PoolTarget, name: &str, dir: &Path) -> Result<(u64, u64
         }
         let fname = entry.file_name().to_string_lossy().to_string();
         let mut f = fs::File::open(entry.path()).map_err(io_err)?;
-        client.file_open(id, &fname)?;
+        upload.file_open(id, &fname)?;
         let mut size = 0u64;
         loop {
             let n = f.read(&mut buf).map_err(io_err)?;
             if n == 0 {
                 break;
             }
-            client.file_data(id, &buf[..n])?;
+            upload.file_data(id, &buf[..n])?;
             size += n as u64;
         }
-        client.file_close(id, size)?;
+        upload.file_close(id, size)?;
         id += 1;
     }
-    let c = client.commit()?;
+    let c = upload.commit()?;
     Ok((c.generation, c.bytes))
 }
 
-/// Downloads the newest generation of `name` into `dir`, one file per image.
-pub fn download_dir(pool: &PoolTarget, name: &str, dir: &Path) -> Result<(), ClientError> {
-    let mut client = pool.connect()?;
-    let manifest = client.manifest(name, None)?;
-    for file in &manifest.files {
-        let mut out = fs::File::create(dir.join(&file.name)).map_err(io_err)?;
-        client.get_file(name, manifest.generation, &file.name, |b| out.write_all(b))?;
+/// Downloads `generation` of `name` (the newest when `None`), verified with this node's key,
+/// into `dir`, one file per image, from the first replica that has it; every file is checked
+/// against the seal.
+pub fn download_dir(
+    pools: &Pools,
+    name: &str,
+    generation: Option<u64>,
+    dir: &Path,
+) -> Result<(), FetchError> {
+    let mut from = 0;
+    loop {
+        let (replica, mut client, manifest) = find_verified(pools, from, name, generation)?;
+        let seal = manifest.seal.as_ref().ok_or(SealError::Missing)?;
+        let fetched = manifest.files.iter().try_for_each(|file| {
+            let sealed = seal.file(&file.name)?;
+            let mut out = fs::File::create(dir.join(&file.name)).map_err(io_err)?;
+            let mut digest = FileDigest::default();
+            client.get_file(name, manifest.generation, &file.name, |b| {
+                digest.update(b);
+                out.write_all(b)
+            })?;
+            digest.check(sealed).map_err(FetchError::from)
+        });
+        match fetched {
+            Ok(()) => return Ok(()),
+            Err(e) if replica + 1 < pools.replicas.len() => {
+                tracing::warn!(name, replica, error = %torpor_pool::error_chain(&e), "trying the next pool replica");
+                from = replica + 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(())
 }

@@ -5,10 +5,12 @@
 
 pub mod manifest;
 pub mod names;
+pub mod seal;
 pub mod size;
 pub mod snapfile;
 pub mod wire;
 
 pub use manifest::{FileEntry, Manifest, CHUNK_SIZE};
 pub use names::{validate_file_name, validate_snapshot_name, NameError};
+pub use seal::{NodeKey, Seal, SealError};
 pub use size::{format_bytes, parse_size, SizeError};

@@ -7,7 +7,10 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::names::{validate_file_name, validate_snapshot_name, NameError};
+use crate::{
+    names::{validate_file_name, validate_snapshot_name, NameError},
+    seal::Seal,
+};
 
 /// Unit of checksumming and of pool memory: every stored byte belongs to one chunk whose
 /// CRC32C is kept in the manifest and verified whenever the chunk is served.
@@ -84,6 +87,9 @@ pub struct Manifest {
     pub meta: SnapshotMeta,
     /// Image files in the order they were received.
     pub files: Vec<FileEntry>,
+    /// The committing node's signature; a node restores only what it can verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<Seal>,
 }
 
 /// Why a manifest was refused.
@@ -181,6 +187,7 @@ pub(crate) fn sample_manifest() -> Manifest {
                 chunk_crcs: vec![1, 2],
             },
         ],
+        seal: None,
     }
 }
 

@@ -9,7 +9,10 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::manifest::{Manifest, SnapshotMeta, CHUNK_SIZE};
+use crate::{
+    manifest::{Manifest, SnapshotMeta, CHUNK_SIZE},
+    seal::Seal,
+};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"TPRP";
@@ -193,7 +196,16 @@ pub enum Request {
         size: u64,
     },
     /// Makes the upload visible as the next generation.
-    PutCommit,
+    PutCommit {
+        /// The generation to commit as: it must exceed every earlier one of the name. Chosen
+        /// by the client so that replicas hold a snapshot under the same number and its seal
+        /// can bind it; `None` takes the next one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
+        /// The committing node's signature, stored with the manifest and handed back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Seal>,
+    },
     /// Drops the upload.
     PutAbort,
     List,
@@ -238,7 +250,11 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
-    PutReady,
+    PutReady {
+        /// The generation a commit would get now (one more than any the name ever had).
+        #[serde(default)]
+        next_generation: u64,
+    },
     Committed {
         generation: u64,
         bytes: u64,

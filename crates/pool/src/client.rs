@@ -11,7 +11,7 @@ use thiserror::Error;
 use torpor_image::{
     manifest::SnapshotMeta,
     wire::{self, ErrorCode, Frame, Request, Response, SnapshotInfo, Tier, WireError},
-    Manifest,
+    Manifest, Seal,
 };
 
 use crate::{addr::PoolAddr, store::error_chain};
@@ -181,19 +181,19 @@ impl PoolClient {
         }
     }
 
-    /// Starts an upload.
+    /// Starts an upload; returns the generation a commit would get now.
     pub fn put_begin(
         &mut self,
         name: &str,
         meta: SnapshotMeta,
         size_hint: Option<u64>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<u64, ClientError> {
         match self.call(&Request::PutBegin {
             name: name.to_string(),
             meta,
             size_hint,
         })? {
-            Response::PutReady => Ok(()),
+            Response::PutReady { next_generation } => Ok(next_generation),
             other => Err(unexpected(other)),
         }
     }
@@ -217,9 +217,13 @@ impl PoolClient {
             .map_err(|e| self.explain_write_failure(e))
     }
 
-    /// Commits the upload: it becomes the name's next generation.
-    pub fn commit(&mut self) -> Result<CommitInfo, ClientError> {
-        match self.call(&Request::PutCommit)? {
+    /// Commits the upload as `generation` (the next one when `None`), with the node's seal.
+    pub fn commit(
+        &mut self,
+        generation: Option<u64>,
+        seal: Option<Seal>,
+    ) -> Result<CommitInfo, ClientError> {
+        match self.call(&Request::PutCommit { generation, seal })? {
             Response::Committed {
                 generation,
                 bytes,

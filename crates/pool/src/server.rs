@@ -341,8 +341,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                         "an upload is already in progress".into(),
                     ));
                 }
+                let next_generation = self.store.next_generation(&name);
                 self.upload = Some(self.store.begin_upload(&name, meta, size_hint)?);
-                self.send(&Response::PutReady).await
+                self.send(&Response::PutReady { next_generation }).await
             }
             Request::FileOpen { file_id, name } => {
                 Ok(self.upload_mut()?.open_file(file_id, &name)?)
@@ -350,13 +351,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             Request::FileClose { file_id, size } => {
                 Ok(self.upload_mut()?.close_file(file_id, size)?)
             }
-            Request::PutCommit => {
+            Request::PutCommit { generation, seal } => {
                 let upload = self
                     .upload
                     .take()
                     .ok_or_else(|| SessionError::Protocol("no upload in progress".into()))?;
                 let name = upload.name().to_string();
-                let c = self.store.commit(upload)?;
+                let c = self.store.commit(upload, generation, seal)?;
                 info!(%name, generation = c.generation, bytes = c.bytes, "snapshot committed");
                 self.send(&Response::Committed {
                     generation: c.generation,

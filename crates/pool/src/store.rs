@@ -18,6 +18,7 @@ use thiserror::Error;
 use torpor_image::{
     format_bytes,
     manifest::SnapshotMeta,
+    seal::Seal,
     snapfile::{self, SnapfileError},
     validate_file_name, validate_snapshot_name,
     wire::{ErrorCode, SnapshotInfo, Tier},
@@ -92,6 +93,12 @@ pub enum StoreError {
     Name(#[from] NameError),
     #[error("bad upload: {0}")]
     Upload(String),
+    #[error("snapshot {name:?} already has generation {last}; generation {generation} would not be newer")]
+    StaleGeneration {
+        name: String,
+        generation: u64,
+        last: u64,
+    },
 }
 
 impl StoreError {
@@ -105,7 +112,9 @@ impl StoreError {
             | StoreError::GenerationNotFound { .. }
             | StoreError::FileNotFound { .. } => ErrorCode::NotFound,
             StoreError::Corrupt { .. } => ErrorCode::Corrupt,
-            StoreError::Name(_) | StoreError::Upload(_) => ErrorCode::BadRequest,
+            StoreError::Name(_) | StoreError::Upload(_) | StoreError::StaleGeneration { .. } => {
+                ErrorCode::BadRequest
+            }
             StoreError::Arena { .. }
             | StoreError::SpillDir { .. }
             | StoreError::Spill { .. }
@@ -386,8 +395,20 @@ impl Store {
         Ok(())
     }
 
-    /// Makes an upload visible as the name's next generation and prunes old generations.
-    pub fn commit(&self, mut upload: Upload) -> Result<Committed, StoreError> {
+    /// The generation the next commit of `name` gets unless the client names a higher one.
+    pub fn next_generation(&self, name: &str) -> u64 {
+        let state = self.state.lock().expect("store lock");
+        state.names.get(name).map_or(0, |ns| ns.last_generation) + 1
+    }
+
+    /// Makes an upload visible as generation `generation` (the next one when `None`; a named
+    /// one must exceed every earlier generation of the name) and prunes old generations.
+    pub fn commit(
+        &self,
+        mut upload: Upload,
+        generation: Option<u64>,
+        seal: Option<Seal>,
+    ) -> Result<Committed, StoreError> {
         if let Some(id) = upload.open.keys().next() {
             return Err(StoreError::Upload(format!(
                 "file id {id} is still open at commit"
@@ -407,17 +428,29 @@ impl Store {
         state.tick += 1;
         let tick = state.tick;
         let ns = state.names.entry(upload.name.clone()).or_default();
-        ns.last_generation += 1;
+        let generation = match generation {
+            Some(g) if g <= ns.last_generation => {
+                return Err(StoreError::StaleGeneration {
+                    name: upload.name.clone(),
+                    generation: g,
+                    last: ns.last_generation,
+                })
+            }
+            Some(g) => g,
+            None => ns.last_generation + 1,
+        };
         let manifest = Manifest {
             name: upload.name.clone(),
-            generation: ns.last_generation,
+            generation,
             created_unix_ms: now_ms(),
             meta: upload.meta.clone(),
             files,
+            seal,
         };
         manifest
             .validate()
             .map_err(|e| StoreError::Upload(error_chain(&e)))?;
+        ns.last_generation = generation;
         let committed = Committed {
             generation: manifest.generation,
             bytes: manifest.total_bytes(),
@@ -755,7 +788,7 @@ mod tests {
             u.advance(0, piece.len(), crc32c::crc32c(piece)).unwrap();
         }
         u.close_file(0, bytes.len() as u64).unwrap();
-        s.commit(u).unwrap()
+        s.commit(u, None, None).unwrap()
     }
 
     #[test]
@@ -788,7 +821,7 @@ mod tests {
             .begin_upload("svc", SnapshotMeta::default(), None)
             .unwrap();
         u.open_file(1, "a").unwrap();
-        assert!(s.commit(u).is_err(), "file still open");
+        assert!(s.commit(u, None, None).is_err(), "file still open");
         assert!(s.list().is_empty());
         assert!(s
             .begin_upload("../x", SnapshotMeta::default(), None)

@@ -87,7 +87,7 @@ fn put(c: &mut PoolClient, name: &str, files: &[(&str, Vec<u8>)]) -> Result<u64>
         }
         c.file_close(id as u32, bytes.len() as u64)?;
     }
-    Ok(c.commit()?.generation)
+    Ok(c.commit(None, None)?.generation)
 }
 
 fn get(c: &mut PoolClient, name: &str, generation: u64, file: &str) -> Result<Vec<u8>> {

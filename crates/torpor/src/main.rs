@@ -6,7 +6,8 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use torpor_criu::{CheckpointOptions, CriuBinary, PoolTarget, RestoreOptions};
+use torpor_criu::{CheckpointOptions, CriuBinary, PoolTarget, Pools, RestoreOptions};
+use torpor_image::NodeKey;
 use torpor_image::{format_bytes, parse_size};
 use torpor_pool::{PoolAddr, Store, StoreConfig};
 
@@ -174,9 +175,19 @@ struct PoolOpt {
     /// File holding the pool's token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// This node's key: checkpoints are sealed with it and a restore refuses a snapshot it
+    /// cannot verify with it (created, 0600, when absent).
+    #[arg(long, default_value = torpor_up::config::DEFAULT_NODE_KEY)]
+    node_key: PathBuf,
 }
 
 impl PoolOpt {
+    /// The pool with this node's key, for commands that write or restore snapshots.
+    fn pools(&self) -> Result<Pools> {
+        let key = NodeKey::load_or_create(&self.node_key)?;
+        Ok(Pools::single(self.target()?, std::sync::Arc::new(key)))
+    }
+
     fn target(&self) -> Result<PoolTarget> {
         Ok(PoolTarget {
             addr: self.pool.clone(),
@@ -291,7 +302,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tcp: tcp_mode(tcp_close),
                 ..Default::default()
             };
-            let r = torpor_criu::checkpoint_to_pool(&criu()?, pid, &name, &pool.target()?, &opts)?;
+            let r = torpor_criu::checkpoint_to_pool(&criu()?, pid, &name, &pool.pools()?, &opts)?;
             if json {
                 print_json(&r)?;
             } else {
@@ -335,13 +346,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tcp: tcp_mode(tcp_close),
                 ..Default::default()
             };
-            let r = torpor_criu::restore_from_pool(
-                &criu()?,
-                &name,
-                generation,
-                &pool.target()?,
-                &opts,
-            )?;
+            let r =
+                torpor_criu::restore_from_pool(&criu()?, &name, generation, &pool.pools()?, &opts)?;
             if json {
                 print_json(&r)?;
             } else {

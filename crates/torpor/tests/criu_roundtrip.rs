@@ -58,7 +58,7 @@ fn sample_with_256_mib_comes_back_with_identical_memory_and_keeps_counting() -> 
         &criu(),
         svc.pid,
         "counter",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     svc.reap();
@@ -95,7 +95,7 @@ fn sample_with_256_mib_comes_back_with_identical_memory_and_keeps_counting() -> 
         &criu(),
         "counter",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )?;
     assert_eq!(restored.pid, svc.pid, "CRIU restores the original PID");
@@ -128,7 +128,7 @@ fn tcp_listener_and_established_connection_survive() -> Result<()> {
         &criu(),
         svc.pid,
         "tcp",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     svc.reap();
@@ -136,7 +136,7 @@ fn tcp_listener_and_established_connection_survive() -> Result<()> {
         &criu(),
         "tcp",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )?;
     let answers = (|| -> Result<(String, String)> {
@@ -216,7 +216,7 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
             &criu(),
             pid,
             "redis",
-            &pool.target,
+            &pool.pools,
             &CheckpointOptions::default(),
         )?;
         child.wait()?;
@@ -229,7 +229,7 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
             &criu(),
             "redis",
             None,
-            &pool.target,
+            &pool.pools,
             &RestoreOptions::default(),
         )?;
         let after = redis_command(addr, &["DEBUG", "DIGEST"]);
@@ -266,7 +266,7 @@ fn a_dump_crui_cannot_complete_leaves_the_service_running() -> Result<()> {
         &criu(),
         child.id() as i32,
         "nosession",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )
     .unwrap_err();
@@ -299,7 +299,7 @@ fn a_pool_that_refuses_the_snapshot_leaves_the_service_running() -> Result<()> {
         &criu(),
         svc.pid,
         "toobig",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )
     .unwrap_err();
@@ -328,12 +328,12 @@ fn restore_waits_for_the_dumped_pid_to_be_reaped() -> Result<()> {
         &criu(),
         svc.pid,
         "zombie",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     // The dumped task is now a zombie of ours; reap it only after the restore has started.
     assert!(procs::pid_in_use(svc.pid), "zombie holds the PID");
-    let target = pool.target.clone();
+    let target = pool.pools.clone();
     let restore = thread::spawn(move || {
         restore_from_pool(&criu(), "zombie", None, &target, &RestoreOptions::default())
     });
@@ -360,7 +360,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
         &criu(),
         "never-stored",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )
     .unwrap_err();
@@ -376,7 +376,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
         &criu(),
         a.pid,
         "victim",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     a.reap();
@@ -385,7 +385,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
         &criu(),
         b.pid,
         "pusher",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     b.reap();
@@ -402,7 +402,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
         &criu(),
         "victim",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )
     .unwrap_err();
@@ -417,7 +417,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
 /// A `torpor pool` with a spill directory (the harness's pool has none).
 struct SpillPool {
     child: std::process::Child,
-    target: torpor_criu::PoolTarget,
+    pools: torpor_criu::Pools,
     _dir: tempfile::TempDir,
 }
 
@@ -445,9 +445,13 @@ impl SpillPool {
             }
             thread::sleep(Duration::from_millis(5));
         }
+        let pools = torpor_criu::Pools::single(
+            target.clone(),
+            std::sync::Arc::new(torpor_image::NodeKey::generate()),
+        );
         Ok(SpillPool {
             child,
-            target,
+            pools,
             _dir: dir,
         })
     }
@@ -583,7 +587,7 @@ fn a_service_running_as_nobody_is_dumped_and_restored_by_criu_running_as_nobody(
             &criu(),
             pid,
             "as-root",
-            &pool.target,
+            &pool.pools,
             &CheckpointOptions {
                 run_as: CriuIdentity::Current,
                 ..Default::default()
@@ -600,7 +604,7 @@ fn a_service_running_as_nobody_is_dumped_and_restored_by_criu_running_as_nobody(
         &criu(),
         pid,
         "nobody",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)?;
@@ -623,7 +627,7 @@ fn a_service_running_as_nobody_is_dumped_and_restored_by_criu_running_as_nobody(
         &criu(),
         "nobody",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     )?;
     assert_eq!(restored.run_as, Some(NOBODY), "CRIU restored as nobody");
@@ -677,7 +681,7 @@ fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie(
         &criu(),
         init,
         "pidns",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )?;
     assert!(r.pid_namespace, "the snapshot knows its namespace");
@@ -696,7 +700,7 @@ fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie(
         &criu(),
         "pidns",
         None,
-        &pool.target,
+        &pool.pools,
         &RestoreOptions::default(),
     );
     let took = start.elapsed();
@@ -760,7 +764,7 @@ fn a_tree_whose_child_switched_uid_is_refused_without_running_criu_and_keeps_run
         &fake,
         root,
         "mixed",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )
     .unwrap_err();
@@ -822,7 +826,7 @@ fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail
         &fake,
         init,
         "nsnobody",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions::default(),
     )
     .unwrap_err();
@@ -843,7 +847,7 @@ fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail
         &criu(),
         init,
         "nsnobody",
-        &pool.target,
+        &pool.pools,
         &CheckpointOptions {
             run_as: CriuIdentity::User(NOBODY),
             ..Default::default()

@@ -40,6 +40,8 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
     pool: RawPool,
     #[serde(default)]
     status: RawStatus,
@@ -81,12 +83,33 @@ struct RawNodeSleep {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawNode {
+    /// Prefix of this node's snapshot names on a shared pool (default: the host name).
+    namespace: Option<String>,
+    /// The key that seals this node's snapshots (created when absent).
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPool {
     /// Embedded pool's RAM tier (default 1GiB).
     capacity: Option<String>,
     spill_dir: Option<PathBuf>,
     /// A remote pool instead of the embedded one.
     address: Option<String>,
+    token_file: Option<PathBuf>,
+    /// More remote pools every snapshot is also committed to.
+    #[serde(default, rename = "replica")]
+    replicas: Vec<RawReplica>,
+    /// Pools that must commit before a service is killed (default: every one).
+    write_quorum: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    address: String,
     token_file: Option<PathBuf>,
 }
 
@@ -156,6 +179,25 @@ pub enum PoolChoice {
     },
 }
 
+/// A remote pool that holds a copy of every snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub addr: PoolAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+/// Who this node is to the pools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Prefix of this node's snapshot names (`NAMESPACE.SERVICE`).
+    pub namespace: String,
+    /// Where the key that seals its snapshots is kept.
+    pub key_file: PathBuf,
+}
+
+/// Where the node key lives unless `node.key_file` says otherwise.
+pub const DEFAULT_NODE_KEY: &str = "/var/lib/torpor/node.key";
+
 /// One service, ready for the agent and its gate.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -170,7 +212,12 @@ pub struct ServiceConfig {
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub node: NodeConfig,
     pub pool: PoolChoice,
+    /// Pools that hold a copy of every snapshot besides `pool`.
+    pub replicas: Vec<Replica>,
+    /// Pools (of `pool` and `replicas`) that must commit before a service is killed.
+    pub write_quorum: usize,
     pub status_listen: SocketAddr,
     pub services: Vec<ServiceConfig>,
     pub power: NodePowerConfig,
@@ -386,6 +433,37 @@ impl Config {
                 }
             }
         };
+        let node = NodeConfig {
+            namespace: match &raw.node.namespace {
+                Some(n) => {
+                    validate_namespace(n).map_err(|p| invalid("node.namespace", p))?;
+                    n.clone()
+                }
+                None => host_namespace(),
+            },
+            key_file: raw
+                .node
+                .key_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NODE_KEY)),
+        };
+        let mut replicas = Vec::new();
+        for (i, r) in raw.pool.replicas.iter().enumerate() {
+            replicas.push(Replica {
+                addr: r.address.parse().map_err(|e: torpor_pool::AddrError| {
+                    invalid(format!("pool.replica[{i}].address"), e.to_string())
+                })?,
+                token_file: r.token_file.clone(),
+            });
+        }
+        let pools = 1 + replicas.len();
+        let write_quorum = raw.pool.write_quorum.unwrap_or(pools);
+        if write_quorum == 0 || write_quorum > pools {
+            return Err(invalid(
+                "pool.write_quorum",
+                format!("must be between 1 and the number of pools ({pools})"),
+            ));
+        }
         let status_listen = addr(
             "status.listen",
             raw.status.listen.as_deref().unwrap_or(DEFAULT_STATUS),
@@ -542,12 +620,49 @@ impl Config {
             }
         }
         Ok(Config {
+            node,
             pool,
+            replicas,
+            write_quorum,
             status_listen,
             services,
             power: power(raw.power)?,
         })
     }
+}
+
+/// A namespace is one snapshot-name component: no '.', so `NAMESPACE.SERVICE` splits one way.
+fn validate_namespace(n: &str) -> Result<(), String> {
+    if n.is_empty()
+        || n.len() > 48
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        return Err(format!("{n:?} must be 1 to 48 letters, digits, '_' or '-'"));
+    }
+    Ok(())
+}
+
+/// The host name, made a valid namespace (other characters become '-').
+fn host_namespace() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let mut n: String = host
+        .chars()
+        .take(48)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if n.is_empty() {
+        n = "node".into();
+    }
+    n
 }
 
 #[cfg(test)]

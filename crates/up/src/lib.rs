@@ -9,9 +9,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
-use torpor_agent::{Agent, AgentError};
+use torpor_agent::{Agent, AgentError, Snapshots};
 use torpor_control::{HoldLimits, ServiceLink};
-use torpor_criu::{CriuBinary, PoolTarget};
+use torpor_criu::{CriuBinary, PoolTarget, Pools};
+use torpor_image::NodeKey;
 use torpor_pool::{PoolAddr, Store, StoreConfig};
 use tracing::info;
 
@@ -20,6 +21,8 @@ pub use config::{Config, ConfigError, PoolChoice};
 /// Why `torpor up` could not run.
 #[derive(Debug, Error)]
 pub enum UpError {
+    #[error("cannot use the node key")]
+    NodeKey(#[source] torpor_image::seal::KeyError),
     #[error("cannot start the embedded pool")]
     Pool(#[source] torpor_pool::StoreError),
     #[error("cannot listen on {addr} for {what}")]
@@ -75,7 +78,7 @@ pub async fn run(
         bound = bind_all(&config) => bound?,
     };
     let Bound {
-        pool_target,
+        snapshots,
         pool_desc,
         pool_task,
         _pool_dir,
@@ -90,7 +93,7 @@ pub async fn run(
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let start = Agent::start(
         criu,
-        pool_target,
+        snapshots,
         agent_services,
         Some(config.power.clone()),
         cancel_rx,
@@ -185,7 +188,7 @@ struct Gate {
 
 /// Everything `torpor up` listens on, and the pool, before any service starts.
 struct Bound {
-    pool_target: PoolTarget,
+    snapshots: Snapshots,
     pool_desc: String,
     pool_task: Option<AbortOnDrop>,
     _pool_dir: Option<tempfile::TempDir>,
@@ -197,6 +200,7 @@ struct Bound {
 /// leaves nothing running (the pool's task is aborted with its handle).
 async fn bind_all(config: &Config) -> Result<Bound, UpError> {
     let (pool_target, pool_desc, pool_task, pool_dir) = start_pool(config).await?;
+    let snapshots = snapshots(config, pool_target)?;
     let mut gates = Vec::new();
     for s in &config.services {
         let listener = TcpListener::bind(s.listen)
@@ -228,7 +232,7 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
             source,
         })?;
     Ok(Bound {
-        pool_target,
+        snapshots,
         pool_desc,
         pool_task: pool_task.map(|t| AbortOnDrop(Some(t))),
         _pool_dir: pool_dir,
@@ -259,6 +263,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
+fn read_token(file: Option<&std::path::Path>) -> Result<String, UpError> {
+    Ok(match file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(UpError::Token)?
+            .trim()
+            .to_string(),
+        None => String::new(),
+    })
+}
+
+/// The pools (the main one, then every replica) and the node key, with this node's namespace.
+fn snapshots(config: &Config, main: PoolTarget) -> Result<Snapshots, UpError> {
+    let mut replicas = vec![main];
+    for r in &config.replicas {
+        replicas.push(PoolTarget {
+            addr: r.addr.clone(),
+            token: read_token(r.token_file.as_deref())?,
+        });
+    }
+    let key = NodeKey::load_or_create(&config.node.key_file).map_err(UpError::NodeKey)?;
+    Ok(Snapshots {
+        pools: Pools {
+            replicas,
+            write_quorum: config.write_quorum,
+            key: Arc::new(key),
+        },
+        namespace: config.node.namespace.clone(),
+    })
+}
+
 type PoolStart = (
     PoolTarget,
     String,
@@ -269,13 +303,7 @@ type PoolStart = (
 async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
     match &config.pool {
         PoolChoice::Remote { addr, token_file } => {
-            let token = match token_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map_err(UpError::Token)?
-                    .trim()
-                    .to_string(),
-                None => String::new(),
-            };
+            let token = read_token(token_file.as_deref())?;
             Ok((
                 PoolTarget {
                     addr: addr.clone(),
