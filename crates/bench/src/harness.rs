@@ -179,6 +179,12 @@ impl PoolProcess {
         })
     }
 
+    /// Kills the pool with SIGKILL (a crash: its RAM tier is gone) and reaps it.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Where the token is, for commands that take `--token-file`.
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("token")

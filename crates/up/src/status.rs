@@ -142,6 +142,12 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         &|s| Some(s.cold_starts as f64),
     );
     family(
+        "torpor_snapshots_lost_total",
+        "counter",
+        "Wakes that found the snapshot gone or unverifiable on every pool replica (state lost).",
+        &|s| Some(s.snapshots_lost as f64),
+    );
+    family(
         "torpor_restarts_total",
         "counter",
         "Restarts after a crash.",
