@@ -163,11 +163,11 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> 
 }
 
 #[test]
-fn a_missing_snapshot_ends_in_a_cold_start_and_the_request_is_answered() -> Result<()> {
+fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pool = PoolProcess::spawn(Path::new(exe()), 256 << 20)?;
     let pool_cfg = format!(
-        "[pool]\naddress = \"{}\"\ntoken_file = \"{}\"",
+        "[node]\nnamespace = \"uptest\"\n[pool]\naddress = \"{}\"\ntoken_file = \"{}\"",
         pool.target.addr,
         pool.token_file().display()
     );
@@ -177,10 +177,23 @@ fn a_missing_snapshot_ends_in_a_cold_start_and_the_request_is_answered() -> Resu
         &sample_http("web", web, free_port(), "16MiB", "200ms"),
     )?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
-    assert_eq!(pool.target.connect()?.delete("web", None)?, 1);
+    // The node's snapshots carry its namespace in a shared pool.
+    assert_eq!(pool.target.connect()?.delete("uptest.web", None)?, 1);
     assert_eq!(http_get(addr(web), "/ping")?, "PONG");
     let s = up.service("web")?;
     assert_eq!(s["cold_starts"], 1, "{s}");
+    assert_eq!(s["snapshots_lost"], 1, "{s}");
+    assert!(
+        s["last_snapshot_lost"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not found"),
+        "{s}"
+    );
+    assert!(
+        http_get(up.status, "/metrics")?.contains("torpor_snapshots_lost_total{service=\"web\"} 1"),
+        "the loss is a metric"
+    );
     Ok(())
 }
 

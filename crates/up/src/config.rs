@@ -780,6 +780,30 @@ mod tests {
     }
 
     #[test]
+    fn node_namespace_replicas_and_write_quorum() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert!(
+            validate_namespace(&c.node.namespace).is_ok(),
+            "host name made valid"
+        );
+        assert_eq!(c.node.key_file, PathBuf::from(DEFAULT_NODE_KEY));
+        assert_eq!((c.replicas.len(), c.write_quorum), (0, 1));
+        let two = format!(
+            "[node]\nnamespace = \"rack1-n7\"\n{}\n[[pool.replica]]\naddress = \"unix:/b\"\n",
+            GOOD.replace("[pool]", "[pool]\nwrite_quorum = 1")
+        );
+        let c = Config::from_toml(&two).unwrap();
+        assert_eq!(c.node.namespace, "rack1-n7");
+        assert_eq!((c.replicas.len(), c.write_quorum), (1, 1));
+        let e = err(&two.replace("write_quorum = 1", "write_quorum = 3"));
+        assert!(e.starts_with("pool.write_quorum"), "{e}");
+        let e = err(&two.replace("rack1-n7", "a.b"));
+        assert!(e.starts_with("node.namespace"), "{e}");
+        let e = err(&two.replace("unix:/b", "nowhere"));
+        assert!(e.starts_with("pool.replica[0].address"), "{e}");
+    }
+
+    #[test]
     fn user_group_and_limits_are_resolved() {
         let c = Config::from_toml(&GOOD.replace(
             "cpuset = \"0-1\"",
