@@ -135,6 +135,15 @@ pub struct PoolProcess {
 
 impl PoolProcess {
     pub fn spawn(exe: &Path, capacity: u64) -> io::Result<PoolProcess> {
+        PoolProcess::spawn_spilling(exe, capacity, None)
+    }
+
+    /// A pool whose RAM tier spills to `spill_dir` when full.
+    pub fn spawn_spilling(
+        exe: &Path,
+        capacity: u64,
+        spill_dir: Option<&Path>,
+    ) -> io::Result<PoolProcess> {
         let dir = tempfile::tempdir()?;
         let token = torpor_pool::random_token();
         let token_file = dir.path().join("token");
@@ -151,6 +160,12 @@ impl PoolProcess {
             .arg(&token_file)
             .arg("--keep")
             .arg("1")
+            .args(
+                spill_dir
+                    .map(|d| ["--spill-dir".as_ref(), d.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -258,3 +258,55 @@ fn without_its_write_quorum_a_checkpoint_fails_and_the_service_keeps_running() -
     kill_and_reap(restored.pid);
     Ok(())
 }
+
+#[test]
+fn a_chunk_corrupted_on_one_replicas_disk_is_never_served_and_the_other_replica_restores(
+) -> Result<()> {
+    let _g = setup();
+    // Replica a spills its least recently used snapshot to disk when a second one arrives.
+    let spill = tempfile::tempdir()?;
+    let a = PoolProcess::spawn_spilling(exe(), 40 * MIB, Some(spill.path()))?;
+    let b = PoolProcess::spawn(exe(), 128 * MIB)?;
+    let pools = Pools {
+        replicas: vec![a.target.clone(), b.target.clone()],
+        write_quorum: 2,
+        key: Arc::new(NodeKey::generate()),
+    };
+    let mut victim = SampleProcess::spawn(exe(), 24 * MIB, 5)?;
+    let before = SampleClient::connect(victim.addr)?.call("SUM")?;
+    checkpoint_to_pool(
+        &criu(),
+        victim.pid,
+        "victim",
+        &pools,
+        &CheckpointOptions::default(),
+    )?;
+    victim.reap();
+    let mut pusher = SampleProcess::spawn(exe(), 24 * MIB, 6)?;
+    checkpoint_to_pool(
+        &criu(),
+        pusher.pid,
+        "pusher",
+        &pools,
+        &CheckpointOptions::default(),
+    )?;
+    pusher.reap();
+    let file = std::fs::read_dir(spill.path().join("victim"))?
+        .next()
+        .context("victim spilled to a's disk")??
+        .path();
+    let mut bytes = std::fs::read(&file)?;
+    let at = bytes.len() - 4096 * 100;
+    bytes[at] ^= 0xff;
+    std::fs::write(&file, bytes)?;
+    let restored = restore("victim", &pools)?;
+    let sum = SampleClient::connect_within(victim.addr, std::time::Duration::from_secs(5))
+        .and_then(|mut c| c.call("SUM"));
+    kill_and_reap(restored.pid);
+    ensure!(
+        restored.replica == 1,
+        "the corrupt replica did not serve it"
+    );
+    ensure!(sum? == before, "state kept");
+    Ok(())
+}

@@ -370,7 +370,7 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
     // A pool with a spill directory; a second snapshot pushes the first to disk, where a
     // flipped byte must be caught when it is served.
     let spill = tempfile::tempdir()?;
-    let pool = SpillPool::spawn(48 * MIB, spill.path())?;
+    let pool = PoolProcess::spawn_spilling(exe(), 48 * MIB, Some(spill.path()))?;
     let mut a = SampleProcess::spawn(exe(), 24 * MIB, 1)?;
     checkpoint_to_pool(
         &criu(),
@@ -412,56 +412,6 @@ fn missing_and_corrupt_snapshots_are_refused() -> Result<()> {
         "nothing of the corrupt snapshot runs"
     );
     Ok(())
-}
-
-/// A `torpor pool` with a spill directory (the harness's pool has none).
-struct SpillPool {
-    child: std::process::Child,
-    pools: torpor_criu::Pools,
-    _dir: tempfile::TempDir,
-}
-
-impl SpillPool {
-    fn spawn(capacity: u64, spill: &Path) -> Result<SpillPool> {
-        let dir = tempfile::tempdir()?;
-        let sock = dir.path().join("pool.sock");
-        let child = Command::new(exe())
-            .args(["pool", "--listen"])
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--capacity")
-            .arg(capacity.to_string())
-            .arg("--spill-dir")
-            .arg(spill)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let target = torpor_criu::PoolTarget {
-            addr: torpor_pool::PoolAddr::Unix(sock),
-            token: String::new(),
-        };
-        for _ in 0..1000 {
-            if target.connect().is_ok() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        let pools = torpor_criu::Pools::single(
-            target.clone(),
-            std::sync::Arc::new(torpor_image::NodeKey::generate()),
-        );
-        Ok(SpillPool {
-            child,
-            pools,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for SpillPool {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 const NOBODY: RunAs = RunAs {
