@@ -5,7 +5,7 @@
 //! The unified (v2) hierarchy is used where it is mounted, even without controllers (as on
 //! hybrid hosts: membership, `cgroup.kill` and `cpu.stat` need none); otherwise a v1
 //! hierarchy with no side effects (`pids`, else `freezer`, else `cpuacct`). Services live in
-//! `torpor-services/NAME` under the hierarchy's root. Every path is under a root given by the
+//! `torpor-services/NAME` under the hierarchy's root (the agent names it `NAMESPACE.SERVICE`). Every path is under a root given by the
 //! caller, so tests use a fake tree.
 
 use std::{

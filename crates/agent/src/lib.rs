@@ -121,7 +121,11 @@ impl Agent {
         let init_program = init_program().map_err(AgentError::InitProgram)?;
         let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
         if let Some(root) = &cgroups {
-            let names: Vec<&str> = services.iter().map(|(s, _)| s.name.as_str()).collect();
+            let names: Vec<String> = services
+                .iter()
+                .map(|(s, _)| cgroup_name(&snapshots.namespace, &s.name))
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
             clear_leftovers(root, &names).await?;
         }
         let node = match power {
@@ -159,36 +163,36 @@ impl Agent {
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
-            let runner: Arc<dyn Runner> =
-                match &spec.launch {
-                    Launch::Process(p) => Arc::new(runner::ProcessTree {
-                        name: spec.name.clone(),
-                        launch: p.clone(),
-                        backend: spec.backend,
-                        start_timeout: spec.start_timeout,
-                        init_program: init_program.clone(),
-                        cgroup: match &cgroups {
-                            Some(root) => Some(root.service(&spec.name).map_err(|source| {
-                                AgentError::Cgroup {
+            let runner: Arc<dyn Runner> = match &spec.launch {
+                Launch::Process(p) => Arc::new(runner::ProcessTree {
+                    name: spec.name.clone(),
+                    launch: p.clone(),
+                    backend: spec.backend,
+                    start_timeout: spec.start_timeout,
+                    init_program: init_program.clone(),
+                    cgroup: match &cgroups {
+                        Some(root) => Some(
+                            root.service(&cgroup_name(&host.namespace, &spec.name))
+                                .map_err(|source| AgentError::Cgroup {
                                     name: spec.name.clone(),
                                     source,
-                                }
-                            })?),
-                            None => None,
-                        },
-                        host: host.clone(),
-                    }),
-                    Launch::Container { bundle } => Arc::new(runner::Container {
-                        name: spec.name.clone(),
-                        bundle: bundle.clone(),
-                        backend: spec.backend,
-                        start_timeout: spec.start_timeout,
-                        runc: runc
-                            .clone()
-                            .expect("runc is prepared when a service is a container"),
-                        host: host.clone(),
-                    }),
-                };
+                                })?,
+                        ),
+                        None => None,
+                    },
+                    host: host.clone(),
+                }),
+                Launch::Container { bundle } => Arc::new(runner::Container {
+                    name: spec.name.clone(),
+                    bundle: bundle.clone(),
+                    backend: spec.backend,
+                    start_timeout: spec.start_timeout,
+                    runc: runc
+                        .clone()
+                        .expect("runc is prepared when a service is a container"),
+                    host: host.clone(),
+                }),
+            };
             let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
             let started = match m.cold_start_initial(&mut cancel).await {
                 Err(process::LaunchError::Cancelled) => Err(AgentError::Cancelled),
@@ -343,6 +347,12 @@ fn remove_root(root: Option<&CgroupRoot>) {
 /// Kills and removes the cgroups of `names` that a killed agent left behind, so nothing of an
 /// earlier run keeps serving (or holding ports) under the new one. Other services' cgroups
 /// may belong to another agent that is alive: they are only reported.
+/// A service's cgroup is named like its snapshots (`NAMESPACE.SERVICE`): two agents on one
+/// host with different namespaces never take each other's services for leftovers.
+fn cgroup_name(namespace: &str, service: &str) -> String {
+    format!("{namespace}.{service}")
+}
+
 async fn clear_leftovers(root: &CgroupRoot, names: &[&str]) -> Result<(), AgentError> {
     for cg in root.existing() {
         let procs = cg.procs();

@@ -5,7 +5,7 @@
 //! SIGTERM at any moment stops it cleanly.
 //!
 //! Every service runs under torpor's init in its own PID namespace and cgroup
-//! (`torpor-services/NAME` in the unified hierarchy); the tests read that cgroup to know a
+//! (`torpor-services/NAMESPACE.NAME` in the unified hierarchy); the tests read that cgroup to know a
 //! service's processes exactly.
 
 use std::{
@@ -198,8 +198,10 @@ fn services_cgroup_dir() -> Result<PathBuf> {
     )
 }
 
+/// Service `name`'s cgroup, named like its snapshots (`NAMESPACE.NAME`, the host's namespace).
 fn cgroup_of(name: &str) -> Result<PathBuf> {
-    Ok(services_cgroup_dir()?.join(name))
+    let namespace = torpor_up::config::host_namespace();
+    Ok(services_cgroup_dir()?.join(format!("{namespace}.{name}")))
 }
 
 /// The processes in service `name`'s cgroup (empty when it has none).

@@ -644,8 +644,9 @@ fn validate_namespace(n: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The host name, made a valid namespace (other characters become '-').
-fn host_namespace() -> String {
+/// The default `node.namespace`: the host name, made a valid namespace (other characters
+/// become '-').
+pub fn host_namespace() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
     let mut n: String = host
