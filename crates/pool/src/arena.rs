@@ -1,14 +1,18 @@
-//! The RAM tier's memory. One anonymous mapping, populated (faulted in) when the pool starts,
-//! is cut into `CHUNK_SIZE` chunks that are handed out and returned. Receiving a snapshot
-//! therefore writes into memory that is already mapped: on a VM the first touch of fresh
-//! memory runs at 1.6-2 GB/s while warm memory copies an order of magnitude faster.
+//! The RAM tier's memory and its byte budget. One anonymous mapping, populated (faulted in)
+//! when the pool starts, is cut into `CHUNK_SIZE` chunks that are handed out and returned.
+//! Receiving a snapshot therefore writes into memory that is already mapped: on a VM the first
+//! touch of fresh memory runs at 1.6-2 GB/s while warm memory copies an order of magnitude
+//! faster. The partly filled last chunk of a file is moved into an exact-size [`Tail`] when
+//! the file ends, so a small file costs the bytes it holds, not a whole chunk: every chunk
+//! and every tail is counted against one byte budget, the RAM tier's capacity.
 
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapMut, MmapOptions};
 use torpor_image::CHUNK_SIZE;
 
-/// A fixed pool of chunks backed by one pre-faulted mapping.
+/// A fixed pool of chunks backed by one pre-faulted mapping, and the byte budget that
+/// chunks and tails share.
 #[derive(Debug, Clone)]
 pub struct Arena {
     inner: Arc<ArenaInner>,
@@ -18,9 +22,16 @@ pub struct Arena {
 struct ArenaInner {
     /// Keeps the mapping alive; chunks point into it.
     map: MmapMut,
-    /// Indices of chunks not handed out.
-    free: Mutex<Vec<u32>>,
+    book: Mutex<Book>,
     chunk_count: u32,
+}
+
+#[derive(Debug)]
+struct Book {
+    /// Indices of chunks not handed out.
+    free: Vec<u32>,
+    /// Bytes of budget in use: `CHUNK_SIZE` per chunk handed out plus each tail's length.
+    used: u64,
 }
 
 /// One chunk of arena memory, owned by exactly one holder; returned to the arena on drop.
@@ -30,6 +41,14 @@ pub struct Chunk {
     index: u32,
     /// Bytes written so far.
     len: usize,
+}
+
+/// The last, partly filled piece of a file, held in an exact-size buffer whose length is
+/// counted against the arena's budget until it is dropped.
+#[derive(Debug)]
+pub struct Tail {
+    arena: Arc<ArenaInner>,
+    bytes: Box<[u8]>,
 }
 
 impl Arena {
@@ -44,15 +63,20 @@ impl Arena {
         Ok(Arena {
             inner: Arc::new(ArenaInner {
                 map,
-                free: Mutex::new(free),
+                book: Mutex::new(Book { free, used: 0 }),
                 chunk_count,
             }),
         })
     }
 
-    /// Takes a free chunk, or `None` when all are in use.
+    /// Takes a free chunk, or `None` when the budget has no whole chunk left.
     pub fn try_alloc(&self) -> Option<Chunk> {
-        let index = self.inner.free.lock().expect("arena lock").pop()?;
+        let mut book = self.inner.book.lock().expect("arena lock");
+        if book.used + CHUNK_SIZE > self.capacity_bytes() {
+            return None;
+        }
+        let index = book.free.pop()?;
+        book.used += CHUNK_SIZE;
         Some(Chunk {
             arena: self.inner.clone(),
             index,
@@ -64,8 +88,10 @@ impl Arena {
         self.inner.chunk_count as u64 * CHUNK_SIZE
     }
 
+    /// Budget not in use, in bytes (tails count their exact length).
     pub fn free_bytes(&self) -> u64 {
-        self.inner.free.lock().expect("arena lock").len() as u64 * CHUNK_SIZE
+        let book = self.inner.book.lock().expect("arena lock");
+        self.capacity_bytes() - book.used
     }
 }
 
@@ -105,6 +131,20 @@ impl Chunk {
         self.len == CHUNK_SIZE as usize
     }
 
+    /// Moves what the chunk holds into an exact-size tail and returns the chunk to the
+    /// arena; the budget shrinks from a whole chunk to the bytes held, so this never fails.
+    pub fn into_tail(self) -> Tail {
+        let bytes: Box<[u8]> = self.bytes().into();
+        let arena = self.arena.clone();
+        {
+            let mut book = arena.book.lock().expect("arena lock");
+            // Counted before the chunk's own drop gives back its CHUNK_SIZE.
+            book.used += bytes.len() as u64;
+        }
+        drop(self);
+        Tail { arena, bytes }
+    }
+
     /// Flips one bit; only for tests that prove corruption is detected.
     #[cfg(test)]
     pub(crate) fn flip_bit_for_test(&mut self, at: usize) {
@@ -114,14 +154,34 @@ impl Chunk {
     }
 }
 
-// SAFETY: a Chunk is the sole owner of its memory range; the arena's free list is locked.
+impl Tail {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Flips one bit; only for tests that prove corruption is detected.
+    #[cfg(test)]
+    pub(crate) fn flip_bit_for_test(&mut self, at: usize) {
+        self.bytes[at] ^= 1;
+    }
+}
+
+// SAFETY: a Chunk is the sole owner of its memory range; the arena's book is locked.
 unsafe impl Send for Chunk {}
 // SAFETY: shared references only read the written prefix.
 unsafe impl Sync for Chunk {}
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        self.arena.free.lock().expect("arena lock").push(self.index);
+        let mut book = self.arena.book.lock().expect("arena lock");
+        book.free.push(self.index);
+        book.used -= CHUNK_SIZE;
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.arena.book.lock().expect("arena lock").used -= self.bytes.len() as u64;
     }
 }
 
@@ -144,6 +204,24 @@ mod tests {
         let d = arena.try_alloc().unwrap();
         assert_eq!(d.bytes().len(), 0);
         drop((a, c, d));
+        assert_eq!(arena.free_bytes(), arena.capacity_bytes());
+    }
+
+    #[test]
+    fn a_tail_costs_its_bytes_and_a_chunk_needs_a_whole_chunk_of_budget() {
+        let arena = Arena::new(2 * CHUNK_SIZE).unwrap();
+        let mut a = arena.try_alloc().unwrap();
+        a.spare_mut()[..3].copy_from_slice(b"abc");
+        a.advance(3);
+        let t = a.into_tail();
+        assert_eq!(t.bytes(), b"abc");
+        assert_eq!(arena.free_bytes(), 2 * CHUNK_SIZE - 3);
+        // One whole chunk of budget is left, not two: the tail's bytes are counted.
+        let b = arena.try_alloc().unwrap();
+        assert!(arena.try_alloc().is_none());
+        drop(t);
+        let c = arena.try_alloc().unwrap();
+        drop((b, c));
         assert_eq!(arena.free_bytes(), arena.capacity_bytes());
     }
 }

@@ -3,12 +3,17 @@
 //! recently used committed snapshot is written whole to the disk tier (the spill directory)
 //! and its memory reused. Without a spill directory the upload is refused instead: nothing
 //! is evicted silently. Every chunk's CRC32C is checked each time it is served.
+//!
+//! The spill directory holds whole process memories, keys included: it is created 0700, its
+//! files 0600, and at start a directory owned by someone else or writable by group or others
+//! is refused, and a file in it that is not ours alone is not loaded (a planted file would
+//! otherwise be restored as root).
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::{self, Write},
-    os::unix::fs::FileExt,
+    os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -25,7 +30,7 @@ use torpor_image::{
 };
 use tracing::{info, warn};
 
-use crate::arena::{Arena, Chunk};
+use crate::arena::{Arena, Chunk, Tail};
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -53,6 +58,8 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("spill directory {path} is unsafe: {problem}; it would hold whole process memories and feed restores run as root")]
+    SpillDirUnsafe { path: PathBuf, problem: String },
     #[error("pool RAM tier is full ({} in use) and the pool has no spill directory: restart it with --spill-dir to move least-recently-used snapshots to disk, or give it more --capacity", format_bytes(*capacity))]
     FullNoSpill { capacity: u64 },
     #[error("pool RAM tier is full ({} in use) and holds nothing that can be spilled: the snapshot being stored is larger than the RAM tier", format_bytes(*capacity))]
@@ -108,6 +115,7 @@ impl StoreError {
             StoreError::Name(_) | StoreError::Upload(_) => ErrorCode::BadRequest,
             StoreError::Arena { .. }
             | StoreError::SpillDir { .. }
+            | StoreError::SpillDirUnsafe { .. }
             | StoreError::Spill { .. }
             | StoreError::DiskRead { .. } => ErrorCode::Internal,
         }
@@ -117,9 +125,34 @@ impl StoreError {
 /// The bytes of a committed snapshot, wherever they are.
 #[derive(Debug, Clone)]
 pub enum StoredData {
-    /// Chunks per file, in manifest order.
-    Ram(Arc<Vec<Vec<Chunk>>>),
+    /// Each file's bytes, in manifest order.
+    Ram(Arc<Vec<RamFile>>),
     Disk(Arc<DiskFile>),
+}
+
+/// One file of a snapshot in the RAM tier: whole chunks, then the rest in an exact-size tail.
+#[derive(Debug)]
+pub struct RamFile {
+    chunks: Vec<Chunk>,
+    tail: Option<Tail>,
+}
+
+impl RamFile {
+    /// The bytes of chunk `i` (the tail is the last one).
+    pub fn chunk(&self, i: usize) -> &[u8] {
+        match self.chunks.get(i) {
+            Some(c) => c.bytes(),
+            None if i == self.chunks.len() => self.tail.as_ref().map_or(&[], Tail::bytes),
+            None => &[],
+        }
+    }
+
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks
+            .iter()
+            .map(Chunk::bytes)
+            .chain(self.tail.as_ref().map(Tail::bytes))
+    }
 }
 
 /// A snapshot in the spill directory.
@@ -187,6 +220,8 @@ pub struct Upload {
 struct UploadFile {
     name: String,
     chunks: Vec<Chunk>,
+    /// The last piece once the file is closed, if it did not fill a whole chunk.
+    tail: Option<Tail>,
     /// CRC32C of each completed chunk.
     crcs: Vec<u32>,
     /// CRC32C of what the last, unsealed chunk holds so far.
@@ -234,17 +269,33 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
-        fs::create_dir_all(dir).map_err(spill_err)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(spill_err)?;
+        check_spill_dir(dir)?;
         let mut state = self.state.lock().expect("store lock");
         for name_dir in fs::read_dir(dir).map_err(spill_err)? {
             let name_dir = name_dir.map_err(spill_err)?.path();
-            if !name_dir.is_dir() {
+            let Ok(meta) = fs::symlink_metadata(&name_dir) else {
+                continue;
+            };
+            if !meta.is_dir() {
                 continue;
             }
+            if let Some(problem) = not_ours_alone(&meta, 0o022) {
+                warn!(path = %name_dir.display(), %problem, "ignoring spill subdirectory that is not ours alone");
+                continue;
+            }
+            let dir_name = name_dir.file_name().and_then(|f| f.to_str()).unwrap_or("");
             for file in fs::read_dir(&name_dir).map_err(spill_err)? {
                 let path = file.map_err(spill_err)?.path();
                 let fname = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-                if fname.ends_with(".tmp") {
+                let Ok(meta) = fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if fname.ends_with(".tmp") && meta.is_file() && meta.uid() == euid() {
                     // An interrupted spill: the snapshot was still in RAM then, now lost.
                     let _ = fs::remove_file(&path);
                     continue;
@@ -252,7 +303,21 @@ impl Store {
                 if !fname.ends_with(".tsnap") {
                     continue;
                 }
+                if !meta.is_file() {
+                    warn!(path = %path.display(), "ignoring snapshot file that is not a regular file");
+                    continue;
+                }
+                if let Some(problem) = not_ours_alone(&meta, 0o077) {
+                    warn!(path = %path.display(), %problem, "ignoring snapshot file that is not ours alone: it was not written by this pool");
+                    continue;
+                }
                 match read_snapfile(&path) {
+                    Ok((manifest, _, _))
+                        if manifest.name != dir_name
+                            || snapfile_path(dir, &manifest.name, manifest.generation) != path =>
+                    {
+                        warn!(path = %path.display(), name = %manifest.name, generation = manifest.generation, "ignoring snapshot file whose manifest does not match its place");
+                    }
                     Ok((manifest, file, offsets)) => {
                         let ns = state.names.entry(manifest.name.clone()).or_default();
                         ns.last_generation = ns.last_generation.max(manifest.generation);
@@ -329,17 +394,17 @@ impl Store {
                     .values()
                     .flat_map(|ns| ns.generations.values())
                     .filter_map(|e| match &e.data {
-                        StoredData::Ram(chunks) => {
-                            Some((e.last_used, e.manifest.clone(), chunks.clone()))
+                        StoredData::Ram(files) => {
+                            Some((e.last_used, e.manifest.clone(), files.clone()))
                         }
                         StoredData::Disk(_) => None,
                     })
                     .min_by_key(|(used, _, _)| *used)
             };
-            let Some((_, manifest, chunks)) = victim else {
+            let Some((_, manifest, files)) = victim else {
                 return Err(StoreError::FullNothingToSpill { capacity });
             };
-            self.spill(dir, &manifest, &chunks)?;
+            self.spill(dir, &manifest, &files)?;
         }
     }
 
@@ -352,7 +417,7 @@ impl Store {
         &self,
         dir: &Path,
         manifest: &Arc<Manifest>,
-        chunks: &Arc<Vec<Vec<Chunk>>>,
+        files: &Arc<Vec<RamFile>>,
     ) -> Result<(), StoreError> {
         let path = snapfile_path(dir, &manifest.name, manifest.generation);
         let spill_err = |source| StoreError::Spill {
@@ -361,7 +426,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let data_offset = write_snapfile(&path, manifest, chunks).map_err(spill_err)?;
+        let data_offset = write_snapfile(&path, manifest, files).map_err(spill_err)?;
         let offsets = snapfile::file_offsets(manifest, data_offset);
         let file = File::open(&path).map_err(spill_err)?;
         let mut state = self.state.lock().expect("store lock");
@@ -394,14 +459,17 @@ impl Store {
             )));
         }
         let mut files = Vec::with_capacity(upload.files.len());
-        let mut chunks = Vec::with_capacity(upload.files.len());
+        let mut data = Vec::with_capacity(upload.files.len());
         for f in upload.files.drain(..) {
             files.push(FileEntry {
                 name: f.name,
                 size: f.size,
                 chunk_crcs: f.crcs,
             });
-            chunks.push(f.chunks);
+            data.push(RamFile {
+                chunks: f.chunks,
+                tail: f.tail,
+            });
         }
         let mut state = self.state.lock().expect("store lock");
         state.tick += 1;
@@ -427,7 +495,7 @@ impl Store {
             manifest.generation,
             Entry {
                 manifest: Arc::new(manifest),
-                data: StoredData::Ram(Arc::new(chunks)),
+                data: StoredData::Ram(Arc::new(data)),
                 last_used: tick,
             },
         );
@@ -530,10 +598,14 @@ impl Store {
             .values_mut()
             .next_back()
             .unwrap();
-        let StoredData::Ram(chunks) = &mut e.data else {
+        let StoredData::Ram(files) = &mut e.data else {
             panic!("not in RAM")
         };
-        Arc::get_mut(chunks).expect("no readers")[file][chunk].flip_bit_for_test(at);
+        let f = &mut Arc::get_mut(files).expect("no readers")[file];
+        match f.chunks.get_mut(chunk) {
+            Some(c) => c.flip_bit_for_test(at),
+            None => f.tail.as_mut().expect("tail").flip_bit_for_test(at),
+        }
     }
 }
 
@@ -560,7 +632,7 @@ impl StoredData {
         let entry = &manifest.files[file];
         let len = (entry.size - chunk as u64 * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
         let bytes: &[u8] = match self {
-            StoredData::Ram(chunks) => chunks[file][chunk].bytes(),
+            StoredData::Ram(files) => files[file].chunk(chunk),
             StoredData::Disk(d) => {
                 buf.resize(len, 0);
                 d.read_at(d.offsets[file] + chunk as u64 * CHUNK_SIZE, buf)?;
@@ -612,6 +684,7 @@ impl Upload {
         self.files.push(UploadFile {
             name: name.to_string(),
             chunks: Vec::new(),
+            tail: None,
             crcs: Vec::new(),
             open_crc: 0,
             size: 0,
@@ -660,6 +733,11 @@ impl Upload {
             .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
         let f = &mut self.files[idx];
         f.seal_last();
+        // A partly filled last chunk goes back to the arena; the file keeps only its bytes.
+        if f.chunks.last().is_some_and(|c| !c.is_full()) {
+            let last = f.chunks.pop().expect("checked");
+            f.tail = Some(last.into_tail());
+        }
         if f.size != size {
             return Err(StoreError::Upload(format!(
                 "file {:?}: sender says {size} bytes, {} arrived",
@@ -690,24 +768,93 @@ fn snapfile_path(dir: &Path, name: &str, generation: u64) -> PathBuf {
     dir.join(name).join(format!("{generation:010}.tsnap"))
 }
 
-/// Writes a snapshot file atomically (temp file, fsync, rename); returns the data offset.
-fn write_snapfile(path: &Path, manifest: &Manifest, chunks: &[Vec<Chunk>]) -> io::Result<u64> {
+/// Writes a snapshot file atomically (temp file 0600, fsync, rename); returns the data
+/// offset. A failed write (disk full) removes its temp file.
+fn write_snapfile(path: &Path, manifest: &Manifest, files: &[RamFile]) -> io::Result<u64> {
     let parent = path.parent().expect("snapfile path has a parent");
-    fs::create_dir_all(parent)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)?;
     let tmp = path.with_extension("tsnap.tmp");
-    let mut f = io::BufWriter::with_capacity(CHUNK_SIZE as usize, File::create(&tmp)?);
-    let prefix = snapfile::encode_prefix(manifest);
-    f.write_all(&prefix)?;
-    for file_chunks in chunks {
-        for c in file_chunks {
-            f.write_all(c.bytes())?;
+    let written = (|| {
+        // create_new: never write through a file (or symlink) someone placed at the temp name.
+        let _ = fs::remove_file(&tmp);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut f = io::BufWriter::with_capacity(CHUNK_SIZE as usize, file);
+        let prefix = snapfile::encode_prefix(manifest);
+        f.write_all(&prefix)?;
+        for file in files {
+            for piece in file.pieces() {
+                f.write_all(piece)?;
+            }
         }
-    }
-    let f = f.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(prefix.len() as u64)
+    })();
+    let offset = match written {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     fs::rename(&tmp, path)?;
     File::open(parent)?.sync_all()?;
-    Ok(prefix.len() as u64)
+    Ok(offset)
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Why a file or directory is not ours alone: another owner, or any of `forbidden` mode bits.
+fn not_ours_alone(meta: &fs::Metadata, forbidden: u32) -> Option<String> {
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != euid() {
+        Some(format!("owned by uid {}, not {}", meta.uid(), euid()))
+    } else if mode & forbidden != 0 {
+        Some(format!("mode {mode:04o} gives access to group or others"))
+    } else {
+        None
+    }
+}
+
+/// Refuses a spill directory owned by someone else or writable by group or others, and
+/// tightens one of ours that others can read (with a warning).
+fn check_spill_dir(dir: &Path) -> Result<(), StoreError> {
+    let unsafe_dir = |problem: String| StoreError::SpillDirUnsafe {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|source| StoreError::SpillDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory (a symlink?)".into()));
+    }
+    if let Some(problem) = not_ours_alone(&meta, 0o022) {
+        return Err(unsafe_dir(format!(
+            "{problem}; make it a directory of the pool's user, mode 0700"
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        warn!(path = %dir.display(), mode = format!("{mode:04o}"), "spill directory was readable by others; tightened to 0700");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StoreError::SpillDir {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Reads and checks a snapshot file's prefix; returns its manifest, the open file and
