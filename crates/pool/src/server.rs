@@ -464,7 +464,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             SessionError::Unauthorized => info!(%peer, "pool connection refused: wrong token"),
             _ => debug!(%peer, error = %e, "pool connection refused before hello"),
         }
-        if !matches!(e, SessionError::Wire(WireError::Closed) | SessionError::Evicted) {
+        if !matches!(
+            e,
+            SessionError::Wire(WireError::Closed) | SessionError::Evicted
+        ) {
             let frame = wire::encode_control(&Response::Error {
                 code: e.code(),
                 message: e.to_string(),
@@ -525,7 +528,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             // Inside an upload the client is streaming: a pause means it is gone (or hung),
             // and the upload's memory must not wait for it as long as an idle client may.
             let header = match self.upload {
-                Some(_) => read_header(&mut self.rd, self.options.frame_timeout, "frame inside an upload").await?,
+                Some(_) => {
+                    read_header(
+                        &mut self.rd,
+                        self.options.frame_timeout,
+                        "frame inside an upload",
+                    )
+                    .await?
+                }
                 None => read_header(&mut self.rd, self.options.idle_timeout, "request").await?,
             };
             match header.kind {
@@ -595,6 +605,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             .ok_or_else(|| SessionError::Protocol("data frame outside an upload".into()))?;
         let mut crc = crc32c::crc32c(&id);
         let mut remaining = header.len as usize - 4;
+        if upload.takes_small(file_id, remaining)? {
+            self.buf.resize(remaining, 0);
+            within(limit, "data frame bytes", self.rd.read_exact(&mut self.buf)).await?;
+            let piece_crc = crc32c::crc32c(&self.buf);
+            crc = crc32c::crc32c_combine(crc, piece_crc, remaining);
+            while !upload.try_append_small(file_id, &self.buf, piece_crc)? {
+                let store = self.store.clone();
+                let bytes = remaining as u64;
+                tokio::task::spawn_blocking(move || store.make_room(bytes))
+                    .await
+                    .expect("spill task panicked")?;
+            }
+            remaining = 0;
+        }
         while remaining > 0 {
             if upload.writable_chunk(file_id)?.is_none() {
                 let chunk = match self.store.try_alloc_chunk() {
@@ -611,7 +635,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             let chunk = upload.writable_chunk(file_id)?.expect("chunk with room");
             let spare = chunk.spare_mut();
             let n = remaining.min(spare.len());
-            within(limit, "data frame bytes", self.rd.read_exact(&mut spare[..n])).await?;
+            within(
+                limit,
+                "data frame bytes",
+                self.rd.read_exact(&mut spare[..n]),
+            )
+            .await?;
             let piece_crc = crc32c::crc32c(&spare[..n]);
             crc = crc32c::crc32c_combine(crc, piece_crc, n);
             upload.advance(file_id, n, piece_crc)?;

@@ -205,10 +205,16 @@ pub struct Committed {
     pub tier: Tier,
 }
 
+/// A file whose bytes so far fit in this many is received into an exact-size tail instead of
+/// a chunk, so small files never need a whole chunk of budget, even while they arrive.
+pub const SMALL_FILE_LIMIT: u64 = 64 << 10;
+
 /// An upload in progress: private to its connection, invisible to everyone else, and
 /// returned to the arena whole if dropped before commit.
 #[derive(Debug)]
 pub struct Upload {
+    /// Where small files' tails take their budget from.
+    arena: Arena,
     name: String,
     meta: SnapshotMeta,
     files: Vec<UploadFile>,
@@ -220,7 +226,8 @@ pub struct Upload {
 struct UploadFile {
     name: String,
     chunks: Vec<Chunk>,
-    /// The last piece once the file is closed, if it did not fill a whole chunk.
+    /// A small file's bytes while it stays small (no chunks yet); once closed, the last piece
+    /// if it did not fill a whole chunk.
     tail: Option<Tail>,
     /// CRC32C of each completed chunk.
     crcs: Vec<u32>,
@@ -365,6 +372,7 @@ impl Store {
             }
         }
         Ok(Upload {
+            arena: self.arena.clone(),
             name: name.to_string(),
             meta,
             files: Vec::new(),
@@ -375,8 +383,19 @@ impl Store {
     /// A free chunk, spilling least-recently-used snapshots to disk when RAM is full.
     /// May block on disk I/O; async callers try [`Store::try_alloc_chunk`] first.
     pub fn alloc_chunk(&self) -> Result<Chunk, StoreError> {
+        self.with_room(|| self.arena.try_alloc())
+    }
+
+    /// Spills least-recently-used snapshots until `bytes` of budget are free (for a tail).
+    /// May block on disk I/O.
+    pub fn make_room(&self, bytes: u64) -> Result<(), StoreError> {
+        self.with_room(|| (self.arena.free_bytes() >= bytes).then_some(()))
+    }
+
+    /// Runs `attempt` until it succeeds, spilling one snapshot to disk after each failure.
+    fn with_room<T>(&self, attempt: impl Fn() -> Option<T>) -> Result<T, StoreError> {
         loop {
-            if let Some(c) = self.arena.try_alloc() {
+            if let Some(c) = attempt() {
                 return Ok(c);
             }
             let capacity = self.arena.capacity_bytes();
@@ -384,7 +403,7 @@ impl Store {
                 return Err(StoreError::FullNoSpill { capacity });
             };
             let _spilling = self.spill_lock.lock().expect("spill lock");
-            if let Some(c) = self.arena.try_alloc() {
+            if let Some(c) = attempt() {
                 return Ok(c);
             }
             let victim = {
@@ -692,6 +711,31 @@ impl Upload {
         Ok(())
     }
 
+    /// Whether `n` more bytes of `file_id` go into its small-file tail (the file has no chunk
+    /// and stays within [`SMALL_FILE_LIMIT`]) rather than into chunks.
+    pub fn takes_small(&mut self, file_id: u32, n: usize) -> Result<bool, StoreError> {
+        let f = self.file_mut(file_id)?;
+        Ok(f.chunks.is_empty() && f.size + n as u64 <= SMALL_FILE_LIMIT)
+    }
+
+    /// Appends bytes (whose CRC32C is `piece_crc`) to a small file's tail if the budget has
+    /// room; `false` means the caller must [`Store::make_room`] and try again.
+    pub fn try_append_small(
+        &mut self,
+        file_id: u32,
+        bytes: &[u8],
+        piece_crc: u32,
+    ) -> Result<bool, StoreError> {
+        let arena = self.arena.clone();
+        let f = self.file_mut(file_id)?;
+        if !f.tail.get_or_insert_with(|| arena.tail()).try_append(bytes) {
+            return Ok(false);
+        }
+        f.open_crc = crc32c::crc32c_combine(f.open_crc, piece_crc, bytes.len());
+        f.size += bytes.len() as u64;
+        Ok(true)
+    }
+
     /// The chunk that the next bytes of `file_id` go into, if it has room; `None` means the
     /// caller must [`Upload::push_chunk`] a new one first.
     pub fn writable_chunk(&mut self, file_id: u32) -> Result<Option<&mut Chunk>, StoreError> {
@@ -703,6 +747,14 @@ impl Upload {
     pub fn push_chunk(&mut self, file_id: u32, chunk: Chunk) -> Result<(), StoreError> {
         let f = self.file_mut(file_id)?;
         f.seal_last();
+        let mut chunk = chunk;
+        // A file that outgrew its small-file tail continues in chunks, its first bytes moved
+        // over (the open CRC already covers them).
+        if let Some(t) = f.tail.take() {
+            let n = t.bytes().len();
+            chunk.spare_mut()[..n].copy_from_slice(t.bytes());
+            chunk.advance(n);
+        }
         f.chunks.push(chunk);
         Ok(())
     }
@@ -733,8 +785,15 @@ impl Upload {
             .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
         let f = &mut self.files[idx];
         f.seal_last();
-        // A partly filled last chunk goes back to the arena; the file keeps only its bytes.
-        if f.chunks.last().is_some_and(|c| !c.is_full()) {
+        if let Some(t) = &f.tail {
+            // A small file: its tail is its only chunk (or nothing, when empty).
+            if t.bytes().is_empty() {
+                f.tail = None;
+            } else {
+                f.crcs.push(std::mem::take(&mut f.open_crc));
+            }
+        } else if f.chunks.last().is_some_and(|c| !c.is_full()) {
+            // A partly filled last chunk goes back to the arena; the file keeps its bytes.
             let last = f.chunks.pop().expect("checked");
             f.tail = Some(last.into_tail());
         }
