@@ -401,3 +401,201 @@ fn small_files_cost_their_bytes_not_whole_chunks() {
         .sum();
     assert_eq!(p.store.free_bytes(), p.store.capacity_bytes() - in_ram);
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+fn open_store(capacity: u64, spill: &Path) -> Result<Store, torpor_pool::StoreError> {
+    Store::open(StoreConfig {
+        capacity,
+        spill_dir: Some(spill.to_path_buf()),
+        keep: 2,
+    })
+}
+
+/// Stores `names` (one chunk each) in a one-chunk pool, so all but the last are spilled.
+fn spill_snapshots(spill: &Path, names: &[&str]) {
+    let p = start(CHUNK_SIZE, Some(spill), |_| {});
+    let mut c = client(&p);
+    for (i, name) in names.iter().enumerate() {
+        put(
+            &mut c,
+            name,
+            &[("pages-1.img", pattern(i as u8, CHUNK_SIZE as usize))],
+        )
+        .unwrap();
+    }
+}
+
+fn snapfile(spill: &Path, name: &str) -> std::path::PathBuf {
+    spill.join(name).join("0000000001.tsnap")
+}
+
+#[test]
+fn spilled_snapshots_are_private_whatever_the_umask() {
+    let base = tempfile::tempdir().unwrap();
+    let spill = base.path().join("spill");
+    // The usual umask would make new files 0644 and directories 0755.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    spill_snapshots(&spill, &["a", "b"]);
+    nix::sys::stat::umask(old);
+    assert_eq!(mode(&spill), 0o700);
+    assert_eq!(mode(&spill.join("a")), 0o700);
+    assert_eq!(mode(&snapfile(&spill, "a")), 0o600);
+}
+
+#[test]
+fn a_snapshot_file_planted_in_the_spill_dir_is_not_loaded() {
+    use std::os::unix::fs::PermissionsExt;
+    let spill = tempfile::tempdir().unwrap();
+    spill_snapshots(
+        spill.path(),
+        &["readable", "foreign", "moved", "good", "last"],
+    );
+    // Files that are not the pool's alone: readable by others, owned by someone else.
+    std::fs::set_permissions(
+        snapfile(spill.path(), "readable"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    nix::unistd::chown(
+        &snapfile(spill.path(), "foreign"),
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    // A private file whose manifest names another snapshot than its place says.
+    std::fs::create_dir(spill.path().join("evil")).unwrap();
+    std::fs::rename(
+        snapfile(spill.path(), "moved"),
+        snapfile(spill.path(), "evil"),
+    )
+    .unwrap();
+    let store = open_store(CHUNK_SIZE, spill.path()).unwrap();
+    let names: Vec<String> = store.list().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["good"]);
+}
+
+#[test]
+fn a_spill_dir_others_can_write_or_someone_else_owns_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let spill = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(spill.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = open_store(CHUNK_SIZE, spill.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("unsafe") && err.to_string().contains("0777"),
+        "{err}"
+    );
+    std::fs::set_permissions(spill.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(spill.path(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let err = open_store(CHUNK_SIZE, spill.path()).unwrap_err();
+    assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    // Ours but readable by others: tightened, and the pool starts.
+    nix::unistd::chown(spill.path(), Some(nix::unistd::geteuid()), None).unwrap();
+    std::fs::set_permissions(spill.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    open_store(CHUNK_SIZE, spill.path()).unwrap();
+    assert_eq!(mode(spill.path()), 0o700);
+}
+
+#[test]
+fn a_token_file_others_can_read_or_a_short_token_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use torpor_pool::{read_token_file, write_token_file, TokenFileError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    write_token_file(&path, "0123456789abcdef-long-enough\n").unwrap();
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(
+        read_token_file(&path).unwrap(),
+        "0123456789abcdef-long-enough"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = read_token_file(&path).unwrap_err();
+    assert!(
+        matches!(err, TokenFileError::Exposed { mode: 0o644, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    write_token_file(&path, "short").unwrap();
+    let err = read_token_file(&path).unwrap_err();
+    assert!(
+        matches!(err, TokenFileError::TooShort { len: 5, .. }),
+        "{err}"
+    );
+}
+
+/// A tmpfs mounted on a temporary directory, unmounted on drop.
+struct TinyTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyTmpfs {
+    fn mount(size: &str) -> TinyTmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs (needs root)");
+        TinyTmpfs { dir }
+    }
+}
+
+impl Drop for TinyTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_upload_cleanly_and_keeps_what_the_pool_holds() {
+    let disk = TinyTmpfs::mount("4m");
+    let spill = disk.dir.path().join("spill");
+    let p = start(4 * CHUNK_SIZE, Some(&spill), |_| {});
+    let mut c = client(&p);
+    let a = pattern(1, 3 * CHUNK_SIZE as usize);
+    let b = pattern(2, 3 * CHUNK_SIZE as usize);
+    put(&mut c, "a", &[("pages-1.img", a.clone())]).unwrap();
+    // Storing b spills a (3 MiB of the 4 MiB disk); storing c would spill b: no room.
+    put(&mut c, "b", &[("pages-1.img", b.clone())]).unwrap();
+    let err = put(
+        &mut c,
+        "c",
+        &[("pages-1.img", pattern(3, 3 * CHUNK_SIZE as usize))],
+    )
+    .unwrap_err();
+    let code = err
+        .downcast_ref::<torpor_pool::ClientError>()
+        .and_then(|e| e.pool_code());
+    assert_eq!(code, Some(ErrorCode::Internal), "{err}");
+    // Nothing half-written is left on the disk; a and b are intact and served; c is absent.
+    let leftovers: Vec<_> = std::fs::read_dir(spill.join("b"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let mut c = client(&p);
+    let names: Vec<String> = c.list().unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["a", "b"]);
+    assert_eq!(get(&mut c, "a", 1, "pages-1.img").unwrap(), a);
+    assert_eq!(get(&mut c, "b", 1, "pages-1.img").unwrap(), b);
+    assert!(
+        wait_for(Duration::from_secs(10), || p.store.free_bytes()
+            == CHUNK_SIZE),
+        "the failed upload's memory was returned"
+    );
+    put(&mut c, "d", &[("small.img", vec![4; 100])]).unwrap();
+}
