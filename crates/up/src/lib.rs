@@ -31,8 +31,8 @@ pub enum UpError {
     },
     #[error(transparent)]
     Agent(#[from] AgentError),
-    #[error("reading the pool token file failed")]
-    Token(#[source] std::io::Error),
+    #[error("the pool token file is refused")]
+    Token(#[source] torpor_pool::TokenFileError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
 }
@@ -270,10 +270,7 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
     match &config.pool {
         PoolChoice::Remote { addr, token_file } => {
             let token = match token_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map_err(UpError::Token)?
-                    .trim()
-                    .to_string(),
+                Some(f) => torpor_pool::read_token_file(f).map_err(UpError::Token)?,
                 None => String::new(),
             };
             Ok((
