@@ -599,3 +599,38 @@ fn a_full_disk_fails_the_upload_cleanly_and_keeps_what_the_pool_holds() {
     );
     put(&mut c, "d", &[("small.img", vec![4; 100])]).unwrap();
 }
+
+#[test]
+fn a_corrupt_chunk_on_disk_is_refused_and_never_served() {
+    let spill = tempfile::tempdir().unwrap();
+    let a = pattern(1, 3 * CHUNK_SIZE as usize);
+    {
+        let p = start(3 * CHUNK_SIZE, Some(spill.path()), |_| {});
+        let mut c = client(&p);
+        put(&mut c, "a", &[("pages-1.img", a.clone())]).unwrap();
+        put(&mut c, "b", &[("pages-1.img", pattern(2, 100))]).unwrap(); // spills a
+    }
+    // One bit of a's middle chunk rots on disk while the pool is down.
+    let path = snapfile(spill.path(), "a");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 2 * CHUNK_SIZE as usize + 12345;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+    let p = start(3 * CHUNK_SIZE, Some(spill.path()), |_| {});
+    let mut c = client(&p);
+    let mut served = Vec::new();
+    let err = c
+        .get_file("a", 1, "pages-1.img", |b| {
+            served.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(err.pool_code(), Some(ErrorCode::Corrupt), "{err}");
+    assert_eq!(
+        served,
+        a[..CHUNK_SIZE as usize],
+        "only the intact chunk before it"
+    );
+    // The pool keeps serving.
+    put(&mut c, "c", &[("x.img", vec![1])]).unwrap();
+}
