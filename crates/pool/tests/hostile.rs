@@ -634,3 +634,31 @@ fn a_corrupt_chunk_on_disk_is_refused_and_never_served() {
     // The pool keeps serving.
     put(&mut c, "c", &[("x.img", vec![1])]).unwrap();
 }
+
+#[test]
+fn a_file_sent_in_small_pieces_outgrows_its_tail_into_chunks_intact() {
+    let p = start(4 * CHUNK_SIZE, None, |_| {});
+    let mut c = client(&p);
+    let bytes = pattern(5, CHUNK_SIZE as usize + CHUNK_SIZE as usize / 2 + 7);
+    c.put_begin("svc", SnapshotMeta::default(), None).unwrap();
+    c.file_open(0, "pages-1.img").unwrap();
+    c.file_open(1, "core-1.img").unwrap();
+    // Interleaved 1000-byte pieces: both files start small, one grows past the limit.
+    for piece in bytes.chunks(1000) {
+        c.file_data(0, piece).unwrap();
+        c.file_data(1, &piece[..10]).unwrap();
+    }
+    c.file_close(0, bytes.len() as u64).unwrap();
+    let small_len = bytes.chunks(1000).count() as u64 * 10;
+    c.file_close(1, small_len).unwrap();
+    c.commit().unwrap();
+    assert_eq!(get(&mut c, "svc", 1, "pages-1.img").unwrap(), bytes);
+    assert_eq!(
+        get(&mut c, "svc", 1, "core-1.img").unwrap().len() as u64,
+        small_len
+    );
+    assert_eq!(
+        p.store.free_bytes(),
+        p.store.capacity_bytes() - bytes.len() as u64 - small_len
+    );
+}
