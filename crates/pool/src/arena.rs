@@ -24,7 +24,9 @@ struct ArenaInner {
     /// Keeps the mapping alive; chunks point into it.
     map: MmapMut,
     book: Mutex<Book>,
-    chunk_count: u32,
+    /// The RAM tier's capacity in bytes, exactly as configured: what chunks and tails may
+    /// use together. The mapping is rounded up to whole chunks to hold it.
+    budget: u64,
 }
 
 #[derive(Debug)]
@@ -53,9 +55,10 @@ pub struct Tail {
 }
 
 impl Arena {
-    /// Maps and faults in `capacity` bytes (rounded down to whole chunks, at least one).
+    /// Maps and faults in enough whole chunks for `capacity` bytes (at least one), and
+    /// budgets exactly `capacity` bytes.
     pub fn new(capacity: u64) -> std::io::Result<Arena> {
-        let chunk_count = (capacity / CHUNK_SIZE).clamp(1, u32::MAX as u64) as u32;
+        let chunk_count = capacity.div_ceil(CHUNK_SIZE).clamp(1, u32::MAX as u64) as u32;
         let len = chunk_count as usize * CHUNK_SIZE as usize;
         let map = MmapOptions::new().len(len).populate().map_anon()?;
         // Huge pages make the copy into the arena cheaper; a refusal only costs speed.
@@ -65,7 +68,7 @@ impl Arena {
             inner: Arc::new(ArenaInner {
                 map,
                 book: Mutex::new(Book { free, used: 0 }),
-                chunk_count,
+                budget: capacity.min(chunk_count as u64 * CHUNK_SIZE),
             }),
         })
     }
@@ -94,7 +97,7 @@ impl Arena {
     }
 
     pub fn capacity_bytes(&self) -> u64 {
-        self.inner.chunk_count as u64 * CHUNK_SIZE
+        self.inner.budget
     }
 
     /// Budget not in use, in bytes (tails count their exact length).
@@ -106,7 +109,7 @@ impl Arena {
 
 impl Chunk {
     fn base(&self) -> *mut u8 {
-        // SAFETY: index < chunk_count, so the offset stays inside the mapping.
+        // SAFETY: indices are below the mapping's chunk count, so the offset stays inside it.
         unsafe {
             (self.arena.map.as_ptr() as *mut u8).add(self.index as usize * CHUNK_SIZE as usize)
         }
@@ -171,7 +174,7 @@ impl Tail {
     /// Appends `more` if the budget has room for it; `false` (nothing appended) otherwise.
     pub fn try_append(&mut self, more: &[u8]) -> bool {
         let mut book = self.arena.book.lock().expect("arena lock");
-        if book.used + more.len() as u64 > self.arena.chunk_count as u64 * CHUNK_SIZE {
+        if book.used + more.len() as u64 > self.arena.budget {
             return false;
         }
         book.used += more.len() as u64;
@@ -247,5 +250,16 @@ mod tests {
         let c = arena.try_alloc().unwrap();
         drop((b, c));
         assert_eq!(arena.free_bytes(), arena.capacity_bytes());
+    }
+
+    #[test]
+    fn a_budget_below_a_chunk_holds_small_tails_only() {
+        let arena = Arena::new(64 << 10).unwrap();
+        assert_eq!(arena.capacity_bytes(), 64 << 10);
+        assert!(arena.try_alloc().is_none(), "a whole chunk exceeds the budget");
+        let mut t = arena.tail();
+        assert!(t.try_append(&[7; 60 << 10]));
+        assert!(!t.try_append(&[7; 8 << 10]));
+        assert_eq!(arena.free_bytes(), 4 << 10);
     }
 }

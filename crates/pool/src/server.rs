@@ -78,7 +78,7 @@ pub const MAX_HELLO_PAYLOAD: u32 = 8 << 10;
 
 /// Limits and timeouts that keep hostile, broken or partitioned clients from exhausting the
 /// pool's file descriptors, memory or RAM tier.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// The shared token a client must present in `Hello`; `None` accepts anyone who connects.
     pub token: Option<Arc<str>>,
@@ -98,6 +98,20 @@ pub struct ServeOptions {
     /// Longest a write to the client may stall: a client that stops reading a file is dropped
     /// and releases the snapshot it pins.
     pub write_timeout: Duration,
+}
+
+/// Everything but the token, which must never reach a log.
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("frame_timeout", &self.frame_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .finish()
+    }
 }
 
 impl ServeOptions {
