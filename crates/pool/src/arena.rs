@@ -256,7 +256,10 @@ mod tests {
     fn a_budget_below_a_chunk_holds_small_tails_only() {
         let arena = Arena::new(64 << 10).unwrap();
         assert_eq!(arena.capacity_bytes(), 64 << 10);
-        assert!(arena.try_alloc().is_none(), "a whole chunk exceeds the budget");
+        assert!(
+            arena.try_alloc().is_none(),
+            "a whole chunk exceeds the budget"
+        );
         let mut t = arena.tail();
         assert!(t.try_append(&[7; 60 << 10]));
         assert!(!t.try_append(&[7; 8 << 10]));
