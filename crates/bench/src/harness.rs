@@ -4,7 +4,7 @@
 //! a zombie that would block the next restore of the same PID.
 
 use std::{
-    fs, io,
+    io,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -18,29 +18,9 @@ use nix::{
     },
     unistd::Pid,
 };
-use thiserror::Error;
 use torpor_criu::{PoolTarget, Pools};
 use torpor_image::NodeKey;
 use torpor_pool::PoolAddr;
-
-/// Why a token file was refused.
-#[derive(Debug, Error)]
-pub enum TokenError {
-    #[error("cannot read token file {0}")]
-    Read(PathBuf, #[source] io::Error),
-    #[error("token file {0} holds fewer than 16 characters: use a long random token")]
-    TooShort(PathBuf),
-}
-
-/// Reads a shared token: the file's content without surrounding whitespace.
-pub fn read_token(path: &Path) -> Result<String, TokenError> {
-    let t = fs::read_to_string(path).map_err(|e| TokenError::Read(path.to_path_buf(), e))?;
-    let t = t.trim().to_string();
-    if t.len() < 16 {
-        return Err(TokenError::TooShort(path.to_path_buf()));
-    }
-    Ok(t)
-}
 
 /// Makes this process the reaper of orphaned descendants (restored trees).
 pub fn become_subreaper() -> io::Result<()> {
@@ -147,7 +127,7 @@ impl PoolProcess {
         let dir = tempfile::tempdir()?;
         let token = torpor_pool::random_token();
         let token_file = dir.path().join("token");
-        fs::write(&token_file, &token)?;
+        torpor_pool::write_token_file(&token_file, &token)?;
         let sock = dir.path().join("pool.sock");
         let started = Instant::now();
         let child = Command::new(exe)

@@ -5,17 +5,20 @@
 //! * [`server`] speaks the wire protocol of `torpor_image::wire` to many clients.
 //! * [`client`] is the blocking client used by the CRIU engine and the CLI.
 //! * [`addr`] parses `HOST:PORT` and `unix:PATH` addresses.
+//! * [`token`] reads and writes the shared token file (owner-only, long enough).
 
 pub mod addr;
 pub mod arena;
 pub mod client;
 pub mod server;
 pub mod store;
+pub mod token;
 
 pub use addr::{AddrError, PoolAddr};
 pub use client::{ClientError, PoolClient};
-pub use server::{serve, Listener, PoolServerError};
+pub use server::{serve, serve_with, Listener, ServeOptions};
 pub use store::{error_chain, Store, StoreConfig, StoreError};
+pub use token::{read_token_file, write_token_file, TokenFileError};
 
 /// A fresh random shared token (32 alphanumerics) for a pool and its clients.
 pub fn random_token() -> String {

@@ -2,13 +2,26 @@
 //! [`Store`]. Data frames of an upload are read straight into arena chunks (no intermediate
 //! buffer). Any protocol violation, oversized frame or checksum failure is answered with an
 //! error frame and the connection is closed; the store is never left with a partial upload.
+//!
+//! Hostile clients are bounded: a connection limit (unauthenticated connections give way to
+//! new ones, oldest first), only a small `Hello` frame before authentication and within a few
+//! seconds, idle, per-frame and write timeouts, and accept errors that are retried, never
+//! fatal.
 
-use std::{future::Future, io, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    io,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
     net::{TcpListener, UnixListener},
+    sync::Notify,
     task::JoinSet,
 };
 use torpor_image::{
@@ -59,40 +72,118 @@ impl Listener {
     }
 }
 
-/// Why the server stopped.
-#[derive(Debug, Error)]
-pub enum PoolServerError {
-    #[error("accepting connections failed")]
-    Accept(#[source] io::Error),
+/// Largest control payload accepted before `Hello` succeeds: a `Hello` with the longest token
+/// fits; a header declaring more is refused before anything is allocated for it.
+pub const MAX_HELLO_PAYLOAD: u32 = 8 << 10;
+
+/// Limits and timeouts that keep hostile, broken or partitioned clients from exhausting the
+/// pool's file descriptors, memory or RAM tier.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// The shared token a client must present in `Hello`; `None` accepts anyone who connects.
+    pub token: Option<Arc<str>>,
+    /// Connections served at once. Beyond it a new connection takes the slot of the oldest
+    /// one that has not authenticated yet, or is closed at once when all have: the listener
+    /// keeps serving and file descriptors stay free for the disk tier.
+    pub max_connections: usize,
+    /// Time from accept to a successful `Hello`; an unauthenticated connection costs a slot
+    /// only this long.
+    pub hello_timeout: Duration,
+    /// An authenticated connection without an upload in progress is closed after this long
+    /// without a request.
+    pub idle_timeout: Duration,
+    /// Longest wait for a frame (or the rest of one) inside an upload or a request: past it
+    /// the connection is closed and an unfinished upload returns its memory.
+    pub frame_timeout: Duration,
+    /// Longest a write to the client may stall: a client that stops reading a file is dropped
+    /// and releases the snapshot it pins.
+    pub write_timeout: Duration,
 }
 
-/// Serves until `shutdown` resolves; connections in progress are then dropped (uploads that
-/// did not commit leave no trace).
+/// Everything but the token, which must never reach a log.
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("hello_timeout", &self.hello_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("frame_timeout", &self.frame_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .finish()
+    }
+}
+
+impl ServeOptions {
+    /// Defaults: a connection limit derived from this process's open-file limit, 5 s for
+    /// `Hello`, 120 s idle, 30 s per frame and per write.
+    pub fn new(token: Option<Arc<str>>) -> ServeOptions {
+        ServeOptions {
+            token,
+            max_connections: default_max_connections(),
+            hello_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
+            frame_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Three quarters of the soft open-file limit (at least 16, at most 8192): the rest is left for
+/// the listener, the runtime and the disk tier's open snapshot files.
+pub fn default_max_connections() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    (soft.saturating_mul(3) / 4).clamp(16, 8192) as usize
+}
+
+/// Serves with [`ServeOptions::new`] until `shutdown` resolves.
 pub async fn serve(
     listener: Listener,
     store: Arc<Store>,
     token: Option<Arc<str>>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), PoolServerError> {
+) {
+    serve_with(listener, store, ServeOptions::new(token), shutdown).await
+}
+
+/// Serves until `shutdown` resolves; connections in progress are then dropped (uploads that
+/// did not commit leave no trace). Accept errors (out of file descriptors, aborted
+/// handshakes...) are logged and retried with backoff: they never end the server.
+pub async fn serve_with(
+    listener: Listener,
+    store: Arc<Store>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
+    let slots = SlotTable::new(options.max_connections);
+    let ctx = Arc::new(Ctx { store, options });
     let mut conns = JoinSet::new();
+    let mut backoff = Duration::ZERO;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = accept(&listener) => {
-                let stream = accepted.map_err(PoolServerError::Accept)?;
-                let store = store.clone();
-                let token = token.clone();
-                match stream {
-                    Accepted::Tcp(s, peer) => {
-                        let _ = s.set_nodelay(true);
-                        crate::addr::enlarge_socket_buffers(&s);
-                        conns.spawn(connection(s, store, token, peer));
+            accepted = accept(&listener) => match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::ZERO;
+                    match slots.admit() {
+                        Some(slot) => start_connection(accepted, ctx.clone(), slot, &mut conns),
+                        // Dropping the stream closes it at once.
+                        None => drop(accepted),
                     }
-                    Accepted::Unix(s) => {
-                        crate::addr::enlarge_socket_buffers(&s);
-                        conns.spawn(connection(s, store, token, "unix".to_string()));
+                }
+                Err(e) if is_per_connection(&e) => {
+                    debug!(error = %e, "a connection failed before it was accepted");
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, connections = slots.live(), "accepting a pool connection failed; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(backoff) => {}
                     }
                 }
             }
@@ -102,7 +193,42 @@ pub async fn serve(
     if let Listener::Unix(_, p) = &listener {
         let _ = std::fs::remove_file(p);
     }
-    Ok(())
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept errors that concern one connection only, not the listener's resources.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+struct Ctx {
+    store: Arc<Store>,
+    options: ServeOptions,
+}
+
+/// Sets up one accepted connection (socket options, and the transport on top of it) and
+/// spawns its task, which holds `slot` until it ends.
+fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut JoinSet<()>) {
+    match accepted {
+        Accepted::Tcp(s, peer) => {
+            let _ = s.set_nodelay(true);
+            crate::addr::enlarge_socket_buffers(&s);
+            conns.spawn(connection(s, ctx, slot, peer));
+        }
+        Accepted::Unix(s) => {
+            crate::addr::enlarge_socket_buffers(&s);
+            conns.spawn(connection(s, ctx, slot, "unix".to_string()));
+        }
+    }
 }
 
 enum Accepted {
@@ -120,6 +246,101 @@ async fn accept(l: &Listener) -> io::Result<Accepted> {
     })
 }
 
+/// The connection slots: how many are live and which have not authenticated yet.
+#[derive(Debug)]
+struct SlotTable {
+    max: usize,
+    inner: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    live: usize,
+    next_id: u64,
+    /// Connections still before `Hello`, oldest first, with the signal that closes them.
+    unauthenticated: BTreeMap<u64, Arc<Notify>>,
+    /// Connections closed or evicted for the limit since the last log line.
+    turned_away: u64,
+    /// When that log line was written, so a flood costs one line every few seconds.
+    last_report: Option<Instant>,
+}
+
+/// A live connection's claim on a slot; released on drop.
+#[derive(Debug)]
+struct Slot {
+    table: Arc<SlotTable>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl SlotTable {
+    fn new(max: usize) -> Arc<SlotTable> {
+        Arc::new(SlotTable {
+            max: max.max(1),
+            inner: Mutex::new(SlotState::default()),
+        })
+    }
+
+    fn live(&self) -> usize {
+        self.inner.lock().expect("slot lock").live
+    }
+
+    /// A slot for a new connection: a free one, else the oldest unauthenticated connection's
+    /// (that one is told to close), else none.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut st = self.inner.lock().expect("slot lock");
+        if st.live >= self.max {
+            st.turned_away += 1;
+            let now = Instant::now();
+            if st
+                .last_report
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
+            {
+                warn!(
+                    limit = self.max,
+                    turned_away = st.turned_away,
+                    "pool connection limit reached: closing unauthenticated connections, oldest first (or the new one when all are authenticated)"
+                );
+                st.turned_away = 0;
+                st.last_report = Some(now);
+            }
+            let (_, victim) = st.unauthenticated.pop_first()?;
+            victim.notify_one();
+        }
+        st.live += 1;
+        st.next_id += 1;
+        let id = st.next_id;
+        let evict = Arc::new(Notify::new());
+        st.unauthenticated.insert(id, evict.clone());
+        Some(Slot {
+            table: self.clone(),
+            id,
+            evict,
+        })
+    }
+}
+
+impl Slot {
+    /// Resolves when a newer connection needs this slot (only before authentication).
+    async fn evicted(&self) {
+        self.evict.notified().await
+    }
+
+    /// From now on the connection keeps its slot until it ends.
+    fn authenticated(&self) {
+        let mut st = self.table.inner.lock().expect("slot lock");
+        st.unauthenticated.remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.table.inner.lock().expect("slot lock");
+        st.live -= 1;
+        st.unauthenticated.remove(&self.id);
+    }
+}
+
 /// Why a connection was closed by the server.
 #[derive(Debug, Error)]
 enum SessionError {
@@ -131,86 +352,206 @@ enum SessionError {
     Unauthorized,
     #[error("{0}")]
     Protocol(String),
+    #[error("no {what} within {after:?}")]
+    TimedOut { what: &'static str, after: Duration },
+    #[error("the client did not read for {0:?}")]
+    WriteStalled(Duration),
+    #[error("closed to make room for a newer connection (connection limit)")]
+    Evicted,
 }
 
 impl SessionError {
     fn code(&self) -> ErrorCode {
         match self {
-            SessionError::Wire(_) | SessionError::Protocol(_) => ErrorCode::BadRequest,
+            SessionError::Wire(_)
+            | SessionError::Protocol(_)
+            | SessionError::TimedOut { .. }
+            | SessionError::WriteStalled(_)
+            | SessionError::Evicted => ErrorCode::BadRequest,
             SessionError::Store(e) => e.code(),
             SessionError::Unauthorized => ErrorCode::Unauthorized,
         }
     }
 }
 
+/// Runs `io` for at most `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    io: impl Future<Output = io::Result<T>>,
+) -> Result<T, SessionError> {
+    match tokio::time::timeout(limit, io).await {
+        Ok(r) => r.map_err(|e| WireError::Io(e).into()),
+        Err(_) => Err(SessionError::TimedOut { what, after: limit }),
+    }
+}
+
+/// Reads a frame header; a clean end of stream before it is `Closed`.
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    limit: Duration,
+    what: &'static str,
+) -> Result<FrameHeader, SessionError> {
+    let mut h = [0u8; HEADER_LEN];
+    match tokio::time::timeout(limit, rd.read_exact(&mut h)).await {
+        Ok(Ok(_)) => Ok(FrameHeader::decode(&h)?),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(WireError::Closed.into()),
+        Ok(Err(e)) => Err(WireError::Io(e).into()),
+        Err(_) => Err(SessionError::TimedOut { what, after: limit }),
+    }
+}
+
+/// Reads the `Hello` (a small control frame, nothing larger is read or allocated), checks its
+/// token and answers `Welcome`.
+async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+    token: Option<&str>,
+) -> Result<(), SessionError> {
+    let header = read_header(rd, Duration::MAX, "hello").await?;
+    if header.kind != FrameKind::Control {
+        return Err(WireError::UnexpectedKind {
+            expected: FrameKind::Control,
+            got: header.kind,
+        }
+        .into());
+    }
+    if header.len > MAX_HELLO_PAYLOAD {
+        return Err(WireError::TooLarge {
+            kind: header.kind,
+            len: header.len,
+            max: MAX_HELLO_PAYLOAD,
+        }
+        .into());
+    }
+    let mut buf = vec![0u8; header.len as usize];
+    rd.read_exact(&mut buf).await.map_err(WireError::Io)?;
+    header.verify(&buf)?;
+    match wire::decode_control(&buf)? {
+        Request::Hello { token: given } => {
+            if given.len() > MAX_TOKEN_LEN {
+                return Err(SessionError::Unauthorized);
+            }
+            if let Some(expected) = token {
+                if !constant_time_eq(expected.as_bytes(), given.as_bytes()) {
+                    return Err(SessionError::Unauthorized);
+                }
+            }
+        }
+        _ => {
+            return Err(SessionError::Protocol(
+                "the first request must be hello".into(),
+            ))
+        }
+    }
+    let welcome = wire::encode_control(&Response::Welcome {
+        pool_version: env!("CARGO_PKG_VERSION").to_string(),
+    });
+    wr.write_all(&welcome).await.map_err(WireError::Io)?;
+    wr.flush().await.map_err(WireError::Io)?;
+    Ok(())
+}
+
+/// Longest the server waits to hand a closing error frame to a client.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    store: Arc<Store>,
-    token: Option<Arc<str>>,
+    ctx: Arc<Ctx>,
+    slot: Slot,
     peer: String,
 ) {
-    let (rd, wr) = tokio::io::split(stream);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let hello_timeout = ctx.options.hello_timeout;
+    let greeted = tokio::select! {
+        r = tokio::time::timeout(hello_timeout, greet(&mut rd, &mut wr, ctx.options.token.as_deref())) => {
+            r.unwrap_or(Err(SessionError::TimedOut { what: "hello", after: hello_timeout }))
+        }
+        () = slot.evicted() => Err(SessionError::Evicted),
+    };
+    if let Err(e) = greeted {
+        // Unauthenticated peers are logged quietly: a flood of them must not flood the log.
+        match &e {
+            SessionError::Wire(WireError::Closed) | SessionError::Evicted => {
+                debug!(%peer, error = %e, "unauthenticated pool connection closed")
+            }
+            SessionError::Unauthorized => info!(%peer, "pool connection refused: wrong token"),
+            _ => debug!(%peer, error = %e, "pool connection refused before hello"),
+        }
+        if !matches!(
+            e,
+            SessionError::Wire(WireError::Closed) | SessionError::Evicted
+        ) {
+            let frame = wire::encode_control(&Response::Error {
+                code: e.code(),
+                message: e.to_string(),
+            });
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, wr.write_all(&frame)).await;
+        }
+        return;
+    }
+    slot.authenticated();
     let mut session = Session {
         rd,
         wr: BufWriter::with_capacity(64 << 10, wr),
-        store,
+        store: ctx.store.clone(),
+        options: &ctx.options,
         upload: None,
         buf: Vec::new(),
     };
-    match session.run(token.as_deref()).await {
+    match session.run().await {
         Ok(()) | Err(SessionError::Wire(WireError::Closed)) => {
             debug!(%peer, "pool connection closed")
         }
         Err(e) => {
             let message = error_chain(&e);
             warn!(%peer, error = %message, "pool connection ended with an error");
-            let _ = session
-                .send(&Response::Error {
+            // A client that stopped reading would not take the error frame either.
+            if !matches!(e, SessionError::WriteStalled(_)) {
+                let frame = wire::encode_control(&Response::Error {
                     code: e.code(),
                     message,
+                });
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, async {
+                    session.wr.write_all(&frame).await?;
+                    session.wr.flush().await
                 })
                 .await;
+            }
         }
     }
     if let Some(u) = session.upload.take() {
         info!(%peer, name = u.name(), "upload abandoned before commit; discarded");
     }
+    drop(slot);
 }
 
-struct Session<R, W: AsyncWrite> {
+struct Session<'o, R, W: AsyncWrite> {
     rd: R,
     wr: BufWriter<W>,
     store: Arc<Store>,
+    options: &'o ServeOptions,
     upload: Option<Upload>,
     /// Reused buffer for control payloads and disk-tier reads.
     buf: Vec<u8>,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
-    async fn run(&mut self, token: Option<&str>) -> Result<(), SessionError> {
-        match self.read_control().await? {
-            Request::Hello { token: given } => {
-                if given.len() > MAX_TOKEN_LEN {
-                    return Err(SessionError::Unauthorized);
-                }
-                if let Some(expected) = token {
-                    if !constant_time_eq(expected.as_bytes(), given.as_bytes()) {
-                        return Err(SessionError::Unauthorized);
-                    }
-                }
-                self.send(&Response::Welcome {
-                    pool_version: env!("CARGO_PKG_VERSION").to_string(),
-                })
-                .await?;
-            }
-            _ => {
-                return Err(SessionError::Protocol(
-                    "the first request must be hello".into(),
-                ))
-            }
-        }
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
+    async fn run(&mut self) -> Result<(), SessionError> {
         loop {
-            let header = self.read_header().await?;
+            // Inside an upload the client is streaming: a pause means it is gone (or hung),
+            // and the upload's memory must not wait for it as long as an idle client may.
+            let header = match self.upload {
+                Some(_) => {
+                    read_header(
+                        &mut self.rd,
+                        self.options.frame_timeout,
+                        "frame inside an upload",
+                    )
+                    .await?
+                }
+                None => read_header(&mut self.rd, self.options.idle_timeout, "request").await?,
+            };
             match header.kind {
                 FrameKind::Data => self.receive_data(header).await?,
                 FrameKind::Control => {
@@ -236,50 +577,41 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         }
     }
 
-    async fn read_header(&mut self) -> Result<FrameHeader, SessionError> {
-        let mut h = [0u8; HEADER_LEN];
-        match self.rd.read_exact(&mut h).await {
-            Ok(_) => Ok(FrameHeader::decode(&h)?),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(WireError::Closed.into()),
-            Err(e) => Err(WireError::Io(e).into()),
-        }
-    }
-
-    async fn read_control(&mut self) -> Result<Request, SessionError> {
-        let header = self.read_header().await?;
-        if header.kind != FrameKind::Control {
-            return Err(WireError::UnexpectedKind {
-                expected: FrameKind::Control,
-                got: header.kind,
-            }
-            .into());
-        }
-        self.read_control_payload(header).await
-    }
-
     async fn read_control_payload(&mut self, header: FrameHeader) -> Result<Request, SessionError> {
         self.buf.resize(header.len as usize, 0);
-        self.rd
-            .read_exact(&mut self.buf)
-            .await
-            .map_err(WireError::Io)?;
+        within(
+            self.options.frame_timeout,
+            "control frame payload",
+            self.rd.read_exact(&mut self.buf),
+        )
+        .await?;
         header.verify(&self.buf)?;
         Ok(wire::decode_control(&self.buf)?)
     }
 
+    /// Writes to the client; a client that takes nothing for `write_timeout` is dropped.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let limit = self.options.write_timeout;
+        match tokio::time::timeout(limit, self.wr.write_all(bytes)).await {
+            Ok(r) => r.map_err(|e| WireError::Io(e).into()),
+            Err(_) => Err(SessionError::WriteStalled(limit)),
+        }
+    }
+
     async fn send(&mut self, resp: &Response) -> Result<(), SessionError> {
-        self.wr
-            .write_all(&wire::encode_control(resp))
-            .await
-            .map_err(WireError::Io)?;
-        self.wr.flush().await.map_err(WireError::Io)?;
-        Ok(())
+        self.write(&wire::encode_control(resp)).await?;
+        let limit = self.options.write_timeout;
+        match tokio::time::timeout(limit, self.wr.flush()).await {
+            Ok(r) => r.map_err(|e| WireError::Io(e).into()),
+            Err(_) => Err(SessionError::WriteStalled(limit)),
+        }
     }
 
     /// Reads a data frame's bytes straight into the upload's chunks.
     async fn receive_data(&mut self, header: FrameHeader) -> Result<(), SessionError> {
+        let limit = self.options.frame_timeout;
         let mut id = [0u8; 4];
-        self.rd.read_exact(&mut id).await.map_err(WireError::Io)?;
+        within(limit, "data frame", self.rd.read_exact(&mut id)).await?;
         let file_id = u32::from_le_bytes(id);
         let upload = self
             .upload
@@ -287,6 +619,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             .ok_or_else(|| SessionError::Protocol("data frame outside an upload".into()))?;
         let mut crc = crc32c::crc32c(&id);
         let mut remaining = header.len as usize - 4;
+        if upload.takes_small(file_id, remaining)? {
+            self.buf.resize(remaining, 0);
+            within(limit, "data frame bytes", self.rd.read_exact(&mut self.buf)).await?;
+            let piece_crc = crc32c::crc32c(&self.buf);
+            crc = crc32c::crc32c_combine(crc, piece_crc, remaining);
+            while !upload.try_append_small(file_id, &self.buf, piece_crc)? {
+                let store = self.store.clone();
+                let bytes = remaining as u64;
+                tokio::task::spawn_blocking(move || store.make_room(bytes))
+                    .await
+                    .expect("spill task panicked")?;
+            }
+            remaining = 0;
+        }
         while remaining > 0 {
             if upload.writable_chunk(file_id)?.is_none() {
                 let chunk = match self.store.try_alloc_chunk() {
@@ -303,10 +649,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             let chunk = upload.writable_chunk(file_id)?.expect("chunk with room");
             let spare = chunk.spare_mut();
             let n = remaining.min(spare.len());
-            self.rd
-                .read_exact(&mut spare[..n])
-                .await
-                .map_err(WireError::Io)?;
+            within(
+                limit,
+                "data frame bytes",
+                self.rd.read_exact(&mut spare[..n]),
+            )
+            .await?;
             let piece_crc = crc32c::crc32c(&spare[..n]);
             crc = crc32c::crc32c_combine(crc, piece_crc, n);
             upload.advance(file_id, n, piece_crc)?;
@@ -409,14 +757,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             })?;
         for chunk in 0..entry.chunk_crcs.len() {
             match &data {
-                StoredData::Ram(chunks) => {
+                StoredData::Ram(files) => {
                     let frame =
                         data.with_chunk(&manifest, index, chunk, &mut self.buf, data_frame_prefix)?;
-                    self.wr.write_all(&frame).await.map_err(WireError::Io)?;
-                    self.wr
-                        .write_all(chunks[index][chunk].bytes())
-                        .await
-                        .map_err(WireError::Io)?;
+                    self.write(&frame).await?;
+                    self.write(files[index].chunk(chunk)).await?;
                 }
                 StoredData::Disk(_) => {
                     let (d, m) = (data.clone(), manifest.clone());
@@ -429,8 +774,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     .expect("disk read task panicked");
                     self.buf = buf;
                     let frame = frame?;
-                    self.wr.write_all(&frame).await.map_err(WireError::Io)?;
-                    self.wr.write_all(&self.buf).await.map_err(WireError::Io)?;
+                    self.write(&frame).await?;
+                    let buf = std::mem::take(&mut self.buf);
+                    let written = self.write(&buf).await;
+                    self.buf = buf;
+                    written?;
                 }
             }
         }

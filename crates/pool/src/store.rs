@@ -3,12 +3,17 @@
 //! recently used committed snapshot is written whole to the disk tier (the spill directory)
 //! and its memory reused. Without a spill directory the upload is refused instead: nothing
 //! is evicted silently. Every chunk's CRC32C is checked each time it is served.
+//!
+//! The spill directory holds whole process memories, keys included: it is created 0700, its
+//! files 0600, and at start a directory owned by someone else or writable by group or others
+//! is refused, and a file in it that is not ours alone is not loaded (a planted file would
+//! otherwise be restored as root).
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::{self, Write},
-    os::unix::fs::FileExt,
+    os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -26,7 +31,7 @@ use torpor_image::{
 };
 use tracing::{info, warn};
 
-use crate::arena::{Arena, Chunk};
+use crate::arena::{Arena, Chunk, Tail};
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -54,6 +59,8 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("spill directory {path} is unsafe: {problem}; it would hold whole process memories and feed restores run as root")]
+    SpillDirUnsafe { path: PathBuf, problem: String },
     #[error("pool RAM tier is full ({} in use) and the pool has no spill directory: restart it with --spill-dir to move least-recently-used snapshots to disk, or give it more --capacity", format_bytes(*capacity))]
     FullNoSpill { capacity: u64 },
     #[error("pool RAM tier is full ({} in use) and holds nothing that can be spilled: the snapshot being stored is larger than the RAM tier", format_bytes(*capacity))]
@@ -117,6 +124,7 @@ impl StoreError {
             }
             StoreError::Arena { .. }
             | StoreError::SpillDir { .. }
+            | StoreError::SpillDirUnsafe { .. }
             | StoreError::Spill { .. }
             | StoreError::DiskRead { .. } => ErrorCode::Internal,
         }
@@ -126,9 +134,34 @@ impl StoreError {
 /// The bytes of a committed snapshot, wherever they are.
 #[derive(Debug, Clone)]
 pub enum StoredData {
-    /// Chunks per file, in manifest order.
-    Ram(Arc<Vec<Vec<Chunk>>>),
+    /// Each file's bytes, in manifest order.
+    Ram(Arc<Vec<RamFile>>),
     Disk(Arc<DiskFile>),
+}
+
+/// One file of a snapshot in the RAM tier: whole chunks, then the rest in an exact-size tail.
+#[derive(Debug)]
+pub struct RamFile {
+    chunks: Vec<Chunk>,
+    tail: Option<Tail>,
+}
+
+impl RamFile {
+    /// The bytes of chunk `i` (the tail is the last one).
+    pub fn chunk(&self, i: usize) -> &[u8] {
+        match self.chunks.get(i) {
+            Some(c) => c.bytes(),
+            None if i == self.chunks.len() => self.tail.as_ref().map_or(&[], Tail::bytes),
+            None => &[],
+        }
+    }
+
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks
+            .iter()
+            .map(Chunk::bytes)
+            .chain(self.tail.as_ref().map(Tail::bytes))
+    }
 }
 
 /// A snapshot in the spill directory.
@@ -181,10 +214,16 @@ pub struct Committed {
     pub tier: Tier,
 }
 
+/// A file whose bytes so far fit in this many is received into an exact-size tail instead of
+/// a chunk, so small files never need a whole chunk of budget, even while they arrive.
+pub const SMALL_FILE_LIMIT: u64 = 64 << 10;
+
 /// An upload in progress: private to its connection, invisible to everyone else, and
 /// returned to the arena whole if dropped before commit.
 #[derive(Debug)]
 pub struct Upload {
+    /// Where small files' tails take their budget from.
+    arena: Arena,
     name: String,
     meta: SnapshotMeta,
     files: Vec<UploadFile>,
@@ -196,6 +235,9 @@ pub struct Upload {
 struct UploadFile {
     name: String,
     chunks: Vec<Chunk>,
+    /// A small file's bytes while it stays small (no chunks yet); once closed, the last piece
+    /// if it did not fill a whole chunk.
+    tail: Option<Tail>,
     /// CRC32C of each completed chunk.
     crcs: Vec<u32>,
     /// CRC32C of what the last, unsealed chunk holds so far.
@@ -243,17 +285,33 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
-        fs::create_dir_all(dir).map_err(spill_err)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(spill_err)?;
+        check_spill_dir(dir)?;
         let mut state = self.state.lock().expect("store lock");
         for name_dir in fs::read_dir(dir).map_err(spill_err)? {
             let name_dir = name_dir.map_err(spill_err)?.path();
-            if !name_dir.is_dir() {
+            let Ok(meta) = fs::symlink_metadata(&name_dir) else {
+                continue;
+            };
+            if !meta.is_dir() {
                 continue;
             }
+            if let Some(problem) = not_ours_alone(&meta, 0o022) {
+                warn!(path = %name_dir.display(), %problem, "ignoring spill subdirectory that is not ours alone");
+                continue;
+            }
+            let dir_name = name_dir.file_name().and_then(|f| f.to_str()).unwrap_or("");
             for file in fs::read_dir(&name_dir).map_err(spill_err)? {
                 let path = file.map_err(spill_err)?.path();
                 let fname = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-                if fname.ends_with(".tmp") {
+                let Ok(meta) = fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if fname.ends_with(".tmp") && meta.is_file() && meta.uid() == euid() {
                     // An interrupted spill: the snapshot was still in RAM then, now lost.
                     let _ = fs::remove_file(&path);
                     continue;
@@ -261,7 +319,21 @@ impl Store {
                 if !fname.ends_with(".tsnap") {
                     continue;
                 }
+                if !meta.is_file() {
+                    warn!(path = %path.display(), "ignoring snapshot file that is not a regular file");
+                    continue;
+                }
+                if let Some(problem) = not_ours_alone(&meta, 0o077) {
+                    warn!(path = %path.display(), %problem, "ignoring snapshot file that is not ours alone: it was not written by this pool");
+                    continue;
+                }
                 match read_snapfile(&path) {
+                    Ok((manifest, _, _))
+                        if manifest.name != dir_name
+                            || snapfile_path(dir, &manifest.name, manifest.generation) != path =>
+                    {
+                        warn!(path = %path.display(), name = %manifest.name, generation = manifest.generation, "ignoring snapshot file whose manifest does not match its place");
+                    }
                     Ok((manifest, file, offsets)) => {
                         let ns = state.names.entry(manifest.name.clone()).or_default();
                         ns.last_generation = ns.last_generation.max(manifest.generation);
@@ -309,6 +381,7 @@ impl Store {
             }
         }
         Ok(Upload {
+            arena: self.arena.clone(),
             name: name.to_string(),
             meta,
             files: Vec::new(),
@@ -319,8 +392,19 @@ impl Store {
     /// A free chunk, spilling least-recently-used snapshots to disk when RAM is full.
     /// May block on disk I/O; async callers try [`Store::try_alloc_chunk`] first.
     pub fn alloc_chunk(&self) -> Result<Chunk, StoreError> {
+        self.with_room(|| self.arena.try_alloc())
+    }
+
+    /// Spills least-recently-used snapshots until `bytes` of budget are free (for a tail).
+    /// May block on disk I/O.
+    pub fn make_room(&self, bytes: u64) -> Result<(), StoreError> {
+        self.with_room(|| (self.arena.free_bytes() >= bytes).then_some(()))
+    }
+
+    /// Runs `attempt` until it succeeds, spilling one snapshot to disk after each failure.
+    fn with_room<T>(&self, attempt: impl Fn() -> Option<T>) -> Result<T, StoreError> {
         loop {
-            if let Some(c) = self.arena.try_alloc() {
+            if let Some(c) = attempt() {
                 return Ok(c);
             }
             let capacity = self.arena.capacity_bytes();
@@ -328,7 +412,7 @@ impl Store {
                 return Err(StoreError::FullNoSpill { capacity });
             };
             let _spilling = self.spill_lock.lock().expect("spill lock");
-            if let Some(c) = self.arena.try_alloc() {
+            if let Some(c) = attempt() {
                 return Ok(c);
             }
             let victim = {
@@ -338,17 +422,17 @@ impl Store {
                     .values()
                     .flat_map(|ns| ns.generations.values())
                     .filter_map(|e| match &e.data {
-                        StoredData::Ram(chunks) => {
-                            Some((e.last_used, e.manifest.clone(), chunks.clone()))
+                        StoredData::Ram(files) => {
+                            Some((e.last_used, e.manifest.clone(), files.clone()))
                         }
                         StoredData::Disk(_) => None,
                     })
                     .min_by_key(|(used, _, _)| *used)
             };
-            let Some((_, manifest, chunks)) = victim else {
+            let Some((_, manifest, files)) = victim else {
                 return Err(StoreError::FullNothingToSpill { capacity });
             };
-            self.spill(dir, &manifest, &chunks)?;
+            self.spill(dir, &manifest, &files)?;
         }
     }
 
@@ -361,7 +445,7 @@ impl Store {
         &self,
         dir: &Path,
         manifest: &Arc<Manifest>,
-        chunks: &Arc<Vec<Vec<Chunk>>>,
+        files: &Arc<Vec<RamFile>>,
     ) -> Result<(), StoreError> {
         let path = snapfile_path(dir, &manifest.name, manifest.generation);
         let spill_err = |source| StoreError::Spill {
@@ -370,7 +454,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let data_offset = write_snapfile(&path, manifest, chunks).map_err(spill_err)?;
+        let data_offset = write_snapfile(&path, manifest, files).map_err(spill_err)?;
         let offsets = snapfile::file_offsets(manifest, data_offset);
         let file = File::open(&path).map_err(spill_err)?;
         let mut state = self.state.lock().expect("store lock");
@@ -415,14 +499,17 @@ impl Store {
             )));
         }
         let mut files = Vec::with_capacity(upload.files.len());
-        let mut chunks = Vec::with_capacity(upload.files.len());
+        let mut data = Vec::with_capacity(upload.files.len());
         for f in upload.files.drain(..) {
             files.push(FileEntry {
                 name: f.name,
                 size: f.size,
                 chunk_crcs: f.crcs,
             });
-            chunks.push(f.chunks);
+            data.push(RamFile {
+                chunks: f.chunks,
+                tail: f.tail,
+            });
         }
         let mut state = self.state.lock().expect("store lock");
         state.tick += 1;
@@ -460,7 +547,7 @@ impl Store {
             manifest.generation,
             Entry {
                 manifest: Arc::new(manifest),
-                data: StoredData::Ram(Arc::new(chunks)),
+                data: StoredData::Ram(Arc::new(data)),
                 last_used: tick,
             },
         );
@@ -563,10 +650,14 @@ impl Store {
             .values_mut()
             .next_back()
             .unwrap();
-        let StoredData::Ram(chunks) = &mut e.data else {
+        let StoredData::Ram(files) = &mut e.data else {
             panic!("not in RAM")
         };
-        Arc::get_mut(chunks).expect("no readers")[file][chunk].flip_bit_for_test(at);
+        let f = &mut Arc::get_mut(files).expect("no readers")[file];
+        match f.chunks.get_mut(chunk) {
+            Some(c) => c.flip_bit_for_test(at),
+            None => f.tail.as_mut().expect("tail").flip_bit_for_test(at),
+        }
     }
 }
 
@@ -593,7 +684,7 @@ impl StoredData {
         let entry = &manifest.files[file];
         let len = (entry.size - chunk as u64 * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
         let bytes: &[u8] = match self {
-            StoredData::Ram(chunks) => chunks[file][chunk].bytes(),
+            StoredData::Ram(files) => files[file].chunk(chunk),
             StoredData::Disk(d) => {
                 buf.resize(len, 0);
                 d.read_at(d.offsets[file] + chunk as u64 * CHUNK_SIZE, buf)?;
@@ -645,11 +736,37 @@ impl Upload {
         self.files.push(UploadFile {
             name: name.to_string(),
             chunks: Vec::new(),
+            tail: None,
             crcs: Vec::new(),
             open_crc: 0,
             size: 0,
         });
         Ok(())
+    }
+
+    /// Whether `n` more bytes of `file_id` go into its small-file tail (the file has no chunk
+    /// and stays within [`SMALL_FILE_LIMIT`]) rather than into chunks.
+    pub fn takes_small(&mut self, file_id: u32, n: usize) -> Result<bool, StoreError> {
+        let f = self.file_mut(file_id)?;
+        Ok(f.chunks.is_empty() && f.size + n as u64 <= SMALL_FILE_LIMIT)
+    }
+
+    /// Appends bytes (whose CRC32C is `piece_crc`) to a small file's tail if the budget has
+    /// room; `false` means the caller must [`Store::make_room`] and try again.
+    pub fn try_append_small(
+        &mut self,
+        file_id: u32,
+        bytes: &[u8],
+        piece_crc: u32,
+    ) -> Result<bool, StoreError> {
+        let arena = self.arena.clone();
+        let f = self.file_mut(file_id)?;
+        if !f.tail.get_or_insert_with(|| arena.tail()).try_append(bytes) {
+            return Ok(false);
+        }
+        f.open_crc = crc32c::crc32c_combine(f.open_crc, piece_crc, bytes.len());
+        f.size += bytes.len() as u64;
+        Ok(true)
     }
 
     /// The chunk that the next bytes of `file_id` go into, if it has room; `None` means the
@@ -663,6 +780,14 @@ impl Upload {
     pub fn push_chunk(&mut self, file_id: u32, chunk: Chunk) -> Result<(), StoreError> {
         let f = self.file_mut(file_id)?;
         f.seal_last();
+        let mut chunk = chunk;
+        // A file that outgrew its small-file tail continues in chunks, its first bytes moved
+        // over (the open CRC already covers them).
+        if let Some(t) = f.tail.take() {
+            let n = t.bytes().len();
+            chunk.spare_mut()[..n].copy_from_slice(t.bytes());
+            chunk.advance(n);
+        }
         f.chunks.push(chunk);
         Ok(())
     }
@@ -693,6 +818,18 @@ impl Upload {
             .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
         let f = &mut self.files[idx];
         f.seal_last();
+        if let Some(t) = &f.tail {
+            // A small file: its tail is its only chunk (or nothing, when empty).
+            if t.bytes().is_empty() {
+                f.tail = None;
+            } else {
+                f.crcs.push(std::mem::take(&mut f.open_crc));
+            }
+        } else if f.chunks.last().is_some_and(|c| !c.is_full()) {
+            // A partly filled last chunk goes back to the arena; the file keeps its bytes.
+            let last = f.chunks.pop().expect("checked");
+            f.tail = Some(last.into_tail());
+        }
         if f.size != size {
             return Err(StoreError::Upload(format!(
                 "file {:?}: sender says {size} bytes, {} arrived",
@@ -723,24 +860,93 @@ fn snapfile_path(dir: &Path, name: &str, generation: u64) -> PathBuf {
     dir.join(name).join(format!("{generation:010}.tsnap"))
 }
 
-/// Writes a snapshot file atomically (temp file, fsync, rename); returns the data offset.
-fn write_snapfile(path: &Path, manifest: &Manifest, chunks: &[Vec<Chunk>]) -> io::Result<u64> {
+/// Writes a snapshot file atomically (temp file 0600, fsync, rename); returns the data
+/// offset. A failed write (disk full) removes its temp file.
+fn write_snapfile(path: &Path, manifest: &Manifest, files: &[RamFile]) -> io::Result<u64> {
     let parent = path.parent().expect("snapfile path has a parent");
-    fs::create_dir_all(parent)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)?;
     let tmp = path.with_extension("tsnap.tmp");
-    let mut f = io::BufWriter::with_capacity(CHUNK_SIZE as usize, File::create(&tmp)?);
-    let prefix = snapfile::encode_prefix(manifest);
-    f.write_all(&prefix)?;
-    for file_chunks in chunks {
-        for c in file_chunks {
-            f.write_all(c.bytes())?;
+    let written = (|| {
+        // create_new: never write through a file (or symlink) someone placed at the temp name.
+        let _ = fs::remove_file(&tmp);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut f = io::BufWriter::with_capacity(CHUNK_SIZE as usize, file);
+        let prefix = snapfile::encode_prefix(manifest);
+        f.write_all(&prefix)?;
+        for file in files {
+            for piece in file.pieces() {
+                f.write_all(piece)?;
+            }
         }
-    }
-    let f = f.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(prefix.len() as u64)
+    })();
+    let offset = match written {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     fs::rename(&tmp, path)?;
     File::open(parent)?.sync_all()?;
-    Ok(prefix.len() as u64)
+    Ok(offset)
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Why a file or directory is not ours alone: another owner, or any of `forbidden` mode bits.
+fn not_ours_alone(meta: &fs::Metadata, forbidden: u32) -> Option<String> {
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != euid() {
+        Some(format!("owned by uid {}, not {}", meta.uid(), euid()))
+    } else if mode & forbidden != 0 {
+        Some(format!("mode {mode:04o} gives access to group or others"))
+    } else {
+        None
+    }
+}
+
+/// Refuses a spill directory owned by someone else or writable by group or others, and
+/// tightens one of ours that others can read (with a warning).
+fn check_spill_dir(dir: &Path) -> Result<(), StoreError> {
+    let unsafe_dir = |problem: String| StoreError::SpillDirUnsafe {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|source| StoreError::SpillDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory (a symlink?)".into()));
+    }
+    if let Some(problem) = not_ours_alone(&meta, 0o022) {
+        return Err(unsafe_dir(format!(
+            "{problem}; make it a directory of the pool's user, mode 0700"
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        warn!(path = %dir.display(), mode = format!("{mode:04o}"), "spill directory was readable by others; tightened to 0700");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StoreError::SpillDir {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Reads and checks a snapshot file's prefix; returns its manifest, the open file and

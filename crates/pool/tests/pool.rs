@@ -55,8 +55,7 @@ fn start(capacity: u64, spill: Option<&Path>, keep: usize) -> Running {
             serve(l, s, Some(TOKEN.into()), async {
                 let _ = rx.await;
             })
-            .await
-            .unwrap();
+            .await;
         })
     });
     Running {

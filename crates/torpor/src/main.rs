@@ -165,6 +165,27 @@ struct PoolArgs {
     /// Generations kept per snapshot name.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
+    /// Connections served at once [default: 3/4 of the open-file limit]; beyond it new
+    /// connections replace unauthenticated ones, oldest first, or are closed.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Time a new connection has to authenticate (send Hello).
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    hello_timeout: std::time::Duration,
+    /// An authenticated connection with nothing in progress is closed after this long.
+    #[arg(long, default_value = "120s", value_parser = duration_arg)]
+    idle_timeout: std::time::Duration,
+    /// Longest pause inside a frame or an upload; an unfinished upload is then discarded.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    frame_timeout: std::time::Duration,
+    /// Longest a client may stop reading (a stalled GetFile) before it is dropped.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    write_timeout: std::time::Duration,
+}
+
+/// A duration flag (`500ms`, `5s`, `2m`).
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -192,7 +213,7 @@ impl PoolOpt {
         Ok(PoolTarget {
             addr: self.pool.clone(),
             token: match &self.token_file {
-                Some(f) => torpor_bench::harness::read_token(f)?,
+                Some(f) => torpor_pool::read_token_file(f)?,
                 None => String::new(),
             },
         })
@@ -418,7 +439,7 @@ fn doctor(json: bool) -> Result<ExitCode> {
 
 fn pool(args: PoolArgs) -> Result<()> {
     let token = match (&args.token_file, &args.listen, args.no_auth) {
-        (Some(f), _, _) => Some(torpor_bench::harness::read_token(f)?),
+        (Some(f), _, _) => Some(torpor_pool::read_token_file(f)?),
         (None, PoolAddr::Unix(_), _) | (None, _, true) => None,
         (None, PoolAddr::Tcp(_), false) => {
             bail!("a TCP pool needs --token-file (or --no-auth to let anyone who can connect read snapshots)")
@@ -453,13 +474,23 @@ fn pool(args: PoolArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         eprintln!("pool: listening on {}", listener.local_addr()?);
-        torpor_pool::serve(
-            listener,
-            Arc::new(store),
-            token.map(Into::into),
-            shutdown_signal(),
-        )
-        .await?;
+        let mut options = torpor_pool::ServeOptions::new(token.map(Into::into));
+        if let Some(n) = args.max_connections {
+            options.max_connections = n as usize;
+        }
+        options.hello_timeout = args.hello_timeout;
+        options.idle_timeout = args.idle_timeout;
+        options.frame_timeout = args.frame_timeout;
+        options.write_timeout = args.write_timeout;
+        eprintln!(
+            "pool: at most {} connections; hello within {:?}, idle {:?}, frame {:?}, write {:?}",
+            options.max_connections,
+            options.hello_timeout,
+            options.idle_timeout,
+            options.frame_timeout,
+            options.write_timeout
+        );
+        torpor_pool::serve_with(listener, Arc::new(store), options, shutdown_signal()).await;
         eprintln!("pool: stopped");
         anyhow::Ok(())
     })

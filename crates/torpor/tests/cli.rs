@@ -117,18 +117,30 @@ fn bad_input_gets_a_clear_error() {
     assert!(stderr(&out).contains("--token-file"), "{}", stderr(&out));
 
     let dir = tempfile::tempdir().unwrap();
-    let short = dir.path().join("token");
-    std::fs::write(&short, "abc").unwrap();
-    let out = torpor(&[
-        "pool",
-        "--listen",
-        "127.0.0.1:0",
-        "--capacity",
-        "1MiB",
-        "--token-file",
-        short.to_str().unwrap(),
-    ]);
+    let token = dir.path().join("token");
+    let pool_with_token = || {
+        torpor(&[
+            "pool",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "1MiB",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+    };
+    torpor_pool::write_token_file(&token, "abc").unwrap();
+    let out = pool_with_token();
     assert!(stderr(&out).contains("fewer than 16"), "{}", stderr(&out));
+    // Readable by others (the umask's usual 0644): refused whatever its length.
+    std::fs::write(&token, "a-long-enough-token-0123456789").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = pool_with_token();
+    assert!(
+        stderr(&out).contains("group or others can read"),
+        "{}",
+        stderr(&out)
+    );
 
     let sock = format!("unix:{}", dir.path().join("none.sock").display());
     let out = torpor(&[

@@ -34,8 +34,8 @@ pub enum UpError {
     },
     #[error(transparent)]
     Agent(#[from] AgentError),
-    #[error("reading the pool token file failed")]
-    Token(#[source] std::io::Error),
+    #[error("the pool token file is refused")]
+    Token(#[source] torpor_pool::TokenFileError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
 }
@@ -265,10 +265,7 @@ impl Drop for AbortOnDrop {
 
 fn read_token(file: Option<&std::path::Path>) -> Result<String, UpError> {
     Ok(match file {
-        Some(f) => std::fs::read_to_string(f)
-            .map_err(UpError::Token)?
-            .trim()
-            .to_string(),
+        Some(f) => torpor_pool::read_token_file(f).map_err(UpError::Token)?,
         None => String::new(),
     })
 }
