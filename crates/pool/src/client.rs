@@ -1,12 +1,17 @@
-//! Blocking client of the pool, used from the CRIU engine's threads and the CLI.
+//! Blocking client of the pool, used from the CRIU engine's threads and the CLI: plaintext
+//! over a Unix socket or loopback TCP, TLS (rustls, pinned certificate) over TCP, every socket
+//! read and write under the target's [`Timeouts`](crate::target::Timeouts).
 
 use std::{
+    fmt,
     io::{self, BufReader, BufWriter, Read, Write},
     net::TcpStream,
     os::unix::net::UnixStream,
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
+use rustls::{ClientConnection, StreamOwned};
 use thiserror::Error;
 use torpor_image::{
     manifest::SnapshotMeta,
@@ -14,13 +19,24 @@ use torpor_image::{
     Manifest,
 };
 
-use crate::{addr::PoolAddr, store::error_chain};
+use crate::{addr::PoolAddr, store::error_chain, target::PoolTarget};
 
 /// Why a pool call failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("cannot connect to pool at {addr}")]
     Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The pool stopped answering: nothing moved on the socket for the configured time.
+    #[error("pool did not answer within {after:?} while {during}")]
+    Timeout { during: Stage, after: Duration },
+    #[error("refusing plaintext TCP to {addr}, which is not loopback: the token and snapshots would cross the network in clear (pin the pool's certificate with tls_cert / --pool-cert, or allow it with insecure / --pool-insecure)")]
+    Cleartext { addr: String },
+    #[error("TLS handshake with pool at {addr} failed")]
+    Handshake {
         addr: String,
         #[source]
         source: io::Error,
@@ -37,6 +53,26 @@ pub enum ClientError {
     Sink(#[source] io::Error),
 }
 
+/// What a client was doing when its pool went silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Handshake,
+    Send,
+    Receive,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Connect => "connecting",
+            Stage::Handshake => "in the TLS handshake",
+            Stage::Send => "sending",
+            Stage::Receive => "waiting for its reply",
+        })
+    }
+}
+
 impl ClientError {
     /// The pool's error class, when the pool itself refused.
     pub fn pool_code(&self) -> Option<ErrorCode> {
@@ -45,12 +81,34 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// True when the pool stopped answering (as opposed to refusing or closing).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
 }
+
+/// A socket read or write that hit its `SO_RCVTIMEO`/`SO_SNDTIMEO`.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
 #[derive(Debug)]
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// One TLS session shared by the reader and the writer half; the client is blocking and
+    /// strictly request/reply, so the two never wait on each other.
+    Tls(Arc<Mutex<TlsStream>>),
+}
+
+fn lock(s: &Mutex<TlsStream>) -> MutexGuard<'_, TlsStream> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Stream {
@@ -58,6 +116,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -65,6 +124,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => lock(s).sock.set_read_timeout(t),
         }
     }
 }
@@ -74,6 +134,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => lock(s).read(buf),
         }
     }
 }
@@ -83,12 +144,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => lock(s).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => lock(s).flush(),
         }
     }
 }
@@ -99,6 +162,8 @@ pub struct PoolClient {
     rd: BufReader<Stream>,
     wr: BufWriter<Stream>,
     buf: Vec<u8>,
+    /// Reported in [`ClientError::Timeout`].
+    frame_timeout: Duration,
 }
 
 /// Result of a committed upload.
@@ -110,18 +175,31 @@ pub struct CommitInfo {
 }
 
 impl PoolClient {
-    /// Connects and says hello with `token` (empty when the pool has no token).
+    /// Connects to `addr` and says hello with `token` (empty when the pool has no token),
+    /// with the default timeouts and no TLS; see [`PoolTarget`] for the rest.
     pub fn connect(addr: &PoolAddr, token: &str) -> Result<PoolClient, ClientError> {
+        PoolTarget::new(addr.clone(), token).connect()
+    }
+
+    /// Connects as `target` says and says hello.
+    pub(crate) fn open(target: &PoolTarget) -> Result<PoolClient, ClientError> {
+        let addr = &target.addr;
+        let t = target.timeouts;
         let connect_err = |source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         };
         let stream = match addr {
             PoolAddr::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(connect_err)?;
+                let s = connect_tcp(target.check_transport()?, t.connect, a)?;
                 s.set_nodelay(true).map_err(connect_err)?;
                 crate::addr::enlarge_socket_buffers(&s);
-                Stream::Tcp(s)
+                match &target.tls {
+                    Some(tls) => {
+                        Stream::Tls(Arc::new(Mutex::new(tls_handshake(s, tls, a, t.connect)?)))
+                    }
+                    None => Stream::Tcp(s),
+                }
             }
             PoolAddr::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(connect_err)?;
@@ -129,31 +207,58 @@ impl PoolClient {
                 Stream::Unix(s)
             }
         };
+        match &stream {
+            Stream::Tcp(s) => set_timeouts(s, t.frame),
+            Stream::Unix(s) => s
+                .set_read_timeout(Some(t.frame))
+                .and_then(|()| s.set_write_timeout(Some(t.frame))),
+            Stream::Tls(s) => set_timeouts(&lock(s).sock, t.frame),
+        }
+        .map_err(connect_err)?;
         let rd = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(connect_err)?);
         let wr = BufWriter::with_capacity(64 << 10, stream);
         let mut client = PoolClient {
             rd,
             wr,
             buf: Vec::new(),
+            frame_timeout: t.frame,
         };
         match client.call(&Request::Hello {
-            token: token.to_string(),
+            token: target.token.clone(),
         })? {
             Response::Welcome { .. } => Ok(client),
             other => Err(unexpected(other)),
         }
     }
 
+    /// A socket error that is a timeout becomes [`ClientError::Timeout`].
+    fn classify(&self, e: ClientError, during: Stage) -> ClientError {
+        match e {
+            ClientError::Wire(WireError::Io(io)) if is_timeout(&io) => ClientError::Timeout {
+                during,
+                after: self.frame_timeout,
+            },
+            e => e,
+        }
+    }
+
     fn send(&mut self, req: &Request) -> Result<(), ClientError> {
-        self.wr
+        let r = self
+            .wr
             .write_all(&wire::encode_control(req))
-            .map_err(WireError::Io)?;
-        self.wr.flush().map_err(WireError::Io)?;
-        Ok(())
+            .and_then(|()| self.wr.flush());
+        r.map_err(|e| self.classify(WireError::Io(e).into(), Stage::Send))
     }
 
     fn recv(&mut self) -> Result<Response, ClientError> {
-        match wire::read_frame(&mut self.rd, &mut self.buf)? {
+        let frame = match wire::read_frame(&mut self.rd, &mut self.buf) {
+            Ok(f) => f,
+            Err(e) => {
+                let e = ClientError::from(e);
+                return Err(self.classify(e, Stage::Receive));
+            }
+        };
+        match frame {
             Frame::Control(p) => match wire::decode_control(p)? {
                 Response::Error { code, message } => Err(ClientError::Pool { code, message }),
                 r => Ok(r),
@@ -169,8 +274,12 @@ impl PoolClient {
         }
     }
 
-    /// After a failed write the pool has usually said why before closing; fetch that.
+    /// After a failed write the pool has usually said why before closing; fetch that. A pool
+    /// that went silent has nothing to say.
     fn explain_write_failure(&mut self, e: ClientError) -> ClientError {
+        if e.is_timeout() {
+            return e;
+        }
         let _ = self
             .rd
             .get_ref()
@@ -209,7 +318,10 @@ impl PoolClient {
     /// Sends up to one chunk of a file's bytes.
     pub fn file_data(&mut self, file_id: u32, bytes: &[u8]) -> Result<(), ClientError> {
         let r = wire::write_data(&mut self.wr, file_id, bytes).map_err(ClientError::from);
-        r.map_err(|e| self.explain_write_failure(e))
+        r.map_err(|e| {
+            let e = self.classify(e, Stage::Send);
+            self.explain_write_failure(e)
+        })
     }
 
     pub fn file_close(&mut self, file_id: u32, size: u64) -> Result<(), ClientError> {
@@ -280,7 +392,14 @@ impl PoolClient {
         })?;
         let mut got = 0u64;
         loop {
-            match wire::read_frame(&mut self.rd, &mut self.buf)? {
+            let frame = match wire::read_frame(&mut self.rd, &mut self.buf) {
+                Ok(f) => f,
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    return Err(self.classify(e, Stage::Receive));
+                }
+            };
+            match frame {
                 Frame::Data { file_id, bytes } => {
                     if file_id != 0 {
                         return Err(ClientError::WrongFileId(file_id));
@@ -315,6 +434,16 @@ impl PoolClient {
             generation,
             file: file.to_string(),
         })?;
+        self.splice_file(file, pipe)
+            .map_err(|e| self.classify(e, Stage::Receive))
+    }
+
+    /// The Unix-socket half of [`PoolClient::get_file_into_pipe`], after the request.
+    fn splice_file(
+        &mut self,
+        file: &str,
+        pipe: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<u64, ClientError> {
         let mut got = 0u64;
         loop {
             let stream = self.rd.get_mut();
@@ -343,7 +472,11 @@ impl PoolClient {
                             nix::fcntl::SpliceFFlags::SPLICE_F_MOVE
                                 | nix::fcntl::SpliceFFlags::SPLICE_F_MORE,
                         )
-                        .map_err(|e| ClientError::Sink(e.into()))?;
+                        .map_err(|e| match e {
+                            // The socket's receive timeout (the pipe is blocking).
+                            nix::errno::Errno::EAGAIN => WireError::Io(e.into()).into(),
+                            e => ClientError::Sink(e.into()),
+                        })?;
                         if n == 0 {
                             return Err(WireError::Closed.into());
                         }
@@ -387,4 +520,66 @@ fn file_end(resp: Response, file: &str, got: u64) -> Result<u64, ClientError> {
 
 fn unexpected(r: Response) -> ClientError {
     ClientError::Unexpected(format!("{r:?}"))
+}
+
+/// Connects to the first of `addrs` that answers within `timeout` each.
+fn connect_tcp(
+    addrs: Vec<std::net::SocketAddr>,
+    timeout: Duration,
+    name: &str,
+) -> Result<TcpStream, ClientError> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(if is_timeout(&last) {
+        ClientError::Timeout {
+            during: Stage::Connect,
+            after: timeout,
+        }
+    } else {
+        ClientError::Connect {
+            addr: name.to_string(),
+            source: last,
+        }
+    })
+}
+
+fn set_timeouts(s: &TcpStream, t: Duration) -> io::Result<()> {
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
+}
+
+/// Completes a TLS handshake over `sock` (each socket operation within `timeout`), so a
+/// wrong certificate fails here, before the token is sent.
+fn tls_handshake(
+    mut sock: TcpStream,
+    tls: &crate::tls::ClientTls,
+    addr: &str,
+    timeout: Duration,
+) -> Result<TlsStream, ClientError> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let err = |source: io::Error| {
+        if is_timeout(&source) {
+            ClientError::Timeout {
+                during: Stage::Handshake,
+                after: timeout,
+            }
+        } else {
+            ClientError::Handshake {
+                addr: addr.to_string(),
+                source,
+            }
+        }
+    };
+    set_timeouts(&sock, timeout).map_err(err)?;
+    let mut conn = ClientConnection::new(tls.config(), crate::tls::server_name(host))
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(err)?;
+    }
+    Ok(StreamOwned::new(conn, sock))
 }

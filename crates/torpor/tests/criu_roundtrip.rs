@@ -435,10 +435,7 @@ impl SpillPool {
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let target = torpor_criu::PoolTarget {
-            addr: torpor_pool::PoolAddr::Unix(sock),
-            token: String::new(),
-        };
+        let target = torpor_criu::PoolTarget::new(torpor_pool::PoolAddr::Unix(sock), "");
         for _ in 0..1000 {
             if target.connect().is_ok() {
                 break;

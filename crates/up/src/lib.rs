@@ -33,6 +33,10 @@ pub enum UpError {
     Agent(#[from] AgentError),
     #[error("reading the pool token file failed")]
     Token(#[source] std::io::Error),
+    #[error("loading the pool's TLS settings failed")]
+    PoolTls(#[source] torpor_pool::TlsError),
+    #[error("the pool cannot be reached safely")]
+    PoolTransport(#[source] torpor_pool::ClientError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
 }
@@ -268,7 +272,13 @@ type PoolStart = (
 
 async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
     match &config.pool {
-        PoolChoice::Remote { addr, token_file } => {
+        PoolChoice::Remote {
+            addr,
+            token_file,
+            tls_cert,
+            tls_client,
+            insecure,
+        } => {
             let token = match token_file {
                 Some(f) => std::fs::read_to_string(f)
                     .map_err(UpError::Token)?
@@ -276,15 +286,27 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                     .to_string(),
                 None => String::new(),
             };
-            Ok((
-                PoolTarget {
-                    addr: addr.clone(),
-                    token,
-                },
-                format!("remote pool {addr}"),
-                None,
-                None,
-            ))
+            let tls = match tls_cert {
+                Some(cert) => Some(
+                    torpor_pool::ClientTls::pinned(
+                        cert,
+                        tls_client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                    )
+                    .map_err(UpError::PoolTls)?,
+                ),
+                None => None,
+            };
+            let target = PoolTarget::new(addr.clone(), token)
+                .with_tls(tls)
+                .with_insecure(*insecure);
+            // A plaintext non-loopback pool fails here, not at the first checkpoint.
+            target.check_transport().map_err(UpError::PoolTransport)?;
+            let desc = match (&target.tls, target.insecure) {
+                (Some(_), _) => format!("remote pool {addr} (TLS, pinned certificate)"),
+                (None, true) => format!("remote pool {addr} (plaintext, insecure)"),
+                (None, false) => format!("remote pool {addr}"),
+            };
+            Ok((target, desc, None, None))
         }
         PoolChoice::Embedded {
             capacity,
@@ -328,7 +350,7 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                 )
                 .await;
             });
-            Ok((PoolTarget { addr, token }, desc, Some(task), Some(dir)))
+            Ok((PoolTarget::new(addr, token), desc, Some(task), Some(dir)))
         }
     }
 }
