@@ -8,7 +8,7 @@ use std::{
     net::TcpStream,
     os::unix::net::UnixStream,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rustls::{ClientConnection, StreamOwned};
@@ -96,12 +96,50 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+type TlsStream = StreamOwned<ClientConnection, Timed<TcpStream>>;
+
+/// A socket with `SO_SNDTIMEO` set to `stall`, whose writes count as timed out as soon as
+/// one waited that long: a write that moved some bytes and then waited out the timeout
+/// returns a short count, and without this the next write would wait a whole timeout
+/// again, doubling the time a stopped pool goes unnoticed.
+#[derive(Debug)]
+struct Timed<S> {
+    sock: S,
+    stall: Duration,
+}
+
+impl<S> Timed<S> {
+    fn new(sock: S, stall: Duration) -> Timed<S> {
+        Timed { sock, stall }
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        let n = self.sock.write(buf)?;
+        if n < buf.len() && started.elapsed() >= self.stall {
+            // The connection is abandoned after any error, so the bytes that did go out
+            // do not matter.
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
 
 #[derive(Debug)]
 enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(Timed<TcpStream>),
+    Unix(Timed<UnixStream>),
     /// One TLS session shared by the reader and the writer half; the client is blocking and
     /// strictly request/reply, so the two never wait on each other.
     Tls(Arc<Mutex<TlsStream>>),
@@ -114,17 +152,17 @@ fn lock(s: &Mutex<TlsStream>) -> MutexGuard<'_, TlsStream> {
 impl Stream {
     fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(Timed::new(s.sock.try_clone()?, s.stall)),
+            Stream::Unix(s) => Stream::Unix(Timed::new(s.sock.try_clone()?, s.stall)),
             Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tls(s) => lock(s).sock.set_read_timeout(t),
+            Stream::Tcp(s) => s.sock.set_read_timeout(t),
+            Stream::Unix(s) => s.sock.set_read_timeout(t),
+            Stream::Tls(s) => lock(s).sock.sock.set_read_timeout(t),
         }
     }
 }
@@ -195,26 +233,22 @@ impl PoolClient {
                 s.set_nodelay(true).map_err(connect_err)?;
                 crate::addr::enlarge_socket_buffers(&s);
                 match &target.tls {
-                    Some(tls) => {
-                        Stream::Tls(Arc::new(Mutex::new(tls_handshake(s, tls, a, t.connect)?)))
+                    Some(tls) => Stream::Tls(Arc::new(Mutex::new(tls_handshake(s, tls, a, t)?))),
+                    None => {
+                        set_timeouts(&s, t.frame).map_err(connect_err)?;
+                        Stream::Tcp(Timed::new(s, t.frame))
                     }
-                    None => Stream::Tcp(s),
                 }
             }
             PoolAddr::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(connect_err)?;
                 crate::addr::enlarge_socket_buffers(&s);
-                Stream::Unix(s)
+                s.set_read_timeout(Some(t.frame))
+                    .and_then(|()| s.set_write_timeout(Some(t.frame)))
+                    .map_err(connect_err)?;
+                Stream::Unix(Timed::new(s, t.frame))
             }
         };
-        match &stream {
-            Stream::Tcp(s) => set_timeouts(s, t.frame),
-            Stream::Unix(s) => s
-                .set_read_timeout(Some(t.frame))
-                .and_then(|()| s.set_write_timeout(Some(t.frame))),
-            Stream::Tls(s) => set_timeouts(&lock(s).sock, t.frame),
-        }
-        .map_err(connect_err)?;
         let rd = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(connect_err)?);
         let wr = BufWriter::with_capacity(64 << 10, stream);
         let mut client = PoolClient {
@@ -464,7 +498,7 @@ impl PoolClient {
                     let mut left = header.len as usize - 4;
                     while left > 0 {
                         let n = nix::fcntl::splice(
-                            &*sock,
+                            &sock.sock,
                             None,
                             pipe,
                             None,
@@ -553,20 +587,21 @@ fn set_timeouts(s: &TcpStream, t: Duration) -> io::Result<()> {
     s.set_write_timeout(Some(t))
 }
 
-/// Completes a TLS handshake over `sock` (each socket operation within `timeout`), so a
-/// wrong certificate fails here, before the token is sent.
+/// Completes a TLS handshake over `sock` (each socket operation within the connect
+/// timeout), so a wrong certificate fails here, before the token is sent; then sets the
+/// frame timeouts.
 fn tls_handshake(
     mut sock: TcpStream,
     tls: &crate::tls::ClientTls,
     addr: &str,
-    timeout: Duration,
+    t: crate::target::Timeouts,
 ) -> Result<TlsStream, ClientError> {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     let err = |source: io::Error| {
         if is_timeout(&source) {
             ClientError::Timeout {
                 during: Stage::Handshake,
-                after: timeout,
+                after: t.connect,
             }
         } else {
             ClientError::Handshake {
@@ -575,11 +610,12 @@ fn tls_handshake(
             }
         }
     };
-    set_timeouts(&sock, timeout).map_err(err)?;
+    set_timeouts(&sock, t.connect).map_err(err)?;
     let mut conn = ClientConnection::new(tls.config(), crate::tls::server_name(host))
         .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).map_err(err)?;
     }
-    Ok(StreamOwned::new(conn, sock))
+    set_timeouts(&sock, t.frame).map_err(err)?;
+    Ok(StreamOwned::new(conn, Timed::new(sock, t.frame)))
 }

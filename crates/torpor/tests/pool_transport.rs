@@ -110,6 +110,7 @@ fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_th
         Err(e) => e,
     };
     let chain = torpor_pool::error_chain(&err);
+    eprintln!("checkpoint into a stopped pool failed after {took:.1?}: {chain}");
     assert!(chain.contains("did not answer"), "{chain}");
     // The bound: the client gives up `frame` after the pool went silent; CRIU then finishes
     // its dump into the void and resumes the tree. Generous for two loaded cores.
