@@ -175,3 +175,32 @@ fn pool_cert_and_pool_tls_cert_serve_a_pinned_client_and_refuse_an_unpinned_one(
     assert!(pool.target.connect()?.list()?.is_empty(), "still serving");
     Ok(())
 }
+
+#[test]
+fn torpor_up_refuses_a_remote_plaintext_pool_before_starting_anything() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("torpor.toml");
+    // TEST-NET-1: the refusal comes before any connection, so nothing is sent there.
+    std::fs::write(
+        &config,
+        "[pool]\naddress = \"192.0.2.1:7070\"\n\n[status]\nlisten = \"127.0.0.1:0\"\n",
+    )?;
+    let out = Command::new(exe())
+        .arg("up")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refusing plaintext TCP"), "{stderr}");
+    // With insecure = true the same pool passes the check (and is tried only when used).
+    let insecure = torpor_up::config::Config::from_toml(
+        "[pool]\naddress = \"192.0.2.1:7070\"\ninsecure = true\n",
+    )?;
+    assert!(matches!(
+        insecure.pool,
+        torpor_up::config::PoolChoice::Remote { insecure: true, .. }
+    ));
+    Ok(())
+}
