@@ -241,7 +241,16 @@ impl PoolClient {
                 }
             }
             PoolAddr::Unix(p) => {
-                let s = UnixStream::connect(p).map_err(connect_err)?;
+                let s = connect_unix(p, t.connect).map_err(|e| {
+                    if is_timeout(&e) {
+                        ClientError::Timeout {
+                            during: Stage::Connect,
+                            after: t.connect,
+                        }
+                    } else {
+                        connect_err(e)
+                    }
+                })?;
                 crate::addr::enlarge_socket_buffers(&s);
                 s.set_read_timeout(Some(t.frame))
                     .and_then(|()| s.set_write_timeout(Some(t.frame)))
@@ -580,6 +589,25 @@ fn connect_tcp(
             source: last,
         }
     })
+}
+
+/// Connects a Unix socket, waiting at most `timeout` while the pool's accept queue is full
+/// (a stopped pool's queue fills, and a plain `connect` would then block for good).
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // A Unix connect waits for room in the listener's queue up to the send timeout.
+    let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 fn set_timeouts(s: &TcpStream, t: Duration) -> io::Result<()> {

@@ -434,3 +434,27 @@ fn a_unix_socket_pool_that_never_answers_fails_the_hello_with_a_timeout() -> Res
     assert_timeout(r, Stage::Receive, took);
     Ok(())
 }
+
+#[test]
+fn a_unix_socket_pool_whose_accept_queue_is_full_fails_the_connect_with_a_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("pool.sock");
+    let silent = std::os::unix::net::UnixListener::bind(&path)?;
+    nix::sys::socket::listen(&silent, nix::sys::socket::Backlog::new(0)?)?;
+    // Fill the queue with connections that nobody accepts (each one waits at most 300 ms).
+    let filler =
+        PoolTarget::new(PoolAddr::Unix(path.clone()), TOKEN).with_timeouts(short(300, 300));
+    for _ in 0..16 {
+        if let Err(ClientError::Timeout {
+            during: Stage::Connect,
+            ..
+        }) = filler.connect()
+        {
+            break;
+        }
+    }
+    let target = PoolTarget::new(PoolAddr::Unix(path), TOKEN).with_timeouts(short(500, 5000));
+    let (r, took) = timed(|| target.connect());
+    assert_timeout(r, Stage::Connect, took);
+    Ok(())
+}
