@@ -21,7 +21,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::{debug, info};
 
 /// How long a TLS handshake may take before the server drops the connection: a client that
 /// opens TCP and says nothing must not hold a connection task for long.
@@ -152,7 +152,7 @@ where
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
-            warn!(%peer, error = %e, "TLS handshake failed");
+            info!(%peer, error = %e, "TLS handshake failed");
             None
         }
         Err(_) => {
