@@ -1,6 +1,8 @@
 //! The pool transport against real processes: a `torpor pool` child SIGSTOPped in the middle
 //! of a real CRIU checkpoint (the client's timeouts end the wait and CRIU resumes the
-//! service), and `torpor pool-cert` plus `torpor pool --tls-cert` serving pinned clients.
+//! service) or stopped before a restore (it fails in bounded time, nothing of it runs), `torpor
+//! pool-cert` plus `torpor pool --tls-cert` serving pinned clients, and `torpor up` refusing
+//! a remote plaintext pool.
 
 use std::{
     path::Path,
@@ -11,8 +13,11 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use nix::{sys::signal, unistd::Pid};
-use torpor_bench::harness::{become_subreaper, free_port, SampleProcess};
-use torpor_criu::{checkpoint_to_pool, CheckpointOptions, CriuBinary, PoolTarget};
+use torpor_bench::harness::{become_subreaper, free_port, kill_and_reap, SampleProcess};
+use torpor_criu::{
+    checkpoint_to_pool, restore_from_pool, CheckpointOptions, CriuBinary, PoolTarget,
+    RestoreOptions,
+};
 use torpor_pool::{ClientTls, PoolAddr, Timeouts};
 use torpor_workload::SampleClient;
 
@@ -21,6 +26,13 @@ fn exe() -> &'static Path {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// CRIU's network lock takes the host's iptables: one CRIU test at a time.
+static CRIU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn criu_serial() -> std::sync::MutexGuard<'static, ()> {
+    CRIU.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A `torpor pool` child, continued (if stopped) and killed when dropped.
 struct Pool {
@@ -67,6 +79,7 @@ fn state(pid: i32) -> Option<char> {
 #[test]
 fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_the_service_keeps_serving(
 ) -> Result<()> {
+    let _serial = criu_serial();
     become_subreaper()?;
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("pool.sock");
@@ -120,6 +133,59 @@ fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_th
     // The service was resumed, not killed, and counts on from where it was.
     assert!(conn.count()? > count_before);
     assert_eq!(conn.call("PING")?, "PONG");
+    Ok(())
+}
+
+#[test]
+fn a_restore_from_a_sigstopped_pool_fails_within_the_bound_and_runs_nothing() -> Result<()> {
+    let _serial = criu_serial();
+    become_subreaper()?;
+    let criu = CriuBinary::locate().context("CRIU is installed by the README's test command")?;
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("pool.sock");
+    let listen = format!("unix:{}", sock.display());
+    let timeouts = Timeouts::default();
+    let pool = Pool::spawn(
+        &["--listen", &listen, "--capacity", "512MiB"],
+        PoolTarget::new(PoolAddr::Unix(sock), "").with_timeouts(timeouts),
+    )?;
+    let mut svc = SampleProcess::spawn(exe(), 128 * MIB, 5)?;
+    checkpoint_to_pool(
+        &criu,
+        svc.pid,
+        "stopped-restore",
+        &pool.target,
+        &CheckpointOptions::default(),
+    )?;
+    svc.reap();
+
+    // The pool stops answering (its accept queue still takes the connection).
+    pool.signal(signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let r = restore_from_pool(
+        &criu,
+        "stopped-restore",
+        None,
+        &pool.target,
+        &RestoreOptions::default(),
+    );
+    let took = started.elapsed();
+    let err = match r {
+        Ok(rep) => {
+            kill_and_reap(rep.pid);
+            panic!("restored from a stopped pool: {rep:?}")
+        }
+        Err(e) => e,
+    };
+    let chain = torpor_pool::error_chain(&err);
+    eprintln!("restore from a stopped pool failed after {took:.1?}: {chain}");
+    assert!(chain.contains("did not answer"), "{chain}");
+    let bound = timeouts.connect + timeouts.frame + Duration::from_secs(5);
+    assert!(took < bound, "took {took:?}, bound {bound:?}");
+    assert!(
+        SampleClient::connect(svc.addr).is_err(),
+        "nothing of the snapshot serves"
+    );
     Ok(())
 }
 
