@@ -150,10 +150,7 @@ impl PoolProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let target = PoolTarget {
-            addr: PoolAddr::Unix(sock),
-            token,
-        };
+        let target = PoolTarget::new(PoolAddr::Unix(sock), token);
         let deadline = Instant::now() + Duration::from_secs(120);
         while target.connect().is_err() {
             if Instant::now() > deadline {

@@ -36,16 +36,6 @@ pub use identity::{CriuIdentity, RunAs};
 pub use replicas::{Pools, ReplicatedUpload};
 pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
 
-/// How to reach a pool.
-#[derive(Debug, Clone)]
-pub struct PoolTarget {
-    pub addr: torpor_pool::PoolAddr,
-    /// Shared secret; empty when the pool runs without one.
-    pub token: String,
-}
-
-impl PoolTarget {
-    pub fn connect(&self) -> Result<torpor_pool::PoolClient, torpor_pool::ClientError> {
-        torpor_pool::PoolClient::connect(&self.addr, &self.token)
-    }
-}
+/// How to reach a pool; it lives in the pool crate (with its TLS and timeout settings) and
+/// is re-exported here for the engine's callers.
+pub use torpor_pool::PoolTarget;

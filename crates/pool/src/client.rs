@@ -1,12 +1,17 @@
-//! Blocking client of the pool, used from the CRIU engine's threads and the CLI.
+//! Blocking client of the pool, used from the CRIU engine's threads and the CLI: plaintext
+//! over a Unix socket or loopback TCP, TLS (rustls, pinned certificate) over TCP, every socket
+//! read and write under the target's [`Timeouts`](crate::target::Timeouts).
 
 use std::{
+    fmt,
     io::{self, BufReader, BufWriter, Read, Write},
     net::TcpStream,
     os::unix::net::UnixStream,
-    time::Duration,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
+use rustls::{ClientConnection, StreamOwned};
 use thiserror::Error;
 use torpor_image::{
     manifest::SnapshotMeta,
@@ -14,13 +19,24 @@ use torpor_image::{
     Manifest, Seal,
 };
 
-use crate::{addr::PoolAddr, store::error_chain};
+use crate::{addr::PoolAddr, store::error_chain, target::PoolTarget};
 
 /// Why a pool call failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("cannot connect to pool at {addr}")]
     Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The pool stopped answering: nothing moved on the socket for the configured time.
+    #[error("pool did not answer within {after:?} while {during}")]
+    Timeout { during: Stage, after: Duration },
+    #[error("refusing plaintext TCP to {addr}, which is not loopback: the token and snapshots would cross the network in clear (pin the pool's certificate with tls_cert / --pool-cert, or allow it with insecure / --pool-insecure)")]
+    Cleartext { addr: String },
+    #[error("TLS handshake with pool at {addr} failed")]
+    Handshake {
         addr: String,
         #[source]
         source: io::Error,
@@ -37,6 +53,26 @@ pub enum ClientError {
     Sink(#[source] io::Error),
 }
 
+/// What a client was doing when its pool went silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Handshake,
+    Send,
+    Receive,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Connect => "connecting",
+            Stage::Handshake => "in the TLS handshake",
+            Stage::Send => "sending",
+            Stage::Receive => "waiting for its reply",
+        })
+    }
+}
+
 impl ClientError {
     /// The pool's error class, when the pool itself refused.
     pub fn pool_code(&self) -> Option<ErrorCode> {
@@ -45,26 +81,88 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// True when the pool stopped answering (as opposed to refusing or closing).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
+}
+
+/// A socket read or write that hit its `SO_RCVTIMEO`/`SO_SNDTIMEO`.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+type TlsStream = StreamOwned<ClientConnection, Timed<TcpStream>>;
+
+/// A socket with `SO_SNDTIMEO` set to `stall`, whose writes count as timed out as soon as
+/// one waited that long: a write that moved some bytes and then waited out the timeout
+/// returns a short count, and without this the next write would wait a whole timeout
+/// again, doubling the time a stopped pool goes unnoticed.
+#[derive(Debug)]
+struct Timed<S> {
+    sock: S,
+    stall: Duration,
+}
+
+impl<S> Timed<S> {
+    fn new(sock: S, stall: Duration) -> Timed<S> {
+        Timed { sock, stall }
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        let n = self.sock.write(buf)?;
+        if n < buf.len() && started.elapsed() >= self.stall {
+            // The connection is abandoned after any error, so the bytes that did go out
+            // do not matter.
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
 }
 
 #[derive(Debug)]
 enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(Timed<TcpStream>),
+    Unix(Timed<UnixStream>),
+    /// One TLS session shared by the reader and the writer half; the client is blocking and
+    /// strictly request/reply, so the two never wait on each other.
+    Tls(Arc<Mutex<TlsStream>>),
+}
+
+fn lock(s: &Mutex<TlsStream>) -> MutexGuard<'_, TlsStream> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Stream {
     fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(Timed::new(s.sock.try_clone()?, s.stall)),
+            Stream::Unix(s) => Stream::Unix(Timed::new(s.sock.try_clone()?, s.stall)),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.sock.set_read_timeout(t),
+            Stream::Unix(s) => s.sock.set_read_timeout(t),
+            Stream::Tls(s) => lock(s).sock.sock.set_read_timeout(t),
         }
     }
 }
@@ -74,6 +172,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => lock(s).read(buf),
         }
     }
 }
@@ -83,12 +182,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => lock(s).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => lock(s).flush(),
         }
     }
 }
@@ -99,6 +200,8 @@ pub struct PoolClient {
     rd: BufReader<Stream>,
     wr: BufWriter<Stream>,
     buf: Vec<u8>,
+    /// Reported in [`ClientError::Timeout`].
+    frame_timeout: Duration,
 }
 
 /// Result of a committed upload.
@@ -110,23 +213,49 @@ pub struct CommitInfo {
 }
 
 impl PoolClient {
-    /// Connects and says hello with `token` (empty when the pool has no token).
+    /// Connects to `addr` and says hello with `token` (empty when the pool has no token),
+    /// with the default timeouts and no TLS; see [`PoolTarget`] for the rest.
     pub fn connect(addr: &PoolAddr, token: &str) -> Result<PoolClient, ClientError> {
+        PoolTarget::new(addr.clone(), token).connect()
+    }
+
+    /// Connects as `target` says and says hello.
+    pub(crate) fn open(target: &PoolTarget) -> Result<PoolClient, ClientError> {
+        let addr = &target.addr;
+        let t = target.timeouts;
         let connect_err = |source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         };
         let stream = match addr {
             PoolAddr::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(connect_err)?;
+                let s = connect_tcp(target.check_transport()?, t.connect, a)?;
                 s.set_nodelay(true).map_err(connect_err)?;
                 crate::addr::enlarge_socket_buffers(&s);
-                Stream::Tcp(s)
+                match &target.tls {
+                    Some(tls) => Stream::Tls(Arc::new(Mutex::new(tls_handshake(s, tls, a, t)?))),
+                    None => {
+                        set_timeouts(&s, t.frame).map_err(connect_err)?;
+                        Stream::Tcp(Timed::new(s, t.frame))
+                    }
+                }
             }
             PoolAddr::Unix(p) => {
-                let s = UnixStream::connect(p).map_err(connect_err)?;
+                let s = connect_unix(p, t.connect).map_err(|e| {
+                    if is_timeout(&e) {
+                        ClientError::Timeout {
+                            during: Stage::Connect,
+                            after: t.connect,
+                        }
+                    } else {
+                        connect_err(e)
+                    }
+                })?;
                 crate::addr::enlarge_socket_buffers(&s);
-                Stream::Unix(s)
+                s.set_read_timeout(Some(t.frame))
+                    .and_then(|()| s.set_write_timeout(Some(t.frame)))
+                    .map_err(connect_err)?;
+                Stream::Unix(Timed::new(s, t.frame))
             }
         };
         let rd = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(connect_err)?);
@@ -135,25 +264,44 @@ impl PoolClient {
             rd,
             wr,
             buf: Vec::new(),
+            frame_timeout: t.frame,
         };
         match client.call(&Request::Hello {
-            token: token.to_string(),
+            token: target.token.clone(),
         })? {
             Response::Welcome { .. } => Ok(client),
             other => Err(unexpected(other)),
         }
     }
 
+    /// A socket error that is a timeout becomes [`ClientError::Timeout`].
+    fn classify(&self, e: ClientError, during: Stage) -> ClientError {
+        match e {
+            ClientError::Wire(WireError::Io(io)) if is_timeout(&io) => ClientError::Timeout {
+                during,
+                after: self.frame_timeout,
+            },
+            e => e,
+        }
+    }
+
     fn send(&mut self, req: &Request) -> Result<(), ClientError> {
-        self.wr
+        let r = self
+            .wr
             .write_all(&wire::encode_control(req))
-            .map_err(WireError::Io)?;
-        self.wr.flush().map_err(WireError::Io)?;
-        Ok(())
+            .and_then(|()| self.wr.flush());
+        r.map_err(|e| self.classify(WireError::Io(e).into(), Stage::Send))
     }
 
     fn recv(&mut self) -> Result<Response, ClientError> {
-        match wire::read_frame(&mut self.rd, &mut self.buf)? {
+        let frame = match wire::read_frame(&mut self.rd, &mut self.buf) {
+            Ok(f) => f,
+            Err(e) => {
+                let e = ClientError::from(e);
+                return Err(self.classify(e, Stage::Receive));
+            }
+        };
+        match frame {
             Frame::Control(p) => match wire::decode_control(p)? {
                 Response::Error { code, message } => Err(ClientError::Pool { code, message }),
                 r => Ok(r),
@@ -169,8 +317,12 @@ impl PoolClient {
         }
     }
 
-    /// After a failed write the pool has usually said why before closing; fetch that.
+    /// After a failed write the pool has usually said why before closing; fetch that. A pool
+    /// that went silent has nothing to say.
     fn explain_write_failure(&mut self, e: ClientError) -> ClientError {
+        if e.is_timeout() {
+            return e;
+        }
         let _ = self
             .rd
             .get_ref()
@@ -209,7 +361,10 @@ impl PoolClient {
     /// Sends up to one chunk of a file's bytes.
     pub fn file_data(&mut self, file_id: u32, bytes: &[u8]) -> Result<(), ClientError> {
         let r = wire::write_data(&mut self.wr, file_id, bytes).map_err(ClientError::from);
-        r.map_err(|e| self.explain_write_failure(e))
+        r.map_err(|e| {
+            let e = self.classify(e, Stage::Send);
+            self.explain_write_failure(e)
+        })
     }
 
     pub fn file_close(&mut self, file_id: u32, size: u64) -> Result<(), ClientError> {
@@ -284,7 +439,14 @@ impl PoolClient {
         })?;
         let mut got = 0u64;
         loop {
-            match wire::read_frame(&mut self.rd, &mut self.buf)? {
+            let frame = match wire::read_frame(&mut self.rd, &mut self.buf) {
+                Ok(f) => f,
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    return Err(self.classify(e, Stage::Receive));
+                }
+            };
+            match frame {
                 Frame::Data { file_id, bytes } => {
                     if file_id != 0 {
                         return Err(ClientError::WrongFileId(file_id));
@@ -293,74 +455,6 @@ impl PoolClient {
                     sink(bytes).map_err(ClientError::Sink)?;
                 }
                 Frame::Control(p) => return file_end(wire::decode_control(p)?, file, got),
-            }
-        }
-    }
-
-    /// Streams one file into a pipe. Over a Unix socket the data is spliced from the socket
-    /// into the pipe without passing through this process (the pool checked every chunk's
-    /// stored CRC before sending, and a local socket cannot corrupt it); over TCP each frame's
-    /// CRC is verified here first. Returns the size.
-    pub fn get_file_into_pipe(
-        &mut self,
-        name: &str,
-        generation: u64,
-        file: &str,
-        pipe: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<u64, ClientError> {
-        let unix = matches!(self.rd.get_ref(), Stream::Unix(_)) && self.rd.buffer().is_empty();
-        if !unix {
-            let mut out =
-                std::fs::File::from(pipe.try_clone_to_owned().map_err(ClientError::Sink)?);
-            return self.get_file(name, generation, file, |b| out.write_all(b));
-        }
-        self.send(&Request::GetFile {
-            name: name.to_string(),
-            generation,
-            file: file.to_string(),
-        })?;
-        let mut got = 0u64;
-        loop {
-            let stream = self.rd.get_mut();
-            let mut h = [0u8; wire::HEADER_LEN];
-            stream.read_exact(&mut h).map_err(WireError::Io)?;
-            let header = wire::FrameHeader::decode(&h)?;
-            match header.kind {
-                wire::FrameKind::Data => {
-                    let mut id = [0u8; 4];
-                    stream.read_exact(&mut id).map_err(WireError::Io)?;
-                    let file_id = u32::from_le_bytes(id);
-                    if file_id != 0 {
-                        return Err(ClientError::WrongFileId(file_id));
-                    }
-                    let Stream::Unix(sock) = stream else {
-                        unreachable!("checked above")
-                    };
-                    let mut left = header.len as usize - 4;
-                    while left > 0 {
-                        let n = nix::fcntl::splice(
-                            &*sock,
-                            None,
-                            pipe,
-                            None,
-                            left,
-                            nix::fcntl::SpliceFFlags::SPLICE_F_MOVE
-                                | nix::fcntl::SpliceFFlags::SPLICE_F_MORE,
-                        )
-                        .map_err(|e| ClientError::Sink(e.into()))?;
-                        if n == 0 {
-                            return Err(WireError::Closed.into());
-                        }
-                        left -= n;
-                        got += n as u64;
-                    }
-                }
-                wire::FrameKind::Control => {
-                    self.buf.resize(header.len as usize, 0);
-                    stream.read_exact(&mut self.buf).map_err(WireError::Io)?;
-                    header.verify(&self.buf)?;
-                    return file_end(wire::decode_control(&self.buf)?, file, got);
-                }
             }
         }
     }
@@ -391,4 +485,87 @@ fn file_end(resp: Response, file: &str, got: u64) -> Result<u64, ClientError> {
 
 fn unexpected(r: Response) -> ClientError {
     ClientError::Unexpected(format!("{r:?}"))
+}
+
+/// Connects to the first of `addrs` that answers within `timeout` each.
+fn connect_tcp(
+    addrs: Vec<std::net::SocketAddr>,
+    timeout: Duration,
+    name: &str,
+) -> Result<TcpStream, ClientError> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(if is_timeout(&last) {
+        ClientError::Timeout {
+            during: Stage::Connect,
+            after: timeout,
+        }
+    } else {
+        ClientError::Connect {
+            addr: name.to_string(),
+            source: last,
+        }
+    })
+}
+
+/// Connects a Unix socket, waiting at most `timeout` while the pool's accept queue is full
+/// (a stopped pool's queue fills, and a plain `connect` would then block for good).
+fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // A Unix connect waits for room in the listener's queue up to the send timeout.
+    let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
+fn set_timeouts(s: &TcpStream, t: Duration) -> io::Result<()> {
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
+}
+
+/// Completes a TLS handshake over `sock` (each socket operation within the connect
+/// timeout), so a wrong certificate fails here, before the token is sent; then sets the
+/// frame timeouts.
+fn tls_handshake(
+    mut sock: TcpStream,
+    tls: &crate::tls::ClientTls,
+    addr: &str,
+    t: crate::target::Timeouts,
+) -> Result<TlsStream, ClientError> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let err = |source: io::Error| {
+        if is_timeout(&source) {
+            ClientError::Timeout {
+                during: Stage::Handshake,
+                after: t.connect,
+            }
+        } else {
+            ClientError::Handshake {
+                addr: addr.to_string(),
+                source,
+            }
+        }
+    };
+    set_timeouts(&sock, t.connect).map_err(err)?;
+    let mut conn = ClientConnection::new(tls.config(), crate::tls::server_name(host))
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(err)?;
+    }
+    set_timeouts(&sock, t.frame).map_err(err)?;
+    Ok(StreamOwned::new(conn, Timed::new(sock, t.frame)))
 }

@@ -3,7 +3,9 @@
 //! * [`arena`] owns the RAM tier's memory: one pre-faulted mapping cut into chunks, reused.
 //! * [`store`] owns the snapshots: generations, atomic commit, LRU spill to disk, checksums.
 //! * [`server`] speaks the wire protocol of `torpor_image::wire` to many clients.
-//! * [`client`] is the blocking client used by the CRIU engine and the CLI.
+//! * [`client`] is the blocking client used by the CRIU engine and the CLI; [`target`] says
+//!   how it reaches a pool (address, token, TLS, timeouts).
+//! * [`tls`] owns TLS for TCP pools: server config, pinned client config, certificates.
 //! * [`addr`] parses `HOST:PORT` and `unix:PATH` addresses.
 //! * [`token`] reads and writes the shared token file (owner-only, long enough).
 
@@ -12,12 +14,16 @@ pub mod arena;
 pub mod client;
 pub mod server;
 pub mod store;
+pub mod target;
+pub mod tls;
 pub mod token;
 
 pub use addr::{AddrError, PoolAddr};
-pub use client::{ClientError, PoolClient};
+pub use client::{ClientError, PoolClient, Stage};
 pub use server::{serve, serve_with, Listener, ServeOptions};
 pub use store::{error_chain, Store, StoreConfig, StoreError};
+pub use target::{PoolTarget, Timeouts};
+pub use tls::{ClientTls, TlsError};
 pub use token::{read_token_file, write_token_file, TokenFileError};
 
 /// A fresh random shared token (32 alphanumerics) for a pool and its clients.

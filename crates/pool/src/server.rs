@@ -42,6 +42,8 @@ use crate::{
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
+    /// TCP whose connections speak TLS (see [`crate::tls`] and [`Listener::with_tls`]).
+    Tls(TcpListener, Arc<rustls::ServerConfig>),
     Unix(UnixListener, PathBuf),
 }
 
@@ -66,7 +68,7 @@ impl Listener {
     /// The address clients should use (with the real port when bound to port 0).
     pub fn local_addr(&self) -> io::Result<PoolAddr> {
         Ok(match self {
-            Listener::Tcp(l) => PoolAddr::Tcp(l.local_addr()?.to_string()),
+            Listener::Tcp(l) | Listener::Tls(l, _) => PoolAddr::Tcp(l.local_addr()?.to_string()),
             Listener::Unix(_, p) => PoolAddr::Unix(p.clone()),
         })
     }
@@ -224,6 +226,17 @@ fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut J
             crate::addr::enlarge_socket_buffers(&s);
             conns.spawn(connection(s, ctx, slot, peer));
         }
+        Accepted::Tls(s, peer, acceptor) => {
+            let _ = s.set_nodelay(true);
+            crate::addr::enlarge_socket_buffers(&s);
+            // The handshake runs in the connection's task (holding its slot, so a flood of
+            // silent TLS clients gives way like unauthenticated ones), under a timeout.
+            conns.spawn(async move {
+                if let Some(s) = crate::tls::handshake(&acceptor, s, &peer).await {
+                    connection(s, ctx, slot, peer).await
+                }
+            });
+        }
         Accepted::Unix(s) => {
             crate::addr::enlarge_socket_buffers(&s);
             conns.spawn(connection(s, ctx, slot, "unix".to_string()));
@@ -233,6 +246,7 @@ fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut J
 
 enum Accepted {
     Tcp(tokio::net::TcpStream, String),
+    Tls(tokio::net::TcpStream, String, tokio_rustls::TlsAcceptor),
     Unix(tokio::net::UnixStream),
 }
 
@@ -241,6 +255,10 @@ async fn accept(l: &Listener) -> io::Result<Accepted> {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             Accepted::Tcp(s, peer.to_string())
+        }
+        Listener::Tls(l, acceptor) => {
+            let (s, peer) = l.accept().await?;
+            Accepted::Tls(s, peer.to_string(), acceptor.clone().into())
         }
         Listener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
     })

@@ -48,6 +48,20 @@ enum Cmd {
     },
     /// Run a memory pool server.
     Pool(PoolArgs),
+    /// Write a self-signed certificate and key for a TCP pool (pool.crt, pool.key; files
+    /// 0600), and with --client a client CA and a client certificate for mutual TLS.
+    PoolCert {
+        /// Directory to write into (existing files are never overwritten).
+        dir: PathBuf,
+        /// Names the certificate is issued for (DNS names or IP addresses). Clients pin the
+        /// certificate itself, so these are informational.
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+        /// Also write client-ca.crt (for `torpor pool --tls-client-ca`), client.crt and
+        /// client.key (for `--pool-client-cert`/`--pool-client-key`).
+        #[arg(long)]
+        client: bool,
+    },
     /// List the snapshots a pool holds.
     Snapshots {
         #[command(flatten)]
@@ -181,6 +195,15 @@ struct PoolArgs {
     /// Longest a client may stop reading (a stalled GetFile) before it is dropped.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     write_timeout: std::time::Duration,
+    /// Serve TCP over TLS with this certificate (PEM; see `torpor pool-cert`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// A duration flag (`500ms`, `5s`, `2m`).
@@ -200,6 +223,18 @@ struct PoolOpt {
     /// cannot verify with it (created, 0600, when absent).
     #[arg(long, default_value = torpor_up::config::DEFAULT_NODE_KEY)]
     node_key: PathBuf,
+    /// The pool's certificate (PEM), pinned: the connection uses TLS and trusts exactly it.
+    #[arg(long)]
+    pool_cert: Option<PathBuf>,
+    /// Client certificate for a pool that requires mutual TLS (PEM).
+    #[arg(long, requires_all = ["pool_cert", "pool_client_key"])]
+    pool_client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM, mode 0600).
+    #[arg(long, requires = "pool_client_cert")]
+    pool_client_key: Option<PathBuf>,
+    /// Allow plaintext TCP to a pool that is not on loopback (token and snapshots in clear).
+    #[arg(long)]
+    pool_insecure: bool,
 }
 
 impl PoolOpt {
@@ -210,13 +245,22 @@ impl PoolOpt {
     }
 
     fn target(&self) -> Result<PoolTarget> {
-        Ok(PoolTarget {
-            addr: self.pool.clone(),
-            token: match &self.token_file {
-                Some(f) => torpor_pool::read_token_file(f)?,
-                None => String::new(),
-            },
-        })
+        let token = match &self.token_file {
+            Some(f) => torpor_pool::read_token_file(f)?,
+            None => String::new(),
+        };
+        let tls = match &self.pool_cert {
+            Some(cert) => Some(torpor_pool::ClientTls::pinned(
+                cert,
+                self.pool_client_cert
+                    .as_deref()
+                    .zip(self.pool_client_key.as_deref()),
+            )?),
+            None => None,
+        };
+        Ok(PoolTarget::new(self.pool.clone(), token)
+            .with_tls(tls)
+            .with_insecure(self.pool_insecure))
     }
 }
 
@@ -282,6 +326,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Demo(args) => torpor_bench::demo::run(&args)?,
         Cmd::Doctor { json } => return doctor(json),
         Cmd::Pool(args) => pool(args)?,
+        Cmd::PoolCert { dir, names, client } => {
+            let g = torpor_pool::tls::generate(&dir, &names, client)?;
+            println!("pool certificate: {}", g.pool_cert.display());
+            println!("pool key:         {}", g.pool_key.display());
+            if let Some((ca, cert, key)) = g.client {
+                println!("client CA:        {}", ca.display());
+                println!("client cert:      {}", cert.display());
+                println!("client key:       {}", key.display());
+            }
+        }
         Cmd::Up { config } => up(&config)?,
         Cmd::Status { addr, json } => status(addr, json)?,
         Cmd::SampleGrpc { listen, port_file } => {
@@ -468,11 +522,35 @@ fn pool(args: PoolArgs) -> Result<()> {
     if token.is_none() {
         eprintln!("pool: clients are not authenticated");
     }
+    let tls = match (&args.tls_cert, &args.tls_key, &args.listen) {
+        (Some(_), _, PoolAddr::Unix(_)) => {
+            bail!("--tls-cert is for TCP pools; a Unix socket never leaves the host")
+        }
+        (Some(cert), Some(key), _) => Some(
+            torpor_pool::tls::server_config(cert, key, args.tls_client_ca.as_deref())
+                .context("loading the pool's TLS certificate")?,
+        ),
+        _ => None,
+    };
+    if let (None, PoolAddr::Tcp(_)) = (&tls, &args.listen) {
+        eprintln!("pool: TCP without TLS: clients refuse it unless it is on loopback or they pass --pool-insecure");
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let listener = torpor_pool::Listener::bind(&args.listen)
+        let mut listener = torpor_pool::Listener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
+        if let Some(config) = tls {
+            listener = listener.with_tls(config)?;
+            eprintln!(
+                "pool: TLS{}",
+                if args.tls_client_ca.is_some() {
+                    ", client certificates required"
+                } else {
+                    ""
+                }
+            );
+        }
         eprintln!("pool: listening on {}", listener.local_addr()?);
         let mut options = torpor_pool::ServeOptions::new(token.map(Into::into));
         if let Some(n) = args.max_connections {

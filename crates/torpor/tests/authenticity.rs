@@ -219,10 +219,10 @@ fn a_pool_killed_with_sigkill_loses_no_sleeping_service() -> Result<()> {
 fn without_its_write_quorum_a_checkpoint_fails_and_the_service_keeps_running() -> Result<()> {
     let _g = setup();
     let a = PoolProcess::spawn(exe(), 64 * MIB)?;
-    let dead = PoolTarget {
-        addr: torpor_pool::PoolAddr::Unix("/nonexistent/torpor-pool.sock".into()),
-        token: String::new(),
-    };
+    let dead = PoolTarget::new(
+        torpor_pool::PoolAddr::Unix("/nonexistent/torpor-pool.sock".into()),
+        "",
+    );
     let mut pools = Pools {
         replicas: vec![a.target.clone(), dead],
         write_quorum: 2,

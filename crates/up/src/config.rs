@@ -99,6 +99,14 @@ struct RawPool {
     /// A remote pool instead of the embedded one.
     address: Option<String>,
     token_file: Option<PathBuf>,
+    /// The remote pool's certificate (PEM), pinned: TCP to it goes over TLS.
+    tls_cert: Option<PathBuf>,
+    /// Client certificate and key, for a pool that requires mutual TLS.
+    tls_client_cert: Option<PathBuf>,
+    tls_client_key: Option<PathBuf>,
+    /// Plaintext TCP to a pool that is not on loopback is refused unless this is set.
+    #[serde(default)]
+    insecure: bool,
     /// More remote pools every snapshot is also committed to.
     #[serde(default, rename = "replica")]
     replicas: Vec<RawReplica>,
@@ -111,6 +119,10 @@ struct RawPool {
 struct RawReplica {
     address: String,
     token_file: Option<PathBuf>,
+    /// The replica's certificate (PEM), pinned: TCP to it goes over TLS.
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +188,12 @@ pub enum PoolChoice {
     Remote {
         addr: PoolAddr,
         token_file: Option<PathBuf>,
+        /// The pool's pinned certificate (TLS), with the client's own certificate and key
+        /// when the pool wants mutual TLS.
+        tls_cert: Option<PathBuf>,
+        tls_client: Option<(PathBuf, PathBuf)>,
+        /// Plaintext TCP to a non-loopback pool allowed.
+        insecure: bool,
     },
 }
 
@@ -184,6 +202,10 @@ pub enum PoolChoice {
 pub struct Replica {
     pub addr: PoolAddr,
     pub token_file: Option<PathBuf>,
+    /// Pinned certificate: TCP to the replica goes over TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Plaintext TCP to a replica off this host is refused unless set.
+    pub insecure: bool,
 }
 
 /// Who this node is to the pools.
@@ -415,6 +437,24 @@ impl Config {
                     .parse()
                     .map_err(|e: torpor_pool::AddrError| invalid("pool.address", e.to_string()))?,
                 token_file: raw.pool.token_file.clone(),
+                tls_cert: raw.pool.tls_cert.clone(),
+                tls_client: match (&raw.pool.tls_client_cert, &raw.pool.tls_client_key) {
+                    (None, None) => None,
+                    (Some(_), Some(_)) if raw.pool.tls_cert.is_none() => {
+                        return Err(invalid(
+                            "pool.tls_client_cert",
+                            "a client certificate is for TLS: set pool.tls_cert too",
+                        ))
+                    }
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    _ => {
+                        return Err(invalid(
+                            "pool.tls_client_cert",
+                            "pool.tls_client_cert and pool.tls_client_key go together",
+                        ))
+                    }
+                },
+                insecure: raw.pool.insecure,
             },
             (Some(_), _, _) => return Err(invalid(
                 "pool.address",
@@ -425,6 +465,16 @@ impl Config {
                     return Err(invalid(
                         "pool.token_file",
                         "only a remote pool (pool.address) takes a token file",
+                    ));
+                }
+                if raw.pool.tls_cert.is_some()
+                    || raw.pool.tls_client_cert.is_some()
+                    || raw.pool.tls_client_key.is_some()
+                    || raw.pool.insecure
+                {
+                    return Err(invalid(
+                        "pool.tls_cert",
+                        "only a remote pool (pool.address) takes TLS settings or insecure",
                     ));
                 }
                 PoolChoice::Embedded {
@@ -454,6 +504,8 @@ impl Config {
                     invalid(format!("pool.replica[{i}].address"), e.to_string())
                 })?,
                 token_file: r.token_file.clone(),
+                tls_cert: r.tls_cert.clone(),
+                insecure: r.insecure,
             });
         }
         let pools = 1 + replicas.len();
@@ -876,5 +928,30 @@ mod tests {
         .unwrap();
         assert!(matches!(c.pool, PoolChoice::Remote { .. }));
         assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn a_remote_pool_takes_a_pinned_certificate_and_a_client_identity_together() {
+        let c = Config::from_toml(
+            "[pool]\naddress = \"10.0.0.5:7070\"\ntls_cert = \"/etc/torpor/pool.crt\"\n\
+             tls_client_cert = \"/etc/torpor/client.crt\"\ntls_client_key = \"/etc/torpor/client.key\"\n",
+        )
+        .unwrap();
+        let PoolChoice::Remote {
+            tls_cert,
+            tls_client,
+            insecure,
+            ..
+        } = c.pool
+        else {
+            panic!("remote pool expected")
+        };
+        assert_eq!(tls_cert, Some(PathBuf::from("/etc/torpor/pool.crt")));
+        assert!(tls_client.is_some());
+        assert!(!insecure);
+        let e = err("[pool]\naddress = \"10.0.0.5:7070\"\ntls_cert = \"/p.crt\"\ntls_client_cert = \"/c.crt\"\n");
+        assert!(e.starts_with("pool.tls_client_cert"), "{e}");
+        let e = err("[pool]\ncapacity = \"64MiB\"\ninsecure = true\n");
+        assert!(e.starts_with("pool.tls_cert"), "{e}");
     }
 }

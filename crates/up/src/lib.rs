@@ -5,7 +5,7 @@
 pub mod config;
 pub mod status;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
@@ -36,6 +36,10 @@ pub enum UpError {
     Agent(#[from] AgentError),
     #[error("the pool token file is refused")]
     Token(#[source] torpor_pool::TokenFileError),
+    #[error("loading the pool's TLS settings failed")]
+    PoolTls(#[source] torpor_pool::TlsError),
+    #[error("the pool cannot be reached safely")]
+    PoolTransport(#[source] torpor_pool::ClientError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
 }
@@ -270,14 +274,51 @@ fn read_token(file: Option<&std::path::Path>) -> Result<String, UpError> {
     })
 }
 
+/// A remote pool as configured: its token, pinned certificate (and client identity); a
+/// plaintext pool off this host fails here, not at the first checkpoint.
+fn remote_target(
+    addr: &PoolAddr,
+    token_file: Option<&std::path::Path>,
+    tls_cert: Option<&std::path::Path>,
+    tls_client: Option<&(PathBuf, PathBuf)>,
+    insecure: bool,
+) -> Result<(PoolTarget, String), UpError> {
+    let token = read_token(token_file)?;
+    let tls = match tls_cert {
+        Some(cert) => Some(
+            torpor_pool::ClientTls::pinned(
+                cert,
+                tls_client.map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .map_err(UpError::PoolTls)?,
+        ),
+        None => None,
+    };
+    let target = PoolTarget::new(addr.clone(), token)
+        .with_tls(tls)
+        .with_insecure(insecure);
+    target.check_transport().map_err(UpError::PoolTransport)?;
+    let desc = match (&target.tls, target.insecure) {
+        (Some(_), _) => format!("remote pool {addr} (TLS, pinned certificate)"),
+        (None, true) => format!("remote pool {addr} (plaintext, insecure)"),
+        (None, false) => format!("remote pool {addr}"),
+    };
+    Ok((target, desc))
+}
+
 /// The pools (the main one, then every replica) and the node key, with this node's namespace.
 fn snapshots(config: &Config, main: PoolTarget) -> Result<Snapshots, UpError> {
     let mut replicas = vec![main];
     for r in &config.replicas {
-        replicas.push(PoolTarget {
-            addr: r.addr.clone(),
-            token: read_token(r.token_file.as_deref())?,
-        });
+        let (target, desc) = remote_target(
+            &r.addr,
+            r.token_file.as_deref(),
+            r.tls_cert.as_deref(),
+            None,
+            r.insecure,
+        )?;
+        info!(replica = %desc, "snapshots are also committed to this pool");
+        replicas.push(target);
     }
     let key = NodeKey::load_or_create(&config.node.key_file).map_err(UpError::NodeKey)?;
     Ok(Snapshots {
@@ -299,17 +340,21 @@ type PoolStart = (
 
 async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
     match &config.pool {
-        PoolChoice::Remote { addr, token_file } => {
-            let token = read_token(token_file.as_deref())?;
-            Ok((
-                PoolTarget {
-                    addr: addr.clone(),
-                    token,
-                },
-                format!("remote pool {addr}"),
-                None,
-                None,
-            ))
+        PoolChoice::Remote {
+            addr,
+            token_file,
+            tls_cert,
+            tls_client,
+            insecure,
+        } => {
+            let (target, desc) = remote_target(
+                addr,
+                token_file.as_deref(),
+                tls_cert.as_deref(),
+                tls_client.as_ref(),
+                *insecure,
+            )?;
+            Ok((target, desc, None, None))
         }
         PoolChoice::Embedded {
             capacity,
@@ -353,7 +398,7 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                 )
                 .await;
             });
-            Ok((PoolTarget { addr, token }, desc, Some(task), Some(dir)))
+            Ok((PoolTarget::new(addr, token), desc, Some(task), Some(dir)))
         }
     }
 }
