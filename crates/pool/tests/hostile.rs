@@ -333,7 +333,10 @@ fn a_client_that_stops_reading_a_file_is_dropped_and_releases_it() {
         file: "pages-1.img".into(),
     }))
     .unwrap();
-    // Never read. Deleting the snapshot cannot free what the stalled stream pins...
+    // The first frame header arrives once the pool holds the snapshot for this stream.
+    let mut header = [0u8; wire::HEADER_LEN];
+    s.read_exact(&mut header).unwrap();
+    // Never read on. Deleting the snapshot cannot free what the stalled stream pins...
     assert_eq!(c.delete("svc", None).unwrap(), 1);
     assert!(p.store.free_bytes() < p.store.capacity_bytes());
     // ...until the pool gives up on the reader.
