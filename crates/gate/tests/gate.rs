@@ -15,7 +15,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use torpor_control::{HoldLimits, ServiceLink};
-use torpor_gate::Protocol;
+use torpor_gate::{GateLimits, Protocol};
 
 async fn http_backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -46,6 +46,16 @@ struct Gate {
 }
 
 async fn gate(protocol: Protocol, backend: SocketAddr, depth: usize, timeout: Duration) -> Gate {
+    gate_with(protocol, backend, depth, timeout, GateLimits::default()).await
+}
+
+async fn gate_with(
+    protocol: Protocol,
+    backend: SocketAddr,
+    depth: usize,
+    timeout: Duration,
+    limits: GateLimits,
+) -> Gate {
     let link = ServiceLink::new("svc", HoldLimits { depth, timeout });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -55,6 +65,7 @@ async fn gate(protocol: Protocol, backend: SocketAddr, depth: usize, timeout: Du
         protocol,
         backend,
         link.clone(),
+        limits,
         async {
             let _ = rx.await;
         },
@@ -173,7 +184,10 @@ async fn full_queue_gets_503_and_grpc_unavailable() -> Result<()> {
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
     let body = resp.into_body().collect().await?.to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("hold queue full"));
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "service svc is waking and has too many requests waiting, retry\n"
+    );
 
     let grpc = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -200,7 +214,10 @@ async fn hold_timeout_gets_503() -> Result<()> {
         .await?;
     assert_eq!(resp.status(), 503);
     let body = resp.into_body().collect().await?.to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("held for 2s"));
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "service svc is still waking, retry\n"
+    );
     Ok(())
 }
 
