@@ -221,10 +221,9 @@ async fn hold_timeout_gets_503() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn tcp_connection_is_held_then_dialled_and_cut_by_a_late_drain() -> Result<()> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let backend = l.local_addr()?;
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
@@ -238,6 +237,12 @@ async fn tcp_connection_is_held_then_dialled_and_cut_by_a_late_drain() -> Result
             });
         }
     });
+    backend
+}
+
+#[tokio::test]
+async fn tcp_connection_is_held_then_dialled_and_cut_by_a_late_drain() -> Result<()> {
+    let backend = echo_backend().await;
     let g = gate(Protocol::Tcp, backend, 10, Duration::from_secs(30)).await;
     let waker = wake_after(g.link.clone(), Duration::from_millis(100));
     let mut c = TcpStream::connect(g.addr).await?;
@@ -424,6 +429,17 @@ async fn oversized_or_too_many_headers_get_431() -> Result<()> {
     // Within the limits: served.
     let fine = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec();
     assert_eq!(status_line(g.addr, fine).await?, "HTTP/1.1 200 OK");
+    // HTTP/2: a header list over the limit is answered 431, the connection serves on (one far
+    // over it ends the connection: h2's guard against header floods).
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let req = hyper::Request::get(format!("http://{}/big", g.addr))
+        .header("x-big", "a".repeat(20 << 10))
+        .body(Empty::new())?;
+    assert_eq!(h2.request(req).await?.status(), 431);
+    let resp = h2.get(format!("http://{}/fine", g.addr).parse()?).await?;
+    assert_eq!(resp.status(), 200);
     Ok(())
 }
 
@@ -661,5 +677,33 @@ async fn a_failed_wake_tells_clients_to_retry_and_nothing_of_why() -> Result<()>
     for leak in leaks {
         assert!(!message.contains(leak), "{leak:?} in {message:?}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_connections_over_the_limit_wait_and_do_not_stop_the_gate() -> Result<()> {
+    let backend = echo_backend().await;
+    let limits = GateLimits {
+        max_connections: 2,
+        ..GateLimits::default()
+    };
+    let g = gate_with(Protocol::Tcp, backend, 10, Duration::from_secs(30), limits).await;
+    g.link.open();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(g.addr).await?;
+        c.write_all(b"a").await?;
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).await?;
+        open.push(c);
+    }
+    let mut late = TcpStream::connect(g.addr).await?;
+    late.write_all(b"b").await?;
+    let mut one = [0u8; 1];
+    let waited = tokio::time::timeout(Duration::from_millis(300), late.read(&mut one)).await;
+    assert!(waited.is_err(), "forwarded beyond the connection limit");
+    drop(open.pop());
+    tokio::time::timeout(Duration::from_secs(20), late.read_exact(&mut one)).await??;
+    assert_eq!(&one, b"b");
     Ok(())
 }
