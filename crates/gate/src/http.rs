@@ -9,7 +9,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
 };
 
@@ -25,6 +28,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
+    sync::Notify,
 };
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
@@ -145,17 +149,52 @@ async fn serve_connection(gate: Arc<HttpGate>, mut stream: TcpStream, peer: Sock
         seen: Bytes::from(seen),
         inner: stream,
     });
-    let service = hyper::service::service_fn(move |req| {
-        let gate = gate.clone();
-        async move { Ok::<_, Infallible>(gate.handle(req).await) }
+    // Each request marks the connection active, and busy until its answer is sent (for the
+    // HTTP/2 idle timeout).
+    let activity = Arc::new(Notify::new());
+    let busy = Arc::new(AtomicUsize::new(0));
+    let service = hyper::service::service_fn({
+        let (activity, busy) = (activity.clone(), busy.clone());
+        move |req| {
+            activity.notify_one();
+            let token = Busy::new(&busy);
+            let gate = gate.clone();
+            async move {
+                let resp = gate.handle(req).await;
+                Ok::<_, Infallible>(resp.map(|body| Holding::boxed_with(body, token)))
+            }
+        }
     });
     let served = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
             .max_header_list_size(limits.max_header_bytes)
-            .serve_connection(io, service)
-            .await
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        // HTTP/1 has its header read timeout between requests; HTTP/2 has none. A connection
+        // with nothing in flight and no request started for `idle_timeout` is told to go
+        // (GOAWAY), and cut one `idle_timeout` later if it has not gone (a client that does
+        // not answer the shutdown's PING would keep it open for ever).
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => break served,
+                _ = activity.notified() => {}
+                _ = tokio::time::sleep(limits.idle_timeout) => {
+                    if busy.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
+                    if closing {
+                        debug!(%peer, "idle HTTP/2 connection did not go; cut");
+                        break Ok(());
+                    }
+                    debug!(%peer, "idle HTTP/2 connection told to go");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
     } else {
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -276,13 +315,7 @@ impl HttpGate {
         match client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 guard.answered();
-                resp.map(|body| {
-                    GuardedBody {
-                        inner: body,
-                        _guard: guard,
-                    }
-                    .boxed()
-                })
+                resp.map(|body| Holding::boxed_with(body, guard))
             }
             Err(e) => {
                 warn!(service = %self.link.name, backend = %self.backend, error = %e, "backend request failed");
@@ -441,15 +474,26 @@ impl Body for Forwarded {
     }
 }
 
-/// Keeps the request counted as in flight until its response body is finished.
-struct GuardedBody {
-    inner: Incoming,
-    _guard: InflightGuard,
+/// A response body that keeps `T` alive until it is finished or dropped: the request's
+/// in-flight guard, or its connection's busy mark.
+struct Holding<B, T> {
+    inner: B,
+    _held: T,
 }
 
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
+impl<B, T> Holding<B, T>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    T: Send + Sync + Unpin + 'static,
+{
+    fn boxed_with(inner: B, held: T) -> GateBody {
+        Holding { inner, _held: held }.boxed()
+    }
+}
+
+impl<B: Body + Unpin, T: Unpin> Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -464,6 +508,22 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts one request of a connection until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::SeqCst);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

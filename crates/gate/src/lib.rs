@@ -6,8 +6,8 @@
 //! client can do (retry, later) and nothing of why: the reason goes to the log.
 //!
 //! A gate holds against hostile clients ([`GateLimits`]): a connection limit, a time limit on
-//! request headers, header size limits, a bounded number of HTTP/2 streams, and a bounded body
-//! for a held request.
+//! request headers, an idle timeout for HTTP/2 connections, header size limits, a bounded
+//! number of HTTP/2 streams, and a bounded body for a held request.
 //!
 //! * [`http`]: HTTP/1.1, HTTP/2 cleartext and gRPC, through hyper.
 //! * [`tcp`]: raw TCP; the accepted client connection is held and the backend is dialled
@@ -44,6 +44,9 @@ pub struct GateLimits {
     /// Time a client has to send a request's headers (HTTP/1) or its first bytes (protocol
     /// detection): a client that trickles them holds no connection for long.
     pub header_read_timeout: Duration,
+    /// Time an HTTP/2 connection may go without starting a request before it is told to go
+    /// (HTTP/1 connections have `header_read_timeout` between requests).
+    pub idle_timeout: Duration,
     /// Largest request head (request line and headers) in bytes; beyond it, 431 (HTTP/1) or
     /// a refused stream (HTTP/2).
     pub max_header_bytes: u32,
@@ -66,6 +69,7 @@ impl Default for GateLimits {
         GateLimits {
             max_connections: 512,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 << 10,
             max_headers: 100,
             h2_max_concurrent_streams: 256,

@@ -707,3 +707,47 @@ async fn tcp_connections_over_the_limit_wait_and_do_not_stop_the_gate() -> Resul
     assert_eq!(&one, b"b");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_its_held_requests_are_answered() -> Result<()> {
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    let backend = http_backend().await;
+    let limits = GateLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..GateLimits::default()
+    };
+    let g = gate_with(Protocol::Http, backend, 10, Duration::from_secs(30), limits).await;
+    // A client that opens HTTP/2 and asks for nothing is told to go, then cut.
+    let mut c = TcpStream::connect(g.addr).await?;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend([0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    c.write_all(&hello).await?;
+    let t0 = std::time::Instant::now();
+    let mut kinds = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok((kind, ..)) = h2_frame(&mut c).await {
+            kinds.push(kind);
+        }
+    })
+    .await?;
+    assert!(kinds.contains(&GOAWAY), "frames {kinds:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    // A request held longer than the idle timeout is still answered.
+    let waker = wake_after(g.link.clone(), Duration::from_secs(1));
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let resp = client
+        .get(format!("http://{}/held", g.addr).parse()?)
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await?.to_bytes();
+    assert_eq!(&body[..], b"HTTP/2.0 /held");
+    waker.await?;
+    Ok(())
+}
