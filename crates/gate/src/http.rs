@@ -33,7 +33,7 @@ use tokio::{
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
 
-use crate::GateLimits;
+use crate::{listen::Proven, GateLimits};
 
 type GateBody = BoxBody<Bytes, hyper::Error>;
 
@@ -97,7 +97,7 @@ pub async fn run(
         listener,
         limits.max_connections,
         shutdown,
-        |stream, peer| serve_connection(gate.clone(), stream, peer),
+        |stream, peer, proven| serve_connection(gate.clone(), stream, peer, proven),
     )
     .await;
     retire.abort();
@@ -130,7 +130,12 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<Option<(bool, Vec<u8>)>> {
 /// One client connection: HTTP/1 or HTTP/2, each with its limits. The protocol is told apart
 /// here rather than by hyper-util's `auto`, whose detection waits for bytes with no deadline
 /// (a client that sends "P" and nothing more would keep its connection forever).
-async fn serve_connection(gate: Arc<HttpGate>, mut stream: TcpStream, peer: SocketAddr) {
+async fn serve_connection(
+    gate: Arc<HttpGate>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proven: Proven,
+) {
     let limits = gate.limits;
     let (h2, seen) =
         match tokio::time::timeout(limits.header_read_timeout, sniff(&mut stream)).await {
@@ -156,6 +161,7 @@ async fn serve_connection(gate: Arc<HttpGate>, mut stream: TcpStream, peer: Sock
     let service = hyper::service::service_fn({
         let (activity, busy) = (activity.clone(), busy.clone());
         move |req| {
+            proven.proven();
             activity.notify_one();
             let token = Busy::new(&busy);
             let gate = gate.clone();

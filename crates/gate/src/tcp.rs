@@ -22,7 +22,12 @@ pub async fn run(
         listener,
         limits.max_connections,
         shutdown,
-        |client, peer| forward(client, peer, backend, link.clone()),
+        |client, peer, proven| {
+            // A raw TCP client may rightly say nothing until the server speaks: never let
+            // go to make room.
+            proven.proven();
+            forward(client, peer, backend, link.clone())
+        },
     )
     .await
 }

@@ -319,6 +319,20 @@ async fn status_line(addr: SocketAddr, request: Vec<u8>) -> Result<String> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
+/// Sends one request on a kept-alive connection and reads its answer (from `http_backend`).
+async fn keep_alive_get(c: &mut TcpStream, path: &str) -> Result<()> {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(format!("HTTP/1.1 {path}").as_bytes()) {
+        let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_wait_and_do_not_stop_the_gate() -> Result<()> {
     let backend = http_backend().await;
@@ -328,14 +342,12 @@ async fn connections_over_the_limit_wait_and_do_not_stop_the_gate() -> Result<()
     };
     let g = gate_with(Protocol::Http, backend, 10, Duration::from_secs(30), limits).await;
     g.link.open();
-    // Four clients that connect and say nothing take every slot.
-    let mut idle = Vec::new();
-    for _ in 0..4 {
-        idle.push(TcpStream::connect(g.addr).await?);
-    }
-    // A hundred more over the limit, which give up.
-    for _ in 0..100 {
-        drop(TcpStream::connect(g.addr).await?);
+    // Four clients that made a request and keep their connections take every slot.
+    let mut kept = Vec::new();
+    for i in 0..4 {
+        let mut c = TcpStream::connect(g.addr).await?;
+        keep_alive_get(&mut c, &format!("/{i}")).await?;
+        kept.push(c);
     }
     let mut late = TcpStream::connect(g.addr).await?;
     late.write_all(b"GET /late HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -343,13 +355,44 @@ async fn connections_over_the_limit_wait_and_do_not_stop_the_gate() -> Result<()
     let mut first = [0u8; 1];
     let waited = tokio::time::timeout(Duration::from_millis(300), late.read(&mut first)).await;
     assert!(waited.is_err(), "served beyond the connection limit");
-    // One slot frees: the waiting client is served (after the ones that gave up, which
-    // end at once).
-    drop(idle.pop());
+    // One slot frees: the waiting client is served, and the others still are.
+    drop(kept.pop());
     let answer = read_until_closed(&mut late).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("HTTP/1.1 /late"), "{answer}");
+    for (i, c) in kept.iter_mut().enumerate() {
+        keep_alive_get(c, &format!("/again{i}")).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn clients_that_say_nothing_make_room_for_ones_that_send_requests() -> Result<()> {
+    let backend = http_backend().await;
+    let limits = GateLimits {
+        max_connections: 16,
+        // Long enough that only making room, not the timeout, lets the client in in time.
+        header_read_timeout: Duration::from_secs(60),
+        ..GateLimits::default()
+    };
+    let g = gate_with(Protocol::Http, backend, 10, Duration::from_secs(30), limits).await;
+    g.link.open();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(TcpStream::connect(g.addr).await?);
+    }
+    let t0 = std::time::Instant::now();
+    let line = tokio::time::timeout(
+        Duration::from_secs(30),
+        status_line(
+            g.addr,
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec(),
+        ),
+    )
+    .await??;
+    assert_eq!(line, "HTTP/1.1 200 OK");
+    eprintln!("served past 200 silent clients in {:?}", t0.elapsed());
     Ok(())
 }
 

@@ -46,10 +46,11 @@ where
         listener,
         STATUS_MAX_CONNECTIONS,
         shutdown,
-        move |stream, _| {
+        move |stream, _, proven| {
             let route = route.clone();
             async move {
                 let svc = hyper::service::service_fn(move |req| {
+                    proven.proven();
                     let route = route.clone();
                     async move { Ok::<_, Infallible>(route(req)) }
                 });
