@@ -3,35 +3,45 @@
 //! replaced after every drain.
 
 use std::{
+    collections::VecDeque,
     convert::Infallible,
     future::Future,
+    io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
+
+use crate::{listen::Proven, GateLimits};
 
 type GateBody = BoxBody<Bytes, hyper::Error>;
 
 /// Backend clients of one drain generation.
 struct Clients {
     generation: u64,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, Forwarded>,
+    h2: Client<HttpConnector, Forwarded>,
 }
 
 impl Clients {
@@ -51,6 +61,7 @@ impl Clients {
 struct HttpGate {
     link: Arc<ServiceLink>,
     backend: SocketAddr,
+    limits: GateLimits,
     clients: Mutex<Clients>,
 }
 
@@ -59,12 +70,14 @@ pub async fn run(
     listener: TcpListener,
     backend: SocketAddr,
     link: Arc<ServiceLink>,
+    limits: GateLimits,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) {
     let gate = Arc::new(HttpGate {
         clients: Mutex::new(Clients::new(link.backend_generation())),
         link,
         backend,
+        limits,
     });
     // Retire pooled backend connections as soon as a drain asks, not at the next request:
     // the service is about to be checkpointed.
@@ -78,24 +91,190 @@ pub async fn run(
             }
         }
     });
-    let served = crate::accept_loop(listener, shutdown, |stream, peer| {
-        let gate = gate.clone();
-        async move {
-            let service = hyper::service::service_fn(move |req| {
-                let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(req).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "client connection ended");
-            }
-        }
-    })
+    let what = format!("gate of {}", gate.link.name);
+    crate::accept_loop(
+        &what,
+        listener,
+        limits.max_connections,
+        shutdown,
+        |stream, peer, proven| serve_connection(gate.clone(), stream, peer, proven),
+    )
     .await;
     retire.abort();
-    served
+}
+
+/// The client preface that opens every HTTP/2 (prior knowledge) connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads just enough of a new connection to tell HTTP/2 (its preface) from HTTP/1: `None` if
+/// the client closed first. What was read is handed back, to be read again by hyper.
+async fn sniff(stream: &mut TcpStream) -> io::Result<Option<(bool, Vec<u8>)>> {
+    let mut seen = Vec::with_capacity(H2_PREFACE.len());
+    loop {
+        if !H2_PREFACE.starts_with(&seen) {
+            return Ok(Some((false, seen)));
+        }
+        if seen.len() == H2_PREFACE.len() {
+            return Ok(Some((true, seen)));
+        }
+        let mut byte = [0u8; 24];
+        let want = H2_PREFACE.len() - seen.len();
+        let n = stream.read(&mut byte[..want]).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        seen.extend_from_slice(&byte[..n]);
+    }
+}
+
+/// One client connection: HTTP/1 or HTTP/2, each with its limits. The protocol is told apart
+/// here rather than by hyper-util's `auto`, whose detection waits for bytes with no deadline
+/// (a client that sends "P" and nothing more would keep its connection forever).
+async fn serve_connection(
+    gate: Arc<HttpGate>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proven: Proven,
+) {
+    let limits = gate.limits;
+    let (h2, seen) =
+        match tokio::time::timeout(limits.header_read_timeout, sniff(&mut stream)).await {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "client connection ended");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "client sent no request within the header read timeout; closed");
+                return;
+            }
+        };
+    let io = TokioIo::new(Rewound {
+        seen: Bytes::from(seen),
+        inner: stream,
+    });
+    // Each request marks the connection active, and busy until its answer is sent (for the
+    // HTTP/2 idle timeout).
+    let activity = Arc::new(Notify::new());
+    let busy = Arc::new(AtomicUsize::new(0));
+    let service = hyper::service::service_fn({
+        let (activity, busy) = (activity.clone(), busy.clone());
+        move |req| {
+            proven.proven();
+            activity.notify_one();
+            let token = Busy::new(&busy);
+            let gate = gate.clone();
+            async move {
+                let resp = gate.handle(req).await;
+                Ok::<_, Infallible>(resp.map(|body| Holding::boxed_with(body, token)))
+            }
+        }
+    });
+    let served = if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(limits.max_header_bytes)
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        // HTTP/1 has its header read timeout between requests; HTTP/2 has none. A connection
+        // with nothing in flight and no request started for `idle_timeout` is told to go
+        // (GOAWAY), and cut one `idle_timeout` later if it has not gone (a client that does
+        // not answer the shutdown's PING would keep it open for ever).
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => break served,
+                _ = activity.notified() => {}
+                _ = tokio::time::sleep(limits.idle_timeout) => {
+                    if busy.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
+                    if closing {
+                        debug!(%peer, "idle HTTP/2 connection did not go; cut");
+                        break Ok(());
+                    }
+                    debug!(%peer, "idle HTTP/2 connection told to go");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes as usize)
+            .max_headers(limits.max_headers)
+            .serve_connection(io, service)
+            .await
+    };
+    if let Err(e) = served {
+        debug!(%peer, error = %e, "client connection ended");
+    }
+}
+
+/// A connection whose first bytes were already read (to tell the protocol): they are read
+/// again first.
+struct Rewound {
+    seen: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.seen.is_empty() {
+            let n = self.seen.len().min(buf.remaining());
+            let head = self.seen.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Why a held request was answered by the gate rather than forwarded.
+enum NotLetIn {
+    Refused(HoldError),
+    /// Its body is larger than a held request may keep.
+    TooLarge,
+    /// The client's body broke off while held.
+    BodyFailed(hyper::Error),
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -106,40 +285,43 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 }
 
 impl HttpGate {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<GateBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<GateBody> {
         let grpc = is_grpc(&req);
-        let guard = match self.link.enter().await {
-            Ok(g) => g,
-            Err(e) => {
+        let (mut parts, body) = req.into_parts();
+        let (guard, body) = match self.let_in(body).await {
+            Ok(admitted) => admitted,
+            Err(NotLetIn::Refused(e)) => {
                 warn!(service = %self.link.name, error = %e, "request not forwarded");
-                return unavailable(grpc, &e);
+                return self.unavailable(grpc, &e);
+            }
+            Err(NotLetIn::TooLarge) => {
+                warn!(service = %self.link.name, limit = self.limits.hold_body_limit, "held request body over hold_body_limit; refused with 413");
+                return too_large(grpc);
+            }
+            Err(NotLetIn::BodyFailed(e)) => {
+                debug!(service = %self.link.name, error = %e, "held request's body broke off");
+                return plain(StatusCode::BAD_REQUEST, "torpor: request body incomplete\n");
             }
         };
-        let client = self.client(req.version());
-        let path = req
-            .uri()
+        let client = self.client(parts.version);
+        let path = parts
+            .uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        *req.uri_mut() = match Uri::builder()
+        parts.uri = match Uri::builder()
             .scheme("http")
             .authority(self.backend.to_string())
             .path_and_query(path)
             .build()
         {
             Ok(u) => u,
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target"),
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "torpor: bad request target\n"),
         };
-        match client.request(req).await {
+        match client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
                 guard.answered();
-                resp.map(|body| {
-                    GuardedBody {
-                        inner: body,
-                        _guard: guard,
-                    }
-                    .boxed()
-                })
+                resp.map(|body| Holding::boxed_with(body, guard))
             }
             Err(e) => {
                 warn!(service = %self.link.name, backend = %self.backend, error = %e, "backend request failed");
@@ -152,8 +334,77 @@ impl HttpGate {
         }
     }
 
+    /// Lets a request in through the link. An awake service gets the body as it streams. A
+    /// request that is held keeps its body meanwhile, up to `hold_body_limit`: refused at once
+    /// if its declared length is larger, and as soon as what arrived is larger otherwise; once
+    /// the service is up, what was kept is forwarded first and the rest streams after it.
+    async fn let_in(&self, mut body: Incoming) -> Result<(InflightGuard, Forwarded), NotLetIn> {
+        if self.link.is_open() {
+            let guard = self.link.enter().await.map_err(NotLetIn::Refused)?;
+            return Ok((guard, Forwarded::new(VecDeque::new(), Some(body))));
+        }
+        let limit = self.limits.hold_body_limit;
+        if body.size_hint().lower() > limit {
+            return Err(NotLetIn::TooLarge);
+        }
+        let enter = self.link.enter();
+        tokio::pin!(enter);
+        let mut kept = VecDeque::new();
+        let mut kept_bytes = 0u64;
+        let mut ended = body.is_end_stream();
+        loop {
+            tokio::select! {
+                // Let in wins: the rest of the body then streams to the service.
+                biased;
+                entered = &mut enter => {
+                    let guard = entered.map_err(NotLetIn::Refused)?;
+                    let rest = (!ended).then_some(body);
+                    return Ok((guard, Forwarded::new(kept, rest)));
+                }
+                frame = body.frame(), if !ended => match frame {
+                    None => ended = true,
+                    Some(Err(e)) => return Err(NotLetIn::BodyFailed(e)),
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            kept_bytes += data.len() as u64;
+                            if kept_bytes > limit {
+                                return Err(NotLetIn::TooLarge);
+                            }
+                        }
+                        kept.push_back(frame);
+                        ended = body.is_end_stream();
+                    }
+                },
+            }
+        }
+    }
+
+    /// The answer for a request the link would not let in: what the client can do, nothing
+    /// of why (that is in the log and the status API).
+    fn unavailable(&self, grpc: bool, e: &HoldError) -> Response<GateBody> {
+        let name = &self.link.name;
+        let (text, retry_after) = match e {
+            HoldError::QueueFull(_) => (
+                format!("service {name} is waking and has too many requests waiting, retry"),
+                1,
+            ),
+            HoldError::Timeout(_) => (format!("service {name} is still waking, retry"), 1),
+            HoldError::WakeFailed(_) => {
+                (format!("service {name} could not be woken, retry later"), 5)
+            }
+            HoldError::ShuttingDown => (format!("service {name} is shutting down, retry later"), 5),
+        };
+        if grpc {
+            return grpc_error(14, &text); // UNAVAILABLE
+        }
+        let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{text}\n"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        r
+    }
+
     /// The pooled client for a request's version, renewed after a drain.
-    fn client(&self, version: Version) -> Client<HttpConnector, Incoming> {
+    fn client(&self, version: Version) -> Client<HttpConnector, Forwarded> {
         let mut c = self.clients.lock().expect("clients lock");
         let generation = self.link.backend_generation();
         if c.generation != generation {
@@ -167,15 +418,88 @@ impl HttpGate {
     }
 }
 
-/// Keeps the request counted as in flight until its response body is finished.
-struct GuardedBody {
-    inner: Incoming,
-    _guard: InflightGuard,
+/// A request body on its way to the service: the frames kept while it was held, then the
+/// rest as the client sends it.
+struct Forwarded {
+    kept: VecDeque<Frame<Bytes>>,
+    /// Data bytes in `kept`, for the size hint.
+    kept_bytes: u64,
+    rest: Option<Incoming>,
 }
 
-impl Body for GuardedBody {
+impl Forwarded {
+    fn new(kept: VecDeque<Frame<Bytes>>, rest: Option<Incoming>) -> Forwarded {
+        let kept_bytes = kept
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        Forwarded {
+            kept,
+            kept_bytes,
+            rest,
+        }
+    }
+}
+
+impl Body for Forwarded {
     type Data = Bytes;
     type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(frame) = self.kept.pop_front() {
+            if let Some(d) = frame.data_ref() {
+                self.kept_bytes -= d.len() as u64;
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kept.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + self.kept_bytes);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.kept_bytes);
+        }
+        hint
+    }
+}
+
+/// A response body that keeps `T` alive until it is finished or dropped: the request's
+/// in-flight guard, or its connection's busy mark.
+struct Holding<B, T> {
+    inner: B,
+    _held: T,
+}
+
+impl<B, T> Holding<B, T>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    T: Send + Sync + Unpin + 'static,
+{
+    fn boxed_with(inner: B, held: T) -> GateBody {
+        Holding { inner, _held: held }.boxed()
+    }
+}
+
+impl<B: Body + Unpin, T: Unpin> Body for Holding<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -188,8 +512,24 @@ impl Body for GuardedBody {
         self.inner.is_end_stream()
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
+    fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts one request of a connection until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::SeqCst);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -209,7 +549,7 @@ fn plain(status: StatusCode, text: &str) -> Response<GateBody> {
     r
 }
 
-/// A trailers-only gRPC response carrying `code`.
+/// A trailers-only gRPC response carrying `code`; `message` is fixed text, never an error.
 fn grpc_error(code: u32, message: &str) -> Response<GateBody> {
     let mut r = Response::new(full(""));
     let h = r.headers_mut();
@@ -218,20 +558,23 @@ fn grpc_error(code: u32, message: &str) -> Response<GateBody> {
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
+    if let Ok(v) = HeaderValue::from_str(message) {
         h.insert("grpc-message", v);
     }
     r
 }
 
-/// The explicit answer for a request that could not be held until the service was up.
-fn unavailable(grpc: bool, e: &HoldError) -> Response<GateBody> {
-    let text = format!("torpor: {e}");
+/// The answer for a held request whose body is over `hold_body_limit`.
+fn too_large(grpc: bool) -> Response<GateBody> {
     if grpc {
-        return grpc_error(14, &text); // UNAVAILABLE
+        // RESOURCE_EXHAUSTED
+        return grpc_error(
+            8,
+            "torpor: request too large to hold while the service wakes",
+        );
     }
-    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{text}\n"));
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "torpor: request body too large to hold while the service wakes\n",
+    )
 }

@@ -2,23 +2,29 @@
 //! reusing pooled backend connections; while it drains, sleeps or wakes, requests wait in
 //! the [`ServiceLink`]'s bounded hold queue and the first one asks the agent for a wake.
 //! Clients whose request cannot be held get an explicit answer: HTTP 503, gRPC
-//! `UNAVAILABLE`, or (TCP) a closed connection with a log line.
+//! `UNAVAILABLE`, or (TCP) a closed connection with a log line. Those answers say what the
+//! client can do (retry, later) and nothing of why: the reason goes to the log.
+//!
+//! A gate holds against hostile clients ([`GateLimits`]): a connection limit, a time limit on
+//! request headers, an idle timeout for HTTP/2 connections, header size limits, a bounded
+//! number of HTTP/2 streams, and a bounded body for a held request.
 //!
 //! * [`http`]: HTTP/1.1, HTTP/2 cleartext and gRPC, through hyper.
 //! * [`tcp`]: raw TCP; the accepted client connection is held and the backend is dialled
 //!   once the service is up.
+//! * [`listen`]: the accept loop every listener uses (also the status API of `torpor up`).
 
 pub mod http;
+pub mod listen;
 pub mod tcp;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
+use tokio::net::TcpListener;
 use torpor_control::ServiceLink;
+
+pub use listen::accept_loop;
 
 /// What a service speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,44 +35,61 @@ pub enum Protocol {
     Tcp,
 }
 
-/// Serves one service's public listener until `shutdown` resolves.
+/// What one gate lets a client take: connections, time, header and body sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateLimits {
+    /// Client connections served at once; more wait in the kernel's backlog. Bounds the file
+    /// descriptors a gate can take (each client may also need a backend connection).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (HTTP/1) or its first bytes (protocol
+    /// detection): a client that trickles them holds no connection for long.
+    pub header_read_timeout: Duration,
+    /// Time an HTTP/2 connection may go without starting a request before it is told to go
+    /// (HTTP/1 connections have `header_read_timeout` between requests).
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; beyond it, 431 (HTTP/1) or
+    /// a refused stream (HTTP/2).
+    pub max_header_bytes: u32,
+    /// Most header fields in an HTTP/1 request; beyond it, 431.
+    pub max_headers: usize,
+    /// HTTP/2 streams open at once on one connection; more are refused (REFUSED_STREAM).
+    pub h2_max_concurrent_streams: u32,
+    /// Largest request body kept while the service sleeps or wakes; a larger one gets 413
+    /// (at once when its length is declared), so held requests cannot exhaust memory.
+    pub hold_body_limit: u64,
+}
+
+/// Default [`GateLimits::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`GateLimits::hold_body_limit`].
+pub const DEFAULT_HOLD_BODY_LIMIT: u64 = 16 << 20;
+
+impl Default for GateLimits {
+    fn default() -> GateLimits {
+        GateLimits {
+            max_connections: 512,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            h2_max_concurrent_streams: 256,
+            hold_body_limit: DEFAULT_HOLD_BODY_LIMIT,
+        }
+    }
+}
+
+/// Serves one service's public listener until `shutdown` resolves. Never ends on its own:
+/// accept errors are logged and retried.
 pub async fn run(
     listener: TcpListener,
     protocol: Protocol,
     backend: SocketAddr,
     link: Arc<ServiceLink>,
+    limits: GateLimits,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) {
     match protocol {
-        Protocol::Http => http::run(listener, backend, link, shutdown).await,
-        Protocol::Tcp => tcp::run(listener, backend, link, shutdown).await,
+        Protocol::Http => http::run(listener, backend, link, limits, shutdown).await,
+        Protocol::Tcp => tcp::run(listener, backend, link, limits, shutdown).await,
     }
-}
-
-/// Accepts clients until `shutdown`, each handled by its own task from `handle`; the tasks
-/// still running at shutdown are dropped with it.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    mut handle: F,
-) -> std::io::Result<()>
-where
-    F: FnMut(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    tokio::pin!(shutdown);
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = accepted?;
-                let _ = stream.set_nodelay(true);
-                conns.spawn(handle(stream, peer));
-            }
-        }
-    }
-    conns.shutdown().await;
-    Ok(())
 }

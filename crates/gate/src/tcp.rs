@@ -2,20 +2,33 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use crate::GateLimits;
 use tokio::net::{TcpListener, TcpStream};
 use torpor_control::ServiceLink;
 use tracing::{debug, warn};
 
-/// Accepts clients until `shutdown`; each is forwarded to `backend` once the link lets it in.
+/// Accepts clients until `shutdown`, at most `limits.max_connections` at once; each is
+/// forwarded to `backend` once the link lets it in.
 pub async fn run(
     listener: TcpListener,
     backend: SocketAddr,
     link: Arc<ServiceLink>,
+    limits: GateLimits,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    crate::accept_loop(listener, shutdown, |client, peer| {
-        forward(client, peer, backend, link.clone())
-    })
+) {
+    let what = format!("gate of {}", link.name);
+    crate::accept_loop(
+        &what,
+        listener,
+        limits.max_connections,
+        shutdown,
+        |client, peer, proven| {
+            // A raw TCP client may rightly say nothing until the server speaks: never let
+            // go to make room.
+            proven.proven();
+            forward(client, peer, backend, link.clone())
+        },
+    )
     .await
 }
 

@@ -13,10 +13,11 @@ use thiserror::Error;
 use torpor_agent::{
     InitOptions, KnobConfig, Launch, NodePowerConfig, NodeSleepHooks, ProcessLaunch, ServiceSpec,
 };
-use torpor_gate::Protocol;
+use torpor_gate::{GateLimits, Protocol};
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
 use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
+use tracing::warn;
 
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
@@ -161,6 +162,12 @@ struct RawService {
     /// Services to wake together with this one.
     #[serde(default)]
     wake_with: Vec<String>,
+    /// The gate's client connections at once (default from the open-file limit).
+    max_connections: Option<usize>,
+    /// Largest body kept for a request held while the service sleeps (default 16MiB).
+    hold_body_limit: Option<String>,
+    /// Time a client has to send its request headers (default 10s).
+    header_read_timeout: Option<String>,
 }
 
 fn default_protocol() -> Protocol {
@@ -229,6 +236,8 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub hold_queue: usize,
     pub hold_timeout: Duration,
+    /// What the gate lets one client take (connections, header time and size, held bodies).
+    pub gate: GateLimits,
 }
 
 /// A checked configuration.
@@ -422,6 +431,54 @@ fn cpus(key: &str, v: &str) -> Result<Vec<usize>, ConfigError> {
     Ok(set.into_iter().collect())
 }
 
+/// Open files kept aside for what is not a gate's connection: the pool, the agent, CRIU's
+/// images on their way, logs, the status API.
+const FD_HEADROOM: u64 = 64;
+
+/// Default connection limit and hold queue of each gate, so that all of them together fit
+/// the process's open-file limit: each client connection may need a backend connection too,
+/// and a wake dials the backend for every held request at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdDefaults {
+    pub max_connections: usize,
+    pub hold_queue: usize,
+}
+
+impl FdDefaults {
+    /// For `services` gates under an open-file limit of `nofile`: the files left after the
+    /// headroom, shared evenly, half for client connections and half for backend ones; the
+    /// hold queue at most a quarter of the limit.
+    pub fn for_services(nofile: u64, services: usize) -> FdDefaults {
+        let per_gate = nofile.saturating_sub(FD_HEADROOM) / (2 * services.max(1) as u64);
+        let max_connections = per_gate.max(16) as usize;
+        FdDefaults {
+            max_connections,
+            hold_queue: max_connections.min((nofile / 4).max(16) as usize),
+        }
+    }
+}
+
+/// The process's open-file limit (soft): what the gates' connections must fit in.
+pub fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
+/// Says how the gates' connection limits and hold queues together overrun `nofile` open
+/// files, if they do.
+pub fn fd_shortfall(nofile: u64, services: &[ServiceConfig]) -> Option<String> {
+    let need = FD_HEADROOM
+        + services
+            .iter()
+            .map(|s| (s.gate.max_connections + s.hold_queue) as u64)
+            .sum::<u64>();
+    (need > nofile).then(|| {
+        format!(
+            "the gates may need {need} open files (max_connections plus hold_queue of every service, plus {FD_HEADROOM}), above this process's limit of {nofile} (ulimit -n): under load, connections will wait or be refused; lower them or raise the limit"
+        )
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
@@ -520,6 +577,7 @@ impl Config {
             "status.listen",
             raw.status.listen.as_deref().unwrap_or(DEFAULT_STATUS),
         )?;
+        let service_count = raw.services.len();
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
         let mut services = Vec::new();
@@ -607,9 +665,31 @@ impl Config {
                     "must be a non-negative number of requests per second",
                 ));
             }
-            let hold_queue = p.hold_queue.unwrap_or(10_000);
+            let fds = FdDefaults::for_services(open_file_limit(), service_count);
+            let hold_queue = p.hold_queue.unwrap_or(fds.hold_queue);
             if hold_queue == 0 {
                 return Err(invalid(k("policy.hold_queue"), "must be at least 1"));
+            }
+            let max_connections = s.max_connections.unwrap_or(fds.max_connections);
+            if max_connections == 0 {
+                return Err(invalid(k("max_connections"), "must be at least 1"));
+            }
+            let gate = GateLimits {
+                max_connections,
+                hold_body_limit: size(
+                    &k("hold_body_limit"),
+                    s.hold_body_limit.as_deref(),
+                    torpor_gate::DEFAULT_HOLD_BODY_LIMIT,
+                )?,
+                header_read_timeout: duration(
+                    &k("header_read_timeout"),
+                    s.header_read_timeout.as_deref(),
+                    torpor_gate::DEFAULT_HEADER_READ_TIMEOUT,
+                )?,
+                ..GateLimits::default()
+            };
+            if gate.header_read_timeout.is_zero() {
+                return Err(invalid(k("header_read_timeout"), "must be more than 0"));
             }
             let policy = PolicyConfig {
                 idle_threshold: duration(
@@ -636,6 +716,7 @@ impl Config {
             services.push(ServiceConfig {
                 listen,
                 protocol: s.protocol,
+                gate,
                 hold_queue,
                 hold_timeout: duration(
                     &k("policy.hold_timeout"),
@@ -670,6 +751,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(problem) = fd_shortfall(open_file_limit(), &services) {
+            warn!("{problem}");
         }
         Ok(Config {
             node,
@@ -824,7 +908,11 @@ mod tests {
         assert_eq!(kv.protocol, Protocol::Tcp);
         assert_eq!(kv.spec.policy.idle_threshold, Duration::from_millis(500));
         assert_eq!(kv.spec.policy.max_sleep_rate, 10.0);
-        assert_eq!(kv.hold_queue, 10_000);
+        let fds = FdDefaults::for_services(open_file_limit(), 2);
+        assert_eq!(kv.hold_queue, fds.hold_queue);
+        assert_eq!(kv.gate.max_connections, fds.max_connections);
+        assert_eq!(kv.gate.hold_body_limit, 16 << 20);
+        assert_eq!(kv.gate.header_read_timeout, Duration::from_secs(10));
         assert_eq!(kv.hold_timeout, Duration::from_secs(30));
     }
 
@@ -918,6 +1006,53 @@ mod tests {
         );
         let e = err(&GOOD.replace("command = [\"redis-server\"]", ""));
         assert!(e.starts_with("service[1].command"), "{e}");
+    }
+
+    #[test]
+    fn the_default_hold_queue_and_connection_limits_fit_a_1024_file_limit() {
+        let one = FdDefaults::for_services(1024, 1);
+        assert!(one.hold_queue <= 256, "{one:?}");
+        for n in 1..=8 {
+            let d = FdDefaults::for_services(1024, n);
+            let services: Vec<ServiceConfig> = Config::from_toml(GOOD)
+                .unwrap()
+                .services
+                .into_iter()
+                .cycle()
+                .take(n)
+                .map(|mut s| {
+                    s.hold_queue = d.hold_queue;
+                    s.gate.max_connections = d.max_connections;
+                    s
+                })
+                .collect();
+            assert_eq!(fd_shortfall(1024, &services), None, "{n} services: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_hold_queue_beyond_the_file_limit_is_reported() {
+        let c = Config::from_toml(&GOOD.replace("hold_queue = 100", "hold_queue = 10000")).unwrap();
+        let problem = fd_shortfall(1024, &c.services).expect("over the limit");
+        assert!(problem.contains("ulimit -n"), "{problem}");
+        assert_eq!(fd_shortfall(1 << 20, &c.services), None);
+    }
+
+    #[test]
+    fn gate_limits_are_read_and_checked() {
+        let c = Config::from_toml(&GOOD.replace(
+            "cpuset = \"0-1\"",
+            "cpuset = \"0-1\"\nmax_connections = 50\nhold_body_limit = \"1MiB\"\nheader_read_timeout = \"2s\"",
+        ))
+        .unwrap();
+        let g = c.services[0].gate;
+        assert_eq!(g.max_connections, 50);
+        assert_eq!(g.hold_body_limit, 1 << 20);
+        assert_eq!(g.header_read_timeout, Duration::from_secs(2));
+        let with = |extra: &str| err(&GOOD.replace("cpuset = \"0-1\"", extra));
+        assert!(with("max_connections = 0").starts_with("service[0].max_connections"));
+        assert!(with("hold_body_limit = \"big\"").starts_with("service[0].hold_body_limit"));
+        assert!(with("header_read_timeout = \"0s\"").starts_with("service[0].header_read_timeout"));
     }
 
     #[test]

@@ -145,9 +145,16 @@ pub async fn run(
         links.push(g.link.clone());
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
-            let _ = torpor_gate::run(g.listener, g.protocol, g.spec.backend, g.link, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            torpor_gate::run(
+                g.listener,
+                g.protocol,
+                g.spec.backend,
+                g.link,
+                g.limits,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
             .await;
         });
     }
@@ -155,7 +162,7 @@ pub async fn run(
     {
         let (agent, mut stop) = (agent.clone(), stop_rx.clone());
         tasks.spawn(async move {
-            let _ = status::serve(status_listener, agent, async move {
+            status::serve(status_listener, agent, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -188,6 +195,7 @@ struct Gate {
     protocol: torpor_gate::Protocol,
     spec: torpor_agent::ServiceSpec,
     link: Arc<ServiceLink>,
+    limits: torpor_gate::GateLimits,
 }
 
 /// Everything `torpor up` listens on, and the pool, before any service starts.
@@ -226,6 +234,7 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
             protocol: s.protocol,
             spec: s.spec.clone(),
             link,
+            limits: s.gate,
         });
     }
     let status_listener = TcpListener::bind(config.status_listen)

@@ -6,7 +6,7 @@ use std::{convert::Infallible, fmt::Write, future::Future, sync::Arc};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 pub use torpor_agent::EnergyReport;
@@ -25,31 +25,44 @@ pub struct StatusDoc {
     pub knobs: Vec<String>,
 }
 
+/// Connections the status API serves at once: it is for operators and scrapers, not crowds.
+const STATUS_MAX_CONNECTIONS: usize = 64;
+
 /// Serves until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    agent: Arc<Agent>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => {
-                let (stream, _) = accepted?;
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let agent = agent.clone();
-                        async move { Ok::<_, Infallible>(route(&agent, req)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, shutdown: impl Future<Output = ()>) {
+    serve_with(listener, shutdown, move |req| route(&agent, req)).await
+}
+
+/// Serves the answers of `route` until `shutdown`, with the gates' accept loop (accept errors
+/// are logged and retried, never the end of the listener), a connection limit and a time
+/// limit on request headers.
+pub async fn serve_with<F>(listener: TcpListener, shutdown: impl Future<Output = ()>, route: F)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
+    torpor_gate::accept_loop(
+        "status API",
+        listener,
+        STATUS_MAX_CONNECTIONS,
+        shutdown,
+        move |stream, _, proven| {
+            let route = route.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    proven.proven();
+                    let route = route.clone();
+                    async move { Ok::<_, Infallible>(route(req)) }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(torpor_gate::DEFAULT_HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
