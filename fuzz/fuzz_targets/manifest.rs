@@ -15,7 +15,9 @@ fuzz_target!(|data: &[u8]| {
     let total = m.total_bytes();
     let offsets = snapfile::file_offsets(&m, snapfile::SNAPFILE_HEADER_LEN);
     assert_eq!(offsets.len(), m.files.len());
-    assert!(offsets.iter().all(|&o| o <= snapfile::SNAPFILE_HEADER_LEN + total));
+    assert!(offsets
+        .iter()
+        .all(|&o| o <= snapfile::SNAPFILE_HEADER_LEN + total));
     let back: Manifest = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
     assert_eq!(back, m);
 });
