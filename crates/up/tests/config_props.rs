@@ -122,3 +122,17 @@ proptest! {
         let _ = Config::from_toml(&text);
     }
 }
+
+#[test]
+fn a_cpuset_beyond_any_machine_is_refused_by_its_key() {
+    // Before cpulist had a bound this line hung `torpor up` and then exhausted its memory.
+    let mut services: Vec<Service> = vec![("a".to_string(), 1, 2, None, None)];
+    let text = render(&services).replace(
+        "backend = \"127.0.0.1:2\"\n",
+        "backend = \"127.0.0.1:2\"\ncpuset = \"0-18446744073709551615\"\n",
+    );
+    let e = Config::from_toml(&text).unwrap_err().to_string();
+    assert!(e.starts_with("service[0].cpuset"), "{e}");
+    services[0].3 = Some([0, 8191].into());
+    Config::from_toml(&render(&services)).expect("the highest CPU a kernel can have");
+}
