@@ -116,7 +116,9 @@ impl NodePower {
         let online: BTreeSet<usize> = first.cpus.iter().map(|c| c.cpu).collect();
         let knobs = match config.knobs {
             Some(kc) => {
-                let (knobs, undone) = Knobs::open(kc.roots.clone(), &kc.journal, kc.dry_run)?;
+                let wake_hook = kc.node_sleep.as_ref().map(|h| h.wake.as_slice());
+                let (knobs, undone) =
+                    Knobs::open(kc.roots.clone(), &kc.journal, kc.dry_run, wake_hook)?;
                 for u in &undone {
                     info!(change = %u, "undid a change left by a previous run");
                 }
@@ -262,7 +264,7 @@ impl NodePower {
             return false;
         };
         if !s.node_asleep && since.elapsed() >= hooks.after {
-            match s.knobs.node_sleep(&hooks.sleep, &hooks.wake) {
+            match s.knobs.node_sleep(&hooks.sleep) {
                 Ok(()) => s.node_asleep = !s.config.dry_run,
                 Err(e) => warn!(error = %e, "node sleep hook failed; the node stays up"),
             }

@@ -98,4 +98,54 @@ mod tests {
         assert_eq!(parse_dump_stats(&img[..10]), None);
         assert_eq!(parse_dump_stats(b"not an image at all"), None);
     }
+
+    fn image(body: &[u8]) -> Vec<u8> {
+        let mut img = IMG_SERVICE_MAGIC.to_le_bytes().to_vec();
+        img.extend(STATS_MAGIC.to_le_bytes());
+        img.extend((body.len() as u32).to_le_bytes());
+        img.extend(body);
+        img
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_dump_stats_entry_reads_back(
+            t in proptest::array::uniform4(proptest::num::u32::ANY),
+            pages in proptest::array::uniform3(proptest::num::u64::ANY),
+        ) {
+            let body = StatsEntry {
+                dump: Some(DumpStatsEntry {
+                    freezing_time: t[0],
+                    frozen_time: t[1],
+                    memdump_time: t[2],
+                    memwrite_time: t[3],
+                    pages_scanned: pages[0],
+                    pages_skipped_parent: pages[1],
+                    pages_written: pages[2],
+                }),
+            }
+            .encode_to_vec();
+            let s = parse_dump_stats(&image(&body)).unwrap();
+            let us = |v: u32| Duration::from_micros(v.into());
+            proptest::prop_assert_eq!(
+                (s.freezing, s.frozen, s.memdump, s.memwrite),
+                (us(t[0]), us(t[1]), us(t[2]), us(t[3]))
+            );
+            proptest::prop_assert_eq!(s.pages_written, pages[2]);
+        }
+
+        #[test]
+        fn any_bytes_as_a_stats_image_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            len in proptest::num::u32::ANY,
+        ) {
+            let _ = parse_dump_stats(&bytes);
+            // Past the magics, with a length that need not fit what follows.
+            let mut img = image(&[]);
+            img.truncate(8);
+            img.extend(len.to_le_bytes());
+            img.extend(&bytes);
+            let _ = parse_dump_stats(&img);
+        }
+    }
 }

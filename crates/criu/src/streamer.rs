@@ -105,7 +105,7 @@ fn listener_fd(l: &UnixListener) -> std::os::fd::BorrowedFd<'_> {
 }
 
 /// The next file CRIU asks for, or `None` when it closed the connection.
-pub fn read_request(sock: &mut UnixStream) -> io::Result<Option<String>> {
+pub fn read_request(sock: &mut impl Read) -> io::Result<Option<String>> {
     let mut len = [0u8; 4];
     match sock.read_exact(&mut len) {
         Ok(()) => {}
@@ -220,5 +220,31 @@ mod tests {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         a.write_all(&(MAX_REQUEST + 1).to_le_bytes()).unwrap();
         assert!(read_request(&mut b).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_file_name_request_reads_back(names in proptest::collection::vec(".{0,64}", 0..5)) {
+            let mut wire = Vec::new();
+            for filename in &names {
+                let body = RequestEntry { filename: filename.clone() }.encode_to_vec();
+                wire.extend((body.len() as u32).to_le_bytes());
+                wire.extend(body);
+            }
+            let mut r = &wire[..];
+            for name in &names {
+                let got = read_request(&mut r).unwrap();
+                proptest::prop_assert_eq!(got.as_ref(), Some(name));
+            }
+            proptest::prop_assert_eq!(read_request(&mut r).unwrap(), None);
+        }
+
+        #[test]
+        fn any_bytes_as_streamer_requests_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = read_request(&mut r) {}
+        }
     }
 }

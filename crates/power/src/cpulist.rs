@@ -2,22 +2,33 @@
 
 use std::collections::BTreeSet;
 
+/// CPUs a kernel can have (`NR_CPUS` is at most 8192): a list naming more is refused, not
+/// expanded one number at a time (a range like `0-18446744073709551615` in a config would
+/// otherwise hang, then exhaust memory).
+pub const MAX_CPUS: usize = 8192;
+
 /// Parses a CPU list; `None` names the first bad part.
 pub fn parse(text: &str) -> Result<BTreeSet<usize>, String> {
     let mut cpus = BTreeSet::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         let bad = || format!("{part:?} is not a CPU number or range");
+        let cpu = |n: &str| match n.parse::<usize>() {
+            Ok(n) if n < MAX_CPUS => Ok(n),
+            Ok(_) => Err(format!(
+                "{part:?} names a CPU beyond the {MAX_CPUS} a kernel can have"
+            )),
+            Err(_) => Err(bad()),
+        };
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b) = (cpu(a)?, cpu(b)?);
                 if a > b {
                     return Err(bad());
                 }
                 cpus.extend(a..=b);
             }
             None => {
-                cpus.insert(part.parse().map_err(|_| bad())?);
+                cpus.insert(cpu(part)?);
             }
         }
     }

@@ -1,5 +1,9 @@
 //! On a fake host tree: telemetry (cpuidle, /proc/stat, RAPL with wrap-around; and, read only,
 //! this machine's real cpuidle tree) and every knob applied, undone, and recovered after a crash.
+//! The knob journal is undone as root, so it is trusted no further than the knobs go: entries
+//! outside the knob roots are not undone, the wake hook comes from the config, the file and its
+//! directory must be ours and private, and it is replaced safely (no symlink followed, a crash
+//! leaves the old or the new journal).
 
 mod common;
 
@@ -107,7 +111,13 @@ fn this_machines_real_cpuidle_tree_read_only() {
 use torpor_power::knobs::{KnobRoots, Knobs};
 
 fn knobs(host: &FakeHost, dry_run: bool) -> Knobs {
-    let (k, undone) = Knobs::open(KnobRoots::under(host.root()), &journal(host), dry_run).unwrap();
+    let (k, undone) = Knobs::open(
+        KnobRoots::under(host.root()),
+        &journal(host),
+        dry_run,
+        Some(&hook(host, "wake")),
+    )
+    .unwrap();
     assert!(undone.is_empty());
     k
 }
@@ -243,14 +253,11 @@ fn hook(host: &FakeHost, word: &str) -> Vec<String> {
 fn node_sleep_hooks_run_in_pairs_and_a_failed_one_is_not_journaled() {
     let host = FakeHost::new(1);
     let mut k = knobs(&host, false);
-    k.node_sleep(&hook(&host, "sleep"), &hook(&host, "wake"))
-        .unwrap();
+    k.node_sleep(&hook(&host, "sleep")).unwrap();
     assert!(k.node_wake().unwrap());
     assert!(!k.node_wake().unwrap(), "wake runs once");
     assert_eq!(read(&host.root().join("hooks.log")), "sleep\nwake");
-    let e = k
-        .node_sleep(&["false".into()], &hook(&host, "never"))
-        .unwrap_err();
+    let e = k.node_sleep(&["false".into()]).unwrap_err();
     assert!(e.to_string().contains("false"), "{e}");
     assert!(k.changes().is_empty());
 }
@@ -266,11 +273,16 @@ fn a_crashed_agents_changes_are_undone_at_the_next_start() {
         k.deep_idle_only(2).unwrap();
         k.take_offline(3).unwrap();
         k.cpuset("svc", &[0].into()).unwrap();
-        k.node_sleep(&hook(&host, "sleep"), &hook(&host, "wake"))
-            .unwrap();
+        k.node_sleep(&hook(&host, "sleep")).unwrap();
         // The agent dies here: no undo.
     }
-    let (k, undone) = Knobs::open(KnobRoots::under(host.root()), &journal(&host), false).unwrap();
+    let (k, undone) = Knobs::open(
+        KnobRoots::under(host.root()),
+        &journal(&host),
+        false,
+        Some(&hook(&host, "wake")),
+    )
+    .unwrap();
     assert!(undone.len() >= 5, "{undone:?}");
     assert!(k.changes().is_empty());
     assert_eq!(read(&host.state_file(2, 0, "disable")), "0");
@@ -290,8 +302,7 @@ fn dry_run_changes_nothing() {
     k.take_offline(2).unwrap();
     k.cpuset("svc", &[0].into()).unwrap();
     k.hold_latency(0).unwrap();
-    k.node_sleep(&hook(&host, "sleep"), &hook(&host, "wake"))
-        .unwrap();
+    k.node_sleep(&hook(&host, "sleep")).unwrap();
     assert_eq!(snapshot(host.root()), before);
     assert!(!journal(&host).exists());
 }
@@ -312,4 +323,263 @@ fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+// ---- the journal's trust ----
+
+use std::{
+    os::unix::fs::{symlink, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use torpor_power::knobs::{Change, Journal, JournalError, KnobError};
+
+fn journal_path(host: &FakeHost) -> PathBuf {
+    host.root().join("run/torpor/knobs.json")
+}
+
+/// Writes a journal holding `changes` (oldest first), as a crashed agent would leave it.
+fn leave_journal(host: &FakeHost, changes: &[Change]) {
+    let (mut j, _) = Journal::open(&journal_path(host)).unwrap();
+    for c in changes {
+        j.push(c.clone()).unwrap();
+    }
+}
+
+fn open(host: &FakeHost, wake: Option<&[String]>) -> Result<(Knobs, Vec<String>), KnobError> {
+    Knobs::open(
+        KnobRoots::under(host.root()),
+        &journal_path(host),
+        false,
+        wake,
+    )
+}
+
+#[test]
+fn a_journal_entry_outside_the_knob_roots_is_not_written() {
+    let host = FakeHost::new(2);
+    write(&host.cgroup().join("cgroup.procs"), "");
+    let victim = host.root().join("etc/victim");
+    write(&victim, "precious\n");
+    let keep = host.root().join("data/keep");
+    write(&keep.join("file"), "kept\n");
+    // cpu1's online attribute replaced by a symlink to the victim.
+    let online = host.cpu_dir().join("cpu1/online");
+    std::fs::remove_file(&online).unwrap();
+    symlink(&victim, &online).unwrap();
+    // One honest entry, to show the journal is still undone.
+    let honest = host.cpu_dir().join("cpu1/cpuidle/state0/disable");
+    write(&honest, "1\n");
+    let file = |path: PathBuf| Change::File {
+        path,
+        original: "pwned".into(),
+    };
+    leave_journal(
+        &host,
+        &[
+            Change::File {
+                path: honest.clone(),
+                original: "0".into(),
+            },
+            file(victim.clone()),
+            file(host.cpu_dir().join("cpu1/../../../../../etc/victim")),
+            file(online.clone()),
+            // Inside the CPU tree but not an attribute the knobs write.
+            file(host.cpu_dir().join("cpu1/cpuidle/state0/name")),
+            Change::CreatedCgroup {
+                path: keep.clone(),
+                parent_procs: victim.clone(),
+            },
+            Change::CreatedCgroup {
+                path: host.cgroup().join("torpor/../../data/keep"),
+                parent_procs: host.cgroup().join("cgroup.procs"),
+            },
+            Change::Controller {
+                subtree_control: victim.clone(),
+                controller: "cpuset".into(),
+            },
+        ],
+    );
+    let (k, undone) = open(&host, None).unwrap();
+    assert_eq!(undone.len(), 1, "only the honest entry: {undone:?}");
+    assert_eq!(read(&honest), "0");
+    assert_eq!(read(&victim), "precious");
+    assert_eq!(read(&keep.join("file")), "kept");
+    assert!(
+        k.changes().is_empty(),
+        "refused entries are dropped, not retried"
+    );
+    assert!(!journal_path(&host).exists());
+}
+
+#[test]
+fn a_wake_command_in_the_journal_is_not_executed() {
+    let host = FakeHost::new(1);
+    let marker = host.root().join("pwned");
+    let planted = Change::NodeAsleep {
+        wake_command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("touch {}", marker.display()),
+        ],
+    };
+    // With a wake hook configured, that one runs instead.
+    leave_journal(&host, std::slice::from_ref(&planted));
+    let (_, undone) = open(&host, Some(&hook(&host, "wake"))).unwrap();
+    assert_eq!(undone.len(), 1);
+    assert!(!marker.exists(), "the journal's command ran");
+    assert_eq!(read(&host.root().join("hooks.log")), "wake");
+    // With none configured, nothing runs and the entry is still dropped.
+    leave_journal(&host, &[planted]);
+    let (k, _) = open(&host, None).unwrap();
+    assert!(!marker.exists(), "the journal's command ran");
+    assert_eq!(read(&host.root().join("hooks.log")), "wake");
+    assert!(k.changes().is_empty());
+}
+
+#[test]
+fn a_symlink_planted_at_the_temp_name_is_not_followed() {
+    let host = FakeHost::new(1);
+    let victim = host.root().join("etc/victim");
+    write(&victim, "precious\n");
+    let path = journal_path(&host);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // The fixed temp names an older torpor used, and the prefix of the current ones.
+    for name in ["knobs.tmp", "knobs.json.tmp", ".knobs.json.tmp"] {
+        symlink(&victim, path.with_file_name(name)).unwrap();
+    }
+    let (mut j, _) = Journal::open(&path).unwrap();
+    j.push(Change::File {
+        path: host.cpu_dir().join("cpu0/cpuidle/state0/disable"),
+        original: "0".into(),
+    })
+    .unwrap();
+    assert_eq!(read(&victim), "precious");
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    assert!(m.is_file(), "the journal is a file of its own");
+    assert_eq!(m.mode() & 0o777, 0o600);
+    for name in ["knobs.tmp", "knobs.json.tmp", ".knobs.json.tmp"] {
+        let p = path.with_file_name(name);
+        assert!(std::fs::symlink_metadata(&p).unwrap().is_symlink(), "{p:?}");
+    }
+    // A symlink at the journal's own name is refused, not read through.
+    std::fs::rename(&path, host.root().join("elsewhere.json")).unwrap();
+    symlink(host.root().join("elsewhere.json"), &path).unwrap();
+    assert!(matches!(Journal::open(&path), Err(JournalError::Read(..))));
+}
+
+/// What the journal's refusal says (`open` failing otherwise is a test failure).
+fn refusal(r: Result<(Knobs, Vec<String>), KnobError>) -> String {
+    match r {
+        Err(KnobError::Journal(e @ JournalError::Unsafe { .. })) => e.to_string(),
+        other => panic!("not refused as unsafe: {:?}", other.map(|(_, u)| u)),
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_world_writable_journal_dir_is_refused() {
+    let host = FakeHost::new(1);
+    let path = journal_path(&host);
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    set_mode(dir, 0o777);
+    let e = refusal(open(&host, None));
+    assert!(e.contains("writable by group or others"), "{e}");
+    // Nor is a journal file others may write, in a private directory.
+    set_mode(dir, 0o700);
+    leave_journal(
+        &host,
+        &[Change::NodeAsleep {
+            wake_command: vec![],
+        }],
+    );
+    set_mode(&path, 0o666);
+    let e = refusal(open(&host, None));
+    assert!(e.contains("writable by group or others"), "{e}");
+}
+
+#[test]
+fn a_journal_owned_by_another_uid_is_refused() {
+    let host = FakeHost::new(1);
+    let path = journal_path(&host);
+    leave_journal(
+        &host,
+        &[Change::NodeAsleep {
+            wake_command: vec![],
+        }],
+    );
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    nix::unistd::chown(&path, nobody, None).unwrap();
+    let e = refusal(open(&host, None));
+    assert!(e.contains("owned by uid 65534"), "{e}");
+    nix::unistd::chown(&path, Some(nix::unistd::geteuid()), None).unwrap();
+    open(&host, None).expect("ours again");
+    // The directory counts too: whoever owns it can swap the journal.
+    nix::unistd::chown(path.parent().unwrap(), nobody, None).unwrap();
+    let e = refusal(open(&host, None));
+    assert!(e.contains("owned by uid 65534"), "{e}");
+}
+
+/// Set in the child the crash test starts: that process rewrites the journal until killed.
+const CHILD: &str = "TORPOR_JOURNAL_CRASH_CHILD";
+
+#[test]
+fn a_crash_between_write_and_rename_leaves_the_old_journal_valid() {
+    let change = |n: u64| Change::File {
+        path: format!("/sys/devices/system/cpu/cpu{n}/online").into(),
+        original: "1".repeat(1 + (n % 4096) as usize),
+    };
+    if let Some(path) = std::env::var_os(CHILD) {
+        // The child: the journal always holds one or two changes, rewritten as fast as it can.
+        let (mut j, _) = Journal::open(Path::new(&path)).unwrap();
+        for n in 0.. {
+            j.push(change(n)).unwrap();
+            if n > 0 {
+                j.remove(&change(n - 1)).unwrap();
+            }
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("knobs.json");
+    for round in 0..12u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_crash_between_write_and_rename_leaves_the_old_journal_valid",
+                "--nocapture",
+            ])
+            .env(CHILD, &path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "the child never wrote a journal");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Killed at a different point of its write-fsync-rename cycle each round.
+        std::thread::sleep(Duration::from_micros(round * 1_700 % 9_000));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (j, leftover) = Journal::open(&path).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(
+            (1..=2).contains(&leftover.len()),
+            "round {round}: {leftover:?}"
+        );
+        let temps: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "knobs.json")
+            .collect();
+        assert!(temps.is_empty(), "stale temp files left: {temps:?}");
+        drop(j);
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -3,6 +3,12 @@
 //! offline, cpusets that consolidate awake services onto few cores, a PM QoS latency request, and
 //! node sleep hooks. Every change goes into the journal before it is made, so `undo_all` (or
 //! the next start, after a crash) puts everything back. All paths are under [`KnobRoots`].
+//!
+//! A journal entry is undone as root, so it is trusted no further than the knobs go: before an
+//! entry is undone its paths are resolved (`..` and symlinks) and checked against what the
+//! knobs write under the roots (a CPU's `online`, an idle state's `disable`, torpor's own
+//! cgroups, the root cgroup's `subtree_control`); anything else is refused, logged and
+//! dropped. The node wake hook that runs is the configured one, never the journal's.
 
 pub mod journal;
 mod plan;
@@ -68,6 +74,8 @@ pub enum KnobError {
     Refused(String),
     #[error("hook {command:?}: {problem}")]
     Hook { command: String, problem: String },
+    #[error("journal entry {change} is outside the knob roots ({problem}); not undone")]
+    OutsideRoots { change: String, problem: String },
 }
 
 fn read(path: &Path) -> Result<String, KnobError> {
@@ -94,18 +102,22 @@ pub struct Knobs {
     /// The open `/dev/cpu_dma_latency`: the kernel keeps the request while it is open (and drops
     /// it when we exit, crash included, so it needs no journal).
     pm_qos: Option<std::fs::File>,
+    /// The configured node wake hook: what undoes a node sleep, whatever the journal says.
+    wake_hook: Option<Vec<String>>,
 }
 
 /// Name of the cgroup under which torpor puts services.
 const CGROUP: &str = "torpor";
 
 impl Knobs {
-    /// Opens the journal and first undoes whatever a previous run left in it. Returns what was
-    /// undone, for the log.
+    /// Opens the journal and first undoes whatever a previous run left in it. `wake_hook` is
+    /// the configured node wake hook (the only command a leftover node sleep runs). Returns
+    /// what was undone, for the log; entries outside the roots are logged and dropped.
     pub fn open(
         roots: KnobRoots,
         journal: &Path,
         dry_run: bool,
+        wake_hook: Option<&[String]>,
     ) -> Result<(Knobs, Vec<String>), KnobError> {
         let (journal, leftover) = Journal::open(journal)?;
         let mut knobs = Knobs {
@@ -113,12 +125,16 @@ impl Knobs {
             dry_run,
             journal,
             pm_qos: None,
+            wake_hook: wake_hook.map(<[String]>::to_vec),
         };
         let mut undone = Vec::new();
         for change in leftover {
             // A leftover is a real change from a real run, so it is undone even in a dry run.
-            knobs.undo_change(&change, false)?;
-            undone.push(describe(&change));
+            match knobs.undo_change(&change, false) {
+                Ok(()) => undone.push(describe(&change)),
+                Err(KnobError::OutsideRoots { .. }) => {} // logged and dropped by undo_change
+                Err(e) => return Err(e),
+            }
         }
         if !undone.is_empty() {
             warn!(
@@ -186,6 +202,14 @@ impl Knobs {
             info!(change = %describe(change), "dry run: would undo");
             return Ok(());
         }
+        if let Err(problem) = self.check(change) {
+            warn!(change = %describe(change), problem, "refused a knob journal entry outside the knob roots");
+            self.journal.remove(change)?;
+            return Err(KnobError::OutsideRoots {
+                change: describe(change),
+                problem,
+            });
+        }
         match change {
             Change::File { path, original } => write_attr(path, original)?,
             Change::CreatedCgroup { path, parent_procs } => remove_cgroup(path, parent_procs)?,
@@ -193,10 +217,82 @@ impl Knobs {
                 subtree_control,
                 controller,
             } => write_attr(subtree_control, &format!("-{controller}"))?,
-            Change::NodeAsleep { wake_command } => run_hook(wake_command)?,
+            Change::NodeAsleep { wake_command } => match &self.wake_hook {
+                Some(hook) => {
+                    if hook != wake_command {
+                        info!(journal = ?wake_command, configured = ?hook, "the journal's wake hook differs from the configured one; running the configured one");
+                    }
+                    run_hook(hook)?
+                }
+                None => {
+                    warn!("the node was put to sleep but no wake hook is configured now; none run")
+                }
+            },
         }
         self.journal.remove(change)?;
         Ok(())
+    }
+
+    /// Whether `change` stays within what the knobs write under the roots, its paths resolved
+    /// (`..`, symlinks) first; the problem otherwise.
+    fn check(&self, change: &Change) -> Result<(), String> {
+        let cpus = self.roots.sys.join("devices/system/cpu");
+        match change {
+            Change::File { path, .. } => {
+                let rel = within(path, &cpus)?;
+                let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+                let numbered =
+                    |s: &str, prefix: &str| s.strip_prefix(prefix).is_some_and(is_number);
+                match parts[..] {
+                    [cpu, "online"] if numbered(cpu, "cpu") => Ok(()),
+                    [cpu, "cpuidle", state, "disable"]
+                        if numbered(cpu, "cpu") && numbered(state, "state") =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(format!(
+                        "{} is not a CPU's online or an idle state's disable",
+                        path.display()
+                    )),
+                }
+            }
+            Change::CreatedCgroup { path, parent_procs } => {
+                let hierarchy = self.cgroup_hierarchy(path)?;
+                let rel = within(path, &hierarchy)?;
+                let parts: Vec<_> = rel.iter().collect();
+                if parts.first().map(|p| p.to_str()) != Some(Some(CGROUP)) || parts.len() > 2 {
+                    return Err(format!("{} is not one of torpor's cgroups", path.display()));
+                }
+                let procs = within(parent_procs, &hierarchy)?;
+                if procs.file_name().and_then(|n| n.to_str()) != Some("cgroup.procs") {
+                    return Err(format!("{} is not a cgroup.procs", parent_procs.display()));
+                }
+                Ok(())
+            }
+            Change::Controller {
+                subtree_control,
+                controller,
+            } => {
+                let rel = within(subtree_control, &self.roots.cgroup)?;
+                if rel != Path::new("cgroup.subtree_control") || controller != "cpuset" {
+                    return Err(format!(
+                        "+{controller} in {} is not the root cgroup's cpuset controller",
+                        subtree_control.display()
+                    ));
+                }
+                Ok(())
+            }
+            Change::NodeAsleep { .. } => Ok(()),
+        }
+    }
+
+    /// The cgroup hierarchy (unified, or the legacy cpuset one) `path` lies in.
+    fn cgroup_hierarchy(&self, path: &Path) -> Result<PathBuf, String> {
+        let v1 = self.roots.cgroup.join("cpuset");
+        match within(path, &v1) {
+            Ok(_) => Ok(v1),
+            Err(_) => within(path, &self.roots.cgroup).map(|_| self.roots.cgroup.clone()),
+        }
     }
 
     /// Puts back every change, newest first; keeps going past failures and reports the first.
@@ -420,20 +516,19 @@ impl Knobs {
 
     // ---- node sleep ----
 
-    /// Runs the node sleep hook; its wake counterpart is journaled first, so it runs even if
-    /// torpor dies while the node sleeps.
-    pub fn node_sleep(
-        &mut self,
-        sleep_command: &[String],
-        wake_command: &[String],
-    ) -> Result<(), KnobError> {
+    /// Runs the node sleep hook; that the node sleeps is journaled first, so the configured
+    /// wake hook runs even if torpor dies while the node sleeps. Refused without a wake hook.
+    pub fn node_sleep(&mut self, sleep_command: &[String]) -> Result<(), KnobError> {
+        let Some(wake_command) = self.wake_hook.clone() else {
+            return Err(KnobError::Refused(
+                "no node wake hook configured, so the node is not put to sleep".into(),
+            ));
+        };
         if self.dry_run {
             info!(command = ?sleep_command, "dry run: would run the node sleep hook");
             return Ok(());
         }
-        let change = Change::NodeAsleep {
-            wake_command: wake_command.to_vec(),
-        };
+        let change = Change::NodeAsleep { wake_command };
         self.journal.push(change.clone())?;
         if let Err(e) = run_hook(sleep_command) {
             self.journal.remove(&change)?;
@@ -458,16 +553,60 @@ impl Knobs {
     }
 }
 
+/// `path` resolved (`..` and symlinks of what exists; a missing tail taken as written),
+/// relative to `root` resolved; the problem if it is not within `root`.
+fn within(path: &Path, root: &Path) -> Result<PathBuf, String> {
+    let outside = || format!("{} is not under {}", path.display(), root.display());
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    let resolved = resolve(path).ok_or_else(outside)?;
+    resolved
+        .strip_prefix(&root)
+        .map(Path::to_path_buf)
+        .map_err(|_| outside())
+}
+
+/// The real path of `path`: its longest existing prefix canonicalized, the rest appended.
+/// `None` for a relative path or a `..` in the part that does not exist.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut existing = path.to_path_buf();
+    let mut missing = Vec::new();
+    loop {
+        if let Ok(mut real) = existing.canonicalize() {
+            real.extend(missing.iter().rev());
+            return Some(real);
+        }
+        // `file_name` is `None` for a path ending in `..`: unresolvable, refused.
+        missing.push(existing.file_name()?.to_owned());
+        existing.pop();
+    }
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn write_attr(path: &Path, value: &str) -> Result<(), KnobError> {
-    // One write(2) per value: sysfs and cgroup files take a value per write.
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // One write(2) per value: sysfs and cgroup files take a value per write. Attributes are
+    // never symlinks: one planted in their place is not followed.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .or_else(|e| {
             // A fake tree has no file yet; real sysfs and cgroupfs always do.
             if e.kind() == std::io::ErrorKind::NotFound && path.parent().is_some_and(Path::is_dir) {
-                std::fs::File::create(path)
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(path)
             } else {
                 Err(e)
             }

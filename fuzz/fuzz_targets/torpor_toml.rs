@@ -1,0 +1,10 @@
+//! torpor.toml as `torpor up` loads it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = torpor_up::config::Config::from_toml(text);
+    }
+});
