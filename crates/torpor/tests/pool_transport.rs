@@ -44,15 +44,21 @@ struct Pool {
 
 impl Pool {
     fn spawn(args: &[&str], target: PoolTarget) -> Result<Pool> {
-        let child = Command::new(exe())
+        // Its log goes to a file: a pipe nobody drains would stop a chatty pool.
+        let log = tempfile::NamedTempFile::new()?;
+        let mut child = Command::new(exe())
             .arg("pool")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen()?)
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while let Err(e) = target.connect() {
+            if child.try_wait()?.is_some() {
+                let why = std::fs::read_to_string(log.path())?;
+                anyhow::bail!("pool exited at start: {why}");
+            }
             ensure!(Instant::now() < deadline, "pool did not start: {e}");
             thread::sleep(Duration::from_millis(10));
         }
@@ -217,7 +223,7 @@ fn pool_cert_and_pool_tls_cert_serve_a_pinned_client_and_refuse_an_unpinned_one(
     let listen = format!("127.0.0.1:{port}");
     let token_file = dir.path().join("token");
     let token = torpor_pool::random_token();
-    std::fs::write(&token_file, &token)?;
+    torpor_pool::write_token_file(&token_file, &token)?;
     let p = |f: &str| certs.join(f).display().to_string();
     let tls = ClientTls::pinned(
         &certs.join("pool.crt"),
