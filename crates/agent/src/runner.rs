@@ -462,3 +462,75 @@ impl Runner for Container {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use torpor_image::{manifest::SnapshotMeta, NodeKey};
+    use torpor_pool::{PoolAddr, PoolTarget, Store, StoreConfig};
+
+    /// Two nodes share a pool, each with a service called `web`: a release after a wake
+    /// deletes only the releasing node's generations, up to the restored one.
+    #[tokio::test]
+    async fn a_release_deletes_only_this_nodes_generations_up_to_the_restored_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = PoolAddr::Unix(dir.path().join("pool.sock"));
+        let store = Store::open(StoreConfig {
+            capacity: 4 << 20,
+            spill_dir: None,
+            keep: 10,
+        })
+        .unwrap();
+        let listener = torpor_pool::Listener::bind(&addr).await.unwrap();
+        let server = tokio::spawn(torpor_pool::serve(
+            listener,
+            Arc::new(store),
+            None,
+            std::future::pending(),
+        ));
+        let target = PoolTarget::new(addr, "");
+        let generations = tokio::task::spawn_blocking({
+            let target = target.clone();
+            move || {
+                ["a.web", "a.web", "a.web", "b.web", "b.web"].map(|name| {
+                    let mut c = target.connect().unwrap();
+                    c.put_begin(name, SnapshotMeta::default(), None).unwrap();
+                    c.commit(None, None).unwrap().generation
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(generations, [1, 2, 3, 1, 2]);
+        let host = Host {
+            criu: CriuBinary::locate().expect("CRIU is installed by the test command"),
+            pools: Pools::single(target.clone(), Arc::new(NodeKey::generate())),
+            namespace: "a".into(),
+            reaper: Arc::new(Reaper::default()),
+        };
+        host.release("web", 2).await.unwrap();
+        let left = tokio::task::spawn_blocking(move || {
+            let mut names: Vec<(String, u64)> = target
+                .connect()
+                .unwrap()
+                .list()
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.name, s.generation))
+                .collect();
+            names.sort();
+            names
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            left,
+            [
+                ("a.web".to_string(), 3),
+                ("b.web".to_string(), 1),
+                ("b.web".to_string(), 2)
+            ]
+        );
+        server.abort();
+    }
+}
