@@ -28,17 +28,20 @@ pub struct Pools {
     pub replicas: Vec<PoolTarget>,
     /// Replicas that must commit before a checkpoint counts and the service may be killed.
     pub write_quorum: usize,
-    /// Seals every commit; a restore refuses what it cannot verify with it.
-    pub key: Arc<NodeKey>,
+    /// Seals every commit; a restore refuses what it cannot verify with it. `None` only for
+    /// a pool inside this process's own trust boundary (the embedded pool of `torpor up`: same
+    /// process, private socket, a token nobody else holds), where a seal would guard the
+    /// agent's memory against itself at the price of hashing every byte twice per cycle.
+    pub key: Option<Arc<NodeKey>>,
 }
 
 impl Pools {
-    /// One pool, no replica.
+    /// One pool, no replica, snapshots sealed with `key`.
     pub fn single(target: PoolTarget, key: Arc<NodeKey>) -> Pools {
         Pools {
             replicas: vec![target],
             write_quorum: 1,
-            key,
+            key: Some(key),
         }
     }
 }
@@ -59,7 +62,7 @@ pub struct Committed {
 pub struct ReplicatedUpload {
     name: String,
     meta: SnapshotMeta,
-    key: Arc<NodeKey>,
+    key: Option<Arc<NodeKey>>,
     quorum: usize,
     /// Live connections with their replica index.
     clients: Vec<(usize, PoolClient)>,
@@ -142,8 +145,10 @@ impl ReplicatedUpload {
     }
 
     pub fn file_open(&mut self, id: u32, name: &str) -> Result<(), ClientError> {
-        self.open
-            .insert(id, (name.to_string(), FileDigest::default()));
+        if self.key.is_some() {
+            self.open
+                .insert(id, (name.to_string(), FileDigest::default()));
+        }
         self.each(|c| c.file_open(id, name))
     }
 
@@ -166,17 +171,16 @@ impl ReplicatedUpload {
     /// that committed when the quorum was not met have the generation deleted again.
     pub fn commit(mut self) -> Result<Committed, ClientError> {
         let generation = self.next_generation;
-        let seal = self.key.seal(
-            &self.name,
-            generation,
-            &self.meta,
-            std::mem::take(&mut self.sealed),
-        );
+        let sealed = std::mem::take(&mut self.sealed);
+        let seal = self
+            .key
+            .as_ref()
+            .map(|k| k.seal(&self.name, generation, &self.meta, sealed));
         let mut done: Option<Committed> = None;
         let mut committed_on = Vec::new();
         let clients = std::mem::take(&mut self.clients);
         for (i, mut c) in clients {
-            match c.commit(Some(generation), Some(seal.clone())) {
+            match c.commit(Some(generation), seal.clone()) {
                 Ok(info) => {
                     let d = done.get_or_insert(Committed {
                         generation: info.generation,
@@ -208,16 +212,20 @@ impl ReplicatedUpload {
 /// Checks a manifest fetched for `name` (and `generation`, when one was asked for) against
 /// this node's key: the seal must be this key's, bind this name, generation and metadata, and
 /// cover exactly the manifest's files. Each file's bytes are then checked as they arrive.
+/// Without a key (a pool inside this process) only the name and generation are checked.
 pub fn verify_manifest(
-    key: &NodeKey,
+    key: Option<&NodeKey>,
     name: &str,
     generation: Option<u64>,
     manifest: &Manifest,
 ) -> Result<(), SealError> {
-    let seal = manifest.seal.as_ref().ok_or(SealError::Missing)?;
     if manifest.name != name || generation.is_some_and(|g| g != manifest.generation) {
         return Err(SealError::BadMac);
     }
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let seal = manifest.seal.as_ref().ok_or(SealError::Missing)?;
     key.verify(name, manifest.generation, &manifest.meta, seal)?;
     seal.covers(manifest.files.iter().map(|f| (f.name.as_str(), f.size)))
 }
@@ -247,7 +255,7 @@ pub fn find_verified(
             .and_then(|mut c| c.manifest(name, generation).map(|m| (c, m)))
             .map_err(FetchError::from)
             .and_then(|(c, m)| {
-                verify_manifest(&pools.key, name, generation, &m)?;
+                verify_manifest(pools.key.as_deref(), name, generation, &m)?;
                 Ok((c, m))
             });
         match found {

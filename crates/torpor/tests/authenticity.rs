@@ -155,7 +155,10 @@ fn altered_memory_and_replayed_generations_are_refused_before_criu_can_use_them(
     files[pages][mid] ^= 0x01;
     let forged_pool = PoolProcess::spawn(exe(), 128 * MIB)?;
     upload(&forged_pool.target, &manifest, &files, r.generation)?;
-    let victim = Pools::single(forged_pool.target.clone(), pool.pools.key.clone());
+    let victim = Pools {
+        key: pool.pools.key.clone(),
+        ..Pools::single(forged_pool.target.clone(), Arc::new(NodeKey::generate()))
+    };
     let err = restore("svc", &victim).unwrap_err();
     ensure!(
         matches!(
@@ -182,7 +185,7 @@ fn a_pool_killed_with_sigkill_loses_no_sleeping_service() -> Result<()> {
     let pools = Pools {
         replicas: vec![a.target.clone(), b.target.clone()],
         write_quorum: 2,
-        key: Arc::new(NodeKey::generate()),
+        key: Some(Arc::new(NodeKey::generate())),
     };
     let mut svc = SampleProcess::spawn(exe(), 16 * MIB, 3)?;
     let before = SampleClient::connect(svc.addr)?.call("SUM")?;
@@ -226,7 +229,7 @@ fn without_its_write_quorum_a_checkpoint_fails_and_the_service_keeps_running() -
     let mut pools = Pools {
         replicas: vec![a.target.clone(), dead],
         write_quorum: 2,
-        key: Arc::new(NodeKey::generate()),
+        key: Some(Arc::new(NodeKey::generate())),
     };
     let mut svc = SampleProcess::spawn(exe(), 8 * MIB, 4)?;
     let err = checkpoint_to_pool(
@@ -270,7 +273,7 @@ fn a_chunk_corrupted_on_one_replicas_disk_is_never_served_and_the_other_replica_
     let pools = Pools {
         replicas: vec![a.target.clone(), b.target.clone()],
         write_quorum: 2,
-        key: Arc::new(NodeKey::generate()),
+        key: Some(Arc::new(NodeKey::generate())),
     };
     let mut victim = SampleProcess::spawn(exe(), 24 * MIB, 5)?;
     let before = SampleClient::connect(victim.addr)?.call("SUM")?;

@@ -329,12 +329,21 @@ fn snapshots(config: &Config, main: PoolTarget) -> Result<Snapshots, UpError> {
         info!(replica = %desc, "snapshots are also committed to this pool");
         replicas.push(target);
     }
-    let key = NodeKey::load_or_create(&config.node.key_file).map_err(UpError::NodeKey)?;
+    // Snapshots that only ever live in this process's own embedded pool need no seal; any
+    // pool outside it (remote, or a replica) gets sealed snapshots only.
+    let in_process =
+        matches!(config.pool, PoolChoice::Embedded { .. }) && config.replicas.is_empty();
+    let key = match in_process {
+        true => None,
+        false => Some(Arc::new(
+            NodeKey::load_or_create(&config.node.key_file).map_err(UpError::NodeKey)?,
+        )),
+    };
     Ok(Snapshots {
         pools: Pools {
             replicas,
             write_quorum: config.write_quorum,
-            key: Arc::new(key),
+            key,
         },
         namespace: config.node.namespace.clone(),
     })
