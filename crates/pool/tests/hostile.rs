@@ -3,6 +3,9 @@
 //! permissions and planted files, bad token files, a full disk. Each test is one finding.
 //! The pool runs in-process on 127.0.0.1:0 with short limits; raw sockets play the client.
 
+mod common;
+
+use common::{get, pattern, put};
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -89,34 +92,6 @@ fn hello() -> Vec<u8> {
     wire::encode_control(&Request::Hello {
         token: TOKEN.into(),
     })
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-/// Uploads files (name, bytes) under `name` and commits; returns the generation.
-fn put(c: &mut PoolClient, name: &str, files: &[(&str, Vec<u8>)]) -> Result<u64> {
-    c.put_begin(name, SnapshotMeta::default(), None)?;
-    for (id, (fname, bytes)) in files.iter().enumerate() {
-        c.file_open(id as u32, fname)?;
-        for piece in bytes.chunks(CHUNK_SIZE as usize / 3) {
-            c.file_data(id as u32, piece)?;
-        }
-        c.file_close(id as u32, bytes.len() as u64)?;
-    }
-    Ok(c.commit(None, None)?.generation)
-}
-
-fn get(c: &mut PoolClient, name: &str, generation: u64, file: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    c.get_file(name, generation, file, |b| {
-        out.extend_from_slice(b);
-        Ok(())
-    })?;
-    Ok(out)
 }
 
 /// Waits (up to `limit`) until `cond` holds; returns whether it did.

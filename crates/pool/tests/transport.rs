@@ -2,6 +2,9 @@
 //! self-signed certificates and mutual TLS, and fake pools (bare sockets) that go silent at
 //! each stage, to show every hang ends in `ClientError::Timeout` within the bound.
 
+mod common;
+
+use common::{get, pattern, put};
 use std::{
     io::Read,
     net::{TcpListener, TcpStream},
@@ -17,8 +20,8 @@ use torpor_image::{
     CHUNK_SIZE,
 };
 use torpor_pool::{
-    serve, tls, ClientError, ClientTls, Listener, PoolAddr, PoolClient, PoolTarget, Stage, Store,
-    StoreConfig, Timeouts,
+    serve, tls, ClientError, ClientTls, Listener, PoolAddr, PoolTarget, Stage, Store, StoreConfig,
+    Timeouts,
 };
 
 const TOKEN: &str = "transport-token-0123456789";
@@ -95,33 +98,6 @@ impl Certs {
         let (_, cert, key) = self.g.client.as_ref().unwrap();
         ClientTls::pinned(&self.g.pool_cert, Some((cert.as_path(), key.as_path()))).unwrap()
     }
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
-        .collect()
-}
-
-fn put(c: &mut PoolClient, name: &str, files: &[(&str, Vec<u8>)]) -> Result<u64> {
-    c.put_begin(name, SnapshotMeta::default(), None)?;
-    for (id, (fname, bytes)) in files.iter().enumerate() {
-        c.file_open(id as u32, fname)?;
-        for piece in bytes.chunks(CHUNK_SIZE as usize) {
-            c.file_data(id as u32, piece)?;
-        }
-        c.file_close(id as u32, bytes.len() as u64)?;
-    }
-    Ok(c.commit(None, None)?.generation)
-}
-
-fn get(c: &mut PoolClient, name: &str, generation: u64, file: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    c.get_file(name, generation, file, |b| {
-        out.extend_from_slice(b);
-        Ok(())
-    })?;
-    Ok(out)
 }
 
 /// A put and get that works proves the pool still serves.
