@@ -438,6 +438,11 @@ mod tests {
             NodeKey::load_or_create(&path),
             Err(KeyError::Malformed { .. })
         ));
+        nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        assert!(matches!(
+            NodeKey::load_or_create(&path),
+            Err(KeyError::Owner { owner: 65534, .. })
+        ));
         let link = dir.path().join("link.key");
         std::os::unix::fs::symlink(&path, &link).unwrap();
         assert!(NodeKey::load_or_create(&link).is_err(), "symlinks refused");
