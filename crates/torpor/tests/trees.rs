@@ -950,16 +950,50 @@ fn nothing_left(dir: &Path, names: &[String], log: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` blocks or catches SIGTERM (its `SigBlk` or `SigCgt` mask).
+fn sigterm_taken(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (Signal::SIGTERM as i32 - 1);
+    status.lines().any(|l| {
+        l.strip_prefix("SigBlk:")
+            .or_else(|| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & bit != 0)
+    })
+}
+
+/// Polls `cond` until it holds or `limit` passes; whether it held.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 #[test]
 fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // The delay is what is tested (the moment the signal lands: handler set-up, pool,
-    // agent start, ready), not a wait for something.
+    // agent start, ready), not a wait for something. It counts from the program's first
+    // act, blocking SIGTERM: one that lands earlier (while the loader maps the binary, which
+    // can take over 10 ms on a loaded machine) meets no code of ours and only the kernel's
+    // default action, with nothing started yet.
     for delay_ms in [10, 30, 100, 300] {
         let dir = open_dir()?;
         let (services, names, _) = two_trees(dir.path(), "trees-term", "1h")?;
         let status = addr(free_port());
         let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
+        let pid = up.pid()?;
+        ensure!(
+            wait_until(Duration::from_secs(10), || sigterm_taken(pid)),
+            "torpor up never blocked or caught SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(delay_ms));
         let t0 = Instant::now();
         let code = up.signal_and_wait(Signal::SIGTERM, WAIT)?;
