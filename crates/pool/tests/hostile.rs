@@ -4,13 +4,14 @@
 //! The pool runs in-process on 127.0.0.1:0 with short limits; raw sockets play the client.
 
 mod common;
+mod inproc;
 
 use common::{get, pattern, put};
+use inproc::{client, start, Running, TOKEN};
 use std::{
     io::{Read, Write},
     net::TcpStream,
     path::Path,
-    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -21,67 +22,7 @@ use torpor_image::{
     wire::{self, ErrorCode, Request, Response},
     CHUNK_SIZE,
 };
-use torpor_pool::{serve_with, Listener, PoolAddr, PoolClient, ServeOptions, Store, StoreConfig};
-
-const TOKEN: &str = "test-token-0123456789";
-
-struct Running {
-    pub addr: PoolAddr,
-    pub store: Arc<Store>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap();
-    }
-}
-
-/// Starts a pool whose options `tune` adjusts (the token is [`TOKEN`]).
-fn start(
-    capacity: u64,
-    spill: Option<&Path>,
-    tune: impl FnOnce(&mut ServeOptions) + Send + 'static,
-) -> Running {
-    let store = Arc::new(
-        Store::open(StoreConfig {
-            capacity,
-            spill_dir: spill.map(Path::to_path_buf),
-            keep: 2,
-        })
-        .unwrap(),
-    );
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let s = store.clone();
-    let thread = thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let l = Listener::bind(&"127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
-            addr_tx.send(l.local_addr().unwrap()).unwrap();
-            let mut options = ServeOptions::new(Some(TOKEN.into()));
-            tune(&mut options);
-            serve_with(l, s, options, async {
-                let _ = rx.await;
-            })
-            .await
-        })
-    });
-    Running {
-        addr: addr_rx.recv().unwrap(),
-        store,
-        stop: Some(tx),
-        thread: Some(thread),
-    }
-}
-
-fn client(p: &Running) -> PoolClient {
-    PoolClient::connect(&p.addr, TOKEN).unwrap()
-}
+use torpor_pool::{PoolAddr, PoolClient, Store, StoreConfig};
 
 fn raw(p: &Running) -> TcpStream {
     let PoolAddr::Tcp(a) = &p.addr else { panic!() };
@@ -156,7 +97,7 @@ fn idle_connections(p: &Running, n: usize) -> Vec<TcpStream> {
 #[test]
 fn idle_unauthenticated_connections_over_the_limit_do_not_stop_the_pool() {
     // Hello may take 60 s: only the limit can make room for the real client.
-    let p = start(4 * CHUNK_SIZE, None, |o| {
+    let p = start(4 * CHUNK_SIZE, None, 2, |o| {
         o.max_connections = 8;
         o.hello_timeout = Duration::from_secs(60);
     });
@@ -187,7 +128,7 @@ fn idle_unauthenticated_connections_over_the_limit_do_not_stop_the_pool() {
 
 #[test]
 fn authenticated_connections_over_the_limit_are_closed_and_the_listener_keeps_serving() {
-    let p = start(4 * CHUNK_SIZE, None, |o| o.max_connections = 2);
+    let p = start(4 * CHUNK_SIZE, None, 2, |o| o.max_connections = 2);
     let mut a = client(&p);
     let _b = client(&p);
     let err = PoolClient::connect(&p.addr, TOKEN).unwrap_err();
@@ -205,7 +146,7 @@ fn authenticated_connections_over_the_limit_are_closed_and_the_listener_keeps_se
 
 #[test]
 fn an_oversized_header_before_hello_is_refused_before_its_payload_arrives() {
-    let p = start(4 * CHUNK_SIZE, None, |_| {});
+    let p = start(4 * CHUNK_SIZE, None, 2, |_| {});
     // 4 MiB is a legal control frame after hello; before it, only a small one is read. The
     // payload is never sent: the refusal cannot come from reading (or allocating) it.
     let header = wire::FrameHeader {
@@ -228,7 +169,7 @@ fn c_list_ok(p: &Running) -> bool {
 
 #[test]
 fn a_hello_that_never_comes_is_dropped_after_the_timeout() {
-    let p = start(4 * CHUNK_SIZE, None, |o| {
+    let p = start(4 * CHUNK_SIZE, None, 2, |o| {
         o.hello_timeout = Duration::from_millis(300)
     });
     let started = Instant::now();
@@ -245,7 +186,7 @@ fn a_hello_that_never_comes_is_dropped_after_the_timeout() {
 
 #[test]
 fn an_authenticated_client_idle_past_the_idle_timeout_is_closed() {
-    let p = start(4 * CHUNK_SIZE, None, |o| {
+    let p = start(4 * CHUNK_SIZE, None, 2, |o| {
         o.idle_timeout = Duration::from_millis(300)
     });
     let mut s = raw_authenticated(&p);
@@ -255,7 +196,7 @@ fn an_authenticated_client_idle_past_the_idle_timeout_is_closed() {
 
 #[test]
 fn an_unfinished_upload_returns_its_memory_after_the_frame_timeout() {
-    let p = start(8 * CHUNK_SIZE, None, |o| {
+    let p = start(8 * CHUNK_SIZE, None, 2, |o| {
         o.frame_timeout = Duration::from_millis(300);
         o.idle_timeout = Duration::from_secs(600);
     });
@@ -296,7 +237,7 @@ fn an_unfinished_upload_returns_its_memory_after_the_frame_timeout() {
 
 #[test]
 fn a_client_that_stops_reading_a_file_is_dropped_and_releases_it() {
-    let p = start(40 * CHUNK_SIZE, None, |o| {
+    let p = start(40 * CHUNK_SIZE, None, 2, |o| {
         o.write_timeout = Duration::from_millis(300)
     });
     let mut c = client(&p);
@@ -338,7 +279,7 @@ fn a_client_that_stops_reading_a_file_is_dropped_and_releases_it() {
 fn small_files_cost_their_bytes_not_whole_chunks() {
     let spill = tempfile::tempdir().unwrap();
     // Two chunks of RAM tier, and a disk tier that must stay unused.
-    let p = start(2 * CHUNK_SIZE, Some(spill.path()), |_| {});
+    let p = start(2 * CHUNK_SIZE, Some(spill.path()), 2, |_| {});
     let mut c = client(&p);
     put(
         &mut c,
@@ -395,7 +336,7 @@ fn open_store(capacity: u64, spill: &Path) -> Result<Store, torpor_pool::StoreEr
 
 /// Stores `names` (one chunk each) in a one-chunk pool, so all but the last are spilled.
 fn spill_snapshots(spill: &Path, names: &[&str]) {
-    let p = start(CHUNK_SIZE, Some(spill), |_| {});
+    let p = start(CHUNK_SIZE, Some(spill), 2, |_| {});
     let mut c = client(&p);
     for (i, name) in names.iter().enumerate() {
         put(
@@ -543,7 +484,7 @@ impl Drop for TinyTmpfs {
 fn a_full_disk_fails_the_upload_cleanly_and_keeps_what_the_pool_holds() {
     let disk = TinyTmpfs::mount("4m");
     let spill = disk.dir.path().join("spill");
-    let p = start(4 * CHUNK_SIZE, Some(&spill), |_| {});
+    let p = start(4 * CHUNK_SIZE, Some(&spill), 2, |_| {});
     let mut c = client(&p);
     let a = pattern(1, 3 * CHUNK_SIZE as usize);
     let b = pattern(2, 3 * CHUNK_SIZE as usize);
@@ -583,7 +524,7 @@ fn a_corrupt_chunk_on_disk_is_refused_and_never_served() {
     let spill = tempfile::tempdir().unwrap();
     let a = pattern(1, 3 * CHUNK_SIZE as usize);
     {
-        let p = start(3 * CHUNK_SIZE, Some(spill.path()), |_| {});
+        let p = start(3 * CHUNK_SIZE, Some(spill.path()), 2, |_| {});
         let mut c = client(&p);
         put(&mut c, "a", &[("pages-1.img", a.clone())]).unwrap();
         put(&mut c, "b", &[("pages-1.img", pattern(2, 100))]).unwrap(); // spills a
@@ -594,7 +535,7 @@ fn a_corrupt_chunk_on_disk_is_refused_and_never_served() {
     let at = bytes.len() - 2 * CHUNK_SIZE as usize + 12345;
     bytes[at] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
-    let p = start(3 * CHUNK_SIZE, Some(spill.path()), |_| {});
+    let p = start(3 * CHUNK_SIZE, Some(spill.path()), 2, |_| {});
     let mut c = client(&p);
     let mut served = Vec::new();
     let err = c
@@ -615,7 +556,7 @@ fn a_corrupt_chunk_on_disk_is_refused_and_never_served() {
 
 #[test]
 fn a_file_sent_in_small_pieces_outgrows_its_tail_into_chunks_intact() {
-    let p = start(4 * CHUNK_SIZE, None, |_| {});
+    let p = start(4 * CHUNK_SIZE, None, 2, |_| {});
     let mut c = client(&p);
     let bytes = pattern(5, CHUNK_SIZE as usize + CHUNK_SIZE as usize / 2 + 7);
     c.put_begin("svc", SnapshotMeta::default(), None).unwrap();

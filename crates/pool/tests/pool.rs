@@ -2,13 +2,13 @@
 //! through raw sockets for the malformed-input cases.
 
 mod common;
+mod inproc;
 
 use common::{get, pattern, put};
+use inproc::{client, start, Running, TOKEN};
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    path::Path,
-    sync::Arc,
     thread,
 };
 
@@ -18,64 +18,11 @@ use torpor_image::{
     wire::{self, ErrorCode, FrameHeader, FrameKind, Request, Tier, HEADER_LEN},
     CHUNK_SIZE,
 };
-use torpor_pool::{serve, Listener, PoolAddr, PoolClient, Store, StoreConfig};
-
-struct Running {
-    addr: PoolAddr,
-    store: Arc<Store>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap();
-    }
-}
-
-const TOKEN: &str = "test-token-0123456789";
-
-fn start(capacity: u64, spill: Option<&Path>, keep: usize) -> Running {
-    let store = Arc::new(
-        Store::open(StoreConfig {
-            capacity,
-            spill_dir: spill.map(Path::to_path_buf),
-            keep,
-        })
-        .unwrap(),
-    );
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let s = store.clone();
-    let thread = thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let l = Listener::bind(&"127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
-            addr_tx.send(l.local_addr().unwrap()).unwrap();
-            serve(l, s, Some(TOKEN.into()), async {
-                let _ = rx.await;
-            })
-            .await;
-        })
-    });
-    Running {
-        addr: addr_rx.recv().unwrap(),
-        store,
-        stop: Some(tx),
-        thread: Some(thread),
-    }
-}
-
-fn client(p: &Running) -> PoolClient {
-    PoolClient::connect(&p.addr, TOKEN).unwrap()
-}
+use torpor_pool::{PoolAddr, PoolClient};
 
 #[test]
 fn roundtrip_generations_and_keep() -> Result<()> {
-    let p = start(32 * CHUNK_SIZE, None, 2);
+    let p = start(32 * CHUNK_SIZE, None, 2, |_| {});
     let mut c = client(&p);
     let big = pattern(1, 3 * CHUNK_SIZE as usize + 17);
     for expected_gen in 1..=3 {
@@ -105,7 +52,7 @@ fn roundtrip_generations_and_keep() -> Result<()> {
 
 #[test]
 fn full_without_spill_dir_refuses_and_keeps_what_it_has() -> Result<()> {
-    let p = start(4 * CHUNK_SIZE, None, 2);
+    let p = start(4 * CHUNK_SIZE, None, 2, |_| {});
     let mut c = client(&p);
     let first = pattern(2, 3 * CHUNK_SIZE as usize);
     put(&mut c, "a", &[("pages-1.img", first.clone())])?;
@@ -131,7 +78,7 @@ fn full_with_spill_dir_moves_lru_to_disk_and_survives_restart() -> Result<()> {
     let a = pattern(4, 3 * CHUNK_SIZE as usize);
     let b = pattern(5, 3 * CHUNK_SIZE as usize + 5);
     {
-        let p = start(4 * CHUNK_SIZE, Some(dir.path()), 2);
+        let p = start(4 * CHUNK_SIZE, Some(dir.path()), 2, |_| {});
         let mut c = client(&p);
         put(&mut c, "a", &[("pages-1.img", a.clone())])?;
         put(&mut c, "b", &[("pages-1.img", b.clone())])?;
@@ -149,7 +96,7 @@ fn full_with_spill_dir_moves_lru_to_disk_and_survives_restart() -> Result<()> {
         )?;
     }
     // A new pool on the same spill dir finds the disk tier again; RAM is gone.
-    let p = start(4 * CHUNK_SIZE, Some(dir.path()), 2);
+    let p = start(4 * CHUNK_SIZE, Some(dir.path()), 2, |_| {});
     let mut c = client(&p);
     let names: Vec<String> = c.list()?.into_iter().map(|s| s.name).collect();
     assert_eq!(names, vec!["a", "b"]);
@@ -165,7 +112,7 @@ fn full_with_spill_dir_moves_lru_to_disk_and_survives_restart() -> Result<()> {
 #[test]
 fn corrupt_disk_bytes_are_detected_when_served() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let p = start(2 * CHUNK_SIZE, Some(dir.path()), 2);
+    let p = start(2 * CHUNK_SIZE, Some(dir.path()), 2, |_| {});
     let mut c = client(&p);
     put(
         &mut c,
@@ -195,7 +142,7 @@ fn corrupt_disk_bytes_are_detected_when_served() -> Result<()> {
 
 #[test]
 fn wrong_token_is_refused() {
-    let p = start(2 * CHUNK_SIZE, None, 2);
+    let p = start(2 * CHUNK_SIZE, None, 2, |_| {});
     let err = PoolClient::connect(&p.addr, "not-the-token").unwrap_err();
     assert_eq!(err.pool_code(), Some(ErrorCode::Unauthorized), "{err}");
 }
@@ -234,7 +181,7 @@ fn hello() -> Vec<u8> {
 
 #[test]
 fn malformed_and_oversized_frames_get_an_error_and_a_closed_connection() {
-    let p = start(2 * CHUNK_SIZE, None, 2);
+    let p = start(2 * CHUNK_SIZE, None, 2, |_| {});
     // Garbage instead of a frame.
     assert_eq!(
         error_reply(&mut raw(&p), b"GET / HTTP/1.1\r\n\r\n"),
@@ -297,7 +244,7 @@ fn malformed_and_oversized_frames_get_an_error_and_a_closed_connection() {
 
 #[test]
 fn client_killed_mid_put_leaves_no_trace_and_previous_generation_intact() -> Result<()> {
-    let p = start(16 * CHUNK_SIZE, None, 2);
+    let p = start(16 * CHUNK_SIZE, None, 2, |_| {});
     let mut c = client(&p);
     let first = pattern(10, 2 * CHUNK_SIZE as usize);
     put(&mut c, "svc", &[("pages-1.img", first.clone())])?;
