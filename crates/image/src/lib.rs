@@ -5,6 +5,7 @@
 
 pub mod manifest;
 pub mod names;
+pub mod pages;
 pub mod seal;
 pub mod size;
 pub mod snapfile;

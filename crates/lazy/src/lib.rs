@@ -1,0 +1,22 @@
+//! torpor's lazy-pages server. `criu restore --lazy-pages` restores a tree with its lazy
+//! memory left missing and hands each process's userfaultfd to this server over
+//! `lazy-pages.socket`; the server answers page faults with bytes read from a [`PageSource`]
+//! (the pool), pushes a recorded working set right after the restore finishes, and keeps
+//! account of which ranges the service never touched, so that the next checkpoint can leave
+//! them where they are.
+
+use torpor_image::pages::Origin;
+
+/// Where the server gets the bytes of lazy pages from.
+pub trait PageSource: Send + 'static {
+    /// Fills `buf` with the bytes stored at `origin`. An error is final for the restore: the
+    /// server kills the tree rather than let it see memory that is not its own.
+    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError>;
+}
+
+/// A page source could not deliver.
+#[derive(Debug, thiserror::Error)]
+#[error("page source failed: {message}")]
+pub struct SourceError {
+    pub message: String,
+}
