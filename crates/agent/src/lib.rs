@@ -17,6 +17,7 @@ pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
 pub use init::InitOptions;
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
+pub use runner::{LazyMemory, MemoryRestore};
 pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition, WakeTimeline};
 pub use torpor_power::energy::EnergyReport;
 
@@ -181,6 +182,8 @@ impl Agent {
                         None => None,
                     },
                     host: host.clone(),
+                    memory: spec.memory.clone(),
+                    lazy: Default::default(),
                 }),
                 Launch::Container { bundle } => Arc::new(runner::Container {
                     name: spec.name.clone(),

@@ -3,10 +3,20 @@
 //! a process tree under torpor's init, in its own PID namespace and cgroup) and [`Container`]
 //! (runc) are the real ones; the state machine's tests drive a fake on paused time.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use serde::Serialize;
 use torpor_criu::{
-    procs, runc::Runc, CheckpointError, CheckpointOptions, CriuBinary, Pools, RestoreOptions,
+    lazy::checkpoint_lazy_service, procs, runc::Runc, CheckpointError, CheckpointOptions,
+    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreOptions,
     TcpConnections,
 };
 use torpor_pool::error_chain;
@@ -56,6 +66,32 @@ pub struct Restored {
     pub detail: String,
 }
 
+/// How a service's memory comes back at a wake.
+#[derive(Debug, Clone)]
+pub enum MemoryRestore {
+    /// CRIU restores every page before the service runs; every checkpoint writes them all.
+    Eager,
+    /// Pages come from the pool on first touch (the recorded working set first); the next
+    /// checkpoint writes only what the service touched.
+    Lazy(LazyOptions),
+}
+
+/// How the memory of the current (lazy) wake came in, for `torpor status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct LazyMemory {
+    /// Generation restored.
+    pub generation: u64,
+    /// Bytes of the recorded working set pushed right after the restore.
+    pub prefetched_bytes: u64,
+    /// Bytes copied in on page faults (readahead included).
+    pub faulted_bytes: u64,
+    pub faults: u64,
+    /// Bytes filled in the background.
+    pub background_bytes: u64,
+    /// Bytes still in the pool only (never touched).
+    pub remaining_bytes: u64,
+}
+
 /// What the agent's state machine needs from whatever runs a service.
 pub trait Runner: Send + Sync + std::fmt::Debug {
     /// Starts the service from its command (not yet accepting): the root's PID.
@@ -80,6 +116,10 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn members(&self, pid: i32) -> Vec<i32>;
     /// The service is stopped for good: remove what was made for it.
     fn retire(&self) -> BoxFuture<'_, ()>;
+    /// How the memory of the running incarnation came in, when it was restored lazily.
+    fn lazy_memory(&self) -> Option<LazyMemory> {
+        None
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -101,8 +141,14 @@ impl Host {
     }
 
     /// Deletes this node's generations of `service` up to `up_to` on every replica (never
-    /// another node's, never a newer one).
-    fn release(&self, service: &str, up_to: u64) -> BoxFuture<'static, Result<(), String>> {
+    /// another node's, never a newer one, never one in `keep`: pages a lazily restored
+    /// service has not touched yet are still read from them).
+    fn release(
+        &self,
+        service: &str,
+        up_to: u64,
+        keep: BTreeSet<u64>,
+    ) -> BoxFuture<'static, Result<(), String>> {
         let (pools, name) = (self.pools.clone(), self.snapshot_name(service));
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -112,7 +158,9 @@ impl Host {
                         let stale: Vec<u64> = c
                             .list()?
                             .into_iter()
-                            .filter(|s| s.name == name && s.generation <= up_to)
+                            .filter(|s| {
+                                s.name == name && s.generation <= up_to && !keep.contains(&s.generation)
+                            })
                             .map(|s| s.generation)
                             .collect();
                         stale
@@ -144,6 +192,33 @@ pub struct ProcessTree {
     /// The service's own cgroup, where cgroups are mounted.
     pub cgroup: Option<ServiceCgroup>,
     pub host: Host,
+    pub memory: MemoryRestore,
+    /// The lazy-pages server of the running incarnation, and the generations it reads from.
+    pub lazy: Arc<Mutex<LazyState>>,
+}
+
+/// What a lazily restored incarnation holds in the pool.
+#[derive(Debug, Default)]
+pub struct LazyState {
+    session: Option<LazySession>,
+    generation: u64,
+    /// Generations the running service (or its newest snapshot) still reads pages from.
+    keep: BTreeSet<u64>,
+}
+
+impl LazyState {
+    /// Ends the session of an incarnation that is gone, off the async runtime (a session
+    /// whose processes still live fills their memory first).
+    fn end_session(state: &Arc<Mutex<LazyState>>, service: &str) {
+        if let Some(session) = state.lock().expect("lazy lock").session.take() {
+            let service = service.to_string();
+            std::thread::spawn(move || {
+                if let Err(e) = session.shutdown() {
+                    warn!(service, error = %e, "lazy-pages server ended badly");
+                }
+            });
+        }
+    }
 }
 
 impl ProcessTree {
@@ -195,15 +270,41 @@ impl Runner for ProcessTree {
     fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>> {
         let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
         let members = self.tree(pid);
+        let lazy = self.lazy.clone();
         Box::pin(async move {
-            let done = tokio::task::spawn_blocking(move || {
+            let (done, finished) = tokio::task::spawn_blocking(move || {
+                let mut finished = None;
                 let opts = CheckpointOptions {
                     // The gate closed its connections; any other (half-closed, foreign)
                     // comes back closed rather than held behind iptables rules while asleep.
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
-                torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pools, &opts)
+                let session = lazy.lock().expect("lazy lock").session.take();
+                let result: Result<CheckpointReport, CheckpointError> = match session {
+                    Some(session) => {
+                        let r = checkpoint_lazy_service(
+                            &host.criu, pid, &name, &host.pools, &opts, &session,
+                        );
+                        let mut state = lazy.lock().expect("lazy lock");
+                        match r {
+                            Ok((report, increment)) => {
+                                state.keep = increment.generations();
+                                state.keep.insert(report.generation);
+                                finished = Some(session);
+                                Ok(report)
+                            }
+                            Err(e) => {
+                                // The tree runs on (or its fate is in the error): the
+                                // session keeps serving it.
+                                state.session = Some(session);
+                                Err(e)
+                            }
+                        }
+                    }
+                    None => torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pools, &opts),
+                };
+                let committed = result
                     .map(|r| Committed {
                         generation: r.generation,
                         bytes: Some(r.pool_bytes),
@@ -220,28 +321,68 @@ impl Runner for ProcessTree {
                             CheckpointError::AfterCommit { generation, .. } => Some(generation),
                             _ => None,
                         },
-                    })
+                    });
+                (committed, finished)
             })
             .await
-            .expect("checkpoint task panicked")?;
+            .expect("checkpoint task panicked");
+            let done = done?;
             // Outside a PID namespace the killed tree's processes are handed to us: reap
             // them now, so that the next restore finds their PIDs free.
             self.host
                 .reaper
                 .reap(&members, Duration::from_secs(5))
                 .await;
+            if let Some(session) = finished {
+                let _ = tokio::task::spawn_blocking(move || session.shutdown()).await;
+            }
             Ok(done)
         })
     }
 
     fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
         let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
+        let (memory, lazy, service) = (self.memory.clone(), self.lazy.clone(), self.name.clone());
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
+                if let MemoryRestore::Lazy(options) = &memory {
+                    match torpor_criu::restore_lazy_from_pool(
+                        &host.criu, &name, generation, &host.pools, &opts, options,
+                    ) {
+                        Ok(wake) => {
+                            let r = &wake.report;
+                            let detail = format!(
+                                "restored generation {} lazily from pool replica {} as pid {} ({} fetched, working set {})",
+                                r.generation,
+                                r.replica,
+                                r.pid,
+                                torpor_image::format_bytes(r.bytes_fetched),
+                                torpor_image::format_bytes(wake.working_set_bytes),
+                            );
+                            let mut state = lazy.lock().expect("lazy lock");
+                            state.keep = wake.inherits.clone();
+                            state.keep.insert(r.generation);
+                            state.generation = r.generation;
+                            state.session = Some(wake.session);
+                            return Ok(Restored { pid: r.pid, detail });
+                        }
+                        Err(e) if e.snapshot_lost() => {
+                            return Err(RestoreFailed {
+                                message: error_chain(&e),
+                                snapshot_lost: true,
+                            })
+                        }
+                        // The eager path restores whatever is not an increment (it refuses
+                        // those itself, and the wake then cold-starts).
+                        Err(e) => {
+                            warn!(service, error = %error_chain(&e), "lazy restore failed; restoring eagerly");
+                        }
+                    }
+                }
                 torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pools, &opts)
                     .map(|r| Restored {
                         pid: r.pid,
@@ -277,16 +418,15 @@ impl Runner for ProcessTree {
     }
 
     fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>> {
-        self.host.release(&self.name, up_to)
+        let keep = self.lazy.lock().expect("lazy lock").keep.clone();
+        self.host.release(&self.name, up_to, keep)
     }
 
     fn stop(&self, pid: i32, grace: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(process::stop_tree(
-            pid,
-            self.cgroup.as_ref(),
-            &self.host.reaper,
-            grace,
-        ))
+        Box::pin(async move {
+            process::stop_tree(pid, self.cgroup.as_ref(), &self.host.reaper, grace).await;
+            LazyState::end_session(&self.lazy, &self.name);
+        })
     }
 
     fn clear(&self, pid: i32) -> BoxFuture<'_, ()> {
@@ -298,7 +438,11 @@ impl Runner for ProcessTree {
     }
 
     fn exited(&self, pid: i32) -> Option<String> {
-        self.host.reaper.exited(pid)
+        let exited = self.host.reaper.exited(pid);
+        if exited.is_some() {
+            LazyState::end_session(&self.lazy, &self.name);
+        }
+        exited
     }
 
     fn gone(&self, pid: i32) -> bool {
@@ -312,6 +456,19 @@ impl Runner for ProcessTree {
 
     fn members(&self, pid: i32) -> Vec<i32> {
         self.tree(pid)
+    }
+
+    fn lazy_memory(&self) -> Option<LazyMemory> {
+        let state = self.lazy.lock().expect("lazy lock");
+        let stats = state.session.as_ref()?.stats();
+        Some(LazyMemory {
+            generation: state.generation,
+            prefetched_bytes: stats.prefetched_bytes,
+            faulted_bytes: stats.faulted_bytes,
+            faults: stats.faults,
+            background_bytes: stats.background_bytes,
+            remaining_bytes: stats.remaining_bytes,
+        })
     }
 
     fn retire(&self) -> BoxFuture<'_, ()> {
@@ -425,7 +582,7 @@ impl Runner for Container {
     }
 
     fn release(&self, up_to: u64) -> BoxFuture<'_, Result<(), String>> {
-        self.host.release(&self.name, up_to)
+        self.host.release(&self.name, up_to, BTreeSet::new())
     }
 
     fn stop(&self, pid: i32, grace: Duration) -> BoxFuture<'_, ()> {
@@ -508,7 +665,7 @@ mod tests {
             namespace: "a".into(),
             reaper: Arc::new(Reaper::default()),
         };
-        host.release("web", 2).await.unwrap();
+        host.release("web", 2, BTreeSet::new()).await.unwrap();
         let left = tokio::task::spawn_blocking(move || {
             let mut names: Vec<(String, u64)> = target
                 .connect()

@@ -17,7 +17,7 @@ use tracing::{error, warn};
 
 use crate::{
     process::{Launch, LaunchError},
-    runner::{CheckpointFailed, Committed, Restored, Runner},
+    runner::{CheckpointFailed, Committed, LazyMemory, MemoryRestore, Restored, Runner},
     Shared,
 };
 
@@ -36,6 +36,8 @@ pub struct ServiceSpec {
     /// Services woken together with this one (a mid-tier's buckets), so a request does not
     /// pay their restores one after the other.
     pub wake_with: Vec<String>,
+    /// Eager or lazy restore of its memory (process trees; containers restore eagerly).
+    pub memory: MemoryRestore,
 }
 
 /// Where a service is in its life.
@@ -115,6 +117,9 @@ pub struct ServiceStatus {
     /// Why the last such snapshot was lost.
     #[serde(default)]
     pub last_snapshot_lost: Option<String>,
+    /// How the memory of the running incarnation came in, when it was restored lazily.
+    #[serde(default)]
+    pub lazy: Option<LazyMemory>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -732,6 +737,7 @@ impl Managed {
         s.state = rt.state;
         s.pid = rt.pid;
         s.held_now = self.link.held();
+        s.lazy = self.runner.lazy_memory();
         s.rejected_requests = self.link.rejected();
         s.time_asleep_s = (rt.asleep_total
             + if rt.state == ServiceState::Asleep {
@@ -957,6 +963,7 @@ mod tests {
             drain_deadline: Duration::from_secs(1),
             start_timeout: Duration::from_secs(5),
             wake_with: Vec::new(),
+            memory: MemoryRestore::Eager,
         };
         let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));

@@ -1,7 +1,10 @@
 //! `torpor bench cr`: for each size, a sample service holding that much random memory is
 //! checkpointed and restored (a) by stock CRIU with images in a tmpfs directory (/dev/shm)
 //! and (b) by torpor into and out of a pool on this machine (a `torpor pool` process on a
-//! Unix socket), alternating the order each repeat. Reports medians and torpor/baseline.
+//! Unix socket), eagerly; then (c) torpor's lazy wakes and incremental checkpoints
+//! ([`crate::lazywake`]) and (d) stock CRIU's own lazy restore from the directory, rotating the
+//! order each repeat. Every first response is to the same request, which touches 16 MiB.
+//! Reports medians and torpor/baseline.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +17,8 @@ use torpor_criu::{local, CheckpointOptions, CriuBinary, RestoreOptions};
 use torpor_image::format_bytes;
 
 use crate::{
-    harness::{become_subreaper, first_response, kill_and_reap, PoolProcess, SampleProcess},
+    harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess},
+    lazywake::{self, touch_response, IncrementalMedians, LazyMedians, StockLazyMedians},
     report::{fmt_opt, median, ratio},
     ExperimentError,
 };
@@ -53,6 +57,10 @@ pub struct Medians {
     pub image_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_bytes: Option<u64>,
+    /// Torpor only: CPU seconds of one eager cycle (checkpoint, restore, the request):
+    /// torpor, CRIU and the pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cycle_cpu_s: Option<f64>,
 }
 
 /// torpor / baseline for each time.
@@ -71,6 +79,15 @@ pub struct SizeResult {
     pub baseline: Medians,
     pub torpor: Medians,
     pub ratio: Ratios,
+    /// Lazy wake with the working set recorded at the previous wake pushed first (what a
+    /// `restore = "lazy"` service gets from its second sleep on).
+    pub lazy: LazyMedians,
+    /// Lazy wake with nothing recorded yet (the first lazy wake after a full checkpoint).
+    pub lazy_no_prefetch: LazyMedians,
+    /// The checkpoint after one request following a lazy wake with prefetch.
+    pub incremental: IncrementalMedians,
+    /// Stock CRIU's own lazy-pages daemon restoring from the baseline's directory.
+    pub stock_lazy: StockLazyMedians,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +105,7 @@ struct Samples {
     first: Vec<f64>,
     staging: Vec<u64>,
     bytes: Vec<u64>,
+    cpu: Vec<f64>,
 }
 
 impl Samples {
@@ -106,6 +124,7 @@ impl Samples {
             },
             image_bytes: med_u(&self.bytes),
             pool_bytes: if torpor { med_u(&self.bytes) } else { None },
+            cycle_cpu_s: median(&self.cpu),
         }
     }
 }
@@ -132,7 +151,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
     // Room for the new generation while the previous one is still held.
     let pool = PoolProcess::spawn(exe, 2 * largest + (512 << 20))?;
-    let steps = args.sizes.len() as u64 * args.repeat * 2;
+    let steps = args.sizes.len() as u64 * args.repeat * 4;
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
             .expect("template")
@@ -142,19 +161,32 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     let mut sizes = Vec::new();
     for &size in &args.sizes {
         let (mut base, mut ours) = (Samples::default(), Samples::default());
+        let (mut cold, mut warm) = (lazywake::LazySamples::default(), lazywake::LazySamples::default());
+        let mut inc = lazywake::IncrementalSamples::default();
+        let mut stock_lazy = lazywake::StockLazySamples::default();
         for rep in 0..args.repeat {
-            let torpor_first = rep % 2 == 1;
-            for method in [torpor_first, !torpor_first] {
+            for step in 0..4 {
+                let method = (step + rep) % 4;
                 bar.set_message(format!(
                     "{} {} run {}",
                     format_bytes(size),
-                    if method { "torpor" } else { "stock CRIU" },
+                    ["stock CRIU", "torpor", "torpor lazy", "stock CRIU lazy"][method as usize],
                     rep + 1
                 ));
-                if method {
-                    run_torpor(criu, exe, &pool, size, rep, &mut ours)?;
-                } else {
-                    run_baseline(criu, exe, &args.baseline_dir, size, rep, &mut base)?;
+                match method {
+                    0 => run_baseline(criu, exe, &args.baseline_dir, size, rep, &mut base)?,
+                    1 => run_torpor(criu, exe, &pool, size, rep, &mut ours)?,
+                    2 => lazywake::torpor_round(
+                        criu, exe, &pool, size, rep, &mut cold, &mut warm, &mut inc,
+                    )?,
+                    _ => lazywake::stock_round(
+                        criu,
+                        exe,
+                        &args.baseline_dir,
+                        size,
+                        rep,
+                        &mut stock_lazy,
+                    )?,
                 }
                 bar.inc(1);
             }
@@ -171,6 +203,10 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
             },
             baseline: b,
             torpor: t,
+            lazy: warm.medians(),
+            lazy_no_prefetch: cold.medians(),
+            incremental: inc.medians(),
+            stock_lazy: stock_lazy.medians(),
         });
     }
     bar.finish_and_clear();
@@ -185,6 +221,9 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
 }
 
 type BenchResult = Result<(), ExperimentError>;
+
+/// How a round sees the service's first response: the time from `since` until it answered.
+pub type Probe = fn(std::net::SocketAddr, Instant) -> std::io::Result<std::time::Duration>;
 
 /// One stock-CRIU checkpoint and restore of a sample service, images in `dir`.
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +247,7 @@ pub fn stock_criu_round(
     size: u64,
     seed: u64,
     asleep: std::time::Duration,
+    probe: Probe,
 ) -> Result<StockRound, ExperimentError> {
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let images = tempfile::Builder::new()
@@ -218,7 +258,7 @@ pub fn stock_criu_round(
     std::thread::sleep(asleep);
     let t0 = Instant::now();
     let (pid, wall) = local::restore_from_dir(criu, images.path(), &[svc.pid])?;
-    let first = first_response(svc.addr, t0);
+    let first = probe(svc.addr, t0);
     kill_and_reap(pid);
     Ok(StockRound {
         checkpoint_s: dump.wall.as_secs_f64(),
@@ -237,7 +277,15 @@ fn run_baseline(
     seed: u64,
     s: &mut Samples,
 ) -> BenchResult {
-    let r = stock_criu_round(criu, exe, dir, size, seed, std::time::Duration::ZERO)?;
+    let r = stock_criu_round(
+        criu,
+        exe,
+        dir,
+        size,
+        seed,
+        std::time::Duration::ZERO,
+        touch_response,
+    )?;
     s.checkpoint.push(r.checkpoint_s);
     s.frozen.extend(r.frozen_s);
     s.restore.push(r.restore_s);
@@ -256,6 +304,7 @@ fn run_torpor(
 ) -> BenchResult {
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let name = format!("bench-{size}");
+    let cpu0 = lazywake::cpu_now(pool);
     let r = torpor_criu::checkpoint_to_pool(
         criu,
         svc.pid,
@@ -272,8 +321,9 @@ fn run_torpor(
         &pool.pools,
         &RestoreOptions::default(),
     )?;
-    let first = first_response(svc.addr, t0);
+    let first = touch_response(svc.addr, t0);
     kill_and_reap(restored.pid);
+    s.cpu.push(lazywake::cpu_now(pool) - cpu0);
     s.checkpoint.push(r.checkpoint_s);
     s.frozen.extend(r.frozen_s);
     s.restore.push(restored.restore_s);
@@ -311,6 +361,47 @@ fn print_table(r: &CrReport) {
             fmt_opt(q.first_response, 2, ""),
             t.peak_staging_bytes.map(format_bytes).unwrap_or_default(),
             t.pool_bytes.map(format_bytes).unwrap_or_default(),
+        );
+    }
+    println!();
+    println!("first response after a sleep (a request touching 16 MiB), by how memory comes back:");
+    println!(
+        "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+        "size", "stock", "torpor", "lazy", "+prefetch", "stock lazy", "faulted", "prefetched"
+    );
+    for s in &r.sizes {
+        println!(
+            "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+            format_bytes(s.size_bytes),
+            fmt_opt(s.baseline.first_response_s, 3, "s"),
+            fmt_opt(s.torpor.first_response_s, 3, "s"),
+            fmt_opt(s.lazy_no_prefetch.first_response_s, 3, "s"),
+            fmt_opt(s.lazy.first_response_s, 3, "s"),
+            fmt_opt(s.stock_lazy.first_response_s, 3, "s"),
+            s.lazy.faulted_bytes.map(format_bytes).unwrap_or_default(),
+            s.lazy.prefetched_bytes.map(format_bytes).unwrap_or_default(),
+        );
+    }
+    println!();
+    println!("checkpoint after one request following a lazy wake (incremental) vs a full one:");
+    println!(
+        "{:>9} | {:>8} {:>8} | {:>8} {:>8} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+        "size", "ckpt", "full", "frozen", "full", "written", "full", "inherited", "cycle cpu", "eager"
+    );
+    for s in &r.sizes {
+        let i = &s.incremental;
+        println!(
+            "{:>9} | {:>8} {:>8} | {:>8} {:>8} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+            format_bytes(s.size_bytes),
+            fmt_opt(i.checkpoint_s, 3, "s"),
+            fmt_opt(s.torpor.checkpoint_s, 3, "s"),
+            fmt_opt(i.frozen_s, 3, "s"),
+            fmt_opt(s.torpor.frozen_s, 3, "s"),
+            i.pool_bytes_written.map(format_bytes).unwrap_or_default(),
+            s.torpor.pool_bytes.map(format_bytes).unwrap_or_default(),
+            i.inherited_bytes.map(format_bytes).unwrap_or_default(),
+            fmt_opt(i.cycle_cpu_s, 3, "s"),
+            fmt_opt(s.torpor.cycle_cpu_s, 3, "s"),
         );
     }
     println!(

@@ -316,7 +316,7 @@ async fn measure(
             let (criu2, exe2, dir) = (criu.clone(), exe.to_path_buf(), args.baseline_dir.clone());
             let asleep = args.asleep_for;
             let s = tokio::task::spawn_blocking(move || {
-                stock_criu_round(&criu2, &exe2, &dir, size, i, asleep)
+                stock_criu_round(&criu2, &exe2, &dir, size, i, asleep, first_response)
             })
             .await
             .expect("stock task panicked")?;

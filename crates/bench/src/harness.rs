@@ -181,6 +181,11 @@ impl PoolProcess {
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("token")
     }
+
+    /// The pool process's PID (for its CPU time).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
 }
 
 impl Drop for PoolProcess {

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod gate;
 pub mod harness;
 pub mod inproc;
+pub mod lazywake;
 pub mod plot;
 pub mod report;
 pub mod scenario;

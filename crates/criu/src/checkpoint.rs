@@ -12,6 +12,7 @@
 //! whether the tree lives in its own PID namespace, for the restore.
 
 use std::{
+    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
     os::{
@@ -31,6 +32,7 @@ use nix::{sys::stat::Mode, unistd::mkfifo};
 use thiserror::Error;
 use torpor_image::{
     manifest::{RunAs, SnapshotMeta},
+    pages::{blocks_file_for, BlockHasher},
     CHUNK_SIZE,
 };
 use torpor_pool::ClientError;
@@ -166,6 +168,8 @@ pub enum CheckpointError {
         #[source]
         source: io::Error,
     },
+    #[error("the checkpoint of process {pid} was withdrawn before its commit ({reason}); the tree was resumed and keeps running")]
+    Declined { pid: i32, reason: String },
     #[error("CRIU failed after generation {generation} was committed; check process {pid}. CRIU's log says:\n{log}")]
     AfterCommit {
         pid: i32,
@@ -226,6 +230,8 @@ enum Msg {
     Open { id: u32, name: String },
     Data { id: u32, buf: Vec<u8> },
     Close { id: u32, size: u64 },
+    /// A file of torpor's own, whole (not from CRIU's pipes, not from the buffer pool).
+    Whole { name: String, bytes: Vec<u8> },
     Commit(mpsc::Sender<Result<Committed, ClientError>>),
 }
 
@@ -286,6 +292,21 @@ pub fn checkpoint_to_pool(
     name: &str,
     pools: &Pools,
     opts: &CheckpointOptions,
+) -> Result<CheckpointReport, CheckpointError> {
+    checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || Ok(Vec::new()))
+}
+
+/// [`checkpoint_to_pool`], with files of the caller's added to the snapshot: `at_post_dump`
+/// runs once CRIU has dumped the tree and before the commit, while the tree is frozen (an
+/// incremental checkpoint asks its lazy-pages server then which ranges were never touched).
+/// If it declines, nothing is committed and the tree runs on ([`CheckpointError::Declined`]).
+pub fn checkpoint_to_pool_with(
+    criu: &CriuBinary,
+    pid: i32,
+    name: &str,
+    pools: &Pools,
+    opts: &CheckpointOptions,
+    at_post_dump: &mut dyn FnMut() -> Result<Vec<(String, Vec<u8>)>, String>,
 ) -> Result<CheckpointReport, CheckpointError> {
     if !procs::pid_in_use(pid) {
         return Err(CheckpointError::NoSuchProcess(pid));
@@ -366,7 +387,13 @@ pub fn checkpoint_to_pool(
     let (tx, rx) = mpsc::sync_channel::<Msg>(2 * STAGING_BUFFERS);
     // The streamer thread says when every image CRIU sent before post-dump is in hand.
     let (sealed_tx, sealed_rx) = mpsc::channel::<()>();
-    let writer = spawn_writer(upload, rx, buffers.clone(), failed.clone());
+    let writer = spawn_writer(
+        upload,
+        rx,
+        buffers.clone(),
+        failed.clone(),
+        pools.key.is_some(),
+    );
     let streamer_thread = {
         let criu_pid = child.id();
         let (buffers, failed, criu_done, capture, tx) = (
@@ -404,6 +431,7 @@ pub fn checkpoint_to_pool(
         }
     };
 
+    let mut declined = None;
     let commit = match outcome {
         Ok(()) => {
             capture.lock().expect("capture lock").hook_reached = true;
@@ -417,9 +445,20 @@ pub fn checkpoint_to_pool(
             let result = if failed.load(Ordering::SeqCst) {
                 None
             } else {
-                let (reply_tx, reply_rx) = mpsc::channel();
-                let _ = tx.send(Msg::Commit(reply_tx));
-                reply_rx.recv().ok()
+                match at_post_dump() {
+                    Ok(extra) => {
+                        for (name, bytes) in extra {
+                            let _ = tx.send(Msg::Whole { name, bytes });
+                        }
+                        let (reply_tx, reply_rx) = mpsc::channel();
+                        let _ = tx.send(Msg::Commit(reply_tx));
+                        reply_rx.recv().ok()
+                    }
+                    Err(reason) => {
+                        declined = Some(reason);
+                        None
+                    }
+                }
             };
             let committed = matches!(result, Some(Ok(_)));
             hook.verdict(committed)
@@ -480,6 +519,9 @@ pub fn checkpoint_to_pool(
         }),
         Some(Err(e)) => Err(CheckpointError::PoolRefused { pid, source: e }),
         None => {
+            if let Some(reason) = declined {
+                return Err(CheckpointError::Declined { pid, reason });
+            }
             if let Some(e) = writer_error {
                 return Err(CheckpointError::PoolRefused { pid, source: e });
             }
@@ -503,14 +545,27 @@ fn spawn_writer(
     rx: mpsc::Receiver<Msg>,
     buffers: Arc<BufferPool>,
     failed: Arc<AtomicBool>,
+    block_digests: bool,
 ) -> JoinHandle<Option<ClientError>> {
     thread::spawn(move || {
         let mut upload = Some(upload);
         let mut error: Option<ClientError> = None;
+        // Pages files being digested block by block (sealed pools only: a lazy restore checks
+        // each range it reads against them), by file id.
+        let mut hashing: HashMap<u32, (String, BlockHasher)> = HashMap::new();
+        let mut next_own_id = OWN_FILE_IDS;
         for msg in rx {
             let result = match (msg, upload.as_mut()) {
-                (Msg::Open { id, name }, Some(u)) if error.is_none() => u.file_open(id, &name),
+                (Msg::Open { id, name }, Some(u)) if error.is_none() => {
+                    if block_digests && is_memory_image(&name) {
+                        hashing.insert(id, (name.clone(), BlockHasher::new()));
+                    }
+                    u.file_open(id, &name)
+                }
                 (Msg::Data { id, buf }, u) => {
+                    if let Some((_, h)) = hashing.get_mut(&id) {
+                        h.update(&buf);
+                    }
                     let r = match u {
                         Some(u) if error.is_none() => u.file_data(id, &buf),
                         _ => Ok(()),
@@ -518,7 +573,19 @@ fn spawn_writer(
                     buffers.give(buf);
                     r
                 }
-                (Msg::Close { id, size }, Some(u)) if error.is_none() => u.file_close(id, size),
+                (Msg::Close { id, size }, Some(u)) if error.is_none() => {
+                    u.file_close(id, size).and_then(|()| match hashing.remove(&id) {
+                        Some((name, h)) => {
+                            next_own_id += 1;
+                            upload_whole(u, next_own_id, &blocks_file_for(&name), &h.finish().encode())
+                        }
+                        None => Ok(()),
+                    })
+                }
+                (Msg::Whole { name, bytes }, Some(u)) if error.is_none() => {
+                    next_own_id += 1;
+                    upload_whole(u, next_own_id, &name, &bytes)
+                }
                 (Msg::Commit(reply), _) => {
                     let _ = reply.send(match (error.take(), upload.take()) {
                         (Some(e), _) => Err(e),
@@ -537,6 +604,28 @@ fn spawn_writer(
         }
         error
     })
+}
+
+/// File ids of torpor's own files in an upload (CRIU's count up from 0).
+const OWN_FILE_IDS: u32 = 1 << 30;
+
+/// A CRIU memory image of a process (`pages-N.img`).
+fn is_memory_image(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// Uploads one whole file under `id`.
+fn upload_whole(
+    u: &mut ReplicatedUpload,
+    id: u32,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), ClientError> {
+    u.file_open(id, name)?;
+    for piece in bytes.chunks(CHUNK_SIZE as usize) {
+        u.file_data(id, piece)?;
+    }
+    u.file_close(id, bytes.len() as u64)
 }
 
 /// Serves CRIU's capture connection: one reader thread per image pipe. Once the coordinator

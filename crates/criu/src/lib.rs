@@ -7,6 +7,9 @@
 //!   commits, otherwise CRIU resumes the tree (its post-dump action-script veto).
 //! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
 //!   to be free again (a tree that had its own PID namespace gets a fresh one and does not wait).
+//! * [`lazy`] restores a snapshot lazily (torpor's lazy-pages server serves memory from the
+//!   pool on first touch) and makes the next checkpoint incremental; [`pagemap`] reads the
+//!   CRIU memory images it plans from.
 //! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
 //! * [`replicas`] commits to a quorum of pool replicas under the node's seal and verifies
 //!   seals on the way back.
@@ -19,7 +22,9 @@
 pub mod binary;
 pub mod checkpoint;
 pub mod identity;
+pub mod lazy;
 pub mod local;
+pub mod pagemap;
 pub mod procs;
 pub mod replicas;
 pub mod restore;
@@ -29,10 +34,11 @@ pub mod streamer;
 
 pub use binary::{CriuBinary, CriuError};
 pub use checkpoint::{
-    checkpoint_to_pool, run_as_for_tree, CheckpointError, CheckpointOptions, CheckpointReport,
+    checkpoint_to_pool, checkpoint_to_pool_with, run_as_for_tree, CheckpointError, CheckpointOptions, CheckpointReport,
     TcpConnections,
 };
 pub use identity::{CriuIdentity, RunAs};
+pub use lazy::{restore_lazy_from_pool, Increment, LazyOptions, LazySession, LazyWake};
 pub use replicas::{Pools, ReplicatedUpload};
 pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
 

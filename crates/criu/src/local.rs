@@ -109,3 +109,84 @@ pub fn restore_from_dir(
         }),
     }
 }
+
+/// Stock CRIU's own lazy restore from `dir`: `criu lazy-pages` serves the memory from the
+/// images (and fills the rest in the background) while `criu restore --lazy-pages` brings the
+/// tree up. Returns the root's PID, the restore's wall time and the daemon (which exits once
+/// every page is in; the caller waits for it or kills it).
+pub fn restore_lazy_from_dir(
+    criu: &CriuBinary,
+    dir: &Path,
+    pids: &[i32],
+) -> Result<(i32, Duration, std::process::Child), LocalCriuError> {
+    use std::{io::Read, os::fd::AsRawFd};
+    procs::wait_pids_free(pids, Duration::from_secs(10)).map_err(LocalCriuError::PidBusy)?;
+    let start = Instant::now();
+    // The daemon says it listens by writing one byte to its status fd.
+    let (ready_rx, ready_tx) = nix::unistd::pipe().map_err(|e| LocalCriuError::Dir(e.into()))?;
+    let ready_rx = std::fs::File::from(ready_rx);
+    let mut daemon_cmd = criu.command();
+    daemon_cmd
+        .args(["lazy-pages", "-v4"])
+        .arg("--images-dir")
+        .arg(dir)
+        .arg("--log-file")
+        .arg("lazy-pages.log")
+        .arg("--status-fd")
+        .arg(ready_tx.as_raw_fd().to_string());
+    let tx_fd = ready_tx.as_raw_fd();
+    // SAFETY: only fcntl on the pipe's fd, which is async-signal-safe, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut daemon_cmd, move || {
+            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+            fcntl(tx_fd, FcntlArg::F_SETFD(FdFlag::empty()))
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut daemon = criu.spawn(&mut daemon_cmd)?;
+    drop(ready_tx);
+    let mut byte = [0u8; 1];
+    let listening = (&ready_rx).read(&mut byte).map_err(LocalCriuError::Dir)?;
+    drop(ready_rx);
+    if listening == 0 {
+        let _ = daemon.wait();
+        return Err(LocalCriuError::Failed {
+            action: "lazy-pages",
+            log: log_tail(&dir.join("lazy-pages.log"), 12),
+        });
+    }
+    let pidfile = dir.join("restored.pid");
+    let ok = criu.run(
+        criu.command()
+            .args([
+                "restore",
+                "--tcp-established",
+                "--restore-detached",
+                "--lazy-pages",
+                "-v4",
+            ])
+            .arg("--images-dir")
+            .arg(dir)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--log-file")
+            .arg("restore.log"),
+    );
+    let wall = start.elapsed();
+    let pid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    match (ok, pid) {
+        (Ok(true), Some(pid)) => Ok((pid, wall, daemon)),
+        (r, _) => {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            r?;
+            Err(LocalCriuError::Failed {
+                action: "restore --lazy-pages",
+                log: log_tail(&dir.join("restore.log"), 12),
+            })
+        }
+    }
+}

@@ -28,6 +28,7 @@ use std::{
 use thiserror::Error;
 use torpor_image::{
     manifest::RunAs,
+    pages::PAGE_INDEX_FILE,
     seal::{FileDigest, SealedFile},
     wire::ErrorCode,
     Manifest, SealError,
@@ -130,6 +131,18 @@ pub enum RestoreError {
     },
     #[error("talking to CRIU failed")]
     Stream(#[source] io::Error),
+    #[error("snapshot {name:?} cannot be restored lazily: {reason}")]
+    LazyUnsupported { name: String, reason: String },
+    #[error("snapshot {name:?} is incremental (older generations hold pages it never touched): only a lazy restore can bring it back")]
+    LazyOnly { name: String },
+    #[error("snapshot {name:?} has unusable images: {what}")]
+    BadImages { name: String, what: String },
+    #[error("the lazy-pages server for {name:?} failed")]
+    Lazy {
+        name: String,
+        #[source]
+        source: torpor_lazy::LazyError,
+    },
     #[error("CRIU restored {name:?} but wrote no PID file")]
     NoPid { name: String },
     #[error("CRIU's PID file for {name:?} names pid {pid}, which does not run as uid {uid}; refusing to trust it")]
@@ -137,7 +150,7 @@ pub enum RestoreError {
 }
 
 impl RestoreError {
-    fn from_fetch(name: &str, e: FetchError) -> RestoreError {
+    pub(crate) fn from_fetch(name: &str, e: FetchError) -> RestoreError {
         let name = name.to_string();
         match e {
             FetchError::Unverified(source) => RestoreError::Unverified { name, source },
@@ -162,7 +175,9 @@ impl RestoreError {
     /// unreachable, or a failure of CRIU's): a state that is lost, not delayed.
     pub fn snapshot_lost(&self) -> bool {
         match self {
-            RestoreError::Corrupt { .. } | RestoreError::Unverified { .. } => true,
+            RestoreError::Corrupt { .. }
+            | RestoreError::Unverified { .. }
+            | RestoreError::BadImages { .. } => true,
             RestoreError::Pool { source, .. } => source.pool_code() == Some(ErrorCode::NotFound),
             _ => false,
         }
@@ -218,21 +233,14 @@ fn restore_verified(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let start = Instant::now();
+    if manifest.file(PAGE_INDEX_FILE).is_some() {
+        return Err(RestoreError::LazyOnly {
+            name: name.to_string(),
+        });
+    }
     let manifest = Arc::new(manifest);
-    // In a fresh PID namespace the old host PIDs are not needed back.
     let pid_namespace = manifest.meta.pid_namespace;
-    let pid_wait_s = if pid_namespace {
-        0.0
-    } else {
-        procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| {
-            RestoreError::PidBusy {
-                pid,
-                comm: procs::comm(pid),
-                waited: opts.pid_wait,
-            }
-        })?;
-        start.elapsed().as_secs_f64()
-    };
+    let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
     let run_as = match opts.run_as {
         CriuIdentity::Auto => manifest.meta.run_as,
         CriuIdentity::Current => None,
@@ -355,6 +363,26 @@ fn restore_verified(
         run_as,
         replica,
     })
+}
+
+/// Waits until the snapshot's PIDs are free; returns the seconds since `start`. In a fresh
+/// PID namespace the old host PIDs are not needed back.
+pub(crate) fn wait_for_pids(
+    manifest: &Manifest,
+    opts: &RestoreOptions,
+    start: Instant,
+) -> Result<f64, RestoreError> {
+    if manifest.meta.pid_namespace {
+        return Ok(0.0);
+    }
+    procs::wait_pids_free(&manifest.meta.pids, opts.pid_wait).map_err(|pid| {
+        RestoreError::PidBusy {
+            pid,
+            comm: procs::comm(pid),
+            waited: opts.pid_wait,
+        }
+    })?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Answers CRIU's requests from one snapshot in the pool.

@@ -714,6 +714,18 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
                 opt(w.first_byte_ms)
             );
         }
+        if let Some(l) = &s.lazy {
+            println!(
+                "{}: memory of generation {} (lazy): {} prefetched, {} faulted in ({} faults), {} filled in the background, {} still in the pool",
+                s.name,
+                l.generation,
+                format_bytes(l.prefetched_bytes),
+                format_bytes(l.faulted_bytes),
+                l.faults,
+                format_bytes(l.background_bytes),
+                format_bytes(l.remaining_bytes),
+            );
+        }
     }
     let energy: Option<torpor_up::status::EnergyReport> =
         serde_json::from_value(doc["energy"].clone())?;

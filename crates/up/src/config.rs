@@ -11,9 +11,11 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 use torpor_agent::{
-    InitOptions, KnobConfig, Launch, NodePowerConfig, NodeSleepHooks, ProcessLaunch, ServiceSpec,
+    InitOptions, KnobConfig, Launch, MemoryRestore, NodePowerConfig, NodeSleepHooks, ProcessLaunch,
+    ServiceSpec,
 };
 use torpor_gate::{GateLimits, Protocol};
+use torpor_criu::LazyOptions;
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
 use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
@@ -168,6 +170,16 @@ struct RawService {
     hold_body_limit: Option<String>,
     /// Time a client has to send its request headers (default 10s).
     header_read_timeout: Option<String>,
+    /// `eager` (the default) or `lazy`: how a wake brings the service's memory back.
+    restore: Option<String>,
+    /// Lazy restore: push the working set recorded after the previous wake (default true).
+    prefetch: Option<bool>,
+    /// Lazy restore: fill untouched pages in the background (default false: they stay in
+    /// the pool and the next checkpoint writes only what the service touched).
+    background_fill: Option<bool>,
+    /// Lazy restore: how long after a wake the pages it brings in count as the working set
+    /// (default 1s).
+    working_set_window: Option<String>,
 }
 
 fn default_protocol() -> Protocol {
@@ -713,6 +725,45 @@ impl Config {
                 )?,
                 ..PolicyConfig::default()
             };
+            let memory = match s.restore.as_deref().unwrap_or("eager") {
+                "eager" => {
+                    for (key, set) in [
+                        ("prefetch", s.prefetch.is_some()),
+                        ("background_fill", s.background_fill.is_some()),
+                        ("working_set_window", s.working_set_window.is_some()),
+                    ] {
+                        if set {
+                            return Err(invalid(k(key), "applies only with restore = \"lazy\""));
+                        }
+                    }
+                    MemoryRestore::Eager
+                }
+                "lazy" if matches!(launch, Launch::Container { .. }) => {
+                    return Err(invalid(
+                        k("restore"),
+                        "lazy restore is for process trees (containers restore eagerly through runc)",
+                    ));
+                }
+                "lazy" => {
+                    let d = LazyOptions::default();
+                    MemoryRestore::Lazy(LazyOptions {
+                        prefetch: s.prefetch.unwrap_or(d.prefetch),
+                        background_fill: s.background_fill.unwrap_or(d.background_fill),
+                        record_for: duration(
+                            &k("working_set_window"),
+                            s.working_set_window.as_deref(),
+                            d.record_for,
+                        )?,
+                        ..d
+                    })
+                }
+                other => {
+                    return Err(invalid(
+                        k("restore"),
+                        format!("{other:?} is neither \"eager\" nor \"lazy\""),
+                    ))
+                }
+            };
             services.push(ServiceConfig {
                 listen,
                 protocol: s.protocol,
@@ -739,6 +790,7 @@ impl Config {
                         Duration::from_secs(30),
                     )?,
                     wake_with: s.wake_with,
+                    memory,
                 },
             });
         }

@@ -227,6 +227,30 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         &|s| Some(s.cpu_s),
     );
     family(
+        "torpor_lazy_faulted_bytes",
+        "gauge",
+        "Bytes the running incarnation brought in from the pool on page faults (lazy restore).",
+        &|s| Some(s.lazy.as_ref()?.faulted_bytes as f64),
+    );
+    family(
+        "torpor_lazy_prefetched_bytes",
+        "gauge",
+        "Bytes of the recorded working set pushed at the last lazy wake.",
+        &|s| Some(s.lazy.as_ref()?.prefetched_bytes as f64),
+    );
+    family(
+        "torpor_lazy_background_bytes",
+        "gauge",
+        "Bytes filled in the background since the last lazy wake.",
+        &|s| Some(s.lazy.as_ref()?.background_bytes as f64),
+    );
+    family(
+        "torpor_lazy_remaining_bytes",
+        "gauge",
+        "Bytes of the running incarnation still only in the pool (never touched).",
+        &|s| Some(s.lazy.as_ref()?.remaining_bytes as f64),
+    );
+    family(
         "torpor_service_energy_joules_total",
         "counter",
         "Energy attributed to the service (its CPU time and resident memory).",

@@ -1,0 +1,752 @@
+//! Lazy restore from the pool, and the incremental checkpoints it makes possible.
+//!
+//! A lazy wake fetches only what CRIU's restore reads itself (every image but the memory, and
+//! the few pages CRIU never restores lazily: shared memory, each thread's stack page) into a
+//! local directory, with the pages file kept sparse; `criu restore --lazy-pages` then hands
+//! each process's userfaultfd to torpor's lazy-pages server ([`torpor_lazy`]), which pushes
+//! the working set recorded after the previous wake and serves every other page on its first
+//! touch with a range read from the pool. A page nobody touches never leaves the pool.
+//!
+//! That is what makes the next checkpoint incremental: CRIU dumps what the processes hold, and
+//! the snapshot's page index ([`PageIndex`]) refers to the older generations for the ranges
+//! that were never touched (the server tracks `madvise`, `munmap`, `mremap` and `fork`, so a
+//! range that was dropped, moved or shared with a live child is never resurrected). The
+//! generations an index refers to stay in the pool as long as a newer one needs them.
+//!
+//! With a sealed pool every range read is checked against the block digests committed with
+//! its generation (`pages-N.img.blocks`, under that generation's seal). If the pool stops
+//! answering while ranges remain, the tree is killed: never zero-filled memory.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::{self, File},
+    io,
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{
+        atomic::{AtomicI32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+use torpor_image::{
+    pages::{
+        blocks_file_for, BlockDigests, Origin, PageIndex, PageRange, ProcessRanges, WorkingSet,
+        BLOCK_SIZE, PAGE_INDEX_FILE, PAGE_SIZE, WORKING_SET_FILE,
+    },
+    seal::FileDigest,
+    Manifest, SealError,
+};
+use torpor_lazy::{Fill, LazyConfig, LazyServer, LazyStats, PageSource, SourceError};
+use torpor_pool::{ClientError, PoolClient};
+use tracing::{debug, info, warn};
+
+use crate::{
+    binary::{keep_log, log_tail, read_no_follow, CriuBinary},
+    checkpoint::{checkpoint_to_pool_with, CheckpointError, CheckpointOptions, CheckpointReport},
+    pagemap::{self, Pagemap, Vma},
+    procs,
+    replicas::{find_verified, verify_manifest, FetchError, Pools},
+    restore::{wait_for_pids, RestoreError, RestoreOptions, RestoreReport},
+    PoolTarget,
+};
+
+/// How a lazy restore serves memory.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// Push the working set recorded after the previous wake as soon as the restore ends.
+    pub prefetch: bool,
+    /// For how long after a wake the pages copied in are recorded as the working set.
+    pub record_for: Duration,
+    /// Whether untouched pages are filled in the background (they then leave the pool's
+    /// keeping and the next checkpoint writes them again) or stay in the pool.
+    pub background_fill: bool,
+    /// Largest read for one page fault; sequential faults grow the read to it.
+    pub max_fault_read: u64,
+}
+
+impl Default for LazyOptions {
+    fn default() -> Self {
+        LazyOptions {
+            prefetch: true,
+            record_for: Duration::from_secs(1),
+            background_fill: false,
+            max_fault_read: 2 << 20,
+        }
+    }
+}
+
+/// A service restored lazily: its restore's report and the server that owns its memory's
+/// missing pages for as long as the service runs.
+#[derive(Debug)]
+pub struct LazyWake {
+    pub report: RestoreReport,
+    pub session: LazySession,
+    /// Bytes of the working set pushed at the wake (asked for; the server's stats say what
+    /// was copied).
+    pub working_set_bytes: u64,
+    /// Older generations the restored snapshot reads pages from: the pool must keep them
+    /// while the service runs.
+    pub inherits: BTreeSet<u64>,
+}
+
+/// The lazy-pages server of one restored tree, with what its next checkpoint needs to know.
+#[derive(Debug)]
+pub struct LazySession {
+    server: LazyServer,
+    /// Root of the restored tree (0 until CRIU reported it), for `on_failure` to kill.
+    root: Arc<AtomicI32>,
+}
+
+/// What an incremental checkpoint adds to the snapshot and keeps in the pool.
+#[derive(Debug, Clone, Default)]
+pub struct Increment {
+    /// Ranges inherited from older generations, per process.
+    pub index: Option<PageIndex>,
+    /// Ranges the service touched right after its wake, for the next wake's prefetch.
+    pub working_set: Option<WorkingSet>,
+}
+
+impl Increment {
+    /// The generations this increment refers to; the pool must keep them.
+    pub fn generations(&self) -> BTreeSet<u64> {
+        self.index
+            .as_ref()
+            .map(PageIndex::generations)
+            .unwrap_or_default()
+    }
+
+    /// Bytes left in older generations.
+    pub fn inherited_bytes(&self) -> u64 {
+        self.index.as_ref().map_or(0, |i| {
+            i.processes
+                .iter()
+                .flat_map(|p| &p.ranges)
+                .map(|r| r.len)
+                .sum()
+        })
+    }
+
+    /// The image files to add to the snapshot.
+    pub fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Some(i) = &self.index {
+            out.push((PAGE_INDEX_FILE.to_string(), i.encode()));
+        }
+        if let Some(w) = &self.working_set {
+            out.push((WORKING_SET_FILE.to_string(), w.encode()));
+        }
+        out
+    }
+}
+
+impl LazySession {
+    pub fn stats(&self) -> LazyStats {
+        self.server.stats()
+    }
+
+    /// What the next checkpoint can leave in the pool: every range never touched and still
+    /// mapped, in a process that still has its restored memory. `None` when that cannot be
+    /// proven (a child forked during the lazy phase lives on): the caller then fills
+    /// everything before it dumps.
+    pub fn increment(&self) -> Option<Increment> {
+        let working_set = self.working_set();
+        match self.server.remaining() {
+            Ok(remaining) => {
+                let mut processes: Vec<ProcessRanges> = remaining
+                    .into_iter()
+                    .filter(|(_, r)| !r.is_empty())
+                    .map(|(pid, ranges)| ProcessRanges { pid, ranges })
+                    .collect();
+                processes.sort_by_key(|p| p.pid);
+                Some(Increment {
+                    index: (!processes.is_empty()).then_some(PageIndex { processes }),
+                    working_set,
+                })
+            }
+            Err(e) => {
+                info!(reason = %e, "incremental checkpoint not provable; filling memory first");
+                None
+            }
+        }
+    }
+
+    /// The working set recorded since the wake.
+    pub fn working_set(&self) -> Option<WorkingSet> {
+        let mut processes: Vec<(i32, Vec<(u64, u64)>)> = self
+            .server
+            .working_set()
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        processes.sort_by_key(|p| p.0);
+        (!processes.is_empty()).then(|| WorkingSet::from_processes(processes))
+    }
+
+    /// Copies every page still in the pool into the tree (before a full checkpoint).
+    pub fn fill_all(&self, timeout: Duration) -> Result<(), torpor_lazy::LazyError> {
+        self.server.fill_all(timeout)
+    }
+
+    /// Lets untouched pages be filled in the background from now on.
+    pub fn fill_in_background(&self) {
+        self.server.set_fill(Fill::Background);
+    }
+
+    /// Ends the session once the tree is gone (or fully filled).
+    pub fn shutdown(self) -> Result<LazyStats, torpor_lazy::LazyError> {
+        self.root.store(0, Ordering::SeqCst);
+        self.server.shutdown()
+    }
+}
+
+/// Restores generation `generation` (the newest when `None`) of `name` lazily from the first
+/// replica that holds it under a seal this node verifies. Only trees CRIU restores as this
+/// process's own identity qualify (a lazy restore run as another uid would need that uid to
+/// open userfaultfds); others get [`RestoreError::LazyUnsupported`] and take the eager path.
+pub fn restore_lazy_from_pool(
+    criu: &CriuBinary,
+    name: &str,
+    generation: Option<u64>,
+    pools: &Pools,
+    opts: &RestoreOptions,
+    lazy: &LazyOptions,
+) -> Result<LazyWake, RestoreError> {
+    let start = Instant::now();
+    let (replica, mut client, manifest) =
+        find_verified(pools, 0, name, generation).map_err(|e| RestoreError::from_fetch(name, e))?;
+    if manifest.meta.run_as.is_some() {
+        return Err(RestoreError::LazyUnsupported {
+            name: name.to_string(),
+            reason: "the snapshot is restored as another user".into(),
+        });
+    }
+    let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
+    let verify = pools.key.is_some();
+    let fetch = |client: &mut PoolClient, file: &str| {
+        fetch_file(client, &manifest, file, verify).map_err(|e| RestoreError::from_fetch(name, e))
+    };
+
+    let work = tempfile::Builder::new()
+        .prefix("torpor-lazy-")
+        .tempdir_in(&opts.work_root)
+        .map_err(RestoreError::WorkDir)?;
+    let dir = work.path();
+    let mut fetched = 0u64;
+    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
+    for f in &manifest.files {
+        if is_pages_file(&f.name) {
+            continue;
+        }
+        let bytes = fetch(&mut client, &f.name)?;
+        fetched += bytes.len() as u64;
+        if is_torpor_file(&f.name) {
+            small.insert(f.name.clone(), bytes);
+        } else {
+            fs::write(dir.join(&f.name), &bytes).map_err(RestoreError::WorkDir)?;
+        }
+    }
+    let corrupt = |what: String| RestoreError::BadImages {
+        name: name.to_string(),
+        what,
+    };
+    let index = match small.get(PAGE_INDEX_FILE) {
+        Some(b) => Some(PageIndex::decode(b).map_err(|e| corrupt(format!("page index: {e}")))?),
+        None => None,
+    };
+    let working_set = match small.get(WORKING_SET_FILE) {
+        Some(b) if lazy.prefetch => {
+            Some(WorkingSet::decode(b).map_err(|e| corrupt(format!("working set: {e}")))?)
+        }
+        _ => None,
+    };
+
+    // What each process needs: CRIU's own lazy ranges of this generation, plus what the
+    // index inherits; the eager parts of the pages file go into a sparse local copy.
+    let read_local = |file: String| {
+        fs::read(dir.join(&file)).map_err(|e| corrupt(format!("{file}: {e}")))
+    };
+    let pids = pagemap::parse_pstree_pids(&read_local("pstree.img".into())?)
+        .map_err(|e| corrupt(format!("pstree.img: {e}")))?;
+    let mut ranges: HashMap<i32, Vec<PageRange>> = HashMap::new();
+    let mut eager: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for &pid in &pids {
+        let pm_name = format!("pagemap-{pid}.img");
+        if !dir.join(&pm_name).exists() {
+            continue; // a zombie has no memory
+        }
+        let pm = Pagemap::parse(&read_local(pm_name.clone())?)
+            .map_err(|e| corrupt(format!("{pm_name}: {e}")))?;
+        let mm_name = format!("mm-{pid}.img");
+        let vmas = pagemap::parse_mm_vmas(&read_local(mm_name.clone())?)
+            .map_err(|e| corrupt(format!("{mm_name}: {e}")))?;
+        let plan = pagemap::plan_process(pid, manifest.generation, &pm, &vmas)
+            .map_err(|e| corrupt(format!("{pm_name}: {e}")))?;
+        let mut mine = plan.lazy;
+        let inherited = index
+            .as_ref()
+            .and_then(|i| i.processes.iter().find(|p| p.pid == pid))
+            .map(|p| split_at_vmas(&p.ranges, &vmas))
+            .unwrap_or_default();
+        let overlap = intersects_pagemap(&inherited, &pm);
+        mine.extend(inherited);
+        mine.sort_by_key(|r| r.start);
+        if overlap || mine.windows(2).any(|w| w[0].end() > w[1].start) {
+            return Err(corrupt(format!(
+                "process {pid}: inherited ranges overlap its own pages"
+            )));
+        }
+        ranges.insert(pid, mine);
+        eager.entry(plan.pages_file).or_default().extend(plan.eager);
+    }
+
+    let blocks = BlockCache::new(pools.replicas[replica].clone(), name, pools, verify);
+    let mut source = PoolPages {
+        target: pools.replicas[replica].clone(),
+        client: Some(client),
+        name: name.to_string(),
+        blocks,
+        scratch: Vec::new(),
+    };
+    for f in &manifest.files {
+        if !is_pages_file(&f.name) {
+            continue;
+        }
+        let Some(parts) = eager.get(&f.name) else {
+            // Not a process's memory (shared memory's pages): CRIU reads it whole.
+            let mut c = source.client_or_connect(name)?;
+            let bytes = fetch(&mut c, &f.name)?;
+            source.client = Some(c);
+            fetched += bytes.len() as u64;
+            fs::write(dir.join(&f.name), &bytes).map_err(RestoreError::WorkDir)?;
+            continue;
+        };
+        let out = File::create(dir.join(&f.name)).map_err(RestoreError::WorkDir)?;
+        out.set_len(f.size).map_err(RestoreError::WorkDir)?;
+        let mut buf = Vec::new();
+        for &(offset, len) in parts {
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(EAGER_PIECE);
+                buf.resize(n as usize, 0);
+                let origin = Origin {
+                    generation: manifest.generation,
+                    file: f.name.clone(),
+                    offset: offset + at,
+                };
+                source.read(&origin, &mut buf).map_err(|e| RestoreError::Pool {
+                    name: name.to_string(),
+                    source: ClientError::Unexpected(e.message),
+                })?;
+                out.write_all_at(&buf, offset + at)
+                    .map_err(RestoreError::WorkDir)?;
+                at += n;
+            }
+            fetched += len;
+        }
+    }
+    let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
+    let inherits = index.as_ref().map(PageIndex::generations).unwrap_or_default();
+
+    let root = Arc::new(AtomicI32::new(0));
+    let criu_pid = Arc::new(AtomicI32::new(0));
+    let on_failure = {
+        let (root, criu_pid, name) = (root.clone(), criu_pid.clone(), name.to_string());
+        move |why: &str| {
+            warn!(name, why, "lazy restore lost its page source; killing the tree");
+            kill_tree(root.load(Ordering::SeqCst));
+            let c = criu_pid.load(Ordering::SeqCst);
+            if c > 0 {
+                let _ = signal::kill(Pid::from_raw(c), signal::Signal::SIGKILL);
+            }
+        }
+    };
+    let server = LazyServer::start(
+        LazyConfig {
+            work_dir: dir.to_path_buf(),
+            ranges,
+            prefetch: working_set
+                .map(|w| w.into_processes().into_iter().collect())
+                .unwrap_or_default(),
+            record_for: lazy.record_for,
+            fill: if lazy.background_fill {
+                Fill::Background
+            } else {
+                Fill::OnDemand
+            },
+            max_fault_read: lazy.max_fault_read,
+            on_failure: Box::new(on_failure),
+        },
+        Box::new(source),
+    )
+    .map_err(|e| RestoreError::Lazy {
+        name: name.to_string(),
+        source: e,
+    })?;
+
+    let log_path = dir.join("restore.log");
+    let pidfile = dir.join("root.pid");
+    let mut cmd = criu.command();
+    cmd.arg("restore")
+        .arg("--images-dir")
+        .arg(dir)
+        .arg("--lazy-pages")
+        .arg("--restore-detached")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--log-file")
+        .arg(&log_path)
+        .arg("-v4");
+    cmd.arg(opts.tcp.criu_flag());
+    if opts.shell_job {
+        cmd.arg("--shell-job");
+    }
+    let mut child = criu.spawn(&mut cmd)?;
+    criu_pid.store(child.id() as i32, Ordering::SeqCst);
+    debug!(name, generation = manifest.generation, "criu restore --lazy-pages started");
+    let succeeded = child.wait().map_err(RestoreError::Stream)?.success();
+    criu_pid.store(0, Ordering::SeqCst);
+    let pid = read_no_follow(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
+        root.store(pid, Ordering::SeqCst);
+    }
+    let finished = server.wait_finished(Duration::from_secs(5));
+    let failure = server.stats().failed;
+    if !succeeded || finished.is_err() || failure.is_some() {
+        if let Some(pid) = pid {
+            kill_tree(pid);
+        }
+        root.store(0, Ordering::SeqCst);
+        if !manifest.meta.pid_namespace {
+            procs::reap_failed_restore(&manifest.meta.pids, Duration::from_secs(2));
+        }
+        let _ = server.shutdown();
+        if let Some(why) = failure {
+            return Err(RestoreError::Pool {
+                name: name.to_string(),
+                source: ClientError::Unexpected(why),
+            });
+        }
+        if let (true, Err(e)) = (succeeded, finished) {
+            return Err(RestoreError::Lazy {
+                name: name.to_string(),
+                source: e,
+            });
+        }
+        let log_path = keep_log(&log_path, "restore", name);
+        return Err(RestoreError::CriuFailed {
+            name: name.to_string(),
+            log: log_tail(&log_path, 12),
+            log_path,
+        });
+    }
+    let pid = pid.ok_or_else(|| RestoreError::NoPid {
+        name: name.to_string(),
+    })?;
+    let restore_s = start.elapsed().as_secs_f64();
+    info!(
+        name,
+        generation = manifest.generation,
+        pid,
+        secs = restore_s,
+        fetched,
+        working_set_bytes,
+        "restored lazily"
+    );
+    Ok(LazyWake {
+        report: RestoreReport {
+            name: name.to_string(),
+            generation: manifest.generation,
+            pid,
+            restore_s,
+            pid_wait_s,
+            bytes_fetched: fetched,
+            run_as: None,
+            replica,
+        },
+        session: LazySession { server, root },
+        working_set_bytes,
+        inherits,
+    })
+}
+
+/// Longest a full checkpoint waits for a lazily restored tree's memory to be filled in.
+const FILL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Checkpoints a lazily restored tree incrementally: CRIU dumps what the processes hold and
+/// the snapshot's index refers to older generations for the rest. When that cannot be proven
+/// exact (a child forked during the lazy phase still runs), every page is filled in first and
+/// the checkpoint is a full one. Returns the report and what the snapshot inherits.
+pub fn checkpoint_lazy_service(
+    criu: &CriuBinary,
+    pid: i32,
+    name: &str,
+    pools: &Pools,
+    opts: &CheckpointOptions,
+    session: &LazySession,
+) -> Result<(CheckpointReport, Increment), CheckpointError> {
+    let mut increment = None;
+    let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || {
+        match session.increment() {
+            Some(i) => {
+                let files = i.files();
+                increment = Some(i);
+                Ok(files)
+            }
+            None => Err("a child forked while pages were still in the pool runs on".into()),
+        }
+    });
+    match first {
+        Ok(report) => Ok((report, increment.unwrap_or_default())),
+        Err(CheckpointError::Declined { .. }) => {
+            session
+                .fill_all(FILL_TIMEOUT)
+                .map_err(|e| CheckpointError::Declined {
+                    pid,
+                    reason: format!("filling memory before a full checkpoint failed: {e}"),
+                })?;
+            let full = Increment {
+                index: None,
+                working_set: session.working_set(),
+            };
+            let files = full.files();
+            let report =
+                checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || Ok(files.clone()))?;
+            Ok((report, full))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Largest piece of a pages file's eager part read at once (bounds the buffer).
+const EAGER_PIECE: u64 = 4 << 20;
+
+/// CRIU's memory images, fetched by range rather than whole on a lazy restore.
+fn is_pages_file(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// torpor's own files in a snapshot (not CRIU's): read here, never given to CRIU.
+fn is_torpor_file(name: &str) -> bool {
+    name == PAGE_INDEX_FILE || name == WORKING_SET_FILE || name.ends_with(".blocks")
+}
+
+/// Fetches one whole file of a verified manifest, checked against its seal when `verify`.
+pub(crate) fn fetch_file(
+    client: &mut PoolClient,
+    manifest: &Manifest,
+    file: &str,
+    verify: bool,
+) -> Result<Vec<u8>, FetchError> {
+    let sealed = if verify {
+        Some(
+            manifest
+                .seal
+                .as_ref()
+                .ok_or(SealError::Missing)
+                .and_then(|s| s.file(file))?
+                .clone(),
+        )
+    } else {
+        None
+    };
+    let mut buf = Vec::new();
+    let mut digest = FileDigest::default();
+    client.get_file(&manifest.name, manifest.generation, file, |b| {
+        if sealed.is_some() {
+            digest.update(b);
+        }
+        buf.extend_from_slice(b);
+        Ok(())
+    })?;
+    if let Some(s) = &sealed {
+        digest.check(s)?;
+    }
+    Ok(buf)
+}
+
+/// Cuts inherited ranges at the VMA boundaries of the process as dumped (a copy cannot span
+/// two VMAs) and drops what lies outside every VMA (unmapped since).
+fn split_at_vmas(ranges: &[PageRange], vmas: &[Vma]) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        for v in vmas {
+            let (s, e) = (r.start.max(v.start), r.end().min(v.end));
+            if s < e {
+                out.push(PageRange {
+                    start: s,
+                    len: e - s,
+                    origin: r.origin.advanced(s - r.start),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Whether any range meets a page the generation's own pagemap has (an index must only
+/// name pages the dump did not write).
+fn intersects_pagemap(ranges: &[PageRange], pm: &Pagemap) -> bool {
+    let mut entries: Vec<(u64, u64)> = pm
+        .entries
+        .iter()
+        .map(|e| (e.vaddr, e.vaddr + e.nr_pages * PAGE_SIZE))
+        .collect();
+    entries.sort_unstable();
+    ranges.iter().any(|r| {
+        let i = entries.partition_point(|e| e.1 <= r.start);
+        entries.get(i).is_some_and(|e| e.0 < r.end())
+    })
+}
+
+/// SIGKILLs every process of the tree at `root` (0: nothing yet).
+fn kill_tree(root: i32) {
+    if root <= 0 {
+        return;
+    }
+    for p in procs::tree_pids(root) {
+        let _ = signal::kill(Pid::from_raw(p), signal::Signal::SIGKILL);
+    }
+}
+
+/// Block digests of the pages files a restore reads from, each fetched once and checked
+/// against the seal of the generation it belongs to (inherited ranges point into older ones).
+#[derive(Debug)]
+struct BlockCache {
+    target: PoolTarget,
+    name: String,
+    pools: Pools,
+    /// Nothing to check for a pool inside this process.
+    verify: bool,
+    known: HashMap<(u64, String), Arc<BlockDigests>>,
+}
+
+impl BlockCache {
+    fn new(target: PoolTarget, name: &str, pools: &Pools, verify: bool) -> BlockCache {
+        BlockCache {
+            target,
+            name: name.to_string(),
+            pools: pools.clone(),
+            verify,
+            known: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, generation: u64, file: &str) -> Result<Arc<BlockDigests>, String> {
+        if let Some(b) = self.known.get(&(generation, file.to_string())) {
+            return Ok(b.clone());
+        }
+        let mut client = self.target.connect().map_err(|e| e.to_string())?;
+        let manifest = client
+            .manifest(&self.name, Some(generation))
+            .map_err(|e| e.to_string())?;
+        verify_manifest(
+            self.pools.key.as_deref(),
+            &self.name,
+            Some(generation),
+            &manifest,
+        )
+        .map_err(|e| format!("generation {generation}: {e}"))?;
+        let bytes = fetch_file(&mut client, &manifest, &blocks_file_for(file), true)
+            .map_err(|e| format!("{}: {e}", blocks_file_for(file)))?;
+        let digests = Arc::new(
+            BlockDigests::decode(&bytes).map_err(|e| format!("{}: {e}", blocks_file_for(file)))?,
+        );
+        self.known
+            .insert((generation, file.to_string()), digests.clone());
+        Ok(digests)
+    }
+}
+
+/// Lazy pages from the pool: one connection (reopened once if it breaks), and with a sealed
+/// pool every read widened to whole blocks and checked against their digests.
+#[derive(Debug)]
+struct PoolPages {
+    target: PoolTarget,
+    client: Option<PoolClient>,
+    name: String,
+    blocks: BlockCache,
+    /// Whole blocks of a verified read; reused.
+    scratch: Vec<u8>,
+}
+
+impl PoolPages {
+    /// The open connection, for a whole-file fetch during set-up.
+    fn client_or_connect(&mut self, name: &str) -> Result<PoolClient, RestoreError> {
+        let c = match self.client.take() {
+            Some(c) => c,
+            None => self.target.connect().map_err(|source| RestoreError::Pool {
+                name: name.to_string(),
+                source,
+            })?,
+        };
+        Ok(c)
+    }
+
+    fn read_range(&mut self, generation: u64, file: &str, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let client = match self.client.take() {
+                Some(c) => c,
+                None => self.target.connect()?,
+            };
+            let mut client = client;
+            match client.get_range(&self.name, generation, file, offset, buf) {
+                Ok(()) => {
+                    self.client = Some(client);
+                    return Ok(());
+                }
+                // The pool answered: asking again would get the same answer.
+                Err(e) if e.pool_code().is_some() => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("a failed attempt"))
+    }
+}
+
+impl PageSource for PoolPages {
+    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
+        let fail = |message: String| SourceError { message };
+        if !self.blocks.verify {
+            return self
+                .read_range(origin.generation, &origin.file, origin.offset, buf)
+                .map_err(|e| fail(torpor_pool::error_chain(&e)));
+        }
+        let digests = self.blocks.get(origin.generation, &origin.file).map_err(fail)?;
+        let first = origin.offset / BLOCK_SIZE * BLOCK_SIZE;
+        let end = (origin.offset + buf.len() as u64)
+            .div_ceil(BLOCK_SIZE)
+            .saturating_mul(BLOCK_SIZE)
+            .min(digests.file_size());
+        if end < origin.offset + buf.len() as u64 {
+            return Err(fail(format!(
+                "{} of generation {}: range beyond its sealed size",
+                origin.file, origin.generation
+            )));
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize((end - first) as usize, 0);
+        let result = self
+            .read_range(origin.generation, &origin.file, first, &mut scratch)
+            .map_err(|e| fail(torpor_pool::error_chain(&e)))
+            .and_then(|()| {
+                digests.verify(first, &scratch).map_err(|e| {
+                    fail(format!(
+                        "{} of generation {}: {e}",
+                        origin.file, origin.generation
+                    ))
+                })
+            });
+        if result.is_ok() {
+            let at = (origin.offset - first) as usize;
+            buf.copy_from_slice(&scratch[at..at + buf.len()]);
+        }
+        self.scratch = scratch;
+        result
+    }
+}

@@ -1,0 +1,181 @@
+//! Lazy wakes and incremental checkpoints with real CRIU through a real (sealed) pool, as
+//! root: the memory a lazily restored service sees is exactly its own, page for page, over
+//! several generations; the checkpoint after a lazy wake writes what the service touched and
+//! inherits the rest; an incremental snapshot is never restored eagerly (it would miss the
+//! inherited pages); and a pool that dies mid-wake kills the service instead of letting it
+//! read zeros.
+
+use std::{
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use torpor_bench::harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess};
+use torpor_criu::{
+    checkpoint_to_pool, lazy::checkpoint_lazy_service, restore_from_pool, restore_lazy_from_pool,
+    CheckpointOptions, CriuBinary, LazyOptions, RestoreError, RestoreOptions,
+};
+use torpor_workload::SampleClient;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_torpor"))
+}
+
+fn criu() -> CriuBinary {
+    CriuBinary::locate().expect("CRIU is installed by the README's test command")
+}
+
+fn setup() -> std::sync::MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    become_subreaper().unwrap();
+    guard
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Kills the restored tree however the test ends.
+struct Restored(i32);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        kill_and_reap(self.0);
+    }
+}
+
+#[test]
+fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result<()> {
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 1024 * MIB)?;
+    // The same service run directly is the reference for every answer.
+    let reference = SampleProcess::spawn(exe(), 256 * MIB, 11)?;
+    let _reference_guard = Restored(reference.pid);
+    let mut refc = SampleClient::connect(reference.addr)?;
+    let mut svc = SampleProcess::spawn(exe(), 256 * MIB, 11)?;
+    let addr = svc.addr;
+    let name = "lazy-exact";
+    let full = checkpoint_to_pool(&criu(), svc.pid, name, &pool.pools, &CheckpointOptions::default())?;
+    svc.reap();
+    ensure!(full.pool_bytes >= 256 * MIB, "the first checkpoint is full");
+
+    let mut generation = full.generation;
+    for round in 0..3 {
+        let wake = restore_lazy_from_pool(
+            &criu(),
+            name,
+            Some(generation),
+            &pool.pools,
+            &RestoreOptions::default(),
+            &LazyOptions::default(),
+        )
+        .with_context(|| format!("lazy wake {round}"))?;
+        let guard = Restored(wake.report.pid);
+        let mut c = SampleClient::connect(addr)?;
+        ensure!(
+            c.call("TOUCH")? == refc.call("TOUCH")?,
+            "round {round}: TOUCH answered as the reference did"
+        );
+        let stats = wake.session.stats();
+        ensure!(
+            stats.faulted_bytes + stats.prefetched_bytes >= 16 * MIB,
+            "round {round}: the touched 16 MiB came from the pool: {stats:?}"
+        );
+        ensure!(
+            stats.remaining_bytes >= 200 * MIB,
+            "round {round}: what was not touched stayed in the pool: {stats:?}"
+        );
+        if round > 0 {
+            ensure!(
+                stats.prefetched_bytes >= 16 * MIB,
+                "round {round}: the working set recorded at the previous wake was pushed: {stats:?}"
+            );
+        }
+        drop(c);
+        let (report, increment) = checkpoint_lazy_service(
+            &criu(),
+            wake.report.pid,
+            name,
+            &pool.pools,
+            &CheckpointOptions::default(),
+            &wake.session,
+        )?;
+        drop(guard);
+        wake.session.shutdown()?;
+        ensure!(
+            report.pool_bytes <= 64 * MIB,
+            "round {round}: the incremental checkpoint wrote {} bytes",
+            report.pool_bytes
+        );
+        ensure!(
+            increment.inherited_bytes() >= 200 * MIB,
+            "round {round}: the snapshot inherits the untouched memory: {}",
+            increment.inherited_bytes()
+        );
+        generation = report.generation;
+    }
+
+    // An increment cannot be restored eagerly: CRIU alone would leave the inherited pages zero.
+    match restore_from_pool(&criu(), name, Some(generation), &pool.pools, &RestoreOptions::default()) {
+        Err(RestoreError::LazyOnly { .. }) => {}
+        other => anyhow::bail!("an eager restore of an increment must be refused, got {other:?}"),
+    }
+
+    // The last generation, restored lazily, holds exactly the reference's memory: every page,
+    // touched or inherited through three generations.
+    let wake = restore_lazy_from_pool(
+        &criu(),
+        name,
+        Some(generation),
+        &pool.pools,
+        &RestoreOptions::default(),
+        &LazyOptions::default(),
+    )?;
+    let _guard = Restored(wake.report.pid);
+    let mut c = SampleClient::connect(addr)?;
+    ensure!(c.call("SUM")? == refc.call("SUM")?, "all memory identical to the reference");
+    Ok(())
+}
+
+#[test]
+fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling() -> Result<()> {
+    let _g = setup();
+    let mut pool = PoolProcess::spawn(exe(), 512 * MIB)?;
+    let mut svc = SampleProcess::spawn(exe(), 128 * MIB, 3)?;
+    let (addr, name) = (svc.addr, "lazy-pool-dies");
+    checkpoint_to_pool(&criu(), svc.pid, name, &pool.pools, &CheckpointOptions::default())?;
+    svc.reap();
+    let wake = restore_lazy_from_pool(
+        &criu(),
+        name,
+        None,
+        &pool.pools,
+        &RestoreOptions::default(),
+        &LazyOptions::default(),
+    )?;
+    let pid = wake.report.pid;
+    let _guard = Restored(pid);
+    pool.crash();
+    // SUM reads every page: most are still in the (now dead) pool.
+    let answer = SampleClient::connect(addr).and_then(|mut c| c.call("SUM"));
+    let expected = torpor_workload::expected_sum(128 * MIB, 3);
+    ensure!(
+        answer.as_ref().map_or(true, |a| *a == expected),
+        "the service never answers from zero-filled memory: {answer:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while torpor_criu::procs::pid_in_use(pid) && Instant::now() < deadline {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ensure!(!torpor_criu::procs::pid_in_use(pid), "the tree was killed");
+    let stats = wake.session.stats();
+    ensure!(stats.failed.is_some(), "the session says why: {stats:?}");
+    let _ = wake.session.shutdown();
+    Ok(())
+}
