@@ -20,6 +20,7 @@ pub mod binary;
 pub mod checkpoint;
 pub mod identity;
 pub mod local;
+pub mod pagemap;
 pub mod procs;
 pub mod replicas;
 pub mod restore;
