@@ -626,6 +626,7 @@ pub struct BlockHasher {
 }
 
 impl BlockHasher {
+    /// A hasher at the start of a pages file.
     pub fn new() -> BlockHasher {
         BlockHasher::default()
     }
