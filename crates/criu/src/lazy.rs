@@ -175,14 +175,13 @@ impl LazySession {
 
     /// The working set recorded since the wake.
     pub fn working_set(&self) -> Option<WorkingSet> {
-        let mut processes: Vec<(i32, Vec<(u64, u64)>)> = self
+        let processes: std::collections::BTreeMap<i32, Vec<(u64, u64)>> = self
             .server
             .working_set()
             .into_iter()
             .filter(|(_, r)| !r.is_empty())
             .collect();
-        processes.sort_by_key(|p| p.0);
-        (!processes.is_empty()).then(|| WorkingSet::from_processes(processes))
+        (!processes.is_empty()).then_some(WorkingSet { processes })
     }
 
     /// Copies every page still in the pool into the tree (before a full checkpoint).
@@ -368,7 +367,7 @@ pub fn restore_lazy_from_pool(
             work_dir: dir.to_path_buf(),
             ranges,
             prefetch: working_set
-                .map(|w| w.into_processes().into_iter().collect())
+                .map(|w| w.processes.into_iter().collect())
                 .unwrap_or_default(),
             record_for: lazy.record_for,
             fill: if lazy.background_fill {
