@@ -26,6 +26,9 @@ pub const MAX_CONTROL_PAYLOAD: u32 = 4 << 20;
 pub const MAX_DATA_PAYLOAD: u32 = 4 + CHUNK_SIZE as u32;
 /// Longest token accepted in `Hello`.
 pub const MAX_TOKEN_LEN: usize = 4096;
+/// Longest byte range one `GetRange` may ask for: a page fault's worth is a few KiB, a
+/// prefetch a few MiB; the bound keeps one request from pinning a snapshot for long.
+pub const MAX_RANGE_LEN: u64 = 64 << 20;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +223,16 @@ pub enum Request {
         generation: u64,
         file: String,
     },
+    /// Streams `len` bytes of one file from `offset` (a lazy restore's page fault) as data
+    /// frames with file id 0, then `FileEnd { size: len }`. An empty range, one longer than
+    /// [`MAX_RANGE_LEN`] or one past the file's end is refused as `BadRequest`.
+    GetRange {
+        name: String,
+        generation: u64,
+        file: String,
+        offset: u64,
+        len: u64,
+    },
     /// Deletes one generation, or all of them when `None`.
     Delete {
         name: String,
@@ -355,6 +368,18 @@ mod tests {
         let req = Request::GetManifest {
             name: "a".into(),
             generation: Some(2),
+        };
+        assert_eq!(roundtrip(&encode_control(&req)).unwrap(), req);
+    }
+
+    #[test]
+    fn range_request_roundtrip() {
+        let req = Request::GetRange {
+            name: "svc".into(),
+            generation: 3,
+            file: "pages-1.img".into(),
+            offset: 4096,
+            len: MAX_RANGE_LEN,
         };
         assert_eq!(roundtrip(&encode_control(&req)).unwrap(), req);
     }
