@@ -328,6 +328,20 @@ pub enum Frame<'a> {
     Data { file_id: u32, bytes: &'a [u8] },
 }
 
+/// Reads and checks one frame header, for a reader that places the payload itself (straight
+/// into its destination) and verifies it with [`FrameHeader::verify`] or the header's `crc`.
+pub fn read_header<R: Read>(r: &mut R) -> Result<FrameHeader, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut h) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            WireError::Io(e)
+        });
+    }
+    FrameHeader::decode(&h)
+}
+
 /// Reads one frame into `buf` (reused between calls) and verifies its checksum.
 pub fn read_frame<'a, R: Read>(r: &mut R, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
     let mut h = [0u8; HEADER_LEN];
@@ -382,6 +396,26 @@ mod tests {
             len: MAX_RANGE_LEN,
         };
         assert_eq!(roundtrip(&encode_control(&req)).unwrap(), req);
+    }
+
+    #[test]
+    fn header_read_alone() {
+        let mut out = Vec::new();
+        write_data(&mut out, 0, b"page").unwrap();
+        let mut r = &out[..];
+        let h = read_header(&mut r).unwrap();
+        assert_eq!((h.kind, h.len), (FrameKind::Data, 8));
+        h.verify(r).unwrap();
+        assert!(matches!(
+            read_header(&mut &out[..3]),
+            Err(WireError::Closed)
+        ));
+        let mut bad = out.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            read_header(&mut &bad[..]),
+            Err(WireError::BadMagic(_))
+        ));
     }
 
     #[test]
