@@ -26,6 +26,9 @@ pub const MAX_CONTROL_PAYLOAD: u32 = 4 << 20;
 pub const MAX_DATA_PAYLOAD: u32 = 4 + CHUNK_SIZE as u32;
 /// Longest token accepted in `Hello`.
 pub const MAX_TOKEN_LEN: usize = 4096;
+/// Longest byte range one `GetRange` may ask for: a page fault's worth is a few KiB, a
+/// prefetch a few MiB; the bound keeps one request from pinning a snapshot for long.
+pub const MAX_RANGE_LEN: u64 = 64 << 20;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +223,16 @@ pub enum Request {
         generation: u64,
         file: String,
     },
+    /// Streams `len` bytes of one file from `offset` (a lazy restore's page fault) as data
+    /// frames with file id 0, then `FileEnd { size: len }`. An empty range, one longer than
+    /// [`MAX_RANGE_LEN`] or one past the file's end is refused as `BadRequest`.
+    GetRange {
+        name: String,
+        generation: u64,
+        file: String,
+        offset: u64,
+        len: u64,
+    },
     /// Deletes one generation, or all of them when `None`.
     Delete {
         name: String,
@@ -315,6 +328,20 @@ pub enum Frame<'a> {
     Data { file_id: u32, bytes: &'a [u8] },
 }
 
+/// Reads and checks one frame header, for a reader that places the payload itself (straight
+/// into its destination) and verifies it with [`FrameHeader::verify`] or the header's `crc`.
+pub fn read_header<R: Read>(r: &mut R) -> Result<FrameHeader, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut h) {
+        return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            WireError::Io(e)
+        });
+    }
+    FrameHeader::decode(&h)
+}
+
 /// Reads one frame into `buf` (reused between calls) and verifies its checksum.
 pub fn read_frame<'a, R: Read>(r: &mut R, buf: &'a mut Vec<u8>) -> Result<Frame<'a>, WireError> {
     let mut h = [0u8; HEADER_LEN];
@@ -357,6 +384,38 @@ mod tests {
             generation: Some(2),
         };
         assert_eq!(roundtrip(&encode_control(&req)).unwrap(), req);
+    }
+
+    #[test]
+    fn range_request_roundtrip() {
+        let req = Request::GetRange {
+            name: "svc".into(),
+            generation: 3,
+            file: "pages-1.img".into(),
+            offset: 4096,
+            len: MAX_RANGE_LEN,
+        };
+        assert_eq!(roundtrip(&encode_control(&req)).unwrap(), req);
+    }
+
+    #[test]
+    fn header_read_alone() {
+        let mut out = Vec::new();
+        write_data(&mut out, 0, b"page").unwrap();
+        let mut r = &out[..];
+        let h = read_header(&mut r).unwrap();
+        assert_eq!((h.kind, h.len), (FrameKind::Data, 8));
+        h.verify(r).unwrap();
+        assert!(matches!(
+            read_header(&mut &out[..3]),
+            Err(WireError::Closed)
+        ));
+        let mut bad = out.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            read_header(&mut &bad[..]),
+            Err(WireError::BadMagic(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use rustls::{ClientConnection, StreamOwned};
 use thiserror::Error;
 use torpor_image::{
     manifest::SnapshotMeta,
-    wire::{self, ErrorCode, Frame, Request, Response, SnapshotInfo, Tier, WireError},
+    wire::{self, ErrorCode, Frame, FrameKind, Request, Response, SnapshotInfo, Tier, WireError},
     Manifest, Seal,
 };
 
@@ -459,6 +459,137 @@ impl PoolClient {
         }
     }
 
+    /// Reads `buf.len()` bytes of one file from `offset` into `buf` (a lazy restore's page
+    /// fault). Data frames land in `buf` itself; the only copy is the socket reader's, of
+    /// what it already buffered (at most 64 KiB a frame). An answer shorter or longer than
+    /// `buf` is an error, after which the connection is out of step and must be dropped; a
+    /// refusal by the pool (missing snapshot, bad range, corrupt bytes) leaves it usable.
+    pub fn get_range(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
+        self.send(&range_request(name, generation, file, offset, buf.len()))?;
+        self.recv_range(file, buf)
+    }
+
+    /// [`PoolClient::get_range`] for several ranges of one file, each `(offset, buf)`, with up
+    /// to [`PIPELINE_DEPTH`] requests on the wire ahead of the answer being read, so the
+    /// round trips overlap. Fails at the first range that fails (after reading the answers
+    /// already asked for, when the pool refused, so the connection stays usable).
+    pub fn get_ranges(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        ranges: &mut [(u64, &mut [u8])],
+    ) -> Result<(), ClientError> {
+        let mut sent = 0;
+        for i in 0..ranges.len() {
+            while sent < ranges.len() && sent < i + PIPELINE_DEPTH {
+                let (offset, buf) = &ranges[sent];
+                let req = wire::encode_control(&range_request(
+                    name,
+                    generation,
+                    file,
+                    *offset,
+                    buf.len(),
+                ));
+                if let Err(e) = self.wr.write_all(&req) {
+                    let e = self.classify(WireError::Io(e).into(), Stage::Send);
+                    return Err(self.explain_write_failure(e));
+                }
+                sent += 1;
+            }
+            if let Err(e) = self.wr.flush() {
+                let e = self.classify(WireError::Io(e).into(), Stage::Send);
+                return Err(self.explain_write_failure(e));
+            }
+            match self.recv_range(file, ranges[i].1) {
+                Ok(()) => {}
+                Err(e @ ClientError::Pool { .. }) => {
+                    for _ in i + 1..sent {
+                        self.skip_answer()?;
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one range's answer into `buf`, checking each frame's CRC over the bytes where
+    /// they landed.
+    fn recv_range(&mut self, file: &str, buf: &mut [u8]) -> Result<(), ClientError> {
+        let mut got = 0usize;
+        loop {
+            let header = wire::read_header(&mut self.rd)
+                .map_err(|e| self.classify(e.into(), Stage::Receive))?;
+            match header.kind {
+                FrameKind::Control => {
+                    self.buf.resize(header.len as usize, 0);
+                    if let Err(e) = self.rd.read_exact(&mut self.buf) {
+                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
+                    }
+                    header.verify(&self.buf)?;
+                    let size = file_end(wire::decode_control(&self.buf)?, file, got as u64)?;
+                    if size != buf.len() as u64 {
+                        return Err(ClientError::Unexpected(format!(
+                            "a range of {} bytes of {file:?} was answered with {size}",
+                            buf.len()
+                        )));
+                    }
+                    return Ok(());
+                }
+                FrameKind::Data => {
+                    let n = header.len as usize - 4;
+                    let mut id = [0u8; 4];
+                    let Some(dest) = buf.get_mut(got..got + n) else {
+                        return Err(ClientError::Unexpected(format!(
+                            "the pool sent more than the {} bytes of {file:?} asked for",
+                            buf.len()
+                        )));
+                    };
+                    let read = self
+                        .rd
+                        .read_exact(&mut id)
+                        .and_then(|()| self.rd.read_exact(dest));
+                    if let Err(e) = read {
+                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
+                    }
+                    let crc = crc32c::crc32c_append(crc32c::crc32c(&id), dest);
+                    if crc != header.crc {
+                        return Err(WireError::ChecksumMismatch {
+                            expected: header.crc,
+                            actual: crc,
+                        }
+                        .into());
+                    }
+                    let file_id = u32::from_le_bytes(id);
+                    if file_id != 0 {
+                        return Err(ClientError::WrongFileId(file_id));
+                    }
+                    got += n;
+                }
+            }
+        }
+    }
+
+    /// Reads and drops one answer of data frames ending in a control frame.
+    fn skip_answer(&mut self) -> Result<(), ClientError> {
+        loop {
+            match wire::read_frame(&mut self.rd, &mut self.buf) {
+                Ok(Frame::Data { .. }) => {}
+                Ok(Frame::Control(_)) => return Ok(()),
+                Err(e) => return Err(self.classify(e.into(), Stage::Receive)),
+            }
+        }
+    }
+
     /// Deletes a generation, or every generation of `name`.
     pub fn delete(&mut self, name: &str, generation: Option<u64>) -> Result<u64, ClientError> {
         match self.call(&Request::Delete {
@@ -468,6 +599,21 @@ impl PoolClient {
             Response::Deleted { count } => Ok(count),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// Range requests [`PoolClient::get_ranges`] keeps on the wire ahead of the answers: enough
+/// to hide the round trip, few enough (a few KiB of requests) that they always fit in the
+/// socket buffers, so neither side can block writing while the other does.
+pub const PIPELINE_DEPTH: usize = 32;
+
+fn range_request(name: &str, generation: u64, file: &str, offset: u64, len: usize) -> Request {
+    Request::GetRange {
+        name: name.to_string(),
+        generation,
+        file: file.to_string(),
+        offset,
+        len: len as u64,
     }
 }
 

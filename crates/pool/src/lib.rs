@@ -2,6 +2,7 @@
 //!
 //! * [`arena`] owns the RAM tier's memory: one pre-faulted mapping cut into chunks, reused.
 //! * [`store`] owns the snapshots: generations, atomic commit, LRU spill to disk, checksums.
+//! * [`crc`] combines CRC32Cs of adjacent pieces fast (per-block checksums rely on it).
 //! * [`server`] speaks the wire protocol of `torpor_image::wire` to many clients.
 //! * [`client`] is the blocking client used by the CRIU engine and the CLI; [`target`] says
 //!   how it reaches a pool (address, token, TLS, timeouts).
@@ -12,6 +13,7 @@
 pub mod addr;
 pub mod arena;
 pub mod client;
+pub mod crc;
 pub mod server;
 pub mod store;
 pub mod target;

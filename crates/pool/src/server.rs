@@ -29,13 +29,14 @@ use torpor_image::{
         self, ErrorCode, FrameHeader, FrameKind, Request, Response, WireError, HEADER_LEN,
         MAX_TOKEN_LEN,
     },
-    FileEntry, Manifest,
+    FileEntry, Manifest, CHUNK_SIZE,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     addr::PoolAddr,
-    store::{error_chain, Store, StoreError, StoredData, Upload},
+    crc,
+    store::{check_range, error_chain, Store, StoreError, StoredData, Upload},
 };
 
 /// A bound listening socket.
@@ -640,15 +641,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         if upload.takes_small(file_id, remaining)? {
             self.buf.resize(remaining, 0);
             within(limit, "data frame bytes", self.rd.read_exact(&mut self.buf)).await?;
-            let piece_crc = crc32c::crc32c(&self.buf);
-            crc = crc32c::crc32c_combine(crc, piece_crc, remaining);
-            while !upload.try_append_small(file_id, &self.buf, piece_crc)? {
+            let piece_crc = loop {
+                if let Some(c) = upload.try_append_small(file_id, &self.buf)? {
+                    break c;
+                }
                 let store = self.store.clone();
                 let bytes = remaining as u64;
                 tokio::task::spawn_blocking(move || store.make_room(bytes))
                     .await
                     .expect("spill task panicked")?;
-            }
+            };
+            crc = crc::combine(crc, piece_crc, remaining);
             remaining = 0;
         }
         while remaining > 0 {
@@ -673,9 +676,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 self.rd.read_exact(&mut spare[..n]),
             )
             .await?;
-            let piece_crc = crc32c::crc32c(&spare[..n]);
-            crc = crc32c::crc32c_combine(crc, piece_crc, n);
-            upload.advance(file_id, n, piece_crc)?;
+            let piece_crc = upload.advance(file_id, n)?;
+            crc = crc::combine(crc, piece_crc, n);
             remaining -= n;
         }
         if crc != header.crc {
@@ -752,6 +754,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 generation,
                 file,
             } => self.send_file(&name, generation, &file).await,
+            Request::GetRange {
+                name,
+                generation,
+                file,
+                offset,
+                len,
+            } => self.send_range(&name, generation, &file, offset, len).await,
             Request::Delete { name, generation } => {
                 let count = self.store.delete(&name, generation);
                 self.send(&Response::Deleted { count }).await
@@ -802,6 +811,69 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         }
         self.send(&Response::FileEnd { size: entry.size }).await
     }
+
+    /// Streams a byte range of a file, a frame per chunk it touches, each piece checked
+    /// against the CRCs of the blocks it touches first.
+    async fn send_range(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SessionError> {
+        let (manifest, data) = self.store.lookup(name, Some(generation))?;
+        let (index, entry) =
+            find_file(&manifest, file).ok_or_else(|| StoreError::FileNotFound {
+                name: name.to_string(),
+                generation,
+                file: file.to_string(),
+            })?;
+        check_range(entry, offset, len)?;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end.min((at / CHUNK_SIZE + 1) * CHUNK_SIZE) - at) as usize;
+            match &data {
+                StoredData::Ram(_) => {
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let written = match data.range(&manifest, index, at, n, &mut buf) {
+                        Ok((bytes, crc)) => {
+                            match self.write(&data_frame_prefix(bytes, crc)).await {
+                                Ok(()) => self.write(bytes).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                    self.buf = buf;
+                    written?;
+                }
+                StoredData::Disk(_) => {
+                    let (d, m) = (data.clone(), manifest.clone());
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let (frame, buf) = tokio::task::spawn_blocking(move || {
+                        let r = d
+                            .range(&m, index, at, n, &mut buf)
+                            .map(|(bytes, crc)| data_frame_prefix(bytes, crc));
+                        (r, buf)
+                    })
+                    .await
+                    .expect("disk read task panicked");
+                    self.buf = buf;
+                    let frame = frame?;
+                    self.write(&frame).await?;
+                    // The disk tier leaves the range's bytes at the start of the buffer.
+                    let buf = std::mem::take(&mut self.buf);
+                    let written = self.write(&buf[..n]).await;
+                    self.buf = buf;
+                    written?;
+                }
+            }
+            at += n as u64;
+        }
+        self.send(&Response::FileEnd { size: len }).await
+    }
 }
 
 fn find_file<'m>(m: &'m Manifest, name: &str) -> Option<(usize, &'m FileEntry)> {
@@ -812,7 +884,7 @@ fn find_file<'m>(m: &'m Manifest, name: &str) -> Option<(usize, &'m FileEntry)> 
 /// known (verified against the store), so the frame CRC is combined, not recomputed.
 fn data_frame_prefix(bytes: &[u8], bytes_crc: u32) -> [u8; HEADER_LEN + 4] {
     let id = 0u32.to_le_bytes();
-    let crc = crc32c::crc32c_combine(crc32c::crc32c(&id), bytes_crc, bytes.len());
+    let crc = crc::combine(crc32c::crc32c(&id), bytes_crc, bytes.len());
     let header = FrameHeader {
         kind: FrameKind::Data,
         len: (4 + bytes.len()) as u32,

@@ -2,7 +2,9 @@
 //! committed whole. New uploads go to the RAM tier; when it has no free chunk the least
 //! recently used committed snapshot is written whole to the disk tier (the spill directory)
 //! and its memory reused. Without a spill directory the upload is refused instead: nothing
-//! is evicted silently. Every chunk's CRC32C is checked each time it is served.
+//! is evicted silently. Every chunk's CRC32C is checked each time it is served; a byte range
+//! is checked against the CRC32C of each [`BLOCK_SIZE`] block it touches instead, so a page
+//! fault's read costs its blocks, not a whole chunk.
 //!
 //! The spill directory holds whole process memories, keys included: it is created 0700, its
 //! files 0600, and at start a directory owned by someone else or writable by group or others
@@ -13,9 +15,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::{self, Write},
+    mem,
     os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -26,12 +29,38 @@ use torpor_image::{
     seal::Seal,
     snapfile::{self, SnapfileError},
     validate_file_name, validate_snapshot_name,
-    wire::{ErrorCode, SnapshotInfo, Tier},
+    wire::{ErrorCode, SnapshotInfo, Tier, MAX_RANGE_LEN},
     FileEntry, Manifest, NameError, CHUNK_SIZE,
 };
 use tracing::{info, warn};
 
-use crate::arena::{Arena, Chunk, Tail};
+use crate::{
+    arena::{Arena, Chunk, Tail},
+    crc,
+};
+
+/// Granularity of the checksums that range reads verify: a range costs the blocks it touches.
+/// A page: CRIU's lazy restore fetches exactly one page per fault, so a fault's check is one
+/// 4 KiB CRC (64 KiB blocks cost 2.6–7 µs of a 16 µs round trip), at 1 KiB of checksums per
+/// MiB held.
+pub const BLOCK_SIZE: u64 = 4 << 10;
+const BLOCKS_PER_CHUNK: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+/// Combines a whole block's CRC onto what precedes it with a few table lookups: at one
+/// block per page, general combining would cost more than the checksums themselves.
+static BLOCK_SHIFT: crc::Shift = crc::Shift::new(BLOCK_SIZE as usize);
+
+/// The CRC32C of `a ++ b` from theirs, `b` being `len` long.
+fn join(crc_a: u32, crc_b: u32, len: usize) -> u32 {
+    if len == BLOCK_SIZE as usize {
+        BLOCK_SHIFT.combine(crc_a, crc_b)
+    } else {
+        crc::combine(crc_a, crc_b, len)
+    }
+}
+const _: () = assert!(
+    CHUNK_SIZE.is_multiple_of(BLOCK_SIZE),
+    "blocks never straddle chunks"
+);
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -90,6 +119,19 @@ pub enum StoreError {
         file: String,
         chunk: usize,
     },
+    #[error("a range of 0 bytes was asked for")]
+    EmptyRange,
+    #[error("a range of {len} bytes exceeds the {MAX_RANGE_LEN} byte limit")]
+    RangeTooLong { len: u64 },
+    #[error(
+        "range of {len} bytes at {offset} lies beyond the end of file {file:?} ({size} bytes)"
+    )]
+    RangeBeyondEnd {
+        file: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("reading {path} from the disk tier failed")]
     DiskRead {
         path: PathBuf,
@@ -119,9 +161,12 @@ impl StoreError {
             | StoreError::GenerationNotFound { .. }
             | StoreError::FileNotFound { .. } => ErrorCode::NotFound,
             StoreError::Corrupt { .. } => ErrorCode::Corrupt,
-            StoreError::Name(_) | StoreError::Upload(_) | StoreError::StaleGeneration { .. } => {
-                ErrorCode::BadRequest
-            }
+            StoreError::Name(_)
+            | StoreError::Upload(_)
+            | StoreError::StaleGeneration { .. }
+            | StoreError::EmptyRange
+            | StoreError::RangeTooLong { .. }
+            | StoreError::RangeBeyondEnd { .. } => ErrorCode::BadRequest,
             StoreError::Arena { .. }
             | StoreError::SpillDir { .. }
             | StoreError::SpillDirUnsafe { .. }
@@ -144,6 +189,8 @@ pub enum StoredData {
 pub struct RamFile {
     chunks: Vec<Chunk>,
     tail: Option<Tail>,
+    /// Known from the upload; moves to the disk tier with the bytes.
+    blocks: Arc<BlockCrcs>,
 }
 
 impl RamFile {
@@ -172,6 +219,102 @@ pub struct DiskFile {
     file: File,
     /// Start of each file's bytes, in manifest order.
     offsets: Vec<u64>,
+    /// Each file's block CRCs, in manifest order.
+    blocks: Vec<Arc<BlockCrcs>>,
+}
+
+/// The CRC32C of each [`BLOCK_SIZE`] block of one file, grouped by chunk. The manifest's chunk
+/// CRCs stay the authority: block CRCs are computed in the same pass as those on upload, or
+/// derived from a chunk verified whole against its CRC (a snapshot found in the disk tier at
+/// start has none until a range read touches its chunk).
+#[derive(Debug)]
+pub struct BlockCrcs {
+    per_chunk: Vec<OnceLock<Box<[u32]>>>,
+}
+
+impl BlockCrcs {
+    /// From a file's block CRCs in order.
+    fn known(blocks: &[u32]) -> BlockCrcs {
+        BlockCrcs {
+            per_chunk: blocks
+                .chunks(BLOCKS_PER_CHUNK)
+                .map(|c| OnceLock::from(Box::<[u32]>::from(c)))
+                .collect(),
+        }
+    }
+
+    /// For a file of `chunks` chunks whose blocks are derived when first read.
+    fn unknown(chunks: usize) -> BlockCrcs {
+        BlockCrcs {
+            per_chunk: (0..chunks).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+/// The CRC32C of each [`BLOCK_SIZE`] block of `bytes`.
+fn block_crcs_of(bytes: &[u8]) -> Box<[u32]> {
+    bytes
+        .chunks(BLOCK_SIZE as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
+/// The CRC32C of a chunk from its blocks' CRCs; `len` is the chunk's length.
+fn chunk_crc_from_blocks(blocks: &[u32], len: usize) -> u32 {
+    blocks.iter().enumerate().fold(0, |acc, (i, b)| {
+        let block_len = (len - i * BLOCK_SIZE as usize).min(BLOCK_SIZE as usize);
+        join(acc, *b, block_len)
+    })
+}
+
+/// Checks the blocks that `head ++ range ++ tail` covers against `crcs` (the span starts on
+/// a block boundary and ends on one or at the file's end) and returns the CRC32C of `range`,
+/// in one pass over the span. `None` when a block does not match.
+fn verify_blocks(crcs: &[u32], head: &[u8], range: &[u8], tail: &[u8]) -> Option<u32> {
+    let (mut block, mut in_block, mut block_crc, mut range_crc) = (0, 0, 0, 0);
+    for (part, in_range) in [(head, false), (range, true), (tail, false)] {
+        let mut rest = part;
+        while !rest.is_empty() {
+            let (seg, more) = rest.split_at(rest.len().min(BLOCK_SIZE as usize - in_block));
+            let c = crc32c::crc32c(seg);
+            block_crc = join(block_crc, c, seg.len());
+            if in_range {
+                range_crc = join(range_crc, c, seg.len());
+            }
+            in_block += seg.len();
+            if in_block == BLOCK_SIZE as usize {
+                if crcs.get(block) != Some(&block_crc) {
+                    return None;
+                }
+                (block, in_block, block_crc) = (block + 1, 0, 0);
+            }
+            rest = more;
+        }
+    }
+    // The file's last block may be short.
+    if in_block > 0 && crcs.get(block) != Some(&block_crc) {
+        return None;
+    }
+    Some(range_crc)
+}
+
+/// Refuses a range of a file that is empty, longer than [`MAX_RANGE_LEN`] or not inside it.
+pub fn check_range(entry: &FileEntry, offset: u64, len: u64) -> Result<(), StoreError> {
+    if len == 0 {
+        return Err(StoreError::EmptyRange);
+    }
+    if len > MAX_RANGE_LEN {
+        return Err(StoreError::RangeTooLong { len });
+    }
+    if offset.checked_add(len).is_none_or(|end| end > entry.size) {
+        return Err(StoreError::RangeBeyondEnd {
+            file: entry.name.clone(),
+            offset,
+            len,
+            size: entry.size,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -238,11 +381,44 @@ struct UploadFile {
     /// A small file's bytes while it stays small (no chunks yet); once closed, the last piece
     /// if it did not fill a whole chunk.
     tail: Option<Tail>,
-    /// CRC32C of each completed chunk.
-    crcs: Vec<u32>,
-    /// CRC32C of what the last, unsealed chunk holds so far.
-    open_crc: u32,
+    sums: Sums,
     size: u64,
+}
+
+/// The checksums of a file being received, chunk and block ones from the same pass.
+#[derive(Debug, Default)]
+struct Sums {
+    /// CRC32C of each completed chunk.
+    chunks: Vec<u32>,
+    /// CRC32C of what the last, unsealed chunk holds so far.
+    open_chunk: u32,
+    /// CRC32C of each completed block.
+    blocks: Vec<u32>,
+    /// CRC32C of what the last, unfinished block holds so far.
+    open_block: u32,
+}
+
+impl Sums {
+    /// Checksums `bytes`, which the file holds from offset `at`, into the open chunk and
+    /// block, block by block; returns their CRC32C (the caller checks its frame with it).
+    fn absorb(&mut self, mut at: u64, bytes: &[u8]) -> u32 {
+        let mut piece = 0;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = (BLOCK_SIZE - at % BLOCK_SIZE) as usize;
+            let (seg, more) = rest.split_at(rest.len().min(room));
+            let c = crc32c::crc32c(seg);
+            self.open_block = join(self.open_block, c, seg.len());
+            self.open_chunk = join(self.open_chunk, c, seg.len());
+            piece = join(piece, c, seg.len());
+            at += seg.len() as u64;
+            if at.is_multiple_of(BLOCK_SIZE) {
+                self.blocks.push(mem::take(&mut self.open_block));
+            }
+            rest = more;
+        }
+        piece
+    }
 }
 
 fn now_ms() -> u64 {
@@ -335,6 +511,11 @@ impl Store {
                         warn!(path = %path.display(), name = %manifest.name, generation = manifest.generation, "ignoring snapshot file whose manifest does not match its place");
                     }
                     Ok((manifest, file, offsets)) => {
+                        let blocks = manifest
+                            .files
+                            .iter()
+                            .map(|f| Arc::new(BlockCrcs::unknown(f.chunk_crcs.len())))
+                            .collect();
                         let ns = state.names.entry(manifest.name.clone()).or_default();
                         ns.last_generation = ns.last_generation.max(manifest.generation);
                         info!(name = %manifest.name, generation = manifest.generation, path = %path.display(), "found snapshot in disk tier");
@@ -346,6 +527,7 @@ impl Store {
                                     path,
                                     file,
                                     offsets,
+                                    blocks,
                                 })),
                                 last_used: 0,
                             },
@@ -468,6 +650,7 @@ impl Store {
                     path,
                     file,
                     offsets,
+                    blocks: files.iter().map(|f| f.blocks.clone()).collect(),
                 }));
                 info!(name = %manifest.name, generation = manifest.generation, bytes = manifest.total_bytes(), "spilled snapshot to disk tier (RAM tier full)");
             }
@@ -504,11 +687,12 @@ impl Store {
             files.push(FileEntry {
                 name: f.name,
                 size: f.size,
-                chunk_crcs: f.crcs,
+                chunk_crcs: f.sums.chunks,
             });
             data.push(RamFile {
                 chunks: f.chunks,
                 tail: f.tail,
+                blocks: Arc::new(BlockCrcs::known(&f.sums.blocks)),
             });
         }
         let mut state = self.state.lock().expect("store lock");
@@ -703,6 +887,98 @@ impl StoredData {
     }
 }
 
+impl StoredData {
+    /// Bytes `offset..offset + len` of file `file` (manifest order), which lie inside one
+    /// chunk and were checked by [`check_range`], with their CRC32C. Only the blocks the
+    /// range touches are read and checked against their stored CRCs, in one pass that also
+    /// yields the range's CRC. From the RAM tier the bytes are the pool's own memory; from
+    /// the disk tier they are `buf[..len]` (so a caller that lent `buf` to a blocking task
+    /// finds them there). May block on disk I/O.
+    pub fn range<'a>(
+        &'a self,
+        manifest: &Manifest,
+        file: usize,
+        offset: u64,
+        len: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<(&'a [u8], u32), StoreError> {
+        let entry = &manifest.files[file];
+        let end = offset + len as u64;
+        let chunk = (offset / CHUNK_SIZE) as usize;
+        assert!(
+            len > 0 && end <= entry.size && (end - 1) / CHUNK_SIZE == chunk as u64,
+            "range inside one chunk of the file"
+        );
+        let corrupt = || StoreError::Corrupt {
+            name: manifest.name.clone(),
+            generation: manifest.generation,
+            file: entry.name.clone(),
+            chunk,
+        };
+        let crcs = self.block_crcs(manifest, file, chunk, buf)?;
+        let chunk_start = chunk as u64 * CHUNK_SIZE;
+        let span_start = offset - offset % BLOCK_SIZE;
+        let span_end = end.next_multiple_of(BLOCK_SIZE).min(entry.size);
+        let crcs = &crcs[((span_start - chunk_start) / BLOCK_SIZE) as usize..];
+        match self {
+            StoredData::Ram(files) => {
+                let held = files[file].chunk(chunk);
+                let span = held
+                    .get((span_start - chunk_start) as usize..(span_end - chunk_start) as usize)
+                    .ok_or_else(corrupt)?;
+                let (head, rest) = span.split_at((offset - span_start) as usize);
+                let (range, tail) = rest.split_at(len);
+                let crc = verify_blocks(crcs, head, range, tail).ok_or_else(corrupt)?;
+                Ok((range, crc))
+            }
+            StoredData::Disk(d) => {
+                let base = d.offsets[file];
+                let mut head = vec![0; (offset - span_start) as usize];
+                let mut tail = vec![0; (span_end - end) as usize];
+                buf.resize(len, 0);
+                d.read_at(base + span_start, &mut head)?;
+                d.read_at(base + offset, buf)?;
+                d.read_at(base + end, &mut tail)?;
+                let crc = verify_blocks(crcs, &head, buf, &tail).ok_or_else(corrupt)?;
+                Ok((&buf[..], crc))
+            }
+        }
+    }
+
+    /// The block CRCs of one chunk; a chunk of a snapshot found in the disk tier at start
+    /// has them derived here from its bytes, once those match the chunk's CRC.
+    fn block_crcs(
+        &self,
+        manifest: &Manifest,
+        file: usize,
+        chunk: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<&[u32], StoreError> {
+        let cell = match self {
+            StoredData::Ram(files) => &files[file].blocks.per_chunk[chunk],
+            StoredData::Disk(d) => &d.blocks[file].per_chunk[chunk],
+        };
+        if let Some(crcs) = cell.get() {
+            return Ok(crcs);
+        }
+        let entry = &manifest.files[file];
+        let derived = self.with_chunk(manifest, file, chunk, buf, |bytes, _| {
+            let blocks = block_crcs_of(bytes);
+            (chunk_crc_from_blocks(&blocks, bytes.len()) == entry.chunk_crcs[chunk])
+                .then_some(blocks)
+        })?;
+        // The chunk CRC was just checked by `with_chunk`: a mismatch here means the bytes
+        // changed between the two passes, so they are not trusted either.
+        let derived = derived.ok_or_else(|| StoreError::Corrupt {
+            name: manifest.name.clone(),
+            generation: manifest.generation,
+            file: entry.name.clone(),
+            chunk,
+        })?;
+        Ok(cell.get_or_init(|| derived))
+    }
+}
+
 impl DiskFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let err = |source| StoreError::DiskRead {
@@ -737,8 +1013,7 @@ impl Upload {
             name: name.to_string(),
             chunks: Vec::new(),
             tail: None,
-            crcs: Vec::new(),
-            open_crc: 0,
+            sums: Sums::default(),
             size: 0,
         });
         Ok(())
@@ -751,22 +1026,21 @@ impl Upload {
         Ok(f.chunks.is_empty() && f.size + n as u64 <= SMALL_FILE_LIMIT)
     }
 
-    /// Appends bytes (whose CRC32C is `piece_crc`) to a small file's tail if the budget has
-    /// room; `false` means the caller must [`Store::make_room`] and try again.
+    /// Appends bytes to a small file's tail if the budget has room and returns their
+    /// CRC32C; `None` means the caller must [`Store::make_room`] and try again.
     pub fn try_append_small(
         &mut self,
         file_id: u32,
         bytes: &[u8],
-        piece_crc: u32,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u32>, StoreError> {
         let arena = self.arena.clone();
         let f = self.file_mut(file_id)?;
         if !f.tail.get_or_insert_with(|| arena.tail()).try_append(bytes) {
-            return Ok(false);
+            return Ok(None);
         }
-        f.open_crc = crc32c::crc32c_combine(f.open_crc, piece_crc, bytes.len());
+        let crc = f.sums.absorb(f.size, bytes);
         f.size += bytes.len() as u64;
-        Ok(true)
+        Ok(Some(crc))
     }
 
     /// The chunk that the next bytes of `file_id` go into, if it has room; `None` means the
@@ -792,22 +1066,23 @@ impl Upload {
         Ok(())
     }
 
-    /// Records that `n` bytes whose CRC32C is `piece_crc` were written into the writable
-    /// chunk of `file_id`. The caller computed that CRC anyway (to check the frame), so the
-    /// chunk's CRC is combined from it instead of reading the bytes again.
-    pub fn advance(&mut self, file_id: u32, n: usize, piece_crc: u32) -> Result<(), StoreError> {
+    /// Records that `n` bytes were written into the writable chunk of `file_id` and returns
+    /// their CRC32C: the chunk and block CRCs and the caller's frame check all come from
+    /// this one pass over the bytes.
+    pub fn advance(&mut self, file_id: u32, n: usize) -> Result<u32, StoreError> {
         let f = self.file_mut(file_id)?;
         let c = f
             .chunks
             .last_mut()
             .ok_or_else(|| StoreError::Upload("no chunk to advance".into()))?;
         c.advance(n);
-        f.open_crc = crc32c::crc32c_combine(f.open_crc, piece_crc, n);
+        let written = c.bytes();
+        let crc = f.sums.absorb(f.size, &written[written.len() - n..]);
         f.size += n as u64;
         if f.size > torpor_image::manifest::MAX_FILE_SIZE {
             return Err(StoreError::Upload(format!("file {:?} too large", f.name)));
         }
-        Ok(())
+        Ok(crc)
     }
 
     /// Closes a file; `size` is the sender's count and must match what arrived.
@@ -818,12 +1093,15 @@ impl Upload {
             .ok_or_else(|| StoreError::Upload(format!("file id {file_id} is not open")))?;
         let f = &mut self.files[idx];
         f.seal_last();
+        if !f.size.is_multiple_of(BLOCK_SIZE) {
+            f.sums.blocks.push(mem::take(&mut f.sums.open_block));
+        }
         if let Some(t) = &f.tail {
             // A small file: its tail is its only chunk (or nothing, when empty).
             if t.bytes().is_empty() {
                 f.tail = None;
             } else {
-                f.crcs.push(std::mem::take(&mut f.open_crc));
+                f.sums.chunks.push(mem::take(&mut f.sums.open_chunk));
             }
         } else if f.chunks.last().is_some_and(|c| !c.is_full()) {
             // A partly filled last chunk goes back to the arena; the file keeps its bytes.
@@ -850,8 +1128,8 @@ impl Upload {
 
 impl UploadFile {
     fn seal_last(&mut self) {
-        if self.crcs.len() < self.chunks.len() {
-            self.crcs.push(std::mem::take(&mut self.open_crc));
+        if self.sums.chunks.len() < self.chunks.len() {
+            self.sums.chunks.push(mem::take(&mut self.sums.open_chunk));
         }
     }
 }
@@ -991,7 +1269,7 @@ mod tests {
             let mut c = s.alloc_chunk().unwrap();
             c.spare_mut()[..piece.len()].copy_from_slice(piece);
             u.push_chunk(0, c).unwrap();
-            u.advance(0, piece.len(), crc32c::crc32c(piece)).unwrap();
+            assert_eq!(u.advance(0, piece.len()).unwrap(), crc32c::crc32c(piece));
         }
         u.close_file(0, bytes.len() as u64).unwrap();
         s.commit(u, None, None).unwrap()
@@ -1012,6 +1290,87 @@ mod tests {
             read(&s),
             Err(StoreError::Corrupt { chunk: 1, .. })
         ));
+    }
+
+    /// Bytes `offset..offset + len` of the newest `svc`, read as a range.
+    fn range(s: &Store, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let (m, d) = s.lookup("svc", None).unwrap();
+        check_range(&m.files[0], offset, len as u64)?;
+        let mut buf = Vec::new();
+        let (bytes, crc) = d.range(&m, 0, offset, len, &mut buf)?;
+        assert_eq!(crc, crc32c::crc32c(bytes), "the range's CRC is its bytes'");
+        Ok(bytes.to_vec())
+    }
+
+    #[test]
+    fn block_crcs_agree_with_chunk_crcs() {
+        let s = store(4);
+        let bytes: Vec<u8> = (0..2 * CHUNK_SIZE as usize + 70_000)
+            .map(|i| (i * 13 + i / 999) as u8)
+            .collect();
+        upload(&s, "svc", &bytes);
+        let (m, d) = s.lookup("svc", None).unwrap();
+        let StoredData::Ram(files) = &d else {
+            panic!("not in RAM")
+        };
+        for (i, chunk) in bytes.chunks(CHUNK_SIZE as usize).enumerate() {
+            let blocks = files[0].blocks.per_chunk[i].get().expect("known on upload");
+            assert_eq!(&blocks[..], &block_crcs_of(chunk)[..]);
+            assert_eq!(
+                chunk_crc_from_blocks(blocks, chunk.len()),
+                m.files[0].chunk_crcs[i]
+            );
+        }
+    }
+
+    #[test]
+    fn ranges_are_served_from_their_blocks_and_a_corrupt_block_is_refused() {
+        let s = store(4);
+        let bytes: Vec<u8> = (0..CHUNK_SIZE as usize + 10_000)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        upload(&s, "svc", &bytes);
+        for (offset, len) in [(0, 1), (4096, 4096), (65_530, 20), (CHUNK_SIZE + 9_999, 1)] {
+            let expected = &bytes[offset as usize..][..len];
+            assert_eq!(range(&s, offset, len).unwrap(), expected, "{offset}+{len}");
+        }
+        // One bit of chunk 0's third block rots: ranges touching that block are refused,
+        // the others still served.
+        s.corrupt_ram_for_test("svc", 0, 0, 2 * BLOCK_SIZE as usize + 5);
+        assert!(matches!(
+            range(&s, 2 * BLOCK_SIZE + 100, 10),
+            Err(StoreError::Corrupt { chunk: 0, .. })
+        ));
+        assert!(matches!(
+            range(&s, BLOCK_SIZE, 2 * BLOCK_SIZE as usize),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(range(&s, 0, 4096).unwrap(), &bytes[..4096]);
+        assert_eq!(
+            range(&s, 3 * BLOCK_SIZE, 4096).unwrap(),
+            &bytes[3 * BLOCK_SIZE as usize..][..4096]
+        );
+    }
+
+    #[test]
+    fn bad_ranges_are_refused() {
+        let s = store(2);
+        upload(&s, "svc", &[1; 100]);
+        assert!(matches!(range(&s, 0, 0), Err(StoreError::EmptyRange)));
+        assert!(matches!(
+            range(&s, 90, 11),
+            Err(StoreError::RangeBeyondEnd { size: 100, .. })
+        ));
+        assert!(matches!(
+            range(&s, u64::MAX, 1),
+            Err(StoreError::RangeBeyondEnd { .. })
+        ));
+        let (m, _) = s.lookup("svc", None).unwrap();
+        assert!(matches!(
+            check_range(&m.files[0], 0, MAX_RANGE_LEN + 1),
+            Err(StoreError::RangeTooLong { .. })
+        ));
+        assert_eq!(range(&s, 99, 1).unwrap(), [1]);
     }
 
     #[test]

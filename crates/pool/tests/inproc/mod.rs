@@ -1,5 +1,5 @@
-//! A pool served in-process on 127.0.0.1:0 (its own runtime thread), for the tests that
-//! drive it through the blocking client and raw sockets.
+//! A pool served in-process (its own runtime thread) on 127.0.0.1:0, or on any address with
+//! or without TLS, for the tests that drive it through the blocking client and raw sockets.
 
 use std::{path::Path, sync::Arc, thread};
 
@@ -30,6 +30,25 @@ pub fn start(
     keep: usize,
     tune: impl FnOnce(&mut ServeOptions) + Send + 'static,
 ) -> Running {
+    start_on(
+        capacity,
+        spill,
+        keep,
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+        tune,
+    )
+}
+
+/// [`start`] listening on `bind` (a TCP address or `unix:PATH`), speaking TLS with `tls`.
+pub fn start_on(
+    capacity: u64,
+    spill: Option<&Path>,
+    keep: usize,
+    bind: PoolAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tune: impl FnOnce(&mut ServeOptions) + Send + 'static,
+) -> Running {
     let store = Arc::new(
         Store::open(StoreConfig {
             capacity,
@@ -44,9 +63,10 @@ pub fn start(
     let thread = thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
-            let l = Listener::bind(&"127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
+            let mut l = Listener::bind(&bind).await.unwrap();
+            if let Some(config) = tls {
+                l = l.with_tls(config).unwrap();
+            }
             addr_tx.send(l.local_addr().unwrap()).unwrap();
             let mut options = ServeOptions::new(Some(TOKEN.into()));
             tune(&mut options);
