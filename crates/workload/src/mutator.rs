@@ -255,7 +255,7 @@ impl Region {
         start: usize,
         count: usize,
     ) -> Result<std::ops::Range<usize>, MutatorError> {
-        let end = start.checked_add(count).unwrap_or(usize::MAX);
+        let end = start.saturating_add(count);
         if count == 0 || end > self.pages {
             return Err(MutatorError::OutOfRegion {
                 region: index,
@@ -808,7 +808,9 @@ mod tests {
     #[test]
     fn unmapmap_gives_a_zero_region_of_the_same_size() {
         let mut m = Mutator::new().unwrap();
+        let at = m.regions[0].ptr;
         let answer = ok(&mut m, "UNMAPMAP 0");
+        assert_eq!(m.regions[0].ptr, at, "at the same address");
         assert_eq!(m.regions[0].pages, 1024);
         assert!(m.regions[0].bytes().iter().all(|b| *b == 0));
         let mut crc = 0;
