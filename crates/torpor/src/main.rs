@@ -132,6 +132,17 @@ enum Cmd {
         memory: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Bytes each TOUCH request reads and changes (clipped to --memory).
+        #[arg(long, default_value = "16MiB", value_parser = size_arg)]
+        touch: u64,
+        #[arg(long)]
+        port_file: Option<PathBuf>,
+    },
+    /// The mutator sample service (differential sleep/wake tests).
+    #[command(hide = true)]
+    MutatorService {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
         #[arg(long)]
         port_file: Option<PathBuf>,
     },
@@ -448,13 +459,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             memory,
             seed,
+            touch,
             port_file,
         } => torpor_workload::run(&torpor_workload::SampleConfig {
             listen,
             memory,
             seed,
+            touch,
             port_file,
         })?,
+        Cmd::MutatorService { listen, port_file } => {
+            torpor_workload::mutator::run(&torpor_workload::mutator::MutatorConfig {
+                listen,
+                port_file,
+            })?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,8 +2,14 @@
 //! buffer of seeded pseudo-random bytes (so its memory can be checked bit for bit after a
 //! restore), a counter that a thread advances every 10 ms (so it visibly keeps running),
 //! and answers a line protocol over TCP: `PING` → `PONG`, `SUM` → CRC32C of the buffer,
-//! `COUNT` → the counter, or the same over HTTP/1.1 (`GET /ping`, `/sum`, `/count`). Plain threads and blocking sockets: nothing that would make the
-//! checkpoint about the runtime rather than the memory.
+//! `COUNT` → the counter, `TOUCH` → reads and changes every page of the buffer's first
+//! `touch` bytes and answers their CRC32C (a service whose requests touch a known amount of
+//! memory, for lazy restore), or the same over HTTP/1.1 (`GET /ping`, `/sum`, `/count`,
+//! `/touch`). Plain threads and blocking sockets: nothing that would make the checkpoint about
+//! the runtime rather than the memory.
+//!
+//! [`mutator`] is the other sample: a service whose requests exercise what makes restoring
+//! memory hard, for differential tests.
 
 use std::{
     fs,
@@ -12,7 +18,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -21,6 +27,10 @@ use std::{
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
 
 pub mod grpc;
+pub mod mutator;
+
+/// The page size the sample services touch memory by.
+pub const PAGE: usize = 4096;
 
 /// How the sample service starts.
 #[derive(Debug, Clone)]
@@ -29,6 +39,9 @@ pub struct SampleConfig {
     /// Bytes of seeded random memory to hold.
     pub memory: u64,
     pub seed: u64,
+    /// Bytes at the start of the buffer that each `TOUCH` reads and changes (clipped to
+    /// `memory`): what one request costs a lazily restored service.
+    pub touch: u64,
     /// Written with the bound port once listening (useful with port 0).
     pub port_file: Option<PathBuf>,
 }
@@ -42,13 +55,14 @@ pub fn seeded_buffer(memory: u64, seed: u64) -> Vec<u8> {
 
 /// Runs the service; returns only on a listen error.
 pub fn run(cfg: &SampleConfig) -> io::Result<()> {
-    let memory = Arc::new(seeded_buffer(cfg.memory, cfg.seed));
+    let memory = Arc::new(Memory {
+        buf: Mutex::new(seeded_buffer(cfg.memory, cfg.seed)),
+        touch: cfg.touch.min(cfg.memory) as usize,
+    });
     let counter = Arc::new(AtomicU64::new(0));
     let listener = TcpListener::bind(cfg.listen)?;
     if let Some(p) = &cfg.port_file {
-        let tmp = p.with_extension("tmp");
-        fs::write(&tmp, listener.local_addr()?.port().to_string())?;
-        fs::rename(tmp, p)?;
+        write_port_file(p, listener.local_addr()?.port())?;
     }
     {
         let counter = counter.clone();
@@ -67,18 +81,52 @@ pub fn run(cfg: &SampleConfig) -> io::Result<()> {
     Ok(())
 }
 
-fn answer(cmd: &str, memory: &[u8], counter: &AtomicU64) -> Option<String> {
+/// The service's buffer; `TOUCH` changes it, so connections share it behind a lock.
+struct Memory {
+    buf: Mutex<Vec<u8>>,
+    /// Bytes `TOUCH` covers, already clipped to the buffer.
+    touch: usize,
+}
+
+/// Adds 1 to the first byte of every page of `region`, then answers the CRC32C of the whole
+/// region and its length: every page is read and written once.
+pub fn touch_region(region: &mut [u8]) -> String {
+    for page in region.chunks_mut(PAGE) {
+        page[0] = page[0].wrapping_add(1);
+    }
+    format!("{:08x} {}", crc32c::crc32c(region), region.len())
+}
+
+/// The answer to the `times`-th `TOUCH` (from 1) of a fresh service with this size, seed and
+/// touch size.
+pub fn expected_touch(memory: u64, seed: u64, touch: u64, times: u32) -> String {
+    let mut buf = seeded_buffer(memory, seed);
+    let region = &mut buf[..touch.min(memory) as usize];
+    let mut answer = String::new();
+    for _ in 0..times {
+        answer = touch_region(region);
+    }
+    answer
+}
+
+fn answer(cmd: &str, memory: &Memory, counter: &AtomicU64) -> Option<String> {
+    // A panicked holder cannot leave the bytes invalid: every state of them is a valid buffer.
+    let lock = || memory.buf.lock().unwrap_or_else(|e| e.into_inner());
     match cmd {
         "PING" => Some("PONG".to_string()),
-        "SUM" => Some(format!("{:08x} {}", crc32c::crc32c(memory), memory.len())),
+        "SUM" => {
+            let buf = lock();
+            Some(format!("{:08x} {}", crc32c::crc32c(&buf), buf.len()))
+        }
         "COUNT" => Some(counter.load(Ordering::Relaxed).to_string()),
+        "TOUCH" => Some(touch_region(&mut lock()[..memory.touch])),
         _ => None,
     }
 }
 
-/// Serves one connection: the line protocol, or HTTP/1.1 `GET /ping|/sum|/count` (keep-alive)
-/// when the first line is an HTTP request line.
-fn serve(conn: TcpStream, memory: &[u8], counter: &AtomicU64) -> io::Result<()> {
+/// Serves one connection: the line protocol, or HTTP/1.1 `GET /ping|/sum|/count|/touch`
+/// (keep-alive) when the first line is an HTTP request line.
+fn serve(conn: TcpStream, memory: &Memory, counter: &AtomicU64) -> io::Result<()> {
     // Answers are small and final: no Nagle delay waiting for the peer's ACK.
     conn.set_nodelay(true)?;
     let mut out = conn.try_clone()?;
@@ -177,7 +225,15 @@ pub fn expected_sum(memory: u64, seed: u64) -> String {
     format!("{:08x} {}", crc32c::crc32c(&buf), buf.len())
 }
 
-/// Waits for a port file written by [`run`].
+/// Writes `port` to `path` whole (through a rename), so [`wait_port_file`] never reads half
+/// of it.
+pub fn write_port_file(path: &std::path::Path, port: u16) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, port.to_string())?;
+    fs::rename(tmp, path)
+}
+
+/// Waits for a port file written by [`run`] (or [`write_port_file`]).
 pub fn wait_port_file(path: &std::path::Path, timeout: Duration) -> io::Result<u16> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -194,5 +250,55 @@ pub fn wait_port_file(path: &std::path::Path, timeout: Duration) -> io::Result<u
             ));
         }
         thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: u64 = 9;
+
+    fn memory(size: u64, touch: u64) -> Memory {
+        Memory {
+            buf: Mutex::new(seeded_buffer(size, SEED)),
+            touch: touch.min(size) as usize,
+        }
+    }
+
+    #[test]
+    fn touch_changes_every_page_of_its_region_and_nothing_else() {
+        let (size, touch) = (64 * PAGE as u64, 16 * PAGE as u64 + 100);
+        let m = memory(size, touch);
+        let counter = AtomicU64::new(0);
+        let before = seeded_buffer(size, SEED);
+        let first = answer("TOUCH", &m, &counter).unwrap();
+        assert_eq!(first, expected_touch(size, SEED, touch, 1));
+        assert!(first.ends_with(&format!(" {touch}")), "{first}");
+        let after = m.buf.lock().unwrap().clone();
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            let in_touch = (i as u64) < touch;
+            assert_eq!(
+                a != b,
+                in_touch && i % PAGE == 0,
+                "byte {i}: only the first byte of each touched page changes"
+            );
+        }
+        let second = answer("TOUCH", &m, &counter).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, expected_touch(size, SEED, touch, 2));
+        assert_eq!(
+            answer("SUM", &m, &counter).unwrap(),
+            format!("{:08x} {size}", crc32c::crc32c(&m.buf.lock().unwrap()))
+        );
+    }
+
+    #[test]
+    fn touch_is_clipped_to_the_memory() {
+        let m = memory(8 * PAGE as u64, 1 << 30);
+        let counter = AtomicU64::new(0);
+        let got = answer("TOUCH", &m, &counter).unwrap();
+        assert_eq!(got, expected_touch(8 * PAGE as u64, SEED, 1 << 30, 1));
+        assert!(got.ends_with(&format!(" {}", 8 * PAGE)), "{got}");
     }
 }
