@@ -133,7 +133,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Bytes each TOUCH request reads and changes (clipped to --memory).
-        #[arg(long, default_value = "16MiB", value_parser = size_arg)]
+        #[arg(long, default_value_t = torpor_workload::DEFAULT_TOUCH, value_parser = size_arg)]
         touch: u64,
         #[arg(long)]
         port_file: Option<PathBuf>,

@@ -224,6 +224,23 @@ fn eager_restores_answer_every_request_as_a_mutator_that_never_slept() -> Result
     differential("")
 }
 
+#[test]
+fn lazy_restores_with_prefetch_answer_every_request_as_a_mutator_that_never_slept() -> Result<()> {
+    differential("restore = \"lazy\"")
+}
+
+#[test]
+fn lazy_restores_without_prefetch_answer_every_request_as_a_mutator_that_never_slept(
+) -> Result<()> {
+    differential("restore = \"lazy\"\nprefetch = false")
+}
+
+#[test]
+fn lazy_restores_filling_in_the_background_answer_every_request_as_a_mutator_that_never_slept(
+) -> Result<()> {
+    differential("restore = \"lazy\"\nbackground_fill = true")
+}
+
 /// The real binary's mutator answers its protocol, and killing it leaves no forked child.
 #[test]
 fn the_mutator_binary_serves_its_protocol() -> Result<()> {

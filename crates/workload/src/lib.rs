@@ -32,6 +32,10 @@ pub mod mutator;
 /// The page size the sample services touch memory by.
 pub const PAGE: usize = 4096;
 
+/// What a `TOUCH` request touches unless `--touch` says otherwise: a hot set the size of a
+/// typical request's working memory, for benchmarks of lazy restore.
+pub const DEFAULT_TOUCH: u64 = 16 << 20;
+
 /// How the sample service starts.
 #[derive(Debug, Clone)]
 pub struct SampleConfig {
