@@ -11,6 +11,9 @@ mod server;
 mod session;
 pub mod uffd;
 
+#[cfg(test)]
+mod fake;
+
 pub use server::{LazyConfig, LazyError, LazyServer, MAX_FAULT_READ, SOCKET_NAME};
 pub use session::{Fill, LazyStats, Unprovable};
 

@@ -783,3 +783,7 @@ impl<U: Uffd> Drop for Session<U> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
