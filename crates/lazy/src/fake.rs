@@ -86,10 +86,16 @@ impl Mm {
         let mut done = 0;
         while done < len {
             let Some(i) = self.page(dst + done) else {
-                return Err(FillError { errno: Errno::ENOENT, done });
+                return Err(FillError {
+                    errno: Errno::ENOENT,
+                    done,
+                });
             };
             if self.present[i] {
-                return Err(FillError { errno: Errno::EEXIST, done });
+                return Err(FillError {
+                    errno: Errno::EEXIST,
+                    done,
+                });
             }
             let at = (dst + done - self.base) as usize;
             let page = &mut self.mem[at..at + PAGE_SIZE as usize];
@@ -109,7 +115,10 @@ impl Uffd for FakeUffd {
         let mut mm = self.0.borrow_mut();
         mm.ops.push(Op::Copy(dst, src.len() as u64));
         if mm.gone {
-            return Err(FillError { errno: Errno::ESRCH, done: 0 });
+            return Err(FillError {
+                errno: Errno::ESRCH,
+                done: 0,
+            });
         }
         if let Some(err) = mm.copy_errors.pop_front() {
             if err.done > 0 {
@@ -127,7 +136,10 @@ impl Uffd for FakeUffd {
         let mut mm = self.0.borrow_mut();
         mm.ops.push(Op::Zero(dst, len));
         if mm.gone {
-            return Err(FillError { errno: Errno::ESRCH, done: 0 });
+            return Err(FillError {
+                errno: Errno::ESRCH,
+                done: 0,
+            });
         }
         mm.fill(dst, None, len)
     }

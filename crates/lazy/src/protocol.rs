@@ -9,7 +9,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::errno::Errno;
-use nix::sys::socket::{recv, recvmsg, send, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    recv, recvmsg, send, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags,
+};
 
 /// "ReSTore Finished": the last word CRIU sends, after every process registered its ranges.
 pub const FIN: u32 = 0x5253_5446;
@@ -68,7 +70,11 @@ impl RestoreStream {
     /// each under one mutex, so the rest follows at once); the socket's read timeout bounds it.
     pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
         let Some(word) = self.read_word()? else {
-            return if self.fin { Ok(None) } else { Err(ProtocolError::ClosedBeforeFin) };
+            return if self.fin {
+                Ok(None)
+            } else {
+                Err(ProtocolError::ClosedBeforeFin)
+            };
         };
         if word == FIN {
             self.fin = true;
@@ -123,11 +129,17 @@ impl RestoreStream {
             for cmsg in msg.cmsgs().map_err(|e| ProtocolError::Io(e.into()))? {
                 if let ControlMessageOwned::ScmRights(raw) = cmsg {
                     // SAFETY: the kernel installed these fds in our table for this message.
-                    fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
                 }
             }
             // one fd per process; extras (never sent by CRIU) are closed here
-            return fds.into_iter().next().ok_or(ProtocolError::MissingFd { pid });
+            return fds
+                .into_iter()
+                .next()
+                .ok_or(ProtocolError::MissingFd { pid });
         }
     }
 }
@@ -201,14 +213,25 @@ mod tests {
                 let a = nix::sys::stat::fstat(uffd.as_raw_fd()).unwrap();
                 let b = nix::sys::stat::fstat(file.as_raw_fd()).unwrap();
                 assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino));
-                let flags = nix::fcntl::fcntl(uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
-                assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds are close-on-exec");
+                let flags =
+                    nix::fcntl::fcntl(uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+                assert_ne!(
+                    flags & libc::FD_CLOEXEC,
+                    0,
+                    "received fds are close-on-exec"
+                );
             }
             other => panic!("expected a process, got {other:?}"),
         }
-        assert!(matches!(rx.next_message().unwrap(), Some(Message::Zombie { pid: 17 })));
+        assert!(matches!(
+            rx.next_message().unwrap(),
+            Some(Message::Zombie { pid: 17 })
+        ));
         assert!(matches!(rx.next_message().unwrap(), Some(Message::Fin)));
-        assert!(rx.next_message().unwrap().is_none(), "EOF after FIN is the end");
+        assert!(
+            rx.next_message().unwrap().is_none(),
+            "EOF after FIN is the end"
+        );
     }
 
     #[test]
@@ -216,8 +239,14 @@ mod tests {
         let (criu, mut rx) = pair();
         send_zombie(&criu, 3).unwrap();
         drop(criu);
-        assert!(matches!(rx.next_message().unwrap(), Some(Message::Zombie { pid: 3 })));
-        assert!(matches!(rx.next_message(), Err(ProtocolError::ClosedBeforeFin)));
+        assert!(matches!(
+            rx.next_message().unwrap(),
+            Some(Message::Zombie { pid: 3 })
+        ));
+        assert!(matches!(
+            rx.next_message(),
+            Err(ProtocolError::ClosedBeforeFin)
+        ));
     }
 
     #[test]
@@ -238,7 +267,10 @@ mod tests {
         let (mut criu, mut rx) = pair();
         criu.write_all(&55i32.to_ne_bytes()).unwrap();
         criu.write_all(&[0]).unwrap();
-        assert!(matches!(rx.next_message(), Err(ProtocolError::MissingFd { pid: 55 })));
+        assert!(matches!(
+            rx.next_message(),
+            Err(ProtocolError::MissingFd { pid: 55 })
+        ));
     }
 
     #[test]

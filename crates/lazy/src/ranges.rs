@@ -50,7 +50,10 @@ impl RangeSet {
         if r.len == 0 {
             return;
         }
-        debug_assert!(self.first_within(r.start, r.end()).is_none(), "overlapping insert {r:?}");
+        debug_assert!(
+            self.first_within(r.start, r.end()).is_none(),
+            "overlapping insert {r:?}"
+        );
         self.bytes += r.len;
         self.pieces.insert(
             r.start,
@@ -175,7 +178,6 @@ impl RangeSet {
             origin: p.origin.clone(),
         })
     }
-
 }
 
 /// Checks what [`RangeSet::from_ranges`] relies on: non-empty, page-aligned, sorted, disjoint.
@@ -184,7 +186,10 @@ pub fn validate(ranges: &[PageRange]) -> Result<(), String> {
     let mut last_end = 0u64;
     for r in ranges {
         if r.len == 0 || r.start % page != 0 || r.len % page != 0 {
-            return Err(format!("range {:#x}+{:#x} is empty or not page-aligned", r.start, r.len));
+            return Err(format!(
+                "range {:#x}+{:#x} is empty or not page-aligned",
+                r.start, r.len
+            ));
         }
         if r.start.checked_add(r.len).is_none() {
             return Err(format!("range {:#x}+{:#x} overflows", r.start, r.len));
@@ -217,11 +222,7 @@ impl Extents {
                 hi = hi.max(e);
             }
         }
-        let absorbed: Vec<(u64, u64)> = self
-            .map
-            .range(lo..=hi)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let absorbed: Vec<(u64, u64)> = self.map.range(lo..=hi).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in absorbed {
             self.map.remove(&s);
             hi = hi.max(e);
@@ -383,8 +384,16 @@ mod tests {
     #[test]
     fn containing_and_first_within_clip() {
         let set = RangeSet::from_ranges(&[
-            PageRange { start: 0x1000, len: 0x3000, origin: origin(0) },
-            PageRange { start: 0x4000, len: 0x1000, origin: origin(0x10000) },
+            PageRange {
+                start: 0x1000,
+                len: 0x3000,
+                origin: origin(0),
+            },
+            PageRange {
+                start: 0x4000,
+                len: 0x1000,
+                origin: origin(0x10000),
+            },
         ]);
         // adjacent pieces stay apart: they may be in different VMAs
         assert_eq!(set.containing(0x3000).unwrap().end(), 0x4000);
@@ -396,7 +405,11 @@ mod tests {
 
     #[test]
     fn validate_refuses_bad_ranges() {
-        let r = |start, len| PageRange { start, len, origin: origin(0) };
+        let r = |start, len| PageRange {
+            start,
+            len,
+            origin: origin(0),
+        };
         assert!(validate(&[r(0x1000, 0)]).is_err());
         assert!(validate(&[r(0x1001, 0x1000)]).is_err());
         assert!(validate(&[r(0x1000, 0x1001)]).is_err());

@@ -118,7 +118,8 @@ impl LazyServer {
     /// thread.
     pub fn start(cfg: LazyConfig, source: Box<dyn PageSource>) -> Result<LazyServer, LazyError> {
         for (&pid, ranges) in &cfg.ranges {
-            crate::ranges::validate(ranges).map_err(|reason| LazyError::InvalidRanges { pid, reason })?;
+            crate::ranges::validate(ranges)
+                .map_err(|reason| LazyError::InvalidRanges { pid, reason })?;
         }
         if !(PAGE_SIZE..=MAX_FAULT_READ).contains(&cfg.max_fault_read) {
             return Err(LazyError::InvalidFaultRead(cfg.max_fault_read));
@@ -216,7 +217,11 @@ impl LazyServer {
     /// Ranges copied during the record window, coalesced, per pid.
     pub fn working_set(&self) -> HashMap<i32, Vec<(u64, u64)>> {
         let state = self.shared.lock();
-        state.working_set.iter().map(|(&pid, e)| (pid, e.to_vec())).collect()
+        state
+            .working_set
+            .iter()
+            .map(|(&pid, e)| (pid, e.to_vec()))
+            .collect()
     }
 
     pub fn set_fill(&self, fill: Fill) {
@@ -243,7 +248,8 @@ impl LazyServer {
     /// (its pid is unknown, so they cannot be attributed), or the server failed.
     pub fn remaining(&self) -> Result<HashMap<i32, Vec<PageRange>>, Unprovable> {
         let (tx, rx) = mpsc::channel();
-        self.command(Command::Remaining(tx)).map_err(|_| Unprovable::Stopped)?;
+        self.command(Command::Remaining(tx))
+            .map_err(|_| Unprovable::Stopped)?;
         rx.recv().unwrap_or(Err(Unprovable::Stopped))
     }
 
@@ -309,10 +315,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl Loop {
     fn run(mut self) {
-        loop {
-            let Some(ready) = self.wait() else {
-                break;
-            };
+        while let Some(ready) = self.wait() {
             for p in ready.procs {
                 self.session.service(p);
             }
@@ -332,7 +335,8 @@ impl Loop {
             self.answer_fill_waiters();
             self.session.publish();
             self.shared.changed.notify_all();
-            if self.shutting_down && (self.session.failed().is_some() || self.session.all_filled()) {
+            if self.shutting_down && (self.session.failed().is_some() || self.session.all_filled())
+            {
                 break;
             }
         }
@@ -367,7 +371,11 @@ impl Loop {
             fds.push(PollFd::new(u.as_fd(), PollFlags::POLLIN));
             procs.push(i);
         }
-        let timeout = if busy { PollTimeout::ZERO } else { PollTimeout::NONE };
+        let timeout = if busy {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
+        };
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => {
@@ -406,7 +414,11 @@ impl Loop {
                 self.listener = None;
                 let _ = std::fs::remove_file(&self.socket_path);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) => tracing::warn!("accepting on {}: {e}", self.socket_path.display()),
         }
     }

@@ -326,7 +326,10 @@ impl<U: Uffd> Session<U> {
             return true;
         }
         if self.fill == Fill::Background || self.fill_all {
-            let next = self.procs.iter().position(|p| p.uffd.is_some() && !p.remaining.is_empty());
+            let next = self
+                .procs
+                .iter()
+                .position(|p| p.uffd.is_some() && !p.remaining.is_empty());
             if let Some(p) = next {
                 let r = self.procs[p].remaining.first().expect("not empty");
                 let len = r.len.min(self.xfer_len);
@@ -389,7 +392,9 @@ impl<U: Uffd> Session<U> {
             if proc.forked {
                 return Err(Unprovable::ForkedChild { parent: proc.pid });
             }
-            out.entry(proc.pid).or_default().extend(proc.remaining.iter());
+            out.entry(proc.pid)
+                .or_default()
+                .extend(proc.remaining.iter());
         }
         Ok(out)
     }
@@ -429,7 +434,10 @@ impl<U: Uffd> Session<U> {
         if self.failed.is_some() {
             return;
         }
-        tracing::error!(reason, "lazy-pages server gives up; killing the restored tree");
+        tracing::error!(
+            reason,
+            "lazy-pages server gives up; killing the restored tree"
+        );
         self.failed = Some(reason.to_string());
         self.queue.clear();
         self.prefetch.clear();
@@ -524,7 +532,9 @@ impl<U: Uffd> Session<U> {
                 self.drop_range(p, start, end);
             }
             Event::Unmap { start, end } => self.drop_range(p, start, end),
-            Event::Unknown(code) => self.fail(&format!("unexpected uffd event {code:#x} from pid {pid}")),
+            Event::Unknown(code) => {
+                self.fail(&format!("unexpected uffd event {code:#x} from pid {pid}"))
+            }
         }
     }
 
@@ -749,7 +759,9 @@ impl<U: Uffd> Session<U> {
     }
 
     fn copied(&mut self, p: usize, start: u64, len: u64, kind: Kind) {
-        let record = !self.procs[p].forked && self.record_until.map_or(true, |until| Instant::now() < until);
+        // copies before FIN count too; after FIN only within the window
+        let in_window = !matches!(self.record_until, Some(until) if Instant::now() >= until);
+        let record = !self.procs[p].forked && in_window;
         let pid = self.procs[p].pid;
         let mut state = self.shared.lock();
         match kind {

@@ -114,12 +114,21 @@ impl Harness {
     fn assert_bytes(&self, addr: u64, len: u64, offset: u64) {
         let got = self.uffd.bytes(addr, len);
         for (i, b) in got.iter().enumerate() {
-            assert_eq!(*b, pattern(offset + i as u64), "byte {:#x}", addr + i as u64);
+            assert_eq!(
+                *b,
+                pattern(offset + i as u64),
+                "byte {:#x}",
+                addr + i as u64
+            );
         }
     }
 
     fn remaining(&mut self) -> Vec<PageRange> {
-        self.session.remaining().unwrap().remove(&PID).unwrap_or_default()
+        self.session
+            .remaining()
+            .unwrap()
+            .remove(&PID)
+            .unwrap_or_default()
     }
 }
 
@@ -134,14 +143,22 @@ fn fault_in_range_copies_origin_bytes_with_a_window() {
     assert_eq!((s.faults, s.faulted_bytes, s.zero_pages), (1, 16 * P, 0));
     assert_eq!(s.remaining_bytes, 48 * P);
     assert!(s.fault_wait_s > 0.0);
-    assert_eq!(h.remaining(), vec![range(BASE + 16 * P, 48 * P, 0x5000 + 16 * P)]);
+    assert_eq!(
+        h.remaining(),
+        vec![range(BASE + 16 * P, 48 * P, 0x5000 + 16 * P)]
+    );
     let ws = h.shared.lock().working_set.get(&PID).unwrap().to_vec();
     assert_eq!(ws, vec![(BASE, 16 * P)]);
 }
 
 #[test]
 fn readahead_doubles_on_sequential_faults_up_to_the_maximum() {
-    let mut h = harness_with(vec![range(BASE, 512 * P, 0)], Vec::new(), Fill::OnDemand, 256 << 10);
+    let mut h = harness_with(
+        vec![range(BASE, 512 * P, 0)],
+        Vec::new(),
+        Fill::OnDemand,
+        256 << 10,
+    );
     let mut at = BASE;
     for _ in 0..4 {
         h.fault(at);
@@ -170,7 +187,10 @@ fn readahead_doubles_on_sequential_faults_up_to_the_maximum() {
 #[test]
 fn window_is_clipped_to_the_piece() {
     // two adjacent ranges (two VMAs): one copy never crosses from one into the other
-    let mut h = harness(vec![range(BASE, 4 * P, 0), range(BASE + 4 * P, 4 * P, 0x10_0000)]);
+    let mut h = harness(vec![
+        range(BASE, 4 * P, 0),
+        range(BASE + 4 * P, 4 * P, 0x10_0000),
+    ]);
     h.fault(BASE + 5 * P);
     assert_eq!(h.uffd.ops(), vec![Op::Copy(BASE + 4 * P, 4 * P)]);
     h.assert_bytes(BASE + 4 * P, 4 * P, 0x10_0000);
@@ -201,7 +221,10 @@ fn eexist_wakes_the_present_page_and_goes_on() {
     h.assert_bytes(BASE, 3 * P, 0);
     h.assert_bytes(BASE + 4 * P, 12 * P, 4 * P);
     let s = h.stats();
-    assert_eq!((s.faulted_bytes, s.dropped_bytes, s.remaining_bytes), (15 * P, P, 0));
+    assert_eq!(
+        (s.faulted_bytes, s.dropped_bytes, s.remaining_bytes),
+        (15 * P, P, 0)
+    );
 }
 
 #[test]
@@ -247,14 +270,20 @@ fn eagain_without_a_queued_event_waits_for_one() {
         done: 0,
     });
     h.fault(BASE);
-    assert_eq!(h.uffd.ops(), vec![Op::Copy(BASE, 16 * P), Op::Copy(BASE, 16 * P)]);
+    assert_eq!(
+        h.uffd.ops(),
+        vec![Op::Copy(BASE, 16 * P), Op::Copy(BASE, 16 * P)]
+    );
     assert_eq!(h.uffd.0.borrow().waits, 1);
     h.assert_bytes(BASE, 16 * P, 0);
 }
 
 #[test]
 fn faults_read_during_a_drain_are_served_after_the_copy() {
-    let mut h = harness(vec![range(BASE, 16 * P, 0), range(BASE + 32 * P, 16 * P, 0x40_0000)]);
+    let mut h = harness(vec![
+        range(BASE, 16 * P, 0),
+        range(BASE + 32 * P, 16 * P, 0x40_0000),
+    ]);
     {
         let mut mm = h.uffd.0.borrow_mut();
         mm.copy_errors.push_back(FillError {
@@ -262,8 +291,11 @@ fn faults_read_during_a_drain_are_served_after_the_copy() {
             done: 0,
         });
         // a fault on the page being copied (answered by the copy) and one elsewhere
-        mm.events_on_error.push_back(Event::PageFault { address: BASE + P });
-        mm.events_on_error.push_back(Event::PageFault { address: BASE + 40 * P });
+        mm.events_on_error
+            .push_back(Event::PageFault { address: BASE + P });
+        mm.events_on_error.push_back(Event::PageFault {
+            address: BASE + 40 * P,
+        });
     }
     h.fault(BASE);
     assert_eq!(
@@ -318,7 +350,10 @@ fn remove_unregisters_and_drops() {
         vec![range(BASE, 4 * P, 0), range(BASE + 8 * P, 8 * P, 8 * P)]
     );
     let s = h.stats();
-    assert_eq!((s.dropped_bytes, s.remaining_bytes, s.lazy_bytes), (4 * P, 12 * P, 16 * P));
+    assert_eq!(
+        (s.dropped_bytes, s.remaining_bytes, s.lazy_bytes),
+        (4 * P, 12 * P, 16 * P)
+    );
 }
 
 #[test]
@@ -365,7 +400,10 @@ fn remap_shifts_ranges_and_keeps_origins() {
 
 #[test]
 fn fork_gives_the_child_the_parents_remaining_and_in_flight_ranges() {
-    let mut h = harness(vec![range(BASE, 16 * P, 0), range(BASE + 32 * P, 4 * P, 0x9000)]);
+    let mut h = harness(vec![
+        range(BASE, 16 * P, 0),
+        range(BASE + 32 * P, 4 * P, 0x9000),
+    ]);
     let child = FakeUffd::new(BASE, PAGES);
     {
         // the fork happens while the first range is being copied into the parent
@@ -388,7 +426,9 @@ fn fork_gives_the_child_the_parents_remaining_and_in_flight_ranges() {
     let s = h.stats();
     assert_eq!((s.forks, s.lazy_bytes), (1, 40 * P));
     // the child's faults are served on the child's uffd
-    child.push(Event::PageFault { address: BASE + 33 * P });
+    child.push(Event::PageFault {
+        address: BASE + 33 * P,
+    });
     h.session.service(1);
     assert_eq!(child.ops(), vec![Op::Copy(BASE + 32 * P, 4 * P)]);
     let want: Vec<u8> = (0..4 * P).map(|i| pattern(0x9000 + i)).collect();
@@ -408,7 +448,11 @@ fn source_failure_calls_on_failure_once_and_fills_nothing() {
     h.source_fails.store(true, Ordering::SeqCst);
     h.fault(BASE);
     h.fault(BASE + 100 * P);
-    assert!(h.uffd.ops().is_empty(), "nothing copied or zero-filled: {:?}", h.uffd.ops());
+    assert!(
+        h.uffd.ops().is_empty(),
+        "nothing copied or zero-filled: {:?}",
+        h.uffd.ops()
+    );
     let failures = h.failures.lock().unwrap().clone();
     assert_eq!(failures.len(), 1);
     assert!(failures[0].contains("pool unreachable"), "{failures:?}");
@@ -447,7 +491,10 @@ fn unknown_event_is_fatal() {
 
 #[test]
 fn prefetch_after_fin_copies_only_lazy_parts_in_large_chunks() {
-    let ranges = vec![range(BASE, 16 * P, 0), range(BASE + 32 * P, 2048 * P, 0x10_0000)];
+    let ranges = vec![
+        range(BASE, 16 * P, 0),
+        range(BASE + 32 * P, 2048 * P, 0x10_0000),
+    ];
     let prefetch = vec![(BASE + 8 * P, 40 * P), (BASE + 100 * P, 1500 * P)];
     let mut h = harness_with(ranges, prefetch, Fill::OnDemand, 2 << 20);
     h.uffd = FakeUffd::new(BASE, 4096);
@@ -473,7 +520,10 @@ fn prefetch_after_fin_copies_only_lazy_parts_in_large_chunks() {
 #[test]
 fn background_fill_copies_everything_then_retires_the_process() {
     let mut h = harness_with(
-        vec![range(BASE, 16 * P, 0), range(BASE + 64 * P, 300 * P, 0x20_0000)],
+        vec![
+            range(BASE, 16 * P, 0),
+            range(BASE + 64 * P, 300 * P, 0x20_0000),
+        ],
         Vec::new(),
         Fill::Background,
         2 << 20,
@@ -488,7 +538,10 @@ fn background_fill_copies_everything_then_retires_the_process() {
     h.assert_bytes(BASE + 64 * P, 300 * P, 0x20_0000);
     let s = h.stats();
     assert_eq!((s.background_bytes, s.remaining_bytes), (316 * P, 0));
-    assert!(h.shared.lock().working_set.is_empty(), "background is not working set");
+    assert!(
+        h.shared.lock().working_set.is_empty(),
+        "background is not working set"
+    );
     h.session.retire_done();
     assert!(h.session.procs[0].uffd.is_none());
 }
@@ -523,13 +576,19 @@ fn dropping_with_ranges_left_in_a_live_mm_kills_the_tree() {
     h.uffd.0.borrow_mut().gone = true;
     let failures = h.failures.clone();
     drop(h);
-    assert!(failures.lock().unwrap().is_empty(), "a dead tree needs no killing");
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "a dead tree needs no killing"
+    );
 }
 
 #[test]
 fn stats_add_up() {
     let mut h = harness_with(
-        vec![range(BASE, 64 * P, 0), range(BASE + 128 * P, 64 * P, 0x40_0000)],
+        vec![
+            range(BASE, 64 * P, 0),
+            range(BASE + 128 * P, 64 * P, 0x40_0000),
+        ],
         vec![(BASE + 128 * P, 8 * P)],
         Fill::OnDemand,
         2 << 20,
@@ -546,7 +605,11 @@ fn stats_add_up() {
     let s = h.stats();
     assert_eq!(
         s.lazy_bytes,
-        s.faulted_bytes + s.prefetched_bytes + s.background_bytes + s.dropped_bytes + s.remaining_bytes,
+        s.faulted_bytes
+            + s.prefetched_bytes
+            + s.background_bytes
+            + s.dropped_bytes
+            + s.remaining_bytes,
         "{s:?}"
     );
     assert_eq!(s.prefetched_bytes, 8 * P);

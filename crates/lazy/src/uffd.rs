@@ -132,11 +132,23 @@ pub fn decode(msg: &[u8; MSG_SIZE]) -> RawEvent {
 /// An event with a fork's child uffd owned, so that it can never be closed by accident.
 #[derive(Debug)]
 pub enum Event<U> {
-    PageFault { address: u64 },
+    PageFault {
+        address: u64,
+    },
     Fork(U),
-    Remap { from: u64, to: u64, len: u64 },
-    Remove { start: u64, end: u64 },
-    Unmap { start: u64, end: u64 },
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    Remove {
+        start: u64,
+        end: u64,
+    },
+    Unmap {
+        start: u64,
+        end: u64,
+    },
     /// An event CRIU's feature set cannot produce: fatal for the session.
     Unknown(u8),
 }
@@ -196,7 +208,8 @@ impl RealUffd {
     /// this, tests and tools that play CRIU's part do.
     pub fn open(features: u64) -> io::Result<RealUffd> {
         // SAFETY: plain syscall with integer flags.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -269,11 +282,19 @@ impl Uffd for RealUffd {
     }
 
     fn wake(&mut self, start: u64, len: u64) -> Result<(), Errno> {
-        ioctl(self.fd.as_fd(), UFFDIO_WAKE, &mut UffdioRange { start, len })
+        ioctl(
+            self.fd.as_fd(),
+            UFFDIO_WAKE,
+            &mut UffdioRange { start, len },
+        )
     }
 
     fn unregister(&mut self, start: u64, len: u64) -> Result<(), Errno> {
-        ioctl(self.fd.as_fd(), UFFDIO_UNREGISTER, &mut UffdioRange { start, len })
+        ioctl(
+            self.fd.as_fd(),
+            UFFDIO_UNREGISTER,
+            &mut UffdioRange { start, len },
+        )
     }
 
     fn read_events(&mut self) -> Result<Vec<Event<Self>>, Errno> {
@@ -311,12 +332,21 @@ impl Uffd for RealUffd {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         // a failed or interrupted poll only shortens the wait; the caller retries either way
-        let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::ZERO));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::ZERO),
+        );
     }
 
     fn mm_alive(&mut self) -> bool {
         let r = self.zeropage_mode(PROBE_START, PROBE_END - PROBE_START, ZEROPAGE_MODE_DONTWAKE);
-        !matches!(r, Err(FillError { errno: Errno::ESRCH, .. }))
+        !matches!(
+            r,
+            Err(FillError {
+                errno: Errno::ESRCH,
+                ..
+            })
+        )
     }
 }
 
@@ -353,20 +383,32 @@ mod tests {
     fn decodes_every_event() {
         assert_eq!(
             decode(&msg(0x12, &[1, 0x7f00_1234, 77])),
-            RawEvent::PageFault { address: 0x7f00_1234 }
+            RawEvent::PageFault {
+                address: 0x7f00_1234
+            }
         );
         assert_eq!(decode(&msg(0x13, &[9])), RawEvent::Fork { ufd: 9 });
         assert_eq!(
             decode(&msg(0x14, &[0x1000, 0x9000, 0x2000])),
-            RawEvent::Remap { from: 0x1000, to: 0x9000, len: 0x2000 }
+            RawEvent::Remap {
+                from: 0x1000,
+                to: 0x9000,
+                len: 0x2000
+            }
         );
         assert_eq!(
             decode(&msg(0x15, &[0x1000, 0x3000])),
-            RawEvent::Remove { start: 0x1000, end: 0x3000 }
+            RawEvent::Remove {
+                start: 0x1000,
+                end: 0x3000
+            }
         );
         assert_eq!(
             decode(&msg(0x16, &[0x1000, 0x3000])),
-            RawEvent::Unmap { start: 0x1000, end: 0x3000 }
+            RawEvent::Unmap {
+                start: 0x1000,
+                end: 0x3000
+            }
         );
         assert_eq!(decode(&msg(0x17, &[])), RawEvent::Unknown(0x17));
     }
