@@ -5,6 +5,18 @@
 //! account of which ranges the service never touched, so that the next checkpoint can leave
 //! them where they are.
 
+pub mod protocol;
+mod ranges;
+mod server;
+mod session;
+pub mod uffd;
+
+#[cfg(test)]
+mod fake;
+
+pub use server::{LazyConfig, LazyError, LazyServer, MAX_FAULT_READ, SOCKET_NAME};
+pub use session::{Fill, LazyStats, Unprovable};
+
 use torpor_image::pages::Origin;
 
 /// Where the server gets the bytes of lazy pages from.
@@ -18,5 +30,6 @@ pub trait PageSource: Send + 'static {
 #[derive(Debug, thiserror::Error)]
 #[error("page source failed: {message}")]
 pub struct SourceError {
+    /// What went wrong, for the failure report and the log.
     pub message: String,
 }
