@@ -16,8 +16,7 @@ use std::{
 use serde::Serialize;
 use torpor_criu::{
     lazy::checkpoint_lazy_service, procs, runc::Runc, CheckpointError, CheckpointOptions,
-    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreOptions,
-    TcpConnections,
+    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreOptions, TcpConnections,
 };
 use torpor_pool::error_chain;
 use tracing::warn;
@@ -159,7 +158,9 @@ impl Host {
                             .list()?
                             .into_iter()
                             .filter(|s| {
-                                s.name == name && s.generation <= up_to && !keep.contains(&s.generation)
+                                s.name == name
+                                    && s.generation <= up_to
+                                    && !keep.contains(&s.generation)
                             })
                             .map(|s| s.generation)
                             .collect();
@@ -284,7 +285,12 @@ impl Runner for ProcessTree {
                 let result: Result<CheckpointReport, CheckpointError> = match session {
                     Some(session) => {
                         let r = checkpoint_lazy_service(
-                            &host.criu, pid, &name, &host.pools, &opts, &session,
+                            &host.criu,
+                            pid,
+                            &name,
+                            &host.pools,
+                            &opts,
+                            &session,
                         );
                         let mut state = lazy.lock().expect("lazy lock");
                         match r {
@@ -302,7 +308,9 @@ impl Runner for ProcessTree {
                             }
                         }
                     }
-                    None => torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pools, &opts),
+                    None => {
+                        torpor_criu::checkpoint_to_pool(&host.criu, pid, &name, &host.pools, &opts)
+                    }
                 };
                 let committed = result
                     .map(|r| Committed {

@@ -219,6 +219,7 @@ impl Managed {
             cold_starts: 0,
             snapshots_lost: 0,
             last_snapshot_lost: None,
+            lazy: None,
             restarts: 0,
             failed_checkpoints: 0,
             last_checkpoint_s: None,

@@ -161,7 +161,10 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     let mut sizes = Vec::new();
     for &size in &args.sizes {
         let (mut base, mut ours) = (Samples::default(), Samples::default());
-        let (mut cold, mut warm) = (lazywake::LazySamples::default(), lazywake::LazySamples::default());
+        let (mut cold, mut warm) = (
+            lazywake::LazySamples::default(),
+            lazywake::LazySamples::default(),
+        );
         let mut inc = lazywake::IncrementalSamples::default();
         let mut stock_lazy = lazywake::StockLazySamples::default();
         for rep in 0..args.repeat {
@@ -379,14 +382,26 @@ fn print_table(r: &CrReport) {
             fmt_opt(s.lazy.first_response_s, 3, "s"),
             fmt_opt(s.stock_lazy.first_response_s, 3, "s"),
             s.lazy.faulted_bytes.map(format_bytes).unwrap_or_default(),
-            s.lazy.prefetched_bytes.map(format_bytes).unwrap_or_default(),
+            s.lazy
+                .prefetched_bytes
+                .map(format_bytes)
+                .unwrap_or_default(),
         );
     }
     println!();
     println!("checkpoint after one request following a lazy wake (incremental) vs a full one:");
     println!(
         "{:>9} | {:>8} {:>8} | {:>8} {:>8} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
-        "size", "ckpt", "full", "frozen", "full", "written", "full", "inherited", "cycle cpu", "eager"
+        "size",
+        "ckpt",
+        "full",
+        "frozen",
+        "full",
+        "written",
+        "full",
+        "inherited",
+        "cycle cpu",
+        "eager"
     );
     for s in &r.sizes {
         let i = &s.incremental;

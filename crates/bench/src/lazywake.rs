@@ -43,7 +43,10 @@ pub fn cpu_now(pool: &PoolProcess) -> f64 {
     let secs = |who| {
         getrusage(who).map_or(0.0, |u| {
             let (a, b) = (u.user_time(), u.system_time());
-            a.tv_sec() as f64 + a.tv_usec() as f64 / 1e6 + b.tv_sec() as f64 + b.tv_usec() as f64 / 1e6
+            a.tv_sec() as f64
+                + a.tv_usec() as f64 / 1e6
+                + b.tv_sec() as f64
+                + b.tv_usec() as f64 / 1e6
         })
     };
     secs(UsageWho::RUSAGE_SELF)
@@ -186,8 +189,7 @@ pub fn torpor_round(
         samples.faulted.push(stats.faulted_bytes as f64);
         samples.prefetched.push(stats.prefetched_bytes as f64);
         let pid = w.report.pid;
-        let done =
-            checkpoint_lazy_service(criu, pid, &name, &pool.pools, &ckpt, &w.session);
+        let done = checkpoint_lazy_service(criu, pid, &name, &pool.pools, &ckpt, &w.session);
         let (report, increment) = match done {
             Ok(r) => r,
             Err(e) => {

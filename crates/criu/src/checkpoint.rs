@@ -227,11 +227,23 @@ impl BufferPool {
 }
 
 enum Msg {
-    Open { id: u32, name: String },
-    Data { id: u32, buf: Vec<u8> },
-    Close { id: u32, size: u64 },
+    Open {
+        id: u32,
+        name: String,
+    },
+    Data {
+        id: u32,
+        buf: Vec<u8>,
+    },
+    Close {
+        id: u32,
+        size: u64,
+    },
     /// A file of torpor's own, whole (not from CRIU's pipes, not from the buffer pool).
-    Whole { name: String, bytes: Vec<u8> },
+    Whole {
+        name: String,
+        bytes: Vec<u8>,
+    },
     Commit(mpsc::Sender<Result<Committed, ClientError>>),
 }
 
@@ -573,15 +585,20 @@ fn spawn_writer(
                     buffers.give(buf);
                     r
                 }
-                (Msg::Close { id, size }, Some(u)) if error.is_none() => {
-                    u.file_close(id, size).and_then(|()| match hashing.remove(&id) {
+                (Msg::Close { id, size }, Some(u)) if error.is_none() => u
+                    .file_close(id, size)
+                    .and_then(|()| match hashing.remove(&id) {
                         Some((name, h)) => {
                             next_own_id += 1;
-                            upload_whole(u, next_own_id, &blocks_file_for(&name), &h.finish().encode())
+                            upload_whole(
+                                u,
+                                next_own_id,
+                                &blocks_file_for(&name),
+                                &h.finish().encode(),
+                            )
                         }
                         None => Ok(()),
-                    })
-                }
+                    }),
                 (Msg::Whole { name, bytes }, Some(u)) if error.is_none() => {
                     next_own_id += 1;
                     upload_whole(u, next_own_id, &name, &bytes)

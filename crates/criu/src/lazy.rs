@@ -20,12 +20,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fs::{self, File},
-    io,
     os::unix::fs::FileExt,
-    path::Path,
     sync::{
         atomic::{AtomicI32, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -264,9 +262,8 @@ pub fn restore_lazy_from_pool(
 
     // What each process needs: CRIU's own lazy ranges of this generation, plus what the
     // index inherits; the eager parts of the pages file go into a sparse local copy.
-    let read_local = |file: String| {
-        fs::read(dir.join(&file)).map_err(|e| corrupt(format!("{file}: {e}")))
-    };
+    let read_local =
+        |file: String| fs::read(dir.join(&file)).map_err(|e| corrupt(format!("{file}: {e}")));
     let pids = pagemap::parse_pstree_pids(&read_local("pstree.img".into())?)
         .map_err(|e| corrupt(format!("pstree.img: {e}")))?;
     let mut ranges: HashMap<i32, Vec<PageRange>> = HashMap::new();
@@ -335,10 +332,12 @@ pub fn restore_lazy_from_pool(
                     file: f.name.clone(),
                     offset: offset + at,
                 };
-                source.read(&origin, &mut buf).map_err(|e| RestoreError::Pool {
-                    name: name.to_string(),
-                    source: ClientError::Unexpected(e.message),
-                })?;
+                source
+                    .read(&origin, &mut buf)
+                    .map_err(|e| RestoreError::Pool {
+                        name: name.to_string(),
+                        source: ClientError::Unexpected(e.message),
+                    })?;
                 out.write_all_at(&buf, offset + at)
                     .map_err(RestoreError::WorkDir)?;
                 at += n;
@@ -347,14 +346,20 @@ pub fn restore_lazy_from_pool(
         }
     }
     let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
-    let inherits = index.as_ref().map(PageIndex::generations).unwrap_or_default();
+    let inherits = index
+        .as_ref()
+        .map(PageIndex::generations)
+        .unwrap_or_default();
 
     let root = Arc::new(AtomicI32::new(0));
     let criu_pid = Arc::new(AtomicI32::new(0));
     let on_failure = {
         let (root, criu_pid, name) = (root.clone(), criu_pid.clone(), name.to_string());
         move |why: &str| {
-            warn!(name, why, "lazy restore lost its page source; killing the tree");
+            warn!(
+                name,
+                why, "lazy restore lost its page source; killing the tree"
+            );
             kill_tree(root.load(Ordering::SeqCst));
             let c = criu_pid.load(Ordering::SeqCst);
             if c > 0 {
@@ -404,7 +409,11 @@ pub fn restore_lazy_from_pool(
     }
     let mut child = criu.spawn(&mut cmd)?;
     criu_pid.store(child.id() as i32, Ordering::SeqCst);
-    debug!(name, generation = manifest.generation, "criu restore --lazy-pages started");
+    debug!(
+        name,
+        generation = manifest.generation,
+        "criu restore --lazy-pages started"
+    );
     let succeeded = child.wait().map_err(RestoreError::Stream)?.success();
     criu_pid.store(0, Ordering::SeqCst);
     let pid = read_no_follow(&pidfile)
@@ -489,15 +498,15 @@ pub fn checkpoint_lazy_service(
     session: &LazySession,
 ) -> Result<(CheckpointReport, Increment), CheckpointError> {
     let mut increment = None;
-    let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || {
-        match session.increment() {
-            Some(i) => {
-                let files = i.files();
-                increment = Some(i);
-                Ok(files)
-            }
-            None => Err("a child forked while pages were still in the pool runs on".into()),
+    let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || match session
+        .increment()
+    {
+        Some(i) => {
+            let files = i.files();
+            increment = Some(i);
+            Ok(files)
         }
+        None => Err("a child forked while pages were still in the pool runs on".into()),
     });
     match first {
         Ok(report) => Ok((report, increment.unwrap_or_default())),
@@ -686,7 +695,13 @@ impl PoolPages {
         Ok(c)
     }
 
-    fn read_range(&mut self, generation: u64, file: &str, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+    fn read_range(
+        &mut self,
+        generation: u64,
+        file: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
         let mut last = None;
         for _ in 0..2 {
             let client = match self.client.take() {
@@ -716,7 +731,10 @@ impl PageSource for PoolPages {
                 .read_range(origin.generation, &origin.file, origin.offset, buf)
                 .map_err(|e| fail(torpor_pool::error_chain(&e)));
         }
-        let digests = self.blocks.get(origin.generation, &origin.file).map_err(fail)?;
+        let digests = self
+            .blocks
+            .get(origin.generation, &origin.file)
+            .map_err(fail)?;
         let first = origin.offset / BLOCK_SIZE * BLOCK_SIZE;
         let end = (origin.offset + buf.len() as u64)
             .div_ceil(BLOCK_SIZE)

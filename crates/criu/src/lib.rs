@@ -34,8 +34,8 @@ pub mod streamer;
 
 pub use binary::{CriuBinary, CriuError};
 pub use checkpoint::{
-    checkpoint_to_pool, checkpoint_to_pool_with, run_as_for_tree, CheckpointError, CheckpointOptions, CheckpointReport,
-    TcpConnections,
+    checkpoint_to_pool, checkpoint_to_pool_with, run_as_for_tree, CheckpointError,
+    CheckpointOptions, CheckpointReport, TcpConnections,
 };
 pub use identity::{CriuIdentity, RunAs};
 pub use lazy::{restore_lazy_from_pool, Increment, LazyOptions, LazySession, LazyWake};

@@ -12,7 +12,7 @@
 //! otherwise be restored as root).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::{self, File},
     io::{self, Write},
     mem,
@@ -26,6 +26,7 @@ use thiserror::Error;
 use torpor_image::{
     format_bytes,
     manifest::SnapshotMeta,
+    pages::{PageIndex, PAGE_INDEX_FILE},
     seal::Seal,
     snapfile::{self, SnapfileError},
     validate_file_name, validate_snapshot_name,
@@ -323,6 +324,51 @@ struct Entry {
     data: StoredData,
     /// LRU clock value of the last put or get.
     last_used: u64,
+    /// Older generations whose pages this one inherits (its page index): they are kept as
+    /// long as it is, whatever `keep` says.
+    inherits: BTreeSet<u64>,
+}
+
+impl Entry {
+    fn new(manifest: Arc<Manifest>, data: StoredData, last_used: u64) -> Entry {
+        let inherits = inherited_generations(&manifest, &data);
+        Entry {
+            manifest,
+            data,
+            last_used,
+            inherits,
+        }
+    }
+}
+
+/// The generations a snapshot's page index refers to (none without an index). An index the
+/// pool cannot read keeps nothing alive: a restore refuses such a snapshot anyway.
+fn inherited_generations(manifest: &Manifest, data: &StoredData) -> BTreeSet<u64> {
+    let Some(file) = manifest
+        .files
+        .iter()
+        .position(|f| f.name == PAGE_INDEX_FILE)
+    else {
+        return BTreeSet::new();
+    };
+    let mut bytes = Vec::new();
+    let mut buf = Vec::new();
+    let read = (0..manifest.files[file].chunk_crcs.len()).try_for_each(|chunk| {
+        data.with_chunk(manifest, file, chunk, &mut buf, |b, _| {
+            bytes.extend_from_slice(b)
+        })
+    });
+    match read.map(|()| PageIndex::decode(&bytes)) {
+        Ok(Ok(index)) => index.generations(),
+        Ok(Err(e)) => {
+            warn!(name = %manifest.name, generation = manifest.generation, error = %e, "unreadable page index; it keeps no older generation");
+            BTreeSet::new()
+        }
+        Err(e) => {
+            warn!(name = %manifest.name, generation = manifest.generation, error = %error_chain(&e), "unreadable page index; it keeps no older generation");
+            BTreeSet::new()
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -521,16 +567,16 @@ impl Store {
                         info!(name = %manifest.name, generation = manifest.generation, path = %path.display(), "found snapshot in disk tier");
                         ns.generations.insert(
                             manifest.generation,
-                            Entry {
-                                manifest: Arc::new(manifest),
-                                data: StoredData::Disk(Arc::new(DiskFile {
+                            Entry::new(
+                                Arc::new(manifest),
+                                StoredData::Disk(Arc::new(DiskFile {
                                     path,
                                     file,
                                     offsets,
                                     blocks,
                                 })),
-                                last_used: 0,
-                            },
+                                0,
+                            ),
                         );
                     }
                     Err(e) => {
@@ -729,14 +775,21 @@ impl Store {
         };
         ns.generations.insert(
             manifest.generation,
-            Entry {
-                manifest: Arc::new(manifest),
-                data: StoredData::Ram(Arc::new(data)),
-                last_used: tick,
-            },
+            Entry::new(Arc::new(manifest), StoredData::Ram(Arc::new(data)), tick),
         );
+        // The newest `keep` generations stay, and every older one they inherit pages from.
         let cutoff = ns.last_generation.saturating_sub(self.keep as u64);
-        let old: Vec<u64> = ns.generations.range(..=cutoff).map(|(g, _)| *g).collect();
+        let inherited: BTreeSet<u64> = ns
+            .generations
+            .range(cutoff + 1..)
+            .flat_map(|(_, e)| e.inherits.iter().copied())
+            .collect();
+        let old: Vec<u64> = ns
+            .generations
+            .range(..=cutoff)
+            .map(|(g, _)| *g)
+            .filter(|g| !inherited.contains(g))
+            .collect();
         for g in old {
             if let Some(e) = ns.generations.remove(&g) {
                 info!(name = %upload.name, generation = g, keep = self.keep, "dropped old generation");

@@ -230,8 +230,8 @@ fn lazy_restores_with_prefetch_answer_every_request_as_a_mutator_that_never_slep
 }
 
 #[test]
-fn lazy_restores_without_prefetch_answer_every_request_as_a_mutator_that_never_slept(
-) -> Result<()> {
+fn lazy_restores_without_prefetch_answer_every_request_as_a_mutator_that_never_slept() -> Result<()>
+{
     differential("restore = \"lazy\"\nprefetch = false")
 }
 

@@ -14,8 +14,8 @@ use torpor_agent::{
     InitOptions, KnobConfig, Launch, MemoryRestore, NodePowerConfig, NodeSleepHooks, ProcessLaunch,
     ServiceSpec,
 };
-use torpor_gate::{GateLimits, Protocol};
 use torpor_criu::LazyOptions;
+use torpor_gate::{GateLimits, Protocol};
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
 use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
