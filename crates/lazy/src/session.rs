@@ -184,7 +184,6 @@ impl<U: Uffd> Session<U> {
         let max_fault_read = page_down(cfg.max_fault_read).max(PAGE_SIZE);
         // page-aligned, reused for every read, as large as the largest copy
         let buf = MmapMut::map_anon(max_fault_read.max(MAX_CHUNK) as usize)?;
-        shared.lock().stats.failed = None;
         Ok(Session {
             procs: Vec::new(),
             ranges: cfg.ranges,
