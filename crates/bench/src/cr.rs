@@ -14,6 +14,7 @@ use torpor_criu::{local, CheckpointOptions, CriuBinary, RestoreOptions};
 use torpor_image::format_bytes;
 
 use crate::{
+    fabric::{FabricProfile, FabricReport},
     harness::{become_subreaper, first_response, kill_and_reap, PoolProcess, SampleProcess},
     report::{fmt_opt, median, ratio},
     ExperimentError,
@@ -31,6 +32,10 @@ pub struct CrArgs {
     /// Directory for the baseline's images (a tmpfs).
     #[arg(long, default_value = "/dev/shm")]
     pub baseline_dir: PathBuf,
+    /// Where torpor's pool runs: `local` (Unix socket), or in a network namespace behind a
+    /// veth pair limited to 10 or 25 Gbit/s (TCP with TLS).
+    #[arg(long, value_enum, default_value_t = FabricProfile::Local)]
+    pub fabric: FabricProfile,
     #[arg(long)]
     pub json: bool,
 }
@@ -75,6 +80,7 @@ pub struct SizeResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CrReport {
+    pub fabric: FabricReport,
     pub baseline: String,
     pub criu_version: String,
     pub sizes: Vec<SizeResult>,
@@ -131,7 +137,8 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     let criu_version = criu.version()?;
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
     // Room for the new generation while the previous one is still held.
-    let pool = PoolProcess::spawn(exe, 2 * largest + (512 << 20))?;
+    let pool = PoolProcess::spawn_on(exe, 2 * largest + (512 << 20), None, args.fabric)?;
+    eprintln!("{}", pool.fabric_report);
     let steps = args.sizes.len() as u64 * args.repeat * 2;
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
@@ -175,6 +182,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     }
     bar.finish_and_clear();
     Ok(CrReport {
+        fabric: pool.fabric_report.clone(),
         baseline: format!(
             "stock CRIU {criu_version}, images in {}",
             args.baseline_dir.display()
