@@ -245,7 +245,10 @@ impl Fabric {
                 "network namespaces (CONFIG_NET_NS)",
             ));
         }
-        let (pid, n) = (std::process::id(), NEXT_FABRIC.fetch_add(1, Ordering::Relaxed));
+        let (pid, n) = (
+            std::process::id(),
+            NEXT_FABRIC.fetch_add(1, Ordering::Relaxed),
+        );
         let name = format!("torpor-fabric-{pid}-{n}");
         let host_link = format!("tf{pid}-{n}h");
         let inside_link = format!("tf{pid}-{n}n");
@@ -292,13 +295,15 @@ impl Fabric {
         let host = format!("{}/30", self.host_addr);
         let inside = format!("{}/30", self.inside_addr);
         run(ip, &["addr", "add", &host, "dev", &self.host_link])?;
-        run(ip, &["-n", ns, "addr", "add", &inside, "dev", &self.inside_link])?;
+        run(
+            ip,
+            &["-n", ns, "addr", "add", &inside, "dev", &self.inside_link],
+        )?;
         run(ip, &["-n", ns, "link", "set", "lo", "up"])?;
         run(ip, &["-n", ns, "link", "set", &self.inside_link, "up"])?;
         run(ip, &["link", "set", &self.host_link, "up"])?;
         let rate = format!("{}bit", self.rate_bits_per_s);
-        let burst =
-            ((self.rate_bits_per_s / 8) as f64 * BURST.as_secs_f64()).round() as u64;
+        let burst = ((self.rate_bits_per_s / 8) as f64 * BURST.as_secs_f64()).round() as u64;
         let burst = burst.to_string();
         let shape = |prefix: &[&str], dev: &str| {
             let mut args = prefix.to_vec();
@@ -316,7 +321,13 @@ impl Fabric {
                 "latency",
                 QUEUE_LATENCY,
             ]);
-            run(tc, &args).map_err(|e| missing_kernel(e, "qdisc kind is unknown", "the tbf qdisc (CONFIG_NET_SCH_TBF)"))
+            run(tc, &args).map_err(|e| {
+                missing_kernel(
+                    e,
+                    "qdisc kind is unknown",
+                    "the tbf qdisc (CONFIG_NET_SCH_TBF)",
+                )
+            })
         };
         shape(&[], &self.host_link)?;
         shape(&["-n", ns], &self.inside_link)?;
@@ -376,9 +387,7 @@ impl Fabric {
         // SAFETY: setns is a plain system call (async-signal-safe) on a descriptor the
         // closure owns; nothing is allocated or locked between fork and exec.
         unsafe {
-            cmd.pre_exec(move || {
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-            });
+            cmd.pre_exec(move || setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
         }
         Ok(cmd)
     }
@@ -419,7 +428,9 @@ impl Fabric {
             let server = s.spawn(move || sink_and_echo(&listener));
             let client = send_and_ping(addr, bytes);
             // A failed client drops its connection, so the server returns too.
-            let served = server.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let served = server
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
             let (elapsed, rtt) = client.map_err(FabricError::Measure)?;
             served.map_err(FabricError::Measure)?;
             Ok(FabricMeasurement {
@@ -562,14 +573,19 @@ fn free_block(ip: &Path, pid: u32, n: u32) -> Result<u32, FabricError> {
         run(ip, &["-4", "route", "show", "table", "all"])?,
     ]
     .iter()
-    .flat_map(|text| text.split_whitespace().filter_map(parse_prefix).collect::<Vec<_>>())
+    .flat_map(|text| {
+        text.split_whitespace()
+            .filter_map(parse_prefix)
+            .collect::<Vec<_>>()
+    })
     .collect();
     let start = pid.wrapping_mul(7).wrapping_add(n.wrapping_mul(131)) % BLOCKS;
     (0..BLOCKS)
         .map(|i| (start + i) % BLOCKS)
         .find(|&b| {
             let lo = u32::from(block_addr(b, 0));
-            used.iter().all(|&(net, len)| !overlaps((lo, 30), (net, len)))
+            used.iter()
+                .all(|&(net, len)| !overlaps((lo, 30), (net, len)))
         })
         .ok_or(FabricError::NoSubnet)
 }
@@ -659,14 +675,20 @@ mod tests {
     fn a_missing_tool_is_named_with_its_package() {
         let e = find_tool("no-such-torpor-tool", Some(OsStr::new("/nonexistent")));
         let msg = e.expect_err("not installed").to_string();
-        assert!(msg.contains("`no-such-torpor-tool`") && msg.contains("iproute2"), "{msg}");
+        assert!(
+            msg.contains("`no-such-torpor-tool`") && msg.contains("iproute2"),
+            "{msg}"
+        );
         assert!(find_tool("sh", Some(OsStr::new("/bin:/usr/bin"))).is_ok());
     }
 
     #[test]
     fn the_local_profile_has_no_fabric() {
         let e = Fabric::create(FabricProfile::Local).expect_err("local is unshaped");
-        assert!(matches!(e, FabricError::Unshaped(FabricProfile::Local)), "{e}");
+        assert!(
+            matches!(e, FabricError::Unshaped(FabricProfile::Local)),
+            "{e}"
+        );
     }
 
     #[test]
@@ -689,8 +711,14 @@ mod tests {
     fn blocks_avoid_what_the_host_uses() {
         assert_eq!(block_addr(0, 1), Ipv4Addr::new(10, 213, 0, 1));
         assert_eq!(block_addr(BLOCKS - 1, 2), Ipv4Addr::new(10, 213, 255, 254));
-        assert_eq!(parse_prefix("10.213.0.4/30"), Some((u32::from(Ipv4Addr::new(10, 213, 0, 4)), 30)));
-        assert_eq!(parse_prefix("10.0.0.1"), Some((u32::from(Ipv4Addr::new(10, 0, 0, 1)), 32)));
+        assert_eq!(
+            parse_prefix("10.213.0.4/30"),
+            Some((u32::from(Ipv4Addr::new(10, 213, 0, 4)), 30))
+        );
+        assert_eq!(
+            parse_prefix("10.0.0.1"),
+            Some((u32::from(Ipv4Addr::new(10, 0, 0, 1)), 32))
+        );
         assert_eq!(parse_prefix("default"), None);
         assert_eq!(parse_prefix("0.0.0.0/0"), None);
         assert_eq!(parse_prefix("eth0"), None);
