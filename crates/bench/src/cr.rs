@@ -1,7 +1,7 @@
 //! `torpor bench cr`: for each size, a sample service holding that much random memory is
 //! checkpointed and restored (a) by stock CRIU with images in a tmpfs directory (/dev/shm)
 //! and (b) by torpor into and out of a pool on this machine (a `torpor pool` process on a
-//! Unix socket), eagerly; then (c) torpor's lazy wakes and incremental checkpoints
+//! Unix socket, or behind a rate-limited network fabric with `--fabric`), eagerly; then (c) torpor's lazy wakes and incremental checkpoints
 //! ([`crate::lazywake`]) and (d) stock CRIU's own lazy restore from the directory, rotating the
 //! order each repeat. Every first response is to the same request, which touches 16 MiB.
 //! Reports medians and torpor/baseline.
@@ -17,6 +17,7 @@ use torpor_criu::{local, CheckpointOptions, CriuBinary, RestoreOptions};
 use torpor_image::format_bytes;
 
 use crate::{
+    fabric::{FabricProfile, FabricReport},
     harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess},
     lazywake::{self, touch_response, IncrementalMedians, LazyMedians, StockLazyMedians},
     report::{fmt_opt, median, ratio},
@@ -35,6 +36,10 @@ pub struct CrArgs {
     /// Directory for the baseline's images (a tmpfs).
     #[arg(long, default_value = "/dev/shm")]
     pub baseline_dir: PathBuf,
+    /// Where torpor's pool runs: `local` (Unix socket), or in a network namespace behind a
+    /// veth pair limited to 10 or 25 Gbit/s (TCP with TLS).
+    #[arg(long, value_enum, default_value_t = FabricProfile::Local)]
+    pub fabric: FabricProfile,
     #[arg(long)]
     pub json: bool,
 }
@@ -92,6 +97,7 @@ pub struct SizeResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CrReport {
+    pub fabric: FabricReport,
     pub baseline: String,
     pub criu_version: String,
     pub sizes: Vec<SizeResult>,
@@ -149,8 +155,10 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     become_subreaper()?;
     let criu_version = criu.version()?;
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
-    // Room for the new generation while the previous one is still held.
-    let pool = PoolProcess::spawn(exe, 2 * largest + (512 << 20))?;
+    // Room for the new generation while the previous one (and the lazy rounds' inherited
+    // generations) are still held.
+    let pool = PoolProcess::spawn_on(exe, 3 * largest + (512 << 20), None, args.fabric)?;
+    eprintln!("{}", pool.fabric_report);
     let steps = args.sizes.len() as u64 * args.repeat * 4;
     let bar = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
@@ -214,6 +222,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     }
     bar.finish_and_clear();
     Ok(CrReport {
+        fabric: pool.fabric_report.clone(),
         baseline: format!(
             "stock CRIU {criu_version}, images in {}",
             args.baseline_dir.display()

@@ -1,5 +1,5 @@
-//! Real processes for experiments and tests: a pool server (`torpor pool`), sample services,
-//! and reaping of restored trees. The caller becomes a child subreaper, so a tree CRIU
+//! Real processes for experiments and tests: a pool server (`torpor pool`, locally or inside
+//! a network [`Fabric`]), sample services, and reaping of restored trees. The caller becomes a child subreaper, so a tree CRIU
 //! restores (detached) is re-parented to it and can be reaped at once instead of lingering as
 //! a zombie that would block the next restore of the same PID.
 
@@ -20,7 +20,12 @@ use nix::{
 };
 use torpor_criu::{PoolTarget, Pools};
 use torpor_image::NodeKey;
-use torpor_pool::PoolAddr;
+use torpor_pool::{ClientTls, PoolAddr};
+
+use crate::{
+    fabric::{Fabric, FabricProfile, FabricReport},
+    ExperimentError,
+};
 
 /// Makes this process the reaper of orphaned descendants (restored trees).
 pub fn become_subreaper() -> io::Result<()> {
@@ -101,7 +106,9 @@ impl Drop for SampleProcess {
     }
 }
 
-/// A `torpor pool` server on a private Unix socket with a fresh token.
+/// A `torpor pool` server with a fresh token: on a private Unix socket, or, on a rate
+/// [`FabricProfile`], inside a [`Fabric`] of its own, over TCP with TLS (a certificate made
+/// for the run, pinned by the client) as a remote pool would be reached.
 #[derive(Debug)]
 pub struct PoolProcess {
     child: Child,
@@ -110,7 +117,11 @@ pub struct PoolProcess {
     pub pools: Pools,
     /// How long the pool took to start (pre-faulting its RAM tier).
     pub startup: Duration,
+    /// The profile and, on a network fabric, what its link achieved before the pool started.
+    pub fabric_report: FabricReport,
     dir: tempfile::TempDir,
+    /// Torn down after the pool is stopped (fields drop after `Drop::drop` ran).
+    fabric: Option<Fabric>,
 }
 
 impl PoolProcess {
@@ -124,16 +135,65 @@ impl PoolProcess {
         capacity: u64,
         spill_dir: Option<&Path>,
     ) -> io::Result<PoolProcess> {
+        match PoolProcess::spawn_on(exe, capacity, spill_dir, FabricProfile::Local) {
+            Ok(p) => Ok(p),
+            Err(ExperimentError::Io(e)) => Err(e),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        }
+    }
+
+    /// A pool reached through `profile`: on a Unix socket for `local`; otherwise the fabric
+    /// is built and measured first, then the pool starts inside it.
+    pub fn spawn_on(
+        exe: &Path,
+        capacity: u64,
+        spill_dir: Option<&Path>,
+        profile: FabricProfile,
+    ) -> Result<PoolProcess, ExperimentError> {
         let dir = tempfile::tempdir()?;
         let token = torpor_pool::random_token();
         let token_file = dir.path().join("token");
         torpor_pool::write_token_file(&token_file, &token)?;
-        let sock = dir.path().join("pool.sock");
+        let (fabric, fabric_report) = match profile {
+            FabricProfile::Local => (None, FabricReport::local()),
+            _ => {
+                let fabric = Fabric::create(profile)?;
+                let measured = fabric.measure()?;
+                (Some(fabric), FabricReport::measured(profile, &measured))
+            }
+        };
+        let (mut cmd, target) = match &fabric {
+            None => {
+                let sock = dir.path().join("pool.sock");
+                let mut cmd = Command::new(exe);
+                cmd.arg("pool")
+                    .arg("--listen")
+                    .arg(format!("unix:{}", sock.display()));
+                (cmd, PoolTarget::new(PoolAddr::Unix(sock), token))
+            }
+            Some(fabric) => {
+                let addr = fabric.pool_addr();
+                let tls = torpor_pool::tls::generate(
+                    &dir.path().join("tls"),
+                    &[addr.ip().to_string()],
+                    false,
+                )?;
+                let mut cmd = fabric.command(exe)?;
+                cmd.arg("pool")
+                    .arg("--listen")
+                    .arg(addr.to_string())
+                    .arg("--tls-cert")
+                    .arg(&tls.pool_cert)
+                    .arg("--tls-key")
+                    .arg(&tls.pool_key);
+                let client_tls = ClientTls::pinned(&tls.pool_cert, None)?;
+                let target = PoolTarget::new(PoolAddr::Tcp(addr.to_string()), token)
+                    .with_tls(Some(client_tls));
+                (cmd, target)
+            }
+        };
         let started = Instant::now();
-        let child = Command::new(exe)
-            .arg("pool")
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
+        let mut child = cmd
             .arg("--capacity")
             .arg(capacity.to_string())
             .arg("--token-file")
@@ -150,14 +210,20 @@ impl PoolProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let target = PoolTarget::new(PoolAddr::Unix(sock), token);
         let deadline = Instant::now() + Duration::from_secs(120);
         while target.connect().is_err() {
-            if Instant::now() > deadline {
+            let exited = child.try_wait()?;
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "pool did not start",
-                ));
+                    match exited {
+                        Some(status) => format!("pool exited at start ({status})"),
+                        None => "pool did not start".to_string(),
+                    },
+                )
+                .into());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -167,8 +233,16 @@ impl PoolProcess {
             target,
             pools,
             startup: started.elapsed(),
+            fabric_report,
             dir,
+            fabric,
         })
+    }
+
+    /// The fabric the pool runs in (`None` for the local profile), for commands and sockets
+    /// that should sit beside it.
+    pub fn fabric(&self) -> Option<&Fabric> {
+        self.fabric.as_ref()
     }
 
     /// Kills the pool with SIGKILL (a crash: its RAM tier is gone) and reaps it.

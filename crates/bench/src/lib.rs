@@ -5,6 +5,7 @@
 
 pub mod cr;
 pub mod demo;
+pub mod fabric;
 pub mod gate;
 pub mod harness;
 pub mod inproc;
@@ -37,4 +38,8 @@ pub enum ExperimentError {
     Up(#[from] torpor_up::UpError),
     #[error(transparent)]
     Config(#[from] torpor_up::ConfigError),
+    #[error("network fabric failed")]
+    Fabric(#[from] fabric::FabricError),
+    #[error("pool TLS set-up failed")]
+    Tls(#[from] torpor_pool::TlsError),
 }
