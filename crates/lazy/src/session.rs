@@ -278,10 +278,12 @@ impl<U: Uffd> Session<U> {
 
     /// Whether prefetch or fill work is waiting (the loop then polls without blocking).
     pub fn has_work(&self) -> bool {
-        self.fin
-            && self.failed.is_none()
-            && (!self.prefetch.is_empty()
-                || ((self.fill == Fill::Background || self.fill_all) && !self.all_filled()))
+        self.failed.is_none()
+            && (!self.queue.is_empty()
+                || self.fin
+                    && (!self.prefetch.is_empty()
+                        || ((self.fill == Fill::Background || self.fill_all)
+                            && !self.all_filled())))
     }
 
     /// No tracked process has a lazy byte left.
@@ -308,6 +310,8 @@ impl<U: Uffd> Session<U> {
     /// One chunk of prefetch, else of background fill (after FIN only: before it the
     /// restorer may not have moved and registered the VMAs yet). False if there was none.
     pub fn step(&mut self) -> bool {
+        // faults read while doing something else come first
+        self.run_queue();
         if !self.fin || self.failed.is_some() {
             return false;
         }
@@ -355,11 +359,18 @@ impl<U: Uffd> Session<U> {
             if !done {
                 continue;
             }
-            // read what is queued first: a fork must hand its child over before the close
+            // read what is queued first (a fork must hand its child over before the close)
+            // and serve the faults that came with it: nothing else would, the uffd having
+            // been read dry
             self.read_and_apply(p);
+            self.run_queue();
             let proc = &mut self.procs[p];
             let pending = self.queue.iter().any(|f| f.proc == p);
-            if proc.remaining.is_empty() && proc.inflight.is_empty() && !pending {
+            if proc.uffd.is_some()
+                && proc.remaining.is_empty()
+                && proc.inflight.is_empty()
+                && !pending
+            {
                 proc.uffd = None;
             }
         }
