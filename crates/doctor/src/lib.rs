@@ -88,6 +88,7 @@ pub fn run_checks(roots: &HostRoots, criu: Option<&CriuBinary>) -> Vec<Check> {
         "needed only for OCI containers; install with: apt-get install runc",
     ));
     out.extend(capability_checks(&roots.proc));
+    out.push(userfaultfd_check());
     out.push(kdat_cache_check(roots));
     out.push(cgroup_check(roots));
     out.push(cpuidle_check(roots));
@@ -309,6 +310,25 @@ fn criu_check(criu: Option<&CriuBinary>) -> Check {
             format!("criu check failed: {}", text.lines().last().unwrap_or("")),
         ),
         Err(e) => Check::new("criu check", true, Status::Missing, e.to_string()),
+    }
+}
+
+/// Lazy restore needs what `criu restore --lazy-pages` asks of the kernel: a userfaultfd
+/// with fork, remap, remove and unmap events.
+fn userfaultfd_check() -> Check {
+    match torpor_lazy::uffd::RealUffd::open(torpor_lazy::uffd::CRIU_FEATURES) {
+        Ok(_) => Check::new(
+            "userfaultfd",
+            false,
+            Status::Ok,
+            "userfaultfd with fork/remap/remove/unmap events: restore = \"lazy\" works",
+        ),
+        Err(e) => Check::new(
+            "userfaultfd",
+            false,
+            Status::Warn,
+            format!("userfaultfd unavailable ({e}): services with restore = \"lazy\" are restored eagerly"),
+        ),
     }
 }
 

@@ -614,3 +614,80 @@ fn stats_add_up() {
     );
     assert_eq!(s.prefetched_bytes, 8 * P);
 }
+
+#[test]
+fn a_fault_read_while_retiring_a_filled_process_is_answered_before_the_close() {
+    let mut h = harness_with(
+        vec![range(BASE, 16 * P, 0)],
+        Vec::new(),
+        Fill::Background,
+        2 << 20,
+    );
+    h.session.finish();
+    while h.session.step() {}
+    assert!(h.session.all_filled());
+    assert!(!h.session.has_work());
+    let before = h.uffd.ops().len();
+    // faults that arrive as the fill ends, read only by retire_done: one in a registered
+    // hole, one on a page the fill just copied (the thread faulted before the copy landed)
+    h.uffd.push(Event::PageFault {
+        address: BASE + 100 * P + 8,
+    });
+    h.uffd.push(Event::PageFault {
+        address: BASE + 3 * P,
+    });
+    h.session.retire_done();
+    assert_eq!(
+        h.uffd.ops()[before..],
+        [
+            Op::Zero(BASE + 100 * P, P),
+            Op::Zero(BASE + 3 * P, P),
+            Op::Wake(BASE + 3 * P, P)
+        ],
+        "both faulting threads are answered on the still open uffd"
+    );
+    assert!(h.session.queue.is_empty(), "no fault left waiting");
+    assert!(h.session.procs[0].uffd.is_none(), "then the uffd is closed");
+    assert!(!h.session.has_work());
+    let s = h.stats();
+    assert_eq!((s.faults, s.zero_pages), (2, 1));
+    h.assert_bytes(BASE, 16 * P, 0);
+}
+
+#[test]
+fn a_queued_fault_is_work_and_the_next_step_answers_it() {
+    // before FIN: nothing to prefetch or fill yet, but a queued fault is work
+    let mut h = harness_with(
+        vec![range(BASE, 16 * P, 0)],
+        Vec::new(),
+        Fill::Background,
+        2 << 20,
+    );
+    assert!(!h.session.has_work());
+    h.uffd.push(Event::PageFault { address: BASE });
+    h.session.read_and_apply(0);
+    assert_eq!(h.session.queue.len(), 1);
+    assert!(h.uffd.ops().is_empty());
+    assert!(h.session.has_work());
+    assert!(!h.session.step(), "no prefetch or fill before FIN");
+    assert_eq!(h.uffd.ops(), vec![Op::Copy(BASE, 16 * P)]);
+    h.assert_bytes(BASE, 16 * P, 0);
+    assert!(h.session.queue.is_empty());
+    assert!(!h.session.has_work());
+
+    // after FIN, on demand with no prefetch: the queued fault is the only work
+    let mut h = harness(vec![range(BASE, 16 * P, 0)]);
+    h.session.finish();
+    assert!(!h.session.has_work());
+    h.uffd.push(Event::PageFault {
+        address: BASE + 100 * P,
+    });
+    h.session.read_and_apply(0);
+    assert!(h.session.has_work());
+    assert!(!h.session.step(), "on demand: nothing but the fault");
+    assert_eq!(h.uffd.ops(), vec![Op::Zero(BASE + 100 * P, P)]);
+    assert!(h.session.queue.is_empty());
+    assert!(!h.session.has_work());
+    let s = h.stats();
+    assert_eq!((s.faults, s.zero_pages), (1, 1));
+}
