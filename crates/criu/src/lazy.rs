@@ -31,13 +31,13 @@ use std::{
 use nix::{sys::signal, unistd::Pid};
 use torpor_image::{
     pages::{
-        blocks_file_for, BlockDigests, Origin, PageIndex, PageRange, ProcessRanges, WorkingSet,
-        BLOCK_SIZE, PAGE_INDEX_FILE, PAGE_SIZE, WORKING_SET_FILE,
+        Origin, PageIndex, PageRange, ProcessRanges, WorkingSet, PAGE_INDEX_FILE, PAGE_SIZE,
+        WORKING_SET_FILE,
     },
     seal::FileDigest,
     Manifest, SealError,
 };
-use torpor_lazy::{Fill, LazyConfig, LazyServer, LazyStats, PageSource, SourceError};
+use torpor_lazy::{Fill, LazyConfig, LazyServer, LazyStats, PageSource};
 use torpor_pool::{ClientError, PoolClient};
 use tracing::{debug, info, warn};
 
@@ -45,10 +45,10 @@ use crate::{
     binary::{keep_log, log_tail, read_no_follow, CriuBinary},
     checkpoint::{checkpoint_to_pool_with, CheckpointError, CheckpointOptions, CheckpointReport},
     pagemap::{self, Pagemap, Vma},
+    pool_pages::{BlockCache, PoolPages, Warm, WARM_MAX},
     procs,
-    replicas::{find_verified, verify_manifest, FetchError, Pools},
+    replicas::{find_verified, FetchError, Pools},
     restore::{wait_for_pids, RestoreError, RestoreOptions, RestoreReport},
-    PoolTarget,
 };
 
 /// How a lazy restore serves memory.
@@ -264,6 +264,7 @@ pub fn restore_lazy_from_pool(
     // index inherits; the eager parts of the pages file go into a sparse local copy.
     let read_local =
         |file: String| fs::read(dir.join(&file)).map_err(|e| corrupt(format!("{file}: {e}")));
+    let t_files = start.elapsed();
     let pids = pagemap::parse_pstree_pids(&read_local("pstree.img".into())?)
         .map_err(|e| corrupt(format!("pstree.img: {e}")))?;
     let mut ranges: HashMap<i32, Vec<PageRange>> = HashMap::new();
@@ -298,14 +299,22 @@ pub fn restore_lazy_from_pool(
         eager.entry(plan.pages_file).or_default().extend(plan.eager);
     }
 
-    let blocks = BlockCache::new(pools.replicas[replica].clone(), name, pools, verify);
-    let mut source = PoolPages {
-        target: pools.replicas[replica].clone(),
-        client: Some(client),
-        name: name.to_string(),
-        blocks,
-        scratch: Vec::new(),
-    };
+    let t_plan = start.elapsed();
+    let target = pools.replicas[replica].clone();
+    let blocks = BlockCache::new(target.clone(), name, pools, verify);
+    // The working set is read (and verified) while the sparse files are written and CRIU
+    // restores, so the push after CRIU's finish marker only copies.
+    let warm = working_set
+        .as_ref()
+        .map(|ws| warm_pieces(&ranges, ws))
+        .filter(|w| !w.is_empty())
+        .map(|wanted| {
+            Warm::start(
+                PoolPages::new(target.clone(), None, name, blocks.clone()),
+                wanted,
+            )
+        });
+    let mut source = PoolPages::new(target, Some(client), name, blocks);
     for f in &manifest.files {
         if !is_pages_file(&f.name) {
             continue;
@@ -345,6 +354,7 @@ pub fn restore_lazy_from_pool(
             fetched += len;
         }
     }
+    let t_eager = start.elapsed();
     let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
     let inherits = index
         .as_ref()
@@ -367,6 +377,9 @@ pub fn restore_lazy_from_pool(
             }
         }
     };
+    if let Some(w) = warm {
+        source = source.with_warm(w);
+    }
     let server = LazyServer::start(
         LazyConfig {
             work_dir: dir.to_path_buf(),
@@ -407,6 +420,7 @@ pub fn restore_lazy_from_pool(
     if opts.shell_job {
         cmd.arg("--shell-job");
     }
+    let t_server = start.elapsed();
     let mut child = criu.spawn(&mut cmd)?;
     criu_pid.store(child.id() as i32, Ordering::SeqCst);
     debug!(
@@ -422,6 +436,7 @@ pub fn restore_lazy_from_pool(
     if let Some(pid) = pid {
         root.store(pid, Ordering::SeqCst);
     }
+    let t_criu = start.elapsed();
     let finished = server.wait_finished(Duration::from_secs(5));
     let failure = server.stats().failed;
     if !succeeded || finished.is_err() || failure.is_some() {
@@ -463,6 +478,11 @@ pub fn restore_lazy_from_pool(
         secs = restore_s,
         fetched,
         working_set_bytes,
+        files_s = t_files.as_secs_f64(),
+        plan_s = t_plan.as_secs_f64(),
+        eager_s = t_eager.as_secs_f64(),
+        server_s = t_server.as_secs_f64(),
+        criu_s = t_criu.as_secs_f64(),
         "restored lazily"
     );
     Ok(LazyWake {
@@ -621,149 +641,28 @@ fn kill_tree(root: i32) {
     }
 }
 
-/// Block digests of the pages files a restore reads from, each fetched once and checked
-/// against the seal of the generation it belongs to (inherited ranges point into older ones).
-#[derive(Debug)]
-struct BlockCache {
-    target: PoolTarget,
-    name: String,
-    pools: Pools,
-    /// Nothing to check for a pool inside this process.
-    verify: bool,
-    known: HashMap<(u64, String), Arc<BlockDigests>>,
-}
-
-impl BlockCache {
-    fn new(target: PoolTarget, name: &str, pools: &Pools, verify: bool) -> BlockCache {
-        BlockCache {
-            target,
-            name: name.to_string(),
-            pools: pools.clone(),
-            verify,
-            known: HashMap::new(),
-        }
-    }
-
-    fn get(&mut self, generation: u64, file: &str) -> Result<Arc<BlockDigests>, String> {
-        if let Some(b) = self.known.get(&(generation, file.to_string())) {
-            return Ok(b.clone());
-        }
-        let mut client = self.target.connect().map_err(|e| e.to_string())?;
-        let manifest = client
-            .manifest(&self.name, Some(generation))
-            .map_err(|e| e.to_string())?;
-        verify_manifest(
-            self.pools.key.as_deref(),
-            &self.name,
-            Some(generation),
-            &manifest,
-        )
-        .map_err(|e| format!("generation {generation}: {e}"))?;
-        let bytes = fetch_file(&mut client, &manifest, &blocks_file_for(file), true)
-            .map_err(|e| format!("{}: {e}", blocks_file_for(file)))?;
-        let digests = Arc::new(
-            BlockDigests::decode(&bytes).map_err(|e| format!("{}: {e}", blocks_file_for(file)))?,
-        );
-        self.known
-            .insert((generation, file.to_string()), digests.clone());
-        Ok(digests)
-    }
-}
-
-/// Lazy pages from the pool: one connection (reopened once if it breaks), and with a sealed
-/// pool every read widened to whole blocks and checked against their digests.
-#[derive(Debug)]
-struct PoolPages {
-    target: PoolTarget,
-    client: Option<PoolClient>,
-    name: String,
-    blocks: BlockCache,
-    /// Whole blocks of a verified read; reused.
-    scratch: Vec<u8>,
-}
-
-impl PoolPages {
-    /// The open connection, for a whole-file fetch during set-up.
-    fn client_or_connect(&mut self, name: &str) -> Result<PoolClient, RestoreError> {
-        let c = match self.client.take() {
-            Some(c) => c,
-            None => self.target.connect().map_err(|source| RestoreError::Pool {
-                name: name.to_string(),
-                source,
-            })?,
+/// The pool origins of a working set: the parts of each process's recorded ranges that are
+/// lazy (in the order recorded, up to [`WARM_MAX`] bytes in all).
+fn warm_pieces(ranges: &HashMap<i32, Vec<PageRange>>, ws: &WorkingSet) -> Vec<(Origin, u64)> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for (pid, recorded) in &ws.processes {
+        let Some(lazy) = ranges.get(pid) else {
+            continue;
         };
-        Ok(c)
-    }
-
-    fn read_range(
-        &mut self,
-        generation: u64,
-        file: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ClientError> {
-        let mut last = None;
-        for _ in 0..2 {
-            let client = match self.client.take() {
-                Some(c) => c,
-                None => self.target.connect()?,
-            };
-            let mut client = client;
-            match client.get_range(&self.name, generation, file, offset, buf) {
-                Ok(()) => {
-                    self.client = Some(client);
-                    return Ok(());
+        for &(start, len) in recorded {
+            let end = start + len;
+            let first = lazy.partition_point(|r| r.end() <= start);
+            for r in &lazy[first..] {
+                if r.start >= end || total >= WARM_MAX {
+                    break;
                 }
-                // The pool answered: asking again would get the same answer.
-                Err(e) if e.pool_code().is_some() => return Err(e),
-                Err(e) => last = Some(e),
+                let (s, e) = (start.max(r.start), end.min(r.end()));
+                let n = (e - s).min(WARM_MAX - total);
+                out.push((r.origin.advanced(s - r.start), n));
+                total += n;
             }
         }
-        Err(last.expect("a failed attempt"))
     }
-}
-
-impl PageSource for PoolPages {
-    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
-        let fail = |message: String| SourceError { message };
-        if !self.blocks.verify {
-            return self
-                .read_range(origin.generation, &origin.file, origin.offset, buf)
-                .map_err(|e| fail(torpor_pool::error_chain(&e)));
-        }
-        let digests = self
-            .blocks
-            .get(origin.generation, &origin.file)
-            .map_err(fail)?;
-        let first = origin.offset / BLOCK_SIZE * BLOCK_SIZE;
-        let end = (origin.offset + buf.len() as u64)
-            .div_ceil(BLOCK_SIZE)
-            .saturating_mul(BLOCK_SIZE)
-            .min(digests.file_size());
-        if end < origin.offset + buf.len() as u64 {
-            return Err(fail(format!(
-                "{} of generation {}: range beyond its sealed size",
-                origin.file, origin.generation
-            )));
-        }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize((end - first) as usize, 0);
-        let result = self
-            .read_range(origin.generation, &origin.file, first, &mut scratch)
-            .map_err(|e| fail(torpor_pool::error_chain(&e)))
-            .and_then(|()| {
-                digests.verify(first, &scratch).map_err(|e| {
-                    fail(format!(
-                        "{} of generation {}: {e}",
-                        origin.file, origin.generation
-                    ))
-                })
-            });
-        if result.is_ok() {
-            let at = (origin.offset - first) as usize;
-            buf.copy_from_slice(&scratch[at..at + buf.len()]);
-        }
-        self.scratch = scratch;
-        result
-    }
+    out
 }

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod lazy;
 pub mod local;
 pub mod pagemap;
+mod pool_pages;
 pub mod procs;
 pub mod replicas;
 pub mod restore;
