@@ -16,10 +16,11 @@ use std::{
 use serde::Serialize;
 use torpor_criu::{
     lazy::checkpoint_lazy_service, procs, runc::Runc, CheckpointError, CheckpointOptions,
-    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreOptions, TcpConnections,
+    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreError, RestoreOptions,
+    TcpConnections,
 };
 use torpor_pool::error_chain;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     cgroup::ServiceCgroup,
@@ -386,6 +387,10 @@ impl Runner for ProcessTree {
                         }
                         // The eager path restores whatever is not an increment (it refuses
                         // those itself, and the wake then cold-starts).
+                        // A snapshot dumped as another user is restored eagerly, always.
+                        Err(e @ RestoreError::LazyUnsupported { .. }) => {
+                            debug!(service, reason = %error_chain(&e), "restoring eagerly");
+                        }
                         Err(e) => {
                             warn!(service, error = %error_chain(&e), "lazy restore failed; restoring eagerly");
                         }

@@ -221,7 +221,7 @@ fn differential(extra: &str) -> Result<()> {
 
 #[test]
 fn eager_restores_answer_every_request_as_a_mutator_that_never_slept() -> Result<()> {
-    differential("")
+    differential("restore = \"eager\"")
 }
 
 #[test]

@@ -170,7 +170,8 @@ struct RawService {
     hold_body_limit: Option<String>,
     /// Time a client has to send its request headers (default 10s).
     header_read_timeout: Option<String>,
-    /// `eager` (the default) or `lazy`: how a wake brings the service's memory back.
+    /// `lazy` (the default for process trees) or `eager` (containers, always): how a wake
+    /// brings the service's memory back.
     restore: Option<String>,
     /// Lazy restore: push the working set recorded after the previous wake (default true).
     prefetch: Option<bool>,
@@ -725,7 +726,12 @@ impl Config {
                 )?,
                 ..PolicyConfig::default()
             };
-            let memory = match s.restore.as_deref().unwrap_or("eager") {
+            // Lazy by default for process trees; containers restore eagerly through runc.
+            let default_restore = match launch {
+                Launch::Container { .. } => "eager",
+                Launch::Process(_) => "lazy",
+            };
+            let memory = match s.restore.as_deref().unwrap_or(default_restore) {
                 "eager" => {
                     for (key, set) in [
                         ("prefetch", s.prefetch.is_some()),
@@ -903,6 +909,59 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("service[0].wake_with"), "{e}");
         }
+    }
+
+    #[test]
+    fn restore_mode_is_lazy_for_trees_by_default_and_checked() {
+        let one = "[[service]]\nname = \"a\"\nLAUNCH\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\nEXTRA\n";
+        let tree = one.replace("LAUNCH", "command = [\"x\"]");
+        let c = Config::from_toml(&tree.replace("EXTRA", "")).unwrap();
+        match &c.services[0].spec.memory {
+            MemoryRestore::Lazy(o) => assert!(o.prefetch && !o.background_fill),
+            other => panic!("process trees restore lazily by default, got {other:?}"),
+        }
+        let c = Config::from_toml(&tree.replace(
+            "EXTRA",
+            "restore = \"lazy\"\nprefetch = false\nbackground_fill = true\nworking_set_window = \"250ms\"",
+        ))
+        .unwrap();
+        match &c.services[0].spec.memory {
+            MemoryRestore::Lazy(o) => {
+                assert!(!o.prefetch && o.background_fill);
+                assert_eq!(o.record_for, Duration::from_millis(250));
+            }
+            other => panic!("lazy asked for, got {other:?}"),
+        }
+        let c = Config::from_toml(&tree.replace("EXTRA", "restore = \"eager\"")).unwrap();
+        assert!(matches!(c.services[0].spec.memory, MemoryRestore::Eager));
+        for (extra, key) in [
+            ("restore = \"sometimes\"", "service[0].restore"),
+            (
+                "restore = \"eager\"\nprefetch = true",
+                "service[0].prefetch",
+            ),
+            (
+                "working_set_window = \"soon\"",
+                "service[0].working_set_window",
+            ),
+        ] {
+            let e = Config::from_toml(&tree.replace("EXTRA", extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(key), "{extra}: {e}");
+        }
+        let bundle = tempfile::tempdir().unwrap();
+        std::fs::write(bundle.path().join("config.json"), "{}").unwrap();
+        let container = one.replace(
+            "LAUNCH",
+            &format!("bundle = {:?}", bundle.path().display().to_string()),
+        );
+        let c = Config::from_toml(&container.replace("EXTRA", "")).unwrap();
+        assert!(matches!(c.services[0].spec.memory, MemoryRestore::Eager));
+        let e = Config::from_toml(&container.replace("EXTRA", "restore = \"lazy\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("service[0].restore"), "{e}");
     }
 
     #[test]
