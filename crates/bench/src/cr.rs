@@ -169,11 +169,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
     let mut sizes = Vec::new();
     for &size in &args.sizes {
         let (mut base, mut ours) = (Samples::default(), Samples::default());
-        let (mut cold, mut warm) = (
-            lazywake::LazySamples::default(),
-            lazywake::LazySamples::default(),
-        );
-        let mut inc = lazywake::IncrementalSamples::default();
+        let mut lazy = lazywake::LazyRounds::default();
         let mut stock_lazy = lazywake::StockLazySamples::default();
         for rep in 0..args.repeat {
             for step in 0..4 {
@@ -187,9 +183,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
                 match method {
                     0 => run_baseline(criu, exe, &args.baseline_dir, size, rep, &mut base)?,
                     1 => run_torpor(criu, exe, &pool, size, rep, &mut ours)?,
-                    2 => lazywake::torpor_round(
-                        criu, exe, &pool, size, rep, &mut cold, &mut warm, &mut inc,
-                    )?,
+                    2 => lazywake::torpor_round(criu, exe, &pool, size, rep, &mut lazy)?,
                     _ => lazywake::stock_round(
                         criu,
                         exe,
@@ -214,9 +208,9 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
             },
             baseline: b,
             torpor: t,
-            lazy: warm.medians(),
-            lazy_no_prefetch: cold.medians(),
-            incremental: inc.medians(),
+            lazy: lazy.warm.medians(),
+            lazy_no_prefetch: lazy.cold.medians(),
+            incremental: lazy.inc.medians(),
             stock_lazy: stock_lazy.medians(),
         });
     }

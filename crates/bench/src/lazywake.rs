@@ -143,6 +143,17 @@ impl StockLazySamples {
     }
 }
 
+/// What torpor's lazy rounds measure.
+#[derive(Debug, Default)]
+pub struct LazyRounds {
+    /// The first lazy wake after a full checkpoint (nothing recorded to prefetch).
+    pub cold: LazySamples,
+    /// The next one, with the working set recorded at the first pushed.
+    pub warm: LazySamples,
+    /// The incremental checkpoint after the warm wake's request.
+    pub inc: IncrementalSamples,
+}
+
 /// One torpor round: full checkpoint, lazy wake, incremental checkpoint, lazy wake with
 /// prefetch, one request, incremental checkpoint.
 pub fn torpor_round(
@@ -151,10 +162,9 @@ pub fn torpor_round(
     pool: &PoolProcess,
     size: u64,
     seed: u64,
-    cold: &mut LazySamples,
-    warm: &mut LazySamples,
-    inc: &mut IncrementalSamples,
+    rounds: &mut LazyRounds,
 ) -> Result<(), ExperimentError> {
+    let LazyRounds { cold, warm, inc } = rounds;
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let name = format!("bench-lazy-{size}");
     let (ckpt, restore) = (CheckpointOptions::default(), RestoreOptions::default());

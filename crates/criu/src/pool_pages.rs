@@ -31,8 +31,11 @@ pub(crate) struct BlockCache {
     /// Nothing to check for a pool inside this process.
     pub(crate) verify: bool,
     /// Shared by the readers of one restore (the server's and the warm-up's).
-    known: Arc<Mutex<HashMap<(u64, String), Arc<BlockDigests>>>>,
+    known: Arc<Mutex<DigestsByFile>>,
 }
+
+/// Block digests by (generation, pages file).
+type DigestsByFile = HashMap<(u64, String), Arc<BlockDigests>>;
 
 impl BlockCache {
     pub(crate) fn new(target: PoolTarget, name: &str, pools: &Pools, verify: bool) -> BlockCache {
