@@ -182,6 +182,36 @@ impl LazySession {
         (!processes.is_empty()).then_some(WorkingSet { processes })
     }
 
+    /// Bounds the chain the next incremental snapshot starts: when the pages still in the
+    /// pool come from more than `max` generations, those from the oldest are copied in now,
+    /// so the checkpoint writes them and the pool can let those generations go. Returns the
+    /// generations compacted away.
+    pub fn compact(&self, max: usize) -> BTreeSet<u64> {
+        let Ok(remaining) = self.server.remaining() else {
+            return BTreeSet::new();
+        };
+        let referenced: BTreeSet<u64> = remaining
+            .values()
+            .flatten()
+            .map(|r| r.origin.generation)
+            .collect();
+        let excess = referenced.len().saturating_sub(max);
+        let oldest: BTreeSet<u64> = referenced.into_iter().take(excess).collect();
+        if oldest.is_empty() {
+            return oldest;
+        }
+        match self.server.fill_from(oldest.clone(), FILL_TIMEOUT) {
+            Ok(bytes) => {
+                info!(generations = ?oldest, bytes, "compacted the snapshot chain");
+                oldest
+            }
+            Err(e) => {
+                warn!(error = %e, "compacting the snapshot chain failed");
+                BTreeSet::new()
+            }
+        }
+    }
+
     /// Copies every page still in the pool into the tree (before a full checkpoint).
     pub fn fill_all(&self, timeout: Duration) -> Result<(), torpor_lazy::LazyError> {
         self.server.fill_all(timeout)
@@ -502,6 +532,10 @@ pub fn restore_lazy_from_pool(
     })
 }
 
+/// Most older generations an incremental snapshot refers to: each is kept whole in the pool
+/// while referred to, so a longer chain would hold ever more memory for ever fewer pages.
+pub const MAX_INHERITED_GENERATIONS: usize = 3;
+
 /// Longest a full checkpoint waits for a lazily restored tree's memory to be filled in.
 const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -517,6 +551,7 @@ pub fn checkpoint_lazy_service(
     opts: &CheckpointOptions,
     session: &LazySession,
 ) -> Result<(CheckpointReport, Increment), CheckpointError> {
+    session.compact(MAX_INHERITED_GENERATIONS);
     let mut increment = None;
     let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || match session
         .increment()

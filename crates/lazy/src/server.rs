@@ -4,7 +4,7 @@
 //! uffd. Faults come first: prefetch and fill advance one chunk per turn of the loop, which
 //! polls without blocking while such work waits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -100,6 +100,7 @@ enum Command {
     SetFill(Fill),
     FillAll(Sender<Result<(), LazyError>>),
     Remaining(Sender<Result<HashMap<i32, Vec<PageRange>>, Unprovable>>),
+    FillFrom(BTreeSet<u64>, Sender<Result<u64, LazyError>>),
     Shutdown,
 }
 
@@ -234,6 +235,23 @@ impl LazyServer {
     pub fn fill_all(&self, timeout: Duration) -> Result<(), LazyError> {
         let (tx, rx) = mpsc::channel();
         self.command(Command::FillAll(tx))?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(LazyError::Timeout(timeout, "the fill")),
+            Err(RecvTimeoutError::Disconnected) => Err(LazyError::Stopped),
+        }
+    }
+
+    /// Copies in every remaining range whose bytes are in one of `generations`; returns the
+    /// bytes copied. Compacts a chain of incremental snapshots: the next checkpoint holds
+    /// those pages itself and no longer refers to those generations.
+    pub fn fill_from(
+        &self,
+        generations: BTreeSet<u64>,
+        timeout: Duration,
+    ) -> Result<u64, LazyError> {
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::FillFrom(generations, tx))?;
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(LazyError::Timeout(timeout, "the fill")),
@@ -455,6 +473,13 @@ impl Loop {
                 }
                 Command::Remaining(reply) => {
                     let _ = reply.send(self.session.remaining());
+                }
+                Command::FillFrom(generations, reply) => {
+                    let _ = reply.send(
+                        self.session
+                            .fill_from(&generations)
+                            .map_err(LazyError::Failed),
+                    );
                 }
                 Command::Shutdown => {
                     self.session.begin_shutdown();

@@ -4,7 +4,7 @@
 //! recording, liveness, and the stats. It is the single owner of the range bookkeeping; the
 //! server's loop decides when to call it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -264,6 +264,39 @@ impl<U: Uffd> Session<U> {
     /// Asks for every remaining range to be copied now, whatever the fill mode.
     pub fn request_fill_all(&mut self, on: bool) {
         self.fill_all = on;
+    }
+
+    /// Copies in now every remaining range whose bytes are in one of `generations` (so
+    /// that the next checkpoint holds them and no longer refers to those generations);
+    /// returns the bytes copied. Faults read meanwhile are served between chunks.
+    pub fn fill_from(&mut self, generations: &BTreeSet<u64>) -> Result<u64, String> {
+        let mut copied = 0;
+        for p in 0..self.procs.len() {
+            loop {
+                if let Some(f) = &self.failed {
+                    return Err(f.clone());
+                }
+                if self.procs[p].uffd.is_none() {
+                    break;
+                }
+                let Some(r) = self.procs[p]
+                    .remaining
+                    .iter()
+                    .find(|r| generations.contains(&r.origin.generation))
+                else {
+                    break;
+                };
+                let len = r.len.min(MAX_CHUNK);
+                if self.transfer(p, r.start, r.start + len, Kind::Background) != Outcome::Done {
+                    // gone, or given back to the remaining set: either way this process is
+                    // as filled as it can be now
+                    break;
+                }
+                copied += len;
+                self.run_queue();
+            }
+        }
+        Ok(copied)
     }
 
     /// The processes whose uffd the loop must watch, with their index.

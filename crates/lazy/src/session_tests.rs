@@ -691,3 +691,32 @@ fn a_queued_fault_is_work_and_the_next_step_answers_it() {
     let s = h.stats();
     assert_eq!((s.faults, s.zero_pages), (1, 1));
 }
+
+#[test]
+fn fill_from_copies_exactly_the_ranges_of_the_named_generations() {
+    let old = |start, len, offset| PageRange {
+        start,
+        len,
+        origin: Origin {
+            generation: 1,
+            file: "pages-1.img".into(),
+            offset,
+        },
+    };
+    let mut h = harness(vec![
+        old(BASE, 8 * P, 0),
+        range(BASE + 8 * P, 8 * P, 0x20000),
+        old(BASE + 32 * P, 4 * P, 0x8000),
+    ]);
+    let copied = h.session.fill_from(&BTreeSet::from([1])).unwrap();
+    assert_eq!(copied, 12 * P);
+    assert_eq!(
+        h.uffd.ops(),
+        vec![Op::Copy(BASE, 8 * P), Op::Copy(BASE + 32 * P, 4 * P)]
+    );
+    h.assert_bytes(BASE, 8 * P, 0);
+    h.assert_bytes(BASE + 32 * P, 4 * P, 0x8000);
+    // generation 3's range is still only in the pool
+    assert_eq!(h.remaining(), vec![range(BASE + 8 * P, 8 * P, 0x20000)]);
+    assert_eq!(h.session.fill_from(&BTreeSet::from([7])).unwrap(), 0);
+}
