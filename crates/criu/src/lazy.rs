@@ -48,7 +48,7 @@ use crate::{
     pool_pages::{BlockCache, PoolPages, Warm, WARM_MAX},
     procs,
     replicas::{find_verified, FetchError, Pools},
-    restore::{wait_for_pids, RestoreError, RestoreOptions, RestoreReport},
+    restore::{restore_command, wait_for_pids, RestoreError, RestoreOptions, RestoreReport},
 };
 
 /// How a lazy restore serves memory.
@@ -435,21 +435,7 @@ pub fn restore_lazy_from_pool(
 
     let log_path = dir.join("restore.log");
     let pidfile = dir.join("root.pid");
-    let mut cmd = criu.command();
-    cmd.arg("restore")
-        .arg("--images-dir")
-        .arg(dir)
-        .arg("--lazy-pages")
-        .arg("--restore-detached")
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .arg("--log-file")
-        .arg(&log_path)
-        .arg("-v4");
-    cmd.arg(opts.tcp.criu_flag());
-    if opts.shell_job {
-        cmd.arg("--shell-job");
-    }
+    let mut cmd = restore_command(criu, dir, "--lazy-pages", &pidfile, &log_path, opts);
     let t_server = start.elapsed();
     let mut child = criu.spawn(&mut cmd)?;
     criu_pid.store(child.id() as i32, Ordering::SeqCst);

@@ -86,28 +86,43 @@ pub fn restore_from_dir(
 ) -> Result<(i32, Duration), LocalCriuError> {
     procs::wait_pids_free(pids, Duration::from_secs(10)).map_err(LocalCriuError::PidBusy)?;
     let start = Instant::now();
+    let (ok, pid) = run_restore(criu, dir, &[]);
+    let wall = start.elapsed();
+    match (ok, pid) {
+        (Ok(true), Some(pid)) => Ok((pid, wall)),
+        (r, _) => {
+            r?;
+            Err(LocalCriuError::Failed {
+                action: "restore",
+                log: log_tail(&dir.join("restore.log"), 12),
+            })
+        }
+    }
+}
+
+/// `criu restore` (detached, established connections kept) of the images in `dir`, with
+/// `extra` flags: whether CRIU succeeded, and the root's PID from its PID file.
+fn run_restore(
+    criu: &CriuBinary,
+    dir: &Path,
+    extra: &[&str],
+) -> (Result<bool, CriuError>, Option<i32>) {
     let pidfile = dir.join("restored.pid");
     let ok = criu.run(
         criu.command()
             .args(["restore", "--tcp-established", "--restore-detached", "-v4"])
+            .args(extra)
             .arg("--images-dir")
             .arg(dir)
             .arg("--pidfile")
             .arg(&pidfile)
             .arg("--log-file")
             .arg("restore.log"),
-    )?;
-    let wall = start.elapsed();
+    );
     let pid = fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok());
-    match (ok, pid) {
-        (true, Some(pid)) => Ok((pid, wall)),
-        _ => Err(LocalCriuError::Failed {
-            action: "restore",
-            log: log_tail(&dir.join("restore.log"), 12),
-        }),
-    }
+    (ok, pid)
 }
 
 /// Stock CRIU's own lazy restore from `dir`: `criu lazy-pages` serves the memory from the
@@ -156,27 +171,8 @@ pub fn restore_lazy_from_dir(
             log: log_tail(&dir.join("lazy-pages.log"), 12),
         });
     }
-    let pidfile = dir.join("restored.pid");
-    let ok = criu.run(
-        criu.command()
-            .args([
-                "restore",
-                "--tcp-established",
-                "--restore-detached",
-                "--lazy-pages",
-                "-v4",
-            ])
-            .arg("--images-dir")
-            .arg(dir)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--log-file")
-            .arg("restore.log"),
-    );
+    let (ok, pid) = run_restore(criu, dir, &["--lazy-pages"]);
     let wall = start.elapsed();
-    let pid = fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
     match (ok, pid) {
         (Ok(true), Some(pid)) => Ok((pid, wall, daemon)),
         (r, _) => {

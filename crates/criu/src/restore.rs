@@ -260,21 +260,7 @@ fn restore_verified(
     };
     let log_path = out_dir.join("restore.log");
     let pidfile = out_dir.join("root.pid");
-    let mut cmd = criu.command();
-    cmd.arg("restore")
-        .arg("--images-dir")
-        .arg(work.path())
-        .arg("--stream")
-        .arg("--restore-detached")
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .arg("--log-file")
-        .arg(&log_path)
-        .arg("-v4");
-    cmd.arg(opts.tcp.criu_flag());
-    if opts.shell_job {
-        cmd.arg("--shell-job");
-    }
+    let mut cmd = restore_command(criu, work.path(), "--stream", &pidfile, &log_path, opts);
     if let Some(who) = run_as {
         identity::run_as(&mut cmd, who);
     }
@@ -363,6 +349,34 @@ fn restore_verified(
         run_as,
         replica,
     })
+}
+
+/// `criu restore` of the images in `dir`, detached, with `how` (`--stream` or
+/// `--lazy-pages`): the root's PID goes to `pidfile`, the log to `log`.
+pub(crate) fn restore_command(
+    criu: &CriuBinary,
+    dir: &std::path::Path,
+    how: &str,
+    pidfile: &std::path::Path,
+    log: &std::path::Path,
+    opts: &RestoreOptions,
+) -> std::process::Command {
+    let mut cmd = criu.command();
+    cmd.arg("restore")
+        .arg("--images-dir")
+        .arg(dir)
+        .arg(how)
+        .arg("--restore-detached")
+        .arg("--pidfile")
+        .arg(pidfile)
+        .arg("--log-file")
+        .arg(log)
+        .arg("-v4")
+        .arg(opts.tcp.criu_flag());
+    if opts.shell_job {
+        cmd.arg("--shell-job");
+    }
+    cmd
 }
 
 /// Waits until the snapshot's PIDs are free; returns the seconds since `start`. In a fresh

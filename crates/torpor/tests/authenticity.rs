@@ -3,35 +3,20 @@
 //! finish with it; a checkpoint counts only once its write quorum of pools committed; a pool
 //! killed with SIGKILL loses no sleeping service when a replica holds it.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
-use torpor_bench::harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess};
+use torpor_bench::harness::{kill_and_reap, PoolProcess, SampleProcess};
 use torpor_criu::{
-    checkpoint_to_pool, procs, restore_from_pool, CheckpointError, CheckpointOptions, CriuBinary,
-    PoolTarget, Pools, RestoreError, RestoreOptions,
+    checkpoint_to_pool, procs, restore_from_pool, CheckpointError, CheckpointOptions, PoolTarget,
+    Pools, RestoreError, RestoreOptions,
 };
 use torpor_image::{seal::SealError, NodeKey};
 use torpor_workload::{expected_sum, SampleClient};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_torpor"))
-}
-
-fn criu() -> CriuBinary {
-    CriuBinary::locate().expect("CRIU is installed by the README's test command")
-}
-
-fn setup() -> std::sync::MutexGuard<'static, ()> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    become_subreaper().unwrap();
-    guard
-}
+use common::{criu, criu_setup as setup, exe_path as exe};
 
 const MIB: u64 = 1 << 20;
 

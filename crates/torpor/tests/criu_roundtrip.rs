@@ -7,36 +7,21 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
-use torpor_bench::harness::{
-    become_subreaper, kill_and_reap, redis_command, PoolProcess, SampleProcess,
-};
+use torpor_bench::harness::{kill_and_reap, redis_command, PoolProcess, SampleProcess};
 use torpor_criu::{
     checkpoint_to_pool, procs, restore_from_pool, run_as_for_tree, CheckpointError,
     CheckpointOptions, CriuBinary, CriuIdentity, RestoreError, RestoreOptions, RunAs,
 };
 use torpor_workload::{expected_sum, SampleClient};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_torpor"))
-}
-
-fn criu() -> CriuBinary {
-    CriuBinary::locate().expect("CRIU is installed by the README's test command")
-}
-
-fn setup() -> std::sync::MutexGuard<'static, ()> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    become_subreaper().unwrap();
-    guard
-}
+use common::{criu, criu_setup as setup, exe_path as exe};
 
 const MIB: u64 = 1 << 20;
 

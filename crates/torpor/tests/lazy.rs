@@ -5,38 +5,26 @@
 //! inherited pages); and a pool that dies mid-wake kills the service instead of letting it
 //! read zeros.
 
-use std::{
-    path::Path,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use torpor_bench::harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess};
+use torpor_bench::harness::{kill_and_reap, PoolProcess, SampleProcess};
 use torpor_criu::{
     checkpoint_to_pool, lazy::checkpoint_lazy_service, restore_from_pool, restore_lazy_from_pool,
-    CheckpointOptions, CriuBinary, LazyOptions, RestoreError, RestoreOptions,
+    CheckpointOptions, LazyOptions, LazyWake, RestoreError, RestoreOptions,
 };
 use torpor_workload::SampleClient;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_torpor"))
-}
-
-fn criu() -> CriuBinary {
-    CriuBinary::locate().expect("CRIU is installed by the README's test command")
-}
+use common::{criu, exe_path as exe};
 
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    become_subreaper().unwrap();
-    guard
+    common::criu_setup()
 }
 
 const MIB: u64 = 1 << 20;
@@ -48,6 +36,18 @@ impl Drop for Restored {
     fn drop(&mut self) {
         kill_and_reap(self.0);
     }
+}
+
+/// A lazy restore with the default options.
+fn lazy_wake(pool: &PoolProcess, name: &str, generation: Option<u64>) -> Result<LazyWake> {
+    Ok(restore_lazy_from_pool(
+        &criu(),
+        name,
+        generation,
+        &pool.pools,
+        &RestoreOptions::default(),
+        &LazyOptions::default(),
+    )?)
 }
 
 #[test]
@@ -73,15 +73,8 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
 
     let mut generation = full.generation;
     for round in 0..3 {
-        let wake = restore_lazy_from_pool(
-            &criu(),
-            name,
-            Some(generation),
-            &pool.pools,
-            &RestoreOptions::default(),
-            &LazyOptions::default(),
-        )
-        .with_context(|| format!("lazy wake {round}"))?;
+        let wake = lazy_wake(&pool, name, Some(generation))
+            .with_context(|| format!("lazy wake {round}"))?;
         let guard = Restored(wake.report.pid);
         let mut c = SampleClient::connect(addr)?;
         ensure!(
@@ -143,14 +136,7 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
 
     // The last generation, restored lazily, holds exactly the reference's memory: every page,
     // touched or inherited through three generations.
-    let wake = restore_lazy_from_pool(
-        &criu(),
-        name,
-        Some(generation),
-        &pool.pools,
-        &RestoreOptions::default(),
-        &LazyOptions::default(),
-    )?;
+    let wake = lazy_wake(&pool, name, Some(generation))?;
     let _guard = Restored(wake.report.pid);
     let mut c = SampleClient::connect(addr)?;
     ensure!(
@@ -174,14 +160,7 @@ fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling
         &CheckpointOptions::default(),
     )?;
     svc.reap();
-    let wake = restore_lazy_from_pool(
-        &criu(),
-        name,
-        None,
-        &pool.pools,
-        &RestoreOptions::default(),
-        &LazyOptions::default(),
-    )?;
+    let wake = lazy_wake(&pool, name, None)?;
     let pid = wake.report.pid;
     let _guard = Restored(pid);
     pool.crash();

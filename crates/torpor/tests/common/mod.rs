@@ -1,5 +1,6 @@
-//! Shared by the `torpor up` end-to-end tests (`up.rs`, `trees.rs`): the real binary started
-//! from a config file, its status API, plain HTTP through a gate.
+//! Shared by the end-to-end tests: the real binary (`torpor up` started from a config file,
+//! its status API, plain HTTP through a gate) and the set-up of tests that run CRIU
+//! themselves.
 
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
@@ -23,6 +24,23 @@ pub const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
 
 pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_torpor")
+}
+
+/// The binary, as a path (for the bench harness's process starters).
+pub fn exe_path() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_torpor"))
+}
+
+pub fn criu() -> torpor_criu::CriuBinary {
+    torpor_criu::CriuBinary::locate().expect("CRIU is installed by the README's test command")
+}
+
+/// For tests that run CRIU themselves: one at a time (CRIU's network lock takes the host's
+/// iptables), with this process as the subreaper of what they checkpoint.
+pub fn criu_setup() -> std::sync::MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    torpor_bench::harness::become_subreaper().expect("become the subreaper");
+    guard
 }
 
 pub fn free_port() -> u16 {
