@@ -358,7 +358,13 @@ impl Runner for ProcessTree {
                     tcp: TcpConnections::Close,
                     ..Default::default()
                 };
-                if let MemoryRestore::Lazy(options) = &memory {
+                // A lazy wake that fails for a passing reason (the pool's connection, CRIU) is
+                // tried once more: an incremental snapshot has no other way back.
+                let attempts = if matches!(memory, MemoryRestore::Lazy(_)) { 2 } else { 0 };
+                for attempt in 0..attempts {
+                    let MemoryRestore::Lazy(options) = &memory else {
+                        break;
+                    };
                     match torpor_criu::restore_lazy_from_pool(
                         &host.criu, &name, generation, &host.pools, &opts, options,
                     ) {
@@ -390,12 +396,16 @@ impl Runner for ProcessTree {
                         // A snapshot dumped as another user is restored eagerly, always.
                         Err(e @ RestoreError::LazyUnsupported { .. }) => {
                             debug!(service, reason = %error_chain(&e), "restoring eagerly");
+                            break;
                         }
                         Err(e) => {
-                            warn!(service, error = %error_chain(&e), "lazy restore failed; restoring eagerly");
+                            warn!(service, attempt, error = %error_chain(&e), "lazy restore failed");
                         }
                     }
                 }
+                // Eagerly restored (or cold-started next): nothing is read from older
+                // generations any more.
+                lazy.lock().expect("lazy lock").keep.clear();
                 torpor_criu::restore_from_pool(&host.criu, &name, generation, &host.pools, &opts)
                     .map(|r| Restored {
                         pid: r.pid,

@@ -244,6 +244,8 @@ enum Msg {
         name: String,
         bytes: Vec<u8>,
     },
+    /// Asks for the memory-layout images seen so far ([`DumpedLayout`]).
+    Layout(mpsc::Sender<DumpedLayout>),
     Commit(mpsc::Sender<Result<Committed, ClientError>>),
 }
 
@@ -305,12 +307,13 @@ pub fn checkpoint_to_pool(
     pools: &Pools,
     opts: &CheckpointOptions,
 ) -> Result<CheckpointReport, CheckpointError> {
-    checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || Ok(Vec::new()))
+    checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut |_| Ok(Vec::new()))
 }
 
 /// [`checkpoint_to_pool`], with files of the caller's added to the snapshot: `at_post_dump`
-/// runs once CRIU has dumped the tree and before the commit, while the tree is frozen (an
-/// incremental checkpoint asks its lazy-pages server then which ranges were never touched).
+/// runs once CRIU has dumped the tree and before the commit, while the tree is frozen, with the
+/// dump's memory-layout images (an incremental checkpoint asks its lazy-pages server then
+/// which ranges were never touched, and checks them against what the dump holds).
 /// If it declines, nothing is committed and the tree runs on ([`CheckpointError::Declined`]).
 pub fn checkpoint_to_pool_with(
     criu: &CriuBinary,
@@ -318,7 +321,7 @@ pub fn checkpoint_to_pool_with(
     name: &str,
     pools: &Pools,
     opts: &CheckpointOptions,
-    at_post_dump: &mut dyn FnMut() -> Result<Vec<(String, Vec<u8>)>, String>,
+    at_post_dump: &mut PostDump<'_>,
 ) -> Result<CheckpointReport, CheckpointError> {
     if !procs::pid_in_use(pid) {
         return Err(CheckpointError::NoSuchProcess(pid));
@@ -457,7 +460,10 @@ pub fn checkpoint_to_pool_with(
             let result = if failed.load(Ordering::SeqCst) {
                 None
             } else {
-                match at_post_dump() {
+                let (layout_tx, layout_rx) = mpsc::channel();
+                let _ = tx.send(Msg::Layout(layout_tx));
+                let layout = layout_rx.recv().unwrap_or_default();
+                match at_post_dump(&layout) {
                     Ok(extra) => {
                         for (name, bytes) in extra {
                             let _ = tx.send(Msg::Whole { name, bytes });
@@ -565,6 +571,9 @@ fn spawn_writer(
         // Pages files being digested block by block (sealed pools only: a lazy restore checks
         // each range it reads against them), by file id.
         let mut hashing: HashMap<u32, (String, BlockHasher)> = HashMap::new();
+        // The layout images, by file id while they stream, by name once closed.
+        let mut layout_open: HashMap<u32, (String, Vec<u8>)> = HashMap::new();
+        let mut layout = DumpedLayout::new();
         let mut next_own_id = OWN_FILE_IDS;
         for msg in rx {
             let result = match (msg, upload.as_mut()) {
@@ -572,11 +581,17 @@ fn spawn_writer(
                     if block_digests && is_memory_image(&name) {
                         hashing.insert(id, (name.clone(), BlockHasher::new()));
                     }
+                    if is_layout_image(&name) {
+                        layout_open.insert(id, (name.clone(), Vec::new()));
+                    }
                     u.file_open(id, &name)
                 }
                 (Msg::Data { id, buf }, u) => {
                     if let Some((_, h)) = hashing.get_mut(&id) {
                         h.update(&buf);
+                    }
+                    if let Some((_, bytes)) = layout_open.get_mut(&id) {
+                        bytes.extend_from_slice(&buf);
                     }
                     let r = match u {
                         Some(u) if error.is_none() => u.file_data(id, &buf),
@@ -585,20 +600,28 @@ fn spawn_writer(
                     buffers.give(buf);
                     r
                 }
-                (Msg::Close { id, size }, Some(u)) if error.is_none() => u
-                    .file_close(id, size)
-                    .and_then(|()| match hashing.remove(&id) {
-                        Some((name, h)) => {
-                            next_own_id += 1;
-                            upload_whole(
-                                u,
-                                next_own_id,
-                                &blocks_file_for(&name),
-                                &h.finish().encode(),
-                            )
-                        }
-                        None => Ok(()),
-                    }),
+                (Msg::Layout(reply), _) => {
+                    let _ = reply.send(std::mem::take(&mut layout));
+                    Ok(())
+                }
+                (Msg::Close { id, size }, Some(u)) if error.is_none() => {
+                    if let Some((name, bytes)) = layout_open.remove(&id) {
+                        layout.insert(name, bytes);
+                    }
+                    u.file_close(id, size)
+                        .and_then(|()| match hashing.remove(&id) {
+                            Some((name, h)) => {
+                                next_own_id += 1;
+                                upload_whole(
+                                    u,
+                                    next_own_id,
+                                    &blocks_file_for(&name),
+                                    &h.finish().encode(),
+                                )
+                            }
+                            None => Ok(()),
+                        })
+                }
                 (Msg::Whole { name, bytes }, Some(u)) if error.is_none() => {
                     next_own_id += 1;
                     upload_whole(u, next_own_id, &name, &bytes)
@@ -623,11 +646,28 @@ fn spawn_writer(
     })
 }
 
+/// The images of a dump that describe its processes' memory (`pagemap-*.img`, `mm-*.img`,
+/// `pstree.img`), kept whole as they pass (they are small): what the dump holds, for a caller
+/// that adds files at post-dump.
+pub type DumpedLayout = HashMap<String, Vec<u8>>;
+
+/// Files a caller adds at post-dump (name, bytes), or why it withdraws the checkpoint.
+pub type PostDump<'a> = dyn FnMut(&DumpedLayout) -> Result<Vec<(String, Vec<u8>)>, String> + 'a;
+
+/// Whether an image is part of [`DumpedLayout`].
+fn is_layout_image(name: &str) -> bool {
+    name == "pstree.img"
+        || (name.ends_with(".img")
+            && ((name.starts_with("pagemap-") && !name.starts_with("pagemap-shmem-"))
+                || name.starts_with("mm-")))
+}
+
 /// File ids of torpor's own files in an upload (CRIU's count up from 0).
 const OWN_FILE_IDS: u32 = 1 << 30;
 
-/// A CRIU memory image of a process (`pages-N.img`).
-fn is_memory_image(name: &str) -> bool {
+/// A CRIU memory image (`pages-N.img`): digested block by block at a checkpoint, fetched by
+/// range at a lazy restore.
+pub(crate) fn is_memory_image(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
 }
 

@@ -43,7 +43,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     binary::{keep_log, log_tail, read_no_follow, CriuBinary},
-    checkpoint::{checkpoint_to_pool_with, CheckpointError, CheckpointOptions, CheckpointReport},
+    checkpoint::{
+        checkpoint_to_pool_with, is_memory_image, CheckpointError, CheckpointOptions,
+        CheckpointReport, DumpedLayout,
+    },
     pagemap::{self, Pagemap, Vma},
     pool_pages::{BlockCache, PoolPages, Warm, WARM_MAX},
     procs,
@@ -145,30 +148,63 @@ impl LazySession {
         self.server.stats()
     }
 
-    /// What the next checkpoint can leave in the pool: every range never touched and still
-    /// mapped, in a process that still has its restored memory. `None` when that cannot be
-    /// proven (a child forked during the lazy phase lives on): the caller then fills
-    /// everything before it dumps.
-    pub fn increment(&self) -> Option<Increment> {
-        let working_set = self.working_set();
-        match self.server.remaining() {
-            Ok(remaining) => {
-                let mut processes: Vec<ProcessRanges> = remaining
-                    .into_iter()
-                    .filter(|(_, r)| !r.is_empty())
-                    .map(|(pid, ranges)| ProcessRanges { pid, ranges })
-                    .collect();
-                processes.sort_by_key(|p| p.pid);
-                Some(Increment {
-                    index: (!processes.is_empty()).then_some(PageIndex { processes }),
-                    working_set,
-                })
+    /// What the next checkpoint can leave in the pool, checked against the dump (`layout`,
+    /// taken at post-dump while the tree is frozen): every range never touched and still
+    /// mapped, in a process the dump holds. Declined (with the reason; the caller then fills
+    /// everything and dumps in full) when that cannot be proven exact: a child forked during
+    /// the lazy phase lives on (its pages cannot be attributed), a page copied in during the
+    /// checkpoint is missing from the dump, or a range lies where CRIU's restore would not
+    /// register it for lazy pages (a mapping locked since).
+    pub fn increment(&self, layout: &DumpedLayout) -> Result<Increment, String> {
+        let remaining = self.server.remaining().map_err(|e| e.to_string())?;
+        let copied = self.server.copied_while_held().map_err(|e| e.to_string())?;
+        let image = |name: String| {
+            layout
+                .get(&name)
+                .ok_or_else(|| format!("the dump has no {name}"))
+        };
+        let dumped: BTreeSet<i32> = pagemap::parse_pstree_pids(image("pstree.img".into())?)
+            .map_err(|e| format!("pstree.img: {e}"))?
+            .into_iter()
+            .collect();
+        for (pid, ranges) in &copied {
+            if !dumped.contains(pid) {
+                continue;
             }
-            Err(e) => {
-                info!(reason = %e, "incremental checkpoint not provable; filling memory first");
-                None
+            let pm = Pagemap::parse(image(format!("pagemap-{pid}.img"))?)
+                .map_err(|e| format!("pagemap-{pid}.img: {e}"))?;
+            if let Some(&(start, _)) = ranges
+                .iter()
+                .find(|&&(s, l)| !dumped_present(&pm, s, s + l))
+            {
+                return Err(format!(
+                    "a page of process {pid} copied in during the checkpoint ({start:#x}) is not in the dump"
+                ));
             }
         }
+        let mut processes = Vec::new();
+        for (pid, ranges) in remaining {
+            if ranges.is_empty() || !dumped.contains(&pid) {
+                continue;
+            }
+            let vmas = pagemap::parse_mm_vmas(image(format!("mm-{pid}.img"))?)
+                .map_err(|e| format!("mm-{pid}.img: {e}"))?;
+            if let Some(r) = ranges
+                .iter()
+                .find(|r| !in_lazy_vmas(&vmas, r.start, r.end()))
+            {
+                return Err(format!(
+                    "pages of process {pid} at {:#x} lie where a restore would not serve them lazily",
+                    r.start
+                ));
+            }
+            processes.push(ProcessRanges { pid, ranges });
+        }
+        processes.sort_by_key(|p| p.pid);
+        Ok(Increment {
+            index: (!processes.is_empty()).then_some(PageIndex { processes }),
+            working_set: self.working_set(),
+        })
     }
 
     /// The working set recorded since the wake.
@@ -264,7 +300,8 @@ pub fn restore_lazy_from_pool(
     let mut fetched = 0u64;
     let mut small: HashMap<String, Vec<u8>> = HashMap::new();
     for f in &manifest.files {
-        if is_pages_file(&f.name) {
+        // Memory comes by range; block digests are fetched as ranges need them.
+        if is_memory_image(&f.name) || f.name.ends_with(".blocks") {
             continue;
         }
         let bytes = fetch(&mut client, &f.name)?;
@@ -346,7 +383,7 @@ pub fn restore_lazy_from_pool(
         });
     let mut source = PoolPages::new(target, Some(client), name, blocks);
     for f in &manifest.files {
-        if !is_pages_file(&f.name) {
+        if !is_memory_image(&f.name) {
             continue;
         }
         let Some(parts) = eager.get(&f.name) else {
@@ -538,50 +575,105 @@ pub fn checkpoint_lazy_service(
     session: &LazySession,
 ) -> Result<(CheckpointReport, Increment), CheckpointError> {
     session.compact(MAX_INHERITED_GENERATIONS);
+    // From here on nothing is copied in that the dump might not see unnoticed.
+    let fill = session
+        .server
+        .hold()
+        .map_err(|e| CheckpointError::Declined {
+            pid,
+            reason: format!("the lazy-pages server: {e}"),
+        })?;
     let mut increment = None;
-    let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || match session
-        .increment()
-    {
-        Some(i) => {
-            let files = i.files();
-            increment = Some(i);
-            Ok(files)
-        }
-        None => Err("a child forked while pages were still in the pool runs on".into()),
+    let first = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut |layout| {
+        let i = session.increment(layout)?;
+        let files = i.files();
+        increment = Some(i);
+        Ok(files)
     });
-    match first {
+    let result = match first {
         Ok(report) => Ok((report, increment.unwrap_or_default())),
-        Err(CheckpointError::Declined { .. }) => {
-            session
-                .fill_all(FILL_TIMEOUT)
-                .map_err(|e| CheckpointError::Declined {
-                    pid,
-                    reason: format!("filling memory before a full checkpoint failed: {e}"),
-                })?;
-            let full = Increment {
-                index: None,
-                working_set: session.working_set(),
-            };
-            let files = full.files();
-            let report =
-                checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut || Ok(files.clone()))?;
-            Ok((report, full))
+        Err(CheckpointError::Declined { reason, .. }) => {
+            info!(name, %reason, "incremental checkpoint not provable; filling memory first");
+            full_checkpoint(criu, pid, name, pools, opts, session)
         }
         Err(e) => Err(e),
+    };
+    if result.is_err() {
+        // The tree runs on: so does its lazy service, as before.
+        let _ = session.server.release_hold(fill);
     }
+    result
+}
+
+/// Copies every page still in the pool into the tree, then checkpoints it in full.
+fn full_checkpoint(
+    criu: &CriuBinary,
+    pid: i32,
+    name: &str,
+    pools: &Pools,
+    opts: &CheckpointOptions,
+    session: &LazySession,
+) -> Result<(CheckpointReport, Increment), CheckpointError> {
+    session
+        .fill_all(FILL_TIMEOUT)
+        .map_err(|e| CheckpointError::Declined {
+            pid,
+            reason: format!("filling memory before a full checkpoint failed: {e}"),
+        })?;
+    let full = Increment {
+        index: None,
+        working_set: session.working_set(),
+    };
+    let files = full.files();
+    let report = checkpoint_to_pool_with(criu, pid, name, pools, opts, &mut |_| Ok(files.clone()))?;
+    Ok((report, full))
+}
+
+/// Whether the dump's pagemap holds every page of `[start, end)` itself.
+fn dumped_present(pm: &Pagemap, start: u64, end: u64) -> bool {
+    let mut at = start;
+    let first = pm.entries.partition_point(|e| e.end() <= start);
+    for e in &pm.entries[first..] {
+        if e.vaddr > at || at >= end {
+            break;
+        }
+        if !e.is_present() {
+            return false;
+        }
+        at = e.end();
+    }
+    at >= end
+}
+
+/// Whether `[start, end)` lies wholly in VMAs CRIU's restore registers for lazy pages
+/// (`vma_entry_can_be_lazy`: private anonymous memory, not locked, not hugetlb).
+fn in_lazy_vmas(vmas: &[Vma], start: u64, end: u64) -> bool {
+    use nix::libc::{MAP_ANONYMOUS, MAP_HUGETLB, MAP_LOCKED, MAP_PRIVATE};
+    let lazy = |v: &Vma| {
+        let f = v.flags as i32;
+        f & (MAP_PRIVATE | MAP_ANONYMOUS) == MAP_PRIVATE | MAP_ANONYMOUS
+            && f & (MAP_LOCKED | MAP_HUGETLB) == 0
+    };
+    let mut at = start;
+    let first = vmas.partition_point(|v| v.end <= start);
+    for v in &vmas[first..] {
+        if v.start > at || at >= end {
+            break;
+        }
+        if !lazy(v) {
+            return false;
+        }
+        at = v.end;
+    }
+    at >= end
 }
 
 /// Largest piece of a pages file's eager part read at once (bounds the buffer).
 const EAGER_PIECE: u64 = 4 << 20;
 
-/// CRIU's memory images, fetched by range rather than whole on a lazy restore.
-fn is_pages_file(name: &str) -> bool {
-    name.starts_with("pages-") && name.ends_with(".img")
-}
-
 /// torpor's own files in a snapshot (not CRIU's): read here, never given to CRIU.
 fn is_torpor_file(name: &str) -> bool {
-    name == PAGE_INDEX_FILE || name == WORKING_SET_FILE || name.ends_with(".blocks")
+    name == PAGE_INDEX_FILE || name == WORKING_SET_FILE
 }
 
 /// Fetches one whole file of a verified manifest, checked against its seal when `verify`.

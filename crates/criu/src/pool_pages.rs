@@ -272,6 +272,10 @@ impl Warm {
         let me = warm.clone();
         thread::spawn(move || {
             for ((generation, file), offset, len) in order {
+                // Nobody left to hand the bytes to (the restore failed or ended).
+                if Arc::strong_count(&me.inner) == 1 {
+                    break;
+                }
                 let origin = Origin {
                     generation,
                     file,
@@ -279,6 +283,7 @@ impl Warm {
                 };
                 let mut bytes = vec![0u8; len as usize];
                 let got = source.read(&origin, &mut bytes);
+                let got_failed = got.is_err();
                 let mut state = me.inner.state.lock().expect("warm lock");
                 if let Some(p) = state
                     .pieces
@@ -289,6 +294,14 @@ impl Warm {
                         Ok(()) => p.bytes = Some(bytes),
                         Err(_) => p.failed = true,
                     }
+                }
+                if got_failed {
+                    // The pool let one read down: the server's own reads say how, at once,
+                    // rather than after every piece's timeouts here.
+                    state.finished = true;
+                    drop(state);
+                    me.inner.changed.notify_all();
+                    return;
                 }
                 drop(state);
                 me.inner.changed.notify_all();
@@ -321,7 +334,7 @@ impl Warm {
                     return false;
                 }
                 waiting |= p.bytes.is_none();
-                covered = p.offset + p.len;
+                covered = covered.max(p.offset + p.len);
             }
             if covered < end {
                 return false;

@@ -175,9 +175,12 @@ impl RestoreError {
     /// unreachable, or a failure of CRIU's): a state that is lost, not delayed.
     pub fn snapshot_lost(&self) -> bool {
         match self {
+            // An increment only a lazy restore can bring back, after the lazy one failed:
+            // this wake goes without the service's state.
             RestoreError::Corrupt { .. }
             | RestoreError::Unverified { .. }
-            | RestoreError::BadImages { .. } => true,
+            | RestoreError::BadImages { .. }
+            | RestoreError::LazyOnly { .. } => true,
             RestoreError::Pool { source, .. } => source.pool_code() == Some(ErrorCode::NotFound),
             _ => false,
         }

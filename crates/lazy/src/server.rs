@@ -101,6 +101,9 @@ enum Command {
     FillAll(Sender<Result<(), LazyError>>),
     Remaining(Sender<Result<HashMap<i32, Vec<PageRange>>, Unprovable>>),
     FillFrom(BTreeSet<u64>, Sender<Result<u64, LazyError>>),
+    Hold(Sender<Fill>),
+    CopiedWhileHeld(Sender<HashMap<i32, Vec<(u64, u64)>>>),
+    ReleaseHold(Fill),
     Shutdown,
 }
 
@@ -257,6 +260,27 @@ impl LazyServer {
             Err(RecvTimeoutError::Timeout) => Err(LazyError::Timeout(timeout, "the fill")),
             Err(RecvTimeoutError::Disconnected) => Err(LazyError::Stopped),
         }
+    }
+
+    /// Starts a checkpoint's hold: no prefetch or fill from now on, and every copy is noted
+    /// ([`LazyServer::copied_while_held`]). Returns the fill mode to give back if the
+    /// checkpoint does not happen ([`LazyServer::release_hold`]).
+    pub fn hold(&self) -> Result<Fill, LazyError> {
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::Hold(tx))?;
+        rx.recv().map_err(|_| LazyError::Stopped)
+    }
+
+    /// Every range copied since [`LazyServer::hold`], per pid (start, len).
+    pub fn copied_while_held(&self) -> Result<HashMap<i32, Vec<(u64, u64)>>, LazyError> {
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::CopiedWhileHeld(tx))?;
+        rx.recv().map_err(|_| LazyError::Stopped)
+    }
+
+    /// Ends a hold: the service runs on with `fill` as before.
+    pub fn release_hold(&self, fill: Fill) -> Result<(), LazyError> {
+        self.command(Command::ReleaseHold(fill))
     }
 
     /// For an incremental checkpoint: per live process, the ranges never copied and still
@@ -474,6 +498,15 @@ impl Loop {
                 Command::Remaining(reply) => {
                     let _ = reply.send(self.session.remaining());
                 }
+                Command::Hold(reply) => {
+                    let _ = reply.send(self.session.hold());
+                }
+                Command::CopiedWhileHeld(reply) => {
+                    // what the uffds still hold is part of the answer
+                    self.session.service_all();
+                    let _ = reply.send(self.session.copied_while_held());
+                }
+                Command::ReleaseHold(fill) => self.session.release_hold(fill),
                 Command::FillFrom(generations, reply) => {
                     let _ = reply.send(
                         self.session

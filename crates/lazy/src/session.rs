@@ -160,6 +160,10 @@ pub(crate) struct Session<U: Uffd> {
     record_until: Option<Instant>,
     fill: Fill,
     fill_all: bool,
+    /// Set while a checkpoint runs: no prefetch or fill, and every copy (a fault of the
+    /// still-running service, or one served while CRIU dumps) is noted per pid, so the
+    /// checkpoint can check that its dump holds each of those pages.
+    held: Option<HashMap<i32, Extents>>,
     max_fault_read: u64,
     xfer_len: u64,
     on_failure: Box<dyn Fn(&str) + Send>,
@@ -193,6 +197,7 @@ impl<U: Uffd> Session<U> {
             record_until: None,
             fill: cfg.fill,
             fill_all: false,
+            held: None,
             max_fault_read,
             xfer_len: FAULT_WINDOW,
             on_failure: cfg.on_failure,
@@ -258,6 +263,29 @@ impl<U: Uffd> Session<U> {
     }
 
     pub fn set_fill(&mut self, fill: Fill) {
+        self.fill = fill;
+    }
+
+    /// Stops prefetch and fill for a checkpoint and starts noting every copy; returns the
+    /// fill mode to give back with [`Session::release_hold`].
+    pub fn hold(&mut self) -> Fill {
+        self.prefetch.clear();
+        self.fill_all = false;
+        self.held = Some(HashMap::new());
+        std::mem::replace(&mut self.fill, Fill::OnDemand)
+    }
+
+    /// What was copied since [`Session::hold`], per pid (start, len), coalesced.
+    pub fn copied_while_held(&self) -> HashMap<i32, Vec<(u64, u64)>> {
+        self.held
+            .as_ref()
+            .map(|h| h.iter().map(|(pid, e)| (*pid, e.to_vec())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Ends a hold (the checkpoint did not happen and the service runs on).
+    pub fn release_hold(&mut self, fill: Fill) {
+        self.held = None;
         self.fill = fill;
     }
 
@@ -806,6 +834,9 @@ impl<U: Uffd> Session<U> {
         let in_window = !matches!(self.record_until, Some(until) if Instant::now() >= until);
         let record = !self.procs[p].forked && in_window;
         let pid = self.procs[p].pid;
+        if let Some(held) = self.held.as_mut() {
+            held.entry(pid).or_default().add(start, len);
+        }
         let mut state = self.shared.lock();
         match kind {
             Kind::Fault => state.stats.faulted_bytes += len,
