@@ -779,3 +779,69 @@ fn warm_pieces(ranges: &HashMap<i32, Vec<PageRange>>, ws: &WorkingSet) -> Vec<(O
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pagemap::{PagemapEntry, PE_LAZY, PE_PRESENT};
+
+    const P: u64 = PAGE_SIZE;
+
+    fn vma(start: u64, end: u64, flags: i32) -> Vma {
+        Vma {
+            start,
+            end,
+            flags: flags as u32,
+            status: 0,
+        }
+    }
+
+    #[test]
+    fn inherited_ranges_must_lie_in_memory_crius_restore_serves_lazily() {
+        use nix::libc::{MAP_ANONYMOUS, MAP_HUGETLB, MAP_LOCKED, MAP_PRIVATE, MAP_SHARED};
+        let anon = MAP_PRIVATE | MAP_ANONYMOUS;
+        let vmas = [
+            vma(0x1000, 0x5000, anon),
+            vma(0x5000, 0x9000, anon),
+            vma(0x9000, 0xa000, anon | MAP_LOCKED),
+            vma(0xb000, 0xc000, anon),
+            vma(0xc000, 0xd000, anon | MAP_HUGETLB),
+            vma(0xd000, 0xe000, MAP_SHARED | MAP_ANONYMOUS),
+        ];
+        assert!(in_lazy_vmas(&vmas, 0x2000, 0x4000));
+        assert!(in_lazy_vmas(&vmas, 0x2000, 0x8000), "across adjacent VMAs");
+        assert!(
+            !in_lazy_vmas(&vmas, 0x8000, 0x9000 + P),
+            "into a locked one"
+        );
+        assert!(!in_lazy_vmas(&vmas, 0xa000, 0xb000), "a hole");
+        assert!(!in_lazy_vmas(&vmas, 0xb000, 0xc000 + P), "into hugetlb");
+        assert!(!in_lazy_vmas(&vmas, 0xd000, 0xe000), "shared");
+        assert!(!in_lazy_vmas(&vmas, 0xe000, 0xf000), "past every VMA");
+    }
+
+    #[test]
+    fn a_page_copied_during_the_dump_must_be_one_the_dump_holds() {
+        let entry = |vaddr, nr_pages, flags| PagemapEntry {
+            vaddr,
+            nr_pages,
+            flags,
+        };
+        let pm = Pagemap {
+            pages_id: 1,
+            entries: vec![
+                entry(0x10000, 4, PE_LAZY | PE_PRESENT),
+                entry(0x14000, 2, PE_PRESENT),
+                entry(0x20000, 1, PE_LAZY | PE_PRESENT),
+            ],
+        };
+        assert!(
+            dumped_present(&pm, 0x11000, 0x16000),
+            "across adjacent entries"
+        );
+        assert!(dumped_present(&pm, 0x20000, 0x21000));
+        assert!(!dumped_present(&pm, 0x15000, 0x17000), "runs past an entry");
+        assert!(!dumped_present(&pm, 0x18000, 0x19000), "not dumped at all");
+        assert!(!dumped_present(&pm, 0x1f000, 0x21000), "starts before one");
+    }
+}

@@ -1328,6 +1328,59 @@ mod tests {
         s.commit(u, None, None).unwrap()
     }
 
+    /// Commits a snapshot whose page index inherits pages from `inherits`.
+    fn upload_increment(s: &Store, name: &str, inherits: &[u64]) -> Committed {
+        use torpor_image::pages::{Origin, PageRange, ProcessRanges};
+        let index = PageIndex {
+            processes: vec![ProcessRanges {
+                pid: 1,
+                ranges: inherits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &generation)| PageRange {
+                        start: 0x10000 * (i as u64 + 1),
+                        len: 4096,
+                        origin: Origin {
+                            generation,
+                            file: "pages-1.img".into(),
+                            offset: 0,
+                        },
+                    })
+                    .collect(),
+            }],
+        }
+        .encode();
+        let mut u = s.begin_upload(name, SnapshotMeta::default(), None).unwrap();
+        u.open_file(0, PAGE_INDEX_FILE).unwrap();
+        let mut c = s.alloc_chunk().unwrap();
+        c.spare_mut()[..index.len()].copy_from_slice(&index);
+        u.push_chunk(0, c).unwrap();
+        u.advance(0, index.len()).unwrap();
+        u.close_file(0, index.len() as u64).unwrap();
+        s.commit(u, None, None).unwrap()
+    }
+
+    #[test]
+    fn retention_keeps_every_generation_a_kept_one_inherits_from() {
+        let s = store(16);
+        let generations = |s: &Store| -> Vec<u64> {
+            s.list()
+                .into_iter()
+                .filter(|i| i.name == "svc")
+                .map(|i| i.generation)
+                .collect()
+        };
+        upload(&s, "svc", &[1u8; 4096]); // 1: full
+        upload(&s, "svc", &[2u8; 4096]); // 2: full
+        upload_increment(&s, "svc", &[1]); // 3 inherits from 1
+        upload_increment(&s, "svc", &[1, 3]); // 4 inherits from 1 and 3
+                                              // keep = 2 keeps 3 and 4; 1 stays because both inherit from it; 2 goes.
+        assert_eq!(generations(&s), vec![1, 3, 4]);
+        upload(&s, "svc", &[5u8; 4096]); // 5: full
+        upload(&s, "svc", &[6u8; 4096]); // 6: full, nothing inherits any more
+        assert_eq!(generations(&s), vec![5, 6]);
+    }
+
     #[test]
     fn corrupt_ram_chunk_is_refused() {
         let s = store(4);

@@ -62,6 +62,11 @@ const REQUESTS: &[&str] = &[
     "WRITE 5",
     "DIGEST",
     "CHILD",
+    "NEW 64",
+    "LOCK 5",
+    "DIGEST",
+    "WRITE 6",
+    "DIGEST",
     "PING",
 ];
 
@@ -198,12 +203,14 @@ fn differential(extra: &str) -> Result<()> {
             .context("sleeps")?;
     }
     let s = up.service("mutator")?;
+    let log = up.log_text();
     eprintln!(
-        "{} requests; {} sleeps, {} wakes; last wake {}",
+        "{} requests; {} sleeps, {} wakes; last wake {}; {} checkpoint(s) redone in full",
         REQUESTS.len(),
         s["sleeps"],
         s["wakes"],
-        s["last_wake"]
+        s["last_wake"],
+        log.matches("incremental checkpoint not provable").count()
     );
     assert!(
         differences.is_empty(),

@@ -22,6 +22,7 @@
 //! | `CHILD` | the child changes one more page and digests its memory | `child digest` |
 //! | `GROW kib` | grow the heap by `kib` KiB of pseudo-random bytes | `OK len crc-of-heap` |
 //! | `NEW pages` | map a new region, fill its first half | `OK index` |
+//! | `LOCK r` | `mlock2(MLOCK_ONFAULT)` region `r`: its untouched pages stay missing, locked | `OK` |
 //! | `DIGEST` | BLAKE3 over every region and the heap, in logical order | the hex digest |
 //! | `PING` | | `PONG` |
 //!
@@ -267,6 +268,24 @@ impl Region {
         Ok(start * PAGE..end * PAGE)
     }
 
+    /// Locks the whole region in memory as its pages are touched (`MLOCK_ONFAULT`): pages
+    /// not touched yet stay missing, in a mapping that is now locked.
+    fn lock_on_fault(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly this region's mapping; mlock2 changes no contents.
+        let rc = unsafe {
+            libc::mlock2(
+                self.ptr.as_ptr().cast(),
+                self.pages * PAGE,
+                libc::MLOCK_ONFAULT,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn madvise(&self, bytes: std::ops::Range<usize>, advice: libc::c_int) -> io::Result<()> {
         // SAFETY: the range lies inside this region's mapping (checked by `pages_in`) and no
         // reference into it outlives this call's `&self`; either advice only drops contents.
@@ -390,6 +409,13 @@ impl Mutator {
             "NEW" => {
                 let [pages] = numbers(args, "NEW pages")?;
                 self.new_region(pages)
+            }
+            "LOCK" => {
+                let [r] = numbers(args, "LOCK region")?;
+                self.region(r)?
+                    .lock_on_fault()
+                    .map_err(|e| MutatorError::Sys("mlock2(MLOCK_ONFAULT)", e))?;
+                Ok("OK".into())
             }
             _ => Err(MutatorError::Unknown(line.to_string())),
         }
