@@ -34,8 +34,7 @@ use torpor_image::{
         Origin, PageIndex, PageRange, ProcessRanges, WorkingSet, PAGE_INDEX_FILE, PAGE_SIZE,
         WORKING_SET_FILE,
     },
-    seal::FileDigest,
-    Manifest, SealError,
+    Manifest,
 };
 use torpor_lazy::{Fill, LazyConfig, LazyServer, LazyStats, PageSource};
 use torpor_pool::{ClientError, PoolClient};
@@ -50,7 +49,7 @@ use crate::{
     pagemap::{self, Pagemap, Vma},
     pool_pages::{BlockCache, PoolPages, Warm, WARM_MAX},
     procs,
-    replicas::{find_verified, FetchError, Pools},
+    replicas::{fetch_file_into, find_verified, FetchError, Pools},
     restore::{restore_command, wait_for_pids, RestoreError, RestoreOptions, RestoreReport},
 };
 
@@ -683,30 +682,8 @@ pub(crate) fn fetch_file(
     file: &str,
     verify: bool,
 ) -> Result<Vec<u8>, FetchError> {
-    let sealed = if verify {
-        Some(
-            manifest
-                .seal
-                .as_ref()
-                .ok_or(SealError::Missing)
-                .and_then(|s| s.file(file))?
-                .clone(),
-        )
-    } else {
-        None
-    };
     let mut buf = Vec::new();
-    let mut digest = FileDigest::default();
-    client.get_file(&manifest.name, manifest.generation, file, |b| {
-        if sealed.is_some() {
-            digest.update(b);
-        }
-        buf.extend_from_slice(b);
-        Ok(())
-    })?;
-    if let Some(s) = &sealed {
-        digest.check(s)?;
-    }
+    fetch_file_into(client, manifest, file, verify, &mut buf)?;
     Ok(buf)
 }
 

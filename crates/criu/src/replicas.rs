@@ -230,6 +230,41 @@ pub fn verify_manifest(
     seal.covers(manifest.files.iter().map(|f| (f.name.as_str(), f.size)))
 }
 
+/// Fetches one whole file of a verified manifest into `buf` (cleared first), checked against
+/// the manifest's seal when `verify` (not for a pool in this process); returns its size.
+pub fn fetch_file_into(
+    client: &mut PoolClient,
+    manifest: &Manifest,
+    file: &str,
+    verify: bool,
+    buf: &mut Vec<u8>,
+) -> Result<u64, FetchError> {
+    let sealed = if verify {
+        Some(
+            manifest
+                .seal
+                .as_ref()
+                .ok_or(SealError::Missing)
+                .and_then(|s| s.file(file))?,
+        )
+    } else {
+        None
+    };
+    buf.clear();
+    let mut digest = FileDigest::default();
+    let n = client.get_file(&manifest.name, manifest.generation, file, |b| {
+        if sealed.is_some() {
+            digest.update(b);
+        }
+        buf.extend_from_slice(b);
+        Ok(())
+    })?;
+    if let Some(s) = sealed {
+        digest.check(s)?;
+    }
+    Ok(n)
+}
+
 /// Why a snapshot could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

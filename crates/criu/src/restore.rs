@@ -41,7 +41,7 @@ use crate::{
     checkpoint::TcpConnections,
     identity::{self, CriuIdentity},
     procs,
-    replicas::{find_verified, FetchError, Pools},
+    replicas::{fetch_file_into, find_verified, FetchError, Pools},
     streamer::{self, SERVE_SOCKET},
     PoolTarget,
 };
@@ -472,22 +472,10 @@ impl FileServer {
     /// writes it in one go: into a pipe nobody else writes to, that cannot block, whatever
     /// CRIU reads meanwhile.
     fn write_whole(&self, file: &str, pipe: OwnedFd, buf: &mut Vec<u8>) {
-        let (Some(sealed), Some(mut client)) = (self.sealed(file), self.client()) else {
+        let Some(mut client) = self.client() else {
             return;
         };
-        buf.clear();
-        let mut digest = FileDigest::default();
-        let got = client.get_file(&self.manifest.name, self.manifest.generation, file, |b| {
-            if sealed.is_some() {
-                digest.update(b);
-            }
-            buf.extend_from_slice(b);
-            Ok(())
-        });
-        match got.map_err(FetchError::from).and_then(|n| {
-            sealed.map_or(Ok(()), |f| digest.check(f))?;
-            Ok(n)
-        }) {
+        match fetch_file_into(&mut client, &self.manifest, file, self.verify, buf) {
             Ok(n) => {
                 self.idle.lock().expect("idle lock").push(client);
                 match std::fs::File::from(pipe).write_all(buf) {
