@@ -628,20 +628,39 @@ fn full_checkpoint(
     Ok((report, full))
 }
 
-/// Whether the dump's pagemap holds every page of `[start, end)` itself.
-fn dumped_present(pm: &Pagemap, start: u64, end: u64) -> bool {
+/// Whether `[start, end)` is covered without a gap by `items` (sorted, disjoint intervals
+/// given by `span`), each of the covering ones passing `ok`.
+fn covered<T>(
+    items: &[T],
+    span: impl Fn(&T) -> (u64, u64),
+    ok: impl Fn(&T) -> bool,
+    start: u64,
+    end: u64,
+) -> bool {
     let mut at = start;
-    let first = pm.entries.partition_point(|e| e.end() <= start);
-    for e in &pm.entries[first..] {
-        if e.vaddr > at || at >= end {
+    let first = items.partition_point(|i| span(i).1 <= start);
+    for item in &items[first..] {
+        let (s, e) = span(item);
+        if s > at || at >= end {
             break;
         }
-        if !e.is_present() {
+        if !ok(item) {
             return false;
         }
-        at = e.end();
+        at = e;
     }
     at >= end
+}
+
+/// Whether the dump's pagemap holds every page of `[start, end)` itself.
+fn dumped_present(pm: &Pagemap, start: u64, end: u64) -> bool {
+    covered(
+        &pm.entries,
+        |e| (e.vaddr, e.end()),
+        |e| e.is_present(),
+        start,
+        end,
+    )
 }
 
 /// Whether `[start, end)` lies wholly in VMAs CRIU's restore registers for lazy pages
@@ -653,18 +672,7 @@ fn in_lazy_vmas(vmas: &[Vma], start: u64, end: u64) -> bool {
         f & (MAP_PRIVATE | MAP_ANONYMOUS) == MAP_PRIVATE | MAP_ANONYMOUS
             && f & (MAP_LOCKED | MAP_HUGETLB) == 0
     };
-    let mut at = start;
-    let first = vmas.partition_point(|v| v.end <= start);
-    for v in &vmas[first..] {
-        if v.start > at || at >= end {
-            break;
-        }
-        if !lazy(v) {
-            return false;
-        }
-        at = v.end;
-    }
-    at >= end
+    covered(vmas, |v| (v.start, v.end), lazy, start, end)
 }
 
 /// Largest piece of a pages file's eager part read at once (bounds the buffer).

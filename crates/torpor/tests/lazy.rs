@@ -38,6 +38,23 @@ impl Drop for Restored {
     }
 }
 
+/// A full checkpoint of `svc` into the pool as `name`; the service is gone after it.
+fn put_to_sleep(
+    mut svc: SampleProcess,
+    pool: &PoolProcess,
+    name: &str,
+) -> Result<torpor_criu::CheckpointReport> {
+    let r = checkpoint_to_pool(
+        &criu(),
+        svc.pid,
+        name,
+        &pool.pools,
+        &CheckpointOptions::default(),
+    )?;
+    svc.reap();
+    Ok(r)
+}
+
 /// A lazy restore with the default options.
 fn lazy_wake(pool: &PoolProcess, name: &str, generation: Option<u64>) -> Result<LazyWake> {
     Ok(restore_lazy_from_pool(
@@ -58,17 +75,10 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
     let reference = SampleProcess::spawn(exe(), 256 * MIB, 11)?;
     let _reference_guard = Restored(reference.pid);
     let mut refc = SampleClient::connect(reference.addr)?;
-    let mut svc = SampleProcess::spawn(exe(), 256 * MIB, 11)?;
+    let svc = SampleProcess::spawn(exe(), 256 * MIB, 11)?;
     let addr = svc.addr;
     let name = "lazy-exact";
-    let full = checkpoint_to_pool(
-        &criu(),
-        svc.pid,
-        name,
-        &pool.pools,
-        &CheckpointOptions::default(),
-    )?;
-    svc.reap();
+    let full = put_to_sleep(svc, &pool, name)?;
     ensure!(full.pool_bytes >= 256 * MIB, "the first checkpoint is full");
 
     let mut generation = full.generation;
@@ -150,16 +160,9 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
 fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling() -> Result<()> {
     let _g = setup();
     let mut pool = PoolProcess::spawn(exe(), 512 * MIB)?;
-    let mut svc = SampleProcess::spawn(exe(), 128 * MIB, 3)?;
+    let svc = SampleProcess::spawn(exe(), 128 * MIB, 3)?;
     let (addr, name) = (svc.addr, "lazy-pool-dies");
-    checkpoint_to_pool(
-        &criu(),
-        svc.pid,
-        name,
-        &pool.pools,
-        &CheckpointOptions::default(),
-    )?;
-    svc.reap();
+    put_to_sleep(svc, &pool, name)?;
     let wake = lazy_wake(&pool, name, None)?;
     let pid = wake.report.pid;
     let _guard = Restored(pid);
