@@ -18,7 +18,7 @@ use torpor_image::format_bytes;
 
 use crate::{
     fabric::{FabricProfile, FabricReport},
-    harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess},
+    harness::{become_subreaper, criu_cache, kill_and_reap, PoolProcess, SampleProcess},
     lazywake::{self, touch_response, IncrementalMedians, LazyMedians, StockLazyMedians},
     report::{fmt_opt, median, ratio},
     ExperimentError,
@@ -100,6 +100,8 @@ pub struct CrReport {
     pub fabric: FabricReport,
     pub baseline: String,
     pub criu_version: String,
+    /// How CRIU found its kernel-feature cache in this run (`None`: it probed at every start).
+    pub criu_cache: Option<torpor_criu::kdat::KdatMode>,
     pub sizes: Vec<SizeResult>,
 }
 
@@ -154,6 +156,7 @@ pub fn run(criu: &CriuBinary, args: &CrArgs) -> Result<(), ExperimentError> {
 pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport, ExperimentError> {
     become_subreaper()?;
     let criu_version = criu.version()?;
+    let cache = criu_cache(criu);
     let largest = args.sizes.iter().copied().max().unwrap_or(0);
     // Room for the new generation while the previous one (and the lazy rounds' inherited
     // generations) are still held.
@@ -222,6 +225,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
             args.baseline_dir.display()
         ),
         criu_version,
+        criu_cache: cache.as_ref().map(|c| c.mode),
         sizes,
     })
 }

@@ -18,7 +18,7 @@ use nix::{
     },
     unistd::Pid,
 };
-use torpor_criu::{PoolTarget, Pools};
+use torpor_criu::{CriuBinary, PoolTarget, Pools};
 use torpor_image::NodeKey;
 use torpor_pool::{ClientTls, PoolAddr};
 
@@ -26,6 +26,19 @@ use crate::{
     fabric::{Fabric, FabricProfile, FabricReport},
     ExperimentError,
 };
+
+/// CRIU's kernel-feature cache for the run, for stock CRIU and torpor alike (as a host whose
+/// /run is a tmpfs has it); `None`, said on stderr, when it cannot be provided.
+pub fn criu_cache(criu: &CriuBinary) -> Option<torpor_criu::kdat::KdatCache> {
+    torpor_criu::kdat::KdatCache::provide(criu)
+        .inspect_err(|e| {
+            eprintln!(
+                "CRIU's kernel-feature cache is unavailable ({}); every CRIU start probes the kernel",
+                torpor_pool::error_chain(e)
+            )
+        })
+        .ok()
+}
 
 /// Makes this process the reaper of orphaned descendants (restored trees).
 pub fn become_subreaper() -> io::Result<()> {

@@ -295,6 +295,7 @@ fn ms(d: Duration) -> f64 {
 pub fn run(criu: &CriuBinary, args: &WakeArgs) -> Result<(), ExperimentError> {
     // Restored trees (the baseline's) must come back to us to be reaped.
     become_subreaper()?;
+    let _cache = crate::harness::criu_cache(criu);
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(measure(criu, args))?;
     if args.json {

@@ -14,6 +14,7 @@
 //! * [`replicas`] commits to a quorum of pool replicas under the node's seal and verifies
 //!   seals on the way back.
 //! * [`runc`] checkpoints and restores OCI containers through runc, via the pool.
+//! * [`kdat`] keeps CRIU's kernel-feature cache working where `/run` is not a tmpfs.
 //! * [`identity`] chooses and applies the identity CRIU runs as (root, or the tree's own uid
 //!   where root lacks CAP_SYS_RESOURCE).
 //! * [`procs`] reads process trees, footprints and credentials from `/proc`; [`stats`]
@@ -22,6 +23,7 @@
 pub mod binary;
 pub mod checkpoint;
 pub mod identity;
+pub mod kdat;
 pub mod lazy;
 pub mod local;
 pub mod pagemap;

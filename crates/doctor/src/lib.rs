@@ -353,20 +353,10 @@ fn program_check(name: &'static str, required: bool, args: &[&str], why: &str) -
 }
 
 /// CRIU caches its kernel probing in /run only when /run is a tmpfs, and a leftover
-/// `criu.kdat.tmp` silently blocks the cache; each CRIU start then costs ~25 ms more.
+/// `criu.kdat.tmp` silently blocks that; without the cache each CRIU start costs ~25 ms more.
+/// Where /run is not a tmpfs, `torpor up` and the benchmarks provide the cache themselves
+/// (`torpor_criu::kdat`).
 fn kdat_cache_check(roots: &HostRoots) -> Check {
-    let stale = roots.run.join("criu.kdat.tmp");
-    if stale.exists() {
-        return Check::new(
-            "criu kdat cache",
-            false,
-            Status::Warn,
-            format!(
-                "stale {} blocks CRIU's kernel-probe cache: delete it",
-                stale.display()
-            ),
-        );
-    }
     let mounts = fs::read_to_string(roots.proc.join("mounts")).unwrap_or_default();
     // The mount table names real mount points, also when read from a fake tree.
     let run = "/run";
@@ -374,20 +364,39 @@ fn kdat_cache_check(roots: &HostRoots) -> Check {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 2 && f[1] == run && f[2] == "tmpfs"
     });
-    if tmpfs {
-        Check::new(
-            "criu kdat cache",
+    let name = "criu kdat cache";
+    let stale = roots.run.join("criu.kdat.tmp");
+    match (tmpfs, stale.exists()) {
+        (true, true) => Check::new(
+            name,
+            false,
+            Status::Warn,
+            format!(
+                "stale {} blocks CRIU's kernel-probe cache; torpor up removes it when it starts (or delete it)",
+                stale.display()
+            ),
+        ),
+        (true, false) => Check::new(
+            name,
             false,
             Status::Ok,
             format!("{run} is a tmpfs: CRIU keeps its kernel-probe cache"),
-        )
-    } else {
-        Check::new(
-            "criu kdat cache",
-            false,
-            Status::Warn,
-            format!("{run} is not a tmpfs: CRIU re-probes the kernel at every start (~25 ms); mount a tmpfs on {run} to keep the cache"),
-        )
+        ),
+        (false, _) => {
+            let provided = mounts.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some("/run/criu.kdat")
+            });
+            Check::new(
+                name,
+                false,
+                Status::Ok,
+                if provided {
+                    format!("{run} is not a tmpfs; torpor's copy of CRIU's kernel-probe cache (on /dev/shm) is mounted over /run/criu.kdat")
+                } else {
+                    format!("{run} is not a tmpfs, so CRIU cannot keep its kernel-probe cache (~25 ms per start); torpor up and torpor bench mount a copy on /dev/shm over /run/criu.kdat while they run")
+                },
+            )
+        }
     }
 }
 
@@ -507,9 +516,13 @@ mod tests {
     }
 
     #[test]
-    fn non_tmpfs_run_is_a_warning() {
+    fn non_tmpfs_run_says_torpor_provides_the_cache() {
         let (_t, roots) = fake_tree("/dev/vda / ext4 rw 0 0\n");
-        assert_eq!(kdat_cache_check(&roots).status, Status::Warn);
+        let c = kdat_cache_check(&roots);
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.detail.contains("while they run"), "{}", c.detail);
+        let (_t, roots) = fake_tree("/dev/vda / ext4 rw 0 0\nshm /run/criu.kdat tmpfs rw 0 0\n");
+        assert!(kdat_cache_check(&roots).detail.contains("is mounted over"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use torpor_control::{HoldLimits, ServiceLink};
 use torpor_criu::{CriuBinary, PoolTarget, Pools};
 use torpor_image::NodeKey;
 use torpor_pool::{PoolAddr, Store, StoreConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::{Config, ConfigError, PoolChoice};
 
@@ -90,6 +90,16 @@ pub async fn run(
         status_listener,
     } = bound;
     let status_addr = status_listener.local_addr()?;
+    // CRIU's kernel-feature cache for as long as services may be checkpointed and restored:
+    // some 25 ms off every CRIU start where /run is not a tmpfs.
+    let _criu_cache = {
+        let criu = criu.clone();
+        tokio::task::spawn_blocking(move || torpor_criu::kdat::KdatCache::provide(&criu))
+            .await
+            .expect("CRIU cache task panicked")
+    }
+    .inspect_err(|e| warn!(error = %torpor_pool::error_chain(e), "CRIU's kernel-feature cache is unavailable; every CRIU start probes the kernel"))
+    .ok();
     let agent_services: Vec<_> = gates
         .iter()
         .map(|g| (g.spec.clone(), g.link.clone()))
