@@ -15,9 +15,11 @@ use std::{
 
 use serde::Serialize;
 use torpor_criu::{
-    lazy::checkpoint_lazy_service, procs, runc::Runc, CheckpointError, CheckpointOptions,
-    CheckpointReport, CriuBinary, LazyOptions, LazySession, Pools, RestoreError, RestoreOptions,
-    TcpConnections,
+    lazy::{checkpoint_lazy_service, StagedWake},
+    procs,
+    runc::Runc,
+    CheckpointError, CheckpointOptions, CheckpointReport, CriuBinary, LazyOptions, LazySession,
+    Pools, RestoreError, RestoreOptions, TcpConnections,
 };
 use torpor_pool::error_chain;
 use tracing::{debug, warn};
@@ -96,8 +98,10 @@ pub struct LazyMemory {
 pub trait Runner: Send + Sync + std::fmt::Debug {
     /// Starts the service from its command (not yet accepting): the root's PID.
     fn launch(&self) -> BoxFuture<'_, Result<i32, LaunchError>>;
-    /// Waits until the service rooted at `pid` accepts connections itself.
-    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>>;
+    /// Waits until the service rooted at `pid` accepts connections itself. After a restore
+    /// (`restored`) the listener is the one CRIU gave back to the tree (had anyone else taken
+    /// the address, the restore would have failed), so it is not looked up again.
+    fn wait_ready(&self, pid: i32, restored: bool) -> BoxFuture<'_, Result<(), LaunchError>>;
     /// Checkpoints the tree into the pool; on success the tree is gone.
     fn checkpoint(&self, pid: i32) -> BoxFuture<'_, Result<Committed, CheckpointFailed>>;
     /// Restores `generation` from the pool.
@@ -206,6 +210,67 @@ pub struct LazyState {
     generation: u64,
     /// Generations the running service (or its newest snapshot) still reads pages from.
     keep: BTreeSet<u64>,
+    /// The newest snapshot being staged for the next wake (see [`StagedWake`]).
+    staged: Option<Staging>,
+}
+
+/// Node memory a sleeping service may keep for its next wake (images and eagerly restored
+/// pages, staged when it goes to sleep); a larger one is staged by the wake itself.
+const MAX_STAGED_BYTES: u64 = 64 << 20;
+
+/// A snapshot staged on a thread of its own right after its checkpoint.
+#[derive(Debug)]
+struct Staging {
+    generation: u64,
+    /// `None` when staging failed or the result was too large to keep.
+    done: std::thread::JoinHandle<Option<StagedWake>>,
+}
+
+impl Staging {
+    fn start(host: &Host, service: &str, generation: u64) -> Staging {
+        let (pools, name, service) = (
+            host.pools.clone(),
+            host.snapshot_name(service),
+            service.to_string(),
+        );
+        let done = std::thread::spawn(move || {
+            let work_root = std::env::temp_dir();
+            match torpor_criu::lazy::stage_lazy(&name, Some(generation), &pools, &work_root) {
+                Ok(staged) if staged.bytes <= MAX_STAGED_BYTES => {
+                    debug!(
+                        service,
+                        generation,
+                        bytes = staged.bytes,
+                        secs = staged.staged_s,
+                        "next wake staged"
+                    );
+                    Some(staged)
+                }
+                Ok(staged) => {
+                    debug!(
+                        service,
+                        bytes = staged.bytes,
+                        "staged wake too large to keep; the wake stages itself"
+                    );
+                    None
+                }
+                Err(e) => {
+                    debug!(service, error = %error_chain(&e), "staging the next wake failed; the wake stages itself");
+                    None
+                }
+            }
+        });
+        Staging { generation, done }
+    }
+
+    /// The staged snapshot of `generation`, waiting for staging to end if need be; `None`
+    /// for another generation or a staging that gave nothing.
+    fn take(self, generation: Option<u64>) -> Option<StagedWake> {
+        if generation != Some(self.generation) {
+            return None;
+        }
+        self.done.join().ok().flatten()
+    }
 }
 
 impl LazyState {
@@ -255,15 +320,17 @@ impl Runner for ProcessTree {
         })
     }
 
-    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+    fn wait_ready(&self, pid: i32, restored: bool) -> BoxFuture<'_, Result<(), LaunchError>> {
         Box::pin(async move {
             let members = move || self.tree(pid);
+            let owner: Option<&(dyn Fn() -> Vec<i32> + Send + Sync)> =
+                (!restored).then_some(&members);
             process::wait_accepting(
                 self.backend,
                 pid,
                 &self.host.reaper,
                 self.start_timeout,
-                Some(&members),
+                owner,
             )
             .await
         })
@@ -345,6 +412,12 @@ impl Runner for ProcessTree {
             if let Some(session) = finished {
                 let _ = tokio::task::spawn_blocking(move || session.shutdown()).await;
             }
+            // What the next wake needs before CRIU runs is fetched now, while the service
+            // sleeps, rather than on the held request's time.
+            if matches!(self.memory, MemoryRestore::Lazy(_)) {
+                let staging = Staging::start(&self.host, &self.name, done.generation);
+                self.lazy.lock().expect("lazy lock").staged = Some(staging);
+            }
             Ok(done)
         })
     }
@@ -354,6 +427,12 @@ impl Runner for ProcessTree {
         let (memory, lazy, service) = (self.memory.clone(), self.lazy.clone(), self.name.clone());
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
+                let mut staged = lazy
+                    .lock()
+                    .expect("lazy lock")
+                    .staged
+                    .take()
+                    .and_then(|s| s.take(generation));
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
                     ..Default::default()
@@ -365,9 +444,24 @@ impl Runner for ProcessTree {
                     let MemoryRestore::Lazy(options) = &memory else {
                         break;
                     };
-                    match torpor_criu::restore_lazy_from_pool(
-                        &host.criu, &name, generation, &host.pools, &opts, options,
-                    ) {
+                    let woke = match staged.take() {
+                        Some(staged) => torpor_criu::lazy::restore_lazy_staged(
+                            &host.criu,
+                            staged,
+                            &host.pools,
+                            &opts,
+                            options,
+                        ),
+                        None => torpor_criu::restore_lazy_from_pool(
+                            &host.criu,
+                            &name,
+                            generation,
+                            &host.pools,
+                            &opts,
+                            options,
+                        ),
+                    };
+                    match woke {
                         Ok(wake) => {
                             let r = &wake.report;
                             let detail = format!(
@@ -540,7 +634,7 @@ impl Runner for Container {
         })
     }
 
-    fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+    fn wait_ready(&self, pid: i32, _restored: bool) -> BoxFuture<'_, Result<(), LaunchError>> {
         // The container may have its own network namespace: no ownership check.
         Box::pin(process::wait_accepting(
             self.backend,

@@ -329,7 +329,7 @@ impl Managed {
         let ready = tokio::select! {
             biased;
             _ = cancel.wait_for(|c| *c) => Err(LaunchError::Cancelled),
-            r = self.runner.wait_ready(pid) => r,
+            r = self.runner.wait_ready(pid, false) => r,
         };
         if let Err(e) = ready {
             self.runner.stop(pid, Duration::from_millis(500)).await;
@@ -347,7 +347,7 @@ impl Managed {
 
     async fn launch(&self) -> Result<i32, LaunchError> {
         let pid = self.runner.launch().await?;
-        if let Err(e) = self.runner.wait_ready(pid).await {
+        if let Err(e) = self.runner.wait_ready(pid, false).await {
             self.runner.stop(pid, Duration::from_millis(500)).await;
             return Err(e);
         }
@@ -620,7 +620,7 @@ impl Managed {
         let reason = match self.runner.restore(generation).await {
             Ok(Restored { pid, detail }) => {
                 timeline.criu_done_ms = Some(ms_since(t0));
-                match self.runner.wait_ready(pid).await {
+                match self.runner.wait_ready(pid, true).await {
                     Ok(()) => {
                         timeline.accepting_ms = ms_since(t0);
                         self.rt.lock().expect("runtime lock").pid = Some(pid);
@@ -837,7 +837,7 @@ mod tests {
             })
         }
 
-        fn wait_ready(&self, pid: i32) -> BoxFuture<'_, Result<(), LaunchError>> {
+        fn wait_ready(&self, pid: i32, _restored: bool) -> BoxFuture<'_, Result<(), LaunchError>> {
             Box::pin(async move {
                 tokio::time::sleep(STEP).await;
                 match self.exited(pid) {

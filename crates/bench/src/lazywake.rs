@@ -63,6 +63,11 @@ pub struct LazyMedians {
     pub faulted_bytes: Option<u64>,
     /// Bytes of the recorded working set pushed at the wake.
     pub prefetched_bytes: Option<u64>,
+    /// Bytes staged on the node when the service went to sleep (images CRIU reads whole
+    /// and the pages it restores eagerly), kept there while it sleeps.
+    pub staged_bytes: Option<u64>,
+    /// How long staging took (at sleep, off the wake's path).
+    pub staged_s: Option<f64>,
 }
 
 /// The incremental checkpoint after one request following a lazy wake with prefetch.
@@ -93,6 +98,8 @@ pub struct LazySamples {
     restore: Vec<f64>,
     faulted: Vec<f64>,
     prefetched: Vec<f64>,
+    staged_bytes: Vec<f64>,
+    staged_s: Vec<f64>,
 }
 
 impl LazySamples {
@@ -102,6 +109,8 @@ impl LazySamples {
             restore_s: median(&self.restore),
             faulted_bytes: median(&self.faulted).map(|m| m as u64),
             prefetched_bytes: median(&self.prefetched).map(|m| m as u64),
+            staged_bytes: median(&self.staged_bytes).map(|m| m as u64),
+            staged_s: median(&self.staged_s),
         }
     }
 }
@@ -155,7 +164,8 @@ pub struct LazyRounds {
 }
 
 /// One torpor round: full checkpoint, lazy wake, incremental checkpoint, lazy wake with
-/// prefetch, one request, incremental checkpoint.
+/// prefetch, one request, incremental checkpoint. As in `torpor up`, each snapshot is staged
+/// for its wake when it is taken (its cost counts in the cycle's CPU, not in the wake).
 pub fn torpor_round(
     criu: &CriuBinary,
     exe: &Path,
@@ -171,19 +181,17 @@ pub fn torpor_round(
     let lazy = LazyOptions::default();
     let full = torpor_criu::checkpoint_to_pool(criu, svc.pid, &name, &pool.pools, &ckpt)?;
     svc.reap();
+    let stage = |generation| {
+        torpor_criu::lazy::stage_lazy(&name, Some(generation), &pool.pools, &restore.work_root)
+    };
+    let mut staged = stage(full.generation)?;
 
-    let mut generation = full.generation;
     for (wake, samples) in [cold, warm].into_iter().enumerate() {
         let cpu0 = cpu_now(pool);
+        samples.staged_bytes.push(staged.bytes as f64);
+        samples.staged_s.push(staged.staged_s);
         let t0 = Instant::now();
-        let w = torpor_criu::restore_lazy_from_pool(
-            criu,
-            &name,
-            Some(generation),
-            &pool.pools,
-            &restore,
-            &lazy,
-        )?;
+        let w = torpor_criu::lazy::restore_lazy_staged(criu, staged, &pool.pools, &restore, &lazy)?;
         let first = touch_response(svc.addr, t0);
         let stats = w.session.stats();
         let first = match first {
@@ -210,6 +218,7 @@ pub fn torpor_round(
         };
         kill_and_reap(pid);
         let _ = w.session.shutdown();
+        staged = stage(report.generation)?;
         let cpu = cpu_now(pool) - cpu0;
         if wake == 1 {
             inc.checkpoint.push(report.checkpoint_s);
@@ -218,7 +227,6 @@ pub fn torpor_round(
             inc.inherited.push(increment.inherited_bytes() as f64);
             inc.cpu.push(cpu);
         }
-        generation = report.generation;
     }
     if let Ok(mut c) = pool.target.connect() {
         let _ = c.delete(&name, None);

@@ -276,6 +276,49 @@ pub fn restore_lazy_from_pool(
     opts: &RestoreOptions,
     lazy: &LazyOptions,
 ) -> Result<LazyWake, RestoreError> {
+    let staged = stage_lazy(name, generation, pools, &opts.work_root)?;
+    let staged_s = staged.staged_s;
+    let mut wake = restore_lazy_staged(criu, staged, pools, opts, lazy)?;
+    // Staged on the wake's own path: it is part of the restore.
+    wake.report.restore_s += staged_s;
+    Ok(wake)
+}
+
+/// A snapshot staged on this node for a lazy restore: every image CRIU reads whole, the
+/// pages it restores eagerly (in sparse copies of the pages files), and what each process
+/// gets lazily. Staged when the service goes to sleep, it takes the pool's round trips and
+/// the plan off the next wake; it holds no connection and no process.
+#[derive(Debug)]
+pub struct StagedWake {
+    name: String,
+    manifest: Manifest,
+    replica: usize,
+    work: tempfile::TempDir,
+    ranges: HashMap<i32, Vec<PageRange>>,
+    working_set: Option<WorkingSet>,
+    inherits: BTreeSet<u64>,
+    blocks: BlockCache,
+    /// Bytes fetched from the pool to stage it (and kept on this node).
+    pub bytes: u64,
+    /// How long staging took.
+    pub staged_s: f64,
+}
+
+impl StagedWake {
+    /// The generation it restores.
+    pub fn generation(&self) -> u64 {
+        self.manifest.generation
+    }
+}
+
+/// Fetches and plans what a lazy restore of generation `generation` of `name` needs before
+/// CRIU runs, into a directory under `work_root`.
+pub fn stage_lazy(
+    name: &str,
+    generation: Option<u64>,
+    pools: &Pools,
+    work_root: &std::path::Path,
+) -> Result<StagedWake, RestoreError> {
     let start = Instant::now();
     let (replica, mut client, manifest) =
         find_verified(pools, 0, name, generation).map_err(|e| RestoreError::from_fetch(name, e))?;
@@ -285,7 +328,6 @@ pub fn restore_lazy_from_pool(
             reason: "the snapshot is restored as another user".into(),
         });
     }
-    let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
     let verify = pools.key.is_some();
     let fetch = |client: &mut PoolClient, file: &str| {
         fetch_file(client, &manifest, file, verify).map_err(|e| RestoreError::from_fetch(name, e))
@@ -293,7 +335,7 @@ pub fn restore_lazy_from_pool(
 
     let work = tempfile::Builder::new()
         .prefix("torpor-lazy-")
-        .tempdir_in(&opts.work_root)
+        .tempdir_in(work_root)
         .map_err(RestoreError::WorkDir)?;
     let dir = work.path();
     let mut fetched = 0u64;
@@ -320,17 +362,14 @@ pub fn restore_lazy_from_pool(
         None => None,
     };
     let working_set = match small.get(WORKING_SET_FILE) {
-        Some(b) if lazy.prefetch => {
-            Some(WorkingSet::decode(b).map_err(|e| corrupt(format!("working set: {e}")))?)
-        }
-        _ => None,
+        Some(b) => Some(WorkingSet::decode(b).map_err(|e| corrupt(format!("working set: {e}")))?),
+        None => None,
     };
 
     // What each process needs: CRIU's own lazy ranges of this generation, plus what the
     // index inherits; the eager parts of the pages file go into a sparse local copy.
     let read_local =
         |file: String| fs::read(dir.join(&file)).map_err(|e| corrupt(format!("{file}: {e}")));
-    let t_files = start.elapsed();
     let pids = pagemap::parse_pstree_pids(&read_local("pstree.img".into())?)
         .map_err(|e| corrupt(format!("pstree.img: {e}")))?;
     let mut ranges: HashMap<i32, Vec<PageRange>> = HashMap::new();
@@ -365,22 +404,9 @@ pub fn restore_lazy_from_pool(
         eager.entry(plan.pages_file).or_default().extend(plan.eager);
     }
 
-    let t_plan = start.elapsed();
     let target = pools.replicas[replica].clone();
     let blocks = BlockCache::new(target.clone(), name, pools, verify);
-    // The working set is read (and verified) while the sparse files are written and CRIU
-    // restores, so the push after CRIU's finish marker only copies.
-    let warm = working_set
-        .as_ref()
-        .map(|ws| warm_pieces(&ranges, ws))
-        .filter(|w| !w.is_empty())
-        .map(|wanted| {
-            Warm::start(
-                PoolPages::new(target.clone(), None, name, blocks.clone()),
-                wanted,
-            )
-        });
-    let mut source = PoolPages::new(target, Some(client), name, blocks);
+    let mut source = PoolPages::new(target, Some(client), name, blocks.clone());
     for f in &manifest.files {
         if !is_memory_image(&f.name) {
             continue;
@@ -420,12 +446,65 @@ pub fn restore_lazy_from_pool(
             fetched += len;
         }
     }
-    let t_eager = start.elapsed();
-    let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
     let inherits = index
         .as_ref()
         .map(PageIndex::generations)
         .unwrap_or_default();
+    Ok(StagedWake {
+        name: name.to_string(),
+        manifest,
+        replica,
+        work,
+        ranges,
+        working_set,
+        inherits,
+        blocks,
+        bytes: fetched,
+        staged_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs CRIU's lazy restore of a staged snapshot, with torpor's lazy-pages server serving
+/// the rest of its memory from the pool.
+pub fn restore_lazy_staged(
+    criu: &CriuBinary,
+    staged: StagedWake,
+    pools: &Pools,
+    opts: &RestoreOptions,
+    lazy: &LazyOptions,
+) -> Result<LazyWake, RestoreError> {
+    let start = Instant::now();
+    let StagedWake {
+        name,
+        manifest,
+        replica,
+        work,
+        ranges,
+        working_set,
+        inherits,
+        blocks,
+        bytes: fetched,
+        staged_s,
+    } = staged;
+    let name = name.as_str();
+    let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
+    let dir = work.path();
+    let working_set = working_set.filter(|_| lazy.prefetch);
+    let target = pools.replicas[replica].clone();
+    // The working set is read (and verified) while CRIU restores, so the push after CRIU's
+    // finish marker only copies.
+    let warm = working_set
+        .as_ref()
+        .map(|ws| warm_pieces(&ranges, ws))
+        .filter(|w| !w.is_empty())
+        .map(|wanted| {
+            Warm::start(
+                PoolPages::new(target.clone(), None, name, blocks.clone()),
+                wanted,
+            )
+        });
+    let mut source = PoolPages::new(target, None, name, blocks);
+    let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
 
     let root = Arc::new(AtomicI32::new(0));
     let criu_pid = Arc::new(AtomicI32::new(0));
@@ -530,9 +609,7 @@ pub fn restore_lazy_from_pool(
         secs = restore_s,
         fetched,
         working_set_bytes,
-        files_s = t_files.as_secs_f64(),
-        plan_s = t_plan.as_secs_f64(),
-        eager_s = t_eager.as_secs_f64(),
+        staged_s,
         server_s = t_server.as_secs_f64(),
         criu_s = t_criu.as_secs_f64(),
         "restored lazily"
