@@ -159,6 +159,12 @@ impl ServiceCgroup {
             .open(self.dir.join("cgroup.procs"))
     }
 
+    /// The `cgroup.procs` file, with the cgroup made again if something removed it.
+    pub fn procs_file(&self) -> io::Result<PathBuf> {
+        fs::create_dir_all(&self.dir)?;
+        Ok(self.dir.join("cgroup.procs"))
+    }
+
     /// Moves `pid` into the cgroup (a restored tree's processes).
     pub fn add(&self, pid: i32) -> io::Result<()> {
         self.join_handle()?.write_all(pid.to_string().as_bytes())

@@ -425,6 +425,7 @@ impl Runner for ProcessTree {
     fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
         let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
         let (memory, lazy, service) = (self.memory.clone(), self.lazy.clone(), self.name.clone());
+        let cgroup_procs = self.cgroup.as_ref().and_then(|cg| cg.procs_file().ok());
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
                 let mut staged = lazy
@@ -435,6 +436,7 @@ impl Runner for ProcessTree {
                     .and_then(|s| s.take(generation));
                 let opts = RestoreOptions {
                     tcp: TcpConnections::Close,
+                    cgroup_procs,
                     ..Default::default()
                 };
                 // A lazy wake that fails for a passing reason (the pool's connection, CRIU) is

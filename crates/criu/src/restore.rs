@@ -60,6 +60,10 @@ pub struct RestoreOptions {
     /// Identity CRIU runs as; by default the one the snapshot was dumped with, so a restore
     /// needs no more privilege than its dump had.
     pub run_as: CriuIdentity,
+    /// The `cgroup.procs` of the cgroup the tree belongs in: CRIU joins it before it forks
+    /// and leaves cgroups alone (`--manage-cgroups=ignore`), so the tree is created inside.
+    /// Left to CRIU, restoring membership mounts a cgroup yard, some 10 ms a wake here.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -70,6 +74,7 @@ impl Default for RestoreOptions {
             pid_wait: Duration::from_secs(10),
             work_root: std::env::temp_dir(),
             run_as: CriuIdentity::Auto,
+            cgroup_procs: None,
         }
     }
 }
@@ -378,6 +383,22 @@ pub(crate) fn restore_command(
         .arg(opts.tcp.criu_flag());
     if opts.shell_job {
         cmd.arg("--shell-job");
+    }
+    if let Some(procs) = &opts.cgroup_procs {
+        match std::fs::OpenOptions::new().write(true).open(procs) {
+            Ok(mut join) => {
+                cmd.arg("--manage-cgroups=ignore");
+                // SAFETY: one write(2) on a descriptor opened before the fork.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        join.write_all(b"0")
+                    });
+                }
+            }
+            Err(e) => {
+                warn!(cgroup = %procs.display(), error = %e, "cannot join the tree's cgroup; CRIU restores its membership");
+            }
+        }
     }
     cmd
 }
