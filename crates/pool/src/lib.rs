@@ -21,7 +21,7 @@ pub mod tls;
 pub mod token;
 
 pub use addr::{AddrError, PoolAddr};
-pub use client::{ClientError, PoolClient, Stage};
+pub use client::{ClientError, FrameSink, PoolClient, Stage};
 pub use server::{serve, serve_with, Listener, ServeOptions};
 pub use store::{error_chain, Store, StoreConfig, StoreError};
 pub use target::{PoolTarget, Timeouts};
