@@ -10,7 +10,7 @@
 use std::{
     io::{self, IoSliceMut, Read, Write},
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
     path::Path,
@@ -198,6 +198,10 @@ pub struct PipeFeeder {
     next: usize,
     /// For each slot, `put` just after its bytes went into the pipe.
     slot_end: [u64; RING_SLOTS],
+    /// Most bytes the pipe can hold (a slot per page, at most a page each): a slot with at
+    /// least this many bytes put in after its own is free without asking the pipe, whose
+    /// lock CRIU holds for as long as each of its reads copies.
+    capacity: u64,
     /// Bytes put into the pipe so far.
     put: u64,
     /// Where the last [`PipeFeeder::space`] lent memory: a ring slot, or `None` for `spare`.
@@ -215,7 +219,10 @@ impl PipeFeeder {
         let ring = memmap2::MmapOptions::new()
             .len(slot_len * RING_SLOTS)
             .map_anon()?;
+        // Only this feeder resizes the pipe (CRIU never does), so its capacity stays put.
+        let capacity = pipe_capacity(pipe.as_fd()) as u64;
         Ok(PipeFeeder {
+            capacity,
             pipe: pipe.into(),
             ring,
             slot_len,
@@ -241,7 +248,8 @@ impl PipeFeeder {
             ));
         }
         let slot = self.next;
-        if pipe_holds(&self.pipe)? <= self.put - self.slot_end[slot] {
+        let after = self.put - self.slot_end[slot];
+        if after >= self.capacity || pipe_holds(&self.pipe)? <= after {
             self.next = (slot + 1) % RING_SLOTS;
             self.lent = Some(slot);
             let start = slot * self.slot_len;

@@ -463,8 +463,9 @@ impl PoolClient {
     }
 
     /// Streams one file into memory `sink` lends, a data frame at a time: each frame's bytes
-    /// land where [`FrameSink::space`] says and are checked there, so nothing is copied on the
-    /// way but the socket's own copy; returns the file's size. A failure of the sink ends
+    /// land where [`FrameSink::space`] says and are checked there (by their CRC, or by the
+    /// sink itself: [`FrameSink::checks_bytes`]), so nothing is copied on the way but the
+    /// socket's own copy; returns the file's size. A failure of the sink ends
     /// the transfer with [`ClientError::Sink`] and leaves the connection out of step.
     pub fn get_file_into(
         &mut self,
@@ -478,6 +479,7 @@ impl PoolClient {
             generation,
             file: file.to_string(),
         })?;
+        let check_elsewhere = sink.checks_bytes();
         let mut got = 0u64;
         loop {
             let header = wire::read_header(&mut self.rd)
@@ -500,7 +502,7 @@ impl PoolClient {
                             dest.len()
                         ))));
                     }
-                    self.read_data_into(header, dest)?;
+                    self.read_data(header, dest, !check_elsewhere)?;
                     sink.filled(n).map_err(ClientError::Sink)?;
                     got += n as u64;
                 }
@@ -613,6 +615,16 @@ impl PoolClient {
     /// its bytes straight into `dest` (exactly their length), checking the frame's CRC over
     /// them where they landed.
     fn read_data_into(&mut self, header: FrameHeader, dest: &mut [u8]) -> Result<(), ClientError> {
+        self.read_data(header, dest, true)
+    }
+
+    /// [`PoolClient::read_data_into`], the CRC checked only when `check`.
+    fn read_data(
+        &mut self,
+        header: FrameHeader,
+        dest: &mut [u8],
+        check: bool,
+    ) -> Result<(), ClientError> {
         debug_assert_eq!(dest.len() + 4, header.len as usize);
         let mut id = [0u8; 4];
         let read = self
@@ -622,7 +634,10 @@ impl PoolClient {
         if let Err(e) = read {
             return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&id), dest);
+        let crc = match check {
+            true => crc32c::crc32c_append(crc32c::crc32c(&id), dest),
+            false => header.crc,
+        };
         if crc != header.crc {
             return Err(WireError::ChecksumMismatch {
                 expected: header.crc,
@@ -667,8 +682,15 @@ pub trait FrameSink {
     /// Exactly `len` bytes (at most one chunk) for the next frame's data to land in.
     fn space(&mut self, len: usize) -> io::Result<&mut [u8]>;
     /// The `len` bytes last lent by [`FrameSink::space`] now hold the frame's data, its CRC
-    /// checked.
+    /// checked unless [`FrameSink::checks_bytes`].
     fn filled(&mut self, len: usize) -> io::Result<()>;
+
+    /// The sink checks every byte against something stronger than the frames' CRCs (a
+    /// sealed digest) and refuses the file as a whole when they differ: the CRCs then
+    /// need not be computed.
+    fn checks_bytes(&self) -> bool {
+        false
+    }
 }
 
 /// Range requests [`PoolClient::get_ranges`] keeps on the wire ahead of the answers: enough
