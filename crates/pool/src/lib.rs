@@ -15,6 +15,7 @@ pub mod arena;
 pub mod client;
 pub mod crc;
 pub mod server;
+mod splice;
 pub mod store;
 pub mod target;
 pub mod tls;

@@ -228,6 +228,36 @@ fn get_file_into_lands_each_frame_in_the_sinks_memory() -> Result<()> {
 }
 
 #[test]
+fn ram_chunks_spliced_into_a_unix_socket_arrive_unchanged_and_in_order() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let addr: PoolAddr = format!("unix:{}", dir.path().join("pool.sock").display()).parse()?;
+    let p = inproc::start_on(16 * CHUNK_SIZE, None, 1, addr, None, |_| {});
+    let mut c = PoolClient::connect(&p.addr, TOKEN)?;
+    let big = pattern(10, 3 * CHUNK_SIZE as usize + 4097);
+    put(
+        &mut c,
+        "a",
+        &[("pages-1.img", big.clone()), ("x", vec![7; 100])],
+    )?;
+    for _ in 0..2 {
+        assert_eq!(get(&mut c, "a", 1, "pages-1.img")?, big);
+        // A control answer after spliced frames comes after them.
+        assert_eq!(c.list()?.len(), 1);
+        assert_eq!(get(&mut c, "a", 1, "x")?, vec![7; 100]);
+        let mut sink = Frames::default();
+        c.get_file_into("a", 1, "pages-1.img", &mut sink)?;
+        assert_eq!(sink.bytes, big);
+    }
+    // The next generation replaces the first (keep 1): its chunks are reused for other
+    // bytes, which the next answer carries.
+    let newer = pattern(11, 2 * CHUNK_SIZE as usize);
+    let mut other = PoolClient::connect(&p.addr, TOKEN)?;
+    put(&mut other, "a", &[("pages-1.img", newer.clone())])?;
+    assert_eq!(get(&mut c, "a", 2, "pages-1.img")?, newer);
+    Ok(())
+}
+
+#[test]
 fn wrong_token_is_refused() {
     let p = start(2 * CHUNK_SIZE, None, 2, |_| {});
     let err = PoolClient::connect(&p.addr, "not-the-token").unwrap_err();
