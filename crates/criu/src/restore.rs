@@ -6,8 +6,9 @@
 //! reused buffer: it cannot block on the pipe, and a thread of its own cost a wake-up each (up
 //! to a scheduler tick, 4 ms, on a busy machine, for some 40 files per restore). A larger file
 //! streams from the pool into the pipe as it arrives, on its own thread, so CRIU may read files
-//! in any interleaving; nothing larger than a pipe is buffered whole on the node (buffering
-//! first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
+//! in any interleaving, spliced into it from where each frame landed ([`PipeFeeder`]), so that
+//! CRIU's copy out of the pipe is the only one on the node; nothing larger than a pipe is
+//! buffered whole on the node (buffering first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
 //! just dumped can linger as a zombie until its parent reaps it. A tree whose root was the
 //! init of its own PID namespace is restored into a fresh one, where its PIDs cannot collide,
 //! so it does not wait. CRIU runs as the identity the snapshot was dumped with.
