@@ -6,8 +6,9 @@
 //! reused buffer: it cannot block on the pipe, and a thread of its own cost a wake-up each (up
 //! to a scheduler tick, 4 ms, on a busy machine, for some 40 files per restore). A larger file
 //! streams from the pool into the pipe as it arrives, on its own thread, so CRIU may read files
-//! in any interleaving; nothing larger than a pipe is buffered whole on the node (buffering
-//! first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
+//! in any interleaving, spliced into it from where each frame landed ([`PipeFeeder`]), so that
+//! CRIU's copy out of the pipe is the only one on the node; nothing larger than a pipe is
+//! buffered whole on the node (buffering first doubles restore time). Before CRIU starts, the snapshot's PIDs must be free: a task
 //! just dumped can linger as a zombie until its parent reaps it. A tree whose root was the
 //! init of its own PID namespace is restored into a fresh one, where its PIDs cannot collide,
 //! so it does not wait. CRIU runs as the identity the snapshot was dumped with.
@@ -31,9 +32,9 @@ use torpor_image::{
     pages::PAGE_INDEX_FILE,
     seal::{FileDigest, SealedFile},
     wire::ErrorCode,
-    Manifest, SealError,
+    Manifest, SealError, CHUNK_SIZE,
 };
-use torpor_pool::{ClientError, PoolClient};
+use torpor_pool::{ClientError, FrameSink, PoolClient};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -42,7 +43,7 @@ use crate::{
     identity::{self, CriuIdentity},
     procs,
     replicas::{fetch_file_into, find_verified, FetchError, Pools},
-    streamer::{self, SERVE_SOCKET},
+    streamer::{self, PipeFeeder, SERVE_SOCKET},
     PoolTarget,
 };
 
@@ -511,25 +512,35 @@ impl FileServer {
         }
     }
 
-    /// Streams a file larger than the pipe into it as it arrives from the pool. Its last
-    /// `HOLD_BACK` bytes are written only once the whole file matched its sealed digest:
-    /// CRIU cannot finish (and no restored task runs) without them.
+    /// Streams a file larger than the pipe into it as it arrives from the pool, each frame
+    /// spliced into the pipe from where it landed ([`PipeFeeder`]) and digested while CRIU
+    /// reads it. Its last [`HOLD_BACK`](streamer::HOLD_BACK) bytes are written only once the
+    /// whole file matched its sealed digest: CRIU cannot finish (and no restored task runs)
+    /// without them.
     fn stream(&self, file: &str, pipe: OwnedFd) {
         let (Some(sealed), Some(mut client)) = (self.sealed(file), self.client()) else {
             return;
         };
-        let mut out = std::fs::File::from(pipe);
-        let mut digest = FileDigest::default();
-        let mut held = HeldTail::default();
+        let mut sink = match PipeFeeder::new(pipe, CHUNK_SIZE as usize) {
+            Ok(feeder) => Digesting {
+                feeder,
+                digest: sealed.map(|_| FileDigest::default()),
+            },
+            Err(e) => return self.fail(FetchError::Pool(ClientError::Sink(e))),
+        };
         let result = client
-            .get_file(&self.manifest.name, self.manifest.generation, file, |b| {
-                digest.update(b);
-                held.push(b, &mut out)
-            })
+            .get_file_into(
+                &self.manifest.name,
+                self.manifest.generation,
+                file,
+                &mut sink,
+            )
             .map_err(FetchError::from)
             .and_then(|n| {
-                sealed.map_or(Ok(()), |f| digest.check(f))?;
-                held.release(&mut out).map_err(ClientError::Sink)?;
+                if let (Some(f), Some(d)) = (sealed, &sink.digest) {
+                    d.check(f)?;
+                }
+                sink.feeder.release().map_err(ClientError::Sink)?;
                 Ok(n)
             });
         match result {
@@ -550,59 +561,30 @@ impl FileServer {
     }
 }
 
-/// Bytes withheld from CRIU at the end of a streamed file until it is verified.
-const HOLD_BACK: usize = 4096;
-
-/// The last `HOLD_BACK` bytes seen of a stream; everything before them is passed on.
-#[derive(Debug, Default)]
-struct HeldTail {
-    bytes: Vec<u8>,
+/// A file's frames on their way into CRIU's pipe, digested for the seal as they pass.
+struct Digesting {
+    feeder: PipeFeeder,
+    /// `None`: nothing to check (the pool is this process's own).
+    digest: Option<FileDigest>,
 }
 
-impl HeldTail {
-    /// Takes `b` in, writing out whatever is no longer among the last `HOLD_BACK` bytes.
-    fn push(&mut self, b: &[u8], out: &mut impl Write) -> io::Result<()> {
-        if b.len() >= HOLD_BACK {
-            out.write_all(&self.bytes)?;
-            let (pass, keep) = b.split_at(b.len() - HOLD_BACK);
-            out.write_all(pass)?;
-            self.bytes.clear();
-            self.bytes.extend_from_slice(keep);
-        } else {
-            self.bytes.extend_from_slice(b);
-            let excess = self.bytes.len().saturating_sub(HOLD_BACK);
-            out.write_all(&self.bytes[..excess])?;
-            self.bytes.drain(..excess);
+impl FrameSink for Digesting {
+    fn space(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        self.feeder.space(len)
+    }
+
+    fn filled(&mut self, len: usize) -> io::Result<()> {
+        // Into the pipe first, so CRIU copies the bytes out while they are digested here.
+        let bytes = self.feeder.pass(len)?;
+        if let Some(d) = &mut self.digest {
+            d.update(bytes);
         }
         Ok(())
     }
 
-    /// Writes the withheld tail (once the stream is verified).
-    fn release(self, out: &mut impl Write) -> io::Result<()> {
-        out.write_all(&self.bytes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_last_bytes_of_a_stream_are_withheld_until_released() {
-        for pieces in [
-            vec![10_000usize],
-            vec![1, 2, 3],
-            vec![5000, 10, 4096, 1, 7000],
-        ] {
-            let data: Vec<u8> = (0..pieces.iter().sum::<usize>()).map(|i| i as u8).collect();
-            let (mut out, mut held, mut at) = (Vec::new(), HeldTail::default(), 0);
-            for n in pieces {
-                held.push(&data[at..at + n], &mut out).unwrap();
-                at += n;
-                assert_eq!(out, data[..at.saturating_sub(HOLD_BACK)], "withheld tail");
-            }
-            held.release(&mut out).unwrap();
-            assert_eq!(out, data);
-        }
+    /// The sealed digest covers every byte (and CRIU gets the file's last ones only once it
+    /// matched), so the frames' CRCs would only check the same bytes a second time.
+    fn checks_bytes(&self) -> bool {
+        self.digest.is_some()
     }
 }

@@ -15,7 +15,10 @@ use rustls::{ClientConnection, StreamOwned};
 use thiserror::Error;
 use torpor_image::{
     manifest::SnapshotMeta,
-    wire::{self, ErrorCode, Frame, FrameKind, Request, Response, SnapshotInfo, Tier, WireError},
+    wire::{
+        self, ErrorCode, Frame, FrameHeader, FrameKind, Request, Response, SnapshotInfo, Tier,
+        WireError,
+    },
     Manifest, Seal,
 };
 
@@ -459,6 +462,54 @@ impl PoolClient {
         }
     }
 
+    /// Streams one file into memory `sink` lends, a data frame at a time: each frame's bytes
+    /// land where [`FrameSink::space`] says and are checked there (by their CRC, or by the
+    /// sink itself: [`FrameSink::checks_bytes`]), so nothing is copied on the way but the
+    /// socket's own copy; returns the file's size. A failure of the sink ends
+    /// the transfer with [`ClientError::Sink`] and leaves the connection out of step.
+    pub fn get_file_into(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        sink: &mut impl FrameSink,
+    ) -> Result<u64, ClientError> {
+        self.send(&Request::GetFile {
+            name: name.to_string(),
+            generation,
+            file: file.to_string(),
+        })?;
+        let check_elsewhere = sink.checks_bytes();
+        let mut got = 0u64;
+        loop {
+            let header = wire::read_header(&mut self.rd)
+                .map_err(|e| self.classify(e.into(), Stage::Receive))?;
+            match header.kind {
+                FrameKind::Control => {
+                    self.buf.resize(header.len as usize, 0);
+                    if let Err(e) = self.rd.read_exact(&mut self.buf) {
+                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
+                    }
+                    header.verify(&self.buf)?;
+                    return file_end(wire::decode_control(&self.buf)?, file, got);
+                }
+                FrameKind::Data => {
+                    let n = header.len as usize - 4;
+                    let dest = sink.space(n).map_err(ClientError::Sink)?;
+                    if dest.len() != n {
+                        return Err(ClientError::Sink(io::Error::other(format!(
+                            "asked for {n} bytes of space, got {}",
+                            dest.len()
+                        ))));
+                    }
+                    self.read_data(header, dest, !check_elsewhere)?;
+                    sink.filled(n).map_err(ClientError::Sink)?;
+                    got += n as u64;
+                }
+            }
+        }
+    }
+
     /// Reads `buf.len()` bytes of one file from `offset` into `buf` (a lazy restore's page
     /// fault). Data frames land in `buf` itself; the only copy is the socket reader's, of
     /// what it already buffered (at most 64 KiB a frame). An answer shorter or longer than
@@ -547,36 +598,58 @@ impl PoolClient {
                 }
                 FrameKind::Data => {
                     let n = header.len as usize - 4;
-                    let mut id = [0u8; 4];
                     let Some(dest) = buf.get_mut(got..got + n) else {
                         return Err(ClientError::Unexpected(format!(
                             "the pool sent more than the {} bytes of {file:?} asked for",
                             buf.len()
                         )));
                     };
-                    let read = self
-                        .rd
-                        .read_exact(&mut id)
-                        .and_then(|()| self.rd.read_exact(dest));
-                    if let Err(e) = read {
-                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
-                    }
-                    let crc = crc32c::crc32c_append(crc32c::crc32c(&id), dest);
-                    if crc != header.crc {
-                        return Err(WireError::ChecksumMismatch {
-                            expected: header.crc,
-                            actual: crc,
-                        }
-                        .into());
-                    }
-                    let file_id = u32::from_le_bytes(id);
-                    if file_id != 0 {
-                        return Err(ClientError::WrongFileId(file_id));
-                    }
+                    self.read_data_into(header, dest)?;
                     got += n;
                 }
             }
         }
+    }
+
+    /// Reads the payload of the data frame whose `header` was just read: its file id, then
+    /// its bytes straight into `dest` (exactly their length), checking the frame's CRC over
+    /// them where they landed.
+    fn read_data_into(&mut self, header: FrameHeader, dest: &mut [u8]) -> Result<(), ClientError> {
+        self.read_data(header, dest, true)
+    }
+
+    /// [`PoolClient::read_data_into`], the CRC checked only when `check`.
+    fn read_data(
+        &mut self,
+        header: FrameHeader,
+        dest: &mut [u8],
+        check: bool,
+    ) -> Result<(), ClientError> {
+        debug_assert_eq!(dest.len() + 4, header.len as usize);
+        let mut id = [0u8; 4];
+        let read = self
+            .rd
+            .read_exact(&mut id)
+            .and_then(|()| self.rd.read_exact(dest));
+        if let Err(e) = read {
+            return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
+        }
+        let crc = match check {
+            true => crc32c::crc32c_append(crc32c::crc32c(&id), dest),
+            false => header.crc,
+        };
+        if crc != header.crc {
+            return Err(WireError::ChecksumMismatch {
+                expected: header.crc,
+                actual: crc,
+            }
+            .into());
+        }
+        let file_id = u32::from_le_bytes(id);
+        if file_id != 0 {
+            return Err(ClientError::WrongFileId(file_id));
+        }
+        Ok(())
     }
 
     /// Reads and drops one answer of data frames ending in a control frame.
@@ -599,6 +672,24 @@ impl PoolClient {
             Response::Deleted { count } => Ok(count),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// Where [`PoolClient::get_file_into`] puts a file: memory the sink lends for each data frame,
+/// so a consumer that hands the bytes on without copying them (`vmsplice` into a pipe)
+/// decides itself when that memory may be written again.
+pub trait FrameSink {
+    /// Exactly `len` bytes (at most one chunk) for the next frame's data to land in.
+    fn space(&mut self, len: usize) -> io::Result<&mut [u8]>;
+    /// The `len` bytes last lent by [`FrameSink::space`] now hold the frame's data, its CRC
+    /// checked unless [`FrameSink::checks_bytes`].
+    fn filled(&mut self, len: usize) -> io::Result<()>;
+
+    /// The sink checks every byte against something stronger than the frames' CRCs (a
+    /// sealed digest) and refuses the file as a whole when they differ: the CRCs then
+    /// need not be computed.
+    fn checks_bytes(&self) -> bool {
+        false
     }
 }
 

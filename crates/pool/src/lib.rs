@@ -15,13 +15,14 @@ pub mod arena;
 pub mod client;
 pub mod crc;
 pub mod server;
+mod splice;
 pub mod store;
 pub mod target;
 pub mod tls;
 pub mod token;
 
 pub use addr::{AddrError, PoolAddr};
-pub use client::{ClientError, PoolClient, Stage};
+pub use client::{ClientError, FrameSink, PoolClient, Stage};
 pub use server::{serve, serve_with, Listener, ServeOptions};
 pub use store::{error_chain, Store, StoreConfig, StoreError};
 pub use target::{PoolTarget, Timeouts};

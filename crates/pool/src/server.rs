@@ -12,6 +12,7 @@ use std::{
     collections::BTreeMap,
     future::Future,
     io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -36,6 +37,7 @@ use tracing::{debug, info, warn};
 use crate::{
     addr::PoolAddr,
     crc,
+    splice::{SpliceError, Splicer},
     store::{check_range, error_chain, Store, StoreError, StoredData, Upload},
 };
 
@@ -225,7 +227,7 @@ fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut J
         Accepted::Tcp(s, peer) => {
             let _ = s.set_nodelay(true);
             crate::addr::enlarge_socket_buffers(&s);
-            conns.spawn(connection(s, ctx, slot, peer));
+            conns.spawn(connection(s, ctx, slot, peer, None));
         }
         Accepted::Tls(s, peer, acceptor) => {
             let _ = s.set_nodelay(true);
@@ -234,13 +236,14 @@ fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut J
             // silent TLS clients gives way like unauthenticated ones), under a timeout.
             conns.spawn(async move {
                 if let Some(s) = crate::tls::handshake(&acceptor, s, &peer).await {
-                    connection(s, ctx, slot, peer).await
+                    connection(s, ctx, slot, peer, None).await
                 }
             });
         }
         Accepted::Unix(s) => {
             crate::addr::enlarge_socket_buffers(&s);
-            conns.spawn(connection(s, ctx, slot, "unix".to_string()));
+            let fd = s.as_raw_fd();
+            conns.spawn(connection(s, ctx, slot, "unix".to_string(), Some(fd)));
         }
     }
 }
@@ -474,11 +477,14 @@ async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 /// Longest the server waits to hand a closing error frame to a client.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Serves one connection; `unix_fd` is its socket's descriptor when it is a Unix socket
+/// (RAM-tier chunks are then spliced into it, see [`crate::splice`]).
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     ctx: Arc<Ctx>,
     slot: Slot,
     peer: String,
+    unix_fd: Option<RawFd>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let hello_timeout = ctx.options.hello_timeout;
@@ -517,6 +523,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         options: &ctx.options,
         upload: None,
         buf: Vec::new(),
+        splice: unix_fd.map_or(Splice::No, Splice::NotYet),
+        in_flight: None,
     };
     match session.run().await {
         Ok(()) | Err(SessionError::Wire(WireError::Closed)) => {
@@ -553,6 +561,21 @@ struct Session<'o, R, W: AsyncWrite> {
     upload: Option<Upload>,
     /// Reused buffer for control payloads and disk-tier reads.
     buf: Vec<u8>,
+    splice: Splice,
+    /// The snapshot whose pages the last answer spliced into the socket: kept until the
+    /// client's next request, so those pages stay what they were until it read them.
+    in_flight: Option<StoredData>,
+}
+
+/// Whether RAM-tier chunks go to the client without a copy.
+#[derive(Debug)]
+enum Splice {
+    /// Not a Unix socket (TLS encrypts anyway; TCP may still hold sent pages for a retransmit).
+    No,
+    /// The connection's Unix socket, whose session outlives any use of the descriptor; the
+    /// splicer (a pipe) is made at the first file served.
+    NotYet(RawFd),
+    Ready(Splicer),
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
@@ -571,6 +594,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 }
                 None => read_header(&mut self.rd, self.options.idle_timeout, "request").await?,
             };
+            // The client sent this only after reading every answer before it.
+            self.in_flight = None;
             match header.kind {
                 FrameKind::Data => self.receive_data(header).await?,
                 FrameKind::Control => {
@@ -614,6 +639,39 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         match tokio::time::timeout(limit, self.wr.write_all(bytes)).await {
             Ok(r) => r.map_err(|e| WireError::Io(e).into()),
             Err(_) => Err(SessionError::WriteStalled(limit)),
+        }
+    }
+
+    /// Sends `head` and then `pages` (which must stay unchanged until the client's next
+    /// request) through the splicer; `false` (nothing sent) where there is none.
+    async fn send_spliced(&mut self, head: &[u8], pages: &[u8]) -> Result<bool, SessionError> {
+        if let Splice::NotYet(fd) = self.splice {
+            // SAFETY: the descriptor is this session's socket, open for as long as the session.
+            let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+            self.splice = match Splicer::new(sock) {
+                Ok(s) => Splice::Ready(s),
+                Err(e) => {
+                    debug!(error = %e, "no splicing on this connection; copying");
+                    Splice::No
+                }
+            };
+        }
+        if matches!(self.splice, Splice::No) {
+            return Ok(false);
+        }
+        // What is buffered goes first.
+        let limit = self.options.write_timeout;
+        match tokio::time::timeout(limit, self.wr.flush()).await {
+            Ok(r) => r.map_err(WireError::Io)?,
+            Err(_) => return Err(SessionError::WriteStalled(limit)),
+        }
+        let Splice::Ready(splicer) = &mut self.splice else {
+            return Ok(false);
+        };
+        match splicer.send(head, pages, limit).await {
+            Ok(()) => Ok(true),
+            Err(SpliceError::Io(e)) => Err(WireError::Io(e).into()),
+            Err(SpliceError::Stalled) => Err(SessionError::WriteStalled(limit)),
         }
     }
 
@@ -787,8 +845,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 StoredData::Ram(files) => {
                     let frame =
                         data.with_chunk(&manifest, index, chunk, &mut self.buf, data_frame_prefix)?;
-                    self.write(&frame).await?;
-                    self.write(files[index].chunk(chunk)).await?;
+                    let bytes = files[index].chunk(chunk);
+                    if self.send_spliced(&frame, bytes).await? {
+                        self.in_flight = Some(data.clone());
+                    } else {
+                        self.write(&frame).await?;
+                        self.write(bytes).await?;
+                    }
                 }
                 StoredData::Disk(_) => {
                     let (d, m) = (data.clone(), manifest.clone());

@@ -140,6 +140,123 @@ fn corrupt_disk_bytes_are_detected_when_served() -> Result<()> {
     Ok(())
 }
 
+/// Lends one buffer per frame and keeps what arrived, with each frame's size.
+#[derive(Default)]
+struct Frames {
+    lent: Vec<u8>,
+    bytes: Vec<u8>,
+    sizes: Vec<usize>,
+    fail_after: Option<usize>,
+}
+
+impl torpor_pool::FrameSink for Frames {
+    fn space(&mut self, len: usize) -> std::io::Result<&mut [u8]> {
+        self.lent.clear();
+        self.lent.resize(len, 0xEE);
+        Ok(&mut self.lent)
+    }
+
+    fn filled(&mut self, len: usize) -> std::io::Result<()> {
+        if self.fail_after == Some(self.sizes.len()) {
+            return Err(std::io::Error::other("sink gave up"));
+        }
+        self.bytes.extend_from_slice(&self.lent[..len]);
+        self.sizes.push(len);
+        Ok(())
+    }
+}
+
+#[test]
+fn get_file_into_lands_each_frame_in_the_sinks_memory() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let p = start(4 * CHUNK_SIZE, Some(dir.path()), 2, |_| {});
+    let mut c = client(&p);
+    let big = pattern(9, 2 * CHUNK_SIZE as usize + 5);
+    put(
+        &mut c,
+        "a",
+        &[("pages-1.img", big.clone()), ("x", vec![1, 2])],
+    )?;
+    let mut sink = Frames::default();
+    assert_eq!(
+        c.get_file_into("a", 1, "pages-1.img", &mut sink)?,
+        big.len() as u64
+    );
+    assert_eq!(sink.bytes, big);
+    assert_eq!(sink.sizes, [CHUNK_SIZE as usize, CHUNK_SIZE as usize, 5]);
+    let mut small = Frames::default();
+    assert_eq!(c.get_file_into("a", 1, "x", &mut small)?, 2);
+    assert_eq!(small.bytes, [1, 2]);
+    let missing = c.get_file_into("a", 1, "nope", &mut Frames::default());
+    assert!(missing.unwrap_err().to_string().contains("no file"));
+
+    let mut failing = Frames {
+        fail_after: Some(1),
+        ..Default::default()
+    };
+    let err = c
+        .get_file_into("a", 1, "pages-1.img", &mut failing)
+        .unwrap_err();
+    assert!(matches!(err, torpor_pool::ClientError::Sink(_)), "{err}");
+
+    // Spilled to disk and corrupted there: refused, not handed to the sink.
+    let mut c = client(&p);
+    put(
+        &mut c,
+        "b",
+        &[("pages-1.img", pattern(8, 3 * CHUNK_SIZE as usize))],
+    )?;
+    let file = std::fs::read_dir(dir.path().join("a"))?
+        .next()
+        .unwrap()?
+        .path();
+    let mut bytes = std::fs::read(&file)?;
+    // The first chunk's data: the files' bytes end the snapshot file.
+    let at = bytes.len() - (big.len() + 2) + 10;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, bytes)?;
+    let mut sink = Frames::default();
+    let err = c
+        .get_file_into("a", 1, "pages-1.img", &mut sink)
+        .unwrap_err();
+    assert_eq!(err.pool_code(), Some(ErrorCode::Corrupt), "{err}");
+    assert!(
+        sink.sizes.is_empty(),
+        "nothing of the corrupt chunk was passed on"
+    );
+    Ok(())
+}
+
+#[test]
+fn ram_chunks_spliced_into_a_unix_socket_arrive_unchanged_and_in_order() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let addr: PoolAddr = format!("unix:{}", dir.path().join("pool.sock").display()).parse()?;
+    let p = inproc::start_on(16 * CHUNK_SIZE, None, 1, addr, None, |_| {});
+    let mut c = PoolClient::connect(&p.addr, TOKEN)?;
+    let big = pattern(10, 3 * CHUNK_SIZE as usize + 4097);
+    put(
+        &mut c,
+        "a",
+        &[("pages-1.img", big.clone()), ("x", vec![7; 100])],
+    )?;
+    for _ in 0..2 {
+        assert_eq!(get(&mut c, "a", 1, "pages-1.img")?, big);
+        // A control answer after spliced frames comes after them.
+        assert_eq!(c.list()?.len(), 1);
+        assert_eq!(get(&mut c, "a", 1, "x")?, vec![7; 100]);
+        let mut sink = Frames::default();
+        c.get_file_into("a", 1, "pages-1.img", &mut sink)?;
+        assert_eq!(sink.bytes, big);
+    }
+    // The next generation replaces the first (keep 1): its chunks are reused for other
+    // bytes, which the next answer carries.
+    let newer = pattern(11, 2 * CHUNK_SIZE as usize);
+    let mut other = PoolClient::connect(&p.addr, TOKEN)?;
+    put(&mut other, "a", &[("pages-1.img", newer.clone())])?;
+    assert_eq!(get(&mut c, "a", 2, "pages-1.img")?, newer);
+    Ok(())
+}
+
 #[test]
 fn wrong_token_is_refused() {
     let p = start(2 * CHUNK_SIZE, None, 2, |_| {});

@@ -360,6 +360,71 @@ fn a_pool_that_stops_sending_mid_file_fails_get_file_with_a_timeout() -> Result<
     Ok(())
 }
 
+/// Takes whatever arrives; checks the bytes itself when `checks`.
+struct Taker {
+    lent: Vec<u8>,
+    got: Vec<u8>,
+    checks: bool,
+}
+
+impl torpor_pool::FrameSink for Taker {
+    fn space(&mut self, len: usize) -> std::io::Result<&mut [u8]> {
+        self.lent.resize(len, 0);
+        Ok(&mut self.lent)
+    }
+
+    fn filled(&mut self, len: usize) -> std::io::Result<()> {
+        self.got.extend_from_slice(&self.lent[..len]);
+        Ok(())
+    }
+
+    fn checks_bytes(&self) -> bool {
+        self.checks
+    }
+}
+
+#[test]
+fn a_frame_with_a_wrong_crc_is_refused_unless_the_sink_checks_the_bytes_itself() -> Result<()> {
+    for checks in [false, true] {
+        let (addr, _done) = fake_pool(|s| {
+            let mut buf = Vec::new();
+            let _ = wire::read_frame(s, &mut buf).unwrap();
+            let bytes = pattern(2, 5000);
+            let mut payload = 0u32.to_le_bytes().to_vec();
+            payload.extend_from_slice(&bytes);
+            let mut header = wire::FrameHeader::for_payload(wire::FrameKind::Data, &payload);
+            header.crc ^= 1;
+            let mut frame = header.encode().to_vec();
+            frame.extend_from_slice(&payload);
+            std::io::Write::write_all(s, &frame).unwrap();
+            let end = wire::encode_control(&Response::FileEnd { size: 5000 });
+            std::io::Write::write_all(s, &end).unwrap();
+        })?;
+        let mut c = PoolTarget::new(addr, TOKEN).connect()?;
+        let mut sink = Taker {
+            lent: Vec::new(),
+            got: Vec::new(),
+            checks,
+        };
+        let r = c.get_file_into("svc", 1, "pages-1.img", &mut sink);
+        if checks {
+            assert_eq!(r?, 5000);
+            assert_eq!(sink.got, pattern(2, 5000), "the sink judges the bytes");
+        } else {
+            let err = r.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ClientError::Wire(wire::WireError::ChecksumMismatch { .. })
+                ),
+                "{err}"
+            );
+            assert!(sink.got.is_empty(), "nothing unchecked was passed on");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn an_upload_to_a_pool_that_stops_reading_fails_with_a_timeout() -> Result<()> {
     let (addr, _done) = fake_pool(|s| {
