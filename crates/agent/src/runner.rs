@@ -15,7 +15,7 @@ use std::{
 
 use serde::Serialize;
 use torpor_criu::{
-    lazy::{checkpoint_lazy_service, StagedWake},
+    lazy::{checkpoint_lazy_service, StagedWake, MAX_STAGED_BYTES},
     procs,
     runc::Runc,
     CheckpointError, CheckpointOptions, CheckpointReport, CriuBinary, LazyOptions, LazySession,
@@ -214,10 +214,6 @@ pub struct LazyState {
     staged: Option<Staging>,
 }
 
-/// Node memory a sleeping service may keep for its next wake (images and eagerly restored
-/// pages, staged when it goes to sleep); a larger one is staged by the wake itself.
-const MAX_STAGED_BYTES: u64 = 64 << 20;
-
 /// A snapshot staged on a thread of its own right after its checkpoint.
 #[derive(Debug)]
 struct Staging {
@@ -227,7 +223,8 @@ struct Staging {
 }
 
 impl Staging {
-    fn start(host: &Host, service: &str, generation: u64) -> Staging {
+    /// `prefetch`: the working set is staged too (within [`MAX_STAGED_BYTES`]).
+    fn start(host: &Host, service: &str, generation: u64, prefetch: bool) -> Staging {
         let (pools, name, service) = (
             host.pools.clone(),
             host.snapshot_name(service),
@@ -235,7 +232,8 @@ impl Staging {
         );
         let done = std::thread::spawn(move || {
             let work_root = std::env::temp_dir();
-            match torpor_criu::lazy::stage_lazy(&name, Some(generation), &pools, &work_root) {
+            let keep = if prefetch { MAX_STAGED_BYTES } else { 0 };
+            match torpor_criu::lazy::stage_lazy(&name, Some(generation), &pools, &work_root, keep) {
                 Ok(staged) if staged.bytes <= MAX_STAGED_BYTES => {
                     debug!(
                         service,
@@ -414,8 +412,9 @@ impl Runner for ProcessTree {
             }
             // What the next wake needs before CRIU runs is fetched now, while the service
             // sleeps, rather than on the held request's time.
-            if matches!(self.memory, MemoryRestore::Lazy(_)) {
-                let staging = Staging::start(&self.host, &self.name, done.generation);
+            if let MemoryRestore::Lazy(options) = &self.memory {
+                let staging =
+                    Staging::start(&self.host, &self.name, done.generation, options.prefetch);
                 self.lazy.lock().expect("lazy lock").staged = Some(staging);
             }
             Ok(done)

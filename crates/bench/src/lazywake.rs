@@ -182,7 +182,13 @@ pub fn torpor_round(
     let full = torpor_criu::checkpoint_to_pool(criu, svc.pid, &name, &pool.pools, &ckpt)?;
     svc.reap();
     let stage = |generation| {
-        torpor_criu::lazy::stage_lazy(&name, Some(generation), &pool.pools, &restore.work_root)
+        torpor_criu::lazy::stage_lazy(
+            &name,
+            Some(generation),
+            &pool.pools,
+            &restore.work_root,
+            torpor_criu::lazy::MAX_STAGED_BYTES,
+        )
     };
     let mut staged = stage(full.generation)?;
 

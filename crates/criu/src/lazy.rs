@@ -276,13 +276,17 @@ pub fn restore_lazy_from_pool(
     opts: &RestoreOptions,
     lazy: &LazyOptions,
 ) -> Result<LazyWake, RestoreError> {
-    let staged = stage_lazy(name, generation, pools, &opts.work_root)?;
+    let staged = stage_lazy(name, generation, pools, &opts.work_root, 0)?;
     let staged_s = staged.staged_s;
     let mut wake = restore_lazy_staged(criu, staged, pools, opts, lazy)?;
     // Staged on the wake's own path: it is part of the restore.
     wake.report.restore_s += staged_s;
     Ok(wake)
 }
+
+/// Node memory a sleeping service may keep for its next wake (see [`StagedWake`]): its
+/// images, eagerly restored pages and working set; a larger one is staged by the wake itself.
+pub const MAX_STAGED_BYTES: u64 = 64 << 20;
 
 /// A snapshot staged on this node for a lazy restore: every image CRIU reads whole, the
 /// pages it restores eagerly (in sparse copies of the pages files), and what each process
@@ -298,6 +302,8 @@ pub struct StagedWake {
     working_set: Option<WorkingSet>,
     inherits: BTreeSet<u64>,
     blocks: BlockCache,
+    /// The working set, already read and verified, when it was staged too.
+    warm: Option<Warm>,
     /// Bytes fetched from the pool to stage it (and kept on this node).
     pub bytes: u64,
     /// How long staging took.
@@ -312,12 +318,16 @@ impl StagedWake {
 }
 
 /// Fetches and plans what a lazy restore of generation `generation` of `name` needs before
-/// CRIU runs, into a directory under `work_root`.
+/// CRIU runs, into a directory under `work_root`. When the snapshot's working set fits in
+/// `keep_working_set` bytes beside the rest, it is read and verified now too (as REAP keeps
+/// a function's working set on the node), so the push after CRIU's finish marker only copies
+/// and the wake reads nothing from the pool before the service runs; 0 keeps none.
 pub fn stage_lazy(
     name: &str,
     generation: Option<u64>,
     pools: &Pools,
     work_root: &std::path::Path,
+    keep_working_set: u64,
 ) -> Result<StagedWake, RestoreError> {
     let start = Instant::now();
     let (replica, mut client, manifest) =
@@ -450,6 +460,24 @@ pub fn stage_lazy(
         .as_ref()
         .map(PageIndex::generations)
         .unwrap_or_default();
+    let warm = working_set
+        .as_ref()
+        .filter(|ws| fetched + ws.bytes() <= keep_working_set)
+        .map(|ws| warm_pieces(&ranges, ws))
+        .filter(|w| !w.is_empty())
+        .map(|wanted| {
+            let warm = Warm::start(
+                PoolPages::new(
+                    source.target.clone(),
+                    source.client.take(),
+                    name,
+                    blocks.clone(),
+                ),
+                wanted,
+            );
+            fetched += warm.wait_read();
+            warm
+        });
     Ok(StagedWake {
         name: name.to_string(),
         manifest,
@@ -459,6 +487,7 @@ pub fn stage_lazy(
         working_set,
         inherits,
         blocks,
+        warm,
         bytes: fetched,
         staged_s: start.elapsed().as_secs_f64(),
     })
@@ -483,6 +512,7 @@ pub fn restore_lazy_staged(
         working_set,
         inherits,
         blocks,
+        warm: staged_warm,
         bytes: fetched,
         staged_s,
     } = staged;
@@ -493,16 +523,18 @@ pub fn restore_lazy_staged(
     let target = pools.replicas[replica].clone();
     // The working set is read (and verified) while CRIU restores, so the push after CRIU's
     // finish marker only copies.
-    let warm = working_set
-        .as_ref()
-        .map(|ws| warm_pieces(&ranges, ws))
-        .filter(|w| !w.is_empty())
-        .map(|wanted| {
-            Warm::start(
-                PoolPages::new(target.clone(), None, name, blocks.clone()),
-                wanted,
-            )
-        });
+    let warm = match (&working_set, staged_warm) {
+        (None, _) => None,
+        (Some(_), Some(staged)) => Some(staged),
+        (Some(ws), None) => Some(warm_pieces(&ranges, ws))
+            .filter(|w| !w.is_empty())
+            .map(|wanted| {
+                Warm::start(
+                    PoolPages::new(target.clone(), None, name, blocks.clone()),
+                    wanted,
+                )
+            }),
+    };
     let mut source = PoolPages::new(target, None, name, blocks);
     let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
 

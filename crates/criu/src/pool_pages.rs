@@ -79,7 +79,7 @@ impl BlockCache {
 /// pool every read widened to whole blocks and checked against their digests.
 #[derive(Debug)]
 pub(crate) struct PoolPages {
-    target: PoolTarget,
+    pub(crate) target: PoolTarget,
     pub(crate) client: Option<PoolClient>,
     name: String,
     blocks: BlockCache,
@@ -310,6 +310,21 @@ impl Warm {
             me.inner.changed.notify_all();
         });
         warm
+    }
+
+    /// Waits until the reader is done; returns the bytes it holds.
+    pub(crate) fn wait_read(&self) -> u64 {
+        let mut state = self.inner.state.lock().expect("warm lock");
+        while !state.finished {
+            state = self.inner.changed.wait(state).expect("warm lock");
+        }
+        state
+            .pieces
+            .values()
+            .flatten()
+            .filter_map(|p| p.bytes.as_ref())
+            .map(|b| b.len() as u64)
+            .sum()
     }
 
     /// Copies the bytes at `origin` into `buf` if the planned pieces cover them all, waiting
