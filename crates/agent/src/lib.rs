@@ -257,7 +257,11 @@ impl Agent {
                             usage.push(ServiceUsage {
                                 name: s.name,
                                 cpu_s: (total - last.0).max(0.0),
-                                resident_bytes: if s.pid.is_some() { s.footprint_bytes } else { 0 },
+                                resident_bytes: if s.pid.is_some() {
+                                    s.footprint_bytes
+                                } else {
+                                    s.staged_bytes
+                                },
                                 footprint_bytes: s.footprint_bytes,
                             });
                             ended += (ended_total - last.1).max(0.0);

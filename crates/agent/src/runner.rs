@@ -9,7 +9,10 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -124,6 +127,10 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn lazy_memory(&self) -> Option<LazyMemory> {
         None
     }
+    /// Bytes this node keeps for the next wake while the service sleeps.
+    fn staged_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -218,6 +225,8 @@ pub struct LazyState {
 #[derive(Debug)]
 struct Staging {
     generation: u64,
+    /// What it keeps on the node, once staged.
+    bytes: Arc<AtomicU64>,
     /// `None` when staging failed or the result was too large to keep.
     done: std::thread::JoinHandle<Option<StagedWake>>,
 }
@@ -230,11 +239,14 @@ impl Staging {
             host.snapshot_name(service),
             service.to_string(),
         );
+        let bytes = Arc::new(AtomicU64::new(0));
+        let kept = bytes.clone();
         let done = std::thread::spawn(move || {
             let work_root = std::env::temp_dir();
             let keep = if prefetch { MAX_STAGED_BYTES } else { 0 };
             match torpor_criu::lazy::stage_lazy(&name, Some(generation), &pools, &work_root, keep) {
                 Ok(staged) if staged.bytes <= MAX_STAGED_BYTES => {
+                    kept.store(staged.bytes, Ordering::Relaxed);
                     debug!(
                         service,
                         generation,
@@ -258,7 +270,11 @@ impl Staging {
                 }
             }
         });
-        Staging { generation, done }
+        Staging {
+            generation,
+            bytes,
+            done,
+        }
     }
 
     /// The staged snapshot of `generation`, waiting for staging to end if need be; `None`
@@ -574,6 +590,14 @@ impl Runner for ProcessTree {
 
     fn members(&self, pid: i32) -> Vec<i32> {
         self.tree(pid)
+    }
+
+    fn staged_bytes(&self) -> u64 {
+        let state = self.lazy.lock().expect("lazy lock");
+        state
+            .staged
+            .as_ref()
+            .map_or(0, |s| s.bytes.load(Ordering::Relaxed))
     }
 
     fn lazy_memory(&self) -> Option<LazyMemory> {

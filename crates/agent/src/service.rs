@@ -120,6 +120,10 @@ pub struct ServiceStatus {
     /// How the memory of the running incarnation came in, when it was restored lazily.
     #[serde(default)]
     pub lazy: Option<LazyMemory>,
+    /// Node memory kept for the next wake while the service sleeps (its staged images,
+    /// eagerly restored pages and working set): resident although the service is not.
+    #[serde(default)]
+    pub staged_bytes: u64,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -220,6 +224,7 @@ impl Managed {
             snapshots_lost: 0,
             last_snapshot_lost: None,
             lazy: None,
+            staged_bytes: 0,
             restarts: 0,
             failed_checkpoints: 0,
             last_checkpoint_s: None,
@@ -739,6 +744,7 @@ impl Managed {
         s.pid = rt.pid;
         s.held_now = self.link.held();
         s.lazy = self.runner.lazy_memory();
+        s.staged_bytes = self.runner.staged_bytes();
         s.rejected_requests = self.link.rejected();
         s.time_asleep_s = (rt.asleep_total
             + if rt.state == ServiceState::Asleep {
