@@ -732,11 +732,7 @@ fn run_load(
 }
 
 /// Sends one manual command; prints its answer (exit 0 when done or nothing was needed).
-fn manual(
-    opt: &ControlOpt,
-    name: &str,
-    command: torpor_agent::ManualCommand,
-) -> Result<ExitCode> {
+fn manual(opt: &ControlOpt, name: &str, command: torpor_agent::ManualCommand) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     let target = rt.block_on(torpor_up::control::locate(
         opt.socket.as_deref(),
@@ -884,7 +880,10 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
     let control: torpor_up::control::ControlHint =
         serde_json::from_value(doc["control"].clone()).unwrap_or_default();
     if let Some(p) = &control.socket {
-        println!("control: {} (torpor sleep|wake|pin|unpin NAME)", p.display());
+        println!(
+            "control: {} (torpor sleep|wake|pin|unpin NAME)",
+            p.display()
+        );
     } else if let Some(a) = &control.tcp {
         println!("control: {a} over TCP with its token (torpor sleep --control {a} --token-file FILE NAME)");
     }

@@ -243,6 +243,9 @@ struct Bound {
 /// Starts the pool and binds every gate and the status API. Dropping the future midway
 /// leaves nothing running (the pool's task is aborted with its handle).
 async fn bind_all(config: &Config) -> Result<Bound, UpError> {
+    // First: a control socket another torpor up holds is refused before the pool's memory
+    // is taken.
+    let control_listener = control::ControlListener::bind(&config.control).await?;
     let (pool_target, pool_desc, pool_task, pool_dir) = start_pool(config).await?;
     let snapshots = snapshots(config, pool_target)?;
     let mut gates = Vec::new();
@@ -276,7 +279,6 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
             what: "the status API".into(),
             source,
         })?;
-    let control_listener = control::ControlListener::bind(&config.control).await?;
     Ok(Bound {
         snapshots,
         pool_desc,
