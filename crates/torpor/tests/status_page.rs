@@ -90,13 +90,11 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Result<Client> {
             ],
         }),
     );
-    Ok(
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{}", driver.port))
-            .await
-            .context("a chromium session through chromedriver")?,
-    )
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .context("a chromium session through chromedriver")
 }
 
 /// What the page shows for `service`: its level, sleeps and wakes, and how often the page
