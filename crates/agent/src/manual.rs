@@ -53,10 +53,11 @@ pub enum ManualOutcome {
 pub enum ManualError {
     #[error("no service {0:?} here")]
     UnknownService(String),
-    #[error("{service} is pinned awake{}; unpin it first", until_text(.until_unix_ms))]
+    #[error("{service} is pinned awake{}; unpin it first", left_text(.left_s))]
     Pinned {
         service: String,
-        until_unix_ms: Option<u64>,
+        /// Seconds the pin has left (`None`: until unpinned).
+        left_s: Option<u64>,
     },
     #[error("{service} can never sleep on this host: {reason}")]
     CannotSleep { service: String, reason: String },
@@ -82,10 +83,10 @@ impl ManualError {
     }
 }
 
-fn until_text(until: &Option<u64>) -> String {
-    match until {
-        Some(ms) => format!(" until {} (unix ms)", ms),
-        None => String::new(),
+fn left_text(left: &Option<u64>) -> String {
+    match left {
+        Some(s) => format!(" ({s} s left)"),
+        None => " until unpinned".into(),
     }
 }
 
@@ -164,19 +165,22 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_sleep_of_a_pinned_service_says_until_when() {
+    fn a_refused_sleep_of_a_pinned_service_says_for_how_long() {
         let e = ManualError::Pinned {
             service: "web".into(),
-            until_unix_ms: Some(5),
+            left_s: Some(5),
         };
         assert_eq!(
             e.to_string(),
-            "web is pinned awake until 5 (unix ms); unpin it first"
+            "web is pinned awake (5 s left); unpin it first"
         );
         let e = ManualError::Pinned {
             service: "web".into(),
-            until_unix_ms: None,
+            left_s: None,
         };
-        assert_eq!(e.to_string(), "web is pinned awake; unpin it first");
+        assert_eq!(
+            e.to_string(),
+            "web is pinned awake until unpinned; unpin it first"
+        );
     }
 }

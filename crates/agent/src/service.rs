@@ -501,7 +501,11 @@ impl Managed {
                 if let Some(p) = self.pin() {
                     return Err(ManualError::Pinned {
                         service: name,
-                        until_unix_ms: p.until.map(|(_, ms)| ms),
+                        left_s: p.until.map(|(at, _)| {
+                            at.saturating_duration_since(Instant::now())
+                                .as_secs_f64()
+                                .ceil() as u64
+                        }),
                     });
                 }
                 match state {
@@ -1577,7 +1581,7 @@ mod tests {
             matches!(
                 e,
                 ManualError::Pinned {
-                    until_unix_ms: Some(_),
+                    left_s: Some(1..=10),
                     ..
                 }
             ),

@@ -107,7 +107,7 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     let (st, _, err) = up.command(&["sleep", "web"])?;
     assert!(!st.success(), "a pinned service is not slept");
     assert!(
-        err.contains("pinned awake") && err.contains("unpin it first"),
+        err.contains("web is pinned awake (") && err.contains(" s left); unpin it first"),
         "{err}"
     );
     assert_eq!(up.service("web")?["state"], "awake");

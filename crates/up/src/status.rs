@@ -29,10 +29,8 @@ pub struct StatusDoc {
     /// Power knob changes in force now.
     pub knobs: Vec<String>,
     /// Recent manual commands (who, when, what came of them), oldest first.
-    #[serde(default)]
     pub manual: Vec<ManualAction>,
     /// Where the control endpoint is (for `torpor sleep --addr`).
-    #[serde(default)]
     pub control: ControlHint,
 }
 
@@ -218,6 +216,12 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         "gauge",
         "Bytes of the newest snapshot in the pool.",
         &|s| s.snapshot_bytes.map(|b| b as f64),
+    );
+    family(
+        "torpor_service_pinned",
+        "gauge",
+        "1 while an operator's pin keeps the service awake (torpor pin).",
+        &|s| Some(u8::from(s.pinned.is_some()) as f64),
     );
     family(
         "torpor_last_checkpoint_seconds",
