@@ -411,7 +411,7 @@ impl std::fmt::Display for Target {
 /// Why a command could not be sent or its reply read.
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("no torpor up takes commands at {target} ({source}); is it running, and is that its control.socket (or give --addr STATUS)?")]
+    #[error("no torpor up takes commands at {target}; is it running, and is that its control.socket (or give --addr STATUS)?")]
     Connect {
         target: String,
         #[source]
