@@ -7,6 +7,7 @@
 
 mod cgroup;
 pub mod init;
+mod manual;
 mod node;
 mod process;
 mod reaper;
@@ -15,6 +16,9 @@ mod service;
 
 pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
 pub use init::InitOptions;
+pub use manual::{
+    ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
+};
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
 pub use runner::{LazyMemory, MemoryRestore};
@@ -69,6 +73,9 @@ pub enum AgentError {
 /// Most transitions kept for `torpor status`.
 const TRANSITION_LOG: usize = 1000;
 
+/// Most manual actions kept for `torpor status`.
+const MANUAL_LOG: usize = 100;
+
 /// Shared by all service loops.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -76,6 +83,8 @@ pub(crate) struct Shared {
     _runc_dir: Option<tempfile::TempDir>,
     pub started: tokio::time::Instant,
     pub transitions: Mutex<VecDeque<Transition>>,
+    /// Recent manual commands, oldest first.
+    pub manual: Mutex<VecDeque<ManualAction>>,
     /// Knobs and energy account; `None` when power is off.
     pub node: Option<Arc<NodePower>>,
     /// A service slept or woke: the node loop re-plans the cores.
@@ -154,6 +163,7 @@ impl Agent {
             _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
+            manual: Mutex::new(VecDeque::new()),
             node,
             replan: tokio::sync::Notify::new(),
             links: services
@@ -332,6 +342,40 @@ impl Agent {
     pub fn uptime(&self) -> Duration {
         self.shared.started.elapsed()
     }
+
+    /// Carries out an operator's `command` on `service` (see [`ManualCommand`]); `by` says
+    /// who asked (`uid 0`, `token`). It waits until the command is done: a sleep until the
+    /// service is in the pool, a wake until it accepts connections.
+    pub async fn manual(&self, service: &str, command: ManualCommand, by: &str) -> ManualResult {
+        match self.services.iter().find(|m| m.spec.name == service) {
+            Some(m) => m.command(command, by).await,
+            None => {
+                let e = ManualError::UnknownService(service.to_string());
+                self.shared.record_manual(ManualAction {
+                    at_s: self.shared.started.elapsed().as_secs_f64(),
+                    at_unix_ms: manual::unix_ms_now(),
+                    service: service.to_string(),
+                    action: command.name().into(),
+                    for_s: None,
+                    by: by.to_string(),
+                    outcome: e.outcome().into(),
+                    detail: e.to_string(),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Recent manual commands, oldest first.
+    pub fn manual_actions(&self) -> Vec<ManualAction> {
+        self.shared
+            .manual
+            .lock()
+            .expect("manual log lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 /// The program each plain service runs under as its init: `$TORPOR_INIT`, else this binary
@@ -393,11 +437,22 @@ impl Shared {
             _runc_dir: None,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
+            manual: Mutex::new(VecDeque::new()),
             node: None,
             replan: tokio::sync::Notify::new(),
             links: links.iter().map(|l| (l.name.clone(), l.clone())).collect(),
             reaper: Arc::default(),
         }
+    }
+
+    /// Logs a manual command and keeps it for `torpor status`.
+    pub(crate) fn record_manual(&self, a: ManualAction) {
+        tracing::info!(event = "manual", service = %a.service, action = %a.action, for_s = ?a.for_s, by = %a.by, outcome = %a.outcome, detail = %a.detail, "manual command");
+        let mut log = self.manual.lock().expect("manual log lock");
+        if log.len() == MANUAL_LOG {
+            log.pop_front();
+        }
+        log.push_back(a);
     }
 
     pub(crate) fn record(&self, t: Transition) {

@@ -7,7 +7,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use torpor_control::ServiceLink;
 use torpor_criu::procs;
 use torpor_policy::{
@@ -16,6 +19,9 @@ use torpor_policy::{
 use tracing::{error, warn};
 
 use crate::{
+    manual::{
+        self, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
+    },
     process::{Launch, LaunchError},
     runner::{CheckpointFailed, Committed, LazyMemory, MemoryRestore, Restored, Runner},
     Shared,
@@ -124,6 +130,13 @@ pub struct ServiceStatus {
     /// eagerly restored pages and working set): resident although the service is not.
     #[serde(default)]
     pub staged_bytes: u64,
+    /// The pin that keeps it awake, while one is in force (`torpor pin`).
+    #[serde(default)]
+    pub pinned: Option<PinStatus>,
+    /// The last manual command for it (`torpor sleep`, `wake`, `pin`, `unpin`): who, when,
+    /// what came of it.
+    #[serde(default)]
+    pub last_manual: Option<ManualAction>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -173,7 +186,30 @@ struct Runtime {
     ended_cpu_s: f64,
     /// Recent CPU use in CPUs (smoothed), for consolidation.
     demand_cpus: f64,
+    /// An operator's pin: the policy does not put the service to sleep while it holds.
+    pin: Option<Pin>,
     status: ServiceStatus,
+}
+
+/// A pin in force: who set it, and when it ends (`None`: at `unpin`).
+#[derive(Debug, Clone)]
+struct Pin {
+    by: String,
+    at_unix_ms: u64,
+    until: Option<(Instant, u64)>,
+}
+
+impl Pin {
+    fn status(&self) -> PinStatus {
+        PinStatus {
+            by: self.by.clone(),
+            at_unix_ms: self.at_unix_ms,
+            until_unix_ms: self.until.map(|(_, ms)| ms),
+            left_s: self
+                .until
+                .map(|(at, _)| at.saturating_duration_since(Instant::now()).as_secs_f64()),
+        }
+    }
 }
 
 /// A service under the agent.
@@ -185,7 +221,14 @@ pub(crate) struct Managed {
     /// What runs, checkpoints and restores it.
     runner: Arc<dyn Runner>,
     rt: Mutex<Runtime>,
+    /// Manual commands for the loop, which carries them out between its own steps.
+    commands: mpsc::Sender<manual::Request>,
+    /// Their receiving end, held by the running loop.
+    inbox: tokio::sync::Mutex<mpsc::Receiver<manual::Request>>,
 }
+
+/// Manual commands queued for one service at most; more are refused as a busy service.
+const COMMAND_QUEUE: usize = 16;
 
 /// First wait before a failed service is started again; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -199,6 +242,8 @@ const TICK: Duration = Duration::from_millis(20);
 enum WakeCause {
     Request,
     Prewarm,
+    /// `torpor wake` or `torpor pin`.
+    Manual,
 }
 
 impl Managed {
@@ -236,8 +281,13 @@ impl Managed {
             cpu_s: 0.0,
             last_wake: None,
             cannot_sleep: None,
+            pinned: None,
+            last_manual: None,
         };
+        let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
+            commands,
+            inbox: tokio::sync::Mutex::new(inbox),
             spec,
             link,
             shared,
@@ -256,6 +306,7 @@ impl Managed {
                 life_cpu_s: 0.0,
                 ended_cpu_s: 0.0,
                 demand_cpus: 0.0,
+                pin: None,
                 status,
             }),
         }
@@ -363,17 +414,246 @@ impl Managed {
     pub async fn run(me: Arc<Managed>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inbox = me.inbox.lock().await;
         loop {
             if *shutdown.borrow() {
-                return;
+                break;
             }
             let asleep = me.state() == ServiceState::Asleep;
             tokio::select! {
-                r = shutdown.changed() => if r.is_err() { return },
+                r = shutdown.changed() => if r.is_err() { break },
                 _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request, Instant::now()).await,
+                Some(req) = inbox.recv() => me.manual(req).await,
                 _ = tick.tick() => me.on_tick().await,
             }
         }
+        // Commands that came too late are answered, and later ones refused at once.
+        inbox.close();
+        while let Ok(req) = inbox.try_recv() {
+            let _ = req.reply.send(Err(ManualError::Stopping));
+        }
+    }
+
+    /// Hands a manual command to the service's loop and waits for its result.
+    pub async fn command(&self, command: ManualCommand, by: &str) -> ManualResult {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = manual::Request {
+            command,
+            by: by.to_string(),
+            reply,
+        };
+        match self.commands.try_send(req) {
+            Ok(()) => answer.await.unwrap_or(Err(ManualError::Stopping)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ManualError::Busy {
+                service: self.spec.name.clone(),
+                state: "busy with earlier commands".into(),
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ManualError::Stopping),
+        }
+    }
+
+    /// Carries out one manual command, records it and answers it.
+    async fn manual(&self, req: manual::Request) {
+        let manual::Request { command, by, reply } = req;
+        let result = self.carry_out(command, &by).await;
+        let action = ManualAction {
+            at_s: self.shared.started.elapsed().as_secs_f64(),
+            at_unix_ms: manual::unix_ms_now(),
+            service: self.spec.name.clone(),
+            action: command.name().into(),
+            for_s: match command {
+                ManualCommand::Pin { for_ms } => for_ms.map(|ms| ms as f64 / 1e3),
+                _ => None,
+            },
+            by,
+            outcome: match &result {
+                Ok((ManualOutcome::Done, _)) => "done".into(),
+                Ok((ManualOutcome::NoOp, _)) => "no_op".into(),
+                Err(e) => e.outcome().into(),
+            },
+            detail: match &result {
+                Ok((_, detail)) => detail.clone(),
+                Err(e) => e.to_string(),
+            },
+        };
+        self.rt.lock().expect("runtime lock").status.last_manual = Some(action.clone());
+        self.shared.record_manual(action);
+        let _ = reply.send(result);
+    }
+
+    /// The pin in force, if any; a pin whose time is up is removed here.
+    fn pin(&self) -> Option<Pin> {
+        let mut rt = self.rt.lock().expect("runtime lock");
+        if let Some(Pin {
+            until: Some((at, _)),
+            by,
+            ..
+        }) = &rt.pin
+        {
+            if Instant::now() >= *at {
+                tracing::info!(service = %self.spec.name, pinned_by = %by, "pin expired; the policy decides again");
+                rt.pin = None;
+            }
+        }
+        rt.pin.clone()
+    }
+
+    async fn carry_out(&self, command: ManualCommand, by: &str) -> ManualResult {
+        let name = self.spec.name.clone();
+        let state = self.state();
+        match command {
+            ManualCommand::Sleep => {
+                if let Some(p) = self.pin() {
+                    return Err(ManualError::Pinned {
+                        service: name,
+                        left_s: p.until.map(|(at, _)| {
+                            at.saturating_duration_since(Instant::now())
+                                .as_secs_f64()
+                                .ceil() as u64
+                        }),
+                    });
+                }
+                match state {
+                    ServiceState::Asleep => {
+                        Ok((ManualOutcome::NoOp, format!("{name} is already asleep")))
+                    }
+                    ServiceState::Failed => Err(ManualError::Down { service: name }),
+                    ServiceState::Awake => {
+                        let (pid, footprint, cannot) = {
+                            let rt = self.rt.lock().expect("runtime lock");
+                            (
+                                rt.pid,
+                                rt.status.footprint_bytes,
+                                rt.status.cannot_sleep.clone(),
+                            )
+                        };
+                        if let Some(reason) = cannot {
+                            return Err(ManualError::CannotSleep {
+                                service: name,
+                                reason,
+                            });
+                        }
+                        let Some(pid) = pid else {
+                            return Err(ManualError::Busy {
+                                service: name,
+                                state: "without a process".into(),
+                            });
+                        };
+                        let tier = if footprint <= self.spec.policy.memory_tier_max_bytes {
+                            SnapshotTier::Memory
+                        } else {
+                            SnapshotTier::Tiered
+                        };
+                        match self.sleep(pid, tier, format!("manual sleep by {by}")).await {
+                            Ok(detail) => {
+                                Ok((ManualOutcome::Done, format!("{name} is asleep: {detail}")))
+                            }
+                            Err(reason) => Err(ManualError::CheckpointFailed {
+                                service: name,
+                                reason,
+                            }),
+                        }
+                    }
+                    other => Err(ManualError::Busy {
+                        service: name,
+                        state: other.as_str().into(),
+                    }),
+                }
+            }
+            ManualCommand::Wake => match state {
+                ServiceState::Awake => Ok((
+                    ManualOutcome::NoOp,
+                    format!("{name} is already awake; nothing to do"),
+                )),
+                ServiceState::Asleep | ServiceState::Failed => self.wake_by_hand().await,
+                other => Err(ManualError::Busy {
+                    service: name,
+                    state: other.as_str().into(),
+                }),
+            },
+            ManualCommand::Pin { for_ms } => {
+                let until = for_ms.map(|ms| {
+                    let left = Duration::from_millis(ms);
+                    (Instant::now() + left, manual::unix_ms_in(left))
+                });
+                self.rt.lock().expect("runtime lock").pin = Some(Pin {
+                    by: by.to_string(),
+                    at_unix_ms: manual::unix_ms_now(),
+                    until,
+                });
+                let how_long = match for_ms {
+                    Some(ms) => format!("for {:?}", Duration::from_millis(ms)),
+                    None => "until unpinned".into(),
+                };
+                match state {
+                    ServiceState::Awake => Ok((
+                        ManualOutcome::Done,
+                        format!("{name} is pinned awake {how_long}"),
+                    )),
+                    ServiceState::Asleep | ServiceState::Failed => {
+                        let (_, woke) = self.wake_by_hand().await?;
+                        Ok((
+                            ManualOutcome::Done,
+                            format!("{name} is pinned awake {how_long}; {woke}"),
+                        ))
+                    }
+                    other => Err(ManualError::Busy {
+                        service: name,
+                        state: other.as_str().into(),
+                    }),
+                }
+            }
+            ManualCommand::Unpin => {
+                let was = self.pin();
+                self.rt.lock().expect("runtime lock").pin = None;
+                match was {
+                    Some(p) => Ok((
+                        ManualOutcome::Done,
+                        format!(
+                            "{name} is unpinned (pinned by {}); the policy decides again",
+                            p.by
+                        ),
+                    )),
+                    None => Ok((
+                        ManualOutcome::NoOp,
+                        format!("{name} was not pinned; nothing to do"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Wakes an asleep service now, or retries a failed one at once.
+    async fn wake_by_hand(&self) -> ManualResult {
+        let name = self.spec.name.clone();
+        if self.state() == ServiceState::Failed {
+            self.rt.lock().expect("runtime lock").retry_at = Instant::now();
+            self.on_tick().await;
+        } else {
+            self.wake(WakeCause::Manual, Instant::now()).await;
+        }
+        let rt = self.rt.lock().expect("runtime lock");
+        match rt.state {
+            ServiceState::Awake => {
+                let how = rt.status.last_wake.as_ref().map_or_else(String::new, |w| {
+                    format!(" ({}, accepting after {:.0} ms)", w.how, w.accepting_ms)
+                });
+                Ok((ManualOutcome::Done, format!("{name} is awake{how}")))
+            }
+            _ => Err(ManualError::WakeFailed {
+                service: name,
+                reason: self.link_down_reason(),
+            }),
+        }
+    }
+
+    /// Why the last wake failed, from the transition log.
+    fn link_down_reason(&self) -> String {
+        let log = self.shared.transitions.lock().expect("transitions lock");
+        log.iter()
+            .rev()
+            .find(|t| t.service == self.spec.name && t.to == ServiceState::Failed)
+            .map_or_else(|| "unknown".into(), |t| t.detail.clone())
     }
 
     async fn on_tick(&self) {
@@ -401,7 +681,7 @@ impl Managed {
                         Instant::now() >= rt.sleep_not_before && rt.status.cannot_sleep.is_none(),
                     )
                 };
-                if !allowed || self.link.inflight() > 0 {
+                if !allowed || self.link.inflight() > 0 || self.pin().is_some() {
                     return;
                 }
                 let now = self.link.now();
@@ -409,7 +689,9 @@ impl Managed {
                     decide_sleep(&self.spec.policy, a, now, footprint, expected_wake)
                 });
                 if let SleepDecision::Sleep { tier } = decision {
-                    self.sleep(pid, tier).await;
+                    let _ = self
+                        .sleep(pid, tier, format!("idle; snapshot tier {tier:?}"))
+                        .await;
                 }
             }
             ServiceState::Asleep => {
@@ -495,13 +777,10 @@ impl Managed {
         self.shared.replan.notify_one();
     }
 
-    /// Drain, checkpoint into the pool, release.
-    async fn sleep(&self, pid: i32, tier: SnapshotTier) {
-        self.transition(
-            ServiceState::Draining,
-            Duration::ZERO,
-            format!("idle; snapshot tier {tier:?}"),
-        );
+    /// Drain, checkpoint into the pool, release: `Ok` with what is in the pool, or `Err`
+    /// with why the service keeps running. `why` says who or what decided it.
+    async fn sleep(&self, pid: i32, tier: SnapshotTier, why: String) -> Result<String, String> {
+        self.transition(ServiceState::Draining, Duration::ZERO, why);
         let drained = self.link.drain(self.spec.drain_deadline).await;
         self.transition(
             ServiceState::Checkpointing,
@@ -546,12 +825,19 @@ impl Managed {
                 );
                 self.link.open();
                 self.shared.replan.notify_one();
+                Err(e.message)
             }
         }
     }
 
-    /// The tree is in the pool and gone from the node.
-    async fn fell_asleep(&self, pid: i32, tier: SnapshotTier, t0: Instant, c: Committed) {
+    /// The tree is in the pool and gone from the node; returns what the pool holds.
+    async fn fell_asleep(
+        &self,
+        pid: i32,
+        tier: SnapshotTier,
+        t0: Instant,
+        c: Committed,
+    ) -> Result<String, String> {
         let Committed {
             generation,
             bytes,
@@ -570,21 +856,17 @@ impl Managed {
             s.snapshot_generation = Some(generation);
             s.snapshot_tier = Some(tier);
         }
-        self.transition(
-            ServiceState::Asleep,
-            t0.elapsed(),
-            match bytes {
-                Some(b) => format!(
-                    "generation {generation} in the pool, {}",
-                    torpor_image::format_bytes(b)
-                ),
-                None => {
-                    format!("generation {generation} in the pool (CRIU failed after the commit)")
-                }
-            },
-        );
+        let detail = match bytes {
+            Some(b) => format!(
+                "generation {generation} in the pool, {}",
+                torpor_image::format_bytes(b)
+            ),
+            None => format!("generation {generation} in the pool (CRIU failed after the commit)"),
+        };
+        self.transition(ServiceState::Asleep, t0.elapsed(), detail.clone());
         self.link.arm_wake();
         self.shared.replan.notify_one();
+        Ok(detail)
     }
 
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
@@ -662,7 +944,7 @@ impl Managed {
             rt.retry_backoff = RETRY_FIRST;
             let s = &mut rt.status;
             match cause {
-                WakeCause::Request => s.wakes += 1,
+                WakeCause::Request | WakeCause::Manual => s.wakes += 1,
                 WakeCause::Prewarm => s.prewarms += 1,
             }
             s.last_wake_s = Some(took.as_secs_f64());
@@ -745,6 +1027,7 @@ impl Managed {
         s.held_now = self.link.held();
         s.lazy = self.runner.lazy_memory();
         s.staged_bytes = self.runner.staged_bytes();
+        s.pinned = rt.pin.as_ref().map(Pin::status);
         s.rejected_requests = self.link.rejected();
         s.time_asleep_s = (rt.asleep_total
             + if rt.state == ServiceState::Asleep {
@@ -777,6 +1060,7 @@ mod tests {
     use torpor_control::{HoldError, HoldLimits};
 
     use super::*;
+    use crate::manual::{ManualCommand, ManualError, ManualOutcome};
     use crate::{
         process::ProcessLaunch,
         runner::{BoxFuture, CheckpointFailed, Committed, RestoreFailed, Restored, Runner},
@@ -1222,6 +1506,157 @@ mod tests {
         assert!(gap2 < 4 * RETRY_FIRST, "{launches:?}");
         h.link.enter().await.expect("up again");
         h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_manual_sleep_drains_a_request_in_flight_then_checkpoints_and_says_who() {
+        let h = start(Fake::default()).await;
+        let guard = h.link.enter().await.expect("awake: passes at once");
+        let sleep = tokio::spawn({
+            let m = h.m.clone();
+            async move { m.command(ManualCommand::Sleep, "uid 0").await }
+        });
+        h.until(ServiceState::Draining).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(h.m.state(), ServiceState::Draining, "waits for the request");
+        assert!(h.fake.calls("checkpoint").is_empty());
+        guard.answered();
+        drop(guard);
+        let (outcome, detail) = sleep.await.unwrap().expect("asleep");
+        assert_eq!(outcome, ManualOutcome::Done);
+        assert!(detail.contains("generation 1"), "{detail}");
+        assert_eq!(h.m.state(), ServiceState::Asleep);
+        assert!(h
+            .details()
+            .iter()
+            .any(|d| d.contains("manual sleep by uid 0")));
+        let s = h.m.status();
+        let last = s.last_manual.expect("kept for status");
+        assert_eq!(
+            (
+                last.action.as_str(),
+                last.by.as_str(),
+                last.outcome.as_str()
+            ),
+            ("sleep", "uid 0", "done")
+        );
+        assert_eq!(h.m.shared.manual.lock().unwrap().len(), 1);
+        let again = h.m.command(ManualCommand::Sleep, "uid 0").await.unwrap();
+        assert_eq!(again.0, ManualOutcome::NoOp, "{again:?}");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_manual_wake_restores_and_a_second_one_is_a_no_op() {
+        let h = start(Fake::default()).await;
+        h.until(ServiceState::Asleep).await;
+        let (outcome, detail) = h.m.command(ManualCommand::Wake, "token").await.unwrap();
+        assert_eq!(outcome, ManualOutcome::Done);
+        assert!(detail.contains("awake (restore"), "{detail}");
+        let s = h.m.status();
+        assert_eq!(s.last_wake.unwrap().cause, "manual");
+        assert_eq!(s.wakes, 1);
+        let (outcome, detail) = h.m.command(ManualCommand::Wake, "token").await.unwrap();
+        assert_eq!(outcome, ManualOutcome::NoOp);
+        assert!(detail.contains("already awake"), "{detail}");
+        assert_eq!(h.fake.calls("restore").len(), 1);
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pin_wakes_the_service_and_keeps_it_awake_until_it_expires() {
+        let h = start(Fake::default()).await;
+        h.until(ServiceState::Asleep).await;
+        let pin = ManualCommand::Pin {
+            for_ms: Some(10_000),
+        };
+        let (outcome, detail) = h.m.command(pin, "uid 0").await.unwrap();
+        assert_eq!(outcome, ManualOutcome::Done);
+        assert!(
+            detail.contains("pinned awake for 10s") && detail.contains("is awake"),
+            "{detail}"
+        );
+        let p = h.m.status().pinned.expect("pinned");
+        assert_eq!(p.by, "uid 0");
+        assert!(p.left_s.unwrap() <= 10.0);
+        let e =
+            h.m.command(ManualCommand::Sleep, "uid 0")
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ManualError::Pinned {
+                    left_s: Some(1..=10),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(h.m.status().last_manual.unwrap().outcome, "refused");
+        // Many idle thresholds pass: the policy leaves it alone until the pin ends.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert_eq!(
+            h.fake.calls("checkpoint").len(),
+            1,
+            "only the sleep before the pin"
+        );
+        h.until(ServiceState::Asleep).await;
+        assert!(h.m.status().pinned.is_none(), "expired");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unpin_hands_the_service_back_to_the_policy() {
+        let h = start(Fake::default()).await;
+        let (outcome, _) = h.m.command(ManualCommand::Unpin, "uid 0").await.unwrap();
+        assert_eq!(outcome, ManualOutcome::NoOp, "nothing to unpin");
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(h.m.state(), ServiceState::Awake, "pinned until unpinned");
+        let (outcome, detail) = h.m.command(ManualCommand::Unpin, "uid 7").await.unwrap();
+        assert_eq!(outcome, ManualOutcome::Done);
+        assert!(detail.contains("pinned by uid 0"), "{detail}");
+        h.until(ServiceState::Asleep).await;
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_manual_sleep_is_reported_and_the_service_keeps_serving() {
+        let fake = Fake::default();
+        fake.checkpoints
+            .lock()
+            .unwrap()
+            .push_back(Err(failed("criu said no", false, None)));
+        let h = start(fake).await;
+        let e =
+            h.m.command(ManualCommand::Sleep, "uid 0")
+                .await
+                .unwrap_err();
+        assert_eq!(
+            e,
+            ManualError::CheckpointFailed {
+                service: "svc".into(),
+                reason: "criu said no".into()
+            }
+        );
+        assert_eq!(e.outcome(), "failed");
+        assert!(h.link.is_open());
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commands_after_the_loop_stopped_are_refused() {
+        let h = start(Fake::default()).await;
+        let m = h.m.clone();
+        h.finish().await;
+        assert_eq!(
+            m.command(ManualCommand::Wake, "uid 0").await,
+            Err(ManualError::Stopping)
+        );
     }
 
     #[tokio::test(start_paused = true)]

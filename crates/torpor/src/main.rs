@@ -38,6 +38,34 @@ enum Cmd {
         #[arg(short, long, default_value = "torpor.toml")]
         config: PathBuf,
     },
+    /// Put a service of a running `torpor up` to sleep now (drained, checkpointed, stopped).
+    Sleep {
+        /// The service's name.
+        name: String,
+        #[command(flatten)]
+        control: ControlOpt,
+    },
+    /// Wake a service of a running `torpor up` now (a no-op, said so, if it is awake).
+    Wake {
+        name: String,
+        #[command(flatten)]
+        control: ControlOpt,
+    },
+    /// Keep a service awake (waking it if asleep): the policy does not put it to sleep.
+    Pin {
+        name: String,
+        /// How long the pin lasts (e.g. 30m, 1h); until `torpor unpin` without it.
+        #[arg(long = "for", value_parser = duration_arg)]
+        for_: Option<std::time::Duration>,
+        #[command(flatten)]
+        control: ControlOpt,
+    },
+    /// Hand a pinned service back to the policy.
+    Unpin {
+        name: String,
+        #[command(flatten)]
+        control: ControlOpt,
+    },
     /// Show the services of a running `torpor up`.
     Status {
         /// Address of its status API.
@@ -222,6 +250,23 @@ fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// Where a running `torpor up` takes commands: its control socket by default.
+#[derive(Debug, clap::Args)]
+struct ControlOpt {
+    /// Its control socket (control.socket in torpor.toml) [default: /run/torpor/control.sock].
+    #[arg(long, conflicts_with_all = ["control", "addr"])]
+    socket: Option<PathBuf>,
+    /// Its status address: the control endpoint is looked up there.
+    #[arg(long, conflicts_with = "control")]
+    addr: Option<std::net::SocketAddr>,
+    /// Its TCP control address (control.listen), with --token-file.
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
+    /// The TCP control endpoint's token file (control.token_file).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, clap::Args)]
 struct PoolOpt {
     /// Pool address: HOST:PORT or unix:PATH.
@@ -349,6 +394,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Up { config } => up(&config)?,
         Cmd::Status { addr, json } => status(addr, json)?,
+        Cmd::Sleep { name, control } => {
+            return manual(&control, &name, torpor_agent::ManualCommand::Sleep)
+        }
+        Cmd::Wake { name, control } => {
+            return manual(&control, &name, torpor_agent::ManualCommand::Wake)
+        }
+        Cmd::Pin {
+            name,
+            for_,
+            control,
+        } => {
+            let for_ms = for_.map(|d| d.as_millis().max(1) as u64);
+            return manual(&control, &name, torpor_agent::ManualCommand::Pin { for_ms });
+        }
+        Cmd::Unpin { name, control } => {
+            return manual(&control, &name, torpor_agent::ManualCommand::Unpin)
+        }
         Cmd::SampleGrpc { listen, port_file } => {
             torpor_workload::grpc::run(listen, port_file.as_deref())?
         }
@@ -610,9 +672,14 @@ fn up(path: &std::path::Path) -> Result<()> {
     criu.version()?;
     rt.block_on(torpor_up::run(config, criu, stop.wait(), |info, _| {
         eprintln!(
-            "torpor up: {}; status API on http://{}/status and /metrics",
+            "torpor up: {}; status page on http://{}/ (API: /status, /energy, /metrics)",
             info.pool, info.status_addr
         );
+        if let Some(p) = &info.control.socket {
+            eprintln!("torpor up: control socket {}", p.display());
+        } else if let Some(a) = &info.control.tcp {
+            eprintln!("torpor up: control endpoint {a} (TCP, token)");
+        }
         for (name, addr) in &info.services {
             eprintln!("torpor up: service {name} on {addr}");
         }
@@ -662,6 +729,25 @@ fn run_load(
         print!("{}", torpor_loadgen::render(&report));
     }
     Ok(())
+}
+
+/// Sends one manual command; prints its answer (exit 0 when done or nothing was needed).
+fn manual(opt: &ControlOpt, name: &str, command: torpor_agent::ManualCommand) -> Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let target = rt.block_on(torpor_up::control::locate(
+        opt.socket.as_deref(),
+        opt.control,
+        opt.addr,
+        opt.token_file.as_deref(),
+    ))?;
+    let reply = torpor_up::control::call(&target, name, command)?;
+    if reply.succeeded() {
+        println!("{}", reply.message);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("torpor: {}", reply.message);
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
@@ -719,6 +805,29 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         if let Some(why) = &s.cannot_sleep {
             println!("{}: never sleeps here: {why}", s.name);
         }
+        if let Some(p) = &s.pinned {
+            println!(
+                "{}: pinned awake by {} at {}, {}",
+                s.name,
+                p.by,
+                torpor_bench::report::unix_ms_to_utc(p.at_unix_ms),
+                match p.left_s {
+                    Some(left) => format!("{left:.0} s left"),
+                    None => "until unpinned".into(),
+                }
+            );
+        }
+        if let Some(m) = &s.last_manual {
+            println!(
+                "{}: last manual command: {} by {} at {}: {} ({})",
+                s.name,
+                m.action,
+                m.by,
+                torpor_bench::report::unix_ms_to_utc(m.at_unix_ms),
+                m.outcome.replace('_', "-"),
+                m.detail
+            );
+        }
         if let Some(w) = &s.last_wake {
             let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), |x| format!("{x:.1}"));
             println!(
@@ -767,6 +876,16 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
     let knobs: Vec<String> = serde_json::from_value(doc["knobs"].clone()).unwrap_or_default();
     for k in knobs {
         println!("knob: {k}");
+    }
+    let control: torpor_up::control::ControlHint =
+        serde_json::from_value(doc["control"].clone()).unwrap_or_default();
+    if let Some(p) = &control.socket {
+        println!(
+            "control: {} (torpor sleep|wake|pin|unpin NAME)",
+            p.display()
+        );
+    } else if let Some(a) = &control.tcp {
+        println!("control: {a} over TCP with its token (torpor sleep --control {a} --token-file FILE NAME)");
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `torpor.toml`: the pool, the status API and the services. Unknown keys and bad values are
+//! `torpor.toml`: the pool, the status API, the control endpoint and the services. Unknown keys and bad values are
 //! errors that name the key (`service[1].policy.idle_threshold: …`).
 
 use std::{
@@ -15,6 +15,8 @@ use torpor_agent::{
     ServiceSpec,
 };
 use torpor_criu::LazyOptions;
+
+use crate::control::ControlEndpoint;
 use torpor_gate::{GateLimits, Protocol};
 use torpor_policy::PolicyConfig;
 use torpor_pool::PoolAddr;
@@ -48,6 +50,8 @@ struct RawConfig {
     pool: RawPool,
     #[serde(default)]
     status: RawStatus,
+    #[serde(default)]
+    control: RawControl,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     #[serde(default)]
@@ -132,6 +136,15 @@ struct RawReplica {
 #[serde(deny_unknown_fields)]
 struct RawStatus {
     listen: Option<String>,
+}
+
+/// `[control]`: a Unix socket (`socket`), or a TCP address (`listen`) with `token_file`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +276,8 @@ pub struct Config {
     /// Pools (of `pool` and `replicas`) that must commit before a service is killed.
     pub write_quorum: usize,
     pub status_listen: SocketAddr,
+    /// Where manual commands (`torpor sleep`, `wake`, `pin`, `unpin`) arrive.
+    pub control: ControlEndpoint,
     pub services: Vec<ServiceConfig>,
     pub power: NodePowerConfig,
 }
@@ -325,6 +340,46 @@ fn power(raw: RawPower) -> Result<NodePowerConfig, ConfigError> {
         telemetry: HostRoots::default(),
         knobs,
     })
+}
+
+/// Checks `[control]`: a socket path, or a TCP address with its token file.
+fn control(raw: &RawControl, status: SocketAddr) -> Result<ControlEndpoint, ConfigError> {
+    match (&raw.socket, &raw.listen, &raw.token_file) {
+        (Some(_), Some(_), _) => Err(invalid(
+            "control.listen",
+            "give either control.socket or control.listen, not both",
+        )),
+        (Some(p), None, None) => {
+            if p.as_os_str().is_empty() || p.as_os_str().len() > 100 {
+                return Err(invalid(
+                    "control.socket",
+                    "must be a path of 1 to 100 bytes (a Unix socket's limit)",
+                ));
+            }
+            Ok(ControlEndpoint::Unix(p.clone()))
+        }
+        (_, None, Some(_)) => Err(invalid(
+            "control.token_file",
+            "a token is for a TCP control endpoint: set control.listen too",
+        )),
+        (None, None, None) => Ok(ControlEndpoint::default()),
+        (None, Some(l), token_file) => {
+            let addr = addr("control.listen", l)?;
+            if addr == status {
+                return Err(invalid(
+                    "control.listen",
+                    "must differ from status.listen (the status API is read-only)",
+                ));
+            }
+            let token_file = token_file.clone().ok_or_else(|| {
+                invalid(
+                    "control.token_file",
+                    "a TCP control endpoint needs a token file (write one with a long random line, mode 0600)",
+                )
+            })?;
+            Ok(ControlEndpoint::Tcp { addr, token_file })
+        }
+    }
 }
 
 /// Default address of the status API.
@@ -590,6 +645,7 @@ impl Config {
             "status.listen",
             raw.status.listen.as_deref().unwrap_or(DEFAULT_STATUS),
         )?;
+        let control = control(&raw.control, status_listen)?;
         let service_count = raw.services.len();
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
@@ -661,7 +717,11 @@ impl Config {
             };
             let listen = addr(&k("listen"), &s.listen)?;
             let backend = addr(&k("backend"), &s.backend)?;
-            if !listens.insert(listen) || listen == status_listen {
+            let control_addr = match &control {
+                ControlEndpoint::Tcp { addr, .. } => Some(*addr),
+                ControlEndpoint::Unix(_) => None,
+            };
+            if !listens.insert(listen) || listen == status_listen || Some(listen) == control_addr {
                 return Err(invalid(k("listen"), format!("{listen} is already used")));
             }
             if listen == backend {
@@ -818,6 +878,7 @@ impl Config {
             pool,
             replicas,
             write_quorum,
+            control,
             status_listen,
             services,
             power: power(raw.power)?,
@@ -1164,6 +1225,54 @@ mod tests {
         assert!(with("max_connections = 0").starts_with("service[0].max_connections"));
         assert!(with("hold_body_limit = \"big\"").starts_with("service[0].hold_body_limit"));
         assert!(with("header_read_timeout = \"0s\"").starts_with("service[0].header_read_timeout"));
+    }
+
+    #[test]
+    fn the_control_endpoint_is_a_socket_by_default_or_tcp_with_a_token() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(
+            c.control,
+            ControlEndpoint::Unix(crate::control::DEFAULT_SOCKET.into())
+        );
+        let c =
+            Config::from_toml(&format!("{GOOD}\n[control]\nsocket = \"/tmp/t/c.sock\"\n")).unwrap();
+        assert_eq!(c.control, ControlEndpoint::Unix("/tmp/t/c.sock".into()));
+        let c = Config::from_toml(&format!(
+            "{GOOD}\n[control]\nlisten = \"127.0.0.1:7080\"\ntoken_file = \"/etc/torpor/control.token\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.control,
+            ControlEndpoint::Tcp {
+                addr: "127.0.0.1:7080".parse().unwrap(),
+                token_file: "/etc/torpor/control.token".into()
+            }
+        );
+        for (control, key) in [
+            ("listen = \"127.0.0.1:7080\"", "control.token_file"),
+            ("token_file = \"/t\"", "control.token_file"),
+            (
+                "socket = \"/s\"\nlisten = \"127.0.0.1:7080\"",
+                "control.listen",
+            ),
+            (
+                "listen = \"nowhere\"\ntoken_file = \"/t\"",
+                "control.listen",
+            ),
+            (
+                "listen = \"127.0.0.1:0\"\ntoken_file = \"/t\"",
+                "control.listen",
+            ),
+            ("socket = \"\"", "control.socket"),
+            ("sokcet = \"/s\"", "sokcet"),
+        ] {
+            let e = err(&format!("{GOOD}\n[control]\n{control}\n"));
+            assert!(e.starts_with(key) || e.contains(key), "{control}: {e}");
+        }
+        let e = err(&format!(
+            "{GOOD}\n[control]\nlisten = \"127.0.0.1:8080\"\ntoken_file = \"/t\"\n"
+        ));
+        assert!(e.starts_with("service[0].listen"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! `torpor up`: the embedded default. One process runs the memory pool (or uses a remote
 //! one), the agent and one gate per service, from one `torpor.toml`, plus the status API
-//! (`/status` as JSON, `/metrics` as Prometheus text) that `torpor status` reads.
+//! (`/` as a live HTML page, `/status` as JSON, `/metrics` as Prometheus text) that `torpor
+//! status` reads, and the control endpoint that `torpor sleep`, `wake`, `pin` and `unpin`
+//! talk to.
 
 pub mod config;
+pub mod control;
+pub mod page;
 pub mod status;
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -40,6 +44,8 @@ pub enum UpError {
     PoolTls(#[source] torpor_pool::TlsError),
     #[error("the pool cannot be reached safely")]
     PoolTransport(#[source] torpor_pool::ClientError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
 }
@@ -49,6 +55,8 @@ pub enum UpError {
 pub struct UpInfo {
     pub pool: String,
     pub status_addr: std::net::SocketAddr,
+    /// Where manual commands are taken.
+    pub control: control::ControlHint,
     pub services: Vec<(String, std::net::SocketAddr)>,
 }
 
@@ -88,6 +96,7 @@ pub async fn run(
         _pool_dir,
         gates,
         status_listener,
+        control_listener,
     } = bound;
     let status_addr = status_listener.local_addr()?;
     // CRIU's kernel-feature cache for as long as services may be checkpointed and restored:
@@ -168,11 +177,22 @@ pub async fn run(
             .await;
         });
     }
-    // Last: the status API answers only once everything above runs.
+    let control_hint = control_listener.hint().clone();
     {
         let (agent, mut stop) = (agent.clone(), stop_rx.clone());
         tasks.spawn(async move {
-            status::serve(status_listener, agent, async move {
+            control::serve(control_listener, agent, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+    }
+    // Last: the status API answers only once everything above runs.
+    {
+        let (agent, mut stop) = (agent.clone(), stop_rx.clone());
+        let hint = control_hint.clone();
+        tasks.spawn(async move {
+            status::serve(status_listener, agent, hint, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -181,6 +201,7 @@ pub async fn run(
     let info = UpInfo {
         pool: pool_desc,
         status_addr,
+        control: control_hint,
         services,
     };
     info!(services = info.services.len(), "ready");
@@ -216,11 +237,15 @@ struct Bound {
     _pool_dir: Option<tempfile::TempDir>,
     gates: Vec<Gate>,
     status_listener: TcpListener,
+    control_listener: control::ControlListener,
 }
 
 /// Starts the pool and binds every gate and the status API. Dropping the future midway
 /// leaves nothing running (the pool's task is aborted with its handle).
 async fn bind_all(config: &Config) -> Result<Bound, UpError> {
+    // First: a control socket another torpor up holds is refused before the pool's memory
+    // is taken.
+    let control_listener = control::ControlListener::bind(&config.control).await?;
     let (pool_target, pool_desc, pool_task, pool_dir) = start_pool(config).await?;
     let snapshots = snapshots(config, pool_target)?;
     let mut gates = Vec::new();
@@ -261,6 +286,7 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
         _pool_dir: pool_dir,
         gates,
         status_listener,
+        control_listener,
     })
 }
 

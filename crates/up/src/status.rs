@@ -1,5 +1,8 @@
-//! The status API of `torpor up`: `GET /status` (JSON: services and recent transitions) and
-//! `GET /metrics` (Prometheus text exposition), on a small HTTP/1.1 listener.
+//! The status API of `torpor up`: `GET /` (the status page), `GET /status` (JSON: services,
+//! recent transitions and manual commands, where the control endpoint is), `GET /energy`
+//! (the node's energy with its power history) and `GET /metrics` (Prometheus text
+//! exposition), on a small HTTP/1.1 listener. It only reads: commands go to the control
+//! endpoint.
 
 use std::{convert::Infallible, fmt::Write, future::Future, sync::Arc};
 
@@ -11,7 +14,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
-use torpor_agent::{Agent, ServiceState, Transition};
+use torpor_agent::{Agent, ManualAction, ServiceState, Transition};
+
+use crate::control::ControlHint;
 
 /// The `/status` document.
 #[derive(Debug, Serialize)]
@@ -23,14 +28,23 @@ pub struct StatusDoc {
     pub energy: Option<EnergyReport>,
     /// Power knob changes in force now.
     pub knobs: Vec<String>,
+    /// Recent manual commands (who, when, what came of them), oldest first.
+    pub manual: Vec<ManualAction>,
+    /// Where the control endpoint is (for `torpor sleep --addr`).
+    pub control: ControlHint,
 }
 
 /// Connections the status API serves at once: it is for operators and scrapers, not crowds.
 const STATUS_MAX_CONNECTIONS: usize = 64;
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>, shutdown: impl Future<Output = ()>) {
-    serve_with(listener, shutdown, move |req| route(&agent, req)).await
+/// Serves until `shutdown`; `/status` says the control endpoint is at `control`.
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    control: ControlHint,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with(listener, shutdown, move |req| route(&agent, &control, req)).await
 }
 
 /// Serves the answers of `route` until `shutdown`, with the gates' accept loop (accept errors
@@ -65,8 +79,13 @@ where
     .await
 }
 
-fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
+fn route<B>(agent: &Agent, control: &ControlHint, req: Request<B>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
+        "/" => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::page::PAGE.to_string(),
+        ),
         "/status" => {
             let doc = StatusDoc {
                 uptime_s: agent.uptime().as_secs_f64(),
@@ -77,6 +96,8 @@ fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
                     e
                 }),
                 knobs: agent.knob_changes(),
+                manual: agent.manual_actions(),
+                control: control.clone(),
             };
             (
                 StatusCode::OK,
@@ -97,7 +118,7 @@ fn route<B>(agent: &Agent, req: Request<B>) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /status, /energy or /metrics\n".to_string(),
+            "try /, /status, /energy or /metrics\n".to_string(),
         ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -139,7 +160,7 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
     family(
         "torpor_wakes_total",
         "counter",
-        "Wakes triggered by a request.",
+        "Wakes triggered by a request or by hand (torpor wake, torpor pin).",
         &|s| Some(s.wakes as f64),
     );
     family(
@@ -195,6 +216,12 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         "gauge",
         "Bytes of the newest snapshot in the pool.",
         &|s| s.snapshot_bytes.map(|b| b as f64),
+    );
+    family(
+        "torpor_service_pinned",
+        "gauge",
+        "1 while an operator's pin keeps the service awake (torpor pin).",
+        &|s| Some(u8::from(s.pinned.is_some()) as f64),
     );
     family(
         "torpor_last_checkpoint_seconds",

@@ -57,6 +57,9 @@ pub struct Up {
     pub status: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
+    /// Its control socket: its own, in `dir`, unless the config names one (tests run
+    /// several `torpor up` at once; the default path is for users).
+    pub control: PathBuf,
 }
 
 impl Up {
@@ -75,10 +78,16 @@ impl Up {
     }
 
     /// Starts `torpor up` on the config text `cfg` (whose status API is on `status`) and
-    /// returns at once.
+    /// returns at once. Without a `[control]` section it gets a control socket of its own.
     pub fn spawn(cfg: &str, status: SocketAddr) -> Result<Up> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("torpor.toml");
+        let control = dir.path().join("control.sock");
+        let cfg = if cfg.contains("[control]") {
+            cfg.to_string()
+        } else {
+            format!("{cfg}\n[control]\nsocket = \"{}\"\n", control.display())
+        };
         std::fs::write(&path, cfg)?;
         let log = dir.path().join("up.log");
         let child = Command::new(exe())
@@ -97,6 +106,7 @@ impl Up {
             status,
             dir,
             log,
+            control,
         })
     }
 
@@ -191,6 +201,21 @@ impl Up {
         timeout: Duration,
     ) -> Result<serde_json::Value> {
         self.wait_for(name, state, timeout, |s| s["state"] == state)
+    }
+
+    /// `torpor ARGS` as an operator runs it, against this `torpor up`'s control socket:
+    /// (exit status, stdout, stderr).
+    pub fn command(&self, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+        let out = Command::new(exe())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.control)
+            .output()?;
+        Ok((
+            out.status,
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
     }
 
     /// Sends `sig` to `torpor up` and waits (up to `timeout`) for its exit status.
