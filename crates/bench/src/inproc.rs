@@ -17,11 +17,22 @@ pub struct InProcessUp {
     pub agent: Arc<Agent>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), torpor_up::UpError>>,
+    /// Holds the control socket: a benchmark's `torpor up` is its own, never steered from
+    /// outside, and must not take (or be refused) the default socket a user's one holds.
+    _control_dir: tempfile::TempDir,
 }
 
 impl InProcessUp {
     /// Starts it and waits until every service is up behind its gate.
-    pub async fn start(config: Config, criu: CriuBinary) -> Result<InProcessUp, ExperimentError> {
+    pub async fn start(
+        mut config: Config,
+        criu: CriuBinary,
+    ) -> Result<InProcessUp, ExperimentError> {
+        let control_dir = tempfile::Builder::new()
+            .prefix("torpor-bench-control-")
+            .tempdir()?;
+        config.control =
+            torpor_up::control::ControlEndpoint::Unix(control_dir.path().join("control.sock"));
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(torpor_up::run(
@@ -40,6 +51,7 @@ impl InProcessUp {
                 agent,
                 stop,
                 task,
+                _control_dir: control_dir,
             }),
             Err(_) => Err(match task.await.expect("up task panicked") {
                 Err(e) => e.into(),
