@@ -486,12 +486,7 @@ impl PoolClient {
                 .map_err(|e| self.classify(e.into(), Stage::Receive))?;
             match header.kind {
                 FrameKind::Control => {
-                    self.buf.resize(header.len as usize, 0);
-                    if let Err(e) = self.rd.read_exact(&mut self.buf) {
-                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
-                    }
-                    header.verify(&self.buf)?;
-                    return file_end(wire::decode_control(&self.buf)?, file, got);
+                    return self.recv_file_end(header, file, got);
                 }
                 FrameKind::Data => {
                     let n = header.len as usize - 4;
@@ -582,12 +577,7 @@ impl PoolClient {
                 .map_err(|e| self.classify(e.into(), Stage::Receive))?;
             match header.kind {
                 FrameKind::Control => {
-                    self.buf.resize(header.len as usize, 0);
-                    if let Err(e) = self.rd.read_exact(&mut self.buf) {
-                        return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
-                    }
-                    header.verify(&self.buf)?;
-                    let size = file_end(wire::decode_control(&self.buf)?, file, got as u64)?;
+                    let size = self.recv_file_end(header, file, got as u64)?;
                     if size != buf.len() as u64 {
                         return Err(ClientError::Unexpected(format!(
                             "a range of {} bytes of {file:?} was answered with {size}",
@@ -614,6 +604,21 @@ impl PoolClient {
     /// Reads the payload of the data frame whose `header` was just read: its file id, then
     /// its bytes straight into `dest` (exactly their length), checking the frame's CRC over
     /// them where they landed.
+    /// Reads the control frame that ends a file's answer; its size must be `got`.
+    fn recv_file_end(
+        &mut self,
+        header: FrameHeader,
+        file: &str,
+        got: u64,
+    ) -> Result<u64, ClientError> {
+        self.buf.resize(header.len as usize, 0);
+        if let Err(e) = self.rd.read_exact(&mut self.buf) {
+            return Err(self.classify(WireError::Io(e).into(), Stage::Receive));
+        }
+        header.verify(&self.buf)?;
+        file_end(wire::decode_control(&self.buf)?, file, got)
+    }
+
     fn read_data_into(&mut self, header: FrameHeader, dest: &mut [u8]) -> Result<(), ClientError> {
         self.read_data(header, dest, true)
     }
