@@ -18,6 +18,7 @@ use std::{
 
 use serde::Serialize;
 use torpor_criu::{
+    armed::ArmedWake,
     lazy::{checkpoint_lazy_service, StagedWake, MAX_STAGED_BYTES},
     procs,
     runc::Runc,
@@ -221,51 +222,90 @@ pub struct LazyState {
     staged: Option<Staging>,
 }
 
-/// A snapshot staged on a thread of its own right after its checkpoint.
+/// A snapshot made ready for its wake on a thread of its own right after its checkpoint:
+/// staged, and with `arm` its restore run and held before the tasks resume.
 #[derive(Debug)]
 struct Staging {
     generation: u64,
-    /// What it keeps on the node, once staged.
+    /// What it keeps on the node, once ready.
     bytes: Arc<AtomicU64>,
-    /// `None` when staging failed or the result was too large to keep.
-    done: std::thread::JoinHandle<Option<StagedWake>>,
+    /// `None` when it failed or was too large to keep.
+    done: std::thread::JoinHandle<Option<Prepared>>,
+}
+
+/// What a wake finds ready.
+#[derive(Debug)]
+enum Prepared {
+    Staged(StagedWake),
+    Armed(ArmedWake),
 }
 
 impl Staging {
-    /// `prefetch`: the working set is staged too (within [`MAX_STAGED_BYTES`]).
-    fn start(host: &Host, service: &str, generation: u64, prefetch: bool) -> Staging {
-        let (pools, name, service) = (
+    /// `restore` as the wake would restore; within [`MAX_STAGED_BYTES`].
+    fn start(
+        host: &Host,
+        service: &str,
+        generation: u64,
+        lazy: &LazyOptions,
+        restore: RestoreOptions,
+    ) -> Staging {
+        let (criu, pools, name, service) = (
+            host.criu.clone(),
             host.pools.clone(),
             host.snapshot_name(service),
             service.to_string(),
         );
+        let lazy = lazy.clone();
         let bytes = Arc::new(AtomicU64::new(0));
         let kept = bytes.clone();
         let done = std::thread::spawn(move || {
-            let work_root = std::env::temp_dir();
-            let keep = if prefetch { MAX_STAGED_BYTES } else { 0 };
-            match torpor_criu::lazy::stage_lazy(&name, Some(generation), &pools, &work_root, keep) {
-                Ok(staged) if staged.bytes <= MAX_STAGED_BYTES => {
-                    kept.store(staged.bytes, Ordering::Relaxed);
-                    debug!(
-                        service,
-                        generation,
-                        bytes = staged.bytes,
-                        secs = staged.staged_s,
-                        "next wake staged"
-                    );
-                    Some(staged)
-                }
+            let keep = if lazy.prefetch { MAX_STAGED_BYTES } else { 0 };
+            let staged = match torpor_criu::lazy::stage_lazy(
+                &name,
+                Some(generation),
+                &pools,
+                &restore.work_root,
+                keep,
+            ) {
+                Ok(staged) if staged.bytes <= MAX_STAGED_BYTES => staged,
                 Ok(staged) => {
                     debug!(
                         service,
                         bytes = staged.bytes,
                         "staged wake too large to keep; the wake stages itself"
                     );
-                    None
+                    return None;
                 }
                 Err(e) => {
                     debug!(service, error = %error_chain(&e), "staging the next wake failed; the wake stages itself");
+                    return None;
+                }
+            };
+            debug!(
+                service,
+                generation,
+                bytes = staged.bytes,
+                secs = staged.staged_s,
+                "next wake staged"
+            );
+            if !lazy.arm {
+                kept.store(staged.bytes, Ordering::Relaxed);
+                return Some(Prepared::Staged(staged));
+            }
+            match torpor_criu::armed::arm_lazy(
+                &criu,
+                staged,
+                &pools,
+                &restore,
+                &lazy,
+                torpor_criu::armed::ARM_TIMEOUT,
+            ) {
+                Ok(armed) => {
+                    kept.store(armed.held_bytes(), Ordering::Relaxed);
+                    Some(Prepared::Armed(armed))
+                }
+                Err(e) => {
+                    warn!(service, generation, error = %error_chain(&e), "arming the next wake failed; the wake restores on its own");
                     None
                 }
             }
@@ -277,13 +317,14 @@ impl Staging {
         }
     }
 
-    /// The staged snapshot of `generation`, waiting for staging to end if need be; `None`
-    /// for another generation or a staging that gave nothing.
-    fn take(self, generation: Option<u64>) -> Option<StagedWake> {
+    /// What was made ready for `generation`, waiting for it if need be; `None` for another
+    /// generation (an armed one is then given up) or when nothing came of it.
+    fn take(self, generation: Option<u64>) -> Option<Prepared> {
+        let prepared = self.done.join().ok().flatten();
         if generation != Some(self.generation) {
             return None;
         }
-        self.done.join().ok().flatten()
+        prepared
     }
 }
 
@@ -308,6 +349,15 @@ impl ProcessTree {
         match self.cgroup.as_ref().map(|cg| cg.procs()) {
             Some(procs) if !procs.is_empty() => procs,
             _ => procs::tree_pids(pid),
+        }
+    }
+
+    /// How a wake restores the tree: connections closed, straight into its cgroup.
+    fn restore_options(&self) -> RestoreOptions {
+        RestoreOptions {
+            tcp: TcpConnections::Close,
+            cgroup_procs: self.cgroup.as_ref().and_then(|cg| cg.procs_file().ok()),
+            ..Default::default()
         }
     }
 
@@ -429,8 +479,13 @@ impl Runner for ProcessTree {
             // What the next wake needs before CRIU runs is fetched now, while the service
             // sleeps, rather than on the held request's time.
             if let MemoryRestore::Lazy(options) = &self.memory {
-                let staging =
-                    Staging::start(&self.host, &self.name, done.generation, options.prefetch);
+                let staging = Staging::start(
+                    &self.host,
+                    &self.name,
+                    done.generation,
+                    options,
+                    self.restore_options(),
+                );
                 self.lazy.lock().expect("lazy lock").staged = Some(staging);
             }
             Ok(done)
@@ -440,20 +495,15 @@ impl Runner for ProcessTree {
     fn restore(&self, generation: Option<u64>) -> BoxFuture<'_, Result<Restored, RestoreFailed>> {
         let (host, name) = (self.host.clone(), self.host.snapshot_name(&self.name));
         let (memory, lazy, service) = (self.memory.clone(), self.lazy.clone(), self.name.clone());
-        let cgroup_procs = self.cgroup.as_ref().and_then(|cg| cg.procs_file().ok());
+        let opts = self.restore_options();
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
-                let mut staged = lazy
+                let mut prepared = lazy
                     .lock()
                     .expect("lazy lock")
                     .staged
                     .take()
                     .and_then(|s| s.take(generation));
-                let opts = RestoreOptions {
-                    tcp: TcpConnections::Close,
-                    cgroup_procs,
-                    ..Default::default()
-                };
                 // A lazy wake that fails for a passing reason (the pool's connection, CRIU) is
                 // tried once more: an incremental snapshot has no other way back.
                 let attempts = if matches!(memory, MemoryRestore::Lazy(_)) { 2 } else { 0 };
@@ -461,8 +511,9 @@ impl Runner for ProcessTree {
                     let MemoryRestore::Lazy(options) = &memory else {
                         break;
                     };
-                    let woke = match staged.take() {
-                        Some(staged) => torpor_criu::lazy::restore_lazy_staged(
+                    let woke = match prepared.take() {
+                        Some(Prepared::Armed(armed)) => armed.resume(),
+                        Some(Prepared::Staged(staged)) => torpor_criu::lazy::restore_lazy_staged(
                             &host.criu,
                             staged,
                             &host.pools,
@@ -594,6 +645,7 @@ impl Runner for ProcessTree {
 
     fn staged_bytes(&self) -> u64 {
         let state = self.lazy.lock().expect("lazy lock");
+        // staged files, or the held restore of an armed one
         state
             .staged
             .as_ref()

@@ -89,6 +89,9 @@ pub struct SizeResult {
     pub lazy: LazyMedians,
     /// Lazy wake with nothing recorded yet (the first lazy wake after a full checkpoint).
     pub lazy_no_prefetch: LazyMedians,
+    /// Lazy wake with prefetch whose restore was run and held at sleep (`torpor up`'s
+    /// armed wakes): the wake only releases it.
+    pub lazy_armed: LazyMedians,
     /// The checkpoint after one request following a lazy wake with prefetch.
     pub incremental: IncrementalMedians,
     /// Stock CRIU's own lazy-pages daemon restoring from the baseline's directory.
@@ -213,6 +216,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
             torpor: t,
             lazy: lazy.warm.medians(),
             lazy_no_prefetch: lazy.cold.medians(),
+            lazy_armed: lazy.armed.medians(),
             incremental: lazy.inc.medians(),
             stock_lazy: stock_lazy.medians(),
         });
@@ -376,21 +380,27 @@ fn print_table(r: &CrReport) {
     println!();
     println!("first response after a sleep (a request touching 16 MiB), by how memory comes back:");
     println!(
-        "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
-        "size", "stock", "torpor", "lazy", "+prefetch", "stock lazy", "faulted", "prefetched"
+        "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}",
+        "size", "stock", "torpor", "lazy", "+prefetch", "+armed", "stock lazy", "faulted", "prefetched", "arming", "held"
     );
     for s in &r.sizes {
         println!(
-            "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} | {:>9} {:>9}",
+            "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}",
             format_bytes(s.size_bytes),
             fmt_opt(s.baseline.first_response_s, 3, "s"),
             fmt_opt(s.torpor.first_response_s, 3, "s"),
             fmt_opt(s.lazy_no_prefetch.first_response_s, 3, "s"),
             fmt_opt(s.lazy.first_response_s, 3, "s"),
+            fmt_opt(s.lazy_armed.first_response_s, 3, "s"),
             fmt_opt(s.stock_lazy.first_response_s, 3, "s"),
             s.lazy.faulted_bytes.map(format_bytes).unwrap_or_default(),
             s.lazy
                 .prefetched_bytes
+                .map(format_bytes)
+                .unwrap_or_default(),
+            fmt_opt(s.lazy_armed.armed_s, 3, "s"),
+            s.lazy_armed
+                .held_bytes
                 .map(format_bytes)
                 .unwrap_or_default(),
         );

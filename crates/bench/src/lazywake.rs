@@ -1,7 +1,9 @@
 //! The lazy rounds of `torpor bench cr`: a sample service that touches 16 MiB per request is
 //! checkpointed in full, woken lazily (no working set recorded yet), checkpointed
 //! incrementally, woken lazily again with the working set recorded at the first wake pushed
-//! first, and checkpointed incrementally once more after that one request. Next to them, in
+//! first, and checkpointed incrementally once more after that one request; then armed (its
+//! restore run and held before the tasks resume, as `torpor up` does while a service sleeps)
+//! and released for one more request. Next to them, in
 //! the same run: CRIU's own `lazy-pages` daemon restoring the same kind of service from a
 //! local directory. Every first response is to the same request (`TOUCH`).
 
@@ -68,6 +70,12 @@ pub struct LazyMedians {
     pub staged_bytes: Option<u64>,
     /// How long staging took (at sleep, off the wake's path).
     pub staged_s: Option<f64>,
+    /// Armed wakes: how long the held restore took to set up (at sleep, off the wake's path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub armed_s: Option<f64>,
+    /// Armed wakes: node memory the held restore occupied while it waited (tree and CRIU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<u64>,
 }
 
 /// The incremental checkpoint after one request following a lazy wake with prefetch.
@@ -100,6 +108,8 @@ pub struct LazySamples {
     prefetched: Vec<f64>,
     staged_bytes: Vec<f64>,
     staged_s: Vec<f64>,
+    armed_s: Vec<f64>,
+    held_bytes: Vec<f64>,
 }
 
 impl LazySamples {
@@ -111,6 +121,8 @@ impl LazySamples {
             prefetched_bytes: median(&self.prefetched).map(|m| m as u64),
             staged_bytes: median(&self.staged_bytes).map(|m| m as u64),
             staged_s: median(&self.staged_s),
+            armed_s: median(&self.armed_s),
+            held_bytes: median(&self.held_bytes).map(|m| m as u64),
         }
     }
 }
@@ -159,13 +171,16 @@ pub struct LazyRounds {
     pub cold: LazySamples,
     /// The next one, with the working set recorded at the first pushed.
     pub warm: LazySamples,
+    /// The one after, armed at sleep and released by the wake (prefetch as in `warm`).
+    pub armed: LazySamples,
     /// The incremental checkpoint after the warm wake's request.
     pub inc: IncrementalSamples,
 }
 
 /// One torpor round: full checkpoint, lazy wake, incremental checkpoint, lazy wake with
-/// prefetch, one request, incremental checkpoint. As in `torpor up`, each snapshot is staged
-/// for its wake when it is taken (its cost counts in the cycle's CPU, not in the wake).
+/// prefetch, one request, incremental checkpoint, armed wake, one request. As in `torpor
+/// up`, each snapshot is staged (and the last armed) for its wake when it is taken: its cost
+/// counts in the cycle's CPU, not in the wake.
 pub fn torpor_round(
     criu: &CriuBinary,
     exe: &Path,
@@ -174,7 +189,12 @@ pub fn torpor_round(
     seed: u64,
     rounds: &mut LazyRounds,
 ) -> Result<(), ExperimentError> {
-    let LazyRounds { cold, warm, inc } = rounds;
+    let LazyRounds {
+        cold,
+        warm,
+        armed,
+        inc,
+    } = rounds;
     let mut svc = SampleProcess::spawn(exe, size, seed)?;
     let name = format!("bench-lazy-{size}");
     let (ckpt, restore) = (CheckpointOptions::default(), RestoreOptions::default());
@@ -192,12 +212,36 @@ pub fn torpor_round(
     };
     let mut staged = stage(full.generation)?;
 
-    for (wake, samples) in [cold, warm].into_iter().enumerate() {
+    let wakes = [cold, warm, armed];
+    let last = wakes.len() - 1;
+    for (wake, samples) in wakes.into_iter().enumerate() {
         let cpu0 = cpu_now(pool);
         samples.staged_bytes.push(staged.bytes as f64);
         samples.staged_s.push(staged.staged_s);
-        let t0 = Instant::now();
-        let w = torpor_criu::lazy::restore_lazy_staged(criu, staged, &pool.pools, &restore, &lazy)?;
+        let (t0, w) = if wake == last {
+            let held = torpor_criu::armed::arm_lazy(
+                criu,
+                staged,
+                &pool.pools,
+                &restore,
+                &lazy,
+                torpor_criu::armed::ARM_TIMEOUT,
+            )?;
+            samples.armed_s.push(held.armed_s);
+            samples.held_bytes.push(held.held_bytes() as f64);
+            let t0 = Instant::now();
+            (t0, held.resume()?)
+        } else {
+            let t0 = Instant::now();
+            let w = torpor_criu::lazy::restore_lazy_staged(
+                criu,
+                staged,
+                &pool.pools,
+                &restore,
+                &lazy,
+            )?;
+            (t0, w)
+        };
         let first = touch_response(svc.addr, t0);
         let stats = w.session.stats();
         let first = match first {
@@ -213,6 +257,11 @@ pub fn torpor_round(
         samples.faulted.push(stats.faulted_bytes as f64);
         samples.prefetched.push(stats.prefetched_bytes as f64);
         let pid = w.report.pid;
+        if wake == last {
+            kill_and_reap(pid);
+            let _ = w.session.shutdown();
+            break;
+        }
         let done = checkpoint_lazy_service(criu, pid, &name, &pool.pools, &ckpt, &w.session);
         let (report, increment) = match done {
             Ok(r) => r,

@@ -65,6 +65,9 @@ pub struct LazyOptions {
     pub background_fill: bool,
     /// Largest read for one page fault; sequential faults grow the read to it.
     pub max_fault_read: u64,
+    /// Run the next wake's restore while the service sleeps and hold it before its tasks
+    /// resume ([`crate::armed`]): the wake only releases it.
+    pub arm: bool,
 }
 
 impl Default for LazyOptions {
@@ -74,6 +77,7 @@ impl Default for LazyOptions {
             record_for: Duration::from_secs(1),
             background_fill: false,
             max_fault_read: 2 << 20,
+            arm: true,
         }
     }
 }
@@ -315,6 +319,11 @@ impl StagedWake {
     pub fn generation(&self) -> u64 {
         self.manifest.generation
     }
+
+    /// Where its images are.
+    pub(crate) fn work_dir(&self) -> &std::path::Path {
+        self.work.path()
+    }
 }
 
 /// Fetches and plans what a lazy restore of generation `generation` of `name` needs before
@@ -502,6 +511,43 @@ pub fn restore_lazy_staged(
     opts: &RestoreOptions,
     lazy: &LazyOptions,
 ) -> Result<LazyWake, RestoreError> {
+    launch(criu, staged, pools, opts, lazy, None)?.complete()
+}
+
+/// A lazy restore under way: CRIU runs, the lazy-pages server serves its memory.
+#[derive(Debug)]
+pub(crate) struct Launched {
+    pub(crate) name: String,
+    pub(crate) manifest: Manifest,
+    replica: usize,
+    /// The staged images CRIU reads; removed with the restore.
+    pub(crate) work: tempfile::TempDir,
+    inherits: BTreeSet<u64>,
+    fetched: u64,
+    staged_s: f64,
+    working_set_bytes: u64,
+    pub(crate) server: LazyServer,
+    /// Root of the restored tree (0 until CRIU reported it), for `on_failure` to kill.
+    pub(crate) root: Arc<AtomicI32>,
+    criu_pid: Arc<AtomicI32>,
+    pub(crate) child: std::process::Child,
+    /// When the restore's time starts (reset when an armed restore is released).
+    pub(crate) start: Instant,
+    pid_wait_s: f64,
+    server_s: f64,
+}
+
+/// Starts the lazy-pages server and `criu restore --lazy-pages` of a staged snapshot, with
+/// `action_script` given to CRIU (and untouched pages left in the pool until the caller
+/// says otherwise) when one holds the restore before its tasks resume.
+pub(crate) fn launch(
+    criu: &CriuBinary,
+    staged: StagedWake,
+    pools: &Pools,
+    opts: &RestoreOptions,
+    lazy: &LazyOptions,
+    action_script: Option<&std::path::Path>,
+) -> Result<Launched, RestoreError> {
     let start = Instant::now();
     let StagedWake {
         name,
@@ -516,7 +562,6 @@ pub fn restore_lazy_staged(
         bytes: fetched,
         staged_s,
     } = staged;
-    let name = name.as_str();
     let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
     let dir = work.path();
     let working_set = working_set.filter(|_| lazy.prefetch);
@@ -530,18 +575,18 @@ pub fn restore_lazy_staged(
             .filter(|w| !w.is_empty())
             .map(|wanted| {
                 Warm::start(
-                    PoolPages::new(target.clone(), None, name, blocks.clone()),
+                    PoolPages::new(target.clone(), None, &name, blocks.clone()),
                     wanted,
                 )
             }),
     };
-    let mut source = PoolPages::new(target, None, name, blocks);
+    let mut source = PoolPages::new(target, None, &name, blocks);
     let working_set_bytes = working_set.as_ref().map_or(0, WorkingSet::bytes);
 
     let root = Arc::new(AtomicI32::new(0));
     let criu_pid = Arc::new(AtomicI32::new(0));
     let on_failure = {
-        let (root, criu_pid, name) = (root.clone(), criu_pid.clone(), name.to_string());
+        let (root, criu_pid, name) = (root.clone(), criu_pid.clone(), name.clone());
         move |why: &str| {
             warn!(
                 name,
@@ -557,6 +602,11 @@ pub fn restore_lazy_staged(
     if let Some(w) = warm {
         source = source.with_warm(w);
     }
+    let fill = if lazy.background_fill && action_script.is_none() {
+        Fill::Background
+    } else {
+        Fill::OnDemand
+    };
     let server = LazyServer::start(
         LazyConfig {
             work_dir: dir.to_path_buf(),
@@ -565,102 +615,134 @@ pub fn restore_lazy_staged(
                 .map(|w| w.processes.into_iter().collect())
                 .unwrap_or_default(),
             record_for: lazy.record_for,
-            fill: if lazy.background_fill {
-                Fill::Background
-            } else {
-                Fill::OnDemand
-            },
+            fill,
             max_fault_read: lazy.max_fault_read,
             on_failure: Box::new(on_failure),
         },
         Box::new(source),
     )
     .map_err(|e| RestoreError::Lazy {
-        name: name.to_string(),
+        name: name.clone(),
         source: e,
     })?;
 
-    let log_path = dir.join("restore.log");
-    let pidfile = dir.join("root.pid");
-    let mut cmd = restore_command(criu, dir, "--lazy-pages", &pidfile, &log_path, opts);
-    let t_server = start.elapsed();
-    let mut child = criu.spawn(&mut cmd)?;
+    let mut cmd = restore_command(
+        criu,
+        dir,
+        "--lazy-pages",
+        &dir.join("root.pid"),
+        &dir.join("restore.log"),
+        opts,
+    );
+    if let Some(script) = action_script {
+        cmd.arg("--action-script").arg(script);
+    }
+    let server_s = start.elapsed().as_secs_f64();
+    let child = criu.spawn(&mut cmd)?;
     criu_pid.store(child.id() as i32, Ordering::SeqCst);
     debug!(
         name,
         generation = manifest.generation,
         "criu restore --lazy-pages started"
     );
-    let succeeded = child.wait().map_err(RestoreError::Stream)?.success();
-    criu_pid.store(0, Ordering::SeqCst);
-    let pid = read_no_follow(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    if let Some(pid) = pid {
-        root.store(pid, Ordering::SeqCst);
-    }
-    let t_criu = start.elapsed();
-    let finished = server.wait_finished(Duration::from_secs(5));
-    let failure = server.stats().failed;
-    if !succeeded || finished.is_err() || failure.is_some() {
-        if let Some(pid) = pid {
-            kill_tree(pid);
-        }
-        root.store(0, Ordering::SeqCst);
-        if !manifest.meta.pid_namespace {
-            procs::reap_failed_restore(&manifest.meta.pids, Duration::from_secs(2));
-        }
-        let _ = server.shutdown();
-        if let Some(why) = failure {
-            return Err(RestoreError::Pool {
-                name: name.to_string(),
-                source: ClientError::Unexpected(why),
-            });
-        }
-        if let (true, Err(e)) = (succeeded, finished) {
-            return Err(RestoreError::Lazy {
-                name: name.to_string(),
-                source: e,
-            });
-        }
-        let log_path = keep_log(&log_path, "restore", name);
-        return Err(RestoreError::CriuFailed {
-            name: name.to_string(),
-            log: log_tail(&log_path, 12),
-            log_path,
-        });
-    }
-    let pid = pid.ok_or_else(|| RestoreError::NoPid {
-        name: name.to_string(),
-    })?;
-    let restore_s = start.elapsed().as_secs_f64();
-    info!(
+    Ok(Launched {
         name,
-        generation = manifest.generation,
-        pid,
-        secs = restore_s,
-        fetched,
-        working_set_bytes,
-        staged_s,
-        server_s = t_server.as_secs_f64(),
-        criu_s = t_criu.as_secs_f64(),
-        "restored lazily"
-    );
-    Ok(LazyWake {
-        report: RestoreReport {
-            name: name.to_string(),
-            generation: manifest.generation,
-            pid,
-            restore_s,
-            pid_wait_s,
-            bytes_fetched: fetched,
-            run_as: None,
-            replica,
-        },
-        session: LazySession { server, root },
-        working_set_bytes,
+        manifest,
+        replica,
+        work,
         inherits,
+        fetched,
+        staged_s,
+        working_set_bytes,
+        server,
+        root,
+        criu_pid,
+        child,
+        start,
+        pid_wait_s,
+        server_s,
     })
+}
+
+impl Launched {
+    /// The restored root's PID, once CRIU wrote it.
+    pub(crate) fn read_pid(&self) -> Option<i32> {
+        read_no_follow(&self.work.path().join("root.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    }
+
+    /// Waits for CRIU to end and the server to have its finish marker; on any failure the
+    /// tree is killed and the error says why.
+    pub(crate) fn complete(mut self) -> Result<LazyWake, RestoreError> {
+        let name = self.name.clone();
+        let succeeded = self.child.wait().map_err(RestoreError::Stream)?.success();
+        self.criu_pid.store(0, Ordering::SeqCst);
+        let pid = self.read_pid();
+        if let Some(pid) = pid {
+            self.root.store(pid, Ordering::SeqCst);
+        }
+        let criu_s = self.start.elapsed().as_secs_f64();
+        let finished = self.server.wait_finished(Duration::from_secs(5));
+        let failure = self.server.stats().failed;
+        if !succeeded || finished.is_err() || failure.is_some() {
+            if let Some(pid) = pid {
+                kill_tree(pid);
+            }
+            self.root.store(0, Ordering::SeqCst);
+            if !self.manifest.meta.pid_namespace {
+                procs::reap_failed_restore(&self.manifest.meta.pids, Duration::from_secs(2));
+            }
+            let _ = self.server.shutdown();
+            if let Some(why) = failure {
+                return Err(RestoreError::Pool {
+                    name,
+                    source: ClientError::Unexpected(why),
+                });
+            }
+            if let (true, Err(e)) = (succeeded, finished) {
+                return Err(RestoreError::Lazy { name, source: e });
+            }
+            let log_path = keep_log(&self.work.path().join("restore.log"), "restore", &name);
+            return Err(RestoreError::CriuFailed {
+                name,
+                log: log_tail(&log_path, 12),
+                log_path,
+            });
+        }
+        let pid = pid.ok_or_else(|| RestoreError::NoPid { name: name.clone() })?;
+        let restore_s = self.start.elapsed().as_secs_f64();
+        info!(
+            name,
+            generation = self.manifest.generation,
+            pid,
+            secs = restore_s,
+            fetched = self.fetched,
+            working_set_bytes = self.working_set_bytes,
+            staged_s = self.staged_s,
+            server_s = self.server_s,
+            criu_s,
+            "restored lazily"
+        );
+        Ok(LazyWake {
+            report: RestoreReport {
+                name,
+                generation: self.manifest.generation,
+                pid,
+                restore_s,
+                pid_wait_s: self.pid_wait_s,
+                bytes_fetched: self.fetched,
+                run_as: None,
+                replica: self.replica,
+            },
+            session: LazySession {
+                server: self.server,
+                root: self.root,
+            },
+            working_set_bytes: self.working_set_bytes,
+            inherits: self.inherits,
+        })
+    }
 }
 
 /// Most older generations an incremental snapshot refers to: each is kept whole in the pool
@@ -839,7 +921,7 @@ fn intersects_pagemap(ranges: &[PageRange], pm: &Pagemap) -> bool {
 }
 
 /// SIGKILLs every process of the tree at `root` (0: nothing yet).
-fn kill_tree(root: i32) {
+pub(crate) fn kill_tree(root: i32) {
     if root <= 0 {
         return;
     }

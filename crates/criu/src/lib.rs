@@ -20,6 +20,7 @@
 //! * [`procs`] reads process trees, footprints and credentials from `/proc`; [`stats`]
 //!   decodes CRIU's `stats-dump` image (frozen time).
 
+pub mod armed;
 pub mod binary;
 pub mod checkpoint;
 pub mod identity;

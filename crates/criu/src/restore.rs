@@ -149,6 +149,8 @@ pub enum RestoreError {
         #[source]
         source: torpor_lazy::LazyError,
     },
+    #[error("the restore of {name:?} could not be held before its tasks resume: {reason}")]
+    NotHeld { name: String, reason: String },
     #[error("CRIU restored {name:?} but wrote no PID file")]
     NoPid { name: String },
     #[error("CRIU's PID file for {name:?} names pid {pid}, which does not run as uid {uid}; refusing to trust it")]

@@ -104,6 +104,7 @@ enum Command {
     Hold(Sender<Fill>),
     CopiedWhileHeld(Sender<HashMap<i32, Vec<(u64, u64)>>>),
     ReleaseHold(Fill),
+    Resumed(Fill),
     Shutdown,
 }
 
@@ -214,6 +215,24 @@ impl LazyServer {
         }
     }
 
+    /// Blocks until the working set recorded for this restore was pushed (or the server
+    /// stopped, failed or timed out: the caller need not care which, faults still work).
+    pub fn wait_prefetched(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.lock();
+        loop {
+            let done = state.stats.finished && !state.stats.prefetch_pending;
+            let now = Instant::now();
+            if done || state.stopped || state.stats.failed.is_some() || now >= deadline {
+                return;
+            }
+            state = match self.shared.changed.wait_timeout(state, deadline - now) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     pub fn stats(&self) -> LazyStats {
         self.shared.lock().stats.clone()
     }
@@ -281,6 +300,13 @@ impl LazyServer {
     /// Ends a hold: the service runs on with `fill` as before.
     pub fn release_hold(&self, fill: Fill) -> Result<(), LazyError> {
         self.command(Command::ReleaseHold(fill))
+    }
+
+    /// The restored tasks run from now on (a restore held before its tasks resumed was
+    /// released): the working-set record window starts again and untouched pages follow
+    /// `fill`.
+    pub fn resumed(&self, fill: Fill) -> Result<(), LazyError> {
+        self.command(Command::Resumed(fill))
     }
 
     /// For an incremental checkpoint: per live process, the ranges never copied and still
@@ -507,6 +533,7 @@ impl Loop {
                     let _ = reply.send(self.session.copied_while_held());
                 }
                 Command::ReleaseHold(fill) => self.session.release_hold(fill),
+                Command::Resumed(fill) => self.session.resumed(fill),
                 Command::FillFrom(generations, reply) => {
                     let _ = reply.send(
                         self.session

@@ -58,6 +58,8 @@ pub struct LazyStats {
     pub forks: u32,
     /// FIN was received.
     pub finished: bool,
+    /// Working-set ranges still waiting to be pushed (after FIN).
+    pub prefetch_pending: bool,
     /// Why the server gave up, if it did (the tree was killed through `on_failure`).
     pub failed: Option<String>,
     /// Sum over copied faults of the time from reading the fault to the end of its copy.
@@ -251,7 +253,11 @@ impl<U: Uffd> Session<U> {
                 self.prefetch.push_back((i, page_down(start), end));
             }
         }
-        self.stat(|s| s.finished = true);
+        let pending = !self.prefetch.is_empty();
+        self.stat(|s| {
+            s.finished = true;
+            s.prefetch_pending = pending;
+        });
     }
 
     pub fn is_finished(&self) -> bool {
@@ -263,6 +269,13 @@ impl<U: Uffd> Session<U> {
     }
 
     pub fn set_fill(&mut self, fill: Fill) {
+        self.fill = fill;
+    }
+
+    /// The tasks resume (long after FIN, for a restore held before resuming): what they
+    /// touch from now on is the working set, and untouched pages follow `fill`.
+    pub fn resumed(&mut self, fill: Fill) {
+        self.record_until = Some(Instant::now() + self.record_for);
         self.fill = fill;
     }
 
@@ -523,7 +536,11 @@ impl<U: Uffd> Session<U> {
             .iter()
             .map(|p| p.remaining.bytes() + p.inflight.bytes())
             .sum();
-        self.stat(|s| s.remaining_bytes = remaining);
+        let pending = !self.prefetch.is_empty();
+        self.stat(|s| {
+            s.remaining_bytes = remaining;
+            s.prefetch_pending = pending;
+        });
     }
 
     fn read_and_apply(&mut self, p: usize) -> usize {

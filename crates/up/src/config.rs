@@ -194,6 +194,9 @@ struct RawService {
     /// Lazy restore: how long after a wake the pages it brings in count as the working set
     /// (default 1s).
     working_set_window: Option<String>,
+    /// Lazy restore: run the next wake's restore while the service sleeps and hold it just
+    /// before its processes resume, so a wake only releases it (default true).
+    arm: Option<bool>,
 }
 
 fn default_protocol() -> Protocol {
@@ -797,6 +800,7 @@ impl Config {
                         ("prefetch", s.prefetch.is_some()),
                         ("background_fill", s.background_fill.is_some()),
                         ("working_set_window", s.working_set_window.is_some()),
+                        ("arm", s.arm.is_some()),
                     ] {
                         if set {
                             return Err(invalid(k(key), "applies only with restore = \"lazy\""));
@@ -815,6 +819,7 @@ impl Config {
                     MemoryRestore::Lazy(LazyOptions {
                         prefetch: s.prefetch.unwrap_or(d.prefetch),
                         background_fill: s.background_fill.unwrap_or(d.background_fill),
+                        arm: s.arm.unwrap_or(d.arm),
                         record_for: duration(
                             &k("working_set_window"),
                             s.working_set_window.as_deref(),
@@ -978,17 +983,17 @@ mod tests {
         let tree = one.replace("LAUNCH", "command = [\"x\"]");
         let c = Config::from_toml(&tree.replace("EXTRA", "")).unwrap();
         match &c.services[0].spec.memory {
-            MemoryRestore::Lazy(o) => assert!(o.prefetch && !o.background_fill),
+            MemoryRestore::Lazy(o) => assert!(o.prefetch && !o.background_fill && o.arm),
             other => panic!("process trees restore lazily by default, got {other:?}"),
         }
         let c = Config::from_toml(&tree.replace(
             "EXTRA",
-            "restore = \"lazy\"\nprefetch = false\nbackground_fill = true\nworking_set_window = \"250ms\"",
+            "restore = \"lazy\"\nprefetch = false\nbackground_fill = true\nworking_set_window = \"250ms\"\narm = false",
         ))
         .unwrap();
         match &c.services[0].spec.memory {
             MemoryRestore::Lazy(o) => {
-                assert!(!o.prefetch && o.background_fill);
+                assert!(!o.prefetch && o.background_fill && !o.arm);
                 assert_eq!(o.record_for, Duration::from_millis(250));
             }
             other => panic!("lazy asked for, got {other:?}"),
@@ -1001,6 +1006,7 @@ mod tests {
                 "restore = \"eager\"\nprefetch = true",
                 "service[0].prefetch",
             ),
+            ("restore = \"eager\"\narm = true", "service[0].arm"),
             (
                 "working_set_window = \"soon\"",
                 "service[0].working_set_window",
