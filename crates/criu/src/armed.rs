@@ -228,6 +228,11 @@ fn kill_held(mut launched: Launched, go: &File) {
 }
 
 impl ArmedWake {
+    /// The held tree's root.
+    pub fn root(&self) -> i32 {
+        self.pid
+    }
+
     /// The generation it restores.
     pub fn generation(&self) -> u64 {
         self.launched
@@ -287,6 +292,86 @@ impl Drop for ArmedWake {
     fn drop(&mut self) {
         if let Some(launched) = self.launched.take() {
             kill_held(launched, &self.go);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+
+    use super::*;
+
+    /// Runs the hold script as CRIU would at `action`, with `init` as the restored root.
+    fn run_script(dir: &Path, action: &str, init: u32) -> Child {
+        Command::new(dir.join(SCRIPT))
+            .env("CRTOOLS_SCRIPT_ACTION", action)
+            .env("CRTOOLS_INIT_PID", init.to_string())
+            .spawn()
+            .expect("the script runs")
+    }
+
+    /// Reads what the script reported on `armed`, waiting for it.
+    fn reported(armed: &mut File) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 32];
+        loop {
+            match armed.read(&mut buf) {
+                Ok(n @ 1..) => return String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                _ => panic!("the script never reported the held root"),
+            }
+        }
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("60").spawn().expect("sleep runs")
+    }
+
+    #[test]
+    fn the_script_passes_every_stage_but_pre_resume_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_armed, _go) = hold_files(dir.path()).unwrap();
+        let status = run_script(dir.path(), "post-restore", 1).wait().unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn the_script_holds_at_pre_resume_until_go_and_leaves_the_tree_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut armed, go) = hold_files(dir.path()).unwrap();
+        let mut tree = sleeper();
+        let mut script = run_script(dir.path(), "pre-resume", tree.id());
+        assert_eq!(reported(&mut armed), tree.id().to_string());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(script.try_wait().unwrap().is_none(), "held until told");
+        (&go).write_all(GO).unwrap();
+        assert!(script.wait().unwrap().success());
+        assert!(tree.try_wait().unwrap().is_none(), "the released tree runs");
+        tree.kill().unwrap();
+        tree.wait().unwrap();
+    }
+
+    #[test]
+    fn the_script_kills_the_tree_when_torpor_goes_away_or_gives_up() {
+        for word in [None, Some(&b"stop\n"[..])] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut armed, go) = hold_files(dir.path()).unwrap();
+            let mut tree = sleeper();
+            let mut script = run_script(dir.path(), "pre-resume", tree.id());
+            reported(&mut armed);
+            match word {
+                // torpor gone: its end of the FIFO closes
+                None => drop(go),
+                Some(w) => (&go).write_all(w).unwrap(),
+            }
+            assert!(!script.wait().unwrap().success(), "CRIU is told it failed");
+            let status = tree.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(9),
+                "the held root is killed ({word:?})"
+            );
         }
     }
 }

@@ -720,3 +720,42 @@ fn fill_from_copies_exactly_the_ranges_of_the_named_generations() {
     assert_eq!(h.remaining(), vec![range(BASE + 8 * P, 8 * P, 0x20000)]);
     assert_eq!(h.session.fill_from(&BTreeSet::from([7])).unwrap(), 0);
 }
+
+#[test]
+fn prefetch_pending_is_published_until_the_working_set_is_pushed() {
+    let mut h = harness_with(
+        vec![range(BASE, 64 * P, 0)],
+        vec![(BASE, 8 * P)],
+        Fill::OnDemand,
+        2 << 20,
+    );
+    assert!(!h.stats().prefetch_pending, "nothing before FIN");
+    h.session.finish();
+    assert!(h.shared.lock().stats.prefetch_pending, "set with FIN itself");
+    while h.session.step() {}
+    let s = h.stats();
+    assert!(!s.prefetch_pending);
+    assert_eq!(s.prefetched_bytes, 8 * P);
+}
+
+#[test]
+fn resumed_restarts_the_record_window_and_sets_the_fill() {
+    // A restore held before its tasks resume: FIN long before the tasks run.
+    let mut h = harness(vec![range(BASE, 64 * P, 0)]);
+    h.session.record_for = Duration::ZERO;
+    h.session.finish();
+    h.fault(BASE);
+    assert!(
+        h.shared.lock().working_set.is_empty(),
+        "the window that started at FIN is over"
+    );
+    assert!(!h.session.has_work(), "held on demand: nothing filled");
+    h.session.record_for = Duration::from_secs(3600);
+    h.session.resumed(Fill::Background);
+    h.fault(BASE + 32 * P);
+    let ws = h.shared.lock().working_set.get(&PID).unwrap().to_vec();
+    assert_eq!(ws, vec![(BASE + 32 * P, 16 * P)], "recorded after the release");
+    assert!(h.session.has_work(), "background fill runs once released");
+    while h.session.step() {}
+    assert!(h.session.all_filled());
+}

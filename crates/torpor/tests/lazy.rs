@@ -3,7 +3,8 @@
 //! several generations; the checkpoint after a lazy wake writes what the service touched and
 //! inherits the rest; an incremental snapshot is never restored eagerly (it would miss the
 //! inherited pages); and a pool that dies mid-wake kills the service instead of letting it
-//! read zeros.
+//! read zeros. Armed wakes (the restore run at sleep and held before the tasks resume) hold a
+//! stopped tree until released, and giving one up leaves nothing behind.
 
 use std::time::{Duration, Instant};
 
@@ -186,5 +187,98 @@ fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling
     let stats = wake.session.stats();
     ensure!(stats.failed.is_some(), "the session says why: {stats:?}");
     let _ = wake.session.shutdown();
+    Ok(())
+}
+
+/// Stages and arms generation `generation` of `name` as `torpor up` does at sleep.
+fn arm(pool: &PoolProcess, name: &str, generation: u64) -> Result<torpor_criu::armed::ArmedWake> {
+    let staged = torpor_criu::lazy::stage_lazy(
+        name,
+        Some(generation),
+        &pool.pools,
+        &std::env::temp_dir(),
+        torpor_criu::lazy::MAX_STAGED_BYTES,
+    )?;
+    Ok(torpor_criu::armed::arm_lazy(
+        &criu(),
+        staged,
+        &pool.pools,
+        &RestoreOptions::default(),
+        &LazyOptions::default(),
+        torpor_criu::armed::ARM_TIMEOUT,
+    )?)
+}
+
+/// The one-letter state of a process (`t`: stopped by a tracer).
+fn state(pid: i32) -> Option<String> {
+    torpor_criu::procs::stat_fields(pid).and_then(|f| f.first().cloned())
+}
+
+#[test]
+fn an_armed_wake_holds_a_stopped_tree_until_released_and_then_answers_exactly() -> Result<()> {
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 512 * MIB)?;
+    let reference = SampleProcess::spawn(exe(), 128 * MIB, 5)?;
+    let _reference_guard = Restored(reference.pid);
+    let mut refc = SampleClient::connect(reference.addr)?;
+    let svc = SampleProcess::spawn(exe(), 128 * MIB, 5)?;
+    let (addr, name) = (svc.addr, "lazy-armed");
+    let full = put_to_sleep(svc, &pool, name)?;
+
+    let armed = arm(&pool, name, full.generation)?;
+    let root = armed.root();
+    let _guard = Restored(root);
+    ensure!(
+        state(root).as_deref() == Some("t"),
+        "the held tree is stopped before it resumes: state {:?}",
+        state(root)
+    );
+    let held = armed.held_bytes();
+    ensure!(
+        held > 0 && held < 64 * MIB,
+        "a held restore keeps little of the 128 MiB on the node: {held} bytes"
+    );
+    let wake = armed.resume()?;
+    ensure!(wake.report.pid == root, "the held tree is the one that runs");
+    let mut c = SampleClient::connect(addr)?;
+    ensure!(
+        c.call("TOUCH")? == refc.call("TOUCH")? && c.call("SUM")? == refc.call("SUM")?,
+        "the released tree answers as the reference does"
+    );
+    drop(c);
+    drop(_guard);
+    let _ = wake.session.shutdown();
+    Ok(())
+}
+
+#[test]
+fn giving_up_an_armed_wake_kills_the_held_tree_and_loses_nothing() -> Result<()> {
+    let _g = setup();
+    let pool = PoolProcess::spawn(exe(), 512 * MIB)?;
+    let svc = SampleProcess::spawn(exe(), 64 * MIB, 9)?;
+    let (addr, name) = (svc.addr, "lazy-armed-abort");
+    let full = put_to_sleep(svc, &pool, name)?;
+
+    let armed = arm(&pool, name, full.generation)?;
+    let root = armed.root();
+    armed.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while torpor_criu::procs::pid_in_use(root) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ensure!(
+        !torpor_criu::procs::pid_in_use(root),
+        "the held tree is gone: {:?}",
+        state(root)
+    );
+    // The snapshot is untouched: the same generation wakes and answers with its state.
+    let wake = lazy_wake(&pool, name, Some(full.generation))?;
+    let _guard = Restored(wake.report.pid);
+    let mut c = SampleClient::connect(addr)?;
+    ensure!(
+        c.call("SUM")? == torpor_workload::expected_sum(64 * MIB, 9),
+        "the snapshot given up on restores whole"
+    );
+    drop(c);
     Ok(())
 }
