@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -132,6 +132,10 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn staged_bytes(&self) -> u64 {
         0
     }
+    /// Whether the next wake is armed (its restore held before the tasks resume).
+    fn armed(&self) -> bool {
+        false
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -229,6 +233,8 @@ struct Staging {
     generation: u64,
     /// What it keeps on the node, once ready.
     bytes: Arc<AtomicU64>,
+    /// Set once the restore is held, ready to be released.
+    armed: Arc<AtomicBool>,
     /// `None` when it failed or was too large to keep.
     done: std::thread::JoinHandle<Option<Prepared>>,
 }
@@ -257,7 +263,8 @@ impl Staging {
         );
         let lazy = lazy.clone();
         let bytes = Arc::new(AtomicU64::new(0));
-        let kept = bytes.clone();
+        let armed = Arc::new(AtomicBool::new(false));
+        let (kept, held) = (bytes.clone(), armed.clone());
         let done = std::thread::spawn(move || {
             let keep = if lazy.prefetch { MAX_STAGED_BYTES } else { 0 };
             let staged = match torpor_criu::lazy::stage_lazy(
@@ -302,6 +309,7 @@ impl Staging {
             ) {
                 Ok(armed) => {
                     kept.store(armed.held_bytes(), Ordering::Relaxed);
+                    held.store(true, Ordering::Relaxed);
                     Some(Prepared::Armed(armed))
                 }
                 Err(e) => {
@@ -313,6 +321,7 @@ impl Staging {
         Staging {
             generation,
             bytes,
+            armed,
             done,
         }
     }
@@ -650,6 +659,14 @@ impl Runner for ProcessTree {
             .staged
             .as_ref()
             .map_or(0, |s| s.bytes.load(Ordering::Relaxed))
+    }
+
+    fn armed(&self) -> bool {
+        let state = self.lazy.lock().expect("lazy lock");
+        state
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.armed.load(Ordering::Relaxed))
     }
 
     fn lazy_memory(&self) -> Option<LazyMemory> {

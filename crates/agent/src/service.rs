@@ -127,9 +127,13 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub lazy: Option<LazyMemory>,
     /// Node memory kept for the next wake while the service sleeps (its staged images,
-    /// eagerly restored pages and working set): resident although the service is not.
+    /// eagerly restored pages and working set, or the held restore of an armed wake):
+    /// resident although the service is not.
     #[serde(default)]
     pub staged_bytes: u64,
+    /// The next wake is armed: its restore ran at sleep and waits, stopped, to be released.
+    #[serde(default)]
+    pub armed: bool,
     /// The pin that keeps it awake, while one is in force (`torpor pin`).
     #[serde(default)]
     pub pinned: Option<PinStatus>,
@@ -270,6 +274,7 @@ impl Managed {
             last_snapshot_lost: None,
             lazy: None,
             staged_bytes: 0,
+            armed: false,
             restarts: 0,
             failed_checkpoints: 0,
             last_checkpoint_s: None,
@@ -1027,6 +1032,7 @@ impl Managed {
         s.held_now = self.link.held();
         s.lazy = self.runner.lazy_memory();
         s.staged_bytes = self.runner.staged_bytes();
+        s.armed = self.runner.armed();
         s.pinned = rt.pin.as_ref().map(Pin::status);
         s.rejected_requests = self.link.rejected();
         s.time_asleep_s = (rt.asleep_total

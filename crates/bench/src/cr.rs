@@ -381,7 +381,17 @@ fn print_table(r: &CrReport) {
     println!("first response after a sleep (a request touching 16 MiB), by how memory comes back:");
     println!(
         "{:>9} | {:>9} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9}",
-        "size", "stock", "torpor", "lazy", "+prefetch", "+armed", "stock lazy", "faulted", "prefetched", "arming", "held"
+        "size",
+        "stock",
+        "torpor",
+        "lazy",
+        "+prefetch",
+        "+armed",
+        "stock lazy",
+        "faulted",
+        "prefetched",
+        "arming",
+        "held"
     );
     for s in &r.sizes {
         println!(

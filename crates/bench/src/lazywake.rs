@@ -233,13 +233,8 @@ pub fn torpor_round(
             (t0, held.resume()?)
         } else {
             let t0 = Instant::now();
-            let w = torpor_criu::lazy::restore_lazy_staged(
-                criu,
-                staged,
-                &pool.pools,
-                &restore,
-                &lazy,
-            )?;
+            let w =
+                torpor_criu::lazy::restore_lazy_staged(criu, staged, &pool.pools, &restore, &lazy)?;
             (t0, w)
         };
         let first = touch_response(svc.addr, t0);

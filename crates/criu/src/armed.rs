@@ -91,9 +91,18 @@ pub fn arm_lazy(
         let mut line = [0u8; 32];
         if let Ok(n @ 1..) = armed_rx.read(&mut line) {
             let said = String::from_utf8_lossy(&line[..n]);
-            let pid = said.trim().parse::<i32>().ok().or_else(|| launched.read_pid());
+            let pid = said
+                .trim()
+                .parse::<i32>()
+                .ok()
+                .or_else(|| launched.read_pid());
             let Some(pid) = pid.filter(|&p| p > 0) else {
-                return Err(give_up(launched, go, &name, "the held restore named no root"));
+                return Err(give_up(
+                    launched,
+                    go,
+                    &name,
+                    "the held restore named no root",
+                ));
             };
             launched.root.store(pid, Ordering::SeqCst);
             // The working set is pushed now, while it sleeps, not at the wake.
@@ -235,9 +244,7 @@ impl ArmedWake {
 
     /// The generation it restores.
     pub fn generation(&self) -> u64 {
-        self.launched
-            .as_ref()
-            .map_or(0, |l| l.manifest.generation)
+        self.launched.as_ref().map_or(0, |l| l.manifest.generation)
     }
 
     /// Node memory the held restore occupies: the resident memory of the held tree and of

@@ -731,7 +731,10 @@ fn prefetch_pending_is_published_until_the_working_set_is_pushed() {
     );
     assert!(!h.stats().prefetch_pending, "nothing before FIN");
     h.session.finish();
-    assert!(h.shared.lock().stats.prefetch_pending, "set with FIN itself");
+    assert!(
+        h.shared.lock().stats.prefetch_pending,
+        "set with FIN itself"
+    );
     while h.session.step() {}
     let s = h.stats();
     assert!(!s.prefetch_pending);
@@ -754,7 +757,11 @@ fn resumed_restarts_the_record_window_and_sets_the_fill() {
     h.session.resumed(Fill::Background);
     h.fault(BASE + 32 * P);
     let ws = h.shared.lock().working_set.get(&PID).unwrap().to_vec();
-    assert_eq!(ws, vec![(BASE + 32 * P, 16 * P)], "recorded after the release");
+    assert_eq!(
+        ws,
+        vec![(BASE + 32 * P, 16 * P)],
+        "recorded after the release"
+    );
     assert!(h.session.has_work(), "background fill runs once released");
     while h.session.step() {}
     assert!(h.session.all_filled());

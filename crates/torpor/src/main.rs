@@ -842,6 +842,18 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
                 opt(w.first_byte_ms)
             );
         }
+        if s.state == torpor_agent::ServiceState::Asleep && s.staged_bytes > 0 {
+            println!(
+                "{}: next wake {}: {} kept on this node",
+                s.name,
+                if s.armed {
+                    "armed (restored and held before it resumes)"
+                } else {
+                    "staged"
+                },
+                format_bytes(s.staged_bytes)
+            );
+        }
         if let Some(l) = &s.lazy {
             println!(
                 "{}: memory of generation {} (lazy): {} prefetched, {} faulted in ({} faults), {} filled in the background, {} still in the pool",

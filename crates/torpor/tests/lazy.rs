@@ -239,7 +239,10 @@ fn an_armed_wake_holds_a_stopped_tree_until_released_and_then_answers_exactly() 
         "a held restore keeps little of the 128 MiB on the node: {held} bytes"
     );
     let wake = armed.resume()?;
-    ensure!(wake.report.pid == root, "the held tree is the one that runs");
+    ensure!(
+        wake.report.pid == root,
+        "the held tree is the one that runs"
+    );
     let mut c = SampleClient::connect(addr)?;
     ensure!(
         c.call("TOUCH")? == refc.call("TOUCH")? && c.call("SUM")? == refc.call("SUM")?,
