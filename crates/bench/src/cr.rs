@@ -84,14 +84,16 @@ pub struct SizeResult {
     pub baseline: Medians,
     pub torpor: Medians,
     pub ratio: Ratios,
-    /// Lazy wake with the working set recorded at the previous wake pushed first (what a
-    /// `restore = "lazy"` service gets from its second sleep on).
+    /// What a `restore = "lazy"` service gets from its second sleep on with the defaults: the
+    /// wake armed at sleep (restored and held before its tasks resume, the working set
+    /// recorded at the previous wake already pushed), released by the request.
     pub lazy: LazyMedians,
-    /// Lazy wake with nothing recorded yet (the first lazy wake after a full checkpoint).
+    /// The same wake not armed (`arm = false`): CRIU runs on the request's time, the working
+    /// set is pushed right after its finish marker.
+    pub lazy_unarmed: LazyMedians,
+    /// Lazy wake with nothing recorded yet and not armed (the first lazy wake after a full
+    /// checkpoint, with `arm = false`).
     pub lazy_no_prefetch: LazyMedians,
-    /// Lazy wake with prefetch whose restore was run and held at sleep (`torpor up`'s
-    /// armed wakes): the wake only releases it.
-    pub lazy_armed: LazyMedians,
     /// The checkpoint after one request following a lazy wake with prefetch.
     pub incremental: IncrementalMedians,
     /// Stock CRIU's own lazy-pages daemon restoring from the baseline's directory.
@@ -214,9 +216,9 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
             },
             baseline: b,
             torpor: t,
-            lazy: lazy.warm.medians(),
+            lazy: lazy.armed.medians(),
+            lazy_unarmed: lazy.warm.medians(),
             lazy_no_prefetch: lazy.cold.medians(),
-            lazy_armed: lazy.armed.medians(),
             incremental: lazy.inc.medians(),
             stock_lazy: stock_lazy.medians(),
         });
@@ -400,19 +402,16 @@ fn print_table(r: &CrReport) {
             fmt_opt(s.baseline.first_response_s, 3, "s"),
             fmt_opt(s.torpor.first_response_s, 3, "s"),
             fmt_opt(s.lazy_no_prefetch.first_response_s, 3, "s"),
+            fmt_opt(s.lazy_unarmed.first_response_s, 3, "s"),
             fmt_opt(s.lazy.first_response_s, 3, "s"),
-            fmt_opt(s.lazy_armed.first_response_s, 3, "s"),
             fmt_opt(s.stock_lazy.first_response_s, 3, "s"),
             s.lazy.faulted_bytes.map(format_bytes).unwrap_or_default(),
             s.lazy
                 .prefetched_bytes
                 .map(format_bytes)
                 .unwrap_or_default(),
-            fmt_opt(s.lazy_armed.armed_s, 3, "s"),
-            s.lazy_armed
-                .held_bytes
-                .map(format_bytes)
-                .unwrap_or_default(),
+            fmt_opt(s.lazy.armed_s, 3, "s"),
+            s.lazy.held_bytes.map(format_bytes).unwrap_or_default(),
         );
     }
     println!();
