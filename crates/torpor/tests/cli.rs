@@ -365,7 +365,10 @@ fn loadgen_poisson_gaps_are_exponential_and_waiting_costs_no_cpu() {
     assert_eq!(p["errors"], 0, "{v:#}");
     assert!(p["ok"].as_u64().unwrap() > 1700, "{v:#}");
     let cv = p["send_gap_cv"].as_f64().unwrap();
-    assert!((cv - 1.0).abs() <= 0.05, "measured send gaps: cv {cv}");
+    // Over ~2000 exponential gaps the sample CV's standard error is about 0.03: ±0.12 is
+    // four of them (±0.05 failed one run in a few), while a periodic (0) or bursty (≫1)
+    // generator stays far outside.
+    assert!((cv - 1.0).abs() <= 0.12, "measured send gaps: cv {cv}");
     assert!(p["latency"]["p99_ms"].as_f64().is_some());
     // Mostly waiting: a spinning generator would burn a whole core.
     let idle = json(&torpor(&[
