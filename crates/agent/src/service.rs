@@ -141,6 +141,10 @@ pub struct ServiceStatus {
     /// what came of it.
     #[serde(default)]
     pub last_manual: Option<ManualAction>,
+    /// The generation it started asleep in, when this run adopted a snapshot an earlier run
+    /// (stopped with its state kept) left in the pool instead of launching the service.
+    #[serde(default)]
+    pub adopted_generation: Option<u64>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -288,6 +292,7 @@ impl Managed {
             cannot_sleep: None,
             pinned: None,
             last_manual: None,
+            adopted_generation: None,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
@@ -404,6 +409,24 @@ impl Managed {
         );
         self.link.open();
         Ok(())
+    }
+
+    /// First "start" when the pool already holds `generation` of this service, left by an
+    /// earlier run that stopped with its state kept: nothing is launched, the service is
+    /// asleep in that generation and the first request restores it.
+    pub fn adopt_asleep(&self, generation: u64) {
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.asleep_at = self.link.now();
+            rt.status.snapshot_generation = Some(generation);
+            rt.status.adopted_generation = Some(generation);
+        }
+        self.transition(
+            ServiceState::Asleep,
+            Duration::ZERO,
+            format!("adopted asleep: generation {generation} left in the pool by an earlier run"),
+        );
+        self.link.arm_wake();
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {
@@ -1012,15 +1035,81 @@ impl Managed {
         }
     }
 
+    /// At the agent's stop, with a pool that outlives it: an awake service is put to sleep
+    /// through the normal path (drain, checkpoint, commit), so that the next start adopts it
+    /// with its state. Within `limit`; whether it is asleep now. One that is not (it cannot
+    /// be checkpointed, the checkpoint failed or took too long) is killed by [`Self::stop`]
+    /// as before; the reason is logged here.
+    pub async fn sleep_for_stop(me: &Arc<Managed>, limit: Duration) -> bool {
+        let (state, pid, cannot, footprint) = {
+            let rt = me.rt.lock().expect("runtime lock");
+            (
+                rt.state,
+                rt.pid,
+                rt.status.cannot_sleep.clone(),
+                rt.status.footprint_bytes,
+            )
+        };
+        let name = &me.spec.name;
+        // A checkpoint now must not stage a wake that will never come.
+        me.runner.prepare_stop().await;
+        match (state, pid) {
+            (ServiceState::Asleep, _) => return true,
+            (ServiceState::Awake, Some(pid)) => {
+                if let Some(reason) = cannot {
+                    warn!(service = %name, %reason, "stopping: this service cannot be checkpointed here; it is killed and its state lost");
+                    return false;
+                }
+                let tier = if footprint <= me.spec.policy.memory_tier_max_bytes {
+                    SnapshotTier::Memory
+                } else {
+                    SnapshotTier::Tiered
+                };
+                let slept = tokio::time::timeout(
+                    limit,
+                    me.sleep(pid, tier, "stopping: its state is kept in the pool".into()),
+                )
+                .await;
+                match slept {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(reason)) => {
+                        warn!(service = %name, %reason, "stopping: the checkpoint failed; the service is killed and its state lost");
+                        false
+                    }
+                    Err(_) => {
+                        warn!(service = %name, ?limit, "stopping: the checkpoint took too long; the service is killed and its state lost");
+                        false
+                    }
+                }
+            }
+            (other, _) => {
+                warn!(service = %name, state = other.as_str(), "stopping: not running, nothing to keep");
+                false
+            }
+        }
+    }
+
     /// Stops the service for good (shutdown): held requests get an error, the tree is killed.
-    pub async fn stop(me: &Arc<Managed>) {
+    /// Whether a running tree was killed (its state is then lost).
+    pub async fn stop(me: &Arc<Managed>) -> bool {
         me.link.shut_down();
+        me.runner.prepare_stop().await;
         let pid = me.rt.lock().expect("runtime lock").pid.take();
         if let Some(pid) = pid {
             me.runner.stop(pid, Duration::from_secs(2)).await;
             me.end_life();
         }
         me.runner.retire().await;
+        pid.is_some()
+    }
+
+    /// Deletes every generation of this service from the pool: after its running tree was
+    /// killed they are older than the state it had, and the next start must not bring such a
+    /// past back (it cold-starts instead).
+    pub async fn forget_snapshots(&self) {
+        if let Err(e) = self.runner.release(u64::MAX).await {
+            warn!(service = %self.spec.name, error = %e, "could not delete the stale snapshots of a killed service; the next start may restore an older state");
+        }
     }
 
     pub fn status(&self) -> ServiceStatus {
