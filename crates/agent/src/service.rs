@@ -1325,6 +1325,11 @@ mod tests {
     const IDLE: Duration = Duration::from_millis(100);
 
     async fn start(fake: Fake) -> Harness {
+        start_with(fake, None).await
+    }
+
+    /// A harness whose service is launched, or with `adopt` adopted asleep in that generation.
+    async fn start_with(fake: Fake, adopt: Option<u64>) -> Harness {
         let fake = Arc::new(fake);
         let link = ServiceLink::new(
             "svc",
@@ -1353,10 +1358,15 @@ mod tests {
         };
         let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
-        let (_keep, mut no_cancel) = watch::channel(false);
-        m.cold_start_initial(&mut no_cancel)
-            .await
-            .expect("first start");
+        match adopt {
+            Some(generation) => m.adopt_asleep(generation),
+            None => {
+                let (_keep, mut no_cancel) = watch::channel(false);
+                m.cold_start_initial(&mut no_cancel)
+                    .await
+                    .expect("first start");
+            }
+        }
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(Managed::run(m.clone(), rx));
         Harness {
@@ -1401,6 +1411,12 @@ mod tests {
             self.stop.send(true).unwrap();
             self.task.await.unwrap();
             Managed::stop(&self.m).await;
+        }
+
+        /// Ends the service's loop as the agent's stop does, and keeps the service running.
+        async fn end_loop(&mut self) {
+            self.stop.send(true).unwrap();
+            (&mut self.task).await.unwrap();
         }
     }
 
@@ -1752,6 +1768,85 @@ mod tests {
             m.command(ManualCommand::Wake, "uid 0").await,
             Err(ManualError::Stopping)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_service_is_asleep_without_a_launch_and_its_first_request_restores_that_generation(
+    ) {
+        let h = start_with(Fake::default(), Some(7)).await;
+        let s = h.m.status();
+        assert_eq!(
+            (s.state, s.pid, s.snapshot_generation, s.adopted_generation),
+            (ServiceState::Asleep, None, Some(7), Some(7))
+        );
+        assert!(h.details()[0].contains("adopted asleep: generation 7"));
+        h.link.enter().await.expect("held, then answered");
+        let s = h.m.status();
+        assert_eq!((s.state, s.wakes, s.cold_starts), (ServiceState::Awake, 1, 0));
+        let w = s.last_wake.unwrap();
+        assert_eq!((w.cause.as_str(), w.how.as_str()), ("request", "restore"));
+        assert_eq!(h.fake.calls("restore")[0].1, "restore Some(7)");
+        assert!(h.fake.calls("launch").is_empty(), "never launched");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_stop_an_awake_service_is_checkpointed_rather_than_killed() {
+        let mut h = start(Fake::default()).await;
+        // Pinned: the policy keeps it awake; the stop puts it to sleep all the same.
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert!(Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        let s = h.m.status();
+        assert_eq!((s.state, s.snapshot_generation), (ServiceState::Asleep, Some(1)));
+        assert!(h
+            .details()
+            .iter()
+            .any(|d| d.contains("stopping: its state is kept")));
+        assert!(!Managed::stop(&h.m).await, "nothing left to kill");
+        assert!(h.fake.calls("stop").is_empty());
+        assert!(h.fake.calls("release").is_empty(), "its snapshot stays");
+        // Asleep already: nothing more to do.
+        assert!(Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        assert_eq!(h.fake.calls("checkpoint").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_that_fails_at_stop_leaves_the_service_to_be_killed_and_forgotten() {
+        let fake = Fake::default();
+        fake.checkpoints
+            .lock()
+            .unwrap()
+            .push_back(Err(failed("criu said no", false, None)));
+        let mut h = start(fake).await;
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        assert!(!Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        assert!(Managed::stop(&h.m).await, "killed");
+        assert_eq!(h.fake.calls("stop").len(), 1);
+        h.m.forget_snapshots().await;
+        assert_eq!(
+            h.fake.calls("release")[0].1,
+            format!("release {}", u64::MAX),
+            "every generation"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_at_stop_is_cut_off_at_its_limit() {
+        let mut h = start(Fake::default()).await;
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        // The fake's checkpoint takes STEP, and the drain nothing: a limit below it cuts it.
+        assert!(!Managed::sleep_for_stop(&h.m, STEP / 2).await);
+        assert!(Managed::stop(&h.m).await, "killed");
     }
 
     #[tokio::test(start_paused = true)]
