@@ -1054,7 +1054,7 @@ impl Managed {
         // A checkpoint now must not stage a wake that will never come.
         me.runner.prepare_stop().await;
         match (state, pid) {
-            (ServiceState::Asleep, _) => return true,
+            (ServiceState::Asleep, _) => true,
             (ServiceState::Awake, Some(pid)) => {
                 if let Some(reason) = cannot {
                     warn!(service = %name, %reason, "stopping: this service cannot be checkpointed here; it is killed and its state lost");
@@ -1782,7 +1782,10 @@ mod tests {
         assert!(h.details()[0].contains("adopted asleep: generation 7"));
         h.link.enter().await.expect("held, then answered");
         let s = h.m.status();
-        assert_eq!((s.state, s.wakes, s.cold_starts), (ServiceState::Awake, 1, 0));
+        assert_eq!(
+            (s.state, s.wakes, s.cold_starts),
+            (ServiceState::Awake, 1, 0)
+        );
         let w = s.last_wake.unwrap();
         assert_eq!((w.cause.as_str(), w.how.as_str()), ("request", "restore"));
         assert_eq!(h.fake.calls("restore")[0].1, "restore Some(7)");
@@ -1801,7 +1804,10 @@ mod tests {
         assert_eq!(h.m.state(), ServiceState::Awake);
         assert!(Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
         let s = h.m.status();
-        assert_eq!((s.state, s.snapshot_generation), (ServiceState::Asleep, Some(1)));
+        assert_eq!(
+            (s.state, s.snapshot_generation),
+            (ServiceState::Asleep, Some(1))
+        );
         assert!(h
             .details()
             .iter()

@@ -1612,7 +1612,11 @@ mod tests {
         assert!(done.failed.is_empty(), "{:?}", done.failed);
         assert_eq!(done.bytes, before.iter().map(|i| i.bytes).sum::<u64>());
         assert!(s.list().iter().all(|i| i.tier == Tier::Disk));
-        assert_eq!(s.free_bytes(), s.capacity_bytes(), "the RAM tier is given back");
+        assert_eq!(
+            s.free_bytes(),
+            s.capacity_bytes(),
+            "the RAM tier is given back"
+        );
         assert_eq!(s.persist_all().unwrap().snapshots, 0, "nothing left in RAM");
         drop(s);
 

@@ -98,7 +98,10 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
 
     let stopped = up.stop()?;
     let log1 = up.log_text();
-    assert!(stopped.success(), "SIGTERM ends in exit 0: {stopped}\n{log1}");
+    assert!(
+        stopped.success(),
+        "SIGTERM ends in exit 0: {stopped}\n{log1}"
+    );
     assert!(
         !torpor_criu::procs::pid_in_use(awake_pid),
         "no service process is left"
@@ -139,7 +142,11 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
     for name in ["awake", "asleep"] {
         let s = up.service(name)?;
         assert_eq!(s["state"], "awake", "{s}");
-        assert_eq!((&s["wakes"], &s["cold_starts"]), (&1.into(), &0.into()), "{s}");
+        assert_eq!(
+            (&s["wakes"], &s["cold_starts"]),
+            (&1.into(), &0.into()),
+            "{s}"
+        );
         assert_eq!(s["last_wake"]["cause"], "request", "{s}");
         assert_eq!(s["last_wake"]["how"], "restore", "{s}");
     }

@@ -256,7 +256,9 @@ async fn persist(store: Option<Arc<Store>>) {
                 "the embedded pool's RAM tier is written to its disk tier for the next start"
             );
         }
-        Err(e) => warn!(error = %torpor_pool::error_chain(&e), "the embedded pool's snapshots could not be kept"),
+        Err(e) => {
+            warn!(error = %torpor_pool::error_chain(&e), "the embedded pool's snapshots could not be kept")
+        }
     }
 }
 
@@ -494,8 +496,9 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
             let store = Arc::new(store);
             let kept = spill_dir.is_some().then(|| store.clone());
             let task = tokio::spawn(async move {
-                let _ = torpor_pool::serve(listener, store, Some(task_token), std::future::pending())
-                    .await;
+                let _ =
+                    torpor_pool::serve(listener, store, Some(task_token), std::future::pending())
+                        .await;
             });
             Ok((
                 PoolTarget::new(addr, token),
