@@ -263,7 +263,8 @@ impl Agent {
         })
     }
 
-    /// Runs every service's loop until `shutdown` turns true, then stops the services.
+    /// Runs every service's loop until `shutdown` turns true, then stops the services (see
+    /// [`Snapshots::survives_stop`] for what is kept).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut loops = JoinSet::new();
         for m in &self.services {
