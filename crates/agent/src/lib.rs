@@ -26,7 +26,7 @@ pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition, WakeTime
 pub use torpor_power::energy::EnergyReport;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -105,7 +105,15 @@ pub struct Snapshots {
     pub pools: Pools,
     /// This node's prefix of snapshot names on a shared pool.
     pub namespace: String,
+    /// The pool keeps its snapshots after this process ends (a remote pool, or an embedded
+    /// one with a disk tier): at stop every awake service is checkpointed into it rather
+    /// than killed, so that the next start adopts it asleep with its state.
+    pub survives_stop: bool,
 }
+
+/// Longest a service's checkpoint may take at stop (after its drain), so a stop stays
+/// bounded; one that takes longer is killed and its state lost.
+pub const STOP_CHECKPOINT_LIMIT: Duration = Duration::from_secs(30);
 
 /// The agent of one node.
 #[derive(Debug)]
@@ -114,11 +122,15 @@ pub struct Agent {
     services: Vec<Arc<Managed>>,
     /// Where the services' cgroups are, removed at stop once empty.
     cgroups: Option<CgroupRoot>,
+    /// See [`Snapshots::survives_stop`].
+    survives_stop: bool,
 }
 
 impl Agent {
     /// Starts every service (cold), waits until each accepts connections and opens its link.
-    /// When `cancel` turns true first, what started is stopped (a service still starting is
+    /// A service whose snapshot the pool already holds (left by an earlier run that stopped
+    /// with its state kept) is not launched: it starts asleep in the newest generation there,
+    /// and its first request restores it. When `cancel` turns true first, what started is stopped (a service still starting is
     /// killed, not waited for) and the start ends in [`AgentError::Cancelled`].
     pub async fn start(
         criu: CriuBinary,
@@ -153,12 +165,21 @@ impl Agent {
             (None, None)
         };
         let reaper = Arc::new(reaper::Reaper::default());
+        let survives_stop = snapshots.survives_stop;
         let host = runner::Host {
             criu,
             pools: snapshots.pools,
             namespace: snapshots.namespace,
             reaper: reaper.clone(),
         };
+        let left = snapshots_left(
+            &host.pools,
+            services
+                .iter()
+                .map(|(s, _)| host.snapshot_name(&s.name))
+                .collect(),
+        )
+        .await;
         let shared = Arc::new(Shared {
             _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
@@ -207,6 +228,12 @@ impl Agent {
                 }),
             };
             let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
+            if let Some(&generation) = left.get(&host.snapshot_name(&m.spec.name)) {
+                tracing::info!(service = %m.spec.name, generation, "adopted asleep: its snapshot from an earlier run is in the pool; the first request restores it");
+                m.adopt_asleep(generation);
+                managed.push(m);
+                continue;
+            }
             let started = match m.cold_start_initial(&mut cancel).await {
                 Err(process::LaunchError::Cancelled) => Err(AgentError::Cancelled),
                 r => r.map_err(|source| AgentError::Start {
@@ -232,10 +259,12 @@ impl Agent {
             shared,
             services: managed,
             cgroups,
+            survives_stop,
         })
     }
 
-    /// Runs every service's loop until `shutdown` turns true, then stops the services.
+    /// Runs every service's loop until `shutdown` turns true, then stops the services (see
+    /// [`Snapshots::survives_stop`] for what is kept).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut loops = JoinSet::new();
         for m in &self.services {
@@ -291,13 +320,44 @@ impl Agent {
             }
         }
         while loops.join_next().await.is_some() {}
-        for m in &self.services {
-            Managed::stop(m).await;
-        }
+        self.stop_services().await;
         if let Some(node) = &self.shared.node {
             node.restore_all();
         }
         remove_root(self.cgroups.as_ref());
+    }
+
+    /// Stops every service. With a pool that outlives the agent, the awake ones are first
+    /// checkpointed into it (all at once, each within its drain deadline and
+    /// [`STOP_CHECKPOINT_LIMIT`]); what still runs then is killed, and its older snapshots are
+    /// deleted so that the next start does not bring back a past it had moved on from.
+    async fn stop_services(&self) {
+        if self.survives_stop {
+            let mut sleeping = JoinSet::new();
+            for m in &self.services {
+                let m = m.clone();
+                let limit = m.spec.drain_deadline + STOP_CHECKPOINT_LIMIT;
+                sleeping.spawn(async move { Managed::sleep_for_stop(&m, limit).await });
+            }
+            let (mut kept, mut lost) = (0, 0);
+            while let Some(r) = sleeping.join_next().await {
+                match r {
+                    Ok(true) => kept += 1,
+                    _ => lost += 1,
+                }
+            }
+            tracing::info!(
+                kept,
+                lost,
+                "stopping: services asleep in the pool keep their state for the next start"
+            );
+        }
+        for m in &self.services {
+            let killed = Managed::stop(m).await;
+            if killed && self.survives_stop {
+                m.forget_snapshots().await;
+            }
+        }
     }
 
     fn replan(&self, node: &NodePower) {
@@ -307,6 +367,11 @@ impl Agent {
             .filter_map(|m| m.awake_for_plan())
             .collect();
         node.settle(&awake);
+    }
+
+    /// Whether the pool outlives the agent, so that a stop keeps every service's state.
+    pub fn survives_stop(&self) -> bool {
+        self.survives_stop
     }
 
     /// The energy account so far, when node power is on.
@@ -376,6 +441,32 @@ impl Agent {
             .cloned()
             .collect()
     }
+}
+
+/// The newest generation each of `names` has on any pool replica that answers: snapshots an
+/// earlier run left there. A replica that cannot be listed is skipped with a warning (its
+/// services cold-start unless another replica has them).
+async fn snapshots_left(pools: &Pools, names: Vec<String>) -> HashMap<String, u64> {
+    let pools = pools.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut newest = HashMap::new();
+        for pool in &pools.replicas {
+            match pool.connect().and_then(|mut c| c.list()) {
+                Ok(list) => {
+                    for s in list.into_iter().filter(|s| names.contains(&s.name)) {
+                        let g = newest.entry(s.name).or_insert(s.generation);
+                        *g = (*g).max(s.generation);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool.addr, error = %torpor_pool::error_chain(&e), "cannot list the pool's snapshots; services it holds cold-start");
+                }
+            }
+        }
+        newest
+    })
+    .await
+    .expect("pool listing task panicked")
 }
 
 /// The program each plain service runs under as its init: `$TORPOR_INIT`, else this binary

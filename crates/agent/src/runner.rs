@@ -136,6 +136,11 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn armed(&self) -> bool {
         false
     }
+    /// The agent is stopping and no wake will come: what was made ready for one is given
+    /// up, and a checkpoint from now on makes nothing ready.
+    fn prepare_stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -224,6 +229,8 @@ pub struct LazyState {
     keep: BTreeSet<u64>,
     /// The newest snapshot being staged for the next wake (see [`StagedWake`]).
     staged: Option<Staging>,
+    /// The agent is stopping: no wake is staged any more.
+    stopping: bool,
 }
 
 /// A snapshot made ready for its wake on a thread of its own right after its checkpoint:
@@ -487,7 +494,8 @@ impl Runner for ProcessTree {
             }
             // What the next wake needs before CRIU runs is fetched now, while the service
             // sleeps, rather than on the held request's time.
-            if let MemoryRestore::Lazy(options) = &self.memory {
+            let stopping = self.lazy.lock().expect("lazy lock").stopping;
+            if let (MemoryRestore::Lazy(options), false) = (&self.memory, stopping) {
                 let staging = Staging::start(
                     &self.host,
                     &self.name,
@@ -620,6 +628,8 @@ impl Runner for ProcessTree {
         Box::pin(async move {
             process::stop_tree(pid, self.cgroup.as_ref(), &self.host.reaper, grace).await;
             LazyState::end_session(&self.lazy, &self.name);
+            // Nothing reads pages from older generations any more.
+            self.lazy.lock().expect("lazy lock").keep.clear();
         })
     }
 
@@ -667,6 +677,20 @@ impl Runner for ProcessTree {
             .staged
             .as_ref()
             .is_some_and(|s| s.armed.load(Ordering::Relaxed))
+    }
+
+    fn prepare_stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let staged = {
+                let mut state = self.lazy.lock().expect("lazy lock");
+                state.stopping = true;
+                state.staged.take()
+            };
+            if let Some(staged) = staged {
+                // Waits for the staging thread; an armed restore is given up (killed).
+                let _ = tokio::task::spawn_blocking(move || drop(staged.take(None))).await;
+            }
+        })
     }
 
     fn lazy_memory(&self) -> Option<LazyMemory> {

@@ -141,6 +141,10 @@ pub struct ServiceStatus {
     /// what came of it.
     #[serde(default)]
     pub last_manual: Option<ManualAction>,
+    /// The generation it started asleep in, when this run adopted a snapshot an earlier run
+    /// (stopped with its state kept) left in the pool instead of launching the service.
+    #[serde(default)]
+    pub adopted_generation: Option<u64>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -288,6 +292,7 @@ impl Managed {
             cannot_sleep: None,
             pinned: None,
             last_manual: None,
+            adopted_generation: None,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
@@ -404,6 +409,24 @@ impl Managed {
         );
         self.link.open();
         Ok(())
+    }
+
+    /// First "start" when the pool already holds `generation` of this service, left by an
+    /// earlier run that stopped with its state kept: nothing is launched, the service is
+    /// asleep in that generation and the first request restores it.
+    pub fn adopt_asleep(&self, generation: u64) {
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.asleep_at = self.link.now();
+            rt.status.snapshot_generation = Some(generation);
+            rt.status.adopted_generation = Some(generation);
+        }
+        self.transition(
+            ServiceState::Asleep,
+            Duration::ZERO,
+            format!("adopted asleep: generation {generation} left in the pool by an earlier run"),
+        );
+        self.link.arm_wake();
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {
@@ -1012,15 +1035,81 @@ impl Managed {
         }
     }
 
+    /// At the agent's stop, with a pool that outlives it: an awake service is put to sleep
+    /// through the normal path (drain, checkpoint, commit), so that the next start adopts it
+    /// with its state. Within `limit`; whether it is asleep now. One that is not (it cannot
+    /// be checkpointed, the checkpoint failed or took too long) is killed by [`Self::stop`]
+    /// as before; the reason is logged here.
+    pub async fn sleep_for_stop(me: &Arc<Managed>, limit: Duration) -> bool {
+        let (state, pid, cannot, footprint) = {
+            let rt = me.rt.lock().expect("runtime lock");
+            (
+                rt.state,
+                rt.pid,
+                rt.status.cannot_sleep.clone(),
+                rt.status.footprint_bytes,
+            )
+        };
+        let name = &me.spec.name;
+        // A checkpoint now must not stage a wake that will never come.
+        me.runner.prepare_stop().await;
+        match (state, pid) {
+            (ServiceState::Asleep, _) => true,
+            (ServiceState::Awake, Some(pid)) => {
+                if let Some(reason) = cannot {
+                    warn!(service = %name, %reason, "stopping: this service cannot be checkpointed here; it is killed and its state lost");
+                    return false;
+                }
+                let tier = if footprint <= me.spec.policy.memory_tier_max_bytes {
+                    SnapshotTier::Memory
+                } else {
+                    SnapshotTier::Tiered
+                };
+                let slept = tokio::time::timeout(
+                    limit,
+                    me.sleep(pid, tier, "stopping: its state is kept in the pool".into()),
+                )
+                .await;
+                match slept {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(reason)) => {
+                        warn!(service = %name, %reason, "stopping: the checkpoint failed; the service is killed and its state lost");
+                        false
+                    }
+                    Err(_) => {
+                        warn!(service = %name, ?limit, "stopping: the checkpoint took too long; the service is killed and its state lost");
+                        false
+                    }
+                }
+            }
+            (other, _) => {
+                warn!(service = %name, state = other.as_str(), "stopping: not running, nothing to keep");
+                false
+            }
+        }
+    }
+
     /// Stops the service for good (shutdown): held requests get an error, the tree is killed.
-    pub async fn stop(me: &Arc<Managed>) {
+    /// Whether a running tree was killed (its state is then lost).
+    pub async fn stop(me: &Arc<Managed>) -> bool {
         me.link.shut_down();
+        me.runner.prepare_stop().await;
         let pid = me.rt.lock().expect("runtime lock").pid.take();
         if let Some(pid) = pid {
             me.runner.stop(pid, Duration::from_secs(2)).await;
             me.end_life();
         }
         me.runner.retire().await;
+        pid.is_some()
+    }
+
+    /// Deletes every generation of this service from the pool: after its running tree was
+    /// killed they are older than the state it had, and the next start must not bring such a
+    /// past back (it cold-starts instead).
+    pub async fn forget_snapshots(&self) {
+        if let Err(e) = self.runner.release(u64::MAX).await {
+            warn!(service = %self.spec.name, error = %e, "could not delete the stale snapshots of a killed service; the next start may restore an older state");
+        }
     }
 
     pub fn status(&self) -> ServiceStatus {
@@ -1236,6 +1325,11 @@ mod tests {
     const IDLE: Duration = Duration::from_millis(100);
 
     async fn start(fake: Fake) -> Harness {
+        start_with(fake, None).await
+    }
+
+    /// A harness whose service is launched, or with `adopt` adopted asleep in that generation.
+    async fn start_with(fake: Fake, adopt: Option<u64>) -> Harness {
         let fake = Arc::new(fake);
         let link = ServiceLink::new(
             "svc",
@@ -1264,10 +1358,15 @@ mod tests {
         };
         let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
-        let (_keep, mut no_cancel) = watch::channel(false);
-        m.cold_start_initial(&mut no_cancel)
-            .await
-            .expect("first start");
+        match adopt {
+            Some(generation) => m.adopt_asleep(generation),
+            None => {
+                let (_keep, mut no_cancel) = watch::channel(false);
+                m.cold_start_initial(&mut no_cancel)
+                    .await
+                    .expect("first start");
+            }
+        }
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(Managed::run(m.clone(), rx));
         Harness {
@@ -1312,6 +1411,12 @@ mod tests {
             self.stop.send(true).unwrap();
             self.task.await.unwrap();
             Managed::stop(&self.m).await;
+        }
+
+        /// Ends the service's loop as the agent's stop does, and keeps the service running.
+        async fn end_loop(&mut self) {
+            self.stop.send(true).unwrap();
+            (&mut self.task).await.unwrap();
         }
     }
 
@@ -1663,6 +1768,91 @@ mod tests {
             m.command(ManualCommand::Wake, "uid 0").await,
             Err(ManualError::Stopping)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adopted_service_is_asleep_without_a_launch_and_its_first_request_restores_that_generation(
+    ) {
+        let h = start_with(Fake::default(), Some(7)).await;
+        let s = h.m.status();
+        assert_eq!(
+            (s.state, s.pid, s.snapshot_generation, s.adopted_generation),
+            (ServiceState::Asleep, None, Some(7), Some(7))
+        );
+        assert!(h.details()[0].contains("adopted asleep: generation 7"));
+        h.link.enter().await.expect("held, then answered");
+        let s = h.m.status();
+        assert_eq!(
+            (s.state, s.wakes, s.cold_starts),
+            (ServiceState::Awake, 1, 0)
+        );
+        let w = s.last_wake.unwrap();
+        assert_eq!((w.cause.as_str(), w.how.as_str()), ("request", "restore"));
+        assert_eq!(h.fake.calls("restore")[0].1, "restore Some(7)");
+        assert!(h.fake.calls("launch").is_empty(), "never launched");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_stop_an_awake_service_is_checkpointed_rather_than_killed() {
+        let mut h = start(Fake::default()).await;
+        // Pinned: the policy keeps it awake; the stop puts it to sleep all the same.
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert!(Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        let s = h.m.status();
+        assert_eq!(
+            (s.state, s.snapshot_generation),
+            (ServiceState::Asleep, Some(1))
+        );
+        assert!(h
+            .details()
+            .iter()
+            .any(|d| d.contains("stopping: its state is kept")));
+        assert!(!Managed::stop(&h.m).await, "nothing left to kill");
+        assert!(h.fake.calls("stop").is_empty());
+        assert!(h.fake.calls("release").is_empty(), "its snapshot stays");
+        // Asleep already: nothing more to do.
+        assert!(Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        assert_eq!(h.fake.calls("checkpoint").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_that_fails_at_stop_leaves_the_service_to_be_killed_and_forgotten() {
+        let fake = Fake::default();
+        fake.checkpoints
+            .lock()
+            .unwrap()
+            .push_back(Err(failed("criu said no", false, None)));
+        let mut h = start(fake).await;
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        assert!(!Managed::sleep_for_stop(&h.m, Duration::from_secs(5)).await);
+        assert!(Managed::stop(&h.m).await, "killed");
+        assert_eq!(h.fake.calls("stop").len(), 1);
+        h.m.forget_snapshots().await;
+        assert_eq!(
+            h.fake.calls("release")[0].1,
+            format!("release {}", u64::MAX),
+            "every generation"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_at_stop_is_cut_off_at_its_limit() {
+        let mut h = start(Fake::default()).await;
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        h.end_loop().await;
+        // The fake's checkpoint takes STEP, and the drain nothing: a limit below it cuts it.
+        assert!(!Managed::sleep_for_stop(&h.m, STEP / 2).await);
+        assert!(Managed::stop(&h.m).await, "killed");
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,7 +24,7 @@ pub mod token;
 pub use addr::{AddrError, PoolAddr};
 pub use client::{ClientError, FrameSink, PoolClient, Stage};
 pub use server::{serve, serve_with, Listener, ServeOptions};
-pub use store::{error_chain, Store, StoreConfig, StoreError};
+pub use store::{error_chain, Persisted, Store, StoreConfig, StoreError};
 pub use target::{PoolTarget, Timeouts};
 pub use tls::{ClientTls, TlsError};
 pub use token::{read_token_file, write_token_file, TokenFileError};

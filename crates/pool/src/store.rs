@@ -103,6 +103,8 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("the pool has no spill directory to persist its snapshots to")]
+    NoDiskTier,
     #[error("snapshot {0:?} not found")]
     NotFound(String),
     #[error("snapshot {name:?} has no generation {generation}")]
@@ -169,6 +171,7 @@ impl StoreError {
             | StoreError::RangeTooLong { .. }
             | StoreError::RangeBeyondEnd { .. } => ErrorCode::BadRequest,
             StoreError::Arena { .. }
+            | StoreError::NoDiskTier
             | StoreError::SpillDir { .. }
             | StoreError::SpillDirUnsafe { .. }
             | StoreError::Spill { .. }
@@ -401,6 +404,16 @@ pub struct Committed {
     pub generation: u64,
     pub bytes: u64,
     pub tier: Tier,
+}
+
+/// What [`Store::persist_all`] wrote to the disk tier.
+#[derive(Debug, Default)]
+pub struct Persisted {
+    /// Snapshots (generations) written.
+    pub snapshots: usize,
+    pub bytes: u64,
+    /// Generations that could not be written (disk full, I/O): they stay in RAM only.
+    pub failed: Vec<StoreError>,
 }
 
 /// A file whose bytes so far fit in this many is received into an exact-size tail instead of
@@ -660,8 +673,51 @@ impl Store {
             let Some((_, manifest, files)) = victim else {
                 return Err(StoreError::FullNothingToSpill { capacity });
             };
-            self.spill(dir, &manifest, &files)?;
+            self.spill(dir, &manifest, &files, "RAM tier full")?;
         }
+    }
+
+    /// Writes every snapshot still in the RAM tier to the disk tier, each file fsync'd, so
+    /// that a store opened later on the same spill directory finds them all: what a stopping
+    /// `torpor up` does so that its services' state outlives it. Older generations that newer
+    /// ones inherit pages from are in the RAM tier like any other and go too. A generation
+    /// that cannot be written is reported in [`Persisted::failed`] and the others still go.
+    pub fn persist_all(&self) -> Result<Persisted, StoreError> {
+        let Some(dir) = &self.spill_dir else {
+            return Err(StoreError::NoDiskTier);
+        };
+        let _spilling = self.spill_lock.lock().expect("spill lock");
+        let in_ram: Vec<_> = {
+            let state = self.state.lock().expect("store lock");
+            state
+                .names
+                .values()
+                .flat_map(|ns| ns.generations.values())
+                .filter_map(|e| match &e.data {
+                    StoredData::Ram(files) => Some((e.manifest.clone(), files.clone())),
+                    StoredData::Disk(_) => None,
+                })
+                .collect()
+        };
+        let mut done = Persisted::default();
+        for (manifest, files) in in_ram {
+            match self.spill(dir, &manifest, &files, "persisted") {
+                Ok(()) => {
+                    done.snapshots += 1;
+                    done.bytes += manifest.total_bytes();
+                }
+                Err(e) => done.failed.push(e),
+            }
+        }
+        // The snapshots' own directories are synced with their files; this makes the
+        // entries of new ones in the spill directory durable too.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::SpillDir {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(done)
     }
 
     /// A free chunk if one is at hand, without any I/O.
@@ -674,6 +730,7 @@ impl Store {
         dir: &Path,
         manifest: &Arc<Manifest>,
         files: &Arc<Vec<RamFile>>,
+        why: &str,
     ) -> Result<(), StoreError> {
         let path = snapfile_path(dir, &manifest.name, manifest.generation);
         let spill_err = |source| StoreError::Spill {
@@ -698,7 +755,7 @@ impl Store {
                     offsets,
                     blocks: files.iter().map(|f| f.blocks.clone()).collect(),
                 }));
-                info!(name = %manifest.name, generation = manifest.generation, bytes = manifest.total_bytes(), "spilled snapshot to disk tier (RAM tier full)");
+                info!(name = %manifest.name, generation = manifest.generation, bytes = manifest.total_bytes(), why, "snapshot written to the disk tier");
             }
             // Deleted meanwhile: the file is not wanted either.
             None => {
@@ -1501,6 +1558,90 @@ mod tests {
             s.begin_upload("svc", SnapshotMeta::default(), Some(100 * CHUNK_SIZE)),
             Err(StoreError::FullNoSpill { .. })
         ));
+    }
+
+    /// Every byte of every file of `name`'s `generation`, read back through the store.
+    fn contents(s: &Store, name: &str, generation: u64) -> Vec<Vec<u8>> {
+        let (manifest, data) = s.lookup(name, Some(generation)).unwrap();
+        let mut buf = Vec::new();
+        (0..manifest.files.len())
+            .map(|file| {
+                let mut bytes = Vec::new();
+                for chunk in 0..manifest.files[file].chunk_crcs.len() {
+                    data.with_chunk(&manifest, file, chunk, &mut buf, |b, _| {
+                        bytes.extend_from_slice(b)
+                    })
+                    .unwrap();
+                }
+                bytes
+            })
+            .collect()
+    }
+
+    #[test]
+    fn persist_all_writes_every_ram_generation_and_a_reopened_store_serves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("spill");
+        let open = || {
+            Store::open(StoreConfig {
+                capacity: 16 * CHUNK_SIZE,
+                spill_dir: Some(spill.clone()),
+                keep: 1,
+            })
+            .unwrap()
+        };
+        let s = open();
+        let big: Vec<u8> = (0..CHUNK_SIZE as usize + 1000)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        upload(&s, "web", &big);
+        upload(&s, "db", b"rows");
+        // An increment of web inheriting from generation 1: with `keep = 1` only the chain
+        // keeps generation 1, and it must go to disk with it.
+        assert_eq!(upload_increment(&s, "web", &[1]).generation, 2);
+        let before = s.list();
+        assert_eq!(before.len(), 3, "{before:?}");
+        assert!(before.iter().all(|i| i.tier == Tier::Ram));
+        let want: Vec<_> = before
+            .iter()
+            .map(|i| contents(&s, &i.name, i.generation))
+            .collect();
+
+        let done = s.persist_all().unwrap();
+        assert_eq!(done.snapshots, 3);
+        assert!(done.failed.is_empty(), "{:?}", done.failed);
+        assert_eq!(done.bytes, before.iter().map(|i| i.bytes).sum::<u64>());
+        assert!(s.list().iter().all(|i| i.tier == Tier::Disk));
+        assert_eq!(
+            s.free_bytes(),
+            s.capacity_bytes(),
+            "the RAM tier is given back"
+        );
+        assert_eq!(s.persist_all().unwrap().snapshots, 0, "nothing left in RAM");
+        drop(s);
+
+        let again = open();
+        let listed: Vec<_> = again
+            .list()
+            .into_iter()
+            .map(|i| (i.name, i.generation, i.bytes, i.tier))
+            .collect();
+        let expected: Vec<_> = before
+            .iter()
+            .map(|i| (i.name.clone(), i.generation, i.bytes, Tier::Disk))
+            .collect();
+        assert_eq!(listed, expected);
+        for (i, bytes) in before.iter().zip(&want) {
+            assert_eq!(&contents(&again, &i.name, i.generation), bytes, "{i:?}");
+        }
+        assert_eq!(again.next_generation("web"), 3, "generations do not repeat");
+    }
+
+    #[test]
+    fn persist_all_without_a_disk_tier_is_refused() {
+        let s = store(4);
+        upload(&s, "svc", &[1; 100]);
+        assert!(matches!(s.persist_all(), Err(StoreError::NoDiskTier)));
     }
 
     #[test]

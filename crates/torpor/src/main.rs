@@ -805,6 +805,12 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         if let Some(why) = &s.cannot_sleep {
             println!("{}: never sleeps here: {why}", s.name);
         }
+        if let Some(g) = s.adopted_generation {
+            println!(
+                "{}: adopted asleep at start in generation {g}, left in the pool by an earlier run",
+                s.name
+            );
+        }
         if let Some(p) = &s.pinned {
             println!(
                 "{}: pinned awake by {} at {}, {}",

@@ -61,7 +61,11 @@ pub struct UpInfo {
 }
 
 /// Runs everything until `shutdown` resolves, then stops it all: held requests get an
-/// error, services are killed and reaped, the embedded pool is dropped.
+/// error; when the pool outlives this process (a remote pool, or the embedded one with a
+/// disk tier) every awake service is checkpointed into it and the embedded pool's RAM tier
+/// written to its disk tier, so the next start adopts every service asleep with its state;
+/// otherwise (or when its checkpoint fails) a service is killed and reaped, and its state is
+/// lost. The embedded pool is dropped last.
 ///
 /// `shutdown` may resolve at any moment, also while things start: before the agent starts
 /// nothing is left to undo; during the agent's start what started is stopped (and services
@@ -93,11 +97,15 @@ pub async fn run(
         snapshots,
         pool_desc,
         pool_task,
+        embedded,
         _pool_dir,
         gates,
         status_listener,
         control_listener,
     } = bound;
+    if !snapshots.survives_stop {
+        warn!("{LOSSY_STOP}");
+    }
     let status_addr = status_listener.local_addr()?;
     // CRIU's kernel-feature cache for as long as services may be checkpointed and restored:
     // some 25 ms off every CRIU start where /run is not a tmpfs.
@@ -147,6 +155,7 @@ pub async fn run(
         if let Some(t) = pool_task {
             t.stop().await;
         }
+        persist(embedded).await;
         info!("stopped before it was ready");
         return Ok(());
     };
@@ -208,6 +217,9 @@ pub async fn run(
     on_ready(&info, &agent);
     shutdown.await;
     info!("stopping");
+    if !agent.survives_stop() {
+        warn!("{LOSSY_STOP}");
+    }
     for l in &links {
         l.shut_down();
     }
@@ -217,7 +229,37 @@ pub async fn run(
     if let Some(t) = pool_task {
         t.stop().await;
     }
+    persist(embedded).await;
     Ok(())
+}
+
+/// Said at start and at stop when stopping loses the services' state.
+const LOSSY_STOP: &str = "stopping loses the state of every service (the awake ones', and the asleep ones' in the embedded pool's RAM tier): set [pool] spill_dir or use a remote pool";
+
+/// Writes what the embedded pool holds in RAM to its disk tier, once nothing uses it any
+/// more, so that the next start finds every snapshot there. Failures are logged: the stop
+/// goes on.
+async fn persist(store: Option<Arc<Store>>) {
+    let Some(store) = store else { return };
+    let persisted = tokio::task::spawn_blocking(move || store.persist_all())
+        .await
+        .expect("persist task panicked");
+    match persisted {
+        Ok(p) => {
+            for e in &p.failed {
+                warn!(error = %torpor_pool::error_chain(e), "a snapshot could not be written to the disk tier; the state it holds is lost");
+            }
+            info!(
+                snapshots = p.snapshots,
+                bytes = p.bytes,
+                failed = p.failed.len(),
+                "the embedded pool's RAM tier is written to its disk tier for the next start"
+            );
+        }
+        Err(e) => {
+            warn!(error = %torpor_pool::error_chain(&e), "the embedded pool's snapshots could not be kept")
+        }
+    }
 }
 
 /// One service's gate, bound but not yet serving.
@@ -234,6 +276,8 @@ struct Bound {
     snapshots: Snapshots,
     pool_desc: String,
     pool_task: Option<AbortOnDrop>,
+    /// The embedded pool's store when it has a disk tier, written there at stop.
+    embedded: Option<Arc<Store>>,
     _pool_dir: Option<tempfile::TempDir>,
     gates: Vec<Gate>,
     status_listener: TcpListener,
@@ -246,7 +290,7 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
     // First: a control socket another torpor up holds is refused before the pool's memory
     // is taken.
     let control_listener = control::ControlListener::bind(&config.control).await?;
-    let (pool_target, pool_desc, pool_task, pool_dir) = start_pool(config).await?;
+    let (pool_target, pool_desc, pool_task, pool_dir, embedded) = start_pool(config).await?;
     let snapshots = snapshots(config, pool_target)?;
     let mut gates = Vec::new();
     for s in &config.services {
@@ -283,6 +327,7 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
         snapshots,
         pool_desc,
         pool_task: pool_task.map(|t| AbortOnDrop(Some(t))),
+        embedded,
         _pool_dir: pool_dir,
         gates,
         status_listener,
@@ -376,6 +421,10 @@ fn snapshots(config: &Config, main: PoolTarget) -> Result<Snapshots, UpError> {
         )),
     };
     Ok(Snapshots {
+        survives_stop: match &config.pool {
+            PoolChoice::Remote { .. } => true,
+            PoolChoice::Embedded { spill_dir, .. } => spill_dir.is_some(),
+        },
         pools: Pools {
             replicas,
             write_quorum: config.write_quorum,
@@ -390,6 +439,7 @@ type PoolStart = (
     String,
     Option<tokio::task::JoinHandle<()>>,
     Option<tempfile::TempDir>,
+    Option<Arc<Store>>,
 );
 
 async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
@@ -408,7 +458,7 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                 tls_client.as_ref(),
                 *insecure,
             )?;
-            Ok((target, desc, None, None))
+            Ok((target, desc, None, None, None))
         }
         PoolChoice::Embedded {
             capacity,
@@ -443,16 +493,20 @@ async fn start_pool(config: &Config) -> Result<PoolStart, UpError> {
                     .unwrap_or_default()
             );
             let task_token: Arc<str> = token.clone().into();
+            let store = Arc::new(store);
+            let kept = spill_dir.is_some().then(|| store.clone());
             let task = tokio::spawn(async move {
-                let _ = torpor_pool::serve(
-                    listener,
-                    Arc::new(store),
-                    Some(task_token),
-                    std::future::pending(),
-                )
-                .await;
+                let _ =
+                    torpor_pool::serve(listener, store, Some(task_token), std::future::pending())
+                        .await;
             });
-            Ok((PoolTarget::new(addr, token), desc, Some(task), Some(dir)))
+            Ok((
+                PoolTarget::new(addr, token),
+                desc,
+                Some(task),
+                Some(dir),
+                kept,
+            ))
         }
     }
 }
