@@ -710,10 +710,7 @@ impl Runner for ProcessTree {
         Box::pin(async move {
             // A restore armed (or arming) for the next wake is given up before the cgroup is
             // emptied: CRIU is told to end, rather than killed under its held tree.
-            let staged = self.lazy.lock().expect("lazy lock").staged.take();
-            if let Some(staging) = staged {
-                let _ = tokio::task::spawn_blocking(move || drop(staging.take(None))).await;
-            }
+            self.prepare_stop().await;
             if let Some(cg) = self.cgroup.clone() {
                 let removed = tokio::task::spawn_blocking(move || {
                     cg.kill_all(Duration::from_secs(5));
