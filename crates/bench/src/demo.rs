@@ -88,6 +88,7 @@ fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
         r#"
 [pool]
 capacity = "{pool}"
+ephemeral = true
 [status]
 listen = "127.0.0.1:0"
 [power]

@@ -115,7 +115,7 @@ impl OneService {
     ) -> Result<OneService, ExperimentError> {
         let (port, backend) = (free_port()?, free_port()?);
         let cfg = format!(
-            "[pool]\ncapacity = \"{}\"\n[status]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"bench\"\ncommand = [\"{}\", \"sample-service\", \"--listen\", \"127.0.0.1:{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nmax_sleep_rate = 1000000.0\n",
+            "[pool]\ncapacity = \"{}\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"bench\"\ncommand = [\"{}\", \"sample-service\", \"--listen\", \"127.0.0.1:{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nmax_sleep_rate = 1000000.0\n",
             memory + (256 << 20),
             exe.display()
         );

@@ -261,7 +261,7 @@ fn toml_config(
     journal: &std::path::Path,
     dry_run: bool,
 ) -> String {
-    let mut t = format!("[pool]\ncapacity = \"2GiB\"\n[status]\nlisten = \"127.0.0.1:0\"\n[power]\nprofile = \"{profile}\"\n");
+    let mut t = format!("[pool]\ncapacity = \"2GiB\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n[power]\nprofile = \"{profile}\"\n");
     if matches!(c, Configuration::DeepIdle | Configuration::Snapshot) {
         let _ = writeln!(
             t,

@@ -379,7 +379,7 @@ async fn start_torpor(criu: &CriuBinary, site: &NginxSite) -> Result<InProcessUp
         .collect::<Vec<_>>()
         .join(", ");
     let cfg = format!(
-        "[pool]\ncapacity = \"128MiB\"\n[status]\nlisten = \"127.0.0.1:0\"\n\
+        "[pool]\ncapacity = \"128MiB\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n\
          [[service]]\nname = \"{NAME}\"\ncommand = [{argv}]\nlisten = \"127.0.0.1:{}\"\n\
          backend = \"{}\"\nprotocol = \"http\"\nstart_timeout = \"30s\"\n\
          [service.policy]\nidle_threshold = \"{IDLE}\"\nmax_sleep_rate = 1000000.0\n",

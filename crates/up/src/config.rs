@@ -103,6 +103,10 @@ struct RawPool {
     /// Embedded pool's RAM tier (default 1GiB).
     capacity: Option<String>,
     spill_dir: Option<PathBuf>,
+    /// The embedded pool, and every service's state with it, is meant to go at stop (a demo,
+    /// a test): no warning that stopping loses it.
+    #[serde(default)]
+    ephemeral: bool,
     /// A remote pool instead of the embedded one.
     address: Option<String>,
     token_file: Option<PathBuf>,
@@ -283,6 +287,8 @@ pub struct Config {
     pub control: ControlEndpoint,
     pub services: Vec<ServiceConfig>,
     pub power: NodePowerConfig,
+    /// `pool.ephemeral`: losing every service's state at stop is intended.
+    pub ephemeral: bool,
 }
 
 /// Where the knob journal lives unless `power.journal` says otherwise.
@@ -559,6 +565,12 @@ impl Config {
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text)?;
+        if raw.pool.ephemeral && (raw.pool.address.is_some() || raw.pool.spill_dir.is_some()) {
+            return Err(invalid(
+                "pool.ephemeral",
+                "only an embedded pool without a spill_dir is thrown away at stop",
+            ));
+        }
         let pool = match (&raw.pool.address, &raw.pool.capacity, &raw.pool.spill_dir) {
             (Some(a), None, None) => PoolChoice::Remote {
                 addr: a
@@ -887,6 +899,7 @@ impl Config {
             status_listen,
             services,
             power: power(raw.power)?,
+            ephemeral: raw.pool.ephemeral,
         })
     }
 }
@@ -956,6 +969,21 @@ mod tests {
         backend = "127.0.0.1:6379"
         protocol = "tcp"
     "#;
+
+    #[test]
+    fn ephemeral_is_only_for_an_embedded_pool_without_a_disk_tier() {
+        let svc = "[[service]]\nname = \"a\"\ncommand = [\"x\"]\nlisten = \"127.0.0.1:1\"\nbackend = \"127.0.0.1:2\"\n";
+        let c = Config::from_toml(&format!("[pool]\nephemeral = true\n{svc}")).unwrap();
+        assert!(c.ephemeral);
+        assert!(!Config::from_toml(svc).unwrap().ephemeral);
+        for pool in [
+            "[pool]\nephemeral = true\nspill_dir = \"/tmp/x\"\n",
+            "[pool]\nephemeral = true\naddress = \"127.0.0.1:7000\"\n",
+        ] {
+            let e = Config::from_toml(&format!("{pool}{svc}")).unwrap_err();
+            assert!(e.to_string().contains("pool.ephemeral"), "{e}");
+        }
+    }
 
     #[test]
     fn the_shipped_example_parses() {

@@ -103,7 +103,7 @@ pub async fn run(
         status_listener,
         control_listener,
     } = bound;
-    if !snapshots.survives_stop {
+    if !snapshots.survives_stop && !config.ephemeral {
         warn!("{LOSSY_STOP}");
     }
     let status_addr = status_listener.local_addr()?;
@@ -217,7 +217,7 @@ pub async fn run(
     on_ready(&info, &agent);
     shutdown.await;
     info!("stopping");
-    if !agent.survives_stop() {
+    if !agent.survives_stop() && !config.ephemeral {
         warn!("{LOSSY_STOP}");
     }
     for l in &links {
