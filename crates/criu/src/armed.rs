@@ -163,15 +163,21 @@ fn hold_files(dir: &Path) -> std::io::Result<(File, File)> {
         format!("'{}'", p.replace('\'', r"'\''"))
     };
     let (armed, go) = (quote(ARMED_FIFO), quote(GO_FIFO));
-    // `<>` opens the FIFO read-write, which never blocks: the report lands in its buffer
-    // even if torpor is not reading yet.
+    // `<>` opens a FIFO read-write, which never blocks. The script opens `go` read-write,
+    // then read-only (not blocking: it is a writer itself), then drops the read-write one:
+    // from then on only torpor's end keeps a writer, so the read sees end of file if torpor
+    // is gone, even if it went before the script started. The report on `armed` lands in
+    // its buffer whether or not torpor reads yet.
     let script = format!(
         "#!/bin/sh\n\
          # Written by torpor: holds CRIU's restore before its tasks resume, until torpor\n\
          # says go. Anything else, torpor's end of the FIFO closing included, kills the tree.\n\
          [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
+         exec 3<>{go}\n\
+         exec 4<{go}\n\
+         exec 3>&-\n\
          echo \"$CRTOOLS_INIT_PID\" 1<>{armed}\n\
-         read -r word <{go}\n\
+         read -r word <&4\n\
          [ \"$word\" = go ] && exit 0\n\
          kill -KILL \"$CRTOOLS_INIT_PID\"\n\
          exit 1\n"
@@ -357,6 +363,23 @@ mod tests {
         assert!(tree.try_wait().unwrap().is_none(), "the released tree runs");
         tree.kill().unwrap();
         tree.wait().unwrap();
+    }
+
+    #[test]
+    fn the_script_kills_the_tree_when_torpor_went_away_before_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut armed, go) = hold_files(dir.path()).unwrap();
+        drop(go);
+        let mut tree = sleeper();
+        let mut script = run_script(dir.path(), "pre-resume", tree.id());
+        reported(&mut armed);
+        assert!(!script.wait().unwrap().success(), "CRIU is told it failed");
+        let status = tree.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the held root is killed rather than held for ever"
+        );
     }
 
     #[test]
