@@ -52,6 +52,49 @@ const ARMED_FIFO: &str = "armed.fifo";
 const GO_FIFO: &str = "go.fifo";
 const GO: &[u8] = b"go\n";
 
+/// The action script CRIU runs at each stage (`@GO@` and `@ARMED@`: the FIFOs' quoted
+/// paths). `<>` opens a FIFO read-write, which never blocks: the script opens `go`
+/// read-write, then read-only (not blocking: it is a writer itself), then drops the
+/// read-write one, so from then on only torpor's end keeps a writer and the read sees end of
+/// file if torpor is gone, even if it went before the script started. The report on `armed`
+/// lands in its buffer whether or not torpor reads yet.
+const HOLD_SCRIPT: &str = r#"#!/bin/sh
+# Written by torpor: holds CRIU's restore before its tasks resume, until torpor says go.
+# Anything else, torpor's end of the FIFO closing included, kills the tree.
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-resume ] || exit 0
+exec 3<>@GO@
+exec 4<@GO@
+exec 3>&-
+echo "$CRTOOLS_INIT_PID" 1<>@ARMED@
+read -r word <&4
+[ "$word" = go ] && exit 0
+root=$CRTOOLS_INIT_PID
+exec 5<"/proc/$root/ns/pid"
+kill -KILL "$root"
+# In this shell's PID namespace, CRIU kills the rest when it cannot detach the root.
+[ /proc/self/fd/5 -ef /proc/self/ns/pid ] && exit 1
+# In one of its own, the init dies only once its tasks are reaped, while CRIU, which still
+# traces them, waits for the init: kill every task of the namespace, and once none can run
+# (a zombie, or exiting: PF_EXITING in stat's flags), end CRIU.
+tries=0
+while :; do
+    live=0
+    for p in /proc/[0-9]*; do
+        [ "$p/ns/pid" -ef /proc/self/fd/5 ] || continue
+        read -r stat <"$p/stat" || continue
+        set -- ${stat##*") "}
+        case $1 in Z | X) continue ;; esac
+        [ $(($7 & 4)) -ne 0 ] && continue
+        live=1
+        kill -KILL "${p#/proc/}"
+    done 2>/dev/null
+    [ "$live" = 0 ] && kill -KILL "$PPID" && exit 1
+    tries=$((tries + 1))
+    [ "$tries" -gt 1000 ] && exit 1
+    sleep 0.01
+done
+"#;
+
 /// A lazy restore held before its tasks resume (see the module's documentation).
 #[derive(Debug)]
 pub struct ArmedWake {
@@ -162,26 +205,9 @@ fn hold_files(dir: &Path) -> std::io::Result<(File, File)> {
         let p = dir.join(name).display().to_string();
         format!("'{}'", p.replace('\'', r"'\''"))
     };
-    let (armed, go) = (quote(ARMED_FIFO), quote(GO_FIFO));
-    // `<>` opens a FIFO read-write, which never blocks. The script opens `go` read-write,
-    // then read-only (not blocking: it is a writer itself), then drops the read-write one:
-    // from then on only torpor's end keeps a writer, so the read sees end of file if torpor
-    // is gone, even if it went before the script started. The report on `armed` lands in
-    // its buffer whether or not torpor reads yet.
-    let script = format!(
-        "#!/bin/sh\n\
-         # Written by torpor: holds CRIU's restore before its tasks resume, until torpor\n\
-         # says go. Anything else, torpor's end of the FIFO closing included, kills the tree.\n\
-         [ \"$CRTOOLS_SCRIPT_ACTION\" = pre-resume ] || exit 0\n\
-         exec 3<>{go}\n\
-         exec 4<{go}\n\
-         exec 3>&-\n\
-         echo \"$CRTOOLS_INIT_PID\" 1<>{armed}\n\
-         read -r word <&4\n\
-         [ \"$word\" = go ] && exit 0\n\
-         kill -KILL \"$CRTOOLS_INIT_PID\"\n\
-         exit 1\n"
-    );
+    let script = HOLD_SCRIPT
+        .replace("@GO@", &quote(GO_FIFO))
+        .replace("@ARMED@", &quote(ARMED_FIFO));
     let path = dir.join(SCRIPT);
     fs::write(&path, script)?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
@@ -216,17 +242,18 @@ fn kill_held(mut launched: Launched, go: &File) {
         generation = launched.manifest.generation,
         "giving a held restore up"
     );
+    // Any word but "go" makes the script kill the tree (a namespace's as well) and fail;
+    // CRIU then ends. If CRIU is stuck before its pre-resume stage, the tree is killed here.
+    let _ = (&*go).write_all(b"stop\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while launched.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let root = match launched.root.swap(0, Ordering::SeqCst) {
         0 => launched.read_pid().unwrap_or(0),
         root => root,
     };
     kill_tree(root);
-    // Any word but "go" makes the script fail; CRIU then kills what is left and ends.
-    let _ = (&*go).write_all(b"stop\n");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while launched.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
     if launched.child.try_wait().ok().flatten().is_none() {
         let _ = signal::kill(
             Pid::from_raw(launched.child.id() as i32),

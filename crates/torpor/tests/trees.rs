@@ -767,6 +767,66 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
 }
 
 #[test]
+fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = open_dir()?;
+    let forking = script(dir.path(), "forking.py", FORKING)?;
+    let (port, backend) = (free_port(), free_port());
+    let name = "trees-kill-armed";
+    let services = service(
+        name,
+        &[
+            "/usr/bin/python3",
+            forking.to_str().context("path")?,
+            &backend.to_string(),
+            "2",
+        ],
+        port,
+        backend,
+        "http",
+        "300ms",
+        "",
+    );
+    let status = addr(free_port());
+    let cfg = Up::config(POOL, status, &services);
+    let mut up = Up::spawn(&cfg, status)?;
+    up.wait_ready(WAIT)?;
+    ensure!(count_of(&http_get(addr(port), "/")?)? == 1);
+    // Asleep with its next wake armed: CRIU and the restored tree wait, stopped, in the
+    // service's cgroup.
+    let s = up.wait_for(name, "asleep and armed", WAIT, |s| {
+        (s["state"] == "asleep" && s["armed"] == true) || s["state"] == "failed"
+    })?;
+    ensure!(s["armed"] == true, "{s}\nlog:\n{}", up.log_text());
+    let held = cgroup_procs(name)?;
+    ensure!(
+        held.len() >= 4,
+        "CRIU, its script and the held tree: {held:?}"
+    );
+
+    let code = up.signal_and_wait(Signal::SIGKILL, WAIT)?;
+    ensure!(!code.success());
+    // No next start needed: the hold script reads its FIFO's end of file and kills the tree;
+    // CRIU's failed detach ends CRIU.
+    ensure!(
+        wait_until(Duration::from_secs(10), || cgroup_procs(name)
+            .is_ok_and(|p| p.is_empty())),
+        "the held restore outlived torpor up: {:?}",
+        cgroup_procs(name)?
+            .into_iter()
+            .map(|p| (
+                p,
+                std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+                torpor_criu::procs::stat_fields(p)
+                    .and_then(|f| f.first().cloned())
+                    .unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[test]
 fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
