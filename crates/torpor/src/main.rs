@@ -18,8 +18,19 @@ use torpor_pool::{PoolAddr, Store, StoreConfig};
     about = "Checkpoint idle services into a memory pool and wake them on request"
 )]
 struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` (one object per line)
+    /// for log shippers reading the journal.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,15 +355,27 @@ fn main() -> ExitCode {
         Cmd::Pool(_) | Cmd::Up { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let log_format = cli.log_format;
+    match log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match run(cli) {
         Ok(code) => code,
+        // A shipper parsing JSON lines gets the failure as one of them.
+        Err(e) if log_format == LogFormat::Json => {
+            tracing::error!(error = format!("{e:#}"), "torpor failed");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("torpor: {e:#}");
             ExitCode::FAILURE
@@ -392,7 +415,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("client key:       {}", key.display());
             }
         }
-        Cmd::Up { config } => up(&config)?,
+        Cmd::Up { config } => up(&config, cli.log_format)?,
         Cmd::Status { addr, json } => status(addr, json)?,
         Cmd::Sleep { name, control } => {
             return manual(&control, &name, torpor_agent::ManualCommand::Sleep)
@@ -655,7 +678,13 @@ fn pool(args: PoolArgs) -> Result<()> {
     })
 }
 
-fn up(path: &std::path::Path) -> Result<()> {
+fn up(path: &std::path::Path, log_format: LogFormat) -> Result<()> {
+    // Its progress lines for people; with --log-format json they are log events like the rest,
+    // so that stderr stays one JSON object per line.
+    let say = |line: String| match log_format {
+        LogFormat::Text => eprintln!("torpor up: {line}"),
+        LogFormat::Json => tracing::info!("{line}"),
+    };
     // The handlers come first, before the configuration is read or anything starts: from
     // here on SIGTERM or SIGINT, whenever it arrives, stops torpor up cleanly with status 0
     // (the default action would kill it with services, cgroups and the pool left behind).
@@ -671,21 +700,21 @@ fn up(path: &std::path::Path) -> Result<()> {
     let criu = criu()?;
     criu.version()?;
     rt.block_on(torpor_up::run(config, criu, stop.wait(), |info, _| {
-        eprintln!(
-            "torpor up: {}; status page on http://{}/ (API: /status, /energy, /metrics)",
+        say(format!(
+            "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
             info.pool, info.status_addr
-        );
+        ));
         if let Some(p) = &info.control.socket {
-            eprintln!("torpor up: control socket {}", p.display());
+            say(format!("control socket {}", p.display()));
         } else if let Some(a) = &info.control.tcp {
-            eprintln!("torpor up: control endpoint {a} (TCP, token)");
+            say(format!("control endpoint {a} (TCP, token)"));
         }
         for (name, addr) in &info.services {
-            eprintln!("torpor up: service {name} on {addr}");
+            say(format!("service {name} on {addr}"));
         }
-        eprintln!("torpor up: ready");
+        say("ready".into());
     }))?;
-    eprintln!("torpor up: stopped");
+    say("stopped".into());
     Ok(())
 }
 
