@@ -42,6 +42,11 @@ enum Cmd {
     Doctor {
         #[arg(long)]
         json: bool,
+        /// The systemd unit file to check (with its drop-ins) [default: this process's own
+        /// unit, else torpor.service in /etc/systemd/system, /usr/lib/systemd/system or
+        /// /lib/systemd/system].
+        #[arg(long)]
+        unit: Option<PathBuf>,
     },
     /// Run pool, agent and gates on this machine from one config file (the embedded default).
     Up {
@@ -403,7 +408,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Demo(args) => torpor_bench::demo::run(&args)?,
-        Cmd::Doctor { json } => return doctor(json),
+        Cmd::Doctor { json, unit } => return doctor(json, unit.as_deref()),
         Cmd::Pool(args) => pool(args)?,
         Cmd::PoolCert { dir, names, client } => {
             let g = torpor_pool::tls::generate(&dir, &names, client)?;
@@ -563,9 +568,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn doctor(json: bool) -> Result<ExitCode> {
+fn doctor(json: bool, unit: Option<&std::path::Path>) -> Result<ExitCode> {
+    use torpor_doctor::systemd;
     let criu = CriuBinary::locate().ok();
-    let checks = torpor_doctor::run_checks(&torpor_doctor::HostRoots::default(), criu.as_ref());
+    let roots = torpor_doctor::HostRoots::default();
+    let mut checks = torpor_doctor::run_checks(&roots, criu.as_ref());
+    let dirs: Vec<PathBuf> = systemd::UNIT_DIRS.iter().map(PathBuf::from).collect();
+    checks.extend(systemd::checks(
+        &systemd::Context::read(&roots.proc),
+        unit,
+        &dirs,
+    ));
     let fit = torpor_doctor::fit(&checks);
     if json {
         print_json(&serde_json::json!({ "fit": fit, "checks": checks }))?;

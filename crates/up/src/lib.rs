@@ -108,10 +108,7 @@ pub async fn run(
         }
         bound = bind_all(&config) => bound?,
     };
-    say(notifier.status(&format!(
-        "starting {} service(s)",
-        config.services.len()
-    )));
+    say(notifier.status(&format!("starting {} service(s)", config.services.len())));
     let Bound {
         snapshots,
         pool_desc,

@@ -91,8 +91,8 @@ impl Notifier {
             Target::Path(p) => socket.send_to(state.as_bytes(), p),
             Target::Abstract(name) => {
                 use std::os::linux::net::SocketAddrExt;
-                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)
-                    .map_err(fail)?;
+                let addr =
+                    std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(fail)?;
                 socket.send_to_addr(state.as_bytes(), &addr)
             }
         }
