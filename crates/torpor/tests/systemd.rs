@@ -136,8 +136,9 @@ fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     let log = dir.path().join("up.log");
+    // As the unit's comment suggests for log shippers.
     let child = Command::new(exe())
-        .args(["up", "-c"])
+        .args(["--log-format", "json", "up", "-c"])
         .arg(&cfg_path)
         .env("NOTIFY_SOCKET", &notify_path)
         .env("RUST_LOG", "info")
@@ -188,6 +189,23 @@ fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     while let Ok(n) = notify.recv(&mut buf) {
         let m = String::from_utf8_lossy(&buf[..n]);
         assert!(!m.contains("READY=1"), "after STOPPING=1: {m:?}");
+    }
+    // --log-format json: every line torpor up wrote is one JSON object, its own progress
+    // lines included.
+    let log = up.log_text();
+    let messages: Vec<String> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    for said in ["ready", "stopped", "stopping"] {
+        assert!(messages.iter().any(|m| m == said), "no {said:?} in:\n{log}");
     }
     Ok(())
 }
