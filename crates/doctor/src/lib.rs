@@ -569,11 +569,13 @@ pub mod systemd {
     /// One `[Service]` option that bears on torpor.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
     pub struct Finding {
+        /// The option's name, as the unit spells it: what to change.
         pub key: String,
         /// Its value as the unit sets it (assignments that add up joined by spaces).
         pub value: String,
         /// Whether it keeps CRIU (or torpor) from working, rather than costing something.
         pub blocks: bool,
+        /// What it breaks or costs, and why.
         pub why: String,
     }
 
