@@ -1,6 +1,8 @@
 //! Host readiness checks for `torpor doctor`. Each check says in plain words what it found
 //! and what to do about it; required checks that fail make the host unfit. File-system
-//! facts are read under a [`HostRoots`] so tests can point them at a fake tree.
+//! facts are read under a [`HostRoots`] so tests can point them at a fake tree. The
+//! [`systemd`] checks say whether torpor runs under systemd and whether a unit's options
+//! would keep CRIU from working.
 
 use std::{
     fs,
@@ -486,6 +488,764 @@ fn rapl_check(roots: &HostRoots) -> Check {
 
 fn read_trim(p: &Path) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+pub mod systemd {
+    //! The `systemd` checks: whether this process runs under systemd, and whether a unit's
+    //! `[Service]` options (the unit file and its drop-ins) would keep CRIU from working,
+    //! each verdict naming the option. Everything is read from text or from paths the caller
+    //! gives, so tests use sample units and fake trees.
+
+    use std::{
+        collections::BTreeMap,
+        fs,
+        path::{Path, PathBuf},
+    };
+
+    use serde::Serialize;
+
+    use super::{Check, Status};
+
+    /// The unit looked for when this process is not in one and none is named.
+    pub const UNIT_NAME: &str = "torpor.service";
+
+    /// Where systemd reads system units from, most important first.
+    pub const UNIT_DIRS: [&str; 3] = [
+        "/etc/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ];
+
+    /// What tells whether this process runs under systemd; [`Context::read`] fills it from
+    /// the environment and `/proc`, tests build it by hand.
+    #[derive(Debug, Clone, Default)]
+    pub struct Context {
+        /// `INVOCATION_ID`: systemd sets it for every process it starts for a unit.
+        pub invocation_id: Option<String>,
+        /// `NOTIFY_SOCKET`: set for a `Type=notify` unit.
+        pub notify_socket: Option<String>,
+        /// `/proc/1/comm`: whether the host runs systemd at all.
+        pub pid1: Option<String>,
+        /// The `.service` this process's cgroup is named after, when it is in one.
+        pub unit: Option<String>,
+    }
+
+    impl Context {
+        /// This process's context, `/proc` being at `proc`.
+        pub fn read(proc: &Path) -> Context {
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            Context {
+                invocation_id: env("INVOCATION_ID"),
+                notify_socket: env("NOTIFY_SOCKET"),
+                pid1: fs::read_to_string(proc.join("1/comm"))
+                    .ok()
+                    .map(|s| s.trim().to_string()),
+                unit: fs::read_to_string(proc.join("self/cgroup"))
+                    .ok()
+                    .and_then(|t| unit_from_cgroup(&t)),
+            }
+        }
+
+        /// Whether systemd started this process (as a unit's).
+        pub fn under_systemd(&self) -> bool {
+            self.invocation_id.is_some() || self.notify_socket.is_some()
+        }
+    }
+
+    /// The service unit named by a `/proc/PID/cgroup` text (the v2 line, else systemd's
+    /// own v1 hierarchy): `torpor.service` for `0::/system.slice/torpor.service`.
+    fn unit_from_cgroup(text: &str) -> Option<String> {
+        let path = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.split_once(':').and_then(|(_, r)| r.strip_prefix(prefix)))
+        };
+        let p = path(":").or_else(|| path("name=systemd:"))?;
+        p.split('/')
+            .rev()
+            .find(|c| c.ends_with(".service"))
+            .map(str::to_string)
+    }
+
+    /// One `[Service]` option that bears on torpor.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+    pub struct Finding {
+        /// The option's name, as the unit spells it: what to change.
+        pub key: String,
+        /// Its value as the unit sets it (assignments that add up joined by spaces).
+        pub value: String,
+        /// Whether it keeps CRIU (or torpor) from working, rather than costing something.
+        pub blocks: bool,
+        /// What it breaks or costs, and why.
+        pub why: String,
+    }
+
+    impl Finding {
+        fn new(key: &str, value: String, blocks: bool, why: &str) -> Finding {
+            Finding {
+                key: key.into(),
+                value,
+                blocks,
+                why: why.into(),
+            }
+        }
+    }
+
+    /// The `[Service]` assignments of a unit text (file and drop-ins concatenated), per key
+    /// in order: an empty assignment clears those before it, as in systemd.
+    pub fn service_options(text: &str) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut in_service = false;
+        let mut pending = String::new();
+        for raw in text.lines() {
+            let line = raw.trim();
+            if pending.is_empty() && (line.starts_with('#') || line.starts_with(';')) {
+                continue;
+            }
+            // A trailing backslash continues the line.
+            if let Some(head) = line.strip_suffix('\\') {
+                pending.push_str(head.trim_end());
+                pending.push(' ');
+                continue;
+            }
+            pending.push_str(line);
+            let line = std::mem::take(&mut pending);
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_service = line == "[Service]";
+                continue;
+            }
+            if !in_service {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let values = out.entry(k.trim().to_string()).or_default();
+            match v.trim() {
+                "" => values.clear(),
+                v => values.push(v.to_string()),
+            }
+        }
+        out
+    }
+
+    /// Whether a boolean-like value turns its option on (`yes`, but also `strict`,
+    /// `read-only`, a list...).
+    fn enabled(v: &str) -> bool {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "" | "no" | "false" | "off" | "0"
+        )
+    }
+
+    /// Options that put a seccomp filter on torpor up, which every service inherits.
+    const SECCOMP: &str = "installs a seccomp filter on torpor up, inherited by every service \
+        it starts; CRIU, filtered itself, may not suspend a filtered task's seccomp \
+        (PTRACE_O_SUSPEND_SECCOMP) nor read its filter to dump it: checkpoints fail \
+        (\"suspending seccomp failed: Operation not permitted\")";
+
+    /// Boolean options that install a seccomp filter when on, with what else they break.
+    const SECCOMP_SWITCHES: [(&str, &str); 10] = [
+        (
+            "MemoryDenyWriteExecute",
+            "; CRIU's restorer also maps memory it wrote as executable",
+        ),
+        (
+            "RestrictNamespaces",
+            "; it also forbids the PID namespaces services are restored into",
+        ),
+        ("RestrictRealtime", ""),
+        ("RestrictSUIDSGID", ""),
+        ("LockPersonality", ""),
+        ("ProtectKernelModules", ""),
+        ("ProtectKernelLogs", ""),
+        ("ProtectClock", ""),
+        ("ProtectHostname", ""),
+        (
+            "PrivateDevices",
+            " (@raw-io); it also hides the host's devices from the services",
+        ),
+    ];
+
+    /// Options that install a seccomp filter whenever set.
+    const SECCOMP_LISTS: [&str; 4] = [
+        "SystemCallFilter",
+        "SystemCallArchitectures",
+        "SystemCallLog",
+        "RestrictAddressFamilies",
+    ];
+
+    /// Capabilities CRIU cannot work without, and those whose loss costs features.
+    const NEEDED_CAPS: [&str; 3] = ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_CHECKPOINT_RESTORE"];
+    const USEFUL_CAPS: [&str; 3] = ["CAP_NET_ADMIN", "CAP_SYS_RESOURCE", "CAP_SETPCAP"];
+
+    /// The capabilities a `CapabilityBoundingSet=` sequence leaves (`None`: all of them).
+    /// Allow-lists add up; a `~` list takes its capabilities away.
+    fn bounding_set(assignments: &[String]) -> Option<Vec<String>> {
+        let mut set: Option<Vec<String>> = None;
+        for a in assignments {
+            let (deny, list) = match a.strip_prefix('~') {
+                Some(rest) => (true, rest),
+                None => (false, a.as_str()),
+            };
+            let caps = list.split_whitespace().map(|c| c.to_ascii_uppercase());
+            if deny {
+                let denied: Vec<String> = caps.collect();
+                match &mut set {
+                    Some(s) => s.retain(|c| !denied.contains(c)),
+                    None => {
+                        set = Some(
+                            NEEDED_CAPS
+                                .iter()
+                                .chain(&USEFUL_CAPS)
+                                .map(|c| c.to_string())
+                                .filter(|c| !denied.contains(c))
+                                .collect(),
+                        )
+                    }
+                }
+            } else {
+                set.get_or_insert_with(Vec::new).extend(caps);
+            }
+        }
+        set
+    }
+
+    /// Every option of a unit text that keeps CRIU from working (`blocks`) or costs
+    /// something under torpor; none for a unit CRIU works under unchanged.
+    pub fn findings(text: &str) -> Vec<Finding> {
+        let opts = service_options(text);
+        let last = |k: &str| opts.get(k).and_then(|v| v.last()).map(String::as_str);
+        let joined = |k: &str| opts.get(k).map(|v| v.join(" ")).unwrap_or_default();
+        let mut out = Vec::new();
+        for k in SECCOMP_LISTS {
+            if !joined(k).is_empty() {
+                out.push(Finding::new(k, joined(k), true, SECCOMP));
+            }
+        }
+        for (k, more) in SECCOMP_SWITCHES {
+            if let Some(v) = last(k).filter(|v| enabled(v)) {
+                out.push(Finding::new(k, v.into(), true, &format!("{SECCOMP}{more}")));
+            }
+        }
+        let blocking: [(&str, &str); 4] = [
+            (
+                "ProtectKernelTunables",
+                "/proc/sys and /sys read-only: CRIU writes /proc/sys/kernel/ns_last_pid to \
+                 restore pids (where clone3 set_tid is missing) and namespaces' sysctls",
+            ),
+            (
+                "ProtectControlGroups",
+                "/sys/fs/cgroup read-only: torpor cannot make each service's cgroup, nor CRIU \
+                 move restored tasks into theirs",
+            ),
+            (
+                "PrivateUsers",
+                "a user namespace: torpor's capabilities hold only inside it, and CRIU needs \
+                 them in the initial one",
+            ),
+            (
+                "PrivateNetwork",
+                "an empty network namespace: the gates cannot be reached, nor remote pools",
+            ),
+        ];
+        for (k, why) in blocking {
+            if let Some(v) = last(k).filter(|v| enabled(v)) {
+                out.push(Finding::new(k, v.into(), true, why));
+            }
+        }
+        if let Some(v) = last("ProcSubset").filter(|v| v.eq_ignore_ascii_case("pid")) {
+            out.push(Finding::new(
+                "ProcSubset",
+                v.into(),
+                true,
+                "hides /proc/sys and the other /proc files CRIU reads (cap_last_cap, ns_last_pid)",
+            ));
+        }
+        if let Some(v) = last("User").filter(|u| *u != "root" && *u != "0") {
+            out.push(Finding::new(
+                "User",
+                v.into(),
+                true,
+                "torpor up must run as root: CRIU needs root's capabilities",
+            ));
+        }
+        if let Some(v) = last("DynamicUser").filter(|v| enabled(v)) {
+            out.push(Finding::new(
+                "DynamicUser",
+                v.into(),
+                true,
+                "runs torpor up as an unprivileged user: CRIU needs root's capabilities",
+            ));
+        }
+        if let Some(kept) = bounding_set(opts.get("CapabilityBoundingSet").map_or(&[], |v| v)) {
+            let lacking = |caps: &[&str]| -> Vec<String> {
+                caps.iter()
+                    .filter(|c| !kept.iter().any(|k| k == *c))
+                    .map(|c| c.to_string())
+                    .collect()
+            };
+            let value = joined("CapabilityBoundingSet");
+            let needed = lacking(&NEEDED_CAPS);
+            if !needed.is_empty() {
+                out.push(Finding::new(
+                    "CapabilityBoundingSet",
+                    value.clone(),
+                    true,
+                    &format!(
+                        "leaves out {}: CRIU cannot checkpoint or restore",
+                        needed.join(", ")
+                    ),
+                ));
+            }
+            let useful = lacking(&USEFUL_CAPS);
+            if !useful.is_empty() {
+                out.push(Finding::new(
+                    "CapabilityBoundingSet",
+                    value,
+                    false,
+                    &format!(
+                        "leaves out {}: no TCP repair, no multi-uid trees, and a process whose \
+                         bounding set CRIU cannot rebuild is not restored (see the capability \
+                         lines above)",
+                        useful.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = last("NoNewPrivileges").filter(|v| enabled(v)) {
+            out.push(Finding::new(
+                "NoNewPrivileges",
+                v.into(),
+                false,
+                "CRIU works, but every service inherits no_new_privs (setuid and file-capability \
+                 programs stop working) and so does every process CRIU restores",
+            ));
+        }
+        if let Some(v) = last("PrivateTmp").filter(|v| enabled(v)) {
+            out.push(Finding::new(
+                "PrivateTmp",
+                v.into(),
+                false,
+                "each start gets a new empty /tmp: a service kept asleep across a restart that \
+                 holds a file in /tmp cannot be restored",
+            ));
+        }
+        if let Some(v) = last("ProtectSystem").filter(|v| v.eq_ignore_ascii_case("strict")) {
+            out.push(Finding::new(
+                "ProtectSystem",
+                v.into(),
+                false,
+                "everything read-only but ReadWritePaths= (and the state and runtime \
+                 directories): torpor writes /var/lib/torpor, /run/torpor, /run/criu.kdat and \
+                 spill_dir, and the services write wherever they do",
+            ));
+        }
+        let kill_mode = last("KillMode").unwrap_or("control-group");
+        if kill_mode == "control-group" {
+            out.push(Finding::new(
+                "KillMode",
+                kill_mode.into(),
+                false,
+                "at stop systemd signals the CRIU processes of torpor up's last checkpoints \
+                 too, which then fail: use KillMode=mixed",
+            ));
+        }
+        let kind = last("Type").unwrap_or("simple");
+        if kind != "notify" {
+            out.push(Finding::new(
+                "Type",
+                kind.into(),
+                false,
+                "systemd does not wait until every gate listens: use Type=notify",
+            ));
+        }
+        out
+    }
+
+    /// A unit file followed by its drop-ins (`NAME.d/*.conf`, in name order), as systemd
+    /// applies them.
+    pub fn read_unit(path: &Path) -> std::io::Result<String> {
+        let mut text = fs::read_to_string(path)?;
+        let mut dropins = PathBuf::from(path).into_os_string();
+        dropins.push(".d");
+        if let Ok(entries) = fs::read_dir(&dropins) {
+            let mut confs: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+                .collect();
+            confs.sort();
+            for c in confs {
+                text.push('\n');
+                text.push_str(&fs::read_to_string(&c)?);
+            }
+        }
+        Ok(text)
+    }
+
+    /// The `systemd` check (whether this process runs under it) and, for the unit `unit`
+    /// or else the one found in `dirs` (this process's own unit, or torpor.service), the
+    /// `systemd unit` check. A blocking option makes the host unfit only when this process
+    /// runs under systemd; otherwise it is a warning about what would happen.
+    pub fn checks(ctx: &Context, unit: Option<&Path>, dirs: &[PathBuf]) -> Vec<Check> {
+        let pid1 = ctx.pid1.as_deref().unwrap_or("unknown");
+        let host = if pid1 == "systemd" {
+            "PID 1 is systemd".to_string()
+        } else {
+            format!("PID 1 is {pid1}, not systemd")
+        };
+        let how = match (&ctx.unit, ctx.under_systemd()) {
+            (Some(u), true) => format!("runs under systemd as {u}"),
+            (None, true) => "runs under systemd".into(),
+            (_, false) => "does not run under systemd (no INVOCATION_ID or NOTIFY_SOCKET)".into(),
+        };
+        let readiness = match (&ctx.notify_socket, ctx.under_systemd()) {
+            (Some(_), _) => "; NOTIFY_SOCKET set: torpor up notifies READY=1 and STOPPING=1",
+            (None, true) => "; no NOTIFY_SOCKET: the unit is not Type=notify",
+            (None, false) => "",
+        };
+        let mut out = vec![Check::new(
+            "systemd",
+            false,
+            if ctx.under_systemd() && ctx.notify_socket.is_none() {
+                Status::Warn
+            } else {
+                Status::Ok
+            },
+            format!("this process {how}{readiness}; {host}"),
+        )];
+        let name = ctx.unit.as_deref().unwrap_or(UNIT_NAME);
+        let path = match unit {
+            Some(p) => Some(p.to_path_buf()),
+            None => dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()),
+        };
+        let Some(path) = path else {
+            if ctx.under_systemd() {
+                out.push(Check::new(
+                    "systemd unit",
+                    false,
+                    Status::Warn,
+                    format!("cannot find {name} to check its options (pass --unit)"),
+                ));
+            }
+            return out;
+        };
+        let text = match read_unit(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                out.push(Check::new(
+                    "systemd unit",
+                    false,
+                    Status::Warn,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+                return out;
+            }
+        };
+        let found = findings(&text);
+        let lines: Vec<String> = found
+            .iter()
+            .map(|f| {
+                let verdict = if f.blocks { "blocks CRIU" } else { "costs" };
+                format!("{}={} {verdict}: {}", f.key, f.value, f.why)
+            })
+            .collect();
+        let blocks = found.iter().any(|f| f.blocks);
+        let check = if found.is_empty() {
+            Check::new(
+                "systemd unit",
+                false,
+                Status::Ok,
+                format!("{}: no option keeps CRIU from working", path.display()),
+            )
+        } else {
+            let required = blocks && ctx.under_systemd();
+            Check::new(
+                "systemd unit",
+                required,
+                if required {
+                    Status::Missing
+                } else {
+                    Status::Warn
+                },
+                format!("{}: {}", path.display(), lines.join("; ")),
+            )
+        };
+        out.push(check);
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The unit shipped in the repository.
+        const REPO_UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
+
+        fn keys(text: &str) -> Vec<(String, bool)> {
+            findings(text)
+                .into_iter()
+                .map(|f| (f.key, f.blocks))
+                .collect()
+        }
+
+        #[test]
+        fn the_repository_unit_passes_its_own_check() {
+            assert_eq!(findings(REPO_UNIT), vec![]);
+            let opts = service_options(REPO_UNIT);
+            assert_eq!(opts["Type"], ["notify"]);
+            assert_eq!(opts["KillMode"], ["mixed"]);
+            assert_eq!(opts["ProtectSystem"], ["full"]);
+        }
+
+        #[test]
+        fn each_seccomp_option_blocks_and_is_named() {
+            for line in [
+                "SystemCallFilter=@system-service",
+                "SystemCallArchitectures=native",
+                "SystemCallLog=@privileged",
+                "RestrictAddressFamilies=AF_INET AF_UNIX",
+                "MemoryDenyWriteExecute=yes",
+                "RestrictNamespaces=yes",
+                "RestrictNamespaces=~user",
+                "RestrictRealtime=true",
+                "RestrictSUIDSGID=yes",
+                "LockPersonality=yes",
+                "ProtectKernelModules=yes",
+                "ProtectKernelLogs=yes",
+                "ProtectClock=yes",
+                "ProtectHostname=yes",
+                "PrivateDevices=yes",
+            ] {
+                let text = format!("[Service]\nType=notify\nKillMode=mixed\n{line}\n");
+                let f = findings(&text);
+                assert_eq!(f.len(), 1, "{line}: {f:?}");
+                let key = line.split('=').next().unwrap();
+                assert_eq!(f[0].key, key);
+                assert!(f[0].blocks, "{line}");
+                assert!(f[0].why.contains("seccomp"), "{line}: {}", f[0].why);
+            }
+        }
+
+        #[test]
+        fn non_seccomp_blockers_and_costs() {
+            let text = "[Service]\nType=notify\nKillMode=mixed\nProtectKernelTunables=yes\n\
+                        ProtectControlGroups=yes\nProcSubset=pid\nPrivateUsers=yes\n\
+                        PrivateNetwork=yes\nUser=torpor\nDynamicUser=yes\n\
+                        NoNewPrivileges=yes\nPrivateTmp=yes\nProtectSystem=strict\n";
+            let mut got = keys(text);
+            got.sort();
+            let mut want: Vec<(String, bool)> = [
+                ("ProtectKernelTunables", true),
+                ("ProtectControlGroups", true),
+                ("ProcSubset", true),
+                ("PrivateUsers", true),
+                ("PrivateNetwork", true),
+                ("User", true),
+                ("DynamicUser", true),
+                ("NoNewPrivileges", false),
+                ("PrivateTmp", false),
+                ("ProtectSystem", false),
+            ]
+            .iter()
+            .map(|(k, b)| (k.to_string(), *b))
+            .collect();
+            want.sort();
+            assert_eq!(got, want);
+        }
+
+        #[test]
+        fn off_values_other_sections_and_comments_do_not_count() {
+            let text = "[Unit]\nSystemCallFilter=@mount\n[Service]\nType=notify\nKillMode=mixed\n\
+                        # SystemCallFilter=@system-service\n; PrivateDevices=yes\n\
+                        NoNewPrivileges=no\nProtectKernelTunables=false\nUser=root\n\
+                        ProtectSystem=full\nRestrictNamespaces=no\n[Install]\nPrivateTmp=yes\n";
+            assert_eq!(findings(text), vec![]);
+        }
+
+        #[test]
+        fn the_defaults_of_kill_mode_and_type_cost() {
+            let got = keys("[Service]\nExecStart=/usr/local/bin/torpor up\n");
+            assert_eq!(
+                got,
+                vec![("KillMode".to_string(), false), ("Type".to_string(), false)]
+            );
+        }
+
+        #[test]
+        fn an_empty_assignment_resets_and_the_last_one_wins() {
+            let text = "[Service]\nType=notify\nKillMode=mixed\nSystemCallFilter=@system-service\n\
+                        SystemCallFilter=\nPrivateDevices=yes\nPrivateDevices=no\n";
+            assert_eq!(findings(text), vec![]);
+            let text = "[Service]\nType=notify\nKillMode=mixed\nSystemCallFilter=@system-service \\\n  @mount\n";
+            let f = findings(text);
+            assert_eq!(f.len(), 1);
+            assert_eq!(f[0].value, "@system-service @mount");
+        }
+
+        #[test]
+        fn capability_bounding_sets() {
+            let base = "[Service]\nType=notify\nKillMode=mixed\n";
+            let all = "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_PTRACE CAP_CHECKPOINT_RESTORE \
+                       CAP_NET_ADMIN CAP_SYS_RESOURCE CAP_SETPCAP CAP_KILL\n";
+            assert_eq!(findings(&format!("{base}{all}")), vec![]);
+            let f = findings(&format!(
+                "{base}CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
+            ));
+            assert_eq!(f.len(), 2, "{f:?}");
+            assert!(
+                f[0].blocks
+                    && f[0]
+                        .why
+                        .contains("CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE")
+            );
+            assert!(!f[1].blocks && f[1].why.contains("CAP_NET_ADMIN"));
+            let f = findings(&format!(
+                "{base}CapabilityBoundingSet=~CAP_SYS_PTRACE CAP_SYS_MODULE\n"
+            ));
+            assert_eq!(f.len(), 1, "{f:?}");
+            assert!(
+                f[0].blocks && f[0].why.contains("leaves out CAP_SYS_PTRACE:"),
+                "{}",
+                f[0].why
+            );
+            let f = findings(&format!("{base}CapabilityBoundingSet=~CAP_NET_ADMIN\n"));
+            assert_eq!(f.len(), 1);
+            assert!(!f[0].blocks);
+            // Allow-lists add up.
+            let f = findings(&format!(
+                "{base}CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_PTRACE\n\
+                 CapabilityBoundingSet=CAP_CHECKPOINT_RESTORE CAP_NET_ADMIN CAP_SYS_RESOURCE CAP_SETPCAP\n"
+            ));
+            assert_eq!(f, vec![]);
+        }
+
+        #[test]
+        fn the_unit_is_found_with_its_drop_ins() {
+            let t = tempfile::tempdir().unwrap();
+            let dir = t.path().join("system");
+            fs::create_dir_all(dir.join("torpor.service.d")).unwrap();
+            fs::write(dir.join("torpor.service"), REPO_UNIT).unwrap();
+            fs::write(
+                dir.join("torpor.service.d/hardening.conf"),
+                "[Service]\nSystemCallFilter=@system-service\n",
+            )
+            .unwrap();
+            fs::write(
+                dir.join("torpor.service.d/ignored.txt"),
+                "[Service]\nUser=nobody\n",
+            )
+            .unwrap();
+            let outside = Context {
+                pid1: Some("init".into()),
+                ..Context::default()
+            };
+            let checks = checks(&outside, None, &[t.path().join("absent"), dir.clone()]);
+            assert_eq!(checks.len(), 2);
+            assert_eq!(checks[0].name, "systemd");
+            assert!(
+                checks[0].detail.contains("does not run under systemd"),
+                "{}",
+                checks[0].detail
+            );
+            assert!(checks[0].detail.contains("PID 1 is init, not systemd"));
+            let unit = &checks[1];
+            assert_eq!(
+                unit.status,
+                Status::Warn,
+                "not under systemd: what would happen"
+            );
+            assert!(!unit.required);
+            assert!(
+                unit.detail
+                    .contains("SystemCallFilter=@system-service blocks CRIU"),
+                "{}",
+                unit.detail
+            );
+            assert!(!unit.detail.contains("User="));
+            // Run by that unit, the same option makes the host unfit.
+            let inside = Context {
+                invocation_id: Some("0123".into()),
+                notify_socket: Some("/run/systemd/notify".into()),
+                pid1: Some("systemd".into()),
+                unit: Some("torpor.service".into()),
+            };
+            let checks = checks_at(&inside, &dir);
+            assert!(
+                checks[0]
+                    .detail
+                    .contains("runs under systemd as torpor.service"),
+                "{}",
+                checks[0].detail
+            );
+            assert!(checks[0].detail.contains("READY=1"));
+            assert_eq!(checks[1].status, Status::Missing);
+            assert!(!crate::fit(&checks));
+            fs::remove_file(dir.join("torpor.service.d/hardening.conf")).unwrap();
+            let checks = checks_at(&inside, &dir);
+            assert_eq!(checks[1].status, Status::Ok, "{}", checks[1].detail);
+            assert!(crate::fit(&checks));
+        }
+
+        fn checks_at(ctx: &Context, dir: &Path) -> Vec<Check> {
+            checks(ctx, None, &[dir.to_path_buf()])
+        }
+
+        #[test]
+        fn a_named_unit_wins_and_a_missing_one_is_said() {
+            let t = tempfile::tempdir().unwrap();
+            let named = t.path().join("mine.service");
+            fs::write(
+                &named,
+                "[Service]\nType=notify\nKillMode=mixed\nPrivateDevices=yes\n",
+            )
+            .unwrap();
+            let c = checks(&Context::default(), Some(&named), &[]);
+            assert!(
+                c[1].detail.contains("PrivateDevices=yes blocks CRIU"),
+                "{}",
+                c[1].detail
+            );
+            let c = checks(
+                &Context::default(),
+                Some(&t.path().join("absent.service")),
+                &[],
+            );
+            assert_eq!(c[1].status, Status::Warn);
+            assert!(c[1].detail.starts_with("cannot read"), "{}", c[1].detail);
+            // Not under systemd and nothing found: only the systemd line.
+            assert_eq!(
+                checks(&Context::default(), None, &[t.path().into()]).len(),
+                1
+            );
+            let under = Context {
+                invocation_id: Some("1".into()),
+                ..Context::default()
+            };
+            let c = checks(&under, None, &[t.path().into()]);
+            assert_eq!(
+                c[0].status,
+                Status::Warn,
+                "under systemd without NOTIFY_SOCKET"
+            );
+            assert!(c[1].detail.contains("cannot find torpor.service"));
+        }
+
+        #[test]
+        fn the_unit_comes_from_the_cgroup() {
+            assert_eq!(
+                unit_from_cgroup("0::/system.slice/torpor.service\n").as_deref(),
+                Some("torpor.service")
+            );
+            assert_eq!(
+                unit_from_cgroup("1:name=systemd:/system.slice/torpor.service\n2:cpu:/\n")
+                    .as_deref(),
+                Some("torpor.service")
+            );
+            assert_eq!(unit_from_cgroup("0::/\n"), None);
+            assert_eq!(unit_from_cgroup("0::/user.slice/session-3.scope\n"), None);
+        }
+    }
 }
 
 #[cfg(test)]

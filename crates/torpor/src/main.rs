@@ -18,8 +18,19 @@ use torpor_pool::{PoolAddr, Store, StoreConfig};
     about = "Checkpoint idle services into a memory pool and wake them on request"
 )]
 struct Cli {
+    /// How log lines are written to stderr: `text` for people, `json` (one object per line)
+    /// for log shippers reading the journal.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +42,11 @@ enum Cmd {
     Doctor {
         #[arg(long)]
         json: bool,
+        /// The systemd unit file to check (with its drop-ins) [default: this process's own
+        /// unit, else torpor.service in /etc/systemd/system, /usr/lib/systemd/system or
+        /// /lib/systemd/system].
+        #[arg(long)]
+        unit: Option<PathBuf>,
     },
     /// Run pool, agent and gates on this machine from one config file (the embedded default).
     Up {
@@ -344,15 +360,27 @@ fn main() -> ExitCode {
         Cmd::Pool(_) | Cmd::Up { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let log_format = cli.log_format;
+    match log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match run(cli) {
         Ok(code) => code,
+        // A shipper parsing JSON lines gets the failure as one of them.
+        Err(e) if log_format == LogFormat::Json => {
+            tracing::error!(error = format!("{e:#}"), "torpor failed");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("torpor: {e:#}");
             ExitCode::FAILURE
@@ -380,7 +408,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Demo(args) => torpor_bench::demo::run(&args)?,
-        Cmd::Doctor { json } => return doctor(json),
+        Cmd::Doctor { json, unit } => return doctor(json, unit.as_deref()),
         Cmd::Pool(args) => pool(args)?,
         Cmd::PoolCert { dir, names, client } => {
             let g = torpor_pool::tls::generate(&dir, &names, client)?;
@@ -392,7 +420,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("client key:       {}", key.display());
             }
         }
-        Cmd::Up { config } => up(&config)?,
+        Cmd::Up { config } => up(&config, cli.log_format)?,
         Cmd::Status { addr, json } => status(addr, json)?,
         Cmd::Sleep { name, control } => {
             return manual(&control, &name, torpor_agent::ManualCommand::Sleep)
@@ -540,9 +568,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn doctor(json: bool) -> Result<ExitCode> {
+fn doctor(json: bool, unit: Option<&std::path::Path>) -> Result<ExitCode> {
+    use torpor_doctor::systemd;
     let criu = CriuBinary::locate().ok();
-    let checks = torpor_doctor::run_checks(&torpor_doctor::HostRoots::default(), criu.as_ref());
+    let roots = torpor_doctor::HostRoots::default();
+    let mut checks = torpor_doctor::run_checks(&roots, criu.as_ref());
+    let dirs: Vec<PathBuf> = systemd::UNIT_DIRS.iter().map(PathBuf::from).collect();
+    checks.extend(systemd::checks(
+        &systemd::Context::read(&roots.proc),
+        unit,
+        &dirs,
+    ));
     let fit = torpor_doctor::fit(&checks);
     if json {
         print_json(&serde_json::json!({ "fit": fit, "checks": checks }))?;
@@ -655,7 +691,13 @@ fn pool(args: PoolArgs) -> Result<()> {
     })
 }
 
-fn up(path: &std::path::Path) -> Result<()> {
+fn up(path: &std::path::Path, log_format: LogFormat) -> Result<()> {
+    // Its progress lines for people; with --log-format json they are log events like the rest,
+    // so that stderr stays one JSON object per line.
+    let say = |line: String| match log_format {
+        LogFormat::Text => eprintln!("torpor up: {line}"),
+        LogFormat::Json => tracing::info!("{line}"),
+    };
     // The handlers come first, before the configuration is read or anything starts: from
     // here on SIGTERM or SIGINT, whenever it arrives, stops torpor up cleanly with status 0
     // (the default action would kill it with services, cgroups and the pool left behind).
@@ -671,21 +713,21 @@ fn up(path: &std::path::Path) -> Result<()> {
     let criu = criu()?;
     criu.version()?;
     rt.block_on(torpor_up::run(config, criu, stop.wait(), |info, _| {
-        eprintln!(
-            "torpor up: {}; status page on http://{}/ (API: /status, /energy, /metrics)",
+        say(format!(
+            "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
             info.pool, info.status_addr
-        );
+        ));
         if let Some(p) = &info.control.socket {
-            eprintln!("torpor up: control socket {}", p.display());
+            say(format!("control socket {}", p.display()));
         } else if let Some(a) = &info.control.tcp {
-            eprintln!("torpor up: control endpoint {a} (TCP, token)");
+            say(format!("control endpoint {a} (TCP, token)"));
         }
         for (name, addr) in &info.services {
-            eprintln!("torpor up: service {name} on {addr}");
+            say(format!("service {name} on {addr}"));
         }
-        eprintln!("torpor up: ready");
+        say("ready".into());
     }))?;
-    eprintln!("torpor up: stopped");
+    say("stopped".into());
     Ok(())
 }
 

@@ -2,10 +2,12 @@
 //! one), the agent and one gate per service, from one `torpor.toml`, plus the status API
 //! (`/` as a live HTML page, `/status` as JSON, `/metrics` as Prometheus text) that `torpor
 //! status` reads, and the control endpoint that `torpor sleep`, `wake`, `pin` and `unpin`
-//! talk to.
+//! talk to. Started by systemd (`Type=notify`), it says `READY=1` once every gate listens
+//! and `STOPPING=1` when its stop begins ([`notify`]).
 
 pub mod config;
 pub mod control;
+pub mod notify;
 pub mod page;
 pub mod status;
 
@@ -77,22 +79,36 @@ pub struct UpInfo {
 /// service has started: a `/status` answer means the whole configuration is up. Its
 /// listener is bound first (with the gates'), so a taken address fails before anything
 /// starts, and a client that connects earlier waits for the first answer.
+///
+/// Under systemd (`NOTIFY_SOCKET` set) it notifies `READY=1` at that same moment, and
+/// `STOPPING=1` as soon as `shutdown` resolves, whenever that is; a notification that cannot
+/// be sent is logged, not fatal.
 pub async fn run(
     config: Config,
     criu: CriuBinary,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
 ) -> Result<(), UpError> {
+    let notifier = notify::Notifier::from_env()
+        .inspect_err(|e| warn!(error = %e, "systemd will not hear that torpor up is ready"))
+        .unwrap_or_else(|_| notify::Notifier::none());
+    let say = |r: Result<(), notify::NotifyError>| {
+        if let Err(e) = r {
+            warn!(error = %torpor_pool::error_chain(&e), "telling systemd failed");
+        }
+    };
     tokio::pin!(shutdown);
     // `biased`: a stop already requested wins over a step that is also done.
     let bound = tokio::select! {
         biased;
         _ = &mut shutdown => {
+            say(notifier.stopping("stopped before any service started"));
             info!("stop requested before any service started");
             return Ok(());
         }
         bound = bind_all(&config) => bound?,
     };
+    say(notifier.status(&format!("starting {} service(s)", config.services.len())));
     let Bound {
         snapshots,
         pool_desc,
@@ -133,6 +149,7 @@ pub async fn run(
     let started = tokio::select! {
         biased;
         _ = &mut shutdown => {
+            say(notifier.stopping("stopping the services that started"));
             info!("stop requested while the services start; stopping what started");
             let _ = cancel_tx.send(true);
             start.await
@@ -214,8 +231,20 @@ pub async fn run(
         services,
     };
     info!(services = info.services.len(), "ready");
+    // Every gate's listener was bound (listening) before the services started, and its task
+    // runs from here on; the status API's too.
+    say(notifier.ready(&format!(
+        "{} service(s) behind their gates; status API on {}",
+        info.services.len(),
+        info.status_addr
+    )));
     on_ready(&info, &agent);
     shutdown.await;
+    say(notifier.stopping(if agent.survives_stop() {
+        "stopping: checkpointing the awake services into the pool"
+    } else {
+        "stopping: the services are killed (their state is not kept)"
+    }));
     info!("stopping");
     if !agent.survives_stop() && !config.ephemeral {
         warn!("{LOSSY_STOP}");

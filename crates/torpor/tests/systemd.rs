@@ -1,0 +1,310 @@
+//! `torpor up` as systemd runs it: `Type=notify` readiness through a notify socket this test
+//! binds (READY=1 only once both gates and the status API answer, STOPPING=1 at SIGTERM, exit
+//! 0), and, where systemd runs, the repository's unit starting the real binary.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+mod common;
+
+use common::{addr, exe, free_port, http_get, SERIAL};
+
+/// The repository's unit file.
+const UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
+
+/// A config with two sample services behind gates on free ports, their policy never putting
+/// them to sleep during the test; its status API on `status`, its control socket in `dir`.
+fn two_services(dir: &Path, status: std::net::SocketAddr) -> (String, [u16; 2]) {
+    let gates = [free_port(), free_port()];
+    let mut cfg = format!(
+        "[pool]\ncapacity = \"64MiB\"\n[status]\nlisten = \"{status}\"\n[control]\nsocket = \"{}\"\n",
+        dir.join("control.sock").display()
+    );
+    for (name, gate) in ["alpha", "beta"].iter().zip(gates) {
+        cfg.push_str(&format!(
+            r#"
+[[service]]
+name = "{name}"
+command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "8MiB"]
+listen = "127.0.0.1:{gate}"
+backend = "127.0.0.1:{backend}"
+[service.policy]
+idle_threshold = "1h"
+"#,
+            exe = exe(),
+            backend = free_port(),
+        ));
+    }
+    (cfg, gates)
+}
+
+/// `torpor up`, stopped with SIGTERM (then SIGKILL) and reaped when dropped, whatever the
+/// test's outcome.
+struct Running {
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Running {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for its exit.
+    fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("running")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "torpor up did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(child) = &mut self.child else { return };
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The next datagram on `socket` within `timeout`, or an error naming what was awaited;
+/// fails early when `up` exits meanwhile.
+fn next_message(
+    socket: &UnixDatagram,
+    up: &mut Running,
+    what: &str,
+    timeout: Duration,
+) -> Result<String> {
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    loop {
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8(buf[..n].to_vec())?),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let exited = up.child.as_mut().context("running")?.try_wait()?;
+        if exited.is_some() || Instant::now() > deadline {
+            bail!(
+                "no {what} notification (torpor up exited: {exited:?}); log:\n{}",
+                up.log_text()
+            );
+        }
+    }
+}
+
+#[test]
+fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir()?;
+    let status = addr(free_port());
+    let (cfg, gates) = two_services(dir.path(), status);
+    let cfg_path = dir.path().join("torpor.toml");
+    std::fs::write(&cfg_path, cfg)?;
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path)?;
+    let log = dir.path().join("up.log");
+    // As the unit's comment suggests for log shippers.
+    let child = Command::new(exe())
+        .args(["--log-format", "json", "up", "-c"])
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut up = Running {
+        child: Some(child),
+        log,
+    };
+
+    // Whatever comes before READY=1 is progress only.
+    let ready = loop {
+        let m = next_message(&notify, &mut up, "READY=1", Duration::from_secs(120))?;
+        if m.lines().any(|l| l == "READY=1") {
+            break m;
+        }
+        assert!(
+            m.lines().all(|l| l.starts_with("STATUS=")),
+            "before READY=1: {m:?}"
+        );
+    };
+    // Right after READY=1, with no retry: both gates accept and serve, and so does the
+    // status API.
+    for gate in gates {
+        assert_eq!(
+            http_get(addr(gate), "/ping").with_context(|| format!("gate {gate}"))?,
+            "PONG"
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_str(&http_get(status, "/status")?)?;
+    assert_eq!(doc["services"].as_array().map(Vec::len), Some(2), "{doc}");
+    assert!(ready.contains("STATUS=2 service(s)"), "{ready:?}");
+
+    let pid = Pid::from_raw(up.child.as_ref().context("running")?.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGTERM)?;
+    let stopping = next_message(&notify, &mut up, "STOPPING=1", Duration::from_secs(60))?;
+    assert!(
+        stopping.lines().next() == Some("STOPPING=1"),
+        "{stopping:?}"
+    );
+    let exit = up.wait(Duration::from_secs(60))?;
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", up.log_text());
+    // Nothing after STOPPING=1 claims readiness again.
+    notify.set_nonblocking(true)?;
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.recv(&mut buf) {
+        let m = String::from_utf8_lossy(&buf[..n]);
+        assert!(!m.contains("READY=1"), "after STOPPING=1: {m:?}");
+    }
+    // --log-format json: every line torpor up wrote is one JSON object, its own progress
+    // lines included.
+    let log = up.log_text();
+    let messages: Vec<String> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    for said in ["ready", "stopped", "stopping"] {
+        assert!(messages.iter().any(|m| m == said), "no {said:?} in:\n{log}");
+    }
+    Ok(())
+}
+
+/// Why systemd cannot run a unit here, or `None` when it can.
+fn systemd_absent() -> Option<String> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+        return Some(format!(
+            "/run/systemd/system is absent: systemd is not the init here (PID 1 is {:?})",
+            pid1.trim()
+        ));
+    }
+    match Command::new("systemctl").arg("is-system-running").output() {
+        Ok(out) => {
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            match state.as_str() {
+                "running" | "degraded" => None,
+                _ => Some(format!("systemctl is-system-running says {state:?}")),
+            }
+        }
+        Err(e) => Some(format!("systemctl cannot run: {e}")),
+    }
+}
+
+/// A unit installed under /run/systemd/system (gone at reboot), stopped and removed when
+/// dropped.
+struct TransientUnit {
+    name: String,
+    path: std::path::PathBuf,
+}
+
+impl Drop for TransientUnit {
+    fn drop(&mut self) {
+        let _ = Command::new("systemctl")
+            .args(["stop", &self.name])
+            .status();
+        let _ = std::fs::remove_file(&self.path);
+        let _ = Command::new("systemctl").arg("daemon-reload").status();
+    }
+}
+
+fn systemctl(args: &[&str]) -> Result<String> {
+    let out = Command::new("systemctl").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "systemctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[test]
+fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
+    if let Some(why) = systemd_absent() {
+        eprintln!("skipped: the unit cannot be started under systemd on this host: {why}; readiness is tested through a notify socket by ready_comes_once_both_gates_listen_and_stopping_at_sigterm");
+        return Ok(());
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir()?;
+    let status = addr(free_port());
+    let (cfg, gates) = two_services(dir.path(), status);
+    let cfg_path = dir.path().join("torpor.toml");
+    std::fs::write(&cfg_path, cfg)?;
+    // The repository's unit as it is, but for the binary and config under test, and without
+    // the state and runtime directories of a real install.
+    let mut replaced = false;
+    let text: String = UNIT
+        .lines()
+        .filter(|l| !l.starts_with("StateDirectory") && !l.starts_with("RuntimeDirectory"))
+        .map(|l| {
+            if l.starts_with("ExecStart=") {
+                replaced = true;
+                format!("ExecStart={} up -c {}\n", exe(), cfg_path.display())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(replaced, "the unit has an ExecStart= line");
+    let name = format!("torpor-test-{}.service", std::process::id());
+    let unit = TransientUnit {
+        path: Path::new("/run/systemd/system").join(&name),
+        name: name.clone(),
+    };
+    std::fs::write(&unit.path, text)?;
+    systemctl(&["daemon-reload"])?;
+    // Type=notify: `systemctl start` returns once READY=1 came.
+    systemctl(&["start", &name])?;
+    for gate in gates {
+        assert_eq!(http_get(addr(gate), "/ping")?, "PONG");
+    }
+    let shown = systemctl(&["show", &name, "-p", "ActiveState", "-p", "StatusText"])?;
+    assert!(shown.contains("ActiveState=active"), "{shown}");
+    assert!(shown.contains("StatusText=2 service(s)"), "{shown}");
+    systemctl(&["stop", &name])?;
+    let shown = systemctl(&["show", &name, "-p", "Result", "-p", "ExecMainStatus"])?;
+    assert!(shown.contains("Result=success"), "{shown}");
+    assert!(shown.contains("ExecMainStatus=0"), "{shown}");
+    drop(unit);
+    Ok(())
+}
