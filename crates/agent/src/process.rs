@@ -85,6 +85,9 @@ impl ProcessLaunch {
         let mut cmd = Command::new(init);
         cmd.arg(crate::init::SUBCOMMAND)
             .args(init_opts.to_args(&self.argv))
+            // systemd's notify socket is torpor's own: a service that speaks sd_notify
+            // must not report for it.
+            .env_remove("NOTIFY_SOCKET")
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
