@@ -4,7 +4,7 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,7 +21,8 @@ const UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
 
 /// A config with two sample services behind gates on free ports, their policy never putting
 /// them to sleep during the test; its status API on `status`, its control socket in `dir`.
-fn two_services(dir: &Path, status: std::net::SocketAddr) -> (String, [u16; 2]) {
+/// Written to `dir/torpor.toml`; returns that path and the gates' ports.
+fn two_services(dir: &Path, status: std::net::SocketAddr) -> Result<(PathBuf, [u16; 2])> {
     let gates = [free_port(), free_port()];
     let mut cfg = format!(
         "[pool]\ncapacity = \"64MiB\"\n[status]\nlisten = \"{status}\"\n[control]\nsocket = \"{}\"\n",
@@ -42,7 +43,9 @@ idle_threshold = "1h"
             backend = free_port(),
         ));
     }
-    (cfg, gates)
+    let path = dir.join("torpor.toml");
+    std::fs::write(&path, cfg)?;
+    Ok((path, gates))
 }
 
 /// `torpor up`, stopped with SIGTERM (then SIGKILL) and reaped when dropped, whatever the
@@ -130,9 +133,7 @@ fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let status = addr(free_port());
-    let (cfg, gates) = two_services(dir.path(), status);
-    let cfg_path = dir.path().join("torpor.toml");
-    std::fs::write(&cfg_path, cfg)?;
+    let (cfg_path, gates) = two_services(dir.path(), status)?;
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
     let log = dir.path().join("up.log");
@@ -267,9 +268,7 @@ fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let status = addr(free_port());
-    let (cfg, gates) = two_services(dir.path(), status);
-    let cfg_path = dir.path().join("torpor.toml");
-    std::fs::write(&cfg_path, cfg)?;
+    let (cfg_path, gates) = two_services(dir.path(), status)?;
     // The repository's unit as it is, but for the binary and config under test, and without
     // the state and runtime directories of a real install.
     let mut replaced = false;
