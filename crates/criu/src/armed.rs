@@ -38,7 +38,7 @@ use tracing::{debug, info};
 
 use crate::{
     binary::CriuBinary,
-    lazy::{kill_tree, launch, Launched, LazyOptions, LazyWake, StagedWake},
+    lazy::{kill_tree, launch, unmount_leftovers, Launched, LazyOptions, LazyWake, StagedWake},
     procs,
     replicas::Pools,
     restore::{RestoreError, RestoreOptions},
@@ -267,6 +267,7 @@ fn kill_held(mut launched: Launched, go: &File) {
     if let Err(e) = launched.server.shutdown() {
         debug!(error = %e, "lazy-pages server of a given-up held restore");
     }
+    unmount_leftovers(launched.work.path());
 }
 
 impl ArmedWake {

@@ -694,6 +694,7 @@ impl Launched {
                 procs::reap_failed_restore(&self.manifest.meta.pids, Duration::from_secs(2));
             }
             let _ = self.server.shutdown();
+            unmount_leftovers(self.work.path());
             if let Some(why) = failure {
                 return Err(RestoreError::Pool {
                     name,
@@ -921,6 +922,27 @@ fn intersects_pagemap(ranges: &[PageRange], pm: &Pagemap) -> bool {
 }
 
 /// SIGKILLs every process of the tree at `root` (0: nothing yet).
+/// Detaches whatever is still mounted under `dir`: a CRIU killed mid-restore leaves the
+/// cgroup yard it mounted in its images directory (`.criu.cgyard.*`), which would outlive
+/// the directory otherwise.
+pub(crate) fn unmount_leftovers(dir: &std::path::Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| std::path::Path::new(p).starts_with(dir))
+        .collect();
+    // innermost first
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
+            warn!(mount = p, error = %e, "cannot unmount what a killed CRIU left mounted");
+        }
+    }
+}
+
 pub(crate) fn kill_tree(root: i32) {
     if root <= 0 {
         return;
