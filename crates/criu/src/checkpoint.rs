@@ -392,6 +392,8 @@ pub fn checkpoint_to_pool_with(
     if let Some(who) = run_as {
         identity::run_as(&mut cmd, who);
     }
+    // Held until CRIU ends: see `dump_lock`.
+    let dump_lock = crate::dump_lock::DumpLock::acquire(&pids);
     let mut child = criu.spawn(&mut cmd)?;
     debug!(pid, name, ?run_as, pid_namespace, "criu dump started");
 
@@ -488,6 +490,7 @@ pub fn checkpoint_to_pool_with(
     let status = child
         .wait()
         .map_err(|e| CheckpointError::Stream { pid, source: e })?;
+    drop(dump_lock);
     criu_done.store(true, Ordering::SeqCst);
     let elapsed = start.elapsed();
     drop(tx);

@@ -23,6 +23,7 @@
 pub mod armed;
 pub mod binary;
 pub mod checkpoint;
+mod dump_lock;
 pub mod identity;
 pub mod kdat;
 pub mod lazy;
