@@ -656,25 +656,26 @@ impl Store {
             if let Some(c) = attempt() {
                 return Ok(c);
             }
-            let victim = {
-                let state = self.state.lock().expect("store lock");
-                state
-                    .names
-                    .values()
-                    .flat_map(|ns| ns.generations.values())
-                    .filter_map(|e| match &e.data {
-                        StoredData::Ram(files) => {
-                            Some((e.last_used, e.manifest.clone(), files.clone()))
-                        }
-                        StoredData::Disk(_) => None,
-                    })
-                    .min_by_key(|(used, _, _)| *used)
-            };
+            let victim = self.in_ram().into_iter().min_by_key(|(used, _, _)| *used);
             let Some((_, manifest, files)) = victim else {
                 return Err(StoreError::FullNothingToSpill { capacity });
             };
             self.spill(dir, &manifest, &files, "RAM tier full")?;
         }
+    }
+
+    /// Every generation held in the RAM tier: when it was last used, its manifest, its files.
+    fn in_ram(&self) -> Vec<(u64, Arc<Manifest>, Arc<Vec<RamFile>>)> {
+        let state = self.state.lock().expect("store lock");
+        state
+            .names
+            .values()
+            .flat_map(|ns| ns.generations.values())
+            .filter_map(|e| match &e.data {
+                StoredData::Ram(files) => Some((e.last_used, e.manifest.clone(), files.clone())),
+                StoredData::Disk(_) => None,
+            })
+            .collect()
     }
 
     /// Writes every snapshot still in the RAM tier to the disk tier, each file fsync'd, so
@@ -687,20 +688,8 @@ impl Store {
             return Err(StoreError::NoDiskTier);
         };
         let _spilling = self.spill_lock.lock().expect("spill lock");
-        let in_ram: Vec<_> = {
-            let state = self.state.lock().expect("store lock");
-            state
-                .names
-                .values()
-                .flat_map(|ns| ns.generations.values())
-                .filter_map(|e| match &e.data {
-                    StoredData::Ram(files) => Some((e.manifest.clone(), files.clone())),
-                    StoredData::Disk(_) => None,
-                })
-                .collect()
-        };
         let mut done = Persisted::default();
-        for (manifest, files) in in_ram {
+        for (_, manifest, files) in self.in_ram() {
             match self.spill(dir, &manifest, &files, "persisted") {
                 Ok(()) => {
                     done.snapshots += 1;
