@@ -348,10 +348,13 @@ impl Slot {
         self.evict.notified().await
     }
 
-    /// From now on the connection keeps its slot until it ends.
-    fn authenticated(&self) {
+    /// From now on the connection keeps its slot until it ends; false when a newer
+    /// connection already took it (the eviction and this claim are decided under one lock,
+    /// so a connection is either evicted or welcomed, never welcomed and then counted as
+    /// evicted).
+    fn authenticated(&self) -> bool {
         let mut st = self.table.inner.lock().expect("slot lock");
-        st.unauthenticated.remove(&self.id);
+        st.unauthenticated.remove(&self.id).is_some()
     }
 }
 
@@ -424,11 +427,12 @@ async fn read_header<R: AsyncRead + Unpin>(
 }
 
 /// Reads the `Hello` (a small control frame, nothing larger is read or allocated), checks its
-/// token and answers `Welcome`.
+/// token, claims `slot` for good and answers `Welcome`.
 async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: &mut R,
     wr: &mut W,
     token: Option<&str>,
+    slot: &Slot,
 ) -> Result<(), SessionError> {
     let header = read_header(rd, Duration::MAX, "hello").await?;
     if header.kind != FrameKind::Control {
@@ -466,6 +470,11 @@ async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             ))
         }
     }
+    // Before the welcome: once the client holds it, a newer connection must not be admitted
+    // in its place (the limit would be exceeded with both served).
+    if !slot.authenticated() {
+        return Err(SessionError::Evicted);
+    }
     let welcome = wire::encode_control(&Response::Welcome {
         pool_version: env!("CARGO_PKG_VERSION").to_string(),
     });
@@ -489,7 +498,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let hello_timeout = ctx.options.hello_timeout;
     let greeted = tokio::select! {
-        r = tokio::time::timeout(hello_timeout, greet(&mut rd, &mut wr, ctx.options.token.as_deref())) => {
+        r = tokio::time::timeout(hello_timeout, greet(&mut rd, &mut wr, ctx.options.token.as_deref(), &slot)) => {
             r.unwrap_or(Err(SessionError::TimedOut { what: "hello", after: hello_timeout }))
         }
         () = slot.evicted() => Err(SessionError::Evicted),
@@ -515,7 +524,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         return;
     }
-    slot.authenticated();
     let mut session = Session {
         rd,
         wr: BufWriter::with_capacity(64 << 10, wr),
