@@ -515,12 +515,12 @@ impl Runner for ProcessTree {
         let opts = self.restore_options();
         Box::pin(async move {
             let restored = tokio::task::spawn_blocking(move || {
-                let mut prepared = lazy
-                    .lock()
-                    .expect("lazy lock")
-                    .staged
-                    .take()
-                    .and_then(|s| s.take(generation));
+                // Out of the lock before waiting for the staging thread (an arming restore
+                // reads the pool for seconds): `status()` takes this lock on the async
+                // runtime, and a runtime blocked on it cannot serve an in-process pool
+                // that the arming waits for.
+                let staged = lazy.lock().expect("lazy lock").staged.take();
+                let mut prepared = staged.and_then(|s| s.take(generation));
                 // A lazy wake that fails for a passing reason (the pool's connection, CRIU) is
                 // tried once more: an incremental snapshot has no other way back.
                 let attempts = if matches!(memory, MemoryRestore::Lazy(_)) { 2 } else { 0 };

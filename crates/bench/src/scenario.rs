@@ -100,6 +100,9 @@ pub struct ConfigResult {
     pub residency: CpuReport,
     pub requests: u64,
     pub errors: u64,
+    /// What the errors were (the loadgen's kinds, e.g. `grpc Unavailable`, `timeout`), so a
+    /// run with errors says which failure it met.
+    pub error_kinds: std::collections::BTreeMap<String, u64>,
     pub latency_found_awake: Percentiles,
     pub latency_found_asleep: Percentiles,
     pub checkpoints: usize,
@@ -494,6 +497,13 @@ async fn run_one(
         residency,
         requests: reports.iter().map(|r| r.total.scheduled).sum(),
         errors: reports.iter().map(|r| r.total.errors).sum(),
+        error_kinds: reports
+            .iter()
+            .flat_map(|r| r.total.error_kinds.iter())
+            .fold(std::collections::BTreeMap::new(), |mut all, (k, v)| {
+                *all.entry(k.clone()).or_default() += v;
+                all
+            }),
         latency_found_awake: Percentiles::of(&awake),
         latency_found_asleep: Percentiles::of(&asleep),
         checkpoints: checkpoints.len(),

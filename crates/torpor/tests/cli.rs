@@ -437,7 +437,7 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scenario");
     // Knobs only logged: tests never turn the real ones.
-    let v = json(&torpor(&[
+    let run = torpor(&[
         "bench",
         "scenario",
         "--duration",
@@ -446,11 +446,13 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
         "--out",
         out.to_str().unwrap(),
         "--json",
-    ]));
+    ]);
+    let v = json(&run);
     let configs = v["configurations"].as_array().unwrap();
     assert_eq!(configs.len(), 4, "{v:#}");
     for c in configs {
-        assert_eq!(c["errors"], 0, "{c:#}");
+        // The warnings on stderr say what the gate and agent met when a request failed.
+        assert_eq!(c["errors"], 0, "{c:#}\n{}", stderr(&run));
         assert!(c["requests"].as_u64().unwrap() > 0, "{c:#}");
         assert!(
             c["energy"]["label"]
