@@ -183,8 +183,14 @@ fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    ensure!(!torpor_criu::procs::pid_in_use(pid), "the tree was killed");
     let stats = wake.session.stats();
+    // What the session and the process looked like say which side did not act (a session
+    // that never failed, or a process that outlived its kill).
+    ensure!(
+        !torpor_criu::procs::pid_in_use(pid),
+        "the tree was killed: answer {answer:?}, state {:?}, session {stats:?}",
+        state(pid)
+    );
     ensure!(stats.failed.is_some(), "the session says why: {stats:?}");
     let _ = wake.session.shutdown();
     Ok(())
