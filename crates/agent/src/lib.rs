@@ -17,7 +17,7 @@ mod service;
 pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
 pub use init::InitOptions;
 pub use manual::{
-    ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
+    unix_ms_now, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
 };
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
