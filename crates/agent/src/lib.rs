@@ -235,8 +235,8 @@ impl Maker {
             return Ok(r.clone());
         }
         let dir = tempfile::tempdir().map_err(AgentError::Runc)?;
-        let r = torpor_criu::runc::Runc::new(&self.host.criu, dir.path())
-            .map_err(AgentError::Runc)?;
+        let r =
+            torpor_criu::runc::Runc::new(&self.host.criu, dir.path()).map_err(AgentError::Runc)?;
         *runc = Some((r.clone(), Arc::new(dir)));
         Ok(r)
     }
@@ -538,7 +538,10 @@ impl Agent {
             if s.stopping {
                 return Err(AgentError::Stopping.into());
             }
-            if s.slots.iter().any(|slot| slot.managed.spec.name == spec.name) {
+            if s.slots
+                .iter()
+                .any(|slot| slot.managed.spec.name == spec.name)
+            {
                 return Err(ReconfigureError::Exists(spec.name));
             }
         }
@@ -552,7 +555,12 @@ impl Agent {
         let runner = self.maker.runner(&spec)?;
         let snapshot = self.maker.host.snapshot_name(&name);
         let left = snapshots_left(&self.maker.host.pools, vec![snapshot.clone()]).await;
-        let m = Arc::new(Managed::new(spec, link.clone(), self.shared.clone(), runner));
+        let m = Arc::new(Managed::new(
+            spec,
+            link.clone(),
+            self.shared.clone(),
+            runner,
+        ));
         let added = match left.get(&snapshot) {
             Some(&generation) => {
                 m.adopt_asleep(generation);
@@ -614,7 +622,10 @@ impl Agent {
         }
         let slot = {
             let mut s = self.services.lock().expect("services lock");
-            let at = s.slots.iter().position(|slot| slot.managed.spec.name == name);
+            let at = s
+                .slots
+                .iter()
+                .position(|slot| slot.managed.spec.name == name);
             at.map(|i| s.slots.remove(i))
         };
         if let Some(mut slot) = slot {
@@ -708,12 +719,22 @@ impl Agent {
         let link = old.link().clone();
         let m = Arc::new(Managed::new(next.spec, link, self.shared.clone(), runner));
         let why = match generation {
-            Some(g) => format!("reconfigured ({}); its next wake restores generation {g}", next.why),
-            None => format!("reconfigured ({}); its next wake starts it from its command", next.why),
+            Some(g) => format!(
+                "reconfigured ({}); its next wake restores generation {g}",
+                next.why
+            ),
+            None => format!(
+                "reconfigured ({}); its next wake starts it from its command",
+                next.why
+            ),
         };
         m.take_over_asleep(generation, why);
         let mut s = self.services.lock().expect("services lock");
-        if let Some(slot) = s.slots.iter_mut().find(|slot| slot.managed.spec.name == name) {
+        if let Some(slot) = s
+            .slots
+            .iter_mut()
+            .find(|slot| slot.managed.spec.name == name)
+        {
             *slot = Slot::new(m);
             slot.spawn_loop();
         }
@@ -721,7 +742,11 @@ impl Agent {
 
     fn put_back(&self, name: &str, next: Successor) {
         let mut s = self.services.lock().expect("services lock");
-        if let Some(slot) = s.slots.iter_mut().find(|slot| slot.managed.spec.name == name) {
+        if let Some(slot) = s
+            .slots
+            .iter_mut()
+            .find(|slot| slot.managed.spec.name == name)
+        {
             slot.next = Some(next);
         }
     }

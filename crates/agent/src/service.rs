@@ -495,7 +495,11 @@ impl Managed {
             me.forget_snapshots().await;
             return None;
         }
-        me.rt.lock().expect("runtime lock").status.snapshot_generation
+        me.rt
+            .lock()
+            .expect("runtime lock")
+            .status
+            .snapshot_generation
     }
 
     /// The successor's first state: asleep in `generation` (restored at its first wake), or

@@ -114,8 +114,9 @@ impl Notifier {
     /// wants `MONOTONIC_USEC=` with it) and a status line: a reload has begun; `READY=1`
     /// ends it.
     pub fn reloading(&self, status: &str) -> Result<(), NotifyError> {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map_or(0, |t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000);
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+        });
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS={}",
             one_line(status)

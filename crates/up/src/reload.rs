@@ -37,7 +37,9 @@ const NODE_SECTIONS: [&str; 5] = ["node", "pool", "status", "control", "power"];
 pub enum ReloadError {
     #[error(transparent)]
     Invalid(#[from] ConfigError),
-    #[error("{key}: cannot change while torpor up runs; restart torpor up to change [{section}]{rest}")]
+    #[error(
+        "{key}: cannot change while torpor up runs; restart torpor up to change [{section}]{rest}"
+    )]
     NodeKey {
         key: String,
         section: String,
@@ -268,9 +270,7 @@ enum KeyKind {
 fn key_kind(key: &str) -> KeyKind {
     let first = key.split('.').next().unwrap_or(key);
     match first {
-        "protocol" | "max_connections" | "hold_body_limit" | "header_read_timeout" => {
-            KeyKind::Gate
-        }
+        "protocol" | "max_connections" | "hold_body_limit" | "header_read_timeout" => KeyKind::Gate,
         "command" | "bundle" | "cwd" | "env" | "user" | "group" | "rlimits" | "cpuset"
         | "backend" => KeyKind::Launch,
         _ if key == "policy.hold_queue" || key == "policy.hold_timeout" => KeyKind::Hold,
@@ -613,7 +613,10 @@ impl Reloader {
         let next = Applied::of(&new);
         for change in plan.changed {
             let name = change.config.spec.name.clone();
-            let gate = running.gates.get(&name).expect("a running service has a gate");
+            let gate = running
+                .gates
+                .get(&name)
+                .expect("a running service has a gate");
             if let Some(limits) = change.limits {
                 gate.link.set_limits(limits);
             }
@@ -632,7 +635,12 @@ impl Reloader {
             if let Some(t) = next.tables.get(&name) {
                 running.applied.tables.insert(name.clone(), t.clone());
             }
-            if let Some(s) = running.applied.services.iter_mut().find(|s| s.spec.name == name) {
+            if let Some(s) = running
+                .applied
+                .services
+                .iter_mut()
+                .find(|s| s.spec.name == name)
+            {
                 *s = change.config;
             }
         }
@@ -640,7 +648,9 @@ impl Reloader {
             let name = s.spec.name.clone();
             let listener = match listeners.remove(&name) {
                 Some(l) => l,
-                None => bind(&s).await.map_err(|e| Step::Failed(torpor_pool::error_chain(&e)))?,
+                None => bind(&s)
+                    .await
+                    .map_err(|e| Step::Failed(torpor_pool::error_chain(&e)))?,
             };
             let listen = listener
                 .local_addr()
@@ -766,11 +776,17 @@ mod tests {
         let added: Vec<_> = p.added.iter().map(|s| s.spec.name.as_str()).collect();
         assert_eq!((added, p.removed.len(), p.changed.len()), (vec!["c"], 0, 0));
         let p = plan_for(&more, &base()).unwrap();
-        assert_eq!((p.added.len(), p.removed.clone()), (0, vec!["c".to_string()]));
+        assert_eq!(
+            (p.added.len(), p.removed.clone()),
+            (0, vec!["c".to_string()])
+        );
         let moved = base().replace("127.0.0.1:3", "127.0.0.1:7");
         let p = plan_for(&base(), &moved).unwrap();
         assert_eq!(p.removed, vec!["b".to_string()]);
-        assert_eq!(p.added[0].spec.name, "b", "a new listen address is a remove and an add");
+        assert_eq!(
+            p.added[0].spec.name, "b",
+            "a new listen address is a remove and an add"
+        );
     }
 
     #[test]
@@ -778,12 +794,19 @@ mod tests {
         for (extra, key, applies) in [
             ("hold_queue = 7", "policy.hold_queue", Applies::Now),
             ("hold_timeout = \"3s\"", "policy.hold_timeout", Applies::Now),
-            ("max_sleep_rate = 2.0", "policy.max_sleep_rate", Applies::NextWake),
+            (
+                "max_sleep_rate = 2.0",
+                "policy.max_sleep_rate",
+                Applies::NextWake,
+            ),
         ] {
             let p = plan_for(&base(), &BASE.replace("A_EXTRA", extra)).unwrap();
             assert_eq!(p.changed.len(), 1, "{extra}");
             let c = &p.changed[0];
-            assert_eq!((c.keys.clone(), c.applies()), (vec![key.to_string()], applies));
+            assert_eq!(
+                (c.keys.clone(), c.applies()),
+                (vec![key.to_string()], applies)
+            );
             assert_eq!(c.limits.is_some(), applies == Applies::Now, "{extra}");
         }
         let p = plan_for(&base(), &base().replace("[\"x\"]", "[\"x\", \"--v2\"]")).unwrap();
@@ -825,10 +848,15 @@ mod tests {
             let e = plan_for(&base(), &new).unwrap_err().to_string();
             assert!(e.starts_with(key) && e.contains(says), "{e}");
         }
-        let e = plan_for(&base(), &BASE.replace("A_EXTRA", "")
-            .replace("backend = \"127.0.0.1:4\"", "backend = \"127.0.0.1:4\"\nmax_connections = 9"))
-            .unwrap_err()
-            .to_string();
+        let e = plan_for(
+            &base(),
+            &BASE.replace("A_EXTRA", "").replace(
+                "backend = \"127.0.0.1:4\"",
+                "backend = \"127.0.0.1:4\"\nmax_connections = 9",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("service[1].max_connections"), "{e}");
     }
 
@@ -857,8 +885,14 @@ mod tests {
             took_s: 0.1,
         };
         let text = r.render();
-        assert!(text.contains("added   c on 127.0.0.1:5 (started)"), "{text}");
+        assert!(
+            text.contains("added   c on 127.0.0.1:5 (started)"),
+            "{text}"
+        );
         assert!(text.contains("removed b (snapshots released)"), "{text}");
-        assert!(text.contains("changed a [policy.idle_threshold]: from its next wake"), "{text}");
+        assert!(
+            text.contains("changed a [policy.idle_threshold]: from its next wake"),
+            "{text}"
+        );
     }
 }
