@@ -17,7 +17,7 @@ mod service;
 pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
 pub use init::InitOptions;
 pub use manual::{
-    ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
+    unix_ms_now, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
 };
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
@@ -68,6 +68,19 @@ pub enum AgentError {
         #[source]
         source: process::LaunchError,
     },
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// Why a reload's change to the set of services was not made.
+#[derive(Debug, Error)]
+pub enum ReconfigureError {
+    #[error("no service {0:?} here")]
+    Unknown(String),
+    #[error("a service {0:?} runs already")]
+    Exists(String),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
 }
 
 /// Most transitions kept for `torpor status`.
@@ -79,8 +92,6 @@ const MANUAL_LOG: usize = 100;
 /// Shared by all service loops.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// Holds runc's CRIU wrapper script while containers may need it.
-    _runc_dir: Option<tempfile::TempDir>,
     pub started: tokio::time::Instant,
     pub transitions: Mutex<VecDeque<Transition>>,
     /// Recent manual commands, oldest first.
@@ -89,14 +100,20 @@ pub(crate) struct Shared {
     pub node: Option<Arc<NodePower>>,
     /// A service slept or woke: the node loop re-plans the cores.
     pub replan: tokio::sync::Notify,
-    /// Every service's link by name (for `wake_with`).
-    pub links: std::collections::HashMap<String, Arc<ServiceLink>>,
+    /// Every service's link by name (for `wake_with`); a reload adds and removes some.
+    pub links: Mutex<HashMap<String, Arc<ServiceLink>>>,
     /// Reaps service roots and orphans (the agent is their subreaper).
     pub reaper: Arc<reaper::Reaper>,
 }
 
 /// How often the energy account samples the node.
 const ENERGY_TICK: Duration = Duration::from_secs(1);
+
+/// How often the agent looks for changed services whose loops ended asleep.
+const SUCCESSOR_TICK: Duration = Duration::from_millis(20);
+
+/// How often a removal looks whether the service's requests are answered.
+const REMOVE_POLL: Duration = Duration::from_millis(20);
 
 /// Where a node's snapshots go and under which names.
 #[derive(Debug, Clone)]
@@ -119,11 +136,143 @@ pub const STOP_CHECKPOINT_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Agent {
     shared: Arc<Shared>,
-    services: Vec<Arc<Managed>>,
-    /// Where the services' cgroups are, removed at stop once empty.
-    cgroups: Option<CgroupRoot>,
+    /// The services, in configuration order; a reload adds, removes and replaces some.
+    services: Mutex<Services>,
+    /// Taken by every change to the set of services (a reload, a successor taking over), so
+    /// that two never interleave.
+    changes: tokio::sync::Mutex<()>,
+    /// Makes the runners of services, also those a reload adds.
+    maker: Maker,
     /// See [`Snapshots::survives_stop`].
     survives_stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Services {
+    slots: Vec<Slot>,
+    /// [`Agent::run`] has started the loops: a service added now gets its own at once.
+    running: bool,
+    /// The agent is stopping: nothing is added any more.
+    stopping: bool,
+}
+
+/// One service and its loop.
+#[derive(Debug)]
+struct Slot {
+    managed: Arc<Managed>,
+    /// Ends this service's loop alone (its removal), or with the others (the agent's stop).
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// A reload changed it: the successor that takes it over once its loop ends asleep.
+    next: Option<Successor>,
+}
+
+impl Slot {
+    fn new(managed: Arc<Managed>) -> Slot {
+        Slot {
+            managed,
+            stop: watch::Sender::new(false),
+            task: None,
+            next: None,
+        }
+    }
+
+    fn spawn_loop(&mut self) {
+        let (m, stop) = (self.managed.clone(), self.stop.subscribe());
+        self.task = Some(tokio::spawn(Managed::run(m, stop)));
+    }
+}
+
+/// The configuration a changed service runs with from its next wake.
+#[derive(Debug)]
+struct Successor {
+    spec: ServiceSpec,
+    /// How it starts changed: its snapshots go and its next wake starts it from its command.
+    fresh: bool,
+    /// What the reload changed, for the transition's detail.
+    why: String,
+    /// The predecessor was handed over (the generation it left, if kept): only the
+    /// successor's making is left to do.
+    handed: Option<Option<u64>>,
+}
+
+/// What a reload's added service came up as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// Started from its command and accepting connections.
+    Started,
+    /// Its snapshot was in the pool (left by an earlier run): asleep in that generation.
+    Adopted(u64),
+}
+
+/// What removing a service did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Its state when the removal began.
+    pub was: ServiceState,
+    /// Requests still held or in flight when its drain deadline ran out (then cut).
+    pub cut: usize,
+    /// Whether its snapshots were deleted from the pool (an error is logged otherwise).
+    pub released: bool,
+}
+
+/// What a runner needs besides the service's spec; kept for services a reload adds.
+#[derive(Debug)]
+struct Maker {
+    host: runner::Host,
+    init_program: std::path::PathBuf,
+    /// Where the services' cgroups are, removed at stop once empty.
+    cgroups: Option<CgroupRoot>,
+    /// runc with its CRIU wrapper script (and the directory that holds it), made with the
+    /// first container.
+    runc: Mutex<Option<(torpor_criu::runc::Runc, Arc<tempfile::TempDir>)>>,
+}
+
+impl Maker {
+    fn runc(&self) -> Result<torpor_criu::runc::Runc, AgentError> {
+        let mut runc = self.runc.lock().expect("runc lock");
+        if let Some((r, _)) = &*runc {
+            return Ok(r.clone());
+        }
+        let dir = tempfile::tempdir().map_err(AgentError::Runc)?;
+        let r =
+            torpor_criu::runc::Runc::new(&self.host.criu, dir.path()).map_err(AgentError::Runc)?;
+        *runc = Some((r.clone(), Arc::new(dir)));
+        Ok(r)
+    }
+
+    fn runner(&self, spec: &ServiceSpec) -> Result<Arc<dyn Runner>, AgentError> {
+        Ok(match &spec.launch {
+            Launch::Process(p) => Arc::new(runner::ProcessTree {
+                name: spec.name.clone(),
+                launch: p.clone(),
+                backend: spec.backend,
+                start_timeout: spec.start_timeout,
+                init_program: self.init_program.clone(),
+                cgroup: match &self.cgroups {
+                    Some(root) => Some(
+                        root.service(&cgroup_name(&self.host.namespace, &spec.name))
+                            .map_err(|source| AgentError::Cgroup {
+                                name: spec.name.clone(),
+                                source,
+                            })?,
+                    ),
+                    None => None,
+                },
+                host: self.host.clone(),
+                memory: spec.memory.clone(),
+                lazy: Default::default(),
+            }),
+            Launch::Container { bundle } => Arc::new(runner::Container {
+                name: spec.name.clone(),
+                bundle: bundle.clone(),
+                backend: spec.backend,
+                start_timeout: spec.start_timeout,
+                runc: self.runc()?,
+                host: self.host.clone(),
+            }),
+        })
+    }
 }
 
 impl Agent {
@@ -154,24 +303,20 @@ impl Agent {
             Some(p) => Some(Arc::new(NodePower::start(p)?)),
             None => None,
         };
-        let containers = services
-            .iter()
-            .any(|(s, _)| matches!(s.launch, Launch::Container { .. }));
-        let (runc, runc_dir) = if containers {
-            let dir = tempfile::tempdir().map_err(AgentError::Runc)?;
-            let runc = torpor_criu::runc::Runc::new(&criu, dir.path()).map_err(AgentError::Runc)?;
-            (Some(runc), Some(dir))
-        } else {
-            (None, None)
-        };
         let reaper = Arc::new(reaper::Reaper::default());
         let survives_stop = snapshots.survives_stop;
-        let host = runner::Host {
-            criu,
-            pools: snapshots.pools,
-            namespace: snapshots.namespace,
-            reaper: reaper.clone(),
+        let maker = Maker {
+            host: runner::Host {
+                criu,
+                pools: snapshots.pools,
+                namespace: snapshots.namespace,
+                reaper: reaper.clone(),
+            },
+            init_program,
+            cgroups,
+            runc: Mutex::new(None),
         };
+        let host = &maker.host;
         let left = snapshots_left(
             &host.pools,
             services
@@ -181,52 +326,22 @@ impl Agent {
         )
         .await;
         let shared = Arc::new(Shared {
-            _runc_dir: runc_dir,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
             manual: Mutex::new(VecDeque::new()),
             node,
             replan: tokio::sync::Notify::new(),
-            links: services
-                .iter()
-                .map(|(spec, link)| (spec.name.clone(), link.clone()))
-                .collect(),
+            links: Mutex::new(
+                services
+                    .iter()
+                    .map(|(spec, link)| (spec.name.clone(), link.clone()))
+                    .collect(),
+            ),
             reaper,
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
-            let runner: Arc<dyn Runner> = match &spec.launch {
-                Launch::Process(p) => Arc::new(runner::ProcessTree {
-                    name: spec.name.clone(),
-                    launch: p.clone(),
-                    backend: spec.backend,
-                    start_timeout: spec.start_timeout,
-                    init_program: init_program.clone(),
-                    cgroup: match &cgroups {
-                        Some(root) => Some(
-                            root.service(&cgroup_name(&host.namespace, &spec.name))
-                                .map_err(|source| AgentError::Cgroup {
-                                    name: spec.name.clone(),
-                                    source,
-                                })?,
-                        ),
-                        None => None,
-                    },
-                    host: host.clone(),
-                    memory: spec.memory.clone(),
-                    lazy: Default::default(),
-                }),
-                Launch::Container { bundle } => Arc::new(runner::Container {
-                    name: spec.name.clone(),
-                    bundle: bundle.clone(),
-                    backend: spec.backend,
-                    start_timeout: spec.start_timeout,
-                    runc: runc
-                        .clone()
-                        .expect("runc is prepared when a service is a container"),
-                    host: host.clone(),
-                }),
-            };
+            let runner = maker.runner(&spec)?;
             let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
             if let Some(&generation) = left.get(&host.snapshot_name(&m.spec.name)) {
                 tracing::info!(service = %m.spec.name, generation, "adopted asleep: its snapshot from an earlier run is in the pool; the first request restores it");
@@ -250,81 +365,118 @@ impl Agent {
                 if let Some(node) = &shared.node {
                     node.restore_all();
                 }
-                remove_root(cgroups.as_ref());
+                remove_root(maker.cgroups.as_ref());
                 return Err(e);
             }
             managed.push(m);
         }
         Ok(Agent {
             shared,
-            services: managed,
-            cgroups,
+            services: Mutex::new(Services {
+                slots: managed.into_iter().map(Slot::new).collect(),
+                ..Default::default()
+            }),
+            changes: tokio::sync::Mutex::new(()),
+            maker,
             survives_stop,
         })
     }
 
     /// Runs every service's loop until `shutdown` turns true, then stops the services (see
-    /// [`Snapshots::survives_stop`] for what is kept).
+    /// [`Snapshots::survives_stop`] for what is kept). Meanwhile a changed service is taken
+    /// over by its successor once it sleeps ([`Agent::reconfigure_service`]).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
-        let mut loops = JoinSet::new();
-        for m in &self.services {
-            loops.spawn(Managed::run(m.clone(), shutdown.clone()));
-        }
         {
-            let (shared, shutdown) = (self.shared.clone(), shutdown.clone());
-            loops.spawn(async move { shared.reaper.run(shutdown).await });
+            let mut s = self.services.lock().expect("services lock");
+            s.running = true;
+            for slot in &mut s.slots {
+                slot.spawn_loop();
+            }
         }
+        let reaper = {
+            let (shared, shutdown) = (self.shared.clone(), shutdown.clone());
+            tokio::spawn(async move { shared.reaper.run(shutdown).await })
+        };
         if let Some(node) = &self.shared.node {
             self.replan(node);
-            let mut tick = tokio::time::interval(ENERGY_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            let mut last_cpu: Vec<(f64, f64)> =
-                self.services.iter().map(|m| m.cpu_counters()).collect();
-            while !*shutdown.borrow() {
-                tokio::select! {
-                    r = shutdown.changed() => if r.is_err() { break },
-                    _ = self.shared.replan.notified() => self.replan(node),
-                    _ = tick.tick() => {
-                        let mut usage = Vec::new();
-                        let mut ended = 0.0;
-                        let mut all_asleep = true;
-                        for (m, last) in self.services.iter().zip(&mut last_cpu) {
-                            let (total, ended_total) = m.cpu_counters();
-                            let s = m.status();
-                            all_asleep &= s.state == ServiceState::Asleep;
-                            usage.push(ServiceUsage {
-                                name: s.name,
-                                cpu_s: (total - last.0).max(0.0),
-                                resident_bytes: if s.pid.is_some() {
-                                    s.footprint_bytes
-                                } else {
-                                    s.staged_bytes
-                                },
-                                footprint_bytes: s.footprint_bytes,
-                            });
-                            ended += (ended_total - last.1).max(0.0);
-                            *last = (total, ended_total);
-                        }
-                        let node = node.clone();
-                        // Node sleep hooks may block for as long as the node sleeps.
-                        let _ = tokio::task::spawn_blocking(move || node.tick(usage, ended, all_asleep)).await;
+        }
+        let mut energy = tokio::time::interval(ENERGY_TICK);
+        energy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        energy.tick().await;
+        let mut successors = tokio::time::interval(SUCCESSOR_TICK);
+        successors.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_cpu: HashMap<String, (f64, f64)> = HashMap::new();
+        while !*shutdown.borrow() {
+            let node = self.shared.node.as_ref();
+            tokio::select! {
+                r = shutdown.changed() => if r.is_err() { break },
+                _ = self.shared.replan.notified(), if node.is_some() => {
+                    if let Some(node) = node {
+                        self.replan(node);
                     }
                 }
-            }
-        } else {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
+                _ = energy.tick(), if node.is_some() => {
+                    if let Some(node) = node {
+                        self.energy_tick(node, &mut last_cpu).await;
+                    }
                 }
+                _ = successors.tick() => self.take_over_changed().await,
             }
         }
-        while loops.join_next().await.is_some() {}
+        let loops: Vec<_> = {
+            let mut s = self.services.lock().expect("services lock");
+            s.stopping = true;
+            s.slots
+                .iter_mut()
+                .filter_map(|slot| {
+                    let _ = slot.stop.send(true);
+                    slot.task.take()
+                })
+                .collect()
+        };
+        for task in loops {
+            let _ = task.await;
+        }
+        let _ = reaper.await;
         self.stop_services().await;
         if let Some(node) = &self.shared.node {
             node.restore_all();
         }
-        remove_root(self.cgroups.as_ref());
+        remove_root(self.maker.cgroups.as_ref());
+    }
+
+    /// One sample of the energy account: each service's CPU and memory since the last one.
+    async fn energy_tick(&self, node: &Arc<NodePower>, last_cpu: &mut HashMap<String, (f64, f64)>) {
+        let mut usage = Vec::new();
+        let mut ended = 0.0;
+        let mut all_asleep = true;
+        for m in self.managed() {
+            let (total, ended_total) = m.cpu_counters();
+            let s = m.status();
+            let last = last_cpu.entry(s.name.clone()).or_default();
+            all_asleep &= s.state == ServiceState::Asleep;
+            usage.push(ServiceUsage {
+                name: s.name,
+                cpu_s: (total - last.0).max(0.0),
+                resident_bytes: if s.pid.is_some() {
+                    s.footprint_bytes
+                } else {
+                    s.staged_bytes
+                },
+                footprint_bytes: s.footprint_bytes,
+            });
+            ended += (ended_total - last.1).max(0.0);
+            *last = (total, ended_total);
+        }
+        let node = node.clone();
+        // Node sleep hooks may block for as long as the node sleeps.
+        let _ = tokio::task::spawn_blocking(move || node.tick(usage, ended, all_asleep)).await;
+    }
+
+    /// The services now, in configuration order.
+    fn managed(&self) -> Vec<Arc<Managed>> {
+        let s = self.services.lock().expect("services lock");
+        s.slots.iter().map(|slot| slot.managed.clone()).collect()
     }
 
     /// Stops every service. With a pool that outlives the agent, the awake ones are first
@@ -332,9 +484,12 @@ impl Agent {
     /// [`STOP_CHECKPOINT_LIMIT`]); what still runs then is killed, and its older snapshots are
     /// deleted so that the next start does not bring back a past it had moved on from.
     async fn stop_services(&self) {
+        // A reload under way finishes first; none starts after (`stopping` is set).
+        let _changes = self.changes.lock().await;
+        let services = self.managed();
         if self.survives_stop {
             let mut sleeping = JoinSet::new();
-            for m in &self.services {
+            for m in &services {
                 let m = m.clone();
                 let limit = m.spec.drain_deadline + STOP_CHECKPOINT_LIMIT;
                 sleeping.spawn(async move { Managed::sleep_for_stop(&m, limit).await });
@@ -352,7 +507,7 @@ impl Agent {
                 "stopping: services asleep in the pool keep their state for the next start"
             );
         }
-        for m in &self.services {
+        for m in &services {
             let killed = Managed::stop(m).await;
             if killed && self.survives_stop {
                 m.forget_snapshots().await;
@@ -362,11 +517,238 @@ impl Agent {
 
     fn replan(&self, node: &NodePower) {
         let awake: Vec<AwakeService> = self
-            .services
+            .managed()
             .iter()
             .filter_map(|m| m.awake_for_plan())
             .collect();
         node.settle(&awake);
+    }
+
+    /// Adds a service while the agent runs (a reload): like a service at start, it is
+    /// started from its command and accepting connections when this returns, or adopted
+    /// asleep when the pool holds its snapshot from an earlier run. `link` is its gate's.
+    pub async fn add_service(
+        &self,
+        spec: ServiceSpec,
+        link: Arc<ServiceLink>,
+    ) -> Result<Added, ReconfigureError> {
+        let _changes = self.changes.lock().await;
+        {
+            let s = self.services.lock().expect("services lock");
+            if s.stopping {
+                return Err(AgentError::Stopping.into());
+            }
+            if s.slots
+                .iter()
+                .any(|slot| slot.managed.spec.name == spec.name)
+            {
+                return Err(ReconfigureError::Exists(spec.name));
+            }
+        }
+        let name = spec.name.clone();
+        if let Some(root) = &self.maker.cgroups {
+            let cgroup = cgroup_name(&self.maker.host.namespace, &name);
+            for cg in root.existing().into_iter().filter(|cg| cg.name() == cgroup) {
+                clear_leftover(cg).await?;
+            }
+        }
+        let runner = self.maker.runner(&spec)?;
+        let snapshot = self.maker.host.snapshot_name(&name);
+        let left = snapshots_left(&self.maker.host.pools, vec![snapshot.clone()]).await;
+        let m = Arc::new(Managed::new(
+            spec,
+            link.clone(),
+            self.shared.clone(),
+            runner,
+        ));
+        let added = match left.get(&snapshot) {
+            Some(&generation) => {
+                m.adopt_asleep(generation);
+                Added::Adopted(generation)
+            }
+            None => {
+                let (_never, mut cancel) = watch::channel(false);
+                if let Err(source) = m.cold_start_initial(&mut cancel).await {
+                    Managed::stop(&m).await;
+                    return Err(AgentError::Start { name, source }.into());
+                }
+                Added::Started
+            }
+        };
+        self.shared
+            .links
+            .lock()
+            .expect("links lock")
+            .insert(name.clone(), link);
+        let mut s = self.services.lock().expect("services lock");
+        let mut slot = Slot::new(m);
+        if s.running {
+            slot.spawn_loop();
+        }
+        s.slots.push(slot);
+        drop(s);
+        self.shared.replan.notify_one();
+        tracing::info!(service = %name, ?added, "service added");
+        Ok(added)
+    }
+
+    /// Removes a service while the agent runs (a reload): requests held for it or in flight
+    /// are answered first (an asleep service with held requests is woken for them), within
+    /// its drain deadline plus its start timeout; then its loop ends, its processes are
+    /// killed, its gate's link refuses whatever comes later, and its snapshots are deleted
+    /// from the pool.
+    pub async fn remove_service(&self, name: &str) -> Result<Removed, ReconfigureError> {
+        let _changes = self.changes.lock().await;
+        let m = self
+            .managed()
+            .into_iter()
+            .find(|m| m.spec.name == name)
+            .ok_or_else(|| ReconfigureError::Unknown(name.to_string()))?;
+        let was = m.status().state;
+        let deadline = tokio::time::Instant::now() + m.spec.drain_deadline + m.spec.start_timeout;
+        let mut cut = 0;
+        loop {
+            let s = m.status();
+            let busy = s.held_now + m.link().inflight();
+            if busy == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                cut = busy;
+                tracing::warn!(service = %name, cut, "removed service: requests still held or in flight at its drain deadline are cut");
+                break;
+            }
+            tokio::time::sleep(REMOVE_POLL).await;
+        }
+        let slot = {
+            let mut s = self.services.lock().expect("services lock");
+            let at = s
+                .slots
+                .iter()
+                .position(|slot| slot.managed.spec.name == name);
+            at.map(|i| s.slots.remove(i))
+        };
+        if let Some(mut slot) = slot {
+            let _ = slot.stop.send(true);
+            if let Some(task) = slot.task.take() {
+                let _ = task.await;
+            }
+        }
+        Managed::stop(&m).await;
+        let released = m.forget_snapshots().await;
+        self.shared.links.lock().expect("links lock").remove(name);
+        self.shared.replan.notify_one();
+        tracing::info!(service = %name, was = was.as_str(), cut, released, "service removed");
+        Ok(Removed { was, cut, released })
+    }
+
+    /// Gives a service a new configuration (a reload) from its next wake: its loop ends the
+    /// next time it is asleep and a successor made from `spec` takes it over, with the same
+    /// gate. With `fresh` (how it starts changed) its snapshots are deleted then and its
+    /// next wake starts it from its command; otherwise that wake restores its snapshot.
+    /// `why` says what changed. A later reload's change replaces one not yet taken over.
+    pub async fn reconfigure_service(
+        &self,
+        spec: ServiceSpec,
+        fresh: bool,
+        why: String,
+    ) -> Result<ServiceState, ReconfigureError> {
+        let _changes = self.changes.lock().await;
+        let mut s = self.services.lock().expect("services lock");
+        let slot = s
+            .slots
+            .iter_mut()
+            .find(|slot| slot.managed.spec.name == spec.name)
+            .ok_or_else(|| ReconfigureError::Unknown(spec.name.clone()))?;
+        let handed = slot.next.take().and_then(|n| n.handed);
+        // A fresh start asked for earlier still holds once its snapshots are gone.
+        let fresh = fresh || matches!(handed, Some(None));
+        slot.next = Some(Successor {
+            spec,
+            fresh,
+            why,
+            handed,
+        });
+        slot.managed.ask_hand_over();
+        Ok(slot.managed.status().state)
+    }
+
+    /// Makes the successor of every changed service whose loop ended asleep.
+    async fn take_over_changed(&self) {
+        let ready: Vec<String> = {
+            let s = self.services.lock().expect("services lock");
+            s.slots
+                .iter()
+                .filter(|slot| {
+                    slot.next.is_some() && slot.task.as_ref().is_some_and(|t| t.is_finished())
+                })
+                .map(|slot| slot.managed.spec.name.clone())
+                .collect()
+        };
+        for name in ready {
+            self.take_over(&name).await;
+        }
+    }
+
+    async fn take_over(&self, name: &str) {
+        let _changes = self.changes.lock().await;
+        let taken = {
+            let mut s = self.services.lock().expect("services lock");
+            if s.stopping {
+                return;
+            }
+            s.slots
+                .iter_mut()
+                .find(|slot| slot.managed.spec.name == name)
+                .and_then(|slot| Some((slot.managed.clone(), slot.next.take()?)))
+        };
+        let Some((old, mut next)) = taken else { return };
+        let generation = match next.handed {
+            Some(g) => g,
+            None => Managed::hand_over(&old, next.fresh).await,
+        };
+        next.handed = Some(generation);
+        let runner = match self.maker.runner(&next.spec) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(service = %name, error = %torpor_pool::error_chain(&e), "the changed service cannot be made; trying again");
+                self.put_back(name, next);
+                return;
+            }
+        };
+        let link = old.link().clone();
+        let m = Arc::new(Managed::new(next.spec, link, self.shared.clone(), runner));
+        let why = match generation {
+            Some(g) => format!(
+                "reconfigured ({}); its next wake restores generation {g}",
+                next.why
+            ),
+            None => format!(
+                "reconfigured ({}); its next wake starts it from its command",
+                next.why
+            ),
+        };
+        m.take_over_asleep(generation, why);
+        let mut s = self.services.lock().expect("services lock");
+        if let Some(slot) = s
+            .slots
+            .iter_mut()
+            .find(|slot| slot.managed.spec.name == name)
+        {
+            *slot = Slot::new(m);
+            slot.spawn_loop();
+        }
+    }
+
+    fn put_back(&self, name: &str, next: Successor) {
+        let mut s = self.services.lock().expect("services lock");
+        if let Some(slot) = s
+            .slots
+            .iter_mut()
+            .find(|slot| slot.managed.spec.name == name)
+        {
+            slot.next = Some(next);
+        }
     }
 
     /// Whether the pool outlives the agent, so that a stop keeps every service's state.
@@ -389,7 +771,7 @@ impl Agent {
 
     /// Each service's figures now.
     pub fn status(&self) -> Vec<ServiceStatus> {
-        self.services.iter().map(|m| m.status()).collect()
+        self.managed().iter().map(|m| m.status()).collect()
     }
 
     /// Recent transitions, oldest first.
@@ -412,7 +794,8 @@ impl Agent {
     /// who asked (`uid 0`, `token`). It waits until the command is done: a sleep until the
     /// service is in the pool, a wake until it accepts connections.
     pub async fn manual(&self, service: &str, command: ManualCommand, by: &str) -> ManualResult {
-        match self.services.iter().find(|m| m.spec.name == service) {
+        let found = self.managed().into_iter().find(|m| m.spec.name == service);
+        match found {
             Some(m) => m.command(command, by).await,
             None => {
                 let e = ManualError::UnknownService(service.to_string());
@@ -497,25 +880,32 @@ fn cgroup_name(namespace: &str, service: &str) -> String {
 
 async fn clear_leftovers(root: &CgroupRoot, names: &[&str]) -> Result<(), AgentError> {
     for cg in root.existing() {
-        let procs = cg.procs();
         if !names.contains(&cg.name().as_str()) {
+            let procs = cg.procs();
             if !procs.is_empty() {
                 tracing::warn!(cgroup = %cg.path().display(), ?procs, "processes of a service this agent does not run (another agent's, or an earlier configuration's); left alone");
             }
             continue;
         }
-        if !procs.is_empty() {
-            tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
-        }
-        let c = cg.clone();
-        let empty = tokio::task::spawn_blocking(move || c.kill_all(Duration::from_secs(5)))
-            .await
-            .unwrap_or(false);
-        if !empty || cg.remove().is_err() {
-            return Err(AgentError::Leftover {
-                path: cg.path().to_path_buf(),
-            });
-        }
+        clear_leftover(cg).await?;
+    }
+    Ok(())
+}
+
+/// Kills what an earlier run left in a cgroup of this agent's and removes the cgroup.
+async fn clear_leftover(cg: ServiceCgroup) -> Result<(), AgentError> {
+    let procs = cg.procs();
+    if !procs.is_empty() {
+        tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
+    }
+    let c = cg.clone();
+    let empty = tokio::task::spawn_blocking(move || c.kill_all(Duration::from_secs(5)))
+        .await
+        .unwrap_or(false);
+    if !empty || cg.remove().is_err() {
+        return Err(AgentError::Leftover {
+            path: cg.path().to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -525,13 +915,12 @@ impl Shared {
     #[cfg(test)]
     pub(crate) fn bare(links: &[Arc<ServiceLink>]) -> Shared {
         Shared {
-            _runc_dir: None,
             started: tokio::time::Instant::now(),
             transitions: Mutex::new(VecDeque::new()),
             manual: Mutex::new(VecDeque::new()),
             node: None,
             replan: tokio::sync::Notify::new(),
-            links: links.iter().map(|l| (l.name.clone(), l.clone())).collect(),
+            links: Mutex::new(links.iter().map(|l| (l.name.clone(), l.clone())).collect()),
             reaper: Arc::default(),
         }
     }

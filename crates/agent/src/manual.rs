@@ -133,8 +133,8 @@ pub(crate) struct Request {
     pub reply: oneshot::Sender<ManualResult>,
 }
 
-/// Milliseconds since the Unix epoch now.
-pub(crate) fn unix_ms_now() -> u64 {
+/// Milliseconds since the Unix epoch now (how manual commands and reloads are dated).
+pub fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -233,6 +233,9 @@ pub(crate) struct Managed {
     commands: mpsc::Sender<manual::Request>,
     /// Their receiving end, held by the running loop.
     inbox: tokio::sync::Mutex<mpsc::Receiver<manual::Request>>,
+    /// A reload changed the service: its loop ends the next time it finds it asleep, so that
+    /// a successor with the new configuration takes it over ([`Managed::hand_over`]).
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// Manual commands queued for one service at most; more are refused as a busy service.
@@ -298,6 +301,7 @@ impl Managed {
         Managed {
             commands,
             inbox: tokio::sync::Mutex::new(inbox),
+            handing_over: Default::default(),
             spec,
             link,
             shared,
@@ -438,16 +442,22 @@ impl Managed {
         Ok(pid)
     }
 
-    /// The service's loop, until `shutdown` is true.
+    /// The service's loop, until `shutdown` is true, or (after [`Self::ask_hand_over`])
+    /// until it is asleep between two of its steps, so that no wake is under way.
     pub async fn run(me: Arc<Managed>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inbox = me.inbox.lock().await;
+        let mut handed = false;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let asleep = me.state() == ServiceState::Asleep;
+            if asleep && me.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+                handed = true;
+                break;
+            }
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
                 _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request, Instant::now()).await,
@@ -458,8 +468,51 @@ impl Managed {
         // Commands that came too late are answered, and later ones refused at once.
         inbox.close();
         while let Ok(req) = inbox.try_recv() {
-            let _ = req.reply.send(Err(ManualError::Stopping));
+            let _ = req.reply.send(Err(match handed {
+                true => ManualError::Busy {
+                    service: me.spec.name.clone(),
+                    state: "being reconfigured".into(),
+                },
+                false => ManualError::Stopping,
+            }));
         }
+    }
+
+    /// Asks the loop to end the next time the service is asleep (a reload's successor then
+    /// takes it over with the new configuration).
+    pub fn ask_hand_over(&self) {
+        self.handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// After its loop ended for a hand-over: what was made ready for its next wake is given
+    /// up and its cgroup removed, its link left as it is for the successor. With `release`
+    /// its snapshots are deleted (the successor starts from its command); otherwise the
+    /// generation it sleeps in is returned for the successor to restore.
+    pub async fn hand_over(me: &Arc<Managed>, release: bool) -> Option<u64> {
+        me.runner.retire().await;
+        if release {
+            me.forget_snapshots().await;
+            return None;
+        }
+        me.rt
+            .lock()
+            .expect("runtime lock")
+            .status
+            .snapshot_generation
+    }
+
+    /// The successor's first state: asleep in `generation` (restored at its first wake), or
+    /// without a snapshot (its first wake starts it from its command). `why` is the
+    /// transition's detail.
+    pub fn take_over_asleep(&self, generation: Option<u64>, why: String) {
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.asleep_at = self.link.now();
+            rt.status.snapshot_generation = generation;
+        }
+        self.transition(ServiceState::Asleep, Duration::ZERO, why);
+        self.link.arm_wake();
     }
 
     /// Hands a manual command to the service's loop and waits for its result.
@@ -900,10 +953,14 @@ impl Managed {
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
     /// cores back first and re-plans after.
     async fn wake(&self, cause: WakeCause, asked: Instant) {
-        for name in &self.spec.wake_with {
-            if let Some(link) = self.shared.links.get(name) {
-                link.request_wake();
-            }
+        let with: Vec<Arc<ServiceLink>> = {
+            let links = self.shared.links.lock().expect("links lock");
+            (self.spec.wake_with.iter())
+                .filter_map(|name| links.get(name).cloned())
+                .collect()
+        };
+        for link in with {
+            link.request_wake();
         }
         if let Some(node) = &self.shared.node {
             node.before_wake();
@@ -932,6 +989,11 @@ impl Managed {
             .expect("runtime lock")
             .status
             .snapshot_generation;
+        if generation.is_none() {
+            // A reload changed how it starts: its old state has no place in the new program.
+            let why = "started from its new configuration";
+            return self.bring_up_cold(t0, timeline, why).await;
+        }
         let reason = match self.runner.restore(generation).await {
             Ok(Restored { pid, detail }) => {
                 timeline.criu_done_ms = Some(ms_since(t0));
@@ -1106,10 +1168,18 @@ impl Managed {
     /// Deletes every generation of this service from the pool: after its running tree was
     /// killed they are older than the state it had, and the next start must not bring such a
     /// past back (it cold-starts instead).
-    pub async fn forget_snapshots(&self) {
-        if let Err(e) = self.runner.release(u64::MAX).await {
+    /// Whether they are gone.
+    pub async fn forget_snapshots(&self) -> bool {
+        let released = self.runner.release(u64::MAX).await;
+        if let Err(e) = &released {
             warn!(service = %self.spec.name, error = %e, "could not delete the stale snapshots of a killed service; the next start may restore an older state");
         }
+        released.is_ok()
+    }
+
+    /// The link its gate shares (a reload's successor takes it over).
+    pub fn link(&self) -> &Arc<ServiceLink> {
+        &self.link
     }
 
     pub fn status(&self) -> ServiceStatus {

@@ -48,7 +48,7 @@ pub enum HoldError {
 }
 
 /// Bounds of the hold queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldLimits {
     /// Most requests held at once; more get [`HoldError::QueueFull`].
     pub depth: usize,
@@ -102,7 +102,8 @@ struct Inflight {
 #[derive(Debug)]
 pub struct ServiceLink {
     pub name: String,
-    limits: HoldLimits,
+    /// Changed live by a reload of the configuration ([`ServiceLink::set_limits`]).
+    limits: Mutex<HoldLimits>,
     epoch: Instant,
     inner: Mutex<Inner>,
     /// Requests (or connections) being forwarded now, or released and not yet picked up.
@@ -197,7 +198,7 @@ impl ServiceLink {
         let epoch = Instant::now();
         Arc::new(ServiceLink {
             name: name.to_string(),
-            limits,
+            limits: Mutex::new(limits),
             epoch,
             inner: Mutex::new(Inner {
                 open: false,
@@ -232,6 +233,7 @@ impl ServiceLink {
     /// Lets one request through, holding it first if the service is not up. Dropping the
     /// future while it is held gives its place in the queue up.
     pub async fn enter(self: &Arc<Self>) -> Result<InflightGuard, HoldError> {
+        let limits = self.limits();
         let (ticket, mut rx) = {
             let mut inner = self.state();
             let now = self.now();
@@ -245,7 +247,7 @@ impl ServiceLink {
             if let Some(reason) = &inner.down {
                 return Err(self.reject(HoldError::WakeFailed(reason.clone())));
             }
-            if inner.waiters.len() >= self.limits.depth {
+            if inner.waiters.len() >= limits.depth {
                 return Err(self.reject(HoldError::QueueFull(inner.waiters.len())));
             }
             let (tx, rx) = oneshot::channel();
@@ -268,9 +270,9 @@ impl ServiceLink {
                 place.ticket = None;
                 answer.ok()
             }
-            _ = tokio::time::sleep(self.limits.timeout) => {
+            _ = tokio::time::sleep(limits.timeout) => {
                 if place.withdraw() {
-                    return Err(self.reject(HoldError::Timeout(self.limits.timeout)));
+                    return Err(self.reject(HoldError::Timeout(limits.timeout)));
                 }
                 // The agent took the request out of the queue first: its answer (sent
                 // under the lock `withdraw` took) is in the channel.
@@ -284,6 +286,17 @@ impl ServiceLink {
             // is refused rather than left hanging.
             None => Err(self.reject(HoldError::ShuttingDown)),
         }
+    }
+
+    /// The hold queue's bounds now.
+    pub fn limits(&self) -> HoldLimits {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// New bounds for the hold queue (a reload): requests that arrive from now on get them;
+    /// those already held keep the timeout they came with.
+    pub fn set_limits(&self, limits: HoldLimits) {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner) = limits;
     }
 
     fn reject(&self, e: HoldError) -> HoldError {
@@ -527,6 +540,38 @@ mod tests {
             Err(HoldError::Timeout(Duration::from_secs(5)))
         );
         assert_eq!(l.rejected(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_apply_to_the_next_request() {
+        let l = link(1);
+        let first = tokio::spawn({
+            let l = l.clone();
+            async move { l.enter().await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(l.enter().await.unwrap_err(), HoldError::QueueFull(1));
+        let wider = HoldLimits {
+            depth: 2,
+            timeout: Duration::from_secs(1),
+        };
+        l.set_limits(wider);
+        assert_eq!(l.limits(), wider);
+        let second = tokio::spawn({
+            let l = l.clone();
+            async move { l.enter().await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(l.held(), 2, "the deeper queue takes a second request");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            second.await.unwrap(),
+            Err(HoldError::Timeout(Duration::from_secs(1))),
+            "held under the new timeout"
+        );
+        assert_eq!(l.held(), 1, "the first keeps the timeout it came with");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(first.await.unwrap().is_err());
     }
 
     #[tokio::test(start_paused = true)]

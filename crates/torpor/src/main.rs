@@ -82,6 +82,16 @@ enum Cmd {
         #[command(flatten)]
         control: ControlOpt,
     },
+    /// Make a running `torpor up` read its torpor.toml again (as SIGHUP does): added
+    /// services start, removed ones stop, changed ones take the change; an invalid file or a
+    /// node-level change is refused and nothing of it applied.
+    Reload {
+        #[command(flatten)]
+        control: ControlOpt,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the services of a running `torpor up`.
     Status {
         /// Address of its status API.
@@ -439,6 +449,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Unpin { name, control } => {
             return manual(&control, &name, torpor_agent::ManualCommand::Unpin)
         }
+        Cmd::Reload { control, json } => return reload(&control, json),
         Cmd::SampleGrpc { listen, port_file } => {
             torpor_workload::grpc::run(listen, port_file.as_deref())?
         }
@@ -702,9 +713,12 @@ fn up(path: &std::path::Path, log_format: LogFormat) -> Result<()> {
     // here on SIGTERM or SIGINT, whenever it arrives, stops torpor up cleanly with status 0
     // (the default action would kill it with services, cgroups and the pool left behind).
     let rt = tokio::runtime::Runtime::new()?;
-    let stop = {
+    // SIGHUP (reload) too: its default action would end torpor up.
+    let (stop, hangups) = {
         let _in_runtime = rt.enter();
-        StopSignals::install()?
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        (StopSignals::install()?, hup)
     };
     // Handled from now on; one that came meanwhile is delivered now.
     let _ = stop_signal_set().thread_unblock();
@@ -712,21 +726,31 @@ fn up(path: &std::path::Path, log_format: LogFormat) -> Result<()> {
         .with_context(|| format!("configuration {}", path.display()))?;
     let criu = criu()?;
     criu.version()?;
-    rt.block_on(torpor_up::run(config, criu, stop.wait(), |info, _| {
-        say(format!(
-            "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
-            info.pool, info.status_addr
-        ));
-        if let Some(p) = &info.control.socket {
-            say(format!("control socket {}", p.display()));
-        } else if let Some(a) = &info.control.tcp {
-            say(format!("control endpoint {a} (TCP, token)"));
-        }
-        for (name, addr) in &info.services {
-            say(format!("service {name} on {addr}"));
-        }
-        say("ready".into());
-    }))?;
+    let source = torpor_up::ReloadSource {
+        path: path.to_path_buf(),
+        hangups: Some(hangups),
+    };
+    rt.block_on(torpor_up::run_reloadable(
+        config,
+        Some(source),
+        criu,
+        stop.wait(),
+        |info, _| {
+            say(format!(
+                "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
+                info.pool, info.status_addr
+            ));
+            if let Some(p) = &info.control.socket {
+                say(format!("control socket {}", p.display()));
+            } else if let Some(a) = &info.control.tcp {
+                say(format!("control endpoint {a} (TCP, token)"));
+            }
+            for (name, addr) in &info.services {
+                say(format!("service {name} on {addr}"));
+            }
+            say("ready".into());
+        },
+    ))?;
     say("stopped".into());
     Ok(())
 }
@@ -775,14 +799,11 @@ fn run_load(
 
 /// Sends one manual command; prints its answer (exit 0 when done or nothing was needed).
 fn manual(opt: &ControlOpt, name: &str, command: torpor_agent::ManualCommand) -> Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new()?;
-    let target = rt.block_on(torpor_up::control::locate(
-        opt.socket.as_deref(),
-        opt.control,
-        opt.addr,
-        opt.token_file.as_deref(),
-    ))?;
-    let reply = torpor_up::control::call(&target, name, command)?;
+    let order = torpor_up::control::Order::Service {
+        service: name.to_string(),
+        command,
+    };
+    let reply = send(opt, order)?;
     if reply.succeeded() {
         println!("{}", reply.message);
         Ok(ExitCode::SUCCESS)
@@ -790,6 +811,32 @@ fn manual(opt: &ControlOpt, name: &str, command: torpor_agent::ManualCommand) ->
         eprintln!("torpor: {}", reply.message);
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Asks for a reload; prints what it did (exit 0 when applied or nothing changed).
+fn reload(opt: &ControlOpt, json: bool) -> Result<ExitCode> {
+    let reply = send(opt, torpor_up::control::Order::Reload)?;
+    match (json, &reply.reload) {
+        (true, Some(report)) => print_json(report)?,
+        _ if reply.succeeded() => print!("{}", reply.message),
+        _ => eprint!("torpor: {}", reply.message),
+    }
+    Ok(match reply.succeeded() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    })
+}
+
+/// Sends `order` to the control endpoint `opt` names and returns its reply.
+fn send(opt: &ControlOpt, order: torpor_up::control::Order) -> Result<torpor_up::control::Reply> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let target = rt.block_on(torpor_up::control::locate(
+        opt.socket.as_deref(),
+        opt.control,
+        opt.addr,
+        opt.token_file.as_deref(),
+    ))?;
+    Ok(torpor_up::control::call(&target, order)?)
 }
 
 fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
@@ -947,6 +994,17 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
     } else if let Some(a) = &control.tcp {
         println!("control: {a} over TCP with its token (torpor sleep --control {a} --token-file FILE NAME)");
     }
+    let last: Option<torpor_up::reload::ReloadReport> =
+        serde_json::from_value(doc["last_reload"].clone()).unwrap_or_default();
+    if let Some(r) = last {
+        println!(
+            "last reload: {} by {} at {}{}",
+            r.outcome.as_str(),
+            r.by,
+            torpor_bench::report::unix_ms_to_utc(r.at_unix_ms),
+            r.error.map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
@@ -982,6 +1040,8 @@ fn stop_signal_set() -> nix::sys::signal::SigSet {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGTERM);
     set.add(nix::sys::signal::Signal::SIGINT);
+    // `torpor up`'s reload: blocked with the others until its handler is there.
+    set.add(nix::sys::signal::Signal::SIGHUP);
     set
 }
 

@@ -289,6 +289,8 @@ pub struct Config {
     pub power: NodePowerConfig,
     /// `pool.ephemeral`: losing every service's state at stop is intended.
     pub ephemeral: bool,
+    /// The document as written, for a reload to say which keys changed.
+    pub(crate) written: toml::Table,
 }
 
 /// Where the knob journal lives unless `power.journal` says otherwise.
@@ -565,6 +567,7 @@ impl Config {
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text)?;
+        let written: toml::Table = toml::from_str(text)?;
         if raw.pool.ephemeral && (raw.pool.address.is_some() || raw.pool.spill_dir.is_some()) {
             return Err(invalid(
                 "pool.ephemeral",
@@ -900,6 +903,7 @@ impl Config {
             services,
             power: power(raw.power)?,
             ephemeral: raw.pool.ephemeral,
+            written,
         })
     }
 }

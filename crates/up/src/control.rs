@@ -1,5 +1,5 @@
-//! The control endpoint of `torpor up`: where an operator's `torpor sleep`, `wake`, `pin`
-//! and `unpin` arrive. It is apart from the status API, which stays read-only: by default a
+//! The control endpoint of `torpor up`: where an operator's `torpor sleep`, `wake`, `pin`,
+//! `unpin` and `reload` arrive. It is apart from the status API, which stays read-only: by default a
 //! Unix socket (mode 0600, so only its owner, root, can connect; the peer's uid, read with
 //! SO_PEERCRED, is who the action is recorded as), or a TCP address whose requests must carry
 //! the token of a token file (recorded as `token`). Each connection carries one request and
@@ -25,6 +25,8 @@ use tokio::{
     sync::Semaphore,
 };
 use torpor_agent::{Agent, ManualCommand, ManualOutcome};
+
+use crate::reload::{ReloadOutcome, ReloadReport, Reloader};
 use tracing::{info, warn};
 
 use wire::{Kind, WireError};
@@ -68,12 +70,34 @@ pub struct ControlHint {
     pub tcp: Option<SocketAddr>,
 }
 
-/// One command for one service.
+/// What an operator asks of `torpor up`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// One command for one service.
+    Service {
+        service: String,
+        command: ManualCommand,
+    },
+    /// Read torpor.toml again and apply what changed.
+    Reload,
+}
+
+impl Order {
+    /// The service it is for (empty for a reload) and its action, for the log.
+    fn describe(&self) -> (&str, &'static str) {
+        match self {
+            Order::Service { service, command } => (service, command.name()),
+            Order::Reload => ("", "reload"),
+        }
+    }
+}
+
+/// One order, with the token of a TCP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
-    pub service: String,
-    pub command: ManualCommand,
+    pub order: Order,
     /// The TCP endpoint's token (absent on the Unix socket).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -94,11 +118,14 @@ pub enum ReplyOutcome {
 }
 
 /// The endpoint's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub outcome: ReplyOutcome,
     /// A sentence for the operator.
     pub message: String,
+    /// What a reload did (for `torpor reload --json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadReport>,
 }
 
 impl Reply {
@@ -259,10 +286,11 @@ fn bind_unix(path: &Path) -> Result<ControlListener, ControlError> {
     })
 }
 
-/// Serves manual commands for `agent` until `shutdown`.
+/// Serves manual commands for `agent`, and reloads through `reloader`, until `shutdown`.
 pub async fn serve(
     listener: ControlListener,
     agent: Arc<Agent>,
+    reloader: Arc<Reloader>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -279,9 +307,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let agent = agent.clone();
+                let (agent, reloader) = (agent.clone(), reloader.clone());
                 conns.spawn(async move {
-                    serve_one(stream, peer, &agent).await;
+                    serve_one(stream, peer, &agent, &reloader).await;
                     drop(permit);
                 });
             }
@@ -321,7 +349,7 @@ async fn accept(a: &Accept) -> std::io::Result<(Box<dyn Stream>, Peer)> {
     }
 }
 
-async fn serve_one(mut stream: Box<dyn Stream>, peer: Peer, agent: &Agent) {
+async fn serve_one(mut stream: Box<dyn Stream>, peer: Peer, agent: &Agent, reloader: &Reloader) {
     let reply = match tokio::time::timeout(
         REQUEST_TIMEOUT,
         wire::read_async::<Request>(&mut stream, Kind::Request),
@@ -335,36 +363,61 @@ async fn serve_one(mut stream: Box<dyn Stream>, peer: Peer, agent: &Agent) {
             Reply {
                 outcome: ReplyOutcome::Refused,
                 message: format!("bad request: {e}"),
+                reload: None,
             }
         }
         Ok(Ok(req)) => match authorize(&peer, req.token.as_deref()) {
             Err(why) => {
-                warn!(service = %req.service, action = req.command.name(), %why, "control endpoint: refused");
+                let (service, action) = req.order.describe();
+                warn!(%service, action, %why, "control endpoint: refused");
                 Reply {
                     outcome: ReplyOutcome::Refused,
                     message: why,
+                    reload: None,
                 }
             }
-            Ok(by) => match agent.manual(&req.service, req.command, &by).await {
-                Ok((outcome, message)) => Reply {
-                    outcome: match outcome {
-                        ManualOutcome::Done => ReplyOutcome::Done,
-                        ManualOutcome::NoOp => ReplyOutcome::NoOp,
-                    },
-                    message,
-                },
-                Err(e) => Reply {
-                    outcome: match e.outcome() {
-                        "failed" => ReplyOutcome::Failed,
-                        _ => ReplyOutcome::Refused,
-                    },
-                    message: e.to_string(),
-                },
-            },
+            Ok(by) => carry_out(req.order, &by, agent, reloader).await,
         },
     };
     let _ = stream.write_all(&wire::encode(Kind::Reply, &reply)).await;
     let _ = stream.shutdown().await;
+}
+
+/// Carries out an authorized order and says what came of it.
+async fn carry_out(order: Order, by: &str, agent: &Agent, reloader: &Reloader) -> Reply {
+    match order {
+        Order::Service { service, command } => match agent.manual(&service, command, by).await {
+            Ok((outcome, message)) => Reply {
+                outcome: match outcome {
+                    ManualOutcome::Done => ReplyOutcome::Done,
+                    ManualOutcome::NoOp => ReplyOutcome::NoOp,
+                },
+                message,
+                reload: None,
+            },
+            Err(e) => Reply {
+                outcome: match e.outcome() {
+                    "failed" => ReplyOutcome::Failed,
+                    _ => ReplyOutcome::Refused,
+                },
+                message: e.to_string(),
+                reload: None,
+            },
+        },
+        Order::Reload => {
+            let report = reloader.reload(by).await;
+            Reply {
+                outcome: match report.outcome {
+                    ReloadOutcome::Applied => ReplyOutcome::Done,
+                    ReloadOutcome::Unchanged => ReplyOutcome::NoOp,
+                    ReloadOutcome::Refused => ReplyOutcome::Refused,
+                    ReloadOutcome::Failed => ReplyOutcome::Failed,
+                },
+                message: report.render(),
+                reload: Some(report),
+            }
+        }
+    }
 }
 
 /// Who the request is from, or why it is refused. On the socket only root and the user
@@ -467,9 +520,9 @@ pub async fn locate(
     Ok(Target::Tcp { addr: tcp, token })
 }
 
-/// Sends `command` for `service` to `target` and waits for the reply (as long as the
-/// command takes: a sleep returns once the service is in the pool).
-pub fn call(target: &Target, service: &str, command: ManualCommand) -> Result<Reply, ClientError> {
+/// Sends `order` to `target` and waits for the reply (as long as the order takes: a sleep
+/// returns once the service is in the pool, a reload once it is applied).
+pub fn call(target: &Target, order: Order) -> Result<Reply, ClientError> {
     use std::io::Write;
     let connect_err = |source| ClientError::Connect {
         target: target.to_string(),
@@ -480,8 +533,7 @@ pub fn call(target: &Target, service: &str, command: ManualCommand) -> Result<Re
         source,
     };
     let request = Request {
-        service: service.to_string(),
-        command,
+        order,
         token: match target {
             Target::Unix(_) => None,
             Target::Tcp { token, .. } => Some(token.clone()),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod notify;
 pub mod page;
+pub mod reload;
 pub mod status;
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -16,7 +17,7 @@ use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
 use torpor_agent::{Agent, AgentError, Snapshots};
-use torpor_control::{HoldLimits, ServiceLink};
+use torpor_control::ServiceLink;
 use torpor_criu::{CriuBinary, PoolTarget, Pools};
 use torpor_image::NodeKey;
 use torpor_pool::{PoolAddr, Store, StoreConfig};
@@ -50,6 +51,16 @@ pub enum UpError {
     Control(#[from] control::ControlError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
+}
+
+/// Where a reload reads the configuration again, and the SIGHUPs that ask for one.
+#[derive(Debug)]
+pub struct ReloadSource {
+    /// The configuration file `torpor up` was started from.
+    pub path: PathBuf,
+    /// SIGHUP, its handler installed by the caller before anything started (a SIGHUP
+    /// before that would end the process); `None` takes reloads from `torpor reload` only.
+    pub hangups: Option<tokio::signal::unix::Signal>,
 }
 
 /// What is up, for the caller to print.
@@ -89,6 +100,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
 ) -> Result<(), UpError> {
+    run_reloadable(config, None, criu, shutdown, on_ready).await
+}
+
+/// [`run`], with live reloads of the configuration (`torpor reload`, and SIGHUP when
+/// `source` brings its handler) read from `source`'s file; see [`reload`]. A reload is
+/// framed by `RELOADING=1` and `READY=1` under systemd. Without `source` a reload is refused.
+pub async fn run_reloadable(
+    config: Config,
+    source: Option<ReloadSource>,
+    criu: CriuBinary,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
+) -> Result<(), UpError> {
+    let (path, hangups) = match source {
+        Some(s) => (Some(s.path), s.hangups),
+        None => (None, None),
+    };
     let notifier = notify::Notifier::from_env()
         .inspect_err(|e| warn!(error = %e, "systemd will not hear that torpor up is ready"))
         .unwrap_or_else(|_| notify::Notifier::none());
@@ -184,30 +212,39 @@ pub async fn run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut services = Vec::new();
-    let mut links = Vec::new();
-    for g in gates {
+    for g in &gates {
         services.push((g.link.name.clone(), g.listener.local_addr()?));
-        links.push(g.link.clone());
-        let mut stop = stop_rx.clone();
+    }
+    let reloader = Arc::new(reload::Reloader::start(
+        agent.clone(),
+        &config,
+        path,
+        gates.into_iter().map(|g| (g.listener, g.link)).collect(),
+        stop_rx.clone(),
+        notifier.clone(),
+    ));
+    if let Some(mut hangups) = hangups {
+        let (reloader, mut stop) = (reloader.clone(), stop_rx.clone());
         tasks.spawn(async move {
-            torpor_gate::run(
-                g.listener,
-                g.protocol,
-                g.spec.backend,
-                g.link,
-                g.limits,
-                async move {
+            loop {
+                let stopped = async {
                     let _ = stop.wait_for(|s| *s).await;
-                },
-            )
-            .await;
+                };
+                tokio::select! {
+                    _ = stopped => break,
+                    hup = hangups.recv() => match hup {
+                        Some(()) => drop(reloader.reload("SIGHUP").await),
+                        None => break,
+                    },
+                }
+            }
         });
     }
     let control_hint = control_listener.hint().clone();
     {
-        let (agent, mut stop) = (agent.clone(), stop_rx.clone());
+        let (agent, reloader, mut stop) = (agent.clone(), reloader.clone(), stop_rx.clone());
         tasks.spawn(async move {
-            control::serve(control_listener, agent, async move {
+            control::serve(control_listener, agent, reloader, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -216,9 +253,9 @@ pub async fn run(
     // Last: the status API answers only once everything above runs.
     {
         let (agent, mut stop) = (agent.clone(), stop_rx.clone());
-        let hint = control_hint.clone();
+        let (hint, last_reload) = (control_hint.clone(), reloader.last());
         tasks.spawn(async move {
-            status::serve(status_listener, agent, hint, async move {
+            status::serve(status_listener, agent, hint, last_reload, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -249,11 +286,13 @@ pub async fn run(
     if !agent.survives_stop() && !config.ephemeral {
         warn!("{LOSSY_STOP}");
     }
-    for l in &links {
-        l.shut_down();
-    }
+    // A reload under way finishes first; none starts after.
+    let gate_tasks = reloader.stop().await;
     let _ = stop_tx.send(true);
     let _ = agent_loop.await;
+    for g in gate_tasks {
+        g.join().await;
+    }
     while tasks.join_next().await.is_some() {}
     if let Some(t) = pool_task {
         t.stop().await;
@@ -294,10 +333,8 @@ async fn persist(store: Option<Arc<Store>>) {
 /// One service's gate, bound but not yet serving.
 struct Gate {
     listener: TcpListener,
-    protocol: torpor_gate::Protocol,
     spec: torpor_agent::ServiceSpec,
     link: Arc<ServiceLink>,
-    limits: torpor_gate::GateLimits,
 }
 
 /// Everything `torpor up` listens on, and the pool, before any service starts.
@@ -330,19 +367,10 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
                 what: format!("service {:?}", s.spec.name),
                 source,
             })?;
-        let link = ServiceLink::new(
-            &s.spec.name,
-            HoldLimits {
-                depth: s.hold_queue,
-                timeout: s.hold_timeout,
-            },
-        );
         gates.push(Gate {
             listener,
-            protocol: s.protocol,
             spec: s.spec.clone(),
-            link,
-            limits: s.gate,
+            link: reload::link_for(s),
         });
     }
     let status_listener = TcpListener::bind(config.status_listen)

@@ -110,6 +110,19 @@ impl Notifier {
         self.notify(&format!("STOPPING=1\nSTATUS={}", one_line(status)))
     }
 
+    /// `RELOADING=1` with the monotonic time it began (systemd's `Type=notify-reload`
+    /// wants `MONOTONIC_USEC=` with it) and a status line: a reload has begun; `READY=1`
+    /// ends it.
+    pub fn reloading(&self, status: &str) -> Result<(), NotifyError> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000
+        });
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS={}",
+            one_line(status)
+        ))
+    }
+
     /// A `STATUS=` line alone (what `systemctl status` shows).
     pub fn status(&self, status: &str) -> Result<(), NotifyError> {
         self.notify(&format!("STATUS={}", one_line(status)))
@@ -157,6 +170,16 @@ mod tests {
         assert_eq!(receive(&socket), "STOPPING=1\nSTATUS=stopping");
         n.status("checkpointing").unwrap();
         assert_eq!(receive(&socket), "STATUS=checkpointing");
+        n.reloading("reloading").unwrap();
+        let got = receive(&socket);
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!((lines[0], lines[2]), ("RELOADING=1", "STATUS=reloading"));
+        let usec: u64 = lines[1]
+            .strip_prefix("MONOTONIC_USEC=")
+            .expect("the monotonic time")
+            .parse()
+            .unwrap();
+        assert!(usec > 0, "{got}");
     }
 
     #[test]

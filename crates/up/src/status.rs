@@ -16,7 +16,10 @@ pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
 use torpor_agent::{Agent, ManualAction, ServiceState, Transition};
 
-use crate::control::ControlHint;
+use crate::{
+    control::ControlHint,
+    reload::{LastReload, ReloadReport},
+};
 
 /// The `/status` document.
 #[derive(Debug, Serialize)]
@@ -32,19 +35,26 @@ pub struct StatusDoc {
     pub manual: Vec<ManualAction>,
     /// Where the control endpoint is (for `torpor sleep --addr`).
     pub control: ControlHint,
+    /// The last reload of the configuration (when, who, what came of it), if any.
+    pub last_reload: Option<ReloadReport>,
 }
 
 /// Connections the status API serves at once: it is for operators and scrapers, not crowds.
 const STATUS_MAX_CONNECTIONS: usize = 64;
 
-/// Serves until `shutdown`; `/status` says the control endpoint is at `control`.
+/// Serves until `shutdown`; `/status` says the control endpoint is at `control`, and what
+/// the last reload did.
 pub async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
     control: ControlHint,
+    last_reload: LastReload,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_with(listener, shutdown, move |req| route(&agent, &control, req)).await
+    serve_with(listener, shutdown, move |req| {
+        route(&agent, &control, &last_reload, req)
+    })
+    .await
 }
 
 /// Serves the answers of `route` until `shutdown`, with the gates' accept loop (accept errors
@@ -79,7 +89,12 @@ where
     .await
 }
 
-fn route<B>(agent: &Agent, control: &ControlHint, req: Request<B>) -> Response<Full<Bytes>> {
+fn route<B>(
+    agent: &Agent,
+    control: &ControlHint,
+    last_reload: &LastReload,
+    req: Request<B>,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/" => (
             StatusCode::OK,
@@ -98,6 +113,7 @@ fn route<B>(agent: &Agent, control: &ControlHint, req: Request<B>) -> Response<F
                 knobs: agent.knob_changes(),
                 manual: agent.manual_actions(),
                 control: control.clone(),
+                last_reload: last_reload.lock().expect("reload lock").clone(),
             };
             (
                 StatusCode::OK,
