@@ -589,8 +589,15 @@ impl Runner for ProcessTree {
                     .map(|r| Restored {
                         pid: r.pid,
                         detail: format!(
-                            "restored generation {} from pool replica {} as pid {}",
-                            r.generation, r.replica, r.pid
+                            "restored generation {} from pool replica {} as pid {}{}",
+                            r.generation,
+                            r.replica,
+                            r.pid,
+                            if r.filled {
+                                " (every page copied in before it ran)"
+                            } else {
+                                ""
+                            }
                         ),
                     })
                     .map_err(|e| RestoreFailed {

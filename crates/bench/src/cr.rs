@@ -1,7 +1,10 @@
 //! `torpor bench cr`: for each size, a sample service holding that much random memory is
 //! checkpointed and restored (a) by stock CRIU with images in a tmpfs directory (/dev/shm)
 //! and (b) by torpor into and out of a pool on this machine (a `torpor pool` process on a
-//! Unix socket, or behind a rate-limited network fabric with `--fabric`), eagerly; then (c) torpor's lazy wakes and incremental checkpoints
+//! Unix socket, or behind a rate-limited network fabric with `--fabric`), eagerly, both ways
+//! torpor restores eagerly (every page copied in through userfaultfd before the tasks run, its
+//! default, and CRIU reading the pages itself with `--stream`, its fallback), in turns first;
+//! then (c) torpor's lazy wakes and incremental checkpoints
 //! ([`crate::lazywake`]) and (d) stock CRIU's own lazy restore from the directory, rotating the
 //! order each repeat. Every first response is to the same request, which touches 16 MiB.
 //! Reports medians and torpor/baseline.
@@ -66,6 +69,14 @@ pub struct Medians {
     /// torpor, CRIU and the pool.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_cpu_s: Option<f64>,
+    /// Torpor only: the same snapshot restored by CRIU reading every page from the pool
+    /// (`--stream`), the eager path where userfaultfd cannot be used; `restore_s` is the
+    /// restore as torpor does it by default (every page copied in through userfaultfd
+    /// before the tasks run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_streamed_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_response_streamed_s: Option<f64>,
 }
 
 /// torpor / baseline for each time.
@@ -74,6 +85,8 @@ pub struct Ratios {
     pub checkpoint: Option<f64>,
     pub frozen: Option<f64>,
     pub restore: Option<f64>,
+    /// The restore with CRIU reading the pages (`--stream`) against the baseline.
+    pub restore_streamed: Option<f64>,
     pub first_response: Option<f64>,
 }
 
@@ -119,6 +132,8 @@ struct Samples {
     staging: Vec<u64>,
     bytes: Vec<u64>,
     cpu: Vec<f64>,
+    streamed: Vec<f64>,
+    streamed_first: Vec<f64>,
 }
 
 impl Samples {
@@ -138,6 +153,8 @@ impl Samples {
             image_bytes: med_u(&self.bytes),
             pool_bytes: if torpor { med_u(&self.bytes) } else { None },
             cycle_cpu_s: median(&self.cpu),
+            restore_streamed_s: median(&self.streamed),
+            first_response_streamed_s: median(&self.streamed_first),
         }
     }
 }
@@ -212,6 +229,7 @@ pub fn measure(criu: &CriuBinary, exe: &Path, args: &CrArgs) -> Result<CrReport,
                 checkpoint: ratio(t.checkpoint_s, b.checkpoint_s),
                 frozen: ratio(t.frozen_s, b.frozen_s),
                 restore: ratio(t.restore_s, b.restore_s),
+                restore_streamed: ratio(t.restore_streamed_s, b.restore_s),
                 first_response: ratio(t.first_response_s, b.first_response_s),
             },
             baseline: b,
@@ -329,21 +347,37 @@ fn run_torpor(
         &CheckpointOptions::default(),
     )?;
     svc.reap();
-    let t0 = Instant::now();
-    let restored = torpor_criu::restore_from_pool(
-        criu,
-        &name,
-        Some(r.generation),
-        &pool.pools,
-        &RestoreOptions::default(),
-    )?;
-    let first = touch_response(svc.addr, t0);
-    kill_and_reap(restored.pid);
-    s.cpu.push(lazywake::cpu_now(pool) - cpu0);
+    let ckpt_cpu = lazywake::cpu_now(pool) - cpu0;
+    // Both eager paths restore the same generation, in turns first (a restore right after
+    // the dump finds memory the host has not taken back yet).
+    let restore = |streamed: bool| -> Result<(f64, f64, f64), ExperimentError> {
+        let cpu0 = lazywake::cpu_now(pool);
+        let t0 = Instant::now();
+        let opts = RestoreOptions::default();
+        let restored = if streamed {
+            torpor_criu::restore_streamed(criu, &name, Some(r.generation), &pool.pools, &opts)?
+        } else {
+            torpor_criu::restore_from_pool(criu, &name, Some(r.generation), &pool.pools, &opts)?
+        };
+        let first = touch_response(svc.addr, t0);
+        kill_and_reap(restored.pid);
+        let cpu = lazywake::cpu_now(pool) - cpu0;
+        Ok((restored.restore_s, first?.as_secs_f64(), cpu))
+    };
+    let ((restore_s, first_s, cpu), (streamed_s, streamed_first_s, _)) = if seed.is_multiple_of(2) {
+        let ours = restore(false)?;
+        (ours, restore(true)?)
+    } else {
+        let streamed = restore(true)?;
+        (restore(false)?, streamed)
+    };
+    s.cpu.push(ckpt_cpu + cpu);
     s.checkpoint.push(r.checkpoint_s);
     s.frozen.extend(r.frozen_s);
-    s.restore.push(restored.restore_s);
-    s.first.push(first?.as_secs_f64());
+    s.restore.push(restore_s);
+    s.first.push(first_s);
+    s.streamed.push(streamed_s);
+    s.streamed_first.push(streamed_first_s);
     s.staging.push(r.peak_staging_bytes);
     s.bytes.push(r.pool_bytes);
     Ok(())
@@ -355,13 +389,13 @@ fn print_table(r: &CrReport) {
         r.baseline
     );
     println!(
-        "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
-        "size", "ckpt", "base", "ratio", "frozen", "base", "ratio", "restore", "base", "ratio", "1st resp", "base", "ratio", "staging", "pool"
+        "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
+        "size", "ckpt", "base", "ratio", "frozen", "base", "ratio", "restore", "base", "ratio", "streamed", "ratio", "1st resp", "base", "ratio", "staging", "pool"
     );
     for s in &r.sizes {
         let (t, b, q) = (&s.torpor, &s.baseline, &s.ratio);
         println!(
-            "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
+            "{:>9} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
             format_bytes(s.size_bytes),
             fmt_opt(t.checkpoint_s, 3, "s"),
             fmt_opt(b.checkpoint_s, 3, "s"),
@@ -372,6 +406,8 @@ fn print_table(r: &CrReport) {
             fmt_opt(t.restore_s, 3, "s"),
             fmt_opt(b.restore_s, 3, "s"),
             fmt_opt(q.restore, 2, ""),
+            fmt_opt(t.restore_streamed_s, 3, "s"),
+            fmt_opt(q.restore_streamed, 2, ""),
             fmt_opt(t.first_response_s, 3, "s"),
             fmt_opt(b.first_response_s, 3, "s"),
             fmt_opt(q.first_response, 2, ""),
@@ -379,6 +415,10 @@ fn print_table(r: &CrReport) {
             t.pool_bytes.map(format_bytes).unwrap_or_default(),
         );
     }
+    println!(
+        "restore: every page copied in through userfaultfd before the tasks run (torpor's eager \
+         restore); streamed: CRIU reading every page from the pool (--stream, its fallback)"
+    );
     println!();
     println!("first response after a sleep (a request touching 16 MiB), by how memory comes back:");
     println!(

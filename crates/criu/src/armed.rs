@@ -299,6 +299,21 @@ impl ArmedWake {
         procs::tree_rss_bytes(&pids) + files
     }
 
+    /// Copies every page still in the pool into the held tree now (for an eager restore,
+    /// [`crate::filled`]); the tasks stay held. On failure the tree is given up.
+    pub fn fill_all(mut self, timeout: Duration) -> Result<ArmedWake, RestoreError> {
+        let launched = self.launched.as_ref().expect("held until resumed");
+        match launched.server.fill_all(timeout) {
+            Ok(()) => Ok(self),
+            Err(source) => {
+                let launched = self.launched.take().expect("held until resumed");
+                let name = launched.name.clone();
+                kill_held(launched, &self.go);
+                Err(RestoreError::Lazy { name, source })
+            }
+        }
+    }
+
     /// Lets the held tasks run and waits for CRIU to end; the report's `restore_s` is the
     /// release alone.
     pub fn resume(mut self) -> Result<LazyWake, RestoreError> {

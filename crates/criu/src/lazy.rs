@@ -434,31 +434,29 @@ pub fn stage_lazy(
             // Not a process's memory (shared memory's pages): CRIU reads it whole.
             let mut c = source.client_or_connect(name)?;
             let bytes = fetch(&mut c, &f.name)?;
-            source.client = Some(c);
+            source.keep_client(c);
             fetched += bytes.len() as u64;
             fs::write(dir.join(&f.name), &bytes).map_err(RestoreError::WorkDir)?;
             continue;
         };
         let out = File::create(dir.join(&f.name)).map_err(RestoreError::WorkDir)?;
         out.set_len(f.size).map_err(RestoreError::WorkDir)?;
-        let mut buf = Vec::new();
         for &(offset, len) in parts {
             let mut at = 0;
             while at < len {
                 let n = (len - at).min(EAGER_PIECE);
-                buf.resize(n as usize, 0);
                 let origin = Origin {
                     generation: manifest.generation,
                     file: f.name.clone(),
                     offset: offset + at,
                 };
-                source
-                    .read(&origin, &mut buf)
+                let bytes = source
+                    .read(&origin, n as usize)
                     .map_err(|e| RestoreError::Pool {
                         name: name.to_string(),
                         source: ClientError::Unexpected(e.message),
                     })?;
-                out.write_all_at(&buf, offset + at)
+                out.write_all_at(bytes, offset + at)
                     .map_err(RestoreError::WorkDir)?;
                 at += n;
             }
@@ -475,15 +473,7 @@ pub fn stage_lazy(
         .map(|ws| warm_pieces(&ranges, ws))
         .filter(|w| !w.is_empty())
         .map(|wanted| {
-            let warm = Warm::start(
-                PoolPages::new(
-                    source.target.clone(),
-                    source.client.take(),
-                    name,
-                    blocks.clone(),
-                ),
-                wanted,
-            );
+            let warm = Warm::start(source, wanted);
             fetched += warm.wait_read();
             warm
         });
@@ -735,6 +725,7 @@ impl Launched {
                 bytes_fetched: self.fetched,
                 run_as: None,
                 replica: self.replica,
+                filled: false,
             },
             session: LazySession {
                 server: self.server,

@@ -5,11 +5,13 @@
 //!   CRIU and the pool through pipes without being staged whole on the node.
 //! * [`checkpoint`] dumps a process tree into the pool; the dump commits only if the pool
 //!   commits, otherwise CRIU resumes the tree (its post-dump action-script veto).
-//! * [`restore`] restores a snapshot straight from the pool, after waiting for the tree's PIDs
+//! * [`restore`] restores a snapshot eagerly straight from the pool, after waiting for the tree's PIDs
 //!   to be free again (a tree that had its own PID namespace gets a fresh one and does not wait).
 //! * [`lazy`] restores a snapshot lazily (torpor's lazy-pages server serves memory from the
 //!   pool on first touch) and makes the next checkpoint incremental; [`pagemap`] reads the
 //!   CRIU memory images it plans from.
+//! * [`filled`] restores eagerly through userfaultfd: every page copied in before the tasks
+//!   run, without CRIU's page-by-page faults.
 //! * [`local`] is stock CRIU with images in a directory: the baseline for benchmarks.
 //! * [`replicas`] commits to a quorum of pool replicas under the node's seal and verifies
 //!   seals on the way back.
@@ -24,6 +26,7 @@ pub mod armed;
 pub mod binary;
 pub mod checkpoint;
 mod dump_lock;
+pub mod filled;
 pub mod identity;
 pub mod kdat;
 pub mod lazy;
@@ -45,7 +48,9 @@ pub use checkpoint::{
 pub use identity::{CriuIdentity, RunAs};
 pub use lazy::{restore_lazy_from_pool, Increment, LazyOptions, LazySession, LazyWake};
 pub use replicas::{Pools, ReplicatedUpload};
-pub use restore::{restore_from_pool, RestoreError, RestoreOptions, RestoreReport};
+pub use restore::{
+    restore_from_pool, restore_streamed, RestoreError, RestoreOptions, RestoreReport,
+};
 
 /// How to reach a pool; it lives in the pool crate (with its TLS and timeout settings) and
 /// is re-exported here for the engine's callers.

@@ -5,10 +5,12 @@
 //! push after CRIU's finish marker only copies memory that is already here and verified.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Condvar, Mutex},
+    collections::{HashMap, VecDeque},
+    sync::{mpsc, Arc, Condvar, Mutex},
     thread,
 };
+
+use memmap2::MmapMut;
 
 use torpor_image::pages::{blocks_file_for, BlockDigests, Origin, BLOCK_SIZE};
 use torpor_lazy::{PageSource, SourceError};
@@ -75,70 +77,39 @@ impl BlockCache {
     }
 }
 
-/// Lazy pages from the pool: one connection (reopened once if it breaks), and with a sealed
-/// pool every read widened to whole blocks and checked against their digests.
+/// Verified reads of page ranges over one connection to the pool (reopened once if it
+/// breaks): with a sealed pool every read is widened to whole blocks and checked against
+/// their digests.
 #[derive(Debug)]
-pub(crate) struct PoolPages {
-    pub(crate) target: PoolTarget,
-    pub(crate) client: Option<PoolClient>,
+pub(crate) struct Reader {
+    target: PoolTarget,
+    client: Option<PoolClient>,
     name: String,
     blocks: BlockCache,
-    /// Whole blocks of a verified read; reused.
-    scratch: Vec<u8>,
-    /// The working set read ahead, served from memory first.
-    warm: Option<Warm>,
 }
 
-impl PoolPages {
-    pub(crate) fn new(
-        target: PoolTarget,
-        client: Option<PoolClient>,
-        name: &str,
-        blocks: BlockCache,
-    ) -> PoolPages {
-        PoolPages {
-            target,
-            client,
-            name: name.to_string(),
-            blocks,
-            scratch: Vec::new(),
-            warm: None,
-        }
-    }
-
-    /// Serves from `warm` what it holds.
-    pub(crate) fn with_warm(mut self, warm: Warm) -> PoolPages {
-        self.warm = Some(warm);
-        self
-    }
-
-    /// The open connection, for a whole-file fetch during set-up.
-    pub(crate) fn client_or_connect(&mut self, name: &str) -> Result<PoolClient, RestoreError> {
-        let c = match self.client.take() {
-            Some(c) => c,
-            None => self.target.connect().map_err(|source| RestoreError::Pool {
-                name: name.to_string(),
-                source,
-            })?,
-        };
-        Ok(c)
-    }
-
+impl Reader {
+    /// Reads a range; `sealed`: the caller checks it against the block digests.
     fn read_range(
         &mut self,
         generation: u64,
         file: &str,
         offset: u64,
         buf: &mut [u8],
+        sealed: bool,
     ) -> Result<(), ClientError> {
         let mut last = None;
         for _ in 0..2 {
-            let client = match self.client.take() {
+            let mut client = match self.client.take() {
                 Some(c) => c,
                 None => self.target.connect()?,
             };
-            let mut client = client;
-            match client.get_range(&self.name, generation, file, offset, buf) {
+            let got = if sealed {
+                client.get_range_sealed(&self.name, generation, file, offset, buf)
+            } else {
+                client.get_range(&self.name, generation, file, offset, buf)
+            };
+            match got {
                 Ok(()) => {
                     self.client = Some(client);
                     return Ok(());
@@ -150,53 +121,285 @@ impl PoolPages {
         }
         Err(last.expect("a failed attempt"))
     }
-}
 
-impl PageSource for PoolPages {
-    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
-        if self.warm.as_ref().is_some_and(|w| w.take(origin, buf)) {
-            return Ok(());
-        }
+    /// Reads the `len` bytes at `origin` into `buf`, checked when the pool is sealed; returns
+    /// where they start in it (a checked read begins at their first block).
+    fn fetch(
+        &mut self,
+        origin: &Origin,
+        len: usize,
+        buf: &mut Buffer,
+    ) -> Result<usize, SourceError> {
         let fail = |message: String| SourceError { message };
         if !self.blocks.verify {
-            return self
-                .read_range(origin.generation, &origin.file, origin.offset, buf)
-                .map_err(|e| fail(torpor_pool::error_chain(&e)));
+            let into = buf.get(len).map_err(|e| fail(e.to_string()))?;
+            self.read_range(origin.generation, &origin.file, origin.offset, into, false)
+                .map_err(|e| fail(torpor_pool::error_chain(&e)))?;
+            return Ok(0);
         }
         let digests = self
             .blocks
             .get(origin.generation, &origin.file)
             .map_err(fail)?;
         let first = origin.offset / BLOCK_SIZE * BLOCK_SIZE;
-        let end = (origin.offset + buf.len() as u64)
+        let end = (origin.offset + len as u64)
             .div_ceil(BLOCK_SIZE)
             .saturating_mul(BLOCK_SIZE)
             .min(digests.file_size());
-        if end < origin.offset + buf.len() as u64 {
+        if end < origin.offset + len as u64 {
             return Err(fail(format!(
                 "{} of generation {}: range beyond its sealed size",
                 origin.file, origin.generation
             )));
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize((end - first) as usize, 0);
-        let result = self
-            .read_range(origin.generation, &origin.file, first, &mut scratch)
-            .map_err(|e| fail(torpor_pool::error_chain(&e)))
-            .and_then(|()| {
-                digests.verify(first, &scratch).map_err(|e| {
-                    fail(format!(
-                        "{} of generation {}: {e}",
-                        origin.file, origin.generation
-                    ))
-                })
-            });
-        if result.is_ok() {
-            let at = (origin.offset - first) as usize;
-            buf.copy_from_slice(&scratch[at..at + buf.len()]);
+        let into = buf
+            .get((end - first) as usize)
+            .map_err(|e| fail(e.to_string()))?;
+        self.read_range(origin.generation, &origin.file, first, into, true)
+            .map_err(|e| fail(torpor_pool::error_chain(&e)))?;
+        digests.verify(first, into).map_err(|e| {
+            fail(format!(
+                "{} of generation {}: {e}",
+                origin.file, origin.generation
+            ))
+        })?;
+        Ok((origin.offset - first) as usize)
+    }
+}
+
+/// A page-aligned buffer (`UFFDIO_COPY` then copies whole source pages) that grows to the
+/// largest read and is reused after that, so its memory is faulted in once.
+#[derive(Debug, Default)]
+pub(crate) struct Buffer {
+    map: Option<MmapMut>,
+}
+
+impl Buffer {
+    fn get(&mut self, len: usize) -> std::io::Result<&mut [u8]> {
+        if self.map.as_ref().is_none_or(|m| m.len() < len) {
+            self.map = Some(MmapMut::map_anon(len.max(1))?);
         }
-        self.scratch = scratch;
-        result
+        Ok(&mut self.map.as_mut().expect("mapped above")[..len])
+    }
+
+    fn bytes(&self, at: usize, len: usize) -> &[u8] {
+        &self.map.as_ref().expect("read into")[at..at + len]
+    }
+}
+
+/// Lazy pages from the pool, lent from a buffer of its own to the lazy-pages server; the
+/// working set read ahead is served from memory first, and the next chunk of a fill (the
+/// server's [`PageSource::hint`]) is fetched and checked by a thread of its own while the
+/// server copies the current one, so the transfer, the digests and the copy overlap.
+#[derive(Debug)]
+pub(crate) struct PoolPages {
+    reader: Reader,
+    /// Holds the bytes last lent, at `lent_at`.
+    lent: Buffer,
+    /// The working set read ahead, served from memory first.
+    warm: Option<Warm>,
+    /// Started by the first hint.
+    ahead: Option<ReadAhead>,
+}
+
+impl PoolPages {
+    pub(crate) fn new(
+        target: PoolTarget,
+        client: Option<PoolClient>,
+        name: &str,
+        blocks: BlockCache,
+    ) -> PoolPages {
+        PoolPages {
+            reader: Reader {
+                target,
+                client,
+                name: name.to_string(),
+                blocks,
+            },
+            lent: Buffer::default(),
+            warm: None,
+            ahead: None,
+        }
+    }
+
+    /// Serves from `warm` what it holds.
+    pub(crate) fn with_warm(mut self, warm: Warm) -> PoolPages {
+        self.warm = Some(warm);
+        self
+    }
+
+    /// The open connection, for a whole-file fetch during set-up.
+    pub(crate) fn client_or_connect(&mut self, name: &str) -> Result<PoolClient, RestoreError> {
+        let c = match self.reader.client.take() {
+            Some(c) => c,
+            None => self
+                .reader
+                .target
+                .connect()
+                .map_err(|source| RestoreError::Pool {
+                    name: name.to_string(),
+                    source,
+                })?,
+        };
+        Ok(c)
+    }
+
+    /// Gives back the connection [`PoolPages::client_or_connect`] lent.
+    pub(crate) fn keep_client(&mut self, client: PoolClient) {
+        self.reader.client = Some(client);
+    }
+}
+
+impl PageSource for PoolPages {
+    fn read(&mut self, origin: &Origin, len: usize) -> Result<&[u8], SourceError> {
+        if let Some(warm) = &self.warm {
+            let into = self.lent.get(len).map_err(|e| SourceError {
+                message: e.to_string(),
+            })?;
+            if warm.take(origin, into) {
+                return Ok(self.lent.bytes(0, len));
+            }
+        }
+        if let Some(ahead) = &mut self.ahead {
+            if let Some((buf, at)) = ahead.take(origin, len) {
+                ahead.spare.push(std::mem::replace(&mut self.lent, buf));
+                return Ok(self.lent.bytes(at, len));
+            }
+        }
+        let at = self.reader.fetch(origin, len, &mut self.lent)?;
+        Ok(self.lent.bytes(at, len))
+    }
+
+    fn hint(&mut self, origin: &Origin, len: usize) {
+        let reader = &self.reader;
+        let ahead = self.ahead.get_or_insert_with(|| ReadAhead::start(reader));
+        ahead.ask(origin, len);
+    }
+}
+
+/// Most hinted reads in flight: the server hints the two chunks after the one it copies.
+const AHEAD_DEPTH: usize = 3;
+/// Threads fetching hinted reads, each on its own connection: one receives and checks a
+/// chunk while the other waits for the pool's next.
+const AHEAD_WORKERS: usize = 2;
+
+/// Reads fetched ahead of the server by threads with connections of their own; each is
+/// taken once, and one the server no longer asks for is dropped.
+#[derive(Debug)]
+struct ReadAhead {
+    workers: Vec<mpsc::Sender<Job>>,
+    next_worker: usize,
+    /// Asked for and not taken yet, oldest first.
+    pending: VecDeque<Pending>,
+    /// Buffers for the next jobs.
+    spare: Vec<Buffer>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    origin: Origin,
+    len: usize,
+    reply: mpsc::Receiver<Fetched>,
+}
+
+#[derive(Debug)]
+struct Job {
+    origin: Origin,
+    len: usize,
+    buf: Buffer,
+    reply: mpsc::Sender<Fetched>,
+}
+
+#[derive(Debug)]
+struct Fetched {
+    at: Result<usize, SourceError>,
+    buf: Buffer,
+}
+
+impl ReadAhead {
+    fn start(reader: &Reader) -> ReadAhead {
+        let workers = (0..AHEAD_WORKERS)
+            .map(|_| {
+                let mut reader = Reader {
+                    target: reader.target.clone(),
+                    client: None,
+                    name: reader.name.clone(),
+                    blocks: reader.blocks.clone(),
+                };
+                let (jobs, jobs_rx) = mpsc::channel::<Job>();
+                // Ends when the source is dropped (its senders with it).
+                thread::Builder::new()
+                    .name("torpor-read-ahead".into())
+                    .spawn(move || {
+                        while let Ok(mut job) = jobs_rx.recv() {
+                            let at = reader.fetch(&job.origin, job.len, &mut job.buf);
+                            // a read the server no longer wants goes with its buffer
+                            let _ = job.reply.send(Fetched { at, buf: job.buf });
+                        }
+                    })
+                    .expect("spawning a read-ahead thread");
+                jobs
+            })
+            .collect();
+        ReadAhead {
+            workers,
+            next_worker: 0,
+            pending: VecDeque::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    fn ask(&mut self, origin: &Origin, len: usize) {
+        if self
+            .pending
+            .iter()
+            .any(|p| p.len == len && p.origin == *origin)
+        {
+            return;
+        }
+        // In step with the server, the queue never fills: a full one holds a read the server
+        // will not ask for (its ranges changed), which is dropped.
+        if self.pending.len() >= AHEAD_DEPTH {
+            self.pending.pop_front();
+        }
+        let (reply, rx) = mpsc::channel();
+        let job = Job {
+            origin: origin.clone(),
+            len,
+            buf: self.spare.pop().unwrap_or_default(),
+            reply,
+        };
+        let worker = self.next_worker % self.workers.len();
+        self.next_worker += 1;
+        if self.workers[worker].send(job).is_ok() {
+            self.pending.push_back(Pending {
+                origin: origin.clone(),
+                len,
+                reply: rx,
+            });
+        }
+    }
+
+    /// The buffer holding the `len` bytes at `origin` and where they start in it, if a read
+    /// asked for earlier covers them (waiting for it); reads asked for before it are dropped.
+    fn take(&mut self, origin: &Origin, len: usize) -> Option<(Buffer, usize)> {
+        let i = self.pending.iter().position(|p| {
+            p.origin.generation == origin.generation
+                && p.origin.file == origin.file
+                && p.origin.offset <= origin.offset
+                && origin.offset + len as u64 <= p.origin.offset + p.len as u64
+        })?;
+        self.pending.drain(..i);
+        let p = self.pending.pop_front().expect("found above");
+        let fetched = p.reply.recv().ok()?;
+        match fetched.at {
+            Ok(at) => Some((fetched.buf, at + (origin.offset - p.origin.offset) as usize)),
+            // the server's own read says what is wrong (or gets it on the retry)
+            Err(_) => {
+                self.spare.push(fetched.buf);
+                None
+            }
+        }
     }
 }
 
@@ -241,7 +444,8 @@ struct Piece {
 impl Warm {
     /// Starts reading `wanted` (origins and lengths, each within one file) with `source` on
     /// a thread of its own (which ends when it has read them); returns at once.
-    pub(crate) fn start(mut source: PoolPages, wanted: Vec<(Origin, u64)>) -> Warm {
+    pub(crate) fn start(source: PoolPages, wanted: Vec<(Origin, u64)>) -> Warm {
+        let mut reader = source.reader;
         let mut state = WarmState::default();
         let mut order = Vec::new();
         for (origin, len) in wanted {
@@ -281,8 +485,10 @@ impl Warm {
                     file,
                     offset,
                 };
-                let mut bytes = vec![0u8; len as usize];
-                let got = source.read(&origin, &mut bytes);
+                let mut buf = Buffer::default();
+                let got = reader
+                    .fetch(&origin, len as usize, &mut buf)
+                    .map(|at| buf.bytes(at, len as usize).to_vec());
                 let got_failed = got.is_err();
                 let mut state = me.inner.state.lock().expect("warm lock");
                 if let Some(p) = state
@@ -291,7 +497,7 @@ impl Warm {
                     .and_then(|l| l.iter_mut().find(|p| p.offset == offset))
                 {
                     match got {
-                        Ok(()) => p.bytes = Some(bytes),
+                        Ok(bytes) => p.bytes = Some(bytes),
                         Err(_) => p.failed = true,
                     }
                 }

@@ -1,4 +1,5 @@
-//! Restore a snapshot straight from the pool.
+//! Restore a snapshot eagerly, straight from the pool: through userfaultfd where it can
+//! ([`crate::filled`]), otherwise by CRIU reading the images itself, as follows.
 //!
 //! CRIU runs with `--stream` and asks for image files one by one, each chunk verified against
 //! its checksum by the pool before it is sent. A file that fits in CRIU's pipe (all of them
@@ -96,6 +97,9 @@ pub struct RestoreReport {
     pub run_as: Option<RunAs>,
     /// Index of the pool replica the snapshot came from.
     pub replica: usize,
+    /// Every page was copied in through userfaultfd before the tasks ran
+    /// ([`crate::filled`]); `false`: CRIU read them (`--stream`), or the restore is lazy.
+    pub filled: bool,
 }
 
 /// Why a restore failed; nothing of the snapshot is left running in any case.
@@ -195,10 +199,39 @@ impl RestoreError {
     }
 }
 
-/// Restores generation `generation` (the newest when `None`) of `name` from the first pool
-/// replica that holds it under a seal this node's key verifies; when a replica fails while
-/// serving it (unreachable, corrupt, altered), the restore is tried again from the next one.
+/// Restores generation `generation` (the newest when `None`) of `name` eagerly: every page is
+/// in place before any of its tasks runs. Copied in through userfaultfd where it can be
+/// ([`crate::filled`]: fewer and cheaper page allocations than CRIU's own reads, and an
+/// increment's inherited pages too); otherwise, or if that fails, read by CRIU from the pool
+/// ([`restore_streamed`]).
 pub fn restore_from_pool(
+    criu: &CriuBinary,
+    name: &str,
+    generation: Option<u64>,
+    pools: &Pools,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    match crate::filled::restore_filled(criu, name, generation, pools, opts) {
+        Ok(report) => return Ok(report),
+        // The pool itself failed (unreachable, silent, the snapshot not there): CRIU's own
+        // reads would wait on it as long again.
+        Err(e @ RestoreError::Pool { .. }) => return Err(e),
+        Err(e @ RestoreError::LazyUnsupported { .. }) => {
+            debug!(name, reason = %torpor_pool::error_chain(&e), "restoring with CRIU's own page reads");
+        }
+        Err(e) => {
+            warn!(name, error = %torpor_pool::error_chain(&e), "restore through userfaultfd failed; restoring with CRIU's own page reads");
+        }
+    }
+    restore_streamed(criu, name, generation, pools, opts)
+}
+
+/// Restores generation `generation` (the newest when `None`) of `name` with CRIU reading
+/// every image from the pool (`--stream`), from the first pool replica that holds it under a
+/// seal this node's key verifies; when a replica fails while serving it (unreachable,
+/// corrupt, altered), the restore is tried again from the next one. Needs no userfaultfd,
+/// and refuses an increment ([`RestoreError::LazyOnly`]).
+pub fn restore_streamed(
     criu: &CriuBinary,
     name: &str,
     generation: Option<u64>,
@@ -359,6 +392,7 @@ fn restore_verified(
         bytes_fetched,
         run_as,
         replica,
+        filled: false,
     })
 }
 

@@ -21,9 +21,15 @@ use torpor_image::pages::Origin;
 
 /// Where the server gets the bytes of lazy pages from.
 pub trait PageSource: Send + 'static {
-    /// Fills `buf` with the bytes stored at `origin`. An error is final for the restore: the
-    /// server kills the tree rather than let it see memory that is not its own.
-    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError>;
+    /// The `len` bytes stored at `origin`, lent from the source's own buffer until its next
+    /// call: the server copies them into the tree from there, with no copy of its own in
+    /// between. An error is final for the restore: the server kills the tree rather than let
+    /// it see memory that is not its own.
+    fn read(&mut self, origin: &Origin, len: usize) -> Result<&[u8], SourceError>;
+
+    /// The server will ask for these bytes next (the following chunk of a fill): a source
+    /// may fetch them while the current chunk is copied.
+    fn hint(&mut self, _origin: &Origin, _len: usize) {}
 }
 
 /// A page source could not deliver.

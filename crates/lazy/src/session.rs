@@ -8,7 +8,6 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use memmap2::MmapMut;
 use nix::errno::Errno;
 use serde::Serialize;
 use torpor_image::pages::{PageRange, PAGE_SIZE};
@@ -21,6 +20,8 @@ use crate::PageSource;
 pub(crate) const FAULT_WINDOW: u64 = 64 << 10;
 /// Largest prefetch and background chunk.
 pub(crate) const MAX_CHUNK: u64 = 4 << 20;
+/// Chunks of a fill hinted to the source ahead of the one being copied.
+const HINT_AHEAD: usize = 2;
 /// How often a copy is retried after `EAGAIN`/`ENOENT` (the mm changing under it) before the
 /// session stops waiting for the layout to settle.
 const MAX_RETRIES: u32 = 100;
@@ -173,7 +174,6 @@ pub(crate) struct Session<U: Uffd> {
     fin: bool,
     queue: VecDeque<Fault>,
     source: Box<dyn PageSource>,
-    buf: MmapMut,
     shared: Arc<Shared>,
 }
 
@@ -188,8 +188,6 @@ impl<U: Uffd> Session<U> {
         shared: Arc<Shared>,
     ) -> std::io::Result<Session<U>> {
         let max_fault_read = page_down(cfg.max_fault_read).max(PAGE_SIZE);
-        // page-aligned, reused for every read, as large as the largest copy
-        let buf = MmapMut::map_anon(max_fault_read.max(MAX_CHUNK) as usize)?;
         Ok(Session {
             procs: Vec::new(),
             ranges: cfg.ranges,
@@ -207,7 +205,6 @@ impl<U: Uffd> Session<U> {
             fin: false,
             queue: VecDeque::new(),
             source,
-            buf,
             shared,
         })
     }
@@ -409,8 +406,24 @@ impl<U: Uffd> Session<U> {
                 .position(|p| p.uffd.is_some() && !p.remaining.is_empty());
             if let Some(p) = next {
                 let r = self.procs[p].remaining.first().expect("not empty");
+                // A fill asked for copies in whole chunks from the start; background fill
+                // grows its chunks, so that a fault is never queued behind a large one early.
+                if self.fill_all {
+                    self.xfer_len = MAX_CHUNK;
+                }
                 let len = r.len.min(self.xfer_len);
                 self.xfer_len = (self.xfer_len + FAULT_WINDOW).min(MAX_CHUNK);
+                // the chunks after this one, fetched while this one is copied
+                let (mut at, mut xfer) = (r.start + len, self.xfer_len);
+                for _ in 0..HINT_AHEAD {
+                    let Some(next) = self.procs[p].remaining.first_within(at, u64::MAX) else {
+                        break;
+                    };
+                    let next_len = next.len.min(xfer);
+                    self.source.hint(&next.origin, next_len as usize);
+                    at = next.start + next_len;
+                    xfer = (xfer + FAULT_WINDOW).min(MAX_CHUNK);
+                }
                 self.transfer(p, r.start, r.start + len, Kind::Background);
                 self.run_queue();
                 return true;
@@ -772,17 +785,24 @@ impl<U: Uffd> Session<U> {
                 return Outcome::Done;
             };
             let len = cur.len as usize;
-            if let Err(e) = self.source.read(&cur.origin, &mut self.buf[..len]) {
-                self.fail(&format!(
-                    "reading {len} bytes for {:#x} of pid {pid} from {}@{}+{:#x}: {}",
-                    cur.start, cur.origin.file, cur.origin.generation, cur.origin.offset, e.message
-                ));
-                return Outcome::Failed;
-            }
+            let bytes = match self.source.read(&cur.origin, len) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    self.fail(&format!(
+                        "reading {len} bytes for {:#x} of pid {pid} from {}@{}+{:#x}: {}",
+                        cur.start,
+                        cur.origin.file,
+                        cur.origin.generation,
+                        cur.origin.offset,
+                        e.message
+                    ));
+                    return Outcome::Failed;
+                }
+            };
             let Some(uffd) = self.procs[p].uffd.as_mut() else {
                 return Outcome::Gone;
             };
-            let (done, err) = match uffd.copy(cur.start, &self.buf[..len]) {
+            let (done, err) = match uffd.copy(cur.start, bytes) {
                 Ok(()) => (cur.len, None),
                 Err(FillError { errno, done }) => (page_down(done.min(cur.len)), Some(errno)),
             };

@@ -22,19 +22,20 @@ fn pattern(offset: u64) -> u8 {
 
 struct Source {
     fail: Arc<AtomicBool>,
+    buf: Vec<u8>,
 }
 
 impl PageSource for Source {
-    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
+    fn read(&mut self, origin: &Origin, len: usize) -> Result<&[u8], SourceError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(SourceError {
                 message: "pool unreachable".into(),
             });
         }
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = pattern(origin.offset + i as u64);
-        }
-        Ok(())
+        self.buf.clear();
+        self.buf
+            .extend((0..len as u64).map(|i| pattern(origin.offset + i)));
+        Ok(&self.buf)
     }
 }
 
@@ -82,6 +83,7 @@ fn harness_with(
     };
     let source = Box::new(Source {
         fail: source_fails.clone(),
+        buf: Vec::new(),
     });
     let mut session = Session::new(cfg, source, shared.clone()).unwrap();
     let uffd = FakeUffd::new(BASE, PAGES);

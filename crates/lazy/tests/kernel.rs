@@ -30,13 +30,11 @@ fn pattern(offset: u64) -> u8 {
 struct VecSource(Arc<Vec<u8>>);
 
 impl PageSource for VecSource {
-    fn read(&mut self, origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
+    fn read(&mut self, origin: &Origin, len: usize) -> Result<&[u8], SourceError> {
         let at = origin.offset as usize;
-        let src = self.0.get(at..at + buf.len()).ok_or_else(|| SourceError {
-            message: format!("{}+{} is outside the pool", at, buf.len()),
-        })?;
-        buf.copy_from_slice(src);
-        Ok(())
+        self.0.get(at..at + len).ok_or_else(|| SourceError {
+            message: format!("{at}+{len} is outside the pool"),
+        })
     }
 }
 

@@ -14,12 +14,12 @@ use torpor_lazy::{Fill, LazyConfig, LazyError, LazyServer, PageSource, SourceErr
 
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Zeros;
+struct Zeros(Vec<u8>);
 
 impl PageSource for Zeros {
-    fn read(&mut self, _origin: &Origin, buf: &mut [u8]) -> Result<(), SourceError> {
-        buf.fill(0);
-        Ok(())
+    fn read(&mut self, _origin: &Origin, len: usize) -> Result<&[u8], SourceError> {
+        self.0.resize(len, 0);
+        Ok(&self.0[..len])
     }
 }
 
@@ -55,7 +55,7 @@ fn start_refuses_bad_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, _) = config(dir.path(), vec![range(0x1000, 0x800)]);
     assert!(matches!(
-        LazyServer::start(cfg, Box::new(Zeros)),
+        LazyServer::start(cfg, Box::new(Zeros(Vec::new()))),
         Err(LazyError::InvalidRanges { pid: 9, .. })
     ));
     let (cfg, _) = config(
@@ -63,18 +63,18 @@ fn start_refuses_bad_configuration() {
         vec![range(0x3000, PAGE_SIZE), range(0x1000, PAGE_SIZE)],
     );
     assert!(matches!(
-        LazyServer::start(cfg, Box::new(Zeros)),
+        LazyServer::start(cfg, Box::new(Zeros(Vec::new()))),
         Err(LazyError::InvalidRanges { pid: 9, .. })
     ));
     let (mut cfg, _) = config(dir.path(), vec![]);
     cfg.max_fault_read = 0;
     assert!(matches!(
-        LazyServer::start(cfg, Box::new(Zeros)),
+        LazyServer::start(cfg, Box::new(Zeros(Vec::new()))),
         Err(LazyError::InvalidFaultRead(0))
     ));
     let (cfg, _) = config(&dir.path().join("missing"), vec![]);
     assert!(matches!(
-        LazyServer::start(cfg, Box::new(Zeros)),
+        LazyServer::start(cfg, Box::new(Zeros(Vec::new()))),
         Err(LazyError::Bind { .. })
     ));
 }
@@ -83,7 +83,7 @@ fn start_refuses_bad_configuration() {
 fn waiting_for_a_restore_that_never_comes_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, failures) = config(dir.path(), vec![]);
-    let server = LazyServer::start(cfg, Box::new(Zeros)).unwrap();
+    let server = LazyServer::start(cfg, Box::new(Zeros(Vec::new()))).unwrap();
     assert!(matches!(
         server.wait_finished(Duration::from_millis(20)),
         Err(LazyError::Timeout(..))
@@ -102,7 +102,7 @@ fn waiting_for_a_restore_that_never_comes_times_out() {
 fn a_restore_that_ends_before_fin_with_ranges_left_kills_the_tree() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, failures) = config(dir.path(), vec![range(0x10_0000, 16 * PAGE_SIZE)]);
-    let server = LazyServer::start(cfg, Box::new(Zeros)).unwrap();
+    let server = LazyServer::start(cfg, Box::new(Zeros(Vec::new()))).unwrap();
     let criu = UnixStream::connect(server.socket_path()).unwrap();
     // the socket is gone once CRIU's one connection is in
     let uffd = RealUffd::open(CRIU_FEATURES).unwrap();
@@ -124,7 +124,7 @@ fn a_restore_that_ends_before_fin_with_ranges_left_kills_the_tree() {
 fn a_restore_that_ends_before_fin_with_nothing_lazy_only_reports() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, failures) = config(dir.path(), vec![]);
-    let server = LazyServer::start(cfg, Box::new(Zeros)).unwrap();
+    let server = LazyServer::start(cfg, Box::new(Zeros(Vec::new()))).unwrap();
     let criu = UnixStream::connect(server.socket_path()).unwrap();
     send_zombie(&criu, 9).unwrap();
     drop(criu);

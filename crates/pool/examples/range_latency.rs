@@ -151,7 +151,7 @@ fn main() -> Result<()> {
             let offset = offset - offset % 4096;
             let chunk_end = (offset / CHUNK_SIZE + 1) * CHUNK_SIZE;
             let offset = offset.min(chunk_end - len as u64);
-            d.range(&m, 0, offset, len, &mut buf)?;
+            d.range(&m, 0, offset, len, &mut buf, false)?;
         }
         let per = t.elapsed().as_secs_f64() / n as f64 * 1e6;
         println!("  pool: check a {:>2} KiB range: {per:.2} µs", len >> 10);

@@ -518,8 +518,37 @@ impl PoolClient {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ClientError> {
-        self.send(&range_request(name, generation, file, offset, buf.len()))?;
-        self.recv_range(file, buf)
+        self.send(&range_request(
+            name,
+            generation,
+            file,
+            offset,
+            buf.len(),
+            false,
+        ))?;
+        self.recv_range(file, buf, true)
+    }
+
+    /// [`PoolClient::get_range`] for a caller that checks the bytes against the seal's block
+    /// digests itself: neither the frames' CRCs here nor the stored CRCs in the pool, which
+    /// would check the same bytes a second and third time, are computed.
+    pub fn get_range_sealed(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
+        self.send(&range_request(
+            name,
+            generation,
+            file,
+            offset,
+            buf.len(),
+            true,
+        ))?;
+        self.recv_range(file, buf, false)
     }
 
     /// [`PoolClient::get_range`] for several ranges of one file, each `(offset, buf)`, with up
@@ -543,6 +572,7 @@ impl PoolClient {
                     file,
                     *offset,
                     buf.len(),
+                    false,
                 ));
                 if let Err(e) = self.wr.write_all(&req) {
                     let e = self.classify(WireError::Io(e).into(), Stage::Send);
@@ -554,7 +584,7 @@ impl PoolClient {
                 let e = self.classify(WireError::Io(e).into(), Stage::Send);
                 return Err(self.explain_write_failure(e));
             }
-            match self.recv_range(file, ranges[i].1) {
+            match self.recv_range(file, ranges[i].1, true) {
                 Ok(()) => {}
                 Err(e @ ClientError::Pool { .. }) => {
                     for _ in i + 1..sent {
@@ -569,8 +599,8 @@ impl PoolClient {
     }
 
     /// Reads one range's answer into `buf`, checking each frame's CRC over the bytes where
-    /// they landed.
-    fn recv_range(&mut self, file: &str, buf: &mut [u8]) -> Result<(), ClientError> {
+    /// they landed when `check`.
+    fn recv_range(&mut self, file: &str, buf: &mut [u8], check: bool) -> Result<(), ClientError> {
         let mut got = 0usize;
         loop {
             let header = wire::read_header(&mut self.rd)
@@ -594,16 +624,13 @@ impl PoolClient {
                             buf.len()
                         )));
                     };
-                    self.read_data_into(header, dest)?;
+                    self.read_data(header, dest, check)?;
                     got += n;
                 }
             }
         }
     }
 
-    /// Reads the payload of the data frame whose `header` was just read: its file id, then
-    /// its bytes straight into `dest` (exactly their length), checking the frame's CRC over
-    /// them where they landed.
     /// Reads the control frame that ends a file's answer; its size must be `got`.
     fn recv_file_end(
         &mut self,
@@ -619,11 +646,9 @@ impl PoolClient {
         file_end(wire::decode_control(&self.buf)?, file, got)
     }
 
-    fn read_data_into(&mut self, header: FrameHeader, dest: &mut [u8]) -> Result<(), ClientError> {
-        self.read_data(header, dest, true)
-    }
-
-    /// [`PoolClient::read_data_into`], the CRC checked only when `check`.
+    /// Reads the payload of the data frame whose `header` was just read: its file id, then
+    /// its bytes straight into `dest` (exactly their length), checking the frame's CRC over
+    /// them where they landed when `check`.
     fn read_data(
         &mut self,
         header: FrameHeader,
@@ -703,13 +728,21 @@ pub trait FrameSink {
 /// socket buffers, so neither side can block writing while the other does.
 pub const PIPELINE_DEPTH: usize = 32;
 
-fn range_request(name: &str, generation: u64, file: &str, offset: u64, len: usize) -> Request {
+fn range_request(
+    name: &str,
+    generation: u64,
+    file: &str,
+    offset: u64,
+    len: usize,
+    sealed: bool,
+) -> Request {
     Request::GetRange {
         name: name.to_string(),
         generation,
         file: file.to_string(),
         offset,
         len: len as u64,
+        sealed,
     }
 }
 

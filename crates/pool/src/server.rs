@@ -826,7 +826,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                 file,
                 offset,
                 len,
-            } => self.send_range(&name, generation, &file, offset, len).await,
+                sealed,
+            } => {
+                self.send_range(&name, generation, &file, offset, len, sealed)
+                    .await
+            }
             Request::Delete { name, generation } => {
                 let count = self.store.delete(&name, generation);
                 self.send(&Response::Deleted { count }).await
@@ -884,7 +888,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
     }
 
     /// Streams a byte range of a file, a frame per chunk it touches, each piece checked
-    /// against the CRCs of the blocks it touches first.
+    /// against the CRCs of the blocks it touches first (unless the client checks it against
+    /// the seal: `sealed`).
     async fn send_range(
         &mut self,
         name: &str,
@@ -892,6 +897,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
         file: &str,
         offset: u64,
         len: u64,
+        sealed: bool,
     ) -> Result<(), SessionError> {
         let (manifest, data) = self.store.lookup(name, Some(generation))?;
         let (index, entry) =
@@ -908,10 +914,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
             match &data {
                 StoredData::Ram(_) => {
                     let mut buf = std::mem::take(&mut self.buf);
-                    let written = match data.range(&manifest, index, at, n, &mut buf) {
+                    let written = match data.range(&manifest, index, at, n, &mut buf, sealed) {
                         Ok((bytes, crc)) => {
-                            match self.write(&data_frame_prefix(bytes, crc)).await {
-                                Ok(()) => self.write(bytes).await,
+                            let frame = data_frame_prefix(bytes, crc);
+                            match self.send_spliced(&frame, bytes).await {
+                                Ok(true) => {
+                                    self.in_flight = Some(data.clone());
+                                    Ok(())
+                                }
+                                Ok(false) => match self.write(&frame).await {
+                                    Ok(()) => self.write(bytes).await,
+                                    Err(e) => Err(e),
+                                },
                                 Err(e) => Err(e),
                             }
                         }
@@ -925,7 +939,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                     let mut buf = std::mem::take(&mut self.buf);
                     let (frame, buf) = tokio::task::spawn_blocking(move || {
                         let r = d
-                            .range(&m, index, at, n, &mut buf)
+                            .range(&m, index, at, n, &mut buf, false)
                             .map(|(bytes, crc)| data_frame_prefix(bytes, crc));
                         (r, buf)
                     })

@@ -539,12 +539,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 println!(
-                    "restored {} generation {} as pid {} in {:.3} s ({} fetched)",
+                    "restored {} generation {} as pid {} in {:.3} s ({} fetched, {})",
                     r.name,
                     r.generation,
                     r.pid,
                     r.restore_s,
-                    format_bytes(r.bytes_fetched)
+                    format_bytes(r.bytes_fetched),
+                    if r.filled {
+                        "every page copied in before it ran"
+                    } else {
+                        "read by CRIU"
+                    }
                 );
             }
         }

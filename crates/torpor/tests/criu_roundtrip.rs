@@ -14,8 +14,9 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use torpor_bench::harness::{kill_and_reap, redis_command, PoolProcess, SampleProcess};
 use torpor_criu::{
-    checkpoint_to_pool, procs, restore_from_pool, run_as_for_tree, CheckpointError,
-    CheckpointOptions, CriuBinary, CriuIdentity, RestoreError, RestoreOptions, RunAs,
+    checkpoint_to_pool, procs, restore_from_pool, restore_streamed, run_as_for_tree,
+    CheckpointError, CheckpointOptions, CriuBinary, CriuIdentity, RestoreError, RestoreOptions,
+    RunAs,
 };
 use torpor_workload::{expected_sum, SampleClient};
 
@@ -76,28 +77,32 @@ fn sample_with_256_mib_comes_back_with_identical_memory_and_keeps_counting() -> 
         "stats are written after the seal"
     );
 
-    let restored = restore_from_pool(
-        &criu(),
-        "counter",
-        None,
-        &pool.pools,
-        &RestoreOptions::default(),
-    )?;
-    assert_eq!(restored.pid, svc.pid, "CRIU restores the original PID");
-    let mut fresh = SampleClient::connect_within(svc.addr, Duration::from_secs(5))?;
-    assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
-    let c1 = fresh.count()?;
-    thread::sleep(Duration::from_millis(200));
-    let c2 = fresh.count()?;
-    kill_and_reap(restored.pid);
-    assert!(
-        c1 >= count_before,
-        "counter kept its value ({count_before} -> {c1})"
-    );
-    assert!(
-        c2 > c1,
-        "counter keeps counting after restore ({c1} -> {c2})"
-    );
+    // Both eager paths bring the same snapshot back: every page copied in through
+    // userfaultfd (the default), and CRIU reading every page itself (its fallback).
+    for streamed in [false, true] {
+        let opts = RestoreOptions::default();
+        let restored = if streamed {
+            restore_streamed(&criu(), "counter", None, &pool.pools, &opts)?
+        } else {
+            restore_from_pool(&criu(), "counter", None, &pool.pools, &opts)?
+        };
+        assert_eq!(restored.filled, !streamed, "{restored:?}");
+        assert_eq!(restored.pid, svc.pid, "CRIU restores the original PID");
+        let mut fresh = SampleClient::connect_within(svc.addr, Duration::from_secs(5))?;
+        assert_eq!(fresh.call("SUM")?, before, "memory identical after restore");
+        let c1 = fresh.count()?;
+        thread::sleep(Duration::from_millis(200));
+        let c2 = fresh.count()?;
+        kill_and_reap(restored.pid);
+        assert!(
+            c1 >= count_before,
+            "counter kept its value ({count_before} -> {c1})"
+        );
+        assert!(
+            c2 > c1,
+            "counter keeps counting after restore ({c1} -> {c2})"
+        );
+    }
     Ok(())
 }
 
@@ -219,6 +224,10 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
         )?;
         let after = redis_command(addr, &["DEBUG", "DIGEST"]);
         kill_and_reap(restored.pid);
+        assert!(
+            restored.filled,
+            "copied in through userfaultfd: {restored:?}"
+        );
         assert_eq!(
             after?, digest,
             "DEBUG DIGEST identical after checkpoint and restore"

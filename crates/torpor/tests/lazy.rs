@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use torpor_bench::harness::{kill_and_reap, PoolProcess, SampleProcess};
 use torpor_criu::{
     checkpoint_to_pool, lazy::checkpoint_lazy_service, restore_from_pool, restore_lazy_from_pool,
-    CheckpointOptions, LazyOptions, LazyWake, RestoreError, RestoreOptions,
+    restore_streamed, CheckpointOptions, LazyOptions, LazyWake, RestoreError, RestoreOptions,
 };
 use torpor_workload::SampleClient;
 
@@ -133,8 +133,9 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
         generation = report.generation;
     }
 
-    // An increment cannot be restored eagerly: CRIU alone would leave the inherited pages zero.
-    match restore_from_pool(
+    // CRIU reading the images itself cannot restore an increment (it would leave the
+    // inherited pages zero) and refuses it ...
+    match restore_streamed(
         &criu(),
         name,
         Some(generation),
@@ -142,7 +143,25 @@ fn lazy_wakes_keep_memory_exact_and_checkpoint_only_what_was_touched() -> Result
         &RestoreOptions::default(),
     ) {
         Err(RestoreError::LazyOnly { .. }) => {}
-        other => anyhow::bail!("an eager restore of an increment must be refused, got {other:?}"),
+        other => anyhow::bail!("a streamed restore of an increment must be refused, got {other:?}"),
+    }
+    // ... while torpor's eager restore copies every page in, inherited ones included, before
+    // the tasks run, and leaves nothing to serve afterwards.
+    {
+        let eager = restore_from_pool(
+            &criu(),
+            name,
+            Some(generation),
+            &pool.pools,
+            &RestoreOptions::default(),
+        )?;
+        let _guard = Restored(eager.pid);
+        ensure!(eager.filled, "restored through userfaultfd: {eager:?}");
+        let mut c = SampleClient::connect(addr)?;
+        ensure!(
+            c.call("SUM")? == refc.call("SUM")?,
+            "an eagerly restored increment holds exactly the reference's memory"
+        );
     }
 
     // The last generation, restored lazily, holds exactly the reference's memory: every page,
