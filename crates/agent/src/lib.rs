@@ -4,9 +4,13 @@
 //! request asks or the policy pre-warms (restore from the pool, wait until it accepts
 //! connections, open the link). A restore that fails, or a missing or corrupt snapshot, ends
 //! in a cold start from the service's command. Every transition is recorded with its duration.
+//! A stop with `--keep-running` leaves the awake services running and lists them in the
+//! kept-services file ([`kept`]); the next start adopts each that is still the same process,
+//! awake.
 
 mod cgroup;
 pub mod init;
+mod kept;
 mod manual;
 mod node;
 mod process;
@@ -26,8 +30,12 @@ pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition, WakeTime
 pub use torpor_power::energy::EnergyReport;
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet, VecDeque},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -145,6 +153,10 @@ pub struct Agent {
     maker: Maker,
     /// See [`Snapshots::survives_stop`].
     survives_stop: bool,
+    /// Where a stop with `--keep-running` lists the services it leaves running.
+    kept_file: PathBuf,
+    /// The stop leaves the awake services running ([`Agent::keep_running`]).
+    keep_running: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -279,21 +291,38 @@ impl Agent {
     /// Starts every service (cold), waits until each accepts connections and opens its link.
     /// A service whose snapshot the pool already holds (left by an earlier run that stopped
     /// with its state kept) is not launched: it starts asleep in the newest generation there,
-    /// and its first request restores it. When `cancel` turns true first, what started is stopped (a service still starting is
-    /// killed, not waited for) and the start ends in [`AgentError::Cancelled`].
+    /// and its first request restores it. A service an earlier run left running (listed in
+    /// `kept_file` by a stop with `--keep-running`) that is still the same process in its
+    /// cgroup, with the same configuration, is adopted awake as that process; the file is
+    /// deleted once read. When `cancel` turns true first, what started is stopped (a service
+    /// still starting is killed, not waited for) and the start ends in
+    /// [`AgentError::Cancelled`].
     pub async fn start(
         criu: CriuBinary,
         snapshots: Snapshots,
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
         power: Option<NodePowerConfig>,
+        kept_file: PathBuf,
         mut cancel: watch::Receiver<bool>,
     ) -> Result<Agent, AgentError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| AgentError::Subreaper(e.into()))?;
         let init_program = init_program().map_err(AgentError::InitProgram)?;
         let cgroups = CgroupRoot::discover(std::path::Path::new("/proc/self/mountinfo"));
+        let reaper = Arc::new(reaper::Reaper::default());
+        let specs: Vec<&ServiceSpec> = services.iter().map(|(s, _)| s).collect();
+        let kept = read_kept(
+            &kept_file,
+            &specs,
+            &snapshots.namespace,
+            cgroups.as_ref(),
+            &reaper,
+        )
+        .await;
         if let Some(root) = &cgroups {
+            // An adopted service's cgroup holds it: not a leftover.
             let names: Vec<String> = services
                 .iter()
+                .filter(|(s, _)| !kept.alive.contains_key(&s.name))
                 .map(|(s, _)| cgroup_name(&snapshots.namespace, &s.name))
                 .collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -303,7 +332,6 @@ impl Agent {
             Some(p) => Some(Arc::new(NodePower::start(p)?)),
             None => None,
         };
-        let reaper = Arc::new(reaper::Reaper::default());
         let survives_stop = snapshots.survives_stop;
         let maker = Maker {
             host: runner::Host {
@@ -343,7 +371,17 @@ impl Agent {
         for (spec, link) in services {
             let runner = maker.runner(&spec)?;
             let m = Arc::new(Managed::new(spec, link, shared.clone(), runner));
-            if let Some(&generation) = left.get(&host.snapshot_name(&m.spec.name)) {
+            if let Some(&(pid, generation)) = kept.alive.get(&m.spec.name) {
+                tracing::info!(service = %m.spec.name, pid, ?generation, "adopted awake: left running by an earlier run; its gate forwards to it");
+                m.adopt_awake(pid, generation);
+                managed.push(m);
+                continue;
+            }
+            let fresh = kept.changed.contains(&m.spec.name);
+            if let Some(&generation) = left
+                .get(&host.snapshot_name(&m.spec.name))
+                .filter(|_| !fresh)
+            {
                 tracing::info!(service = %m.spec.name, generation, "adopted asleep: its snapshot from an earlier run is in the pool; the first request restores it");
                 m.adopt_asleep(generation);
                 managed.push(m);
@@ -379,6 +417,8 @@ impl Agent {
             changes: tokio::sync::Mutex::new(()),
             maker,
             survives_stop,
+            kept_file,
+            keep_running: AtomicBool::new(false),
         })
     }
 
@@ -486,7 +526,10 @@ impl Agent {
     async fn stop_services(&self) {
         // A reload under way finishes first; none starts after (`stopping` is set).
         let _changes = self.changes.lock().await;
-        let services = self.managed();
+        let mut services = self.managed();
+        if self.keep_running.load(Ordering::SeqCst) {
+            services = self.leave_running(services).await;
+        }
         if self.survives_stop {
             let mut sleeping = JoinSet::new();
             for m in &services {
@@ -513,6 +556,78 @@ impl Agent {
                 m.forget_snapshots().await;
             }
         }
+    }
+
+    /// A stop with `--keep-running`: every awake service that can be is left running and
+    /// listed in the kept-services file for the next start; the others are returned, to be
+    /// stopped as usual (also the kept ones, should the file not be written).
+    async fn leave_running(&self, services: Vec<Arc<Managed>>) -> Vec<Arc<Managed>> {
+        let (mut kept, mut rest) = (Vec::new(), Vec::new());
+        for m in services {
+            if m.status().state != ServiceState::Awake {
+                rest.push(m);
+                continue;
+            }
+            match Managed::keep_running(&m).await {
+                Ok(k) => kept.push((m, k)),
+                Err(why) => {
+                    tracing::warn!(service = %m.spec.name, %why, "stopping: this service cannot be left running; it is stopped as usual");
+                    rest.push(m);
+                }
+            }
+        }
+        let entries: Vec<kept::KeptService> = kept.iter().map(|(_, k)| k.clone()).collect();
+        match kept::write(&self.kept_file, &entries) {
+            Ok(()) => {
+                for k in &entries {
+                    tracing::info!(service = %k.name, pid = k.pid, cgroup = %k.cgroup.display(), "stopping: left running for the next start to adopt");
+                }
+                tracing::info!(kept = entries.len(), file = %self.kept_file.display(), "stopping: the awake services keep running");
+            }
+            Err(e) => {
+                tracing::error!(error = %torpor_pool::error_chain(&e), "the services left running cannot be listed for the next start; they are stopped as usual");
+                rest.extend(kept.into_iter().map(|(m, _)| m));
+            }
+        }
+        rest
+    }
+
+    /// Why the stop cannot leave the services running now, if it cannot: an asleep service's
+    /// snapshot would go with this process (the embedded pool without a disk tier), or
+    /// consolidation moved the awake ones out of their cgroups (undone at stop).
+    pub fn keep_running_refusal(&self) -> Option<String> {
+        if self.shared.node.as_ref().is_some_and(|n| n.consolidates()) {
+            return Some("[power] consolidate moves the awake services into torpor's cpusets, which the stop removes, so the next start could not find them in their cgroups".into());
+        }
+        if self.survives_stop {
+            return None;
+        }
+        let asleep: Vec<String> = self
+            .status()
+            .into_iter()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    ServiceState::Asleep | ServiceState::Draining | ServiceState::Checkpointing
+                )
+            })
+            .map(|s| s.name)
+            .collect();
+        (!asleep.is_empty()).then(|| format!(
+            "{} asleep, and the embedded pool's RAM tier that holds the snapshot goes with torpor up (set [pool] spill_dir or use a remote pool, or wake it first)",
+            asleep.join(", ")
+        ))
+    }
+
+    /// The coming stop leaves the awake services running, for the next start to adopt
+    /// (`torpor stop --keep-running`); see [`Agent::keep_running_refusal`] first.
+    pub fn keep_running(&self) {
+        self.keep_running.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the coming stop leaves the awake services running.
+    pub fn keeps_running(&self) -> bool {
+        self.keep_running.load(Ordering::SeqCst)
     }
 
     fn replan(&self, node: &NodePower) {
@@ -850,6 +965,104 @@ async fn snapshots_left(pools: &Pools, names: Vec<String>) -> HashMap<String, u6
     })
     .await
     .expect("pool listing task panicked")
+}
+
+/// What the kept-services file says for this start.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Services found running as they were kept: (root PID, generation restored from).
+    alive: HashMap<String, (i32, Option<u64>)>,
+    /// Services whose configuration changed since they were kept: they start fresh.
+    changed: HashSet<String>,
+}
+
+/// Reads (and deletes) the kept-services file and sorts its services: those still the same
+/// process in their cgroup, with the configuration they were kept with, are adopted (the
+/// reaper watches them from now on); the others are logged with the reason and their
+/// processes left for [`clear_leftovers`] (those no longer configured are stopped here).
+async fn read_kept(
+    path: &Path,
+    services: &[&ServiceSpec],
+    namespace: &str,
+    cgroups: Option<&CgroupRoot>,
+    reaper: &reaper::Reaper,
+) -> Kept {
+    let mut kept = Kept::default();
+    let entries = match kept::take(path) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %torpor_pool::error_chain(&e), "the kept-services file is refused; its services start as usual");
+            return kept;
+        }
+    };
+    for e in entries {
+        let Some(spec) = services.iter().find(|s| s.name == e.name) else {
+            tracing::warn!(service = %e.name, pid = e.pid, "left running by an earlier run but no longer configured; stopping it");
+            let cg = cgroups.and_then(|r| r.existing().into_iter().find(|c| c.path() == e.cgroup));
+            if let Some(cg) = cg {
+                if let Err(err) = clear_leftover(cg).await {
+                    tracing::warn!(service = %e.name, error = %err, "cannot stop it");
+                }
+            }
+            continue;
+        };
+        if kept::fingerprint(spec) != e.fingerprint {
+            tracing::info!(service = %e.name, pid = e.pid, "left running by an earlier run but changed in the configuration since: it is stopped and started fresh");
+            kept.changed.insert(e.name);
+            continue;
+        }
+        let cgroup = cgroups.map(|r| r.dir().join(cgroup_name(namespace, &e.name)));
+        match still_alive(&e, cgroup.as_deref(), reaper) {
+            Ok(()) => {
+                kept.alive.insert(e.name, (e.pid, e.generation));
+            }
+            Err(why) => {
+                tracing::warn!(service = %e.name, pid = e.pid, %why, "left running by an earlier run but not adopted; it starts as usual");
+            }
+        }
+    }
+    kept
+}
+
+/// Whether the kept root is still the same process (same start time) in the service's
+/// cgroup; if so the reaper watches it from now on.
+fn still_alive(
+    e: &kept::KeptService,
+    cgroup: Option<&Path>,
+    reaper: &reaper::Reaper,
+) -> Result<(), String> {
+    if cgroup != Some(e.cgroup.as_path()) {
+        return Err(format!(
+            "it was kept in cgroup {}, not this service's",
+            e.cgroup.display()
+        ));
+    }
+    let same = || match kept::start_time(e.pid) {
+        None => Err(format!("its process {} is gone", e.pid)),
+        Some(t) if t != e.start_time => Err(format!(
+            "PID {} is another process now (it started at another time)",
+            e.pid
+        )),
+        Some(_) => Ok(()),
+    };
+    same()?;
+    let procs = std::fs::read_to_string(e.cgroup.join("cgroup.procs")).unwrap_or_default();
+    if !procs.lines().any(|l| l.trim() == e.pid.to_string()) {
+        return Err(format!(
+            "its process {} is no longer in {}",
+            e.pid,
+            e.cgroup.display()
+        ));
+    }
+    reaper
+        .adopt(e.pid)
+        .map_err(|err| format!("cannot watch its process {}: {err}", e.pid))?;
+    // The pidfd names a process from now on: make sure it is the kept one.
+    if let Err(why) = same() {
+        reaper.forget(e.pid);
+        return Err(why);
+    }
+    Ok(())
 }
 
 /// The program each plain service runs under as its init: `$TORPOR_INIT`, else this binary

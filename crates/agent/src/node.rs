@@ -178,6 +178,14 @@ impl NodePower {
         }
     }
 
+    /// Whether awake services are moved into torpor's cpusets (out of their own cgroups on
+    /// the unified hierarchy), which the stop undoes.
+    pub fn consolidates(&self) -> bool {
+        self.knobs
+            .as_ref()
+            .is_some_and(|s| s.lock().expect("knob lock").config.consolidate)
+    }
+
     /// Re-plans the cores for the services awake now.
     pub fn settle(&self, awake: &[AwakeService]) {
         let Some(state) = &self.knobs else { return };

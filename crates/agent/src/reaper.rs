@@ -3,9 +3,13 @@
 //! roots it watches are reaped as soon as they die, their status kept for the service loop;
 //! any other child that stays a zombie (an orphan nobody waits for) is reaped after a short
 //! grace, which leaves children the agent waits for itself (CRIU, runc, hooks) to their owner.
+//! A root adopted from an earlier run (left running by `torpor stop --keep-running`) is not
+//! our child, so no wait tells its end: it is watched through a pidfd, which becomes readable
+//! when that very process exits, even if its PID is reused afterwards.
 
 use std::{
     collections::{HashMap, HashSet},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -29,6 +33,8 @@ struct State {
     exits: HashMap<i32, String>,
     /// Unclaimed zombies and when they were first seen.
     zombies: HashMap<i32, Instant>,
+    /// Adopted roots (not our children) and their pidfds.
+    adopted: HashMap<i32, OwnedFd>,
 }
 
 /// The agent's reaper.
@@ -51,9 +57,40 @@ impl Reaper {
         self.state.lock().expect("reaper lock").watched.insert(pid);
     }
 
+    /// From now on `pid`, a root that is not our child (left running by an earlier run), is
+    /// a service root, watched through a pidfd. The caller checks, after this, that `pid` is
+    /// still the process it means (its start time): from then on the pidfd refers to it.
+    pub fn adopt(&self, pid: i32) -> std::io::Result<()> {
+        // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor or -1.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned to us and owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        self.state
+            .lock()
+            .expect("reaper lock")
+            .adopted
+            .insert(pid, fd);
+        Ok(())
+    }
+
+    /// Stops watching an adopted root (it turned out not to be the process meant).
+    pub fn forget(&self, pid: i32) {
+        self.state.lock().expect("reaper lock").adopted.remove(&pid);
+    }
+
     /// Whether the watched root `pid` has exited (reaping it if so), and how.
     pub fn exited(&self, pid: i32) -> Option<String> {
         let mut s = self.state.lock().expect("reaper lock");
+        if let Some(fd) = s.adopted.get(&pid) {
+            if !pidfd_readable(fd) {
+                return None;
+            }
+            s.adopted.remove(&pid);
+            return Some("exited (adopted from an earlier run: its status went to its parent)".into());
+        }
         if let Some(how) = s.exits.remove(&pid) {
             s.watched.remove(&pid);
             return Some(how);
@@ -140,6 +177,18 @@ impl Reaper {
     }
 }
 
+/// Whether the process behind `fd` has exited.
+fn pidfd_readable(fd: &OwnedFd) -> bool {
+    let mut p = nix::libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: nix::libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { nix::libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents != 0
+}
+
 /// Our children that are zombies now.
 fn zombie_children(me: i32) -> Vec<i32> {
     let me = me.to_string();
@@ -177,6 +226,45 @@ mod tests {
         r.sweep();
         assert!(!zombie_children(std::process::id() as i32).contains(&pid));
         assert_eq!(r.exited(pid).as_deref(), Some("exit code 3"));
+    }
+
+    #[test]
+    fn an_adopted_root_is_seen_to_exit_through_its_pidfd() {
+        // Its parent is a shell that waits for it: the process is not our child.
+        let mut sh = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid: i32 = line.trim().parse().unwrap();
+        /// Kills the sleeper and reaps the shell, also when the test fails.
+        struct Guard(i32, std::process::Child);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+                let _ = self.1.wait();
+            }
+        }
+        let _guard = Guard(pid, sh);
+        let r = Reaper::default();
+        r.adopt(pid).unwrap();
+        assert_eq!(r.exited(pid), None, "running");
+        nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let how = loop {
+            if let Some(how) = r.exited(pid) {
+                break how;
+            }
+            assert!(Instant::now() < deadline, "exit never seen");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(how.contains("adopted"), "{how}");
     }
 
     #[test]

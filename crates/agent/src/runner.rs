@@ -141,6 +141,11 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn prepare_stop(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+    /// The cgroup where the next start finds the tree rooted at `pid` if it is left running
+    /// at the agent's stop (`torpor stop --keep-running`), or why it cannot be left.
+    fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
+        Err("only plain process trees are left running (a container's runtime state goes with this process)".into())
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -698,6 +703,24 @@ impl Runner for ProcessTree {
                 let _ = tokio::task::spawn_blocking(move || drop(staged.take(None))).await;
             }
         })
+    }
+
+    fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
+        let lazy = self.lazy.lock().expect("lazy lock");
+        if let Some(session) = &lazy.session {
+            let left = session.stats().remaining_bytes;
+            if left > 0 {
+                // Its pages would be lost with the server that brings them in.
+                return Err(format!(
+                    "{} of its memory is still paged in lazily from the pool by this process",
+                    torpor_image::format_bytes(left)
+                ));
+            }
+        }
+        match &self.cgroup {
+            Some(cg) => Ok(cg.path().to_path_buf()),
+            None => Err("it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into()),
+        }
     }
 
     fn lazy_memory(&self) -> Option<LazyMemory> {

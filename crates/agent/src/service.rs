@@ -145,6 +145,10 @@ pub struct ServiceStatus {
     /// (stopped with its state kept) left in the pool instead of launching the service.
     #[serde(default)]
     pub adopted_generation: Option<u64>,
+    /// The process it was found running as at start, when this run adopted it awake (an
+    /// earlier run stopped with `--keep-running`) instead of launching the service.
+    #[serde(default)]
+    pub adopted_pid: Option<i32>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -296,6 +300,7 @@ impl Managed {
             pinned: None,
             last_manual: None,
             adopted_generation: None,
+            adopted_pid: None,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
@@ -431,6 +436,53 @@ impl Managed {
             format!("adopted asleep: generation {generation} left in the pool by an earlier run"),
         );
         self.link.arm_wake();
+    }
+
+    /// First "start" when an earlier run left the service running (`torpor stop
+    /// --keep-running`) as `pid`, restored from `generation` if it was: nothing is launched,
+    /// the service is awake as that process and its gate forwards to it at once. The caller
+    /// made sure it is the same process and watches it (it is not our child).
+    pub fn adopt_awake(&self, pid: i32, generation: Option<u64>) {
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.pid = Some(pid);
+            rt.status.snapshot_generation = generation;
+            rt.status.adopted_pid = Some(pid);
+        }
+        self.transition(
+            ServiceState::Awake,
+            Duration::ZERO,
+            format!("adopted awake: pid {pid}, left running by an earlier run"),
+        );
+        self.link.open();
+    }
+
+    /// At the agent's stop with `--keep-running`: an awake service is left running for the
+    /// next start to adopt, its gate shut (nothing is held while it is awake). What the next
+    /// start needs to find it again, or why it cannot be left (it is then stopped as usual).
+    pub async fn keep_running(me: &Arc<Managed>) -> Result<crate::kept::KeptService, String> {
+        let (state, pid, generation) = {
+            let rt = me.rt.lock().expect("runtime lock");
+            (rt.state, rt.pid, rt.status.snapshot_generation)
+        };
+        let pid = match (state, pid) {
+            (ServiceState::Awake, Some(pid)) => pid,
+            (other, _) => return Err(format!("it is {}, not awake", other.as_str())),
+        };
+        let cgroup = me.runner.keepable(pid)?;
+        let start_time =
+            crate::kept::start_time(pid).ok_or_else(|| format!("its process {pid} is gone"))?;
+        // Nothing staged for a wake that will not come from this process.
+        me.runner.prepare_stop().await;
+        me.link.shut_down();
+        Ok(crate::kept::KeptService {
+            name: me.spec.name.clone(),
+            pid,
+            start_time,
+            cgroup,
+            generation,
+            fingerprint: crate::kept::fingerprint(&me.spec),
+        })
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {

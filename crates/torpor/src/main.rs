@@ -92,6 +92,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stop a running `torpor up` as SIGTERM does (awake services are checkpointed into a
+    /// pool that outlives it, else stopped). With --keep-running its awake services are left
+    /// running and its asleep ones in the pool: the next `torpor up` adopts them. Refused when
+    /// an asleep service's snapshot would go with the process (the embedded pool without a
+    /// spill_dir).
+    Stop {
+        #[arg(long)]
+        keep_running: bool,
+        #[command(flatten)]
+        control: ControlOpt,
+    },
     /// Show the services of a running `torpor up`.
     Status {
         /// Address of its status API.
@@ -450,6 +461,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return manual(&control, &name, torpor_agent::ManualCommand::Unpin)
         }
         Cmd::Reload { control, json } => return reload(&control, json),
+        Cmd::Stop {
+            keep_running,
+            control,
+        } => {
+            let reply = send(&control, torpor_up::control::Order::Stop { keep_running })?;
+            return Ok(if reply.succeeded() {
+                println!("{}", reply.message);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("torpor: {}", reply.message);
+                ExitCode::FAILURE
+            });
+        }
         Cmd::SampleGrpc { listen, port_file } => {
             torpor_workload::grpc::run(listen, port_file.as_deref())?
         }

@@ -95,6 +95,8 @@ struct RawNode {
     namespace: Option<String>,
     /// The key that seals this node's snapshots (created when absent).
     key_file: Option<PathBuf>,
+    /// Where the node keeps what must outlive `torpor up` (the services a stop left running).
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,10 +257,24 @@ pub struct NodeConfig {
     pub namespace: String,
     /// Where the key that seals its snapshots is kept.
     pub key_file: PathBuf,
+    /// Where the node keeps what must outlive `torpor up`: the list of services `torpor
+    /// stop --keep-running` left running ([`NodeConfig::kept_file`]).
+    pub state_dir: PathBuf,
+}
+
+impl NodeConfig {
+    /// The kept-services file of this node (one per namespace, so that two `torpor up` on
+    /// one host never adopt each other's services).
+    pub fn kept_file(&self) -> PathBuf {
+        self.state_dir.join(format!("kept.{}", self.namespace))
+    }
 }
 
 /// Where the node key lives unless `node.key_file` says otherwise.
 pub const DEFAULT_NODE_KEY: &str = "/var/lib/torpor/node.key";
+
+/// Where the node's state lives unless `node.state_dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/torpor";
 
 /// One service, ready for the agent and its gate.
 #[derive(Debug, Clone)]
@@ -639,6 +655,11 @@ impl Config {
                 .key_file
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_NODE_KEY)),
+            state_dir: raw
+                .node
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         };
         let mut replicas = Vec::new();
         for (i, r) in raw.pool.replicas.iter().enumerate() {
@@ -1138,6 +1159,7 @@ mod tests {
             "host name made valid"
         );
         assert_eq!(c.node.key_file, PathBuf::from(DEFAULT_NODE_KEY));
+        assert_eq!(c.node.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!((c.replicas.len(), c.write_quorum), (0, 1));
         let two = format!(
             "[node]\nnamespace = \"rack1-n7\"\n{}\n[[pool.replica]]\naddress = \"unix:/b\"\n",
@@ -1145,6 +1167,10 @@ mod tests {
         );
         let c = Config::from_toml(&two).unwrap();
         assert_eq!(c.node.namespace, "rack1-n7");
+        assert_eq!(
+            c.node.kept_file(),
+            PathBuf::from(DEFAULT_STATE_DIR).join("kept.rack1-n7")
+        );
         assert_eq!((c.replicas.len(), c.write_quorum), (1, 1));
         let e = err(&two.replace("write_quorum = 1", "write_quorum = 3"));
         assert!(e.starts_with("pool.write_quorum"), "{e}");

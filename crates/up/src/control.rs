@@ -1,5 +1,5 @@
 //! The control endpoint of `torpor up`: where an operator's `torpor sleep`, `wake`, `pin`,
-//! `unpin` and `reload` arrive. It is apart from the status API, which stays read-only: by default a
+//! `unpin`, `reload` and `stop` arrive. It is apart from the status API, which stays read-only: by default a
 //! Unix socket (mode 0600, so only its owner, root, can connect; the peer's uid, read with
 //! SO_PEERCRED, is who the action is recorded as), or a TCP address whose requests must carry
 //! the token of a token file (recorded as `token`). Each connection carries one request and
@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, UnixListener},
-    sync::Semaphore,
+    sync::{watch, Semaphore},
 };
 use torpor_agent::{Agent, ManualCommand, ManualOutcome};
 
@@ -81,6 +81,12 @@ pub enum Order {
     },
     /// Read torpor.toml again and apply what changed.
     Reload,
+    /// Stop `torpor up` as SIGTERM does; with `keep_running` its awake services are left
+    /// running (and its asleep ones in the pool) for the next start to adopt.
+    Stop {
+        #[serde(default)]
+        keep_running: bool,
+    },
 }
 
 impl Order {
@@ -89,6 +95,8 @@ impl Order {
         match self {
             Order::Service { service, command } => (service, command.name()),
             Order::Reload => ("", "reload"),
+            Order::Stop { keep_running: false } => ("", "stop"),
+            Order::Stop { keep_running: true } => ("", "stop --keep-running"),
         }
     }
 }
@@ -286,11 +294,13 @@ fn bind_unix(path: &Path) -> Result<ControlListener, ControlError> {
     })
 }
 
-/// Serves manual commands for `agent`, and reloads through `reloader`, until `shutdown`.
+/// Serves manual commands for `agent`, and reloads through `reloader`, until `shutdown`; a
+/// stop order that is accepted sets `stop` once its reply is sent.
 pub async fn serve(
     listener: ControlListener,
     agent: Arc<Agent>,
     reloader: Arc<Reloader>,
+    stop: Arc<watch::Sender<bool>>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -307,9 +317,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (agent, reloader) = (agent.clone(), reloader.clone());
+                let (agent, reloader, stop) = (agent.clone(), reloader.clone(), stop.clone());
                 conns.spawn(async move {
-                    serve_one(stream, peer, &agent, &reloader).await;
+                    serve_one(stream, peer, &agent, &reloader, &stop).await;
                     drop(permit);
                 });
             }
@@ -349,7 +359,14 @@ async fn accept(a: &Accept) -> std::io::Result<(Box<dyn Stream>, Peer)> {
     }
 }
 
-async fn serve_one(mut stream: Box<dyn Stream>, peer: Peer, agent: &Agent, reloader: &Reloader) {
+async fn serve_one(
+    mut stream: Box<dyn Stream>,
+    peer: Peer,
+    agent: &Agent,
+    reloader: &Reloader,
+    stop: &watch::Sender<bool>,
+) {
+    let mut stops = false;
     let reply = match tokio::time::timeout(
         REQUEST_TIMEOUT,
         wire::read_async::<Request>(&mut stream, Kind::Request),
@@ -376,11 +393,20 @@ async fn serve_one(mut stream: Box<dyn Stream>, peer: Peer, agent: &Agent, reloa
                     reload: None,
                 }
             }
-            Ok(by) => carry_out(req.order, &by, agent, reloader).await,
+            Ok(by) => {
+                let stop_order = matches!(req.order, Order::Stop { .. });
+                let reply = carry_out(req.order, &by, agent, reloader).await;
+                stops = stop_order && reply.succeeded();
+                reply
+            }
         },
     };
     let _ = stream.write_all(&wire::encode(Kind::Reply, &reply)).await;
     let _ = stream.shutdown().await;
+    // After the reply: the stop ends this endpoint, and with it this connection.
+    if stops {
+        stop.send_replace(true);
+    }
 }
 
 /// Carries out an authorized order and says what came of it.
@@ -415,6 +441,33 @@ async fn carry_out(order: Order, by: &str, agent: &Agent, reloader: &Reloader) -
                 },
                 message: report.render(),
                 reload: Some(report),
+            }
+        }
+        Order::Stop { keep_running } => {
+            let refusal = keep_running
+                .then(|| agent.keep_running_refusal())
+                .flatten();
+            if let Some(why) = refusal {
+                warn!(by, %why, "torpor stop --keep-running refused");
+                return Reply {
+                    outcome: ReplyOutcome::Refused,
+                    message: format!("cannot keep the services running: {why}"),
+                    reload: None,
+                };
+            }
+            let message = if keep_running {
+                agent.keep_running();
+                "stopping; the awake services keep running for the next start to adopt".to_string()
+            } else if agent.survives_stop() {
+                "stopping; the awake services are checkpointed into the pool".to_string()
+            } else {
+                "stopping; the services are stopped and their state is not kept".to_string()
+            };
+            info!(by, keep_running, "stop ordered");
+            Reply {
+                outcome: ReplyOutcome::Done,
+                message,
+                reload: None,
             }
         }
     }

@@ -1,8 +1,8 @@
 //! `torpor up`: the embedded default. One process runs the memory pool (or uses a remote
 //! one), the agent and one gate per service, from one `torpor.toml`, plus the status API
 //! (`/` as a live HTML page, `/status` as JSON, `/metrics` as Prometheus text) that `torpor
-//! status` reads, and the control endpoint that `torpor sleep`, `wake`, `pin` and `unpin`
-//! talk to. Started by systemd (`Type=notify`), it says `READY=1` once every gate listens
+//! status` reads, and the control endpoint that `torpor sleep`, `wake`, `pin`, `unpin`,
+//! `reload` and `stop` talk to. Started by systemd (`Type=notify`), it says `READY=1` once every gate listens
 //! and `STOPPING=1` when its stop begins ([`notify`]).
 
 pub mod config;
@@ -78,7 +78,9 @@ pub struct UpInfo {
 /// disk tier) every awake service is checkpointed into it and the embedded pool's RAM tier
 /// written to its disk tier, so the next start adopts every service asleep with its state;
 /// otherwise (or when its checkpoint fails) a service is killed and reaped, and its state is
-/// lost. The embedded pool is dropped last.
+/// lost. The embedded pool is dropped last. `torpor stop` through the control endpoint stops
+/// it the same way; `torpor stop --keep-running` leaves the awake services running instead,
+/// listed in the node's kept-services file for the next start to adopt awake.
 ///
 /// `shutdown` may resolve at any moment, also while things start: before the agent starts
 /// nothing is left to undo; during the agent's start what started is stopped (and services
@@ -171,6 +173,7 @@ pub async fn run_reloadable(
         snapshots,
         agent_services,
         Some(config.power.clone()),
+        config.node.kept_file(),
         cancel_rx,
     );
     tokio::pin!(start);
@@ -241,10 +244,13 @@ pub async fn run_reloadable(
         });
     }
     let control_hint = control_listener.hint().clone();
+    // `torpor stop` through the control endpoint.
+    let stop_ordered = Arc::new(watch::Sender::new(false));
     {
         let (agent, reloader, mut stop) = (agent.clone(), reloader.clone(), stop_rx.clone());
+        let ordered = stop_ordered.clone();
         tasks.spawn(async move {
-            control::serve(control_listener, agent, reloader, async move {
+            control::serve(control_listener, agent, reloader, ordered, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
@@ -276,14 +282,20 @@ pub async fn run_reloadable(
         info.status_addr
     )));
     on_ready(&info, &agent);
-    shutdown.await;
-    say(notifier.stopping(if agent.survives_stop() {
+    let mut ordered = stop_ordered.subscribe();
+    tokio::select! {
+        _ = shutdown => {}
+        _ = ordered.wait_for(|s| *s) => {}
+    }
+    say(notifier.stopping(if agent.keeps_running() {
+        "stopping: the awake services keep running for the next start"
+    } else if agent.survives_stop() {
         "stopping: checkpointing the awake services into the pool"
     } else {
         "stopping: the services are killed (their state is not kept)"
     }));
     info!("stopping");
-    if !agent.survives_stop() && !config.ephemeral {
+    if !agent.survives_stop() && !config.ephemeral && !agent.keeps_running() {
         warn!("{LOSSY_STOP}");
     }
     // A reload under way finishes first; none starts after.
