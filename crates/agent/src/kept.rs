@@ -71,10 +71,15 @@ pub fn fingerprint(spec: &ServiceSpec) -> u32 {
     crc32c::crc32c(format!("{:?}|{}", spec.launch, spec.backend).as_bytes())
 }
 
-/// The start time of `pid` (`/proc/PID/stat` field 22), while it exists.
+/// The start time of `pid` (`/proc/PID/stat` field 22), while it runs (an exited process
+/// its parent has not reaped yet has none).
 pub fn start_time(pid: i32) -> Option<u64> {
     // The fields after the command start with the state (field 3).
-    torpor_criu::procs::stat_fields(pid)?.get(19)?.parse().ok()
+    let f = torpor_criu::procs::stat_fields(pid)?;
+    if f.first().is_some_and(|state| state == "Z" || state == "X") {
+        return None;
+    }
+    f.get(19)?.parse().ok()
 }
 
 /// Writes `services` to `path` (mode 0600), replacing what was there.

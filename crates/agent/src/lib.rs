@@ -593,11 +593,20 @@ impl Agent {
     }
 
     /// Why the stop cannot leave the services running now, if it cannot: an asleep service's
-    /// snapshot would go with this process (the embedded pool without a disk tier), or
-    /// consolidation moved the awake ones out of their cgroups (undone at stop).
+    /// snapshot would go with this process (the embedded pool without a disk tier), an awake
+    /// one could not be found again (a container, no cgroup), or consolidation moved the awake
+    /// ones out of their cgroups (undone at stop).
     pub fn keep_running_refusal(&self) -> Option<String> {
         if self.shared.node.as_ref().is_some_and(|n| n.consolidates()) {
             return Some("[power] consolidate moves the awake services into torpor's cpusets, which the stop removes, so the next start could not find them in their cgroups".into());
+        }
+        let cannot: Vec<String> = self
+            .managed()
+            .iter()
+            .filter_map(|m| Some(format!("{} ({})", m.spec.name, m.cannot_keep()?)))
+            .collect();
+        if !cannot.is_empty() {
+            return Some(format!("cannot be left running: {}", cannot.join("; ")));
         }
         if self.survives_stop {
             return None;

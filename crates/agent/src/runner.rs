@@ -146,6 +146,11 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
         Err("only plain process trees are left running (a container's runtime state goes with this process)".into())
     }
+    /// Makes the running tree independent of this process before it is left running: a
+    /// lazily restored one gets every page still in the pool, within `limit`.
+    fn detach(&self, _limit: Duration) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Where things are that every real runner needs.
@@ -706,21 +711,41 @@ impl Runner for ProcessTree {
     }
 
     fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
-        let lazy = self.lazy.lock().expect("lazy lock");
-        if let Some(session) = &lazy.session {
-            let left = session.stats().remaining_bytes;
-            if left > 0 {
-                // Its pages would be lost with the server that brings them in.
-                return Err(format!(
-                    "{} of its memory is still paged in lazily from the pool by this process",
-                    torpor_image::format_bytes(left)
-                ));
-            }
-        }
         match &self.cgroup {
             Some(cg) => Ok(cg.path().to_path_buf()),
             None => Err("it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into()),
         }
+    }
+
+    fn detach(&self, limit: Duration) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let Some(session) = self.lazy.lock().expect("lazy lock").session.take() else {
+                return Ok(());
+            };
+            // The pages it has not touched yet would be lost with the server that serves
+            // them: all of them are copied in, then the server ends.
+            let (filled, session) = tokio::task::spawn_blocking(move || {
+                let filled = session.fill_all(limit);
+                (filled, session)
+            })
+            .await
+            .expect("fill task panicked");
+            if let Err(e) = filled {
+                self.lazy.lock().expect("lazy lock").session = Some(session);
+                return Err(format!(
+                    "its memory is paged in lazily from the pool by this process, and filling the rest failed: {}",
+                    error_chain(&e)
+                ));
+            }
+            let ended = tokio::task::spawn_blocking(move || session.shutdown())
+                .await
+                .expect("lazy shutdown task panicked");
+            if let Err(e) = ended {
+                warn!(service = %self.name, error = %error_chain(&e), "lazy-pages server ended badly after filling every page");
+            }
+            self.lazy.lock().expect("lazy lock").keep.clear();
+            Ok(())
+        })
     }
 
     fn lazy_memory(&self) -> Option<LazyMemory> {

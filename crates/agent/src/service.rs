@@ -470,6 +470,7 @@ impl Managed {
             (other, _) => return Err(format!("it is {}, not awake", other.as_str())),
         };
         let cgroup = me.runner.keepable(pid)?;
+        me.runner.detach(crate::STOP_CHECKPOINT_LIMIT).await?;
         let start_time =
             crate::kept::start_time(pid).ok_or_else(|| format!("its process {pid} is gone"))?;
         // Nothing staged for a wake that will not come from this process.
@@ -483,6 +484,19 @@ impl Managed {
             generation,
             fingerprint: crate::kept::fingerprint(&me.spec),
         })
+    }
+
+    /// Why this service could not be left running now, if it could not (see
+    /// [`Self::keep_running`]); asleep and other services are not left running at all.
+    pub fn cannot_keep(&self) -> Option<String> {
+        let (state, pid) = {
+            let rt = self.rt.lock().expect("runtime lock");
+            (rt.state, rt.pid)
+        };
+        match (state, pid) {
+            (ServiceState::Awake, Some(pid)) => self.runner.keepable(pid).err(),
+            _ => None,
+        }
     }
 
     async fn launch(&self) -> Result<i32, LaunchError> {
