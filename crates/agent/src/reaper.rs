@@ -89,7 +89,9 @@ impl Reaper {
                 return None;
             }
             s.adopted.remove(&pid);
-            return Some("exited (adopted from an earlier run: its status went to its parent)".into());
+            return Some(
+                "exited (adopted from an earlier run: its status went to its parent)".into(),
+            );
         }
         if let Some(how) = s.exits.remove(&pid) {
             s.watched.remove(&pid);
@@ -247,7 +249,10 @@ mod tests {
         struct Guard(i32, std::process::Child);
         impl Drop for Guard {
             fn drop(&mut self) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(self.0),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 let _ = self.1.wait();
             }
         }

@@ -713,7 +713,9 @@ impl Runner for ProcessTree {
     fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
         match &self.cgroup {
             Some(cg) => Ok(cg.path().to_path_buf()),
-            None => Err("it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into()),
+            None => {
+                Err("it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into())
+            }
         }
     }
 

@@ -181,13 +181,11 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
         (&0.into(), &0.into()),
         "{s}"
     );
-    assert!(!kept.exists(), "the kept-services file is deleted once read");
-    assert_eq!(
-        sum(gate)?,
-        state,
-        "its state is intact:\n{}",
-        up.log_text()
+    assert!(
+        !kept.exists(),
+        "the kept-services file is deleted once read"
     );
+    assert_eq!(sum(gate)?, state, "its state is intact:\n{}", up.log_text());
 
     // It is no child of this run: checkpointing it and seeing it go must work all the same.
     order(&up, &["sleep", "counter"])?;

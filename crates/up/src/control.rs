@@ -95,7 +95,9 @@ impl Order {
         match self {
             Order::Service { service, command } => (service, command.name()),
             Order::Reload => ("", "reload"),
-            Order::Stop { keep_running: false } => ("", "stop"),
+            Order::Stop {
+                keep_running: false,
+            } => ("", "stop"),
             Order::Stop { keep_running: true } => ("", "stop --keep-running"),
         }
     }
@@ -444,9 +446,7 @@ async fn carry_out(order: Order, by: &str, agent: &Agent, reloader: &Reloader) -
             }
         }
         Order::Stop { keep_running } => {
-            let refusal = keep_running
-                .then(|| agent.keep_running_refusal())
-                .flatten();
+            let refusal = keep_running.then(|| agent.keep_running_refusal()).flatten();
             if let Some(why) = refusal {
                 warn!(by, %why, "torpor stop --keep-running refused");
                 return Reply {
