@@ -150,16 +150,40 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> 
         &sample_http("big", web, free_port(), "512MiB", "300ms"),
     )?;
     let expected = torpor_workload::expected_sum(512 << 20, 1);
-    // It falls asleep right after start; wake it, then catch its next checkpoint.
-    up.wait_state("big", "asleep", Duration::from_secs(30))?;
-    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
-    up.wait_state("big", "checkpointing", Duration::from_secs(30))?;
-    let sum = http_get(addr(web), "/sum").with_context(|| up.log_text())?;
-    assert_eq!(sum, expected, "answered by the restored service");
-    let s = up.service("big")?;
-    assert_eq!(s["sleeps"], 2, "{s}");
-    assert_eq!(s["wakes"], 2, "{s}");
-    Ok(())
+    // It falls asleep right after start; wake it, then catch its next checkpoint. A
+    // checkpoint can fail on a loaded machine (the service then keeps serving, which is
+    // checked too), but then no request arrived mid-checkpoint: that try does not count.
+    for attempt in 0..3 {
+        up.wait_state("big", "asleep", Duration::from_secs(30))?;
+        let before = up.service("big")?;
+        assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+        up.wait_state("big", "checkpointing", Duration::from_secs(30))?;
+        let sum = http_get(addr(web), "/sum").with_context(|| up.log_text())?;
+        assert_eq!(sum, expected, "answered by the restored service");
+        let s = up.service("big")?;
+        if s["failed_checkpoints"] != before["failed_checkpoints"] {
+            eprintln!(
+                "attempt {attempt}: the checkpoint failed; log:\n{}",
+                up.log_text()
+            );
+            continue;
+        }
+        let count = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        assert_eq!(
+            count(&s, "sleeps"),
+            count(&before, "sleeps") + 1,
+            "{s}\n{}",
+            up.log_text()
+        );
+        assert_eq!(
+            count(&s, "wakes"),
+            count(&before, "wakes") + 2,
+            "{s}\n{}",
+            up.log_text()
+        );
+        return Ok(());
+    }
+    anyhow::bail!("every checkpoint failed:\n{}", up.log_text())
 }
 
 #[test]
