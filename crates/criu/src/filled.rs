@@ -17,20 +17,17 @@
 //! restored as torpor's own user); otherwise, or when it fails before the tasks run, the
 //! caller restores with `--stream` ([`crate::restore`]), which needs neither.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::info;
 
 use crate::{
     armed::{arm_lazy, ARM_TIMEOUT},
     binary::CriuBinary,
-    lazy::{stage_lazy, LazyOptions},
+    lazy::{stage_lazy, LazyOptions, FILL_TIMEOUT},
     replicas::Pools,
     restore::{RestoreError, RestoreOptions, RestoreReport},
 };
-
-/// Longest the copy of every page may take before the restore is given up.
-const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Restores generation `generation` (the newest when `None`) of `name` with all of its memory
 /// copied in before its tasks resume. On failure nothing of the tree is left.

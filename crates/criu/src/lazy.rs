@@ -741,8 +741,9 @@ impl Launched {
 /// while referred to, so a longer chain would hold ever more memory for ever fewer pages.
 pub const MAX_INHERITED_GENERATIONS: usize = 3;
 
-/// Longest a full checkpoint waits for a lazily restored tree's memory to be filled in.
-const FILL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a full checkpoint (or an eager restore, [`crate::filled`]) waits for a lazily
+/// restored tree's memory to be filled in.
+pub(crate) const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Checkpoints a lazily restored tree incrementally: CRIU dumps what the processes hold and
 /// the snapshot's index refers to older generations for the rest. When that cannot be proven

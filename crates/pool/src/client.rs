@@ -518,15 +518,7 @@ impl PoolClient {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ClientError> {
-        self.send(&range_request(
-            name,
-            generation,
-            file,
-            offset,
-            buf.len(),
-            false,
-        ))?;
-        self.recv_range(file, buf, true)
+        self.range(name, generation, file, offset, buf, false)
     }
 
     /// [`PoolClient::get_range`] for a caller that checks the bytes against the seal's block
@@ -540,15 +532,28 @@ impl PoolClient {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ClientError> {
+        self.range(name, generation, file, offset, buf, true)
+    }
+
+    /// One range asked for and read; `sealed`: the caller checks it, so nothing here does.
+    fn range(
+        &mut self,
+        name: &str,
+        generation: u64,
+        file: &str,
+        offset: u64,
+        buf: &mut [u8],
+        sealed: bool,
+    ) -> Result<(), ClientError> {
         self.send(&range_request(
             name,
             generation,
             file,
             offset,
             buf.len(),
-            true,
+            sealed,
         ))?;
-        self.recv_range(file, buf, false)
+        self.recv_range(file, buf, !sealed)
     }
 
     /// [`PoolClient::get_range`] for several ranges of one file, each `(offset, buf)`, with up
