@@ -80,6 +80,32 @@ impl InterArrivalHistogram {
     }
 }
 
+impl InterArrivalHistogram {
+    /// How much longer an idle period that has lasted `elapsed` goes on, as the quantile `q`
+    /// of the recorded gaps longer than `elapsed` (each taken at its bucket's lower edge, so
+    /// the prediction errs short), minus `elapsed`; and how many gaps that rests on. `None`
+    /// when no recorded gap was that long: the history has nothing to say about it.
+    pub fn remaining_after(&self, elapsed: Duration, q: f64) -> Option<(Duration, u64)> {
+        let ms = elapsed.as_millis() as u64;
+        let longer = |i: usize| Self::edges(i).1 > ms;
+        let count: u64 = (0..self.buckets.len())
+            .filter(|&i| longer(i))
+            .map(|i| self.buckets[i])
+            .sum();
+        if count == 0 {
+            return None;
+        }
+        let target = ((q.clamp(0.0, 1.0) * count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        let i = (0..self.buckets.len()).filter(|&i| longer(i)).find(|&i| {
+            seen += self.buckets[i];
+            seen >= target
+        })?;
+        let lower = Duration::from_millis(Self::edges(i).0);
+        Some((lower.saturating_sub(elapsed), count))
+    }
+}
+
 /// What the gate knows about a service's arrivals.
 #[derive(Debug, Clone)]
 pub struct ArrivalTracker {
@@ -191,6 +217,28 @@ mod tests {
         assert_eq!(h.quantile_upper(0.5), Some(Duration::from_millis(1024)));
         // 10^10 ms lands in [2^33, 1.25 * 2^33) ms.
         assert_eq!(h.quantile(1.0), Some(Duration::from_millis(1 << 33)));
+    }
+
+    #[test]
+    fn the_remaining_idle_time_is_conditioned_on_the_time_already_idle() {
+        let mut h = InterArrivalHistogram::default();
+        // Mostly short gaps (100 ms), a few long ones (20 s).
+        for _ in 0..90 {
+            h.record(Duration::from_millis(100));
+        }
+        for _ in 0..10 {
+            h.record(Duration::from_secs(20));
+        }
+        // Unconditioned, the median gap is short ...
+        let (left, n) = h.remaining_after(Duration::ZERO, 0.5).unwrap();
+        assert!(left < Duration::from_millis(100), "{left:?}");
+        assert_eq!(n, 100);
+        // ... but once idle for a second, only the long gaps remain: about 19 s more.
+        let (left, n) = h.remaining_after(Duration::from_secs(1), 0.5).unwrap();
+        assert_eq!(n, 10);
+        assert!(left > Duration::from_secs(15) && left < Duration::from_secs(19), "{left:?}");
+        // Idle longer than any recorded gap: the history says nothing.
+        assert_eq!(h.remaining_after(Duration::from_secs(60), 0.5), None);
     }
 
     #[test]

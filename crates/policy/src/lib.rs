@@ -7,12 +7,19 @@
 //!   belongs in by footprint.
 //! * [`prewarm_at`]: when to restore ahead of the predicted next arrival, if that beats making
 //!   the next request wait.
+//! * [`choose_level`]: the governor — awake, frozen or snapshotted, whichever deepest level
+//!   pays for its cycle over the predicted idle period and wakes within the objective.
 
 mod arrivals;
 mod decide;
+mod governor;
 
 pub use arrivals::{ArrivalTracker, InterArrivalHistogram};
 pub use decide::{
     decide_sleep, prewarm_at, prewarm_hold_until, AwakeReason, PolicyConfig, SleepDecision,
     SnapshotTier,
+};
+pub use governor::{
+    choose_level, level_costs, predicted_idle, Choice, CycleCost, EnergyModel, IdleCost, Level,
+    LevelCost, LevelInputs, Reason,
 };
