@@ -9,6 +9,7 @@
 //! awake.
 
 mod cgroup;
+mod costs;
 pub mod init;
 mod kept;
 mod manual;
@@ -19,6 +20,7 @@ mod runner;
 mod service;
 
 pub use cgroup::{CgroupRoot, Hierarchy, ServiceCgroup};
+pub use costs::CostStatus;
 pub use init::InitOptions;
 pub use manual::{
     unix_ms_now, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,

@@ -97,9 +97,28 @@ pub(crate) struct NodePower {
     account: Mutex<EnergyAccount>,
     /// torpor's own CPU (self + reaped children) at the last sample.
     last_process_cpu_s: Mutex<f64>,
+    /// The profile's prices, for the governor.
+    model: torpor_policy::EnergyModel,
 }
 
-fn process_cpu_s() -> f64 {
+/// A profile as the governor prices CPU time, wakeups and memory: a busy core above the
+/// deepest idle state; a wakeup keeps a core out of that state for its exit latency and
+/// target residency; a GiB of service memory at the DRAM's rate.
+fn energy_model(p: &Profile) -> torpor_policy::EnergyModel {
+    let deepest = p.idle_states.last();
+    let above_idle = p.core.active_watts - deepest.map_or(0.0, |s| s.core_watts);
+    let wakeup_s = deepest.map_or(0.0, |s| {
+        (s.exit_latency_us + s.target_residency_us) as f64 * 1e-6
+    });
+    torpor_policy::EnergyModel {
+        watts_per_busy_cpu: above_idle,
+        joules_per_wakeup: above_idle * wakeup_s,
+        watts_per_gib: p.dram.watts_per_gib,
+    }
+}
+
+/// torpor's own CPU-seconds and those of the children it reaped (CRIU among them).
+pub(crate) fn process_cpu_s() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
     let secs = |who| {
         getrusage(who).map_or(0.0, |u| {
@@ -137,6 +156,7 @@ impl NodePower {
         Ok(NodePower {
             telemetry: config.telemetry,
             knobs,
+            model: energy_model(&config.profile),
             account: Mutex::new(EnergyAccount::start(config.profile, first)),
             last_process_cpu_s: Mutex::new(process_cpu_s()),
         })
@@ -278,6 +298,11 @@ impl NodePower {
             }
         }
         s.node_asleep
+    }
+
+    /// How the governor prices CPU time, wakeups and memory on this node.
+    pub fn energy_model(&self) -> torpor_policy::EnergyModel {
+        self.model
     }
 
     pub fn energy(&self) -> EnergyReport {

@@ -151,7 +151,15 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn detach(&self, _limit: Duration) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+    /// Freezes (`on`) or thaws the running tree: its timers and wakeups stop, its memory
+    /// stays. `Err` says why it cannot (the governor then never picks the frozen level).
+    fn freeze(&self, _on: bool) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Err("only plain process trees in a cgroup are frozen".to_string()) })
+    }
 }
+
+/// Longest wait for the kernel to freeze or thaw a service's cgroup.
+const FREEZE_WAIT: Duration = Duration::from_secs(2);
 
 /// Where things are that every real runner needs.
 #[derive(Debug, Clone)]
@@ -760,6 +768,18 @@ impl Runner for ProcessTree {
             faults: stats.faults,
             background_bytes: stats.background_bytes,
             remaining_bytes: stats.remaining_bytes,
+        })
+    }
+
+    fn freeze(&self, on: bool) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let Some(cg) = self.cgroup.clone() else {
+                return Err("it has no cgroup (no cgroup hierarchy is mounted)".to_string());
+            };
+            tokio::task::spawn_blocking(move || cg.freeze(on, FREEZE_WAIT))
+                .await
+                .expect("freeze task panicked")
+                .map_err(|e| e.to_string())
         })
     }
 

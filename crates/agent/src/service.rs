@@ -14,11 +14,13 @@ use tokio::{
 use torpor_control::ServiceLink;
 use torpor_criu::procs;
 use torpor_policy::{
-    decide_sleep, prewarm_at, prewarm_hold_until, PolicyConfig, SleepDecision, SnapshotTier,
+    choose_level, decide_sleep, level_costs, prewarm_at, prewarm_hold_until, Choice, Governor,
+    Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
 };
 use tracing::{error, warn};
 
 use crate::{
+    costs::{CostStatus, Costs},
     manual::{
         self, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
     },
@@ -51,6 +53,8 @@ pub struct ServiceSpec {
 #[serde(rename_all = "snake_case")]
 pub enum ServiceState {
     Awake,
+    /// Its cgroup frozen by the governor: memory in place, no CPU, thawed by a request.
+    Frozen,
     Draining,
     Checkpointing,
     Asleep,
@@ -63,6 +67,7 @@ impl ServiceState {
     pub fn as_str(self) -> &'static str {
         match self {
             ServiceState::Awake => "awake",
+            ServiceState::Frozen => "frozen",
             ServiceState::Draining => "draining",
             ServiceState::Checkpointing => "checkpointing",
             ServiceState::Asleep => "asleep",
@@ -149,6 +154,22 @@ pub struct ServiceStatus {
     /// earlier run stopped with `--keep-running`) instead of launching the service.
     #[serde(default)]
     pub adopted_pid: Option<i32>,
+    /// What it was measured to cost idle and per cycle (the governor's inputs).
+    #[serde(default)]
+    pub costs: CostStatus,
+    /// The frozen and snapshotted levels' break-even, as the governor last weighed them.
+    #[serde(default)]
+    pub levels: Vec<LevelCost>,
+    /// The governor's last choice and why (the energy governor only).
+    #[serde(default)]
+    pub last_choice: Option<Choice>,
+    #[serde(default)]
+    pub freezes: u64,
+    #[serde(default)]
+    pub time_frozen_s: f64,
+    /// Why its tree cannot be frozen here (the governor then skips that level).
+    #[serde(default)]
+    pub cannot_freeze: Option<String>,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -200,6 +221,9 @@ struct Runtime {
     demand_cpus: f64,
     /// An operator's pin: the policy does not put the service to sleep while it holds.
     pin: Option<Pin>,
+    frozen_total: Duration,
+    /// What it costs idle and per cycle, measured.
+    costs: Costs,
     status: ServiceStatus,
 }
 
@@ -301,6 +325,12 @@ impl Managed {
             last_manual: None,
             adopted_generation: None,
             adopted_pid: None,
+            costs: CostStatus::default(),
+            levels: Vec::new(),
+            last_choice: None,
+            freezes: 0,
+            time_frozen_s: 0.0,
+            cannot_freeze: None,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
@@ -326,6 +356,8 @@ impl Managed {
                 ended_cpu_s: 0.0,
                 demand_cpus: 0.0,
                 pin: None,
+                frozen_total: Duration::ZERO,
+                costs: Costs::default(),
                 status,
             }),
         }
@@ -373,6 +405,7 @@ impl Managed {
             match rt.state {
                 ServiceState::Asleep => rt.asleep_total += spent,
                 ServiceState::Awake => rt.awake_total += spent,
+                ServiceState::Frozen => rt.frozen_total += spent,
                 _ => {}
             }
             let from = rt.state;
@@ -461,6 +494,7 @@ impl Managed {
     /// next start to adopt, its gate shut (nothing is held while it is awake). What the next
     /// start needs to find it again, or why it cannot be left (it is then stopped as usual).
     pub async fn keep_running(me: &Arc<Managed>) -> Result<crate::kept::KeptService, String> {
+        me.thaw_if_frozen("stopping").await;
         let (state, pid, generation) = {
             let rt = me.rt.lock().expect("runtime lock");
             (rt.state, rt.pid, rt.status.snapshot_generation)
@@ -519,14 +553,16 @@ impl Managed {
             if *shutdown.borrow() {
                 break;
             }
-            let asleep = me.state() == ServiceState::Asleep;
+            let state = me.state();
+            let asleep = state == ServiceState::Asleep;
             if asleep && me.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
                 handed = true;
                 break;
             }
+            let resting = asleep || state == ServiceState::Frozen;
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
-                _ = me.link.wake_requested(), if asleep => me.wake(WakeCause::Request, Instant::now()).await,
+                _ = me.link.wake_requested(), if resting => me.wake(WakeCause::Request, Instant::now()).await,
                 Some(req) = inbox.recv() => me.manual(req).await,
                 _ = tick.tick() => me.on_tick().await,
             }
@@ -647,6 +683,8 @@ impl Managed {
 
     async fn carry_out(&self, command: ManualCommand, by: &str) -> ManualResult {
         let name = self.spec.name.clone();
+        // Frozen is the governor's business: an operator's command starts from awake.
+        self.thaw_if_frozen(&format!("{command:?} by {by}")).await;
         let state = self.state();
         match command {
             ManualCommand::Sleep => {
@@ -822,6 +860,10 @@ impl Managed {
                     rt.life_cpu_s = cpu;
                     rt.status.cpu_s += used;
                     rt.demand_cpus = 0.9 * rt.demand_cpus + 0.1 * used / TICK.as_secs_f64();
+                    let busy = self.link.inflight() > 0
+                        || self.link.with_arrivals(|a| a.idle_for(self.link.now())) < 2 * TICK;
+                    let runs = procs::tree_runs(&pids);
+                    rt.costs.observe(Instant::now(), busy, cpu, runs);
                     (
                         rt.status.footprint_bytes,
                         rt.expected_wake,
@@ -831,6 +873,11 @@ impl Managed {
                 if !allowed || self.link.inflight() > 0 || self.pin().is_some() {
                     return;
                 }
+                if self.spec.policy.governor == Governor::Energy {
+                    self.govern(pid, Level::Awake, footprint, expected_wake)
+                        .await;
+                    return;
+                }
                 let now = self.link.now();
                 let decision = self.link.with_arrivals(|a| {
                     decide_sleep(&self.spec.policy, a, now, footprint, expected_wake)
@@ -838,6 +885,20 @@ impl Managed {
                 if let SleepDecision::Sleep { tier } = decision {
                     let _ = self
                         .sleep(pid, tier, format!("idle; snapshot tier {tier:?}"))
+                        .await;
+                }
+            }
+            ServiceState::Frozen => {
+                let (pid, footprint, expected_wake) = {
+                    let rt = self.rt.lock().expect("runtime lock");
+                    (rt.pid, rt.status.footprint_bytes, rt.expected_wake)
+                };
+                if self.pin().is_some() {
+                    self.thaw_if_frozen("pinned").await;
+                    return;
+                }
+                if let Some(pid) = pid {
+                    self.govern(pid, Level::Frozen, footprint, expected_wake)
                         .await;
                 }
             }
@@ -888,6 +949,140 @@ impl Managed {
         }
     }
 
+    /// The energy governor's turn for an idle service at level `now_at` (awake or frozen):
+    /// it moves deeper when a deeper level pays over the predicted idle period; it never
+    /// decides before the service's idle cost was measured (do no harm).
+    async fn govern(&self, pid: i32, now_at: Level, footprint: u64, expected_wake: Duration) {
+        let (inputs, cannot_freeze) = {
+            let rt = self.rt.lock().expect("runtime lock");
+            let Some(idle) = rt.costs.idle(footprint) else {
+                return;
+            };
+            let inputs = LevelInputs {
+                idle,
+                freeze: rt.costs.freeze(),
+                snapshot: rt.costs.snapshot(footprint, expected_wake),
+                node_sleep_w: 0.0,
+            };
+            (inputs, rt.status.cannot_freeze.is_some())
+        };
+        let model = self
+            .shared
+            .node
+            .as_ref()
+            .map_or_else(Default::default, |n| n.energy_model());
+        let now = self.link.now();
+        let choice = self
+            .link
+            .with_arrivals(|a| choose_level(&self.spec.policy, a, now, &inputs, &model));
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            rt.status.levels = level_costs(&inputs, &model).to_vec();
+            rt.status.last_choice = Some(choice);
+        }
+        match (now_at, choice.level) {
+            (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(&choice).await,
+            (_, Level::Snapshotted) => {
+                let tier = if footprint <= self.spec.policy.memory_tier_max_bytes {
+                    SnapshotTier::Memory
+                } else {
+                    SnapshotTier::Tiered
+                };
+                if now_at == Level::Frozen {
+                    self.thaw_if_frozen("the snapshot level pays now").await;
+                }
+                let why = format!("idle; the governor: {:?}", choice.reason);
+                let _ = self.sleep(pid, tier, why).await;
+            }
+            // Deeper is not worth it; a frozen service stays frozen until a request.
+            _ => {}
+        }
+    }
+
+    /// Freezes the idle service: requests are held from here on and the first wakes it.
+    async fn freeze_idle(&self, choice: &Choice) {
+        let drained = self.link.drain(self.spec.drain_deadline).await;
+        if drained.still_inflight > 0 {
+            self.link.open();
+            return;
+        }
+        let (t0, cpu0) = (Instant::now(), crate::node::process_cpu_s());
+        match self.runner.freeze(true).await {
+            Ok(()) => {
+                {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    rt.costs.froze(crate::node::process_cpu_s() - cpu0);
+                    rt.status.freezes += 1;
+                }
+                self.transition(
+                    ServiceState::Frozen,
+                    t0.elapsed(),
+                    format!("idle; the governor: {:?}", choice.reason),
+                );
+                self.link.arm_wake();
+            }
+            Err(e) => {
+                warn!(service = %self.spec.name, error = %e, "cannot freeze; the governor skips that level from now on");
+                self.rt.lock().expect("runtime lock").status.cannot_freeze = Some(e);
+                self.link.open();
+            }
+        }
+    }
+
+    /// Thaws a frozen service (a request, a command, a deeper level or a stop wants it awake);
+    /// nothing when it is not frozen.
+    async fn thaw_if_frozen(&self, why: &str) {
+        if self.state() != ServiceState::Frozen {
+            return;
+        }
+        self.thaw_for_reason(Instant::now(), why).await;
+    }
+
+    /// A wake of a frozen service: a thaw, timed like a wake.
+    async fn thaw_for(&self, cause: WakeCause, t0: Instant) {
+        let cause_name = format!("{cause:?}").to_lowercase();
+        self.thaw_for_reason(t0, &cause_name).await;
+        let mut rt = self.rt.lock().expect("runtime lock");
+        rt.status.last_wake = Some(WakeTimeline {
+            cause: cause_name,
+            how: "thaw".into(),
+            accepting_ms: ms_since(t0),
+            released_ms: ms_since(t0),
+            ..Default::default()
+        });
+    }
+
+    async fn thaw_for_reason(&self, t0: Instant, why: &str) {
+        let cpu0 = crate::node::process_cpu_s();
+        match self.runner.freeze(false).await {
+            Ok(()) => {
+                self.rt
+                    .lock()
+                    .expect("runtime lock")
+                    .costs
+                    .thawed(t0.elapsed(), crate::node::process_cpu_s() - cpu0);
+                self.transition(ServiceState::Awake, t0.elapsed(), format!("thawed: {why}"));
+                self.link.open();
+            }
+            Err(e) => {
+                // A tree that cannot be thawed cannot serve: start it over.
+                error!(service = %self.spec.name, error = %e, "cannot thaw; the service is restarted");
+                let pid = self.rt.lock().expect("runtime lock").pid.take();
+                if let Some(pid) = pid {
+                    self.runner.stop(pid, Duration::ZERO).await;
+                }
+                self.end_life();
+                self.transition(ServiceState::Waking, Duration::ZERO, "thaw failed");
+                let timeline = WakeTimeline {
+                    cause: "thaw failed".into(),
+                    ..Default::default()
+                };
+                self.bring_up_cold(t0, timeline, &format!("thaw failed: {e}"))
+                    .await;
+            }
+        }
+    }
+
     /// Completes the last wake's timeline once the gate saw the first answer.
     fn note_first_byte(&self) {
         let mut rt = self.rt.lock().expect("runtime lock");
@@ -935,8 +1130,18 @@ impl Managed {
             format!("drained ({} in flight cut)", drained.still_inflight),
         );
         let t0 = Instant::now();
+        let cpu0 = crate::node::process_cpu_s();
         match self.runner.checkpoint(pid).await {
-            Ok(c) => self.fell_asleep(pid, tier, t0, c).await,
+            Ok(c) => {
+                // The tree's own CPU time lands in ours when it is reaped: not the cycle's.
+                {
+                    let mut rt = self.rt.lock().expect("runtime lock");
+                    let cpu = crate::node::process_cpu_s() - cpu0 - rt.life_cpu_s;
+                    rt.costs.checkpointed(cpu.max(0.0));
+                    rt.costs.restart_idle();
+                }
+                self.fell_asleep(pid, tier, t0, c).await
+            }
             // CRIU failed after the pool committed: if the tree is gone, that snapshot is
             // the service; restore from it rather than ever cold-starting over it.
             Err(CheckpointFailed {
@@ -1039,6 +1244,9 @@ impl Managed {
     }
 
     async fn wake_service(&self, cause: WakeCause, t0: Instant) {
+        if self.state() == ServiceState::Frozen {
+            return self.thaw_for(cause, t0).await;
+        }
         let cause_name = format!("{cause:?}").to_lowercase();
         self.transition(ServiceState::Waking, Duration::ZERO, cause_name.clone());
         let mut timeline = WakeTimeline {
@@ -1060,8 +1268,11 @@ impl Managed {
             let why = "started from its new configuration";
             return self.bring_up_cold(t0, timeline, why).await;
         }
+        let cpu0 = crate::node::process_cpu_s();
         let reason = match self.runner.restore(generation).await {
             Ok(Restored { pid, detail }) => {
+                let cpu = crate::node::process_cpu_s() - cpu0;
+                self.rt.lock().expect("runtime lock").costs.restored(cpu);
                 timeline.criu_done_ms = Some(ms_since(t0));
                 match self.runner.wait_ready(pid, true).await {
                     Ok(()) => {
@@ -1169,6 +1380,7 @@ impl Managed {
     /// be checkpointed, the checkpoint failed or took too long) is killed by [`Self::stop`]
     /// as before; the reason is logged here.
     pub async fn sleep_for_stop(me: &Arc<Managed>, limit: Duration) -> bool {
+        me.thaw_if_frozen("stopping").await;
         let (state, pid, cannot, footprint) = {
             let rt = me.rt.lock().expect("runtime lock");
             (
@@ -1220,6 +1432,7 @@ impl Managed {
     /// Stops the service for good (shutdown): held requests get an error, the tree is killed.
     /// Whether a running tree was killed (its state is then lost).
     pub async fn stop(me: &Arc<Managed>) -> bool {
+        me.thaw_if_frozen("stopping").await;
         me.link.shut_down();
         me.runner.prepare_stop().await;
         let pid = me.rt.lock().expect("runtime lock").pid.take();
@@ -1274,6 +1487,14 @@ impl Managed {
                 Duration::ZERO
             })
         .as_secs_f64();
+        s.time_frozen_s = (rt.frozen_total
+            + if rt.state == ServiceState::Frozen {
+                current
+            } else {
+                Duration::ZERO
+            })
+        .as_secs_f64();
+        s.costs = rt.costs.status();
         s
     }
 }

@@ -170,6 +170,23 @@ pub fn tree_cpu_seconds(pids: &[i32]) -> f64 {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
+/// How many times the threads of a whole tree were put on a CPU (the third field of each
+/// thread's `schedstat`): for a tree with nothing to do, its wakeups (timers, GC,
+/// heartbeats).
+pub fn tree_runs(pids: &[i32]) -> u64 {
+    let runs = |pid: i32| -> u64 {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .sum()
+    };
+    pids.iter().map(|p| runs(*p)).sum()
+}
+
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()

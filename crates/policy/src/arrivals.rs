@@ -236,7 +236,10 @@ mod tests {
         // ... but once idle for a second, only the long gaps remain: about 19 s more.
         let (left, n) = h.remaining_after(Duration::from_secs(1), 0.5).unwrap();
         assert_eq!(n, 10);
-        assert!(left > Duration::from_secs(15) && left < Duration::from_secs(19), "{left:?}");
+        assert!(
+            left > Duration::from_secs(15) && left < Duration::from_secs(19),
+            "{left:?}"
+        );
         // Idle longer than any recorded gap: the history says nothing.
         assert_eq!(h.remaining_after(Duration::from_secs(60), 0.5), None);
     }

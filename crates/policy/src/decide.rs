@@ -20,6 +20,31 @@ pub struct PolicyConfig {
     pub memory_tier_max_bytes: u64,
     /// Pre-warm only with at least this many recorded gaps.
     pub prewarm_min_samples: u64,
+    /// How an idle service's level is chosen.
+    pub governor: Governor,
+}
+
+/// How the agent decides that an idle service rests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Governor {
+    /// The seed's rule ([`decide_sleep`]): snapshot once idle past the threshold with the
+    /// rate under the limit, whatever it costs.
+    #[default]
+    Threshold,
+    /// [`crate::choose_level`]: frozen or snapshotted only when the level pays for its cycle
+    /// over the predicted idle period.
+    Energy,
+}
+
+impl Governor {
+    pub fn parse(s: &str) -> Option<Governor> {
+        match s {
+            "threshold" => Some(Governor::Threshold),
+            "energy" => Some(Governor::Energy),
+            _ => None,
+        }
+    }
 }
 
 impl Default for PolicyConfig {
@@ -30,6 +55,7 @@ impl Default for PolicyConfig {
             wake_objective: None,
             memory_tier_max_bytes: 1 << 30,
             prewarm_min_samples: 8,
+            governor: Governor::Threshold,
         }
     }
 }

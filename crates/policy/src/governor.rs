@@ -16,12 +16,12 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{arrivals::ArrivalTracker, PolicyConfig};
 
 /// Where an idle service rests, shallowest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Awake,
@@ -87,7 +87,7 @@ pub struct CycleCost {
 }
 
 /// One level's break-even, as `torpor status` and the break-even table show it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LevelCost {
     pub level: Level,
     /// Energy of one entry and exit (J).
@@ -146,7 +146,7 @@ pub fn level_costs(inputs: &LevelInputs, model: &EnergyModel) -> [LevelCost; 2] 
 }
 
 /// Why the governor picked what it picked.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "because")]
 pub enum Reason {
     /// Idle for less than the idle threshold.
@@ -163,7 +163,7 @@ pub enum Reason {
 }
 
 /// The governor's choice for an idle service now.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     pub level: Level,
     pub reason: Reason,
@@ -300,8 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn a_service_with_background_wakeups_is_frozen_for_short_gaps_and_snapshotted_for_long_ones(
-    ) {
+    fn a_service_with_background_wakeups_is_frozen_for_short_gaps_and_snapshotted_for_long_ones() {
         let model = EnergyModel::default();
         let inputs = timer_service(0.0);
         // Gaps of about 2 s: a freeze pays after 0.13 s, a snapshot only after 13 s.

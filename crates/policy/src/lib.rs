@@ -16,8 +16,8 @@ mod governor;
 
 pub use arrivals::{ArrivalTracker, InterArrivalHistogram};
 pub use decide::{
-    decide_sleep, prewarm_at, prewarm_hold_until, AwakeReason, PolicyConfig, SleepDecision,
-    SnapshotTier,
+    decide_sleep, prewarm_at, prewarm_hold_until, AwakeReason, Governor, PolicyConfig,
+    SleepDecision, SnapshotTier,
 };
 pub use governor::{
     choose_level, level_costs, predicted_idle, Choice, CycleCost, EnergyModel, IdleCost, Level,

@@ -923,6 +923,31 @@ fn status(addr: std::net::SocketAddr, json: bool) -> Result<()> {
         if let Some(why) = &s.cannot_sleep {
             println!("{}: never sleeps here: {why}", s.name);
         }
+        let c = &s.costs;
+        if let (Some(cpus), Some(w)) = (c.idle_cpus, c.idle_wakeups_per_s) {
+            println!(
+                "{}: idle cost {:.4} CPUs, {w:.0} wakeups/s, {} resident; snapshot cycle {}; frozen {} times ({:.1}s)",
+                s.name,
+                cpus,
+                format_bytes(s.footprint_bytes),
+                c.snapshot_cycle_cpu_s
+                    .map_or_else(|| "not measured".into(), |v| format!("{v:.3} CPU-s")),
+                s.freezes,
+                s.time_frozen_s,
+            );
+        }
+        for l in &s.levels {
+            println!(
+                "{}: level {}: entry {:.3} J, saves {:.3} W, exit {:.1} ms, pays after {}",
+                s.name,
+                l.level.as_str(),
+                l.entry_j,
+                l.saving_w,
+                l.exit_latency_s * 1e3,
+                l.target_residency_s
+                    .map_or_else(|| "never".into(), |t| format!("{t:.1} s")),
+            );
+        }
         if let Some(g) = s.adopted_generation {
             println!(
                 "{}: adopted asleep at start in generation {g}, left in the pool by an earlier run",

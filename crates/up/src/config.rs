@@ -18,7 +18,7 @@ use torpor_criu::LazyOptions;
 
 use crate::control::ControlEndpoint;
 use torpor_gate::{GateLimits, Protocol};
-use torpor_policy::PolicyConfig;
+use torpor_policy::{Governor, PolicyConfig};
 use torpor_pool::PoolAddr;
 use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
 use tracing::warn;
@@ -218,6 +218,7 @@ struct RawPolicy {
     hold_queue: Option<usize>,
     hold_timeout: Option<String>,
     memory_tier_max: Option<String>,
+    governor: Option<String>,
 }
 
 /// Where snapshots go.
@@ -823,6 +824,15 @@ impl Config {
                     p.memory_tier_max.as_deref(),
                     1 << 30,
                 )?,
+                governor: match p.governor.as_deref() {
+                    None => Governor::default(),
+                    Some(g) => Governor::parse(g).ok_or_else(|| {
+                        invalid(
+                            k("policy.governor"),
+                            format!("{g:?} is not a governor: \"threshold\" or \"energy\""),
+                        )
+                    })?,
+                },
                 ..PolicyConfig::default()
             };
             // Lazy by default for process trees; containers restore eagerly through runc.

@@ -146,8 +146,9 @@ fn route<B>(
     r
 }
 
-const STATES: [ServiceState; 6] = [
+const STATES: [ServiceState; 7] = [
     ServiceState::Awake,
+    ServiceState::Frozen,
     ServiceState::Draining,
     ServiceState::Checkpointing,
     ServiceState::Asleep,
@@ -172,6 +173,30 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         "counter",
         "Checkpoints into the pool.",
         &|s| Some(s.sleeps as f64),
+    );
+    family(
+        "torpor_freezes_total",
+        "counter",
+        "Freezes of an idle service's cgroup by the energy governor.",
+        &|s| Some(s.freezes as f64),
+    );
+    family(
+        "torpor_idle_cpus",
+        "gauge",
+        "CPUs an awake service keeps busy with no request in flight (measured).",
+        &|s| s.costs.idle_cpus,
+    );
+    family(
+        "torpor_idle_wakeups_per_second",
+        "gauge",
+        "Wakeups per second of an awake service with no request in flight (measured).",
+        &|s| s.costs.idle_wakeups_per_s,
+    );
+    family(
+        "torpor_snapshot_cycle_cpu_seconds",
+        "gauge",
+        "CPU-seconds of one checkpoint and restore (torpor, CRIU, an embedded pool), moving estimate.",
+        &|s| s.costs.snapshot_cycle_cpu_s,
     );
     family(
         "torpor_wakes_total",
