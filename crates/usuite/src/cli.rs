@@ -73,6 +73,8 @@ pub enum TierError {
     PortFile(PathBuf, #[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("cannot take connections")]
+    Incoming(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("gRPC server")]
     Serve(#[from] tonic::transport::Error),
 }

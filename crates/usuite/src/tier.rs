@@ -2,11 +2,22 @@
 //! shutdown, and the mid-tier's fan-out to its buckets (lazy channels that reconnect, one retry
 //! when a bucket is unreachable: a bucket that was just restored comes back with its old
 //! connections closed).
+//!
+//! Every connection, accepted or dialled, has TCP_NODELAY. A tonic server writes a response as
+//! two writes (headers and message, then the trailers a few microseconds later); with Nagle's
+//! algorithm on, the small second write waits for the ACK of the first, which the peer delays
+//! by up to 40 ms. `Server::tcp_nodelay` does not reach a listener handed over with
+//! `serve_with_incoming`, so the accepted sockets get it here.
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::transport::{server::Router, Channel, Endpoint};
+use tonic::transport::{
+    server::{Router, TcpIncoming},
+    Channel, Endpoint,
+};
+
+use crate::cli::TierError;
 
 /// Data-set sizes and seed: every tier of a service must get the same.
 #[derive(Debug, Clone, clap::Args)]
@@ -79,19 +90,21 @@ impl DataArgs {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` on `listener` until `shutdown` completes, with TCP_NODELAY on every
+/// accepted connection.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+) -> Result<(), TierError> {
+    let incoming = TcpIncoming::from_listener(listener, true, None).map_err(TierError::Incoming)?;
     router
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await?;
+    Ok(())
 }
 
-/// Lazy channels to the buckets, in shard order.
+/// Lazy channels to the buckets, in shard order (the client's channel to the mid-tier too).
 pub fn bucket_channels(buckets: &[SocketAddr]) -> Vec<Channel> {
     buckets
         .iter()
