@@ -54,6 +54,10 @@ pub struct ScenarioArgs {
     pub dry_run_knobs: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How the tiers of (d) decide to rest: `energy` (frozen or snapshotted only when the
+    /// level pays for its cycle) or `threshold` (the seed's rule: snapshot once idle).
+    #[arg(long, default_value = "energy", value_parser = ["energy", "threshold"])]
+    pub governor: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -263,6 +267,7 @@ fn toml_config(
     profile: &str,
     journal: &std::path::Path,
     dry_run: bool,
+    governor: &str,
 ) -> String {
     let mut t = format!("[pool]\ncapacity = \"2GiB\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n[power]\nprofile = \"{profile}\"\n");
     if matches!(c, Configuration::DeepIdle | Configuration::Snapshot) {
@@ -291,7 +296,7 @@ fn toml_config(
         };
         let _ = write!(
             t,
-            "\n[[service]]\nname = \"{}\"\ncommand = [{}]\nlisten = \"{}\"\nbackend = \"{}\"\ncpuset = \"{}\"\nstart_timeout = \"120s\"\nwake_with = [{}]\n[service.policy]\nidle_threshold = \"{idle}\"\nwake_objective = \"60s\"\n",
+            "\n[[service]]\nname = \"{}\"\ncommand = [{}]\nlisten = \"{}\"\nbackend = \"{}\"\ncpuset = \"{}\"\nstart_timeout = \"120s\"\nwake_with = [{}]\n[service.policy]\nidle_threshold = \"{idle}\"\nwake_objective = \"60s\"\ngovernor = \"{governor}\"\n",
             tier.name,
             argv.join(", "),
             tier.gate,
@@ -361,6 +366,7 @@ async fn run_one(
             &args.profile,
             &journal,
             args.dry_run_knobs,
+            &args.governor,
         ))?;
         (
             Some(InProcessUp::start(config, torpor_criu::CriuBinary::locate()?).await?),
