@@ -1,5 +1,6 @@
 //! `torpor bench scenario`: the seed's four configurations on this machine, one after the other,
-//! under the same workload (the four µSuite services, each with bursty on/off arrivals):
+//! under the same workload (the four µSuite services, each with bursty on/off arrivals, or with
+//! `--workload azure` arrivals shaped like the Azure Functions 2019 trace):
 //! (a) monolithic, always on; (b) disaggregated, each tier pinned, no sleeping (behind gates);
 //! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + snapshotting idle tiers into the
 //! pool. Reports energy (measured or modelled, labelled), C-state residency, latency split by
@@ -54,8 +55,68 @@ pub struct ScenarioArgs {
     pub dry_run_knobs: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Arrivals per service: bursty on/off, or the Azure Functions 2019 shape.
+    #[arg(long, value_enum, default_value_t = Workload::Bursty)]
+    pub workload: Workload,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The arrivals each µSuite service receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// [`ARRIVALS`] for every service.
+    Bursty,
+    /// A generated day shaped like the Azure Functions 2019 trace
+    /// ([`torpor_loadgen::trace::azure_like_day`]), one function per service at the rate
+    /// quantiles [`AZURE_QUANTILES`], replayed in real time from its first minute: most
+    /// functions are invoked less than once a minute, in bursts, with heavy-tailed gaps.
+    Azure,
+}
+
+/// Where in the Azure model's rate distribution the four services sit: a sample in which, as
+/// in the trace, most are invoked less than once a minute (0.08, 0.9, 5 and 60 per minute).
+pub const AZURE_QUANTILES: [f64; 4] = [0.6, 0.8, 0.9, 0.97];
+
+impl Workload {
+    /// Each service's arrivals (in [`Service::ALL`]'s order) and their description; the Azure
+    /// trace is written to `out` as `azure-trace.csv`.
+    fn arrivals(
+        self,
+        seed: u64,
+        out: &std::path::Path,
+    ) -> std::io::Result<(Vec<Arrivals>, String)> {
+        match self {
+            Workload::Bursty => Ok((
+                vec![Arrivals::parse(ARRIVALS).expect("valid arrivals"); Service::ALL.len()],
+                ARRIVALS.to_string(),
+            )),
+            Workload::Azure => {
+                let rates = AZURE_QUANTILES.map(torpor_loadgen::trace::azure_rate_at);
+                let trace = torpor_loadgen::trace::azure_like_day(seed, &rates);
+                let path = out.join("azure-trace.csv");
+                std::fs::write(&path, trace.to_csv())?;
+                let arrivals = trace
+                    .rows
+                    .into_iter()
+                    .map(|r| Arrivals::Replay {
+                        per_minute: r.per_minute,
+                        speedup: 1.0,
+                    })
+                    .collect();
+                let shown: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
+                Ok((
+                    arrivals,
+                    format!(
+                        "azure: a generated Azure Functions 2019-shaped day ({}), mean rates {} per minute, replayed in real time",
+                        path.display(),
+                        shown.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// The seed's configurations.
@@ -120,7 +181,8 @@ pub struct ConfigResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
     pub duration_per_configuration_s: f64,
-    pub arrivals_per_service: &'static str,
+    pub workload: Workload,
+    pub arrivals_per_service: String,
     pub configurations: Vec<ConfigResult>,
     pub table_7_1: String,
     pub table_7_2: String,
@@ -348,6 +410,7 @@ async fn run_one(
     duration: Duration,
     memcached: &[SocketAddr],
     profile: &Profile,
+    arrivals: &[Arrivals],
 ) -> Result<ConfigResult, ExperimentError> {
     let exe = std::env::current_exe()?.display().to_string();
     let d = data();
@@ -436,8 +499,8 @@ async fn run_one(
     let runs = targets.iter().enumerate().map(|(i, t)| {
         let config = RunConfig {
             phases: vec![Phase {
-                name: "bursty".into(),
-                arrivals: Arrivals::parse(ARRIVALS).expect("valid arrivals"),
+                name: "load".into(),
+                arrivals: arrivals[i].clone(),
                 duration,
             }],
             seed: args.seed + i as u64,
@@ -631,6 +694,7 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     let profile =
         Profile::resolve(&args.profile).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
     std::fs::create_dir_all(&args.out)?;
+    let (arrivals, arrivals_shown) = args.workload.arrivals(args.seed, &args.out)?;
     crate::harness::become_subreaper()?;
     let caches = [MemcachedServer::start(64)?, MemcachedServer::start(64)?];
     let memcached: Vec<SocketAddr> = caches.iter().map(|c| c.addr).collect();
@@ -653,7 +717,7 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
             c.label(),
             humantime::format_duration(duration)
         ));
-        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile))?);
+        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile, &arrivals))?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -661,7 +725,8 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     plots(args, &results)?;
     let report = ScenarioReport {
         duration_per_configuration_s: duration.as_secs_f64(),
-        arrivals_per_service: ARRIVALS,
+        workload: args.workload,
+        arrivals_per_service: arrivals_shown,
         configurations: results,
         table_7_1,
         table_7_2,
@@ -678,7 +743,11 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     if args.json {
         println!("{json}");
     } else {
-        println!("Table 7.1 (power; {} of the same bursty load per configuration: {ARRIVALS} per service)\n", humantime::format_duration(duration));
+        println!(
+            "Table 7.1 (power; {} of the same load per configuration: {})\n",
+            humantime::format_duration(duration),
+            report.arrivals_per_service
+        );
         println!("{}", report.table_7_1);
         println!("Table 7.2 (latency impact)\n");
         println!("{}", report.table_7_2);
