@@ -1,6 +1,7 @@
 //! `torpor bench scenario`: the seed's four configurations on this machine, one after the other,
-//! under the same workload (the four µSuite services, each with bursty on/off arrivals, or with
-//! `--workload azure` arrivals shaped like the Azure Functions 2019 trace):
+//! under the same workload (the four µSuite services and a sample service with a language
+//! runtime's background wakeups, each with bursty on/off arrivals, or with `--workload azure`
+//! arrivals shaped like the Azure Functions 2019 trace):
 //! (a) monolithic, always on; (b) disaggregated, each tier pinned, no sleeping (behind gates);
 //! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + snapshotting idle tiers into the
 //! pool. Reports energy (measured or modelled, labelled), C-state residency, latency split by
@@ -20,7 +21,7 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use torpor_agent::{Agent, ServiceState};
-use torpor_loadgen::{Arrivals, Percentiles, Phase, RunConfig, Target};
+use torpor_loadgen::{Arrivals, HttpGet, Percentiles, Phase, RunConfig, Target};
 use torpor_power::{
     energy::{Activity, EnergyAccount, EnergyReport},
     telemetry::CpuReport,
@@ -75,13 +76,22 @@ pub enum Workload {
     Azure,
 }
 
-/// Where in the Azure model's rate distribution the four services sit: a sample in which, as
-/// in the trace, most are invoked less than once a minute (0.08, 0.9, 5 and 60 per minute).
-pub const AZURE_QUANTILES: [f64; 4] = [0.6, 0.8, 0.9, 0.97];
+/// Where in the Azure model's rate distribution the µSuite services (in [`Service::ALL`]'s
+/// order) and then the runtime service sit: a sample in which, as in the trace, most are
+/// invoked less than once a minute (0.08, 0.9, 5 and 60 per minute; the runtime service is the
+/// median function, once in about 36 minutes, ticking all the while).
+pub const AZURE_QUANTILES: [f64; 5] = [0.6, 0.8, 0.9, 0.97, 0.5];
+
+/// The sample service with background wakeups: a [`RUNTIME_TICK_WORK`] scan of its heap at
+/// [`torpor_workload::ticker::RUNTIME_HZ`] (about 1 % of a core here, a JVM's or Go program's
+/// idle cost), requests `GET /count`.
+const RUNTIME_TIER: &str = "runtime";
+const RUNTIME_MEMORY: &str = "64MiB";
+const RUNTIME_TICK_WORK: &str = "1MiB";
 
 impl Workload {
-    /// Each service's arrivals (in [`Service::ALL`]'s order) and their description; the Azure
-    /// trace is written to `out` as `azure-trace.csv`.
+    /// Each service's arrivals ([`Service::ALL`]'s order, then the runtime service) and their
+    /// description; the Azure trace is written to `out` as `azure-trace.csv`.
     fn arrivals(
         self,
         seed: u64,
@@ -89,7 +99,7 @@ impl Workload {
     ) -> std::io::Result<(Vec<Arrivals>, String)> {
         match self {
             Workload::Bursty => Ok((
-                vec![Arrivals::parse(ARRIVALS).expect("valid arrivals"); Service::ALL.len()],
+                vec![Arrivals::parse(ARRIVALS).expect("valid arrivals"); AZURE_QUANTILES.len()],
                 ARRIVALS.to_string(),
             )),
             Workload::Azure => {
@@ -190,7 +200,7 @@ pub struct ScenarioReport {
 
 /// Latency split by whether a tier of the service was asleep when the request was sent.
 struct Classified {
-    inner: UsuiteTarget,
+    inner: Arc<dyn Target>,
     agent: Option<Arc<Agent>>,
     tiers: Vec<String>,
     awake: Mutex<Histogram<u64>>,
@@ -236,7 +246,8 @@ fn data() -> DataArgs {
 
 /// One tier's command line.
 struct Tier {
-    service: Service,
+    /// Its µSuite service (none for the runtime service).
+    service: Option<Service>,
     name: String,
     argv: Vec<String>,
     backend: SocketAddr,
@@ -279,7 +290,7 @@ fn tiers(
             }
             argv.extend(d.to_args());
             out.push(Tier {
-                service,
+                service: Some(service),
                 name: format!("{name}-b{shard}"),
                 argv,
                 backend,
@@ -304,7 +315,7 @@ fn tiers(
         .collect();
         argv.extend(d.to_args());
         out.push(Tier {
-            service,
+            service: Some(service),
             name: format!("{name}-mid"),
             argv,
             backend,
@@ -312,6 +323,27 @@ fn tiers(
             cpu: (2 * i) % cpus,
         });
     }
+    let (backend, gate) = (local(free_port()?), local(free_port()?));
+    out.push(Tier {
+        service: None,
+        name: RUNTIME_TIER.into(),
+        argv: [
+            exe,
+            "sample-service",
+            "--listen",
+            &backend.to_string(),
+            "--memory",
+            RUNTIME_MEMORY,
+            "--tick-work",
+            RUNTIME_TICK_WORK,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        backend,
+        gate,
+        cpu: (2 * Service::ALL.len()) % cpus,
+    });
     Ok(out)
 }
 
@@ -476,26 +508,37 @@ async fn run_one(
             }
         })
     };
-    let targets: Vec<Arc<Classified>> = Service::ALL
+    let classified = |inner: Arc<dyn Target>, service: Option<Service>| {
+        Arc::new(Classified {
+            inner,
+            agent: agent.clone(),
+            tiers: tiers
+                .iter()
+                .filter(|t| t.service == service)
+                .map(|t| t.name.clone())
+                .collect(),
+            awake: Mutex::new(Histogram::new(3).expect("histogram")),
+            asleep: Mutex::new(Histogram::new(3).expect("histogram")),
+        })
+    };
+    let entry = |t: &Tier| if gated { t.gate } else { t.backend };
+    let mut targets: Vec<Arc<Classified>> = Service::ALL
         .into_iter()
         .map(|s| {
             let mid = tiers
                 .iter()
-                .find(|t| t.service == s && t.name.ends_with("-mid"))
+                .find(|t| t.service == Some(s) && t.name.ends_with("-mid"))
                 .expect("a mid-tier");
-            Arc::new(Classified {
-                inner: UsuiteTarget::new(s, if gated { mid.gate } else { mid.backend }, &d),
-                agent: agent.clone(),
-                tiers: tiers
-                    .iter()
-                    .filter(|t| t.service == s)
-                    .map(|t| t.name.clone())
-                    .collect(),
-                awake: Mutex::new(Histogram::new(3).expect("histogram")),
-                asleep: Mutex::new(Histogram::new(3).expect("histogram")),
-            })
+            classified(Arc::new(UsuiteTarget::new(s, entry(mid), &d)), Some(s))
         })
         .collect();
+    let runtime = tiers
+        .iter()
+        .find(|t| t.service.is_none())
+        .expect("the runtime tier");
+    let get = HttpGet::new(&format!("http://{}/count", entry(runtime)))
+        .map_err(ExperimentError::Mismatch)?;
+    targets.push(classified(Arc::new(get), None));
     let runs = targets.iter().enumerate().map(|(i, t)| {
         let config = RunConfig {
             phases: vec![Phase {
