@@ -1,6 +1,7 @@
 //! `torpor demo`: the whole system on this machine. `torpor up` runs in-process with a
-//! built-in configuration of three services (an HTTP service, a gRPC service, and an HTTP
-//! service holding a few hundred MiB of state), an open-loop bursty load drives them for
+//! built-in configuration of four services (an HTTP service, a gRPC service, an HTTP service
+//! holding a few hundred MiB of state, and an HTTP service with a language runtime's background
+//! wakeups: a 100 Hz timer scanning 1 MiB of its heap), an open-loop bursty load drives them for
 //! about a minute (bursts separated by idle gaps longer than the idle threshold), the
 //! services' sleeps and wakes are shown as they happen, and a summary closes the run.
 
@@ -84,6 +85,7 @@ fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
         free_port()?,
         free_port()?,
     );
+    let (runtime, runtime_b) = (free_port()?, free_port()?);
     Ok(format!(
         r#"
 [pool]
@@ -111,8 +113,14 @@ name = "state"
 command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{state_b}", "--memory", "{state_memory}"]
 listen = "127.0.0.1:{state}"
 backend = "127.0.0.1:{state_b}"
+
+[[service]]
+name = "runtime"
+command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{runtime_b}", "--memory", "64MiB", "--tick-work", "1MiB"]
+listen = "127.0.0.1:{runtime}"
+backend = "127.0.0.1:{runtime_b}"
 "#,
-        pool = 2 * state_memory + (256 << 20),
+        pool = 2 * state_memory + (384 << 20),
     ))
 }
 

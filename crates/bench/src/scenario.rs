@@ -1,5 +1,7 @@
 //! `torpor bench scenario`: the seed's four configurations on this machine, one after the other,
-//! under the same workload (the four µSuite services, each with bursty on/off arrivals):
+//! under the same workload (the four µSuite services and a sample service with a language
+//! runtime's background wakeups, each with bursty on/off arrivals, or with `--workload azure`
+//! arrivals shaped like the Azure Functions 2019 trace):
 //! (a) monolithic, always on; (b) disaggregated, each tier pinned, no sleeping (behind gates);
 //! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + snapshotting idle tiers into the
 //! pool. Reports energy (measured or modelled, labelled), C-state residency, latency split by
@@ -19,7 +21,7 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use torpor_agent::{Agent, ServiceState};
-use torpor_loadgen::{Arrivals, Percentiles, Phase, RunConfig, Target};
+use torpor_loadgen::{Arrivals, HttpGet, Percentiles, Phase, RunConfig, Target};
 use torpor_power::{
     energy::{Activity, EnergyAccount, EnergyReport},
     telemetry::CpuReport,
@@ -58,8 +60,77 @@ pub struct ScenarioArgs {
     /// level pays for its cycle) or `threshold` (the seed's rule: snapshot once idle).
     #[arg(long, default_value = "energy", value_parser = ["energy", "threshold"])]
     pub governor: String,
+    /// Arrivals per service: bursty on/off, or the Azure Functions 2019 shape.
+    #[arg(long, value_enum, default_value_t = Workload::Bursty)]
+    pub workload: Workload,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The arrivals each µSuite service receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// [`ARRIVALS`] for every service.
+    Bursty,
+    /// A generated day shaped like the Azure Functions 2019 trace
+    /// ([`torpor_loadgen::trace::azure_like_day`]), one function per service at the rate
+    /// quantiles [`AZURE_QUANTILES`], replayed in real time from its first minute: most
+    /// functions are invoked less than once a minute, in bursts, with heavy-tailed gaps.
+    Azure,
+}
+
+/// Where in the Azure model's rate distribution the µSuite services (in [`Service::ALL`]'s
+/// order) and then the runtime service sit: a sample in which, as in the trace, most are
+/// invoked less than once a minute (0.08, 0.9, 5 and 60 per minute; the runtime service is the
+/// median function, once in about 36 minutes, ticking all the while).
+pub const AZURE_QUANTILES: [f64; 5] = [0.6, 0.8, 0.9, 0.97, 0.5];
+
+/// The sample service with background wakeups: a [`RUNTIME_TICK_WORK`] scan of its heap at
+/// [`torpor_workload::ticker::RUNTIME_HZ`] (about 1 % of a core here, a JVM's or Go program's
+/// idle cost), requests `GET /count`.
+const RUNTIME_TIER: &str = "runtime";
+const RUNTIME_MEMORY: &str = "64MiB";
+const RUNTIME_TICK_WORK: &str = "1MiB";
+
+impl Workload {
+    /// Each service's arrivals ([`Service::ALL`]'s order, then the runtime service) and their
+    /// description; the Azure trace is written to `out` as `azure-trace.csv`.
+    fn arrivals(
+        self,
+        seed: u64,
+        out: &std::path::Path,
+    ) -> std::io::Result<(Vec<Arrivals>, String)> {
+        match self {
+            Workload::Bursty => Ok((
+                vec![Arrivals::parse(ARRIVALS).expect("valid arrivals"); AZURE_QUANTILES.len()],
+                ARRIVALS.to_string(),
+            )),
+            Workload::Azure => {
+                let rates = AZURE_QUANTILES.map(torpor_loadgen::trace::azure_rate_at);
+                let trace = torpor_loadgen::trace::azure_like_day(seed, &rates);
+                let path = out.join("azure-trace.csv");
+                std::fs::write(&path, trace.to_csv())?;
+                let arrivals = trace
+                    .rows
+                    .into_iter()
+                    .map(|r| Arrivals::Replay {
+                        per_minute: r.per_minute,
+                        speedup: 1.0,
+                    })
+                    .collect();
+                let shown: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
+                Ok((
+                    arrivals,
+                    format!(
+                        "azure: a generated Azure Functions 2019-shaped day ({}), mean rates {} per minute, replayed in real time",
+                        path.display(),
+                        shown.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// The seed's configurations.
@@ -124,7 +195,8 @@ pub struct ConfigResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
     pub duration_per_configuration_s: f64,
-    pub arrivals_per_service: &'static str,
+    pub workload: Workload,
+    pub arrivals_per_service: String,
     pub configurations: Vec<ConfigResult>,
     pub table_7_1: String,
     pub table_7_2: String,
@@ -132,7 +204,7 @@ pub struct ScenarioReport {
 
 /// Latency split by whether a tier of the service was asleep when the request was sent.
 struct Classified {
-    inner: UsuiteTarget,
+    inner: Arc<dyn Target>,
     agent: Option<Arc<Agent>>,
     tiers: Vec<String>,
     awake: Mutex<Histogram<u64>>,
@@ -178,7 +250,8 @@ fn data() -> DataArgs {
 
 /// One tier's command line.
 struct Tier {
-    service: Service,
+    /// Its µSuite service (none for the runtime service).
+    service: Option<Service>,
     name: String,
     argv: Vec<String>,
     backend: SocketAddr,
@@ -221,7 +294,7 @@ fn tiers(
             }
             argv.extend(d.to_args());
             out.push(Tier {
-                service,
+                service: Some(service),
                 name: format!("{name}-b{shard}"),
                 argv,
                 backend,
@@ -246,7 +319,7 @@ fn tiers(
         .collect();
         argv.extend(d.to_args());
         out.push(Tier {
-            service,
+            service: Some(service),
             name: format!("{name}-mid"),
             argv,
             backend,
@@ -254,6 +327,27 @@ fn tiers(
             cpu: (2 * i) % cpus,
         });
     }
+    let (backend, gate) = (local(free_port()?), local(free_port()?));
+    out.push(Tier {
+        service: None,
+        name: RUNTIME_TIER.into(),
+        argv: [
+            exe,
+            "sample-service",
+            "--listen",
+            &backend.to_string(),
+            "--memory",
+            RUNTIME_MEMORY,
+            "--tick-work",
+            RUNTIME_TICK_WORK,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        backend,
+        gate,
+        cpu: (2 * Service::ALL.len()) % cpus,
+    });
     Ok(out)
 }
 
@@ -353,6 +447,7 @@ async fn run_one(
     duration: Duration,
     memcached: &[SocketAddr],
     profile: &Profile,
+    arrivals: &[Arrivals],
 ) -> Result<ConfigResult, ExperimentError> {
     let exe = std::env::current_exe()?.display().to_string();
     let d = data();
@@ -419,31 +514,42 @@ async fn run_one(
             }
         })
     };
-    let targets: Vec<Arc<Classified>> = Service::ALL
+    let classified = |inner: Arc<dyn Target>, service: Option<Service>| {
+        Arc::new(Classified {
+            inner,
+            agent: agent.clone(),
+            tiers: tiers
+                .iter()
+                .filter(|t| t.service == service)
+                .map(|t| t.name.clone())
+                .collect(),
+            awake: Mutex::new(Histogram::new(3).expect("histogram")),
+            asleep: Mutex::new(Histogram::new(3).expect("histogram")),
+        })
+    };
+    let entry = |t: &Tier| if gated { t.gate } else { t.backend };
+    let mut targets: Vec<Arc<Classified>> = Service::ALL
         .into_iter()
         .map(|s| {
             let mid = tiers
                 .iter()
-                .find(|t| t.service == s && t.name.ends_with("-mid"))
+                .find(|t| t.service == Some(s) && t.name.ends_with("-mid"))
                 .expect("a mid-tier");
-            Arc::new(Classified {
-                inner: UsuiteTarget::new(s, if gated { mid.gate } else { mid.backend }, &d),
-                agent: agent.clone(),
-                tiers: tiers
-                    .iter()
-                    .filter(|t| t.service == s)
-                    .map(|t| t.name.clone())
-                    .collect(),
-                awake: Mutex::new(Histogram::new(3).expect("histogram")),
-                asleep: Mutex::new(Histogram::new(3).expect("histogram")),
-            })
+            classified(Arc::new(UsuiteTarget::new(s, entry(mid), &d)), Some(s))
         })
         .collect();
+    let runtime = tiers
+        .iter()
+        .find(|t| t.service.is_none())
+        .expect("the runtime tier");
+    let get = HttpGet::new(&format!("http://{}/count", entry(runtime)))
+        .map_err(ExperimentError::Mismatch)?;
+    targets.push(classified(Arc::new(get), None));
     let runs = targets.iter().enumerate().map(|(i, t)| {
         let config = RunConfig {
             phases: vec![Phase {
-                name: "bursty".into(),
-                arrivals: Arrivals::parse(ARRIVALS).expect("valid arrivals"),
+                name: "load".into(),
+                arrivals: arrivals[i].clone(),
                 duration,
             }],
             seed: args.seed + i as u64,
@@ -637,6 +743,7 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     let profile =
         Profile::resolve(&args.profile).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
     std::fs::create_dir_all(&args.out)?;
+    let (arrivals, arrivals_shown) = args.workload.arrivals(args.seed, &args.out)?;
     crate::harness::become_subreaper()?;
     let caches = [MemcachedServer::start(64)?, MemcachedServer::start(64)?];
     let memcached: Vec<SocketAddr> = caches.iter().map(|c| c.addr).collect();
@@ -659,7 +766,7 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
             c.label(),
             humantime::format_duration(duration)
         ));
-        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile))?);
+        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile, &arrivals))?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -667,7 +774,8 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     plots(args, &results)?;
     let report = ScenarioReport {
         duration_per_configuration_s: duration.as_secs_f64(),
-        arrivals_per_service: ARRIVALS,
+        workload: args.workload,
+        arrivals_per_service: arrivals_shown,
         configurations: results,
         table_7_1,
         table_7_2,
@@ -684,7 +792,11 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     if args.json {
         println!("{json}");
     } else {
-        println!("Table 7.1 (power; {} of the same bursty load per configuration: {ARRIVALS} per service)\n", humantime::format_duration(duration));
+        println!(
+            "Table 7.1 (power; {} of the same load per configuration: {})\n",
+            humantime::format_duration(duration),
+            report.arrivals_per_service
+        );
         println!("{}", report.table_7_1);
         println!("Table 7.2 (latency impact)\n");
         println!("{}", report.table_7_2);

@@ -1,5 +1,6 @@
 //! `torpor sim`: one simulation, or with `--out` the whole study (every policy, the threshold
-//! sweep, latency and break-even curves) with Tables 7.1/7.2 and the research-question plots.
+//! sweep, latency and break-even curves) with Tables 7.1/7.2 and the research-question plots,
+//! and the fleet question (restore in place against restore anywhere) with its table and plot.
 
 use std::path::PathBuf;
 
@@ -92,7 +93,7 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
         return Ok(());
     };
     std::fs::create_dir_all(out)?;
-    let total = study::POLICIES.len() + study::THRESHOLDS_S.len();
+    let total = study::run_count();
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -113,8 +114,8 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
     std::fs::write(
         out.join("tables.md"),
         format!(
-            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}",
-            s.table_7_1, s.table_7_2
+            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}\nFleet: restore in place (local snapshots) vs anywhere (pool)\n\n{}",
+            s.table_7_1, s.table_7_2, s.fleet_table
         ),
     )?;
     if args.json {
@@ -149,6 +150,10 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
             "RQ4 predictor's saving as a share of the oracle's: {}",
             s.predictor_vs_oracle
                 .map_or_else(|| "-".into(), |x| format!("{:.0} %", 100.0 * x))
+        );
+        println!(
+            "\nFleet: restore in place (local snapshots, the node wakes) vs anywhere (pool, consolidated)\n\n{}",
+            s.fleet_table
         );
         println!("plots and study.json in {}", out.display());
     }
@@ -254,6 +259,7 @@ fn plots(out: &std::path::Path, s: &study::Study) -> Result<(), ExperimentError>
             points: vec![(lo, r.mean_power_w), (hi, r.mean_power_w)],
         });
     }
+    fleet_plot(out, s)?;
     line_chart(
         &out.join("rq4_policies.svg"),
         &Chart {
@@ -265,4 +271,53 @@ fn plots(out: &std::path::Path, s: &study::Study) -> Result<(), ExperimentError>
         &policies,
     )
     .map_err(mismatch)
+}
+
+/// The fleet question: power and p99 against the idle threshold, one line per restore mode.
+fn fleet_plot(out: &std::path::Path, s: &study::Study) -> Result<(), ExperimentError> {
+    let mut power = Vec::new();
+    let mut p99 = Vec::new();
+    for restore in torpor_sim::RestoreMode::ALL.map(torpor_sim::RestoreMode::as_str) {
+        let points = s.fleet_sweep.iter().filter(|p| p.restore == restore);
+        power.push(Series {
+            name: format!("restore {restore}"),
+            points: points
+                .clone()
+                .map(|p| (p.idle_threshold_s, p.mean_power_w))
+                .collect(),
+        });
+        p99.push(Series {
+            name: format!("restore {restore}"),
+            points: points
+                .filter_map(|p| Some((p.idle_threshold_s, p.p99_ms?)))
+                .collect(),
+        });
+    }
+    for (file, title, y_label, series) in [
+        (
+            "fleet_power.svg",
+            "Fleet: power, restore in place vs anywhere",
+            "watts",
+            power,
+        ),
+        (
+            "fleet_p99.svg",
+            "Fleet: p99 latency, restore in place vs anywhere",
+            "ms",
+            p99,
+        ),
+    ] {
+        line_chart(
+            &out.join(file),
+            &Chart {
+                title,
+                x_label: "idle threshold (s, log)",
+                y_label,
+                log_x: true,
+            },
+            &series,
+        )
+        .map_err(mismatch)?;
+    }
+    Ok(())
 }

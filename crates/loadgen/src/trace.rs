@@ -168,6 +168,114 @@ pub fn synthetic_day(seed: u64) -> Trace {
     Trace { rows }
 }
 
+/// The Azure Functions 2019 shape as a seeded model (Shahrad et al., "Serverless in the Wild",
+/// USENIX ATC '20, Fig. 5 and 6), since the trace itself cannot be downloaded here:
+/// - a function's mean rate is lognormal, fitted to two published points of the per-app CDF:
+///   45 % of apps are invoked at most once an hour and 81 % at most once a minute on average
+///   (so ln(rate per minute) has mean [`AZURE_LN_RATE_MU`] and deviation
+///   [`AZURE_LN_RATE_SIGMA`]: the median function is invoked about once in 36 minutes, and
+///   ±2σ spans seven orders of magnitude, as the paper's eight do);
+/// - invocations come in bursts (the paper: inter-arrival CV above 1 for most non-timer apps):
+///   burst sizes are 1 + geometric with mean [`AZURE_BURST_MEAN`] (an assumption; the paper
+///   gives no burst size), and the gaps between bursts are Pareto with shape
+///   [`AZURE_GAP_SHAPE`] (heavy-tailed, infinite variance), scaled to the function's rate.
+pub const AZURE_LN_RATE_MU: f64 = -3.5815;
+/// See [`AZURE_LN_RATE_MU`].
+pub const AZURE_LN_RATE_SIGMA: f64 = 4.0797;
+/// Mean invocations per burst (see [`AZURE_LN_RATE_MU`]).
+pub const AZURE_BURST_MEAN: f64 = 3.0;
+/// Pareto shape of the gaps between bursts (see [`AZURE_LN_RATE_MU`]).
+pub const AZURE_GAP_SHAPE: f64 = 1.5;
+
+/// The mean rate (invocations per minute) of the function at quantile `q` of the model's rate
+/// distribution (see [`AZURE_LN_RATE_MU`]).
+pub fn azure_rate_at(q: f64) -> f64 {
+    (AZURE_LN_RATE_MU + AZURE_LN_RATE_SIGMA * normal_quantile(q)).exp()
+}
+
+/// A day of functions with these mean rates (invocations per minute) in the trace's schema,
+/// their invocations bursty with heavy-tailed gaps (see [`AZURE_LN_RATE_MU`]).
+pub fn azure_like_day(seed: u64, rates_per_minute: &[f64]) -> Trace {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    for &rate in rates_per_minute {
+        let mut per_minute = vec![0u64; MINUTES];
+        // Mean gap between bursts (minutes) and the Pareto scale that gives it.
+        let mean_gap = AZURE_BURST_MEAN / rate.max(1e-12);
+        let scale = mean_gap * (AZURE_GAP_SHAPE - 1.0) / AZURE_GAP_SHAPE;
+        let gap = |rng: &mut SmallRng| scale / (1.0 - rng.gen::<f64>()).powf(1.0 / AZURE_GAP_SHAPE);
+        // The day starts at a random point of a gap.
+        let mut t = gap(&mut rng) * rng.gen::<f64>();
+        while t < MINUTES as f64 {
+            per_minute[t as usize] += 1 + geometric(&mut rng, AZURE_BURST_MEAN - 1.0);
+            t += gap(&mut rng);
+        }
+        let hash = format!("{:016x}{:016x}", rng.gen::<u64>(), rng.gen::<u64>());
+        rows.push(TraceRow {
+            owner: hash[..16].into(),
+            app: hash[16..].into(),
+            function: hash,
+            trigger: "http".into(),
+            per_minute,
+        });
+    }
+    Trace { rows }
+}
+
+/// A geometric count (0, 1, …) with this mean.
+fn geometric(rng: &mut SmallRng, mean: f64) -> u64 {
+    let p = 1.0 / (1.0 + mean);
+    ((1.0 - rng.gen::<f64>()).ln() / (1.0 - p).ln()).floor() as u64
+}
+
+/// The standard normal quantile (Acklam's rational approximation, relative error below 1.2e-9).
+fn normal_quantile(q: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let q = q.clamp(1e-12, 1.0 - 1e-12);
+    let tail = |r: f64| {
+        (((((C[0] * r + C[1]) * r + C[2]) * r + C[3]) * r + C[4]) * r + C[5])
+            / ((((D[0] * r + D[1]) * r + D[2]) * r + D[3]) * r + 1.0)
+    };
+    if q < 0.02425 {
+        tail((-2.0 * q.ln()).sqrt())
+    } else if q > 1.0 - 0.02425 {
+        -tail((-2.0 * (1.0 - q).ln()).sqrt())
+    } else {
+        let r = q - 0.5;
+        let r2 = r * r;
+        (((((A[0] * r2 + A[1]) * r2 + A[2]) * r2 + A[3]) * r2 + A[4]) * r2 + A[5]) * r
+            / (((((B[0] * r2 + B[1]) * r2 + B[2]) * r2 + B[3]) * r2 + B[4]) * r2 + 1.0)
+    }
+}
+
 /// A Poisson count with mean `lambda` (Knuth's method; small means only).
 fn poisson(rng: &mut SmallRng, lambda: f64) -> u64 {
     let limit = (-lambda).exp();
@@ -210,6 +318,45 @@ mod tests {
             back.counts(Some("zzzz")),
             Err(TraceError::NoFunction(_))
         ));
+    }
+
+    #[test]
+    fn the_azure_model_has_the_published_shape() {
+        // The two published points of the rate CDF.
+        assert!((azure_rate_at(0.45) - 1.0 / 60.0).abs() < 1e-4);
+        assert!((azure_rate_at(0.81) - 1.0).abs() < 1e-3);
+        // A thousand functions drawn from the model, generated as a day each.
+        let mut rng = SmallRng::seed_from_u64(5);
+        let rates: Vec<f64> = (0..1000).map(|_| azure_rate_at(rng.gen())).collect();
+        let day = azure_like_day(1, &rates);
+        let share = |f: &dyn Fn(f64) -> bool| {
+            let n = day
+                .rows
+                .iter()
+                .filter(|r| f(r.per_minute.iter().sum::<u64>() as f64 / MINUTES as f64))
+                .count();
+            n as f64 / day.rows.len() as f64
+        };
+        let under_a_minute = share(&|r| r <= 1.0);
+        assert!(
+            (0.75..0.87).contains(&under_a_minute),
+            "{under_a_minute} invoked at most once a minute"
+        );
+        let under_an_hour = share(&|r| r <= 1.0 / 60.0);
+        assert!(
+            (0.38..0.55).contains(&under_an_hour),
+            "{under_an_hour} invoked at most once an hour"
+        );
+        // Bursty: the per-minute counts of a function of about 10 per minute vary far more
+        // than a Poisson process's would (variance over mean 1).
+        let busy = azure_like_day(2, &[10.0]).rows[0].per_minute.clone();
+        let mean = busy.iter().sum::<u64>() as f64 / MINUTES as f64;
+        let var = busy.iter().map(|&c| (c as f64 - mean).powi(2)).sum::<f64>() / MINUTES as f64;
+        assert!(var / mean > 3.0, "dispersion {} (mean {mean})", var / mean);
+        assert_eq!(
+            azure_like_day(9, &rates[..5]),
+            azure_like_day(9, &rates[..5])
+        );
     }
 
     #[test]

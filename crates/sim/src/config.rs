@@ -93,6 +93,32 @@ impl Approach {
     }
 }
 
+/// Where a snapshotted service wakes: the fleet question of local snapshots against a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// Local snapshots (zeropod keeps them on the node's disk): the service wakes on its own
+    /// node, which must resume first if it suspended (its exit latency and energy included).
+    #[default]
+    InPlace,
+    /// Snapshots in the pool: the service wakes on an awake node of its group with room
+    /// (the fullest that fits, so awake services consolidate), a sleeping node resumes only
+    /// when no awake one has room, and the emptiest node is drained now and then so it can
+    /// sleep.
+    Anywhere,
+}
+
+impl RestoreMode {
+    pub const ALL: [RestoreMode; 2] = [RestoreMode::InPlace, RestoreMode::Anywhere];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreMode::InPlace => "in-place",
+            RestoreMode::Anywhere => "anywhere",
+        }
+    }
+}
+
 /// The policies compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -173,6 +199,10 @@ struct RawConfig {
     /// Every service on a node asleep this long: the node suspends (torpor's node sleep hook).
     node_sleep_after: Option<String>,
     #[serde(default)]
+    restore: RestoreMode,
+    /// How often (restore anywhere) the emptiest awake node of a group is drained.
+    consolidate_every: Option<String>,
+    #[serde(default)]
     calibration: Option<CrModel>,
     #[serde(rename = "node")]
     nodes: Vec<RawNode>,
@@ -195,6 +225,8 @@ struct RawNode {
     count: u32,
     profile: String,
     cores: Option<u32>,
+    /// Memory for services per node (restore anywhere places by it).
+    memory: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,7 +253,16 @@ pub struct NodeGroup {
     pub count: u32,
     pub profile: Arc<Profile>,
     pub cores: u32,
+    /// Memory the node's awake services may hold: restore anywhere wakes a service only on a
+    /// node where its footprint still fits.
+    pub memory_bytes: u64,
 }
+
+/// A node's memory for services when its group does not say (a typical two-socket server).
+pub const DEFAULT_NODE_MEMORY: u64 = 256 << 30;
+
+/// How often restore anywhere drains the emptiest awake node of each group by default.
+pub const DEFAULT_CONSOLIDATE_EVERY: Duration = Duration::from_secs(60);
 
 /// A service group.
 #[derive(Debug, Clone)]
@@ -243,6 +284,10 @@ pub struct SimConfig {
     pub idle_threshold: Duration,
     pub approach: Approach,
     pub node_sleep_after: Option<Duration>,
+    /// Where snapshotted services wake.
+    pub restore: RestoreMode,
+    /// Restore anywhere: the period of the consolidation pass that drains the emptiest node.
+    pub consolidate_every: Duration,
     pub cr: CrModel,
     pub nodes: Vec<NodeGroup>,
     pub services: Vec<ServiceGroup>,
@@ -278,11 +323,17 @@ impl SimConfig {
             if cores == 0 {
                 return Err(invalid(key("cores"), "must be at least 1"));
             }
+            let memory_bytes = match &n.memory {
+                Some(m) => torpor_image::parse_size(m)
+                    .map_err(|e| invalid(key("memory"), e.to_string()))?,
+                None => DEFAULT_NODE_MEMORY,
+            };
             nodes.push(NodeGroup {
                 name: n.name.clone(),
                 count: n.count,
                 profile: Arc::new(profile),
                 cores,
+                memory_bytes,
             });
         }
         if nodes.is_empty() {
@@ -334,6 +385,16 @@ impl SimConfig {
                 .as_deref()
                 .map(|t| duration("node_sleep_after", t))
                 .transpose()?,
+            restore: raw.restore,
+            consolidate_every: match raw.consolidate_every.as_deref() {
+                Some(t) => match duration("consolidate_every", t)? {
+                    d if d.is_zero() => {
+                        return Err(invalid("consolidate_every", "must be longer than zero"))
+                    }
+                    d => d,
+                },
+                None => DEFAULT_CONSOLIDATE_EVERY,
+            },
             cr: raw.calibration.unwrap_or_default(),
             nodes,
             services,

@@ -3,10 +3,14 @@
 //! the deepest idle state their idle period reached (target residency), and pay its exit latency
 //! on the next job; services sleep and wake by the chosen policy, checkpoint and restore being
 //! work on the node's cores; nodes suspend when every service on them sleeps (or, PowerNap,
-//! whenever idle), and a request arriving during a transition waits for it.
+//! whenever idle), and a request arriving during a transition waits for it. With local snapshots
+//! a service wakes on its own node; with the pool (restore anywhere) it wakes on the fullest
+//! awake node of its group that has room, and a periodic pass drains the emptiest node (its idle
+//! services migrate by checkpoint and restore) so that it can sleep.
 
 use std::{
     collections::VecDeque,
+    ops::Range,
     time::{Duration, Instant},
 };
 
@@ -20,7 +24,7 @@ use torpor_policy::{
 use torpor_power::Profile;
 
 use crate::{
-    config::{PolicyName, ServiceTime, SimConfig},
+    config::{PolicyName, RestoreMode, ServiceTime, SimConfig},
     queue::{EventQueue, Timed},
 };
 
@@ -34,6 +38,7 @@ enum Kind {
     NodeSleep,
     NodeEntered,
     NodeResumed,
+    Consolidate,
 }
 
 /// What a core runs.
@@ -92,6 +97,8 @@ struct Svc {
     /// A sleep check is in the queue (one at a time: it re-arms itself if the service was
     /// busy in between, so a burst of requests costs one check, not one per request).
     check_pending: bool,
+    /// Its checkpoint moves it off a draining node: it wakes elsewhere as soon as it is done.
+    migrating: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,9 +130,19 @@ struct Node {
     resume_pending: bool,
     /// Services whose restore waits for the node to resume.
     waiting: Vec<u32>,
+    /// Services placed here (restore anywhere: awake, checkpointing or waking ones only).
     services: u32,
+    /// Services placed here that are snapshotted (restore in place only).
     asleep_services: u32,
     resident_bytes: u64,
+    /// Memory for services (restore anywhere places by it).
+    memory: u64,
+    /// Footprints of the services placed here that are not snapshotted, waking ones included
+    /// (their memory is spoken for before their restore ends).
+    placed_bytes: u64,
+    /// The consolidation pass is emptying it: its services migrate when idle, none wake here
+    /// while another awake node has room.
+    draining: bool,
     last_t: f64,
     energy_j: f64,
     idle_time: f64,
@@ -228,6 +245,8 @@ pub struct GroupReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {
     pub policy: &'static str,
+    /// Where snapshotted services woke: `in-place` or `anywhere`.
+    pub restore: &'static str,
     pub approach: &'static str,
     pub seed: u64,
     pub simulated_s: f64,
@@ -246,6 +265,8 @@ pub struct SimReport {
     pub checkpoints: u64,
     pub restores: u64,
     pub node_sleeps: u64,
+    /// Services moved off a draining node (each also counted as a checkpoint and a restore).
+    pub migrations: u64,
 }
 
 /// The simulator.
@@ -266,7 +287,10 @@ pub struct Sim<'a> {
     checkpoints: u64,
     restores: u64,
     node_sleeps: u64,
+    migrations: u64,
     policy_cfg: PolicyConfig,
+    /// Node indices of each node group.
+    group_nodes: Vec<Range<usize>>,
 }
 
 fn service_time(rng: &mut SmallRng, st: &ServiceTime) -> f64 {
@@ -294,8 +318,10 @@ impl<'a> Sim<'a> {
         let mut nodes = Vec::new();
         let mut power = Vec::new();
         let mut first_node = Vec::new();
+        let mut group_nodes = Vec::new();
         for (g, group) in cfg.nodes.iter().enumerate() {
             first_node.push(nodes.len() as u32);
+            group_nodes.push(nodes.len()..nodes.len() + group.count as usize);
             power.push(NodePower::new(&group.profile, group.cores));
             for _ in 0..group.count {
                 nodes.push(Node {
@@ -310,6 +336,9 @@ impl<'a> Sim<'a> {
                     services: 0,
                     asleep_services: 0,
                     resident_bytes: 0,
+                    memory: group.memory_bytes,
+                    placed_bytes: 0,
+                    draining: false,
                     last_t: 0.0,
                     energy_j: 0.0,
                     idle_time: 0.0,
@@ -331,6 +360,7 @@ impl<'a> Sim<'a> {
                     ArrivalStream::new(s.arrival.clone(), SmallRng::seed_from_u64(rng.gen()));
                 nodes[node as usize].services += 1;
                 nodes[node as usize].resident_bytes += s.footprint_bytes;
+                nodes[node as usize].placed_bytes += s.footprint_bytes;
                 svcs.push(Svc {
                     node,
                     group: service_group as u32,
@@ -345,13 +375,13 @@ impl<'a> Sim<'a> {
                     gen: 0,
                     idle_since: 0.0,
                     check_pending: false,
+                    migrating: false,
                 });
             }
         }
+        // The live agent's defaults, but for the threshold the configuration sweeps.
         let policy_cfg = PolicyConfig {
             idle_threshold: cfg.idle_threshold,
-            max_sleep_rate: 1.0,
-            wake_objective: None,
             ..PolicyConfig::default()
         };
         let mut sim = Sim {
@@ -370,7 +400,9 @@ impl<'a> Sim<'a> {
             checkpoints: 0,
             restores: 0,
             node_sleeps: 0,
+            migrations: 0,
             policy_cfg,
+            group_nodes,
         };
         for i in 0..sim.svcs.len() {
             sim.schedule_next_arrival(i as u32);
@@ -378,6 +410,10 @@ impl<'a> Sim<'a> {
         // Services that start idle may sleep from the start.
         for i in 0..sim.svcs.len() {
             sim.on_service_idle(i as u32);
+        }
+        if sim.consolidates() {
+            let t = cfg.consolidate_every.as_secs_f64();
+            sim.push(t, Kind::Consolidate, 0, 0, 0.0);
         }
         sim
     }
@@ -423,6 +459,7 @@ impl<'a> Sim<'a> {
                 Kind::NodeSleep => self.on_node_sleep_timer(ev.id, ev.aux),
                 Kind::NodeEntered => self.on_node_entered(ev.id),
                 Kind::NodeResumed => self.on_node_resumed(ev.id),
+                Kind::Consolidate => self.on_consolidate(),
             }
         }
         self.now = self.end;
@@ -435,6 +472,11 @@ impl<'a> Sim<'a> {
             }
         }
         self.report(wall.elapsed().as_secs_f64())
+    }
+
+    /// Services move between nodes: restore anywhere, under a policy that snapshots.
+    fn consolidates(&self) -> bool {
+        self.cfg.restore == RestoreMode::Anywhere && self.cfg.policy.sleeps_services()
     }
 
     fn deep_idle(&self) -> bool {
@@ -577,6 +619,10 @@ impl<'a> Sim<'a> {
         }
         svc.gen += 1;
         svc.idle_since = self.now;
+        if self.nodes[svc.node as usize].draining {
+            self.migrate(s);
+            return;
+        }
         match self.cfg.policy {
             PolicyName::FixedThreshold | PolicyName::SeedTable | PolicyName::Predictor
                 if !svc.check_pending =>
@@ -656,6 +702,13 @@ impl<'a> Sim<'a> {
         self.submit(s, self.now, Work::Checkpoint);
     }
 
+    /// Moves idle `s` off its (draining) node: a checkpoint whose restore follows elsewhere.
+    fn migrate(&mut self, s: u32) {
+        self.svcs[s as usize].migrating = true;
+        self.migrations += 1;
+        self.checkpoint(s);
+    }
+
     fn checkpointed(&mut self, s: u32) {
         let n = self.svcs[s as usize].node as usize;
         self.settle(n);
@@ -663,10 +716,19 @@ impl<'a> Sim<'a> {
         svc.state = SvcState::Asleep;
         svc.gen += 1;
         let gen = svc.gen;
-        self.nodes[n].resident_bytes -= svc.footprint;
-        self.nodes[n].asleep_services += 1;
-        if !svc.held.is_empty() {
+        let node = &mut self.nodes[n];
+        node.resident_bytes -= svc.footprint;
+        match self.cfg.restore {
+            RestoreMode::InPlace => node.asleep_services += 1,
+            // In the pool it belongs to no node until it wakes.
+            RestoreMode::Anywhere => {
+                node.services -= 1;
+                node.placed_bytes -= svc.footprint;
+            }
+        }
+        if !svc.held.is_empty() || std::mem::take(&mut svc.migrating) {
             self.wake(s);
+            self.maybe_node_idle(n);
             return;
         }
         match self.cfg.policy {
@@ -704,7 +766,45 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// The node `s` wakes on (restore anywhere): the fullest awake node of its group with room
+    /// (one being drained only if no other has room), else one on its way up, else a sleeping
+    /// one (its last node first); its last node if none has room.
+    fn place(&self, s: u32) -> usize {
+        let svc = &self.svcs[s as usize];
+        let home = svc.node as usize;
+        let range = self.group_nodes[self.nodes[home].group as usize].clone();
+        let fits = |n: usize| self.nodes[n].placed_bytes + svc.footprint <= self.nodes[n].memory;
+        let up = range
+            .clone()
+            .filter(|&n| self.nodes[n].state == NodeState::Up && fits(n))
+            .max_by_key(|&n| {
+                let node = &self.nodes[n];
+                (!node.draining, node.placed_bytes, std::cmp::Reverse(n))
+            });
+        let rank = |state: NodeState| match state {
+            NodeState::Resuming => 0,
+            NodeState::Entering => 1,
+            _ => 2,
+        };
+        up.or_else(|| {
+            range
+                .filter(|&n| fits(n))
+                .min_by_key(|&n| (rank(self.nodes[n].state), n != home, n))
+        })
+        .unwrap_or(home)
+    }
+
     fn wake(&mut self, s: u32) {
+        if self.cfg.restore == RestoreMode::Anywhere {
+            let n = self.place(s);
+            let svc = &mut self.svcs[s as usize];
+            svc.node = n as u32;
+            let node = &mut self.nodes[n];
+            node.services += 1;
+            node.placed_bytes += svc.footprint;
+            // Waking on a draining node means no other has room: the drain is given up.
+            node.draining = false;
+        }
         let n = self.svcs[s as usize].node as usize;
         let svc = &mut self.svcs[s as usize];
         svc.state = SvcState::Waking;
@@ -729,7 +829,9 @@ impl<'a> Sim<'a> {
         let svc = &mut self.svcs[s as usize];
         svc.state = SvcState::Awake;
         self.nodes[n].resident_bytes += svc.footprint;
-        self.nodes[n].asleep_services -= 1;
+        if self.cfg.restore == RestoreMode::InPlace {
+            self.nodes[n].asleep_services -= 1;
+        }
         let held = std::mem::take(&mut svc.held);
         if let Some(t) = svc.tracker.as_mut() {
             t.mark_active(dur(self.now));
@@ -784,6 +886,7 @@ impl<'a> Sim<'a> {
         let p = &self.power[node.group as usize];
         node.end_all_idle(p, self.now, deep);
         node.state = NodeState::Entering;
+        node.draining = false;
         node.gen += 1;
         self.node_sleeps += 1;
         let t = self.now + p.entry_s;
@@ -825,6 +928,57 @@ impl<'a> Sim<'a> {
         self.maybe_node_idle(n);
     }
 
+    /// Restore anywhere's consolidation pass: in each group with no drain under way, the awake
+    /// node holding the least memory is drained if the other awake nodes have room for all it
+    /// holds (its idle services migrate now, busy ones when they next fall idle).
+    fn on_consolidate(&mut self) {
+        for g in 0..self.group_nodes.len() {
+            let range = self.group_nodes[g].clone();
+            for n in range.clone() {
+                let node = &mut self.nodes[n];
+                if node.state != NodeState::Up || node.services == 0 {
+                    node.draining = false;
+                }
+            }
+            if range.clone().any(|n| self.nodes[n].draining) {
+                continue;
+            }
+            let occupied: Vec<usize> = range
+                .filter(|&n| self.nodes[n].state == NodeState::Up && self.nodes[n].services > 0)
+                .collect();
+            let Some(&source) = occupied
+                .iter()
+                .min_by_key(|&&n| (self.nodes[n].placed_bytes, n))
+            else {
+                continue;
+            };
+            let room: u64 = occupied
+                .iter()
+                .filter(|&&n| n != source)
+                .map(|&n| {
+                    self.nodes[n]
+                        .memory
+                        .saturating_sub(self.nodes[n].placed_bytes)
+                })
+                .sum();
+            if room < self.nodes[source].placed_bytes {
+                continue;
+            }
+            self.nodes[source].draining = true;
+            for s in 0..self.svcs.len() {
+                let svc = &self.svcs[s];
+                if svc.node as usize == source && svc.state == SvcState::Awake && svc.in_system == 0
+                {
+                    self.migrate(s as u32);
+                }
+            }
+        }
+        let t = self.now + self.cfg.consolidate_every.as_secs_f64();
+        if t < self.end {
+            self.push(t, Kind::Consolidate, 0, 0, 0.0);
+        }
+    }
+
     fn report(&self, wall_s: f64) -> SimReport {
         let mut groups = Vec::new();
         for (g, group) in self.cfg.nodes.iter().enumerate() {
@@ -851,6 +1005,7 @@ impl<'a> Sim<'a> {
         let energy_j: f64 = groups.iter().map(|g| g.energy_j).sum();
         SimReport {
             policy: self.cfg.policy.as_str(),
+            restore: self.cfg.restore.as_str(),
             approach: self.cfg.approach.as_str(),
             seed: self.cfg.seed,
             simulated_s: self.end,
@@ -868,6 +1023,7 @@ impl<'a> Sim<'a> {
             checkpoints: self.checkpoints,
             restores: self.restores,
             node_sleeps: self.node_sleeps,
+            migrations: self.migrations,
         }
     }
 }

@@ -10,5 +10,5 @@ pub mod engine;
 mod queue;
 pub mod study;
 
-pub use config::{Approach, CrModel, PolicyName, SimConfig, SimConfigError};
+pub use config::{Approach, CrModel, PolicyName, RestoreMode, SimConfig, SimConfigError};
 pub use engine::{simulate, GroupReport, SimReport};

@@ -1,14 +1,15 @@
 //! The seed's research questions, answered by runs of one configuration: every policy on the same
 //! cluster (Tables 7.1 and 7.2), an idle-threshold sweep (the optimal threshold), checkpoint and
 //! restore latency against footprint per approach, the break-even idle period, and how close
-//! prediction with pre-warm comes to the oracle.
+//! prediction with pre-warm comes to the oracle; and the fleet question, local snapshots
+//! (restore in place) against the pool (restore anywhere, with consolidation).
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::{
-    config::{Approach, PolicyName, SimConfig},
+    config::{Approach, PolicyName, RestoreMode, SimConfig},
     engine::{simulate, SimReport},
 };
 
@@ -28,6 +29,9 @@ pub const THRESHOLDS_S: [f64; 8] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 90
 
 /// Footprints for the latency and break-even curves (GiB).
 pub const FOOTPRINTS_GIB: [f64; 8] = [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
+
+/// Idle thresholds of the fleet sweep (seconds): fewer than [`THRESHOLDS_S`], each costs two runs.
+pub const FLEET_THRESHOLDS_S: [f64; 4] = [5.0, 30.0, 120.0, 600.0];
 
 /// One point of the threshold sweep.
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +71,52 @@ pub struct Study {
     pub break_even: Vec<Curve<(f64, f64)>>,
     /// Predictor's energy saving as a share of the oracle's (against always-on).
     pub predictor_vs_oracle: Option<f64>,
+    /// The fleet question at the configuration's threshold: one run per restore mode.
+    pub fleet: Vec<SimReport>,
+    pub fleet_table: String,
+    /// Per restore mode: power and p99 against the idle threshold.
+    pub fleet_sweep: Vec<FleetPoint>,
+}
+
+/// One point of the fleet sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetPoint {
+    pub restore: &'static str,
+    pub idle_threshold_s: f64,
+    pub mean_power_w: f64,
+    pub p99_ms: Option<f64>,
+    /// Share of node time suspended.
+    pub nodes_asleep: f64,
+}
+
+/// The policy the fleet question is asked under: the configuration's if it snapshots
+/// services, else the predictor.
+pub fn fleet_policy(cfg: &SimConfig) -> PolicyName {
+    if cfg.policy.sleeps_services() {
+        cfg.policy
+    } else {
+        PolicyName::Predictor
+    }
+}
+
+fn with_restore(cfg: &SimConfig, restore: RestoreMode) -> SimConfig {
+    let mut c = with_policy(cfg, fleet_policy(cfg));
+    c.restore = restore;
+    c
+}
+
+/// Share of node time suspended, over every node of a run.
+pub fn nodes_asleep(r: &SimReport) -> f64 {
+    r.node_groups
+        .iter()
+        .map(|g| g.asleep_fraction * f64::from(g.nodes))
+        .sum::<f64>()
+        / f64::from(r.nodes.max(1))
+}
+
+/// How many runs [`run`] makes (for a progress bar).
+pub fn run_count() -> usize {
+    POLICIES.len() + THRESHOLDS_S.len() + RestoreMode::ALL.len() * (1 + FLEET_THRESHOLDS_S.len())
 }
 
 fn with_policy(cfg: &SimConfig, p: PolicyName) -> SimConfig {
@@ -168,6 +218,26 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
         _ => None,
     };
     let (table_7_1, table_7_2) = tables(&runs);
+    let mut fleet = Vec::new();
+    let mut fleet_sweep = Vec::new();
+    for restore in RestoreMode::ALL {
+        fleet.push(simulate(&with_restore(cfg, restore)));
+        progress(&format!("restore {}", restore.as_str()));
+        for t in FLEET_THRESHOLDS_S {
+            let mut c = with_restore(cfg, restore);
+            c.idle_threshold = Duration::from_secs_f64(t);
+            let r = simulate(&c);
+            progress(&format!("restore {} threshold {t}s", restore.as_str()));
+            fleet_sweep.push(FleetPoint {
+                restore: restore.as_str(),
+                idle_threshold_s: t,
+                mean_power_w: r.mean_power_w,
+                p99_ms: r.latency.p99_ms,
+                nodes_asleep: nodes_asleep(&r),
+            });
+        }
+    }
+    let fleet_table = fleet_table(&fleet);
     Study {
         runs,
         table_7_1,
@@ -177,7 +247,38 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
         cr_latency,
         break_even,
         predictor_vs_oracle,
+        fleet,
+        fleet_table,
+        fleet_sweep,
     }
+}
+
+/// The fleet question's table: energy, nodes asleep and latency per restore mode.
+pub fn fleet_table(runs: &[SimReport]) -> String {
+    let base = runs.first().map_or(0.0, |r| r.energy_j);
+    let mut t = String::from("| restore | policy | energy (kWh) | vs in place | mean power (W) | nodes asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | restores | migrations | node sleeps |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in runs {
+        t.push_str(&format!(
+            "| {} | {} | {:.1} | {:+.1} % | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            r.restore,
+            r.policy,
+            r.energy_j / 3.6e6,
+            if base > 0.0 {
+                100.0 * (r.energy_j - base) / base
+            } else {
+                0.0
+            },
+            r.mean_power_w,
+            100.0 * nodes_asleep(r),
+            ms(r.latency.p50_ms),
+            ms(r.latency.p99_ms),
+            ms(r.latency.p999_ms),
+            r.restores,
+            r.migrations,
+            r.node_sleeps
+        ));
+    }
+    t
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -189,12 +290,7 @@ pub fn tables(runs: &[SimReport]) -> (String, String) {
     let base = runs.first().map_or(0.0, |r| r.mean_power_w);
     let mut t1 = String::from("| policy | mean power (W) | reduction vs always-on | nodes asleep % | events | events/s |\n|---|---|---|---|---|---|\n");
     for r in runs {
-        let asleep: f64 = r
-            .node_groups
-            .iter()
-            .map(|g| g.asleep_fraction * f64::from(g.nodes))
-            .sum::<f64>()
-            / f64::from(r.nodes.max(1));
+        let asleep = nodes_asleep(r);
         t1.push_str(&format!(
             "| {} | {:.0} | {:.1} % | {:.1} | {} | {:.2e} |\n",
             r.policy,

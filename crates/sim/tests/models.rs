@@ -226,3 +226,70 @@ nodes = "small"
 "#
     .to_string()
 }
+
+/// Ten small nodes, each with one steady service (never idle long enough to sleep) and a few
+/// rarely invoked ones: with local snapshots every node keeps a steady service and stays up.
+fn fleet(restore: &str, seed: u64) -> SimConfig {
+    SimConfig::from_toml(&format!(
+        r#"
+seed = {seed}
+duration = "2h"
+policy = "predictor"
+idle_threshold = "30s"
+node_sleep_after = "60s"
+restore = "{restore}"
+consolidate_every = "60s"
+[[node]]
+name = "small"
+count = 10
+profile = "generic"
+cores = 8
+memory = "8GiB"
+[[service]]
+name = "steady"
+count = 10
+footprint = "256MiB"
+arrival = {{ kind = "poisson", rate_per_s = 0.5 }}
+service_time = {{ kind = "exponential", mean_ms = 10.0 }}
+nodes = "small"
+[[service]]
+name = "rare"
+count = 40
+footprint = "512MiB"
+arrival = {{ kind = "on_off", burst_rate_per_s = 1.0, on = {{ kind = "exponential", mean_s = 10.0 }}, off = {{ kind = "exponential", mean_s = 900.0 }} }}
+service_time = {{ kind = "exponential", mean_ms = 20.0 }}
+nodes = "small"
+"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn restore_anywhere_is_deterministic_and_lets_more_nodes_sleep_than_in_place() {
+    let anywhere = simulate(&fleet("anywhere", 3));
+    assert_eq!(
+        comparable(&anywhere),
+        comparable(&simulate(&fleet("anywhere", 3)))
+    );
+    let in_place = simulate(&fleet("in-place", 3));
+    let asleep = |r: &SimReport| r.node_groups[0].asleep_fraction;
+    assert_eq!(in_place.restore, "in-place");
+    assert_eq!(in_place.migrations, 0);
+    assert!(
+        asleep(&anywhere) > asleep(&in_place) + 0.3,
+        "anywhere {:.3} vs in place {:.3} of node time asleep",
+        asleep(&anywhere),
+        asleep(&in_place)
+    );
+    assert!(anywhere.migrations > 0, "{anywhere:#?}");
+    assert!(
+        anywhere.energy_j < in_place.energy_j,
+        "anywhere {:.0} J vs in place {:.0} J",
+        anywhere.energy_j,
+        in_place.energy_j
+    );
+    assert_eq!(
+        anywhere.requests, in_place.requests,
+        "the same arrivals, every request served"
+    );
+}

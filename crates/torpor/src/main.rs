@@ -200,6 +200,12 @@ enum Cmd {
         /// Bytes each TOUCH request reads and changes (clipped to --memory).
         #[arg(long, default_value_t = torpor_workload::DEFAULT_TOUCH, value_parser = size_arg)]
         touch: u64,
+        /// Background wakeups per second (a language runtime's timers).
+        #[arg(long, default_value_t = torpor_workload::ticker::RUNTIME_HZ)]
+        tick_hz: f64,
+        /// Bytes of its own heap each wakeup reads and changes (0: the wakeup only counts).
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        tick_work: u64,
         #[arg(long)]
         port_file: Option<PathBuf>,
     },
@@ -590,6 +596,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             memory,
             seed,
             touch,
+            tick_hz,
+            tick_work,
             port_file,
         } => torpor_workload::run(&torpor_workload::SampleConfig {
             listen,
@@ -597,6 +605,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             touch,
             port_file,
+            ticker: torpor_workload::ticker::Ticker {
+                hz: tick_hz,
+                work: tick_work,
+            },
         })?,
         Cmd::MutatorService { listen, port_file } => {
             torpor_workload::mutator::run(&torpor_workload::mutator::MutatorConfig {

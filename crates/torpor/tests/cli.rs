@@ -534,6 +534,13 @@ fn sim_reports_per_group_figures_and_the_study_writes_tables_and_plots() {
         "--json",
     ]));
     assert_eq!(s["runs"].as_array().unwrap().len(), 7, "every policy");
+    let restores: Vec<&str> = s["fleet"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["restore"].as_str().unwrap())
+        .collect();
+    assert_eq!(restores, ["in-place", "anywhere"], "the fleet question");
     for file in [
         "tables.md",
         "study.json",
@@ -542,6 +549,8 @@ fn sim_reports_per_group_figures_and_the_study_writes_tables_and_plots() {
         "rq2_cr_latency.svg",
         "rq3_break_even.svg",
         "rq4_policies.svg",
+        "fleet_power.svg",
+        "fleet_p99.svg",
     ] {
         assert!(out.join(file).exists(), "{file}");
     }

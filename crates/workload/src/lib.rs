@@ -1,6 +1,7 @@
 //! The sample service that torpor checkpoints in its tests, demo and benchmarks: it holds a
 //! buffer of seeded pseudo-random bytes (so its memory can be checked bit for bit after a
-//! restore), a counter that a thread advances every 10 ms (so it visibly keeps running),
+//! restore), a counter that a [`ticker`] advances 100 times a second (so it visibly keeps
+//! running; with `tick_work` each tick also does a runtime's background work),
 //! and answers a line protocol over TCP: `PING` → `PONG`, `SUM` → CRC32C of the buffer,
 //! `COUNT` → the counter, `TOUCH` → reads and changes every page of the buffer's first
 //! `touch` bytes and answers their CRC32C (a service whose requests touch a known amount of
@@ -28,6 +29,7 @@ use rand::{rngs::SmallRng, RngCore, SeedableRng};
 
 pub mod grpc;
 pub mod mutator;
+pub mod ticker;
 
 /// The page size the sample services touch memory by.
 pub const PAGE: usize = 4096;
@@ -48,6 +50,8 @@ pub struct SampleConfig {
     pub touch: u64,
     /// Written with the bound port once listening (useful with port 0).
     pub port_file: Option<PathBuf>,
+    /// The background timer that advances the counter (and does its work while idle).
+    pub ticker: ticker::Ticker,
 }
 
 /// The buffer the service holds for a size and seed.
@@ -68,13 +72,7 @@ pub fn run(cfg: &SampleConfig) -> io::Result<()> {
     if let Some(p) = &cfg.port_file {
         write_port_file(p, listener.local_addr()?.port())?;
     }
-    {
-        let counter = counter.clone();
-        thread::spawn(move || loop {
-            thread::sleep(Duration::from_millis(10));
-            counter.fetch_add(1, Ordering::Relaxed);
-        });
-    }
+    cfg.ticker.spawn(counter.clone());
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let (memory, counter) = (memory.clone(), counter.clone());
