@@ -19,16 +19,17 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use torpor_agent::{Agent, ServiceState};
-use torpor_loadgen::{Arrivals, Percentiles, Phase, RunConfig, Target};
+use torpor_loadgen::{Phase, RunConfig, Target};
 use torpor_power::{
     energy::{Activity, EnergyAccount, EnergyReport},
     telemetry::CpuReport,
     HostRoots, IntervalReport, Profile, Sample,
 };
+use torpor_traffic::{Arrivals, Percentiles};
 use torpor_usuite::{client::UsuiteTarget, memcached::MemcachedServer, tier::DataArgs, Service};
 
 use crate::{
-    harness::free_port,
+    harness::own_addr,
     inproc::InProcessUp,
     plot::{cdf_ms, line_chart, Chart, Series},
     report::median,
@@ -41,7 +42,7 @@ pub struct ScenarioArgs {
     #[arg(long)]
     pub quick: bool,
     /// Load per configuration (default 75s with --quick, 5m without).
-    #[arg(long, value_parser = torpor_loadgen::cli::duration_arg)]
+    #[arg(long, value_parser = torpor_image::duration_arg)]
     pub duration: Option<Duration>,
     /// Where report.json, tables.md and the plots go.
     #[arg(long, default_value = "torpor-scenario")]
@@ -195,7 +196,7 @@ fn tiers(
         let name = service.as_str();
         let mut bucket_addrs = Vec::new();
         for shard in 0..2 {
-            let (backend, gate) = (local(free_port()?), local(free_port()?));
+            let (backend, gate) = (own_addr()?, own_addr()?);
             bucket_addrs.push(if via_gates { gate } else { backend });
             let mut argv: Vec<String> = [
                 exe,
@@ -225,7 +226,7 @@ fn tiers(
                 cpu: (2 * i + shard + 1) % cpus,
             });
         }
-        let (backend, gate) = (local(free_port()?), local(free_port()?));
+        let (backend, gate) = (own_addr()?, own_addr()?);
         let buckets: Vec<String> = bucket_addrs.iter().map(ToString::to_string).collect();
         let mut argv: Vec<String> = [
             exe,
@@ -251,10 +252,6 @@ fn tiers(
         });
     }
     Ok(out)
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn toml_config(
