@@ -1,22 +1,17 @@
 //! Dev-only kit for torpor's tests (a dev-dependency, never published). Tests never guess a
-//! free port: an in-process server takes a [`listener`] bound on port 0, and a child process
+//! free port: an in-process server takes a listener bound on port 0, and a child process
 //! that must bind an address given in advance (a service's backend, a gate whose address
 //! outlives a restart) gets one of this process's [`own_addr`]esses, which no other process
 //! draws. Tests that run CRIU themselves hold [`criu_guard`].
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     sync::{Mutex, MutexGuard},
 };
 
 /// Tests that start `torpor up` or run CRIU go one at a time: the machine has 2 cores, CRIU
 /// timings matter, and CRIU's network lock takes the host's iptables.
 pub static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A listener on 127.0.0.1 with a port the kernel chose, for an in-process server to take.
-pub fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
-}
 
 /// A loopback address no other process draws, for a child that binds it itself; see
 /// [`torpor_bench::harness::own_addr`].
