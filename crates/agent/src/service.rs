@@ -78,7 +78,7 @@ impl ServiceState {
 }
 
 /// One state change and what it cost.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Transition {
     /// Seconds since the agent started.
     pub at_s: f64,

@@ -31,7 +31,7 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct CrArgs {
     /// Memory sizes of the sample service, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "64MiB,256MiB,1GiB", value_parser = parse_size_arg)]
+    #[arg(long, value_delimiter = ',', default_value = "64MiB,256MiB,1GiB", value_parser = torpor_image::size_arg)]
     pub sizes: Vec<u64>,
     /// Runs per size and method; medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
@@ -45,10 +45,6 @@ pub struct CrArgs {
     pub fabric: FabricProfile,
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    torpor_image::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// One method's medians for one size.

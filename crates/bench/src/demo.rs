@@ -17,20 +17,20 @@ use tokio::time::Instant;
 use torpor_agent::{Agent, ServiceState};
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
-use torpor_loadgen::Percentiles;
+use torpor_traffic::Percentiles;
 
 use crate::inproc::InProcessUp;
 
-use crate::{harness::free_port, walkthrough, ExperimentError};
+use crate::{harness::own_addr, walkthrough, ExperimentError};
 
 /// Arguments of `torpor demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// How long the bursty load runs.
-    #[arg(long, default_value = "60s", value_parser = torpor_loadgen::cli::duration_arg)]
+    #[arg(long, default_value = "60s", value_parser = torpor_image::duration_arg)]
     pub duration: Duration,
     /// Memory of the stateful service.
-    #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+    #[arg(long, default_value = "256MiB", value_parser = torpor_image::size_arg)]
     pub state_memory: u64,
     /// Seed of the load's random arrivals.
     #[arg(long, default_value_t = 1)]
@@ -41,10 +41,6 @@ pub struct DemoArgs {
     /// Instead, walk through one checkpoint into a pool and a restore from it by hand.
     #[arg(long)]
     pub walkthrough: bool,
-}
-
-fn size_arg(s: &str) -> Result<u64, String> {
-    torpor_image::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Request rate inside a burst (per second, Poisson).
@@ -78,14 +74,14 @@ pub struct DemoSummary {
 
 fn config(exe: &str, state_memory: u64) -> Result<String, ExperimentError> {
     let (web, web_b, grpc, grpc_b, state, state_b) = (
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
+        own_addr()?,
+        own_addr()?,
+        own_addr()?,
+        own_addr()?,
+        own_addr()?,
+        own_addr()?,
     );
-    let (runtime, runtime_b) = (free_port()?, free_port()?);
+    let (runtime, runtime_b) = (own_addr()?, own_addr()?);
     Ok(format!(
         r#"
 [pool]
@@ -98,27 +94,27 @@ profile = "icx-2s"
 
 [[service]]
 name = "web"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{web_b}", "--memory", "16MiB"]
-listen = "127.0.0.1:{web}"
-backend = "127.0.0.1:{web_b}"
+command = ["{exe}", "sample-service", "--listen", "{web_b}", "--memory", "16MiB"]
+listen = "{web}"
+backend = "{web_b}"
 
 [[service]]
 name = "grpc"
-command = ["{exe}", "sample-grpc", "--listen", "127.0.0.1:{grpc_b}"]
-listen = "127.0.0.1:{grpc}"
-backend = "127.0.0.1:{grpc_b}"
+command = ["{exe}", "sample-grpc", "--listen", "{grpc_b}"]
+listen = "{grpc}"
+backend = "{grpc_b}"
 
 [[service]]
 name = "state"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{state_b}", "--memory", "{state_memory}"]
-listen = "127.0.0.1:{state}"
-backend = "127.0.0.1:{state_b}"
+command = ["{exe}", "sample-service", "--listen", "{state_b}", "--memory", "{state_memory}"]
+listen = "{state}"
+backend = "{state_b}"
 
 [[service]]
 name = "runtime"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{runtime_b}", "--memory", "64MiB", "--tick-work", "1MiB"]
-listen = "127.0.0.1:{runtime}"
-backend = "127.0.0.1:{runtime_b}"
+command = ["{exe}", "sample-service", "--listen", "{runtime_b}", "--memory", "64MiB", "--tick-work", "1MiB"]
+listen = "{runtime}"
+backend = "{runtime_b}"
 "#,
         pool = 2 * state_memory + (384 << 20),
     ))

@@ -26,7 +26,7 @@ use torpor_image::format_bytes;
 
 use crate::{
     cr::stock_criu_round,
-    harness::{first_response, free_port, SampleProcess},
+    harness::{first_response, own_addr, SampleProcess},
     inproc::InProcessUp,
     report::{fmt_opt, median, ratio},
     ExperimentError,
@@ -39,17 +39,17 @@ pub struct GateArgs {
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
     /// Length of each warm load.
-    #[arg(long, default_value = "5s", value_parser = torpor_loadgen::cli::duration_arg)]
+    #[arg(long, default_value = "5s", value_parser = torpor_image::duration_arg)]
     pub duration: Duration,
     /// Footprints for the wake latency, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "64MiB,1GiB", value_parser = |s: &str| torpor_image::parse_size(s).map_err(|e| e.to_string()))]
+    #[arg(long, value_delimiter = ',', default_value = "64MiB,1GiB", value_parser = torpor_image::size_arg)]
     pub sizes: Vec<u64>,
     /// Wakes (and cold starts, and stock restores) per footprint.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeat: u64,
     /// How long a service stays asleep before the request that wakes it (the stock-CRIU
     /// baseline waits as long between its dump and its restore).
-    #[arg(long, default_value = "1s", value_parser = torpor_loadgen::cli::duration_arg)]
+    #[arg(long, default_value = "1s", value_parser = torpor_image::duration_arg)]
     pub asleep_for: Duration,
     /// Directory for the stock-CRIU baseline's images.
     #[arg(long, default_value = "/dev/shm")]
@@ -113,16 +113,16 @@ impl OneService {
         memory: u64,
         idle: &str,
     ) -> Result<OneService, ExperimentError> {
-        let (port, backend) = (free_port()?, free_port()?);
+        let (port, backend) = (own_addr()?, own_addr()?);
         let cfg = format!(
-            "[pool]\ncapacity = \"{}\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"bench\"\ncommand = [\"{}\", \"sample-service\", \"--listen\", \"127.0.0.1:{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nmax_sleep_rate = 1000000.0\n",
+            "[pool]\ncapacity = \"{}\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n[[service]]\nname = \"bench\"\ncommand = [\"{}\", \"sample-service\", \"--listen\", \"{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nstart_timeout = \"120s\"\n[service.policy]\nidle_threshold = \"{idle}\"\nmax_sleep_rate = 1000000.0\n",
             memory + (256 << 20),
             exe.display()
         );
         let config = torpor_up::Config::from_toml(&cfg)?;
         Ok(OneService {
-            gate: ([127, 0, 0, 1], port).into(),
-            backend: ([127, 0, 0, 1], backend).into(),
+            gate: port,
+            backend,
             up: InProcessUp::start(config, criu.clone()).await?,
         })
     }

@@ -282,31 +282,39 @@ impl Drop for PoolProcess {
     }
 }
 
-/// Lowest port [`free_port`] hands out.
+/// Lowest port [`own_addr`] hands out.
 const PORT_FLOOR: u16 = 10_000;
 
-/// A TCP port on 127.0.0.1 that was free a moment ago, for a process that binds it later. It
-/// is drawn below the kernel's ephemeral range (`ip_local_port_range`): a port from that range
-/// can be taken by any outgoing connection before its bind, and the processes under test make
-/// plenty of them.
-pub fn free_port() -> io::Result<u16> {
-    use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+/// The next port [`own_addr`] tries.
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(PORT_FLOOR);
+
+/// A loopback address for a process that binds it itself (a service's backend, a gate that
+/// keeps its address across restarts), where a listener bound on port 0 cannot be handed over.
+/// Its IP is this process's own, 127.(1 + pid / 65536).(pid / 256 % 256).(pid % 256) (all of
+/// 127/8 is loopback), and its ports count up from [`PORT_FLOOR`] below the kernel's
+/// ephemeral range (`ip_local_port_range`), so no other test or experiment can draw it, nor an
+/// outgoing connection take it, before the process binds it. A port another program holds on
+/// every address (0.0.0.0) is passed over.
+pub fn own_addr() -> io::Result<SocketAddr> {
+    let pid = std::process::id();
+    let ip = std::net::Ipv4Addr::new(127, 1 + (pid >> 16) as u8, (pid >> 8) as u8, pid as u8);
+    let ceiling = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32_768);
-    if ephemeral_low > PORT_FLOOR + 1000 {
-        let mut rng = rand::thread_rng();
-        for _ in 0..100 {
-            let port = rng.gen_range(PORT_FLOOR..ephemeral_low);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return Ok(port);
-            }
+    loop {
+        let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !(PORT_FLOOR..ceiling).contains(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("no port left below {ceiling} on {ip}"),
+            ));
+        }
+        let addr = SocketAddr::from((ip, port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
         }
     }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Time from `since` until the sample service at `addr` answers PING on a new connection.

@@ -1,6 +1,4 @@
-//! Small helpers for reports: medians, ratios, times.
-
-use std::time::{Duration, UNIX_EPOCH};
+//! Small helpers for reports: medians, ratios, optional values.
 
 /// Median of the values (mean of the middle two for an even count); `None` when empty.
 pub fn median(values: &[f64]) -> Option<f64> {
@@ -31,11 +29,6 @@ pub fn fmt_opt(v: Option<f64>, digits: usize, unit: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// Milliseconds since the epoch as an RFC 3339 UTC time.
-pub fn unix_ms_to_utc(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +40,5 @@ mod tests {
         assert_eq!(median(&[]), None);
         assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);
-        assert_eq!(unix_ms_to_utc(0), "1970-01-01T00:00:00Z");
     }
 }

@@ -21,16 +21,17 @@ use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use torpor_agent::{Agent, ServiceState};
-use torpor_loadgen::{Arrivals, HttpGet, Percentiles, Phase, RunConfig, Target};
+use torpor_loadgen::{HttpGet, Phase, RunConfig, Target};
 use torpor_power::{
     energy::{Activity, EnergyAccount, EnergyReport},
     telemetry::CpuReport,
     HostRoots, IntervalReport, Profile, Sample,
 };
+use torpor_traffic::{Arrivals, Percentiles};
 use torpor_usuite::{client::UsuiteTarget, memcached::MemcachedServer, tier::DataArgs, Service};
 
 use crate::{
-    harness::free_port,
+    harness::own_addr,
     inproc::InProcessUp,
     plot::{cdf_ms, line_chart, Chart, Series},
     report::median,
@@ -43,7 +44,7 @@ pub struct ScenarioArgs {
     #[arg(long)]
     pub quick: bool,
     /// Load per configuration (default 75s with --quick, 5m without).
-    #[arg(long, value_parser = torpor_loadgen::cli::duration_arg)]
+    #[arg(long, value_parser = torpor_image::duration_arg)]
     pub duration: Option<Duration>,
     /// Where report.json, tables.md and the plots go.
     #[arg(long, default_value = "torpor-scenario")]
@@ -74,7 +75,7 @@ pub enum Workload {
     /// [`ARRIVALS`] for every service.
     Bursty,
     /// A generated day shaped like the Azure Functions 2019 trace
-    /// ([`torpor_loadgen::trace::azure_like_day`]), one function per service at the rate
+    /// ([`torpor_traffic::trace::azure_like_day`]), one function per service at the rate
     /// quantiles [`AZURE_QUANTILES`], replayed in real time from its first minute: most
     /// functions are invoked less than once a minute, in bursts, with heavy-tailed gaps.
     Azure,
@@ -107,8 +108,8 @@ impl Workload {
                 ARRIVALS.to_string(),
             )),
             Workload::Azure => {
-                let rates = AZURE_QUANTILES.map(torpor_loadgen::trace::azure_rate_at);
-                let trace = torpor_loadgen::trace::azure_like_day(seed, &rates);
+                let rates = AZURE_QUANTILES.map(torpor_traffic::trace::azure_rate_at);
+                let trace = torpor_traffic::trace::azure_like_day(seed, &rates);
                 let path = out.join("azure-trace.csv");
                 std::fs::write(&path, trace.to_csv())?;
                 let arrivals = trace
@@ -272,7 +273,7 @@ fn tiers(
         let name = service.as_str();
         let mut bucket_addrs = Vec::new();
         for shard in 0..2 {
-            let (backend, gate) = (local(free_port()?), local(free_port()?));
+            let (backend, gate) = (own_addr()?, own_addr()?);
             bucket_addrs.push(if via_gates { gate } else { backend });
             let mut argv: Vec<String> = [
                 exe,
@@ -302,7 +303,7 @@ fn tiers(
                 cpu: (2 * i + shard + 1) % cpus,
             });
         }
-        let (backend, gate) = (local(free_port()?), local(free_port()?));
+        let (backend, gate) = (own_addr()?, own_addr()?);
         let buckets: Vec<String> = bucket_addrs.iter().map(ToString::to_string).collect();
         let mut argv: Vec<String> = [
             exe,
@@ -327,7 +328,7 @@ fn tiers(
             cpu: (2 * i) % cpus,
         });
     }
-    let (backend, gate) = (local(free_port()?), local(free_port()?));
+    let (backend, gate) = (own_addr()?, own_addr()?);
     out.push(Tier {
         service: None,
         name: RUNTIME_TIER.into(),
@@ -349,10 +350,6 @@ fn tiers(
         cpu: (2 * Service::ALL.len()) % cpus,
     });
     Ok(out)
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn toml_config(

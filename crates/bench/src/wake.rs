@@ -37,7 +37,7 @@ use torpor_criu::{local, CriuBinary};
 use torpor_image::format_bytes;
 
 use crate::{
-    harness::{become_subreaper, free_port, kill_and_reap},
+    harness::{become_subreaper, kill_and_reap, own_addr},
     inproc::InProcessUp,
     report::{fmt_opt, median, ratio},
     ExperimentError,
@@ -211,7 +211,7 @@ impl NginxSite {
             .collect();
         std::fs::create_dir(d.join("www"))?;
         std::fs::write(d.join("www/index.html"), &page)?;
-        let backend = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let backend = own_addr()?;
         let p = d.display();
         std::fs::write(
             d.join("nginx.conf"),
@@ -380,11 +380,11 @@ async fn start_torpor(criu: &CriuBinary, site: &NginxSite) -> Result<InProcessUp
         .join(", ");
     let cfg = format!(
         "[pool]\ncapacity = \"128MiB\"\nephemeral = true\n[status]\nlisten = \"127.0.0.1:0\"\n\
-         [[service]]\nname = \"{NAME}\"\ncommand = [{argv}]\nlisten = \"127.0.0.1:{}\"\n\
+         [[service]]\nname = \"{NAME}\"\ncommand = [{argv}]\nlisten = \"{}\"\n\
          backend = \"{}\"\nprotocol = \"http\"\nstart_timeout = \"30s\"\n\
          [service.policy]\nidle_threshold = \"{IDLE}\"\nmax_sleep_rate = 1000000.0\n",
         // Port 0 for both the status and the gate is refused as one address used twice.
-        free_port()?,
+        own_addr()?,
         site.backend
     );
     let mut config = torpor_up::Config::from_toml(&cfg)?;

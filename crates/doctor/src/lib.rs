@@ -6,33 +6,15 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
 };
 
 use serde::Serialize;
 use torpor_criu::CriuBinary;
 
-/// Where the checks read the host's state.
-#[derive(Debug, Clone)]
-pub struct HostRoots {
-    /// Normally `/proc`.
-    pub proc: PathBuf,
-    /// Normally `/sys`.
-    pub sys: PathBuf,
-    /// Normally `/run`, where CRIU keeps its kernel-probe cache.
-    pub run: PathBuf,
-}
-
-impl Default for HostRoots {
-    fn default() -> Self {
-        HostRoots {
-            proc: "/proc".into(),
-            sys: "/sys".into(),
-            run: "/run".into(),
-        }
-    }
-}
+/// Where the checks read the host's state: the telemetry's roots.
+pub use torpor_power::HostRoots;
 
 /// A check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1254,11 +1236,7 @@ mod tests {
 
     fn fake_tree(mounts: &str) -> (tempfile::TempDir, HostRoots) {
         let t = tempfile::tempdir().unwrap();
-        let roots = HostRoots {
-            proc: t.path().join("proc"),
-            sys: t.path().join("sys"),
-            run: t.path().join("run"),
-        };
+        let roots = HostRoots::under(t.path());
         fs::create_dir_all(&roots.proc).unwrap();
         fs::create_dir_all(&roots.run).unwrap();
         fs::write(roots.proc.join("mounts"), mounts).unwrap();

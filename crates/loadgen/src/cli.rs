@@ -4,11 +4,12 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use thiserror::Error;
 
+use torpor_image::duration_arg;
+use torpor_traffic::{Arrivals, SpecError, Trace, TraceError};
+
 use crate::{
-    arrival::{Arrivals, SpecError},
     engine::{Phase, RunConfig},
     target::{HttpGet, Target, TcpLine},
-    trace::{Trace, TraceError},
 };
 
 /// Arguments of `torpor loadgen`.
@@ -68,11 +69,6 @@ pub enum LoadgenError {
     Trace(#[from] TraceError),
     #[error("give at least one --phase or a --trace")]
     NoLoad,
-}
-
-/// A duration flag (`500ms`, `30s`, `2m`); the error quotes what was given.
-pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn phase_arg(s: &str) -> Result<Phase, String> {

@@ -27,7 +27,7 @@ pub use server::{serve, serve_with, Listener, ServeOptions};
 pub use store::{error_chain, Persisted, Store, StoreConfig, StoreError};
 pub use target::{PoolTarget, Timeouts};
 pub use tls::{ClientTls, TlsError};
-pub use token::{read_token_file, write_token_file, TokenFileError};
+pub use token::{read_token, read_token_file, write_token_file, TokenFileError};
 
 /// A fresh random shared token (32 alphanumerics) for a pool and its clients.
 pub fn random_token() -> String {

@@ -51,6 +51,12 @@ pub fn read_token_file(path: &Path) -> Result<String, TokenFileError> {
     Ok(t.to_string())
 }
 
+/// The token a client presents: the file's (checked as [`read_token_file`] does), or none (an
+/// empty token, for a pool that does not authenticate) when no file is configured.
+pub fn read_token(file: Option<&Path>) -> Result<String, TokenFileError> {
+    file.map_or_else(|| Ok(String::new()), read_token_file)
+}
+
 /// Writes a token file readable by its owner only (0600, whatever the umask).
 pub fn write_token_file(path: &Path, token: &str) -> io::Result<()> {
     use std::io::Write;

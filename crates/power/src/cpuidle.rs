@@ -14,27 +14,31 @@ use crate::{
     TelemetryError,
 };
 
-/// Where the kernel's trees are: `/sys` and `/proc`, or a fake copy in tests.
+/// Where the host's state is read: `/sys`, `/proc` and `/run`, or a fake copy in tests. The
+/// telemetry and `torpor doctor` read through the same roots.
 #[derive(Debug, Clone)]
 pub struct HostRoots {
+    /// Normally `/sys`.
     pub sys: PathBuf,
+    /// Normally `/proc`.
     pub proc: PathBuf,
+    /// Normally `/run`, where CRIU keeps its kernel-probe cache.
+    pub run: PathBuf,
 }
 
 impl Default for HostRoots {
     fn default() -> Self {
-        HostRoots {
-            sys: "/sys".into(),
-            proc: "/proc".into(),
-        }
+        HostRoots::under(Path::new("/"))
     }
 }
 
 impl HostRoots {
+    /// The trees under `root` (`root/sys`, `root/proc`, `root/run`): a fake host in tests.
     pub fn under(root: &Path) -> HostRoots {
         HostRoots {
             sys: root.join("sys"),
             proc: root.join("proc"),
+            run: root.join("run"),
         }
     }
 

@@ -6,8 +6,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 use thiserror::Error;
-use torpor_loadgen::Arrivals;
 use torpor_power::Profile;
+use torpor_traffic::Arrivals;
 
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
@@ -294,12 +294,7 @@ pub struct SimConfig {
 }
 
 fn duration(key: &str, text: &str) -> Result<Duration, SimConfigError> {
-    humantime::parse_duration(text).map_err(|e| {
-        invalid(
-            key,
-            format!("{text:?} is not a duration like 30s or 24h ({e})"),
-        )
-    })
+    torpor_image::parse_duration(text).map_err(|e| invalid(key, e.to_string()))
 }
 
 impl SimConfig {

@@ -17,11 +17,11 @@ use std::{
 use hdrhistogram::Histogram;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Serialize;
-use torpor_loadgen::{ArrivalStream, Percentiles};
 use torpor_policy::{
     decide_sleep, prewarm_at, ArrivalTracker, AwakeReason, PolicyConfig, SleepDecision,
 };
 use torpor_power::Profile;
+use torpor_traffic::{ArrivalStream, Percentiles};
 
 use crate::{
     config::{PolicyName, RestoreMode, ServiceTime, SimConfig},

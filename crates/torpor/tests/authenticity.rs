@@ -16,8 +16,8 @@ use torpor_workload::{expected_sum, SampleClient};
 
 mod common;
 
-use common::{criu, criu_setup as setup, exe_path as exe};
-
+use common::{criu, exe_path as exe};
+use torpor_testkit::criu_guard as setup;
 const MIB: u64 = 1 << 20;
 
 fn restore(name: &str, pools: &Pools) -> Result<torpor_criu::RestoreReport, RestoreError> {

@@ -402,7 +402,7 @@ fn loadgen_replays_the_shipped_trace_and_refuses_bad_input() {
     let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
     let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
     let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../loadgen/fixtures/azure-functions-2019-sample.csv");
+        .join("../traffic/fixtures/azure-functions-2019-sample.csv");
     let target = format!("tcp://{}", svc.addr);
     let v = json(&torpor(&[
         "loadgen",

@@ -22,8 +22,8 @@ use torpor_workload::{expected_sum, SampleClient};
 
 mod common;
 
-use common::{criu, criu_setup as setup, exe_path as exe};
-
+use common::{criu, exe_path as exe};
+use torpor_testkit::{criu_guard as setup, own_addr};
 const MIB: u64 = 1 << 20;
 
 #[test]
@@ -141,17 +141,12 @@ fn tcp_listener_and_established_connection_survive() -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> u16 {
-    torpor_bench::harness::free_port().expect("a free port")
-}
-
 #[test]
 fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
     let _g = setup();
     let pool = PoolProcess::spawn(exe(), 512 * MIB)?;
     let dir = tempfile::tempdir()?;
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = own_addr();
     let mut cmd = Command::new("redis-server");
     // SAFETY: setsid is async-signal-safe; CRIU wants the tree's root to lead its session.
     unsafe {
@@ -164,9 +159,9 @@ fn redis_with_100_mb_of_keys_has_the_same_digest_after_restore() -> Result<()> {
     let mut child = cmd
         .args([
             "--port",
-            &port.to_string(),
+            &addr.port().to_string(),
             "--bind",
-            "127.0.0.1",
+            &addr.ip().to_string(),
             "--save",
             "",
             "--appendonly",

@@ -17,8 +17,8 @@ use torpor_workload::SampleClient;
 
 mod common;
 
-use common::{addr, exe, free_port, Up, SERIAL};
-
+use common::{exe, Up};
+use torpor_testkit::{own_addr, SERIAL};
 /// Enough for every generation of the mutator (tens of MiB); the RAM tier is pre-faulted at
 /// start, so smaller is quicker.
 const POOL: &str = "[pool]\ncapacity = \"256MiB\"";
@@ -72,14 +72,14 @@ const REQUESTS: &[&str] = &[
 
 /// The mutator's `[[service]]` section for `torpor up`: the one place its configuration is
 /// written. `extra` is added inside the section (restore mode, prefetch and the like).
-fn mutator_service(port: u16, backend: u16, extra: &str) -> String {
+fn mutator_service(port: SocketAddr, backend: SocketAddr, extra: &str) -> String {
     format!(
         r#"
 [[service]]
 name = "mutator"
-command = ["{exe}", "mutator-service", "--listen", "127.0.0.1:{backend}"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "mutator-service", "--listen", "{backend}"]
+listen = "{port}"
+backend = "{backend}"
 protocol = "tcp"
 {extra}
 [service.policy]
@@ -109,7 +109,7 @@ impl Direct {
             .spawn()?;
         let mut me = Direct {
             child: Some(child),
-            addr: addr(0),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             _dir: dir,
         };
         me.addr
@@ -177,8 +177,8 @@ fn differential(extra: &str) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     torpor_bench::harness::become_subreaper()?;
     let direct = Direct::start()?;
-    let port = free_port();
-    let up = Up::start(POOL, &mutator_service(port, free_port(), extra))?;
+    let port = own_addr();
+    let up = Up::start(POOL, &mutator_service(port, own_addr(), extra))?;
     let asleep_after = |sleeps: u64| {
         up.wait_for("mutator", &format!("asleep {sleeps} times"), WAIT, |s| {
             s["state"] == "asleep" && s["sleeps"].as_u64() >= Some(sleeps)
@@ -192,7 +192,7 @@ fn differential(extra: &str) -> Result<()> {
             !want.starts_with("ERR"),
             "request {i} {request}: the test's own request is refused: {want}"
         );
-        let got = call(addr(port), request).with_context(|| up.log_text())?;
+        let got = call(port, request).with_context(|| up.log_text())?;
         if got != want {
             differences.push(format!(
                 "request {i} {request} after sleep {sleeps}: {got:?}, not {want:?}"

@@ -10,20 +10,23 @@ use torpor_bench::harness::redis_command;
 
 mod common;
 
-use common::{addr, free_port, Up, EMBEDDED, SERIAL};
+use common::{Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
 
 #[test]
 fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_pays() -> Result<()>
 {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     let services = format!(
-        "[power]\nprofile = \"icx-2s\"\n[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{backend}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\ngovernor = \"energy\"\n",
+        "[power]\nprofile = \"icx-2s\"\n[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\ngovernor = \"energy\"\n",
+        backend.port(),
+        backend.ip(),
         dir.path().display()
     );
     let up = Up::start(EMBEDDED, &services)?;
-    assert_eq!(redis_command(addr(port), &["SET", "k", "v"])?, "+OK");
+    assert_eq!(redis_command(port, &["SET", "k", "v"])?, "+OK");
     // Its idle cost is measured first (a second with nothing in flight), then a freeze pays
     // almost at once: a thaw costs next to nothing.
     let s = up.wait_state("kv", "frozen", Duration::from_secs(30))?;
@@ -32,7 +35,7 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
     assert_eq!(s["last_choice"]["level"], "frozen", "{s}");
     assert_eq!(s["sleeps"], 0, "a snapshot does not pay yet: {s}");
     // A request thaws it and is answered; the wake is a thaw, not a restore.
-    assert_eq!(redis_command(addr(port), &["GET", "k"])?, "v");
+    assert_eq!(redis_command(port, &["GET", "k"])?, "v");
     let s = up.service("kv")?;
     assert_eq!(s["last_wake"]["how"], "thaw", "{s}");
     assert!(s["freezes"].as_u64() >= Some(1), "{s}");
@@ -42,7 +45,7 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
     // moves from frozen to snapshotted, and a request restores it with its data.
     let s = up.wait_state("kv", "asleep", Duration::from_secs(90))?;
     assert_eq!(s["last_choice"]["level"], "snapshotted", "{s}");
-    assert_eq!(redis_command(addr(port), &["GET", "k"])?, "v");
+    assert_eq!(redis_command(port, &["GET", "k"])?, "v");
     let s = up.service("kv")?;
     assert_eq!(s["cold_starts"], 0, "{s}");
     assert!(s["wakes"].as_u64() >= Some(1), "{s}");

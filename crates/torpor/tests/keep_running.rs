@@ -17,22 +17,22 @@ use torpor_agent::CgroupRoot;
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, SERIAL};
-
+use common::{exe, http_get, Up};
+use torpor_testkit::{own_addr, SERIAL};
 /// A namespace of its own: the cgroups of other tests' services (the host's namespace) are
 /// never taken for this one's, nor this one's for theirs.
 const NAMESPACE: &str = "keeptest";
 
 /// The sample service (seeded memory, `/touch` changes it, `/sum` shows it); the policy
 /// leaves it awake.
-fn sample(name: &str, port: u16, backend: u16) -> String {
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
     format!(
         r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "8MiB", "--touch", "1MiB"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB", "--touch", "1MiB"]
+listen = "{port}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 "#,
@@ -136,9 +136,9 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
         node(dir.path()),
         dir.path().join("spill").display()
     );
-    let gate = addr(free_port());
-    let status = addr(free_port());
-    let cfg = Up::config(&pool, status, &sample("counter", gate.port(), free_port()));
+    let gate = own_addr();
+    let status = own_addr();
+    let cfg = Up::config(&pool, status, &sample("counter", gate, own_addr()));
 
     let mut up = Up::spawn(&cfg, status)?;
     up.wait_ready(Duration::from_secs(60))?;
@@ -216,9 +216,9 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
     let _cg = CgroupGuard::of("web");
     // The embedded pool without a disk tier: its RAM tier goes with the process.
     let pool = format!("{}[pool]\ncapacity = \"256MiB\"", node(dir.path()));
-    let gate = addr(free_port());
-    let status = addr(free_port());
-    let cfg = Up::config(&pool, status, &sample("web", gate.port(), free_port()));
+    let gate = own_addr();
+    let status = own_addr();
+    let cfg = Up::config(&pool, status, &sample("web", gate, own_addr()));
 
     let mut up = Up::spawn(&cfg, status)?;
     up.wait_ready(Duration::from_secs(60))?;

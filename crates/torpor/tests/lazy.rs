@@ -25,7 +25,7 @@ fn setup() -> std::sync::MutexGuard<'static, ()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    common::criu_setup()
+    torpor_testkit::criu_guard()
 }
 
 const MIB: u64 = 1 << 20;

@@ -4,6 +4,7 @@
 //! record of who did what in `/status`, `torpor status` and the log.
 
 use std::{
+    net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -13,17 +14,17 @@ use anyhow::{bail, Context, Result};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
-
+use common::{exe, http_get, Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
 /// The sample service, never slept by the policy (only by hand).
-fn sample(name: &str, port: u16, backend: u16) -> String {
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
     format!(
         r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "32MiB"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "32MiB"]
+listen = "{port}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 "#,
@@ -64,9 +65,9 @@ fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<
 #[test]
 fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let web = free_port();
-    let up = Up::start(EMBEDDED, &sample("web", web, free_port()))?;
-    let sum = http_get(addr(web), "/sum")?;
+    let web = own_addr();
+    let up = Up::start(EMBEDDED, &sample("web", web, own_addr()))?;
+    let sum = http_get(web, "/sum")?;
     assert_eq!(sum, torpor_workload::expected_sum(32 << 20, 1));
 
     let (st, out, err) = up.command(&["wake", "web"])?;
@@ -96,7 +97,7 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     assert_eq!(s["state"], "awake", "{s}");
     assert_eq!(s["last_wake"]["cause"], "manual", "{s}");
     assert_eq!(s["cold_starts"], 0, "{s}");
-    assert_eq!(http_get(addr(web), "/sum")?, sum, "memory intact");
+    assert_eq!(http_get(web, "/sum")?, sum, "memory intact");
 
     let (st, out, err) = up.command(&["pin", "web", "--for", "1h"])?;
     assert!(st.success(), "{err}");
@@ -194,13 +195,13 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     );
 
     // A second torpor up cannot take a control socket a live one holds.
-    let status = addr(free_port());
+    let status = own_addr();
     let cfg = Up::config(
         EMBEDDED,
         status,
         &format!(
             "{}\n[control]\nsocket = \"{}\"\n",
-            sample("other", free_port(), free_port()),
+            sample("other", own_addr(), own_addr()),
             up.control.display()
         ),
     );
@@ -227,7 +228,7 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
 const HOLDING_SERVICE: &str = r#"
 import os, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-port, d = int(sys.argv[1]), sys.argv[2]
+(host, port), d = sys.argv[1].rsplit(":", 1), sys.argv[2]
 count = 0
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
@@ -243,7 +244,7 @@ class H(BaseHTTPRequestHandler):
             body = str(count).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
-HTTPServer(("127.0.0.1", port), H).serve_forever()
+HTTPServer((host, int(port)), H).serve_forever()
 "#;
 
 #[test]
@@ -252,14 +253,14 @@ fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<(
     let work = tempfile::tempdir()?;
     let script = work.path().join("hold.py");
     std::fs::write(&script, HOLDING_SERVICE)?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let services = format!(
-        "[[service]]\nname = \"slow\"\ncommand = [\"python3\", \"{}\", \"{backend}\", \"{}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\ndrain_deadline = \"120s\"\n[service.policy]\nidle_threshold = \"1h\"\n",
+        "[[service]]\nname = \"slow\"\ncommand = [\"python3\", \"{}\", \"{backend}\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\ndrain_deadline = \"120s\"\n[service.policy]\nidle_threshold = \"1h\"\n",
         script.display(),
         work.path().display()
     );
     let up = Up::start(EMBEDDED, &services)?;
-    let held = std::thread::spawn(move || http_get(addr(port), "/hold"));
+    let held = std::thread::spawn(move || http_get(port, "/hold"));
     let entered = work.path().join("entered");
     wait_until(
         "the request reaching the service",
@@ -304,7 +305,7 @@ fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<(
         "{drained}"
     );
     // Its state came back with it: the count goes on from the two requests before.
-    assert_eq!(http_get(addr(port), "/")?, "2");
+    assert_eq!(http_get(port, "/")?, "2");
     Ok(())
 }
 
@@ -334,10 +335,10 @@ fn a_tcp_control_endpoint_takes_commands_with_its_token_only() -> Result<()> {
     torpor_pool::write_token_file(&token_file, "a-long-random-control-token-0123456789")?;
     let wrong = secrets.path().join("wrong.token");
     torpor_pool::write_token_file(&wrong, "another-long-random-token-9876543210")?;
-    let web = free_port();
+    let web = own_addr();
     let services = format!(
         "{}\n[control]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-        sample("web", web, free_port()),
+        sample("web", web, own_addr()),
         token_file.display()
     );
     let up = Up::start(EMBEDDED, &services)?;

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use nix::{sys::signal, unistd::Pid};
-use torpor_bench::harness::{become_subreaper, free_port, kill_and_reap, SampleProcess};
+use torpor_bench::harness::{become_subreaper, kill_and_reap, SampleProcess};
 use torpor_criu::{
     checkpoint_to_pool, restore_from_pool, CheckpointOptions, CriuBinary, PoolTarget,
     RestoreOptions,
@@ -218,9 +218,8 @@ fn pool_cert_and_pool_tls_cert_serve_a_pinned_client_and_refuse_an_unpinned_one(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The child binds it: a port below the ephemeral range, as the harness draws them.
-    let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
+    // The child binds it: an address of this process's own.
+    let listen = torpor_testkit::own_addr().to_string();
     let token_file = dir.path().join("token");
     let token = torpor_pool::random_token();
     torpor_pool::write_token_file(&token_file, &token)?;

@@ -6,6 +6,7 @@
 //! configuration keeps serving.
 
 use std::{
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -17,17 +18,17 @@ use anyhow::{Context, Result};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
-
+use common::{exe, http_get, Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
 /// The sample service with `memory` of state, never slept by the policy (only by hand).
-fn sample(name: &str, port: u16, backend: u16, memory: &str, extra: &str) -> String {
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str, extra: &str) -> String {
     format!(
         r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "{memory}"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
+listen = "{port}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 {extra}
@@ -133,8 +134,8 @@ fn names(list: &serde_json::Value) -> Vec<String> {
 #[test]
 fn add_remove_and_change_services_while_another_serves_without_an_error() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (steady, gone, tuned, fresh) = (free_port(), free_port(), free_port(), free_port());
-    let (steady_b, gone_b, tuned_b, fresh_b) = (free_port(), free_port(), free_port(), free_port());
+    let (steady, gone, tuned, fresh) = (own_addr(), own_addr(), own_addr(), own_addr());
+    let (steady_b, gone_b, tuned_b, fresh_b) = (own_addr(), own_addr(), own_addr(), own_addr());
     let steady_svc = sample("steady", steady, steady_b, "16MiB", "");
     let gone_svc = sample("gone", gone, gone_b, "16MiB", "");
     let tuned_svc = |memory: &str, extra: &str| sample("tuned", tuned, tuned_b, memory, extra);
@@ -144,13 +145,13 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     )?;
     // The changed service's state (a counter that advances while it runs, not while it
     // sleeps), and the removed one asleep in the pool.
-    let counted = count(addr(tuned))?;
+    let counted = count(tuned)?;
     let (st, out, err) = up.command(&["sleep", "gone"])?;
     assert!(st.success(), "{out}{err}");
     let (st, out, err) = up.command(&["sleep", "tuned"])?;
     assert!(st.success(), "{out}{err}");
 
-    let client = ClientLoop::start(addr(steady));
+    let client = ClientLoop::start(steady);
     let fresh_svc = sample("fresh", fresh, fresh_b, "16MiB", "");
     rewrite(
         &up,
@@ -173,9 +174,9 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
         "{report}"
     );
     // The added service serves; the removed one's gate is gone.
-    count(addr(fresh)).context("it answers")?;
+    count(fresh).context("it answers")?;
     assert!(
-        http_get(addr(gone), "/count").is_err(),
+        http_get(gone, "/count").is_err(),
         "gone's gate still answers"
     );
     let listed: Vec<String> = up
@@ -188,7 +189,7 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     up.wait_for("tuned", "taken over", Duration::from_secs(10), |s| {
         s["state"] == "asleep" && s["sleeps"] == 0
     })?;
-    assert!(count(addr(tuned))? >= counted, "its state is kept");
+    assert!(count(tuned)? >= counted, "its state is kept");
     let s = up.service("tuned")?;
     assert_eq!(
         (s["cold_starts"].as_u64(), s["wakes"].as_u64()),
@@ -210,15 +211,15 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
         report["changed"][0]["applies"], "next_wake_fresh",
         "{report}"
     );
-    let counted = count(addr(tuned))?;
+    let counted = count(tuned)?;
     let (st, out, err) = up.command(&["sleep", "tuned"])?;
     assert!(st.success(), "{out}{err}");
     up.wait_for("tuned", "taken over", Duration::from_secs(10), |s| {
         s["state"] == "asleep" && s["sleeps"] == 0
     })?;
-    assert!(count(addr(tuned))? < counted, "started afresh");
+    assert!(count(tuned)? < counted, "started afresh");
     assert_eq!(
-        http_get(addr(tuned), "/sum")?,
+        http_get(tuned, "/sum")?,
         torpor_workload::expected_sum(8 << 20, 1),
         "the new command runs"
     );
@@ -239,7 +240,7 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
         report["added"][0]["adopted_generation"].is_null(),
         "{report}"
     );
-    count(addr(gone)).context("it answers")?;
+    count(gone).context("it answers")?;
 
     let (answers, errors) = client.finish();
     assert!(errors.is_empty(), "{} errors: {errors:?}", errors.len());
@@ -254,10 +255,10 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
 #[test]
 fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (web, web_b) = (free_port(), free_port());
+    let (web, web_b) = (own_addr(), own_addr());
     let web_svc = sample("web", web, web_b, "16MiB", "");
     let up = Up::start(EMBEDDED, &web_svc)?;
-    let client = ClientLoop::start(addr(web));
+    let client = ClientLoop::start(web);
 
     let path = up.dir.path().join("torpor.toml");
     let good = std::fs::read_to_string(&path)?;
@@ -289,7 +290,7 @@ fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()
         "{error}"
     );
     // All or nothing: the service added in the same file did not start.
-    let (more, more_b) = (free_port(), free_port());
+    let (more, more_b) = (own_addr(), own_addr());
     let more_svc = sample("more", more, more_b, "16MiB", "");
     std::fs::write(
         &path,
@@ -322,7 +323,7 @@ fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(up.service("more")?["state"], "awake");
-    count(addr(more)).context("it answers")?;
+    count(more).context("it answers")?;
     let doc = up.doc()?;
     assert_eq!(doc["last_reload"]["by"], "SIGHUP", "{doc}");
     assert_eq!(doc["last_reload"]["outcome"], "applied", "{doc}");

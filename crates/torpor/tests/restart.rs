@@ -8,18 +8,18 @@ use anyhow::{Context, Result};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
-
+use common::{exe, http_get, Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
 /// A sample service (16 MiB of seeded memory, `/touch` changing its first MiB) that the
 /// policy leaves awake: only the test and the stop put it to sleep.
-fn sample(name: &str, port: u16, backend: u16) -> String {
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
     format!(
         r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "16MiB", "--touch", "1MiB"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "16MiB", "--touch", "1MiB"]
+listen = "{port}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 "#,
@@ -69,13 +69,13 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
         "[pool]\ncapacity = \"256MiB\"\nspill_dir = \"{}\"",
         spill.display()
     );
-    let (awake, asleep) = (addr(free_port()), addr(free_port()));
+    let (awake, asleep) = (own_addr(), own_addr());
     let services = format!(
         "{}{}",
-        sample("awake", awake.port(), free_port()),
-        sample("asleep", asleep.port(), free_port())
+        sample("awake", awake, own_addr()),
+        sample("asleep", asleep, own_addr())
     );
-    let status = addr(free_port());
+    let status = own_addr();
     let cfg = Up::config(&pool, status, &services);
 
     let mut up = Up::spawn(&cfg, status)?;
@@ -159,8 +159,8 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
 #[test]
 fn without_a_disk_tier_a_stop_kills_services_as_before_and_says_so() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let web = addr(free_port());
-    let mut up = Up::start(EMBEDDED, &sample("web", web.port(), free_port()))?;
+    let web = own_addr();
+    let mut up = Up::start(EMBEDDED, &sample("web", web, own_addr()))?;
     const WARNING: &str = "stopping loses the state of every service";
     assert_eq!(up.log_text().matches(WARNING).count(), 1, "said at start");
     change(web, 1)?;

@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
-
+use common::{exe, http_get, Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
 /// chromedriver in its own process group, which is killed (with the browsers it started)
 /// and reaped when this is dropped.
 struct Driver {
@@ -143,19 +143,19 @@ fn output_dir() -> PathBuf {
 fn the_status_page_follows_a_service_to_sleep_awake_and_asleep_again_without_a_reload() -> Result<()>
 {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let web = free_port();
+    let web = own_addr();
     let services = format!(
         r#"
 [[service]]
 name = "web"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "48MiB"]
-listen = "127.0.0.1:{web}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "48MiB"]
+listen = "{web}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 "#,
         exe = exe(),
-        backend = free_port()
+        backend = own_addr()
     );
     let up = Up::start(EMBEDDED, &services)?;
     let driver = Driver::start()?;
@@ -177,7 +177,7 @@ idle_threshold = "1h"
         }))?;
         assert_eq!(v["sleeps"], "1", "{v}");
 
-        assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+        assert_eq!(http_get(web, "/ping")?, "PONG");
         let v = rt.block_on(until_shown(&client, "web", "awake after a request", |v| {
             v["state"] == "awake"
         }))?;

@@ -14,16 +14,19 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, SERIAL};
-
+use common::{exe, http_get};
+use torpor_testkit::{own_addr, SERIAL};
 /// The repository's unit file.
 const UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
 
-/// A config with two sample services behind gates on free ports, their policy never putting
-/// them to sleep during the test; its status API on `status`, its control socket in `dir`.
-/// Written to `dir/torpor.toml`; returns that path and the gates' ports.
-fn two_services(dir: &Path, status: std::net::SocketAddr) -> Result<(PathBuf, [u16; 2])> {
-    let gates = [free_port(), free_port()];
+/// A config with two sample services behind gates on addresses of this process's own, never put
+/// to sleep by their policy during the test; its status API on `status`, its control socket in `dir`.
+/// Written to `dir/torpor.toml`; returns that path and the gates' addresses.
+fn two_services(
+    dir: &Path,
+    status: std::net::SocketAddr,
+) -> Result<(PathBuf, [std::net::SocketAddr; 2])> {
+    let gates = [own_addr(), own_addr()];
     let mut cfg = format!(
         "[pool]\ncapacity = \"64MiB\"\n[status]\nlisten = \"{status}\"\n[control]\nsocket = \"{}\"\n",
         dir.join("control.sock").display()
@@ -33,14 +36,14 @@ fn two_services(dir: &Path, status: std::net::SocketAddr) -> Result<(PathBuf, [u
             r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "8MiB"]
-listen = "127.0.0.1:{gate}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB"]
+listen = "{gate}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "1h"
 "#,
             exe = exe(),
-            backend = free_port(),
+            backend = own_addr(),
         ));
     }
     let path = dir.join("torpor.toml");
@@ -132,7 +135,7 @@ fn next_message(
 fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
-    let status = addr(free_port());
+    let status = own_addr();
     let (cfg_path, gates) = two_services(dir.path(), status)?;
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
@@ -167,7 +170,7 @@ fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     // status API.
     for gate in gates {
         assert_eq!(
-            http_get(addr(gate), "/ping").with_context(|| format!("gate {gate}"))?,
+            http_get(gate, "/ping").with_context(|| format!("gate {gate}"))?,
             "PONG"
         );
     }
@@ -267,7 +270,7 @@ fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
-    let status = addr(free_port());
+    let status = own_addr();
     let (cfg_path, gates) = two_services(dir.path(), status)?;
     // The repository's unit as it is, but for the binary and config under test, and without
     // the state and runtime directories of a real install.
@@ -295,7 +298,7 @@ fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
     // Type=notify: `systemctl start` returns once READY=1 came.
     systemctl(&["start", &name])?;
     for gate in gates {
-        assert_eq!(http_get(addr(gate), "/ping")?, "PONG");
+        assert_eq!(http_get(gate, "/ping")?, "PONG");
     }
     let shown = systemctl(&["show", &name, "-p", "ActiveState", "-p", "StatusText"])?;
     assert!(shown.contains("ActiveState=active"), "{shown}");

@@ -24,8 +24,8 @@ use torpor_bench::harness::redis_command;
 
 mod common;
 
-use common::{addr, free_port, http_get, Up, SERIAL};
-
+use common::{http_get, Up};
+use torpor_testkit::{own_addr, SERIAL};
 /// Enough for the small services here; the RAM tier is pre-faulted at start, so smaller is
 /// quicker.
 const POOL: &str = "[pool]\ncapacity = \"256MiB\"";
@@ -39,10 +39,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// whichever worker answers. Answers "COUNT WORKER-PID".
 const FORKING: &str = r#"
 import mmap, os, socket, struct, sys
-port, workers = int(sys.argv[1]), int(sys.argv[2])
+host, port = sys.argv[1].rsplit(":", 1)
+addr, workers = (host, int(port)), int(sys.argv[2])
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
+s.bind(addr)
 s.listen(64)
 shared = mmap.mmap(-1, 8)
 def request(c):
@@ -76,7 +77,8 @@ for _ in range(workers):
 /// in-memory counter. Answers "COUNT".
 const DAEMON: &str = r#"
 import os, socket, sys
-port = int(sys.argv[1])
+host, port = sys.argv[1].rsplit(":", 1)
+addr = (host, int(port))
 if os.fork() > 0:
     os._exit(0)
 os.setsid()
@@ -84,7 +86,7 @@ if os.fork() > 0:
     os._exit(0)
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
+s.bind(addr)
 s.listen(64)
 count = 0
 while True:
@@ -108,14 +110,15 @@ while True:
 /// apache prefork's workers do. Answers "COUNT UID".
 const SWITCHES_UID: &str = r#"
 import os, socket, sys
-port = int(sys.argv[1])
+host, port = sys.argv[1].rsplit(":", 1)
+addr = (host, int(port))
 if os.fork() == 0:
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
+    s.bind(addr)
     s.listen(64)
     count = 0
     while True:
@@ -140,7 +143,7 @@ os.wait()
 const HOLDMEM: &str = r#"
 import hashlib, random, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
-mib, port = int(sys.argv[1]), int(sys.argv[2])
+mib, (host, port) = int(sys.argv[1]), sys.argv[2].rsplit(":", 1)
 blob = bytearray(random.Random(3).randbytes(mib << 20))
 count = 0
 class H(BaseHTTPRequestHandler):
@@ -151,7 +154,7 @@ class H(BaseHTTPRequestHandler):
         body = f"{hashlib.sha256(blob).hexdigest()} {count}".encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
-HTTPServer(("127.0.0.1", port), H).serve_forever()
+HTTPServer((host, int(port)), H).serve_forever()
 "#;
 
 /// A directory anyone may read, for scripts and pages a non-root process or nginx opens
@@ -175,15 +178,15 @@ fn script(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 fn service(
     name: &str,
     argv: &[&str],
-    port: u16,
-    backend: u16,
+    port: SocketAddr,
+    backend: SocketAddr,
     protocol: &str,
     idle: &str,
     extra: &str,
 ) -> String {
     let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
     format!(
-        "[[service]]\nname = \"{name}\"\ncommand = [{}]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nprotocol = \"{protocol}\"\n{extra}\n[service.policy]\nidle_threshold = \"{idle}\"\n",
+        "[[service]]\nname = \"{name}\"\ncommand = [{}]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"{protocol}\"\n{extra}\n[service.policy]\nidle_threshold = \"{idle}\"\n",
         argv.join(", ")
     )
 }
@@ -370,7 +373,7 @@ fn memcached(to: SocketAddr, request: &str, last: &[&str]) -> Result<Vec<String>
 fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let root = dir.path().join("www");
     std::fs::create_dir(&root)?;
     // A page big enough that a truncated or stale answer shows.
@@ -387,7 +390,7 @@ fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Resul
              events {{ worker_connections 128; }}\n\
              http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
-             server {{ listen 127.0.0.1:{backend}; root {d}/www; }}\n}}\n"
+             server {{ listen {backend}; root {d}/www; }}\n}}\n"
         ),
     )?;
     let conf = conf.to_str().context("path")?;
@@ -406,9 +409,9 @@ fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Resul
     )?;
     // Init, master and two workers.
     expect_procs(name, 4, &up)?;
-    assert_eq!(http_get(addr(port), "/index.html")?, page);
+    assert_eq!(http_get(port, "/index.html")?, page);
     sleep_and_wake(&up, name, 3, |_| {
-        ensure!(http_get(addr(port), "/index.html")? == page, "wrong page");
+        ensure!(http_get(port, "/index.html")? == page, "wrong page");
         expect_procs(name, 4, &up)
     })?;
     Ok(())
@@ -418,7 +421,7 @@ fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Resul
 fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "forking.py", FORKING)?;
     let name = "trees-forking";
     let up = Up::start(
@@ -441,13 +444,13 @@ fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> 
     // Init, the listening parent and its two workers.
     expect_procs(name, 4, &up)?;
     let mut expected = 1;
-    ensure!(count_of(&http_get(addr(port), "/")?)? == expected);
+    ensure!(count_of(&http_get(port, "/")?)? == expected);
     let mut workers = BTreeSet::new();
     sleep_and_wake(&up, name, 3, |_| {
         // A few requests per wake, so either worker may answer.
         for _ in 0..4 {
             expected += 1;
-            let answer = http_get(addr(port), "/")?;
+            let answer = http_get(port, "/")?;
             ensure!(
                 count_of(&answer)? == expected,
                 "count should go on at {expected}: {answer:?}"
@@ -464,7 +467,7 @@ fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> 
 fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "daemon.py", DAEMON)?;
     let name = "trees-daemon";
     let up = Up::start(
@@ -485,11 +488,11 @@ fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> 
     )?;
     // The daemon's parents are gone: init and the orphaned daemon are left.
     expect_procs(name, 2, &up)?;
-    ensure!(http_get(addr(port), "/")? == "1");
+    ensure!(http_get(port, "/")? == "1");
     let mut expected = 1;
     sleep_and_wake(&up, name, 3, |_| {
         expected += 1;
-        let answer = http_get(addr(port), "/")?;
+        let answer = http_get(port, "/")?;
         ensure!(
             answer == expected.to_string(),
             "count should go on at {expected}: {answer:?}"
@@ -503,9 +506,9 @@ fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> 
 fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let name = "trees-redis";
-    let backend_s = backend.to_string();
+    let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
     let up = Up::start(
         POOL,
         &service(
@@ -513,9 +516,9 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
             &[
                 "redis-server",
                 "--port",
-                &backend_s,
+                &backend_port,
                 "--bind",
-                "127.0.0.1",
+                &backend_ip,
                 "--save",
                 "",
                 "--appendonly",
@@ -530,7 +533,7 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
             "",
         ),
     )?;
-    let gate = addr(port);
+    let gate = port;
     assert_eq!(
         redis_command(gate, &["SET", "first", "before-any-sleep"])?,
         "+OK"
@@ -554,9 +557,9 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
 #[test]
 fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let name = "trees-memcached";
-    let backend_s = backend.to_string();
+    let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
     let up = Up::start(
         POOL,
         &service(
@@ -564,9 +567,9 @@ fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() ->
             &[
                 "memcached",
                 "-l",
-                "127.0.0.1",
+                &backend_ip,
                 "-p",
-                &backend_s,
+                &backend_port,
                 "-U",
                 "0",
                 "-t",
@@ -583,7 +586,7 @@ fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() ->
             "",
         ),
     )?;
-    let gate = addr(port);
+    let gate = port;
     let set = |key: &str, value: &str| -> Result<()> {
         let got = memcached(
             gate,
@@ -612,7 +615,7 @@ fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() ->
 fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "holdmem.py", HOLDMEM)?;
     let name = "trees-nobody";
     let up = Up::start(
@@ -633,7 +636,7 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
             &format!("user = \"nobody\"\ncwd = \"{}\"", dir.path().display()),
         ),
     )?;
-    let first = http_get(addr(port), "/")?;
+    let first = http_get(port, "/")?;
     let (sum, count) = first.split_once(' ').context("answer")?;
     ensure!(count == "1", "{first}");
     let sum = sum.to_string();
@@ -641,7 +644,7 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
         ensure!(uid_of(p)? == 65534, "process {p} of {name} is not nobody");
     }
     sleep_and_wake(&up, name, 3, |round| {
-        let answer = http_get(addr(port), "/")?;
+        let answer = http_get(port, "/")?;
         ensure!(
             answer == format!("{sum} {}", round + 1),
             "memory or counter lost: {answer:?}"
@@ -658,7 +661,7 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
 fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "switch.py", SWITCHES_UID)?;
     let name = "trees-switch";
     let up = Up::start(
@@ -677,7 +680,7 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
             "",
         ),
     )?;
-    ensure!(http_get(addr(port), "/")? == "1 65534");
+    ensure!(http_get(port, "/")? == "1 65534");
     let uids: BTreeSet<u32> = cgroup_procs(name)?
         .into_iter()
         .map(uid_of)
@@ -691,7 +694,7 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
         let mut expected = 1;
         sleep_and_wake(&up, name, 2, |_| {
             expected += 1;
-            ensure!(http_get(addr(port), "/")? == format!("{expected} 65534"));
+            ensure!(http_get(port, "/")? == format!("{expected} 65534"));
             Ok(())
         })?;
         return Ok(());
@@ -730,7 +733,7 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
         first["pid"] == pid,
         "the service was not restarted: {first}"
     );
-    ensure!(http_get(addr(port), "/")? == "2 65534");
+    ensure!(http_get(port, "/")? == "2 65534");
     // Not retried in a tight loop: with a 200 ms idle threshold a loop would try again
     // every few hundred milliseconds. Whether the agent gives up for good or backs off, over
     // 20 idle thresholds no two attempts may come closer than a second. (A window to watch
@@ -758,7 +761,7 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
         s["state"] == "awake" && s["pid"] == pid && s["cold_starts"] == 0 && s["restarts"] == 0,
         "{s}"
     );
-    ensure!(http_get(addr(port), "/")? == "3 65534");
+    ensure!(http_get(port, "/")? == "3 65534");
     ensure!(
         up.service(name)?["failed_checkpoints"].as_u64() == Some(seen.len() as u64),
         "every refusal is a transition"
@@ -771,7 +774,7 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = open_dir()?;
     let forking = script(dir.path(), "forking.py", FORKING)?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let name = "trees-kill-armed";
     let services = service(
         name,
@@ -787,11 +790,11 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
         "300ms",
         "",
     );
-    let status = addr(free_port());
+    let status = own_addr();
     let cfg = Up::config(POOL, status, &services);
     let mut up = Up::spawn(&cfg, status)?;
     up.wait_ready(WAIT)?;
-    ensure!(count_of(&http_get(addr(port), "/")?)? == 1);
+    ensure!(count_of(&http_get(port, "/")?)? == 1);
     // Asleep with its next wake armed: CRIU and the restored tree wait, stopped, in the
     // service's cgroup.
     let s = up.wait_for(name, "asleep and armed", WAIT, |s| {
@@ -832,7 +835,7 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
     let dir = open_dir()?;
     let forking = script(dir.path(), "forking.py", FORKING)?;
     let daemon = script(dir.path(), "daemon.py", DAEMON)?;
-    let (fport, fbackend, dport, dbackend) = (free_port(), free_port(), free_port(), free_port());
+    let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = ["trees-kill-forking", "trees-kill-daemon"];
     let services = format!(
         "{}{}",
@@ -864,12 +867,12 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
             ""
         )
     );
-    let status = addr(free_port());
+    let status = own_addr();
     let cfg = Up::config(POOL, status, &services);
     let mut first = Up::spawn(&cfg, status)?;
     first.wait_ready(WAIT)?;
-    ensure!(count_of(&http_get(addr(fport), "/")?)? == 1);
-    ensure!(http_get(addr(dport), "/")? == "1");
+    ensure!(count_of(&http_get(fport, "/")?)? == 1);
+    ensure!(http_get(dport, "/")? == "1");
     let mut old = Vec::new();
     let mut old_cgroups = Vec::new();
     for name in names {
@@ -926,8 +929,8 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
         );
     }
     // Fresh services, answering (their counters start again).
-    ensure!(count_of(&http_get(addr(fport), "/")?)? == 1);
-    ensure!(http_get(addr(dport), "/")? == "1");
+    ensure!(count_of(&http_get(fport, "/")?)? == 1);
+    ensure!(http_get(dport, "/")? == "1");
     for name in names {
         let s = second.service(name)?;
         ensure!(s["state"] == "awake" && s["cold_starts"] == 0, "{s}");
@@ -949,10 +952,14 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
 }
 
 /// A config of a forking server and a daemon, both from scripts in `dir`, named `prefix-…`.
-fn two_trees(dir: &Path, prefix: &str, idle: &str) -> Result<(String, [String; 2], [u16; 2])> {
+fn two_trees(
+    dir: &Path,
+    prefix: &str,
+    idle: &str,
+) -> Result<(String, [String; 2], [SocketAddr; 2])> {
     let forking = script(dir, "forking.py", FORKING)?;
     let daemon = script(dir, "daemon.py", DAEMON)?;
-    let (fport, fbackend, dport, dbackend) = (free_port(), free_port(), free_port(), free_port());
+    let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = [format!("{prefix}-forking"), format!("{prefix}-daemon")];
     let services = format!(
         "{}{}",
@@ -1047,7 +1054,7 @@ fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing()
     for delay_ms in [10, 30, 100, 300] {
         let dir = open_dir()?;
         let (services, names, _) = two_trees(dir.path(), "trees-term", "1h")?;
-        let status = addr(free_port());
+        let status = own_addr();
         let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
         let pid = up.pid()?;
         ensure!(
@@ -1093,13 +1100,13 @@ fn sigterm_while_a_service_is_still_starting_stops_it_at_once_and_exits_0() -> R
     let services = service(
         &name,
         &["/usr/bin/python3", slow.to_str().context("path")?],
-        free_port(),
-        free_port(),
+        own_addr(),
+        own_addr(),
         "http",
         "1h",
         "start_timeout = \"600s\"",
     );
-    let status = addr(free_port());
+    let status = own_addr();
     let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
     // Once its processes are in its cgroup the agent is inside its start, waiting for the
     // service to accept connections (which it never does).
@@ -1133,7 +1140,7 @@ fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()
     for moment in ["checkpointing", "waking"] {
         let dir = open_dir()?;
         let path = script(dir.path(), "holdmem.py", HOLDMEM)?;
-        let (port, backend) = (free_port(), free_port());
+        let (port, backend) = (own_addr(), own_addr());
         let name = format!("trees-term-{moment}");
         // Enough memory that the checkpoint and the restore take a while.
         let services = service(
@@ -1150,13 +1157,13 @@ fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()
             "200ms",
             "",
         );
-        let status = addr(free_port());
+        let status = own_addr();
         let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
         up.wait_ready(WAIT)?;
         if moment == "waking" {
             up.wait_state(&name, "asleep", WAIT)?;
             // A held request starts the wake; it gets an error or an answer, either is fine.
-            std::thread::spawn(move || http_get(addr(port), "/"));
+            std::thread::spawn(move || http_get(port, "/"));
         }
         up.wait_state(&name, moment, WAIT)?;
         let code = up.signal_and_wait(Signal::SIGTERM, WAIT)?;
@@ -1186,7 +1193,7 @@ fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
         "late.py",
         &format!("import time\ntime.sleep(1.5)\n{}", HOLDMEM),
     )?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let name = "trees-late".to_string();
     let services = service(
         &name,
@@ -1202,7 +1209,7 @@ fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
         "1h",
         "",
     );
-    let status = addr(free_port());
+    let status = own_addr();
     let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
     let deadline = Instant::now() + WAIT;
     while cgroup_procs(&name)?.len() < 2 {
@@ -1230,7 +1237,7 @@ fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
     let text = up.status_text()?;
     ensure!(text.contains(&name) && text.contains("awake"), "{text}");
     ensure!(up.log_text().contains("ready"), "{}", up.log_text());
-    let answer = http_get(addr(port), "/")?;
+    let answer = http_get(port, "/")?;
     ensure!(answer.ends_with(" 1"), "{answer:?}");
     ensure!(up.stop()?.success());
     nothing_left(dir.path(), &[name], "")

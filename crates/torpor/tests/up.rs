@@ -2,6 +2,7 @@
 //! request behind their gates, with real CRIU, as root.
 
 use std::{
+    net::SocketAddr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -15,16 +16,22 @@ use torpor_bench::harness::{redis_command, PoolProcess};
 
 mod common;
 
-use common::{addr, exe, free_port, http_get, Up, EMBEDDED, SERIAL};
-
-fn sample_http(name: &str, port: u16, backend: u16, memory: &str, idle: &str) -> String {
+use common::{exe, http_get, Up, EMBEDDED};
+use torpor_testkit::{own_addr, SERIAL};
+fn sample_http(
+    name: &str,
+    port: SocketAddr,
+    backend: SocketAddr,
+    memory: &str,
+    idle: &str,
+) -> String {
     format!(
         r#"
 [[service]]
 name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "127.0.0.1:{backend}", "--memory", "{memory}"]
-listen = "127.0.0.1:{port}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
+listen = "{port}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "{idle}"
 "#,
@@ -46,10 +53,10 @@ async fn get(
 #[test]
 fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (web, grpc, grpc_backend) = (free_port(), free_port(), free_port());
+    let (web, grpc, grpc_backend) = (own_addr(), own_addr(), own_addr());
     let services = format!(
-        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"127.0.0.1:{grpc_backend}\"]\nlisten = \"127.0.0.1:{grpc}\"\nbackend = \"127.0.0.1:{grpc_backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        sample_http("web", web, free_port(), "32MiB", "200ms"),
+        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"{grpc_backend}\"]\nlisten = \"{grpc}\"\nbackend = \"{grpc_backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        sample_http("web", web, own_addr(), "32MiB", "200ms"),
         exe()
     );
     let mut up = Up::start(EMBEDDED, &services)?;
@@ -63,7 +70,7 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Re
         for _ in 0..500 {
             let client = client.clone();
             tasks.push(tokio::spawn(async move {
-                get(&client, format!("http://127.0.0.1:{web}/ping")).await
+                get(&client, format!("http://{web}/ping")).await
             }));
         }
         for t in tasks {
@@ -73,8 +80,8 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Re
         use tonic_health::pb::{
             health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
         };
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))?
-            .connect_lazy();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?.connect_lazy();
         let mut tasks = Vec::new();
         for _ in 0..500 {
             let mut c = HealthClient::new(channel.clone());
@@ -111,10 +118,12 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Re
 #[test]
 fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     let services = format!(
-        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{backend}\", \"--bind\", \"127.0.0.1\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        backend.port(),
+        backend.ip(),
         dir.path().display()
     );
     let up = Up::start(EMBEDDED, &services)?;
@@ -122,7 +131,7 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
         up.wait_state("kv", "asleep", Duration::from_secs(30))?;
         assert_eq!(
             redis_command(
-                addr(port),
+                port,
                 &["SET", &format!("key{round}"), &format!("value{round}")]
             )?,
             "+OK"
@@ -130,7 +139,7 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
         up.wait_state("kv", "asleep", Duration::from_secs(30))?;
         for k in 0..=round {
             assert_eq!(
-                redis_command(addr(port), &["GET", &format!("key{k}")])?,
+                redis_command(port, &["GET", &format!("key{k}")])?,
                 format!("value{k}")
             );
         }
@@ -144,10 +153,10 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
 #[test]
 fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let web = free_port();
+    let web = own_addr();
     let up = Up::start(
         EMBEDDED,
-        &sample_http("big", web, free_port(), "512MiB", "300ms"),
+        &sample_http("big", web, own_addr(), "512MiB", "300ms"),
     )?;
     let expected = torpor_workload::expected_sum(512 << 20, 1);
     // It falls asleep right after start; wake it, then catch its next checkpoint. A
@@ -156,9 +165,9 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> 
     for attempt in 0..3 {
         up.wait_state("big", "asleep", Duration::from_secs(30))?;
         let before = up.service("big")?;
-        assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+        assert_eq!(http_get(web, "/ping")?, "PONG");
         up.wait_state("big", "checkpointing", Duration::from_secs(30))?;
-        let sum = http_get(addr(web), "/sum").with_context(|| up.log_text())?;
+        let sum = http_get(web, "/sum").with_context(|| up.log_text())?;
         assert_eq!(sum, expected, "answered by the restored service");
         let s = up.service("big")?;
         if s["failed_checkpoints"] != before["failed_checkpoints"] {
@@ -195,15 +204,15 @@ fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered(
         pool.target.addr,
         pool.token_file().display()
     );
-    let web = free_port();
+    let web = own_addr();
     let up = Up::start(
         &pool_cfg,
-        &sample_http("web", web, free_port(), "16MiB", "200ms"),
+        &sample_http("web", web, own_addr(), "16MiB", "200ms"),
     )?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     // The node's snapshots carry its namespace in a shared pool.
     assert_eq!(pool.target.connect()?.delete("uptest.web", None)?, 1);
-    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    assert_eq!(http_get(web, "/ping")?, "PONG");
     let s = up.service("web")?;
     assert_eq!(s["cold_starts"], 1, "{s}");
     assert_eq!(s["snapshots_lost"], 1, "{s}");
@@ -225,11 +234,8 @@ fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered(
 fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let iptables_before = Command::new("iptables").arg("-S").output()?.stdout;
-    let web = free_port();
-    let mut up = Up::start(
-        EMBEDDED,
-        &sample_http("web", web, free_port(), "8MiB", "1h"),
-    )?;
+    let web = own_addr();
+    let mut up = Up::start(EMBEDDED, &sample_http("web", web, own_addr(), "8MiB", "1h"))?;
     let s = up.wait_state("web", "awake", Duration::from_secs(10))?;
     let pid = s["pid"].as_i64().context("pid")? as i32;
     nix::sys::signal::kill(
@@ -245,7 +251,7 @@ fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result
         anyhow::ensure!(Instant::now() < deadline, "not restarted: {s}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    assert_eq!(http_get(web, "/ping")?, "PONG");
     let new_pid = up.service("web")?["pid"].as_i64().context("pid")? as i32;
     assert!(up.stop()?.success(), "graceful stop");
     assert!(
@@ -261,8 +267,8 @@ fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result
     Ok(())
 }
 
-/// A busybox OCI bundle serving `body` with httpd on the host's loopback at `port`.
-fn busybox_bundle(dir: &Path, port: u16, body: &str) -> Result<std::path::PathBuf> {
+/// A busybox OCI bundle serving `body` with httpd on the host's loopback at `addr`.
+fn busybox_bundle(dir: &Path, addr: SocketAddr, body: &str) -> Result<std::path::PathBuf> {
     let bundle = dir.join("bundle");
     let rootfs = bundle.join("rootfs");
     for d in ["bin", "www", "tmp"] {
@@ -284,14 +290,8 @@ fn busybox_bundle(dir: &Path, port: u16, body: &str) -> Result<std::path::PathBu
     let path = bundle.join("config.json");
     let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
     spec["process"]["terminal"] = false.into();
-    spec["process"]["args"] = serde_json::json!([
-        "/bin/httpd",
-        "-f",
-        "-p",
-        format!("127.0.0.1:{port}"),
-        "-h",
-        "/www"
-    ]);
+    spec["process"]["args"] =
+        serde_json::json!(["/bin/httpd", "-f", "-p", addr.to_string(), "-h", "/www"]);
     spec["root"]["readonly"] = false.into();
     // The host's network namespace, so the gate reaches it on loopback.
     let ns = spec["linux"]["namespaces"]
@@ -307,16 +307,16 @@ fn busybox_bundle(dir: &Path, port: u16, body: &str) -> Result<std::path::PathBu
 fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "hello from a container\n")?;
     let services = format!(
-        "[[service]]\nname = \"box\"\nbundle = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        "[[service]]\nname = \"box\"\nbundle = \"{}\"\nlisten = \"{port}\"\nbackend = \"{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
         bundle.display()
     );
     let mut up = Up::start(EMBEDDED, &services)?;
     for _ in 0..2 {
         up.wait_state("box", "asleep", Duration::from_secs(30))?;
-        let body = http_get(addr(port), "/index.html").with_context(|| up.log_text())?;
+        let body = http_get(port, "/index.html").with_context(|| up.log_text())?;
         assert_eq!(body, "hello from a container\n");
     }
     let s = up.service("box")?;
@@ -336,10 +336,10 @@ fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
 fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
-    let (port, backend) = (free_port(), free_port());
+    let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "still here\n")?;
     let services = format!(
-        "[[service]]\nname = \"boxfull\"\nbundle = \"{}\"\nlisten = \"127.0.0.1:{port}\"\nbackend = \"127.0.0.1:{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        "[[service]]\nname = \"boxfull\"\nbundle = \"{}\"\nlisten = \"{port}\"\nbackend = \"{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
         bundle.display()
     );
     // Far too small for the container's images: the upload is refused after the dump, while
@@ -352,7 +352,7 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
         |s| s["failed_checkpoints"].as_u64() >= Some(1) && s["state"] == "awake",
     )?;
     // Not left frozen: it answers at once (through the gate and directly).
-    let body = http_get(addr(backend), "/index.html").with_context(|| up.log_text())?;
+    let body = http_get(backend, "/index.html").with_context(|| up.log_text())?;
     assert_eq!(body, "still here\n");
     let state = Command::new("runc")
         .args(["state", "torpor-boxfull"])
@@ -366,16 +366,16 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
 #[test]
 fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let web = free_port();
+    let web = own_addr();
     let up = Up::start(
         EMBEDDED,
-        &sample_http("tick", web, free_port(), "16MiB", "200ms"),
+        &sample_http("tick", web, own_addr(), "16MiB", "200ms"),
     )?;
     let period = Duration::from_millis(1500);
     let mut late = Vec::new();
     for i in 0..14 {
         let t0 = Instant::now();
-        assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+        assert_eq!(http_get(web, "/ping")?, "PONG");
         let took = t0.elapsed();
         // Once eight gaps are known, the agent restores ahead of each next request.
         if i >= 10 {
@@ -495,10 +495,10 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
     let hooks = tree.path().join("hooks.log");
     let journal = tree.path().join("run/knobs.json");
     let power = knob_config(tree.path());
-    let web = free_port();
+    let web = own_addr();
     let mut up = Up::start(
         &format!("{EMBEDDED}\n{power}"),
-        &sample_http("web", web, free_port(), "8MiB", "200ms"),
+        &sample_http("web", web, own_addr(), "8MiB", "200ms"),
     )?;
     wait_node_asleep(&up, &hooks)?;
     let fake = |p: &str| {
@@ -541,7 +541,7 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
     );
 
     // A request wakes the node (wake hook), holds PM QoS, and the service comes back pinned.
-    assert_eq!(http_get(addr(web), "/ping")?, "PONG");
+    assert_eq!(http_get(web, "/ping")?, "PONG");
     assert_eq!(std::fs::read_to_string(&hooks)?.trim(), "sleep\nwake");
     assert_eq!(
         std::fs::read(tree.path().join("dev/cpu_dma_latency"))?,
@@ -597,10 +597,10 @@ fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     let hooks = tree.path().join("hooks.log");
     let journal = tree.path().join("run/knobs.json");
     let config = format!("{EMBEDDED}\n{}", knob_config(tree.path()));
-    let web = free_port();
+    let web = own_addr();
     let mut up = Up::start(
         &config,
-        &sample_http("web", web, free_port(), "8MiB", "200ms"),
+        &sample_http("web", web, own_addr(), "8MiB", "200ms"),
     )?;
     wait_node_asleep(&up, &hooks)?;
     // The agent dies without cleaning up: the journal keeps what it changed.
@@ -609,7 +609,7 @@ fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     child.wait()?;
     assert!(journal.exists(), "changes journaled");
     // The next start puts everything back first (the wake hook runs), then plans afresh.
-    let mut again = Up::start(&config, &sample_http("web", web, free_port(), "8MiB", "1h"))?;
+    let mut again = Up::start(&config, &sample_http("web", web, own_addr(), "8MiB", "1h"))?;
     assert_eq!(std::fs::read_to_string(&hooks)?.trim(), "sleep\nwake");
     assert!(
         again

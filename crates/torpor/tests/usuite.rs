@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use torpor_testkit::own_addr;
 use torpor_usuite::{
     data::term_name,
     hdsearch,
@@ -21,10 +22,6 @@ use torpor_usuite::{
 
 fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_torpor")
-}
-
-fn free_port() -> u16 {
-    torpor_bench::harness::free_port().expect("a free port")
 }
 
 fn data() -> DataArgs {
@@ -63,8 +60,8 @@ fn tiers(service: Service, d: &DataArgs, memcached: &[SocketAddr]) -> (String, D
     let mut bucket_gates = Vec::new();
     let mut names = Vec::new();
     for shard in 0..2 {
-        let (gate, backend) = (free_port(), free_port());
-        bucket_gates.push(format!("127.0.0.1:{gate}"));
+        let (gate, backend) = (own_addr(), own_addr());
+        bucket_gates.push(format!("{gate}"));
         let extra = match (service, memcached.get(shard)) {
             (Service::Router, Some(m)) => format!(r#", "--memcached", "{m}""#),
             _ => String::new(),
@@ -74,24 +71,24 @@ fn tiers(service: Service, d: &DataArgs, memcached: &[SocketAddr]) -> (String, D
             r#"
 [[service]]
 name = "{name}-b{shard}"
-command = ["{exe}", "usuite", "{name}", "bucket", "--listen", "127.0.0.1:{backend}", "--shard", "{shard}", "--shards", "2"{extra}, {data}]
-listen = "127.0.0.1:{gate}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "usuite", "{name}", "bucket", "--listen", "{backend}", "--shard", "{shard}", "--shards", "2"{extra}, {data}]
+listen = "{gate}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "300ms"
 "#,
             exe = exe()
         ));
     }
-    let (gate, backend) = (free_port(), free_port());
+    let (gate, backend) = (own_addr(), own_addr());
     names.push(format!("{name}-mid"));
     toml.push_str(&format!(
         r#"
 [[service]]
 name = "{name}-mid"
-command = ["{exe}", "usuite", "{name}", "mid", "--listen", "127.0.0.1:{backend}", "--buckets", "{buckets}", {data}]
-listen = "127.0.0.1:{gate}"
-backend = "127.0.0.1:{backend}"
+command = ["{exe}", "usuite", "{name}", "mid", "--listen", "{backend}", "--buckets", "{buckets}", {data}]
+listen = "{gate}"
+backend = "{backend}"
 [service.policy]
 idle_threshold = "300ms"
 "#,
@@ -102,7 +99,7 @@ idle_threshold = "300ms"
         toml,
         Deployed {
             service,
-            mid_gate: ([127, 0, 0, 1], gate).into(),
+            mid_gate: gate,
             tiers: names,
         },
     )
@@ -254,7 +251,7 @@ fn every_usuite_service_answers_through_the_gates_asleep_and_awake() -> Result<(
         deployed.push(dep);
     }
     let dir = tempfile::tempdir()?;
-    let status: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let status = own_addr();
     let cfg = format!("[pool]\ncapacity = \"1GiB\"\n[status]\nlisten = \"{status}\"\n{services}");
     std::fs::write(dir.path().join("torpor.toml"), cfg)?;
     let log = dir.path().join("up.log");

@@ -416,12 +416,7 @@ pub const DEFAULT_STATUS: &str = "127.0.0.1:7079";
 fn duration(key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
-        Some(s) => humantime::parse_duration(s).map_err(|e| {
-            invalid(
-                key,
-                format!("{s:?} is not a duration like 500ms or 30s ({e})"),
-            )
-        }),
+        Some(s) => torpor_image::parse_duration(s).map_err(|e| invalid(key, e.to_string())),
     }
 }
 
@@ -771,7 +766,9 @@ impl Config {
                 ));
             }
             let p = &s.policy;
-            let max_sleep_rate = p.max_sleep_rate.unwrap_or(10.0);
+            // What the file leaves out is the policy's own default.
+            let defaults = PolicyConfig::default();
+            let max_sleep_rate = p.max_sleep_rate.unwrap_or(defaults.max_sleep_rate);
             if !(max_sleep_rate >= 0.0 && max_sleep_rate.is_finite()) {
                 return Err(invalid(
                     k("policy.max_sleep_rate"),
@@ -808,7 +805,7 @@ impl Config {
                 idle_threshold: duration(
                     &k("policy.idle_threshold"),
                     p.idle_threshold.as_deref(),
-                    Duration::from_millis(500),
+                    defaults.idle_threshold,
                 )?,
                 max_sleep_rate,
                 wake_objective: match &p.wake_objective {
@@ -822,10 +819,10 @@ impl Config {
                 memory_tier_max_bytes: size(
                     &k("policy.memory_tier_max"),
                     p.memory_tier_max.as_deref(),
-                    1 << 30,
+                    defaults.memory_tier_max_bytes,
                 )?,
                 governor: match p.governor.as_deref() {
-                    None => Governor::default(),
+                    None => defaults.governor,
                     Some(g) => Governor::parse(g).ok_or_else(|| {
                         invalid(
                             k("policy.governor"),
@@ -833,7 +830,7 @@ impl Config {
                         )
                     })?,
                 },
-                ..PolicyConfig::default()
+                ..defaults
             };
             // Lazy by default for process trees; containers restore eagerly through runc.
             let default_restore = match launch {

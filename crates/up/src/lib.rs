@@ -426,13 +426,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn read_token(file: Option<&std::path::Path>) -> Result<String, UpError> {
-    Ok(match file {
-        Some(f) => torpor_pool::read_token_file(f).map_err(UpError::Token)?,
-        None => String::new(),
-    })
-}
-
 /// A remote pool as configured: its token, pinned certificate (and client identity); a
 /// plaintext pool off this host fails here, not at the first checkpoint.
 fn remote_target(
@@ -442,7 +435,7 @@ fn remote_target(
     tls_client: Option<&(PathBuf, PathBuf)>,
     insecure: bool,
 ) -> Result<(PoolTarget, String), UpError> {
-    let token = read_token(token_file)?;
+    let token = torpor_pool::read_token(token_file).map_err(UpError::Token)?;
     let tls = match tls_cert {
         Some(cert) => Some(
             torpor_pool::ClientTls::pinned(

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
@@ -21,8 +21,9 @@ use crate::{
     reload::{LastReload, ReloadReport},
 };
 
-/// The `/status` document.
-#[derive(Debug, Serialize)]
+/// The `/status` document, served by `torpor up` and read back by `torpor status`. The parts
+/// added after the first version default when absent, so an older `torpor up` still reads.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StatusDoc {
     pub uptime_s: f64,
     pub services: Vec<ServiceStatus>,
@@ -30,10 +31,13 @@ pub struct StatusDoc {
     /// The node's energy account (its power history is at `/energy`).
     pub energy: Option<EnergyReport>,
     /// Power knob changes in force now.
+    #[serde(default)]
     pub knobs: Vec<String>,
     /// Recent manual commands (who, when, what came of them), oldest first.
+    #[serde(default)]
     pub manual: Vec<ManualAction>,
     /// Where the control endpoint is (for `torpor sleep --addr`).
+    #[serde(default)]
     pub control: ControlHint,
     /// The last reload of the configuration (when, who, what came of it), if any.
     pub last_reload: Option<ReloadReport>,

@@ -9,15 +9,12 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 
-/// Tests that start `torpor up` run one at a time: the machine has 2 cores, and CRIU timings
-/// matter.
-pub static SERIAL: Mutex<()> = Mutex::new(());
+use torpor_testkit::own_addr;
 
 /// An embedded pool large enough for every test service here.
 pub const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
@@ -35,22 +32,6 @@ pub fn criu() -> torpor_criu::CriuBinary {
     torpor_criu::CriuBinary::locate().expect("CRIU is installed by the README's test command")
 }
 
-/// For tests that run CRIU themselves: one at a time (CRIU's network lock takes the host's
-/// iptables), with this process as the subreaper of what they checkpoint.
-pub fn criu_setup() -> std::sync::MutexGuard<'static, ()> {
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    torpor_bench::harness::become_subreaper().expect("become the subreaper");
-    guard
-}
-
-pub fn free_port() -> u16 {
-    torpor_bench::harness::free_port().expect("a free port")
-}
-
-pub fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
 /// A running `torpor up`, stopped with SIGTERM when dropped.
 pub struct Up {
     pub child: Option<Child>,
@@ -66,7 +47,7 @@ impl Up {
     /// Starts `torpor up` with the pool section `pool` and the services `services` (a status
     /// section on a free port is added) and waits until it is ready.
     pub fn start(pool: &str, services: &str) -> Result<Up> {
-        let status = addr(free_port());
+        let status = own_addr();
         let mut up = Up::spawn(&Up::config(pool, status, services), status)?;
         up.wait_ready(Duration::from_secs(60))?;
         Ok(up)

@@ -62,7 +62,7 @@ enum PowerCmd {
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
-    let d = torpor_loadgen::cli::duration_arg(s)?;
+    let d = torpor_image::duration_arg(s)?;
     if d < Duration::from_millis(10) {
         return Err("an interval under 10ms measures nothing but the sampling".into());
     }

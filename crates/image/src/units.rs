@@ -1,4 +1,9 @@
-//! Human byte sizes (`64MiB`, `8GiB`, `1500000`) as users type them on the command line.
+//! Units as people write and read them, on the command line and in config files: byte sizes
+//! (`64MiB`, `8GiB`, `1500000`), durations (`500ms`, `30s`, `2m`) and wall-clock times. The one
+//! parser of each: every flag, config key and spec that takes a size or a duration goes through
+//! here, so they all accept the same spellings and say the same thing when refusing one.
+
+use std::time::{Duration, UNIX_EPOCH};
 
 use thiserror::Error;
 
@@ -53,6 +58,40 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::Overflow(input.to_string()))
 }
 
+/// Why a duration string was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{input:?} is not a duration like 500ms, 30s or 2m ({reason})")]
+pub struct DurationError {
+    /// What was given, quoted in the message.
+    pub input: String,
+    /// What the parser found wrong with it.
+    pub reason: String,
+}
+
+/// Parses a duration: numbers with units (`ns`, `us`, `ms`, `s`, `m`, `h`, `d`, …), summed
+/// (`1m 30s`); surrounding white space is ignored.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(input.trim()).map_err(|e| DurationError {
+        input: input.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// [`parse_size`] as a clap value parser (the error as text).
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// [`parse_duration`] as a clap value parser (the error as text).
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time (to the second).
+pub fn unix_ms_to_utc(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 /// Formats bytes with a binary unit, e.g. `256.0 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -97,7 +136,22 @@ mod tests {
     }
 
     #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 2m "), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        let e = parse_duration("soon").unwrap_err();
+        assert!(
+            e.to_string().starts_with("\"soon\" is not a duration"),
+            "{e}"
+        );
+        assert!(duration_arg("5 parsecs").is_err());
+        assert_eq!(size_arg("1k"), Ok(1024));
+    }
+
+    #[test]
     fn formats() {
+        assert_eq!(unix_ms_to_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_bytes(512), "512 B");
         assert_eq!(format_bytes(256 << 20), "256.0 MiB");
     }

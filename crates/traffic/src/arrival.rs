@@ -47,12 +47,7 @@ pub enum Dist {
 }
 
 fn seconds(spec: &str, text: &str) -> Result<f64, SpecError> {
-    let d = humantime::parse_duration(text.trim()).map_err(|e| {
-        spec_error(
-            spec,
-            format!("{text:?} is not a duration like 2s or 500ms ({e})"),
-        )
-    })?;
+    let d = torpor_image::parse_duration(text).map_err(|e| spec_error(spec, e.to_string()))?;
     Ok(d.as_secs_f64())
 }
 
