@@ -25,6 +25,7 @@ use std::{
     io,
     net::SocketAddrV4,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
 };
 
 use tracing::debug;
@@ -54,8 +55,9 @@ fn bpf_err(what: &'static str) -> impl FnOnce(io::Error) -> SteerError {
 /// The agent drives it through this trait, so its ordering (unsteer before a checkpoint,
 /// steer after a wake) is tested with a fake.
 pub trait Steering: Send + Sync + std::fmt::Debug {
-    /// New connections go to `listener`, a listening TCP socket (the service's own).
-    fn steer(&self, listener: BorrowedFd<'_>) -> Result<(), SteerError>;
+    /// New connections go to the socket listening on `backend` in the process tree of `pid`
+    /// (the service as the agent started or restored it).
+    fn steer(&self, pid: i32, backend: SocketAddrV4) -> Result<(), SteerError>;
     /// New connections go to the gate again. Idempotent.
     fn unsteer(&self) -> Result<(), SteerError>;
     /// Connections handed to the service so far: arrivals the gate never saw.
@@ -72,6 +74,8 @@ pub struct KernelSteering {
     counters: OwnedFd,
     /// Dropped last: closing it detaches the program.
     _link: OwnedFd,
+    /// Where processes' sockets are looked up (`/proc`).
+    proc: PathBuf,
 }
 
 impl KernelSteering {
@@ -97,6 +101,7 @@ impl KernelSteering {
             sockets,
             counters,
             _link: link,
+            proc: PathBuf::from("/proc"),
         })
     }
 
@@ -114,12 +119,18 @@ impl KernelSteering {
     pub fn public(&self) -> SocketAddrV4 {
         self.public
     }
+
+    /// New connections go to `listener`, a listening TCP socket.
+    pub fn steer_to(&self, listener: BorrowedFd<'_>) -> Result<(), SteerError> {
+        bpf::sockmap_set(self.sockets.as_fd(), 0, listener)
+            .map_err(bpf_err("putting the service's socket in the SOCKMAP"))
+    }
 }
 
 impl Steering for KernelSteering {
-    fn steer(&self, listener: BorrowedFd<'_>) -> Result<(), SteerError> {
-        bpf::sockmap_set(self.sockets.as_fd(), 0, listener)
-            .map_err(bpf_err("putting the service's socket in the SOCKMAP"))
+    fn steer(&self, pid: i32, backend: SocketAddrV4) -> Result<(), SteerError> {
+        let listener = socket::service_listener(&self.proc, pid, backend)?;
+        self.steer_to(listener.as_fd())
     }
 
     fn unsteer(&self) -> Result<(), SteerError> {

@@ -89,7 +89,7 @@ fn connections_go_to_the_service_only_while_steered() -> Result<()> {
         // address in its tree, through pidfd_getfd. Our copy accepts what it is given.
         let child = Service::start()?;
         let taken = socket::service_listener(Path::new("/proc"), child.pid(), child.addr)?;
-        let service = TcpListener::from(taken.try_clone()?);
+        let service = TcpListener::from(taken);
         for l in [&gate, &service, &other] {
             l.set_nonblocking(true)?;
         }
@@ -98,7 +98,7 @@ fn connections_go_to_the_service_only_while_steered() -> Result<()> {
             "gate",
             "nothing in the map yet"
         );
-        steering.steer(taken.as_fd())?;
+        steering.steer(child.pid(), child.addr)?;
         for _ in 0..3 {
             assert_eq!(who_takes(public, &gate, &service)?, "service");
         }
@@ -112,7 +112,7 @@ fn connections_go_to_the_service_only_while_steered() -> Result<()> {
         assert_eq!(who_takes(public, &gate, &service)?, "gate");
         assert_eq!(steering.steered()?, 3);
 
-        steering.steer(taken.as_fd())?;
+        steering.steer(child.pid(), child.addr)?;
         assert_eq!(who_takes(public, &gate, &service)?, "service");
         drop(steering); // detaches the program
         assert_eq!(who_takes(public, &gate, &service)?, "gate");
@@ -129,7 +129,7 @@ fn a_closed_service_socket_leaves_connections_to_the_gate() -> Result<()> {
         let steering = KernelSteering::attach_here(public)?;
         {
             let service = TcpListener::bind("127.0.0.1:0")?;
-            steering.steer(service.as_fd())?;
+            steering.steer_to(service.as_fd())?;
         } // the service exits: the kernel drops its socket from the map
         let dummy = TcpListener::bind("127.0.0.1:0")?;
         dummy.set_nonblocking(true)?;
