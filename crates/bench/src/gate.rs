@@ -1,14 +1,18 @@
 //! `torpor bench gate`: what the gate costs while a service is awake, and what a wake costs.
 //!
 //! * Warm overhead: the same open-loop load (fixed rate, Poisson arrivals) sent directly to a
-//!   sample service and through its gate, in the same run: p50/p99 and their ratio; then the
-//!   highest sustained rate of each (closed loop, fixed concurrency) and their ratio.
+//!   sample service, through its gate (proxy) and to the gate's address with kernel steering
+//!   (the sk_lookup program hands each connection to the service's own socket), in the same
+//!   run: p50/p99 and their ratio; then the highest sustained rate of each (closed loop, fixed
+//!   concurrency, the three interleaved `--repeat` times, medians) and its ratio to direct.
+//!   The warm part runs in a network namespace of its own, so the program never touches the
+//!   host's socket lookup.
 //! * Wake latency: time to first response for a request that finds the service asleep
 //!   (restore from the pool through the gate), per footprint, next to a cold start from the
 //!   command and to stock CRIU restoring from /dev/shm.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,6 +27,7 @@ use tokio::time::Instant;
 use torpor_agent::ServiceState;
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
+use torpor_steer::{KernelSteering, Steering};
 
 use crate::{
     cr::stock_criu_round,
@@ -72,13 +77,25 @@ pub struct WarmReport {
     pub offered_rate: f64,
     pub direct: LoadResult,
     pub gate: LoadResult,
+    /// To the gate's address, steered in the kernel to the service's socket.
+    pub kernel: LoadResult,
     /// Gate p50 minus direct p50.
     pub added_p50_us: Option<f64>,
     pub p99_ratio: Option<f64>,
+    /// Kernel-steered p50 minus direct p50.
+    pub added_p50_kernel_us: Option<f64>,
+    pub p99_kernel_ratio: Option<f64>,
+    /// Medians over the interleaved repeats.
     pub max_rate_direct: f64,
     pub max_rate_gate: f64,
+    pub max_rate_kernel: f64,
     /// Gate's highest sustained rate over direct's.
     pub max_rate_ratio: f64,
+    /// Kernel steering's highest sustained rate over direct's.
+    pub max_rate_kernel_ratio: f64,
+    /// Connections the sk_lookup program handed to the service (its counter): proof that the
+    /// kernel figures did not go through the gate.
+    pub kernel_steered_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,8 +241,27 @@ async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
 pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
     crate::harness::become_subreaper()?;
     let exe = std::env::current_exe()?;
+    let quiet = args.json;
+    let say = move |m: String| {
+        if !quiet {
+            eprintln!("bench gate: {m}");
+        }
+    };
+    // The warm part in a network namespace of its own: a thread that enters it before its
+    // runtime starts, so the runtime's threads and the service it spawns are all inside.
+    let warm = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<WarmReport, ExperimentError> {
+                torpor_steer::netns::enter_private()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                rt.block_on(measure_warm(criu, &exe, args, &say))
+            })
+            .join()
+            .expect("warm measurement panicked")
+    })?;
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(measure(criu, &exe, args))?;
+    let wake = rt.block_on(measure_wake(criu, &exe, args, &say))?;
+    let report = GateReport { warm, wake };
     if args.json {
         println!(
             "{}",
@@ -237,42 +273,94 @@ pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
     Ok(())
 }
 
-async fn measure(
+fn added(path: Option<f64>, direct: Option<f64>) -> Option<f64> {
+    Some(path? - direct?)
+}
+
+async fn measure_warm(
     criu: &CriuBinary,
     exe: &Path,
     args: &GateArgs,
-) -> Result<GateReport, ExperimentError> {
-    let quiet = args.json;
-    let say = |m: String| {
-        if !quiet {
-            eprintln!("bench gate: {m}");
-        }
-    };
+    say: &impl Fn(String),
+) -> Result<WarmReport, ExperimentError> {
     say(format!(
-        "warm overhead at {} req/s for {:?}, direct vs through the gate",
+        "warm overhead at {} req/s for {:?}: direct, through the gate, kernel-steered",
         args.rate, args.duration
     ));
     let svc = OneService::start(exe, criu, 16 << 20, "1h").await?;
+    let steering = steer_to_service(&svc)?;
+    // Unsteered, the gate's address reaches the gate; steered, the service.
     let direct = open_loop(svc.backend, args.rate, args.duration, 1).await;
+    steering.unsteer()?;
     let gate = open_loop(svc.gate, args.rate, args.duration, 1).await;
-    say("highest sustained rate (closed loop, 16 workers)".into());
-    let max_direct = max_rate(svc.backend, 16, Duration::from_secs(3)).await;
-    let max_gate = max_rate(svc.gate, 16, Duration::from_secs(3)).await;
+    let (pid, backend) = service_socket(&svc)?;
+    steering.steer(pid, backend)?;
+    let kernel = open_loop(svc.gate, args.rate, args.duration, 1).await;
+    say(format!(
+        "highest sustained rate (closed loop, 16 workers, {} rounds)",
+        args.repeat
+    ));
+    let (mut direct_r, mut gate_r, mut kernel_r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.repeat {
+        direct_r.push(max_rate(svc.backend, 16, Duration::from_secs(3)).await);
+        kernel_r.push(max_rate(svc.gate, 16, Duration::from_secs(3)).await);
+        steering.unsteer()?;
+        gate_r.push(max_rate(svc.gate, 16, Duration::from_secs(3)).await);
+        steering.steer(pid, backend)?;
+    }
+    let kernel_steered_connections = steering.steered()?;
+    drop(steering);
     svc.stop().await?;
-    let warm = WarmReport {
+    let [max_direct, max_gate, max_kernel] =
+        [direct_r, gate_r, kernel_r].map(|v| median(&v).unwrap_or(0.0));
+    Ok(WarmReport {
         offered_rate: args.rate,
-        added_p50_us: match (gate.p50_us, direct.p50_us) {
-            (Some(g), Some(d)) => Some(g - d),
-            _ => None,
-        },
+        added_p50_us: added(gate.p50_us, direct.p50_us),
         p99_ratio: ratio(gate.p99_us, direct.p99_us),
+        added_p50_kernel_us: added(kernel.p50_us, direct.p50_us),
+        p99_kernel_ratio: ratio(kernel.p99_us, direct.p99_us),
         direct,
         gate,
+        kernel,
         max_rate_direct: max_direct,
         max_rate_gate: max_gate,
+        max_rate_kernel: max_kernel,
         max_rate_ratio: max_gate / max_direct.max(1e-9),
-    };
+        max_rate_kernel_ratio: max_kernel / max_direct.max(1e-9),
+        kernel_steered_connections,
+    })
+}
 
+/// The sample service's pid and address, for [`Steering::steer`].
+fn service_socket(svc: &OneService) -> Result<(i32, SocketAddrV4), ExperimentError> {
+    let pid = svc
+        .up
+        .status("bench")?
+        .pid
+        .ok_or_else(|| ExperimentError::Mismatch("the awake service has no pid".into()))?;
+    let SocketAddr::V4(backend) = svc.backend else {
+        return Err(ExperimentError::Mismatch("backend is not IPv4".into()));
+    };
+    Ok((pid, backend))
+}
+
+/// Kernel steering of the gate's address to the service, in this thread's namespace.
+fn steer_to_service(svc: &OneService) -> Result<KernelSteering, ExperimentError> {
+    let SocketAddr::V4(public) = svc.gate else {
+        return Err(ExperimentError::Mismatch("gate is not IPv4".into()));
+    };
+    let steering = KernelSteering::attach_here(public)?;
+    let (pid, backend) = service_socket(svc)?;
+    steering.steer(pid, backend)?;
+    Ok(steering)
+}
+
+async fn measure_wake(
+    criu: &CriuBinary,
+    exe: &Path,
+    args: &GateArgs,
+    say: &impl Fn(String),
+) -> Result<Vec<WakeReport>, ExperimentError> {
     let mut wake = Vec::new();
     for &size in &args.sizes {
         say(format!(
@@ -336,7 +424,7 @@ async fn measure(
             ratio_to_stock_criu: ratio(w, s),
         });
     }
-    Ok(GateReport { warm, wake })
+    Ok(wake)
 }
 
 fn print_report(r: &GateReport) {
@@ -349,7 +437,11 @@ fn print_report(r: &GateReport) {
         "  {:<8} {:>10} {:>10} {:>12} {:>7}",
         "", "p50", "p99", "achieved/s", "errors"
     );
-    for (name, l) in [("direct", &w.direct), ("gate", &w.gate)] {
+    for (name, l) in [
+        ("direct", &w.direct),
+        ("gate", &w.gate),
+        ("kernel", &w.kernel),
+    ] {
         println!(
             "  {:<8} {:>10} {:>10} {:>12.0} {:>7}",
             name,
@@ -366,6 +458,14 @@ fn print_report(r: &GateReport) {
         w.max_rate_direct,
         w.max_rate_gate,
         w.max_rate_ratio
+    );
+    println!(
+        "  kernel steering: added p50 {}, p99 ratio {}; highest sustained rate {:.0}/s, ratio {:.2} ({} connections steered)",
+        fmt_opt(w.added_p50_kernel_us, 0, "us"),
+        fmt_opt(w.p99_kernel_ratio, 2, ""),
+        w.max_rate_kernel,
+        w.max_rate_kernel_ratio,
+        w.kernel_steered_connections
     );
     println!("wake latency: first response for a request that finds the service asleep (median of runs):");
     println!(
