@@ -3,8 +3,9 @@
 //! * Warm overhead: the same open-loop load (fixed rate, Poisson arrivals) sent directly to a
 //!   sample service, through its gate (proxy) and to the gate's address with kernel steering
 //!   (the sk_lookup program hands each connection to the service's own socket), in the same
-//!   run: p50/p99 and their ratio; then the highest sustained rate of each (closed loop, fixed
-//!   concurrency, the three interleaved `--repeat` times, medians) and its ratio to direct.
+//!   run, the three taking turns in slices: p50/p99 and their ratio; then the highest
+//!   sustained rate of each (closed loop, fixed concurrency, rounds in turns, medians) and its
+//!   ratio to direct.
 //!   The warm part runs in a network namespace of its own, so the program never touches the
 //!   host's socket lookup.
 //! * Wake latency: time to first response for a request that finds the service asleep
@@ -13,6 +14,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -89,9 +91,11 @@ pub struct WarmReport {
     pub max_rate_direct: f64,
     pub max_rate_gate: f64,
     pub max_rate_kernel: f64,
-    /// Gate's highest sustained rate over direct's.
+    /// Gate's highest sustained rate over direct's: the median over rounds of the ratio
+    /// within a round (the two measured back to back, so slow drifts in the machine's load
+    /// cancel out).
     pub max_rate_ratio: f64,
-    /// Kernel steering's highest sustained rate over direct's.
+    /// Kernel steering's highest sustained rate over direct's, as `max_rate_ratio`.
     pub max_rate_kernel_ratio: f64,
     /// Connections the sk_lookup program handed to the service (its counter): proof that the
     /// kernel figures did not go through the gate.
@@ -170,22 +174,58 @@ async fn get(client: &HttpClient, uri: &hyper::Uri) -> bool {
     }
 }
 
-/// Open loop: requests leave on a Poisson schedule at `rate` for `duration`, whatever the
-/// answers do.
-async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration, seed: u64) -> LoadResult {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
-    // Warm the connection pool so both paths start equal.
-    for _ in 0..8 {
-        get(&client, &uri).await;
+/// One way to the service, with a client of its own: a connection keeps the way it was
+/// opened on (one opened to the gate stays with the gate when steering is switched on), so
+/// each route's client opens connections only while its route is set up.
+struct Route {
+    addr: SocketAddr,
+    /// Whether the gate's address is steered to the service while this route runs.
+    steered: bool,
+    client: HttpClient,
+    histogram: Histogram<u64>,
+    errors: u64,
+    busy: Duration,
+    max_rates: Vec<f64>,
+}
+
+impl Route {
+    fn new(addr: SocketAddr, steered: bool) -> Route {
+        Route {
+            addr,
+            steered,
+            client: Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>(),
+            histogram: Histogram::<u64>::new(3).expect("histogram"),
+            errors: 0,
+            busy: Duration::ZERO,
+            max_rates: Vec::new(),
+        }
     }
-    let mut rng = SmallRng::seed_from_u64(seed);
+
+    fn uri(&self) -> hyper::Uri {
+        format!("http://{}/ping", self.addr).parse().expect("uri")
+    }
+
+    fn result(&self) -> LoadResult {
+        let h = &self.histogram;
+        LoadResult {
+            p50_us: (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64),
+            p99_us: (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64),
+            achieved_rate: h.len() as f64 / self.busy.as_secs_f64().max(1e-9),
+            errors: self.errors,
+        }
+    }
+}
+
+/// Open loop for one slice: requests leave on a Poisson schedule at `rate` for `duration`,
+/// whatever the answers do; latencies go into the route's histogram.
+async fn open_loop(route: &mut Route, rate: f64, duration: Duration, rng: &mut SmallRng) {
+    let uri = route.uri();
     let start = Instant::now();
     let mut next = start;
     let mut tasks = Vec::new();
     while next < start + duration {
         tokio::time::sleep_until(next).await;
-        let (client, uri) = (client.clone(), uri.clone());
+        let (client, uri) = (route.client.clone(), uri.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let ok = get(&client, &uri).await;
@@ -193,33 +233,24 @@ async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration, seed: u64) -
         }));
         next += Duration::from_secs_f64(-rng.gen::<f64>().max(1e-12).ln() / rate);
     }
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let mut errors = 0;
     for t in tasks {
         let (ok, lat) = t.await.expect("request task panicked");
         if ok {
-            let _ = h.record(lat.as_micros().max(1) as u64);
+            let _ = route.histogram.record(lat.as_micros().max(1) as u64);
         } else {
-            errors += 1;
+            route.errors += 1;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    LoadResult {
-        p50_us: (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64),
-        p99_us: (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64),
-        achieved_rate: h.len() as f64 / secs,
-        errors,
-    }
+    route.busy += start.elapsed();
 }
 
 /// Closed loop with `workers` concurrent requesters for `duration`: the sustained rate.
-async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
+async fn max_rate(route: &Route, workers: usize, duration: Duration) -> f64 {
+    let uri = route.uri();
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (client, uri) = (client.clone(), uri.clone());
+        let (client, uri) = (route.client.clone(), uri.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < end {
@@ -236,6 +267,24 @@ async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
     }
     total as f64 / duration.as_secs_f64()
 }
+
+/// Median over rounds of `of`'s highest rate over `to`'s in the same round.
+fn paired_ratio(of: &Route, to: &Route) -> f64 {
+    let ratios: Vec<f64> = of
+        .max_rates
+        .iter()
+        .zip(&to.max_rates)
+        .map(|(a, b)| a / b.max(1e-9))
+        .collect();
+    median(&ratios).unwrap_or(0.0)
+}
+
+/// Slices each open-loop load is cut into; the routes take turns slice by slice (each slice
+/// starting with the next route), so a burst of load from elsewhere on the machine falls on
+/// all of them alike.
+const SLICES: u32 = 10;
+/// Length of one closed-loop round; there are 3 × `--repeat` rounds per route, in turns.
+const ROUND: Duration = Duration::from_secs(1);
 
 /// Runs the benchmark and prints the tables (or JSON).
 pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
@@ -288,31 +337,61 @@ async fn measure_warm(
         args.rate, args.duration
     ));
     let svc = OneService::start(exe, criu, 16 << 20, "1h").await?;
-    let steering = steer_to_service(&svc)?;
-    // Unsteered, the gate's address reaches the gate; steered, the service.
-    let direct = open_loop(svc.backend, args.rate, args.duration, 1).await;
-    steering.unsteer()?;
-    let gate = open_loop(svc.gate, args.rate, args.duration, 1).await;
+    let SocketAddr::V4(public) = svc.gate else {
+        return Err(ExperimentError::Mismatch("gate is not IPv4".into()));
+    };
+    let steering = KernelSteering::attach_here(public)?;
     let (pid, backend) = service_socket(&svc)?;
-    steering.steer(pid, backend)?;
-    let kernel = open_loop(svc.gate, args.rate, args.duration, 1).await;
+    let mut routes = [
+        Route::new(svc.backend, false),
+        Route::new(svc.gate, false),
+        Route::new(svc.gate, true),
+    ];
+    // Taken once from the service's process, as the agent takes it, so that switching
+    // routes is one map update and costs every route alike.
+    let listener = torpor_steer::socket::service_listener(Path::new("/proc"), pid, backend)?;
+    let set = |route: &Route| {
+        if route.steered {
+            steering.steer_to(listener.as_fd())
+        } else {
+            steering.unsteer()
+        }
+    };
+    let mut rng = SmallRng::seed_from_u64(1);
+    for route in routes.iter_mut() {
+        set(route)?;
+        // Warm each route's connection pool so all start equal.
+        for _ in 0..8 {
+            get(&route.client, &route.uri()).await;
+        }
+    }
+    for slice in 0..SLICES {
+        // Each slice starts with the next route: none always follows the gate's work.
+        for i in 0..routes.len() {
+            let route = &mut routes[(i + slice as usize) % 3];
+            set(route)?;
+            open_loop(route, args.rate, args.duration / SLICES, &mut rng).await;
+        }
+    }
+    let rounds = 3 * args.repeat;
     say(format!(
-        "highest sustained rate (closed loop, 16 workers, {} rounds)",
-        args.repeat
+        "highest sustained rate (closed loop, 16 workers, {rounds} rounds of {ROUND:?} each, in turns)"
     ));
-    let (mut direct_r, mut gate_r, mut kernel_r) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..args.repeat {
-        direct_r.push(max_rate(svc.backend, 16, Duration::from_secs(3)).await);
-        kernel_r.push(max_rate(svc.gate, 16, Duration::from_secs(3)).await);
-        steering.unsteer()?;
-        gate_r.push(max_rate(svc.gate, 16, Duration::from_secs(3)).await);
-        steering.steer(pid, backend)?;
+    for round in 0..rounds {
+        for i in 0..routes.len() {
+            let route = &mut routes[(i + round as usize) % 3];
+            set(route)?;
+            let r = max_rate(route, 16, ROUND).await;
+            route.max_rates.push(r);
+        }
     }
     let kernel_steered_connections = steering.steered()?;
     drop(steering);
     svc.stop().await?;
-    let [max_direct, max_gate, max_kernel] =
-        [direct_r, gate_r, kernel_r].map(|v| median(&v).unwrap_or(0.0));
+    let [max_direct, max_gate, max_kernel] = routes
+        .each_ref()
+        .map(|r| median(&r.max_rates).unwrap_or(0.0));
+    let [direct, gate, kernel] = routes.each_ref().map(Route::result);
     Ok(WarmReport {
         offered_rate: args.rate,
         added_p50_us: added(gate.p50_us, direct.p50_us),
@@ -325,13 +404,13 @@ async fn measure_warm(
         max_rate_direct: max_direct,
         max_rate_gate: max_gate,
         max_rate_kernel: max_kernel,
-        max_rate_ratio: max_gate / max_direct.max(1e-9),
-        max_rate_kernel_ratio: max_kernel / max_direct.max(1e-9),
+        max_rate_ratio: paired_ratio(&routes[1], &routes[0]),
+        max_rate_kernel_ratio: paired_ratio(&routes[2], &routes[0]),
         kernel_steered_connections,
     })
 }
 
-/// The sample service's pid and address, for [`Steering::steer`].
+/// The sample service's pid and address, where its listening socket is found.
 fn service_socket(svc: &OneService) -> Result<(i32, SocketAddrV4), ExperimentError> {
     let pid = svc
         .up
@@ -342,17 +421,6 @@ fn service_socket(svc: &OneService) -> Result<(i32, SocketAddrV4), ExperimentErr
         return Err(ExperimentError::Mismatch("backend is not IPv4".into()));
     };
     Ok((pid, backend))
-}
-
-/// Kernel steering of the gate's address to the service, in this thread's namespace.
-fn steer_to_service(svc: &OneService) -> Result<KernelSteering, ExperimentError> {
-    let SocketAddr::V4(public) = svc.gate else {
-        return Err(ExperimentError::Mismatch("gate is not IPv4".into()));
-    };
-    let steering = KernelSteering::attach_here(public)?;
-    let (pid, backend) = service_socket(svc)?;
-    steering.steer(pid, backend)?;
-    Ok(steering)
 }
 
 async fn measure_wake(
