@@ -1,14 +1,20 @@
 //! `torpor bench gate`: what the gate costs while a service is awake, and what a wake costs.
 //!
 //! * Warm overhead: the same open-loop load (fixed rate, Poisson arrivals) sent directly to a
-//!   sample service and through its gate, in the same run: p50/p99 and their ratio; then the
-//!   highest sustained rate of each (closed loop, fixed concurrency) and their ratio.
+//!   sample service, through its gate (proxy) and to the gate's address with kernel steering
+//!   (the sk_lookup program hands each connection to the service's own socket), in the same
+//!   run, the three taking turns in slices: p50/p99 and their ratio; then the highest
+//!   sustained rate of each (closed loop, fixed concurrency, rounds in turns, medians) and its
+//!   ratio to direct.
+//!   The warm part runs in a network namespace of its own, so the program never touches the
+//!   host's socket lookup.
 //! * Wake latency: time to first response for a request that finds the service asleep
 //!   (restore from the pool through the gate), per footprint, next to a cold start from the
 //!   command and to stock CRIU restoring from /dev/shm.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,6 +29,7 @@ use tokio::time::Instant;
 use torpor_agent::ServiceState;
 use torpor_criu::CriuBinary;
 use torpor_image::format_bytes;
+use torpor_steer::{KernelSteering, Steering};
 
 use crate::{
     cr::stock_criu_round,
@@ -72,13 +79,27 @@ pub struct WarmReport {
     pub offered_rate: f64,
     pub direct: LoadResult,
     pub gate: LoadResult,
+    /// To the gate's address, steered in the kernel to the service's socket.
+    pub kernel: LoadResult,
     /// Gate p50 minus direct p50.
     pub added_p50_us: Option<f64>,
     pub p99_ratio: Option<f64>,
+    /// Kernel-steered p50 minus direct p50.
+    pub added_p50_kernel_us: Option<f64>,
+    pub p99_kernel_ratio: Option<f64>,
+    /// Medians over the interleaved repeats.
     pub max_rate_direct: f64,
     pub max_rate_gate: f64,
-    /// Gate's highest sustained rate over direct's.
+    pub max_rate_kernel: f64,
+    /// Gate's highest sustained rate over direct's: the median over rounds of the ratio
+    /// within a round (the two measured back to back, so slow drifts in the machine's load
+    /// cancel out).
     pub max_rate_ratio: f64,
+    /// Kernel steering's highest sustained rate over direct's, as `max_rate_ratio`.
+    pub max_rate_kernel_ratio: f64,
+    /// Connections the sk_lookup program handed to the service (its counter): proof that the
+    /// kernel figures did not go through the gate.
+    pub kernel_steered_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,22 +174,58 @@ async fn get(client: &HttpClient, uri: &hyper::Uri) -> bool {
     }
 }
 
-/// Open loop: requests leave on a Poisson schedule at `rate` for `duration`, whatever the
-/// answers do.
-async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration, seed: u64) -> LoadResult {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
-    // Warm the connection pool so both paths start equal.
-    for _ in 0..8 {
-        get(&client, &uri).await;
+/// One way to the service, with a client of its own: a connection keeps the way it was
+/// opened on (one opened to the gate stays with the gate when steering is switched on), so
+/// each route's client opens connections only while its route is set up.
+struct Route {
+    addr: SocketAddr,
+    /// Whether the gate's address is steered to the service while this route runs.
+    steered: bool,
+    client: HttpClient,
+    histogram: Histogram<u64>,
+    errors: u64,
+    busy: Duration,
+    max_rates: Vec<f64>,
+}
+
+impl Route {
+    fn new(addr: SocketAddr, steered: bool) -> Route {
+        Route {
+            addr,
+            steered,
+            client: Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>(),
+            histogram: Histogram::<u64>::new(3).expect("histogram"),
+            errors: 0,
+            busy: Duration::ZERO,
+            max_rates: Vec::new(),
+        }
     }
-    let mut rng = SmallRng::seed_from_u64(seed);
+
+    fn uri(&self) -> hyper::Uri {
+        format!("http://{}/ping", self.addr).parse().expect("uri")
+    }
+
+    fn result(&self) -> LoadResult {
+        let h = &self.histogram;
+        LoadResult {
+            p50_us: (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64),
+            p99_us: (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64),
+            achieved_rate: h.len() as f64 / self.busy.as_secs_f64().max(1e-9),
+            errors: self.errors,
+        }
+    }
+}
+
+/// Open loop for one slice: requests leave on a Poisson schedule at `rate` for `duration`,
+/// whatever the answers do; latencies go into the route's histogram.
+async fn open_loop(route: &mut Route, rate: f64, duration: Duration, rng: &mut SmallRng) {
+    let uri = route.uri();
     let start = Instant::now();
     let mut next = start;
     let mut tasks = Vec::new();
     while next < start + duration {
         tokio::time::sleep_until(next).await;
-        let (client, uri) = (client.clone(), uri.clone());
+        let (client, uri) = (route.client.clone(), uri.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let ok = get(&client, &uri).await;
@@ -176,33 +233,24 @@ async fn open_loop(addr: SocketAddr, rate: f64, duration: Duration, seed: u64) -
         }));
         next += Duration::from_secs_f64(-rng.gen::<f64>().max(1e-12).ln() / rate);
     }
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let mut errors = 0;
     for t in tasks {
         let (ok, lat) = t.await.expect("request task panicked");
         if ok {
-            let _ = h.record(lat.as_micros().max(1) as u64);
+            let _ = route.histogram.record(lat.as_micros().max(1) as u64);
         } else {
-            errors += 1;
+            route.errors += 1;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    LoadResult {
-        p50_us: (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64),
-        p99_us: (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64),
-        achieved_rate: h.len() as f64 / secs,
-        errors,
-    }
+    route.busy += start.elapsed();
 }
 
 /// Closed loop with `workers` concurrent requesters for `duration`: the sustained rate.
-async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let uri: hyper::Uri = format!("http://{addr}/ping").parse().expect("uri");
+async fn max_rate(route: &Route, workers: usize, duration: Duration) -> f64 {
+    let uri = route.uri();
     let end = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (client, uri) = (client.clone(), uri.clone());
+        let (client, uri) = (route.client.clone(), uri.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < end {
@@ -220,12 +268,49 @@ async fn max_rate(addr: SocketAddr, workers: usize, duration: Duration) -> f64 {
     total as f64 / duration.as_secs_f64()
 }
 
+/// Median over rounds of `of`'s highest rate over `to`'s in the same round.
+fn paired_ratio(of: &Route, to: &Route) -> f64 {
+    let ratios: Vec<f64> = of
+        .max_rates
+        .iter()
+        .zip(&to.max_rates)
+        .map(|(a, b)| a / b.max(1e-9))
+        .collect();
+    median(&ratios).unwrap_or(0.0)
+}
+
+/// Slices each open-loop load is cut into; the routes take turns slice by slice (each slice
+/// starting with the next route), so a burst of load from elsewhere on the machine falls on
+/// all of them alike.
+const SLICES: u32 = 10;
+/// Length of one closed-loop round; there are 3 × `--repeat` rounds per route, in turns.
+const ROUND: Duration = Duration::from_secs(1);
+
 /// Runs the benchmark and prints the tables (or JSON).
 pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
     crate::harness::become_subreaper()?;
     let exe = std::env::current_exe()?;
+    let quiet = args.json;
+    let say = move |m: String| {
+        if !quiet {
+            eprintln!("bench gate: {m}");
+        }
+    };
+    // The warm part in a network namespace of its own: a thread that enters it before its
+    // runtime starts, so the runtime's threads and the service it spawns are all inside.
+    let warm = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<WarmReport, ExperimentError> {
+                torpor_steer::netns::enter_private()?;
+                let rt = tokio::runtime::Runtime::new()?;
+                rt.block_on(measure_warm(criu, &exe, args, &say))
+            })
+            .join()
+            .expect("warm measurement panicked")
+    })?;
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(measure(criu, &exe, args))?;
+    let wake = rt.block_on(measure_wake(criu, &exe, args, &say))?;
+    let report = GateReport { warm, wake };
     if args.json {
         println!(
             "{}",
@@ -237,42 +322,113 @@ pub fn run(criu: &CriuBinary, args: &GateArgs) -> Result<(), ExperimentError> {
     Ok(())
 }
 
-async fn measure(
+fn added(path: Option<f64>, direct: Option<f64>) -> Option<f64> {
+    Some(path? - direct?)
+}
+
+async fn measure_warm(
     criu: &CriuBinary,
     exe: &Path,
     args: &GateArgs,
-) -> Result<GateReport, ExperimentError> {
-    let quiet = args.json;
-    let say = |m: String| {
-        if !quiet {
-            eprintln!("bench gate: {m}");
-        }
-    };
+    say: &impl Fn(String),
+) -> Result<WarmReport, ExperimentError> {
     say(format!(
-        "warm overhead at {} req/s for {:?}, direct vs through the gate",
+        "warm overhead at {} req/s for {:?}: direct, through the gate, kernel-steered",
         args.rate, args.duration
     ));
     let svc = OneService::start(exe, criu, 16 << 20, "1h").await?;
-    let direct = open_loop(svc.backend, args.rate, args.duration, 1).await;
-    let gate = open_loop(svc.gate, args.rate, args.duration, 1).await;
-    say("highest sustained rate (closed loop, 16 workers)".into());
-    let max_direct = max_rate(svc.backend, 16, Duration::from_secs(3)).await;
-    let max_gate = max_rate(svc.gate, 16, Duration::from_secs(3)).await;
+    let SocketAddr::V4(public) = svc.gate else {
+        return Err(ExperimentError::Mismatch("gate is not IPv4".into()));
+    };
+    let steering = KernelSteering::attach_here(public)?;
+    let (pid, backend) = service_socket(&svc)?;
+    let mut routes = [
+        Route::new(svc.backend, false),
+        Route::new(svc.gate, false),
+        Route::new(svc.gate, true),
+    ];
+    // Taken once from the service's process, as the agent takes it, so that switching
+    // routes is one map update and costs every route alike.
+    let listener = torpor_steer::socket::service_listener(Path::new("/proc"), pid, backend)?;
+    let set = |route: &Route| {
+        if route.steered {
+            steering.steer_to(listener.as_fd())
+        } else {
+            steering.unsteer()
+        }
+    };
+    let mut rng = SmallRng::seed_from_u64(1);
+    for route in routes.iter_mut() {
+        set(route)?;
+        // Warm each route's connection pool so all start equal.
+        for _ in 0..8 {
+            get(&route.client, &route.uri()).await;
+        }
+    }
+    for slice in 0..SLICES {
+        // Each slice starts with the next route: none always follows the gate's work.
+        for i in 0..routes.len() {
+            let route = &mut routes[(i + slice as usize) % 3];
+            set(route)?;
+            open_loop(route, args.rate, args.duration / SLICES, &mut rng).await;
+        }
+    }
+    let rounds = 3 * args.repeat;
+    say(format!(
+        "highest sustained rate (closed loop, 16 workers, {rounds} rounds of {ROUND:?} each, in turns)"
+    ));
+    for round in 0..rounds {
+        for i in 0..routes.len() {
+            let route = &mut routes[(i + round as usize) % 3];
+            set(route)?;
+            let r = max_rate(route, 16, ROUND).await;
+            route.max_rates.push(r);
+        }
+    }
+    let kernel_steered_connections = steering.steered()?;
+    drop(steering);
     svc.stop().await?;
-    let warm = WarmReport {
+    let [max_direct, max_gate, max_kernel] = routes
+        .each_ref()
+        .map(|r| median(&r.max_rates).unwrap_or(0.0));
+    let [direct, gate, kernel] = routes.each_ref().map(Route::result);
+    Ok(WarmReport {
         offered_rate: args.rate,
-        added_p50_us: match (gate.p50_us, direct.p50_us) {
-            (Some(g), Some(d)) => Some(g - d),
-            _ => None,
-        },
+        added_p50_us: added(gate.p50_us, direct.p50_us),
         p99_ratio: ratio(gate.p99_us, direct.p99_us),
+        added_p50_kernel_us: added(kernel.p50_us, direct.p50_us),
+        p99_kernel_ratio: ratio(kernel.p99_us, direct.p99_us),
         direct,
         gate,
+        kernel,
         max_rate_direct: max_direct,
         max_rate_gate: max_gate,
-        max_rate_ratio: max_gate / max_direct.max(1e-9),
-    };
+        max_rate_kernel: max_kernel,
+        max_rate_ratio: paired_ratio(&routes[1], &routes[0]),
+        max_rate_kernel_ratio: paired_ratio(&routes[2], &routes[0]),
+        kernel_steered_connections,
+    })
+}
 
+/// The sample service's pid and address, where its listening socket is found.
+fn service_socket(svc: &OneService) -> Result<(i32, SocketAddrV4), ExperimentError> {
+    let pid = svc
+        .up
+        .status("bench")?
+        .pid
+        .ok_or_else(|| ExperimentError::Mismatch("the awake service has no pid".into()))?;
+    let SocketAddr::V4(backend) = svc.backend else {
+        return Err(ExperimentError::Mismatch("backend is not IPv4".into()));
+    };
+    Ok((pid, backend))
+}
+
+async fn measure_wake(
+    criu: &CriuBinary,
+    exe: &Path,
+    args: &GateArgs,
+    say: &impl Fn(String),
+) -> Result<Vec<WakeReport>, ExperimentError> {
     let mut wake = Vec::new();
     for &size in &args.sizes {
         say(format!(
@@ -336,7 +492,7 @@ async fn measure(
             ratio_to_stock_criu: ratio(w, s),
         });
     }
-    Ok(GateReport { warm, wake })
+    Ok(wake)
 }
 
 fn print_report(r: &GateReport) {
@@ -349,7 +505,11 @@ fn print_report(r: &GateReport) {
         "  {:<8} {:>10} {:>10} {:>12} {:>7}",
         "", "p50", "p99", "achieved/s", "errors"
     );
-    for (name, l) in [("direct", &w.direct), ("gate", &w.gate)] {
+    for (name, l) in [
+        ("direct", &w.direct),
+        ("gate", &w.gate),
+        ("kernel", &w.kernel),
+    ] {
         println!(
             "  {:<8} {:>10} {:>10} {:>12.0} {:>7}",
             name,
@@ -366,6 +526,14 @@ fn print_report(r: &GateReport) {
         w.max_rate_direct,
         w.max_rate_gate,
         w.max_rate_ratio
+    );
+    println!(
+        "  kernel steering: added p50 {}, p99 ratio {}; highest sustained rate {:.0}/s, ratio {:.2} ({} connections steered)",
+        fmt_opt(w.added_p50_kernel_us, 0, "us"),
+        fmt_opt(w.p99_kernel_ratio, 2, ""),
+        w.max_rate_kernel,
+        w.max_rate_kernel_ratio,
+        w.kernel_steered_connections
     );
     println!("wake latency: first response for a request that finds the service asleep (median of runs):");
     println!(

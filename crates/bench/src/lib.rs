@@ -42,4 +42,6 @@ pub enum ExperimentError {
     Fabric(#[from] fabric::FabricError),
     #[error("pool TLS set-up failed")]
     Tls(#[from] torpor_pool::TlsError),
+    #[error("kernel steering failed")]
+    Steer(#[from] torpor_steer::SteerError),
 }

@@ -73,6 +73,7 @@ pub fn run_checks(roots: &HostRoots, criu: Option<&CriuBinary>) -> Vec<Check> {
     ));
     out.extend(capability_checks(&roots.proc));
     out.push(userfaultfd_check());
+    out.push(steering_check());
     out.push(kdat_cache_check(roots));
     out.push(cgroup_check(roots));
     out.push(cpuidle_check(roots));
@@ -294,6 +295,25 @@ fn criu_check(criu: Option<&CriuBinary>) -> Check {
             format!("criu check failed: {}", text.lines().last().unwrap_or("")),
         ),
         Err(e) => Check::new("criu check", true, Status::Missing, e.to_string()),
+    }
+}
+
+/// Kernel steering needs an sk_lookup program, a SOCKMAP and a link to a network namespace
+/// (CAP_BPF and CAP_NET_ADMIN, kernel 5.9 or later); probed in a namespace of its own.
+fn steering_check() -> Check {
+    match torpor_steer::probe() {
+        Ok(()) => Check::new(
+            "kernel steering",
+            false,
+            Status::Ok,
+            "eBPF sk_lookup with a SOCKMAP: an awake service can be reached without the gate",
+        ),
+        Err(e) => Check::new(
+            "kernel steering",
+            false,
+            Status::Warn,
+            format!("eBPF sk_lookup unavailable ({e}): the gate proxies every service"),
+        ),
     }
 }
 

@@ -208,6 +208,7 @@ async fn serve_connection(
             .max_header_size(limits.max_header_bytes as usize)
             .max_headers(limits.max_headers)
             .serve_connection(io, service)
+            .with_upgrades()
             .await
     };
     if let Err(e) = served {
@@ -277,6 +278,26 @@ enum NotLetIn {
     BodyFailed(hyper::Error),
 }
 
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn is_websocket<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
 fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
@@ -285,8 +306,15 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 }
 
 impl HttpGate {
-    async fn handle(&self, req: Request<Incoming>) -> Response<GateBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<GateBody> {
         let grpc = is_grpc(&req);
+        // An HTTP/1.1 Upgrade (websocket): once the service answers 101, both connections
+        // are taken over and relayed byte for byte.
+        let upgrade = is_upgrade(&req).then(|| {
+            let mut generation = self.link.watch_backend_generation();
+            generation.mark_unchanged();
+            (hyper::upgrade::on(&mut req), generation, is_websocket(&req))
+        });
         let (mut parts, body) = req.into_parts();
         let (guard, body) = match self.let_in(body).await {
             Ok(admitted) => admitted,
@@ -319,9 +347,25 @@ impl HttpGate {
             Err(_) => return plain(StatusCode::BAD_REQUEST, "torpor: bad request target\n"),
         };
         match client.request(Request::from_parts(parts, body)).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 guard.answered();
-                resp.map(|body| Holding::boxed_with(body, guard))
+                if let Some((client_side, generation, websocket)) = upgrade {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let service_side = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(crate::upgrade::relay(
+                            client_side,
+                            service_side,
+                            self.link.clone(),
+                            generation,
+                            websocket,
+                        ));
+                    }
+                }
+                let done = Finished {
+                    link: self.link.clone(),
+                    _guard: guard,
+                };
+                resp.map(|body| Holding::boxed_with(body, done))
             }
             Err(e) => {
                 warn!(service = %self.link.name, backend = %self.backend, error = %e, "backend request failed");
@@ -514,6 +558,21 @@ impl<B: Body + Unpin, T: Unpin> Body for Holding<B, T> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A forwarded request until its response is finished (or dropped): in flight until then,
+/// and activity for the policy when it ends, so that idleness after a long stream (SSE, a
+/// gRPC stream) counts from its end, not from its start.
+struct Finished {
+    link: Arc<ServiceLink>,
+    _guard: InflightGuard,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let now = self.link.now();
+        self.link.with_arrivals(|a| a.mark_active(now));
     }
 }
 

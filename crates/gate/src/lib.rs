@@ -13,10 +13,20 @@
 //! * [`tcp`]: raw TCP; the accepted client connection is held and the backend is dialled
 //!   once the service is up.
 //! * [`listen`]: the accept loop every listener uses (also the status API of `torpor up`).
+//! * [`upgrade`]: HTTP/1.1 Upgrade (websockets) relayed both ways after the 101.
+//!
+//! Long-lived connections: a response body (server-sent events, a gRPC server, client or
+//! bidirectional stream) is passed on frame by frame as it comes, never buffered; it is in
+//! flight (the service is not slept under it) until it ends, and its end counts as activity.
+//! An upgraded connection is not in flight: every chunk it carries counts as activity, so it
+//! keeps the service awake while it talks; once it has been quiet for the idle threshold the
+//! service may sleep, and the drain closes it (a websocket with a close frame, 1001 "going
+//! away"; other protocols by closing the connection), as raw TCP connections are cut.
 
 pub mod http;
 pub mod listen;
 pub mod tcp;
+pub mod upgrade;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

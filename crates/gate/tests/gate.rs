@@ -797,3 +797,206 @@ async fn an_idle_http2_connection_is_closed_but_its_held_requests_are_answered()
     waker.await?;
     Ok(())
 }
+
+/// Reads an HTTP head (up to the blank line) byte by byte, so nothing after it is taken.
+async fn read_head(s: &mut TcpStream) -> Result<String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tokio::time::timeout(Duration::from_secs(20), s.read_u8()).await??;
+        head.push(b);
+    }
+    Ok(String::from_utf8(head)?)
+}
+
+/// One websocket frame (RFC 6455, payloads under 126 bytes): masked as a client sends it.
+fn ws_frame(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![
+        0x81,
+        payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 },
+    ];
+    match mask {
+        Some(m) => {
+            f.extend_from_slice(&m);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Reads one frame: (first byte, unmasked payload).
+async fn ws_read(s: &mut TcpStream) -> Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut h)).await??;
+    let len = (h[1] & 0x7f) as usize;
+    anyhow::ensure!(len < 126, "test frames are short");
+    let mask = if h[1] & 0x80 != 0 {
+        let mut m = [0u8; 4];
+        s.read_exact(&mut m).await?;
+        Some(m)
+    } else {
+        None
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).await?;
+    if let Some(m) = mask {
+        p.iter_mut().enumerate().for_each(|(i, b)| *b ^= m[i % 4]);
+    }
+    Ok((h[0], p))
+}
+
+async fn websocket_echo(mut s: TcpStream) -> Result<()> {
+    let head = read_head(&mut s).await?;
+    anyhow::ensure!(head.to_ascii_lowercase().contains("upgrade: websocket"));
+    s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: test\r\n\r\n").await?;
+    loop {
+        let (_, p) = ws_read(&mut s).await?;
+        let answer = [b"echo: ".as_slice(), &p].concat();
+        s.write_all(&ws_frame(&answer, None)).await?;
+    }
+}
+
+/// A websocket service: answers the upgrade with 101, then echoes each text frame as
+/// "echo: …".
+async fn websocket_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(websocket_echo(s));
+        }
+    });
+    addr
+}
+
+/// How long the policy would see the service idle now.
+fn idle_for(link: &ServiceLink) -> Duration {
+    let now = link.now();
+    link.with_arrivals(|a| a.idle_for(now))
+}
+
+#[tokio::test]
+async fn a_websocket_is_relayed_both_ways_keeps_the_service_active_and_is_closed_at_sleep(
+) -> Result<()> {
+    let backend = websocket_backend().await;
+    let g = gate(Protocol::Http, backend, 10, Duration::from_secs(30)).await;
+    g.link.open();
+    let mut c = TcpStream::connect(g.addr).await?;
+    c.write_all(b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await?;
+    let head = read_head(&mut c).await?;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // One message every 200 ms: every one answered, the service active all along, and the
+    // open websocket never counted in flight (it must not keep a quiet service awake).
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let msg = format!("message {i}");
+        c.write_all(&ws_frame(msg.as_bytes(), Some([1, 2, 3, 4])))
+            .await?;
+        let (op, answer) = ws_read(&mut c).await?;
+        assert_eq!((op, answer), (0x81, format!("echo: {msg}").into_bytes()));
+        assert!(
+            idle_for(&g.link) < Duration::from_millis(150),
+            "activity seen"
+        );
+        assert_eq!(g.link.inflight(), 0);
+    }
+    // Quiet: the policy sees it idle, and the drain before a sleep closes it cleanly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(idle_for(&g.link) >= Duration::from_millis(300));
+    let d = g.link.drain(Duration::from_millis(50)).await;
+    assert_eq!(d.still_inflight, 0, "nothing to wait for");
+    let (op, payload) = ws_read(&mut c).await?;
+    assert_eq!(
+        (op, payload.as_slice()),
+        (0x88, &[0x03, 0xe9][..]),
+        "close 1001"
+    );
+    assert!(read_until_closed(&mut c).await.is_empty(), "then closed");
+    Ok(())
+}
+
+/// An HTTP/2 service that streams every request body frame straight back (a bidirectional
+/// gRPC stream's echo, at the HTTP/2 level).
+async fn h2_echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let mut r = hyper::Response::new(req.into_body());
+                        r.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_bidirectional_grpc_stream_passes_message_by_message_in_flight_until_it_ends(
+) -> Result<()> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let backend = h2_echo_backend().await;
+    let g = gate(Protocol::Http, backend, 10, Duration::from_secs(30)).await;
+    g.link.open();
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, Infallible>>>>();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = hyper::Request::post(format!("http://{}/echo.Echo/Chat", g.addr))
+        .header("content-type", "application/grpc")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))?;
+    // The first message goes before the answer's head can come (the echo answers at once).
+    tx.send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello"))))
+        .await?;
+    let mut body = client.request(req).await?.into_body();
+    for i in 0..15u8 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tx.send(Ok(Frame::data(Bytes::from(vec![0, 0, 0, 0, 1, i]))))
+                .await?;
+        }
+        // Each message comes back before the next is sent: nothing is buffered.
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await?
+            .expect("stream open")?;
+        let data = frame.into_data().expect("data");
+        if i == 0 {
+            assert_eq!(&data[..], b"\0\0\0\0\x05hello");
+        } else {
+            assert_eq!(&data[..], &[0, 0, 0, 0, 1, i]);
+        }
+        assert_eq!(
+            g.link.inflight(),
+            1,
+            "a live stream is in flight: never slept under"
+        );
+    }
+    drop(tx); // the client ends its side; the echo ends the stream
+    while let Some(f) = tokio::time::timeout(Duration::from_secs(10), body.frame()).await? {
+        f?;
+    }
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g.link.inflight() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await?;
+    // Idle counts from the stream's end, not from its start three seconds ago.
+    assert!(idle_for(&g.link) < Duration::from_secs(1));
+    Ok(())
+}
