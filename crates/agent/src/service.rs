@@ -12,12 +12,12 @@ use tokio::{
     time::Instant,
 };
 use torpor_control::ServiceLink;
-use torpor_steer::Steering;
 use torpor_criu::procs;
 use torpor_policy::{
     choose_level, decide_sleep, level_costs, prewarm_at, prewarm_hold_until, Choice, Governor,
     Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
 };
+use torpor_steer::Steering;
 use tracing::{debug, error, warn};
 
 use crate::{
@@ -626,7 +626,9 @@ impl Managed {
             Err(e) => {
                 warn!(service = %self.spec.name, pid, error = %e, "kernel steering failed; the gate proxies this incarnation");
                 rt.status.steered_now = false;
-                rt.status.steering_problem = Some(e);
+                rt.status.steering_problem = Some(format!(
+                    "kernel steering failed for pid {pid} ({e}); the gate proxies it until its next wake"
+                ));
             }
         }
     }
@@ -674,7 +676,8 @@ impl Managed {
         };
         let now = self.link.now();
         if new > 0 {
-            self.link.with_arrivals(|a| (0..new).for_each(|_| a.record(now)));
+            self.link
+                .with_arrivals(|a| (0..new).for_each(|_| a.record(now)));
         }
         let Some(pid) = pid else { return };
         let idle = self.link.with_arrivals(|a| a.idle_for(now));
@@ -1131,9 +1134,7 @@ impl Managed {
             rt.status.last_choice = Some(choice);
         }
         match (now_at, choice.level) {
-            (Level::Awake, Level::Frozen) if !cannot_freeze => {
-                self.freeze_idle(pid, &choice).await
-            }
+            (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(pid, &choice).await,
             (_, Level::Snapshotted) => {
                 let tier = if footprint <= self.spec.policy.memory_tier_max_bytes {
                     SnapshotTier::Memory
@@ -1660,6 +1661,10 @@ impl Managed {
             })
         .as_secs_f64();
         s.costs = rt.costs.status();
+        if let SteeringMode::Kernel(steering) = &self.spec.steering {
+            // Read now, not at the last tick: one map lookup.
+            s.steered_connections = steering.steered().unwrap_or(s.steered_connections);
+        }
         s
     }
 }
@@ -2046,7 +2051,14 @@ mod tests {
         });
         h.until(ServiceState::Awake).await;
         request.await.unwrap().expect("the held request passes");
-        let order: Vec<String> = h.fake.log.lock().unwrap().iter().map(|(_, w)| w.clone()).collect();
+        let order: Vec<String> = h
+            .fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, w)| w.clone())
+            .collect();
         let (first, restored) = (5_000_000, 5_000_001);
         let at = |what: &str| {
             order
@@ -2056,7 +2068,10 @@ mod tests {
         };
         assert!(at("launch") < at(&format!("steer {first} to 127.0.0.1:9")));
         assert!(at(&format!("steer {first} to 127.0.0.1:9")) < at("unsteer"));
-        assert!(at("unsteer") < at(&format!("checkpoint {first}")), "{order:?}");
+        assert!(
+            at("unsteer") < at(&format!("checkpoint {first}")),
+            "{order:?}"
+        );
         assert!(at("restore Some(1)") < at(&format!("steer {restored} to 127.0.0.1:9")));
         let s = h.m.status();
         assert!(s.steered_now && s.steering == "kernel", "{s:?}");

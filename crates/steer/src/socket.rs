@@ -55,11 +55,7 @@ pub fn listening_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result
 /// network namespace of process `pid`. A connection steered in the kernel keeps the
 /// address the client dialled (the public one), so these are the steered connections,
 /// together with the gate's own client connections (told apart by who holds them).
-pub fn established_inodes(
-    proc: &Path,
-    pid: i32,
-    addr: SocketAddrV4,
-) -> io::Result<BTreeSet<u64>> {
+pub fn established_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
     inodes(proc, pid, TCP_ESTABLISHED, |ip, port| {
         port == addr.port() && ip == *addr.ip()
     })
@@ -140,7 +136,10 @@ pub fn count_held(proc: &Path, pid: i32, inodes: &BTreeSet<u64>) -> io::Result<u
         for fd in fds.flatten() {
             let inode = fs::read_link(fd.path()).ok().and_then(|t| {
                 let t = t.to_string_lossy();
-                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()
+                t.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
             });
             if let Some(i) = inode.filter(|i| inodes.contains(i)) {
                 held.insert(i);
