@@ -863,6 +863,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("service[1].max_connections"), "{e}");
+        // Steering is attached for the gate's address: it changes with a restart.
+        let e = plan_for(
+            &base(),
+            &BASE.replace("A_EXTRA", "").replace(
+                "backend = \"127.0.0.1:4\"",
+                "backend = \"127.0.0.1:4\"\nsteering = \"kernel\"",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("service[1].steering"), "{e}");
     }
 
     #[test]
