@@ -49,12 +49,21 @@ fn get(to: SocketAddr, path: &str) -> Result<String> {
     Ok(String::from_utf8(body)?)
 }
 
-#[test]
-fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate_while_asleep(
-) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (port, backend) = (own_addr(), own_addr());
-    let services = format!(
+/// A node namespace of its own: the cgroups of other tests' services (the default
+/// namespace's) are never taken for this one's, nor this one's for theirs.
+const NODE: &str = "[node]\nnamespace = \"steertest\"";
+
+/// `torpor up` with the steered sample service, gate on `port`.
+fn up(port: SocketAddr, backend: SocketAddr) -> Result<Up> {
+    Up::start(
+        &format!("{NODE}\n{EMBEDDED}"),
+        &steered_sample(port, backend),
+    )
+}
+
+/// The `[[service]]` section of the steered sample service, gate on `port`.
+fn steered_sample(port: SocketAddr, backend: SocketAddr) -> String {
+    format!(
         r#"
 [[service]]
 name = "web"
@@ -67,8 +76,59 @@ idle_threshold = "{}ms"
 "#,
         IDLE.as_millis(),
         exe = exe()
+    )
+}
+
+#[test]
+fn an_open_steered_connection_keeps_the_service_awake_and_is_closed_by_a_sleep() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, backend) = (own_addr(), own_addr());
+    let mut up = up(port, backend)?;
+    up.wait_for("web", "steered", Duration::from_secs(30), |s| {
+        s["steered_now"] == true
+    })?;
+    // One keep-alive connection, straight to the service, answered, then quiet.
+    let mut conn = TcpStream::connect(port)?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    writeln!(conn, "PING")?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    assert_eq!(line, "PONG\n");
+    up.wait_for("web", "seeing its open connection", 4 * IDLE, |s| {
+        s["steered_open"] == 1
+    })?;
+    // Quiet for five idle thresholds: awake under it.
+    std::thread::sleep(5 * IDLE);
+    let s = up.service("web")?;
+    anyhow::ensure!(s["state"] == "awake" && s["sleeps"] == 0, "slept: {s}");
+    // A sleep by hand: the connection ends with the checkpointed tree.
+    let (status, out, err) = up.command(&["sleep", "web"])?;
+    anyhow::ensure!(status.success(), "sleep: {out}{err}");
+    line.clear();
+    let ended = match reader.read_line(&mut line) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    anyhow::ensure!(ended, "the steered connection outlived the sleep: {line:?}");
+    // The next request is held by the gate and wakes it.
+    assert_eq!(get(port, "/ping")?, "PONG");
+    let status = up.stop()?;
+    anyhow::ensure!(
+        status.success(),
+        "torpor up: {status}; log:\n{}",
+        up.log_text()
     );
-    let mut up = Up::start(EMBEDDED, &services)?;
+    Ok(())
+}
+
+#[test]
+fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate_while_asleep(
+) -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, backend) = (own_addr(), own_addr());
+    let mut up = up(port, backend)?;
     let s = up.wait_for("web", "steered", Duration::from_secs(30), |s| {
         s["steered_now"] == true || s["steering_problem"].is_string()
     })?;
@@ -83,7 +143,10 @@ idle_threshold = "{}ms"
     let until = Instant::now() + 3 * IDLE;
     let mut sent = 0;
     while Instant::now() < until {
-        assert_eq!(get(port, "/ping")?, "PONG");
+        assert_eq!(
+            get(port, "/ping").with_context(|| format!("awake; log:\n{}", up.log_text()))?,
+            "PONG"
+        );
         sent += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -102,7 +165,10 @@ idle_threshold = "{}ms"
     let s = up.wait_state("web", "asleep", Duration::from_secs(60))?;
     anyhow::ensure!(s["steered_now"] == false, "still steered asleep: {s}");
     let before = s["steered_connections"].as_u64().context("counter")?;
-    assert_eq!(get(port, "/ping")?, "PONG");
+    assert_eq!(
+        get(port, "/ping").with_context(|| format!("asleep; log:\n{}", up.log_text()))?,
+        "PONG"
+    );
     let s = up.wait_for("web", "awake and steered", Duration::from_secs(30), |s| {
         s["state"] == "awake" && s["steered_now"] == true
     })?;
@@ -112,7 +178,10 @@ idle_threshold = "{}ms"
 
     // Awake again: steered again.
     for _ in 0..5 {
-        assert_eq!(get(port, "/ping")?, "PONG");
+        assert_eq!(
+            get(port, "/ping").with_context(|| format!("woken; log:\n{}", up.log_text()))?,
+            "PONG"
+        );
     }
     let s = up.service("web")?;
     let after = s["steered_connections"].as_u64().context("counter")?;
