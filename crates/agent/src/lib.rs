@@ -28,7 +28,9 @@ pub use manual::{
 pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks};
 pub use process::{Launch, ProcessLaunch};
 pub use runner::{LazyMemory, MemoryRestore};
-pub use service::{ServiceSpec, ServiceState, ServiceStatus, Transition, WakeTimeline};
+pub use service::{
+    ServiceSpec, ServiceState, ServiceStatus, SteeringMode, Transition, WakeTimeline,
+};
 pub use torpor_power::energy::EnergyReport;
 
 use std::{

@@ -17,7 +17,8 @@ use torpor_policy::{
     choose_level, decide_sleep, level_costs, prewarm_at, prewarm_hold_until, Choice, Governor,
     Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
 };
-use tracing::{error, warn};
+use torpor_steer::Steering;
+use tracing::{debug, error, warn};
 
 use crate::{
     costs::{CostStatus, Costs},
@@ -46,6 +47,32 @@ pub struct ServiceSpec {
     pub wake_with: Vec<String>,
     /// Eager or lazy restore of its memory (process trees; containers restore eagerly).
     pub memory: MemoryRestore,
+    /// How new connections reach it while it is awake.
+    pub steering: SteeringMode,
+}
+
+/// How new connections for a service's public address reach it while it is awake (while
+/// it sleeps or wakes they always reach the gate, which holds them).
+#[derive(Debug, Clone, Default)]
+pub enum SteeringMode {
+    /// Through the gate.
+    #[default]
+    Proxy,
+    /// Straight to the service's own listening socket, steered in the kernel: the agent
+    /// steers after every wake and unsteers before every drain, freeze or stop.
+    Kernel(Arc<dyn Steering>),
+    /// Kernel steering was asked for and this host cannot do it (why): proxied.
+    Fallback(String),
+}
+
+impl SteeringMode {
+    /// `kernel` or `proxy`, as `torpor status` shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SteeringMode::Kernel(_) => "kernel",
+            SteeringMode::Proxy | SteeringMode::Fallback(_) => "proxy",
+        }
+    }
 }
 
 /// Where a service is in its life.
@@ -170,6 +197,23 @@ pub struct ServiceStatus {
     /// Why its tree cannot be frozen here (the governor then skips that level).
     #[serde(default)]
     pub cannot_freeze: Option<String>,
+    /// `kernel` or `proxy`: how new connections reach it while it is awake.
+    #[serde(default)]
+    pub steering: String,
+    /// Why it is proxied although `steering = "kernel"` was asked for (the host cannot), or
+    /// why the last steer failed (that incarnation is proxied).
+    #[serde(default)]
+    pub steering_problem: Option<String>,
+    /// New connections go straight to the service now (kernel steering, awake).
+    #[serde(default)]
+    pub steered_now: bool,
+    /// Connections the kernel handed to the service without the gate (since the steering
+    /// was attached): arrivals that are not in the gate's request counts.
+    #[serde(default)]
+    pub steered_connections: u64,
+    /// Steered connections open at the last look (they keep the service awake).
+    #[serde(default)]
+    pub steered_open: usize,
 }
 
 /// The steps of one wake, each in milliseconds from the moment the agent saw the wake
@@ -224,6 +268,8 @@ struct Runtime {
     frozen_total: Duration,
     /// What it costs idle and per cycle, measured.
     costs: Costs,
+    /// The steering's connection counter at the last look (new ones since are arrivals).
+    steered_seen: u64,
     status: ServiceStatus,
 }
 
@@ -331,6 +377,19 @@ impl Managed {
             freezes: 0,
             time_frozen_s: 0.0,
             cannot_freeze: None,
+            steering: spec.steering.name().into(),
+            steering_problem: match &spec.steering {
+                SteeringMode::Fallback(why) => Some(why.clone()),
+                _ => None,
+            },
+            steered_now: false,
+            steered_connections: 0,
+            steered_open: 0,
+        };
+        // A steering taken over from a predecessor (a reload) has counted already.
+        let steered_seen = match &spec.steering {
+            SteeringMode::Kernel(s) => s.steered().unwrap_or(0),
+            _ => 0,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
         Managed {
@@ -358,6 +417,7 @@ impl Managed {
                 pin: None,
                 frozen_total: Duration::ZERO,
                 costs: Costs::default(),
+                steered_seen,
                 status,
             }),
         }
@@ -449,7 +509,7 @@ impl Managed {
             t0.elapsed(),
             format!("started as pid {pid}"),
         );
-        self.link.open();
+        self.serve(pid);
         Ok(())
     }
 
@@ -487,7 +547,7 @@ impl Managed {
             Duration::ZERO,
             format!("adopted awake: pid {pid}, left running by an earlier run"),
         );
-        self.link.open();
+        self.serve(pid);
     }
 
     /// At the agent's stop with `--keep-running`: an awake service is left running for the
@@ -509,6 +569,8 @@ impl Managed {
             crate::kept::start_time(pid).ok_or_else(|| format!("its process {pid} is gone"))?;
         // Nothing staged for a wake that will not come from this process.
         me.runner.prepare_stop().await;
+        // Steering ends with this run; the next one steers again once it adopts the service.
+        let _ = me.to_gate();
         me.link.shut_down();
         Ok(crate::kept::KeptService {
             name: me.spec.name.clone(),
@@ -540,6 +602,96 @@ impl Managed {
             return Err(e);
         }
         Ok(pid)
+    }
+
+    /// The service is awake as `pid` and serves: its gate forwards (releasing what it held)
+    /// and, with kernel steering, new connections go straight to the service from here on.
+    /// A steer that fails is logged and leaves this incarnation proxied: never an outage.
+    fn serve(&self, pid: i32) {
+        self.link.open();
+        let SteeringMode::Kernel(steering) = &self.spec.steering else {
+            return;
+        };
+        let steered = match self.spec.backend {
+            SocketAddr::V4(backend) => steering.steer(pid, backend).map_err(|e| e.to_string()),
+            SocketAddr::V6(b) => Err(format!("the backend {b} is not IPv4")),
+        };
+        let mut rt = self.rt.lock().expect("runtime lock");
+        match steered {
+            Ok(()) => {
+                debug!(service = %self.spec.name, pid, "new connections are steered to the service");
+                rt.status.steered_now = true;
+                rt.status.steering_problem = None;
+            }
+            Err(e) => {
+                warn!(service = %self.spec.name, pid, error = %e, "kernel steering failed; the gate proxies this incarnation");
+                rt.status.steered_now = false;
+                rt.status.steering_problem = Some(format!(
+                    "kernel steering failed for pid {pid} ({e}); the gate proxies it until its next wake"
+                ));
+            }
+        }
+    }
+
+    /// New connections reach the gate again, which holds them: called first of all before a
+    /// drain, a freeze, a checkpoint or a stop, so that none lands on a service about to stop
+    /// serving. The connections steered so far are counted first. `Err` when the kernel
+    /// refused: a sleep then does not go on (new connections would still reach the service).
+    fn to_gate(&self) -> Result<(), String> {
+        let SteeringMode::Kernel(steering) = &self.spec.steering else {
+            return Ok(());
+        };
+        self.note_steered(None);
+        let undone = steering.unsteer().map_err(|e| e.to_string());
+        match &undone {
+            Ok(()) => self.rt.lock().expect("runtime lock").status.steered_now = false,
+            Err(e) => {
+                error!(service = %self.spec.name, error = %e, "cannot steer new connections back to the gate")
+            }
+        }
+        undone
+    }
+
+    /// With kernel steering, the traffic the gate never sees goes into its arrival record:
+    /// each connection steered since the last look is an arrival, and (given `pid`, once the
+    /// gate's record says the service is half-way to its idle threshold) a steered connection
+    /// still open counts as activity, so the service is never slept under one.
+    fn note_steered(&self, pid: Option<i32>) {
+        let SteeringMode::Kernel(steering) = &self.spec.steering else {
+            return;
+        };
+        let total = match steering.steered() {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(service = %self.spec.name, error = %e, "cannot read the steering's counter");
+                return;
+            }
+        };
+        let new = {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            let new = total.saturating_sub(rt.steered_seen);
+            rt.steered_seen = total;
+            rt.status.steered_connections = total;
+            new
+        };
+        let now = self.link.now();
+        if new > 0 {
+            self.link
+                .with_arrivals(|a| (0..new).for_each(|_| a.record(now)));
+        }
+        let Some(pid) = pid else { return };
+        let idle = self.link.with_arrivals(|a| a.idle_for(now));
+        if idle < self.spec.policy.idle_threshold / 2 {
+            return;
+        }
+        let open = steering.open_connections(pid).unwrap_or_else(|e| {
+            debug!(service = %self.spec.name, error = %e, "cannot count the steered connections");
+            0
+        });
+        self.rt.lock().expect("runtime lock").status.steered_open = open;
+        if open > 0 {
+            self.link.with_arrivals(|a| a.mark_active(now));
+        }
     }
 
     /// The service's loop, until `shutdown` is true, or (after [`Self::ask_hand_over`])
@@ -850,6 +1002,7 @@ impl Managed {
                     self.restart_crashed(how).await;
                     return;
                 }
+                self.note_steered(Some(pid));
                 let (footprint, expected_wake, allowed) = {
                     let mut rt = self.rt.lock().expect("runtime lock");
                     let pids = self.runner.members(pid);
@@ -981,7 +1134,7 @@ impl Managed {
             rt.status.last_choice = Some(choice);
         }
         match (now_at, choice.level) {
-            (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(&choice).await,
+            (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(pid, &choice).await,
             (_, Level::Snapshotted) => {
                 let tier = if footprint <= self.spec.policy.memory_tier_max_bytes {
                     SnapshotTier::Memory
@@ -1000,10 +1153,13 @@ impl Managed {
     }
 
     /// Freezes the idle service: requests are held from here on and the first wakes it.
-    async fn freeze_idle(&self, choice: &Choice) {
+    async fn freeze_idle(&self, pid: i32, choice: &Choice) {
+        if self.to_gate().is_err() {
+            return;
+        }
         let drained = self.link.drain(self.spec.drain_deadline).await;
         if drained.still_inflight > 0 {
-            self.link.open();
+            self.serve(pid);
             return;
         }
         let (t0, cpu0) = (Instant::now(), crate::node::process_cpu_s());
@@ -1024,7 +1180,7 @@ impl Managed {
             Err(e) => {
                 warn!(service = %self.spec.name, error = %e, "cannot freeze; the governor skips that level from now on");
                 self.rt.lock().expect("runtime lock").status.cannot_freeze = Some(e);
-                self.link.open();
+                self.serve(pid);
             }
         }
     }
@@ -1062,7 +1218,9 @@ impl Managed {
                     .costs
                     .thawed(t0.elapsed(), crate::node::process_cpu_s() - cpu0);
                 self.transition(ServiceState::Awake, t0.elapsed(), format!("thawed: {why}"));
-                self.link.open();
+                if let Some(pid) = self.pid() {
+                    self.serve(pid);
+                }
             }
             Err(e) => {
                 // A tree that cannot be thawed cannot serve: start it over.
@@ -1097,6 +1255,8 @@ impl Managed {
 
     async fn restart_crashed(&self, how: String) {
         warn!(service = %self.spec.name, %how, "service died; restarting");
+        // Its socket closed with it (the kernel passes its connections to the gate already).
+        let _ = self.to_gate();
         self.link.drain(Duration::ZERO).await;
         self.transition(
             ServiceState::Waking,
@@ -1122,6 +1282,9 @@ impl Managed {
     /// Drain, checkpoint into the pool, release: `Ok` with what is in the pool, or `Err`
     /// with why the service keeps running. `why` says who or what decided it.
     async fn sleep(&self, pid: i32, tier: SnapshotTier, why: String) -> Result<String, String> {
+        // First: new connections go to the gate and are held, none lands on the service.
+        self.to_gate()
+            .map_err(|e| format!("new connections cannot be steered back to the gate: {e}"))?;
         self.transition(ServiceState::Draining, Duration::ZERO, why);
         let drained = self.link.drain(self.spec.drain_deadline).await;
         self.transition(
@@ -1175,7 +1338,7 @@ impl Managed {
                     t0.elapsed(),
                     format!("checkpoint failed: {}", e.message),
                 );
-                self.link.open();
+                self.serve(pid);
                 self.shared.replan.notify_one();
                 Err(e.message)
             }
@@ -1317,7 +1480,9 @@ impl Managed {
             s.last_wake_s = Some(took.as_secs_f64());
         }
         self.transition(ServiceState::Awake, took, detail);
-        self.link.open();
+        if let Some(pid) = self.pid() {
+            self.serve(pid);
+        }
         timeline.released_ms = ms_since(t0);
         let up_to = {
             let mut rt = self.rt.lock().expect("runtime lock");
@@ -1433,6 +1598,7 @@ impl Managed {
     /// Whether a running tree was killed (its state is then lost).
     pub async fn stop(me: &Arc<Managed>) -> bool {
         me.thaw_if_frozen("stopping").await;
+        let _ = me.to_gate();
         me.link.shut_down();
         me.runner.prepare_stop().await;
         let pid = me.rt.lock().expect("runtime lock").pid.take();
@@ -1495,6 +1661,10 @@ impl Managed {
             })
         .as_secs_f64();
         s.costs = rt.costs.status();
+        if let SteeringMode::Kernel(steering) = &self.spec.steering {
+            // Read now, not at the last tick: one map lookup.
+            s.steered_connections = steering.steered().unwrap_or(s.steered_connections);
+        }
         s
     }
 }
@@ -1687,7 +1857,56 @@ mod tests {
 
     /// A harness whose service is launched, or with `adopt` adopted asleep in that generation.
     async fn start_with(fake: Fake, adopt: Option<u64>) -> Harness {
-        let fake = Arc::new(fake);
+        start_steered(Arc::new(fake), adopt, SteeringMode::Proxy).await
+    }
+
+    /// Kernel steering as the agent drives it, recorded in the runner's log (so its order
+    /// against checkpoints and restores shows), with a connection counter and a number of
+    /// open steered connections that tests set.
+    #[derive(Debug)]
+    struct FakeSteering {
+        fake: Arc<Fake>,
+        steered: AtomicU64,
+        open: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Steering for FakeSteering {
+        fn steer(
+            &self,
+            pid: i32,
+            backend: std::net::SocketAddrV4,
+        ) -> Result<(), torpor_steer::SteerError> {
+            self.fake.note(format!("steer {pid} to {backend}"));
+            Ok(())
+        }
+
+        fn unsteer(&self) -> Result<(), torpor_steer::SteerError> {
+            self.fake.note("unsteer".into());
+            Ok(())
+        }
+
+        fn steered(&self) -> Result<u64, torpor_steer::SteerError> {
+            Ok(self.steered.load(Ordering::SeqCst))
+        }
+
+        fn open_connections(&self, _pid: i32) -> Result<usize, torpor_steer::SteerError> {
+            Ok(self.open.load(Ordering::SeqCst))
+        }
+    }
+
+    /// A launched service with a [`FakeSteering`].
+    async fn start_kernel_steered() -> (Harness, Arc<FakeSteering>) {
+        let fake = Arc::new(Fake::default());
+        let steering = Arc::new(FakeSteering {
+            fake: fake.clone(),
+            steered: AtomicU64::new(0),
+            open: Default::default(),
+        });
+        let h = start_steered(fake, None, SteeringMode::Kernel(steering.clone())).await;
+        (h, steering)
+    }
+
+    async fn start_steered(fake: Arc<Fake>, adopt: Option<u64>, steering: SteeringMode) -> Harness {
         let link = ServiceLink::new(
             "svc",
             HoldLimits {
@@ -1712,6 +1931,7 @@ mod tests {
             start_timeout: Duration::from_secs(5),
             wake_with: Vec::new(),
             memory: MemoryRestore::Eager,
+            steering,
         };
         let shared = Arc::new(Shared::bare(std::slice::from_ref(&link)));
         let m = Arc::new(Managed::new(spec, link.clone(), shared, fake.clone()));
@@ -1816,6 +2036,68 @@ mod tests {
         assert_eq!(h.fake.calls("restore")[0].1, "restore Some(1)");
         tokio::time::sleep(STEP).await;
         assert_eq!(h.fake.calls("release")[0].1, "release 1");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kernel_steering_is_undone_before_the_checkpoint_and_done_again_after_the_wake() {
+        let (h, _steering) = start_kernel_steered().await;
+        assert!(h.m.status().steered_now, "steered once started");
+        h.until(ServiceState::Asleep).await;
+        assert!(!h.m.status().steered_now);
+        let request = tokio::spawn({
+            let link = h.link.clone();
+            async move { link.enter().await }
+        });
+        h.until(ServiceState::Awake).await;
+        request.await.unwrap().expect("the held request passes");
+        let order: Vec<String> = h
+            .fake
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, w)| w.clone())
+            .collect();
+        let (first, restored) = (5_000_000, 5_000_001);
+        let at = |what: &str| {
+            order
+                .iter()
+                .position(|w| w == what)
+                .unwrap_or_else(|| panic!("no {what:?} in {order:?}"))
+        };
+        assert!(at("launch") < at(&format!("steer {first} to 127.0.0.1:9")));
+        assert!(at(&format!("steer {first} to 127.0.0.1:9")) < at("unsteer"));
+        assert!(
+            at("unsteer") < at(&format!("checkpoint {first}")),
+            "{order:?}"
+        );
+        assert!(at("restore Some(1)") < at(&format!("steer {restored} to 127.0.0.1:9")));
+        let s = h.m.status();
+        assert!(s.steered_now && s.steering == "kernel", "{s:?}");
+        let fake = h.fake.clone();
+        h.finish().await;
+        assert_eq!(fake.calls("unsteer").len(), 2, "once more at the stop");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steered_connections_count_as_arrivals_and_an_open_one_keeps_it_awake() {
+        let (h, steering) = start_kernel_steered().await;
+        // A steered connection every tick for ten idle thresholds: never slept.
+        for _ in 0..(10 * IDLE.as_millis() / TICK.as_millis()) {
+            steering.steered.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(TICK).await;
+        }
+        assert_eq!(h.m.state(), ServiceState::Awake, "{:?}", h.details());
+        assert!(h.m.status().steered_connections >= 49);
+        // No new connection, one open: still awake.
+        steering.open.store(1, Ordering::SeqCst);
+        tokio::time::sleep(10 * IDLE).await;
+        assert_eq!(h.m.state(), ServiceState::Awake, "{:?}", h.details());
+        assert_eq!(h.m.status().steered_open, 1);
+        // It closed: idle, asleep.
+        steering.open.store(0, Ordering::SeqCst);
+        h.until(ServiceState::Asleep).await;
         h.finish().await;
     }
 

@@ -62,6 +62,10 @@ pub trait Steering: Send + Sync + std::fmt::Debug {
     fn unsteer(&self) -> Result<(), SteerError>;
     /// Connections handed to the service so far: arrivals the gate never saw.
     fn steered(&self) -> Result<u64, SteerError>;
+    /// Steered connections still open: held by the process tree of `pid` and established
+    /// on the public address. They carry traffic the gate cannot see, so the agent counts
+    /// them as activity.
+    fn open_connections(&self, pid: i32) -> Result<usize, SteerError>;
 }
 
 /// An sk_lookup program linked to one network namespace, for one public address.
@@ -139,6 +143,13 @@ impl Steering for KernelSteering {
 
     fn steered(&self) -> Result<u64, SteerError> {
         bpf::array_get_u64(self.counters.as_fd(), 0).map_err(bpf_err("reading the counter"))
+    }
+
+    fn open_connections(&self, pid: i32) -> Result<usize, SteerError> {
+        let io = |what: &'static str| move |source| SteerError::Io { what, source };
+        let inodes = socket::established_inodes(&self.proc, pid, self.public)
+            .map_err(io("reading the TCP table"))?;
+        socket::count_held(&self.proc, pid, &inodes).map_err(io("reading descriptors"))
     }
 }
 

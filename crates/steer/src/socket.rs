@@ -15,26 +15,50 @@ use crate::SteerError;
 
 /// TCP state LISTEN in `/proc/net/tcp`.
 const TCP_LISTEN: &str = "0A";
+/// TCP state ESTABLISHED in `/proc/net/tcp`.
+const TCP_ESTABLISHED: &str = "01";
 
-/// Inodes of the TCP sockets listening on `addr` (or on 0.0.0.0 and `addr`'s port) in the
-/// network namespace of process `pid`, from `PROC/PID/net/tcp`.
-pub fn listening_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
+/// Inodes of the TCP sockets in state `state` whose local address `matches`, in the network
+/// namespace of process `pid`, from `PROC/PID/net/tcp`.
+fn inodes(
+    proc: &Path,
+    pid: i32,
+    state: &str,
+    matches: impl Fn(Ipv4Addr, u16) -> bool,
+) -> io::Result<BTreeSet<u64>> {
     let table = fs::read_to_string(proc.join(pid.to_string()).join("net/tcp"))?;
     Ok(table
         .lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            let (local, st, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
             let (ip, port) = local.split_once(':')?;
             let ip = Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
             let port = u16::from_str_radix(port, 16).ok()?;
-            let matches = *state == TCP_LISTEN
-                && port == addr.port()
-                && (ip == *addr.ip() || ip.is_unspecified());
-            matches.then(|| inode.parse().ok()).flatten()
+            (*st == state && matches(ip, port))
+                .then(|| inode.parse().ok())
+                .flatten()
         })
         .collect())
+}
+
+/// Inodes of the TCP sockets listening on `addr` (or on 0.0.0.0 and `addr`'s port) in the
+/// network namespace of process `pid`, from `PROC/PID/net/tcp`.
+pub fn listening_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
+    inodes(proc, pid, TCP_LISTEN, |ip, port| {
+        port == addr.port() && (ip == *addr.ip() || ip.is_unspecified())
+    })
+}
+
+/// Inodes of the established TCP connections whose local address is exactly `addr`, in the
+/// network namespace of process `pid`. A connection steered in the kernel keeps the
+/// address the client dialled (the public one), so these are the steered connections,
+/// together with the gate's own client connections (told apart by who holds them).
+pub fn established_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
+    inodes(proc, pid, TCP_ESTABLISHED, |ip, port| {
+        port == addr.port() && ip == *addr.ip()
+    })
 }
 
 /// `pid` and every process descended from it, from the parent fields of `PROC/*/stat`.
@@ -97,6 +121,32 @@ pub fn find_descriptor(
         }
     }
     Ok(None)
+}
+
+/// How many of `inodes` the processes of `pid`'s tree hold (each socket counted once).
+pub fn count_held(proc: &Path, pid: i32, inodes: &BTreeSet<u64>) -> io::Result<usize> {
+    let mut held = BTreeSet::new();
+    if inodes.is_empty() {
+        return Ok(0);
+    }
+    for p in process_tree(proc, pid)? {
+        let Ok(fds) = fs::read_dir(proc.join(p.to_string()).join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let inode = fs::read_link(fd.path()).ok().and_then(|t| {
+                let t = t.to_string_lossy();
+                t.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if let Some(i) = inode.filter(|i| inodes.contains(i)) {
+                held.insert(i);
+            }
+        }
+    }
+    Ok(held.len())
 }
 
 /// A descriptor of our own for descriptor `fd` of process `pid` (`pidfd_getfd`, which needs
@@ -171,6 +221,19 @@ mod tests {
         assert_eq!(at("127.0.0.1:8080"), BTreeSet::from([111])); // the established one is not
         assert_eq!(at("127.0.0.1:8081"), BTreeSet::from([333])); // bound to 0.0.0.0
         assert!(at("127.0.0.2:8080").is_empty());
+    }
+
+    #[test]
+    fn established_connections_on_the_address_are_counted_once_where_the_tree_holds_them() {
+        let d = proc_tree();
+        let addr = "127.0.0.1:8080".parse().unwrap();
+        let est = established_inodes(d.path(), 10, addr).unwrap();
+        assert_eq!(est, BTreeSet::from([222]));
+        assert_eq!(count_held(d.path(), 10, &est).unwrap(), 0);
+        symlink("socket:[222]", d.path().join("11/fd/9")).unwrap();
+        symlink("socket:[222]", d.path().join("10/fd/5")).unwrap();
+        assert_eq!(count_held(d.path(), 10, &est).unwrap(), 1);
+        assert_eq!(count_held(d.path(), 12, &est).unwrap(), 0);
     }
 
     #[test]

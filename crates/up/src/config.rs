@@ -12,7 +12,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use torpor_agent::{
     InitOptions, KnobConfig, Launch, MemoryRestore, NodePowerConfig, NodeSleepHooks, ProcessLaunch,
-    ServiceSpec,
+    ServiceSpec, SteeringMode,
 };
 use torpor_criu::LazyOptions;
 
@@ -175,6 +175,9 @@ struct RawService {
     backend: String,
     #[serde(default = "default_protocol")]
     protocol: Protocol,
+    /// `proxy` (the default) or `kernel`: how new connections reach the service while it is
+    /// awake.
+    steering: Option<String>,
     cpuset: Option<String>,
     drain_deadline: Option<String>,
     start_timeout: Option<String>,
@@ -284,6 +287,9 @@ pub struct ServiceConfig {
     /// Public address the gate listens on.
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    /// `steering = "kernel"`: while the service is awake, new connections go straight to it
+    /// (attached when the gate listens: `spec.steering` says what came of it).
+    pub kernel_steering: bool,
     pub hold_queue: usize,
     pub hold_timeout: Duration,
     /// What the gate lets one client take (connections, header time and size, held bodies).
@@ -765,6 +771,22 @@ impl Config {
                     "must differ from listen (the gate listens there)",
                 ));
             }
+            let kernel_steering = match s.steering.as_deref() {
+                None | Some("proxy") => false,
+                Some("kernel") if listen.is_ipv4() && backend.is_ipv4() => true,
+                Some("kernel") => {
+                    return Err(invalid(
+                        k("steering"),
+                        "\"kernel\" needs IPv4 listen and backend addresses (the sk_lookup program steers IPv4)",
+                    ))
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        k("steering"),
+                        format!("{other:?} is neither \"proxy\" nor \"kernel\""),
+                    ))
+                }
+            };
             let p = &s.policy;
             // What the file leaves out is the policy's own default.
             let defaults = PolicyConfig::default();
@@ -881,6 +903,7 @@ impl Config {
             services.push(ServiceConfig {
                 listen,
                 protocol: s.protocol,
+                kernel_steering,
                 gate,
                 hold_queue,
                 hold_timeout: duration(
@@ -905,6 +928,7 @@ impl Config {
                     )?,
                     wake_with: s.wake_with,
                     memory,
+                    steering: SteeringMode::Proxy,
                 },
             });
         }
@@ -1215,6 +1239,28 @@ mod tests {
         assert!(e.contains("soft limit above"), "{e}");
         let e = with("rlimits = { nofile = \"many\" }");
         assert!(e.starts_with("service[0].rlimits.nofile"), "{e}");
+    }
+
+    #[test]
+    fn steering_is_proxy_by_default_and_kernel_only_for_ipv4() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert!(c.services.iter().all(|s| !s.kernel_steering));
+        let kernel = GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nsteering = \"kernel\"",
+        );
+        let c = Config::from_toml(&kernel).unwrap();
+        assert!(c.services[1].kernel_steering && !c.services[0].kernel_steering);
+        let e = err(&kernel.replace("127.0.0.1:6379", "[::1]:6379"));
+        assert!(
+            e.starts_with("service[1].steering") && e.contains("IPv4"),
+            "{e}"
+        );
+        let e = err(&kernel.replace("\"kernel\"", "\"ebpf\""));
+        assert!(
+            e.starts_with("service[1].steering") && e.contains("ebpf"),
+            "{e}"
+        );
     }
 
     #[test]

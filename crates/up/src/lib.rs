@@ -16,7 +16,7 @@ use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
-use torpor_agent::{Agent, AgentError, Snapshots};
+use torpor_agent::{Agent, AgentError, Snapshots, SteeringMode};
 use torpor_control::ServiceLink;
 use torpor_criu::{CriuBinary, PoolTarget, Pools};
 use torpor_image::NodeKey;
@@ -218,6 +218,11 @@ pub async fn run_reloadable(
     for g in &gates {
         services.push((g.link.name.clone(), g.listener.local_addr()?));
     }
+    // What runs keeps its steering across reloads: the reloader compares and respecs from here.
+    let mut config = config;
+    for (s, g) in config.services.iter_mut().zip(&gates) {
+        s.spec.steering = g.spec.steering.clone();
+    }
     let reloader = Arc::new(reload::Reloader::start(
         agent.clone(),
         &config,
@@ -379,9 +384,11 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
                 what: format!("service {:?}", s.spec.name),
                 source,
             })?;
+        let mut spec = s.spec.clone();
+        spec.steering = steering_for(s, listener.local_addr()?);
         gates.push(Gate {
             listener,
-            spec: s.spec.clone(),
+            spec,
             link: reload::link_for(s),
         });
     }
@@ -402,6 +409,36 @@ async fn bind_all(config: &Config) -> Result<Bound, UpError> {
         status_listener,
         control_listener,
     })
+}
+
+/// How new connections reach service `s`, whose gate listens on `public`, while it is
+/// awake: with `steering = "kernel"`, an sk_lookup program attached to this process's
+/// network namespace for `public` (detached when the last holder drops it, at the latest
+/// when torpor exits); where the host cannot, the gate proxies and the status says why.
+pub(crate) fn steering_for(
+    s: &config::ServiceConfig,
+    public: std::net::SocketAddr,
+) -> SteeringMode {
+    if !s.kernel_steering {
+        return SteeringMode::Proxy;
+    }
+    let attached = match public {
+        std::net::SocketAddr::V4(public) => {
+            torpor_steer::KernelSteering::attach_here(public).map_err(|e| e.to_string())
+        }
+        std::net::SocketAddr::V6(public) => Err(format!("{public} is not IPv4")),
+    };
+    match attached {
+        Ok(k) => {
+            info!(service = %s.spec.name, %public, "kernel steering attached");
+            SteeringMode::Kernel(Arc::new(k))
+        }
+        Err(e) => {
+            let why = format!("kernel steering is unavailable here ({e}); the gate proxies");
+            warn!(service = %s.spec.name, "{why}");
+            SteeringMode::Fallback(why)
+        }
+    }
 }
 
 /// A task aborted when its handle is dropped (the embedded pool's server), so that an

@@ -270,7 +270,9 @@ enum KeyKind {
 fn key_kind(key: &str) -> KeyKind {
     let first = key.split('.').next().unwrap_or(key);
     match first {
-        "protocol" | "max_connections" | "hold_body_limit" | "header_read_timeout" => KeyKind::Gate,
+        "protocol" | "steering" | "max_connections" | "hold_body_limit" | "header_read_timeout" => {
+            KeyKind::Gate
+        }
         "command" | "bundle" | "cwd" | "env" | "user" | "group" | "rlimits" | "cpuset"
         | "backend" => KeyKind::Launch,
         _ if key == "policy.hold_queue" || key == "policy.hold_timeout" => KeyKind::Hold,
@@ -373,6 +375,7 @@ pub(crate) fn plan(applied: &Applied, new: &Config) -> Result<Plan, ReloadError>
         let mut config = s.clone();
         config.gate = old.gate;
         config.protocol = old.protocol;
+        config.spec.steering = old.spec.steering.clone();
         if !hold {
             config.hold_queue = old.hold_queue;
             config.hold_timeout = old.hold_timeout;
@@ -655,6 +658,8 @@ impl Reloader {
             let listen = listener
                 .local_addr()
                 .map_err(|e| Step::Failed(format!("service {name:?}: {e}")))?;
+            let mut s = s;
+            s.spec.steering = crate::steering_for(&s, listen);
             let link = link_for(&s);
             // The gate listens (and holds requests) while the service starts.
             let gate = GateTask::spawn(listener, &s, link.clone(), self.node_stop.clone());
@@ -858,6 +863,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("service[1].max_connections"), "{e}");
+        // Steering is attached for the gate's address: it changes with a restart.
+        let e = plan_for(
+            &base(),
+            &BASE.replace("A_EXTRA", "").replace(
+                "backend = \"127.0.0.1:4\"",
+                "backend = \"127.0.0.1:4\"\nsteering = \"kernel\"",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("service[1].steering"), "{e}");
     }
 
     #[test]

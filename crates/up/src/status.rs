@@ -245,6 +245,12 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
         &|s| Some(s.rejected_requests as f64),
     );
     family(
+        "torpor_steered_connections_total",
+        "counter",
+        "Connections steered in the kernel straight to the service (never seen by the gate).",
+        &|s| Some(s.steered_connections as f64),
+    );
+    family(
         "torpor_held_requests",
         "gauge",
         "Requests held now.",

@@ -72,6 +72,22 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         if let Some(why) = &s.cannot_sleep {
             println!("{}: never sleeps here: {why}", s.name);
         }
+        if s.steering == "kernel" {
+            println!(
+                "{}: kernel steering, {} now; {} connections steered, {} open",
+                s.name,
+                if s.steered_now {
+                    "steered"
+                } else {
+                    "through the gate"
+                },
+                s.steered_connections,
+                s.steered_open
+            );
+        }
+        if let Some(why) = &s.steering_problem {
+            println!("{}: {why}", s.name);
+        }
         let c = &s.costs;
         if let (Some(cpus), Some(w)) = (c.idle_cpus, c.idle_wakeups_per_s) {
             println!(
