@@ -220,7 +220,10 @@ fn the_demo_sleeps_and_wakes_its_services_without_errors() {
     // belongs to `bench scenario`, which runs its baselines in the same run. Here: the
     // account priced both sides.
     assert!(e["counterfactual_j"].as_f64().unwrap() > 0.0, "{e:#}");
-    assert!(e["deep_idle_counterfactual_j"].as_f64().unwrap() > 0.0, "{e:#}");
+    assert!(
+        e["deep_idle_counterfactual_j"].as_f64().unwrap() > 0.0,
+        "{e:#}"
+    );
 }
 
 #[test]
