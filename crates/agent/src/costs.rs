@@ -61,15 +61,18 @@ pub(crate) struct Costs {
 impl Costs {
     /// One look at the awake service: `busy` when it had a request in flight or one arrived
     /// since the last look. A stretch with none at all, once long enough, is a sample.
-    pub fn observe(&mut self, now: Instant, busy: bool, cpu_s: f64, runs: u64) {
+    /// `runs` reads the tree's scheduler runs (a file per thread): only at a stretch's start
+    /// and at each sample, not on every look.
+    pub fn observe(&mut self, now: Instant, busy: bool, cpu_s: f64, runs: impl FnOnce() -> u64) {
         let Some((from, cpu0, runs0)) = self.idle_from.filter(|_| !busy) else {
-            self.idle_from = (!busy).then_some((now, cpu_s, runs));
+            self.idle_from = (!busy).then(|| (now, cpu_s, runs()));
             return;
         };
         let dt = now.duration_since(from);
         if dt < IDLE_SAMPLE {
             return;
         }
+        let runs = runs();
         let secs = dt.as_secs_f64();
         let cpus = (cpu_s - cpu0).max(0.0) / secs;
         let wakeups = runs.saturating_sub(runs0) as f64 / secs;
@@ -153,20 +156,20 @@ mod tests {
     async fn an_idle_stretch_is_sampled_and_a_busy_one_is_not() {
         let mut c = Costs::default();
         let t0 = Instant::now();
-        c.observe(t0, false, 10.0, 1000);
+        c.observe(t0, false, 10.0, || 1000);
         // Half a second: too short for a sample.
-        c.observe(t0 + Duration::from_millis(500), false, 10.01, 1050);
+        c.observe(t0 + Duration::from_millis(500), false, 10.01, || 1050);
         assert_eq!(c.idle(0), None);
         // Two seconds idle, 20 ms of CPU and 200 runs: 0.01 CPUs, 100 wakeups/s.
-        c.observe(t0 + Duration::from_secs(2), false, 10.02, 1200);
+        c.observe(t0 + Duration::from_secs(2), false, 10.02, || 1200);
         let idle = c.idle(5).unwrap();
         assert!((idle.cpus - 0.01).abs() < 1e-9, "{idle:?}");
         assert!((idle.wakeups_per_s - 100.0).abs() < 1e-9, "{idle:?}");
         assert_eq!(idle.resident_bytes, 5);
         // A busy stretch in between resets the start: its CPU is the requests', not idle.
-        c.observe(t0 + Duration::from_secs(3), true, 15.0, 5000);
-        c.observe(t0 + Duration::from_millis(3100), false, 15.0, 5000);
-        c.observe(t0 + Duration::from_millis(4100), false, 15.0, 5000);
+        c.observe(t0 + Duration::from_secs(3), true, 15.0, || 5000);
+        c.observe(t0 + Duration::from_millis(3100), false, 15.0, || 5000);
+        c.observe(t0 + Duration::from_millis(4100), false, 15.0, || 5000);
         let idle = c.idle(5).unwrap();
         assert!(
             (idle.cpus - 0.007).abs() < 1e-9,

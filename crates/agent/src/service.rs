@@ -1015,8 +1015,8 @@ impl Managed {
                     rt.demand_cpus = 0.9 * rt.demand_cpus + 0.1 * used / TICK.as_secs_f64();
                     let busy = self.link.inflight() > 0
                         || self.link.with_arrivals(|a| a.idle_for(self.link.now())) < 2 * TICK;
-                    let runs = procs::tree_runs(&pids);
-                    rt.costs.observe(Instant::now(), busy, cpu, runs);
+                    rt.costs
+                        .observe(Instant::now(), busy, cpu, || procs::tree_runs(&pids));
                     (
                         rt.status.footprint_bytes,
                         rt.expected_wake,
