@@ -16,6 +16,7 @@ mod manual;
 mod node;
 mod process;
 mod reaper;
+mod roster;
 mod runner;
 mod service;
 
@@ -116,6 +117,11 @@ pub(crate) struct Shared {
     pub links: Mutex<HashMap<String, Arc<ServiceLink>>>,
     /// Reaps service roots and orphans (the agent is their subreaper).
     pub reaper: Arc<reaper::Reaper>,
+    /// Where every service is and what it holds, for the decisions across services.
+    pub roster: roster::Roster,
+    /// The most memory the services up on the node may hold; past it the coldest idle one
+    /// is snapshotted (`None`: no budget).
+    pub memory_budget: Option<u64>,
 }
 
 /// How often the energy account samples the node.
@@ -300,12 +306,14 @@ impl Agent {
     /// cgroup, with the same configuration, is adopted awake as that process; the file is
     /// deleted once read. When `cancel` turns true first, what started is stopped (a service
     /// still starting is killed, not waited for) and the start ends in
-    /// [`AgentError::Cancelled`].
+    /// [`AgentError::Cancelled`]. With a `memory_budget`, the coldest idle service is
+    /// snapshotted whenever the services up hold more.
     pub async fn start(
         criu: CriuBinary,
         snapshots: Snapshots,
         services: Vec<(ServiceSpec, Arc<ServiceLink>)>,
         power: Option<NodePowerConfig>,
+        memory_budget: Option<u64>,
         kept_file: PathBuf,
         mut cancel: watch::Receiver<bool>,
     ) -> Result<Agent, AgentError> {
@@ -370,6 +378,8 @@ impl Agent {
                     .collect(),
             ),
             reaper,
+            roster: roster::Roster::default(),
+            memory_budget,
         });
         let mut managed = Vec::new();
         for (spec, link) in services {
@@ -512,9 +522,33 @@ impl Agent {
             ended += (ended_total - last.1).max(0.0);
             *last = (total, ended_total);
         }
+        let next_arrival = self.next_arrival();
         let node = node.clone();
         // Node sleep hooks may block for as long as the node sleeps.
-        let _ = tokio::task::spawn_blocking(move || node.tick(usage, ended, all_asleep)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || node.tick(usage, ended, all_asleep, next_arrival))
+                .await;
+    }
+
+    /// The soonest any service's inter-arrival history predicts its next request; `None` when
+    /// no service has a history to predict from.
+    fn next_arrival(&self) -> Option<Duration> {
+        let links: Vec<Arc<ServiceLink>> = self
+            .shared
+            .links
+            .lock()
+            .expect("links lock")
+            .values()
+            .cloned()
+            .collect();
+        links
+            .iter()
+            .filter_map(|l| {
+                l.with_arrivals(|a| {
+                    (a.histogram().count() > 0).then(|| torpor_policy::predicted_idle(a, l.now()))
+                })
+            })
+            .min()
     }
 
     /// The services now, in configuration order.
@@ -765,6 +799,7 @@ impl Agent {
         Managed::stop(&m).await;
         let released = m.forget_snapshots().await;
         self.shared.links.lock().expect("links lock").remove(name);
+        self.shared.roster.remove(name);
         self.shared.replan.notify_one();
         tracing::info!(service = %name, was = was.as_str(), cut, released, "service removed");
         Ok(Removed { was, cut, released })
@@ -1148,6 +1183,8 @@ impl Shared {
             replan: tokio::sync::Notify::new(),
             links: Mutex::new(links.iter().map(|l| (l.name.clone(), l.clone())).collect()),
             reaper: Arc::default(),
+            roster: roster::Roster::default(),
+            memory_budget: None,
         }
     }
 

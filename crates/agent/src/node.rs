@@ -50,7 +50,8 @@ pub struct KnobConfig {
     pub target_utilisation: f64,
 }
 
-/// Commands run when every service has been asleep for `after`, and on the next wake.
+/// Commands run when every service has been asleep for `after` and the next request is
+/// predicted beyond the node's suspend break-even, and on the next wake.
 #[derive(Debug, Clone)]
 pub struct NodeSleepHooks {
     pub sleep: Vec<String>,
@@ -86,6 +87,7 @@ struct KnobState {
     /// Services waking now (the PM QoS request is held while any is).
     waking: usize,
     all_asleep_since: Option<Instant>,
+    /// The node sleep hook ran (or, in a dry run, would have) and no wake came since.
     node_asleep: bool,
 }
 
@@ -99,6 +101,8 @@ pub(crate) struct NodePower {
     last_process_cpu_s: Mutex<f64>,
     /// The profile's prices, for the governor.
     model: torpor_policy::EnergyModel,
+    /// What a node sleep saves here and when it pays; `None` without node sleep hooks.
+    node_sleep: Option<torpor_power::NodeSleepEconomics>,
 }
 
 /// A profile as the governor prices CPU time, wakeups and memory: a busy core above the
@@ -132,6 +136,11 @@ pub(crate) fn process_cpu_s() -> f64 {
 impl NodePower {
     pub fn start(config: NodePowerConfig) -> Result<NodePower, NodePowerError> {
         let first = Sample::take(&config.telemetry)?;
+        let node_sleep = config
+            .knobs
+            .as_ref()
+            .and_then(|k| k.node_sleep.as_ref())
+            .map(|_| torpor_power::Model::new(&config.profile).node_sleep(first.cpus.len(), 0.0));
         let online: BTreeSet<usize> = first.cpus.iter().map(|c| c.cpu).collect();
         let knobs = match config.knobs {
             Some(kc) => {
@@ -157,6 +166,7 @@ impl NodePower {
             telemetry: config.telemetry,
             knobs,
             model: energy_model(&config.profile),
+            node_sleep,
             account: Mutex::new(EnergyAccount::start(config.profile, first)),
             last_process_cpu_s: Mutex::new(process_cpu_s()),
         })
@@ -171,7 +181,9 @@ impl NodePower {
         s.all_asleep_since = None;
         if s.node_asleep {
             s.node_asleep = false;
-            if let Err(e) = s.knobs.node_wake() {
+            if s.config.dry_run {
+                info!("dry run: would run the node wake hook");
+            } else if let Err(e) = s.knobs.node_wake() {
                 warn!(error = %e, "node wake hook failed");
             }
         }
@@ -249,9 +261,21 @@ impl NodePower {
         info!(used = %torpor_power::cpulist::format(&plan.used), free = %torpor_power::cpulist::format(&s.freed), awake = awake.len(), "cores planned");
     }
 
-    /// Every second: the energy account, and node sleep once everything slept long enough.
-    pub fn tick(&self, services: Vec<ServiceUsage>, ended_lives_cpu_s: f64, all_asleep: bool) {
-        let node_asleep = self.node_sleep_check(all_asleep);
+    /// Every second: the energy account, and node sleep once everything slept long enough and
+    /// the next request (`next_arrival`: the soonest any service's history predicts) is far
+    /// enough off for a sleep to pay.
+    pub fn tick(
+        &self,
+        services: Vec<ServiceUsage>,
+        ended_lives_cpu_s: f64,
+        all_asleep: bool,
+        next_arrival: Option<Duration>,
+    ) {
+        let node_asleep = self.node_sleep_check(all_asleep, next_arrival);
+        let dry_run = self
+            .knobs
+            .as_ref()
+            .is_some_and(|k| k.lock().expect("knob lock").config.dry_run);
         let sample = match Sample::take(&self.telemetry) {
             Ok(s) => s,
             Err(e) => {
@@ -273,12 +297,15 @@ impl NodePower {
                 services,
                 torpor_cpu_s,
                 node_asleep,
+                node_asleep_dry_run: node_asleep && dry_run,
                 all_asleep,
             },
         );
     }
 
-    fn node_sleep_check(&self, all_asleep: bool) -> bool {
+    /// Whether the node sleeps now (really, or credited in a dry run), running the hook when
+    /// it is time.
+    fn node_sleep_check(&self, all_asleep: bool, next_arrival: Option<Duration>) -> bool {
         let Some(state) = &self.knobs else {
             return false;
         };
@@ -291,13 +318,27 @@ impl NodePower {
         let Some(hooks) = s.config.node_sleep.clone() else {
             return false;
         };
-        if !s.node_asleep && since.elapsed() >= hooks.after {
+        let pays = match (self.node_sleep, next_arrival) {
+            (Some(e), Some(next)) => next.as_secs_f64() >= e.break_even_s,
+            // No history predicts a request: nothing says the sleep will be cut short.
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !s.node_asleep && since.elapsed() >= hooks.after && pays {
             match s.knobs.node_sleep(&hooks.sleep) {
-                Ok(()) => s.node_asleep = !s.config.dry_run,
+                Ok(()) => {
+                    info!(next_arrival_s = ?next_arrival.map(|d| d.as_secs_f64()), break_even_s = ?self.node_sleep.map(|e| e.break_even_s), dry_run = s.config.dry_run, "node asleep");
+                    s.node_asleep = true;
+                }
                 Err(e) => warn!(error = %e, "node sleep hook failed; the node stays up"),
             }
         }
         s.node_asleep
+    }
+
+    /// What a node sleep would save and when it pays; `None` without node sleep hooks.
+    pub fn node_sleep(&self) -> Option<torpor_power::NodeSleepEconomics> {
+        self.node_sleep
     }
 
     /// How the governor prices CPU time, wakeups and memory on this node.

@@ -14,8 +14,8 @@ use tokio::{
 use torpor_control::ServiceLink;
 use torpor_criu::procs;
 use torpor_policy::{
-    choose_level, decide_sleep, level_costs, prewarm_at, prewarm_hold_until, Choice, Governor,
-    Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
+    choose_level, decide_sleep, level_costs, predicted_idle, prewarm_at, prewarm_hold_until,
+    Choice, Governor, Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
 };
 use torpor_steer::Steering;
 use tracing::{debug, error, warn};
@@ -392,6 +392,7 @@ impl Managed {
             _ => 0,
         };
         let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
+        shared.roster.set_state(&spec.name, ServiceState::Waking);
         Managed {
             commands,
             inbox: tokio::sync::Mutex::new(inbox),
@@ -473,6 +474,7 @@ impl Managed {
             rt.since = now;
             from
         };
+        self.shared.roster.set_state(&self.spec.name, to);
         self.shared.record(Transition {
             at_s: self.shared.started.elapsed().as_secs_f64(),
             service: self.spec.name.clone(),
@@ -1023,7 +1025,12 @@ impl Managed {
                         Instant::now() >= rt.sleep_not_before && rt.status.cannot_sleep.is_none(),
                     )
                 };
-                if !allowed || self.link.inflight() > 0 || self.pin().is_some() {
+                let free = allowed && self.link.inflight() == 0 && self.pin().is_none();
+                if let Some(why) = self.memory_budget_wants(footprint, free) {
+                    let _ = self.sleep(pid, self.tier_for(footprint), why).await;
+                    return;
+                }
+                if !free {
                     return;
                 }
                 if self.spec.policy.governor == Governor::Energy {
@@ -1050,10 +1057,14 @@ impl Managed {
                     self.thaw_if_frozen("pinned").await;
                     return;
                 }
-                if let Some(pid) = pid {
-                    self.govern(pid, Level::Frozen, footprint, expected_wake)
-                        .await;
+                let Some(pid) = pid else { return };
+                if let Some(why) = self.memory_budget_wants(footprint, true) {
+                    self.thaw_if_frozen("the memory budget snapshots it").await;
+                    let _ = self.sleep(pid, self.tier_for(footprint), why).await;
+                    return;
                 }
+                self.govern(pid, Level::Frozen, footprint, expected_wake)
+                    .await;
             }
             ServiceState::Asleep => {
                 let (expected_wake, asleep_at) = {
@@ -1125,6 +1136,25 @@ impl Managed {
             .as_ref()
             .map_or_else(Default::default, |n| n.energy_model());
         let now = self.link.now();
+        // The last service up: its snapshot lets the node sleep, if the quiet is predicted to
+        // last past the node's break-even.
+        let node_sleep = self.shared.node.as_ref().and_then(|n| n.node_sleep());
+        let inputs = match node_sleep {
+            Some(e)
+                if self.shared.roster.others_asleep(&self.spec.name)
+                    && self
+                        .link
+                        .with_arrivals(|a| predicted_idle(a, now))
+                        .as_secs_f64()
+                        >= e.break_even_s =>
+            {
+                LevelInputs {
+                    node_sleep_w: e.saving_w,
+                    ..inputs
+                }
+            }
+            _ => inputs,
+        };
         let choice = self
             .link
             .with_arrivals(|a| choose_level(&self.spec.policy, a, now, &inputs, &model));
@@ -1136,11 +1166,7 @@ impl Managed {
         match (now_at, choice.level) {
             (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(pid, &choice).await,
             (_, Level::Snapshotted) => {
-                let tier = if footprint <= self.spec.policy.memory_tier_max_bytes {
-                    SnapshotTier::Memory
-                } else {
-                    SnapshotTier::Tiered
-                };
+                let tier = self.tier_for(footprint);
                 if now_at == Level::Frozen {
                     self.thaw_if_frozen("the snapshot level pays now").await;
                 }
@@ -1150,6 +1176,35 @@ impl Managed {
             // Deeper is not worth it; a frozen service stays frozen until a request.
             _ => {}
         }
+    }
+
+    /// The pool tier a snapshot of this footprint goes to.
+    fn tier_for(&self, footprint: u64) -> SnapshotTier {
+        if footprint <= self.spec.policy.memory_tier_max_bytes {
+            SnapshotTier::Memory
+        } else {
+            SnapshotTier::Tiered
+        }
+    }
+
+    /// Tells the roster what the service holds and whether it is free to be snapshotted
+    /// (`free`: idle, allowed to sleep, not pinned); when it is the one the node's memory
+    /// budget wants snapshotted now, why.
+    fn memory_budget_wants(&self, footprint: u64, free: bool) -> Option<String> {
+        let idle_since = free
+            .then(|| {
+                let idle = self.link.with_arrivals(|a| a.idle_for(self.link.now()));
+                Instant::now().checked_sub(idle)
+            })
+            .flatten();
+        let roster = &self.shared.roster;
+        roster.observe(&self.spec.name, footprint, idle_since);
+        let over = roster.coldest_over_budget(&self.spec.name, self.shared.memory_budget?)?;
+        Some(format!(
+            "memory budget: the services up hold {} MiB of {} MiB and this one was idle the longest",
+            over.held_bytes >> 20,
+            over.budget_bytes >> 20
+        ))
     }
 
     /// Freezes the idle service: requests are held from here on and the first wakes it.

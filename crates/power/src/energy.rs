@@ -40,8 +40,12 @@ pub struct Activity {
     pub services: Vec<ServiceUsage>,
     /// CPU seconds of torpor's own work (agent, gate, embedded pool, CRIU) in the interval.
     pub torpor_cpu_s: f64,
-    /// The node sleep hook had put the node to sleep.
+    /// The node sleep hook had put the node to sleep (or would have: see
+    /// `node_asleep_dry_run`), so the interval is priced at the profile's suspend power.
     pub node_asleep: bool,
+    /// The node sleep was a dry run: the hook was not run and the suspend power credited is
+    /// what it would have drawn (modelled, as a real suspend's is too).
+    pub node_asleep_dry_run: bool,
     /// Every service was asleep.
     pub all_asleep: bool,
 }
@@ -85,7 +89,11 @@ pub struct EnergyReport {
     pub torpor_j: f64,
     pub torpor_cpu_s: f64,
     pub services: BTreeMap<String, ServiceEnergy>,
+    /// Seconds priced at suspend power: the node sleep hook ran, or a dry run would have run it.
     pub node_asleep_s: f64,
+    /// The part of `node_asleep_s` that was a dry run (credited, the node stayed up).
+    #[serde(default)]
+    pub node_asleep_dry_run_s: f64,
     pub all_asleep_s: f64,
     /// Power per sample, oldest first (empty in `/status`; `/energy` has it).
     #[serde(default)]
@@ -142,6 +150,7 @@ impl EnergyAccount {
                 torpor_cpu_s: 0.0,
                 services: BTreeMap::new(),
                 node_asleep_s: 0.0,
+                node_asleep_dry_run_s: 0.0,
                 all_asleep_s: 0.0,
                 history: Vec::new(),
             },
@@ -203,6 +212,13 @@ impl EnergyAccount {
             footprint_gib,
         );
         let (energy_j, cf_j, deep_j) = match self.report.source {
+            // Nothing measures a suspended node from inside it (nor one a dry run left up):
+            // its interval is the profile's suspend power, counted in `node_asleep_s`.
+            _ if activity.node_asleep => (
+                actual.total_w * secs,
+                cf.total_w * secs,
+                deep.total_w * secs,
+            ),
             PowerSource::Measured => {
                 let measured: f64 = now
                     .rapl
@@ -259,6 +275,9 @@ impl EnergyAccount {
         };
         if activity.node_asleep {
             r.node_asleep_s += secs;
+            if activity.node_asleep_dry_run {
+                r.node_asleep_dry_run_s += secs;
+            }
         }
         if activity.all_asleep {
             r.all_asleep_s += secs;
@@ -430,5 +449,28 @@ mod tests {
         let expect = 2.0 / 48.0 * 12.0 * 100.0;
         assert!((r.energy_j - expect).abs() < 1e-9, "{r:?}");
         assert_eq!(r.node_asleep_s, 100.0);
+        assert_eq!(r.node_asleep_dry_run_s, 0.0);
+    }
+
+    #[test]
+    fn a_dry_run_node_sleep_is_credited_the_same_and_counted_apart() {
+        let (mut real, t0) = account();
+        let (mut dry, _) = account_at(t0);
+        let now = sample(
+            t0 + Duration::from_secs(100),
+            vec![cpu(0, 0, 10_000, 0, 0), cpu(1, 0, 10_000, 0, 0)],
+        );
+        let asleep = |dry_run| Activity {
+            node_asleep: true,
+            node_asleep_dry_run: dry_run,
+            all_asleep: true,
+            ..Activity::default()
+        };
+        real.record(now.clone(), &asleep(false));
+        dry.record(now, &asleep(true));
+        assert_eq!(dry.report().energy_j, real.report().energy_j);
+        assert_eq!(dry.report().node_asleep_s, 100.0);
+        assert_eq!(dry.report().node_asleep_dry_run_s, 100.0);
+        assert_eq!(real.report().node_asleep_dry_run_s, 0.0);
     }
 }

@@ -10,7 +10,7 @@ pub mod profile;
 pub mod render;
 pub mod turbostat;
 
-pub use model::{CoreResidency, IdleGroup, Model, PowerBreakdown};
+pub use model::{CoreResidency, IdleGroup, Model, NodeSleepEconomics, PowerBreakdown};
 pub use profile::{Profile, ProfileError};
 pub use turbostat::{TurbostatError, TurbostatLog};
 

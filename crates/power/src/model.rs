@@ -110,6 +110,16 @@ pub fn reachable_pc6(profile: &Profile, cores: &[CoreResidency]) -> f64 {
     cores.iter().map(CoreResidency::deepest).product()
 }
 
+/// What a node sleep saves and when it pays, for whoever decides to sleep the node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeSleepEconomics {
+    /// Power of the node up and idle minus suspended (W).
+    pub saving_w: f64,
+    /// A sleep shorter than this (entry, sleep and resume) costs more than it saves: entry and
+    /// resume save nothing and keep a core busy; infinite when sleeping saves nothing.
+    pub break_even_s: f64,
+}
+
 /// A profile's power model.
 #[derive(Debug, Clone, Copy)]
 pub struct Model<'a> {
@@ -158,6 +168,35 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// What suspending the node (or the slice of `cores` cores) saves against leaving it up
+    /// and idle, with every core in its deepest state and `service_gib` of service memory.
+    pub fn node_sleep(&self, cores: usize, service_gib: f64) -> NodeSleepEconomics {
+        let p = self.profile;
+        let deepest = p.idle_states.len().saturating_sub(1);
+        let idle_core = CoreResidency {
+            busy: 0.0,
+            idle: (0..p.idle_states.len())
+                .map(|i| if i == deepest { 1.0 } else { 0.0 })
+                .collect(),
+        };
+        let idle_cores = vec![idle_core; cores];
+        let up = self.node(&idle_cores, reachable_pc6(p, &idle_cores), service_gib);
+        let saving_w = up.total_w - self.suspended(cores).total_w;
+        // Entry and resume save nothing and keep one core busy (the kernel's suspend path).
+        let transition_s = p.node.suspend_entry_s + p.node.resume_s;
+        let transition_extra_w =
+            p.core.active_watts - p.idle_states.last().map_or(0.0, |s| s.core_watts);
+        let break_even_s = if saving_w > 0.0 {
+            transition_s * (1.0 + transition_extra_w / saving_w)
+        } else {
+            f64::INFINITY
+        };
+        NodeSleepEconomics {
+            saving_w: saving_w.max(0.0),
+            break_even_s,
+        }
+    }
+
     /// The slice of `cores` cores while the node is suspended.
     pub fn suspended(&self, cores: usize) -> PowerBreakdown {
         let share = cores as f64 / self.profile.cores() as f64;
@@ -176,6 +215,25 @@ mod tests {
 
     fn icx() -> Profile {
         Profile::resolve("icx-2s").unwrap()
+    }
+
+    #[test]
+    fn a_node_sleep_pays_after_its_transitions_and_saves_idle_minus_suspend() {
+        let p = icx();
+        let m = Model::new(&p);
+        let whole = m.node_sleep(p.cores() as usize, 0.0);
+        // Suspended at 12 W against an idle two-socket node well above it.
+        assert!(whole.saving_w > 50.0, "{whole:?}");
+        let transitions = p.node.suspend_entry_s + p.node.resume_s;
+        assert!(
+            whole.break_even_s > transitions && whole.break_even_s < 4.0 * transitions,
+            "{whole:?}"
+        );
+        // A slice saves its share; its break-even is longer (one core's transition work
+        // weighs more against a smaller saving).
+        let slice = m.node_sleep(2, 0.0);
+        assert!(slice.saving_w < whole.saving_w / 10.0, "{slice:?}");
+        assert!(slice.break_even_s > whole.break_even_s, "{slice:?}");
     }
 
     #[test]

@@ -51,3 +51,114 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
     assert!(s["wakes"].as_u64() >= Some(1), "{s}");
     Ok(())
 }
+
+/// A sample HTTP service holding `memory`, asleep only when something other than its idle
+/// threshold (an hour) puts it there; restored eagerly, so that a wake brings all of its
+/// memory back (a lazy one holds only what it touches).
+fn sample(name: &str, memory: &str) -> (String, std::net::SocketAddr) {
+    let (port, backend) = (own_addr(), own_addr());
+    let text = format!(
+        "[[service]]\nname = \"{name}\"\ncommand = [\"{exe}\", \"sample-service\", \"--listen\", \"{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nrestore = \"eager\"\n[service.policy]\nidle_threshold = \"1h\"\n",
+        exe = common::exe()
+    );
+    (text, port)
+}
+
+fn budget_snapshots(up: &Up, name: &str) -> Result<usize> {
+    Ok(up.doc()?["transitions"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .filter(|t| t["service"] == name && t["to"] == "draining")
+                .filter(|t| t["detail"].as_str().unwrap_or("").contains("memory budget"))
+                .count()
+        })
+        .unwrap_or(0))
+}
+
+#[test]
+fn past_the_memory_budget_the_coldest_idle_service_is_snapshotted_and_wakes_on_demand() -> Result<()>
+{
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, a_port) = sample("a", "48MiB");
+    let (b, b_port) = sample("b", "48MiB");
+    // Two services of ~50 MiB each, room for one.
+    let up = Up::start(
+        EMBEDDED,
+        &format!("[node]\nnamespace = \"budgettest\"\nmemory_budget = \"80MiB\"\n{a}{b}"),
+    )?;
+    let asleep = |s: &serde_json::Value| s["state"] == "asleep";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if asleep(&up.service("a")?) {
+            break "a";
+        }
+        if asleep(&up.service("b")?) {
+            break "b";
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "nothing was snapshotted past the budget:\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (second, first_port) = if first == "a" {
+        ("b", a_port)
+    } else {
+        ("a", b_port)
+    };
+    assert_eq!(budget_snapshots(&up, first)?, 1, "{}", up.log_text());
+    assert_eq!(up.service(second)?["state"], "awake", "one fits the budget");
+    // A request for the snapshotted one restores it; now the other is the colder one and
+    // makes room.
+    common::http_get(first_port, "/count")?;
+    let s = up.wait_state(second, "asleep", Duration::from_secs(60))?;
+    assert_eq!(budget_snapshots(&up, second)?, 1, "{s}");
+    let s = up.service(first)?;
+    assert_eq!(s["state"], "awake", "{s}");
+    assert_eq!(s["cold_starts"], 0, "restored, not started afresh: {s}");
+    Ok(())
+}
+
+#[test]
+fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir()?;
+    let (svc, port) = sample("web", "8MiB");
+    let power = format!(
+        "[power]\nprofile = \"icx-2s\"\ndry_run = true\njournal = \"{}\"\n[power.node_sleep]\nsleep = [\"false\"]\nwake = [\"false\"]\nafter = \"200ms\"\n",
+        dir.path().join("knobs.json").display()
+    );
+    let up = Up::start(
+        EMBEDDED,
+        &format!(
+            "{power}[node]\nnamespace = \"drysleeptest\"\n{}",
+            svc.replace("\"1h\"", "\"200ms\"")
+        ),
+    )?;
+    up.wait_state("web", "asleep", Duration::from_secs(30))?;
+    // Every service asleep, no history predicting a request: the node would sleep, and the
+    // account prices that time at the profile's suspend power, labelled a dry run (the hooks
+    // are `false`: had one run, the sleep would have failed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let energy = loop {
+        let e = up.doc()?["energy"].clone();
+        if e["node_asleep_dry_run_s"].as_f64() > Some(1.0) {
+            break e;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no dry-run node sleep credited: {e}\n{}",
+            up.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        energy["node_asleep_s"], energy["node_asleep_dry_run_s"],
+        "{energy}"
+    );
+    // A request ends the node's sleep and is answered.
+    common::http_get(port, "/count")?;
+    Ok(())
+}

@@ -97,6 +97,8 @@ struct RawNode {
     key_file: Option<PathBuf>,
     /// Where the node keeps what must outlive `torpor up` (the services a stop left running).
     state_dir: Option<PathBuf>,
+    /// The most memory the services up may hold (a size, "8GiB").
+    memory_budget: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +266,9 @@ pub struct NodeConfig {
     /// Where the node keeps what must outlive `torpor up`: the list of services `torpor
     /// stop --keep-running` left running ([`NodeConfig::kept_file`]).
     pub state_dir: PathBuf,
+    /// The most memory the services up on the node may hold: past it the coldest idle one is
+    /// snapshotted (the pool as far memory, so that more services fit the node).
+    pub memory_budget: Option<u64>,
 }
 
 impl NodeConfig {
@@ -662,6 +667,13 @@ impl Config {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            memory_budget: match raw.node.memory_budget.as_deref() {
+                Some(v) => match size("node.memory_budget", Some(v), 0)? {
+                    0 => return Err(invalid("node.memory_budget", "must be more than 0")),
+                    b => Some(b),
+                },
+                None => None,
+            },
         };
         let mut replicas = Vec::new();
         for (i, r) in raw.pool.replicas.iter().enumerate() {
@@ -1209,6 +1221,14 @@ mod tests {
         assert!(e.starts_with("node.namespace"), "{e}");
         let e = err(&two.replace("unix:/b", "nowhere"));
         assert!(e.starts_with("pool.replica[0].address"), "{e}");
+        assert_eq!(c.node.memory_budget, None);
+        let budget = |v: &str| two.replace("[node]", &format!("[node]\nmemory_budget = {v:?}"));
+        let c = Config::from_toml(&budget("6GiB")).unwrap();
+        assert_eq!(c.node.memory_budget, Some(6 << 30));
+        for bad in ["0", "lots"] {
+            let e = err(&budget(bad));
+            assert!(e.starts_with("node.memory_budget"), "{bad}: {e}");
+        }
     }
 
     #[test]

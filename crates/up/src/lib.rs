@@ -173,6 +173,7 @@ pub async fn run_reloadable(
         snapshots,
         agent_services,
         Some(config.power.clone()),
+        config.node.memory_budget,
         config.node.kept_file(),
         cancel_rx,
     );

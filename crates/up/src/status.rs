@@ -367,6 +367,7 @@ pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> Str
             );
         }
         let _ = writeln!(out, "# HELP torpor_node_all_asleep_seconds_total Time every service was asleep.\n# TYPE torpor_node_all_asleep_seconds_total counter\ntorpor_node_all_asleep_seconds_total {}", e.all_asleep_s);
+        let _ = writeln!(out, "# HELP torpor_node_asleep_seconds_total Time the node slept (or, in a dry run, would have), priced at the profile's suspend power.\n# TYPE torpor_node_asleep_seconds_total counter\ntorpor_node_asleep_seconds_total{{dry_run=\"false\"}} {}\ntorpor_node_asleep_seconds_total{{dry_run=\"true\"}} {}", e.node_asleep_s - e.node_asleep_dry_run_s, e.node_asleep_dry_run_s);
     }
     out
 }

@@ -196,6 +196,20 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             e.idle_j,
             e.all_asleep_s
         );
+        if e.node_asleep_s > 0.0 {
+            println!(
+                "  node asleep {:.0} s at the profile's suspend power (modelled){}",
+                e.node_asleep_s,
+                if e.node_asleep_dry_run_s > 0.0 {
+                    format!(
+                        ", {:.0} s of it a dry run (the hook was not run)",
+                        e.node_asleep_dry_run_s
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     for k in &doc.knobs {
         println!("knob: {k}");
