@@ -57,6 +57,20 @@ pub struct NodeSleepHooks {
     pub sleep: Vec<String>,
     pub wake: Vec<String>,
     pub after: Duration,
+    /// Only log the hooks (the other knobs may be real): the account still prices the sleep
+    /// at the profile's suspend power, labelled a dry run, so that what a node sleep would
+    /// save can be read on a machine that must stay up.
+    pub dry_run: bool,
+}
+
+/// Whether the node sleeps, as the energy account and a benchmark's own account see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Up,
+    Asleep {
+        /// The hook was not run (a dry run): the sleep is credited, the node stayed up.
+        dry_run: bool,
+    },
 }
 
 /// Why node power could not start.
@@ -89,6 +103,12 @@ struct KnobState {
     all_asleep_since: Option<Instant>,
     /// The node sleep hook ran (or, in a dry run, would have) and no wake came since.
     node_asleep: bool,
+    /// That sleep is a dry run.
+    node_asleep_dry_run: bool,
+    /// Node sleeps that ended since the last energy sample (each is charged its transitions).
+    node_resumes: u32,
+    /// Node sleeps that ended since the start (for a benchmark's own account).
+    node_resumes_total: u64,
 }
 
 /// The node's power side, shared by the service loops and the node loop.
@@ -158,6 +178,9 @@ impl NodePower {
                     waking: 0,
                     all_asleep_since: None,
                     node_asleep: false,
+                    node_asleep_dry_run: false,
+                    node_resumes: 0,
+                    node_resumes_total: 0,
                 }))
             }
             None => None,
@@ -181,7 +204,9 @@ impl NodePower {
         s.all_asleep_since = None;
         if s.node_asleep {
             s.node_asleep = false;
-            if s.config.dry_run {
+            s.node_resumes += 1;
+            s.node_resumes_total += 1;
+            if s.node_asleep_dry_run {
                 info!("dry run: would run the node wake hook");
             } else if let Err(e) = s.knobs.node_wake() {
                 warn!(error = %e, "node wake hook failed");
@@ -271,11 +296,10 @@ impl NodePower {
         all_asleep: bool,
         next_arrival: Option<Duration>,
     ) {
-        let node_asleep = self.node_sleep_check(all_asleep, next_arrival);
-        let dry_run = self
-            .knobs
-            .as_ref()
-            .is_some_and(|k| k.lock().expect("knob lock").config.dry_run);
+        let state = self.node_sleep_check(all_asleep, next_arrival);
+        let node_resumes = self.knobs.as_ref().map_or(0, |k| {
+            std::mem::take(&mut k.lock().expect("knob lock").node_resumes)
+        });
         let sample = match Sample::take(&self.telemetry) {
             Ok(s) => s,
             Err(e) => {
@@ -296,8 +320,9 @@ impl NodePower {
             &Activity {
                 services,
                 torpor_cpu_s,
-                node_asleep,
-                node_asleep_dry_run: node_asleep && dry_run,
+                node_asleep: state != NodeState::Up,
+                node_asleep_dry_run: state == NodeState::Asleep { dry_run: true },
+                node_resumes,
                 all_asleep,
             },
         );
@@ -305,18 +330,18 @@ impl NodePower {
 
     /// Whether the node sleeps now (really, or credited in a dry run), running the hook when
     /// it is time.
-    fn node_sleep_check(&self, all_asleep: bool, next_arrival: Option<Duration>) -> bool {
+    fn node_sleep_check(&self, all_asleep: bool, next_arrival: Option<Duration>) -> NodeState {
         let Some(state) = &self.knobs else {
-            return false;
+            return NodeState::Up;
         };
         let mut s = state.lock().expect("knob lock");
         if !all_asleep || s.waking > 0 {
             s.all_asleep_since = None;
-            return s.node_asleep;
+            return s.node_state();
         }
         let since = *s.all_asleep_since.get_or_insert_with(Instant::now);
         let Some(hooks) = s.config.node_sleep.clone() else {
-            return false;
+            return NodeState::Up;
         };
         let pays = match (self.node_sleep, next_arrival) {
             (Some(e), Some(next)) => next.as_secs_f64() >= e.break_even_s,
@@ -325,15 +350,31 @@ impl NodePower {
             (None, _) => false,
         };
         if !s.node_asleep && since.elapsed() >= hooks.after && pays {
-            match s.knobs.node_sleep(&hooks.sleep) {
+            let dry_run = hooks.dry_run || s.config.dry_run;
+            let slept = if hooks.dry_run {
+                info!(command = ?hooks.sleep, "dry run: would run the node sleep hook");
+                Ok(())
+            } else {
+                s.knobs.node_sleep(&hooks.sleep)
+            };
+            match slept {
                 Ok(()) => {
-                    info!(next_arrival_s = ?next_arrival.map(|d| d.as_secs_f64()), break_even_s = ?self.node_sleep.map(|e| e.break_even_s), dry_run = s.config.dry_run, "node asleep");
+                    info!(next_arrival_s = ?next_arrival.map(|d| d.as_secs_f64()), break_even_s = ?self.node_sleep.map(|e| e.break_even_s), dry_run, "node asleep");
                     s.node_asleep = true;
+                    s.node_asleep_dry_run = dry_run;
                 }
                 Err(e) => warn!(error = %e, "node sleep hook failed; the node stays up"),
             }
         }
-        s.node_asleep
+        s.node_state()
+    }
+
+    /// Whether the node sleeps now, and how many of its sleeps have ended so far.
+    pub fn state(&self) -> (NodeState, u64) {
+        self.knobs.as_ref().map_or((NodeState::Up, 0), |k| {
+            let s = k.lock().expect("knob lock");
+            (s.node_state(), s.node_resumes_total)
+        })
     }
 
     /// What a node sleep would save and when it pays; `None` without node sleep hooks.
@@ -375,6 +416,18 @@ impl NodePower {
             }
         }
         s.freed.clear();
+    }
+}
+
+impl KnobState {
+    fn node_state(&self) -> NodeState {
+        if self.node_asleep {
+            NodeState::Asleep {
+                dry_run: self.node_asleep_dry_run,
+            }
+        } else {
+            NodeState::Up
+        }
     }
 }
 

@@ -1,10 +1,13 @@
 //! The node's roster: where each service is and what it holds, as its own loop last saw it,
 //! for the decisions that weigh services against each other: which one to snapshot when the
 //! awake ones hold more memory than the node's budget (the coldest idle one: the pool as far
-//! memory), and whether every other service is already snapshotted (then one more snapshot
-//! puts node sleep in reach, and the governor credits it).
+//! memory), and whether node sleep is in reach (every other service snapshotted, or idle
+//! with a quiet predicted past the node's break-even: then snapshotting the ones still up
+//! lets the node sleep, and the governor credits each its share of the node's saving).
 
 use std::{collections::HashMap, sync::Mutex};
+
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -19,6 +22,8 @@ struct Entry {
     /// Since when it has been idle and free to be snapshotted (nothing in flight, not
     /// pinned, allowed to sleep); `None` while it is not.
     idle_since: Option<Instant>,
+    /// How much longer its quiet is predicted to last, while it is idle and free.
+    quiet: Option<Duration>,
 }
 
 /// Every service of the node.
@@ -52,21 +57,25 @@ impl Roster {
             state,
             resident_bytes: 0,
             idle_since: None,
+            quiet: None,
         });
         entry.state = state;
         if !matches!(state, ServiceState::Awake | ServiceState::Frozen) {
             entry.idle_since = None;
+            entry.quiet = None;
         }
         if state == ServiceState::Asleep {
             entry.resident_bytes = 0;
         }
     }
 
-    /// A service's tick: what it holds and since when it is idle and free to be snapshotted.
-    pub fn observe(&self, name: &str, resident_bytes: u64, idle_since: Option<Instant>) {
+    /// A service's tick: what it holds, and, while it is idle and free to be snapshotted,
+    /// since when and for how much longer its quiet is predicted to last.
+    pub fn observe(&self, name: &str, resident_bytes: u64, idle: Option<(Instant, Duration)>) {
         if let Some(entry) = self.entries.lock().expect("roster lock").get_mut(name) {
             entry.resident_bytes = resident_bytes;
-            entry.idle_since = idle_since;
+            entry.idle_since = idle.map(|(since, _)| since);
+            entry.quiet = idle.map(|(_, quiet)| quiet);
         }
     }
 
@@ -75,13 +84,24 @@ impl Roster {
         self.entries.lock().expect("roster lock").remove(name);
     }
 
-    /// Whether every service but `name` is snapshotted.
-    pub fn others_asleep(&self, name: &str) -> bool {
-        self.entries
-            .lock()
-            .expect("roster lock")
-            .iter()
-            .all(|(n, e)| n == name || e.state == ServiceState::Asleep)
+    /// When node sleep is in reach for `name`'s snapshot: every other service is snapshotted,
+    /// or idle and free with a quiet predicted to last at least `min_quiet`. Then how many
+    /// services (`name` among them) are still up: the node's saving needs all of them down,
+    /// so each is credited that share of it.
+    pub fn node_sleep_share(&self, name: &str, min_quiet: Duration) -> Option<usize> {
+        let e = self.entries.lock().expect("roster lock");
+        let mut up = 1;
+        for (n, entry) in e.iter().filter(|(n, _)| *n != name) {
+            if entry.state == ServiceState::Asleep {
+                continue;
+            }
+            if !matches!(entry.quiet, Some(q) if q >= min_quiet) {
+                tracing::trace!(service = %n, "keeps the node from sleeping");
+                return None;
+            }
+            up += 1;
+        }
+        Some(up)
     }
 
     /// When the services up hold more than `budget_bytes`, and `name` is the one idle the
@@ -111,8 +131,6 @@ impl Roster {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -121,7 +139,9 @@ mod tests {
         let r = Roster::default();
         for &(name, state, resident, idle_s) in services {
             r.set_state(name, state);
-            r.observe(name, resident, idle_s.map(|s| now - Duration::from_secs(s)));
+            // Quiet predicted for as long again as it has been idle.
+            let idle = idle_s.map(|s| (now - Duration::from_secs(s), Duration::from_secs(s)));
+            r.observe(name, resident, idle);
         }
         r
     }
@@ -174,23 +194,37 @@ mod tests {
         assert_eq!(r.coldest_over_budget("b", 300 * MIB), None);
         // Its checkpoint failed: it is back and counted again, and picked again.
         r.set_state("a", ServiceState::Awake);
-        r.observe("a", 200 * MIB, Some(now));
+        r.observe("a", 200 * MIB, Some((now, Duration::ZERO)));
         assert!(r.coldest_over_budget("b", 300 * MIB).is_some());
     }
 
     #[test]
-    fn others_asleep_ignores_the_asking_service() {
+    fn node_sleep_is_in_reach_when_the_others_sleep_or_are_quiet_long_enough() {
         let now = Instant::now();
         let r = roster(
             &[
-                ("a", ServiceState::Awake, MIB, Some(1)),
+                ("a", ServiceState::Awake, MIB, Some(100)),
                 ("b", ServiceState::Asleep, 0, None),
+                ("c", ServiceState::Frozen, MIB, Some(50)),
             ],
             now,
         );
-        assert!(r.others_asleep("a"));
-        assert!(!r.others_asleep("b"));
+        let min = Duration::from_secs(30);
+        assert_eq!(r.node_sleep_share("a", min), Some(2), "a and c still up");
+        assert_eq!(r.node_sleep_share("c", min), Some(2));
+        // c's quiet is too short for the node to sleep through it.
+        assert_eq!(r.node_sleep_share("a", Duration::from_secs(60)), None);
+        // A service waking keeps the node up.
+        r.set_state("b", ServiceState::Waking);
+        assert_eq!(r.node_sleep_share("a", min), None);
+        r.set_state("b", ServiceState::Asleep);
+        r.set_state("c", ServiceState::Asleep);
+        assert_eq!(
+            r.node_sleep_share("a", min),
+            Some(1),
+            "the last one up takes it all"
+        );
         r.remove("a");
-        assert!(r.others_asleep("b"));
+        assert_eq!(r.node_sleep_share("b", min), Some(1));
     }
 }

@@ -1136,24 +1136,30 @@ impl Managed {
             .as_ref()
             .map_or_else(Default::default, |n| n.energy_model());
         let now = self.link.now();
-        // The last service up: its snapshot lets the node sleep, if the quiet is predicted to
-        // last past the node's break-even.
-        let node_sleep = self.shared.node.as_ref().and_then(|n| n.node_sleep());
-        let inputs = match node_sleep {
-            Some(e)
-                if self.shared.roster.others_asleep(&self.spec.name)
-                    && self
-                        .link
-                        .with_arrivals(|a| predicted_idle(a, now))
-                        .as_secs_f64()
-                        >= e.break_even_s =>
-            {
-                LevelInputs {
-                    node_sleep_w: e.saving_w,
-                    ..inputs
+        // Node sleep in reach (every service snapshotted or quiet past the node's break-even,
+        // this one too): the node's saving needs all those still up down, and each is
+        // credited its share.
+        let node_sleep_w = self
+            .shared
+            .node
+            .as_ref()
+            .and_then(|n| n.node_sleep())
+            .and_then(|e| {
+                let min_quiet = Duration::try_from_secs_f64(e.break_even_s).ok()?;
+                let quiet = self.link.with_arrivals(|a| predicted_idle(a, now));
+                if quiet < min_quiet {
+                    return None;
                 }
-            }
-            _ => inputs,
+                let up = self
+                    .shared
+                    .roster
+                    .node_sleep_share(&self.spec.name, min_quiet)?;
+                Some(e.saving_w / up as f64)
+            })
+            .unwrap_or(0.0);
+        let inputs = LevelInputs {
+            node_sleep_w,
+            ..inputs
         };
         let choice = self
             .link
@@ -1187,18 +1193,22 @@ impl Managed {
         }
     }
 
-    /// Tells the roster what the service holds and whether it is free to be snapshotted
-    /// (`free`: idle, allowed to sleep, not pinned); when it is the one the node's memory
-    /// budget wants snapshotted now, why.
+    /// Tells the roster what the service holds and, when it is free to be snapshotted
+    /// (`free`: idle, allowed to sleep, not pinned), since when it is idle and how much
+    /// longer that is predicted to last; when it is the one the node's memory budget wants
+    /// snapshotted now, why.
     fn memory_budget_wants(&self, footprint: u64, free: bool) -> Option<String> {
-        let idle_since = free
+        let idle = free
             .then(|| {
-                let idle = self.link.with_arrivals(|a| a.idle_for(self.link.now()));
-                Instant::now().checked_sub(idle)
+                let now = self.link.now();
+                let (idle, quiet) = self
+                    .link
+                    .with_arrivals(|a| (a.idle_for(now), predicted_idle(a, now)));
+                Some((Instant::now().checked_sub(idle)?, quiet))
             })
             .flatten();
         let roster = &self.shared.roster;
-        roster.observe(&self.spec.name, footprint, idle_since);
+        roster.observe(&self.spec.name, footprint, idle);
         let over = roster.coldest_over_budget(&self.spec.name, self.shared.memory_budget?)?;
         Some(format!(
             "memory budget: the services up hold {} MiB of {} MiB and this one was idle the longest",

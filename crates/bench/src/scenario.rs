@@ -20,8 +20,9 @@ use std::{
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use torpor_agent::{Agent, ServiceState};
+use torpor_agent::{Agent, CostStatus, NodeState, ServiceState};
 use torpor_loadgen::{HttpGet, Phase, RunConfig, Target};
+use torpor_policy::LevelCost;
 use torpor_power::{
     energy::{Activity, EnergyAccount, EnergyReport},
     telemetry::CpuReport,
@@ -186,6 +187,8 @@ pub struct ConfigResult {
     pub restores: usize,
     pub restore_median_s: Option<f64>,
     pub cold_start_median_s: Option<f64>,
+    /// Each tier's costs and levels' break-even at the end of the run (the energy governor's).
+    pub levels: Vec<TierLevels>,
     #[serde(skip)]
     cdf_awake: Vec<(f64, f64)>,
     #[serde(skip)]
@@ -201,6 +204,8 @@ pub struct ScenarioReport {
     pub configurations: Vec<ConfigResult>,
     pub table_7_1: String,
     pub table_7_2: String,
+    /// The governor's break-even per tier and level, measured in (d).
+    pub table_levels: String,
 }
 
 /// Latency split by whether a tier of the service was asleep when the request was sent.
@@ -352,6 +357,9 @@ fn tiers(
     Ok(out)
 }
 
+/// (d)'s node sleep: what a real node would run, only logged.
+const NODE_SLEEP: &str = "[power.node_sleep]\nsleep = [\"systemctl\", \"suspend\"]\nwake = [\"true\"]\nafter = \"1s\"\ndry_run = true\n";
+
 fn toml_config(
     tiers: &[Tier],
     c: Configuration,
@@ -367,6 +375,11 @@ fn toml_config(
             "consolidate = true\ndeep_idle = true\ndry_run = {dry_run}\njournal = \"{}\"",
             journal.display()
         );
+    }
+    if c == Configuration::Snapshot {
+        // The machine under test must stay up: its node sleep is a dry run, credited at the
+        // profile's suspend power and counted apart.
+        t.push_str(NODE_SLEEP);
     }
     let idle = if c == Configuration::Snapshot {
         IDLE_THRESHOLD
@@ -437,6 +450,47 @@ fn start_plain(tiers: &[Tier]) -> Result<Plain, ExperimentError> {
     Ok(plain)
 }
 
+/// The node's sleep as the agent has it, for this run's own account: whether it sleeps, and
+/// the sleeps that ended since `resumes_seen` (each charged its entry and resume).
+fn node_activity(agent: Option<&Agent>, resumes_seen: &mut u64) -> Activity {
+    let Some(agent) = agent else {
+        return Activity::default();
+    };
+    let (state, resumes) = agent.node_state();
+    let ended = resumes.saturating_sub(*resumes_seen);
+    *resumes_seen = resumes;
+    Activity {
+        node_asleep: state != NodeState::Up,
+        node_asleep_dry_run: state == NodeState::Asleep { dry_run: true },
+        node_resumes: u32::try_from(ended).unwrap_or(u32::MAX),
+        ..Activity::default()
+    }
+}
+
+/// One tier's measured idle and cycle costs and its levels' break-even, as the energy
+/// governor last weighed them.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierLevels {
+    pub tier: String,
+    pub footprint_bytes: u64,
+    pub costs: CostStatus,
+    pub levels: Vec<LevelCost>,
+}
+
+fn tier_levels(agent: &Agent) -> Vec<TierLevels> {
+    agent
+        .status()
+        .into_iter()
+        .filter(|s| !s.levels.is_empty())
+        .map(|s| TierLevels {
+            tier: s.name,
+            footprint_bytes: s.footprint_bytes,
+            costs: s.costs,
+            levels: s.levels,
+        })
+        .collect()
+}
+
 /// Runs one configuration and measures it.
 async fn run_one(
     c: Configuration,
@@ -489,8 +543,10 @@ async fn run_one(
         profile.clone(),
         first.clone(),
     )));
+    // Node sleeps that ended and were charged to this account already.
+    let resumes_seen = Arc::new(Mutex::new(0u64));
     let sampler = {
-        let (account, agent) = (account.clone(), agent.clone());
+        let (account, agent, seen) = (account.clone(), agent.clone(), resumes_seen.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
@@ -499,14 +555,12 @@ async fn run_one(
                 let all_asleep = agent
                     .as_ref()
                     .is_some_and(|a| a.status().iter().all(|s| s.state == ServiceState::Asleep));
+                let node = node_activity(agent.as_deref(), &mut seen.lock().expect("seen lock"));
                 if let Ok(s) = Sample::take(&HostRoots::default()) {
-                    account.lock().expect("account lock").record(
-                        s,
-                        &Activity {
-                            all_asleep,
-                            ..Activity::default()
-                        },
-                    );
+                    account
+                        .lock()
+                        .expect("account lock")
+                        .record(s, &Activity { all_asleep, ..node });
                 }
             }
         })
@@ -558,12 +612,19 @@ async fn run_one(
         async move { torpor_loadgen::run(t, &config).await }
     });
     let reports = futures::future::join_all(runs).await;
+    let levels = match (c, agent.as_deref()) {
+        (Configuration::Snapshot, Some(a)) => tier_levels(a),
+        _ => Vec::new(),
+    };
     sampler.abort();
     let last = Sample::take(&roots).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
-    account
-        .lock()
-        .expect("account lock")
-        .record(last.clone(), &Activity::default());
+    account.lock().expect("account lock").record(
+        last.clone(),
+        &node_activity(
+            agent.as_deref(),
+            &mut resumes_seen.lock().expect("seen lock"),
+        ),
+    );
     let residency = IntervalReport::between(&first, &last, profile).total;
     let transitions = agent.as_ref().map(|a| a.transitions()).unwrap_or_default();
     if let Some(up) = up {
@@ -620,6 +681,7 @@ async fn run_one(
         restores: restores.len(),
         restore_median_s: median(&restores),
         cold_start_median_s: median(&cold),
+        levels,
         cdf_awake: cdf_ms(&awake),
         cdf_asleep: cdf_ms(&asleep),
     })
@@ -629,17 +691,45 @@ fn opt(v: Option<f64>, scale: f64, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{:.digits$}", v * scale))
 }
 
-fn tables(results: &[ConfigResult]) -> (String, String) {
+/// Each tier's idle cost and its levels' entry energy, saving, exit and target residency.
+fn levels_table(results: &[ConfigResult]) -> String {
+    let tiers: Vec<&TierLevels> = results.iter().flat_map(|r| &r.levels).collect();
+    if tiers.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from("| tier | footprint MiB | idle CPU % | idle wakeups/s | snapshot cycle CPU-s | level | entry (J) | saving (W) | exit (ms) | pays after (s) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for tier in tiers {
+        for l in &tier.levels {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.2} | {} |",
+                tier.tier,
+                tier.footprint_bytes >> 20,
+                opt(tier.costs.idle_cpus, 100.0, 2),
+                opt(tier.costs.idle_wakeups_per_s, 1.0, 1),
+                opt(tier.costs.snapshot_cycle_cpu_s, 1.0, 3),
+                l.level.as_str(),
+                l.entry_j,
+                l.saving_w,
+                l.exit_latency_s * 1e3,
+                opt(l.target_residency_s, 1.0, 2),
+            );
+        }
+    }
+    t
+}
+
+fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
     let base = results
         .first()
         .map(|r| r.energy.mean_power_w)
         .unwrap_or(0.0);
-    let mut t1 = String::from("| configuration | mean power (W) | reduction vs (a) | deepest idle state % | all tiers asleep % | source |\n|---|---|---|---|---|---|\n");
+    let mut t1 = String::from("| configuration | mean power (W) | reduction vs (a) | deepest idle state % | all tiers asleep % | node asleep % (modelled) | source |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         let deepest = r.residency.states.last().map_or(0.0, |s| s.residency_pct);
         let _ = writeln!(
             t1,
-            "| {} | {:.2} | {:.1} % | {:.1} | {:.0} | {} |",
+            "| {} | {:.2} | {:.1} % | {:.1} | {:.0} | {:.0}{} | {} |",
             r.label,
             r.energy.mean_power_w,
             if base > 0.0 {
@@ -649,6 +739,12 @@ fn tables(results: &[ConfigResult]) -> (String, String) {
             },
             deepest,
             100.0 * r.energy.all_asleep_s / r.energy.seconds.max(1e-9),
+            100.0 * r.energy.node_asleep_s / r.energy.seconds.max(1e-9),
+            if r.energy.node_asleep_dry_run_s > 0.0 {
+                " (dry run)"
+            } else {
+                ""
+            },
             r.energy.label
         );
     }
@@ -671,6 +767,17 @@ fn tables(results: &[ConfigResult]) -> (String, String) {
             opt(r.cold_start_median_s, 1.0, 3),
             crate::report::ratio(r.cold_start_median_s, r.restore_median_s)
                 .map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+        );
+    }
+    for r in results.iter().filter(|r| r.energy.node_resumes > 0) {
+        let _ = writeln!(
+            t2,
+            "\n{}: the node slept {} times ({:.1} J of entries and resumes charged); on a real node each wake would add its resume ({:.0} s in profile {}) to the first request, which the latencies above do not include.",
+            r.label,
+            r.energy.node_resumes,
+            r.energy.node_transitions_j,
+            profile.node.resume_s,
+            profile.name
         );
     }
     (t1, t2)
@@ -767,7 +874,8 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let (table_7_1, table_7_2) = tables(&results);
+    let (table_7_1, table_7_2) = tables(&results, &profile);
+    let table_levels = levels_table(&results);
     plots(args, &results)?;
     let report = ScenarioReport {
         duration_per_configuration_s: duration.as_secs_f64(),
@@ -776,14 +884,15 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
         configurations: results,
         table_7_1,
         table_7_2,
+        table_levels,
     };
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
     std::fs::write(args.out.join("report.json"), &json)?;
     std::fs::write(
         args.out.join("tables.md"),
         format!(
-            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}",
-            report.table_7_1, report.table_7_2
+            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}\nBreak-even per level, (d)\n\n{}",
+            report.table_7_1, report.table_7_2, report.table_levels
         ),
     )?;
     if args.json {
@@ -797,6 +906,10 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
         println!("{}", report.table_7_1);
         println!("Table 7.2 (latency impact)\n");
         println!("{}", report.table_7_2);
+        if !report.table_levels.is_empty() {
+            println!("Break-even per level in (d), as the governor measured it\n");
+            println!("{}", report.table_levels);
+        }
         println!(
             "plots: {} and {}; all figures in {}",
             args.out.join("power.svg").display(),

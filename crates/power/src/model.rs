@@ -115,8 +115,11 @@ pub fn reachable_pc6(profile: &Profile, cores: &[CoreResidency]) -> f64 {
 pub struct NodeSleepEconomics {
     /// Power of the node up and idle minus suspended (W).
     pub saving_w: f64,
-    /// A sleep shorter than this (entry, sleep and resume) costs more than it saves: entry and
-    /// resume save nothing and keep a core busy; infinite when sleeping saves nothing.
+    /// What entering and leaving the sleep costs above staying suspended through them (J):
+    /// entry and resume draw the idle node's power and keep a core busy.
+    pub transition_j: f64,
+    /// A sleep shorter than this (entry, sleep and resume) costs more than it saves;
+    /// infinite when sleeping saves nothing.
     pub break_even_s: f64,
 }
 
@@ -184,16 +187,17 @@ impl<'a> Model<'a> {
         let saving_w = up.total_w - self.suspended(cores).total_w;
         // Entry and resume save nothing and keep one core busy (the kernel's suspend path).
         let transition_s = p.node.suspend_entry_s + p.node.resume_s;
-        let transition_extra_w =
-            p.core.active_watts - p.idle_states.last().map_or(0.0, |s| s.core_watts);
-        let break_even_s = if saving_w > 0.0 {
-            transition_s * (1.0 + transition_extra_w / saving_w)
-        } else {
-            f64::INFINITY
-        };
+        let busy_core_w = p.core.active_watts - p.idle_states.last().map_or(0.0, |s| s.core_watts);
+        let saving_w = saving_w.max(0.0);
+        let transition_j = transition_s * (saving_w + busy_core_w);
         NodeSleepEconomics {
-            saving_w: saving_w.max(0.0),
-            break_even_s,
+            saving_w,
+            transition_j,
+            break_even_s: if saving_w > 0.0 {
+                transition_j / saving_w
+            } else {
+                f64::INFINITY
+            },
         }
     }
 

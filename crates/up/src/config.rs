@@ -86,6 +86,9 @@ struct RawNodeSleep {
     sleep: Vec<String>,
     wake: Vec<String>,
     after: String,
+    /// Log the hooks instead of running them, and credit the sleep as modelled.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,6 +354,7 @@ fn power(raw: RawPower) -> Result<NodePowerConfig, ConfigError> {
                 after: duration("power.node_sleep.after", Some(&n.after), Duration::ZERO)?,
                 sleep: n.sleep,
                 wake: n.wake,
+                dry_run: n.dry_run,
             })
         }
         None => None,

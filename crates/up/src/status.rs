@@ -160,180 +160,214 @@ const STATES: [ServiceState; 7] = [
     ServiceState::Failed,
 ];
 
+/// Whether a metric only grows or goes up and down.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One per-service metric family: its value for a service, `None` where it has none.
+struct ServiceMetric {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    value: fn(&ServiceStatus, Option<&EnergyReport>) -> Option<f64>,
+}
+
+/// The per-service families of `/metrics`, in the order they are written.
+const SERVICE_METRICS: &[ServiceMetric] = &[
+    ServiceMetric {
+        name: "torpor_sleeps_total",
+        kind: Kind::Counter,
+        help: "Checkpoints into the pool.",
+        value: |s, _| Some(s.sleeps as f64),
+    },
+    ServiceMetric {
+        name: "torpor_freezes_total",
+        kind: Kind::Counter,
+        help: "Freezes of an idle service's cgroup by the energy governor.",
+        value: |s, _| Some(s.freezes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_idle_cpus",
+        kind: Kind::Gauge,
+        help: "CPUs an awake service keeps busy with no request in flight (measured).",
+        value: |s, _| s.costs.idle_cpus,
+    },
+    ServiceMetric {
+        name: "torpor_idle_wakeups_per_second",
+        kind: Kind::Gauge,
+        help: "Wakeups per second of an awake service with no request in flight (measured).",
+        value: |s, _| s.costs.idle_wakeups_per_s,
+    },
+    ServiceMetric {
+        name: "torpor_snapshot_cycle_cpu_seconds",
+        kind: Kind::Gauge,
+        help: "CPU-seconds of one checkpoint and restore (torpor, CRIU, an embedded pool), moving estimate.",
+        value: |s, _| s.costs.snapshot_cycle_cpu_s,
+    },
+    ServiceMetric {
+        name: "torpor_wakes_total",
+        kind: Kind::Counter,
+        help: "Wakes triggered by a request or by hand (torpor wake, torpor pin).",
+        value: |s, _| Some(s.wakes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_prewarms_total",
+        kind: Kind::Counter,
+        help: "Wakes ahead of a predicted request.",
+        value: |s, _| Some(s.prewarms as f64),
+    },
+    ServiceMetric {
+        name: "torpor_cold_starts_total",
+        kind: Kind::Counter,
+        help: "Starts from the command after a failed restore.",
+        value: |s, _| Some(s.cold_starts as f64),
+    },
+    ServiceMetric {
+        name: "torpor_snapshots_lost_total",
+        kind: Kind::Counter,
+        help: "Wakes that found the snapshot gone or unverifiable on every pool replica (state lost).",
+        value: |s, _| Some(s.snapshots_lost as f64),
+    },
+    ServiceMetric {
+        name: "torpor_restarts_total",
+        kind: Kind::Counter,
+        help: "Restarts after a crash.",
+        value: |s, _| Some(s.restarts as f64),
+    },
+    ServiceMetric {
+        name: "torpor_failed_checkpoints_total",
+        kind: Kind::Counter,
+        help: "Checkpoints that failed (service kept running).",
+        value: |s, _| Some(s.failed_checkpoints as f64),
+    },
+    ServiceMetric {
+        name: "torpor_rejected_requests_total",
+        kind: Kind::Counter,
+        help: "Requests answered with a hold error.",
+        value: |s, _| Some(s.rejected_requests as f64),
+    },
+    ServiceMetric {
+        name: "torpor_steered_connections_total",
+        kind: Kind::Counter,
+        help: "Connections steered in the kernel straight to the service (never seen by the gate).",
+        value: |s, _| Some(s.steered_connections as f64),
+    },
+    ServiceMetric {
+        name: "torpor_held_requests",
+        kind: Kind::Gauge,
+        help: "Requests held now.",
+        value: |s, _| Some(s.held_now as f64),
+    },
+    ServiceMetric {
+        name: "torpor_footprint_bytes",
+        kind: Kind::Gauge,
+        help: "Resident memory of the service tree when last awake.",
+        value: |s, _| Some(s.footprint_bytes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_snapshot_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes of the newest snapshot in the pool.",
+        value: |s, _| s.snapshot_bytes.map(|b| b as f64),
+    },
+    ServiceMetric {
+        name: "torpor_service_pinned",
+        kind: Kind::Gauge,
+        help: "1 while an operator's pin keeps the service awake (torpor pin).",
+        value: |s, _| Some(u8::from(s.pinned.is_some()) as f64),
+    },
+    ServiceMetric {
+        name: "torpor_last_checkpoint_seconds",
+        kind: Kind::Gauge,
+        help: "Duration of the last checkpoint.",
+        value: |s, _| s.last_checkpoint_s,
+    },
+    ServiceMetric {
+        name: "torpor_last_wake_seconds",
+        kind: Kind::Gauge,
+        help: "Duration of the last wake.",
+        value: |s, _| s.last_wake_s,
+    },
+    ServiceMetric {
+        name: "torpor_asleep_seconds_total",
+        kind: Kind::Counter,
+        help: "Time spent asleep.",
+        value: |s, _| Some(s.time_asleep_s),
+    },
+    ServiceMetric {
+        name: "torpor_awake_seconds_total",
+        kind: Kind::Counter,
+        help: "Time spent awake.",
+        value: |s, _| Some(s.time_awake_s),
+    },
+    ServiceMetric {
+        name: "torpor_service_cpu_seconds_total",
+        kind: Kind::Counter,
+        help: "CPU time of the service's processes.",
+        value: |s, _| Some(s.cpu_s),
+    },
+    ServiceMetric {
+        name: "torpor_lazy_faulted_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes the running incarnation brought in from the pool on page faults (lazy restore).",
+        value: |s, _| Some(s.lazy.as_ref()?.faulted_bytes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_lazy_prefetched_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes of the recorded working set pushed at the last lazy wake.",
+        value: |s, _| Some(s.lazy.as_ref()?.prefetched_bytes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_lazy_background_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes filled in the background since the last lazy wake.",
+        value: |s, _| Some(s.lazy.as_ref()?.background_bytes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_lazy_remaining_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes of the running incarnation still only in the pool (never touched).",
+        value: |s, _| Some(s.lazy.as_ref()?.remaining_bytes as f64),
+    },
+    ServiceMetric {
+        name: "torpor_service_energy_joules_total",
+        kind: Kind::Counter,
+        help: "Energy attributed to the service (its CPU time and resident memory).",
+        value: |s, energy| Some(energy?.services.get(&s.name)?.energy_j),
+    },
+];
+
 /// Prometheus text exposition of the services' figures and the node's energy.
 pub fn metrics(services: &[ServiceStatus], energy: Option<&EnergyReport>) -> String {
     let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&ServiceStatus) -> Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for s in services {
-                if let Some(v) = value(s) {
-                    let _ = writeln!(out, "{name}{{service=\"{}\"}} {v}", s.name);
-                }
+    for m in SERVICE_METRICS {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            m.name,
+            m.help,
+            m.name,
+            m.kind.as_str()
+        );
+        for s in services {
+            if let Some(v) = (m.value)(s, energy) {
+                let _ = writeln!(out, "{}{{service=\"{}\"}} {v}", m.name, s.name);
             }
-        };
-    family(
-        "torpor_sleeps_total",
-        "counter",
-        "Checkpoints into the pool.",
-        &|s| Some(s.sleeps as f64),
-    );
-    family(
-        "torpor_freezes_total",
-        "counter",
-        "Freezes of an idle service's cgroup by the energy governor.",
-        &|s| Some(s.freezes as f64),
-    );
-    family(
-        "torpor_idle_cpus",
-        "gauge",
-        "CPUs an awake service keeps busy with no request in flight (measured).",
-        &|s| s.costs.idle_cpus,
-    );
-    family(
-        "torpor_idle_wakeups_per_second",
-        "gauge",
-        "Wakeups per second of an awake service with no request in flight (measured).",
-        &|s| s.costs.idle_wakeups_per_s,
-    );
-    family(
-        "torpor_snapshot_cycle_cpu_seconds",
-        "gauge",
-        "CPU-seconds of one checkpoint and restore (torpor, CRIU, an embedded pool), moving estimate.",
-        &|s| s.costs.snapshot_cycle_cpu_s,
-    );
-    family(
-        "torpor_wakes_total",
-        "counter",
-        "Wakes triggered by a request or by hand (torpor wake, torpor pin).",
-        &|s| Some(s.wakes as f64),
-    );
-    family(
-        "torpor_prewarms_total",
-        "counter",
-        "Wakes ahead of a predicted request.",
-        &|s| Some(s.prewarms as f64),
-    );
-    family(
-        "torpor_cold_starts_total",
-        "counter",
-        "Starts from the command after a failed restore.",
-        &|s| Some(s.cold_starts as f64),
-    );
-    family(
-        "torpor_snapshots_lost_total",
-        "counter",
-        "Wakes that found the snapshot gone or unverifiable on every pool replica (state lost).",
-        &|s| Some(s.snapshots_lost as f64),
-    );
-    family(
-        "torpor_restarts_total",
-        "counter",
-        "Restarts after a crash.",
-        &|s| Some(s.restarts as f64),
-    );
-    family(
-        "torpor_failed_checkpoints_total",
-        "counter",
-        "Checkpoints that failed (service kept running).",
-        &|s| Some(s.failed_checkpoints as f64),
-    );
-    family(
-        "torpor_rejected_requests_total",
-        "counter",
-        "Requests answered with a hold error.",
-        &|s| Some(s.rejected_requests as f64),
-    );
-    family(
-        "torpor_steered_connections_total",
-        "counter",
-        "Connections steered in the kernel straight to the service (never seen by the gate).",
-        &|s| Some(s.steered_connections as f64),
-    );
-    family(
-        "torpor_held_requests",
-        "gauge",
-        "Requests held now.",
-        &|s| Some(s.held_now as f64),
-    );
-    family(
-        "torpor_footprint_bytes",
-        "gauge",
-        "Resident memory of the service tree when last awake.",
-        &|s| Some(s.footprint_bytes as f64),
-    );
-    family(
-        "torpor_snapshot_bytes",
-        "gauge",
-        "Bytes of the newest snapshot in the pool.",
-        &|s| s.snapshot_bytes.map(|b| b as f64),
-    );
-    family(
-        "torpor_service_pinned",
-        "gauge",
-        "1 while an operator's pin keeps the service awake (torpor pin).",
-        &|s| Some(u8::from(s.pinned.is_some()) as f64),
-    );
-    family(
-        "torpor_last_checkpoint_seconds",
-        "gauge",
-        "Duration of the last checkpoint.",
-        &|s| s.last_checkpoint_s,
-    );
-    family(
-        "torpor_last_wake_seconds",
-        "gauge",
-        "Duration of the last wake.",
-        &|s| s.last_wake_s,
-    );
-    family(
-        "torpor_asleep_seconds_total",
-        "counter",
-        "Time spent asleep.",
-        &|s| Some(s.time_asleep_s),
-    );
-    family(
-        "torpor_awake_seconds_total",
-        "counter",
-        "Time spent awake.",
-        &|s| Some(s.time_awake_s),
-    );
-    family(
-        "torpor_service_cpu_seconds_total",
-        "counter",
-        "CPU time of the service's processes.",
-        &|s| Some(s.cpu_s),
-    );
-    family(
-        "torpor_lazy_faulted_bytes",
-        "gauge",
-        "Bytes the running incarnation brought in from the pool on page faults (lazy restore).",
-        &|s| Some(s.lazy.as_ref()?.faulted_bytes as f64),
-    );
-    family(
-        "torpor_lazy_prefetched_bytes",
-        "gauge",
-        "Bytes of the recorded working set pushed at the last lazy wake.",
-        &|s| Some(s.lazy.as_ref()?.prefetched_bytes as f64),
-    );
-    family(
-        "torpor_lazy_background_bytes",
-        "gauge",
-        "Bytes filled in the background since the last lazy wake.",
-        &|s| Some(s.lazy.as_ref()?.background_bytes as f64),
-    );
-    family(
-        "torpor_lazy_remaining_bytes",
-        "gauge",
-        "Bytes of the running incarnation still only in the pool (never touched).",
-        &|s| Some(s.lazy.as_ref()?.remaining_bytes as f64),
-    );
-    family(
-        "torpor_service_energy_joules_total",
-        "counter",
-        "Energy attributed to the service (its CPU time and resident memory).",
-        &|s| Some(energy?.services.get(&s.name)?.energy_j),
-    );
+        }
+    }
     let _ = writeln!(out, "# HELP torpor_service_state 1 for the service's current state.\n# TYPE torpor_service_state gauge");
     for s in services {
         for st in STATES {
