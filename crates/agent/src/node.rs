@@ -125,20 +125,9 @@ pub(crate) struct NodePower {
     node_sleep: Option<torpor_power::NodeSleepEconomics>,
 }
 
-/// A profile as the governor prices CPU time, wakeups and memory: a busy core above the
-/// deepest idle state; a wakeup keeps a core out of that state for its exit latency and
-/// target residency; a GiB of service memory at the DRAM's rate.
+/// A profile as the governor prices CPU time, wakeups and memory (the simulator's pricing too).
 fn energy_model(p: &Profile) -> torpor_policy::EnergyModel {
-    let deepest = p.idle_states.last();
-    let above_idle = p.core.active_watts - deepest.map_or(0.0, |s| s.core_watts);
-    let wakeup_s = deepest.map_or(0.0, |s| {
-        (s.exit_latency_us + s.target_residency_us) as f64 * 1e-6
-    });
-    torpor_policy::EnergyModel {
-        watts_per_busy_cpu: above_idle,
-        joules_per_wakeup: above_idle * wakeup_s,
-        watts_per_gib: p.dram.watts_per_gib,
-    }
+    p.energy_model()
 }
 
 /// torpor's own CPU-seconds and those of the children it reaped (CRIU among them).

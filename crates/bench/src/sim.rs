@@ -89,6 +89,14 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
             for g in &r.node_groups {
                 println!("node group {}: idle fraction {:.3}, mean idle period {:.3} s, asleep {:.1} %, {:.0} W", g.name, g.idle_fraction, g.mean_idle_period_s, 100.0 * g.asleep_fraction, g.mean_power_w);
             }
+            for g in &r.service_groups {
+                println!(
+                    "service group {}: frozen {:.1} %, snapshotted {:.1} % of its time",
+                    g.name,
+                    100.0 * g.frozen_fraction,
+                    100.0 * g.snapshotted_fraction
+                );
+            }
         }
         return Ok(());
     };
@@ -114,8 +122,8 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
     std::fs::write(
         out.join("tables.md"),
         format!(
-            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}\nFleet: restore in place (local snapshots) vs anywhere (pool)\n\n{}",
-            s.table_7_1, s.table_7_2, s.fleet_table
+            "Table 7.1: power\n\n{}\nTable 7.2: latency\n\n{}\nFleet: restore in place (local snapshots) vs anywhere (pool)\n\n{}\nGovernor: where each service group's time went\n\n{}",
+            s.table_7_1, s.table_7_2, s.fleet_table, s.levels_table
         ),
     )?;
     if args.json {
@@ -154,6 +162,10 @@ pub fn run(args: &SimArgs) -> Result<(), ExperimentError> {
         println!(
             "\nFleet: restore in place (local snapshots, the node wakes) vs anywhere (pool, consolidated)\n\n{}",
             s.fleet_table
+        );
+        println!(
+            "Governor: where each service group's time went\n\n{}",
+            s.levels_table
         );
         println!("plots and study.json in {}", out.display());
     }

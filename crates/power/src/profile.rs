@@ -127,6 +127,23 @@ impl Profile {
         })
     }
 
+    /// The profile as the governor ([`torpor_policy::choose_level`]) prices CPU time, wakeups
+    /// and memory: a busy core above the deepest idle state; a wakeup keeps a core out of that
+    /// state for its exit latency and target residency; a GiB of service memory at the DRAM's
+    /// rate. One function, so the live agent and the simulator price alike.
+    pub fn energy_model(&self) -> torpor_policy::EnergyModel {
+        let deepest = self.idle_states.last();
+        let above_idle = self.core.active_watts - deepest.map_or(0.0, |s| s.core_watts);
+        let wakeup_s = deepest.map_or(0.0, |s| {
+            (s.exit_latency_us + s.target_residency_us) as f64 * 1e-6
+        });
+        torpor_policy::EnergyModel {
+            watts_per_busy_cpu: above_idle,
+            joules_per_wakeup: above_idle * wakeup_s,
+            watts_per_gib: self.dram.watts_per_gib,
+        }
+    }
+
     pub fn builtin_names() -> Vec<&'static str> {
         BUILTIN.iter().map(|(n, _)| *n).collect()
     }
@@ -211,6 +228,15 @@ mod tests {
             assert_eq!(p.name, name);
             assert!(!p.sources.is_empty(), "{name} cites its sources");
         }
+    }
+
+    #[test]
+    fn the_energy_model_prices_a_busy_core_above_the_deepest_state_and_a_wakeup_by_its_residency() {
+        let m = Profile::resolve("icx-2s").unwrap().energy_model();
+        // C0 5 W, C6 0.05 W with 170 µs exit and 600 µs target residency, DRAM 0.1 W/GiB.
+        assert!((m.watts_per_busy_cpu - 4.95).abs() < 1e-9, "{m:?}");
+        assert!((m.joules_per_wakeup - 4.95 * 770e-6).abs() < 1e-12, "{m:?}");
+        assert!((m.watts_per_gib - 0.1).abs() < 1e-12, "{m:?}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The simulator's TOML: node groups with a count and a profile, services with an arrival process
 //! and a service-time distribution placed on a node group, the pool approach, the policy, and
-//! the checkpoint/restore latency model. Unknown keys and bad values name their key.
+//! the checkpoint/restore latency model, and what each service costs while awake and idle (the
+//! energy governor's input). Unknown keys and bad values name their key.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 use thiserror::Error;
+use torpor_policy::PolicyConfig;
 use torpor_power::Profile;
 use torpor_traffic::Arrivals;
 
@@ -137,6 +139,10 @@ pub enum PolicyName {
     Oracle,
     /// PowerNap (Meisner et al. 2009): services never sleep; the whole node naps whenever idle.
     Powernap,
+    /// The live agent's energy governor (`torpor_policy::choose_level`): each idle service
+    /// awake, frozen or snapshotted, whichever deepest level pays for its cycle over the
+    /// predicted idle period, looked at again as the idle period ages.
+    Governor,
 }
 
 impl PolicyName {
@@ -149,6 +155,7 @@ impl PolicyName {
             PolicyName::Predictor => "predictor",
             PolicyName::Oracle => "oracle",
             PolicyName::Powernap => "powernap",
+            PolicyName::Governor => "governor",
         }
     }
 
@@ -159,6 +166,7 @@ impl PolicyName {
                 | PolicyName::SeedTable
                 | PolicyName::Predictor
                 | PolicyName::Oracle
+                | PolicyName::Governor
         )
     }
 }
@@ -240,6 +248,10 @@ struct RawService {
     service_time: ServiceTime,
     /// The node group it is placed on (round robin over its nodes).
     nodes: String,
+    #[serde(default)]
+    idle_cpus: f64,
+    #[serde(default)]
+    idle_wakeups_per_s: f64,
 }
 
 fn one_u32() -> u32 {
@@ -273,6 +285,12 @@ pub struct ServiceGroup {
     pub arrival: Arc<Arrivals>,
     pub service_time: ServiceTime,
     pub node_group: usize,
+    /// CPUs (CPU-seconds per second) one of its services keeps busy while awake with no
+    /// request: what the node pays for leaving it awake, and what freezing it saves.
+    pub idle_cpus: f64,
+    /// Wakeups per second of an awake idle service (a runtime's timers, GC, heartbeats): each
+    /// keeps a core out of its deepest idle state, so awake idle is not free.
+    pub idle_wakeups_per_s: f64,
 }
 
 /// A checked configuration.
@@ -347,6 +365,14 @@ impl SimConfig {
             if !(mean > 0.0 && mean.is_finite()) {
                 return Err(invalid(key("service_time"), "needs a positive mean"));
             }
+            for (field, v) in [
+                ("idle_cpus", s.idle_cpus),
+                ("idle_wakeups_per_s", s.idle_wakeups_per_s),
+            ] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    return Err(invalid(key(field), "must be zero or more"));
+                }
+            }
             services.push(ServiceGroup {
                 name: s.name,
                 count: s.count,
@@ -354,6 +380,8 @@ impl SimConfig {
                 arrival: Arc::new(s.arrival),
                 service_time: s.service_time,
                 node_group,
+                idle_cpus: s.idle_cpus,
+                idle_wakeups_per_s: s.idle_wakeups_per_s,
             });
         }
         if services.is_empty() {
@@ -361,6 +389,9 @@ impl SimConfig {
         }
         let idle_threshold = match &raw.idle_threshold {
             Some(t) => duration("idle_threshold", t)?,
+            // The governor decides by cost, not by a threshold: by default it only waits as
+            // long as the live agent does before it looks.
+            None if raw.policy == PolicyName::Governor => PolicyConfig::default().idle_threshold,
             None if raw.policy.sleeps_services() && raw.policy != PolicyName::Oracle => {
                 return Err(invalid(
                     "idle_threshold",

@@ -6,7 +6,9 @@
 //! whenever idle), and a request arriving during a transition waits for it. With local snapshots
 //! a service wakes on its own node; with the pool (restore anywhere) it wakes on the fullest
 //! awake node of its group that has room, and a periodic pass drains the emptiest node (its idle
-//! services migrate by checkpoint and restore) so that it can sleep.
+//! services migrate by checkpoint and restore) so that it can sleep. An awake idle service costs
+//! its node what the governor's energy model says its background CPU and wakeups cost; under the
+//! governor policy it may instead be frozen (no idle cost, memory kept, a request waits the thaw).
 
 use std::{
     collections::VecDeque,
@@ -18,7 +20,8 @@ use hdrhistogram::Histogram;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Serialize;
 use torpor_policy::{
-    decide_sleep, prewarm_at, ArrivalTracker, AwakeReason, PolicyConfig, SleepDecision,
+    choose_level, decide_sleep, level_costs, prewarm_at, ArrivalTracker, AwakeReason, CycleCost,
+    EnergyModel, IdleCost, Level, LevelInputs, PolicyConfig, Reason, SleepDecision,
 };
 use torpor_power::Profile;
 use torpor_traffic::{ArrivalStream, Percentiles};
@@ -39,7 +42,17 @@ enum Kind {
     NodeEntered,
     NodeResumed,
     Consolidate,
+    GovernorCheck,
+    Thawed,
 }
+
+/// A freeze and thaw of a service's cgroup: about a millisecond of CPU for the freezer and
+/// the thaw, and a request that finds it frozen waits about a millisecond (the live agent's
+/// guess before it measured one).
+const FREEZE_CYCLE: CycleCost = CycleCost {
+    cpu_s: 0.001,
+    exit_latency: Duration::from_millis(1),
+};
 
 /// What a core runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +84,24 @@ impl Timed for Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SvcState {
     Awake,
+    /// Its cgroup frozen (governor): memory kept, no idle cost.
+    Frozen,
+    /// Frozen when a request came: back after the thaw's exit latency.
+    Thawing,
     Checkpointing,
     Asleep,
     Waking,
+}
+
+impl SvcState {
+    /// The governor's level it counts as, for the time shares of the report.
+    fn level(self) -> Level {
+        match self {
+            SvcState::Awake => Level::Awake,
+            SvcState::Frozen | SvcState::Thawing => Level::Frozen,
+            SvcState::Checkpointing | SvcState::Asleep | SvcState::Waking => Level::Snapshotted,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -99,6 +127,13 @@ struct Svc {
     check_pending: bool,
     /// Its checkpoint moves it off a draining node: it wakes elsewhere as soon as it is done.
     migrating: bool,
+    /// Its idle cost is on its node's bill (it is awake with nothing to do).
+    idle_billed: bool,
+    /// The governor's live check carries this token; scheduling a new one (a new idle
+    /// period, or node sleep coming in reach) makes older ones stale, so one chain runs.
+    check_token: u32,
+    /// When it entered its current state (for the level time shares).
+    state_since: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +180,10 @@ struct Node {
     draining: bool,
     last_t: f64,
     energy_j: f64,
+    /// Power the background CPU and wakeups of its awake idle services cost (W).
+    idle_cost_w: f64,
+    /// The part of `energy_j` that `idle_cost_w` drew.
+    idle_cost_j: f64,
     idle_time: f64,
     idle_periods: u64,
     asleep_time: f64,
@@ -183,6 +222,7 @@ struct NodePower {
     resume_s: f64,
     /// (target residency s, core watts, exit latency s), shallow first.
     states: Vec<(f64, f64, f64)>,
+    cores: u32,
 }
 
 impl NodePower {
@@ -209,7 +249,15 @@ impl NodePower {
                     )
                 })
                 .collect(),
+            cores,
         }
+    }
+
+    /// What the node saves by suspending rather than idling up with every core in its deepest
+    /// state: what the governor credits the snapshot that lets it sleep with.
+    fn sleep_saving_w(&self) -> f64 {
+        let deepest_w = self.states.last().map_or(0.0, |s| s.1);
+        (self.base_w + f64::from(self.cores) * deepest_w - self.suspend_w).max(0.0)
     }
 
     /// The state an idle period of `len` seconds reaches: (core watts, exit latency).
@@ -241,6 +289,17 @@ pub struct GroupReport {
     pub mean_power_w: f64,
 }
 
+/// One service group's figures: where its services spent their time.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceGroupReport {
+    pub name: String,
+    pub services: u32,
+    /// Share of service time frozen (thaws included).
+    pub frozen_fraction: f64,
+    /// Share of service time snapshotted (checkpoints and restores included).
+    pub snapshotted_fraction: f64,
+}
+
 /// What a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {
@@ -267,6 +326,13 @@ pub struct SimReport {
     pub node_sleeps: u64,
     /// Services moved off a draining node (each also counted as a checkpoint and a restore).
     pub migrations: u64,
+    /// Services frozen (governor).
+    pub freezes: u64,
+    /// Requests that found their service frozen (they waited its thaw).
+    pub found_frozen: u64,
+    /// Of `energy_j`, what awake idle services' background CPU and wakeups cost.
+    pub idle_cost_j: f64,
+    pub service_groups: Vec<ServiceGroupReport>,
 }
 
 /// The simulator.
@@ -288,9 +354,18 @@ pub struct Sim<'a> {
     restores: u64,
     node_sleeps: u64,
     migrations: u64,
+    freezes: u64,
+    found_frozen: u64,
     policy_cfg: PolicyConfig,
     /// Node indices of each node group.
     group_nodes: Vec<Range<usize>>,
+    /// Per node group: the governor's prices, from its power profile.
+    models: Vec<EnergyModel>,
+    /// Per service group: what one awake idle service costs its node (W), as the governor
+    /// prices it.
+    idle_w: Vec<f64>,
+    /// Per service group: seconds of service time in each level (awake, frozen, snapshotted).
+    level_s: Vec<[f64; 3]>,
 }
 
 fn service_time(rng: &mut SmallRng, st: &ServiceTime) -> f64 {
@@ -341,6 +416,8 @@ impl<'a> Sim<'a> {
                     draining: false,
                     last_t: 0.0,
                     energy_j: 0.0,
+                    idle_cost_w: 0.0,
+                    idle_cost_j: 0.0,
                     idle_time: 0.0,
                     idle_periods: 0,
                     asleep_time: 0.0,
@@ -350,7 +427,10 @@ impl<'a> Sim<'a> {
         }
         let mut svcs = Vec::new();
         let mut next_on_group = vec![0u32; cfg.nodes.len()];
-        let tracks = matches!(cfg.policy, PolicyName::SeedTable | PolicyName::Predictor);
+        let tracks = matches!(
+            cfg.policy,
+            PolicyName::SeedTable | PolicyName::Predictor | PolicyName::Governor
+        );
         for (service_group, s) in cfg.services.iter().enumerate() {
             let group = &cfg.nodes[s.node_group];
             for _ in 0..s.count {
@@ -376,6 +456,9 @@ impl<'a> Sim<'a> {
                     idle_since: 0.0,
                     check_pending: false,
                     migrating: false,
+                    idle_billed: false,
+                    check_token: 0,
+                    state_since: 0.0,
                 });
             }
         }
@@ -384,6 +467,25 @@ impl<'a> Sim<'a> {
             idle_threshold: cfg.idle_threshold,
             ..PolicyConfig::default()
         };
+        let models: Vec<EnergyModel> = cfg.nodes.iter().map(|g| g.profile.energy_model()).collect();
+        let idle_w = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let inputs = LevelInputs {
+                    idle: IdleCost {
+                        cpus: s.idle_cpus,
+                        wakeups_per_s: s.idle_wakeups_per_s,
+                        resident_bytes: 0,
+                    },
+                    freeze: FREEZE_CYCLE,
+                    snapshot: FREEZE_CYCLE,
+                    node_sleep_w: 0.0,
+                };
+                // What freezing saves is exactly what staying awake and idle costs.
+                level_costs(&inputs, &models[s.node_group])[0].saving_w
+            })
+            .collect();
         let mut sim = Sim {
             cfg,
             rng,
@@ -401,8 +503,13 @@ impl<'a> Sim<'a> {
             restores: 0,
             node_sleeps: 0,
             migrations: 0,
+            freezes: 0,
+            found_frozen: 0,
             policy_cfg,
             group_nodes,
+            models,
+            idle_w,
+            level_s: vec![[0.0; 3]; cfg.services.len()],
         };
         for i in 0..sim.svcs.len() {
             sim.schedule_next_arrival(i as u32);
@@ -460,9 +567,15 @@ impl<'a> Sim<'a> {
                 Kind::NodeEntered => self.on_node_entered(ev.id),
                 Kind::NodeResumed => self.on_node_resumed(ev.id),
                 Kind::Consolidate => self.on_consolidate(),
+                Kind::GovernorCheck => self.on_governor_check(ev.id, ev.aux),
+                Kind::Thawed => self.on_thawed(ev.id),
             }
         }
         self.now = self.end;
+        for s in 0..self.svcs.len() {
+            let state = self.svcs[s].state;
+            self.set_state(s as u32, state);
+        }
         for n in 0..self.nodes.len() {
             self.settle(n);
             let deep = self.deep_idle();
@@ -491,9 +604,11 @@ impl<'a> Sim<'a> {
         if dt > 0.0 {
             let w = match node.state {
                 NodeState::Up => {
+                    node.idle_cost_j += node.idle_cost_w * dt;
                     p.base_w
                         + f64::from(node.busy) * p.active_w
                         + p.per_gib_w * node.resident_bytes as f64 / (1u64 << 30) as f64
+                        + node.idle_cost_w
                 }
                 // Transitions draw full power (Meisner et al.'s assumption).
                 NodeState::Entering | NodeState::Resuming => p.max_w,
@@ -525,13 +640,62 @@ impl<'a> Sim<'a> {
                 self.found_asleep += 1;
                 self.wake(s);
             }
+            SvcState::Thawing => svc.held.push(now),
+            SvcState::Frozen => {
+                svc.held.push(now);
+                self.found_frozen += 1;
+                self.set_state(s, SvcState::Thawing);
+                let t = now + FREEZE_CYCLE.exit_latency.as_secs_f64();
+                self.push(t, Kind::Thawed, s, 0, 0.0);
+            }
         }
+    }
+
+    /// The thaw is done: the held requests run.
+    fn on_thawed(&mut self, s: u32) {
+        self.set_state(s, SvcState::Awake);
+        for arrival in std::mem::take(&mut self.svcs[s as usize].held) {
+            self.submit(s, arrival, Work::Request);
+        }
+    }
+
+    /// Moves `s` to `state`, counting the time it spent in the one it leaves.
+    fn set_state(&mut self, s: u32, state: SvcState) {
+        let svc = &mut self.svcs[s as usize];
+        let level = svc.state.level() as usize;
+        self.level_s[svc.group as usize][level] += self.now - svc.state_since;
+        svc.state = state;
+        svc.state_since = self.now;
+    }
+
+    /// Puts `s`'s idle cost on its node's bill (`on`: it is awake with nothing to do) or takes
+    /// it off.
+    fn bill_idle(&mut self, s: u32, on: bool) {
+        let svc = &self.svcs[s as usize];
+        let (n, w) = (svc.node as usize, self.idle_w[svc.group as usize]);
+        if svc.idle_billed == on {
+            return;
+        }
+        self.svcs[s as usize].idle_billed = on;
+        // A free service leaves its node's integration alone (and the numbers of
+        // configurations without idle costs as they were).
+        if w == 0.0 {
+            return;
+        }
+        self.settle(n);
+        let node = &mut self.nodes[n];
+        node.idle_cost_w = if on {
+            node.idle_cost_w + w
+        } else {
+            (node.idle_cost_w - w).max(0.0)
+        };
     }
 
     /// Puts work for `s` on its node: a free core if the node is up, else its queue.
     fn submit(&mut self, s: u32, arrival: f64, work: Work) {
         let n = self.svcs[s as usize].node as usize;
         if work == Work::Request {
+            self.bill_idle(s, false);
             self.svcs[s as usize].in_system += 1;
         }
         let job = Job {
@@ -623,6 +787,8 @@ impl<'a> Sim<'a> {
             self.migrate(s);
             return;
         }
+        self.bill_idle(s, true);
+        let svc = &mut self.svcs[s as usize];
         match self.cfg.policy {
             PolicyName::FixedThreshold | PolicyName::SeedTable | PolicyName::Predictor
                 if !svc.check_pending =>
@@ -637,8 +803,100 @@ impl<'a> Sim<'a> {
                     self.checkpoint(s);
                 }
             }
+            PolicyName::Governor => {
+                let t = self.now + self.cfg.idle_threshold.as_secs_f64();
+                self.governor_check_at(s, t);
+            }
             _ => {}
         }
+    }
+
+    /// Schedules the governor's next look at `s`, replacing any it had.
+    fn governor_check_at(&mut self, s: u32, t: f64) {
+        let svc = &mut self.svcs[s as usize];
+        svc.check_token = svc.check_token.wrapping_add(1);
+        let token = svc.check_token;
+        if t < self.end {
+            self.push(t, Kind::GovernorCheck, s, token, 0.0);
+        }
+    }
+
+    /// What the governor weighs for `s` now: its group's idle cost, a freeze, a snapshot cycle
+    /// from the calibration, and the node's sleep if `s` is the last service on it that is not
+    /// snapshotted and node sleep is configured.
+    fn level_inputs(&self, s: u32) -> LevelInputs {
+        let svc = &self.svcs[s as usize];
+        let group = &self.cfg.services[svc.group as usize];
+        let node = &self.nodes[svc.node as usize];
+        let (checkpoint_s, restore_s) = self.cfg.cr_times(svc.footprint);
+        // Restore anywhere counts only services that are not snapshotted, in place counts
+        // them all and the snapshotted apart: either way, the others not snapshotted.
+        let others_up = (node.services - node.asleep_services).saturating_sub(1);
+        let node_sleep_w = match self.cfg.node_sleep_after {
+            Some(_) if others_up == 0 => self.power[node.group as usize].sleep_saving_w(),
+            _ => 0.0,
+        };
+        LevelInputs {
+            idle: IdleCost {
+                cpus: group.idle_cpus,
+                wakeups_per_s: group.idle_wakeups_per_s,
+                resident_bytes: svc.footprint,
+            },
+            freeze: FREEZE_CYCLE,
+            // Checkpoint and restore as the calibration times them, taken as CPU-seconds on
+            // one core (CRIU's dump and restore are mostly one thread copying pages; the
+            // engine runs them as work on one core too).
+            snapshot: CycleCost {
+                cpu_s: checkpoint_s + restore_s,
+                exit_latency: dur(restore_s),
+            },
+            node_sleep_w,
+        }
+    }
+
+    /// The governor looks at idle `s` (awake or frozen): it goes deeper if a deeper level pays
+    /// over the predicted idle period, as the live agent does (never shallower while idle).
+    /// Then it looks again once the idle period has doubled, since the prediction changes
+    /// with the time already idle: a few looks per idle period however long it lasts.
+    fn on_governor_check(&mut self, s: u32, token: u32) {
+        let svc = &self.svcs[s as usize];
+        if svc.check_token != token
+            || !matches!(svc.state, SvcState::Awake | SvcState::Frozen)
+            || svc.in_system > 0
+        {
+            return;
+        }
+        let inputs = self.level_inputs(s);
+        let model = self.models[self.nodes[svc.node as usize].group as usize];
+        let now = dur(self.now);
+        let svc = &mut self.svcs[s as usize];
+        let tracker = svc.tracker.as_mut().expect("tracked policy");
+        let choice = choose_level(&self.policy_cfg, tracker, now, &inputs, &model);
+        match (svc.state, choice.level) {
+            (_, Level::Snapshotted) => {
+                self.checkpoint(s);
+                return;
+            }
+            (SvcState::Awake, Level::Frozen) => self.freeze(s),
+            _ => {}
+        }
+        if choice.reason == Reason::WakeTooSlow {
+            return; // no level's exit fits the objective, however long it stays idle
+        }
+        let since = self.svcs[s as usize].idle_since;
+        let next = since + 2.0 * (self.now - since).max(self.cfg.idle_threshold.as_secs_f64());
+        self.governor_check_at(s, next.max(self.now + 1e-3));
+    }
+
+    fn freeze(&mut self, s: u32) {
+        self.bill_idle(s, false);
+        self.set_state(s, SvcState::Frozen);
+        self.freezes += 1;
+        // The freezer's and the thaw's CPU, paid now.
+        let n = self.svcs[s as usize].node as usize;
+        let model = self.models[self.nodes[n].group as usize];
+        self.settle(n);
+        self.nodes[n].energy_j += FREEZE_CYCLE.cpu_s * model.watts_per_busy_cpu;
     }
 
     /// The oracle's bar: a sleep must pay for itself by the memory it frees (node sleep is a
@@ -697,7 +955,8 @@ impl<'a> Sim<'a> {
     }
 
     fn checkpoint(&mut self, s: u32) {
-        self.svcs[s as usize].state = SvcState::Checkpointing;
+        self.bill_idle(s, false);
+        self.set_state(s, SvcState::Checkpointing);
         self.checkpoints += 1;
         self.submit(s, self.now, Work::Checkpoint);
     }
@@ -712,8 +971,8 @@ impl<'a> Sim<'a> {
     fn checkpointed(&mut self, s: u32) {
         let n = self.svcs[s as usize].node as usize;
         self.settle(n);
+        self.set_state(s, SvcState::Asleep);
         let svc = &mut self.svcs[s as usize];
-        svc.state = SvcState::Asleep;
         svc.gen += 1;
         let gen = svc.gen;
         let node = &mut self.nodes[n];
@@ -754,9 +1013,29 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
+            PolicyName::Governor => self.node_sleep_in_reach(n),
             _ => {}
         }
         self.maybe_node_idle(n);
+    }
+
+    /// Every service of node `n` but one is snapshotted: the node's sleep now hinges on that
+    /// one, which changes what its snapshot is worth, so the governor looks at it now rather
+    /// than at its next scheduled look.
+    fn node_sleep_in_reach(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        if self.cfg.node_sleep_after.is_none() || node.services != node.asleep_services + 1 {
+            return;
+        }
+        let last = (0..self.svcs.len() as u32).find(|&s| {
+            let svc = &self.svcs[s as usize];
+            svc.node as usize == n
+                && matches!(svc.state, SvcState::Awake | SvcState::Frozen)
+                && svc.in_system == 0
+        });
+        if let Some(s) = last {
+            self.governor_check_at(s, self.now);
+        }
     }
 
     fn on_prewarm(&mut self, s: u32, gen: u32) {
@@ -806,8 +1085,8 @@ impl<'a> Sim<'a> {
             node.draining = false;
         }
         let n = self.svcs[s as usize].node as usize;
+        self.set_state(s, SvcState::Waking);
         let svc = &mut self.svcs[s as usize];
-        svc.state = SvcState::Waking;
         svc.gen += 1;
         self.restores += 1;
         match self.nodes[n].state {
@@ -826,8 +1105,8 @@ impl<'a> Sim<'a> {
     fn restored(&mut self, s: u32) {
         let n = self.svcs[s as usize].node as usize;
         self.settle(n);
+        self.set_state(s, SvcState::Awake);
         let svc = &mut self.svcs[s as usize];
-        svc.state = SvcState::Awake;
         self.nodes[n].resident_bytes += svc.footprint;
         if self.cfg.restore == RestoreMode::InPlace {
             self.nodes[n].asleep_services -= 1;
@@ -967,7 +1246,9 @@ impl<'a> Sim<'a> {
             self.nodes[source].draining = true;
             for s in 0..self.svcs.len() {
                 let svc = &self.svcs[s];
-                if svc.node as usize == source && svc.state == SvcState::Awake && svc.in_system == 0
+                if svc.node as usize == source
+                    && matches!(svc.state, SvcState::Awake | SvcState::Frozen)
+                    && svc.in_system == 0
                 {
                     self.migrate(s as u32);
                 }
@@ -1003,6 +1284,21 @@ impl<'a> Sim<'a> {
             });
         }
         let energy_j: f64 = groups.iter().map(|g| g.energy_j).sum();
+        let service_groups = self
+            .cfg
+            .services
+            .iter()
+            .zip(&self.level_s)
+            .map(|(g, s)| {
+                let total = s.iter().sum::<f64>().max(1e-12);
+                ServiceGroupReport {
+                    name: g.name.clone(),
+                    services: g.count,
+                    frozen_fraction: s[Level::Frozen as usize] / total,
+                    snapshotted_fraction: s[Level::Snapshotted as usize] / total,
+                }
+            })
+            .collect();
         SimReport {
             policy: self.cfg.policy.as_str(),
             restore: self.cfg.restore.as_str(),
@@ -1024,6 +1320,10 @@ impl<'a> Sim<'a> {
             restores: self.restores,
             node_sleeps: self.node_sleeps,
             migrations: self.migrations,
+            freezes: self.freezes,
+            found_frozen: self.found_frozen,
+            idle_cost_j: self.nodes.iter().map(|n| n.idle_cost_j).sum(),
+            service_groups,
         }
     }
 }

@@ -11,4 +11,4 @@ mod queue;
 pub mod study;
 
 pub use config::{Approach, CrModel, PolicyName, RestoreMode, SimConfig, SimConfigError};
-pub use engine::{simulate, GroupReport, SimReport};
+pub use engine::{simulate, GroupReport, ServiceGroupReport, SimReport};

@@ -2,11 +2,13 @@
 //! cluster (Tables 7.1 and 7.2), an idle-threshold sweep (the optimal threshold), checkpoint and
 //! restore latency against footprint per approach, the break-even idle period, and how close
 //! prediction with pre-warm comes to the oracle; and the fleet question, local snapshots
-//! (restore in place) against the pool (restore anywhere, with consolidation).
+//! (restore in place) against the pool (restore anywhere, with consolidation). The live agent's
+//! energy governor runs beside the threshold policies in both, with the live agent's defaults.
 
 use std::time::Duration;
 
 use serde::Serialize;
+use torpor_policy::PolicyConfig;
 
 use crate::{
     config::{Approach, PolicyName, RestoreMode, SimConfig},
@@ -14,13 +16,14 @@ use crate::{
 };
 
 /// Policies in the tables, the baseline first.
-pub const POLICIES: [PolicyName; 7] = [
+pub const POLICIES: [PolicyName; 8] = [
     PolicyName::AlwaysOn,
     PolicyName::C6Only,
     PolicyName::Powernap,
     PolicyName::FixedThreshold,
     PolicyName::SeedTable,
     PolicyName::Predictor,
+    PolicyName::Governor,
     PolicyName::Oracle,
 ];
 
@@ -71,11 +74,14 @@ pub struct Study {
     pub break_even: Vec<Curve<(f64, f64)>>,
     /// Predictor's energy saving as a share of the oracle's (against always-on).
     pub predictor_vs_oracle: Option<f64>,
-    /// The fleet question at the configuration's threshold: one run per restore mode.
+    /// The fleet question at the configuration's threshold: one run per restore mode, then
+    /// the governor's, one per restore mode.
     pub fleet: Vec<SimReport>,
     pub fleet_table: String,
     /// Per restore mode: power and p99 against the idle threshold.
     pub fleet_sweep: Vec<FleetPoint>,
+    /// Where each service group's time went under the governor (awake, frozen, snapshotted).
+    pub levels_table: String,
 }
 
 /// One point of the fleet sweep.
@@ -89,18 +95,19 @@ pub struct FleetPoint {
     pub nodes_asleep: f64,
 }
 
-/// The policy the fleet question is asked under: the configuration's if it snapshots
-/// services, else the predictor.
+/// The threshold policy the fleet question is asked under (and its threshold swept): the
+/// configuration's if it snapshots services by a threshold, else the predictor. The governor
+/// is asked the question beside it.
 pub fn fleet_policy(cfg: &SimConfig) -> PolicyName {
-    if cfg.policy.sleeps_services() {
+    if cfg.policy.sleeps_services() && cfg.policy != PolicyName::Governor {
         cfg.policy
     } else {
         PolicyName::Predictor
     }
 }
 
-fn with_restore(cfg: &SimConfig, restore: RestoreMode) -> SimConfig {
-    let mut c = with_policy(cfg, fleet_policy(cfg));
+fn with_restore(cfg: &SimConfig, policy: PolicyName, restore: RestoreMode) -> SimConfig {
+    let mut c = with_policy(cfg, policy);
     c.restore = restore;
     c
 }
@@ -116,13 +123,17 @@ pub fn nodes_asleep(r: &SimReport) -> f64 {
 
 /// How many runs [`run`] makes (for a progress bar).
 pub fn run_count() -> usize {
-    POLICIES.len() + THRESHOLDS_S.len() + RestoreMode::ALL.len() * (1 + FLEET_THRESHOLDS_S.len())
+    POLICIES.len() + THRESHOLDS_S.len() + RestoreMode::ALL.len() * (2 + FLEET_THRESHOLDS_S.len())
 }
 
 fn with_policy(cfg: &SimConfig, p: PolicyName) -> SimConfig {
     let mut c = cfg.clone();
     c.policy = p;
-    if c.idle_threshold.is_zero() {
+    if p == PolicyName::Governor {
+        // As the live agent runs it: it only waits its default threshold before it looks,
+        // the rest is the cost of each level against the predicted idle period.
+        c.idle_threshold = PolicyConfig::default().idle_threshold;
+    } else if c.idle_threshold.is_zero() {
         c.idle_threshold = Duration::from_secs(30);
     }
     c
@@ -220,11 +231,12 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
     let (table_7_1, table_7_2) = tables(&runs);
     let mut fleet = Vec::new();
     let mut fleet_sweep = Vec::new();
+    let policy = fleet_policy(cfg);
     for restore in RestoreMode::ALL {
-        fleet.push(simulate(&with_restore(cfg, restore)));
+        fleet.push(simulate(&with_restore(cfg, policy, restore)));
         progress(&format!("restore {}", restore.as_str()));
         for t in FLEET_THRESHOLDS_S {
-            let mut c = with_restore(cfg, restore);
+            let mut c = with_restore(cfg, policy, restore);
             c.idle_threshold = Duration::from_secs_f64(t);
             let r = simulate(&c);
             progress(&format!("restore {} threshold {t}s", restore.as_str()));
@@ -237,7 +249,13 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
             });
         }
     }
+    for restore in RestoreMode::ALL {
+        fleet.push(simulate(&with_restore(cfg, PolicyName::Governor, restore)));
+        progress(&format!("governor, restore {}", restore.as_str()));
+    }
     let fleet_table = fleet_table(&fleet);
+    // The fleet runs the governor once per restore mode (the policies' run is one of them).
+    let levels_table = levels_table(&fleet);
     Study {
         runs,
         table_7_1,
@@ -250,14 +268,43 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> Study {
         fleet,
         fleet_table,
         fleet_sweep,
+        levels_table,
     }
 }
 
-/// The fleet question's table: energy, nodes asleep and latency per restore mode.
+/// Where each service group's time went under the governor, per run of it: the shares of
+/// service time frozen and snapshotted (the rest awake).
+pub fn levels_table(runs: &[SimReport]) -> String {
+    let mut t = String::from(
+        "| policy | restore | service group | frozen % | snapshotted % |\n|---|---|---|---|---|\n",
+    );
+    for r in runs
+        .iter()
+        .filter(|r| r.policy == PolicyName::Governor.as_str())
+    {
+        for g in &r.service_groups {
+            t.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.1} |\n",
+                r.policy,
+                r.restore,
+                g.name,
+                100.0 * g.frozen_fraction,
+                100.0 * g.snapshotted_fraction
+            ));
+        }
+    }
+    t
+}
+
+/// The fleet question's table: energy, nodes asleep and latency per restore mode, each run
+/// against the same policy's restore in place.
 pub fn fleet_table(runs: &[SimReport]) -> String {
-    let base = runs.first().map_or(0.0, |r| r.energy_j);
     let mut t = String::from("| restore | policy | energy (kWh) | vs in place | mean power (W) | nodes asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | restores | migrations | node sleeps |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in runs {
+        let base = runs
+            .iter()
+            .find(|b| b.policy == r.policy && b.restore == RestoreMode::InPlace.as_str())
+            .map_or(0.0, |b| b.energy_j);
         t.push_str(&format!(
             "| {} | {} | {:.1} | {:+.1} % | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             r.restore,
@@ -288,11 +335,11 @@ fn ms(v: Option<f64>) -> String {
 /// Tables shaped like the seed's 7.1 (power reduction) and 7.2 (latency impact).
 pub fn tables(runs: &[SimReport]) -> (String, String) {
     let base = runs.first().map_or(0.0, |r| r.mean_power_w);
-    let mut t1 = String::from("| policy | mean power (W) | reduction vs always-on | nodes asleep % | events | events/s |\n|---|---|---|---|---|---|\n");
+    let mut t1 = String::from("| policy | mean power (W) | reduction vs always-on | nodes asleep % | events | events/s | energy (kWh) | of it awake idle cost (kWh) |\n|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         let asleep = nodes_asleep(r);
         t1.push_str(&format!(
-            "| {} | {:.0} | {:.1} % | {:.1} | {} | {:.2e} |\n",
+            "| {} | {:.0} | {:.1} % | {:.1} | {} | {:.2e} | {:.1} | {:.2} |\n",
             r.policy,
             r.mean_power_w,
             if base > 0.0 {
@@ -302,13 +349,15 @@ pub fn tables(runs: &[SimReport]) -> (String, String) {
             },
             100.0 * asleep,
             r.events,
-            r.events_per_s
+            r.events_per_s,
+            r.energy_j / 3.6e6,
+            r.idle_cost_j / 3.6e6
         ));
     }
-    let mut t2 = String::from("| policy | requests | found asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | checkpoints | restores | node sleeps |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut t2 = String::from("| policy | requests | found asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | checkpoints | restores | node sleeps | freezes | found frozen % |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         t2.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
             r.policy,
             r.requests,
             100.0 * r.found_asleep as f64 / r.requests.max(1) as f64,
@@ -317,7 +366,9 @@ pub fn tables(runs: &[SimReport]) -> (String, String) {
             ms(r.latency.p999_ms),
             r.checkpoints,
             r.restores,
-            r.node_sleeps
+            r.node_sleeps,
+            r.freezes,
+            100.0 * r.found_frozen as f64 / r.requests.max(1) as f64
         ));
     }
     (t1, t2)

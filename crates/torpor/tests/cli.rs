@@ -538,14 +538,28 @@ fn sim_reports_per_group_figures_and_the_study_writes_tables_and_plots() {
         out.to_str().unwrap(),
         "--json",
     ]));
-    assert_eq!(s["runs"].as_array().unwrap().len(), 7, "every policy");
-    let restores: Vec<&str> = s["fleet"]
+    assert_eq!(s["runs"].as_array().unwrap().len(), 8, "every policy");
+    let fleet: Vec<(&str, &str)> = s["fleet"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["restore"].as_str().unwrap())
+        .map(|r| {
+            (
+                r["policy"].as_str().unwrap(),
+                r["restore"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(restores, ["in-place", "anywhere"], "the fleet question");
+    assert_eq!(
+        fleet,
+        [
+            ("predictor", "in-place"),
+            ("predictor", "anywhere"),
+            ("governor", "in-place"),
+            ("governor", "anywhere")
+        ],
+        "the fleet question, for the threshold policy and the governor"
+    );
     for file in [
         "tables.md",
         "study.json",
