@@ -530,8 +530,9 @@ impl Agent {
                 .await;
     }
 
-    /// The soonest any service's inter-arrival history predicts its next request; `None` when
-    /// no service has a history to predict from.
+    /// The soonest any service's next request is predicted (from its inter-arrival history,
+    /// conditioned on its time idle; without a history, as long again as it has been idle);
+    /// `None` without services.
     fn next_arrival(&self) -> Option<Duration> {
         let links: Vec<Arc<ServiceLink>> = self
             .shared
@@ -543,11 +544,7 @@ impl Agent {
             .collect();
         links
             .iter()
-            .filter_map(|l| {
-                l.with_arrivals(|a| {
-                    (a.histogram().count() > 0).then(|| torpor_policy::predicted_idle(a, l.now()))
-                })
-            })
+            .map(|l| l.with_arrivals(|a| torpor_policy::predicted_idle(a, l.now())))
             .min()
     }
 

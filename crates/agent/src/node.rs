@@ -125,11 +125,6 @@ pub(crate) struct NodePower {
     node_sleep: Option<torpor_power::NodeSleepEconomics>,
 }
 
-/// A profile as the governor prices CPU time, wakeups and memory (the simulator's pricing too).
-fn energy_model(p: &Profile) -> torpor_policy::EnergyModel {
-    p.energy_model()
-}
-
 /// torpor's own CPU-seconds and those of the children it reaped (CRIU among them).
 pub(crate) fn process_cpu_s() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
@@ -177,7 +172,7 @@ impl NodePower {
         Ok(NodePower {
             telemetry: config.telemetry,
             knobs,
-            model: energy_model(&config.profile),
+            model: config.profile.energy_model(),
             node_sleep,
             account: Mutex::new(EnergyAccount::start(config.profile, first)),
             last_process_cpu_s: Mutex::new(process_cpu_s()),
@@ -334,7 +329,7 @@ impl NodePower {
         };
         let pays = match (self.node_sleep, next_arrival) {
             (Some(e), Some(next)) => next.as_secs_f64() >= e.break_even_s,
-            // No history predicts a request: nothing says the sleep will be cut short.
+            // No service: nothing will cut the sleep short.
             (Some(_), None) => true,
             (None, _) => false,
         };

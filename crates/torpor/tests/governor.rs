@@ -127,7 +127,8 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (svc, port) = sample("web", "8MiB");
     let power = format!(
-        "[power]\nprofile = \"icx-2s\"\ndry_run = true\njournal = \"{}\"\n[power.node_sleep]\nsleep = [\"false\"]\nwake = [\"false\"]\nafter = \"200ms\"\n",
+        "[power]\nprofile = \"{}\"\ndry_run = true\njournal = \"{}\"\n[power.node_sleep]\nsleep = [\"false\"]\nwake = [\"false\"]\nafter = \"200ms\"\n",
+        common::quick_suspend_profile(dir.path())?.display(),
         dir.path().join("knobs.json").display()
     );
     let up = Up::start(
@@ -138,7 +139,7 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
         ),
     )?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
-    // Every service asleep, no history predicting a request: the node would sleep, and the
+    // Every service asleep, its quiet predicted past the (quick) node's break-even: the node would sleep, and the
     // account prices that time at the profile's suspend power, labelled a dry run (the hooks
     // are `false`: had one run, the sleep would have failed).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -450,7 +450,7 @@ fn knob_config(root: &Path) -> String {
     format!(
         r#"
 [power]
-profile = "icx-2s"
+profile = "{profile}"
 knob_root = "{root}"
 journal = "{journal}"
 consolidate = true
@@ -464,7 +464,10 @@ after = "300ms"
 "#,
         root = root.display(),
         journal = root.join("run/knobs.json").display(),
-        hooks = root.join("hooks.log").display()
+        hooks = root.join("hooks.log").display(),
+        profile = common::quick_suspend_profile(root)
+            .expect("profile written")
+            .display()
     )
 }
 
@@ -534,7 +537,7 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
         !doc["knobs"].as_array().context("knobs")?.is_empty(),
         "{doc}"
     );
-    assert_eq!(doc["energy"]["label"], "modelled (profile icx-2s)", "{doc}");
+    assert_eq!(doc["energy"]["label"], "modelled (profile icx-2s-quick-suspend)", "{doc}");
     assert!(
         doc["energy"]["seconds"].as_f64().unwrap_or(0.0) > 0.0,
         "{doc}"
