@@ -563,11 +563,11 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
     assert!(s["pid"].as_i64().is_some());
     let text = up.status_text()?;
     assert!(
-        text.contains("energy:") && text.contains("modelled (profile icx-2s)"),
+        text.contains("energy:") && text.contains("modelled (profile icx-2s-quick-suspend)"),
         "{text}"
     );
     let metrics = http_get(up.status, "/metrics")?;
-    assert!(metrics.contains("torpor_node_energy_joules_total{kind=\"counterfactual\",source=\"modelled\",profile=\"icx-2s\"}"), "{metrics}");
+    assert!(metrics.contains("torpor_node_energy_joules_total{kind=\"counterfactual\",source=\"modelled\",profile=\"icx-2s-quick-suspend\"}"), "{metrics}");
 
     assert!(up.stop()?.success());
     assert!(!journal.exists(), "every knob put back:\n{}", up.log_text());
