@@ -634,6 +634,20 @@ impl Body for GrpcStream {
         if self.ended {
             return Poll::Ready(None);
         }
+        // What the service already sent goes first: a drain never cuts an answer that is
+        // there (a unary call's message and trailers follow its head at once).
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if f.is_trailers() {
+                    self.ended = true;
+                }
+                let now = self.link.now();
+                self.link.with_arrivals(|a| a.mark_active(now));
+                return Poll::Ready(Some(Ok(f)));
+            }
+            Poll::Ready(other) => return Poll::Ready(other),
+            Poll::Pending => {}
+        }
         if self.drained.as_mut().poll(cx).is_ready() {
             self.ended = true;
             debug!(service = %self.link.name, "gRPC stream ended by a drain");
@@ -645,15 +659,7 @@ impl Body for GrpcStream {
             );
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &frame {
-            if f.is_trailers() {
-                self.ended = true;
-            }
-            let now = self.link.now();
-            self.link.with_arrivals(|a| a.mark_active(now));
-        }
-        frame
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
