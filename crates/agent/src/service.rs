@@ -326,8 +326,8 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How often a service's loop looks at its process and its policy.
 const TICK: Duration = Duration::from_millis(20);
 
-/// Longest time between two looks at the open steered connections; a short idle threshold
-/// looks four times per threshold, so recent data is seen before the threshold passes.
+/// Longest time between two looks at the open steered connections; under a short idle
+/// threshold they are looked at every quarter of it, so recent data is seen before it passes.
 const STEERED_LOOK: Duration = Duration::from_secs(1);
 
 /// Why a service is being woken.
