@@ -211,7 +211,8 @@ pub struct ServiceStatus {
     /// was attached): arrivals that are not in the gate's request counts.
     #[serde(default)]
     pub steered_connections: u64,
-    /// Steered connections open at the last look (they keep the service awake).
+    /// Steered connections open at the last look (those that carried data within the idle
+    /// threshold keep the service awake).
     #[serde(default)]
     pub steered_open: usize,
 }
@@ -270,6 +271,9 @@ struct Runtime {
     costs: Costs,
     /// The steering's connection counter at the last look (new ones since are arrivals).
     steered_seen: u64,
+    /// When the open steered connections were last looked at: a sock_diag dump and a walk
+    /// of the tree's descriptors, too costly for every tick.
+    steered_looked: Option<Instant>,
     status: ServiceStatus,
 }
 
@@ -321,6 +325,10 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How often a service's loop looks at its process and its policy.
 const TICK: Duration = Duration::from_millis(20);
+
+/// Longest time between two looks at the open steered connections; under a short idle
+/// threshold they are looked at every quarter of it, so recent data is seen before it passes.
+const STEERED_LOOK: Duration = Duration::from_secs(1);
 
 /// Why a service is being woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +427,7 @@ impl Managed {
                 frozen_total: Duration::ZERO,
                 costs: Costs::default(),
                 steered_seen,
+                steered_looked: None,
                 status,
             }),
         }
@@ -656,8 +665,10 @@ impl Managed {
 
     /// With kernel steering, the traffic the gate never sees goes into its arrival record:
     /// each connection steered since the last look is an arrival, and (given `pid`, once the
-    /// gate's record says the service is half-way to its idle threshold) a steered connection
-    /// still open counts as activity, so the service is never slept under one.
+    /// gate's record says the service is half-way to its idle threshold, at most every
+    /// [`STEERED_LOOK`]) data on an open steered connection within the threshold is activity
+    /// as of when it passed, so the service is never slept under a live stream, and an idle
+    /// keep-alive connection does not keep it awake.
     fn note_steered(&self, pid: Option<i32>) {
         let SteeringMode::Kernel(steering) = &self.spec.steering else {
             return;
@@ -682,17 +693,27 @@ impl Managed {
                 .with_arrivals(|a| (0..new).for_each(|_| a.record(now)));
         }
         let Some(pid) = pid else { return };
+        let threshold = self.spec.policy.idle_threshold;
         let idle = self.link.with_arrivals(|a| a.idle_for(now));
-        if idle < self.spec.policy.idle_threshold / 2 {
+        if idle < threshold / 2 {
             return;
+        }
+        {
+            let mut rt = self.rt.lock().expect("runtime lock");
+            let every = STEERED_LOOK.min(threshold / 4);
+            if rt.steered_looked.is_some_and(|at| at.elapsed() < every) {
+                return;
+            }
+            rt.steered_looked = Some(Instant::now());
         }
         let open = steering.open_connections(pid).unwrap_or_else(|e| {
             debug!(service = %self.spec.name, error = %e, "cannot count the steered connections");
-            0
+            Default::default()
         });
-        self.rt.lock().expect("runtime lock").status.steered_open = open;
-        if open > 0 {
-            self.link.with_arrivals(|a| a.mark_active(now));
+        self.rt.lock().expect("runtime lock").status.steered_open = open.open;
+        if let Some(quiet) = open.quietest.filter(|q| *q < threshold) {
+            self.link
+                .with_arrivals(|a| a.mark_active(now.saturating_sub(quiet)));
         }
     }
 
@@ -1933,6 +1954,8 @@ mod tests {
         fake: Arc<Fake>,
         steered: AtomicU64,
         open: std::sync::atomic::AtomicUsize,
+        /// Milliseconds since the last data on the open connections.
+        quiet_ms: AtomicU64,
     }
 
     impl Steering for FakeSteering {
@@ -1954,8 +1977,16 @@ mod tests {
             Ok(self.steered.load(Ordering::SeqCst))
         }
 
-        fn open_connections(&self, _pid: i32) -> Result<usize, torpor_steer::SteerError> {
-            Ok(self.open.load(Ordering::SeqCst))
+        fn open_connections(
+            &self,
+            _pid: i32,
+        ) -> Result<torpor_steer::OpenConnections, torpor_steer::SteerError> {
+            let open = self.open.load(Ordering::SeqCst);
+            Ok(torpor_steer::OpenConnections {
+                open,
+                quietest: (open > 0)
+                    .then(|| Duration::from_millis(self.quiet_ms.load(Ordering::SeqCst))),
+            })
         }
     }
 
@@ -1966,6 +1997,7 @@ mod tests {
             fake: fake.clone(),
             steered: AtomicU64::new(0),
             open: Default::default(),
+            quiet_ms: AtomicU64::new(0),
         });
         let h = start_steered(fake, None, SteeringMode::Kernel(steering.clone())).await;
         (h, steering)
@@ -2146,7 +2178,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn steered_connections_count_as_arrivals_and_an_open_one_keeps_it_awake() {
+    async fn steered_connections_count_as_arrivals_and_data_on_an_open_one_keeps_it_awake() {
         let (h, steering) = start_kernel_steered().await;
         // A steered connection every tick for ten idle thresholds: never slept.
         for _ in 0..(10 * IDLE.as_millis() / TICK.as_millis()) {
@@ -2155,13 +2187,15 @@ mod tests {
         }
         assert_eq!(h.m.state(), ServiceState::Awake, "{:?}", h.details());
         assert!(h.m.status().steered_connections >= 49);
-        // No new connection, one open: still awake.
+        // No new connection, one open that carries data: still awake.
         steering.open.store(1, Ordering::SeqCst);
         tokio::time::sleep(10 * IDLE).await;
         assert_eq!(h.m.state(), ServiceState::Awake, "{:?}", h.details());
         assert_eq!(h.m.status().steered_open, 1);
-        // It closed: idle, asleep.
-        steering.open.store(0, Ordering::SeqCst);
+        // Still open, quiet for longer than the threshold: idle, asleep.
+        steering
+            .quiet_ms
+            .store(2 * IDLE.as_millis() as u64, Ordering::SeqCst);
         h.until(ServiceState::Asleep).await;
         h.finish().await;
     }

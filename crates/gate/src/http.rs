@@ -28,7 +28,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::Notify,
+    sync::{watch, Notify},
 };
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
@@ -298,8 +298,9 @@ fn is_websocket<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
+/// A gRPC request or answer, by its content type.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
@@ -307,7 +308,7 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 
 impl HttpGate {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<GateBody> {
-        let grpc = is_grpc(&req);
+        let grpc = is_grpc(req.headers());
         // An HTTP/1.1 Upgrade (websocket): once the service answers 101, both connections
         // are taken over and relayed byte for byte.
         let upgrade = is_upgrade(&req).then(|| {
@@ -361,6 +362,20 @@ impl HttpGate {
                         ));
                     }
                 }
+                if grpc && is_grpc(resp.headers()) {
+                    // A gRPC call's answer lasts as long as the call: a stream may stay open
+                    // and quiet for ever. Its messages are activity; its body is not in
+                    // flight, so a quiet stream does not hold the service awake, and a drain
+                    // ends it cleanly ([`GrpcStream`]).
+                    let mut generation = self.link.watch_backend_generation();
+                    generation.mark_unchanged();
+                    let link = self.link.clone();
+                    drop(Finished {
+                        link: link.clone(),
+                        _guard: guard,
+                    });
+                    return resp.map(|body| GrpcStream::boxed(body, link, generation));
+                }
                 let done = Finished {
                     link: self.link.clone(),
                     _guard: guard,
@@ -385,7 +400,10 @@ impl HttpGate {
     async fn let_in(&self, mut body: Incoming) -> Result<(InflightGuard, Forwarded), NotLetIn> {
         if self.link.is_open() {
             let guard = self.link.enter().await.map_err(NotLetIn::Refused)?;
-            return Ok((guard, Forwarded::new(VecDeque::new(), Some(body))));
+            return Ok((
+                guard,
+                Forwarded::new(&self.link, VecDeque::new(), Some(body)),
+            ));
         }
         let limit = self.limits.hold_body_limit;
         if body.size_hint().lower() > limit {
@@ -403,7 +421,7 @@ impl HttpGate {
                 entered = &mut enter => {
                     let guard = entered.map_err(NotLetIn::Refused)?;
                     let rest = (!ended).then_some(body);
-                    return Ok((guard, Forwarded::new(kept, rest)));
+                    return Ok((guard, Forwarded::new(&self.link, kept, rest)));
                 }
                 frame = body.frame(), if !ended => match frame {
                     None => ended = true,
@@ -469,10 +487,17 @@ struct Forwarded {
     /// Data bytes in `kept`, for the size hint.
     kept_bytes: u64,
     rest: Option<Incoming>,
+    /// Each frame of the rest marks the service active: a long upload, or a client's messages
+    /// on a gRPC stream, is traffic the policy must see.
+    link: Arc<ServiceLink>,
 }
 
 impl Forwarded {
-    fn new(kept: VecDeque<Frame<Bytes>>, rest: Option<Incoming>) -> Forwarded {
+    fn new(
+        link: &Arc<ServiceLink>,
+        kept: VecDeque<Frame<Bytes>>,
+        rest: Option<Incoming>,
+    ) -> Forwarded {
         let kept_bytes = kept
             .iter()
             .filter_map(|f| f.data_ref())
@@ -482,6 +507,7 @@ impl Forwarded {
             kept,
             kept_bytes,
             rest,
+            link: link.clone(),
         }
     }
 }
@@ -500,10 +526,15 @@ impl Body for Forwarded {
             }
             return Poll::Ready(Some(Ok(frame)));
         }
-        match &mut self.rest {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(rest) = &mut self.rest else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(rest).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            let now = self.link.now();
+            self.link.with_arrivals(|a| a.mark_active(now));
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -558,6 +589,81 @@ impl<B: Body + Unpin, T: Unpin> Body for Holding<B, T> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A gRPC answer's body once its head is in: each message (either way: the request body marks
+/// its own, see [`Forwarded`]) marks the service active; when a drain retires the backend
+/// connections (the service is about to sleep), the stream ends at once with trailers saying
+/// UNAVAILABLE, which a client takes as "retry", rather than with a broken stream.
+struct GrpcStream {
+    inner: Incoming,
+    link: Arc<ServiceLink>,
+    /// Resolves at the next drain.
+    drained: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    /// Its trailers went out (the service's or ours): nothing follows.
+    ended: bool,
+}
+
+impl GrpcStream {
+    fn boxed(
+        inner: Incoming,
+        link: Arc<ServiceLink>,
+        mut generation: watch::Receiver<u64>,
+    ) -> GateBody {
+        GrpcStream {
+            inner,
+            link,
+            drained: Box::pin(async move {
+                let _ = generation.changed().await;
+            }),
+            ended: false,
+        }
+        .boxed()
+    }
+}
+
+impl Body for GrpcStream {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        // What the service already sent goes first: a drain never cuts an answer that is
+        // there (a unary call's message and trailers follow its head at once).
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if f.is_trailers() {
+                    self.ended = true;
+                }
+                let now = self.link.now();
+                self.link.with_arrivals(|a| a.mark_active(now));
+                return Poll::Ready(Some(Ok(f)));
+            }
+            Poll::Ready(other) => return Poll::Ready(other),
+            Poll::Pending => {}
+        }
+        if self.drained.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            debug!(service = %self.link.name, "gRPC stream ended by a drain");
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from(14));
+            trailers.insert(
+                "grpc-message",
+                HeaderValue::from_static("torpor: the service is going to sleep"),
+            );
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
     }
 }
 

@@ -16,12 +16,14 @@
 //! * [`upgrade`]: HTTP/1.1 Upgrade (websockets) relayed both ways after the 101.
 //!
 //! Long-lived connections: a response body (server-sent events, a gRPC server, client or
-//! bidirectional stream) is passed on frame by frame as it comes, never buffered; it is in
-//! flight (the service is not slept under it) until it ends, and its end counts as activity.
-//! An upgraded connection is not in flight: every chunk it carries counts as activity, so it
-//! keeps the service awake while it talks; once it has been quiet for the idle threshold the
-//! service may sleep, and the drain closes it (a websocket with a close frame, 1001 "going
-//! away"; other protocols by closing the connection), as raw TCP connections are cut.
+//! bidirectional stream) is passed on frame by frame as it comes, never buffered. A plain
+//! HTTP response is in flight (the service is not slept under it) until it ends, and its end
+//! counts as activity. A gRPC answer is in flight only until its head, and an upgraded
+//! connection not at all: every message or chunk they carry counts as activity, so they keep
+//! the service awake while they talk; once quiet for the idle threshold the service may sleep,
+//! and the drain ends them (a gRPC stream with UNAVAILABLE trailers, a websocket with a close
+//! frame, 1001 "going away"; other protocols by closing the connection), as raw TCP
+//! connections are cut.
 
 pub mod http;
 pub mod listen;

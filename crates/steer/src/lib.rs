@@ -17,6 +17,7 @@
 //! host can do it (for `torpor doctor`), without touching the host's namespace.
 
 pub mod bpf;
+pub mod diag;
 pub mod netns;
 pub mod program;
 pub mod socket;
@@ -29,6 +30,8 @@ use std::{
 };
 
 use tracing::debug;
+
+pub use diag::OpenConnections;
 
 /// Why steering could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +65,10 @@ pub trait Steering: Send + Sync + std::fmt::Debug {
     fn unsteer(&self) -> Result<(), SteerError>;
     /// Connections handed to the service so far: arrivals the gate never saw.
     fn steered(&self) -> Result<u64, SteerError>;
-    /// Steered connections still open: held by the process tree of `pid` and established
-    /// on the public address. They carry traffic the gate cannot see, so the agent counts
-    /// them as activity.
-    fn open_connections(&self, pid: i32) -> Result<usize, SteerError>;
+    /// Steered connections still open (held by the process tree of `pid` and established on
+    /// the public address) and how long since the most recent data on any of them. They
+    /// carry traffic the gate cannot see, so the agent counts recent data as activity.
+    fn open_connections(&self, pid: i32) -> Result<OpenConnections, SteerError>;
 }
 
 /// An sk_lookup program linked to one network namespace, for one public address.
@@ -145,11 +148,18 @@ impl Steering for KernelSteering {
         bpf::array_get_u64(self.counters.as_fd(), 0).map_err(bpf_err("reading the counter"))
     }
 
-    fn open_connections(&self, pid: i32) -> Result<usize, SteerError> {
+    fn open_connections(&self, pid: i32) -> Result<OpenConnections, SteerError> {
         let io = |what: &'static str| move |source| SteerError::Io { what, source };
-        let inodes = socket::established_inodes(&self.proc, pid, self.public)
-            .map_err(io("reading the TCP table"))?;
-        socket::count_held(&self.proc, pid, &inodes).map_err(io("reading descriptors"))
+        // The same namespace the program was attached from (`attach_here`'s callers).
+        let connections = diag::established(self.public).map_err(io("sock_diag"))?;
+        let on_public: std::collections::BTreeSet<u64> = connections
+            .iter()
+            .filter(|c| c.local == self.public)
+            .map(|c| c.inode)
+            .collect();
+        // The descriptor walk, the costly part, only when there is something to attribute.
+        let held = socket::held(&self.proc, pid, &on_public).map_err(io("reading descriptors"))?;
+        Ok(diag::summarize(&connections, self.public, &held))
     }
 }
 

@@ -15,8 +15,6 @@ use crate::SteerError;
 
 /// TCP state LISTEN in `/proc/net/tcp`.
 const TCP_LISTEN: &str = "0A";
-/// TCP state ESTABLISHED in `/proc/net/tcp`.
-const TCP_ESTABLISHED: &str = "01";
 
 /// Inodes of the TCP sockets in state `state` whose local address `matches`, in the network
 /// namespace of process `pid`, from `PROC/PID/net/tcp`.
@@ -48,16 +46,6 @@ fn inodes(
 pub fn listening_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
     inodes(proc, pid, TCP_LISTEN, |ip, port| {
         port == addr.port() && (ip == *addr.ip() || ip.is_unspecified())
-    })
-}
-
-/// Inodes of the established TCP connections whose local address is exactly `addr`, in the
-/// network namespace of process `pid`. A connection steered in the kernel keeps the
-/// address the client dialled (the public one), so these are the steered connections,
-/// together with the gate's own client connections (told apart by who holds them).
-pub fn established_inodes(proc: &Path, pid: i32, addr: SocketAddrV4) -> io::Result<BTreeSet<u64>> {
-    inodes(proc, pid, TCP_ESTABLISHED, |ip, port| {
-        port == addr.port() && ip == *addr.ip()
     })
 }
 
@@ -123,11 +111,11 @@ pub fn find_descriptor(
     Ok(None)
 }
 
-/// How many of `inodes` the processes of `pid`'s tree hold (each socket counted once).
-pub fn count_held(proc: &Path, pid: i32, inodes: &BTreeSet<u64>) -> io::Result<usize> {
+/// Which of `inodes` the processes of `pid`'s tree hold.
+pub fn held(proc: &Path, pid: i32, inodes: &BTreeSet<u64>) -> io::Result<BTreeSet<u64>> {
     let mut held = BTreeSet::new();
     if inodes.is_empty() {
-        return Ok(0);
+        return Ok(held);
     }
     for p in process_tree(proc, pid)? {
         let Ok(fds) = fs::read_dir(proc.join(p.to_string()).join("fd")) else {
@@ -146,7 +134,7 @@ pub fn count_held(proc: &Path, pid: i32, inodes: &BTreeSet<u64>) -> io::Result<u
             }
         }
     }
-    Ok(held.len())
+    Ok(held)
 }
 
 /// A descriptor of our own for descriptor `fd` of process `pid` (`pidfd_getfd`, which needs
@@ -224,16 +212,14 @@ mod tests {
     }
 
     #[test]
-    fn established_connections_on_the_address_are_counted_once_where_the_tree_holds_them() {
+    fn sockets_are_held_once_by_the_tree_that_holds_them() {
         let d = proc_tree();
-        let addr = "127.0.0.1:8080".parse().unwrap();
-        let est = established_inodes(d.path(), 10, addr).unwrap();
-        assert_eq!(est, BTreeSet::from([222]));
-        assert_eq!(count_held(d.path(), 10, &est).unwrap(), 0);
+        let asked = BTreeSet::from([222, 333]);
+        assert!(held(d.path(), 10, &asked).unwrap().is_empty());
         symlink("socket:[222]", d.path().join("11/fd/9")).unwrap();
         symlink("socket:[222]", d.path().join("10/fd/5")).unwrap();
-        assert_eq!(count_held(d.path(), 10, &est).unwrap(), 1);
-        assert_eq!(count_held(d.path(), 12, &est).unwrap(), 0);
+        assert_eq!(held(d.path(), 10, &asked).unwrap(), BTreeSet::from([222]));
+        assert_eq!(held(d.path(), 12, &asked).unwrap(), BTreeSet::from([333]));
     }
 
     #[test]

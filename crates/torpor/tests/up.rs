@@ -18,12 +18,59 @@ mod common;
 
 use common::{exe, http_get, Up, EMBEDDED};
 use torpor_testkit::{own_addr, SERIAL};
+
+/// The sleep/wake tests below run twice: with the gate proxying every connection, and with
+/// kernel steering (new connections straight to the awake service; the gate only while it
+/// sleeps or wakes). Each named function takes the mode (`steering = "…"`).
+macro_rules! in_both_modes {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn proxy() -> anyhow::Result<()> {
+                super::$test("proxy")
+            }
+            #[test]
+            fn kernel() -> anyhow::Result<()> {
+                super::$test("kernel")
+            }
+        }
+    )*};
+}
+
+in_both_modes!(
+    sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls,
+    redis_behind_the_tcp_gate_keeps_its_data_across_sleeps,
+    a_request_arriving_mid_checkpoint_is_answered_after_the_wake,
+);
+
+/// Each of `names` under `up` runs with `steering` (kernel steering did not fall back).
+fn check_mode(up: &Up, names: &[&str], steering: &str) -> Result<()> {
+    for name in names {
+        let s = up.service(name)?;
+        anyhow::ensure!(s["steering"] == steering, "{s}");
+    }
+    Ok(())
+}
+
+/// The proxied sample service (see [`sample_http_steered`]).
 fn sample_http(
     name: &str,
     port: SocketAddr,
     backend: SocketAddr,
     memory: &str,
     idle: &str,
+) -> String {
+    sample_http_steered(name, port, backend, memory, idle, "proxy")
+}
+
+/// The sample service `name` behind a gate on `port`, with `steering`.
+fn sample_http_steered(
+    name: &str,
+    port: SocketAddr,
+    backend: SocketAddr,
+    memory: &str,
+    idle: &str,
+    steering: &str,
 ) -> String {
     format!(
         r#"
@@ -32,6 +79,7 @@ name = "{name}"
 command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
 listen = "{port}"
 backend = "{backend}"
+steering = "{steering}"
 [service.policy]
 idle_threshold = "{idle}"
 "#,
@@ -50,16 +98,18 @@ async fn get(
     )?)
 }
 
-#[test]
-fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Result<()> {
+fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls(
+    steering: &str,
+) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (web, grpc, grpc_backend) = (own_addr(), own_addr(), own_addr());
     let services = format!(
-        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"{grpc_backend}\"]\nlisten = \"{grpc}\"\nbackend = \"{grpc_backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        sample_http("web", web, own_addr(), "32MiB", "200ms"),
+        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"{grpc_backend}\"]\nlisten = \"{grpc}\"\nbackend = \"{grpc_backend}\"\nsteering = \"{steering}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        sample_http_steered("web", web, own_addr(), "32MiB", "200ms", steering),
         exe()
     );
     let mut up = Up::start(EMBEDDED, &services)?;
+    check_mode(&up, &["web", "grpc"], steering)?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     up.wait_state("grpc", "asleep", Duration::from_secs(30))?;
 
@@ -115,18 +165,18 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls() -> Re
     Ok(())
 }
 
-#[test]
-fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
+fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     let services = format!(
-        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
+        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\nsteering = \"{steering}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
         backend.port(),
         backend.ip(),
         dir.path().display()
     );
     let up = Up::start(EMBEDDED, &services)?;
+    check_mode(&up, &["kv"], steering)?;
     for round in 0..3 {
         up.wait_state("kv", "asleep", Duration::from_secs(30))?;
         assert_eq!(
@@ -150,14 +200,14 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake() -> Result<()> {
+fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
     let up = Up::start(
         EMBEDDED,
-        &sample_http("big", web, own_addr(), "512MiB", "300ms"),
+        &sample_http_steered("big", web, own_addr(), "512MiB", "300ms", steering),
     )?;
+    check_mode(&up, &["big"], steering)?;
     let expected = torpor_workload::expected_sum(512 << 20, 1);
     // It falls asleep right after start; wake it, then catch its next checkpoint. A
     // checkpoint can fail on a loaded machine (the service then keeps serving, which is

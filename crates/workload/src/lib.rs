@@ -6,7 +6,7 @@
 //! `COUNT` → the counter, `TOUCH` → reads and changes every page of the buffer's first
 //! `touch` bytes and answers their CRC32C (a service whose requests touch a known amount of
 //! memory, for lazy restore), or the same over HTTP/1.1 (`GET /ping`, `/sum`, `/count`,
-//! `/touch`). Plain threads and blocking sockets: nothing that would make the checkpoint about
+//! `/touch`), and a websocket echo at `GET /ws` ([`websocket`]). Plain threads and blocking sockets: nothing that would make the checkpoint about
 //! the runtime rather than the memory.
 //!
 //! [`mutator`] is the other sample: a service whose requests exercise what makes restoring
@@ -30,6 +30,7 @@ use rand::{rngs::SmallRng, RngCore, SeedableRng};
 pub mod grpc;
 pub mod mutator;
 pub mod ticker;
+pub mod websocket;
 
 /// The page size the sample services touch memory by.
 pub const PAGE: usize = 4096;
@@ -127,7 +128,8 @@ fn answer(cmd: &str, memory: &Memory, counter: &AtomicU64) -> Option<String> {
 }
 
 /// Serves one connection: the line protocol, or HTTP/1.1 `GET /ping|/sum|/count|/touch`
-/// (keep-alive) when the first line is an HTTP request line.
+/// (keep-alive) when the first line is an HTTP request line, or a websocket after `GET /ws`
+/// with a `Sec-WebSocket-Key`.
 fn serve(conn: TcpStream, memory: &Memory, counter: &AtomicU64) -> io::Result<()> {
     // Answers are small and final: no Nagle delay waiting for the peer's ACK.
     conn.set_nodelay(true)?;
@@ -143,6 +145,7 @@ fn serve(conn: TcpStream, memory: &Memory, counter: &AtomicU64) -> io::Result<()
         if let Some(target) = cmd.strip_prefix("GET ") {
             let path = target.split_whitespace().next().unwrap_or("/");
             let mut header = String::new();
+            let mut websocket_key = None;
             loop {
                 header.clear();
                 if reader.read_line(&mut header)? == 0 {
@@ -151,6 +154,14 @@ fn serve(conn: TcpStream, memory: &Memory, counter: &AtomicU64) -> io::Result<()
                 if header.trim().is_empty() {
                     break;
                 }
+                if let Some((k, v)) = header.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("sec-websocket-key") {
+                        websocket_key = Some(v.trim().to_string());
+                    }
+                }
+            }
+            if let (Some(key), "/ws") = (&websocket_key, path) {
+                return websocket::serve(key, &mut reader, &mut out);
             }
             let key = path.trim_start_matches('/').to_ascii_uppercase();
             let (status, body) = match answer(&key, memory, counter) {
