@@ -525,8 +525,12 @@ async fn run_one(
         )
     };
     let agent = up.as_ref().map(|u| u.agent.clone());
-    if c == Configuration::Snapshot {
-        // Start from the state the configuration is about: every tier asleep.
+    if c == Configuration::Snapshot && args.governor == "threshold" {
+        // The seed's rule snapshots whatever idles: start from the state it is about, every
+        // tier asleep. The energy governor starts where (b) and (c) start, every tier awake,
+        // and rests each where it pays as the load comes: an artificial quiet before the
+        // load would only teach it a quiet that the load then breaks (a node sleep whose
+        // resume the measured window pays).
         let deadline = Instant::now() + Duration::from_secs(120);
         while agent
             .as_ref()

@@ -11,7 +11,7 @@
 //! governor policy it may instead be frozen (no idle cost, memory kept, a request waits the thaw).
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     ops::Range,
     time::{Duration, Instant},
 };
@@ -20,8 +20,9 @@ use hdrhistogram::Histogram;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Serialize;
 use torpor_policy::{
-    choose_level, decide_sleep, level_costs, prewarm_at, ArrivalTracker, AwakeReason, CycleCost,
-    EnergyModel, IdleCost, Level, LevelInputs, PolicyConfig, Reason, SleepDecision,
+    choose_level, decide_sleep, level_costs, predicted_idle, prewarm_at, ArrivalTracker,
+    AwakeReason, CycleCost, EnergyModel, IdleCost, Level, LevelInputs, PolicyConfig, Reason,
+    SleepDecision,
 };
 use torpor_power::Profile;
 use torpor_traffic::{ArrivalStream, Percentiles};
@@ -169,6 +170,8 @@ struct Node {
     services: u32,
     /// Services placed here that are snapshotted (restore in place only).
     asleep_services: u32,
+    /// Which services `services` counts (the governor weighs whether node sleep is in reach).
+    members: BTreeSet<u32>,
     resident_bytes: u64,
     /// Memory for services (restore anywhere places by it).
     memory: u64,
@@ -410,6 +413,7 @@ impl<'a> Sim<'a> {
                     waiting: Vec::new(),
                     services: 0,
                     asleep_services: 0,
+                    members: BTreeSet::new(),
                     resident_bytes: 0,
                     memory: group.memory_bytes,
                     placed_bytes: 0,
@@ -439,6 +443,7 @@ impl<'a> Sim<'a> {
                 let stream =
                     ArrivalStream::new(s.arrival.clone(), SmallRng::seed_from_u64(rng.gen()));
                 nodes[node as usize].services += 1;
+                nodes[node as usize].members.insert(svcs.len() as u32);
                 nodes[node as usize].resident_bytes += s.footprint_bytes;
                 nodes[node as usize].placed_bytes += s.footprint_bytes;
                 svcs.push(Svc {
@@ -821,21 +826,49 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// When node sleep is in reach for `s`'s snapshot (node sleep configured; every other
+    /// service on its node snapshotted, or idle with a quiet predicted past the node's sleep
+    /// delay), how many services, `s` among them, are still up: each is credited that share of
+    /// the node's saving, as the live agent does.
+    fn node_sleep_share(&self, s: u32) -> Option<usize> {
+        let min_quiet = self.cfg.node_sleep_after?;
+        let now = dur(self.now);
+        let quiet = |m: u32| {
+            self.svcs[m as usize]
+                .tracker
+                .as_ref()
+                .map_or(Duration::ZERO, |t| predicted_idle(t, now))
+        };
+        if quiet(s) < min_quiet {
+            return None;
+        }
+        let node = &self.nodes[self.svcs[s as usize].node as usize];
+        let mut up = 1;
+        for &m in node.members.iter().filter(|&&m| m != s) {
+            let other = &self.svcs[m as usize];
+            match other.state {
+                SvcState::Asleep => continue,
+                SvcState::Awake | SvcState::Frozen
+                    if other.in_system == 0 && quiet(m) >= min_quiet =>
+                {
+                    up += 1
+                }
+                _ => return None,
+            }
+        }
+        Some(up)
+    }
+
     /// What the governor weighs for `s` now: its group's idle cost, a freeze, a snapshot cycle
-    /// from the calibration, and the node's sleep if `s` is the last service on it that is not
-    /// snapshotted and node sleep is configured.
+    /// from the calibration, and its share of the node's sleep when that is in reach.
     fn level_inputs(&self, s: u32) -> LevelInputs {
         let svc = &self.svcs[s as usize];
         let group = &self.cfg.services[svc.group as usize];
         let node = &self.nodes[svc.node as usize];
         let (checkpoint_s, restore_s) = self.cfg.cr_times(svc.footprint);
-        // Restore anywhere counts only services that are not snapshotted, in place counts
-        // them all and the snapshotted apart: either way, the others not snapshotted.
-        let others_up = (node.services - node.asleep_services).saturating_sub(1);
-        let node_sleep_w = match self.cfg.node_sleep_after {
-            Some(_) if others_up == 0 => self.power[node.group as usize].sleep_saving_w(),
-            _ => 0.0,
-        };
+        let node_sleep_w = self.node_sleep_share(s).map_or(0.0, |up| {
+            self.power[node.group as usize].sleep_saving_w() / up as f64
+        });
         LevelInputs {
             idle: IdleCost {
                 cpus: group.idle_cpus,
@@ -982,6 +1015,7 @@ impl<'a> Sim<'a> {
             // In the pool it belongs to no node until it wakes.
             RestoreMode::Anywhere => {
                 node.services -= 1;
+                node.members.remove(&s);
                 node.placed_bytes -= svc.footprint;
             }
         }
@@ -1080,6 +1114,7 @@ impl<'a> Sim<'a> {
             svc.node = n as u32;
             let node = &mut self.nodes[n];
             node.services += 1;
+            node.members.insert(s);
             node.placed_bytes += svc.footprint;
             // Waking on a draining node means no other has room: the drain is given up.
             node.draining = false;

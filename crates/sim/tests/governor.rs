@@ -112,9 +112,12 @@ fn a_service_that_costs_nothing_idle_is_never_snapshotted_without_node_sleep() {
     let flat = flat_dram_profile();
     let r = simulate(&free_cluster(&flat, false, &cron("polite", 0.0)));
     assert_eq!((r.checkpoints, r.freezes), (0, 0), "{r:?}");
-    // The same five-minute gaps with a 100 Hz timer: the snapshot pays.
+    // The same five-minute gaps with a 100 Hz timer: a freeze stops the timer's cost for
+    // next to nothing; a snapshot would save no more (its memory is priced at nothing here),
+    // so it is frozen, not snapshotted.
     let r = simulate(&free_cluster(&flat, false, &cron("timer", 100.0)));
-    assert!(group(&r, "timer").snapshotted_fraction > 0.9, "{r:?}");
+    assert!(group(&r, "timer").frozen_fraction > 0.9, "{r:?}");
+    assert_eq!(r.checkpoints, 0, "{r:?}");
     // So does the memory icx-2s's DRAM keeps powered for it.
     let r = simulate(&cluster("governor", false, &cron("polite", 0.0)));
     assert!(group(&r, "polite").snapshotted_fraction > 0.9, "{r:?}");
@@ -122,18 +125,22 @@ fn a_service_that_costs_nothing_idle_is_never_snapshotted_without_node_sleep() {
 
 #[test]
 fn a_free_service_is_snapshotted_when_its_snapshot_lets_the_node_sleep() {
-    // Beside a service with timers (snapshotted for its own sake), the free one is the last
-    // awake on the node: its snapshot is credited with the node's sleep.
+    // Beside a service with timers (frozen for its own sake), the free one is idle too: with
+    // both quiet past the node's sleep delay, node sleep is in reach, each is credited its
+    // share of the node's saving, both are snapshotted and the node sleeps.
     let flat = flat_dram_profile();
     let services = cron("timer", 100.0) + &cron("polite", 0.0);
     let r = simulate(&free_cluster(&flat, true, &services));
     assert!(group(&r, "timer").snapshotted_fraction > 0.9, "{r:?}");
     assert!(group(&r, "polite").snapshotted_fraction > 0.9, "{r:?}");
     assert!(r.node_sleeps > 50, "{r:?}");
-    // Two free services: neither is ever the only one awake, so neither snapshot lets the
-    // node sleep and neither pays.
+    // Two free services: the same, though neither costs anything on its own.
     let services = cron("polite", 0.0) + &cron("also-polite", 0.0);
     let r = simulate(&free_cluster(&flat, true, &services));
+    assert!(group(&r, "also-polite").snapshotted_fraction > 0.9, "{r:?}");
+    assert!(r.node_sleeps > 50, "{r:?}");
+    // Without node sleep they stay awake.
+    let r = simulate(&free_cluster(&flat, false, &services));
     assert_eq!((r.checkpoints, r.node_sleeps), (0, 0), "{r:?}");
 }
 

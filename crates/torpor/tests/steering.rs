@@ -197,3 +197,39 @@ fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate
     );
     Ok(())
 }
+
+#[test]
+fn a_crashed_torpor_leaves_no_steering_behind_and_the_next_start_steers_again() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, backend) = (own_addr(), own_addr());
+    let mut up = up(port, backend)?;
+    let s = up.wait_for("web", "steered", Duration::from_secs(30), |s| {
+        s["steered_now"] == true || s["steering_problem"].is_string()
+    })?;
+    anyhow::ensure!(s["steered_now"] == true, "not steered: {s}");
+    assert_eq!(get(port, "/ping")?, "PONG");
+    // torpor dies without a word; the service it started outlives it, still listening.
+    let mut child = up.child.take().context("running")?;
+    child.kill()?;
+    child.wait()?;
+    assert_eq!(
+        get(backend, "/ping")?,
+        "PONG",
+        "the service outlived torpor"
+    );
+    // The program went with torpor's descriptors: the public address no longer reaches the
+    // service, nor anything else.
+    anyhow::ensure!(
+        TcpStream::connect_timeout(&port, Duration::from_secs(1)).is_err(),
+        "{port} still reaches something after the crash"
+    );
+    // The next start clears the leftover service and steers its own.
+    let mut again = self::up(port, backend)?;
+    again.wait_for("web", "steered", Duration::from_secs(30), |s| {
+        s["steered_now"] == true
+    })?;
+    assert_eq!(get(port, "/ping")?, "PONG");
+    let status = again.stop()?;
+    anyhow::ensure!(status.success(), "{}", again.log_text());
+    Ok(())
+}

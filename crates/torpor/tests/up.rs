@@ -515,7 +515,7 @@ after = "300ms"
         root = root.display(),
         journal = root.join("run/knobs.json").display(),
         hooks = root.join("hooks.log").display(),
-        profile = common::quick_suspend_profile(root)
+        profile = common::quick_suspend_profile(root, 0.05)
             .expect("profile written")
             .display()
     )
@@ -587,7 +587,10 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
         !doc["knobs"].as_array().context("knobs")?.is_empty(),
         "{doc}"
     );
-    assert_eq!(doc["energy"]["label"], "modelled (profile icx-2s-quick-suspend)", "{doc}");
+    assert_eq!(
+        doc["energy"]["label"], "modelled (profile icx-2s-quick-suspend)",
+        "{doc}"
+    );
     assert!(
         doc["energy"]["seconds"].as_f64().unwrap_or(0.0) > 0.0,
         "{doc}"

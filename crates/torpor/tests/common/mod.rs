@@ -257,17 +257,20 @@ pub fn http_get(to: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
-/// The `icx-2s` profile with a node that suspends and resumes in 50 ms (written into `dir`), so
-/// that a node sleep pays after a fraction of a second of predicted quiet instead of the
-/// real profile's ~25 s: for tests of what happens around a node sleep.
-pub fn quick_suspend_profile(dir: &std::path::Path) -> Result<PathBuf> {
+/// The `icx-2s` profile with a node that suspends and resumes in `transition_s` seconds each
+/// (written into `dir`), so that a node sleep pays after a few times that of predicted quiet
+/// instead of the real profile's ~25 s: for tests of what happens around a node sleep.
+pub fn quick_suspend_profile(dir: &std::path::Path, transition_s: f64) -> Result<PathBuf> {
     let real = include_str!("../../../power/profiles/icx-2s.toml");
     let quick = real
-        .replace("suspend_entry_s = 5.0", "suspend_entry_s = 0.05")
-        .replace("resume_s = 10.0", "resume_s = 0.05")
+        .replace(
+            "suspend_entry_s = 5.0",
+            &format!("suspend_entry_s = {transition_s:?}"),
+        )
+        .replace("resume_s = 10.0", &format!("resume_s = {transition_s:?}"))
         .replace("name = \"icx-2s\"", "name = \"icx-2s-quick-suspend\"");
     anyhow::ensure!(
-        quick.contains("resume_s = 0.05"),
+        quick.contains(&format!("resume_s = {transition_s:?}")),
         "icx-2s.toml changed its node section"
     );
     let path = dir.join("icx-2s-quick-suspend.toml");
