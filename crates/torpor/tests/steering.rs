@@ -61,6 +61,19 @@ fn up(port: SocketAddr, backend: SocketAddr) -> Result<Up> {
     )
 }
 
+/// Waits until "web" is steered in the kernel (or torpor says why it cannot be) and fails
+/// unless it is; its status then.
+fn wait_steered(up: &Up) -> Result<serde_json::Value> {
+    let s = up.wait_for("web", "steered", Duration::from_secs(30), |s| {
+        s["steered_now"] == true || s["steering_problem"].is_string()
+    })?;
+    anyhow::ensure!(
+        s["steering"] == "kernel" && s["steered_now"] == true,
+        "not steered: {s}"
+    );
+    Ok(s)
+}
+
 /// The `[[service]]` section of the steered sample service, gate on `port`.
 fn steered_sample(port: SocketAddr, backend: SocketAddr) -> String {
     format!(
@@ -85,9 +98,7 @@ fn a_quiet_steered_connection_does_not_keep_the_service_awake_and_ends_with_its_
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
-    up.wait_for("web", "steered", Duration::from_secs(30), |s| {
-        s["steered_now"] == true
-    })?;
+    wait_steered(&up)?;
     // One keep-alive connection, straight to the service, answered, then quiet.
     let mut conn = TcpStream::connect(port)?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -128,13 +139,7 @@ fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
-    let s = up.wait_for("web", "steered", Duration::from_secs(30), |s| {
-        s["steered_now"] == true || s["steering_problem"].is_string()
-    })?;
-    anyhow::ensure!(
-        s["steering"] == "kernel" && s["steered_now"] == true,
-        "not steered: {s}"
-    );
+    let s = wait_steered(&up)?;
 
     // Awake: a connection every 100 ms for three idle thresholds, each answered by the
     // service itself, none seen by the gate, and the service is not slept under them.
@@ -203,10 +208,7 @@ fn a_crashed_torpor_leaves_no_steering_behind_and_the_next_start_steers_again() 
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
-    let s = up.wait_for("web", "steered", Duration::from_secs(30), |s| {
-        s["steered_now"] == true || s["steering_problem"].is_string()
-    })?;
-    anyhow::ensure!(s["steered_now"] == true, "not steered: {s}");
+    wait_steered(&up)?;
     assert_eq!(get(port, "/ping")?, "PONG");
     // torpor dies without a word; the service it started outlives it, still listening.
     let mut child = up.child.take().context("running")?;
@@ -225,9 +227,7 @@ fn a_crashed_torpor_leaves_no_steering_behind_and_the_next_start_steers_again() 
     );
     // The next start clears the leftover service and steers its own.
     let mut again = self::up(port, backend)?;
-    again.wait_for("web", "steered", Duration::from_secs(30), |s| {
-        s["steered_now"] == true
-    })?;
+    wait_steered(&again)?;
     assert_eq!(get(port, "/ping")?, "PONG");
     let status = again.stop()?;
     anyhow::ensure!(status.success(), "{}", again.log_text());
