@@ -148,9 +148,9 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
         ),
     )?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
-    // Every service asleep, its quiet predicted past the (quick) node's break-even: the node would sleep, and the
-    // account prices that time at the profile's suspend power, labelled a dry run (the hooks
-    // are `false`: had one run, the sleep would have failed).
+    // Every service asleep, its quiet predicted past the (quick) node's break-even: the node
+    // would sleep, and the account prices that time at the profile's suspend power, labelled
+    // a dry run (the hooks are `false`: had one run, the sleep would have failed).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let energy = loop {
         let e = up.doc()?["energy"].clone();
