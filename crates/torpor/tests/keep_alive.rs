@@ -17,7 +17,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 mod common;
 
-use common::{exe, Up, EMBEDDED};
+use common::{Up, EMBEDDED};
 use torpor_testkit::{own_addr, SERIAL};
 
 /// A node namespace of its own.
@@ -26,20 +26,7 @@ const NODE: &str = "[node]\nnamespace = \"keepalive\"";
 const SLEEPS: u64 = 5;
 
 fn service(name: &str, steering: &str, port: SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB"]
-listen = "{port}"
-backend = "{backend}"
-steering = "{steering}"
-[service.policy]
-idle_threshold = "300ms"
-"#,
-        exe = exe(),
-        backend = own_addr()
-    )
+    common::sample_service(name, port, own_addr(), "8MiB", "300ms", steering)
 }
 
 /// One request a second on `port` through a pooled keep-alive client until `name` has slept

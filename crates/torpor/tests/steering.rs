@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 mod common;
 
-use common::{exe, Up, EMBEDDED};
+use common::{Up, EMBEDDED};
 use torpor_testkit::{own_addr, SERIAL};
 
 /// The policy's idle threshold for the service here.
@@ -76,20 +76,8 @@ fn wait_steered(up: &Up) -> Result<serde_json::Value> {
 
 /// The `[[service]]` section of the steered sample service, gate on `port`.
 fn steered_sample(port: SocketAddr, backend: SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "web"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB"]
-listen = "{port}"
-backend = "{backend}"
-steering = "kernel"
-[service.policy]
-idle_threshold = "{}ms"
-"#,
-        IDLE.as_millis(),
-        exe = exe()
-    )
+    let idle = format!("{}ms", IDLE.as_millis());
+    common::sample_service("web", port, backend, "8MiB", &idle, "kernel")
 }
 
 #[test]

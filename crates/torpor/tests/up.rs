@@ -60,31 +60,7 @@ fn sample_http(
     memory: &str,
     idle: &str,
 ) -> String {
-    sample_http_steered(name, port, backend, memory, idle, "proxy")
-}
-
-/// The sample service `name` behind a gate on `port`, with `steering`.
-fn sample_http_steered(
-    name: &str,
-    port: SocketAddr,
-    backend: SocketAddr,
-    memory: &str,
-    idle: &str,
-    steering: &str,
-) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
-listen = "{port}"
-backend = "{backend}"
-steering = "{steering}"
-[service.policy]
-idle_threshold = "{idle}"
-"#,
-        exe = exe()
-    )
+    common::sample_service(name, port, backend, memory, idle, "proxy")
 }
 
 async fn get(
@@ -105,7 +81,7 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls(
     let (web, grpc, grpc_backend) = (own_addr(), own_addr(), own_addr());
     let services = format!(
         "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"{grpc_backend}\"]\nlisten = \"{grpc}\"\nbackend = \"{grpc_backend}\"\nsteering = \"{steering}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        sample_http_steered("web", web, own_addr(), "32MiB", "200ms", steering),
+        common::sample_service("web", web, own_addr(), "32MiB", "200ms", steering),
         exe()
     );
     let mut up = Up::start(EMBEDDED, &services)?;
@@ -205,7 +181,7 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) 
     let web = own_addr();
     let up = Up::start(
         EMBEDDED,
-        &sample_http_steered("big", web, own_addr(), "512MiB", "300ms", steering),
+        &common::sample_service("big", web, own_addr(), "512MiB", "300ms", steering),
     )?;
     check_mode(&up, &["big"], steering)?;
     let expected = torpor_workload::expected_sum(512 << 20, 1);

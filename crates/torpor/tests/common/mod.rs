@@ -277,3 +277,29 @@ pub fn quick_suspend_profile(dir: &std::path::Path, transition_s: f64) -> Result
     std::fs::write(&path, quick)?;
     Ok(path)
 }
+
+/// The `[[service]]` section of the sample HTTP service `name` holding `memory`, listening on
+/// `backend` behind a gate on `port`, with `steering` ("proxy" or "kernel") and idle threshold
+/// `idle`.
+pub fn sample_service(
+    name: &str,
+    port: SocketAddr,
+    backend: SocketAddr,
+    memory: &str,
+    idle: &str,
+    steering: &str,
+) -> String {
+    format!(
+        r#"
+[[service]]
+name = "{name}"
+command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
+listen = "{port}"
+backend = "{backend}"
+steering = "{steering}"
+[service.policy]
+idle_threshold = "{idle}"
+"#,
+        exe = exe()
+    )
+}
