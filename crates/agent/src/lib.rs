@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     pub node: Option<Arc<NodePower>>,
     /// A service slept or woke: the node loop re-plans the cores.
     pub replan: tokio::sync::Notify,
+    /// A reload left a successor waiting: the agent's loop polls for its predecessor's end
+    /// only while one waits (an idle agent must not tick for nothing).
+    pub successor_waits: tokio::sync::Notify,
     /// Every service's link by name (for `wake_with`); a reload adds and removes some.
     pub links: Mutex<HashMap<String, Arc<ServiceLink>>>,
     /// Reaps service roots and orphans (the agent is their subreaper).
@@ -127,7 +130,7 @@ pub(crate) struct Shared {
 /// How often the energy account samples the node.
 const ENERGY_TICK: Duration = Duration::from_secs(1);
 
-/// How often the agent looks for changed services whose loops ended asleep.
+/// How often the agent looks for changed services whose loops ended asleep, while one waits.
 const SUCCESSOR_TICK: Duration = Duration::from_millis(20);
 
 /// How often a removal looks whether the service's requests are answered.
@@ -371,6 +374,7 @@ impl Agent {
             manual: Mutex::new(VecDeque::new()),
             node,
             replan: tokio::sync::Notify::new(),
+            successor_waits: tokio::sync::Notify::new(),
             links: Mutex::new(
                 services
                     .iter()
@@ -462,6 +466,7 @@ impl Agent {
         let mut last_cpu: HashMap<String, (f64, f64)> = HashMap::new();
         while !*shutdown.borrow() {
             let node = self.shared.node.as_ref();
+            let waiting = self.successor_waiting();
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
                 _ = self.shared.replan.notified(), if node.is_some() => {
@@ -474,7 +479,8 @@ impl Agent {
                         self.energy_tick(node, &mut last_cpu).await;
                     }
                 }
-                _ = successors.tick() => self.take_over_changed().await,
+                () = self.shared.successor_waits.notified() => {}
+                _ = successors.tick(), if waiting => self.take_over_changed().await,
             }
         }
         let loops: Vec<_> = {
@@ -839,7 +845,14 @@ impl Agent {
             handed,
         });
         slot.managed.ask_hand_over();
+        self.shared.successor_waits.notify_one();
         Ok(slot.managed.status().state)
+    }
+
+    /// Whether a changed service waits for its predecessor's loop to end.
+    fn successor_waiting(&self) -> bool {
+        let s = self.services.lock().expect("services lock");
+        s.slots.iter().any(|slot| slot.next.is_some())
     }
 
     /// Makes the successor of every changed service whose loop ended asleep.
@@ -918,6 +931,7 @@ impl Agent {
         {
             slot.next = Some(next);
         }
+        self.shared.successor_waits.notify_one();
     }
 
     /// Whether the pool outlives the agent, so that a stop keeps every service's state.
@@ -1187,6 +1201,7 @@ impl Shared {
             manual: Mutex::new(VecDeque::new()),
             node: None,
             replan: tokio::sync::Notify::new(),
+            successor_waits: tokio::sync::Notify::new(),
             links: Mutex::new(links.iter().map(|l| (l.name.clone(), l.clone())).collect()),
             reaper: Arc::default(),
             roster: roster::Roster::default(),
