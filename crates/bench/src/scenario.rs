@@ -1,12 +1,15 @@
-//! `torpor bench scenario`: the seed's four configurations on this machine, one after the other,
-//! under the same workload (the four µSuite services and a sample service with a language
-//! runtime's background wakeups, each with bursty on/off arrivals, or with `--workload azure`
-//! arrivals shaped like the Azure Functions 2019 trace):
+//! `torpor bench scenario`: the seed's four configurations on this machine under the same
+//! workload (the four µSuite services and a sample service with a language runtime's
+//! background wakeups, each with bursty on/off arrivals, or with `--workload azure` arrivals
+//! shaped like the Azure Functions 2019 trace):
 //! (a) monolithic, always on; (b) disaggregated, each tier pinned, no sleeping (behind gates);
-//! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + snapshotting idle tiers into the
-//! pool. Reports energy (measured or modelled, labelled), C-state residency, latency split by
-//! whether a request found a tier asleep, checkpoint/restore counts and times, and the tables
-//! shaped like the seed's 7.1 and 7.2, with plots.
+//! (c) = (b) + consolidation and deep-idle knobs; (d) = (c) + resting idle tiers (frozen or
+//! snapshotted into the pool). (a) and (b) run one after the other; (c) and (d) run on one
+//! node in alternating blocks, (c) being (d) with every tier pinned awake, so that their
+//! difference (a few percent) is not lost in the machine's drift. Reports energy (measured or
+//! modelled, labelled), C-state residency, latency split by whether a request found a tier
+//! resting, checkpoint/restore counts and times, and the tables shaped like the seed's 7.1
+//! and 7.2, with plots.
 
 use std::{
     fmt::Write as _,
@@ -20,7 +23,7 @@ use std::{
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use torpor_agent::{Agent, CostStatus, NodeState, ServiceState};
+use torpor_agent::{Agent, CostStatus, ManualCommand, NodeState, ServiceState, Transition};
 use torpor_loadgen::{HttpGet, Phase, RunConfig, Target};
 use torpor_policy::LevelCost;
 use torpor_power::{
@@ -58,6 +61,11 @@ pub struct ScenarioArgs {
     pub dry_run_knobs: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// (c) and (d) are measured on one node in this many alternating blocks each (the
+    /// blocks of a pair replay the same arrivals), so that the machine's background weighs
+    /// on both alike.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub blocks: u32,
     /// How the tiers of (d) decide to rest: `energy` (frozen or snapshotted only when the
     /// level pays for its cycle) or `threshold` (the seed's rule: snapshot once idle).
     #[arg(long, default_value = "energy", value_parser = ["energy", "threshold"])]
@@ -145,13 +153,6 @@ pub enum Configuration {
 }
 
 impl Configuration {
-    const ALL: [Configuration; 4] = [
-        Configuration::Monolithic,
-        Configuration::Disaggregated,
-        Configuration::DeepIdle,
-        Configuration::Snapshot,
-    ];
-
     fn label(self) -> &'static str {
         match self {
             Configuration::Monolithic => "(a) monolithic, always on",
@@ -173,8 +174,10 @@ pub struct ConfigResult {
     pub configuration: Configuration,
     pub label: &'static str,
     pub energy: EnergyReport,
-    /// Mean residency over all CPUs for the whole run.
+    /// Mean residency over all CPUs, over its blocks.
     pub residency: CpuReport,
+    /// Each block's mean power, in the order run ((a) and (b) have one block).
+    pub block_power_w: Vec<f64>,
     pub requests: u64,
     pub errors: u64,
     /// What the errors were (the loadgen's kinds, e.g. `grpc Unavailable`, `timeout`), so a
@@ -491,8 +494,356 @@ fn tier_levels(agent: &Agent) -> Vec<TierLevels> {
         .collect()
 }
 
-/// Runs one configuration and measures it.
-async fn run_one(
+/// One configuration's node: its tiers, started behind `torpor up` (gated) or plain.
+struct Node {
+    tiers: Vec<Tier>,
+    up: Option<InProcessUp>,
+    plain: Option<Plain>,
+}
+
+impl Node {
+    /// Starts the tiers of configuration `c`.
+    async fn start(
+        c: Configuration,
+        args: &ScenarioArgs,
+        memcached: &[SocketAddr],
+    ) -> Result<Node, ExperimentError> {
+        let exe = std::env::current_exe()?.display().to_string();
+        let gated = c != Configuration::Monolithic;
+        let tiers = tiers(&exe, &data(), memcached, gated)?;
+        if !gated {
+            let plain = tokio::task::block_in_place(|| start_plain(&tiers))?;
+            return Ok(Node {
+                tiers,
+                up: None,
+                plain: Some(plain),
+            });
+        }
+        let config = torpor_up::Config::from_toml(&toml_config(
+            &tiers,
+            c,
+            &args.profile,
+            &args.out.join("knobs.json"),
+            args.dry_run_knobs,
+            &args.governor,
+        ))?;
+        let up = InProcessUp::start(config, torpor_criu::CriuBinary::locate()?).await?;
+        Ok(Node {
+            tiers,
+            up: Some(up),
+            plain: None,
+        })
+    }
+
+    fn agent(&self) -> Option<Arc<Agent>> {
+        self.up.as_ref().map(|u| u.agent.clone())
+    }
+
+    /// The load's targets, one per service, each splitting its latencies by whether a tier
+    /// of its service was resting when the request was sent.
+    fn targets(&self) -> Result<Vec<Arc<Classified>>, ExperimentError> {
+        let d = data();
+        let agent = self.agent();
+        let classified = |inner: Arc<dyn Target>, service: Option<Service>| {
+            Arc::new(Classified {
+                inner,
+                agent: agent.clone(),
+                tiers: self
+                    .tiers
+                    .iter()
+                    .filter(|t| t.service == service)
+                    .map(|t| t.name.clone())
+                    .collect(),
+                awake: Mutex::new(Histogram::new(3).expect("histogram")),
+                asleep: Mutex::new(Histogram::new(3).expect("histogram")),
+            })
+        };
+        let entry = |t: &Tier| if self.up.is_some() { t.gate } else { t.backend };
+        let mut targets: Vec<Arc<Classified>> = Service::ALL
+            .into_iter()
+            .map(|s| {
+                let mid = self
+                    .tiers
+                    .iter()
+                    .find(|t| t.service == Some(s) && t.name.ends_with("-mid"))
+                    .expect("a mid-tier");
+                classified(Arc::new(UsuiteTarget::new(s, entry(mid), &d)), Some(s))
+            })
+            .collect();
+        let runtime = self
+            .tiers
+            .iter()
+            .find(|t| t.service.is_none())
+            .expect("the runtime tier");
+        let get = HttpGet::new(&format!("http://{}/count", entry(runtime)))
+            .map_err(ExperimentError::Mismatch)?;
+        targets.push(classified(Arc::new(get), None));
+        Ok(targets)
+    }
+
+    /// How long each tier took to start, from nothing.
+    fn cold_starts(&self) -> Vec<f64> {
+        match (&self.plain, &self.up) {
+            (Some(p), _) => p.1.iter().map(|(_, s)| *s).collect(),
+            (None, Some(up)) => up
+                .agent
+                .transitions()
+                .iter()
+                .filter(|t| t.detail.starts_with("started as pid"))
+                .map(|t| t.took_s)
+                .collect(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Pins every tier awake (`pinned`: configuration (c) on (d)'s node) or lets the
+    /// governor rest them again, and waits until the pins hold.
+    async fn pin_all(&self, pinned: bool) -> Result<(), ExperimentError> {
+        let Some(agent) = self.agent() else {
+            return Ok(());
+        };
+        let command = if pinned {
+            ManualCommand::Pin { for_ms: None }
+        } else {
+            ManualCommand::Unpin
+        };
+        let calls = self
+            .tiers
+            .iter()
+            .map(|t| agent.manual(&t.name, command, "bench scenario"));
+        for (t, r) in self
+            .tiers
+            .iter()
+            .zip(futures::future::join_all(calls).await)
+        {
+            r.map_err(|e| ExperimentError::Mismatch(format!("{}: {e}", t.name)))?;
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<(), ExperimentError> {
+        if let Some(up) = self.up {
+            up.stop().await?;
+        }
+        drop(self.plain);
+        Ok(())
+    }
+}
+
+/// What one configuration gathered over its blocks of load.
+struct Measured {
+    configuration: Configuration,
+    /// Its own energy account: it integrates only this configuration's blocks.
+    account: Option<Arc<Mutex<EnergyAccount>>>,
+    /// Each block's seconds and mean residency over all CPUs.
+    residency: Vec<(f64, CpuReport)>,
+    /// Each block's mean power.
+    block_power_w: Vec<f64>,
+    /// Each block's span in the agent's uptime, to tell its transitions from another's.
+    windows: Vec<(f64, f64)>,
+    targets: Vec<Arc<Classified>>,
+    requests: u64,
+    errors: u64,
+    error_kinds: std::collections::BTreeMap<String, u64>,
+}
+
+/// A block under way: its first sample and the sampler feeding the account every second.
+struct Block {
+    first: Sample,
+    account: Arc<Mutex<EnergyAccount>>,
+    sampler: tokio::task::JoinHandle<()>,
+    from_s: f64,
+    energy_before: (f64, f64),
+}
+
+impl Measured {
+    fn new(configuration: Configuration, targets: Vec<Arc<Classified>>) -> Measured {
+        Measured {
+            configuration,
+            account: None,
+            residency: Vec::new(),
+            block_power_w: Vec::new(),
+            windows: Vec::new(),
+            targets,
+            requests: 0,
+            errors: 0,
+            error_kinds: Default::default(),
+        }
+    }
+
+    /// Starts a block: the account goes on from now (the time since its last block belongs
+    /// to another configuration).
+    fn begin(
+        &mut self,
+        profile: &Profile,
+        agent: Option<Arc<Agent>>,
+        resumes_seen: &Arc<Mutex<u64>>,
+    ) -> Result<Block, ExperimentError> {
+        let first = Sample::take(&HostRoots::default())
+            .map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+        let account = self
+            .account
+            .get_or_insert_with(|| {
+                Arc::new(Mutex::new(EnergyAccount::start(
+                    profile.clone(),
+                    first.clone(),
+                )))
+            })
+            .clone();
+        account.lock().expect("account lock").skip_to(first.clone());
+        let energy_before = {
+            let a = account.lock().expect("account lock");
+            (a.report().energy_j, a.report().seconds)
+        };
+        let from_s = agent.as_ref().map_or(0.0, |a| a.uptime().as_secs_f64());
+        let sampler = {
+            let (account, seen) = (account.clone(), resumes_seen.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let all_asleep = agent.as_ref().is_some_and(|a| {
+                        a.status().iter().all(|s| s.state == ServiceState::Asleep)
+                    });
+                    let node =
+                        node_activity(agent.as_deref(), &mut seen.lock().expect("seen lock"));
+                    if let Ok(s) = Sample::take(&HostRoots::default()) {
+                        account
+                            .lock()
+                            .expect("account lock")
+                            .record(s, &Activity { all_asleep, ..node });
+                    }
+                }
+            })
+        };
+        Ok(Block {
+            first,
+            account,
+            sampler,
+            from_s,
+            energy_before,
+        })
+    }
+
+    /// Runs the load of one block against this configuration's targets.
+    async fn load(&mut self, arrivals: &[Arrivals], seed: u64, duration: Duration) {
+        let runs = self.targets.iter().enumerate().map(|(i, t)| {
+            let config = RunConfig {
+                phases: vec![Phase {
+                    name: "load".into(),
+                    arrivals: arrivals[i].clone(),
+                    duration,
+                }],
+                seed: seed + i as u64,
+                timeout: Duration::from_secs(60),
+                max_in_flight: 10_000,
+                progress: false,
+            };
+            let t: Arc<dyn Target> = t.clone();
+            async move { torpor_loadgen::run(t, &config).await }
+        });
+        for r in futures::future::join_all(runs).await {
+            self.requests += r.total.scheduled;
+            self.errors += r.total.errors;
+            for (k, v) in &r.total.error_kinds {
+                *self.error_kinds.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+
+    /// Ends a block: its last sample (with the node's sleeps that ended) goes to the account.
+    fn end(
+        &mut self,
+        block: Block,
+        profile: &Profile,
+        agent: Option<&Agent>,
+        resumes_seen: &Arc<Mutex<u64>>,
+    ) -> Result<(), ExperimentError> {
+        block.sampler.abort();
+        let last = Sample::take(&HostRoots::default())
+            .map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+        let mut account = block.account.lock().expect("account lock");
+        account.record(
+            last.clone(),
+            &node_activity(agent, &mut resumes_seen.lock().expect("seen lock")),
+        );
+        let (energy, seconds) = (
+            account.report().energy_j - block.energy_before.0,
+            account.report().seconds - block.energy_before.1,
+        );
+        self.block_power_w.push(energy / seconds.max(1e-9));
+        let r = IntervalReport::between(&block.first, &last, profile);
+        self.residency.push((r.seconds, r.total));
+        let to_s = agent.map_or(0.0, |a| a.uptime().as_secs_f64());
+        self.windows.push((block.from_s, to_s));
+        Ok(())
+    }
+
+    /// The configuration's result, from its blocks and the node's transitions among them.
+    fn result(
+        self,
+        transitions: &[Transition],
+        cold: &[f64],
+        levels: Vec<TierLevels>,
+    ) -> ConfigResult {
+        let mine: Vec<&Transition> = transitions
+            .iter()
+            .filter(|t| {
+                self.windows
+                    .iter()
+                    .any(|(a, b)| (*a..=*b).contains(&t.at_s))
+            })
+            .collect();
+        let checkpoints: Vec<f64> = mine
+            .iter()
+            .filter(|t| t.to == ServiceState::Asleep)
+            .map(|t| t.took_s)
+            .collect();
+        let restores: Vec<f64> = mine
+            .iter()
+            .filter(|t| {
+                t.from == ServiceState::Waking
+                    && t.to == ServiceState::Awake
+                    && t.detail.starts_with("restored")
+            })
+            .map(|t| t.took_s)
+            .collect();
+        let mut awake = Histogram::<u64>::new(3).expect("histogram");
+        let mut asleep = Histogram::<u64>::new(3).expect("histogram");
+        for t in &self.targets {
+            let _ = awake.add(&*t.awake.lock().expect("histogram lock"));
+            let _ = asleep.add(&*t.asleep.lock().expect("histogram lock"));
+        }
+        let energy = self
+            .account
+            .map(|a| a.lock().expect("account lock").report().clone())
+            .expect("a configuration measured at least one block");
+        ConfigResult {
+            configuration: self.configuration,
+            label: self.configuration.label(),
+            energy,
+            residency: CpuReport::time_weighted(&self.residency),
+            block_power_w: self.block_power_w,
+            requests: self.requests,
+            errors: self.errors,
+            error_kinds: self.error_kinds,
+            latency_found_awake: Percentiles::of(&awake),
+            latency_found_asleep: Percentiles::of(&asleep),
+            checkpoints: checkpoints.len(),
+            checkpoint_median_s: median(&checkpoints),
+            restores: restores.len(),
+            restore_median_s: median(&restores),
+            cold_start_median_s: median(cold),
+            levels,
+            cdf_awake: cdf_ms(&awake),
+            cdf_asleep: cdf_ms(&asleep),
+        }
+    }
+}
+
+/// Runs configuration (a) or (b) on its own node, one block of `duration`.
+async fn run_alone(
     c: Configuration,
     args: &ScenarioArgs,
     duration: Duration,
@@ -500,195 +851,77 @@ async fn run_one(
     profile: &Profile,
     arrivals: &[Arrivals],
 ) -> Result<ConfigResult, ExperimentError> {
-    let exe = std::env::current_exe()?.display().to_string();
-    let d = data();
-    let gated = c != Configuration::Monolithic;
-    let tiers = tiers(&exe, &d, memcached, gated)?;
-    let journal = args.out.join("knobs.json");
-    let (up, plain) = if gated {
-        let config = torpor_up::Config::from_toml(&toml_config(
-            &tiers,
-            c,
-            &args.profile,
-            &journal,
-            args.dry_run_knobs,
-            &args.governor,
-        ))?;
-        (
-            Some(InProcessUp::start(config, torpor_criu::CriuBinary::locate()?).await?),
-            None,
-        )
-    } else {
-        (
-            None,
-            Some(tokio::task::block_in_place(|| start_plain(&tiers))?),
-        )
-    };
-    let agent = up.as_ref().map(|u| u.agent.clone());
-    if c == Configuration::Snapshot && args.governor == "threshold" {
-        // The seed's rule snapshots whatever idles: start from the state it is about, every
-        // tier asleep. The energy governor starts where (b) and (c) start, every tier awake,
-        // and rests each where it pays as the load comes: an artificial quiet before the
-        // load would only teach it a quiet that the load then breaks (a node sleep whose
-        // resume the measured window pays).
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while agent
-            .as_ref()
-            .is_some_and(|a| a.status().iter().any(|s| s.state != ServiceState::Asleep))
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let node = Node::start(c, args, memcached).await?;
+    let agent = node.agent();
+    let resumes_seen = Arc::new(Mutex::new(0u64));
+    let mut m = Measured::new(c, node.targets()?);
+    let block = m.begin(profile, agent.clone(), &resumes_seen)?;
+    m.load(arrivals, args.seed, duration).await;
+    m.end(block, profile, agent.as_deref(), &resumes_seen)?;
+    let transitions = agent.as_ref().map(|a| a.transitions()).unwrap_or_default();
+    let cold = node.cold_starts();
+    node.stop().await?;
+    Ok(m.result(&transitions, &cold, Vec::new()))
+}
+
+/// Runs (c) and (d) on one node, in `blocks` alternating blocks each (c d d c c d …, so that
+/// a drift of the machine's background falls on both alike): (d) is the node as configured,
+/// (c) the same node with every tier pinned awake. Blocks `k` of (c) and (d) replay the same
+/// arrivals. Leaving a (d) block, the pins' thaws and wakes are charged to (d).
+async fn run_paired(
+    args: &ScenarioArgs,
+    duration: Duration,
+    blocks: u32,
+    memcached: &[SocketAddr],
+    profile: &Profile,
+    arrivals: &[Arrivals],
+    bar: &indicatif::ProgressBar,
+) -> Result<(ConfigResult, ConfigResult), ExperimentError> {
+    let node = Node::start(Configuration::Snapshot, args, memcached).await?;
+    let agent = node.agent();
+    let resumes_seen = Arc::new(Mutex::new(0u64));
+    let mut c = Measured::new(Configuration::DeepIdle, node.targets()?);
+    let mut d = Measured::new(Configuration::Snapshot, node.targets()?);
+    let block = duration / blocks;
+    let mut pinned = false;
+    for k in 0..blocks {
+        let order = if k % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for pin in order {
+            let m = if pin { &mut c } else { &mut d };
+            bar.set_message(format!(
+                "{} block {} of {blocks} ({} of load)",
+                m.configuration.label(),
+                k + 1,
+                humantime::format_duration(block)
+            ));
+            if pin != pinned {
+                node.pin_all(pin).await?;
+                pinned = pin;
+            }
+            let b = m.begin(profile, agent.clone(), &resumes_seen)?;
+            m.load(arrivals, args.seed + 1000 * u64::from(k), block)
+                .await;
+            if !pin {
+                // What waking every tier costs belongs to the configuration that rested them.
+                node.pin_all(true).await?;
+                pinned = true;
+            }
+            m.end(b, profile, agent.as_deref(), &resumes_seen)?;
+            bar.inc(1);
         }
     }
-    // Energy and residency: this run's own account, sampled every second.
-    let roots = HostRoots::default();
-    let first = Sample::take(&roots).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
-    let account = Arc::new(Mutex::new(EnergyAccount::start(
-        profile.clone(),
-        first.clone(),
-    )));
-    // Node sleeps that ended and were charged to this account already.
-    let resumes_seen = Arc::new(Mutex::new(0u64));
-    let sampler = {
-        let (account, agent, seen) = (account.clone(), agent.clone(), resumes_seen.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let all_asleep = agent
-                    .as_ref()
-                    .is_some_and(|a| a.status().iter().all(|s| s.state == ServiceState::Asleep));
-                let node = node_activity(agent.as_deref(), &mut seen.lock().expect("seen lock"));
-                if let Ok(s) = Sample::take(&HostRoots::default()) {
-                    account
-                        .lock()
-                        .expect("account lock")
-                        .record(s, &Activity { all_asleep, ..node });
-                }
-            }
-        })
-    };
-    let classified = |inner: Arc<dyn Target>, service: Option<Service>| {
-        Arc::new(Classified {
-            inner,
-            agent: agent.clone(),
-            tiers: tiers
-                .iter()
-                .filter(|t| t.service == service)
-                .map(|t| t.name.clone())
-                .collect(),
-            awake: Mutex::new(Histogram::new(3).expect("histogram")),
-            asleep: Mutex::new(Histogram::new(3).expect("histogram")),
-        })
-    };
-    let entry = |t: &Tier| if gated { t.gate } else { t.backend };
-    let mut targets: Vec<Arc<Classified>> = Service::ALL
-        .into_iter()
-        .map(|s| {
-            let mid = tiers
-                .iter()
-                .find(|t| t.service == Some(s) && t.name.ends_with("-mid"))
-                .expect("a mid-tier");
-            classified(Arc::new(UsuiteTarget::new(s, entry(mid), &d)), Some(s))
-        })
-        .collect();
-    let runtime = tiers
-        .iter()
-        .find(|t| t.service.is_none())
-        .expect("the runtime tier");
-    let get = HttpGet::new(&format!("http://{}/count", entry(runtime)))
-        .map_err(ExperimentError::Mismatch)?;
-    targets.push(classified(Arc::new(get), None));
-    let runs = targets.iter().enumerate().map(|(i, t)| {
-        let config = RunConfig {
-            phases: vec![Phase {
-                name: "load".into(),
-                arrivals: arrivals[i].clone(),
-                duration,
-            }],
-            seed: args.seed + i as u64,
-            timeout: Duration::from_secs(60),
-            max_in_flight: 10_000,
-            progress: false,
-        };
-        let t: Arc<dyn Target> = t.clone();
-        async move { torpor_loadgen::run(t, &config).await }
-    });
-    let reports = futures::future::join_all(runs).await;
-    let levels = match (c, agent.as_deref()) {
-        (Configuration::Snapshot, Some(a)) => tier_levels(a),
-        _ => Vec::new(),
-    };
-    sampler.abort();
-    let last = Sample::take(&roots).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
-    account.lock().expect("account lock").record(
-        last.clone(),
-        &node_activity(
-            agent.as_deref(),
-            &mut resumes_seen.lock().expect("seen lock"),
-        ),
-    );
-    let residency = IntervalReport::between(&first, &last, profile).total;
     let transitions = agent.as_ref().map(|a| a.transitions()).unwrap_or_default();
-    if let Some(up) = up {
-        up.stop().await?;
-    }
-    let cold: Vec<f64> = match &plain {
-        Some(p) => p.1.iter().map(|(_, s)| *s).collect(),
-        None => transitions
-            .iter()
-            .filter(|t| t.detail.starts_with("started as pid"))
-            .map(|t| t.took_s)
-            .collect(),
-    };
-    drop(plain);
-    let checkpoints: Vec<f64> = transitions
-        .iter()
-        .filter(|t| t.to == ServiceState::Asleep)
-        .map(|t| t.took_s)
-        .collect();
-    let restores: Vec<f64> = transitions
-        .iter()
-        .filter(|t| {
-            t.from == ServiceState::Waking
-                && t.to == ServiceState::Awake
-                && t.detail.starts_with("restored")
-        })
-        .map(|t| t.took_s)
-        .collect();
-    let mut awake = Histogram::<u64>::new(3).expect("histogram");
-    let mut asleep = Histogram::<u64>::new(3).expect("histogram");
-    for t in &targets {
-        let _ = awake.add(&*t.awake.lock().expect("histogram lock"));
-        let _ = asleep.add(&*t.asleep.lock().expect("histogram lock"));
-    }
-    let energy = account.lock().expect("account lock").report().clone();
-    Ok(ConfigResult {
-        configuration: c,
-        label: c.label(),
-        energy,
-        residency,
-        requests: reports.iter().map(|r| r.total.scheduled).sum(),
-        errors: reports.iter().map(|r| r.total.errors).sum(),
-        error_kinds: reports
-            .iter()
-            .flat_map(|r| r.total.error_kinds.iter())
-            .fold(std::collections::BTreeMap::new(), |mut all, (k, v)| {
-                *all.entry(k.clone()).or_default() += v;
-                all
-            }),
-        latency_found_awake: Percentiles::of(&awake),
-        latency_found_asleep: Percentiles::of(&asleep),
-        checkpoints: checkpoints.len(),
-        checkpoint_median_s: median(&checkpoints),
-        restores: restores.len(),
-        restore_median_s: median(&restores),
-        cold_start_median_s: median(&cold),
-        levels,
-        cdf_awake: cdf_ms(&awake),
-        cdf_asleep: cdf_ms(&asleep),
-    })
+    let levels = agent.as_deref().map(tier_levels).unwrap_or_default();
+    let cold = node.cold_starts();
+    node.stop().await?;
+    Ok((
+        c.result(&transitions, &cold, Vec::new()),
+        d.result(&transitions, &cold, levels),
+    ))
 }
 
 fn opt(v: Option<f64>, scale: f64, digits: usize) -> String {
@@ -750,6 +983,36 @@ fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
                 ""
             },
             r.energy.label
+        );
+    }
+    if let (Some(c), Some(d)) = (
+        results
+            .iter()
+            .find(|r| r.configuration == Configuration::DeepIdle),
+        results
+            .iter()
+            .find(|r| r.configuration == Configuration::Snapshot),
+    ) {
+        let ratios: Vec<f64> = c
+            .block_power_w
+            .iter()
+            .zip(&d.block_power_w)
+            .map(|(c, d)| d / c)
+            .collect();
+        let shown = |v: &[f64], digits: usize| {
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            t1,
+            "\n(c) and (d) ran on one node in {} alternating blocks each ((c): every tier pinned awake; block k of each replays the same arrivals). Mean power per block, W: (c) {}; (d) {}. (d)/(c) per pair: {}; median {}.",
+            c.block_power_w.len(),
+            shown(&c.block_power_w, 2),
+            shown(&d.block_power_w, 2),
+            shown(&ratios, 3),
+            median(&ratios).map_or_else(|| "-".into(), |m| format!("{m:.3}"))
         );
     }
     let mut t2 = String::from("| configuration | requests | errors | p50 / p99 awake (ms) | p50 / p99 found asleep (ms) | checkpoints (median s) | restores (median s) | cold start (median s) | cold start / restore |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -861,22 +1124,34 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(4)
+        indicatif::ProgressBar::new(2 + 2 * u64::from(args.blocks))
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos}/{len} {msg}")
             .expect("template"),
     );
     let mut results = Vec::new();
-    for c in Configuration::ALL {
+    for c in [Configuration::Monolithic, Configuration::Disaggregated] {
         bar.set_message(format!(
             "{} ({} of load)",
             c.label(),
             humantime::format_duration(duration)
         ));
-        results.push(rt.block_on(run_one(c, args, duration, &memcached, &profile, &arrivals))?);
+        results.push(rt.block_on(run_alone(
+            c, args, duration, &memcached, &profile, &arrivals,
+        ))?);
         bar.inc(1);
     }
+    let (c, d) = rt.block_on(run_paired(
+        args,
+        duration,
+        args.blocks,
+        &memcached,
+        &profile,
+        &arrivals,
+        &bar,
+    ))?;
+    results.extend([c, d]);
     bar.finish_and_clear();
     let (table_7_1, table_7_2) = tables(&results, &profile);
     let table_levels = levels_table(&results);

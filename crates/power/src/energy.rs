@@ -169,6 +169,12 @@ impl EnergyAccount {
         }
     }
 
+    /// Goes on from `now` without adding the time since the previous sample: that time
+    /// belonged to something else (a benchmark measuring two configurations in turns).
+    pub fn skip_to(&mut self, now: Sample) {
+        self.last = now;
+    }
+
     /// Adds the interval from the previous sample to `now`.
     pub fn record(&mut self, now: Sample, activity: &Activity) {
         let secs = now.at.saturating_duration_since(self.last.at).as_secs_f64();
@@ -422,6 +428,32 @@ mod tests {
         assert!((r.services["svc"].energy_j - 2.0 * 5.0).abs() < 1e-9);
         let parts = r.services["svc"].energy_j + r.torpor_j + r.idle_j;
         assert!((parts - r.energy_j).abs() < 1e-6, "parts add up: {r:?}");
+    }
+
+    #[test]
+    fn a_skipped_interval_is_not_accounted() {
+        let (mut a, t0) = account();
+        let busy = |at: u64, ticks: u64| {
+            sample(
+                t0 + Duration::from_secs(at),
+                vec![
+                    cpu(0, ticks, 100 * at - ticks, 0, 0),
+                    cpu(1, ticks, 100 * at - ticks, 0, 0),
+                ],
+            )
+        };
+        a.record(busy(10, 100), &Activity::default());
+        let after_first = a.report().energy_j;
+        // Ten fully busy seconds that belong to another measurement.
+        a.skip_to(busy(20, 1100));
+        a.record(busy(30, 1200), &Activity::default());
+        let r = a.report();
+        assert!((r.seconds - 20.0).abs() < 1e-9, "{}", r.seconds);
+        assert!(
+            (r.energy_j - 2.0 * after_first).abs() < 1e-6 * after_first,
+            "two like intervals: {} vs 2 × {after_first}",
+            r.energy_j
+        );
     }
 
     #[test]

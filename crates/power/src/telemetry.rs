@@ -53,6 +53,53 @@ pub struct CpuReport {
     pub mean_idle_us: Option<f64>,
 }
 
+impl CpuReport {
+    /// The mean over intervals of the given lengths in seconds (blocks of one measurement
+    /// taken in turns with another's).
+    pub fn time_weighted(parts: &[(f64, CpuReport)]) -> CpuReport {
+        let total: f64 = parts.iter().map(|(s, _)| s).sum::<f64>().max(1e-9);
+        let mean = |f: &dyn Fn(&CpuReport) -> f64| {
+            parts.iter().map(|(s, r)| s * f(r)).sum::<f64>() / total
+        };
+        let mut states: Vec<StateReport> = Vec::new();
+        // Per state: time in it and entries, over all parts.
+        let mut stays: Vec<(f64, f64)> = Vec::new();
+        for (secs, r) in parts {
+            for st in &r.states {
+                let i = match states.iter().position(|s| s.name == st.name) {
+                    Some(i) => i,
+                    None => {
+                        states.push(StateReport {
+                            name: st.name.clone(),
+                            residency_pct: 0.0,
+                            entries_per_s: 0.0,
+                            mean_idle_us: None,
+                        });
+                        stays.push((0.0, 0.0));
+                        states.len() - 1
+                    }
+                };
+                states[i].residency_pct += secs * st.residency_pct / total;
+                states[i].entries_per_s += secs * st.entries_per_s / total;
+                stays[i].0 += secs * st.residency_pct / 100.0;
+                stays[i].1 += secs * st.entries_per_s;
+            }
+        }
+        for (s, (time_s, entries)) in states.iter_mut().zip(&stays) {
+            s.mean_idle_us = (*entries > 0.0).then(|| time_s * 1e6 / entries);
+        }
+        let (time_s, entries) = stays
+            .iter()
+            .fold((0.0, 0.0), |(t, e), (st, se)| (t + st, e + se));
+        CpuReport {
+            cpu: parts.first().and_then(|(_, r)| r.cpu),
+            busy_pct: mean(&|r| r.busy_pct),
+            states,
+            mean_idle_us: (entries > 0.0).then(|| time_s * 1e6 / entries),
+        }
+    }
+}
+
 /// Whether power was read from a counter or computed.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -250,5 +297,40 @@ fn power_between(a: &Sample, b: &Sample, profile: &Profile, seconds: f64) -> Pow
         zones: Vec::new(),
         modelled: Some(breakdown),
         pc6_pct: Some(100.0 * pc6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(busy_pct: f64, c6_pct: f64, entries_per_s: f64) -> CpuReport {
+        CpuReport {
+            cpu: None,
+            busy_pct,
+            states: vec![StateReport {
+                name: "C6".into(),
+                residency_pct: c6_pct,
+                entries_per_s,
+                mean_idle_us: None,
+            }],
+            mean_idle_us: None,
+        }
+    }
+
+    #[test]
+    fn blocks_weigh_by_their_length() {
+        // 10 s at 10 % busy and 80 % C6 (100 stays/s), 30 s at 30 % busy and 60 % (300/s).
+        let r = CpuReport::time_weighted(&[
+            (10.0, report(10.0, 80.0, 100.0)),
+            (30.0, report(30.0, 60.0, 300.0)),
+        ]);
+        assert!((r.busy_pct - 25.0).abs() < 1e-9);
+        assert!((r.states[0].residency_pct - 65.0).abs() < 1e-9);
+        assert!((r.states[0].entries_per_s - 250.0).abs() < 1e-9);
+        // 26 s in C6 over 10 000 stays.
+        let mean = r.states[0].mean_idle_us.unwrap();
+        assert!((mean - 2600.0).abs() < 1e-6, "{mean}");
+        assert_eq!(r.mean_idle_us, r.states[0].mean_idle_us);
     }
 }
