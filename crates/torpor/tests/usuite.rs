@@ -58,38 +58,40 @@ fn tiers(
     let mut services = Vec::new();
     let mut bucket_gates = Vec::new();
     let mut names = Vec::new();
+    // `torpor usuite NAME TIER --listen BACKEND`, then `more`, then the data's arguments.
+    let tier_argv = |tier: &str, backend: SocketAddr, more: Vec<String>| -> Vec<String> {
+        let mut argv: Vec<String> = [exe(), "usuite", name, tier, "--listen"]
+            .map(String::from)
+            .to_vec();
+        argv.push(backend.to_string());
+        argv.extend(more);
+        argv.extend(data.iter().cloned());
+        argv
+    };
     for shard in 0..2 {
         let (gate, backend) = (own_addr(), own_addr());
         bucket_gates.push(format!("{gate}"));
-        let mut argv: Vec<String> = [exe(), "usuite", name, "bucket", "--listen"]
-            .map(String::from)
-            .to_vec();
-        argv.extend([
-            backend.to_string(),
+        let mut more = vec![
             "--shard".into(),
             shard.to_string(),
             "--shards".into(),
             "2".into(),
-        ]);
+        ];
         if let (Service::Router, Some(m)) = (service, memcached.get(shard)) {
-            argv.extend(["--memcached".into(), m.to_string()]);
+            more.extend(["--memcached".into(), m.to_string()]);
         }
-        argv.extend(data.iter().cloned());
         let bucket = format!("{name}-b{shard}");
+        let argv = tier_argv("bucket", backend, more);
         services.push(config::Service::new(&bucket, &argv, gate, backend).idle("300ms"));
         names.push(bucket);
     }
     let (gate, backend) = (own_addr(), own_addr());
     let mid = format!("{name}-mid");
-    let mut argv: Vec<String> = [exe(), "usuite", name, "mid", "--listen"]
-        .map(String::from)
-        .to_vec();
-    argv.extend([
-        backend.to_string(),
-        "--buckets".into(),
-        bucket_gates.join(","),
-    ]);
-    argv.extend(data.iter().cloned());
+    let argv = tier_argv(
+        "mid",
+        backend,
+        vec!["--buckets".into(), bucket_gates.join(",")],
+    );
     services.push(config::Service::new(&mid, &argv, gate, backend).idle("300ms"));
     names.push(mid);
     (
