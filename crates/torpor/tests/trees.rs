@@ -190,6 +190,20 @@ fn service(
         .idle(idle)
 }
 
+/// [`service`] running the Python script `script` with `args`, over HTTP.
+fn python(
+    name: &str,
+    script: &Path,
+    args: &[&str],
+    port: SocketAddr,
+    backend: SocketAddr,
+    idle: &str,
+) -> Result<Service> {
+    let script = script.to_str().context("path")?;
+    let argv = [&["/usr/bin/python3", script], args].concat();
+    Ok(service(name, &argv, port, backend, "http", idle))
+}
+
 /// The directory that holds every service's cgroup (`torpor-services`), as the agent finds it.
 fn services_cgroup_dir() -> Result<PathBuf> {
     Ok(
@@ -419,19 +433,14 @@ fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "forking.py", FORKING)?;
     let name = "trees-forking";
-    let up = Up::launch(pool().services([service(
+    let up = Up::launch(pool().services([python(
         name,
-        &[
-            "/usr/bin/python3",
-            path.to_str().context("path")?,
-            &backend.to_string(),
-            "2",
-        ],
+        &path,
+        &[&backend.to_string(), "2"],
         port,
         backend,
-        "http",
         "300ms",
-    )]))?;
+    )?]))?;
     // Init, the listening parent and its two workers.
     expect_procs(name, 4, &up)?;
     let mut expected = 1;
@@ -461,18 +470,14 @@ fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "daemon.py", DAEMON)?;
     let name = "trees-daemon";
-    let up = Up::launch(pool().services([service(
+    let up = Up::launch(pool().services([python(
         name,
-        &[
-            "/usr/bin/python3",
-            path.to_str().context("path")?,
-            &backend.to_string(),
-        ],
+        &path,
+        &[&backend.to_string()],
         port,
         backend,
-        "http",
         "300ms",
-    )]))?;
+    )?]))?;
     // The daemon's parents are gone: init and the orphaned daemon are left.
     expect_procs(name, 2, &up)?;
     ensure!(http_get(port, "/")? == "1");
@@ -597,19 +602,14 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "holdmem.py", HOLDMEM)?;
     let name = "trees-nobody";
-    let nobody = service(
+    let nobody = python(
         name,
-        &[
-            "/usr/bin/python3",
-            path.to_str().context("path")?,
-            "32",
-            &backend.to_string(),
-        ],
+        &path,
+        &["32", &backend.to_string()],
         port,
         backend,
-        "http",
         "300ms",
-    );
+    )?;
     let up = Up::launch(pool().services([Service {
         user: Some("nobody".into()),
         // Its directory must be one nobody can enter at restore too.
@@ -644,18 +644,14 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "switch.py", SWITCHES_UID)?;
     let name = "trees-switch";
-    let up = Up::launch(pool().services([service(
+    let up = Up::launch(pool().services([python(
         name,
-        &[
-            "/usr/bin/python3",
-            path.to_str().context("path")?,
-            &backend.to_string(),
-        ],
+        &path,
+        &[&backend.to_string()],
         port,
         backend,
-        "http",
         "200ms",
-    )]))?;
+    )?]))?;
     ensure!(http_get(port, "/")? == "1 65534");
     let uids: BTreeSet<u32> = cgroup_procs(name)?
         .into_iter()
@@ -752,19 +748,14 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
     let forking = script(dir.path(), "forking.py", FORKING)?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-kill-armed";
-    let services = service(
+    let services = python(
         name,
-        &[
-            "/usr/bin/python3",
-            forking.to_str().context("path")?,
-            &backend.to_string(),
-            "2",
-        ],
+        &forking,
+        &[&backend.to_string(), "2"],
         port,
         backend,
-        "http",
         "300ms",
-    );
+    )?;
     let cfg = pool().status(own_addr()).services([services]);
     let mut up = Up::spawn(&cfg)?;
     up.wait_ready(WAIT)?;
@@ -812,31 +803,22 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
     let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = ["trees-kill-forking", "trees-kill-daemon"];
     let services = [
-        service(
+        python(
             names[0],
-            &[
-                "/usr/bin/python3",
-                forking.to_str().context("path")?,
-                &fbackend.to_string(),
-                "2",
-            ],
+            &forking,
+            &[&fbackend.to_string(), "2"],
             fport,
             fbackend,
-            "http",
             "1h",
-        ),
-        service(
+        )?,
+        python(
             names[1],
-            &[
-                "/usr/bin/python3",
-                daemon.to_str().context("path")?,
-                &dbackend.to_string(),
-            ],
+            &daemon,
+            &[&dbackend.to_string()],
             dport,
             dbackend,
-            "http",
             "1h",
-        ),
+        )?,
     ];
     let cfg = pool().status(own_addr()).services(services);
     let mut first = Up::spawn(&cfg)?;
@@ -932,31 +914,22 @@ fn two_trees(
     let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = [format!("{prefix}-forking"), format!("{prefix}-daemon")];
     let services = [
-        service(
+        python(
             &names[0],
-            &[
-                "/usr/bin/python3",
-                forking.to_str().context("path")?,
-                &fbackend.to_string(),
-                "2",
-            ],
+            &forking,
+            &[&fbackend.to_string(), "2"],
             fport,
             fbackend,
-            "http",
             idle,
-        ),
-        service(
+        )?,
+        python(
             &names[1],
-            &[
-                "/usr/bin/python3",
-                daemon.to_str().context("path")?,
-                &dbackend.to_string(),
-            ],
+            &daemon,
+            &[&dbackend.to_string()],
             dport,
             dbackend,
-            "http",
             idle,
-        ),
+        )?,
     ];
     Ok((services, names, [fport, dport]))
 }
@@ -1111,19 +1084,14 @@ fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()
         let (port, backend) = (own_addr(), own_addr());
         let name = format!("trees-term-{moment}");
         // Enough memory that the checkpoint and the restore take a while.
-        let services = service(
+        let services = python(
             &name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                "160",
-                &backend.to_string(),
-            ],
+            &path,
+            &["160", &backend.to_string()],
             port,
             backend,
-            "http",
             "200ms",
-        );
+        )?;
         let mut up = Up::spawn(&pool().status(own_addr()).services([services]))?;
         up.wait_ready(WAIT)?;
         if moment == "waking" {
@@ -1161,19 +1129,14 @@ fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
     )?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-late".to_string();
-    let services = service(
+    let services = python(
         &name,
-        &[
-            "/usr/bin/python3",
-            late.to_str().context("path")?,
-            "1",
-            &backend.to_string(),
-        ],
+        &late,
+        &["1", &backend.to_string()],
         port,
         backend,
-        "http",
         "1h",
-    );
+    )?;
     let mut up = Up::spawn(&pool().status(own_addr()).services([services]))?;
     let deadline = Instant::now() + WAIT;
     while cgroup_procs(&name)?.len() < 2 {
