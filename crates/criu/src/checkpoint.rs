@@ -39,10 +39,11 @@ use torpor_pool::ClientError;
 use tracing::{debug, info, warn};
 
 use crate::{
-    binary::{keep_log, log_tail, CriuBinary, CriuError},
+    binary::{log_tail, CriuBinary, CriuError},
     identity::{self, CriuIdentity, Decision},
     procs,
     replicas::{Committed, Pools, ReplicatedUpload},
+    run::{keep_failed_log, StreamedRun},
     stats::{parse_dump_stats, DumpStats},
     streamer::{self, CAPTURE_SOCKET},
 };
@@ -327,11 +328,7 @@ pub fn checkpoint_to_pool_with(
         return Err(CheckpointError::NoSuchProcess(pid));
     }
     // Decided before anything starts: a tree no CRIU can dump here is refused untouched.
-    let run_as = match opts.run_as {
-        CriuIdentity::Auto => run_as_for_tree(pid)?,
-        CriuIdentity::Current => None,
-        CriuIdentity::User(who) => Some(who),
-    };
+    let run_as = opts.run_as.resolve(|| run_as_for_tree(pid))?;
     let pid_namespace = procs::is_pid_namespace_init(pid);
     let criu_version = criu.version()?;
     let pids = procs::tree_pids(pid);
@@ -350,24 +347,14 @@ pub fn checkpoint_to_pool_with(
     )
     .map_err(CheckpointError::Pool)?;
 
-    let work = tempfile::Builder::new()
-        .prefix("torpor-dump-")
-        .tempdir_in(&opts.work_root)
+    let mut run = StreamedRun::create(&opts.work_root, "torpor-dump-", CAPTURE_SOCKET, run_as)
         .map_err(CheckpointError::WorkDir)?;
-    let hook = Hook::create(work.path(), opts.hook_timeout).map_err(CheckpointError::WorkDir)?;
-    let listener = streamer::bind(work.path(), CAPTURE_SOCKET).map_err(CheckpointError::WorkDir)?;
-    // CRIU's own output goes where the identity it runs as may write.
-    let out_dir = match run_as {
-        Some(who) => {
-            let socket = work.path().join(CAPTURE_SOCKET);
-            let mut owned: Vec<&Path> = hook.fifos.iter().map(PathBuf::as_path).collect();
-            owned.push(&socket);
-            identity::open_to(work.path(), &owned, &[&hook.script], who)
-                .map_err(CheckpointError::WorkDir)?
-        }
-        None => work.path().to_path_buf(),
-    };
-    let log_path = out_dir.join("dump.log");
+    let hook =
+        Hook::create(run.work.path(), opts.hook_timeout).map_err(CheckpointError::WorkDir)?;
+    let fifos: Vec<&Path> = hook.fifos.iter().map(PathBuf::as_path).collect();
+    run.open_to_criu(&fifos, &[&hook.script])
+        .map_err(CheckpointError::WorkDir)?;
+    let log_path = run.out("dump.log");
 
     let start = Instant::now();
     let mut cmd = criu.command();
@@ -375,7 +362,7 @@ pub fn checkpoint_to_pool_with(
         .arg("--tree")
         .arg(pid.to_string())
         .arg("--images-dir")
-        .arg(work.path())
+        .arg(run.work.path())
         .arg("--stream")
         .arg("--log-file")
         .arg(&log_path)
@@ -389,17 +376,13 @@ pub fn checkpoint_to_pool_with(
     if opts.leave_running {
         cmd.arg("--leave-running");
     }
-    if let Some(who) = run_as {
-        identity::run_as(&mut cmd, who);
-    }
     // Held until CRIU ends: see `dump_lock`.
     let dump_lock = crate::dump_lock::DumpLock::acquire(&pids);
-    let mut child = criu.spawn(&mut cmd)?;
+    let mut criu_run = run.spawn(criu, &mut cmd)?;
     debug!(pid, name, ?run_as, pid_namespace, "criu dump started");
 
     let buffers = Arc::new(BufferPool::new());
     let failed = Arc::new(AtomicBool::new(false));
-    let criu_done = Arc::new(AtomicBool::new(false));
     let capture = Arc::new(Mutex::new(Capture::default()));
     let (tx, rx) = mpsc::sync_channel::<Msg>(2 * STAGING_BUFFERS);
     // The streamer thread says when every image CRIU sent before post-dump is in hand.
@@ -411,24 +394,13 @@ pub fn checkpoint_to_pool_with(
         failed.clone(),
         pools.key.is_some(),
     );
-    let streamer_thread = {
-        let criu_pid = child.id();
-        let (buffers, failed, criu_done, capture, tx) = (
-            buffers.clone(),
-            failed.clone(),
-            criu_done.clone(),
-            capture.clone(),
-            tx.clone(),
-        );
-        thread::spawn(move || -> io::Result<()> {
-            let Some(mut sock) =
-                streamer::accept_while(&listener, criu_pid, || !criu_done.load(Ordering::SeqCst))?
-            else {
-                return Ok(());
-            };
-            capture_images(&mut sock, &tx, &buffers, &failed, &capture, &sealed_tx)
-        })
-    };
+    {
+        let (buffers, failed, capture, tx) =
+            (buffers.clone(), failed.clone(), capture.clone(), tx.clone());
+        criu_run
+            .serve(move |sock| capture_images(sock, &tx, &buffers, &failed, &capture, &sealed_tx));
+    }
+    let child = &mut criu_run.child;
 
     // Wait for CRIU to reach post-dump (or to give up).
     let outcome = loop {
@@ -491,11 +463,11 @@ pub fn checkpoint_to_pool_with(
         .wait()
         .map_err(|e| CheckpointError::Stream { pid, source: e })?;
     drop(dump_lock);
-    criu_done.store(true, Ordering::SeqCst);
+    criu_run.criu_ended();
     let elapsed = start.elapsed();
     drop(tx);
     let writer_error = writer.join().expect("writer thread panicked");
-    let stream_result = streamer_thread.join().expect("streamer thread panicked");
+    let stream_result = criu_run.join();
 
     match commit {
         Some(Ok(info)) if status.success() => {
@@ -505,7 +477,7 @@ pub fn checkpoint_to_pool_with(
                 .iter()
                 .find(|(n, _)| n == "stats-dump")
                 .map(|(_, b)| b.clone())
-                .or_else(|| fs::read(work.path().join("stats-dump")).ok())
+                .or_else(|| fs::read(criu_run.work.path().join("stats-dump")).ok())
                 .and_then(|b| parse_dump_stats(&b));
             let report = CheckpointReport {
                 name: name.to_string(),
@@ -549,12 +521,8 @@ pub fn checkpoint_to_pool_with(
             if let Err(e) = stream_result {
                 warn!(error = %e, "image streamer failed");
             }
-            let kept = keep_log(&log_path, "dump", name);
-            Err(CheckpointError::CriuFailed {
-                pid,
-                log: log_tail(&kept, 12),
-                log_path: kept,
-            })
+            let (log, log_path) = keep_failed_log(&log_path, "dump", name);
+            Err(CheckpointError::CriuFailed { pid, log, log_path })
         }
     }
 }

@@ -31,6 +31,21 @@ pub enum CriuIdentity {
     User(RunAs),
 }
 
+impl CriuIdentity {
+    /// The identity to run CRIU as: `auto`'s for [`CriuIdentity::Auto`] (the tree's for a
+    /// checkpoint, the snapshot's for a restore), none (this process's) for `Current`.
+    pub fn resolve<E>(
+        self,
+        auto: impl FnOnce() -> Result<Option<RunAs>, E>,
+    ) -> Result<Option<RunAs>, E> {
+        match self {
+            CriuIdentity::Auto => auto(),
+            CriuIdentity::Current => Ok(None),
+            CriuIdentity::User(who) => Ok(Some(who)),
+        }
+    }
+}
+
 const CAP_SETGID: u32 = 6;
 const CAP_SETPCAP: u32 = 8;
 const CAP_NET_ADMIN: u32 = 12;

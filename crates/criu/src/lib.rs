@@ -5,6 +5,8 @@
 //!   CRIU and the pool through pipes without being staged whole on the node.
 //! * [`checkpoint`] dumps a process tree into the pool; the dump commits only if the pool
 //!   commits, otherwise CRIU resumes the tree (its post-dump action-script veto).
+//! * `run` is the skeleton both share: a work directory with the streamer socket, CRIU run
+//!   as the chosen identity, one thread serving that socket to that CRIU only.
 //! * [`restore`] restores a snapshot eagerly straight from the pool, after waiting for the tree's PIDs
 //!   to be free again (a tree that had its own PID namespace gets a fresh one and does not wait).
 //! * [`lazy`] restores a snapshot lazily (torpor's lazy-pages server serves memory from the
@@ -36,6 +38,7 @@ mod pool_pages;
 pub mod procs;
 pub mod replicas;
 pub mod restore;
+mod run;
 pub mod runc;
 pub mod stats;
 pub mod streamer;

@@ -39,11 +39,12 @@ use torpor_pool::{ClientError, FrameSink, PoolClient};
 use tracing::{debug, info, warn};
 
 use crate::{
-    binary::{keep_log, log_tail, read_no_follow, CriuBinary, CriuError},
+    binary::{read_no_follow, CriuBinary, CriuError},
     checkpoint::TcpConnections,
-    identity::{self, CriuIdentity},
+    identity::CriuIdentity,
     procs,
     replicas::{fetch_file_into, find_verified, FetchError, Pools},
+    run::{keep_failed_log, StreamedRun},
     streamer::{self, PipeFeeder, SERVE_SOCKET},
     PoolTarget,
 };
@@ -285,30 +286,17 @@ fn restore_verified(
     let manifest = Arc::new(manifest);
     let pid_namespace = manifest.meta.pid_namespace;
     let pid_wait_s = wait_for_pids(&manifest, opts, start)?;
-    let run_as = match opts.run_as {
-        CriuIdentity::Auto => manifest.meta.run_as,
-        CriuIdentity::Current => None,
-        CriuIdentity::User(who) => Some(who),
-    };
+    let run_as = opts
+        .run_as
+        .resolve(|| Ok::<_, RestoreError>(manifest.meta.run_as))?;
 
-    let work = tempfile::Builder::new()
-        .prefix("torpor-restore-")
-        .tempdir_in(&opts.work_root)
+    let mut run = StreamedRun::create(&opts.work_root, "torpor-restore-", SERVE_SOCKET, run_as)
         .map_err(RestoreError::WorkDir)?;
-    let listener = streamer::bind(work.path(), SERVE_SOCKET).map_err(RestoreError::WorkDir)?;
-    // CRIU's own output goes where the identity it runs as may write.
-    let out_dir = match run_as {
-        Some(who) => identity::open_to(work.path(), &[&work.path().join(SERVE_SOCKET)], &[], who)
-            .map_err(RestoreError::WorkDir)?,
-        None => work.path().to_path_buf(),
-    };
-    let log_path = out_dir.join("restore.log");
-    let pidfile = out_dir.join("root.pid");
-    let mut cmd = restore_command(criu, work.path(), "--stream", &pidfile, &log_path, opts);
-    if let Some(who) = run_as {
-        identity::run_as(&mut cmd, who);
-    }
-    let mut child = criu.spawn(&mut cmd)?;
+    run.open_to_criu(&[], &[]).map_err(RestoreError::WorkDir)?;
+    let log_path = run.out("restore.log");
+    let pidfile = run.out("root.pid");
+    let mut cmd = restore_command(criu, run.work.path(), "--stream", &pidfile, &log_path, opts);
+    let mut criu_run = run.spawn(criu, &mut cmd)?;
     debug!(
         name,
         generation = manifest.generation,
@@ -325,20 +313,17 @@ fn restore_verified(
         error: Mutex::new(None),
         bytes: Default::default(),
     });
-    let criu_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let serve_thread = {
-        let (server, criu_done, criu_pid) = (server.clone(), criu_done.clone(), child.id());
-        thread::spawn(move || -> io::Result<()> {
-            let alive = || !criu_done.load(std::sync::atomic::Ordering::SeqCst);
-            match streamer::accept_while(&listener, criu_pid, alive)? {
-                Some(mut sock) => server.serve(&mut sock),
-                None => Ok(()),
-            }
-        })
-    };
-    let succeeded = child.wait().map_err(RestoreError::Stream)?.success();
-    criu_done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let served = serve_thread.join().expect("serve thread panicked");
+    {
+        let server = server.clone();
+        criu_run.serve(move |sock| server.serve(sock));
+    }
+    let succeeded = criu_run
+        .child
+        .wait()
+        .map_err(RestoreError::Stream)?
+        .success();
+    criu_run.criu_ended();
+    let served = criu_run.join();
     let restore_s = start.elapsed().as_secs_f64();
 
     let fetch_error = server.error.lock().expect("error lock").take();
@@ -350,10 +335,10 @@ fn restore_verified(
         return Err(RestoreError::from_fetch(name, e));
     }
     if !succeeded {
-        let log_path = keep_log(&log_path, "restore", name);
+        let (log, log_path) = keep_failed_log(&log_path, "restore", name);
         return Err(RestoreError::CriuFailed {
             name: name.to_string(),
-            log: log_tail(&log_path, 12),
+            log,
             log_path,
         });
     }

@@ -2,7 +2,12 @@
 //! free port: an in-process server takes a listener bound on port 0, and a child process
 //! that must bind an address given in advance (a service's backend, a gate whose address
 //! outlives a restart) gets one of this process's [`own_addr`]esses, which no other process
-//! draws. Tests that run CRIU themselves hold [`criu_guard`].
+//! draws. Tests that run CRIU themselves hold [`criu_guard`]. The torpor.toml a test writes
+//! is a typed [`Config`], never text put together with `format!`.
+
+pub mod config;
+
+pub use config::{Config, Service};
 
 use std::{
     net::SocketAddr,

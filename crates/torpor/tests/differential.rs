@@ -18,10 +18,10 @@ use torpor_workload::SampleClient;
 mod common;
 
 use common::{exe, Up};
-use torpor_testkit::{own_addr, SERIAL};
+use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// Enough for every generation of the mutator (tens of MiB); the RAM tier is pre-faulted at
 /// start, so smaller is quicker.
-const POOL: &str = "[pool]\ncapacity = \"256MiB\"";
+const POOL: &str = "256MiB";
 
 /// Every wait for a sleep; generous, as CRIU competes with other builds on 2 cores.
 const WAIT: Duration = Duration::from_secs(60);
@@ -71,22 +71,21 @@ const REQUESTS: &[&str] = &[
 ];
 
 /// The mutator's `[[service]]` section for `torpor up`: the one place its configuration is
-/// written. `extra` is added inside the section (restore mode, prefetch and the like).
-fn mutator_service(port: SocketAddr, backend: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "mutator"
-command = ["{exe}", "mutator-service", "--listen", "{backend}"]
-listen = "{port}"
-backend = "{backend}"
-protocol = "tcp"
-{extra}
-[service.policy]
-idle_threshold = "200ms"
-"#,
-        exe = exe()
+/// written. `restore` sets what the tests vary (restore mode, prefetch and the like).
+fn mutator_service(
+    port: SocketAddr,
+    backend: SocketAddr,
+    restore: impl FnOnce(Service) -> Service,
+) -> Service {
+    let service = Service::new(
+        "mutator",
+        &[exe(), "mutator-service", "--listen", &backend.to_string()],
+        port,
+        backend,
     )
+    .protocol("tcp")
+    .idle("200ms");
+    restore(service)
 }
 
 /// A mutator started directly; killed with its forked child, and both reaped, when dropped.
@@ -167,9 +166,9 @@ fn unfit() -> Option<String> {
 }
 
 /// Sends [`REQUESTS`] to a direct mutator and to one behind `torpor up` (its service section
-/// with `extra`), waiting before each until the latter is asleep; fails listing every request
-/// whose answers differ.
-fn differential(extra: &str) -> Result<()> {
+/// as `restore` makes it), waiting before each until the latter is asleep; fails listing
+/// every request whose answers differ.
+fn differential(restore: impl FnOnce(Service) -> Service) -> Result<()> {
     if let Some(why) = unfit() {
         eprintln!("skipped: {why}");
         return Ok(());
@@ -178,7 +177,8 @@ fn differential(extra: &str) -> Result<()> {
     torpor_bench::harness::become_subreaper()?;
     let direct = Direct::start()?;
     let port = own_addr();
-    let up = Up::start(POOL, &mutator_service(port, own_addr(), extra))?;
+    let up =
+        Up::launch(Config::embedded(POOL).services([mutator_service(port, own_addr(), restore)]))?;
     let asleep_after = |sleeps: u64| {
         up.wait_for("mutator", &format!("asleep {sleeps} times"), WAIT, |s| {
             s["state"] == "asleep" && s["sleeps"].as_u64() >= Some(sleeps)
@@ -228,24 +228,38 @@ fn differential(extra: &str) -> Result<()> {
 
 #[test]
 fn eager_restores_answer_every_request_as_a_mutator_that_never_slept() -> Result<()> {
-    differential("restore = \"eager\"")
+    differential(|s| Service {
+        restore: Some("eager".into()),
+        ..s
+    })
 }
 
 #[test]
 fn lazy_restores_with_prefetch_answer_every_request_as_a_mutator_that_never_slept() -> Result<()> {
-    differential("restore = \"lazy\"")
+    differential(|s| Service {
+        restore: Some("lazy".into()),
+        ..s
+    })
 }
 
 #[test]
 fn lazy_restores_without_prefetch_answer_every_request_as_a_mutator_that_never_slept() -> Result<()>
 {
-    differential("restore = \"lazy\"\nprefetch = false")
+    differential(|s| Service {
+        restore: Some("lazy".into()),
+        prefetch: Some(false),
+        ..s
+    })
 }
 
 #[test]
 fn lazy_restores_filling_in_the_background_answer_every_request_as_a_mutator_that_never_slept(
 ) -> Result<()> {
-    differential("restore = \"lazy\"\nbackground_fill = true")
+    differential(|s| Service {
+        restore: Some("lazy".into()),
+        background_fill: Some(true),
+        ..s
+    })
 }
 
 /// The real binary's mutator answers its protocol, and killing it leaves no forked child.

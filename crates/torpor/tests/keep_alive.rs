@@ -17,16 +17,18 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 mod common;
 
-use common::{Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, Up};
+use torpor_testkit::{own_addr, Service, SERIAL};
 
 /// A node namespace of its own.
-const NODE: &str = "[node]\nnamespace = \"keepalive\"";
+const NAMESPACE: &str = "keepalive";
 
 const SLEEPS: u64 = 5;
 
-fn service(name: &str, steering: &str, port: SocketAddr) -> String {
-    common::sample_service(name, port, own_addr(), "8MiB", "300ms", steering)
+fn service(name: &str, steering: &str, port: SocketAddr) -> Service {
+    common::sample_service(name, port, own_addr(), "8MiB")
+        .idle("300ms")
+        .steering(steering)
 }
 
 /// One request a second on `port` through a pooled keep-alive client until `name` has slept
@@ -65,9 +67,8 @@ fn a_keep_alive_client_sees_no_error_across_five_sleeps_in_both_modes() -> Resul
     let services = [
         service("proxied", "proxy", proxied),
         service("steered", "kernel", steered),
-    ]
-    .concat();
-    let up = Up::start(&format!("{NODE}\n{EMBEDDED}"), &services)?;
+    ];
+    let up = Up::launch(embedded().namespace(NAMESPACE).services(services))?;
     let rt = tokio::runtime::Runtime::new()?;
     let (a, b) = rt.block_on(async {
         tokio::join!(

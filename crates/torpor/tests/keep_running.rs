@@ -17,35 +17,38 @@ use torpor_agent::CgroupRoot;
 
 mod common;
 
-use common::{exe, http_get, Up};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{http_get, Up};
+use torpor_testkit::{
+    config::{Node, Pool},
+    own_addr, Config, Service, SERIAL,
+};
 /// A namespace of its own: the cgroups of other tests' services (the host's namespace) are
 /// never taken for this one's, nor this one's for theirs.
 const NAMESPACE: &str = "keeptest";
 
 /// The sample service (seeded memory, `/touch` changes it, `/sum` shows it); the policy
 /// leaves it awake.
-fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB", "--touch", "1MiB"]
-listen = "{port}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-"#,
-        exe = exe()
-    )
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
+    common::sample_service(name, port, backend, "8MiB")
+        .args(&["--touch", "1MiB"])
+        .idle("1h")
 }
 
-/// The node section: this test's namespace, its state dir in `dir`.
-fn node(dir: &Path) -> String {
-    format!(
-        "[node]\nnamespace = \"{NAMESPACE}\"\nstate_dir = \"{}\"\n",
-        dir.display()
-    )
+/// This test's namespace, its state dir in `dir`, an embedded pool of 256 MiB spilling to
+/// `spill_dir` if given.
+fn node(dir: &Path, spill_dir: Option<PathBuf>) -> Config {
+    Config {
+        node: Some(Node {
+            namespace: Some(NAMESPACE.into()),
+            state_dir: Some(dir.to_path_buf()),
+        }),
+        pool: Pool {
+            capacity: Some("256MiB".into()),
+            spill_dir,
+            ..Pool::default()
+        },
+        ..Config::default()
+    }
 }
 
 fn kept_file(dir: &Path) -> PathBuf {
@@ -131,16 +134,13 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let _cg = CgroupGuard::of("counter");
-    let pool = format!(
-        "{}[pool]\ncapacity = \"256MiB\"\nspill_dir = \"{}\"",
-        node(dir.path()),
-        dir.path().join("spill").display()
-    );
+    let pool = node(dir.path(), Some(dir.path().join("spill")));
     let gate = own_addr();
-    let status = own_addr();
-    let cfg = Up::config(&pool, status, &sample("counter", gate, own_addr()));
+    let cfg = pool
+        .status(own_addr())
+        .services([sample("counter", gate, own_addr())]);
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     let seed = sum(gate)?;
     let state = change(gate, 3)?;
@@ -170,7 +170,7 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
     assert_eq!(mode & 0o777, 0o600);
     drop(up);
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     let s = up.service("counter")?;
     assert_eq!(s["state"], "awake", "{s}");
@@ -215,12 +215,13 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
     let dir = tempfile::tempdir()?;
     let _cg = CgroupGuard::of("web");
     // The embedded pool without a disk tier: its RAM tier goes with the process.
-    let pool = format!("{}[pool]\ncapacity = \"256MiB\"", node(dir.path()));
+    let pool = node(dir.path(), None);
     let gate = own_addr();
-    let status = own_addr();
-    let cfg = Up::config(&pool, status, &sample("web", gate, own_addr()));
+    let cfg = pool
+        .status(own_addr())
+        .services([sample("web", gate, own_addr())]);
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     let seed = sum(gate)?;
     order(&up, &["sleep", "web"])?;
@@ -260,7 +261,7 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
         std::thread::sleep(Duration::from_millis(5));
     }
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     let log = up.log_text();
     assert!(

@@ -16,12 +16,12 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
 mod common;
 
-use common::{exe, Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, exe, Up};
+use torpor_testkit::{own_addr, Service, SERIAL};
 
 /// A node namespace of its own (another `torpor up` in the same one would take its
 /// services for its own).
-const NODE: &str = "[node]\nnamespace = \"longlived\"";
+const NAMESPACE: &str = "longlived";
 
 /// Long enough that a service started awake is still awake when its client connects (so a
 /// kernel-steered one gets its stream steered), short enough to sleep soon after.
@@ -39,29 +39,21 @@ const SERVICES: [(&str, &str, bool); 4] = [
     ("grpc-kernel", "kernel", true),
 ];
 
-fn service(name: &str, steering: &str, grpc: bool, port: SocketAddr) -> String {
+fn service(name: &str, steering: &str, grpc: bool, port: SocketAddr) -> Service {
     let backend = own_addr();
-    let command = if grpc {
-        format!(r#"["{}", "sample-grpc", "--listen", "{backend}"]"#, exe())
-    } else {
-        format!(
-            r#"["{}", "sample-service", "--listen", "{backend}", "--memory", "8MiB"]"#,
-            exe()
+    let service = if grpc {
+        Service::new(
+            name,
+            &[exe(), "sample-grpc", "--listen", &backend.to_string()],
+            port,
+            backend,
         )
+    } else {
+        common::sample_service(name, port, backend, "8MiB")
     };
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = {command}
-listen = "{port}"
-backend = "{backend}"
-steering = "{steering}"
-[service.policy]
-idle_threshold = "{}ms"
-"#,
-        IDLE.as_millis()
-    )
+    service
+        .steering(steering)
+        .idle(&format!("{}ms", IDLE.as_millis()))
 }
 
 /// A websocket client frame: final, text, masked.
@@ -162,12 +154,11 @@ async fn talk_grpc(
 fn websockets_and_grpc_streams_keep_their_services_awake_in_both_modes_until_quiet() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let ports: Vec<SocketAddr> = SERVICES.iter().map(|_| own_addr()).collect();
-    let services: String = SERVICES
+    let services = SERVICES
         .iter()
         .zip(&ports)
-        .map(|((name, steering, grpc), port)| service(name, steering, *grpc, *port))
-        .collect();
-    let up = Up::start(&format!("{NODE}\n{EMBEDDED}"), &services)?;
+        .map(|((name, steering, grpc), port)| service(name, steering, *grpc, *port));
+    let up = Up::launch(embedded().namespace(NAMESPACE).services(services))?;
     // Awake and (kernel) steered before the clients connect: their streams go straight to
     // the services.
     for (name, steering, _) in SERVICES {

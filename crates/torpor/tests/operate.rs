@@ -14,22 +14,11 @@ use anyhow::{bail, Context, Result};
 
 mod common;
 
-use common::{exe, http_get, Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, exe, http_get, Up};
+use torpor_testkit::{config::Control, own_addr, Config, Service, SERIAL};
 /// The sample service, never slept by the policy (only by hand).
-fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "32MiB"]
-listen = "{port}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-"#,
-        exe = exe()
-    )
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
+    common::sample_service(name, port, backend, "32MiB").idle("1h")
 }
 
 /// `text` without its terminal colour codes.
@@ -66,7 +55,7 @@ fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<
 fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
-    let up = Up::start(EMBEDDED, &sample("web", web, own_addr()))?;
+    let up = Up::launch(embedded().services([sample("web", web, own_addr())]))?;
     let sum = http_get(web, "/sum")?;
     assert_eq!(sum, torpor_workload::expected_sum(32 << 20, 1));
 
@@ -195,17 +184,16 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
     );
 
     // A second torpor up cannot take a control socket a live one holds.
-    let status = own_addr();
-    let cfg = Up::config(
-        EMBEDDED,
-        status,
-        &format!(
-            "{}\n[control]\nsocket = \"{}\"\n",
-            sample("other", own_addr(), own_addr()),
-            up.control.display()
-        ),
-    );
-    let mut second = Up::spawn(&cfg, status)?;
+    let cfg = embedded()
+        .status(own_addr())
+        .services([sample("other", own_addr(), own_addr())]);
+    let mut second = Up::spawn(&Config {
+        control: Some(Control {
+            socket: Some(up.control.clone()),
+            ..Control::default()
+        }),
+        ..cfg
+    })?;
     let mut child = second.child.take().context("spawned")?;
     let exit = child.wait()?;
     let log = second.log_text();
@@ -254,12 +242,22 @@ fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<(
     let script = work.path().join("hold.py");
     std::fs::write(&script, HOLDING_SERVICE)?;
     let (port, backend) = (own_addr(), own_addr());
-    let services = format!(
-        "[[service]]\nname = \"slow\"\ncommand = [\"python3\", \"{}\", \"{backend}\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\ndrain_deadline = \"120s\"\n[service.policy]\nidle_threshold = \"1h\"\n",
-        script.display(),
-        work.path().display()
-    );
-    let up = Up::start(EMBEDDED, &services)?;
+    let slow = Service {
+        drain_deadline: Some("120s".into()),
+        ..Service::new(
+            "slow",
+            &[
+                "python3".to_string(),
+                script.display().to_string(),
+                backend.to_string(),
+                work.path().display().to_string(),
+            ],
+            port,
+            backend,
+        )
+        .idle("1h")
+    };
+    let up = Up::launch(embedded().services([slow]))?;
     let held = std::thread::spawn(move || http_get(port, "/hold"));
     let entered = work.path().join("entered");
     wait_until(
@@ -336,12 +334,14 @@ fn a_tcp_control_endpoint_takes_commands_with_its_token_only() -> Result<()> {
     let wrong = secrets.path().join("wrong.token");
     torpor_pool::write_token_file(&wrong, "another-long-random-token-9876543210")?;
     let web = own_addr();
-    let services = format!(
-        "{}\n[control]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
-        sample("web", web, own_addr()),
-        token_file.display()
-    );
-    let up = Up::start(EMBEDDED, &services)?;
+    let up = Up::launch(Config {
+        control: Some(Control {
+            listen: Some("127.0.0.1:0".into()),
+            token_file: Some(token_file.clone()),
+            ..Control::default()
+        }),
+        ..embedded().services([sample("web", web, own_addr())])
+    })?;
     let control = up.doc()?["control"]["tcp"]
         .as_str()
         .context("the TCP control address in /status")?

@@ -18,35 +18,20 @@ use anyhow::{Context, Result};
 
 mod common;
 
-use common::{exe, http_get, Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, http_get, Up};
+use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// The sample service with `memory` of state, never slept by the policy (only by hand).
-fn sample(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
-listen = "{port}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-{extra}
-"#,
-        exe = exe()
-    )
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str) -> Service {
+    common::sample_service(name, port, backend, memory).idle("1h")
 }
 
 /// Writes `services` as `up`'s new torpor.toml, with the pool, status and control sections
 /// it was started with.
-fn rewrite(up: &Up, services: &str) -> Result<()> {
-    let cfg = format!(
-        "{}\n[control]\nsocket = \"{}\"\n",
-        Up::config(EMBEDDED, up.status, services),
-        up.control.display()
-    );
-    std::fs::write(up.dir.path().join("torpor.toml"), cfg)?;
-    Ok(())
+fn rewrite(up: &Up, services: &[&Service]) -> Result<()> {
+    up.rewrite(&Config {
+        services: services.iter().map(|s| (*s).clone()).collect(),
+        ..up.config()?
+    })
 }
 
 /// `torpor reload --json` against `up`: its exit status and report.
@@ -136,13 +121,22 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (steady, gone, tuned, fresh) = (own_addr(), own_addr(), own_addr(), own_addr());
     let (steady_b, gone_b, tuned_b, fresh_b) = (own_addr(), own_addr(), own_addr(), own_addr());
-    let steady_svc = sample("steady", steady, steady_b, "16MiB", "");
-    let gone_svc = sample("gone", gone, gone_b, "16MiB", "");
-    let tuned_svc = |memory: &str, extra: &str| sample("tuned", tuned, tuned_b, memory, extra);
-    let up = Up::start(
-        EMBEDDED,
-        &format!("{steady_svc}{gone_svc}{}", tuned_svc("16MiB", "")),
-    )?;
+    let steady_svc = sample("steady", steady, steady_b, "16MiB");
+    let gone_svc = sample("gone", gone, gone_b, "16MiB");
+    // `retuned`: with a policy changed from the first one's.
+    let tuned_svc = |memory: &str, retuned: bool| {
+        let mut s = sample("tuned", tuned, tuned_b, memory);
+        if retuned {
+            s.policy.max_sleep_rate = Some(5.0);
+            s.policy.hold_queue = Some(7);
+        }
+        s
+    };
+    let up = Up::launch(embedded().services([
+        steady_svc.clone(),
+        gone_svc.clone(),
+        tuned_svc("16MiB", false),
+    ]))?;
     // The changed service's state (a counter that advances while it runs, not while it
     // sleeps), and the removed one asleep in the pool.
     let counted = count(tuned)?;
@@ -152,14 +146,8 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     assert!(st.success(), "{out}{err}");
 
     let client = ClientLoop::start(steady);
-    let fresh_svc = sample("fresh", fresh, fresh_b, "16MiB", "");
-    rewrite(
-        &up,
-        &format!(
-            "{steady_svc}{}{fresh_svc}",
-            tuned_svc("16MiB", "max_sleep_rate = 5.0\nhold_queue = 7")
-        ),
-    )?;
+    let fresh_svc = sample("fresh", fresh, fresh_b, "16MiB");
+    rewrite(&up, &[&steady_svc, &tuned_svc("16MiB", true), &fresh_svc])?;
     let (ok, report) = reload(&up)?;
     assert!(ok, "{report}\n{}", up.log_text());
     assert_eq!(report["outcome"], "applied", "{report}");
@@ -198,13 +186,7 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     );
 
     // Its command changes: the next wake starts it from the new one, without the old state.
-    rewrite(
-        &up,
-        &format!(
-            "{steady_svc}{}{fresh_svc}",
-            tuned_svc("8MiB", "max_sleep_rate = 5.0\nhold_queue = 7")
-        ),
-    )?;
+    rewrite(&up, &[&steady_svc, &tuned_svc("8MiB", true), &fresh_svc])?;
     let (ok, report) = reload(&up)?;
     assert!(ok, "{report}");
     assert_eq!(
@@ -231,10 +213,7 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
     // The removed service comes back: nothing of it was left in the pool to adopt.
     rewrite(
         &up,
-        &format!(
-            "{steady_svc}{gone_svc}{}{fresh_svc}",
-            tuned_svc("8MiB", "max_sleep_rate = 5.0\nhold_queue = 7")
-        ),
+        &[&steady_svc, &gone_svc, &tuned_svc("8MiB", true), &fresh_svc],
     )?;
     let (ok, report) = reload(&up)?;
     assert!(ok, "{report}");
@@ -259,13 +238,14 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
 fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (web, web_b) = (own_addr(), own_addr());
-    let web_svc = sample("web", web, web_b, "16MiB", "");
-    let up = Up::start(EMBEDDED, &web_svc)?;
+    let web_svc = sample("web", web, web_b, "16MiB");
+    let up = Up::launch(embedded().services([web_svc]))?;
     let client = ClientLoop::start(web);
 
-    let path = up.dir.path().join("torpor.toml");
-    let good = std::fs::read_to_string(&path)?;
-    std::fs::write(&path, good.replace("\"1h\"", "\"soon\""))?;
+    let good = up.config()?;
+    let mut bad = good.clone();
+    bad.services[0].policy.idle_threshold = Some("soon".into());
+    up.rewrite(&bad)?;
     let (ok, report) = reload(&up)?;
     assert!(!ok, "{report}");
     assert_eq!(report["outcome"], "refused", "{report}");
@@ -281,10 +261,9 @@ fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()
         "{err}"
     );
 
-    std::fs::write(
-        &path,
-        good.replace("capacity = \"768MiB\"", "capacity = \"512MiB\""),
-    )?;
+    let mut resized = good.clone();
+    resized.pool.capacity = Some("512MiB".into());
+    up.rewrite(&resized)?;
     let (ok, report) = reload(&up)?;
     assert!(!ok, "{report}");
     let error = report["error"].as_str().unwrap_or_default();
@@ -294,14 +273,8 @@ fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()
     );
     // All or nothing: the service added in the same file did not start.
     let (more, more_b) = (own_addr(), own_addr());
-    let more_svc = sample("more", more, more_b, "16MiB", "");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{more_svc}",
-            good.replace("capacity = \"768MiB\"", "capacity = \"512MiB\"")
-        ),
-    )?;
+    let more_svc = sample("more", more, more_b, "16MiB");
+    up.rewrite(&resized.services([more_svc.clone()]))?;
     let (ok, _) = reload(&up)?;
     assert!(!ok);
     assert!(
@@ -311,7 +284,7 @@ fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()
     assert_eq!(up.doc()?["last_reload"]["outcome"], "refused");
 
     // SIGHUP reads the file again as `torpor reload` does.
-    std::fs::write(&path, format!("{good}{more_svc}"))?;
+    up.rewrite(&good.services([more_svc]))?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.pid()?),
         nix::sys::signal::Signal::SIGHUP,

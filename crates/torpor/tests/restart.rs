@@ -8,23 +8,14 @@ use anyhow::{Context, Result};
 
 mod common;
 
-use common::{exe, http_get, Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, http_get, Up};
+use torpor_testkit::{config::Pool, own_addr, Config, Service, SERIAL};
 /// A sample service (16 MiB of seeded memory, `/touch` changing its first MiB) that the
 /// policy leaves awake: only the test and the stop put it to sleep.
-fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "16MiB", "--touch", "1MiB"]
-listen = "{port}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-"#,
-        exe = exe()
-    )
+fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
+    common::sample_service(name, port, backend, "16MiB")
+        .args(&["--touch", "1MiB"])
+        .idle("1h")
 }
 
 /// The service's state as its memory shows it: the checksum of its buffer, which every
@@ -65,20 +56,22 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let spill = dir.path().join("spill");
-    let pool = format!(
-        "[pool]\ncapacity = \"256MiB\"\nspill_dir = \"{}\"",
-        spill.display()
-    );
+    let pool = Config {
+        pool: Pool {
+            capacity: Some("256MiB".into()),
+            spill_dir: Some(spill.clone()),
+            ..Pool::default()
+        },
+        ..Config::default()
+    };
     let (awake, asleep) = (own_addr(), own_addr());
-    let services = format!(
-        "{}{}",
+    let services = [
         sample("awake", awake, own_addr()),
-        sample("asleep", asleep, own_addr())
-    );
-    let status = own_addr();
-    let cfg = Up::config(&pool, status, &services);
+        sample("asleep", asleep, own_addr()),
+    ];
+    let cfg = pool.status(own_addr()).services(services);
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     let seed_sum = sum(awake)?;
     // Each goes through a sleep and a (lazy) wake first, so that what the stop keeps is an
@@ -119,7 +112,7 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
     );
     drop(up);
 
-    let mut up = Up::spawn(&cfg, status)?;
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
     for name in ["awake", "asleep"] {
         let s = up.service(name)?;
@@ -160,7 +153,7 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
 fn without_a_disk_tier_a_stop_kills_services_as_before_and_says_so() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
-    let mut up = Up::start(EMBEDDED, &sample("web", web, own_addr()))?;
+    let mut up = Up::launch(embedded().services([sample("web", web, own_addr())]))?;
     const WARNING: &str = "stopping loses the state of every service";
     assert_eq!(up.log_text().matches(WARNING).count(), 1, "said at start");
     change(web, 1)?;

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{exe, http_get, Up, EMBEDDED};
+use common::{embedded, http_get, Up};
 use torpor_testkit::{own_addr, SERIAL};
 /// chromedriver in its own process group, which is killed (with the browsers it started)
 /// and reaped when this is dropped.
@@ -144,20 +144,8 @@ fn the_status_page_follows_a_service_to_sleep_awake_and_asleep_again_without_a_r
 {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
-    let services = format!(
-        r#"
-[[service]]
-name = "web"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "48MiB"]
-listen = "{web}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-"#,
-        exe = exe(),
-        backend = own_addr()
-    );
-    let up = Up::start(EMBEDDED, &services)?;
+    let service = common::sample_service("web", web, own_addr(), "48MiB").idle("1h");
+    let up = Up::launch(embedded().services([service]))?;
     let driver = Driver::start()?;
     let profile = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 
 mod common;
 
-use common::{Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, Up};
+use torpor_testkit::{own_addr, Service, SERIAL};
 
 /// The policy's idle threshold for the service here.
 const IDLE: Duration = Duration::from_secs(1);
@@ -51,13 +51,14 @@ fn get(to: SocketAddr, path: &str) -> Result<String> {
 
 /// A node namespace of its own: the cgroups of other tests' services (the default
 /// namespace's) are never taken for this one's, nor this one's for theirs.
-const NODE: &str = "[node]\nnamespace = \"steertest\"";
+const NAMESPACE: &str = "steertest";
 
 /// `torpor up` with the steered sample service, gate on `port`.
 fn up(port: SocketAddr, backend: SocketAddr) -> Result<Up> {
-    Up::start(
-        &format!("{NODE}\n{EMBEDDED}"),
-        &steered_sample(port, backend),
+    Up::launch(
+        embedded()
+            .namespace(NAMESPACE)
+            .services([steered_sample(port, backend)]),
     )
 }
 
@@ -74,10 +75,12 @@ fn wait_steered(up: &Up) -> Result<serde_json::Value> {
     Ok(s)
 }
 
-/// The `[[service]]` section of the steered sample service, gate on `port`.
-fn steered_sample(port: SocketAddr, backend: SocketAddr) -> String {
+/// The steered sample service, gate on `port`.
+fn steered_sample(port: SocketAddr, backend: SocketAddr) -> Service {
     let idle = format!("{}ms", IDLE.as_millis());
-    common::sample_service("web", port, backend, "8MiB", &idle, "kernel")
+    common::sample_service("web", port, backend, "8MiB")
+        .idle(&idle)
+        .steering("kernel")
 }
 
 #[test]

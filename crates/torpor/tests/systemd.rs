@@ -15,7 +15,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 mod common;
 
 use common::{exe, http_get};
-use torpor_testkit::{own_addr, SERIAL};
+use torpor_testkit::{config::Control, own_addr, Config, SERIAL};
 /// The repository's unit file.
 const UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
 
@@ -27,27 +27,18 @@ fn two_services(
     status: std::net::SocketAddr,
 ) -> Result<(PathBuf, [std::net::SocketAddr; 2])> {
     let gates = [own_addr(), own_addr()];
-    let mut cfg = format!(
-        "[pool]\ncapacity = \"64MiB\"\n[status]\nlisten = \"{status}\"\n[control]\nsocket = \"{}\"\n",
-        dir.join("control.sock").display()
-    );
-    for (name, gate) in ["alpha", "beta"].iter().zip(gates) {
-        cfg.push_str(&format!(
-            r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "8MiB"]
-listen = "{gate}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "1h"
-"#,
-            exe = exe(),
-            backend = own_addr(),
-        ));
-    }
-    let path = dir.join("torpor.toml");
-    std::fs::write(&path, cfg)?;
+    let services = ["alpha", "beta"]
+        .iter()
+        .zip(gates)
+        .map(|(name, gate)| common::sample_service(name, gate, own_addr(), "8MiB").idle("1h"));
+    let cfg = Config {
+        control: Some(Control {
+            socket: Some(dir.join("control.sock")),
+            ..Control::default()
+        }),
+        ..Config::embedded("64MiB").status(status).services(services)
+    };
+    let path = cfg.write_in(dir)?;
     Ok((path, gates))
 }
 

@@ -25,10 +25,12 @@ use torpor_bench::harness::redis_command;
 mod common;
 
 use common::{http_get, Up};
-use torpor_testkit::{own_addr, SERIAL};
+use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// Enough for the small services here; the RAM tier is pre-faulted at start, so smaller is
 /// quicker.
-const POOL: &str = "[pool]\ncapacity = \"256MiB\"";
+fn pool() -> Config {
+    Config::embedded("256MiB")
+}
 
 /// Every wait for a state change; generous, as CRIU competes with other builds on 2 cores.
 const WAIT: Duration = Duration::from_secs(60);
@@ -174,7 +176,7 @@ fn script(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 /// One `[[service]]` section: `name` runs `argv`, its gate on `port`, the service on
-/// `backend`; `extra` lines go into the section before its policy.
+/// `backend`.
 fn service(
     name: &str,
     argv: &[&str],
@@ -182,13 +184,24 @@ fn service(
     backend: SocketAddr,
     protocol: &str,
     idle: &str,
-    extra: &str,
-) -> String {
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\ncommand = [{}]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"{protocol}\"\n{extra}\n[service.policy]\nidle_threshold = \"{idle}\"\n",
-        argv.join(", ")
-    )
+) -> Service {
+    Service::new(name, argv, port, backend)
+        .protocol(protocol)
+        .idle(idle)
+}
+
+/// [`service`] running the Python script `script` with `args`, over HTTP.
+fn python(
+    name: &str,
+    script: &Path,
+    args: &[&str],
+    port: SocketAddr,
+    backend: SocketAddr,
+    idle: &str,
+) -> Result<Service> {
+    let script = script.to_str().context("path")?;
+    let argv = [&["/usr/bin/python3", script], args].concat();
+    Ok(service(name, &argv, port, backend, "http", idle))
 }
 
 /// The directory that holds every service's cgroup (`torpor-services`), as the agent finds it.
@@ -395,18 +408,14 @@ fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Resul
     )?;
     let conf = conf.to_str().context("path")?;
     let name = "trees-nginx";
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &["nginx", "-c", conf],
-            port,
-            backend,
-            "http",
-            "300ms",
-            "",
-        ),
-    )?;
+    let up = Up::launch(pool().services([service(
+        name,
+        &["nginx", "-c", conf],
+        port,
+        backend,
+        "http",
+        "300ms",
+    )]))?;
     // Init, master and two workers.
     expect_procs(name, 4, &up)?;
     assert_eq!(http_get(port, "/index.html")?, page);
@@ -424,23 +433,14 @@ fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "forking.py", FORKING)?;
     let name = "trees-forking";
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                &backend.to_string(),
-                "2",
-            ],
-            port,
-            backend,
-            "http",
-            "300ms",
-            "",
-        ),
-    )?;
+    let up = Up::launch(pool().services([python(
+        name,
+        &path,
+        &[&backend.to_string(), "2"],
+        port,
+        backend,
+        "300ms",
+    )?]))?;
     // Init, the listening parent and its two workers.
     expect_procs(name, 4, &up)?;
     let mut expected = 1;
@@ -470,22 +470,14 @@ fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "daemon.py", DAEMON)?;
     let name = "trees-daemon";
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                &backend.to_string(),
-            ],
-            port,
-            backend,
-            "http",
-            "300ms",
-            "",
-        ),
-    )?;
+    let up = Up::launch(pool().services([python(
+        name,
+        &path,
+        &[&backend.to_string()],
+        port,
+        backend,
+        "300ms",
+    )?]))?;
     // The daemon's parents are gone: init and the orphaned daemon are left.
     expect_procs(name, 2, &up)?;
     ensure!(http_get(port, "/")? == "1");
@@ -509,30 +501,26 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-redis";
     let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "redis-server",
-                "--port",
-                &backend_port,
-                "--bind",
-                &backend_ip,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                dir.path().to_str().context("path")?,
-            ],
-            port,
-            backend,
-            "tcp",
-            "300ms",
+    let up = Up::launch(pool().services([service(
+        name,
+        &[
+            "redis-server",
+            "--port",
+            &backend_port,
+            "--bind",
+            &backend_ip,
+            "--save",
             "",
-        ),
-    )?;
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.path().to_str().context("path")?,
+        ],
+        port,
+        backend,
+        "tcp",
+        "300ms",
+    )]))?;
     let gate = port;
     assert_eq!(
         redis_command(gate, &["SET", "first", "before-any-sleep"])?,
@@ -560,32 +548,28 @@ fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() ->
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-memcached";
     let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "memcached",
-                "-l",
-                &backend_ip,
-                "-p",
-                &backend_port,
-                "-U",
-                "0",
-                "-t",
-                "2",
-                "-m",
-                "64",
-                "-u",
-                "root",
-            ],
-            port,
-            backend,
-            "tcp",
-            "300ms",
-            "",
-        ),
-    )?;
+    let up = Up::launch(pool().services([service(
+        name,
+        &[
+            "memcached",
+            "-l",
+            &backend_ip,
+            "-p",
+            &backend_port,
+            "-U",
+            "0",
+            "-t",
+            "2",
+            "-m",
+            "64",
+            "-u",
+            "root",
+        ],
+        port,
+        backend,
+        "tcp",
+        "300ms",
+    )]))?;
     let gate = port;
     let set = |key: &str, value: &str| -> Result<()> {
         let got = memcached(
@@ -618,24 +602,20 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "holdmem.py", HOLDMEM)?;
     let name = "trees-nobody";
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                "32",
-                &backend.to_string(),
-            ],
-            port,
-            backend,
-            "http",
-            "300ms",
-            // Its directory must be one nobody can enter at restore too.
-            &format!("user = \"nobody\"\ncwd = \"{}\"", dir.path().display()),
-        ),
+    let nobody = python(
+        name,
+        &path,
+        &["32", &backend.to_string()],
+        port,
+        backend,
+        "300ms",
     )?;
+    let up = Up::launch(pool().services([Service {
+        user: Some("nobody".into()),
+        // Its directory must be one nobody can enter at restore too.
+        cwd: Some(dir.path().to_path_buf()),
+        ..nobody
+    }]))?;
     let first = http_get(port, "/")?;
     let (sum, count) = first.split_once(' ').context("answer")?;
     ensure!(count == "1", "{first}");
@@ -664,22 +644,14 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "switch.py", SWITCHES_UID)?;
     let name = "trees-switch";
-    let up = Up::start(
-        POOL,
-        &service(
-            name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                &backend.to_string(),
-            ],
-            port,
-            backend,
-            "http",
-            "200ms",
-            "",
-        ),
-    )?;
+    let up = Up::launch(pool().services([python(
+        name,
+        &path,
+        &[&backend.to_string()],
+        port,
+        backend,
+        "200ms",
+    )?]))?;
     ensure!(http_get(port, "/")? == "1 65534");
     let uids: BTreeSet<u32> = cgroup_procs(name)?
         .into_iter()
@@ -776,23 +748,16 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
     let forking = script(dir.path(), "forking.py", FORKING)?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-kill-armed";
-    let services = service(
+    let services = python(
         name,
-        &[
-            "/usr/bin/python3",
-            forking.to_str().context("path")?,
-            &backend.to_string(),
-            "2",
-        ],
+        &forking,
+        &[&backend.to_string(), "2"],
         port,
         backend,
-        "http",
         "300ms",
-        "",
-    );
-    let status = own_addr();
-    let cfg = Up::config(POOL, status, &services);
-    let mut up = Up::spawn(&cfg, status)?;
+    )?;
+    let cfg = pool().status(own_addr()).services([services]);
+    let mut up = Up::spawn(&cfg)?;
     up.wait_ready(WAIT)?;
     ensure!(count_of(&http_get(port, "/")?)? == 1);
     // Asleep with its next wake armed: CRIU and the restored tree wait, stopped, in the
@@ -837,39 +802,26 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
     let daemon = script(dir.path(), "daemon.py", DAEMON)?;
     let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = ["trees-kill-forking", "trees-kill-daemon"];
-    let services = format!(
-        "{}{}",
-        service(
+    let services = [
+        python(
             names[0],
-            &[
-                "/usr/bin/python3",
-                forking.to_str().context("path")?,
-                &fbackend.to_string(),
-                "2"
-            ],
+            &forking,
+            &[&fbackend.to_string(), "2"],
             fport,
             fbackend,
-            "http",
             "1h",
-            ""
-        ),
-        service(
+        )?,
+        python(
             names[1],
-            &[
-                "/usr/bin/python3",
-                daemon.to_str().context("path")?,
-                &dbackend.to_string()
-            ],
+            &daemon,
+            &[&dbackend.to_string()],
             dport,
             dbackend,
-            "http",
             "1h",
-            ""
-        )
-    );
-    let status = own_addr();
-    let cfg = Up::config(POOL, status, &services);
-    let mut first = Up::spawn(&cfg, status)?;
+        )?,
+    ];
+    let cfg = pool().status(own_addr()).services(services);
+    let mut first = Up::spawn(&cfg)?;
     first.wait_ready(WAIT)?;
     ensure!(count_of(&http_get(fport, "/")?)? == 1);
     ensure!(http_get(dport, "/")? == "1");
@@ -892,7 +844,7 @@ fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()
         old.len()
     );
 
-    let mut second = Up::spawn(&cfg, status)?;
+    let mut second = Up::spawn(&cfg)?;
     second.wait_ready(WAIT)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -956,41 +908,29 @@ fn two_trees(
     dir: &Path,
     prefix: &str,
     idle: &str,
-) -> Result<(String, [String; 2], [SocketAddr; 2])> {
+) -> Result<([Service; 2], [String; 2], [SocketAddr; 2])> {
     let forking = script(dir, "forking.py", FORKING)?;
     let daemon = script(dir, "daemon.py", DAEMON)?;
     let (fport, fbackend, dport, dbackend) = (own_addr(), own_addr(), own_addr(), own_addr());
     let names = [format!("{prefix}-forking"), format!("{prefix}-daemon")];
-    let services = format!(
-        "{}{}",
-        service(
+    let services = [
+        python(
             &names[0],
-            &[
-                "/usr/bin/python3",
-                forking.to_str().context("path")?,
-                &fbackend.to_string(),
-                "2"
-            ],
+            &forking,
+            &[&fbackend.to_string(), "2"],
             fport,
             fbackend,
-            "http",
             idle,
-            ""
-        ),
-        service(
+        )?,
+        python(
             &names[1],
-            &[
-                "/usr/bin/python3",
-                daemon.to_str().context("path")?,
-                &dbackend.to_string()
-            ],
+            &daemon,
+            &[&dbackend.to_string()],
             dport,
             dbackend,
-            "http",
             idle,
-            ""
-        )
-    );
+        )?,
+    ];
     Ok((services, names, [fport, dport]))
 }
 
@@ -1054,8 +994,7 @@ fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing()
     for delay_ms in [10, 30, 100, 300] {
         let dir = open_dir()?;
         let (services, names, _) = two_trees(dir.path(), "trees-term", "1h")?;
-        let status = own_addr();
-        let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
+        let mut up = Up::spawn(&pool().status(own_addr()).services(services))?;
         let pid = up.pid()?;
         ensure!(
             wait_until(Duration::from_secs(10), || sigterm_taken(pid)),
@@ -1104,10 +1043,12 @@ fn sigterm_while_a_service_is_still_starting_stops_it_at_once_and_exits_0() -> R
         own_addr(),
         "http",
         "1h",
-        "start_timeout = \"600s\"",
     );
-    let status = own_addr();
-    let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
+    let services = Service {
+        start_timeout: Some("600s".into()),
+        ..services
+    };
+    let mut up = Up::spawn(&pool().status(own_addr()).services([services]))?;
     // Once its processes are in its cgroup the agent is inside its start, waiting for the
     // service to accept connections (which it never does).
     let deadline = Instant::now() + WAIT;
@@ -1143,22 +1084,15 @@ fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()
         let (port, backend) = (own_addr(), own_addr());
         let name = format!("trees-term-{moment}");
         // Enough memory that the checkpoint and the restore take a while.
-        let services = service(
+        let services = python(
             &name,
-            &[
-                "/usr/bin/python3",
-                path.to_str().context("path")?,
-                "160",
-                &backend.to_string(),
-            ],
+            &path,
+            &["160", &backend.to_string()],
             port,
             backend,
-            "http",
             "200ms",
-            "",
-        );
-        let status = own_addr();
-        let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
+        )?;
+        let mut up = Up::spawn(&pool().status(own_addr()).services([services]))?;
         up.wait_ready(WAIT)?;
         if moment == "waking" {
             up.wait_state(&name, "asleep", WAIT)?;
@@ -1195,22 +1129,15 @@ fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
     )?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-late".to_string();
-    let services = service(
+    let services = python(
         &name,
-        &[
-            "/usr/bin/python3",
-            late.to_str().context("path")?,
-            "1",
-            &backend.to_string(),
-        ],
+        &late,
+        &["1", &backend.to_string()],
         port,
         backend,
-        "http",
         "1h",
-        "",
-    );
-    let status = own_addr();
-    let mut up = Up::spawn(&Up::config(POOL, status, &services), status)?;
+    )?;
+    let mut up = Up::spawn(&pool().status(own_addr()).services([services]))?;
     let deadline = Instant::now() + WAIT;
     while cgroup_procs(&name)?.len() < 2 {
         ensure!(

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -16,8 +16,11 @@ use torpor_bench::harness::{redis_command, PoolProcess};
 
 mod common;
 
-use common::{exe, http_get, Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::{embedded, exe, http_get, Up};
+use torpor_testkit::{
+    config::{NodeSleep, Pool, Power},
+    own_addr, Config, Service, SERIAL,
+};
 
 /// The sleep/wake tests below run twice: with the gate proxying every connection, and with
 /// kernel steering (new connections straight to the awake service; the gate only while it
@@ -52,15 +55,17 @@ fn check_mode(up: &Up, names: &[&str], steering: &str) -> Result<()> {
     Ok(())
 }
 
-/// The proxied sample service (see [`sample_http_steered`]).
+/// The proxied sample service.
 fn sample_http(
     name: &str,
     port: SocketAddr,
     backend: SocketAddr,
     memory: &str,
     idle: &str,
-) -> String {
-    common::sample_service(name, port, backend, memory, idle, "proxy")
+) -> Service {
+    common::sample_service(name, port, backend, memory)
+        .idle(idle)
+        .steering("proxy")
 }
 
 async fn get(
@@ -79,12 +84,20 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls(
 ) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (web, grpc, grpc_backend) = (own_addr(), own_addr(), own_addr());
-    let services = format!(
-        "{}\n[[service]]\nname = \"grpc\"\ncommand = [\"{}\", \"sample-grpc\", \"--listen\", \"{grpc_backend}\"]\nlisten = \"{grpc}\"\nbackend = \"{grpc_backend}\"\nsteering = \"{steering}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        common::sample_service("web", web, own_addr(), "32MiB", "200ms", steering),
-        exe()
-    );
-    let mut up = Up::start(EMBEDDED, &services)?;
+    let services = [
+        common::sample_service("web", web, own_addr(), "32MiB")
+            .idle("200ms")
+            .steering(steering),
+        Service::new(
+            "grpc",
+            &[exe(), "sample-grpc", "--listen", &grpc_backend.to_string()],
+            grpc,
+            grpc_backend,
+        )
+        .steering(steering)
+        .idle("200ms"),
+    ];
+    let mut up = Up::launch(embedded().services(services))?;
     check_mode(&up, &["web", "grpc"], steering)?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     up.wait_state("grpc", "asleep", Duration::from_secs(30))?;
@@ -145,13 +158,28 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Res
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
-    let services = format!(
-        "[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\nsteering = \"{steering}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        backend.port(),
-        backend.ip(),
-        dir.path().display()
-    );
-    let up = Up::start(EMBEDDED, &services)?;
+    let kv = Service::new(
+        "kv",
+        &[
+            "redis-server",
+            "--port",
+            &backend.port().to_string(),
+            "--bind",
+            &backend.ip().to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.path().display().to_string(),
+        ],
+        port,
+        backend,
+    )
+    .protocol("tcp")
+    .steering(steering)
+    .idle("200ms");
+    let up = Up::launch(embedded().services([kv]))?;
     check_mode(&up, &["kv"], steering)?;
     for round in 0..3 {
         up.wait_state("kv", "asleep", Duration::from_secs(30))?;
@@ -179,9 +207,10 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Res
 fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
-    let up = Up::start(
-        EMBEDDED,
-        &common::sample_service("big", web, own_addr(), "512MiB", "300ms", steering),
+    let up = Up::launch(
+        embedded().services([common::sample_service("big", web, own_addr(), "512MiB")
+            .idle("300ms")
+            .steering(steering)]),
     )?;
     check_mode(&up, &["big"], steering)?;
     let expected = torpor_workload::expected_sum(512 << 20, 1);
@@ -225,16 +254,18 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) 
 fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pool = PoolProcess::spawn(Path::new(exe()), 256 << 20)?;
-    let pool_cfg = format!(
-        "[node]\nnamespace = \"uptest\"\n[pool]\naddress = \"{}\"\ntoken_file = \"{}\"",
-        pool.target.addr,
-        pool.token_file().display()
-    );
+    let pool_cfg = Config {
+        pool: Pool {
+            address: Some(pool.target.addr.to_string()),
+            token_file: Some(pool.token_file()),
+            ..Pool::default()
+        },
+        ..Config::default()
+    }
+    .namespace("uptest");
     let web = own_addr();
-    let up = Up::start(
-        &pool_cfg,
-        &sample_http("web", web, own_addr(), "16MiB", "200ms"),
-    )?;
+    let up =
+        Up::launch(pool_cfg.services([sample_http("web", web, own_addr(), "16MiB", "200ms")]))?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     // The node's snapshots carry its namespace in a shared pool.
     assert_eq!(pool.target.connect()?.delete("uptest.web", None)?, 1);
@@ -261,7 +292,8 @@ fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let iptables_before = Command::new("iptables").arg("-S").output()?.stdout;
     let web = own_addr();
-    let mut up = Up::start(EMBEDDED, &sample_http("web", web, own_addr(), "8MiB", "1h"))?;
+    let mut up =
+        Up::launch(embedded().services([sample_http("web", web, own_addr(), "8MiB", "1h")]))?;
     let s = up.wait_state("web", "awake", Duration::from_secs(10))?;
     let pid = s["pid"].as_i64().context("pid")? as i32;
     nix::sys::signal::kill(
@@ -329,17 +361,22 @@ fn busybox_bundle(dir: &Path, addr: SocketAddr, body: &str) -> Result<std::path:
     Ok(bundle)
 }
 
+/// The container of `bundle` as the service `name`, its gate on `port`, sleeping after 200 ms.
+fn container(name: &str, bundle: PathBuf, port: SocketAddr, backend: SocketAddr) -> Service {
+    Service {
+        command: None,
+        bundle: Some(bundle),
+        ..Service::new::<&str>(name, &[], port, backend).idle("200ms")
+    }
+}
+
 #[test]
 fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "hello from a container\n")?;
-    let services = format!(
-        "[[service]]\nname = \"box\"\nbundle = \"{}\"\nlisten = \"{port}\"\nbackend = \"{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        bundle.display()
-    );
-    let mut up = Up::start(EMBEDDED, &services)?;
+    let mut up = Up::launch(embedded().services([container("box", bundle, port, backend)]))?;
     for _ in 0..2 {
         up.wait_state("box", "asleep", Duration::from_secs(30))?;
         let body = http_get(port, "/index.html").with_context(|| up.log_text())?;
@@ -364,13 +401,11 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "still here\n")?;
-    let services = format!(
-        "[[service]]\nname = \"boxfull\"\nbundle = \"{}\"\nlisten = \"{port}\"\nbackend = \"{backend}\"\n[service.policy]\nidle_threshold = \"200ms\"\n",
-        bundle.display()
-    );
     // Far too small for the container's images: the upload is refused after the dump, while
     // the container is paused.
-    let mut up = Up::start("[pool]\ncapacity = \"64KiB\"", &services)?;
+    let mut up = Up::launch(
+        Config::embedded("64KiB").services([container("boxfull", bundle, port, backend)]),
+    )?;
     up.wait_for(
         "boxfull",
         "awake after a refused checkpoint",
@@ -393,10 +428,8 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
 fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let web = own_addr();
-    let up = Up::start(
-        EMBEDDED,
-        &sample_http("tick", web, own_addr(), "16MiB", "200ms"),
-    )?;
+    let up =
+        Up::launch(embedded().services([sample_http("tick", web, own_addr(), "16MiB", "200ms")]))?;
     let period = Duration::from_millis(1500);
     let mut late = Vec::new();
     for i in 0..14 {
@@ -472,29 +505,27 @@ fn real_idle_knobs() -> Vec<String> {
 
 /// `[power]` with every knob on, turned in the fake tree at `root`; node hooks log to
 /// `root/hooks.log`.
-fn knob_config(root: &Path) -> String {
-    format!(
-        r#"
-[power]
-profile = "{profile}"
-knob_root = "{root}"
-journal = "{journal}"
-consolidate = true
-deep_idle = true
-offline_idle_cores = true
-wake_latency_us = 0
-[power.node_sleep]
-sleep = ["sh", "-c", "echo sleep >> {hooks}"]
-wake = ["sh", "-c", "echo wake >> {hooks}"]
-after = "300ms"
-"#,
-        root = root.display(),
-        journal = root.join("run/knobs.json").display(),
-        hooks = root.join("hooks.log").display(),
-        profile = common::quick_suspend_profile(root, 0.05)
-            .expect("profile written")
-            .display()
-    )
+fn knob_config(root: &Path) -> Power {
+    let hooks = root.join("hooks.log").display().to_string();
+    let hook = |word: &str| -> Vec<String> {
+        ["sh", "-c", &format!("echo {word} >> {hooks}")]
+            .map(String::from)
+            .to_vec()
+    };
+    Power {
+        profile: Some(common::quick_suspend_profile(root, 0.05).expect("profile written")),
+        knob_root: Some(root.to_path_buf()),
+        journal: Some(root.join("run/knobs.json")),
+        consolidate: true,
+        deep_idle: true,
+        offline_idle_cores: true,
+        wake_latency_us: Some(0),
+        node_sleep: Some(NodeSleep {
+            sleep: hook("sleep"),
+            wake: hook("wake"),
+            after: "300ms".into(),
+        }),
+    }
 }
 
 /// Waits until `up`'s service "web" is asleep and the node sleep hook has run.
@@ -525,9 +556,12 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
     let journal = tree.path().join("run/knobs.json");
     let power = knob_config(tree.path());
     let web = own_addr();
-    let mut up = Up::start(
-        &format!("{EMBEDDED}\n{power}"),
-        &sample_http("web", web, own_addr(), "8MiB", "200ms"),
+    let mut up = Up::launch(
+        Config {
+            power: Some(power),
+            ..embedded()
+        }
+        .services([sample_http("web", web, own_addr(), "8MiB", "200ms")]),
     )?;
     wait_node_asleep(&up, &hooks)?;
     let fake = |p: &str| {
@@ -628,12 +662,18 @@ fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     let ncpus = fake_knob_tree(tree.path())?;
     let hooks = tree.path().join("hooks.log");
     let journal = tree.path().join("run/knobs.json");
-    let config = format!("{EMBEDDED}\n{}", knob_config(tree.path()));
+    let config = Config {
+        power: Some(knob_config(tree.path())),
+        ..embedded()
+    };
     let web = own_addr();
-    let mut up = Up::start(
-        &config,
-        &sample_http("web", web, own_addr(), "8MiB", "200ms"),
-    )?;
+    let mut up = Up::launch(config.clone().services([sample_http(
+        "web",
+        web,
+        own_addr(),
+        "8MiB",
+        "200ms",
+    )]))?;
     wait_node_asleep(&up, &hooks)?;
     // The agent dies without cleaning up: the journal keeps what it changed.
     let mut child = up.child.take().context("running")?;
@@ -641,7 +681,8 @@ fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     child.wait()?;
     assert!(journal.exists(), "changes journaled");
     // The next start puts everything back first (the wake hook runs), then plans afresh.
-    let mut again = Up::start(&config, &sample_http("web", web, own_addr(), "8MiB", "1h"))?;
+    let mut again =
+        Up::launch(config.services([sample_http("web", web, own_addr(), "8MiB", "1h")]))?;
     assert_eq!(std::fs::read_to_string(&hooks)?.trim(), "sleep\nwake");
     assert!(
         again

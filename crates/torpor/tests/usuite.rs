@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use torpor_testkit::own_addr;
+use torpor_testkit::{config, own_addr, Config};
 use torpor_usuite::{
     data::term_name,
     hdsearch,
@@ -48,55 +48,54 @@ struct Deployed {
 }
 
 /// torpor.toml services for the three tiers of `service` (two buckets).
-fn tiers(service: Service, d: &DataArgs, memcached: &[SocketAddr]) -> (String, Deployed) {
+fn tiers(
+    service: Service,
+    d: &DataArgs,
+    memcached: &[SocketAddr],
+) -> (Vec<config::Service>, Deployed) {
     let name = service.as_str();
-    let data = d
-        .to_args()
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut toml = String::new();
+    let data = d.to_args();
+    let mut services = Vec::new();
     let mut bucket_gates = Vec::new();
     let mut names = Vec::new();
+    // `torpor usuite NAME TIER --listen BACKEND`, then `more`, then the data's arguments.
+    let tier_argv = |tier: &str, backend: SocketAddr, more: Vec<String>| -> Vec<String> {
+        let mut argv: Vec<String> = [exe(), "usuite", name, tier, "--listen"]
+            .map(String::from)
+            .to_vec();
+        argv.push(backend.to_string());
+        argv.extend(more);
+        argv.extend(data.iter().cloned());
+        argv
+    };
     for shard in 0..2 {
         let (gate, backend) = (own_addr(), own_addr());
         bucket_gates.push(format!("{gate}"));
-        let extra = match (service, memcached.get(shard)) {
-            (Service::Router, Some(m)) => format!(r#", "--memcached", "{m}""#),
-            _ => String::new(),
-        };
-        names.push(format!("{name}-b{shard}"));
-        toml.push_str(&format!(
-            r#"
-[[service]]
-name = "{name}-b{shard}"
-command = ["{exe}", "usuite", "{name}", "bucket", "--listen", "{backend}", "--shard", "{shard}", "--shards", "2"{extra}, {data}]
-listen = "{gate}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "300ms"
-"#,
-            exe = exe()
-        ));
+        let mut more = vec![
+            "--shard".into(),
+            shard.to_string(),
+            "--shards".into(),
+            "2".into(),
+        ];
+        if let (Service::Router, Some(m)) = (service, memcached.get(shard)) {
+            more.extend(["--memcached".into(), m.to_string()]);
+        }
+        let bucket = format!("{name}-b{shard}");
+        let argv = tier_argv("bucket", backend, more);
+        services.push(config::Service::new(&bucket, &argv, gate, backend).idle("300ms"));
+        names.push(bucket);
     }
     let (gate, backend) = (own_addr(), own_addr());
-    names.push(format!("{name}-mid"));
-    toml.push_str(&format!(
-        r#"
-[[service]]
-name = "{name}-mid"
-command = ["{exe}", "usuite", "{name}", "mid", "--listen", "{backend}", "--buckets", "{buckets}", {data}]
-listen = "{gate}"
-backend = "{backend}"
-[service.policy]
-idle_threshold = "300ms"
-"#,
-        exe = exe(),
-        buckets = bucket_gates.join(",")
-    ));
+    let mid = format!("{name}-mid");
+    let argv = tier_argv(
+        "mid",
+        backend,
+        vec!["--buckets".into(), bucket_gates.join(",")],
+    );
+    services.push(config::Service::new(&mid, &argv, gate, backend).idle("300ms"));
+    names.push(mid);
     (
-        toml,
+        services,
         Deployed {
             service,
             mid_gate: gate,
@@ -243,17 +242,19 @@ fn every_usuite_service_answers_through_the_gates_asleep_and_awake() -> Result<(
     let d = data();
     let caches = [MemcachedServer::start(16)?, MemcachedServer::start(16)?];
     let memcached: Vec<SocketAddr> = caches.iter().map(|c| c.addr).collect();
-    let mut services = String::new();
+    let mut services = Vec::new();
     let mut deployed = Vec::new();
     for s in Service::ALL {
-        let (toml, dep) = tiers(s, &d, &memcached);
-        services.push_str(&toml);
+        let (tier_services, dep) = tiers(s, &d, &memcached);
+        services.extend(tier_services);
         deployed.push(dep);
     }
     let dir = tempfile::tempdir()?;
     let status = own_addr();
-    let cfg = format!("[pool]\ncapacity = \"1GiB\"\n[status]\nlisten = \"{status}\"\n{services}");
-    std::fs::write(dir.path().join("torpor.toml"), cfg)?;
+    Config::embedded("1GiB")
+        .status(status)
+        .services(services)
+        .write_in(dir.path())?;
     let log = dir.path().join("up.log");
     let child = Command::new(exe())
         .args(["up", "-c"])

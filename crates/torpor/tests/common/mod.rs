@@ -14,9 +14,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use torpor_testkit::own_addr;
+use torpor_testkit::{config::Control, own_addr, Config, Service};
 
 /// An embedded pool large enough for every test service here.
+pub fn embedded() -> Config {
+    Config::embedded("768MiB")
+}
+
+/// [`embedded`] as text, for the tests that still write torpor.toml as text (governor.rs,
+/// changed elsewhere at the moment) through [`Up::start`].
 pub const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
 
 pub fn exe() -> &'static str {
@@ -41,39 +47,75 @@ pub struct Up {
     /// Its control socket: its own, in `dir`, unless the config names one (tests run
     /// several `torpor up` at once; the default path is for users).
     pub control: PathBuf,
+    /// The file it runs on when started from a [`Config`] ([`Up::config`]).
+    config: Option<Config>,
 }
 
 impl Up {
-    /// Starts `torpor up` with the pool section `pool` and the services `services` (a status
-    /// section on a free port is added) and waits until it is ready.
-    pub fn start(pool: &str, services: &str) -> Result<Up> {
-        let status = own_addr();
-        let mut up = Up::spawn(&Up::config(pool, status, services), status)?;
+    /// Starts `torpor up` on `cfg` with its status API on an address of this process's own
+    /// (whatever `cfg` says) and waits until it is ready.
+    pub fn launch(cfg: Config) -> Result<Up> {
+        let mut up = Up::spawn(&cfg.status(own_addr()))?;
         up.wait_ready(Duration::from_secs(60))?;
         Ok(up)
     }
 
-    /// A whole config file: `pool`, the status API on `status`, `services`.
-    pub fn config(pool: &str, status: SocketAddr, services: &str) -> String {
-        format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}")
+    /// [`Up::launch`] on a config given as text: the pool section `pool` and the services
+    /// `services`. Only for governor.rs, which is being changed elsewhere; it moves to
+    /// [`Up::launch`] with the rest.
+    pub fn start(pool: &str, services: &str) -> Result<Up> {
+        let status = own_addr();
+        let dir = tempfile::tempdir()?;
+        let control = dir.path().join("control.sock");
+        let path = dir.path().join("torpor.toml");
+        let mut cfg = format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}");
+        if !cfg.contains("[control]") {
+            cfg.push_str(&format!(
+                "\n[control]\nsocket = \"{}\"\n",
+                control.display()
+            ));
+        }
+        std::fs::write(&path, cfg)?;
+        let mut up = Up::run(dir, &path, status, control, None)?;
+        up.wait_ready(Duration::from_secs(60))?;
+        Ok(up)
     }
 
-    /// Starts `torpor up` on the config text `cfg` (whose status API is on `status`) and
-    /// returns at once. Without a `[control]` section it gets a control socket of its own.
-    pub fn spawn(cfg: &str, status: SocketAddr) -> Result<Up> {
+    /// Starts `torpor up` on `cfg`, which names its status API, and returns at once. Without
+    /// a `[control]` section it gets a control socket of its own.
+    pub fn spawn(cfg: &Config) -> Result<Up> {
+        let status = cfg.status.as_ref().context("a status address")?.listen;
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("torpor.toml");
         let control = dir.path().join("control.sock");
-        let cfg = if cfg.contains("[control]") {
-            cfg.to_string()
-        } else {
-            format!("{cfg}\n[control]\nsocket = \"{}\"\n", control.display())
-        };
-        std::fs::write(&path, cfg)?;
+        let mut cfg = cfg.clone();
+        cfg.control.get_or_insert_with(|| Control {
+            socket: Some(control.clone()),
+            ..Control::default()
+        });
+        let path = cfg.write_in(dir.path())?;
+        Up::run(dir, &path, status, control, Some(cfg))
+    }
+
+    /// The config it runs on, as written (status and control sections included), for tests
+    /// that change it and reload.
+    pub fn config(&self) -> Result<Config> {
+        self.config
+            .clone()
+            .context("started from text, not from a Config")
+    }
+
+    /// Runs `torpor up -c path`, logging into `dir`.
+    fn run(
+        dir: tempfile::TempDir,
+        path: &std::path::Path,
+        status: SocketAddr,
+        control: PathBuf,
+        config: Option<Config>,
+    ) -> Result<Up> {
         let log = dir.path().join("up.log");
         let child = Command::new(exe())
             .args(["up", "-c"])
-            .arg(&path)
+            .arg(path)
             .env(
                 "RUST_LOG",
                 std::env::var("TORPOR_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -88,7 +130,14 @@ impl Up {
             dir,
             log,
             control,
+            config,
         })
+    }
+
+    /// Writes `cfg` over the file it runs on (for `torpor reload`).
+    pub fn rewrite(&self, cfg: &Config) -> Result<()> {
+        cfg.write_in(self.dir.path())?;
+        Ok(())
     }
 
     /// PID of the `torpor up` process.
@@ -278,28 +327,8 @@ pub fn quick_suspend_profile(dir: &std::path::Path, transition_s: f64) -> Result
     Ok(path)
 }
 
-/// The `[[service]]` section of the sample HTTP service `name` holding `memory`, listening on
-/// `backend` behind a gate on `port`, with `steering` ("proxy" or "kernel") and idle threshold
-/// `idle`.
-pub fn sample_service(
-    name: &str,
-    port: SocketAddr,
-    backend: SocketAddr,
-    memory: &str,
-    idle: &str,
-    steering: &str,
-) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-command = ["{exe}", "sample-service", "--listen", "{backend}", "--memory", "{memory}"]
-listen = "{port}"
-backend = "{backend}"
-steering = "{steering}"
-[service.policy]
-idle_threshold = "{idle}"
-"#,
-        exe = exe()
-    )
+/// The sample HTTP service `name` holding `memory`, listening on `backend` behind a gate on
+/// `port`.
+pub fn sample_service(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str) -> Service {
+    Service::sample(exe_path(), name, port, backend, memory)
 }
