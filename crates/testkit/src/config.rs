@@ -87,6 +87,9 @@ pub struct Node {
     /// Where kept services are recorded; tests of keeping put it in their temp dir.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// The most memory the services up may hold: the governor test fits one of two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<String>,
 }
 
 /// `[pool]`: embedded (`capacity`, `spill_dir`) or remote (`address`, `token_file`).
@@ -139,6 +142,9 @@ pub struct Power {
     /// Where changed knobs are journaled, so a test can see them put back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<PathBuf>,
+    /// Knobs and node sleep only logged (the node sleep then credited as a dry run).
+    #[serde(skip_serializing_if = "is_false")]
+    pub dry_run: bool,
     /// Off unless set: written only when on, as a user would.
     #[serde(skip_serializing_if = "is_false")]
     pub consolidate: bool,
@@ -309,6 +315,9 @@ pub struct Policy {
     /// As `max_sleep_rate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_queue: Option<usize>,
+    /// `energy` for the governor's tests; the default (threshold) otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub governor: Option<String>,
 }
 
 #[cfg(test)]

@@ -12,8 +12,28 @@ use torpor_bench::harness::redis_command;
 
 mod common;
 
-use common::{Up, EMBEDDED};
-use torpor_testkit::{own_addr, SERIAL};
+use common::Up;
+use torpor_testkit::{
+    config::{Node, NodeSleep, Power},
+    own_addr, Service, SERIAL,
+};
+
+/// Knobs and node sleep as a dry run on the icx-2s profile whose node suspends and resumes in
+/// `transition_s` seconds (written into `dir`); the hooks are `false`: had one run, the sleep
+/// would have failed.
+fn dry_run_power(dir: &std::path::Path, transition_s: f64) -> Result<Power> {
+    Ok(Power {
+        profile: Some(common::quick_suspend_profile(dir, transition_s)?),
+        journal: Some(dir.join("knobs.json")),
+        dry_run: true,
+        node_sleep: Some(NodeSleep {
+            sleep: vec!["false".into()],
+            wake: vec!["false".into()],
+            after: "200ms".into(),
+        }),
+        ..Power::default()
+    })
+}
 
 #[test]
 fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_pays() -> Result<()>
@@ -22,18 +42,35 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     // Suspend and resume of 1 s each: node sleep pays after about 3 s of predicted quiet.
-    let power = format!(
-        "[power]\nprofile = \"{}\"\ndry_run = true\njournal = \"{}\"\n[power.node_sleep]\nsleep = [\"false\"]\nwake = [\"false\"]\nafter = \"200ms\"\n[node]\nnamespace = \"governortest\"\n",
-        common::quick_suspend_profile(dir.path(), 1.0)?.display(),
-        dir.path().join("knobs.json").display()
+    let (redis_port, redis_bind, redis_dir) = (
+        backend.port().to_string(),
+        backend.ip().to_string(),
+        dir.path().display().to_string(),
     );
-    let services = format!(
-        "{power}[[service]]\nname = \"kv\"\ncommand = [\"redis-server\", \"--port\", \"{}\", \"--bind\", \"{}\", \"--save\", \"\", \"--appendonly\", \"no\", \"--dir\", \"{}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nprotocol = \"tcp\"\n[service.policy]\nidle_threshold = \"200ms\"\ngovernor = \"energy\"\n",
-        backend.port(),
-        backend.ip(),
-        dir.path().display()
-    );
-    let up = Up::start(EMBEDDED, &services)?;
+    let mut kv = Service::new(
+        "kv",
+        &[
+            "redis-server",
+            "--port",
+            &redis_port,
+            "--bind",
+            &redis_bind,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &redis_dir,
+        ],
+        port,
+        backend,
+    )
+    .protocol("tcp")
+    .idle("200ms");
+    kv.policy.governor = Some("energy".into());
+    let mut cfg = common::embedded().namespace("governortest").services([kv]);
+    cfg.power = Some(dry_run_power(dir.path(), 1.0)?);
+    let up = Up::launch(cfg)?;
     assert_eq!(redis_command(port, &["SET", "k", "v"])?, "+OK");
     // Its idle cost is measured first (a second with nothing in flight), then a freeze pays
     // almost at once: a thaw costs next to nothing.
@@ -64,13 +101,11 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
 /// A sample HTTP service holding `memory`, asleep only when something other than its idle
 /// threshold (an hour) puts it there; restored eagerly, so that a wake brings all of its
 /// memory back (a lazy one holds only what it touches).
-fn sample(name: &str, memory: &str) -> (String, std::net::SocketAddr) {
+fn sample(name: &str, memory: &str) -> (Service, std::net::SocketAddr) {
     let (port, backend) = (own_addr(), own_addr());
-    let text = format!(
-        "[[service]]\nname = \"{name}\"\ncommand = [\"{exe}\", \"sample-service\", \"--listen\", \"{backend}\", \"--memory\", \"{memory}\"]\nlisten = \"{port}\"\nbackend = \"{backend}\"\nrestore = \"eager\"\n[service.policy]\nidle_threshold = \"1h\"\n",
-        exe = common::exe()
-    );
-    (text, port)
+    let mut service = common::sample_service(name, port, backend, memory).idle("1h");
+    service.restore = Some("eager".into());
+    (service, port)
 }
 
 fn budget_snapshots(up: &Up, name: &str) -> Result<usize> {
@@ -92,10 +127,13 @@ fn past_the_memory_budget_the_coldest_idle_service_is_snapshotted_and_wakes_on_d
     let (a, a_port) = sample("a", "48MiB");
     let (b, b_port) = sample("b", "48MiB");
     // Two services of ~50 MiB each, room for one.
-    let up = Up::start(
-        EMBEDDED,
-        &format!("[node]\nnamespace = \"budgettest\"\nmemory_budget = \"80MiB\"\n{a}{b}"),
-    )?;
+    let mut cfg = common::embedded().services([a, b]);
+    cfg.node = Some(Node {
+        namespace: Some("budgettest".into()),
+        memory_budget: Some("80MiB".into()),
+        ..Node::default()
+    });
+    let up = Up::launch(cfg)?;
     let asleep = |s: &serde_json::Value| s["state"] == "asleep";
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let first = loop {
@@ -135,18 +173,11 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir()?;
     let (svc, port) = sample("web", "8MiB");
-    let power = format!(
-        "[power]\nprofile = \"{}\"\ndry_run = true\njournal = \"{}\"\n[power.node_sleep]\nsleep = [\"false\"]\nwake = [\"false\"]\nafter = \"200ms\"\n",
-        common::quick_suspend_profile(dir.path(), 0.05)?.display(),
-        dir.path().join("knobs.json").display()
-    );
-    let up = Up::start(
-        EMBEDDED,
-        &format!(
-            "{power}[node]\nnamespace = \"drysleeptest\"\n{}",
-            svc.replace("\"1h\"", "\"200ms\"")
-        ),
-    )?;
+    let mut cfg = common::embedded()
+        .namespace("drysleeptest")
+        .services([svc.idle("200ms")]);
+    cfg.power = Some(dry_run_power(dir.path(), 0.05)?);
+    let up = Up::launch(cfg)?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     // Every service asleep, its quiet predicted past the (quick) node's break-even: the node
     // would sleep, and the account prices that time at the profile's suspend power, labelled

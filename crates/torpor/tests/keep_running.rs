@@ -41,6 +41,7 @@ fn node(dir: &Path, spill_dir: Option<PathBuf>) -> Config {
         node: Some(Node {
             namespace: Some(NAMESPACE.into()),
             state_dir: Some(dir.to_path_buf()),
+            ..Node::default()
         }),
         pool: Pool {
             capacity: Some("256MiB".into()),

@@ -520,6 +520,7 @@ fn knob_config(root: &Path) -> Power {
         deep_idle: true,
         offline_idle_cores: true,
         wake_latency_us: Some(0),
+        dry_run: false,
         node_sleep: Some(NodeSleep {
             sleep: hook("sleep"),
             wake: hook("wake"),

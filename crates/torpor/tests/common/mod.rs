@@ -21,10 +21,6 @@ pub fn embedded() -> Config {
     Config::embedded("768MiB")
 }
 
-/// [`embedded`] as text, for the tests that still write torpor.toml as text (governor.rs,
-/// changed elsewhere at the moment) through [`Up::start`].
-pub const EMBEDDED: &str = "[pool]\ncapacity = \"768MiB\"";
-
 pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_torpor")
 }
@@ -56,27 +52,6 @@ impl Up {
     /// (whatever `cfg` says) and waits until it is ready.
     pub fn launch(cfg: Config) -> Result<Up> {
         let mut up = Up::spawn(&cfg.status(own_addr()))?;
-        up.wait_ready(Duration::from_secs(60))?;
-        Ok(up)
-    }
-
-    /// [`Up::launch`] on a config given as text: the pool section `pool` and the services
-    /// `services`. Only for governor.rs, which is being changed elsewhere; it moves to
-    /// [`Up::launch`] with the rest.
-    pub fn start(pool: &str, services: &str) -> Result<Up> {
-        let status = own_addr();
-        let dir = tempfile::tempdir()?;
-        let control = dir.path().join("control.sock");
-        let path = dir.path().join("torpor.toml");
-        let mut cfg = format!("{pool}\n[status]\nlisten = \"{status}\"\n{services}");
-        if !cfg.contains("[control]") {
-            cfg.push_str(&format!(
-                "\n[control]\nsocket = \"{}\"\n",
-                control.display()
-            ));
-        }
-        std::fs::write(&path, cfg)?;
-        let mut up = Up::run(dir, &path, status, control, None)?;
         up.wait_ready(Duration::from_secs(60))?;
         Ok(up)
     }
