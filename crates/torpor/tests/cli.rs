@@ -481,12 +481,29 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
     );
     for table in ["table_7_1", "table_7_2"] {
         assert_eq!(
-            v[table].as_str().unwrap().lines().count(),
+            v[table]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with('|'))
+                .count(),
             6,
             "{table}: {}",
             v[table]
         );
     }
+    // (c) and (d) in alternating blocks, their paired ratios said under Table 7.1.
+    for c in &configs[2..] {
+        assert_eq!(c["block_power_w"].as_array().unwrap().len(), 3, "{c:#}");
+    }
+    assert!(
+        v["table_7_1"]
+            .as_str()
+            .unwrap()
+            .contains("(d)/(c) per pair"),
+        "{}",
+        v["table_7_1"]
+    );
     for file in ["power.svg", "latency_cdf.svg", "report.json", "tables.md"] {
         let text = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(text.len() > 200, "{file}");
