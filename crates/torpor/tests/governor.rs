@@ -42,31 +42,7 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     // Suspend and resume of 1 s each: node sleep pays after about 3 s of predicted quiet.
-    let (redis_port, redis_bind, redis_dir) = (
-        backend.port().to_string(),
-        backend.ip().to_string(),
-        dir.path().display().to_string(),
-    );
-    let mut kv = Service::new(
-        "kv",
-        &[
-            "redis-server",
-            "--port",
-            &redis_port,
-            "--bind",
-            &redis_bind,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &redis_dir,
-        ],
-        port,
-        backend,
-    )
-    .protocol("tcp")
-    .idle("200ms");
+    let mut kv = common::redis_service("kv", port, backend, dir.path()).idle("200ms");
     kv.policy.governor = Some("energy".into());
     let mut cfg = common::embedded().namespace("governortest").services([kv]);
     cfg.power = Some(dry_run_power(dir.path(), 1.0)?);

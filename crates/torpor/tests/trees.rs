@@ -500,27 +500,9 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-redis";
-    let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
-    let up = Up::launch(pool().services([service(
-        name,
-        &[
-            "redis-server",
-            "--port",
-            &backend_port,
-            "--bind",
-            &backend_ip,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.path().to_str().context("path")?,
-        ],
-        port,
-        backend,
-        "tcp",
-        "300ms",
-    )]))?;
+    let up = Up::launch(
+        pool().services([common::redis_service(name, port, backend, dir.path()).idle("300ms")]),
+    )?;
     let gate = port;
     assert_eq!(
         redis_command(gate, &["SET", "first", "before-any-sleep"])?,

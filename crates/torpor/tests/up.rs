@@ -158,27 +158,9 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Res
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
-    let kv = Service::new(
-        "kv",
-        &[
-            "redis-server",
-            "--port",
-            &backend.port().to_string(),
-            "--bind",
-            &backend.ip().to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir.path().display().to_string(),
-        ],
-        port,
-        backend,
-    )
-    .protocol("tcp")
-    .steering(steering)
-    .idle("200ms");
+    let kv = common::redis_service("kv", port, backend, dir.path())
+        .steering(steering)
+        .idle("200ms");
     let up = Up::launch(embedded().services([kv]))?;
     check_mode(&up, &["kv"], steering)?;
     for round in 0..3 {

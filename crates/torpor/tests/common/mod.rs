@@ -307,3 +307,37 @@ pub fn quick_suspend_profile(dir: &std::path::Path, transition_s: f64) -> Result
 pub fn sample_service(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str) -> Service {
     Service::sample(exe_path(), name, port, backend, memory)
 }
+
+/// redis-server from apt as service `name` (protocol tcp), listening on `backend` behind a
+/// gate on `port`, without persistence, its working files in `dir`.
+pub fn redis_service(
+    name: &str,
+    port: SocketAddr,
+    backend: SocketAddr,
+    dir: &std::path::Path,
+) -> Service {
+    let (backend_port, backend_ip, dir) = (
+        backend.port().to_string(),
+        backend.ip().to_string(),
+        dir.display().to_string(),
+    );
+    Service::new(
+        name,
+        &[
+            "redis-server",
+            "--port",
+            &backend_port,
+            "--bind",
+            &backend_ip,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir,
+        ],
+        port,
+        backend,
+    )
+    .protocol("tcp")
+}
