@@ -133,7 +133,7 @@ pub fn run(args: &DemoArgs) -> Result<(), ExperimentError> {
     let rt = tokio::runtime::Runtime::new()?;
     let summary = rt.block_on(async {
         let up = InProcessUp::start(config, criu).await?;
-        let (info, agent) = (up.info.clone(), up.agent.clone());
+        let (info, agent) = (up.info().clone(), up.agent().clone());
         if !args.json {
             println!("torpor demo: CRIU {version}; {}", info.pool);
             for (name, addr) in &info.services {

@@ -1,25 +1,31 @@
 //! `torpor up` started inside the experiment's own runtime, so the experiment can read the
 //! agent's state directly (which tier is asleep when a request is sent).
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
-use torpor_agent::{Agent, ServiceStatus};
+use tokio::time::Instant;
+use torpor_agent::ServiceStatus;
 use torpor_criu::CriuBinary;
-use torpor_up::{Config, UpInfo};
+use torpor_up::{Config, UpHandle};
 
 use crate::ExperimentError;
 
-/// A running in-process `torpor up`.
+/// A running in-process `torpor up` ([`torpor_up::start`]'s handle, which it derefs to) with a
+/// control socket of its own.
 #[derive(Debug)]
 pub struct InProcessUp {
-    pub info: UpInfo,
-    pub agent: Arc<Agent>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), torpor_up::UpError>>,
+    up: UpHandle,
     /// Holds the control socket: a benchmark's `torpor up` is its own, never steered from
     /// outside, and must not take (or be refused) the default socket a user's one holds.
     _control_dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for InProcessUp {
+    type Target = UpHandle;
+
+    fn deref(&self) -> &UpHandle {
+        &self.up
+    }
 }
 
 impl InProcessUp {
@@ -33,36 +39,15 @@ impl InProcessUp {
             .tempdir()?;
         config.control =
             torpor_up::control::ControlEndpoint::Unix(control_dir.path().join("control.sock"));
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(torpor_up::run(
-            config,
-            criu,
-            async {
-                let _ = stop_rx.await;
-            },
-            move |info, agent| {
-                let _ = ready_tx.send((info.clone(), agent.clone()));
-            },
-        ));
-        match ready_rx.await {
-            Ok((info, agent)) => Ok(InProcessUp {
-                info,
-                agent,
-                stop,
-                task,
-                _control_dir: control_dir,
-            }),
-            Err(_) => Err(match task.await.expect("up task panicked") {
-                Err(e) => e.into(),
-                Ok(()) => ExperimentError::Mismatch("torpor up stopped before it was ready".into()),
-            }),
-        }
+        Ok(InProcessUp {
+            up: torpor_up::start(config, criu).await?,
+            _control_dir: control_dir,
+        })
     }
 
     /// The agent's status of service `name`.
     pub fn status(&self, name: &str) -> Result<ServiceStatus, ExperimentError> {
-        self.agent
+        self.up
             .status()
             .into_iter()
             .find(|s| s.name == name)
@@ -99,8 +84,6 @@ impl InProcessUp {
 
     /// Stops it (services killed, knobs restored) and waits until it has.
     pub async fn stop(self) -> Result<(), ExperimentError> {
-        let _ = self.stop.send(());
-        self.task.await.expect("up task panicked")?;
-        Ok(())
+        Ok(self.up.shutdown().await?)
     }
 }

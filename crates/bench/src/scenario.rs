@@ -536,7 +536,7 @@ impl Node {
     }
 
     fn agent(&self) -> Option<Arc<Agent>> {
-        self.up.as_ref().map(|u| u.agent.clone())
+        self.up.as_ref().map(|u| u.agent().clone())
     }
 
     /// The load's targets, one per service, each splitting its latencies by whether a tier
@@ -586,7 +586,7 @@ impl Node {
         match (&self.plain, &self.up) {
             (Some(p), _) => p.1.iter().map(|(_, s)| *s).collect(),
             (None, Some(up)) => up
-                .agent
+                .agent()
                 .transitions()
                 .iter()
                 .filter(|t| t.detail.starts_with("started as pid"))
@@ -599,7 +599,7 @@ impl Node {
     /// Pins every tier awake (`pinned`: configuration (c) on (d)'s node) or lets the
     /// governor rest them again, and waits until the pins hold.
     async fn pin_all(&self, pinned: bool) -> Result<(), ExperimentError> {
-        let Some(agent) = self.agent() else {
+        let Some(up) = &self.up else {
             return Ok(());
         };
         let command = if pinned {
@@ -610,7 +610,7 @@ impl Node {
         let calls = self
             .tiers
             .iter()
-            .map(|t| agent.manual(&t.name, command, "bench scenario"));
+            .map(|t| up.command(&t.name, command, "bench scenario"));
         for (t, r) in self
             .tiers
             .iter()

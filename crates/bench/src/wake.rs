@@ -410,7 +410,7 @@ async fn rounds(
     bar: &ProgressBar,
 ) -> Result<(TorporSide, StockSide), ExperimentError> {
     let gate = up
-        .info
+        .info()
         .services
         .iter()
         .find(|(name, _)| name == NAME)

@@ -15,8 +15,14 @@ pub mod status;
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tokio::{net::TcpListener, sync::watch};
-use torpor_agent::{Agent, AgentError, Snapshots, SteeringMode};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
+use torpor_agent::{
+    Agent, AgentError, ManualCommand, ManualResult, ServiceStatus, Snapshots, SteeringMode,
+};
 use torpor_control::ServiceLink;
 use torpor_criu::{CriuBinary, PoolTarget, Pools};
 use torpor_image::NodeKey;
@@ -51,6 +57,8 @@ pub enum UpError {
     Control(#[from] control::ControlError),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
+    #[error("stopped before it was ready")]
+    StoppedBeforeReady,
 }
 
 /// Where a reload reads the configuration again, and the SIGHUPs that ask for one.
@@ -73,47 +81,128 @@ pub struct UpInfo {
     pub services: Vec<(String, std::net::SocketAddr)>,
 }
 
-/// Runs everything until `shutdown` resolves, then stops it all: held requests get an
+/// A running `torpor up`, from [`start`] or [`start_reloadable`]: what it serves, its agent,
+/// and the way to stop it. Dropping the handle asks it to stop, without waiting.
+#[derive(Debug)]
+pub struct UpHandle {
+    info: UpInfo,
+    agent: Arc<Agent>,
+    /// Asks the task to stop (sent, or dropped with the handle).
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), UpError>>,
+}
+
+impl UpHandle {
+    /// What is up: the pool, the status API, the control endpoint, each service's gate.
+    pub fn info(&self) -> &UpInfo {
+        &self.info
+    }
+
+    /// The agent itself, for callers in the same process that read its state as it changes
+    /// (experiments, the demo) or give it manual commands without the control endpoint.
+    pub fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    /// Every service's status now, as `torpor status` shows it.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        self.agent.status()
+    }
+
+    /// Gives service `name` a manual command (wake, sleep, pin, unpin) as `torpor wake` and
+    /// its siblings do through the control endpoint; `by` names the caller in the service's
+    /// history.
+    pub async fn command(&self, name: &str, command: ManualCommand, by: &str) -> ManualResult {
+        self.agent.manual(name, command, by).await
+    }
+
+    /// Stops everything (see [`start_reloadable`] for what stopping does) and waits until it has.
+    pub async fn shutdown(self) -> Result<(), UpError> {
+        let _ = self.stop.send(());
+        self.task.await.expect("torpor up's task panicked")
+    }
+
+    /// Waits until it stops by itself: `torpor stop` through the control endpoint, or the
+    /// `shutdown` future given to [`start_reloadable`].
+    pub async fn stopped(self) -> Result<(), UpError> {
+        let _stop = self.stop;
+        self.task.await.expect("torpor up's task panicked")
+    }
+}
+
+/// [`start_reloadable`] without reloads, stopped only through the handle (or `torpor stop`).
+pub async fn start(config: Config, criu: CriuBinary) -> Result<UpHandle, UpError> {
+    start_reloadable(config, None, criu, std::future::pending()).await
+}
+
+/// Starts everything in a task of the current Tokio runtime and returns once it is all up:
+/// every gate accepts and every service has started. It runs until `shutdown` resolves, the
+/// handle stops it, or `torpor stop` comes; then it stops it all: held requests get an
 /// error; when the pool outlives this process (a remote pool, or the embedded one with a
 /// disk tier) every awake service is checkpointed into it and the embedded pool's RAM tier
 /// written to its disk tier, so the next start adopts every service asleep with its state;
 /// otherwise (or when its checkpoint fails) a service is killed and reaped, and its state is
-/// lost. The embedded pool is dropped last. `torpor stop` through the control endpoint stops
-/// it the same way; `torpor stop --keep-running` leaves the awake services running instead,
-/// listed in the node's kept-services file for the next start to adopt awake.
+/// lost. The embedded pool is dropped last. `torpor stop --keep-running` leaves the awake
+/// services running instead, listed in the node's kept-services file for the next start to
+/// adopt awake.
 ///
 /// `shutdown` may resolve at any moment, also while things start: before the agent starts
 /// nothing is left to undo; during the agent's start what started is stopped (and services
-/// still starting are killed rather than waited for); `Ok(())` either way. Pass a future
-/// whose signal handlers are already installed (not one that installs them when first
-/// polled), or a signal arriving before that poll is lost.
+/// still starting are killed rather than waited for); then this returns
+/// [`UpError::StoppedBeforeReady`]. Pass a future whose signal handlers are already
+/// installed (not one that installs them when first polled), or a signal arriving before
+/// that poll is lost.
 ///
-/// The status API is served, and `on_ready` called, only once every gate accepts and every
-/// service has started: a `/status` answer means the whole configuration is up. Its
-/// listener is bound first (with the gates'), so a taken address fails before anything
-/// starts, and a client that connects earlier waits for the first answer.
+/// The status API is served only once everything is up: a `/status` answer means the whole
+/// configuration is up. Its listener is bound first (with the gates'), so a taken address
+/// fails before anything starts, and a client that connects earlier waits for the first
+/// answer.
 ///
-/// Under systemd (`NOTIFY_SOCKET` set) it notifies `READY=1` at that same moment, and
-/// `STOPPING=1` as soon as `shutdown` resolves, whenever that is; a notification that cannot
+/// Reloads (`torpor reload`, and SIGHUP when `source` brings its handler) read `source`'s
+/// file again; see [`reload`]. A reload is framed by `RELOADING=1` and `READY=1` under
+/// systemd. Without `source` a reload is refused.
+///
+/// Under systemd (`NOTIFY_SOCKET` set) it notifies `READY=1` when it returns, and
+/// `STOPPING=1` as soon as a stop is asked for, whenever that is; a notification that cannot
 /// be sent is logged, not fatal.
-pub async fn run(
+pub async fn start_reloadable(
     config: Config,
+    source: Option<ReloadSource>,
     criu: CriuBinary,
-    shutdown: impl Future<Output = ()>,
-    on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
-) -> Result<(), UpError> {
-    run_reloadable(config, None, criu, shutdown, on_ready).await
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<UpHandle, UpError> {
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            // Sent, or the handle dropped.
+            _ = stop_rx => {}
+        }
+    };
+    let task = tokio::spawn(serve(config, source, criu, shutdown, ready_tx));
+    match ready_rx.await {
+        Ok((info, agent)) => Ok(UpHandle {
+            info,
+            agent,
+            stop,
+            task,
+        }),
+        Err(_) => Err(task
+            .await
+            .expect("torpor up's task panicked")
+            .err()
+            .unwrap_or(UpError::StoppedBeforeReady)),
+    }
 }
 
-/// [`run`], with live reloads of the configuration (`torpor reload`, and SIGHUP when
-/// `source` brings its handler) read from `source`'s file; see [`reload`]. A reload is
-/// framed by `RELOADING=1` and `READY=1` under systemd. Without `source` a reload is refused.
-pub async fn run_reloadable(
+/// Everything [`start_reloadable`] runs, in its task; `ready` hears once all is up.
+async fn serve(
     config: Config,
     source: Option<ReloadSource>,
     criu: CriuBinary,
     shutdown: impl Future<Output = ()>,
-    on_ready: impl FnOnce(&UpInfo, &Arc<Agent>),
+    ready: oneshot::Sender<(UpInfo, Arc<Agent>)>,
 ) -> Result<(), UpError> {
     let (path, hangups) = match source {
         Some(s) => (Some(s.path), s.hangups),
@@ -287,7 +376,8 @@ pub async fn run_reloadable(
         info.services.len(),
         info.status_addr
     )));
-    on_ready(&info, &agent);
+    // The caller may have gone (its start abandoned): then it runs until stopped.
+    let _ = ready.send((info, agent.clone()));
     let mut ordered = stop_ordered.subscribe();
     tokio::select! {
         _ = shutdown => {}

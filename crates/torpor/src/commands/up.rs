@@ -49,27 +49,27 @@ pub fn run(args: &UpArgs, log_format: LogFormat) -> Result<()> {
         path: path.to_path_buf(),
         hangups: Some(hangups),
     };
-    rt.block_on(torpor_up::run_reloadable(
-        config,
-        Some(source),
-        criu,
-        stop.wait(),
-        |info, _| {
-            say(format!(
-                "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
-                info.pool, info.status_addr
-            ));
-            if let Some(p) = &info.control.socket {
-                say(format!("control socket {}", p.display()));
-            } else if let Some(a) = &info.control.tcp {
-                say(format!("control endpoint {a} (TCP, token)"));
-            }
-            for (name, addr) in &info.services {
-                say(format!("service {name} on {addr}"));
-            }
-            say("ready".into());
-        },
-    ))?;
+    rt.block_on(async {
+        let up = match torpor_up::start_reloadable(config, Some(source), criu, stop.wait()).await {
+            Err(torpor_up::UpError::StoppedBeforeReady) => return Ok(()),
+            up => up?,
+        };
+        let info = up.info();
+        say(format!(
+            "{}; status page on http://{}/ (API: /status, /energy, /metrics)",
+            info.pool, info.status_addr
+        ));
+        if let Some(p) = &info.control.socket {
+            say(format!("control socket {}", p.display()));
+        } else if let Some(a) = &info.control.tcp {
+            say(format!("control endpoint {a} (TCP, token)"));
+        }
+        for (name, addr) in &info.services {
+            say(format!("service {name} on {addr}"));
+        }
+        say("ready".into());
+        up.stopped().await
+    })?;
     say("stopped".into());
     Ok(())
 }
