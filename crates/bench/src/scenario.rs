@@ -91,10 +91,12 @@ pub enum Workload {
 }
 
 /// Where in the Azure model's rate distribution the µSuite services (in [`Service::ALL`]'s
-/// order) and then the runtime service sit: a sample in which, as in the trace, most are
-/// invoked less than once a minute (0.08, 0.9, 5 and 60 per minute; the runtime service is the
-/// median function, once in about 36 minutes, ticking all the while).
-pub const AZURE_QUANTILES: [f64; 5] = [0.6, 0.8, 0.9, 0.97, 0.5];
+/// order) and then the runtime service sit: the expected order statistics (k/6) of five
+/// functions drawn at random from it, i.e. a typical node of five functions rather than a
+/// chosen one. As in the trace, all of them are invoked less than once a minute on average
+/// (about 0.0005, 0.005, 0.16 and 1.4 per minute; the runtime service is the median function,
+/// once in about 36 minutes, ticking all the while).
+pub const AZURE_QUANTILES: [f64; 5] = [1.0 / 6.0, 2.0 / 6.0, 4.0 / 6.0, 5.0 / 6.0, 3.0 / 6.0];
 
 /// The sample service with background wakeups: a [`RUNTIME_TICK_WORK`] scan of its heap at
 /// [`torpor_workload::ticker::RUNTIME_HZ`] (about 1 % of a core here, a JVM's or Go program's
@@ -129,7 +131,7 @@ impl Workload {
                         speedup: 1.0,
                     })
                     .collect();
-                let shown: Vec<String> = rates.iter().map(|r| format!("{r:.2}")).collect();
+                let shown: Vec<String> = rates.iter().map(|r| format!("{r:.4}")).collect();
                 Ok((
                     arrivals,
                     format!(
