@@ -343,8 +343,10 @@ const STEERED_LOOK: Duration = Duration::from_secs(1);
 enum WakeCause {
     Request,
     Prewarm,
-    /// `torpor wake` or `torpor pin`.
+    /// `torpor wake`.
     Manual,
+    /// `torpor pin`: a hold, not a sign of demand.
+    Pin,
 }
 
 impl Managed {
@@ -529,7 +531,7 @@ impl Managed {
             t0.elapsed(),
             format!("started as pid {pid}"),
         );
-        self.serve(pid);
+        self.serve(pid, true);
         Ok(())
     }
 
@@ -567,7 +569,7 @@ impl Managed {
             Duration::ZERO,
             format!("adopted awake: pid {pid}, left running by an earlier run"),
         );
-        self.serve(pid);
+        self.serve(pid, true);
     }
 
     /// At the agent's stop with `--keep-running`: an awake service is left running for the
@@ -627,8 +629,14 @@ impl Managed {
     /// The service is awake as `pid` and serves: its gate forwards (releasing what it held)
     /// and, with kernel steering, new connections go straight to the service from here on.
     /// A steer that fails is logged and leaves this incarnation proxied: never an outage.
-    fn serve(&self, pid: i32) {
-        self.link.open();
+    /// `demand`: it serves because of a request or a wake asked for (its idle time starts
+    /// over), not after a pause on the way elsewhere (a thaw before a snapshot, a pin).
+    fn serve(&self, pid: i32, demand: bool) {
+        if demand {
+            self.link.open();
+        } else {
+            self.link.reopen();
+        }
         let SteeringMode::Kernel(steering) = &self.spec.steering else {
             return;
         };
@@ -872,8 +880,13 @@ impl Managed {
 
     async fn carry_out(&self, command: ManualCommand, by: &str) -> ManualResult {
         let name = self.spec.name.clone();
-        // Frozen is the governor's business: an operator's command starts from awake.
-        self.thaw_if_frozen(&format!("{command:?} by {by}")).await;
+        // Frozen is the governor's business: an operator's command starts from awake. Only
+        // a wake asks for the service; a pin holds it, a sleep rests it.
+        if self.state() == ServiceState::Frozen {
+            let demand = command == ManualCommand::Wake;
+            self.thaw_for_reason(Instant::now(), &format!("{command:?} by {by}"), demand)
+                .await;
+        }
         let state = self.state();
         match command {
             ManualCommand::Sleep => {
@@ -939,7 +952,9 @@ impl Managed {
                     ManualOutcome::NoOp,
                     format!("{name} is already awake; nothing to do"),
                 )),
-                ServiceState::Asleep | ServiceState::Failed => self.wake_by_hand().await,
+                ServiceState::Asleep | ServiceState::Failed => {
+                    self.wake_by_hand(WakeCause::Manual).await
+                }
                 other => Err(ManualError::Busy {
                     service: name,
                     state: other.as_str().into(),
@@ -965,7 +980,7 @@ impl Managed {
                         format!("{name} is pinned awake {how_long}"),
                     )),
                     ServiceState::Asleep | ServiceState::Failed => {
-                        let (_, woke) = self.wake_by_hand().await?;
+                        let (_, woke) = self.wake_by_hand(WakeCause::Pin).await?;
                         Ok((
                             ManualOutcome::Done,
                             format!("{name} is pinned awake {how_long}; {woke}"),
@@ -997,14 +1012,14 @@ impl Managed {
         }
     }
 
-    /// Wakes an asleep service now, or retries a failed one at once.
-    async fn wake_by_hand(&self) -> ManualResult {
+    /// Wakes an asleep service now (`cause`: a wake or a pin), or retries a failed one at once.
+    async fn wake_by_hand(&self, cause: WakeCause) -> ManualResult {
         let name = self.spec.name.clone();
         if self.state() == ServiceState::Failed {
             self.rt.lock().expect("runtime lock").retry_at = Instant::now();
             self.on_tick().await;
         } else {
-            self.wake(WakeCause::Manual, Instant::now()).await;
+            self.wake(cause, Instant::now()).await;
         }
         let rt = self.rt.lock().expect("runtime lock");
         match rt.state {
@@ -1309,7 +1324,7 @@ impl Managed {
         }
         let drained = self.link.drain(self.spec.drain_deadline).await;
         if drained.still_inflight > 0 {
-            self.serve(pid);
+            self.serve(pid, true);
             return;
         }
         let (t0, cpu0) = (Instant::now(), crate::node::process_cpu_s());
@@ -1330,7 +1345,7 @@ impl Managed {
             Err(e) => {
                 warn!(service = %self.spec.name, error = %e, "cannot freeze; the governor skips that level from now on");
                 self.rt.lock().expect("runtime lock").status.cannot_freeze = Some(e);
-                self.serve(pid);
+                self.serve(pid, false);
             }
         }
     }
@@ -1341,13 +1356,14 @@ impl Managed {
         if self.state() != ServiceState::Frozen {
             return;
         }
-        self.thaw_for_reason(Instant::now(), why).await;
+        self.thaw_for_reason(Instant::now(), why, false).await;
     }
 
     /// A wake of a frozen service: a thaw, timed like a wake.
     async fn thaw_for(&self, cause: WakeCause, t0: Instant) {
         let cause_name = format!("{cause:?}").to_lowercase();
-        self.thaw_for_reason(t0, &cause_name).await;
+        self.thaw_for_reason(t0, &cause_name, cause != WakeCause::Pin)
+            .await;
         let mut rt = self.rt.lock().expect("runtime lock");
         rt.status.last_wake = Some(WakeTimeline {
             cause: cause_name,
@@ -1358,7 +1374,8 @@ impl Managed {
         });
     }
 
-    async fn thaw_for_reason(&self, t0: Instant, why: &str) {
+    /// `demand`: as for [`Self::serve`].
+    async fn thaw_for_reason(&self, t0: Instant, why: &str, demand: bool) {
         let cpu0 = crate::node::process_cpu_s();
         match self.runner.freeze(false).await {
             Ok(()) => {
@@ -1369,7 +1386,7 @@ impl Managed {
                     .thawed(t0.elapsed(), crate::node::process_cpu_s() - cpu0);
                 self.transition(ServiceState::Awake, t0.elapsed(), format!("thawed: {why}"));
                 if let Some(pid) = self.pid() {
-                    self.serve(pid);
+                    self.serve(pid, demand);
                 }
             }
             Err(e) => {
@@ -1488,7 +1505,7 @@ impl Managed {
                     t0.elapsed(),
                     format!("checkpoint failed: {}", e.message),
                 );
-                self.serve(pid);
+                self.serve(pid, true);
                 self.shared.replan.notify_one();
                 Err(e.message)
             }
@@ -1624,14 +1641,14 @@ impl Managed {
             rt.retry_backoff = RETRY_FIRST;
             let s = &mut rt.status;
             match cause {
-                WakeCause::Request | WakeCause::Manual => s.wakes += 1,
+                WakeCause::Request | WakeCause::Manual | WakeCause::Pin => s.wakes += 1,
                 WakeCause::Prewarm => s.prewarms += 1,
             }
             s.last_wake_s = Some(took.as_secs_f64());
         }
         self.transition(ServiceState::Awake, took, detail);
         if let Some(pid) = self.pid() {
-            self.serve(pid);
+            self.serve(pid, cause != WakeCause::Pin);
         }
         timeline.released_ms = ms_since(t0);
         let up_to = {
@@ -2517,6 +2534,28 @@ mod tests {
         );
         h.until(ServiceState::Asleep).await;
         assert!(h.m.status().pinned.is_none(), "expired");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_by_hand_restarts_the_idle_time_and_a_pins_wake_does_not() {
+        let h = start(Fake::default()).await;
+        let idle = || h.link.with_arrivals(|a| a.idle_for(h.link.now()));
+        h.until(ServiceState::Asleep).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        // A pin holds the service; it is no sign that requests come: its quiet goes on.
+        h.m.command(ManualCommand::Pin { for_ms: None }, "uid 0")
+            .await
+            .unwrap();
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert!(idle() >= Duration::from_secs(30), "idle for {:?}", idle());
+        h.m.command(ManualCommand::Unpin, "uid 0").await.unwrap();
+        h.until(ServiceState::Asleep).await;
+        // A wake asked for is: its idle time starts over.
+        h.m.command(ManualCommand::Wake, "uid 0").await.unwrap();
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert!(idle() < IDLE, "idle for {:?}", idle());
+        assert_eq!(h.m.status().last_wake.unwrap().cause, "manual");
         h.finish().await;
     }
 

@@ -366,8 +366,20 @@ impl ServiceLink {
     }
 
     /// The service accepts connections: release held requests in arrival order and forward
-    /// from now on.
+    /// from now on. It counts as active now (it just woke for a request, or started), so its
+    /// idle time starts over.
     pub fn open(&self) {
+        self.open_as(true);
+    }
+
+    /// [`Self::open`] after a pause that was no sign of demand (a thaw on the way to a
+    /// snapshot, a wake by a pin): its idle time, and so the predicted rest of its quiet, go
+    /// on from its last request.
+    pub fn reopen(&self) {
+        self.open_as(false);
+    }
+
+    fn open_as(&self, active: bool) {
         let mut inner = self.state();
         inner.open = true;
         inner.down = None;
@@ -379,8 +391,10 @@ impl ServiceLink {
         inner.wake_armed = false;
         // It is up: a wake asked for while it came up is answered.
         inner.wake_pending = false;
-        let now = self.now();
-        inner.arrivals.mark_active(now);
+        if active {
+            let now = self.now();
+            inner.arrivals.mark_active(now);
+        }
         while let Some(w) = inner.waiters.pop_front() {
             // Counted before the waiter runs: the service must not be drained and
             // checkpointed between its release and its forwarding. If the waiter is gone

@@ -12,9 +12,16 @@ use std::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use torpor_traffic::{arrival::gap_stats, Arrivals, Percentiles};
+use torpor_traffic::{
+    arrival::{gap_stats, mean_cv},
+    Arrivals, Percentiles,
+};
 
 use crate::target::Target;
+
+/// How late a send may leave and still count as on schedule: a scheduler tick on a busy
+/// machine, far below the gaps of the rates a generator like this is run at.
+pub const ON_TIME: Duration = Duration::from_millis(1);
 
 /// One stretch of load with one arrival process.
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +69,13 @@ pub struct PhaseReport {
     pub latency: Percentiles,
     /// Coefficient of variation of the gaps between actual sends (1 for Poisson).
     pub send_gap_cv: Option<f64>,
+    /// The same over the gaps between consecutive sends that both left within
+    /// [`ON_TIME`] of their schedule: what the generator's gaps are where the machine let it
+    /// keep time. A stall of the process makes the sends due during it leave together (open
+    /// loop, as they must), which raises `send_gap_cv` but says nothing about the generator.
+    pub send_gap_cv_on_time: Option<f64>,
+    /// Share of the sends that left within [`ON_TIME`] of their schedule.
+    pub on_time_share: Option<f64>,
     /// How late the dispatcher sent, at the 99th percentile.
     pub send_lag_p99_ms: Option<f64>,
 }
@@ -83,7 +97,9 @@ pub struct LoadReport {
 struct PhaseStats {
     latency_us: Histogram<u64>,
     lag_us: Histogram<u64>,
-    sends: Vec<Duration>,
+    /// When each request was sent (since the start), and whether within [`ON_TIME`] of its
+    /// schedule.
+    sends: Vec<(Duration, bool)>,
     ok: u64,
     errors: BTreeMap<String, u64>,
 }
@@ -162,7 +178,7 @@ pub async fn run(target: Arc<dyn Target>, config: &RunConfig) -> LoadReport {
                     let sent = Instant::now();
                     {
                         let mut s = stats[phase].lock().expect("stats lock");
-                        s.sends.push(sent - start);
+                        s.sends.push((sent - start, sent - due <= ON_TIME));
                         let _ = s.lag_us.record((sent - due).as_micros().max(1) as u64);
                     }
                     bar.inc(1);
@@ -264,7 +280,18 @@ fn phase_report(
         errors,
         error_kinds: s.errors.clone(),
         latency: Percentiles::of(&s.latency_us),
-        send_gap_cv: gap_stats(&s.sends).map(|(_, cv)| cv),
+        send_gap_cv: gap_stats(&s.sends.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+            .map(|(_, cv)| cv),
+        send_gap_cv_on_time: mean_cv(
+            &s.sends
+                .windows(2)
+                .filter(|w| w[0].1 && w[1].1)
+                .map(|w| (w[1].0 - w[0].0).as_secs_f64())
+                .collect::<Vec<_>>(),
+        )
+        .map(|(_, cv)| cv),
+        on_time_share: (!s.sends.is_empty())
+            .then(|| s.sends.iter().filter(|(_, on)| *on).count() as f64 / s.sends.len() as f64),
         send_lag_p99_ms: (!s.lag_us.is_empty())
             .then(|| s.lag_us.value_at_quantile(0.99) as f64 / 1000.0),
     }

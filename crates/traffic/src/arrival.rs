@@ -350,13 +350,18 @@ impl ArrivalStream {
 
 /// Mean and coefficient of variation of the gaps between consecutive times.
 pub fn gap_stats(times: &[Duration]) -> Option<(f64, f64)> {
-    if times.len() < 3 {
-        return None;
-    }
     let gaps: Vec<f64> = times
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64())
         .collect();
+    mean_cv(&gaps)
+}
+
+/// Mean and coefficient of variation of `gaps` (seconds); `None` for fewer than two.
+pub fn mean_cv(gaps: &[f64]) -> Option<(f64, f64)> {
+    if gaps.len() < 2 {
+        return None;
+    }
     let n = gaps.len() as f64;
     let mean = gaps.iter().sum::<f64>() / n;
     let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (n - 1.0);
