@@ -58,16 +58,44 @@ pub enum WhenFull {
     Close,
 }
 
-/// Accepts clients until `shutdown`, each handled by its own task from `handle`, at most
-/// `max_connections` at once. At the limit, the oldest connection that has not proven itself
-/// ([`Proven`]) is closed (its task dropped) and the newcomer takes its slot once freed; if
-/// every connection has, `when_full` decides. The tasks still running at shutdown are dropped
-/// with it. `what` names the listener in logs ("accepting a {what} connection failed").
+/// How many connections a listener serves at once, and what a newcomer gets beyond them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Connections served at once (0 counts as 1). Bounds the file descriptors a listener
+    /// takes for its clients.
+    pub max_connections: usize,
+    /// What a newcomer gets when every slot is held by a connection that proved itself.
+    pub when_full: WhenFull,
+}
+
+impl Limit {
+    /// At most `max_connections`; past the proven ones, newcomers wait ([`WhenFull::Wait`]).
+    pub fn wait(max_connections: usize) -> Limit {
+        Limit {
+            max_connections,
+            when_full: WhenFull::Wait,
+        }
+    }
+
+    /// At most `max_connections`; past the proven ones, newcomers are closed
+    /// ([`WhenFull::Close`]).
+    pub fn close(max_connections: usize) -> Limit {
+        Limit {
+            max_connections,
+            when_full: WhenFull::Close,
+        }
+    }
+}
+
+/// Accepts clients until `shutdown`, each handled by its own task from `handle`, within
+/// `limit`. At the limit, the oldest connection that has not proven itself ([`Proven`]) is
+/// closed (its task dropped) and the newcomer takes its slot once freed; if every connection
+/// has, `limit.when_full` decides. The tasks still running at shutdown are dropped with it.
+/// `what` names the listener in logs ("accepting a {what} connection failed").
 pub async fn accept_loop<L, F, Fut>(
     what: &str,
     listener: &L,
-    max_connections: usize,
-    when_full: WhenFull,
+    limit: Limit,
     shutdown: impl Future<Output = ()>,
     mut handle: F,
 ) where
@@ -76,7 +104,7 @@ pub async fn accept_loop<L, F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::pin!(shutdown);
-    let slots = Slots::new(max_connections);
+    let slots = Slots::new(limit.max_connections);
     let mut conns = JoinSet::new();
     let mut backoff = Backoff::default();
     loop {
@@ -105,7 +133,7 @@ pub async fn accept_loop<L, F, Fut>(
             }
         };
         backoff.reset();
-        let slot = match slots.try_admit(what, when_full) {
+        let slot = match slots.try_admit(what, limit.when_full) {
             Admission::Now(slot) => slot,
             // Dropping the connection closes it at once.
             Admission::Refused => continue,
@@ -437,7 +465,11 @@ mod tests {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            accept_loop("test", &listener, max, when_full, shutdown, greeter).await
+            let limit = Limit {
+                max_connections: max,
+                when_full,
+            };
+            accept_loop("test", &listener, limit, shutdown, greeter).await
         });
         (addr, stop)
     }

@@ -30,7 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{watch, Notify},
 };
-use torpor_accept::{Proven, WhenFull};
+use torpor_accept::{Limit, Proven};
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
 
@@ -96,8 +96,7 @@ pub async fn run(
     torpor_accept::accept_loop(
         &what,
         &listener,
-        limits.max_connections,
-        WhenFull::Wait,
+        Limit::wait(limits.max_connections),
         shutdown,
         |(stream, peer), proven| serve_connection(gate.clone(), stream, peer, proven),
     )

@@ -4,7 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use crate::GateLimits;
 use tokio::net::{TcpListener, TcpStream};
-use torpor_accept::WhenFull;
+use torpor_accept::Limit;
 use torpor_control::ServiceLink;
 use tracing::{debug, warn};
 
@@ -21,8 +21,7 @@ pub async fn run(
     torpor_accept::accept_loop(
         &what,
         &listener,
-        limits.max_connections,
-        WhenFull::Wait,
+        Limit::wait(limits.max_connections),
         shutdown,
         |(client, peer), proven| {
             // A raw TCP client may rightly say nothing until the server speaks: never let

@@ -22,7 +22,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
     net::{TcpListener, UnixListener},
 };
-use torpor_accept::{Listen, Proven, WhenFull};
+use torpor_accept::{Limit, Listen, Proven};
 use torpor_image::{
     wire::{
         self, ErrorCode, FrameHeader, FrameKind, Request, Response, WireError, HEADER_LEN,
@@ -160,15 +160,14 @@ pub async fn serve_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let max_connections = options.max_connections;
+    // When every connection has authenticated, a new one is closed at once: the listener
+    // keeps serving and file descriptors stay free for the disk tier.
+    let limit = Limit::close(options.max_connections);
     let ctx = Arc::new(Ctx { store, options });
     torpor_accept::accept_loop(
         "pool",
         &Accepting(&listener),
-        max_connections,
-        // When every connection has authenticated, a new one is closed at once: the listener
-        // keeps serving and file descriptors stay free for the disk tier.
-        WhenFull::Close,
+        limit,
         shutdown,
         |accepted, proven| start_connection(accepted, ctx.clone(), proven),
     )

@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use torpor_accept::WhenFull;
+use torpor_accept::Limit;
 pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
 use torpor_agent::{Agent, ManualAction, ServiceState, Transition};
@@ -73,8 +73,7 @@ where
     torpor_accept::accept_loop(
         "status API",
         &listener,
-        STATUS_MAX_CONNECTIONS,
-        WhenFull::Wait,
+        Limit::wait(STATUS_MAX_CONNECTIONS),
         shutdown,
         move |(stream, _), proven| {
             let route = route.clone();
