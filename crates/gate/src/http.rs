@@ -30,10 +30,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{watch, Notify},
 };
+use torpor_accept::{Limit, Proven};
 use torpor_control::{HoldError, InflightGuard, ServiceLink};
 use tracing::{debug, warn};
 
-use crate::{listen::Proven, GateLimits};
+use crate::GateLimits;
 
 type GateBody = BoxBody<Bytes, hyper::Error>;
 
@@ -92,12 +93,12 @@ pub async fn run(
         }
     });
     let what = format!("gate of {}", gate.link.name);
-    crate::accept_loop(
+    torpor_accept::accept_loop(
         &what,
-        listener,
-        limits.max_connections,
+        &listener,
+        Limit::wait(limits.max_connections),
         shutdown,
-        |stream, peer, proven| serve_connection(gate.clone(), stream, peer, proven),
+        |(stream, peer), proven| serve_connection(gate.clone(), stream, peer, proven),
     )
     .await;
     retire.abort();

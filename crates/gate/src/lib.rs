@@ -12,7 +12,9 @@
 //! * [`http`]: HTTP/1.1, HTTP/2 cleartext and gRPC, through hyper.
 //! * [`tcp`]: raw TCP; the accepted client connection is held and the backend is dialled
 //!   once the service is up.
-//! * [`listen`]: the accept loop every listener uses (also the status API of `torpor up`).
+//! * Accepting: [`torpor_accept`]'s loop, with the connection limit; a client that has not
+//!   yet sent a whole request is the first to go when the gate is full, and the newcomer waits
+//!   while every connection has.
 //! * [`upgrade`]: HTTP/1.1 Upgrade (websockets) relayed both ways after the 101.
 //!
 //! Long-lived connections: a response body (server-sent events, a gRPC server, client or
@@ -26,7 +28,6 @@
 //! connections are cut.
 
 pub mod http;
-pub mod listen;
 pub mod tcp;
 pub mod upgrade;
 
@@ -35,8 +36,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use torpor_control::ServiceLink;
-
-pub use listen::accept_loop;
 
 /// What a service speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use crate::GateLimits;
 use tokio::net::{TcpListener, TcpStream};
+use torpor_accept::Limit;
 use torpor_control::ServiceLink;
 use tracing::{debug, warn};
 
@@ -17,12 +18,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let what = format!("gate of {}", link.name);
-    crate::accept_loop(
+    torpor_accept::accept_loop(
         &what,
-        listener,
-        limits.max_connections,
+        &listener,
+        Limit::wait(limits.max_connections),
         shutdown,
-        |client, peer, proven| {
+        |(client, peer), proven| {
             // A raw TCP client may rightly say nothing until the server speaks: never let
             // go to make room.
             proven.proven();

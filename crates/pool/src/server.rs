@@ -9,22 +9,20 @@
 //! fatal.
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     io,
     os::fd::{AsRawFd, BorrowedFd, RawFd},
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
     net::{TcpListener, UnixListener},
-    sync::Notify,
-    task::JoinSet,
 };
+use torpor_accept::{Limit, Listen, Proven};
 use torpor_image::{
     wire::{
         self, ErrorCode, FrameHeader, FrameKind, Request, Response, WireError, HEADER_LEN,
@@ -162,55 +160,21 @@ pub async fn serve_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let slots = SlotTable::new(options.max_connections);
+    // When every connection has authenticated, a new one is closed at once: the listener
+    // keeps serving and file descriptors stay free for the disk tier.
+    let limit = Limit::close(options.max_connections);
     let ctx = Arc::new(Ctx { store, options });
-    let mut conns = JoinSet::new();
-    let mut backoff = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = accept(&listener) => match accepted {
-                Ok(accepted) => {
-                    backoff = Duration::ZERO;
-                    match slots.admit() {
-                        Some(slot) => start_connection(accepted, ctx.clone(), slot, &mut conns),
-                        // Dropping the stream closes it at once.
-                        None => drop(accepted),
-                    }
-                }
-                Err(e) if is_per_connection(&e) => {
-                    debug!(error = %e, "a connection failed before it was accepted");
-                }
-                Err(e) => {
-                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, connections = slots.live(), "accepting a pool connection failed; retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                }
-            }
-        }
-    }
-    conns.shutdown().await;
+    torpor_accept::accept_loop(
+        "pool",
+        &Accepting(&listener),
+        limit,
+        shutdown,
+        |accepted, proven| start_connection(accepted, ctx.clone(), proven),
+    )
+    .await;
     if let Listener::Unix(_, p) = &listener {
         let _ = std::fs::remove_file(p);
     }
-}
-
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Accept errors that concern one connection only, not the listener's resources.
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
 }
 
 /// What every connection task shares.
@@ -221,29 +185,27 @@ struct Ctx {
 }
 
 /// Sets up one accepted connection (socket options, and the transport on top of it) and
-/// spawns its task, which holds `slot` until it ends.
-fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, slot: Slot, conns: &mut JoinSet<()>) {
+/// serves it.
+async fn start_connection(accepted: Accepted, ctx: Arc<Ctx>, proven: Proven) {
     match accepted {
         Accepted::Tcp(s, peer) => {
             let _ = s.set_nodelay(true);
             crate::addr::enlarge_socket_buffers(&s);
-            conns.spawn(connection(s, ctx, slot, peer, None));
+            connection(s, ctx, proven, peer, None).await
         }
         Accepted::Tls(s, peer, acceptor) => {
             let _ = s.set_nodelay(true);
             crate::addr::enlarge_socket_buffers(&s);
             // The handshake runs in the connection's task (holding its slot, so a flood of
             // silent TLS clients gives way like unauthenticated ones), under a timeout.
-            conns.spawn(async move {
-                if let Some(s) = crate::tls::handshake(&acceptor, s, &peer).await {
-                    connection(s, ctx, slot, peer, None).await
-                }
-            });
+            if let Some(s) = crate::tls::handshake(&acceptor, s, &peer).await {
+                connection(s, ctx, proven, peer, None).await
+            }
         }
         Accepted::Unix(s) => {
             crate::addr::enlarge_socket_buffers(&s);
             let fd = s.as_raw_fd();
-            conns.spawn(connection(s, ctx, slot, "unix".to_string(), Some(fd)));
+            connection(s, ctx, proven, "unix".to_string(), Some(fd)).await
         }
     }
 }
@@ -254,115 +216,24 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(l: &Listener) -> io::Result<Accepted> {
-    Ok(match l {
-        Listener::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
-            Accepted::Tcp(s, peer.to_string())
-        }
-        Listener::Tls(l, acceptor) => {
-            let (s, peer) = l.accept().await?;
-            Accepted::Tls(s, peer.to_string(), acceptor.clone().into())
-        }
-        Listener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
-    })
-}
+/// A [`Listener`] as the accept loop takes it (its connections are this module's business).
+struct Accepting<'l>(&'l Listener);
 
-/// The connection slots: how many are live and which have not authenticated yet.
-#[derive(Debug)]
-struct SlotTable {
-    max: usize,
-    inner: Mutex<SlotState>,
-}
+impl Listen for Accepting<'_> {
+    type Conn = Accepted;
 
-#[derive(Debug, Default)]
-struct SlotState {
-    live: usize,
-    next_id: u64,
-    /// Connections still before `Hello`, oldest first, with the signal that closes them.
-    unauthenticated: BTreeMap<u64, Arc<Notify>>,
-    /// Connections closed or evicted for the limit since the last log line.
-    turned_away: u64,
-    /// When that log line was written, so a flood costs one line every few seconds.
-    last_report: Option<Instant>,
-}
-
-/// A live connection's claim on a slot; released on drop.
-#[derive(Debug)]
-struct Slot {
-    table: Arc<SlotTable>,
-    id: u64,
-    evict: Arc<Notify>,
-}
-
-impl SlotTable {
-    fn new(max: usize) -> Arc<SlotTable> {
-        Arc::new(SlotTable {
-            max: max.max(1),
-            inner: Mutex::new(SlotState::default()),
-        })
-    }
-
-    fn live(&self) -> usize {
-        self.inner.lock().expect("slot lock").live
-    }
-
-    /// A slot for a new connection: a free one, else the oldest unauthenticated connection's
-    /// (that one is told to close), else none.
-    fn admit(self: &Arc<Self>) -> Option<Slot> {
-        let mut st = self.inner.lock().expect("slot lock");
-        if st.live >= self.max {
-            st.turned_away += 1;
-            let now = Instant::now();
-            if st
-                .last_report
-                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
-            {
-                warn!(
-                    limit = self.max,
-                    turned_away = st.turned_away,
-                    "pool connection limit reached: closing unauthenticated connections, oldest first (or the new one when all are authenticated)"
-                );
-                st.turned_away = 0;
-                st.last_report = Some(now);
+    async fn accept(&self) -> io::Result<Accepted> {
+        Ok(match self.0 {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Accepted::Tcp(s, peer.to_string())
             }
-            let (_, victim) = st.unauthenticated.pop_first()?;
-            victim.notify_one();
-        }
-        st.live += 1;
-        st.next_id += 1;
-        let id = st.next_id;
-        let evict = Arc::new(Notify::new());
-        st.unauthenticated.insert(id, evict.clone());
-        Some(Slot {
-            table: self.clone(),
-            id,
-            evict,
+            Listener::Tls(l, acceptor) => {
+                let (s, peer) = l.accept().await?;
+                Accepted::Tls(s, peer.to_string(), acceptor.clone().into())
+            }
+            Listener::Unix(l, _) => Accepted::Unix(l.accept().await?.0),
         })
-    }
-}
-
-impl Slot {
-    /// Resolves when a newer connection needs this slot (only before authentication).
-    async fn evicted(&self) {
-        self.evict.notified().await
-    }
-
-    /// From now on the connection keeps its slot until it ends; false when a newer
-    /// connection already took it (the eviction and this claim are decided under one lock,
-    /// so a connection is either evicted or welcomed, never welcomed and then counted as
-    /// evicted).
-    fn authenticated(&self) -> bool {
-        let mut st = self.table.inner.lock().expect("slot lock");
-        st.unauthenticated.remove(&self.id).is_some()
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut st = self.table.inner.lock().expect("slot lock");
-        st.live -= 1;
-        st.unauthenticated.remove(&self.id);
     }
 }
 
@@ -427,12 +298,12 @@ async fn read_header<R: AsyncRead + Unpin>(
 }
 
 /// Reads the `Hello` (a small control frame, nothing larger is read or allocated), checks its
-/// token, claims `slot` for good and answers `Welcome`.
+/// token, claims the connection's slot for good (`proven`) and answers `Welcome`.
 async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: &mut R,
     wr: &mut W,
     token: Option<&str>,
-    slot: &Slot,
+    proven: &Proven,
 ) -> Result<(), SessionError> {
     let header = read_header(rd, Duration::MAX, "hello").await?;
     if header.kind != FrameKind::Control {
@@ -472,7 +343,7 @@ async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
     // Before the welcome: once the client holds it, a newer connection must not be admitted
     // in its place (the limit would be exceeded with both served).
-    if !slot.authenticated() {
+    if !proven.proven() {
         return Err(SessionError::Evicted);
     }
     let welcome = wire::encode_control(&Response::Welcome {
@@ -491,18 +362,22 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     ctx: Arc<Ctx>,
-    slot: Slot,
+    proven: Proven,
     peer: String,
     unix_fd: Option<RawFd>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let hello_timeout = ctx.options.hello_timeout;
-    let greeted = tokio::select! {
-        r = tokio::time::timeout(hello_timeout, greet(&mut rd, &mut wr, ctx.options.token.as_deref(), &slot)) => {
-            r.unwrap_or(Err(SessionError::TimedOut { what: "hello", after: hello_timeout }))
-        }
-        () = slot.evicted() => Err(SessionError::Evicted),
-    };
+    // A newer connection that needs the slot first ends this task (the accept loop drops it).
+    let greeted = tokio::time::timeout(
+        hello_timeout,
+        greet(&mut rd, &mut wr, ctx.options.token.as_deref(), &proven),
+    )
+    .await
+    .unwrap_or(Err(SessionError::TimedOut {
+        what: "hello",
+        after: hello_timeout,
+    }));
     if let Err(e) = greeted {
         // Unauthenticated peers are logged quietly: a flood of them must not flood the log.
         match &e {
@@ -558,7 +433,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(u) = session.upload.take() {
         info!(%peer, name = u.name(), "upload abandoned before commit; discarded");
     }
-    drop(slot);
 }
 
 struct Session<'o, R, W: AsyncWrite> {

@@ -6,28 +6,13 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use serde::Deserialize;
-use thiserror::Error;
+use torpor_configfile::invalid;
 use torpor_policy::PolicyConfig;
 use torpor_power::Profile;
 use torpor_traffic::Arrivals;
 
-/// Why a configuration was refused.
-#[derive(Debug, Error)]
-pub enum SimConfigError {
-    #[error("cannot read {0}")]
-    Read(std::path::PathBuf, #[source] std::io::Error),
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
-    #[error("{key}: {problem}")]
-    Invalid { key: String, problem: String },
-}
-
-fn invalid(key: impl Into<String>, problem: impl Into<String>) -> SimConfigError {
-    SimConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
-}
+/// Why a simulator configuration was refused: the config error of every torpor TOML reader.
+pub type SimConfigError = torpor_configfile::ConfigError;
 
 /// Service-time distributions.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -317,9 +302,7 @@ fn duration(key: &str, text: &str) -> Result<Duration, SimConfigError> {
 
 impl SimConfig {
     pub fn load(path: &Path) -> Result<SimConfig, SimConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| SimConfigError::Read(path.into(), e))?;
-        SimConfig::from_toml(&text)
+        SimConfig::from_toml(&torpor_configfile::read(path)?)
     }
 
     pub fn from_toml(text: &str) -> Result<SimConfig, SimConfigError> {

@@ -9,11 +9,11 @@ use std::{
 };
 
 use serde::Deserialize;
-use thiserror::Error;
 use torpor_agent::{
     InitOptions, KnobConfig, Launch, MemoryRestore, NodePowerConfig, NodeSleepHooks, ProcessLaunch,
     ServiceSpec, SteeringMode,
 };
+use torpor_configfile::invalid;
 use torpor_criu::LazyOptions;
 
 use crate::control::ControlEndpoint;
@@ -23,23 +23,7 @@ use torpor_pool::PoolAddr;
 use torpor_power::{cpulist, knobs::KnobRoots, HostRoots, Profile};
 use tracing::warn;
 
-/// Why a configuration was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read {0}")]
-    Read(PathBuf, #[source] std::io::Error),
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
-    #[error("{key}: {problem}")]
-    Invalid { key: String, problem: String },
-}
-
-fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
-}
+pub use torpor_configfile::ConfigError;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -587,9 +571,7 @@ pub fn fd_shortfall(nofile: u64, services: &[ServiceConfig]) -> Option<String> {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        Config::from_toml(&text)
+        Config::from_toml(&torpor_configfile::read(path)?)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {

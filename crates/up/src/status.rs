@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use torpor_accept::Limit;
 pub use torpor_agent::EnergyReport;
 pub use torpor_agent::ServiceStatus;
 use torpor_agent::{Agent, ManualAction, ServiceState, Transition};
@@ -61,7 +62,7 @@ pub async fn serve(
     .await
 }
 
-/// Serves the answers of `route` until `shutdown`, with the gates' accept loop (accept errors
+/// Serves the answers of `route` until `shutdown`, with the listeners' accept loop (accept errors
 /// are logged and retried, never the end of the listener), a connection limit and a time
 /// limit on request headers.
 pub async fn serve_with<F>(listener: TcpListener, shutdown: impl Future<Output = ()>, route: F)
@@ -69,12 +70,12 @@ where
     F: Fn(Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let route = Arc::new(route);
-    torpor_gate::accept_loop(
+    torpor_accept::accept_loop(
         "status API",
-        listener,
-        STATUS_MAX_CONNECTIONS,
+        &listener,
+        Limit::wait(STATUS_MAX_CONNECTIONS),
         shutdown,
-        move |stream, _, proven| {
+        move |(stream, _), proven| {
             let route = route.clone();
             async move {
                 let svc = hyper::service::service_fn(move |req| {
