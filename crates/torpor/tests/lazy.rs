@@ -14,11 +14,8 @@ use torpor_criu::{
     checkpoint_to_pool, lazy::checkpoint_lazy_service, restore_from_pool, restore_lazy_from_pool,
     restore_streamed, CheckpointOptions, LazyOptions, LazyWake, RestoreError, RestoreOptions,
 };
+use torpor_testkit::{criu, exe};
 use torpor_workload::SampleClient;
-
-mod common;
-
-use common::{criu, exe_path as exe};
 
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let _ = tracing_subscriber::fmt()

@@ -12,13 +12,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-mod common;
+use torpor_testkit::{
+    config::Control, embedded, exe, http_get, own_addr, serial, Config, Service, Up,
+};
 
-use common::{embedded, exe, http_get, Up};
-use torpor_testkit::{config::Control, own_addr, Config, Service, SERIAL};
 /// The sample service, never slept by the policy (only by hand).
 fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
-    common::sample_service(name, port, backend, "32MiB").idle("1h")
+    Service::sample(name, port, backend, "32MiB").idle("1h")
 }
 
 /// `text` without its terminal colour codes.
@@ -53,7 +53,7 @@ fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<
 
 #[test]
 fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
     let up = Up::launch(embedded().services([sample("web", web, own_addr())]))?;
     let sum = http_get(web, "/sum")?;
@@ -194,8 +194,7 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
         }),
         ..cfg
     })?;
-    let mut child = second.child.take().context("spawned")?;
-    let exit = child.wait()?;
+    let exit = second.wait_exit(Duration::from_secs(60))?;
     let log = second.log_text();
     assert!(!exit.success(), "{log}");
     assert!(
@@ -237,7 +236,7 @@ HTTPServer((host, int(port)), H).serve_forever()
 
 #[test]
 fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let work = tempfile::tempdir()?;
     let script = work.path().join("hold.py");
     std::fs::write(&script, HOLDING_SERVICE)?;
@@ -327,7 +326,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn a_tcp_control_endpoint_takes_commands_with_its_token_only() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let secrets = tempfile::tempdir()?;
     let token_file = secrets.path().join("control.token");
     torpor_pool::write_token_file(&token_file, "a-long-random-control-token-0123456789")?;

@@ -1,6 +1,7 @@
 //! The real `torpor pool` process against floods and faults: a full file table, a flood of
 //! idle and oversized-header connections under a 256-file limit, SIGKILL mid-upload and
-//! mid-spill followed by a restart on the same disk tier.
+//! mid-spill followed by a restart on the same disk tier. They run one at a time: they
+//! measure a process and fill file tables.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,11 +18,9 @@ use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use torpor_image::{manifest::SnapshotMeta, wire, CHUNK_SIZE};
 use torpor_pool::{PoolAddr, PoolClient};
+use torpor_testkit::{exe, serial};
 
 const TOKEN: &str = "pool-hostile-token-0123456789";
-
-/// One test at a time: they measure a process and fill file tables.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A `torpor pool` child on 127.0.0.1 (port 0), killed on drop; its stderr is collected.
 struct PoolChild {
@@ -37,7 +36,7 @@ impl PoolChild {
         let dir = tempfile::tempdir()?;
         let token = dir.path().join("token");
         torpor_pool::write_token_file(&token, TOKEN)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
+        let mut cmd = Command::new(exe());
         cmd.args(["pool", "--listen", "127.0.0.1:0", "--capacity"])
             .arg(capacity.to_string())
             .arg("--token-file")
@@ -186,7 +185,7 @@ fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     lift_own_file_limit();
     // More connections allowed than files: accept itself fails with EMFILE.
     let mut pool = PoolChild::spawn(
@@ -217,7 +216,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
 
 #[test]
 fn a_flood_of_idle_and_oversized_header_connections_leaves_a_256_file_pool_serving() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     lift_own_file_limit();
     let mut pool = PoolChild::spawn(16 << 20, &[], Some(256))?;
     let rss_before = pool.rss_bytes();
@@ -308,7 +307,7 @@ fn spill_entries(dir: &Path) -> Vec<String> {
 #[test]
 fn a_pool_killed_mid_upload_restarts_without_the_partial_snapshot_and_keeps_spilled_ones(
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let spill = tempfile::tempdir()?;
     let spill_arg = spill.path().join("spill");
     let spill_arg = spill_arg.to_str().unwrap();
@@ -342,7 +341,7 @@ fn a_pool_killed_mid_upload_restarts_without_the_partial_snapshot_and_keeps_spil
 
 #[test]
 fn a_pool_killed_mid_spill_restarts_with_only_whole_snapshot_files() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let spill = tempfile::tempdir()?;
     let spill_dir = spill.path().join("spill");
     let spill_arg = spill_dir.to_str().unwrap().to_string();
