@@ -25,6 +25,7 @@ pub use up::Up;
 use std::{
     net::SocketAddr,
     sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 /// Tests that start `torpor up` or run CRIU go one at a time: the machine has 2 cores, CRIU
@@ -61,4 +62,18 @@ pub fn criu() -> torpor_criu::CriuBinary {
 pub fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Checks `cond` every `every` until it holds or `limit` has passed (and once more then);
+/// whether it held. Each test picks `every` for what it watches: a moment of a few
+/// milliseconds, or a pool it should not keep busy.
+pub fn poll(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(every);
+    }
+    cond()
 }

@@ -7,13 +7,13 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use torpor_testkit::{
-    config::Control, embedded, exe, http_get, own_addr, serial, Config, Service, Up,
+    config::Control, embedded, exe, http_get, own_addr, poll, serial, Config, Service, Up,
 };
 
 /// The sample service, never slept by the policy (only by hand).
@@ -37,18 +37,6 @@ fn plain(text: &str) -> String {
         }
     }
     out
-}
-
-/// Waits until `cond` holds, up to `timeout`.
-fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("{what} did not happen within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
 }
 
 #[test]
@@ -259,11 +247,11 @@ fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<(
     let up = Up::launch(embedded().services([slow]))?;
     let held = std::thread::spawn(move || http_get(port, "/hold"));
     let entered = work.path().join("entered");
-    wait_until(
-        "the request reaching the service",
-        Duration::from_secs(30),
-        || entered.exists(),
-    )?;
+    let timeout = Duration::from_secs(30);
+    ensure!(
+        poll(timeout, Duration::from_millis(5), || entered.exists()),
+        "the request reaching the service did not happen within {timeout:?}"
+    );
     let sleep = Command::new(exe())
         .args(["sleep", "slow", "--socket"])
         .arg(&up.control)

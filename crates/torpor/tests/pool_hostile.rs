@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use torpor_image::{manifest::SnapshotMeta, wire, CHUNK_SIZE};
 use torpor_pool::{PoolAddr, PoolClient};
-use torpor_testkit::{exe, serial};
+use torpor_testkit::{exe, poll, serial};
 
 const TOKEN: &str = "pool-hostile-token-0123456789";
 
@@ -172,17 +172,6 @@ fn try_connect(addr: SocketAddr, limit: Duration) -> Option<TcpStream> {
     TcpStream::connect_timeout(&addr, limit).ok()
 }
 
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
 #[test]
 fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
     let _g = serial();
@@ -197,7 +186,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
         .filter_map(|_| try_connect(pool.addr, Duration::from_secs(5)))
         .collect();
     assert!(
-        wait_for(Duration::from_secs(30), || pool
+        poll(Duration::from_secs(30), Duration::from_millis(20), || pool
             .log()
             .contains("accepting a pool connection failed")),
         "the pool ran out of files: {}",
@@ -205,7 +194,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
     );
     assert!(pool.alive(), "{}", pool.log());
     // Unauthenticated connections time out, files come back, and the pool serves again.
-    let served = wait_for(Duration::from_secs(60), || {
+    let served = poll(Duration::from_secs(60), Duration::from_millis(20), || {
         pool.client().and_then(|mut c| Ok(c.list()?)).is_ok()
     });
     assert!(served, "{}", pool.log());
@@ -260,7 +249,7 @@ fn a_flood_of_idle_and_oversized_header_connections_leaves_a_256_file_pool_servi
     // Connections the kernel completed but the pool has not accepted yet wait in its listen
     // queue; while that is full a new SYN is dropped and retried after 1 s by the client's
     // kernel, whatever the pool does. Measure once the pool has taken them all.
-    let drained = wait_for(Duration::from_secs(60), || {
+    let drained = poll(Duration::from_secs(60), Duration::from_millis(20), || {
         listen_queue(pool.addr.port()) == Some(0)
     });
     assert!(drained, "the pool accepts every queued connection");

@@ -22,7 +22,7 @@ use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use torpor_bench::harness::redis_command;
 
-use torpor_testkit::{http_get, own_addr, serial, Config, Service, Up};
+use torpor_testkit::{http_get, own_addr, poll, serial, Config, Service, Up};
 
 /// Enough for the small services here; the RAM tier is pre-faulted at start, so smaller is
 /// quicker.
@@ -757,8 +757,9 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
     // No next start needed: the hold script reads its FIFO's end of file and kills the tree;
     // CRIU's failed detach ends CRIU.
     ensure!(
-        wait_until(Duration::from_secs(10), || cgroup_procs(name)
-            .is_ok_and(|p| p.is_empty())),
+        poll(Duration::from_secs(10), Duration::from_millis(1), || {
+            cgroup_procs(name).is_ok_and(|p| p.is_empty())
+        }),
         "the held restore outlived torpor up: {:?}",
         cgroup_procs(name)?
             .into_iter()
@@ -951,18 +952,6 @@ fn sigterm_taken(pid: i32) -> bool {
     })
 }
 
-/// Polls `cond` until it holds or `limit` passes; whether it held.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
-}
-
 #[test]
 fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing() -> Result<()> {
     let _g = serial();
@@ -977,7 +966,9 @@ fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing()
         let mut up = Up::spawn(&pool().status(own_addr()).services(services))?;
         let pid = up.pid()?;
         ensure!(
-            wait_until(Duration::from_secs(10), || sigterm_taken(pid)),
+            poll(Duration::from_secs(10), Duration::from_millis(1), || {
+                sigterm_taken(pid)
+            }),
             "torpor up never blocked or caught SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(delay_ms));
