@@ -1,8 +1,9 @@
 //! Dev-only kit for torpor's tests (a dev-dependency, never published). It owns what the
 //! end-to-end tests share: the binary under test ([`exe`]) and `torpor up` run from it as a
 //! child on a typed [`Config`] ([`Up`]), plain HTTP to a gate ([`http_get`]), the services
-//! tests run ([`Service::sample`], [`Service::redis`]), and the guards of tests that run CRIU
-//! themselves ([`criu_guard`], [`criu`]).
+//! tests run ([`Service::sample`], [`Service::redis`]), the turn every such test takes
+//! ([`serial`]) and the guards of tests that run CRIU themselves ([`criu_guard`], [`criu`]),
+//! and the small waits and /proc reads several tests make ([`poll`], [`proc_state`]).
 //!
 //! Tests never guess a free port: an in-process server takes a listener bound on port 0, and
 //! a child process that must bind an address given in advance (a service's backend, a gate
@@ -32,8 +33,8 @@ use std::{
 /// timings matter, and CRIU's network lock takes the host's iptables.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Holds the test's turn ([`SERIAL`]) until dropped; a test that failed holding it does not
-/// stop the others.
+/// The test's turn among those that start `torpor up` or run CRIU, held until dropped; a test
+/// that failed holding it does not stop the others.
 pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
