@@ -2,7 +2,8 @@
 //! `toml` crate, so that no test assembles the file with `format!` (quoting, section order
 //! and a key landing in the wrong table are the serialiser's business). It describes what a
 //! test writes, not what `torpor up` accepts: `torpor_up::Config` stays the one reader, and a
-//! test may write a value it knows to be wrong to see it refused.
+//! test may write a value it knows to be wrong to see it refused. The services tests run
+//! most (the binary's sample service, redis from apt) have constructors here.
 
 use std::{
     net::SocketAddr,
@@ -32,6 +33,11 @@ pub struct Config {
     /// `[[service]]`, in order (reports and errors name services by index).
     #[serde(rename = "service", skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+}
+
+/// An embedded pool large enough for every test service of the end-to-end tests.
+pub fn embedded() -> Config {
+    Config::embedded("768MiB")
 }
 
 impl Config {
@@ -251,20 +257,26 @@ impl Service {
         }
     }
 
-    /// The sample HTTP service (`torpor sample-service` of the binary `exe`) holding
-    /// `memory` of seeded state.
-    pub fn sample(
-        exe: &Path,
+    /// A subcommand of the torpor binary under test ([`crate::exe`]), `args` its arguments.
+    pub fn torpor<S: AsRef<str>>(
         name: &str,
+        args: &[S],
         listen: SocketAddr,
         backend: SocketAddr,
-        memory: &str,
     ) -> Service {
-        let (exe, backend_text) = (exe.display().to_string(), backend.to_string());
-        Service::new(
+        let exe = crate::exe().display().to_string();
+        let command: Vec<&str> = std::iter::once(exe.as_str())
+            .chain(args.iter().map(AsRef::as_ref))
+            .collect();
+        Service::new(name, &command, listen, backend)
+    }
+
+    /// The sample HTTP service (`torpor sample-service`) holding `memory` of seeded state.
+    pub fn sample(name: &str, listen: SocketAddr, backend: SocketAddr, memory: &str) -> Service {
+        let backend_text = backend.to_string();
+        Service::torpor(
             name,
             &[
-                exe.as_str(),
                 "sample-service",
                 "--listen",
                 &backend_text,
@@ -274,6 +286,34 @@ impl Service {
             listen,
             backend,
         )
+    }
+
+    /// redis-server from apt (protocol tcp), without persistence, its working files in `dir`.
+    pub fn redis(name: &str, listen: SocketAddr, backend: SocketAddr, dir: &Path) -> Service {
+        let (backend_port, backend_ip, dir) = (
+            backend.port().to_string(),
+            backend.ip().to_string(),
+            dir.display().to_string(),
+        );
+        Service::new(
+            name,
+            &[
+                "redis-server",
+                "--port",
+                &backend_port,
+                "--bind",
+                &backend_ip,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir,
+            ],
+            listen,
+            backend,
+        )
+        .protocol("tcp")
     }
 
     /// With `args` added to its command.

@@ -14,10 +14,8 @@ use torpor_criu::{
 use torpor_image::{seal::SealError, NodeKey};
 use torpor_workload::{expected_sum, SampleClient};
 
-mod common;
+use torpor_testkit::{criu, criu_guard as setup, exe};
 
-use common::{criu, exe_path as exe};
-use torpor_testkit::criu_guard as setup;
 const MIB: u64 = 1 << 20;
 
 fn restore(name: &str, pools: &Pools) -> Result<torpor_criu::RestoreReport, RestoreError> {

@@ -5,6 +5,7 @@
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
+use torpor_testkit::exe;
 
 fn num(v: &Value, what: &str) -> f64 {
     v.as_f64()
@@ -42,7 +43,7 @@ fn check_figures(f: &Value, n: usize, what: &str) -> Vec<f64> {
 
 #[test]
 fn bench_wake_quick_reports_restores_and_the_stock_baseline() {
-    let out = Command::new(env!("CARGO_BIN_EXE_torpor"))
+    let out = Command::new(exe())
         .args(["bench", "wake", "--quick", "--json"])
         .stdin(Stdio::null())
         .output()

@@ -4,18 +4,16 @@
 use std::{
     path::Path,
     process::{Command, Output, Stdio},
-    sync::Mutex,
     time::Duration,
 };
 
 use anyhow::Result;
-use torpor_bench::harness::{become_subreaper, kill_and_reap, PoolProcess, SampleProcess};
+use torpor_bench::harness::{kill_and_reap, PoolProcess, SampleProcess};
+use torpor_testkit::{criu_guard, exe, serial};
 use torpor_workload::SampleClient;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
 fn torpor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_torpor"))
+    Command::new(exe())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -37,9 +35,8 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn checkpoint_list_restore_through_the_cli() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    become_subreaper()?;
-    let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
+    let _g = criu_guard();
+    let exe = exe();
     let pool = PoolProcess::spawn(exe, 128 << 20)?;
     let addr = pool.target.addr.to_string();
     let token = pool.token_file();
@@ -196,7 +193,7 @@ fn doctor_reports_this_host() {
 
 #[test]
 fn the_demo_sleeps_and_wakes_its_services_without_errors() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let out = torpor(&[
         "demo",
         "--duration",
@@ -355,7 +352,7 @@ fn power_calibrate_reports_the_fit_on_the_shared_logs() {
 
 #[test]
 fn loadgen_poisson_gaps_are_exponential_and_waiting_costs_no_cpu() {
-    let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
+    let exe = exe();
     let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
     let url = format!("http://{}/ping", svc.addr);
     // Measured send gaps show the generator only while the machine lets it keep its
@@ -409,7 +406,7 @@ fn loadgen_poisson_gaps_are_exponential_and_waiting_costs_no_cpu() {
 
 #[test]
 fn loadgen_replays_the_shipped_trace_and_refuses_bad_input() {
-    let exe = Path::new(env!("CARGO_BIN_EXE_torpor"));
+    let exe = exe();
     let svc = SampleProcess::spawn(exe, 1 << 20, 1).expect("sample service");
     let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../traffic/fixtures/azure-functions-2019-sample.csv");
@@ -443,7 +440,7 @@ fn loadgen_replays_the_shipped_trace_and_refuses_bad_input() {
 
 #[test]
 fn bench_scenario_writes_both_tables_and_the_plots() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scenario");
     // Knobs only logged: tests never turn the real ones. The seed's rule, so that (d) starts

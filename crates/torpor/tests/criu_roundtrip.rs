@@ -20,10 +20,8 @@ use torpor_criu::{
 };
 use torpor_workload::{expected_sum, SampleClient};
 
-mod common;
+use torpor_testkit::{criu, criu_guard as setup, exe, own_addr, proc_state};
 
-use common::{criu, exe_path as exe};
-use torpor_testkit::{criu_guard as setup, own_addr};
 const MIB: u64 = 1 << 20;
 
 #[test]
@@ -451,12 +449,6 @@ fn uids(pid: i32) -> Option<[u32; 4]> {
     procs::task_ids(pid).map(|t| t.uids)
 }
 
-/// A process's state letter (`S`, `R`, `T` stopped, `Z` zombie), if it exists.
-fn state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
 /// The first descendant of `root` that satisfies `want`, waited for up to 5 s.
 fn wait_descendant(root: i32, want: impl Fn(i32) -> bool) -> Result<i32> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -632,7 +624,7 @@ fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie(
             .meta
             .pid_namespace
     );
-    assert_eq!(state(init), Some('Z'), "the dumped init is a zombie");
+    assert_eq!(proc_state(init), Some('Z'), "the dumped init is a zombie");
 
     let start = Instant::now();
     let restored = restore_from_pool(
@@ -643,7 +635,7 @@ fn a_pid_namespace_tree_is_restored_at_once_while_its_old_pid_is_still_a_zombie(
         &RestoreOptions::default(),
     );
     let took = start.elapsed();
-    let zombie_during_restore = state(init) == Some('Z');
+    let zombie_during_restore = proc_state(init) == Some('Z');
     nix::sys::signal::kill(unshare_pid, nix::sys::signal::Signal::SIGCONT)?;
     let restored = restored?;
     cleanup.0.insert(0, restored.pid);
@@ -718,9 +710,9 @@ fn a_tree_whose_child_switched_uid_is_refused_without_running_criu_and_keeps_run
     thread::sleep(Duration::from_millis(50));
     for pid in [root, child] {
         assert!(
-            matches!(state(pid), Some('S' | 'R')),
+            matches!(proc_state(pid), Some('S' | 'R')),
             "pid {pid} still runs: {:?}",
-            state(pid)
+            proc_state(pid)
         );
     }
     assert!(
@@ -799,7 +791,11 @@ fn a_nobody_tree_in_its_own_pid_namespace_is_refused_up_front_as_criu_would_fail
         "CRIU's reason: {err}"
     );
     thread::sleep(Duration::from_millis(50));
-    assert!(matches!(state(init), Some('S' | 'R')), "{:?}", state(init));
+    assert!(
+        matches!(proc_state(init), Some('S' | 'R')),
+        "{:?}",
+        proc_state(init)
+    );
     assert!(pool.target.connect()?.list()?.is_empty());
     Ok(())
 }

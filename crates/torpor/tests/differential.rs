@@ -15,10 +15,8 @@ use std::{
 use anyhow::{Context, Result};
 use torpor_workload::SampleClient;
 
-mod common;
+use torpor_testkit::{criu_guard, exe, own_addr, Config, Service, Up};
 
-use common::{exe, Up};
-use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// Enough for every generation of the mutator (tens of MiB); the RAM tier is pre-faulted at
 /// start, so smaller is quicker.
 const POOL: &str = "256MiB";
@@ -77,9 +75,9 @@ fn mutator_service(
     backend: SocketAddr,
     restore: impl FnOnce(Service) -> Service,
 ) -> Service {
-    let service = Service::new(
+    let service = Service::torpor(
         "mutator",
-        &[exe(), "mutator-service", "--listen", &backend.to_string()],
+        &["mutator-service", "--listen", &backend.to_string()],
         port,
         backend,
     )
@@ -173,8 +171,7 @@ fn differential(restore: impl FnOnce(Service) -> Service) -> Result<()> {
         eprintln!("skipped: {why}");
         return Ok(());
     }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    torpor_bench::harness::become_subreaper()?;
+    let _g = criu_guard();
     let direct = Direct::start()?;
     let port = own_addr();
     let up =

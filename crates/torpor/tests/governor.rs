@@ -10,12 +10,9 @@ use std::time::Duration;
 use anyhow::Result;
 use torpor_bench::harness::redis_command;
 
-mod common;
-
-use common::Up;
 use torpor_testkit::{
     config::{Node, NodeSleep, Power},
-    own_addr, Service, SERIAL,
+    embedded, http_get, own_addr, quick_suspend_profile, serial, Service, Up,
 };
 
 /// Knobs and node sleep as a dry run on the icx-2s profile whose node suspends and resumes in
@@ -23,7 +20,7 @@ use torpor_testkit::{
 /// would have failed.
 fn dry_run_power(dir: &std::path::Path, transition_s: f64) -> Result<Power> {
     Ok(Power {
-        profile: Some(common::quick_suspend_profile(dir, transition_s)?),
+        profile: Some(quick_suspend_profile(dir, transition_s)?),
         journal: Some(dir.join("knobs.json")),
         dry_run: true,
         node_sleep: Some(NodeSleep {
@@ -38,13 +35,13 @@ fn dry_run_power(dir: &std::path::Path, transition_s: f64) -> Result<Power> {
 #[test]
 fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_pays() -> Result<()>
 {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
     // Suspend and resume of 1 s each: node sleep pays after about 3 s of predicted quiet.
-    let mut kv = common::redis_service("kv", port, backend, dir.path()).idle("200ms");
+    let mut kv = Service::redis("kv", port, backend, dir.path()).idle("200ms");
     kv.policy.governor = Some("energy".into());
-    let mut cfg = common::embedded().namespace("governortest").services([kv]);
+    let mut cfg = embedded().namespace("governortest").services([kv]);
     cfg.power = Some(dry_run_power(dir.path(), 1.0)?);
     let up = Up::launch(cfg)?;
     assert_eq!(redis_command(port, &["SET", "k", "v"])?, "+OK");
@@ -79,7 +76,7 @@ fn redis_is_frozen_for_short_gaps_thawed_by_a_request_and_snapshotted_when_that_
 /// memory back (a lazy one holds only what it touches).
 fn sample(name: &str, memory: &str) -> (Service, std::net::SocketAddr) {
     let (port, backend) = (own_addr(), own_addr());
-    let mut service = common::sample_service(name, port, backend, memory).idle("1h");
+    let mut service = Service::sample(name, port, backend, memory).idle("1h");
     service.restore = Some("eager".into());
     (service, port)
 }
@@ -99,11 +96,11 @@ fn budget_snapshots(up: &Up, name: &str) -> Result<usize> {
 #[test]
 fn past_the_memory_budget_the_coldest_idle_service_is_snapshotted_and_wakes_on_demand() -> Result<()>
 {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (a, a_port) = sample("a", "48MiB");
     let (b, b_port) = sample("b", "48MiB");
     // Two services of ~50 MiB each, room for one.
-    let mut cfg = common::embedded().services([a, b]);
+    let mut cfg = embedded().services([a, b]);
     cfg.node = Some(Node {
         namespace: Some("budgettest".into()),
         memory_budget: Some("80MiB".into()),
@@ -135,7 +132,7 @@ fn past_the_memory_budget_the_coldest_idle_service_is_snapshotted_and_wakes_on_d
     assert_eq!(up.service(second)?["state"], "awake", "one fits the budget");
     // A request for the snapshotted one restores it; now the other is the colder one and
     // makes room.
-    common::http_get(first_port, "/count")?;
+    http_get(first_port, "/count")?;
     let s = up.wait_state(second, "asleep", Duration::from_secs(60))?;
     assert_eq!(budget_snapshots(&up, second)?, 1, "{s}");
     let s = up.service(first)?;
@@ -146,10 +143,10 @@ fn past_the_memory_budget_the_coldest_idle_service_is_snapshotted_and_wakes_on_d
 
 #[test]
 fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let (svc, port) = sample("web", "8MiB");
-    let mut cfg = common::embedded()
+    let mut cfg = embedded()
         .namespace("drysleeptest")
         .services([svc.idle("200ms")]);
     cfg.power = Some(dry_run_power(dir.path(), 0.05)?);
@@ -176,6 +173,6 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
         "{energy}"
     );
     // A request ends the node's sleep and is answered.
-    common::http_get(port, "/count")?;
+    http_get(port, "/count")?;
     Ok(())
 }

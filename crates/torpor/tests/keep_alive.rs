@@ -15,10 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
-mod common;
-
-use common::{embedded, Up};
-use torpor_testkit::{own_addr, Service, SERIAL};
+use torpor_testkit::{embedded, own_addr, serial, Service, Up};
 
 /// A node namespace of its own.
 const NAMESPACE: &str = "keepalive";
@@ -26,7 +23,7 @@ const NAMESPACE: &str = "keepalive";
 const SLEEPS: u64 = 5;
 
 fn service(name: &str, steering: &str, port: SocketAddr) -> Service {
-    common::sample_service(name, port, own_addr(), "8MiB")
+    Service::sample(name, port, own_addr(), "8MiB")
         .idle("300ms")
         .steering(steering)
 }
@@ -62,7 +59,7 @@ async fn every_second_until_slept(up: &Up, name: &str, port: SocketAddr) -> Resu
 
 #[test]
 fn a_keep_alive_client_sees_no_error_across_five_sleeps_in_both_modes() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (proxied, steered) = (own_addr(), own_addr());
     let services = [
         service("proxied", "proxy", proxied),

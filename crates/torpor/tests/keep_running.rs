@@ -8,20 +8,17 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::ExitStatus,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use torpor_agent::CgroupRoot;
 
-mod common;
-
-use common::{http_get, Up};
 use torpor_testkit::{
     config::{Node, Pool},
-    own_addr, Config, Service, SERIAL,
+    own_addr, sample_change, sample_sum, serial, Config, Service, Up,
 };
+
 /// A namespace of its own: the cgroups of other tests' services (the host's namespace) are
 /// never taken for this one's, nor this one's for theirs.
 const NAMESPACE: &str = "keeptest";
@@ -29,7 +26,7 @@ const NAMESPACE: &str = "keeptest";
 /// The sample service (seeded memory, `/touch` changes it, `/sum` shows it); the policy
 /// leaves it awake.
 fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
-    common::sample_service(name, port, backend, "8MiB")
+    Service::sample(name, port, backend, "8MiB")
         .args(&["--touch", "1MiB"])
         .idle("1h")
 }
@@ -78,37 +75,6 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// Waits (up to `timeout`) for `torpor up` to exit on its own.
-fn wait_exit(up: &mut Up, timeout: Duration) -> Result<ExitStatus> {
-    let mut child = up.child.take().context("running")?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "torpor up did not exit within {timeout:?}; log:\n{}",
-                up.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn sum(gate: SocketAddr) -> Result<String> {
-    http_get(gate, "/sum")
-}
-
-fn change(gate: SocketAddr, times: usize) -> Result<String> {
-    for _ in 0..times {
-        http_get(gate, "/touch")?;
-    }
-    sum(gate)
-}
-
 fn pid_of(s: &serde_json::Value) -> Result<i32> {
     Ok(s["pid"].as_i64().context("pid")? as i32)
 }
@@ -132,7 +98,7 @@ fn order(up: &Up, args: &[&str]) -> Result<String> {
 #[test]
 fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wakes_after(
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let _cg = CgroupGuard::of("counter");
     let pool = node(dir.path(), Some(dir.path().join("spill")));
@@ -143,15 +109,15 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
 
     let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
-    let seed = sum(gate)?;
-    let state = change(gate, 3)?;
+    let seed = sample_sum(gate)?;
+    let state = sample_change(gate, 3)?;
     assert_ne!(state, seed);
     let pid = pid_of(&up.wait_state("counter", "awake", Duration::from_secs(10))?)?;
     let started = start_time(pid).context("the service runs")?;
 
     let said = order(&up, &["stop", "--keep-running"])?;
     assert!(said.contains("keep running"), "{said}");
-    let exited = wait_exit(&mut up, Duration::from_secs(60))?;
+    let exited = up.wait_exit(Duration::from_secs(60))?;
     let log1 = up.log_text();
     assert!(exited.success(), "exit 0: {exited}\n{log1}");
     assert_eq!(
@@ -186,7 +152,12 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
         !kept.exists(),
         "the kept-services file is deleted once read"
     );
-    assert_eq!(sum(gate)?, state, "its state is intact:\n{}", up.log_text());
+    assert_eq!(
+        sample_sum(gate)?,
+        state,
+        "its state is intact:\n{}",
+        up.log_text()
+    );
 
     // It is no child of this run: checkpointing it and seeing it go must work all the same.
     order(&up, &["sleep", "counter"])?;
@@ -196,7 +167,7 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
         start_time(pid).is_none(),
         "the adopted process is gone after its checkpoint"
     );
-    assert_eq!(sum(gate)?, state, "restored:\n{}", up.log_text());
+    assert_eq!(sample_sum(gate)?, state, "restored:\n{}", up.log_text());
     let s = up.wait_state("counter", "awake", Duration::from_secs(10))?;
     assert_eq!(s["last_wake"]["how"], "restore", "{s}");
     assert_eq!(
@@ -204,7 +175,7 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
         (&1.into(), &0.into()),
         "{s}"
     );
-    assert_ne!(change(gate, 1)?, state, "and it serves on");
+    assert_ne!(sample_change(gate, 1)?, state, "and it serves on");
     assert!(up.stop()?.success(), "{}", up.log_text());
     Ok(())
 }
@@ -212,7 +183,7 @@ fn an_awake_service_kept_running_is_adopted_by_the_next_start_and_sleeps_and_wak
 #[test]
 fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_started_again(
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let _cg = CgroupGuard::of("web");
     // The embedded pool without a disk tier: its RAM tier goes with the process.
@@ -224,7 +195,7 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
 
     let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
-    let seed = sum(gate)?;
+    let seed = sample_sum(gate)?;
     order(&up, &["sleep", "web"])?;
     up.wait_state("web", "asleep", Duration::from_secs(30))?;
     let (refused, out, err) = up.command(&["stop", "--keep-running"])?;
@@ -235,19 +206,16 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
             && err.contains("spill_dir"),
         "the refusal says why: {err}"
     );
-    assert!(
-        up.child.as_mut().context("running")?.try_wait()?.is_none(),
-        "torpor up runs on"
-    );
+    assert!(up.try_wait()?.is_none(), "torpor up runs on");
     assert_eq!(up.service("web")?["state"], "asleep");
 
     // Nothing asleep any more: keeping is allowed.
     order(&up, &["wake", "web"])?;
-    let state = change(gate, 2)?;
+    let state = sample_change(gate, 2)?;
     assert_ne!(state, seed);
     let pid = pid_of(&up.wait_state("web", "awake", Duration::from_secs(10))?)?;
     order(&up, &["stop", "--keep-running"])?;
-    assert!(wait_exit(&mut up, Duration::from_secs(60))?.success());
+    assert!(up.wait_exit(Duration::from_secs(60))?.success());
     assert!(start_time(pid).is_some(), "left running");
     drop(up);
 
@@ -273,7 +241,7 @@ fn keeping_is_refused_while_a_snapshot_would_go_and_a_kept_process_that_died_is_
     assert_eq!(s["state"], "awake", "{s}");
     assert_ne!(pid_of(&s)?, pid, "{s}");
     assert!(s["adopted_pid"].is_null(), "{s}");
-    assert_eq!(sum(gate)?, seed, "started from its command, fresh");
+    assert_eq!(sample_sum(gate)?, seed, "started from its command, fresh");
     assert!(up.stop()?.success());
     Ok(())
 }

@@ -14,11 +14,8 @@ use torpor_criu::{
     checkpoint_to_pool, lazy::checkpoint_lazy_service, restore_from_pool, restore_lazy_from_pool,
     restore_streamed, CheckpointOptions, LazyOptions, LazyWake, RestoreError, RestoreOptions,
 };
+use torpor_testkit::{criu, exe, proc_state};
 use torpor_workload::SampleClient;
-
-mod common;
-
-use common::{criu, exe_path as exe};
 
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let _ = tracing_subscriber::fmt()
@@ -208,7 +205,7 @@ fn a_pool_that_dies_during_a_lazy_wake_kills_the_service_instead_of_zero_filling
     ensure!(
         !torpor_criu::procs::pid_in_use(pid),
         "the tree was killed: answer {answer:?}, state {:?}, session {stats:?}",
-        state(pid)
+        proc_state(pid)
     );
     ensure!(stats.failed.is_some(), "the session says why: {stats:?}");
     let _ = wake.session.shutdown();
@@ -234,11 +231,6 @@ fn arm(pool: &PoolProcess, name: &str, generation: u64) -> Result<torpor_criu::a
     )?)
 }
 
-/// The one-letter state of a process (`t`: stopped by a tracer).
-fn state(pid: i32) -> Option<String> {
-    torpor_criu::procs::stat_fields(pid).and_then(|f| f.first().cloned())
-}
-
 #[test]
 fn an_armed_wake_holds_a_stopped_tree_until_released_and_then_answers_exactly() -> Result<()> {
     let _g = setup();
@@ -254,9 +246,9 @@ fn an_armed_wake_holds_a_stopped_tree_until_released_and_then_answers_exactly() 
     let root = armed.root();
     let _guard = Restored(root);
     ensure!(
-        state(root).as_deref() == Some("t"),
+        proc_state(root) == Some('t'),
         "the held tree is stopped before it resumes: state {:?}",
-        state(root)
+        proc_state(root)
     );
     let held = armed.held_bytes();
     ensure!(
@@ -297,7 +289,7 @@ fn giving_up_an_armed_wake_kills_the_held_tree_and_loses_nothing() -> Result<()>
     ensure!(
         !torpor_criu::procs::pid_in_use(root),
         "the held tree is gone: {:?}",
-        state(root)
+        proc_state(root)
     );
     // The snapshot is untouched: the same generation wakes and answers with its state.
     let wake = lazy_wake(&pool, name, Some(full.generation))?;

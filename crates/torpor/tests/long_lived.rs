@@ -14,10 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
-mod common;
-
-use common::{embedded, exe, Up};
-use torpor_testkit::{own_addr, Service, SERIAL};
+use torpor_testkit::{embedded, own_addr, serial, Service, Up};
 
 /// A node namespace of its own (another `torpor up` in the same one would take its
 /// services for its own).
@@ -42,14 +39,14 @@ const SERVICES: [(&str, &str, bool); 4] = [
 fn service(name: &str, steering: &str, grpc: bool, port: SocketAddr) -> Service {
     let backend = own_addr();
     let service = if grpc {
-        Service::new(
+        Service::torpor(
             name,
-            &[exe(), "sample-grpc", "--listen", &backend.to_string()],
+            &["sample-grpc", "--listen", &backend.to_string()],
             port,
             backend,
         )
     } else {
-        common::sample_service(name, port, backend, "8MiB")
+        Service::sample(name, port, backend, "8MiB")
     };
     service
         .steering(steering)
@@ -152,7 +149,7 @@ async fn talk_grpc(
 
 #[test]
 fn websockets_and_grpc_streams_keep_their_services_awake_in_both_modes_until_quiet() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let ports: Vec<SocketAddr> = SERVICES.iter().map(|_| own_addr()).collect();
     let services = SERVICES
         .iter()

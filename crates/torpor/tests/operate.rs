@@ -7,18 +7,18 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{ensure, Context, Result};
 
-mod common;
+use torpor_testkit::{
+    config::Control, embedded, exe, http_get, own_addr, poll, serial, Config, Service, Up,
+};
 
-use common::{embedded, exe, http_get, Up};
-use torpor_testkit::{config::Control, own_addr, Config, Service, SERIAL};
 /// The sample service, never slept by the policy (only by hand).
 fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
-    common::sample_service(name, port, backend, "32MiB").idle("1h")
+    Service::sample(name, port, backend, "32MiB").idle("1h")
 }
 
 /// `text` without its terminal colour codes.
@@ -39,21 +39,9 @@ fn plain(text: &str) -> String {
     out
 }
 
-/// Waits until `cond` holds, up to `timeout`.
-fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("{what} did not happen within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
 #[test]
 fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
     let up = Up::launch(embedded().services([sample("web", web, own_addr())]))?;
     let sum = http_get(web, "/sum")?;
@@ -194,8 +182,7 @@ fn sleep_wake_pin_and_unpin_steer_a_service_and_say_who_did_it() -> Result<()> {
         }),
         ..cfg
     })?;
-    let mut child = second.child.take().context("spawned")?;
-    let exit = child.wait()?;
+    let exit = second.wait_exit(Duration::from_secs(60))?;
     let log = second.log_text();
     assert!(!exit.success(), "{log}");
     assert!(
@@ -237,7 +224,7 @@ HTTPServer((host, int(port)), H).serve_forever()
 
 #[test]
 fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let work = tempfile::tempdir()?;
     let script = work.path().join("hold.py");
     std::fs::write(&script, HOLDING_SERVICE)?;
@@ -260,11 +247,11 @@ fn a_manual_sleep_lets_the_request_in_flight_finish_and_answers_it() -> Result<(
     let up = Up::launch(embedded().services([slow]))?;
     let held = std::thread::spawn(move || http_get(port, "/hold"));
     let entered = work.path().join("entered");
-    wait_until(
-        "the request reaching the service",
-        Duration::from_secs(30),
-        || entered.exists(),
-    )?;
+    let timeout = Duration::from_secs(30);
+    ensure!(
+        poll(timeout, Duration::from_millis(5), || entered.exists()),
+        "the request reaching the service did not happen within {timeout:?}"
+    );
     let sleep = Command::new(exe())
         .args(["sleep", "slow", "--socket"])
         .arg(&up.control)
@@ -327,7 +314,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn a_tcp_control_endpoint_takes_commands_with_its_token_only() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let secrets = tempfile::tempdir()?;
     let token_file = secrets.path().join("control.token");
     torpor_pool::write_token_file(&token_file, "a-long-random-control-token-0123456789")?;

@@ -1,6 +1,7 @@
 //! The real `torpor pool` process against floods and faults: a full file table, a flood of
 //! idle and oversized-header connections under a 256-file limit, SIGKILL mid-upload and
-//! mid-spill followed by a restart on the same disk tier.
+//! mid-spill followed by a restart on the same disk tier. They run one at a time: they
+//! measure a process and fill file tables.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,11 +18,9 @@ use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use torpor_image::{manifest::SnapshotMeta, wire, CHUNK_SIZE};
 use torpor_pool::{PoolAddr, PoolClient};
+use torpor_testkit::{exe, poll, serial};
 
 const TOKEN: &str = "pool-hostile-token-0123456789";
-
-/// One test at a time: they measure a process and fill file tables.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A `torpor pool` child on 127.0.0.1 (port 0), killed on drop; its stderr is collected.
 struct PoolChild {
@@ -37,7 +36,7 @@ impl PoolChild {
         let dir = tempfile::tempdir()?;
         let token = dir.path().join("token");
         torpor_pool::write_token_file(&token, TOKEN)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_torpor"));
+        let mut cmd = Command::new(exe());
         cmd.args(["pool", "--listen", "127.0.0.1:0", "--capacity"])
             .arg(capacity.to_string())
             .arg("--token-file")
@@ -173,20 +172,9 @@ fn try_connect(addr: SocketAddr, limit: Duration) -> Option<TcpStream> {
     TcpStream::connect_timeout(&addr, limit).ok()
 }
 
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
 #[test]
 fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     lift_own_file_limit();
     // More connections allowed than files: accept itself fails with EMFILE.
     let mut pool = PoolChild::spawn(
@@ -198,7 +186,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
         .filter_map(|_| try_connect(pool.addr, Duration::from_secs(5)))
         .collect();
     assert!(
-        wait_for(Duration::from_secs(30), || pool
+        poll(Duration::from_secs(30), Duration::from_millis(20), || pool
             .log()
             .contains("accepting a pool connection failed")),
         "the pool ran out of files: {}",
@@ -206,7 +194,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
     );
     assert!(pool.alive(), "{}", pool.log());
     // Unauthenticated connections time out, files come back, and the pool serves again.
-    let served = wait_for(Duration::from_secs(60), || {
+    let served = poll(Duration::from_secs(60), Duration::from_millis(20), || {
         pool.client().and_then(|mut c| Ok(c.list()?)).is_ok()
     });
     assert!(served, "{}", pool.log());
@@ -217,7 +205,7 @@ fn accept_errors_from_a_full_file_table_do_not_stop_the_pool() -> Result<()> {
 
 #[test]
 fn a_flood_of_idle_and_oversized_header_connections_leaves_a_256_file_pool_serving() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     lift_own_file_limit();
     let mut pool = PoolChild::spawn(16 << 20, &[], Some(256))?;
     let rss_before = pool.rss_bytes();
@@ -261,7 +249,7 @@ fn a_flood_of_idle_and_oversized_header_connections_leaves_a_256_file_pool_servi
     // Connections the kernel completed but the pool has not accepted yet wait in its listen
     // queue; while that is full a new SYN is dropped and retried after 1 s by the client's
     // kernel, whatever the pool does. Measure once the pool has taken them all.
-    let drained = wait_for(Duration::from_secs(60), || {
+    let drained = poll(Duration::from_secs(60), Duration::from_millis(20), || {
         listen_queue(pool.addr.port()) == Some(0)
     });
     assert!(drained, "the pool accepts every queued connection");
@@ -308,7 +296,7 @@ fn spill_entries(dir: &Path) -> Vec<String> {
 #[test]
 fn a_pool_killed_mid_upload_restarts_without_the_partial_snapshot_and_keeps_spilled_ones(
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let spill = tempfile::tempdir()?;
     let spill_arg = spill.path().join("spill");
     let spill_arg = spill_arg.to_str().unwrap();
@@ -342,7 +330,7 @@ fn a_pool_killed_mid_upload_restarts_without_the_partial_snapshot_and_keeps_spil
 
 #[test]
 fn a_pool_killed_mid_spill_restarts_with_only_whole_snapshot_files() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let spill = tempfile::tempdir()?;
     let spill_dir = spill.path().join("spill");
     let spill_arg = spill_dir.to_str().unwrap().to_string();

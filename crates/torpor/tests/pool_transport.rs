@@ -5,34 +5,22 @@
 //! a remote plaintext pool.
 
 use std::{
-    path::Path,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use nix::{sys::signal, unistd::Pid};
-use torpor_bench::harness::{become_subreaper, kill_and_reap, SampleProcess};
+use torpor_bench::harness::{kill_and_reap, SampleProcess};
 use torpor_criu::{
-    checkpoint_to_pool, restore_from_pool, CheckpointOptions, CriuBinary, PoolTarget,
-    RestoreOptions,
+    checkpoint_to_pool, restore_from_pool, CheckpointOptions, PoolTarget, RestoreOptions,
 };
 use torpor_pool::{ClientTls, PoolAddr, Timeouts};
+use torpor_testkit::{criu, criu_guard, exe, proc_state};
 use torpor_workload::SampleClient;
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_torpor"))
-}
-
 const MIB: u64 = 1 << 20;
-
-/// CRIU's network lock takes the host's iptables: one CRIU test at a time.
-static CRIU: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn criu_serial() -> std::sync::MutexGuard<'static, ()> {
-    CRIU.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A `torpor pool` child, continued (if stopped) and killed when dropped.
 struct Pool {
@@ -86,17 +74,10 @@ impl Drop for Pool {
     }
 }
 
-/// The state letter of a process in /proc (`t`: stopped by a tracer, as CRIU's seize does).
-fn state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
 #[test]
 fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_the_service_keeps_serving(
 ) -> Result<()> {
-    let _serial = criu_serial();
-    become_subreaper()?;
+    let _serial = criu_guard();
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("pool.sock");
     let listen = format!("unix:{}", sock.display());
@@ -116,7 +97,7 @@ fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_th
     let stopper = thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if state(svc_pid) == Some('t') {
+            if proc_state(svc_pid) == Some('t') {
                 signal::kill(pool_pid, signal::Signal::SIGSTOP).unwrap();
                 return true;
             }
@@ -126,7 +107,7 @@ fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_th
     });
     let started = Instant::now();
     let r = checkpoint_to_pool(
-        &CriuBinary::locate().context("CRIU is installed by the README's test command")?,
+        &criu(),
         svc.pid,
         "stopped-pool",
         &pool.pools,
@@ -154,9 +135,8 @@ fn a_checkpoint_whose_pool_is_sigstopped_mid_dump_aborts_within_the_bound_and_th
 
 #[test]
 fn a_restore_from_a_sigstopped_pool_fails_within_the_bound_and_runs_nothing() -> Result<()> {
-    let _serial = criu_serial();
-    become_subreaper()?;
-    let criu = CriuBinary::locate().context("CRIU is installed by the README's test command")?;
+    let _serial = criu_guard();
+    let criu = criu();
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("pool.sock");
     let listen = format!("unix:{}", sock.display());

@@ -16,13 +16,11 @@ use std::{
 
 use anyhow::{Context, Result};
 
-mod common;
+use torpor_testkit::{embedded, http_get, own_addr, serial, Config, Service, Up};
 
-use common::{embedded, http_get, Up};
-use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// The sample service with `memory` of state, never slept by the policy (only by hand).
 fn sample(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str) -> Service {
-    common::sample_service(name, port, backend, memory).idle("1h")
+    Service::sample(name, port, backend, memory).idle("1h")
 }
 
 /// Writes `services` as `up`'s new torpor.toml, with the pool, status and control sections
@@ -30,7 +28,7 @@ fn sample(name: &str, port: SocketAddr, backend: SocketAddr, memory: &str) -> Se
 fn rewrite(up: &Up, services: &[&Service]) -> Result<()> {
     up.rewrite(&Config {
         services: services.iter().map(|s| (*s).clone()).collect(),
-        ..up.config()?
+        ..up.config().clone()
     })
 }
 
@@ -118,7 +116,7 @@ fn names(list: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn add_remove_and_change_services_while_another_serves_without_an_error() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (steady, gone, tuned, fresh) = (own_addr(), own_addr(), own_addr(), own_addr());
     let (steady_b, gone_b, tuned_b, fresh_b) = (own_addr(), own_addr(), own_addr(), own_addr());
     let steady_svc = sample("steady", steady, steady_b, "16MiB");
@@ -236,13 +234,13 @@ fn add_remove_and_change_services_while_another_serves_without_an_error() -> Res
 
 #[test]
 fn an_invalid_file_is_refused_and_sighup_reloads_like_the_command() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (web, web_b) = (own_addr(), own_addr());
     let web_svc = sample("web", web, web_b, "16MiB");
     let up = Up::launch(embedded().services([web_svc]))?;
     let client = ClientLoop::start(web);
 
-    let good = up.config()?;
+    let good = up.config().clone();
     let mut bad = good.clone();
     bad.services[0].policy.idle_threshold = Some("soon".into());
     up.rewrite(&bad)?;

@@ -6,30 +6,16 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 
-mod common;
+use torpor_testkit::{
+    config::Pool, embedded, own_addr, sample_change, sample_sum, serial, Config, Service, Up,
+};
 
-use common::{embedded, http_get, Up};
-use torpor_testkit::{config::Pool, own_addr, Config, Service, SERIAL};
 /// A sample service (16 MiB of seeded memory, `/touch` changing its first MiB) that the
 /// policy leaves awake: only the test and the stop put it to sleep.
 fn sample(name: &str, port: SocketAddr, backend: SocketAddr) -> Service {
-    common::sample_service(name, port, backend, "16MiB")
+    Service::sample(name, port, backend, "16MiB")
         .args(&["--touch", "1MiB"])
         .idle("1h")
-}
-
-/// The service's state as its memory shows it: the checksum of its buffer, which every
-/// `/touch` changes (a cold start would answer the seed's checksum again).
-fn sum(gate: SocketAddr) -> Result<String> {
-    http_get(gate, "/sum")
-}
-
-/// Changes the service's memory `times` times and returns its state after.
-fn change(gate: SocketAddr, times: usize) -> Result<String> {
-    for _ in 0..times {
-        http_get(gate, "/touch")?;
-    }
-    sum(gate)
 }
 
 fn sleep_by_hand(up: &Up, name: &str) -> Result<()> {
@@ -53,7 +39,7 @@ fn snapshot_files(spill: &Path) -> Result<Vec<String>> {
 
 #[test]
 fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let spill = dir.path().join("spill");
     let pool = Config {
@@ -73,15 +59,15 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
 
     let mut up = Up::spawn(&cfg)?;
     up.wait_ready(Duration::from_secs(60))?;
-    let seed_sum = sum(awake)?;
+    let seed_sum = sample_sum(awake)?;
     // Each goes through a sleep and a (lazy) wake first, so that what the stop keeps is an
     // increment inheriting pages from the generation before it.
-    change(awake, 1)?;
-    change(asleep, 1)?;
+    sample_change(awake, 1)?;
+    sample_change(asleep, 1)?;
     sleep_by_hand(&up, "awake")?;
     sleep_by_hand(&up, "asleep")?;
-    let awake_state = change(awake, 2)?;
-    let asleep_state = change(asleep, 3)?;
+    let awake_state = sample_change(awake, 2)?;
+    let asleep_state = sample_change(asleep, 3)?;
     assert_ne!(awake_state, seed_sum);
     assert_ne!(asleep_state, awake_state);
     sleep_by_hand(&up, "asleep")?;
@@ -130,8 +116,8 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
     assert!(text.contains("awake: adopted asleep at start"), "{text}");
     assert!(text.contains("asleep: adopted asleep at start"), "{text}");
 
-    assert_eq!(sum(awake)?, awake_state, "{}", up.log_text());
-    assert_eq!(sum(asleep)?, asleep_state, "{}", up.log_text());
+    assert_eq!(sample_sum(awake)?, awake_state, "{}", up.log_text());
+    assert_eq!(sample_sum(asleep)?, asleep_state, "{}", up.log_text());
     for name in ["awake", "asleep"] {
         let s = up.service(name)?;
         assert_eq!(s["state"], "awake", "{s}");
@@ -144,19 +130,19 @@ fn services_awake_and_asleep_keep_their_state_across_a_sigterm_and_a_start() -> 
         assert_eq!(s["last_wake"]["how"], "restore", "{s}");
     }
     // And they keep serving from there.
-    assert_ne!(change(awake, 1)?, awake_state);
+    assert_ne!(sample_change(awake, 1)?, awake_state);
     assert!(up.stop()?.success());
     Ok(())
 }
 
 #[test]
 fn without_a_disk_tier_a_stop_kills_services_as_before_and_says_so() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
     let mut up = Up::launch(embedded().services([sample("web", web, own_addr())]))?;
     const WARNING: &str = "stopping loses the state of every service";
     assert_eq!(up.log_text().matches(WARNING).count(), 1, "said at start");
-    change(web, 1)?;
+    sample_change(web, 1)?;
     let pid = up.wait_state("web", "awake", Duration::from_secs(10))?["pid"]
         .as_i64()
         .context("pid")? as i32;

@@ -16,10 +16,8 @@ use anyhow::{bail, Context, Result};
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{json, Value};
 
-mod common;
+use torpor_testkit::{embedded, http_get, own_addr, serial, Service, Up};
 
-use common::{embedded, http_get, Up};
-use torpor_testkit::{own_addr, SERIAL};
 /// chromedriver in its own process group, which is killed (with the browsers it started)
 /// and reaped when this is dropped.
 struct Driver {
@@ -142,9 +140,9 @@ fn output_dir() -> PathBuf {
 #[test]
 fn the_status_page_follows_a_service_to_sleep_awake_and_asleep_again_without_a_reload() -> Result<()>
 {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
-    let service = common::sample_service("web", web, own_addr(), "48MiB").idle("1h");
+    let service = Service::sample("web", web, own_addr(), "48MiB").idle("1h");
     let up = Up::launch(embedded().services([service]))?;
     let driver = Driver::start()?;
     let profile = tempfile::tempdir()?;

@@ -12,10 +12,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-mod common;
-
-use common::{embedded, Up};
-use torpor_testkit::{own_addr, Service, SERIAL};
+use torpor_testkit::{embedded, own_addr, serial, Service, Up};
 
 /// The policy's idle threshold for the service here.
 const IDLE: Duration = Duration::from_secs(1);
@@ -78,7 +75,7 @@ fn wait_steered(up: &Up) -> Result<serde_json::Value> {
 /// The steered sample service, gate on `port`.
 fn steered_sample(port: SocketAddr, backend: SocketAddr) -> Service {
     let idle = format!("{}ms", IDLE.as_millis());
-    common::sample_service("web", port, backend, "8MiB")
+    Service::sample("web", port, backend, "8MiB")
         .idle(&idle)
         .steering("kernel")
 }
@@ -86,7 +83,7 @@ fn steered_sample(port: SocketAddr, backend: SocketAddr) -> Service {
 #[test]
 fn a_quiet_steered_connection_does_not_keep_the_service_awake_and_ends_with_its_sleep() -> Result<()>
 {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
     wait_steered(&up)?;
@@ -127,7 +124,7 @@ fn a_quiet_steered_connection_does_not_keep_the_service_awake_and_ends_with_its_
 #[test]
 fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate_while_asleep(
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
     let s = wait_steered(&up)?;
@@ -196,15 +193,13 @@ fn a_kernel_steered_service_is_reached_directly_while_awake_and_held_by_the_gate
 
 #[test]
 fn a_crashed_torpor_leaves_no_steering_behind_and_the_next_start_steers_again() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let mut up = up(port, backend)?;
     wait_steered(&up)?;
     assert_eq!(get(port, "/ping")?, "PONG");
     // torpor dies without a word; the service it started outlives it, still listening.
-    let mut child = up.child.take().context("running")?;
-    child.kill()?;
-    child.wait()?;
+    up.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(60))?;
     assert_eq!(
         get(backend, "/ping")?,
         "PONG",

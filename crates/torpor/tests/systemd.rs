@@ -4,33 +4,28 @@
 
 use std::{
     os::unix::net::UnixDatagram,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use nix::{sys::signal::Signal, unistd::Pid};
 
-mod common;
+use torpor_testkit::{config::Control, exe, http_get, own_addr, serial, Config, Service, Up};
 
-use common::{exe, http_get};
-use torpor_testkit::{config::Control, own_addr, Config, SERIAL};
 /// The repository's unit file.
 const UNIT: &str = include_str!("../../../packaging/systemd/torpor.service");
 
 /// A config with two sample services behind gates on addresses of this process's own, never put
 /// to sleep by their policy during the test; its status API on `status`, its control socket in `dir`.
-/// Written to `dir/torpor.toml`; returns that path and the gates' addresses.
-fn two_services(
-    dir: &Path,
-    status: std::net::SocketAddr,
-) -> Result<(PathBuf, [std::net::SocketAddr; 2])> {
+/// Returns it and the gates' addresses.
+fn two_services(dir: &Path, status: std::net::SocketAddr) -> (Config, [std::net::SocketAddr; 2]) {
     let gates = [own_addr(), own_addr()];
     let services = ["alpha", "beta"]
         .iter()
         .zip(gates)
-        .map(|(name, gate)| common::sample_service(name, gate, own_addr(), "8MiB").idle("1h"));
+        .map(|(name, gate)| Service::sample(name, gate, own_addr(), "8MiB").idle("1h"));
     let cfg = Config {
         control: Some(Control {
             socket: Some(dir.join("control.sock")),
@@ -38,64 +33,14 @@ fn two_services(
         }),
         ..Config::embedded("64MiB").status(status).services(services)
     };
-    let path = cfg.write_in(dir)?;
-    Ok((path, gates))
-}
-
-/// `torpor up`, stopped with SIGTERM (then SIGKILL) and reaped when dropped, whatever the
-/// test's outcome.
-struct Running {
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Running {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits up to `timeout` for its exit.
-    fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let child = self.child.as_mut().context("running")?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "torpor up did not exit within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let Some(child) = &mut self.child else { return };
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    (cfg, gates)
 }
 
 /// The next datagram on `socket` within `timeout`, or an error naming what was awaited;
 /// fails early when `up` exits meanwhile.
 fn next_message(
     socket: &UnixDatagram,
-    up: &mut Running,
+    up: &mut Up,
     what: &str,
     timeout: Duration,
 ) -> Result<String> {
@@ -112,7 +57,7 @@ fn next_message(
                 ) => {}
             Err(e) => return Err(e.into()),
         }
-        let exited = up.child.as_mut().context("running")?.try_wait()?;
+        let exited = up.try_wait()?;
         if exited.is_some() || Instant::now() > deadline {
             bail!(
                 "no {what} notification (torpor up exited: {exited:?}); log:\n{}",
@@ -124,27 +69,18 @@ fn next_message(
 
 #[test]
 fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let status = own_addr();
-    let (cfg_path, gates) = two_services(dir.path(), status)?;
+    let (cfg, gates) = two_services(dir.path(), status);
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
-    let log = dir.path().join("up.log");
-    // As the unit's comment suggests for log shippers.
-    let child = Command::new(exe())
-        .args(["--log-format", "json", "up", "-c"])
-        .arg(&cfg_path)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let mut up = Running {
-        child: Some(child),
-        log,
-    };
+    let mut up = Up::spawn_with(&cfg, |cmd| {
+        // As the unit's comment suggests for log shippers.
+        cmd.args(["--log-format", "json"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "info");
+    })?;
 
     // Whatever comes before READY=1 is progress only.
     let ready = loop {
@@ -169,14 +105,14 @@ fn ready_comes_once_both_gates_listen_and_stopping_at_sigterm() -> Result<()> {
     assert_eq!(doc["services"].as_array().map(Vec::len), Some(2), "{doc}");
     assert!(ready.contains("STATUS=2 service(s)"), "{ready:?}");
 
-    let pid = Pid::from_raw(up.child.as_ref().context("running")?.id() as i32);
+    let pid = Pid::from_raw(up.pid()?);
     nix::sys::signal::kill(pid, Signal::SIGTERM)?;
     let stopping = next_message(&notify, &mut up, "STOPPING=1", Duration::from_secs(60))?;
     assert!(
         stopping.lines().next() == Some("STOPPING=1"),
         "{stopping:?}"
     );
-    let exit = up.wait(Duration::from_secs(60))?;
+    let exit = up.wait_exit(Duration::from_secs(60))?;
     assert!(exit.success(), "exit {exit:?}; log:\n{}", up.log_text());
     // Nothing after STOPPING=1 claims readiness again.
     notify.set_nonblocking(true)?;
@@ -259,10 +195,11 @@ fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
         eprintln!("skipped: the unit cannot be started under systemd on this host: {why}; readiness is tested through a notify socket by ready_comes_once_both_gates_listen_and_stopping_at_sigterm");
         return Ok(());
     }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let status = own_addr();
-    let (cfg_path, gates) = two_services(dir.path(), status)?;
+    let (cfg, gates) = two_services(dir.path(), status);
+    let cfg_path = cfg.write_in(dir.path())?;
     // The repository's unit as it is, but for the binary and config under test, and without
     // the state and runtime directories of a real install.
     let mut replaced = false;
@@ -272,7 +209,11 @@ fn the_unit_starts_torpor_up_under_systemd() -> Result<()> {
         .map(|l| {
             if l.starts_with("ExecStart=") {
                 replaced = true;
-                format!("ExecStart={} up -c {}\n", exe(), cfg_path.display())
+                format!(
+                    "ExecStart={} up -c {}\n",
+                    exe().display(),
+                    cfg_path.display()
+                )
             } else {
                 format!("{l}\n")
             }

@@ -22,10 +22,8 @@ use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use torpor_bench::harness::redis_command;
 
-mod common;
+use torpor_testkit::{http_get, own_addr, poll, serial, Config, Service, Up};
 
-use common::{http_get, Up};
-use torpor_testkit::{own_addr, Config, Service, SERIAL};
 /// Enough for the small services here; the RAM tier is pre-faulted at start, so smaller is
 /// quicker.
 fn pool() -> Config {
@@ -384,7 +382,7 @@ fn memcached(to: SocketAddr, request: &str, last: &[&str]) -> Result<Vec<String>
 
 #[test]
 fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let (port, backend) = (own_addr(), own_addr());
     let root = dir.path().join("www");
@@ -428,7 +426,7 @@ fn nginx_master_and_two_workers_sleep_and_wake_by_restore_three_times() -> Resul
 
 #[test]
 fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "forking.py", FORKING)?;
@@ -465,7 +463,7 @@ fn a_forking_python_server_keeps_counting_across_three_restores() -> Result<()> 
 
 #[test]
 fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "daemon.py", DAEMON)?;
@@ -496,12 +494,12 @@ fn a_double_forking_daemon_keeps_counting_across_three_restores() -> Result<()> 
 
 #[test]
 fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-redis";
     let up = Up::launch(
-        pool().services([common::redis_service(name, port, backend, dir.path()).idle("300ms")]),
+        pool().services([Service::redis(name, port, backend, dir.path()).idle("300ms")]),
     )?;
     let gate = port;
     assert_eq!(
@@ -526,7 +524,7 @@ fn redis_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Res
 
 #[test]
 fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let name = "trees-memcached";
     let (backend_port, backend_ip) = (backend.port().to_string(), backend.ip().to_string());
@@ -579,7 +577,7 @@ fn memcached_keeps_a_value_set_before_the_first_sleep_across_three_restores() ->
 
 #[test]
 fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "holdmem.py", HOLDMEM)?;
@@ -621,7 +619,7 @@ fn a_service_running_as_nobody_sleeps_and_wakes_by_restore_with_its_memory() -> 
 
 #[test]
 fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let (port, backend) = (own_addr(), own_addr());
     let path = script(dir.path(), "switch.py", SWITCHES_UID)?;
@@ -725,7 +723,7 @@ fn a_tree_whose_child_switches_uid_is_refused_with_the_reason_and_keeps_serving(
 
 #[test]
 fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let forking = script(dir.path(), "forking.py", FORKING)?;
     let (port, backend) = (own_addr(), own_addr());
@@ -759,8 +757,9 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
     // No next start needed: the hold script reads its FIFO's end of file and kills the tree;
     // CRIU's failed detach ends CRIU.
     ensure!(
-        wait_until(Duration::from_secs(10), || cgroup_procs(name)
-            .is_ok_and(|p| p.is_empty())),
+        poll(Duration::from_secs(10), Duration::from_millis(1), || {
+            cgroup_procs(name).is_ok_and(|p| p.is_empty())
+        }),
         "the held restore outlived torpor up: {:?}",
         cgroup_procs(name)?
             .into_iter()
@@ -778,7 +777,7 @@ fn a_killed_torpor_up_never_leaves_a_held_restore_to_resume() -> Result<()> {
 
 #[test]
 fn a_killed_torpor_up_leaves_nothing_that_survives_its_next_start() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let forking = script(dir.path(), "forking.py", FORKING)?;
     let daemon = script(dir.path(), "daemon.py", DAEMON)?;
@@ -953,21 +952,9 @@ fn sigterm_taken(pid: i32) -> bool {
     })
 }
 
-/// Polls `cond` until it holds or `limit` passes; whether it held.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
-}
-
 #[test]
 fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     // The delay is what is tested (the moment the signal lands: handler set-up, pool,
     // agent start, ready), not a wait for something. It counts from the program's first
     // act, blocking SIGTERM: one that lands earlier (while the loader maps the binary, which
@@ -979,7 +966,9 @@ fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing()
         let mut up = Up::spawn(&pool().status(own_addr()).services(services))?;
         let pid = up.pid()?;
         ensure!(
-            wait_until(Duration::from_secs(10), || sigterm_taken(pid)),
+            poll(Duration::from_secs(10), Duration::from_millis(1), || {
+                sigterm_taken(pid)
+            }),
             "torpor up never blocked or caught SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(delay_ms));
@@ -1010,7 +999,7 @@ fn sigterm_10ms_after_start_and_at_other_early_moments_exits_0_leaving_nothing()
 
 #[test]
 fn sigterm_while_a_service_is_still_starting_stops_it_at_once_and_exits_0() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     let slow = script(
         dir.path(),
@@ -1058,7 +1047,7 @@ fn sigterm_while_a_service_is_still_starting_stops_it_at_once_and_exits_0() -> R
 
 #[test]
 fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let iptables_before = Command::new("iptables").arg("-S").output()?.stdout;
     for moment in ["checkpointing", "waking"] {
         let dir = open_dir()?;
@@ -1101,7 +1090,7 @@ fn sigterm_mid_checkpoint_and_mid_restore_exits_0_leaving_nothing() -> Result<()
 
 #[test]
 fn the_status_api_answers_only_once_every_service_has_started() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = open_dir()?;
     // Listens only after a while, so start-up is slow enough to ask in the middle of it.
     let late = script(

@@ -14,12 +14,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use torpor_bench::harness::{redis_command, PoolProcess};
 
-mod common;
-
-use common::{embedded, exe, http_get, Up};
 use torpor_testkit::{
     config::{NodeSleep, Pool, Power},
-    own_addr, Config, Service, SERIAL,
+    embedded, exe, http_get, own_addr, quick_suspend_profile, serial, Config, Service, Up,
 };
 
 /// The sleep/wake tests below run twice: with the gate proxying every connection, and with
@@ -63,7 +60,7 @@ fn sample_http(
     memory: &str,
     idle: &str,
 ) -> Service {
-    common::sample_service(name, port, backend, memory)
+    Service::sample(name, port, backend, memory)
         .idle(idle)
         .steering("proxy")
 }
@@ -82,15 +79,15 @@ async fn get(
 fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls(
     steering: &str,
 ) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (web, grpc, grpc_backend) = (own_addr(), own_addr(), own_addr());
     let services = [
-        common::sample_service("web", web, own_addr(), "32MiB")
+        Service::sample("web", web, own_addr(), "32MiB")
             .idle("200ms")
             .steering(steering),
-        Service::new(
+        Service::torpor(
             "grpc",
-            &[exe(), "sample-grpc", "--listen", &grpc_backend.to_string()],
+            &["sample-grpc", "--listen", &grpc_backend.to_string()],
             grpc,
             grpc_backend,
         )
@@ -155,10 +152,10 @@ fn sleeping_services_answer_500_concurrent_http1_requests_and_grpc_calls(
 }
 
 fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let (port, backend) = (own_addr(), own_addr());
     let dir = tempfile::tempdir()?;
-    let kv = common::redis_service("kv", port, backend, dir.path())
+    let kv = Service::redis("kv", port, backend, dir.path())
         .steering(steering)
         .idle("200ms");
     let up = Up::launch(embedded().services([kv]))?;
@@ -187,10 +184,10 @@ fn redis_behind_the_tcp_gate_keeps_its_data_across_sleeps(steering: &str) -> Res
 }
 
 fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
     let up = Up::launch(
-        embedded().services([common::sample_service("big", web, own_addr(), "512MiB")
+        embedded().services([Service::sample("big", web, own_addr(), "512MiB")
             .idle("300ms")
             .steering(steering)]),
     )?;
@@ -234,8 +231,8 @@ fn a_request_arriving_mid_checkpoint_is_answered_after_the_wake(steering: &str) 
 
 #[test]
 fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let pool = PoolProcess::spawn(Path::new(exe()), 256 << 20)?;
+    let _g = serial();
+    let pool = PoolProcess::spawn(exe(), 256 << 20)?;
     let pool_cfg = Config {
         pool: Pool {
             address: Some(pool.target.addr.to_string()),
@@ -271,7 +268,7 @@ fn a_lost_snapshot_ends_in_a_cold_start_is_reported_and_the_request_is_answered(
 
 #[test]
 fn a_crashed_service_is_restarted_and_stopping_leaves_nothing_behind() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let iptables_before = Command::new("iptables").arg("-S").output()?.stdout;
     let web = own_addr();
     let mut up =
@@ -354,7 +351,7 @@ fn container(name: &str, bundle: PathBuf, port: SocketAddr, backend: SocketAddr)
 
 #[test]
 fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "hello from a container\n")?;
@@ -379,7 +376,7 @@ fn an_oci_container_sleeps_and_wakes_like_a_process() -> Result<()> {
 
 #[test]
 fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let dir = tempfile::tempdir()?;
     let (port, backend) = (own_addr(), own_addr());
     let bundle = busybox_bundle(dir.path(), backend, "still here\n")?;
@@ -408,7 +405,7 @@ fn a_container_whose_checkpoint_the_pool_refuses_is_resumed_and_keeps_serving() 
 
 #[test]
 fn regular_arrivals_are_prewarmed_so_requests_find_the_service_awake() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let web = own_addr();
     let up =
         Up::launch(embedded().services([sample_http("tick", web, own_addr(), "16MiB", "200ms")]))?;
@@ -495,7 +492,7 @@ fn knob_config(root: &Path) -> Power {
             .to_vec()
     };
     Power {
-        profile: Some(common::quick_suspend_profile(root, 0.05).expect("profile written")),
+        profile: Some(quick_suspend_profile(root, 0.05).expect("profile written")),
         knob_root: Some(root.to_path_buf()),
         journal: Some(root.join("run/knobs.json")),
         consolidate: true,
@@ -531,7 +528,7 @@ fn wait_node_asleep(up: &Up, hooks: &Path) -> Result<()> {
 
 #[test]
 fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let real_before = real_idle_knobs();
     let tree = tempfile::tempdir()?;
     let ncpus = fake_knob_tree(tree.path())?;
@@ -640,7 +637,7 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
 
 #[test]
 fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = serial();
     let tree = tempfile::tempdir()?;
     let ncpus = fake_knob_tree(tree.path())?;
     let hooks = tree.path().join("hooks.log");
@@ -659,9 +656,7 @@ fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     )]))?;
     wait_node_asleep(&up, &hooks)?;
     // The agent dies without cleaning up: the journal keeps what it changed.
-    let mut child = up.child.take().context("running")?;
-    child.kill()?;
-    child.wait()?;
+    up.signal_and_wait(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(60))?;
     assert!(journal.exists(), "changes journaled");
     // The next start puts everything back first (the wake hook runs), then plans afresh.
     let mut again =

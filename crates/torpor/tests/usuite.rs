@@ -5,12 +5,11 @@
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use torpor_testkit::{config, own_addr, Config};
+use torpor_testkit::{config, own_addr, Config, Up};
 use torpor_usuite::{
     data::term_name,
     hdsearch,
@@ -19,10 +18,6 @@ use torpor_usuite::{
     tier::{bucket_channels, DataArgs},
     Service,
 };
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_torpor")
-}
 
 fn data() -> DataArgs {
     DataArgs {
@@ -58,9 +53,9 @@ fn tiers(
     let mut services = Vec::new();
     let mut bucket_gates = Vec::new();
     let mut names = Vec::new();
-    // `torpor usuite NAME TIER --listen BACKEND`, then `more`, then the data's arguments.
+    // `usuite NAME TIER --listen BACKEND`, then `more`, then the data's arguments.
     let tier_argv = |tier: &str, backend: SocketAddr, more: Vec<String>| -> Vec<String> {
-        let mut argv: Vec<String> = [exe(), "usuite", name, tier, "--listen"]
+        let mut argv: Vec<String> = ["usuite", name, tier, "--listen"]
             .map(String::from)
             .to_vec();
         argv.push(backend.to_string());
@@ -82,7 +77,7 @@ fn tiers(
         }
         let bucket = format!("{name}-b{shard}");
         let argv = tier_argv("bucket", backend, more);
-        services.push(config::Service::new(&bucket, &argv, gate, backend).idle("300ms"));
+        services.push(config::Service::torpor(&bucket, &argv, gate, backend).idle("300ms"));
         names.push(bucket);
     }
     let (gate, backend) = (own_addr(), own_addr());
@@ -92,7 +87,7 @@ fn tiers(
         backend,
         vec!["--buckets".into(), bucket_gates.join(",")],
     );
-    services.push(config::Service::new(&mid, &argv, gate, backend).idle("300ms"));
+    services.push(config::Service::torpor(&mid, &argv, gate, backend).idle("300ms"));
     names.push(mid);
     (
         services,
@@ -104,33 +99,13 @@ fn tiers(
     )
 }
 
-struct Up {
-    child: Child,
-    status: SocketAddr,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-impl Up {
-    fn states(&self) -> Result<Vec<(String, String)>> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let body = rt.block_on(torpor_up::status::fetch(self.status, "/status"))?;
-        let doc: serde_json::Value = serde_json::from_str(&body)?;
-        Ok(doc["services"]
-            .as_array()
-            .context("services")?
+/// Waits until every service in `names` is in `state`, whatever `up` answers meanwhile.
+fn wait_all(up: &Up, names: &[String], state: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let states: Vec<(String, String)> = up
+            .services()
+            .unwrap_or_default()
             .iter()
             .map(|s| {
                 (
@@ -138,27 +113,17 @@ impl Up {
                     s["state"].as_str().unwrap_or("").to_string(),
                 )
             })
-            .collect())
-    }
-
-    fn wait_all(&self, names: &[String], state: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let states = self.states().unwrap_or_default();
-            let all = names
-                .iter()
-                .all(|n| states.iter().any(|(m, s)| m == n && s == state));
-            if all {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "not all {state}: {states:?}\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            .collect();
+        let all = names
+            .iter()
+            .all(|n| states.iter().any(|(m, s)| m == n && s == state));
+        if all {
+            return Ok(());
         }
+        if Instant::now() > deadline {
+            bail!("not all {state}: {states:?}\n{}", up.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -249,40 +214,24 @@ fn every_usuite_service_answers_through_the_gates_asleep_and_awake() -> Result<(
         services.extend(tier_services);
         deployed.push(dep);
     }
-    let dir = tempfile::tempdir()?;
-    let status = own_addr();
-    Config::embedded("1GiB")
-        .status(status)
-        .services(services)
-        .write_in(dir.path())?;
-    let log = dir.path().join("up.log");
-    let child = Command::new(exe())
-        .args(["up", "-c"])
-        .arg(dir.path().join("torpor.toml"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let up = Up {
-        child,
-        status,
-        log,
-        _dir: dir,
-    };
+    let up = Up::spawn(
+        &Config::embedded("1GiB")
+            .status(own_addr())
+            .services(services),
+    )?;
     let all: Vec<String> = deployed.iter().flat_map(|d| d.tiers.clone()).collect();
     let rt = tokio::runtime::Runtime::new()?;
-    up.wait_all(&all, "asleep", Duration::from_secs(120))?;
+    wait_all(&up, &all, "asleep", Duration::from_secs(120))?;
     for dep in &deployed {
         // Every tier asleep: the query wakes the mid-tier, which wakes its buckets.
         rt.block_on(check_answer(dep, &d))
             .with_context(|| format!("{} while asleep", dep.service.as_str()))?;
-        up.wait_all(&dep.tiers, "awake", Duration::from_secs(5))?;
+        wait_all(&up, &dep.tiers, "awake", Duration::from_secs(5))?;
         rt.block_on(check_answer(dep, &d))
             .with_context(|| format!("{} while awake", dep.service.as_str()))?;
     }
     // And once more after they all fell asleep again.
-    up.wait_all(&all, "asleep", Duration::from_secs(60))?;
+    wait_all(&up, &all, "asleep", Duration::from_secs(60))?;
     for dep in &deployed {
         rt.block_on(check_answer(dep, &d))
             .with_context(|| format!("{} after a second sleep", dep.service.as_str()))?;
