@@ -885,6 +885,7 @@ async fn run_paired(
     let mut c = Measured::new(Configuration::DeepIdle, node.targets()?);
     let mut d = Measured::new(Configuration::Snapshot, node.targets()?);
     let block = duration / blocks;
+    let block_minutes = block.as_secs().div_ceil(60) as usize;
     let mut pinned = false;
     for k in 0..blocks {
         let order = if k % 2 == 0 {
@@ -905,8 +906,13 @@ async fn run_paired(
                 pinned = pin;
             }
             let b = m.begin(profile, agent.clone(), &resumes_seen)?;
-            m.load(arrivals, args.seed + 1000 * u64::from(k), block)
-                .await;
+            // A replayed day goes on from block to block (whole minutes apart); a generated
+            // process is the same in every block.
+            let later: Vec<Arrivals> = arrivals
+                .iter()
+                .map(|a| a.from_minute(k as usize * block_minutes))
+                .collect();
+            m.load(&later, args.seed + 1000 * u64::from(k), block).await;
             if !pin {
                 // What waking every tier costs belongs to the configuration that rested them.
                 node.pin_all(true).await?;
@@ -1009,7 +1015,7 @@ fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
         };
         let _ = writeln!(
             t1,
-            "\n(c) and (d) ran on one node in {} alternating blocks each ((c): every tier pinned awake; block k of each replays the same arrivals). Mean power per block, W: (c) {}; (d) {}. (d)/(c) per pair: {}; median {}.",
+            "\n(c) and (d) ran on one node in {} alternating blocks each ((c): every tier pinned awake; block k of each replays the same arrivals, a replayed day minute k·⌈block/60 s⌉ onwards). Mean power per block, W: (c) {}; (d) {}. (d)/(c) per pair: {}; median {}.",
             c.block_power_w.len(),
             shown(&c.block_power_w, 2),
             shown(&d.block_power_w, 2),

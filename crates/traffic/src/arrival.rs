@@ -249,6 +249,24 @@ impl Arrivals {
     }
 }
 
+impl Arrivals {
+    /// The same process entered `minutes` into it: a replay skips that many minutes of its
+    /// trace (so that successive blocks of an experiment see successive parts of the day);
+    /// the generated processes are stationary and stay as they are.
+    pub fn from_minute(&self, minutes: usize) -> Arrivals {
+        match self {
+            Arrivals::Replay {
+                per_minute,
+                speedup,
+            } => Arrivals::Replay {
+                per_minute: per_minute.iter().skip(minutes).copied().collect(),
+                speedup: *speedup,
+            },
+            other => other.clone(),
+        }
+    }
+}
+
 /// An arrival process unrolled lazily: each call gives the next arrival time in seconds.
 #[derive(Debug, Clone)]
 pub struct ArrivalStream {
@@ -371,6 +389,30 @@ pub fn mean_cv(gaps: &[f64]) -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_entered_later_skips_those_minutes_and_the_others_stay() {
+        let r = Arrivals::Replay {
+            per_minute: vec![5, 0, 2, 7],
+            speedup: 2.0,
+        };
+        match r.from_minute(2) {
+            Arrivals::Replay {
+                per_minute,
+                speedup,
+            } => {
+                assert_eq!(per_minute, vec![2, 7]);
+                assert_eq!(speedup, 2.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        match r.from_minute(9) {
+            Arrivals::Replay { per_minute, .. } => assert!(per_minute.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let p = Arrivals::Poisson { rate_per_s: 3.0 };
+        assert!(matches!(p.from_minute(4), Arrivals::Poisson { rate_per_s } if rate_per_s == 3.0));
+    }
 
     #[test]
     fn poisson_gaps_are_exponential() {
