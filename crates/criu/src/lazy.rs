@@ -452,10 +452,7 @@ pub fn stage_lazy(
                 };
                 let bytes = source
                     .read(&origin, n as usize)
-                    .map_err(|e| RestoreError::Pool {
-                        name: name.to_string(),
-                        source: ClientError::Unexpected(e.message),
-                    })?;
+                    .map_err(|e| source_failed(name, e.message, e.corrupt))?;
                 out.write_all_at(bytes, offset + at)
                     .map_err(RestoreError::WorkDir)?;
                 at += n;
@@ -674,7 +671,10 @@ impl Launched {
         }
         let criu_s = self.start.elapsed().as_secs_f64();
         let finished = self.server.wait_finished(Duration::from_secs(5));
-        let failure = self.server.stats().failed;
+        let (failure, corrupt) = {
+            let stats = self.server.stats();
+            (stats.failed, stats.source_corrupt)
+        };
         if !succeeded || finished.is_err() || failure.is_some() {
             if let Some(pid) = pid {
                 kill_tree(pid);
@@ -686,10 +686,7 @@ impl Launched {
             let _ = self.server.shutdown();
             unmount_leftovers(self.work.path());
             if let Some(why) = failure {
-                return Err(RestoreError::Pool {
-                    name,
-                    source: ClientError::Unexpected(why),
-                });
+                return Err(source_failed(&name, why, corrupt));
             }
             if let (true, Err(e)) = (succeeded, finished) {
                 return Err(RestoreError::Lazy { name, source: e });
@@ -968,6 +965,17 @@ fn warm_pieces(ranges: &HashMap<i32, Vec<PageRange>>, ws: &WorkingSet) -> Vec<(O
         }
     }
     out
+}
+
+/// The pages could not be read from the pool: a snapshot failing its checks there is
+/// corrupt (refused for good), anything else a pool that failed this time.
+fn source_failed(name: &str, why: String, corrupt: bool) -> RestoreError {
+    let (name, source) = (name.to_string(), ClientError::Unexpected(why));
+    if corrupt {
+        RestoreError::Corrupt { name, source }
+    } else {
+        RestoreError::Pool { name, source }
+    }
 }
 
 #[cfg(test)]

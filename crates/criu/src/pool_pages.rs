@@ -13,6 +13,7 @@ use std::{
 use memmap2::MmapMut;
 
 use torpor_image::pages::{blocks_file_for, BlockDigests, Origin, BLOCK_SIZE};
+use torpor_image::wire::ErrorCode;
 use torpor_lazy::{PageSource, SourceError};
 use torpor_pool::{ClientError, PoolClient};
 
@@ -130,11 +131,19 @@ impl Reader {
         len: usize,
         buf: &mut Buffer,
     ) -> Result<usize, SourceError> {
-        let fail = |message: String| SourceError { message };
+        let fail = |message: String| SourceError {
+            message,
+            corrupt: false,
+        };
+        // The pool refusing a range because it fails its checksum there.
+        let refused = |e: ClientError| SourceError {
+            message: torpor_pool::error_chain(&e),
+            corrupt: e.pool_code() == Some(ErrorCode::Corrupt),
+        };
         if !self.blocks.verify {
             let into = buf.get(len).map_err(|e| fail(e.to_string()))?;
             self.read_range(origin.generation, &origin.file, origin.offset, into, false)
-                .map_err(|e| fail(torpor_pool::error_chain(&e)))?;
+                .map_err(refused)?;
             return Ok(0);
         }
         let digests = self
@@ -156,12 +165,10 @@ impl Reader {
             .get((end - first) as usize)
             .map_err(|e| fail(e.to_string()))?;
         self.read_range(origin.generation, &origin.file, first, into, true)
-            .map_err(|e| fail(torpor_pool::error_chain(&e)))?;
-        digests.verify(first, into).map_err(|e| {
-            fail(format!(
-                "{} of generation {}: {e}",
-                origin.file, origin.generation
-            ))
+            .map_err(refused)?;
+        digests.verify(first, into).map_err(|e| SourceError {
+            message: format!("{} of generation {}: {e}", origin.file, origin.generation),
+            corrupt: true,
         })?;
         Ok((origin.offset - first) as usize)
     }
@@ -255,6 +262,7 @@ impl PageSource for PoolPages {
         if let Some(warm) = &self.warm {
             let into = self.lent.get(len).map_err(|e| SourceError {
                 message: e.to_string(),
+                corrupt: false,
             })?;
             if warm.take(origin, into) {
                 return Ok(self.lent.bytes(0, len));

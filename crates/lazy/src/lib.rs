@@ -38,4 +38,7 @@ pub trait PageSource: Send + 'static {
 pub struct SourceError {
     /// What went wrong, for the failure report and the log.
     pub message: String,
+    /// The source's data fails its checks (a checksum, a digest): the snapshot is corrupt,
+    /// which the caller refuses for good, rather than unreachable for now.
+    pub corrupt: bool,
 }

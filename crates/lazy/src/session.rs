@@ -63,6 +63,8 @@ pub struct LazyStats {
     pub prefetch_pending: bool,
     /// Why the server gave up, if it did (the tree was killed through `on_failure`).
     pub failed: Option<String>,
+    /// It gave up because the page source found its data corrupt.
+    pub source_corrupt: bool,
     /// Sum over copied faults of the time from reading the fault to the end of its copy.
     pub fault_wait_s: f64,
     /// Lazy bytes ever tracked: the configured ranges of processes received, plus the copies
@@ -788,6 +790,9 @@ impl<U: Uffd> Session<U> {
             let bytes = match self.source.read(&cur.origin, len) {
                 Ok(bytes) => bytes,
                 Err(e) => {
+                    if e.corrupt {
+                        self.stat(|s| s.source_corrupt = true);
+                    }
                     self.fail(&format!(
                         "reading {len} bytes for {:#x} of pid {pid} from {}@{}+{:#x}: {}",
                         cur.start,

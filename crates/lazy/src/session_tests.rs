@@ -30,6 +30,7 @@ impl PageSource for Source {
         if self.fail.load(Ordering::SeqCst) {
             return Err(SourceError {
                 message: "pool unreachable".into(),
+                corrupt: false,
             });
         }
         self.buf.clear();

@@ -34,6 +34,7 @@ impl PageSource for VecSource {
         let at = origin.offset as usize;
         self.0.get(at..at + len).ok_or_else(|| SourceError {
             message: format!("{at}+{len} is outside the pool"),
+            corrupt: false,
         })
     }
 }
