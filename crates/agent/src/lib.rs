@@ -26,7 +26,9 @@ pub use init::InitOptions;
 pub use manual::{
     unix_ms_now, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
 };
-pub use node::{KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks, NodeState};
+pub use node::{
+    KnobConfig, NodePowerConfig, NodePowerError, NodeSleepHooks, NodeState, NodeTransitions,
+};
 pub use process::{Launch, ProcessLaunch};
 pub use runner::{LazyMemory, MemoryRestore};
 pub use service::{
@@ -555,12 +557,12 @@ impl Agent {
     }
 
     /// Whether the node sleeps (really, or credited in a dry run; up when power is off), and
-    /// how many of its sleeps have ended since the start.
-    pub fn node_state(&self) -> (NodeState, u64) {
+    /// how many of its sleeps have begun and ended since the start.
+    pub fn node_state(&self) -> (NodeState, NodeTransitions) {
         self.shared
             .node
             .as_ref()
-            .map_or((NodeState::Up, 0), |n| n.state())
+            .map_or((NodeState::Up, NodeTransitions::default()), |n| n.state())
     }
 
     /// The services now, in configuration order.

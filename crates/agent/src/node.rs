@@ -73,6 +73,14 @@ pub enum NodeState {
     },
 }
 
+/// How many node sleeps began and ended since the agent started (for a benchmark's own
+/// account, which charges each transition in the interval it happens in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeTransitions {
+    pub sleeps: u64,
+    pub resumes: u64,
+}
+
 /// Why node power could not start.
 #[derive(Debug, Error)]
 pub enum NodePowerError {
@@ -105,10 +113,12 @@ struct KnobState {
     node_asleep: bool,
     /// That sleep is a dry run.
     node_asleep_dry_run: bool,
-    /// Node sleeps that ended since the last energy sample (each is charged its transitions).
+    /// Node sleeps that began and that ended since the last energy sample (each charged its
+    /// entry or its resume).
+    node_sleeps: u32,
     node_resumes: u32,
-    /// Node sleeps that ended since the start (for a benchmark's own account).
-    node_resumes_total: u64,
+    /// The same since the start.
+    transitions: NodeTransitions,
 }
 
 /// The node's power side, shared by the service loops and the node loop.
@@ -163,8 +173,9 @@ impl NodePower {
                     all_asleep_since: None,
                     node_asleep: false,
                     node_asleep_dry_run: false,
+                    node_sleeps: 0,
                     node_resumes: 0,
-                    node_resumes_total: 0,
+                    transitions: NodeTransitions::default(),
                 }))
             }
             None => None,
@@ -189,7 +200,7 @@ impl NodePower {
         if s.node_asleep {
             s.node_asleep = false;
             s.node_resumes += 1;
-            s.node_resumes_total += 1;
+            s.transitions.resumes += 1;
             if s.node_asleep_dry_run {
                 info!("dry run: would run the node wake hook");
             } else if let Err(e) = s.knobs.node_wake() {
@@ -281,8 +292,12 @@ impl NodePower {
         next_arrival: Option<Duration>,
     ) {
         let state = self.node_sleep_check(all_asleep, next_arrival);
-        let node_resumes = self.knobs.as_ref().map_or(0, |k| {
-            std::mem::take(&mut k.lock().expect("knob lock").node_resumes)
+        let (node_sleeps, node_resumes) = self.knobs.as_ref().map_or((0, 0), |k| {
+            let mut s = k.lock().expect("knob lock");
+            (
+                std::mem::take(&mut s.node_sleeps),
+                std::mem::take(&mut s.node_resumes),
+            )
         });
         let sample = match Sample::take(&self.telemetry) {
             Ok(s) => s,
@@ -306,6 +321,7 @@ impl NodePower {
                 torpor_cpu_s,
                 node_asleep: state != NodeState::Up,
                 node_asleep_dry_run: state == NodeState::Asleep { dry_run: true },
+                node_sleeps,
                 node_resumes,
                 all_asleep,
             },
@@ -346,6 +362,8 @@ impl NodePower {
                     info!(next_arrival_s = ?next_arrival.map(|d| d.as_secs_f64()), break_even_s = ?self.node_sleep.map(|e| e.break_even_s), dry_run, "node asleep");
                     s.node_asleep = true;
                     s.node_asleep_dry_run = dry_run;
+                    s.node_sleeps += 1;
+                    s.transitions.sleeps += 1;
                 }
                 Err(e) => warn!(error = %e, "node sleep hook failed; the node stays up"),
             }
@@ -353,12 +371,14 @@ impl NodePower {
         s.node_state()
     }
 
-    /// Whether the node sleeps now, and how many of its sleeps have ended so far.
-    pub fn state(&self) -> (NodeState, u64) {
-        self.knobs.as_ref().map_or((NodeState::Up, 0), |k| {
-            let s = k.lock().expect("knob lock");
-            (s.node_state(), s.node_resumes_total)
-        })
+    /// Whether the node sleeps now, and how many of its sleeps have begun and ended so far.
+    pub fn state(&self) -> (NodeState, NodeTransitions) {
+        self.knobs
+            .as_ref()
+            .map_or((NodeState::Up, NodeTransitions::default()), |k| {
+                let s = k.lock().expect("knob lock");
+                (s.node_state(), s.transitions)
+            })
     }
 
     /// What a node sleep would save and when it pays; `None` without node sleep hooks.

@@ -23,7 +23,9 @@ use std::{
 use async_trait::async_trait;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use torpor_agent::{Agent, CostStatus, ManualCommand, NodeState, ServiceState, Transition};
+use torpor_agent::{
+    Agent, CostStatus, ManualCommand, NodeState, NodeTransitions, ServiceState, Transition,
+};
 use torpor_loadgen::{HttpGet, Phase, RunConfig, Target};
 use torpor_policy::LevelCost;
 use torpor_power::{
@@ -66,6 +68,12 @@ pub struct ScenarioArgs {
     /// on both alike.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub blocks: u32,
+    /// How long each (d) block first runs the load unmeasured (a replayed day: the whole
+    /// minutes just before the block's), so that the block starts in the state the load
+    /// leaves the node in, not with every tier awake. With a warm-up, the wake that ends a
+    /// (d) block to switch to (c) is charged to neither; without one (0s), to (d).
+    #[arg(long, default_value = "1m", value_parser = torpor_image::duration_arg)]
+    pub warmup: Duration,
     /// How the tiers of (d) decide to rest: `energy` (frozen or snapshotted only when the
     /// level pays for its cycle) or `threshold` (the seed's rule: snapshot once idle).
     #[arg(long, default_value = "energy", value_parser = ["energy", "threshold"])]
@@ -182,6 +190,9 @@ pub struct ConfigResult {
     pub block_power_w: Vec<f64>,
     pub requests: u64,
     pub errors: u64,
+    /// Requests and errors of the unmeasured warm-ups before (d)'s blocks.
+    pub warmup_requests: u64,
+    pub warmup_errors: u64,
     /// What the errors were (the loadgen's kinds, e.g. `grpc Unavailable`, `timeout`), so a
     /// run with errors says which failure it met.
     pub error_kinds: std::collections::BTreeMap<String, u64>,
@@ -456,20 +467,22 @@ fn start_plain(tiers: &[Tier]) -> Result<Plain, ExperimentError> {
 }
 
 /// The node's sleep as the agent has it, for this run's own account: whether it sleeps, and
-/// the sleeps that ended since `resumes_seen` (each charged its entry and resume).
-fn node_activity(agent: Option<&Agent>, resumes_seen: &mut u64) -> Activity {
+/// the sleeps that began and ended since `seen` (each transition charged as it happens).
+fn node_activity(agent: Option<&Agent>, seen: &mut NodeTransitions) -> Activity {
     let Some(agent) = agent else {
         return Activity::default();
     };
-    let (state, resumes) = agent.node_state();
-    let ended = resumes.saturating_sub(*resumes_seen);
-    *resumes_seen = resumes;
-    Activity {
+    let (state, now) = agent.node_state();
+    let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    let activity = Activity {
         node_asleep: state != NodeState::Up,
         node_asleep_dry_run: state == NodeState::Asleep { dry_run: true },
-        node_resumes: u32::try_from(ended).unwrap_or(u32::MAX),
+        node_sleeps: count(now.sleeps.saturating_sub(seen.sleeps)),
+        node_resumes: count(now.resumes.saturating_sub(seen.resumes)),
         ..Activity::default()
-    }
+    };
+    *seen = now;
+    activity
 }
 
 /// One tier's measured idle and cycle costs and its levels' break-even, as the energy
@@ -646,7 +659,34 @@ struct Measured {
     targets: Vec<Arc<Classified>>,
     requests: u64,
     errors: u64,
+    /// Requests of the warm-ups before its blocks (their latency is not recorded).
+    warmup_requests: u64,
+    warmup_errors: u64,
     error_kinds: std::collections::BTreeMap<String, u64>,
+}
+
+/// Runs `arrivals[i]` against `targets[i]`, all at once, for `duration`.
+async fn drive(
+    targets: impl Iterator<Item = Arc<dyn Target>>,
+    arrivals: &[Arrivals],
+    seed: u64,
+    duration: Duration,
+) -> Vec<torpor_loadgen::LoadReport> {
+    let runs = targets.enumerate().map(|(i, t)| {
+        let config = RunConfig {
+            phases: vec![Phase {
+                name: "load".into(),
+                arrivals: arrivals[i].clone(),
+                duration,
+            }],
+            seed: seed + i as u64,
+            timeout: Duration::from_secs(60),
+            max_in_flight: 10_000,
+            progress: false,
+        };
+        async move { torpor_loadgen::run(t, &config).await }
+    });
+    futures::future::join_all(runs).await
 }
 
 /// A block under way: its first sample and the sampler feeding the account every second.
@@ -669,17 +709,19 @@ impl Measured {
             targets,
             requests: 0,
             errors: 0,
+            warmup_requests: 0,
+            warmup_errors: 0,
             error_kinds: Default::default(),
         }
     }
 
-    /// Starts a block: the account goes on from now (the time since its last block belongs
-    /// to another configuration).
+    /// Starts a block: the account goes on from now (the time since its last block, and the
+    /// node's transitions in it, belong to another configuration or to a warm-up).
     fn begin(
         &mut self,
         profile: &Profile,
         agent: Option<Arc<Agent>>,
-        resumes_seen: &Arc<Mutex<u64>>,
+        seen: &Arc<Mutex<NodeTransitions>>,
     ) -> Result<Block, ExperimentError> {
         let first = Sample::take(&HostRoots::default())
             .map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
@@ -698,8 +740,11 @@ impl Measured {
             (a.report().energy_j, a.report().seconds)
         };
         let from_s = agent.as_ref().map_or(0.0, |a| a.uptime().as_secs_f64());
+        if let Some(a) = &agent {
+            *seen.lock().expect("seen lock") = a.node_state().1;
+        }
         let sampler = {
-            let (account, seen) = (account.clone(), resumes_seen.clone());
+            let (account, seen) = (account.clone(), seen.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.tick().await;
@@ -730,22 +775,8 @@ impl Measured {
 
     /// Runs the load of one block against this configuration's targets.
     async fn load(&mut self, arrivals: &[Arrivals], seed: u64, duration: Duration) {
-        let runs = self.targets.iter().enumerate().map(|(i, t)| {
-            let config = RunConfig {
-                phases: vec![Phase {
-                    name: "load".into(),
-                    arrivals: arrivals[i].clone(),
-                    duration,
-                }],
-                seed: seed + i as u64,
-                timeout: Duration::from_secs(60),
-                max_in_flight: 10_000,
-                progress: false,
-            };
-            let t: Arc<dyn Target> = t.clone();
-            async move { torpor_loadgen::run(t, &config).await }
-        });
-        for r in futures::future::join_all(runs).await {
+        let targets = self.targets.iter().map(|t| t.clone() as Arc<dyn Target>);
+        for r in drive(targets, arrivals, seed, duration).await {
             self.requests += r.total.scheduled;
             self.errors += r.total.errors;
             for (k, v) in &r.total.error_kinds {
@@ -754,13 +785,26 @@ impl Measured {
         }
     }
 
-    /// Ends a block: its last sample (with the node's sleeps that ended) goes to the account.
+    /// Runs load that is not measured (latency not recorded) but whose errors still count.
+    async fn warm_up(&mut self, arrivals: &[Arrivals], seed: u64, duration: Duration) {
+        let targets = self.targets.iter().map(|t| t.inner.clone());
+        for r in drive(targets, arrivals, seed, duration).await {
+            self.warmup_requests += r.total.scheduled;
+            self.warmup_errors += r.total.errors;
+            for (k, v) in &r.total.error_kinds {
+                *self.error_kinds.entry(format!("warm-up: {k}")).or_default() += v;
+            }
+        }
+    }
+
+    /// Ends a block: its last sample (with the node's transitions since the one before) goes
+    /// to the account.
     fn end(
         &mut self,
         block: Block,
         profile: &Profile,
         agent: Option<&Agent>,
-        resumes_seen: &Arc<Mutex<u64>>,
+        seen: &Arc<Mutex<NodeTransitions>>,
     ) -> Result<(), ExperimentError> {
         block.sampler.abort();
         let last = Sample::take(&HostRoots::default())
@@ -768,7 +812,7 @@ impl Measured {
         let mut account = block.account.lock().expect("account lock");
         account.record(
             last.clone(),
-            &node_activity(agent, &mut resumes_seen.lock().expect("seen lock")),
+            &node_activity(agent, &mut seen.lock().expect("seen lock")),
         );
         let (energy, seconds) = (
             account.report().energy_j - block.energy_before.0,
@@ -829,6 +873,8 @@ impl Measured {
             block_power_w: self.block_power_w,
             requests: self.requests,
             errors: self.errors,
+            warmup_requests: self.warmup_requests,
+            warmup_errors: self.warmup_errors,
             error_kinds: self.error_kinds,
             latency_found_awake: Percentiles::of(&awake),
             latency_found_asleep: Percentiles::of(&asleep),
@@ -855,11 +901,11 @@ async fn run_alone(
 ) -> Result<ConfigResult, ExperimentError> {
     let node = Node::start(c, args, memcached).await?;
     let agent = node.agent();
-    let resumes_seen = Arc::new(Mutex::new(0u64));
+    let seen = Arc::new(Mutex::new(NodeTransitions::default()));
     let mut m = Measured::new(c, node.targets()?);
-    let block = m.begin(profile, agent.clone(), &resumes_seen)?;
+    let block = m.begin(profile, agent.clone(), &seen)?;
     m.load(arrivals, args.seed, duration).await;
-    m.end(block, profile, agent.as_deref(), &resumes_seen)?;
+    m.end(block, profile, agent.as_deref(), &seen)?;
     let transitions = agent.as_ref().map(|a| a.transitions()).unwrap_or_default();
     let cold = node.cold_starts();
     node.stop().await?;
@@ -869,11 +915,14 @@ async fn run_alone(
 /// Runs (c) and (d) on one node, in `blocks` alternating blocks each (c d d c c d …, so that
 /// a drift of the machine's background falls on both alike): (d) is the node as configured,
 /// (c) the same node with every tier pinned awake. Blocks `k` of (c) and (d) replay the same
-/// arrivals. Leaving a (d) block, the pins' thaws and wakes are charged to (d).
+/// arrivals. Each (d) block first runs `warmup_minutes` of the arrivals before its own,
+/// unmeasured, so that it starts where the load would have left the node, and the wake that
+/// switches back to (c) comes after its window: rests entered in the warm-up and left in the
+/// window stand for those the window leaves open at its end, as in a steady state. Without a
+/// warm-up every (d) block starts awake and that wake is charged to it.
 async fn run_paired(
     args: &ScenarioArgs,
     duration: Duration,
-    blocks: u32,
     memcached: &[SocketAddr],
     profile: &Profile,
     arrivals: &[Arrivals],
@@ -881,11 +930,16 @@ async fn run_paired(
 ) -> Result<(ConfigResult, ConfigResult), ExperimentError> {
     let node = Node::start(Configuration::Snapshot, args, memcached).await?;
     let agent = node.agent();
-    let resumes_seen = Arc::new(Mutex::new(0u64));
+    let seen = Arc::new(Mutex::new(NodeTransitions::default()));
     let mut c = Measured::new(Configuration::DeepIdle, node.targets()?);
     let mut d = Measured::new(Configuration::Snapshot, node.targets()?);
+    let blocks = args.blocks;
     let block = duration / blocks;
-    let block_minutes = block.as_secs().div_ceil(60) as usize;
+    let warmup = args.warmup;
+    // A replayed day goes on from block to block: block k's warm-up and its own minutes
+    // follow block k-1's; a generated process is the same in every block.
+    let warmup_minutes = warmup.as_secs().div_ceil(60) as usize;
+    let stride = warmup_minutes + block.as_secs().div_ceil(60) as usize;
     let mut pinned = false;
     for k in 0..blocks {
         let order = if k % 2 == 0 {
@@ -893,32 +947,45 @@ async fn run_paired(
         } else {
             [false, true]
         };
+        let first_minute = warmup_minutes + k as usize * stride;
+        let seed = args.seed + 1000 * u64::from(k);
         for pin in order {
+            if pin != pinned {
+                node.pin_all(pin).await?;
+                pinned = pin;
+            }
             let m = if pin { &mut c } else { &mut d };
+            if !pin && !warmup.is_zero() {
+                bar.set_message(format!(
+                    "{} block {} of {blocks}: {} of warm-up",
+                    m.configuration.label(),
+                    k + 1,
+                    humantime::format_duration(warmup)
+                ));
+                let before: Vec<Arrivals> = arrivals
+                    .iter()
+                    .map(|a| a.from_minute(first_minute - warmup_minutes))
+                    .collect();
+                m.warm_up(&before, seed + 500, warmup).await;
+            }
             bar.set_message(format!(
                 "{} block {} of {blocks} ({} of load)",
                 m.configuration.label(),
                 k + 1,
                 humantime::format_duration(block)
             ));
-            if pin != pinned {
-                node.pin_all(pin).await?;
-                pinned = pin;
-            }
-            let b = m.begin(profile, agent.clone(), &resumes_seen)?;
-            // A replayed day goes on from block to block (whole minutes apart); a generated
-            // process is the same in every block.
-            let later: Vec<Arrivals> = arrivals
+            let b = m.begin(profile, agent.clone(), &seen)?;
+            let own: Vec<Arrivals> = arrivals
                 .iter()
-                .map(|a| a.from_minute(k as usize * block_minutes))
+                .map(|a| a.from_minute(first_minute))
                 .collect();
-            m.load(&later, args.seed + 1000 * u64::from(k), block).await;
-            if !pin {
+            m.load(&own, seed, block).await;
+            if !pin && warmup.is_zero() {
                 // What waking every tier costs belongs to the configuration that rested them.
                 node.pin_all(true).await?;
                 pinned = true;
             }
-            m.end(b, profile, agent.as_deref(), &resumes_seen)?;
+            m.end(b, profile, agent.as_deref(), &seen)?;
             bar.inc(1);
         }
     }
@@ -964,7 +1031,7 @@ fn levels_table(results: &[ConfigResult]) -> String {
     t
 }
 
-fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
+fn tables(results: &[ConfigResult], profile: &Profile, warmup: Duration) -> (String, String) {
     let base = results
         .first()
         .map(|r| r.energy.mean_power_w)
@@ -1013,9 +1080,15 @@ fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let warmup = if !warmup.is_zero() {
+            format!("; each (d) block ran after {} of the arrivals just before its own, unmeasured ({} requests, {} errors), and the wake back to (c) fell in neither window", humantime::format_duration(warmup), d.warmup_requests, d.warmup_errors)
+        } else {
+            "; every (d) block started with every tier awake and was charged the wake back to (c)"
+                .into()
+        };
         let _ = writeln!(
             t1,
-            "\n(c) and (d) ran on one node in {} alternating blocks each ((c): every tier pinned awake; block k of each replays the same arrivals, a replayed day minute k·⌈block/60 s⌉ onwards). Mean power per block, W: (c) {}; (d) {}. (d)/(c) per pair: {}; median {}.",
+            "\n(c) and (d) ran on one node in {} alternating blocks each ((c): every tier pinned awake; block k of each replays the same arrivals, a replayed day going on from block to block{warmup}). Mean power per block, W: (c) {}; (d) {}. (d)/(c) per pair: {}; median {}.",
             c.block_power_w.len(),
             shown(&c.block_power_w, 2),
             shown(&d.block_power_w, 2),
@@ -1044,11 +1117,15 @@ fn tables(results: &[ConfigResult], profile: &Profile) -> (String, String) {
                 .map_or_else(|| "-".into(), |x| format!("{x:.2}")),
         );
     }
-    for r in results.iter().filter(|r| r.energy.node_resumes > 0) {
+    for r in results
+        .iter()
+        .filter(|r| r.energy.node_sleeps + r.energy.node_resumes > 0)
+    {
         let _ = writeln!(
             t2,
-            "\n{}: the node slept {} times ({:.1} J of entries and resumes charged); on a real node each wake would add its resume ({:.0} s in profile {}) to the first request, which the latencies above do not include.",
+            "\n{}: the node went to sleep {} times and woke {} times in its windows ({:.1} J of entries and resumes charged); on a real node each wake would add its resume ({:.0} s in profile {}) to the first request, which the latencies above do not include.",
             r.label,
+            r.energy.node_sleeps,
             r.energy.node_resumes,
             r.energy.node_transitions_j,
             profile.node.resume_s,
@@ -1121,6 +1198,12 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
     });
     let profile =
         Profile::resolve(&args.profile).map_err(|e| ExperimentError::Mismatch(e.to_string()))?;
+    if args.workload == Workload::Azure && !args.warmup.as_millis().is_multiple_of(60_000) {
+        return Err(ExperimentError::Mismatch(format!(
+            "--warmup {}: a replayed day warms up on whole minutes",
+            humantime::format_duration(args.warmup)
+        )));
+    }
     std::fs::create_dir_all(&args.out)?;
     let (arrivals, arrivals_shown) = args.workload.arrivals(args.seed, &args.out)?;
     crate::harness::become_subreaper()?;
@@ -1151,17 +1234,11 @@ pub fn run(args: &ScenarioArgs) -> Result<(), ExperimentError> {
         bar.inc(1);
     }
     let (c, d) = rt.block_on(run_paired(
-        args,
-        duration,
-        args.blocks,
-        &memcached,
-        &profile,
-        &arrivals,
-        &bar,
+        args, duration, &memcached, &profile, &arrivals, &bar,
     ))?;
     results.extend([c, d]);
     bar.finish_and_clear();
-    let (table_7_1, table_7_2) = tables(&results, &profile);
+    let (table_7_1, table_7_2) = tables(&results, &profile, args.warmup);
     let table_levels = levels_table(&results);
     plots(args, &results)?;
     let report = ScenarioReport {

@@ -46,8 +46,12 @@ pub struct Activity {
     /// The node sleep was a dry run: the hook was not run and the suspend power credited is
     /// what it would have drawn (modelled, as a real suspend's is too).
     pub node_asleep_dry_run: bool,
-    /// Node sleeps that ended in the interval: each is charged its entry and resume
-    /// ([`crate::NodeSleepEconomics::transition_j`]), which the suspend power does not cover.
+    /// Node sleeps that began in the interval: each is charged its entry
+    /// ([`crate::NodeSleepEconomics::entry_j`]), which the suspend power does not cover.
+    pub node_sleeps: u32,
+    /// Node sleeps that ended in the interval: each is charged its resume
+    /// ([`crate::NodeSleepEconomics::resume_j`]). Each transition is charged when it happens,
+    /// so an account that covers only part of a sleep pays for the part it covers.
     pub node_resumes: u32,
     /// Every service was asleep.
     pub all_asleep: bool,
@@ -97,7 +101,10 @@ pub struct EnergyReport {
     /// The part of `node_asleep_s` that was a dry run (credited, the node stayed up).
     #[serde(default)]
     pub node_asleep_dry_run_s: f64,
-    /// Node sleeps that ended, and the energy of their entries and resumes (in `energy_j`).
+    /// Node sleeps that began and that ended, and the energy of those entries and resumes
+    /// (in `energy_j`).
+    #[serde(default)]
+    pub node_sleeps: u64,
     #[serde(default)]
     pub node_resumes: u64,
     #[serde(default)]
@@ -159,6 +166,7 @@ impl EnergyAccount {
                 services: BTreeMap::new(),
                 node_asleep_s: 0.0,
                 node_asleep_dry_run_s: 0.0,
+                node_sleeps: 0,
                 node_resumes: 0,
                 node_transitions_j: 0.0,
                 all_asleep_s: 0.0,
@@ -227,8 +235,9 @@ impl EnergyAccount {
             reachable_pc6(&self.profile, &deep_cores),
             footprint_gib,
         );
-        let transitions_j =
-            f64::from(activity.node_resumes) * model.node_sleep(n, resident_gib).transition_j;
+        let economics = model.node_sleep(n, resident_gib);
+        let transitions_j = f64::from(activity.node_sleeps) * economics.entry_j
+            + f64::from(activity.node_resumes) * economics.resume_j;
         let (energy_j, cf_j, deep_j) = match self.report.source {
             // Nothing measures a suspended node from inside it (nor one a dry run left up):
             // its interval is the profile's suspend power, counted in `node_asleep_s`.
@@ -259,6 +268,7 @@ impl EnergyAccount {
         };
         let energy_j = energy_j + transitions_j;
         let r = &mut self.report;
+        r.node_sleeps += u64::from(activity.node_sleeps);
         r.node_resumes += u64::from(activity.node_resumes);
         r.node_transitions_j += transitions_j;
         // Attribution by CPU time at the profile's active power, capped at what was used.
@@ -510,13 +520,18 @@ mod tests {
         let asleep = |dry_run| Activity {
             node_asleep: true,
             node_asleep_dry_run: dry_run,
+            node_sleeps: 1,
             all_asleep: true,
             ..Activity::default()
         };
         real.record(now.clone(), &asleep(false));
         dry.record(now, &asleep(true));
         assert_eq!(dry.report().energy_j, real.report().energy_j);
-        // Its end charges the entry and resume, as a real sleep's does.
+        let p = Profile::resolve("icx-2s").unwrap();
+        let economics = crate::Model::new(&p).node_sleep(2, 0.0);
+        // The entry is charged as the sleep begins, the resume as it ends.
+        assert_eq!(dry.report().node_sleeps, 1);
+        assert!((dry.report().node_transitions_j - economics.entry_j).abs() < 1e-9);
         let later = sample(
             t0 + Duration::from_secs(101),
             vec![cpu(0, 0, 10_100, 0, 0), cpu(1, 0, 10_100, 0, 0)],
@@ -529,11 +544,9 @@ mod tests {
                 ..Activity::default()
             },
         );
-        let p = Profile::resolve("icx-2s").unwrap();
-        let transition_j = crate::Model::new(&p).node_sleep(2, 0.0).transition_j;
         assert_eq!(dry.report().node_resumes, 1);
-        assert!((dry.report().node_transitions_j - transition_j).abs() < 1e-9);
-        assert!(dry.report().energy_j - before > transition_j);
+        assert!((dry.report().node_transitions_j - economics.transition_j).abs() < 1e-9);
+        assert!(dry.report().energy_j - before > economics.resume_j);
         assert_eq!(dry.report().node_asleep_s, 100.0);
         assert_eq!(dry.report().node_asleep_dry_run_s, 100.0);
         assert_eq!(real.report().node_asleep_dry_run_s, 0.0);

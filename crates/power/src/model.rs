@@ -116,8 +116,13 @@ pub struct NodeSleepEconomics {
     /// Power of the node up and idle minus suspended (W).
     pub saving_w: f64,
     /// What entering and leaving the sleep costs above staying suspended through them (J):
-    /// entry and resume draw the idle node's power and keep a core busy.
+    /// entry and resume draw the idle node's power and keep a core busy. The sum of
+    /// `entry_j` and `resume_j`.
     pub transition_j: f64,
+    /// The entry's part, spent when the node goes to sleep.
+    pub entry_j: f64,
+    /// The resume's part, spent when it wakes.
+    pub resume_j: f64,
     /// A sleep shorter than this (entry, sleep and resume) costs more than it saves;
     /// infinite when sleeping saves nothing.
     pub break_even_s: f64,
@@ -186,13 +191,16 @@ impl<'a> Model<'a> {
         let up = self.node(&idle_cores, reachable_pc6(p, &idle_cores), service_gib);
         let saving_w = up.total_w - self.suspended(cores).total_w;
         // Entry and resume save nothing and keep one core busy (the kernel's suspend path).
-        let transition_s = p.node.suspend_entry_s + p.node.resume_s;
         let busy_core_w = p.core.active_watts - p.idle_states.last().map_or(0.0, |s| s.core_watts);
         let saving_w = saving_w.max(0.0);
-        let transition_j = transition_s * (saving_w + busy_core_w);
+        let entry_j = p.node.suspend_entry_s * (saving_w + busy_core_w);
+        let resume_j = p.node.resume_s * (saving_w + busy_core_w);
+        let transition_j = entry_j + resume_j;
         NodeSleepEconomics {
             saving_w,
             transition_j,
+            entry_j,
+            resume_j,
             break_even_s: if saving_w > 0.0 {
                 transition_j / saving_w
             } else {

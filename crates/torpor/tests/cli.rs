@@ -443,14 +443,16 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scenario");
-    // Knobs only logged: tests never turn the real ones. The seed's rule, so that (d) starts
-    // from every tier snapshotted and its wakes show in 8 s (the energy governor rests them
-    // only where that pays, which 8 s of history does not show).
+    // Knobs only logged: tests never turn the real ones. The seed's rule, so that (d)'s tiers
+    // sleep and wake within 8 s (the energy governor rests them only where that pays, which
+    // 8 s of history does not show). Each (d) block after 2 s of warm-up.
     let run = torpor(&[
         "bench",
         "scenario",
         "--duration",
         "8s",
+        "--warmup",
+        "2s",
         "--governor",
         "threshold",
         "--dry-run-knobs",
@@ -494,17 +496,23 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
             v[table]
         );
     }
-    // (c) and (d) in alternating blocks, their paired ratios said under Table 7.1.
+    // (c) and (d) in alternating blocks, their paired ratios said under Table 7.1, (d)'s
+    // blocks each after a warm-up whose load ran but was not measured.
     for c in &configs[2..] {
         assert_eq!(c["block_power_w"].as_array().unwrap().len(), 3, "{c:#}");
     }
+    assert_eq!(configs[2]["warmup_requests"], 0, "{:#}", configs[2]);
     assert!(
-        v["table_7_1"]
-            .as_str()
-            .unwrap()
-            .contains("(d)/(c) per pair"),
-        "{}",
-        v["table_7_1"]
+        configs[3]["warmup_requests"].as_u64().unwrap() > 0,
+        "{:#}",
+        configs[3]
+    );
+    assert_eq!(configs[3]["warmup_errors"], 0, "{:#}", configs[3]);
+    let paired = v["table_7_1"].as_str().unwrap();
+    assert!(paired.contains("(d)/(c) per pair"), "{paired}");
+    assert!(
+        paired.contains("2s of the arrivals just before"),
+        "{paired}"
     );
     for file in ["power.svg", "latency_cdf.svg", "report.json", "tables.md"] {
         let text = std::fs::read_to_string(out.join(file)).unwrap();
