@@ -665,7 +665,9 @@ struct Measured {
     error_kinds: std::collections::BTreeMap<String, u64>,
 }
 
-/// Runs `arrivals[i]` against `targets[i]`, all at once, for `duration`.
+/// Runs `arrivals[i]` against `targets[i]`, all at once, for `duration`: the whole of it,
+/// quiet included (the load generator returns once its last request is answered, which in
+/// a sparse replayed minute is early or at once).
 async fn drive(
     targets: impl Iterator<Item = Arc<dyn Target>>,
     arrivals: &[Arrivals],
@@ -686,7 +688,10 @@ async fn drive(
         };
         async move { torpor_loadgen::run(t, &config).await }
     });
-    futures::future::join_all(runs).await
+    let end = tokio::time::Instant::now() + duration;
+    let reports = futures::future::join_all(runs).await;
+    tokio::time::sleep_until(end).await;
+    reports
 }
 
 /// A block under way: its first sample and the sampler feeding the account every second.

@@ -1,6 +1,6 @@
 //! Dev-only kit for torpor's tests (a dev-dependency, never published). It owns what the
 //! end-to-end tests share: the binary under test ([`exe`]) and `torpor up` run from it as a
-//! child on a typed [`Config`] ([`Up`]), plain HTTP to a gate ([`http_get`]), the services
+//! child on a typed [`Config`] ([`Up`]) or inside the test ([`in_process`]), plain HTTP to a gate ([`http_get`]), the services
 //! tests run ([`Service::sample`], [`Service::redis`]), the turn every such test takes
 //! ([`serial`]) and the guards of tests that run CRIU themselves ([`criu_guard`], [`criu`]),
 //! and the small waits and /proc reads several tests make ([`poll`], [`proc_state`]).
@@ -21,7 +21,7 @@ pub use config::{embedded, Config, Service};
 pub use exe::exe;
 pub use http::{http_get, sample_change, sample_sum};
 pub use profile::quick_suspend_profile;
-pub use up::Up;
+pub use up::{in_process, Up};
 
 use std::{
     net::SocketAddr,

@@ -261,3 +261,19 @@ impl Drop for Up {
         }
     }
 }
+
+/// Starts `torpor up` on `cfg` inside the test's own Tokio runtime, with a control socket of
+/// its own, and returns once every service is up behind its gate: for tests that read the
+/// agent's state directly (which level a service is at, its transitions) rather than through
+/// the status API. The config is the same typed one a child gets, read as `torpor up` reads
+/// its file.
+pub async fn in_process(cfg: &Config) -> Result<torpor_bench::inproc::InProcessUp> {
+    // Each service runs under torpor's own init, which this process (a test binary) is not:
+    // the agent takes it from `TORPOR_INIT`. Set before anything starts, to the same path
+    // every time.
+    if std::env::var_os("TORPOR_INIT").is_none() {
+        std::env::set_var("TORPOR_INIT", exe());
+    }
+    let config = torpor_up::Config::from_toml(&cfg.to_toml()).context("the typed config")?;
+    Ok(torpor_bench::inproc::InProcessUp::start(config, crate::criu()).await?)
+}
