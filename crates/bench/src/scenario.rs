@@ -920,7 +920,7 @@ async fn run_alone(
 /// Runs (c) and (d) on one node, in `blocks` alternating blocks each (c d d c c d …, so that
 /// a drift of the machine's background falls on both alike): (d) is the node as configured,
 /// (c) the same node with every tier pinned awake. Blocks `k` of (c) and (d) replay the same
-/// arrivals. Each (d) block first runs `warmup_minutes` of the arrivals before its own,
+/// arrivals. Each (d) block first runs `--warmup` of the arrivals before its own,
 /// unmeasured, so that it starts where the load would have left the node, and the wake that
 /// switches back to (c) comes after its window: rests entered in the warm-up and left in the
 /// window stand for those the window leaves open at its end, as in a steady state. Without a
