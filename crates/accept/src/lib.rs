@@ -39,11 +39,17 @@ pub trait Listen: Sync {
     fn accept(&self) -> impl Future<Output = io::Result<Self::Conn>> + Send;
 }
 
+/// Accepted connections get TCP_NODELAY: every server behind this loop answers requests, and
+/// a response written in more than one segment (HTTP/2's headers, data and trailers; a
+/// proxied reply) would otherwise wait on Nagle for the client's delayed ACK, 40 ms a time.
 impl Listen for TcpListener {
     type Conn = (TcpStream, SocketAddr);
 
-    fn accept(&self) -> impl Future<Output = io::Result<Self::Conn>> + Send {
-        TcpListener::accept(self)
+    async fn accept(&self) -> io::Result<Self::Conn> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        // A connection that cannot take the option (reset already) fails on its first use.
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
     }
 }
 
@@ -398,6 +404,17 @@ mod tests {
         const EMFILE: i32 = 24;
         assert!(!is_per_connection(&io::Error::from_raw_os_error(EMFILE)));
         assert!(!is_per_connection(&io::ErrorKind::OutOfMemory.into()));
+    }
+
+    #[tokio::test]
+    async fn accepted_tcp_connections_do_not_wait_on_nagle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = Listen::accept(&listener).await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert!(stream.nodelay().unwrap());
     }
 
     fn admitted(slots: &Arc<Slots>) -> Slot {
