@@ -89,6 +89,10 @@ pub struct CycleCost {
     pub exit_latency: Duration,
 }
 
+/// Savings below this are the rounding of moving averages of nothing (an idle service whose
+/// measured cost decayed to 1e-30 W), not a level that pays after 10^30 s.
+const MIN_SAVING_W: f64 = 1e-6;
+
 /// One level's break-even, as `torpor status` and the break-even table show it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LevelCost {
@@ -110,7 +114,7 @@ impl LevelCost {
             entry_j,
             saving_w,
             exit_latency_s: cycle.exit_latency.as_secs_f64(),
-            target_residency_s: (saving_w > 0.0).then(|| entry_j / saving_w),
+            target_residency_s: (saving_w >= MIN_SAVING_W).then(|| entry_j / saving_w),
         }
     }
 
@@ -294,6 +298,16 @@ mod tests {
             t.record(now);
         }
         (t, now)
+    }
+
+    #[test]
+    fn a_saving_of_rounding_noise_never_pays() {
+        let mut inputs = timer_service(0.0);
+        inputs.idle.cpus = 1e-33;
+        inputs.idle.wakeups_per_s = 0.0;
+        let [frozen, _] = level_costs(&inputs, &EnergyModel::default());
+        assert!(frozen.saving_w > 0.0);
+        assert_eq!(frozen.target_residency_s, None, "{frozen:?}");
     }
 
     #[test]

@@ -36,7 +36,12 @@ pub fn residency_of_row(profile: &Profile, row: &Row) -> Option<CoreResidency> {
     } else {
         idle[0] += shallow;
     }
-    Some(CoreResidency { busy, idle })
+    // turbostat's summary rows count no idle periods: their trips are in the fitted floor.
+    Some(CoreResidency {
+        busy,
+        idle,
+        trips_per_s: vec![0.0; n],
+    })
 }
 
 /// One summary row: measured and modelled package power.

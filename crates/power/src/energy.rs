@@ -214,6 +214,8 @@ impl EnergyAccount {
             .collect();
         let cf = model.node(&cf_cores, 0.0, footprint_gib);
         // Always on, deep idle as measured: torpor's CPU time goes back to idle in the same mix.
+        // Its wakeups are not counted apart, so their trips stay (a few a second per service,
+        // milliwatts, in torpor's favour).
         let deep_cores: Vec<CoreResidency> = cores
             .iter()
             .map(|c| {
@@ -227,7 +229,11 @@ impl EnergyAccount {
                 if c.busy >= 1.0 {
                     idle[0] = 1.0 - busy;
                 }
-                CoreResidency { busy, idle }
+                CoreResidency {
+                    busy,
+                    idle,
+                    trips_per_s: c.trips_per_s.clone(),
+                }
             })
             .collect();
         let deep = model.node(

@@ -1,8 +1,10 @@
 //! The power model: a profile turned into watts for what the cores did. Busy time costs active
 //! power; idle time is mapped to the deepest idle state a real server of the profile would have
 //! entered, which depends on how long each idle period was (its target residency), so deep sleep
-//! is credited only where it was reachable. Package C6 needs every core of the package deep at
-//! once.
+//! is credited only where it was reachable. Each idle period also pays its trip into and out of
+//! its state ([`Profile::trip_joules`]): a core woken 100 times a second by a timer reaches deep
+//! sleep between the ticks but pays 100 trips. Package C6 needs every core of the package deep
+//! at once.
 //!
 //! Measuring nodes smaller than the profile (a 2-vCPU VM against a 48-core server) are a slice of
 //! it: the package floor, DRAM idle and platform power are charged in proportion to the cores
@@ -12,12 +14,15 @@ use serde::Serialize;
 
 use crate::profile::Profile;
 
-/// Where one core spent an interval, as fractions that sum to 1.
+/// Where one core spent an interval, as fractions that sum to 1, and how often it went idle.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CoreResidency {
     pub busy: f64,
     /// Per profile idle state, in the profile's order.
     pub idle: Vec<f64>,
+    /// Idle periods per second spent in each state (the profile's order): each paid a trip
+    /// into and out of it. Zero where the periods were not counted (turbostat's summaries).
+    pub trips_per_s: Vec<f64>,
 }
 
 /// Idle time the kernel saw as `entries` idle periods (one cpuidle state's counters over an
@@ -52,46 +57,69 @@ fn time_in_periods_longer_than(t: f64, mean: f64) -> f64 {
 }
 
 impl CoreResidency {
-    /// `busy` and the idle time split over the profile's states. Each group's periods are taken
-    /// as exponential with the group's mean length (all the kernel's counters tell), and a period
-    /// lands in the deepest state whose target residency it reaches.
-    pub fn from_idle_groups(profile: &Profile, busy: f64, groups: &[IdleGroup]) -> CoreResidency {
+    /// `busy` and the idle time of an interval of `seconds` split over the profile's states.
+    /// Each group's periods are taken as exponential with the group's mean length (all the
+    /// kernel's counters tell), and a period lands in the deepest state whose target residency
+    /// it reaches.
+    pub fn from_idle_groups(
+        profile: &Profile,
+        busy: f64,
+        groups: &[IdleGroup],
+        seconds: f64,
+    ) -> CoreResidency {
         let busy = busy.clamp(0.0, 1.0);
         let total_idle: f64 = groups.iter().map(|g| g.time_s).sum();
-        let mut idle = vec![0.0; profile.idle_states.len()];
+        let states = profile.idle_states.len();
+        let (mut idle, mut trips_per_s) = (vec![0.0; states], vec![0.0; states]);
         if total_idle <= 0.0 {
             idle[0] = 1.0 - busy;
-            return CoreResidency { busy, idle };
+            return CoreResidency {
+                busy,
+                idle,
+                trips_per_s,
+            };
         }
+        // Where state k begins: the periods past its target residency.
+        let threshold = |k: usize| match k {
+            0 => 0.0,
+            _ => profile.idle_states[k].target_residency_us as f64 / 1e6,
+        };
         for g in groups.iter().filter(|g| g.time_s > 0.0) {
             // No exit counted means one period spanned the whole time.
-            let mean = g.time_s / g.entries.max(1) as f64;
+            let periods = g.entries.max(1) as f64;
+            let mean = g.time_s / periods;
             let share = g.time_s / total_idle * (1.0 - busy);
-            for (k, slot) in idle.iter_mut().enumerate() {
-                let from = if k == 0 {
-                    1.0
-                } else {
-                    let t = profile.idle_states[k].target_residency_us as f64 / 1e6;
-                    time_in_periods_longer_than(t, mean)
-                };
-                let to = profile
-                    .idle_states
-                    .get(k + 1)
-                    .map(|s| time_in_periods_longer_than(s.target_residency_us as f64 / 1e6, mean))
-                    .unwrap_or(0.0);
-                *slot += share * (from - to).max(0.0);
+            for k in 0..states {
+                let next = (k + 1 < states).then(|| threshold(k + 1));
+                let time_to = next.map_or(0.0, |t| time_in_periods_longer_than(t, mean));
+                idle[k] +=
+                    share * (time_in_periods_longer_than(threshold(k), mean) - time_to).max(0.0);
+                let count_to = next.map_or(0.0, |t| (-t / mean).exp());
+                let count = ((-threshold(k) / mean).exp() - count_to).max(0.0) * periods;
+                if seconds > 0.0 {
+                    trips_per_s[k] += count / seconds;
+                }
             }
         }
-        CoreResidency { busy, idle }
+        CoreResidency {
+            busy,
+            idle,
+            trips_per_s,
+        }
     }
 
     /// The same busy time with every idle moment in the shallowest state: the always-on node
-    /// with deep idle off.
+    /// with deep idle off (whose trips are free).
     pub fn all_shallow(profile: &Profile, busy: f64) -> CoreResidency {
         let busy = busy.clamp(0.0, 1.0);
-        let mut idle = vec![0.0; profile.idle_states.len()];
+        let states = profile.idle_states.len();
+        let mut idle = vec![0.0; states];
         idle[0] = 1.0 - busy;
-        CoreResidency { busy, idle }
+        CoreResidency {
+            busy,
+            idle,
+            trips_per_s: vec![0.0; states],
+        }
     }
 
     /// Fraction of the interval in the profile's deepest state.
@@ -139,13 +167,22 @@ impl<'a> Model<'a> {
         Model { profile }
     }
 
+    /// One core's power: busy time, time in each idle state, and the trips into them.
     pub fn core_watts(&self, r: &CoreResidency) -> f64 {
-        r.busy * self.profile.core.active_watts
+        let p = self.profile;
+        let trips: f64 = r
+            .trips_per_s
+            .iter()
+            .enumerate()
+            .map(|(k, n)| n * p.trip_joules(k))
+            .sum();
+        r.busy * p.core.active_watts
             + r.idle
                 .iter()
-                .zip(&self.profile.idle_states)
+                .zip(&p.idle_states)
                 .map(|(f, s)| f * s.core_watts)
                 .sum::<f64>()
+            + trips
     }
 
     /// Package-domain power for these cores: their own power plus their share of the package
@@ -186,6 +223,7 @@ impl<'a> Model<'a> {
             idle: (0..p.idle_states.len())
                 .map(|i| if i == deepest { 1.0 } else { 0.0 })
                 .collect(),
+            trips_per_s: vec![0.0; p.idle_states.len()],
         };
         let idle_cores = vec![idle_core; cores];
         let up = self.node(&idle_cores, reachable_pc6(p, &idle_cores), service_gib);
@@ -259,6 +297,7 @@ mod tests {
                 time_s: 1.0,
                 entries: 100,
             }],
+            1.0,
         );
         assert!(long.deepest() > 0.99, "{long:?}");
         // 50 us periods: C6 is almost never worth it, C1E gets most.
@@ -269,9 +308,41 @@ mod tests {
                 time_s: 1.0,
                 entries: 20_000,
             }],
+            1.0,
         );
         assert!(short.deepest() < 0.01, "{short:?}");
         assert!(short.idle[1] > 0.9, "{short:?}");
+    }
+
+    #[test]
+    fn a_timer_lets_a_core_reach_c6_between_ticks_but_pays_each_trip() {
+        let p = icx();
+        let m = Model::new(&p);
+        let quiet = |entries| {
+            CoreResidency::from_idle_groups(
+                &p,
+                0.0,
+                &[IdleGroup {
+                    time_s: 1.0,
+                    entries,
+                }],
+                1.0,
+            )
+        };
+        let (ticking, still) = (quiet(100), quiet(1));
+        // 10 ms periods: about 94 of the 100 pass C6's 600 µs.
+        assert!(
+            (ticking.trips_per_s[2] - 100.0 * (-0.06f64).exp()).abs() < 1e-9,
+            "{ticking:?}"
+        );
+        let trips: f64 = ticking.trips_per_s.iter().sum();
+        assert!((trips - 100.0).abs() < 1e-9, "{ticking:?}");
+        // The trips cost what the profile's trip energy says, on top of the residency.
+        let extra = m.core_watts(&ticking) - m.core_watts(&still);
+        assert!(extra > 94.0 * p.trip_joules(2), "{extra}");
+        assert!(extra < 100.0 * p.trip_joules(2) + 0.01, "{extra}");
+        // And the account's price of a wakeup is the governor's.
+        assert_eq!(p.energy_model().joules_per_wakeup, p.trip_joules(2));
     }
 
     #[test]
@@ -290,6 +361,7 @@ mod tests {
                     entries: 300,
                 },
             ],
+            1.0,
         );
         let sum: f64 = r.busy + r.idle.iter().sum::<f64>();
         assert!((sum - 1.0).abs() < 1e-9, "{r:?}");
@@ -311,6 +383,7 @@ mod tests {
             .map(|_| CoreResidency {
                 busy: 0.0,
                 idle: vec![0.0, 0.0, 1.0],
+                trips_per_s: vec![0.0; 3],
             })
             .collect();
         let b = m.node(&idle_c6, 0.0, 0.0);
@@ -327,6 +400,7 @@ mod tests {
         let deep = CoreResidency {
             busy: 0.0,
             idle: vec![0.0, 0.0, 1.0],
+            trips_per_s: vec![0.0; 3],
         };
         assert_eq!(reachable_pc6(&p, &vec![deep.clone(); 2]), 0.0);
         assert_eq!(reachable_pc6(&p, &vec![deep; 48]), 1.0);
@@ -343,6 +417,7 @@ mod tests {
                 time_s: 0.9,
                 entries: 90,
             }],
+            1.0,
         );
         let shallow = CoreResidency::all_shallow(&p, 0.1);
         assert!(m.core_watts(&shallow) > m.core_watts(&deep));

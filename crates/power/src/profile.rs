@@ -128,20 +128,36 @@ impl Profile {
     }
 
     /// The profile as the governor ([`torpor_policy::choose_level`]) prices CPU time, wakeups
-    /// and memory: a busy core above the deepest idle state; a wakeup keeps a core out of that
-    /// state for its exit latency and target residency; a GiB of service memory at the DRAM's
-    /// rate. One function, so the live agent and the simulator price alike.
+    /// and memory: a busy core above the deepest idle state; a wakeup of an idle core one trip
+    /// out of that state and back ([`Profile::trip_joules`]; its work is CPU time); a GiB of
+    /// service memory at the DRAM's rate. One function, so the live agent and the simulator
+    /// price alike, and as the energy account charges ([`crate::Model::core_watts`]).
     pub fn energy_model(&self) -> torpor_policy::EnergyModel {
-        let deepest = self.idle_states.last();
-        let above_idle = self.core.active_watts - deepest.map_or(0.0, |s| s.core_watts);
-        let wakeup_s = deepest.map_or(0.0, |s| {
-            (s.exit_latency_us + s.target_residency_us) as f64 * 1e-6
-        });
+        let deepest = self.idle_states.len().saturating_sub(1);
+        let above_idle =
+            self.core.active_watts - self.idle_states.last().map_or(0.0, |s| s.core_watts);
         torpor_policy::EnergyModel {
             watts_per_busy_cpu: above_idle,
-            joules_per_wakeup: above_idle * wakeup_s,
+            joules_per_wakeup: self.trip_joules(deepest),
             watts_per_gib: self.dram.watts_per_gib,
         }
+    }
+
+    /// Energy of entering idle state `k` and leaving it, beyond the state's power for the
+    /// period (J). cpuidle's target residency is the period from which a state saves over the
+    /// next shallower one, its trip included: so the trip costs the two states' power
+    /// difference over that time, on top of the shallower state's own trip. The shallowest
+    /// state's trip is taken as free.
+    pub fn trip_joules(&self, k: usize) -> f64 {
+        self.idle_states
+            .windows(2)
+            .take(k)
+            .map(|w| {
+                (w[0].core_watts - w[1].core_watts).max(0.0)
+                    * w[1].target_residency_us as f64
+                    * 1e-6
+            })
+            .sum()
     }
 
     pub fn builtin_names() -> Vec<&'static str> {
@@ -231,12 +247,26 @@ mod tests {
     }
 
     #[test]
-    fn the_energy_model_prices_a_busy_core_above_the_deepest_state_and_a_wakeup_by_its_residency() {
+    fn the_energy_model_prices_a_busy_core_above_the_deepest_state_and_a_wakeup_by_its_trip() {
         let m = Profile::resolve("icx-2s").unwrap().energy_model();
-        // C0 5 W, C6 0.05 W with 170 µs exit and 600 µs target residency, DRAM 0.1 W/GiB.
+        // C0 5 W, C6 0.05 W, DRAM 0.1 W/GiB; a C6 trip: C1 1.5 W to C1E 0.8 W over C1E's 4 µs,
+        // then 0.8 W to 0.05 W over C6's 600 µs.
         assert!((m.watts_per_busy_cpu - 4.95).abs() < 1e-9, "{m:?}");
-        assert!((m.joules_per_wakeup - 4.95 * 770e-6).abs() < 1e-12, "{m:?}");
+        assert!(
+            (m.joules_per_wakeup - (0.7 * 4e-6 + 0.75 * 600e-6)).abs() < 1e-12,
+            "{m:?}"
+        );
         assert!((m.watts_per_gib - 0.1).abs() < 1e-12, "{m:?}");
+    }
+
+    #[test]
+    fn a_trip_is_free_in_the_shallowest_state_and_dearer_the_deeper_it_goes() {
+        let p = Profile::resolve("icx-2s").unwrap();
+        assert_eq!(p.trip_joules(0), 0.0);
+        let trips: Vec<f64> = (0..p.idle_states.len()).map(|k| p.trip_joules(k)).collect();
+        assert!(trips.windows(2).all(|w| w[1] > w[0]), "{trips:?}");
+        // Past the deepest state there is nowhere deeper to go.
+        assert_eq!(p.trip_joules(99), p.trip_joules(p.idle_states.len() - 1));
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn modelled_cores(profile: &Profile, a: &Sample, b: &Sample) -> Vec<CoreResi
                 profile,
                 busy_fraction(ca, cb),
                 &groups,
+                b.at.saturating_duration_since(a.at).as_secs_f64(),
             ))
         })
         .collect()
