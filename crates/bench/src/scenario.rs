@@ -188,6 +188,8 @@ pub struct ConfigResult {
     pub residency: CpuReport,
     /// Each block's mean power, in the order run ((a) and (b) have one block).
     pub block_power_w: Vec<f64>,
+    /// Where the CPU time of its blocks went: what tells (c) from (d) apart.
+    pub cpu: CpuUse,
     pub requests: u64,
     pub errors: u64,
     /// Requests and errors of the unmeasured warm-ups before (d)'s blocks.
@@ -209,6 +211,30 @@ pub struct ConfigResult {
     cdf_awake: Vec<(f64, f64)>,
     #[serde(skip)]
     cdf_asleep: Vec<(f64, f64)>,
+}
+
+/// CPU time over a configuration's blocks, in CPUs (CPU-seconds per second).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
+    /// The tiers' processes, as the agent counts them; `None` without an agent ((a)).
+    pub services_cpus: Option<f64>,
+    /// This process: the agent and its gates, the load generator, the energy sampler.
+    pub harness_cpus: f64,
+}
+
+impl CpuUse {
+    /// CPU-seconds so far: this process's, and the tiers' if an agent runs them.
+    fn so_far(agent: Option<&Agent>) -> (f64, Option<f64>) {
+        let own = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(
+            0.0,
+            |u| {
+                let secs =
+                    |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+                secs(u.user_time()) + secs(u.system_time())
+            },
+        );
+        (own, agent.map(|a| a.status().iter().map(|s| s.cpu_s).sum()))
+    }
 }
 
 /// The whole report.
@@ -656,6 +682,9 @@ struct Measured {
     block_power_w: Vec<f64>,
     /// Each block's span in the agent's uptime, to tell its transitions from another's.
     windows: Vec<(f64, f64)>,
+    /// CPU-seconds over the blocks: this process's, the tiers' (with an agent), and the
+    /// blocks' seconds.
+    cpu_s: (f64, Option<f64>, f64),
     targets: Vec<Arc<Classified>>,
     requests: u64,
     errors: u64,
@@ -701,6 +730,9 @@ struct Block {
     sampler: tokio::task::JoinHandle<()>,
     from_s: f64,
     energy_before: (f64, f64),
+    /// [`CpuUse::so_far`] as it began.
+    cpu_before: (f64, Option<f64>),
+    began: Instant,
 }
 
 impl Measured {
@@ -711,6 +743,7 @@ impl Measured {
             residency: Vec::new(),
             block_power_w: Vec::new(),
             windows: Vec::new(),
+            cpu_s: (0.0, None, 0.0),
             targets,
             requests: 0,
             errors: 0,
@@ -745,6 +778,7 @@ impl Measured {
             (a.report().energy_j, a.report().seconds)
         };
         let from_s = agent.as_ref().map_or(0.0, |a| a.uptime().as_secs_f64());
+        let cpu_before = CpuUse::so_far(agent.as_deref());
         if let Some(a) = &agent {
             *seen.lock().expect("seen lock") = a.node_state().1;
         }
@@ -775,6 +809,8 @@ impl Measured {
             sampler,
             from_s,
             energy_before,
+            cpu_before,
+            began: Instant::now(),
         })
     }
 
@@ -828,6 +864,12 @@ impl Measured {
         self.residency.push((r.seconds, r.total));
         let to_s = agent.map_or(0.0, |a| a.uptime().as_secs_f64());
         self.windows.push((block.from_s, to_s));
+        let (own, services) = CpuUse::so_far(agent);
+        self.cpu_s.0 += own - block.cpu_before.0;
+        if let (Some(now), Some(before)) = (services, block.cpu_before.1) {
+            *self.cpu_s.1.get_or_insert(0.0) += now - before;
+        }
+        self.cpu_s.2 += block.began.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -876,6 +918,14 @@ impl Measured {
             energy,
             residency: CpuReport::time_weighted(&self.residency),
             block_power_w: self.block_power_w,
+            cpu: {
+                let (own, services, secs) = self.cpu_s;
+                let secs = secs.max(1e-9);
+                CpuUse {
+                    services_cpus: services.map(|s| s / secs),
+                    harness_cpus: own / secs,
+                }
+            },
             requests: self.requests,
             errors: self.errors,
             warmup_requests: self.warmup_requests,
@@ -1101,6 +1151,25 @@ fn tables(results: &[ConfigResult], profile: &Profile, warmup: Duration) -> (Str
             median(&ratios).map_or_else(|| "-".into(), |m| format!("{m:.3}"))
         );
     }
+    let cpu: Vec<String> = results
+        .iter()
+        .map(|r| {
+            let services = r
+                .cpu
+                .services_cpus
+                .map_or_else(String::new, |s| format!("tiers {:.2} %, ", 100.0 * s));
+            format!(
+                "{} {services}this process (agent, gates, load) {:.2} %",
+                &r.label[..3],
+                100.0 * r.cpu.harness_cpus
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        t1,
+        "\nCPU time in the measured windows, % of one core: {}.",
+        cpu.join("; ")
+    );
     let mut t2 = String::from("| configuration | requests | errors | p50 / p99 awake (ms) | p50 / p99 found asleep (ms) | checkpoints (median s) | restores (median s) | cold start (median s) | cold start / restore |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let _ = writeln!(

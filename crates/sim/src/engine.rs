@@ -195,13 +195,14 @@ struct Node {
 
 impl Node {
     /// Ends one core's idle period of `len` seconds: credits the energy of the state it reached
-    /// and counts it. Returns that state's exit latency.
+    /// and its trip there and back (as the live energy account does), and counts it. Returns
+    /// that state's exit latency.
     fn end_idle_period(&mut self, p: &NodePower, len: f64, deep: bool) -> f64 {
-        let (watts, exit) = p.idle_state(len, deep);
-        self.energy_j += watts * len;
+        let state = p.idle_state(len, deep);
+        self.energy_j += state.watts * len + state.trip_j;
         self.idle_time += len;
         self.idle_periods += 1;
-        exit
+        state.exit_s
     }
 
     /// Ends every idle core's period at `now` (the node suspends, or the run ends).
@@ -210,6 +211,18 @@ impl Node {
             self.end_idle_period(p, now - since, deep);
         }
     }
+}
+
+/// One core idle state as the simulator charges it.
+#[derive(Debug, Clone, Copy)]
+struct IdleState {
+    /// Periods at least this long reach it.
+    target_s: f64,
+    watts: f64,
+    /// What the next job waits for the core.
+    exit_s: f64,
+    /// Entering and leaving it ([`Profile::trip_joules`]).
+    trip_j: f64,
 }
 
 /// Power figures of one node of a group.
@@ -223,8 +236,8 @@ struct NodePower {
     suspend_w: f64,
     entry_s: f64,
     resume_s: f64,
-    /// (target residency s, core watts, exit latency s), shallow first.
-    states: Vec<(f64, f64, f64)>,
+    /// The profile's idle states, shallow first.
+    states: Vec<IdleState>,
     cores: u32,
 }
 
@@ -244,12 +257,12 @@ impl NodePower {
             states: p
                 .idle_states
                 .iter()
-                .map(|s| {
-                    (
-                        s.target_residency_us as f64 / 1e6,
-                        s.core_watts,
-                        s.exit_latency_us as f64 / 1e6,
-                    )
+                .enumerate()
+                .map(|(k, s)| IdleState {
+                    target_s: s.target_residency_us as f64 / 1e6,
+                    watts: s.core_watts,
+                    exit_s: s.exit_latency_us as f64 / 1e6,
+                    trip_j: p.trip_joules(k),
                 })
                 .collect(),
             cores,
@@ -259,22 +272,22 @@ impl NodePower {
     /// What the node saves by suspending rather than idling up with every core in its deepest
     /// state: what the governor credits the snapshot that lets it sleep with.
     fn sleep_saving_w(&self) -> f64 {
-        let deepest_w = self.states.last().map_or(0.0, |s| s.1);
+        let deepest_w = self.states.last().map_or(0.0, |s| s.watts);
         (self.base_w + f64::from(self.cores) * deepest_w - self.suspend_w).max(0.0)
     }
 
-    /// The state an idle period of `len` seconds reaches: (core watts, exit latency).
-    fn idle_state(&self, len: f64, deep: bool) -> (f64, f64) {
-        let pick = if deep {
+    /// The state an idle period of `len` seconds reaches.
+    fn idle_state(&self, len: f64, deep: bool) -> IdleState {
+        if deep {
             self.states
                 .iter()
                 .rev()
-                .find(|s| s.0 <= len)
-                .unwrap_or(&self.states[0])
+                .find(|s| s.target_s <= len)
+                .copied()
+                .unwrap_or(self.states[0])
         } else {
-            &self.states[0]
-        };
-        (pick.1, pick.2)
+            self.states[0]
+        }
     }
 }
 

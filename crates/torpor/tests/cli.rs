@@ -508,7 +508,25 @@ fn bench_scenario_writes_both_tables_and_the_plots() {
         configs[3]
     );
     assert_eq!(configs[3]["warmup_errors"], 0, "{:#}", configs[3]);
+    // Where the CPU went: the tiers (counted by the agent, so not in (a)) and this process.
+    assert!(
+        configs[0]["cpu"]["services_cpus"].is_null(),
+        "{:#}",
+        configs[0]
+    );
+    for c in &configs[1..] {
+        let tiers = c["cpu"]["services_cpus"].as_f64().unwrap();
+        let harness = c["cpu"]["harness_cpus"].as_f64().unwrap();
+        assert!(
+            tiers > 0.0 && tiers < 2.0 && harness > 0.0 && harness < 2.0,
+            "{c:#}"
+        );
+    }
     let paired = v["table_7_1"].as_str().unwrap();
+    assert!(
+        paired.contains("CPU time in the measured windows"),
+        "{paired}"
+    );
     assert!(paired.contains("(d)/(c) per pair"), "{paired}");
     assert!(
         paired.contains("2s of the arrivals just before"),
