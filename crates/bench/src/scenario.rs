@@ -222,18 +222,21 @@ pub struct CpuUse {
     pub harness_cpus: f64,
 }
 
-impl CpuUse {
-    /// CPU-seconds so far: this process's, and the tiers' if an agent runs them.
-    fn so_far(agent: Option<&Agent>) -> (f64, Option<f64>) {
-        let own = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(
-            0.0,
-            |u| {
-                let secs =
-                    |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
-                secs(u.user_time()) + secs(u.system_time())
-            },
-        );
-        (own, agent.map(|a| a.status().iter().map(|s| s.cpu_s).sum()))
+/// CPU-seconds used, over blocks or so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSeconds {
+    harness: f64,
+    /// `None` without an agent counting the tiers.
+    services: Option<f64>,
+}
+
+impl CpuSeconds {
+    /// So far: this process's, and the tiers' if an agent runs them.
+    fn so_far(agent: Option<&Agent>) -> CpuSeconds {
+        CpuSeconds {
+            harness: torpor_loadgen::process_cpu_s(),
+            services: agent.map(|a| a.status().iter().map(|s| s.cpu_s).sum()),
+        }
     }
 }
 
@@ -682,9 +685,8 @@ struct Measured {
     block_power_w: Vec<f64>,
     /// Each block's span in the agent's uptime, to tell its transitions from another's.
     windows: Vec<(f64, f64)>,
-    /// CPU-seconds over the blocks: this process's, the tiers' (with an agent), and the
-    /// blocks' seconds.
-    cpu_s: (f64, Option<f64>, f64),
+    /// CPU-seconds over the blocks (their seconds are the energy account's).
+    cpu_s: CpuSeconds,
     targets: Vec<Arc<Classified>>,
     requests: u64,
     errors: u64,
@@ -730,9 +732,8 @@ struct Block {
     sampler: tokio::task::JoinHandle<()>,
     from_s: f64,
     energy_before: (f64, f64),
-    /// [`CpuUse::so_far`] as it began.
-    cpu_before: (f64, Option<f64>),
-    began: Instant,
+    /// [`CpuSeconds::so_far`] as it began.
+    cpu_before: CpuSeconds,
 }
 
 impl Measured {
@@ -743,7 +744,7 @@ impl Measured {
             residency: Vec::new(),
             block_power_w: Vec::new(),
             windows: Vec::new(),
-            cpu_s: (0.0, None, 0.0),
+            cpu_s: CpuSeconds::default(),
             targets,
             requests: 0,
             errors: 0,
@@ -778,7 +779,7 @@ impl Measured {
             (a.report().energy_j, a.report().seconds)
         };
         let from_s = agent.as_ref().map_or(0.0, |a| a.uptime().as_secs_f64());
-        let cpu_before = CpuUse::so_far(agent.as_deref());
+        let cpu_before = CpuSeconds::so_far(agent.as_deref());
         if let Some(a) = &agent {
             *seen.lock().expect("seen lock") = a.node_state().1;
         }
@@ -810,7 +811,6 @@ impl Measured {
             from_s,
             energy_before,
             cpu_before,
-            began: Instant::now(),
         })
     }
 
@@ -864,12 +864,11 @@ impl Measured {
         self.residency.push((r.seconds, r.total));
         let to_s = agent.map_or(0.0, |a| a.uptime().as_secs_f64());
         self.windows.push((block.from_s, to_s));
-        let (own, services) = CpuUse::so_far(agent);
-        self.cpu_s.0 += own - block.cpu_before.0;
-        if let (Some(now), Some(before)) = (services, block.cpu_before.1) {
-            *self.cpu_s.1.get_or_insert(0.0) += now - before;
+        let now = CpuSeconds::so_far(agent);
+        self.cpu_s.harness += now.harness - block.cpu_before.harness;
+        if let (Some(now), Some(before)) = (now.services, block.cpu_before.services) {
+            *self.cpu_s.services.get_or_insert(0.0) += now - before;
         }
-        self.cpu_s.2 += block.began.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -912,20 +911,18 @@ impl Measured {
             .account
             .map(|a| a.lock().expect("account lock").report().clone())
             .expect("a configuration measured at least one block");
+        let secs = energy.seconds.max(1e-9);
+        let cpu = CpuUse {
+            services_cpus: self.cpu_s.services.map(|s| s / secs),
+            harness_cpus: self.cpu_s.harness / secs,
+        };
         ConfigResult {
             configuration: self.configuration,
             label: self.configuration.label(),
             energy,
             residency: CpuReport::time_weighted(&self.residency),
             block_power_w: self.block_power_w,
-            cpu: {
-                let (own, services, secs) = self.cpu_s;
-                let secs = secs.max(1e-9);
-                CpuUse {
-                    services_cpus: services.map(|s| s / secs),
-                    harness_cpus: own / secs,
-                }
-            },
+            cpu,
             requests: self.requests,
             errors: self.errors,
             warmup_requests: self.warmup_requests,

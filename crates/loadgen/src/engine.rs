@@ -120,7 +120,9 @@ impl PhaseStats {
     }
 }
 
-fn process_cpu_s() -> f64 {
+/// CPU-seconds this process has used (user and system), for the load generator's own cost
+/// and for benchmarks that account for the process they run in.
+pub fn process_cpu_s() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
     getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
         let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;

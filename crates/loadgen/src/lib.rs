@@ -9,5 +9,5 @@ pub mod engine;
 pub mod target;
 
 pub use cli::{LoadgenArgs, LoadgenError, RunArgs};
-pub use engine::{render, run, LoadReport, Phase, PhaseReport, RunConfig};
+pub use engine::{process_cpu_s, render, run, LoadReport, Phase, PhaseReport, RunConfig};
 pub use target::{HttpGet, Target, TcpLine};
