@@ -133,6 +133,10 @@ pub enum FreezeError {
     },
     #[error("the kernel did not finish within {wait:?}")]
     Timeout { wait: Duration },
+    /// Its processes were moved to another cgroup of the same hierarchy (a cpuset made on
+    /// the unified hierarchy does that): freezing the empty one would stop nothing.
+    #[error("its processes are not in its cgroup, so a freeze would stop nothing")]
+    Empty,
 }
 
 /// One service's cgroup.
@@ -257,6 +261,9 @@ impl ServiceCgroup {
         if !control.exists() {
             return Err(FreezeError::Unsupported);
         }
+        if on && self.procs().is_empty() {
+            return Err(FreezeError::Empty);
+        }
         fs::write(&control, value).map_err(|source| FreezeError::Write {
             path: control.clone(),
             source,
@@ -303,6 +310,15 @@ mod tests {
         ));
         fs::write(cg.path().join("cgroup.freeze"), "0").unwrap();
         fs::write(cg.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        // Its processes moved elsewhere: refused, nothing written.
+        fs::write(cg.path().join("cgroup.procs"), "").unwrap();
+        let e = cg.freeze(true, Duration::from_millis(5)).unwrap_err();
+        assert!(matches!(e, FreezeError::Empty), "{e}");
+        assert_eq!(
+            fs::read_to_string(cg.path().join("cgroup.freeze")).unwrap(),
+            "0"
+        );
+        fs::write(cg.path().join("cgroup.procs"), "42\n").unwrap();
         // The fake kernel never confirms: a timeout, named.
         let e = cg.freeze(true, Duration::from_millis(5)).unwrap_err();
         assert!(matches!(e, FreezeError::Timeout { .. }), "{e}");
@@ -316,6 +332,7 @@ mod tests {
         let v1 = CgroupRoot::at(tmp.path().join("v1"), Hierarchy::Legacy { cpuacct: false });
         let cg = v1.service("web").unwrap();
         fs::write(cg.path().join("freezer.state"), "THAWED").unwrap();
+        fs::write(cg.path().join("cgroup.procs"), "42\n").unwrap();
         cg.freeze(true, Duration::from_millis(5)).unwrap();
         assert_eq!(
             fs::read_to_string(cg.path().join("freezer.state")).unwrap(),

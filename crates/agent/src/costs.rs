@@ -31,6 +31,21 @@ fn blend(old: f64, new: f64) -> f64 {
     old * (1.0 - NEW) + new * NEW
 }
 
+/// How often the service's loop looks at an idle service: every look at an awake one reads
+/// its processes' counters, a look at a resting one reads nothing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Looks {
+    pub awake_idle: Duration,
+    pub resting: Duration,
+}
+
+impl Looks {
+    /// Wakeups per second of looks at an awake idle service beyond those at rest.
+    fn extra_wakeups_per_s(&self) -> f64 {
+        (1.0 / self.awake_idle.as_secs_f64() - 1.0 / self.resting.as_secs_f64()).max(0.0)
+    }
+}
+
 /// The figures as `torpor status` shows them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CostStatus {
@@ -38,6 +53,9 @@ pub struct CostStatus {
     pub idle_cpus: Option<f64>,
     /// Wakeups per second while idle.
     pub idle_wakeups_per_s: Option<f64>,
+    /// CPUs torpor spends looking at it while it is awake and idle; absent until measured.
+    #[serde(default)]
+    pub watch_cpus: Option<f64>,
     /// CPU-seconds of one freeze and thaw, and the thaw's latency.
     pub freeze_cpu_s: Option<f64>,
     pub thaw_s: Option<f64>,
@@ -52,6 +70,8 @@ pub(crate) struct Costs {
     idle_from: Option<(Instant, f64, u64)>,
     idle_cpus: Option<f64>,
     idle_wakeups: Option<f64>,
+    /// CPU-seconds of one look at the awake idle tree (torpor's, reading its counters).
+    look_cpu_s: Option<f64>,
     freeze_cpu_s: Option<f64>,
     thaw: Option<Duration>,
     checkpoint_cpu_s: Option<f64>,
@@ -81,6 +101,11 @@ impl Costs {
         self.idle_from = Some((now, cpu_s, runs));
     }
 
+    /// One look at the awake tree with nothing to do took `cpu_s` of torpor's CPU.
+    pub fn looked(&mut self, cpu_s: f64) {
+        self.look_cpu_s = Some(self.look_cpu_s.map_or(cpu_s, |o| blend(o, cpu_s)));
+    }
+
     /// The tree changed (slept, restarted): its counters start over.
     pub fn restart_idle(&mut self) {
         self.idle_from = None;
@@ -106,13 +131,21 @@ impl Costs {
         self.restore_cpu_s = Some(self.restore_cpu_s.map_or(cpu_s, |o| blend(o, cpu_s)));
     }
 
-    /// What the service costs while idle; `None` until a stretch was measured.
-    pub fn idle(&self, resident_bytes: u64) -> Option<IdleCost> {
+    /// What the service costs while idle, torpor's looks at it included; `None` until a
+    /// stretch was measured.
+    pub fn idle(&self, resident_bytes: u64, looks: &Looks) -> Option<IdleCost> {
         Some(IdleCost {
             cpus: self.idle_cpus?,
             wakeups_per_s: self.idle_wakeups?,
             resident_bytes,
+            watch_cpus: self.watch_cpus(looks).unwrap_or(0.0),
+            watch_wakeups_per_s: looks.extra_wakeups_per_s(),
         })
+    }
+
+    /// A look at a resting service reads nothing: its CPU is left out.
+    fn watch_cpus(&self, looks: &Looks) -> Option<f64> {
+        Some(self.look_cpu_s? / looks.awake_idle.as_secs_f64())
     }
 
     pub fn freeze(&self) -> CycleCost {
@@ -134,10 +167,11 @@ impl Costs {
         }
     }
 
-    pub fn status(&self) -> CostStatus {
+    pub fn status(&self, looks: &Looks) -> CostStatus {
         CostStatus {
             idle_cpus: self.idle_cpus,
             idle_wakeups_per_s: self.idle_wakeups,
+            watch_cpus: self.watch_cpus(looks),
             freeze_cpu_s: self.freeze_cpu_s,
             thaw_s: self.thaw.map(|d| d.as_secs_f64()),
             snapshot_cycle_cpu_s: self
@@ -159,10 +193,10 @@ mod tests {
         c.observe(t0, false, 10.0, || 1000);
         // Half a second: too short for a sample.
         c.observe(t0 + Duration::from_millis(500), false, 10.01, || 1050);
-        assert_eq!(c.idle(0), None);
+        assert_eq!(c.idle(0, &LOOKS), None);
         // Two seconds idle, 20 ms of CPU and 200 runs: 0.01 CPUs, 100 wakeups/s.
         c.observe(t0 + Duration::from_secs(2), false, 10.02, || 1200);
-        let idle = c.idle(5).unwrap();
+        let idle = c.idle(5, &LOOKS).unwrap();
         assert!((idle.cpus - 0.01).abs() < 1e-9, "{idle:?}");
         assert!((idle.wakeups_per_s - 100.0).abs() < 1e-9, "{idle:?}");
         assert_eq!(idle.resident_bytes, 5);
@@ -170,11 +204,37 @@ mod tests {
         c.observe(t0 + Duration::from_secs(3), true, 15.0, || 5000);
         c.observe(t0 + Duration::from_millis(3100), false, 15.0, || 5000);
         c.observe(t0 + Duration::from_millis(4100), false, 15.0, || 5000);
-        let idle = c.idle(5).unwrap();
+        let idle = c.idle(5, &LOOKS).unwrap();
         assert!(
             (idle.cpus - 0.007).abs() < 1e-9,
             "blended towards 0: {idle:?}"
         );
+    }
+
+    const LOOKS: Looks = Looks {
+        awake_idle: Duration::from_millis(250),
+        resting: Duration::from_secs(1),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn torpor_s_looks_at_an_awake_idle_service_are_part_of_its_idle_cost() {
+        let mut c = Costs::default();
+        let t0 = Instant::now();
+        c.observe(t0, false, 1.0, || 10);
+        c.observe(t0 + Duration::from_secs(2), false, 1.0, || 10);
+        let idle = c.idle(0, &LOOKS).unwrap();
+        // Nothing measured of the looks yet: only their wakeups, 4/s awake against 1/s at rest.
+        assert_eq!(idle.watch_cpus, 0.0);
+        assert!((idle.watch_wakeups_per_s - 3.0).abs() < 1e-12, "{idle:?}");
+        assert_eq!(c.status(&LOOKS).watch_cpus, None);
+        // Looks of 200 µs, four a second: 0.08 % of a CPU.
+        c.looked(200e-6);
+        let idle = c.idle(0, &LOOKS).unwrap();
+        assert!((idle.watch_cpus - 8e-4).abs() < 1e-12, "{idle:?}");
+        assert_eq!(idle.cpus, 0.0, "the service's own figures stay its own");
+        c.looked(100e-6);
+        let blended = 200e-6 * 0.7 + 100e-6 * 0.3;
+        assert!((c.status(&LOOKS).watch_cpus.unwrap() - blended * 4.0).abs() < 1e-12);
     }
 
     #[test]
@@ -187,7 +247,7 @@ mod tests {
         c.checkpointed(0.3);
         c.restored(0.2);
         assert!((c.snapshot(1 << 30, wake).cpu_s - 0.5).abs() < 1e-9);
-        assert_eq!(c.status().snapshot_cycle_cpu_s, Some(0.5));
+        assert_eq!(c.status(&LOOKS).snapshot_cycle_cpu_s, Some(0.5));
         assert_eq!(c.freeze(), FREEZE_GUESS);
         c.thawed(Duration::from_micros(600), 0.001);
         assert_eq!(c.freeze().exit_latency, Duration::from_micros(600));

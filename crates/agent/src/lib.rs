@@ -954,6 +954,16 @@ impl Agent {
             .map_or_else(Vec::new, |n| n.knob_changes())
     }
 
+    /// Each service's state now, by name: what a caller asks per request, without building
+    /// every service's figures as [`Agent::status`] does.
+    pub fn states(&self) -> Vec<(String, ServiceState)> {
+        let s = self.services.lock().expect("services lock");
+        s.slots
+            .iter()
+            .map(|slot| (slot.managed.spec.name.clone(), slot.managed.state()))
+            .collect()
+    }
+
     /// Each service's figures now.
     pub fn status(&self) -> Vec<ServiceStatus> {
         self.managed().iter().map(|m| m.status()).collect()

@@ -4,7 +4,7 @@
 //! and the energy account sampled every second.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant},
@@ -106,6 +106,12 @@ struct KnobState {
     online: BTreeSet<usize>,
     /// Cores currently given deep-idle-only or offline treatment.
     freed: BTreeSet<usize>,
+    /// What the last settles put in force per awake service: its cores and the processes
+    /// moved into its cpuset, so that a settle that changes nothing writes nothing (each
+    /// write to `cgroup.procs` takes the cgroup core's global lock and an RCU grace period,
+    /// and every thaw settles). A service that is not awake at a settle is forgotten: a
+    /// restore or restart puts its processes back in its own cgroup.
+    in_force: HashMap<String, (BTreeSet<usize>, BTreeSet<i32>)>,
     /// Services waking now (the PM QoS request is held while any is).
     waking: usize,
     all_asleep_since: Option<Instant>,
@@ -135,16 +141,27 @@ pub(crate) struct NodePower {
     node_sleep: Option<torpor_power::NodeSleepEconomics>,
 }
 
+fn cpu_s(who: nix::sys::resource::UsageWho) -> f64 {
+    nix::sys::resource::getrusage(who).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
 /// torpor's own CPU-seconds and those of the children it reaped (CRIU among them).
 pub(crate) fn process_cpu_s() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let secs = |who| {
-        getrusage(who).map_or(0.0, |u| {
-            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-            t(u.user_time()) + t(u.system_time())
-        })
-    };
-    secs(UsageWho::RUSAGE_SELF) + secs(UsageWho::RUSAGE_CHILDREN)
+    use nix::sys::resource::UsageWho;
+    cpu_s(UsageWho::RUSAGE_SELF) + cpu_s(UsageWho::RUSAGE_CHILDREN)
+}
+
+/// CPU-seconds of the calling thread: what a synchronous step cost, without the work other
+/// threads did meanwhile. From the thread's CPU clock, which counts the running stretch up to
+/// now (its rusage counts only up to the last tick or switch: a look of a few hundred
+/// microseconds reads as nothing).
+pub(crate) fn thread_cpu_s() -> f64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
 }
 
 impl NodePower {
@@ -169,6 +186,7 @@ impl NodePower {
                     knobs,
                     online,
                     freed: BTreeSet::new(),
+                    in_force: HashMap::new(),
                     waking: 0,
                     all_asleep_since: None,
                     node_asleep: false,
@@ -248,11 +266,10 @@ impl NodePower {
         let demand: Vec<f64> = awake.iter().map(|a| a.demand_cpus).collect();
         let plan = consolidate(&s.online, &demand, s.config.target_utilisation);
         if s.config.consolidate {
+            s.in_force
+                .retain(|name, _| awake.iter().any(|a| a.name == *name));
             for a in awake {
-                let r = s
-                    .knobs
-                    .cpuset(&a.name, &plan.used)
-                    .and_then(|_| s.knobs.attach(&a.name, &a.pids));
+                let r = s.put_on(a, &plan.used);
                 if let Err(e) = r {
                     warn!(service = %a.name, error = %e, "cannot consolidate");
                 }
@@ -424,6 +441,27 @@ impl NodePower {
 }
 
 impl KnobState {
+    /// Puts `a` on `cpus`: its cpuset when the cores changed, and those of its processes
+    /// not moved there yet.
+    fn put_on(&mut self, a: &AwakeService, cpus: &BTreeSet<usize>) -> Result<(), KnobError> {
+        let (cores, moved) = self.in_force.entry(a.name.clone()).or_default();
+        if cores != cpus {
+            self.knobs.cpuset(&a.name, cpus)?;
+            *cores = cpus.clone();
+        }
+        let new: Vec<i32> = a
+            .pids
+            .iter()
+            .copied()
+            .filter(|p| !moved.contains(p))
+            .collect();
+        if !new.is_empty() {
+            self.knobs.attach(&a.name, &new)?;
+            moved.extend(new);
+        }
+        Ok(())
+    }
+
     fn node_state(&self) -> NodeState {
         if self.node_asleep {
             NodeState::Asleep {
@@ -441,5 +479,89 @@ fn give_back(knobs: &mut Knobs, cpu: usize) {
         .and_then(|()| knobs.restore_idle_states(cpu))
     {
         warn!(cpu, error = %e, "cannot give the core back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Consolidation's writes, on a fake cgroup tree.
+
+    use std::{fs, path::Path};
+
+    use super::*;
+
+    fn knob_state(root: &Path) -> KnobState {
+        let put = |p: PathBuf, v: &str| {
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, v).unwrap();
+        };
+        put(root.join("cgroup/cpuset/cpuset.cpus"), "0-1\n");
+        put(root.join("cgroup/cpuset/cpuset.mems"), "0\n");
+        put(root.join("cgroup/cpuset/cgroup.procs"), "");
+        let roots = KnobRoots::under(root);
+        let journal = root.join("journal");
+        let (knobs, _) = Knobs::open(roots.clone(), &journal, false, None).unwrap();
+        KnobState {
+            config: KnobConfig {
+                roots,
+                journal,
+                dry_run: false,
+                consolidate: true,
+                deep_idle: false,
+                offline: false,
+                wake_latency_us: None,
+                node_sleep: None,
+                target_utilisation: 0.8,
+            },
+            knobs,
+            online: [0, 1].into(),
+            freed: BTreeSet::new(),
+            in_force: HashMap::new(),
+            waking: 0,
+            all_asleep_since: None,
+            node_asleep: false,
+            node_asleep_dry_run: false,
+            node_sleeps: 0,
+            node_resumes: 0,
+            transitions: NodeTransitions::default(),
+        }
+    }
+
+    #[test]
+    fn a_settle_that_changes_nothing_writes_nothing() {
+        let tree = tempfile::tempdir().unwrap();
+        let mut s = knob_state(tree.path());
+        let dir = tree.path().join("cgroup/cpuset/torpor/web");
+        let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap().trim().to_string();
+        let mut web = AwakeService {
+            name: "web".into(),
+            pids: vec![10, 11],
+            demand_cpus: 0.1,
+        };
+        s.put_on(&web, &[0].into()).unwrap();
+        assert_eq!(read("cpuset.cpus"), "0");
+        assert_eq!(
+            read("cgroup.procs"),
+            "11",
+            "each process moved, the last one last"
+        );
+        // The same cores and processes again: neither file is written.
+        fs::write(dir.join("cpuset.cpus"), "untouched").unwrap();
+        fs::write(dir.join("cgroup.procs"), "untouched").unwrap();
+        s.put_on(&web, &[0].into()).unwrap();
+        assert_eq!(read("cpuset.cpus"), "untouched");
+        assert_eq!(read("cgroup.procs"), "untouched");
+        // A new process is moved, alone; new cores are written.
+        web.pids.push(12);
+        s.put_on(&web, &[0].into()).unwrap();
+        assert_eq!(read("cgroup.procs"), "12");
+        assert_eq!(read("cpuset.cpus"), "untouched");
+        s.put_on(&web, &[0, 1].into()).unwrap();
+        assert_eq!(read("cpuset.cpus"), "0-1");
+        // Forgotten (it was not awake at a settle): everything is written again.
+        s.in_force.clear();
+        fs::write(dir.join("cgroup.procs"), "untouched").unwrap();
+        s.put_on(&web, &[0, 1].into()).unwrap();
+        assert_eq!(read("cgroup.procs"), "12");
     }
 }

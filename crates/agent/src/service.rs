@@ -21,7 +21,7 @@ use torpor_steer::Steering;
 use tracing::{debug, error, warn};
 
 use crate::{
-    costs::{CostStatus, Costs},
+    costs::{CostStatus, Costs, Looks},
     manual::{
         self, ManualAction, ManualCommand, ManualError, ManualOutcome, ManualResult, PinStatus,
     },
@@ -334,6 +334,17 @@ const TICK: Duration = Duration::from_millis(20);
 /// about 7 % of a core for 13 of them, more than the idle services it is there to save.
 const IDLE_LOOK: Duration = Duration::from_millis(250);
 
+/// How often it looks at a frozen or snapshotted service with no decision near: such a look
+/// reads no file (a request or a command wakes the loop at once), so it is only the
+/// governor's next weighing of a deeper level, which moves in seconds.
+const REST_LOOK: Duration = Duration::from_secs(1);
+
+/// The looks the governor counts in an idle service's cost.
+const LOOKS: Looks = Looks {
+    awake_idle: IDLE_LOOK,
+    resting: REST_LOOK,
+};
+
 /// Longest time between two looks at the open steered connections; under a short idle
 /// threshold they are looked at every quarter of it, so recent data is seen before it passes.
 const STEERED_LOOK: Duration = Duration::from_secs(1);
@@ -469,7 +480,7 @@ impl Managed {
         })
     }
 
-    fn state(&self) -> ServiceState {
+    pub(crate) fn state(&self) -> ServiceState {
         self.rt.lock().expect("runtime lock").state
     }
 
@@ -1049,6 +1060,9 @@ impl Managed {
         match self.state() {
             ServiceState::Awake => {
                 let Some(pid) = self.pid() else { return };
+                // What this look costs torpor: with nothing to do, it is what watching the
+                // service awake costs (the governor weighs it; a look at rest reads nothing).
+                let look_from = crate::node::thread_cpu_s();
                 self.note_first_byte();
                 if let Some(how) = self.runner.exited(pid) {
                     self.restart_crashed(how).await;
@@ -1078,6 +1092,9 @@ impl Managed {
                     let busy = self.link.inflight() > 0
                         || self.link.with_arrivals(|a| a.idle_for(self.link.now())) < since + TICK;
                     rt.costs.observe(now, busy, cpu, || procs::tree_runs(&pids));
+                    if !busy {
+                        rt.costs.looked(crate::node::thread_cpu_s() - look_from);
+                    }
                     (
                         rt.status.footprint_bytes,
                         rt.expected_wake,
@@ -1174,7 +1191,7 @@ impl Managed {
 
     /// How long until the loop looks again: [`TICK`] while the service works, wakes or
     /// sleeps, or a decision (its idle threshold, a pre-warm, a retry) is nearer than
-    /// [`IDLE_LOOK`]; otherwise [`IDLE_LOOK`].
+    /// [`IDLE_LOOK`]; otherwise [`IDLE_LOOK`] awake, [`REST_LOOK`] frozen or snapshotted.
     fn next_look(&self) -> Duration {
         let near = |left: Duration| left.clamp(TICK, IDLE_LOOK);
         let now = self.link.now();
@@ -1195,12 +1212,14 @@ impl Managed {
                     _ => IDLE_LOOK,
                 }
             }
-            ServiceState::Frozen => IDLE_LOOK,
+            ServiceState::Frozen => REST_LOOK,
             ServiceState::Asleep => {
                 let expected_wake = self.rt.lock().expect("runtime lock").expected_wake;
                 self.link
                     .with_arrivals(|a| prewarm_at(&self.spec.policy, a, expected_wake))
-                    .map_or(IDLE_LOOK, |at| near(at.saturating_sub(now)))
+                    .map_or(REST_LOOK, |at| {
+                        at.saturating_sub(now).clamp(TICK, REST_LOOK)
+                    })
             }
             ServiceState::Failed => near(
                 self.rt
@@ -1219,7 +1238,7 @@ impl Managed {
     async fn govern(&self, pid: i32, now_at: Level, footprint: u64, expected_wake: Duration) {
         let (inputs, cannot_freeze) = {
             let rt = self.rt.lock().expect("runtime lock");
-            let Some(idle) = rt.costs.idle(footprint) else {
+            let Some(idle) = rt.costs.idle(footprint, &LOOKS) else {
                 return;
             };
             let inputs = LevelInputs {
@@ -1563,20 +1582,24 @@ impl Managed {
         for link in with {
             link.request_wake();
         }
-        if let Some(node) = &self.shared.node {
-            node.before_wake();
-        }
-        self.wake_service(cause, asked).await;
-        if let Some(node) = &self.shared.node {
-            node.after_wake();
+        if self.state() == ServiceState::Frozen {
+            // A thaw of a millisecond: the tree kept its cores and its memory, and the node
+            // is up (it sleeps only with every service snapshotted), so no core is given
+            // back and no latency request held for it.
+            self.thaw_for(cause, asked).await;
+        } else {
+            if let Some(node) = &self.shared.node {
+                node.before_wake();
+            }
+            self.wake_service(cause, asked).await;
+            if let Some(node) = &self.shared.node {
+                node.after_wake();
+            }
         }
         self.shared.replan.notify_one();
     }
 
     async fn wake_service(&self, cause: WakeCause, t0: Instant) {
-        if self.state() == ServiceState::Frozen {
-            return self.thaw_for(cause, t0).await;
-        }
         let cause_name = format!("{cause:?}").to_lowercase();
         self.transition(ServiceState::Waking, Duration::ZERO, cause_name.clone());
         let mut timeline = WakeTimeline {
@@ -1827,7 +1850,7 @@ impl Managed {
                 Duration::ZERO
             })
         .as_secs_f64();
-        s.costs = rt.costs.status();
+        s.costs = rt.costs.status(&LOOKS);
         if let SteeringMode::Kernel(steering) = &self.spec.steering {
             // Read now, not at the last tick: one map lookup.
             s.steered_connections = steering.steered().unwrap_or(s.steered_connections);

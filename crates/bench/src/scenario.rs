@@ -266,9 +266,9 @@ struct Classified {
 impl Target for Classified {
     async fn call(&self, seq: u64) -> Result<(), String> {
         let asleep = self.agent.as_ref().is_some_and(|a| {
-            a.status()
+            a.states()
                 .iter()
-                .any(|s| self.tiers.contains(&s.name) && s.state != ServiceState::Awake)
+                .any(|(name, state)| self.tiers.contains(name) && *state != ServiceState::Awake)
         });
         let t0 = Instant::now();
         let r = self.inner.call(seq).await;
@@ -1061,16 +1061,17 @@ fn levels_table(results: &[ConfigResult]) -> String {
     if tiers.is_empty() {
         return String::new();
     }
-    let mut t = String::from("| tier | footprint MiB | idle CPU % | idle wakeups/s | snapshot cycle CPU-s | level | entry (J) | saving (W) | exit (ms) | pays after (s) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| tier | footprint MiB | idle CPU % | idle wakeups/s | torpor's looks CPU % | snapshot cycle CPU-s | level | entry (J) | saving (W) | exit (ms) | pays after (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for tier in tiers {
         for l in &tier.levels {
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.2} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.2} | {} |",
                 tier.tier,
                 tier.footprint_bytes >> 20,
                 opt(tier.costs.idle_cpus, 100.0, 2),
                 opt(tier.costs.idle_wakeups_per_s, 1.0, 1),
+                opt(tier.costs.watch_cpus, 100.0, 3),
                 opt(tier.costs.snapshot_cycle_cpu_s, 1.0, 3),
                 l.level.as_str(),
                 l.entry_j,

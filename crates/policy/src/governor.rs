@@ -77,6 +77,12 @@ pub struct IdleCost {
     pub wakeups_per_s: f64,
     /// Resident memory.
     pub resident_bytes: u64,
+    /// CPUs torpor itself spends watching the service while it is awake and idle (reading
+    /// its processes' counters on every look), beyond what it spends on it at rest: part of
+    /// what keeping it awake costs the node, saved at every deeper level.
+    pub watch_cpus: f64,
+    /// Wakeups per second of torpor's looks at the awake service beyond those at rest.
+    pub watch_wakeups_per_s: f64,
 }
 
 /// The cost of one trip to a level and back.
@@ -138,8 +144,9 @@ pub struct LevelInputs {
 
 /// The break-even of the frozen and snapshotted levels for one service.
 pub fn level_costs(inputs: &LevelInputs, model: &EnergyModel) -> [LevelCost; 2] {
-    let idle_w = inputs.idle.cpus * model.watts_per_busy_cpu
-        + inputs.idle.wakeups_per_s * model.joules_per_wakeup;
+    let idle = &inputs.idle;
+    let idle_w = (idle.cpus + idle.watch_cpus) * model.watts_per_busy_cpu
+        + (idle.wakeups_per_s + idle.watch_wakeups_per_s) * model.joules_per_wakeup;
     let memory_w = inputs.idle.resident_bytes as f64 / (1u64 << 30) as f64 * model.watts_per_gib;
     [
         LevelCost::new(Level::Frozen, &inputs.freeze, idle_w, model),
@@ -275,6 +282,7 @@ mod tests {
                 cpus: 0.01,
                 wakeups_per_s: 100.0,
                 resident_bytes: 64 << 20,
+                ..IdleCost::default()
             },
             freeze: CycleCost {
                 cpu_s: 0.002,
@@ -389,6 +397,41 @@ mod tests {
         let (mut t, last) = history(&[60 * S; 20]);
         let c = choose_level(&cfg(), &mut t, last + S, &inputs, &model);
         assert_eq!(c.level, Level::Snapshotted, "{c:?}");
+    }
+
+    #[test]
+    fn what_watching_an_awake_service_costs_is_saved_by_a_freeze_not_by_a_snapshot() {
+        let model = EnergyModel::default();
+        // A service that costs nothing itself, and torpor's looks at it while it is awake:
+        // 0.1 % of a CPU and 3 wakeups a second beyond its looks at rest.
+        let inputs = LevelInputs {
+            idle: IdleCost {
+                resident_bytes: 1 << 30,
+                watch_cpus: 0.001,
+                watch_wakeups_per_s: 3.0,
+                ..IdleCost::default()
+            },
+            ..timer_service(0.0)
+        };
+        let [frozen, snapshotted] = level_costs(&inputs, &model);
+        let watch_w = 0.001 * model.watts_per_busy_cpu + 3.0 * model.joules_per_wakeup;
+        assert!((frozen.saving_w - watch_w).abs() < 1e-12, "{frozen:?}");
+        // 8 mJ a freeze over 4.6 mW: it pays after about 1.7 s.
+        let residency = frozen.target_residency_s.expect("a freeze pays");
+        assert!((residency - 0.008 / watch_w).abs() < 1e-9, "{frozen:?}");
+        // Gaps of 10 s: frozen once idle; gaps of 1 s: awake (the freeze would not pay).
+        let (mut t, last) = history(&[10 * S; 20]);
+        let c = choose_level(&cfg(), &mut t, last + 300 * MS, &inputs, &model);
+        assert_eq!(c.level, Level::Frozen, "{c:?}");
+        let (mut t, last) = history(&[S; 20]);
+        let c = choose_level(&cfg(), &mut t, last + 300 * MS, &inputs, &model);
+        assert_eq!(c.level, Level::Awake, "{c:?}");
+        // A snapshot saves the same watching and nothing more (memory not priced, no node
+        // sleep): over the freeze it never pays, however long the gaps.
+        assert_eq!(snapshotted.saving_w, frozen.saving_w);
+        let (mut t, last) = history(&[3600 * S; 20]);
+        let c = choose_level(&cfg(), &mut t, last + S, &inputs, &model);
+        assert_eq!(c.level, Level::Frozen, "{c:?}");
     }
 
     #[test]

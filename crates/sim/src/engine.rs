@@ -495,6 +495,8 @@ impl<'a> Sim<'a> {
                         cpus: s.idle_cpus,
                         wakeups_per_s: s.idle_wakeups_per_s,
                         resident_bytes: 0,
+                        // The simulated node has no agent of its own to watch its services.
+                        ..IdleCost::default()
                     },
                     freeze: FREEZE_CYCLE,
                     snapshot: FREEZE_CYCLE,
@@ -887,6 +889,8 @@ impl<'a> Sim<'a> {
                 cpus: group.idle_cpus,
                 wakeups_per_s: group.idle_wakeups_per_s,
                 resident_bytes: svc.footprint,
+                // The simulated node has no agent of its own to watch its services.
+                ..IdleCost::default()
             },
             freeze: FREEZE_CYCLE,
             // Checkpoint and restore as the calibration times them, taken as CPU-seconds on

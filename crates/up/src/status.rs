@@ -212,6 +212,12 @@ const SERVICE_METRICS: &[ServiceMetric] = &[
         value: |s, _| s.costs.idle_wakeups_per_s,
     },
     ServiceMetric {
+        name: "torpor_watch_cpus",
+        kind: Kind::Gauge,
+        help: "CPUs torpor spends looking at an awake service with no request in flight (measured).",
+        value: |s, _| s.costs.watch_cpus,
+    },
+    ServiceMetric {
         name: "torpor_snapshot_cycle_cpu_seconds",
         kind: Kind::Gauge,
         help: "CPU-seconds of one checkpoint and restore (torpor, CRIU, an embedded pool), moving estimate.",

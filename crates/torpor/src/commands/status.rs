@@ -91,10 +91,12 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         let c = &s.costs;
         if let (Some(cpus), Some(w)) = (c.idle_cpus, c.idle_wakeups_per_s) {
             println!(
-                "{}: idle cost {:.4} CPUs, {w:.0} wakeups/s, {} resident; snapshot cycle {}; frozen {} times ({:.1}s)",
+                "{}: idle cost {:.4} CPUs, {w:.0} wakeups/s, {} resident, torpor's looks {}; snapshot cycle {}; frozen {} times ({:.1}s)",
                 s.name,
                 cpus,
                 format_bytes(s.footprint_bytes),
+                c.watch_cpus
+                    .map_or_else(|| "not measured".into(), |v| format!("{v:.4} CPUs")),
                 c.snapshot_cycle_cpu_s
                     .map_or_else(|| "not measured".into(), |v| format!("{v:.3} CPU-s")),
                 s.freezes,
