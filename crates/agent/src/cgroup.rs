@@ -261,7 +261,7 @@ impl ServiceCgroup {
         if !control.exists() {
             return Err(FreezeError::Unsupported);
         }
-        if on && self.procs().is_empty() {
+        if on && self.is_empty() {
             return Err(FreezeError::Empty);
         }
         fs::write(&control, value).map_err(|source| FreezeError::Write {
@@ -282,6 +282,19 @@ impl ServiceCgroup {
                 return Err(FreezeError::Timeout { wait });
             }
             std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Whether the cgroup holds no process: on the unified hierarchy its subtree (`populated
+    /// 0`, a file the kernel always has), on v1 its own `cgroup.procs`. A file that cannot be
+    /// read says nothing, so it is not taken for empty.
+    fn is_empty(&self) -> bool {
+        match self.kind {
+            Hierarchy::Unified => fs::read_to_string(self.dir.join("cgroup.events"))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == "populated 0")),
+            Hierarchy::Legacy { .. } => {
+                fs::read_to_string(self.dir.join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty())
+            }
         }
     }
 
@@ -311,14 +324,14 @@ mod tests {
         fs::write(cg.path().join("cgroup.freeze"), "0").unwrap();
         fs::write(cg.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         // Its processes moved elsewhere: refused, nothing written.
-        fs::write(cg.path().join("cgroup.procs"), "").unwrap();
+        fs::write(cg.path().join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
         let e = cg.freeze(true, Duration::from_millis(5)).unwrap_err();
         assert!(matches!(e, FreezeError::Empty), "{e}");
         assert_eq!(
             fs::read_to_string(cg.path().join("cgroup.freeze")).unwrap(),
             "0"
         );
-        fs::write(cg.path().join("cgroup.procs"), "42\n").unwrap();
+        fs::write(cg.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         // The fake kernel never confirms: a timeout, named.
         let e = cg.freeze(true, Duration::from_millis(5)).unwrap_err();
         assert!(matches!(e, FreezeError::Timeout { .. }), "{e}");
@@ -332,6 +345,9 @@ mod tests {
         let v1 = CgroupRoot::at(tmp.path().join("v1"), Hierarchy::Legacy { cpuacct: false });
         let cg = v1.service("web").unwrap();
         fs::write(cg.path().join("freezer.state"), "THAWED").unwrap();
+        fs::write(cg.path().join("cgroup.procs"), "").unwrap();
+        let e = cg.freeze(true, Duration::from_millis(5)).unwrap_err();
+        assert!(matches!(e, FreezeError::Empty), "{e}");
         fs::write(cg.path().join("cgroup.procs"), "42\n").unwrap();
         cg.freeze(true, Duration::from_millis(5)).unwrap();
         assert_eq!(

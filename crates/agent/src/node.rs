@@ -106,11 +106,12 @@ struct KnobState {
     online: BTreeSet<usize>,
     /// Cores currently given deep-idle-only or offline treatment.
     freed: BTreeSet<usize>,
-    /// What the last settles put in force per awake service: its cores and the processes
-    /// moved into its cpuset, so that a settle that changes nothing writes nothing (each
-    /// write to `cgroup.procs` takes the cgroup core's global lock and an RCU grace period,
-    /// and every thaw settles). A service that is not awake at a settle is forgotten: a
-    /// restore or restart puts its processes back in its own cgroup.
+    /// What the last settles put in force per service in the plan: its cores and the
+    /// processes moved into its cpuset, so that a settle that changes nothing writes nothing
+    /// (each write to `cgroup.procs` takes the cgroup core's global lock and an RCU grace
+    /// period, and every thaw settles). Forgotten when the service starts or is restored
+    /// ([`NodePower::forget`]: its tree is back in its own cgroup, maybe under the same
+    /// pids), when it is out of the plan at a settle, and when a write failed.
     in_force: HashMap<String, (BTreeSet<usize>, BTreeSet<i32>)>,
     /// Services waking now (the PM QoS request is held while any is).
     waking: usize,
@@ -256,7 +257,15 @@ impl NodePower {
             .is_some_and(|s| s.lock().expect("knob lock").config.consolidate)
     }
 
-    /// Re-plans the cores for the services awake now.
+    /// `name` is starting or being restored: its processes will be in its own cgroup, so the
+    /// next settle puts them on the planned cores again.
+    pub fn forget(&self, name: &str) {
+        if let Some(state) = &self.knobs {
+            state.lock().expect("knob lock").in_force.remove(name);
+        }
+    }
+
+    /// Re-plans the cores for the services awake (or frozen) now.
     pub fn settle(&self, awake: &[AwakeService]) {
         let Some(state) = &self.knobs else { return };
         let mut s = state.lock().expect("knob lock");
@@ -445,21 +454,30 @@ impl KnobState {
     /// not moved there yet.
     fn put_on(&mut self, a: &AwakeService, cpus: &BTreeSet<usize>) -> Result<(), KnobError> {
         let (cores, moved) = self.in_force.entry(a.name.clone()).or_default();
-        if cores != cpus {
-            self.knobs.cpuset(&a.name, cpus)?;
-            *cores = cpus.clone();
+        moved.retain(|p| a.pids.contains(p));
+        let mut put = || -> Result<(), KnobError> {
+            if cores != cpus {
+                self.knobs.cpuset(&a.name, cpus)?;
+                *cores = cpus.clone();
+            }
+            let new: Vec<i32> = a
+                .pids
+                .iter()
+                .copied()
+                .filter(|p| !moved.contains(p))
+                .collect();
+            if !new.is_empty() {
+                self.knobs.attach(&a.name, &new)?;
+                moved.extend(new);
+            }
+            Ok(())
+        };
+        let r = put();
+        if r.is_err() {
+            // Nothing is known of what the failed write left (a cgroup removed under it?).
+            self.in_force.remove(&a.name);
         }
-        let new: Vec<i32> = a
-            .pids
-            .iter()
-            .copied()
-            .filter(|p| !moved.contains(p))
-            .collect();
-        if !new.is_empty() {
-            self.knobs.attach(&a.name, &new)?;
-            moved.extend(new);
-        }
-        Ok(())
+        r
     }
 
     fn node_state(&self) -> NodeState {
@@ -552,16 +570,27 @@ mod tests {
         assert_eq!(read("cpuset.cpus"), "untouched");
         assert_eq!(read("cgroup.procs"), "untouched");
         // A new process is moved, alone; new cores are written.
-        web.pids.push(12);
+        web.pids.insert(0, 12);
         s.put_on(&web, &[0].into()).unwrap();
-        assert_eq!(read("cgroup.procs"), "12");
+        assert_eq!(
+            read("cgroup.procs"),
+            "12",
+            "11, the last, was not written again"
+        );
         assert_eq!(read("cpuset.cpus"), "untouched");
         s.put_on(&web, &[0, 1].into()).unwrap();
         assert_eq!(read("cpuset.cpus"), "0-1");
-        // Forgotten (it was not awake at a settle): everything is written again.
-        s.in_force.clear();
+        // Forgotten (restored under the same pids): everything is written again.
+        s.in_force.remove("web");
         fs::write(dir.join("cgroup.procs"), "untouched").unwrap();
+        fs::write(dir.join("cpuset.cpus"), "untouched").unwrap();
         s.put_on(&web, &[0, 1].into()).unwrap();
-        assert_eq!(read("cgroup.procs"), "12");
+        assert_eq!(read("cgroup.procs"), "11");
+        assert_eq!(read("cpuset.cpus"), "0-1");
+        // A failed write forgets it too: the cgroup went away under it.
+        fs::remove_dir_all(&dir).unwrap();
+        fs::create_dir_all(dir.join("cpuset.cpus")).unwrap();
+        s.put_on(&web, &[0].into()).unwrap_err();
+        assert!(!s.in_force.contains_key("web"));
     }
 }

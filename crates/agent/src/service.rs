@@ -329,7 +329,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// sleeps, or a decision is near.
 const TICK: Duration = Duration::from_millis(20);
 
-/// How often it looks while the service rests or idles with no decision near: each look
+/// How often it looks while the service is awake and idle with no decision near: each look
 /// reads the tree's /proc files, and watching idle services every [`TICK`] cost torpor
 /// about 7 % of a core for 13 of them, more than the idle services it is there to save.
 const IDLE_LOOK: Duration = Duration::from_millis(250);
@@ -469,14 +469,18 @@ impl Managed {
         (rt.status.cpu_s, rt.ended_cpu_s)
     }
 
-    /// The service as consolidation sees it, when it is awake.
+    /// The service as consolidation sees it, when it is awake or frozen: a frozen tree keeps
+    /// its place on the cores in use, with no demand, so that a thaw finds it there.
     pub fn awake_for_plan(&self) -> Option<crate::node::AwakeService> {
         let rt = self.rt.lock().expect("runtime lock");
-        let pid = rt.pid.filter(|_| rt.state == ServiceState::Awake)?;
+        let frozen = rt.state == ServiceState::Frozen;
+        let pid = rt
+            .pid
+            .filter(|_| rt.state == ServiceState::Awake || frozen)?;
         Some(crate::node::AwakeService {
             name: self.spec.name.clone(),
             pids: self.runner.members(pid),
-            demand_cpus: rt.demand_cpus,
+            demand_cpus: if frozen { 0.0 } else { rt.demand_cpus },
         })
     }
 
@@ -505,6 +509,12 @@ impl Managed {
             rt.since = now;
             from
         };
+        if to == ServiceState::Waking {
+            // A start or a restore puts the tree back in its own cgroup, whatever pids it has.
+            if let Some(node) = &self.shared.node {
+                node.forget(&self.spec.name);
+            }
+        }
         self.shared.roster.set_state(&self.spec.name, to);
         self.shared.record(Transition {
             at_s: self.shared.started.elapsed().as_secs_f64(),
@@ -1214,9 +1224,14 @@ impl Managed {
             }
             ServiceState::Frozen => REST_LOOK,
             ServiceState::Asleep => {
-                let expected_wake = self.rt.lock().expect("runtime lock").expected_wake;
+                let (expected_wake, asleep_at) = {
+                    let rt = self.rt.lock().expect("runtime lock");
+                    (rt.expected_wake, rt.asleep_at)
+                };
+                // A pre-warm time from before it slept is one `on_tick` does not act on.
                 self.link
                     .with_arrivals(|a| prewarm_at(&self.spec.policy, a, expected_wake))
+                    .filter(|at| *at > asleep_at)
                     .map_or(REST_LOOK, |at| {
                         at.saturating_sub(now).clamp(TICK, REST_LOOK)
                     })
@@ -1571,7 +1586,7 @@ impl Managed {
     }
 
     /// Restore from the pool (cold start if that fails), then open the link. The node gets its
-    /// cores back first and re-plans after.
+    /// cores back first and re-plans after; a thaw needs neither (see [`Self::awake_for_plan`]).
     async fn wake(&self, cause: WakeCause, asked: Instant) {
         let with: Vec<Arc<ServiceLink>> = {
             let links = self.shared.links.lock().expect("links lock");
@@ -1583,9 +1598,9 @@ impl Managed {
             link.request_wake();
         }
         if self.state() == ServiceState::Frozen {
-            // A thaw of a millisecond: the tree kept its cores and its memory, and the node
-            // is up (it sleeps only with every service snapshotted), so no core is given
-            // back and no latency request held for it.
+            // A thaw of a millisecond: the tree kept its place on the cores in use and its
+            // memory, and the node is up (it sleeps only with every service snapshotted), so
+            // no core is given back and no latency request held for it.
             self.thaw_for(cause, asked).await;
         } else {
             if let Some(node) = &self.shared.node {

@@ -400,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn what_watching_an_awake_service_costs_is_saved_by_a_freeze_not_by_a_snapshot() {
+    fn what_watching_an_awake_service_costs_is_saved_by_a_freeze_and_no_more_by_a_snapshot() {
         let model = EnergyModel::default();
         // A service that costs nothing itself, and torpor's looks at it while it is awake:
         // 0.1 % of a CPU and 3 wakeups a second beyond its looks at rest.

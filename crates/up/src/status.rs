@@ -214,7 +214,7 @@ const SERVICE_METRICS: &[ServiceMetric] = &[
     ServiceMetric {
         name: "torpor_watch_cpus",
         kind: Kind::Gauge,
-        help: "CPUs torpor spends looking at an awake service with no request in flight (measured).",
+        help: "CPUs torpor spends looking at an awake service with no request in flight (each look timed, times the looks per second).",
         value: |s, _| s.costs.watch_cpus,
     },
     ServiceMetric {
