@@ -18,7 +18,7 @@ use torpor_policy::{
     Choice, Governor, Level, LevelCost, LevelInputs, PolicyConfig, SleepDecision, SnapshotTier,
 };
 use torpor_steer::Steering;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     costs::{CostStatus, Costs, Looks},
@@ -1251,7 +1251,7 @@ impl Managed {
     /// it moves deeper when a deeper level pays over the predicted idle period; it never
     /// decides before the service's idle cost was measured (do no harm).
     async fn govern(&self, pid: i32, now_at: Level, footprint: u64, expected_wake: Duration) {
-        let (inputs, cannot_freeze) = {
+        let (inputs, no_freeze) = {
             let rt = self.rt.lock().expect("runtime lock");
             let Some(idle) = rt.costs.idle(footprint, &LOOKS) else {
                 return;
@@ -1262,7 +1262,9 @@ impl Managed {
                 snapshot: rt.costs.snapshot(footprint, expected_wake),
                 node_sleep_w: 0.0,
             };
-            (inputs, rt.status.cannot_freeze.is_some())
+            // Steered connections open at the last look: a freeze waits until they close.
+            let no_freeze = rt.status.cannot_freeze.is_some() || rt.status.steered_open > 0;
+            (inputs, no_freeze)
         };
         let model = self
             .shared
@@ -1304,7 +1306,7 @@ impl Managed {
             rt.status.last_choice = Some(choice);
         }
         match (now_at, choice.level) {
-            (Level::Awake, Level::Frozen) if !cannot_freeze => self.freeze_idle(pid, &choice).await,
+            (Level::Awake, Level::Frozen) if !no_freeze => self.freeze_idle(pid, &choice).await,
             (_, Level::Snapshotted) => {
                 let tier = self.tier_for(footprint);
                 if now_at == Level::Frozen {
@@ -1353,7 +1355,13 @@ impl Managed {
 
     /// Freezes the idle service: requests are held from here on and the first wakes it.
     async fn freeze_idle(&self, pid: i32, choice: &Choice) {
+        let seen = self.rt.lock().expect("runtime lock").steered_seen;
         if self.to_gate().is_err() {
+            return;
+        }
+        if let Some(why) = self.steered_to_it(pid, seen) {
+            info!(service = %self.spec.name, why, "not frozen: connections reach it past the gate");
+            self.serve(pid, false);
             return;
         }
         let drained = self.link.drain(self.spec.drain_deadline).await;
@@ -1382,6 +1390,33 @@ impl Managed {
                 self.serve(pid, false);
             }
         }
+    }
+
+    /// With kernel steering, why the service, its slot just emptied, must not be frozen: a
+    /// connection steered to it since the steering's counter read `seen` (made between the
+    /// governor's look and the slot's emptying, perhaps still unaccepted), or a steered
+    /// connection still open. A request on either would wait in a frozen process's socket
+    /// with nothing to thaw it (the gate never sees it); a checkpoint closes them instead.
+    fn steered_to_it(&self, pid: i32, seen: u64) -> Option<String> {
+        let SteeringMode::Kernel(steering) = &self.spec.steering else {
+            return None;
+        };
+        // Those steered up to the emptying, which `to_gate` read just before it.
+        self.note_steered(None);
+        let new = self.rt.lock().expect("runtime lock").steered_seen - seen;
+        if new > 0 {
+            return Some(format!(
+                "{new} connection(s) steered to it since the last look"
+            ));
+        }
+        let open = match steering.open_connections(pid) {
+            Ok(open) => open.open,
+            Err(e) => return Some(format!("cannot count its steered connections: {e}")),
+        };
+        let mut rt = self.rt.lock().expect("runtime lock");
+        rt.status.steered_open = open;
+        rt.steered_looked = Some(Instant::now());
+        (open > 0).then(|| format!("{open} steered connection(s) open"))
     }
 
     /// Thaws a frozen service (a request, a command, a deeper level or a stop wants it awake);
@@ -1907,6 +1942,9 @@ mod tests {
         launches: Mutex<VecDeque<Result<(), String>>>,
         dead: Mutex<HashSet<i32>>,
         started: Mutex<Option<Instant>>,
+        /// Whether the tree can be frozen (a plain process tree in a cgroup); a runner
+        /// that cannot is the default.
+        freezes: bool,
     }
 
     /// How long each fake operation takes.
@@ -1920,6 +1958,15 @@ mod tests {
                 .unwrap()
                 .get_or_insert_with(Instant::now);
             self.log.lock().unwrap().push((t0.elapsed(), what));
+        }
+
+        /// Where in the log each call with `prefix` stands (the log's times do not move
+        /// under a paused clock).
+        fn positions(&self, prefix: &str) -> Vec<usize> {
+            let log = self.log.lock().unwrap();
+            (0..log.len())
+                .filter(|i| log[*i].1.starts_with(prefix))
+                .collect()
         }
 
         fn calls(&self, prefix: &str) -> Vec<(Duration, String)> {
@@ -2044,6 +2091,16 @@ mod tests {
         fn retire(&self) -> BoxFuture<'_, ()> {
             Box::pin(async {})
         }
+
+        fn freeze(&self, on: bool) -> BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                if !self.freezes {
+                    return Err("this fake cannot freeze".into());
+                }
+                self.note(if on { "freeze" } else { "thaw" }.into());
+                Ok(())
+            })
+        }
     }
 
     struct Harness {
@@ -2075,6 +2132,9 @@ mod tests {
         open: std::sync::atomic::AtomicUsize,
         /// Milliseconds since the last data on the open connections.
         quiet_ms: AtomicU64,
+        /// Connections the kernel steers in the instant before the next emptying of the
+        /// slot (after the agent's last look): counted then, once.
+        at_unsteer: AtomicU64,
     }
 
     impl Steering for FakeSteering {
@@ -2089,6 +2149,8 @@ mod tests {
 
         fn unsteer(&self) -> Result<(), torpor_steer::SteerError> {
             self.fake.note("unsteer".into());
+            let late = self.at_unsteer.swap(0, Ordering::SeqCst);
+            self.steered.fetch_add(late, Ordering::SeqCst);
             Ok(())
         }
 
@@ -2111,18 +2173,36 @@ mod tests {
 
     /// A launched service with a [`FakeSteering`].
     async fn start_kernel_steered() -> (Harness, Arc<FakeSteering>) {
-        let fake = Arc::new(Fake::default());
+        start_kernel_steered_with(Fake::default(), Governor::default()).await
+    }
+
+    async fn start_kernel_steered_with(
+        fake: Fake,
+        governor: Governor,
+    ) -> (Harness, Arc<FakeSteering>) {
+        let fake = Arc::new(fake);
         let steering = Arc::new(FakeSteering {
             fake: fake.clone(),
             steered: AtomicU64::new(0),
             open: Default::default(),
             quiet_ms: AtomicU64::new(0),
+            at_unsteer: AtomicU64::new(0),
         });
-        let h = start_steered(fake, None, SteeringMode::Kernel(steering.clone())).await;
+        let mode = SteeringMode::Kernel(steering.clone());
+        let h = start_steered_governed(fake, None, mode, governor).await;
         (h, steering)
     }
 
     async fn start_steered(fake: Arc<Fake>, adopt: Option<u64>, steering: SteeringMode) -> Harness {
+        start_steered_governed(fake, adopt, steering, Governor::default()).await
+    }
+
+    async fn start_steered_governed(
+        fake: Arc<Fake>,
+        adopt: Option<u64>,
+        steering: SteeringMode,
+        governor: Governor,
+    ) -> Harness {
         let link = ServiceLink::new(
             "svc",
             HoldLimits {
@@ -2141,6 +2221,7 @@ mod tests {
             backend: ([127, 0, 0, 1], 9).into(),
             policy: PolicyConfig {
                 idle_threshold: IDLE,
+                governor,
                 ..Default::default()
             },
             drain_deadline: Duration::from_secs(1),
@@ -2316,6 +2397,67 @@ mod tests {
             .quiet_ms
             .store(2 * IDLE.as_millis() as u64, Ordering::SeqCst);
         h.until(ServiceState::Asleep).await;
+        h.finish().await;
+    }
+
+    /// A governed, kernel-steered service that can be frozen and has nothing of its own to
+    /// save idle: torpor's looks at it awake are what a freeze saves, so it freezes once the
+    /// predicted quiet passes the freeze's break-even.
+    async fn start_freezable_steered() -> (Harness, Arc<FakeSteering>) {
+        let fake = Fake {
+            freezes: true,
+            ..Default::default()
+        };
+        start_kernel_steered_with(fake, Governor::Energy).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steered_service_freezes_only_with_no_steered_connection_open() {
+        let (h, steering) = start_freezable_steered().await;
+        // An idle keep-alive connection straight to the service, quiet past the threshold: a
+        // request on it would wait in a frozen process, so the freeze waits for its close.
+        steering.open.store(1, Ordering::SeqCst);
+        steering
+            .quiet_ms
+            .store(2 * IDLE.as_millis() as u64, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(h.m.state(), ServiceState::Awake, "{:?}", h.details());
+        assert!(h.fake.calls("freeze").is_empty());
+        let tries = h.fake.calls("unsteer").len();
+        assert!(
+            tries <= 1,
+            "the slot emptied {tries} times: no retry while open"
+        );
+        steering.open.store(0, Ordering::SeqCst);
+        h.until(ServiceState::Frozen).await;
+        let last = |what: &str| *h.fake.positions(what).last().expect(what);
+        assert!(
+            last("unsteer") < last("freeze"),
+            "new connections go to the gate first"
+        );
+        h.link.enter().await.expect("a request thaws it");
+        assert_eq!(h.m.state(), ServiceState::Awake);
+        assert!(last("thaw") < last("steer "), "steered again once thawed");
+        h.finish().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_steered_as_the_slot_empties_stops_that_freeze() {
+        let (h, steering) = start_freezable_steered().await;
+        // One connection lands between the governor's look and the slot's emptying.
+        steering.at_unsteer.store(1, Ordering::SeqCst);
+        h.until(ServiceState::Frozen).await;
+        let unsteers = h.fake.positions("unsteer");
+        let freezes = h.fake.positions("freeze");
+        assert_eq!(freezes.len(), 1);
+        assert!(unsteers.len() >= 2, "{:?}", h.details());
+        let steered_again = h
+            .fake
+            .positions("steer ")
+            .into_iter()
+            .any(|at| at > unsteers[0] && at < freezes[0]);
+        assert!(steered_again, "served again after the first try");
+        assert_eq!(h.m.status().steered_connections, 1);
         h.finish().await;
     }
 

@@ -176,3 +176,51 @@ fn a_dry_run_node_sleep_is_credited_once_every_service_sleeps() -> Result<()> {
     http_get(port, "/count")?;
     Ok(())
 }
+
+/// One RESP command on an open connection, its one-line answer.
+fn ask(conn: &mut std::net::TcpStream, command: &str) -> Result<String> {
+    use std::io::{BufRead, Write};
+    let mut line = format!("*1\r\n${}\r\n{command}\r\n", command.len()).into_bytes();
+    conn.write_all(&line)?;
+    line.clear();
+    std::io::BufReader::new(conn).read_until(b'\n', &mut line)?;
+    Ok(String::from_utf8(line)?.trim_end().to_string())
+}
+
+#[test]
+fn a_kernel_steered_redis_is_not_frozen_under_an_open_connection_and_is_once_it_closes(
+) -> Result<()> {
+    let _g = serial();
+    let (port, backend) = (own_addr(), own_addr());
+    let dir = tempfile::tempdir()?;
+    let mut kv = Service::redis("kv", port, backend, dir.path())
+        .idle("200ms")
+        .steering("kernel");
+    kv.policy.governor = Some("energy".into());
+    let up = Up::launch(embedded().namespace("steerfreeze").services([kv]))?;
+    // A client's connection straight to redis (steered in the kernel, past the gate), quiet
+    // after its first command: a request on it later would wait in a frozen process with
+    // nothing to thaw it, so the governor's freeze waits.
+    let mut conn = std::net::TcpStream::connect(port)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    assert_eq!(ask(&mut conn, "PING")?, "+PONG");
+    let s = up.wait_for("kv", "a freeze chosen", Duration::from_secs(30), |s| {
+        s["last_choice"]["level"] == "frozen" && s["steered_open"].as_u64() >= Some(1)
+    })?;
+    assert_eq!(s["state"], "awake", "{s}");
+    assert_eq!(s["freezes"], 0, "{s}");
+    assert_eq!(s["steered_now"], true, "{s}");
+    assert_eq!(
+        ask(&mut conn, "PING")?,
+        "+PONG",
+        "answered on the open connection"
+    );
+    // Closed, the next look finds none open, and the freeze goes ahead; a new connection
+    // reaches the gate, which thaws it.
+    drop(conn);
+    let s = up.wait_state("kv", "frozen", Duration::from_secs(30))?;
+    assert_eq!(s["steered_now"], false, "{s}");
+    assert_eq!(redis_command(port, &["PING"])?, "+PONG");
+    assert_eq!(up.service("kv")?["last_wake"]["how"], "thaw");
+    Ok(())
+}
