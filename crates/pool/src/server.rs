@@ -237,6 +237,9 @@ impl Listen for Accepting<'_> {
     }
 }
 
+/// What a connection waits for between requests (its idle timeout's name).
+const IDLE_WAIT: &str = "request";
+
 /// Why a connection was closed by the server.
 #[derive(Debug, Error)]
 enum SessionError {
@@ -415,7 +418,18 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             let message = error_chain(&e);
-            warn!(%peer, error = %message, "pool connection ended with an error");
+            // A client that keeps its connection for later and sends nothing is no fault.
+            if matches!(
+                e,
+                SessionError::TimedOut {
+                    what: IDLE_WAIT,
+                    ..
+                }
+            ) {
+                debug!(%peer, error = %message, "idle pool connection closed");
+            } else {
+                warn!(%peer, error = %message, "pool connection ended with an error");
+            }
             // A client that stopped reading would not take the error frame either.
             if !matches!(e, SessionError::WriteStalled(_)) {
                 let frame = wire::encode_control(&Response::Error {
@@ -474,7 +488,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<'_, R, W> {
                     )
                     .await?
                 }
-                None => read_header(&mut self.rd, self.options.idle_timeout, "request").await?,
+                None => read_header(&mut self.rd, self.options.idle_timeout, IDLE_WAIT).await?,
             };
             // The client sent this only after reading every answer before it.
             self.in_flight = None;
