@@ -118,6 +118,8 @@ struct Svc {
     in_system: u32,
     /// Arrival times of requests held while asleep or waking.
     held: Vec<f64>,
+    /// Its wake had to wait for its node to resume first (the held requests waited too).
+    waking_on_a_sleeping_node: bool,
     tracker: Option<ArrivalTracker>,
     /// Timer generation: a timer that finds another generation is stale.
     gen: u32,
@@ -337,6 +339,9 @@ pub struct SimReport {
     pub latency: Percentiles,
     /// Requests that found their service asleep, checkpointing or waking.
     pub found_asleep: u64,
+    /// Of those, the ones whose service's wake waited for its node to resume first: what
+    /// puts a node's resume into the tail.
+    pub waited_for_a_node: u64,
     pub checkpoints: u64,
     pub restores: u64,
     pub node_sleeps: u64,
@@ -366,6 +371,7 @@ pub struct Sim<'a> {
     power: Vec<NodePower>,
     latency_us: Histogram<u64>,
     found_asleep: u64,
+    waited_for_a_node: u64,
     checkpoints: u64,
     restores: u64,
     node_sleeps: u64,
@@ -468,6 +474,7 @@ impl<'a> Sim<'a> {
                     next_arrival: f64::INFINITY,
                     in_system: 0,
                     held: Vec::new(),
+                    waking_on_a_sleeping_node: false,
                     tracker: tracks
                         .then(|| ArrivalTracker::new(Duration::ZERO, Duration::from_secs(60))),
                     gen: 0,
@@ -522,6 +529,7 @@ impl<'a> Sim<'a> {
             checkpoints: 0,
             restores: 0,
             node_sleeps: 0,
+            waited_for_a_node: 0,
             migrations: 0,
             freezes: 0,
             found_frozen: 0,
@@ -1140,6 +1148,7 @@ impl<'a> Sim<'a> {
         self.set_state(s, SvcState::Waking);
         let svc = &mut self.svcs[s as usize];
         svc.gen += 1;
+        svc.waking_on_a_sleeping_node = self.nodes[n].state != NodeState::Up;
         self.restores += 1;
         match self.nodes[n].state {
             NodeState::Up => self.submit(s, self.now, Work::Restore),
@@ -1164,6 +1173,9 @@ impl<'a> Sim<'a> {
             self.nodes[n].asleep_services -= 1;
         }
         let held = std::mem::take(&mut svc.held);
+        if std::mem::take(&mut svc.waking_on_a_sleeping_node) {
+            self.waited_for_a_node += held.len() as u64;
+        }
         if let Some(t) = svc.tracker.as_mut() {
             t.mark_active(dur(self.now));
         }
@@ -1371,6 +1383,7 @@ impl<'a> Sim<'a> {
             checkpoints: self.checkpoints,
             restores: self.restores,
             node_sleeps: self.node_sleeps,
+            waited_for_a_node: self.waited_for_a_node,
             migrations: self.migrations,
             freezes: self.freezes,
             found_frozen: self.found_frozen,

@@ -296,17 +296,22 @@ pub fn levels_table(runs: &[SimReport]) -> String {
     t
 }
 
+/// `part` as a percentage of `whole` (0 when there is none).
+fn percent(part: u64, whole: u64) -> f64 {
+    100.0 * part as f64 / whole.max(1) as f64
+}
+
 /// The fleet question's table: energy, nodes asleep and latency per restore mode, each run
 /// against the same policy's restore in place.
 pub fn fleet_table(runs: &[SimReport]) -> String {
-    let mut t = String::from("| restore | policy | energy (kWh) | vs in place | mean power (W) | nodes asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | restores | migrations | node sleeps |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from("| restore | policy | energy (kWh) | vs in place | mean power (W) | nodes asleep % | p50 (ms) | p99 (ms) | p99.9 (ms) | found asleep % | waited for a node % | restores | migrations | node sleeps |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         let base = runs
             .iter()
             .find(|b| b.policy == r.policy && b.restore == RestoreMode::InPlace.as_str())
             .map_or(0.0, |b| b.energy_j);
         t.push_str(&format!(
-            "| {} | {} | {:.1} | {:+.1} % | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:+.1} % | {:.0} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} |\n",
             r.restore,
             r.policy,
             r.energy_j / 3.6e6,
@@ -320,6 +325,8 @@ pub fn fleet_table(runs: &[SimReport]) -> String {
             ms(r.latency.p50_ms),
             ms(r.latency.p99_ms),
             ms(r.latency.p999_ms),
+            percent(r.found_asleep, r.requests),
+            percent(r.waited_for_a_node, r.requests),
             r.restores,
             r.migrations,
             r.node_sleeps
@@ -360,7 +367,7 @@ pub fn tables(runs: &[SimReport]) -> (String, String) {
             "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
             r.policy,
             r.requests,
-            100.0 * r.found_asleep as f64 / r.requests.max(1) as f64,
+            percent(r.found_asleep, r.requests),
             ms(r.latency.p50_ms),
             ms(r.latency.p99_ms),
             ms(r.latency.p999_ms),
@@ -368,7 +375,7 @@ pub fn tables(runs: &[SimReport]) -> (String, String) {
             r.restores,
             r.node_sleeps,
             r.freezes,
-            100.0 * r.found_frozen as f64 / r.requests.max(1) as f64
+            percent(r.found_frozen, r.requests)
         ));
     }
     (t1, t2)

@@ -134,6 +134,11 @@ fn a_free_service_is_snapshotted_when_its_snapshot_lets_the_node_sleep() {
     assert!(group(&r, "timer").snapshotted_fraction > 0.9, "{r:?}");
     assert!(group(&r, "polite").snapshotted_fraction > 0.9, "{r:?}");
     assert!(r.node_sleeps > 50, "{r:?}");
+    // The node's only way back is a resume: the requests that end its sleeps wait for it.
+    assert!(
+        r.waited_for_a_node > 0 && r.waited_for_a_node <= r.found_asleep,
+        "{r:?}"
+    );
     // Two free services: the same, though neither costs anything on its own.
     let services = cron("polite", 0.0) + &cron("also-polite", 0.0);
     let r = simulate(&free_cluster(&flat, true, &services));
@@ -142,6 +147,7 @@ fn a_free_service_is_snapshotted_when_its_snapshot_lets_the_node_sleep() {
     // Without node sleep they stay awake.
     let r = simulate(&free_cluster(&flat, false, &services));
     assert_eq!((r.checkpoints, r.node_sleeps), (0, 0), "{r:?}");
+    assert_eq!(r.waited_for_a_node, 0, "{r:?}");
 }
 
 #[test]
