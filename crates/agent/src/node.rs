@@ -182,20 +182,7 @@ impl NodePower {
                 for u in &undone {
                     info!(change = %u, "undid a change left by a previous run");
                 }
-                Some(Mutex::new(KnobState {
-                    config: kc,
-                    knobs,
-                    online,
-                    freed: BTreeSet::new(),
-                    in_force: HashMap::new(),
-                    waking: 0,
-                    all_asleep_since: None,
-                    node_asleep: false,
-                    node_asleep_dry_run: false,
-                    node_sleeps: 0,
-                    node_resumes: 0,
-                    transitions: NodeTransitions::default(),
-                }))
+                Some(Mutex::new(KnobState::new(kc, knobs, online)))
             }
             None => None,
         };
@@ -450,6 +437,24 @@ impl NodePower {
 }
 
 impl KnobState {
+    /// Nothing freed, put in force or asleep yet, with `online` the cores up at the start.
+    fn new(config: KnobConfig, knobs: Knobs, online: BTreeSet<usize>) -> KnobState {
+        KnobState {
+            config,
+            knobs,
+            online,
+            freed: BTreeSet::new(),
+            in_force: HashMap::new(),
+            waking: 0,
+            all_asleep_since: None,
+            node_asleep: false,
+            node_asleep_dry_run: false,
+            node_sleeps: 0,
+            node_resumes: 0,
+            transitions: NodeTransitions::default(),
+        }
+    }
+
     /// Puts `a` on `cpus`: its cpuset when the cores changed, and those of its processes
     /// not moved there yet.
     fn put_on(&mut self, a: &AwakeService, cpus: &BTreeSet<usize>) -> Result<(), KnobError> {
@@ -519,8 +524,8 @@ mod tests {
         let roots = KnobRoots::under(root);
         let journal = root.join("journal");
         let (knobs, _) = Knobs::open(roots.clone(), &journal, false, None).unwrap();
-        KnobState {
-            config: KnobConfig {
+        KnobState::new(
+            KnobConfig {
                 roots,
                 journal,
                 dry_run: false,
@@ -532,17 +537,8 @@ mod tests {
                 target_utilisation: 0.8,
             },
             knobs,
-            online: [0, 1].into(),
-            freed: BTreeSet::new(),
-            in_force: HashMap::new(),
-            waking: 0,
-            all_asleep_since: None,
-            node_asleep: false,
-            node_asleep_dry_run: false,
-            node_sleeps: 0,
-            node_resumes: 0,
-            transitions: NodeTransitions::default(),
-        }
+            [0, 1].into(),
+        )
     }
 
     #[test]

@@ -1403,7 +1403,12 @@ impl Managed {
         };
         // Those steered up to the emptying, which `to_gate` read just before it.
         self.note_steered(None);
-        let new = self.rt.lock().expect("runtime lock").steered_seen - seen;
+        let new = self
+            .rt
+            .lock()
+            .expect("runtime lock")
+            .steered_seen
+            .saturating_sub(seen);
         if new > 0 {
             return Some(format!(
                 "{new} connection(s) steered to it since the last look"
