@@ -2353,19 +2353,12 @@ mod tests {
         });
         h.until(ServiceState::Awake).await;
         request.await.unwrap().expect("the held request passes");
-        let order: Vec<String> = h
-            .fake
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, w)| w.clone())
-            .collect();
+        let order = h.fake.calls("");
         let (first, restored) = (5_000_000, 5_000_001);
         let at = |what: &str| {
-            order
-                .iter()
-                .position(|w| w == what)
+            *h.fake
+                .positions(what)
+                .first()
                 .unwrap_or_else(|| panic!("no {what:?} in {order:?}"))
         };
         assert!(at("launch") < at(&format!("steer {first} to 127.0.0.1:9")));
