@@ -9,7 +9,7 @@
 //! by up to 40 ms. `Server::tcp_nodelay` does not reach a listener handed over with
 //! `serve_with_incoming`, so the accepted sockets get it here.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{error::Error as _, future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::transport::{
@@ -118,16 +118,28 @@ pub fn bucket_channels(buckets: &[SocketAddr]) -> Vec<Channel> {
         .collect()
 }
 
-/// Calls `f` once more if the first attempt found the bucket unreachable.
+/// Calls `f` once more if the first attempt failed in this side's transport rather than in the
+/// bucket: the bucket unreachable, or the connection closed or reset under the call. A tier
+/// restored from a snapshot comes back with its connections closed (`--tcp-close`), and a call
+/// can be queued on one before the channel has seen it close (hyper then cancels it unsent).
+/// Every fan-out call is idempotent, so once more on a new connection is safe.
 pub async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     match f().await {
-        Err(s) if s.code() == tonic::Code::Unavailable => f().await,
+        Err(s) if failed_in_transport(&s) => f().await,
         other => other,
     }
+}
+
+/// A status the channel made from its own connection's failure; a bucket's answer (even an
+/// error) comes back without a source.
+fn failed_in_transport(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        || s.source()
+            .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
 }
 
 /// A stable 64-bit FNV-1a hash (keys must route the same in every process).
