@@ -646,11 +646,16 @@ impl Agent {
 
     /// Why the stop cannot leave the services running now, if it cannot: an asleep service's
     /// snapshot would go with this process (the embedded pool without a disk tier), an awake
-    /// one could not be found again (a container, no cgroup), or consolidation moved the awake
+    /// one could not be found again (a container, no cgroup), or consolidation moved awake
     /// ones out of their cgroups (undone at stop).
     pub fn keep_running_refusal(&self) -> Option<String> {
-        if self.shared.node.as_ref().is_some_and(|n| n.consolidates()) {
-            return Some("[power] consolidate moves the awake services into torpor's cpusets, which the stop removes, so the next start could not find them in their cgroups".into());
+        let moved = self
+            .shared
+            .node
+            .as_ref()
+            .map_or_else(Vec::new, |n| n.moved_into_cpusets());
+        if !moved.is_empty() {
+            return Some(format!("[power] consolidate moved {} into torpor's cpusets (a legacy cpuset hierarchy, or no cgroup of their own), which the stop removes, so the next start could not find them in their cgroups", moved.join(", ")));
         }
         let cannot: Vec<String> = self
             .managed()

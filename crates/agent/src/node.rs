@@ -97,6 +97,9 @@ pub(crate) struct AwakeService {
     pub pids: Vec<i32>,
     /// CPUs of work it recently used.
     pub demand_cpus: f64,
+    /// Its own cgroup, when it has one: on a unified hierarchy holding the cpusets it is
+    /// limited there, so its processes stay where freezing and accounting find them.
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -236,12 +239,12 @@ impl NodePower {
         }
     }
 
-    /// Whether awake services are moved into torpor's cpusets (out of their own cgroups on
-    /// the unified hierarchy), which the stop undoes.
-    pub fn consolidates(&self) -> bool {
-        self.knobs
-            .as_ref()
-            .is_some_and(|s| s.lock().expect("knob lock").config.consolidate)
+    /// The services whose processes consolidation moved into torpor's cpusets (no own
+    /// cgroup that could hold one), which the stop removes.
+    pub fn moved_into_cpusets(&self) -> Vec<String> {
+        self.knobs.as_ref().map_or_else(Vec::new, |s| {
+            s.lock().expect("knob lock").moved_into_cpusets()
+        })
     }
 
     /// `name` is starting or being restored: its processes will be in its own cgroup, so the
@@ -455,12 +458,35 @@ impl KnobState {
         }
     }
 
+    fn moved_into_cpusets(&self) -> Vec<String> {
+        let mut moved: Vec<String> = self
+            .in_force
+            .iter()
+            .filter(|(_, (_, pids))| !pids.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        moved.sort();
+        moved
+    }
+
     /// Puts `a` on `cpus`: its cpuset when the cores changed, and those of its processes
-    /// not moved there yet.
+    /// not moved there yet. A service whose own cgroup can hold the cpuset keeps its
+    /// processes there and nothing is moved.
     fn put_on(&mut self, a: &AwakeService, cpus: &BTreeSet<usize>) -> Result<(), KnobError> {
+        let in_place = a
+            .cgroup
+            .as_deref()
+            .filter(|c| self.knobs.cpuset_fits_in_place(c));
         let (cores, moved) = self.in_force.entry(a.name.clone()).or_default();
         moved.retain(|p| a.pids.contains(p));
         let mut put = || -> Result<(), KnobError> {
+            if let Some(own) = in_place {
+                if cores != cpus {
+                    self.knobs.cpuset_in_place(own, cpus)?;
+                    *cores = cpus.clone();
+                }
+                return Ok(());
+            }
             if cores != cpus {
                 self.knobs.cpuset(&a.name, cpus)?;
                 *cores = cpus.clone();
@@ -551,6 +577,7 @@ mod tests {
             name: "web".into(),
             pids: vec![10, 11],
             demand_cpus: 0.1,
+            cgroup: None,
         };
         s.put_on(&web, &[0].into()).unwrap();
         assert_eq!(read("cpuset.cpus"), "0");
@@ -588,5 +615,40 @@ mod tests {
         fs::create_dir_all(dir.join("cpuset.cpus")).unwrap();
         s.put_on(&web, &[0].into()).unwrap_err();
         assert!(!s.in_force.contains_key("web"));
+    }
+
+    #[test]
+    fn a_service_with_its_own_unified_cgroup_is_limited_there_and_not_moved() {
+        let tree = tempfile::tempdir().unwrap();
+        let cg = tree.path().join("cgroup");
+        fs::create_dir_all(&cg).unwrap();
+        // A unified-only host: the services' cgroups and the cpusets share one hierarchy.
+        fs::write(cg.join("cgroup.controllers"), "cpuset cpu\n").unwrap();
+        let own = cg.join("torpor-services/web");
+        fs::create_dir_all(&own).unwrap();
+        fs::write(own.join("cgroup.procs"), "10\n11\n").unwrap();
+        let mut s = knob_state(tree.path());
+        let web = AwakeService {
+            name: "web".into(),
+            pids: vec![10, 11],
+            demand_cpus: 0.1,
+            cgroup: Some(own.clone()),
+        };
+        s.put_on(&web, &[1].into()).unwrap();
+        let read = |f: &Path| fs::read_to_string(f).unwrap().trim().to_string();
+        assert_eq!(read(&own.join("cpuset.cpus")), "1");
+        assert_eq!(read(&own.join("cgroup.procs")), "10\n11", "nothing moved");
+        assert!(!cg.join("torpor").exists(), "no cpuset of torpor's own");
+        assert!(s.moved_into_cpusets().is_empty());
+        // Without a cgroup of its own it is moved, and said to be.
+        let other = AwakeService {
+            name: "other".into(),
+            pids: vec![20],
+            cgroup: None,
+            ..web
+        };
+        s.put_on(&other, &[1].into()).unwrap();
+        assert_eq!(read(&cg.join("torpor/other/cgroup.procs")), "20");
+        assert_eq!(s.moved_into_cpusets(), vec!["other".to_string()]);
     }
 }

@@ -151,6 +151,10 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     fn detach(&self, _limit: Duration) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+    /// The tree's own cgroup, which holds it and nothing else, when it has one.
+    fn own_cgroup(&self) -> Option<PathBuf> {
+        None
+    }
     /// Freezes (`on`) or thaws the running tree: its timers and wakeups stop, its memory
     /// stays. `Err` says why it cannot (the governor then never picks the frozen level).
     fn freeze(&self, _on: bool) -> BoxFuture<'_, Result<(), String>> {
@@ -719,12 +723,9 @@ impl Runner for ProcessTree {
     }
 
     fn keepable(&self, _pid: i32) -> Result<PathBuf, String> {
-        match &self.cgroup {
-            Some(cg) => Ok(cg.path().to_path_buf()),
-            None => {
-                Err("it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into())
-            }
-        }
+        self.own_cgroup().ok_or_else(|| {
+            "it has no cgroup to be found in again (no cgroup hierarchy is mounted)".into()
+        })
     }
 
     fn detach(&self, limit: Duration) -> BoxFuture<'_, Result<(), String>> {
@@ -769,6 +770,10 @@ impl Runner for ProcessTree {
             background_bytes: stats.background_bytes,
             remaining_bytes: stats.remaining_bytes,
         })
+    }
+
+    fn own_cgroup(&self) -> Option<PathBuf> {
+        self.cgroup.as_ref().map(|cg| cg.path().to_path_buf())
     }
 
     fn freeze(&self, on: bool) -> BoxFuture<'_, Result<(), String>> {

@@ -481,6 +481,7 @@ impl Managed {
             name: self.spec.name.clone(),
             pids: self.runner.members(pid),
             demand_cpus: if frozen { 0.0 } else { rt.demand_cpus },
+            cgroup: self.runner.own_cgroup(),
         })
     }
 

@@ -228,6 +228,80 @@ fn cgroup_v2_enables_the_controller_and_disables_it_again() {
 }
 
 #[test]
+fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
+    let host = FakeHost::new(2);
+    let cg = host.cgroup();
+    write(&cg.join("cgroup.controllers"), "cpuset cpu memory\n");
+    write(&cg.join("cgroup.subtree_control"), "memory\n");
+    let own = cg.join("torpor-services/web");
+    write(&own.join("cgroup.procs"), "4242\n");
+    let mut k = knobs(&host, false);
+    assert!(k.cpuset_fits_in_place(&own));
+    assert!(!k.cpuset_fits_in_place(&cg), "never the root itself");
+    assert!(!k.cpuset_fits_in_place(&cg.join("torpor-services/gone")));
+    k.cpuset_in_place(&own, &[1].into()).unwrap();
+    assert_eq!(read(&cg.join("cgroup.subtree_control")), "+cpuset");
+    assert_eq!(
+        read(&cg.join("torpor-services/cgroup.subtree_control")),
+        "+cpuset"
+    );
+    assert_eq!(read(&own.join("cpuset.cpus")), "1");
+    assert_eq!(read(&own.join("cgroup.procs")), "4242", "nothing moved");
+    assert!(!cg.join("torpor").exists(), "no cgroup of torpor's own");
+    // The kernel shows an enabled controller by its name.
+    write(&cg.join("cgroup.subtree_control"), "cpuset memory\n");
+    write(
+        &cg.join("torpor-services/cgroup.subtree_control"),
+        "cpuset\n",
+    );
+    k.cpuset_in_place(&own, &[0, 1].into()).unwrap();
+    assert_eq!(read(&own.join("cpuset.cpus")), "0-1");
+    assert_eq!(k.changes().len(), 2, "each controller journaled once");
+    k.undo_all().unwrap();
+    assert_eq!(
+        read(&cg.join("torpor-services/cgroup.subtree_control")),
+        "-cpuset"
+    );
+    assert_eq!(read(&cg.join("cgroup.subtree_control")), "-cpuset");
+    assert_eq!(read(&own.join("cgroup.procs")), "4242");
+}
+
+#[test]
+fn a_cgroup_outside_a_unified_root_is_not_limited_in_place() {
+    let host = FakeHost::new(2);
+    // Legacy cpusets (no cgroup.controllers at the root): processes are moved instead.
+    let own = host.cgroup().join("unified/torpor-services/web");
+    std::fs::create_dir_all(&own).unwrap();
+    let mut k = knobs(&host, false);
+    assert!(!k.cpuset_fits_in_place(&own));
+    let e = k.cpuset_in_place(&own, &[1].into()).unwrap_err();
+    assert!(e.to_string().contains("unified"), "{e}");
+    assert!(k.changes().is_empty());
+    // Unified, but empty: refused before anything is written.
+    write(&host.cgroup().join("cgroup.controllers"), "cpuset\n");
+    let own = host.cgroup().join("torpor-services/web");
+    std::fs::create_dir_all(&own).unwrap();
+    let e = k.cpuset_in_place(&own, &[].into()).unwrap_err();
+    assert!(e.to_string().contains("no CPU"), "{e}");
+    assert!(k.changes().is_empty());
+}
+
+#[test]
+fn a_journaled_controller_whose_cgroup_is_gone_is_undone_as_nothing() {
+    let host = FakeHost::new(2);
+    let cg = host.cgroup();
+    write(&cg.join("cgroup.controllers"), "cpuset\n");
+    let own = cg.join("torpor-services/web");
+    std::fs::create_dir_all(&own).unwrap();
+    let mut k = knobs(&host, false);
+    k.cpuset_in_place(&own, &[1].into()).unwrap();
+    std::fs::remove_dir_all(cg.join("torpor-services")).unwrap();
+    k.undo_all().unwrap();
+    assert!(k.changes().is_empty());
+    assert!(!cg.join("torpor-services").exists(), "not made again");
+}
+
+#[test]
 fn pm_qos_request_is_written_and_released() {
     let host = FakeHost::new(1);
     let dev = host.root().join("dev/cpu_dma_latency");
@@ -398,6 +472,15 @@ fn a_journal_entry_outside_the_knob_roots_is_not_written() {
             Change::Controller {
                 subtree_control: victim.clone(),
                 controller: "cpuset".into(),
+            },
+            // Under the cgroup root, but not a subtree_control, or not the cpuset controller.
+            Change::Controller {
+                subtree_control: host.cgroup().join("torpor-services/cgroup.procs"),
+                controller: "cpuset".into(),
+            },
+            Change::Controller {
+                subtree_control: host.cgroup().join("cgroup.subtree_control"),
+                controller: "memory".into(),
             },
         ],
     );

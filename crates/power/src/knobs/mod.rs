@@ -213,10 +213,14 @@ impl Knobs {
         match change {
             Change::File { path, original } => write_attr(path, original)?,
             Change::CreatedCgroup { path, parent_procs } => remove_cgroup(path, parent_procs)?,
+            // A cgroup removed since has taken its controllers with it.
             Change::Controller {
                 subtree_control,
                 controller,
-            } => write_attr(subtree_control, &format!("-{controller}"))?,
+            } if subtree_control.parent().is_some_and(Path::is_dir) => {
+                write_attr(subtree_control, &format!("-{controller}"))?
+            }
+            Change::Controller { .. } => {}
             Change::NodeAsleep { wake_command } => match &self.wake_hook {
                 Some(hook) => {
                     if hook != wake_command {
@@ -274,9 +278,11 @@ impl Knobs {
                 controller,
             } => {
                 let rel = within(subtree_control, &self.roots.cgroup)?;
-                if rel != Path::new("cgroup.subtree_control") || controller != "cpuset" {
+                if rel.file_name().and_then(|n| n.to_str()) != Some("cgroup.subtree_control")
+                    || controller != "cpuset"
+                {
                     return Err(format!(
-                        "+{controller} in {} is not the root cgroup's cpuset controller",
+                        "+{controller} in {} is not a unified cgroup's cpuset controller",
                         subtree_control.display()
                     ));
                 }
@@ -433,19 +439,7 @@ impl Knobs {
         let base = root.join(CGROUP);
         let dir = base.join(group);
         if v2 {
-            let control = root.join("cgroup.subtree_control");
-            let enabled = read(&control).unwrap_or_default();
-            if !enabled.split_whitespace().any(|c| c == "cpuset") {
-                if self.dry_run {
-                    info!(path = %control.display(), "dry run: would enable the cpuset controller");
-                } else {
-                    self.journal.push(Change::Controller {
-                        subtree_control: control.clone(),
-                        controller: "cpuset".into(),
-                    })?;
-                    write_attr(&control, "+cpuset")?;
-                }
-            }
+            self.enable_cpuset_below(&root)?;
             self.make_cgroup(&base, home.clone())?;
             self.write_own(&base.join("cgroup.subtree_control"), "+cpuset")?;
             self.make_cgroup(&dir, home)?;
@@ -462,6 +456,78 @@ impl Knobs {
         Ok(dir)
     }
 
+    /// Whether `cgroup` (a service's own) can be limited where it is, with
+    /// [`Knobs::cpuset_in_place`]: it is a cgroup below the root of a unified hierarchy that
+    /// holds the cpusets. On a legacy cpuset hierarchy the processes are moved instead, which
+    /// leaves their membership in other hierarchies as it was.
+    pub fn cpuset_fits_in_place(&self, cgroup: &Path) -> bool {
+        self.unified_root_above(cgroup).is_some()
+    }
+
+    /// The unified hierarchy's root, resolved, when it holds the cpusets and `cgroup` is an
+    /// existing cgroup below it.
+    fn unified_root_above(&self, cgroup: &Path) -> Option<PathBuf> {
+        let Cpusets::V2 { root } = self.cpusets() else {
+            return None;
+        };
+        let rel = within(cgroup, &root).ok()?;
+        (cgroup.is_dir() && !rel.as_os_str().is_empty()).then(|| root.canonicalize().ok())?
+    }
+
+    /// Limits `cgroup`, an existing cgroup of the unified hierarchy (a service's own), to
+    /// `cpus`, with the cpuset controller enabled from the root down to it (journaled). Its
+    /// processes stay in it, so freezing, killing and CPU accounting by that cgroup go on
+    /// working; disabling the controller again at the undo lifts the limit with it.
+    pub fn cpuset_in_place(
+        &mut self,
+        cgroup: &Path,
+        cpus: &BTreeSet<usize>,
+    ) -> Result<(), KnobError> {
+        if cpus.is_empty() {
+            return Err(KnobError::Refused(format!(
+                "cpuset for {} would have no CPU",
+                cgroup.display()
+            )));
+        }
+        let refused = || {
+            KnobError::Refused(format!(
+                "{} is not a cgroup below the root of a unified hierarchy holding the cpusets",
+                cgroup.display()
+            ))
+        };
+        let root = self.unified_root_above(cgroup).ok_or_else(refused)?;
+        let cgroup = cgroup.canonicalize().map_err(|_| refused())?;
+        let mut ancestors: Vec<&Path> = cgroup
+            .ancestors()
+            .skip(1)
+            .take_while(|a| a.starts_with(&root))
+            .collect();
+        ancestors.reverse();
+        for a in ancestors {
+            self.enable_cpuset_below(a)?;
+        }
+        self.write_own(&cgroup.join("cpuset.cpus"), &crate::cpulist::format(cpus))
+    }
+
+    /// Enables the cpuset controller for the children of the unified cgroup `dir`, journaled
+    /// so that the undo disables it again; nothing when it is enabled already.
+    fn enable_cpuset_below(&mut self, dir: &Path) -> Result<(), KnobError> {
+        let control = dir.join("cgroup.subtree_control");
+        let enabled = read(&control).unwrap_or_default();
+        if enabled.split_whitespace().any(|c| c == "cpuset") {
+            return Ok(());
+        }
+        if self.dry_run {
+            info!(path = %control.display(), "dry run: would enable the cpuset controller");
+            return Ok(());
+        }
+        self.journal.push(Change::Controller {
+            subtree_control: control.clone(),
+            controller: "cpuset".into(),
+        })?;
+        write_attr(&control, "+cpuset")
+    }
+
     /// Moves processes into `group`'s cpuset (made with [`Knobs::cpuset`]).
     pub fn attach(&mut self, group: &str, pids: &[i32]) -> Result<(), KnobError> {
         let root = match self.cpusets() {
@@ -474,7 +540,8 @@ impl Knobs {
         Ok(())
     }
 
-    /// Writes into a cgroup torpor made (removing the cgroup undoes it, so no journal entry).
+    /// Writes into a cgroup torpor made, or one it enabled the controller for (removing the
+    /// cgroup or disabling the controller undoes it, so no journal entry).
     fn write_own(&self, path: &Path, value: &str) -> Result<(), KnobError> {
         if self.dry_run {
             info!(path = %path.display(), value, "dry run: would write");
