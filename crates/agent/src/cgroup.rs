@@ -20,8 +20,9 @@ use nix::{
     unistd::Pid,
 };
 
-/// The directory under a hierarchy's root that holds one cgroup per service.
-const SERVICES_DIR: &str = "torpor-services";
+/// The directory under a hierarchy's root that holds one cgroup per service (shared with the
+/// knobs, which limit those cgroups in place on the unified hierarchy).
+const SERVICES_DIR: &str = torpor_power::knobs::SERVICES_CGROUP;
 
 /// Which kind of hierarchy the services' cgroups are in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +134,9 @@ pub enum FreezeError {
     },
     #[error("the kernel did not finish within {wait:?}")]
     Timeout { wait: Duration },
-    /// Its processes were moved to another cgroup of the same hierarchy (a cpuset made on
-    /// the unified hierarchy does that): freezing the empty one would stop nothing.
+    /// Its processes were moved to another cgroup of the same hierarchy, by something other
+    /// than torpor (whose consolidation limits a service's own unified cgroup where it is):
+    /// freezing the empty one would stop nothing.
     #[error("its processes are not in its cgroup, so a freeze would stop nothing")]
     Empty,
 }

@@ -102,6 +102,17 @@ pub(crate) struct AwakeService {
     pub cgroup: Option<PathBuf>,
 }
 
+/// One service's cpuset as the last settle left it.
+#[derive(Debug, Default)]
+struct InForce {
+    cores: BTreeSet<usize>,
+    /// Its processes moved into torpor's cpuset (none when it is limited in place).
+    moved: BTreeSet<i32>,
+    /// Its own cgroup, when that is what holds the limit: lifted when it starts or is
+    /// restored, so that it is not held to the cores of a plan made before it slept.
+    in_place: Option<PathBuf>,
+}
+
 #[derive(Debug)]
 struct KnobState {
     config: KnobConfig,
@@ -109,13 +120,13 @@ struct KnobState {
     online: BTreeSet<usize>,
     /// Cores currently given deep-idle-only or offline treatment.
     freed: BTreeSet<usize>,
-    /// What the last settles put in force per service in the plan: its cores and the
-    /// processes moved into its cpuset, so that a settle that changes nothing writes nothing
-    /// (each write to `cgroup.procs` takes the cgroup core's global lock and an RCU grace
-    /// period, and every thaw settles). Forgotten when the service starts or is restored
-    /// ([`NodePower::forget`]: its tree is back in its own cgroup, maybe under the same
-    /// pids), when it is out of the plan at a settle, and when a write failed.
-    in_force: HashMap<String, (BTreeSet<usize>, BTreeSet<i32>)>,
+    /// What the last settles put in force per service in the plan, so that a settle that
+    /// changes nothing writes nothing (each write to `cgroup.procs` takes the cgroup core's
+    /// global lock and an RCU grace period, and every thaw settles). Forgotten when the
+    /// service starts or is restored ([`NodePower::forget`]: its tree is back in its own
+    /// cgroup, maybe under the same pids), when it is out of the plan at a settle, and when a
+    /// write failed.
+    in_force: HashMap<String, InForce>,
     /// Services waking now (the PM QoS request is held while any is).
     waking: usize,
     all_asleep_since: Option<Instant>,
@@ -251,7 +262,7 @@ impl NodePower {
     /// next settle puts them on the planned cores again.
     pub fn forget(&self, name: &str) {
         if let Some(state) = &self.knobs {
-            state.lock().expect("knob lock").in_force.remove(name);
+            state.lock().expect("knob lock").forget(name);
         }
     }
 
@@ -462,44 +473,56 @@ impl KnobState {
         let mut moved: Vec<String> = self
             .in_force
             .iter()
-            .filter(|(_, (_, pids))| !pids.is_empty())
+            .filter(|(_, f)| !f.moved.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
         moved.sort();
         moved
     }
 
+    fn forget(&mut self, name: &str) {
+        let Some(InForce {
+            in_place: Some(own),
+            ..
+        }) = self.in_force.remove(name)
+        else {
+            return;
+        };
+        if let Err(e) = self.knobs.lift_cpuset_in_place(&own) {
+            warn!(service = name, error = %e, "cannot lift the cpuset of its cgroup");
+        }
+    }
+
     /// Puts `a` on `cpus`: its cpuset when the cores changed, and those of its processes
-    /// not moved there yet. A service whose own cgroup can hold the cpuset keeps its
-    /// processes there and nothing is moved.
+    /// not moved there yet. With the cpusets on the unified hierarchy a service with its own
+    /// cgroup is limited there and never moved (out of the cgroup that freezes, kills and
+    /// accounts for it); without one, or with legacy cpusets, its processes are moved.
     fn put_on(&mut self, a: &AwakeService, cpus: &BTreeSet<usize>) -> Result<(), KnobError> {
-        let in_place = a
-            .cgroup
-            .as_deref()
-            .filter(|c| self.knobs.cpuset_fits_in_place(c));
-        let (cores, moved) = self.in_force.entry(a.name.clone()).or_default();
-        moved.retain(|p| a.pids.contains(p));
-        let mut put = || -> Result<(), KnobError> {
+        let in_place = a.cgroup.clone().filter(|_| self.knobs.cpusets_unified());
+        let f = self.in_force.entry(a.name.clone()).or_default();
+        f.moved.retain(|p| a.pids.contains(p));
+        let put = || -> Result<(), KnobError> {
             if let Some(own) = in_place {
-                if cores != cpus {
-                    self.knobs.cpuset_in_place(own, cpus)?;
-                    *cores = cpus.clone();
+                if f.cores != *cpus {
+                    self.knobs.cpuset_in_place(&own, cpus)?;
+                    f.cores = cpus.clone();
+                    f.in_place = Some(own);
                 }
                 return Ok(());
             }
-            if cores != cpus {
+            if f.cores != *cpus {
                 self.knobs.cpuset(&a.name, cpus)?;
-                *cores = cpus.clone();
+                f.cores = cpus.clone();
             }
             let new: Vec<i32> = a
                 .pids
                 .iter()
                 .copied()
-                .filter(|p| !moved.contains(p))
+                .filter(|p| !f.moved.contains(p))
                 .collect();
             if !new.is_empty() {
                 self.knobs.attach(&a.name, &new)?;
-                moved.extend(new);
+                f.moved.extend(new);
             }
             Ok(())
         };
@@ -618,7 +641,7 @@ mod tests {
     }
 
     #[test]
-    fn a_service_with_its_own_unified_cgroup_is_limited_there_and_not_moved() {
+    fn a_service_with_its_own_unified_cgroup_is_limited_there_and_never_moved() {
         let tree = tempfile::tempdir().unwrap();
         let cg = tree.path().join("cgroup");
         fs::create_dir_all(&cg).unwrap();
@@ -640,6 +663,20 @@ mod tests {
         assert_eq!(read(&own.join("cgroup.procs")), "10\n11", "nothing moved");
         assert!(!cg.join("torpor").exists(), "no cpuset of torpor's own");
         assert!(s.moved_into_cpusets().is_empty());
+        // Restored: the limit of the old plan is lifted, and the next settle sets it again.
+        s.forget("web");
+        assert_eq!(read(&own.join("cpuset.cpus")), "");
+        s.put_on(&web, &[1].into()).unwrap();
+        assert_eq!(read(&own.join("cpuset.cpus")), "1");
+        // Its cgroup gone for a moment: refused, and its processes not moved either.
+        let gone = AwakeService {
+            name: "gone".into(),
+            pids: vec![30],
+            cgroup: Some(cg.join("torpor-services/gone")),
+            ..web.clone()
+        };
+        s.put_on(&gone, &[1].into()).unwrap_err();
+        assert!(!cg.join("torpor/gone").exists());
         // Without a cgroup of its own it is moved, and said to be.
         let other = AwakeService {
             name: "other".into(),

@@ -236,9 +236,7 @@ fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
     let own = cg.join("torpor-services/web");
     write(&own.join("cgroup.procs"), "4242\n");
     let mut k = knobs(&host, false);
-    assert!(k.cpuset_fits_in_place(&own));
-    assert!(!k.cpuset_fits_in_place(&cg), "never the root itself");
-    assert!(!k.cpuset_fits_in_place(&cg.join("torpor-services/gone")));
+    assert!(k.cpusets_unified());
     k.cpuset_in_place(&own, &[1].into()).unwrap();
     assert_eq!(read(&cg.join("cgroup.subtree_control")), "+cpuset");
     assert_eq!(
@@ -257,6 +255,9 @@ fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
     k.cpuset_in_place(&own, &[0, 1].into()).unwrap();
     assert_eq!(read(&own.join("cpuset.cpus")), "0-1");
     assert_eq!(k.changes().len(), 2, "each controller journaled once");
+    // Lifted before a start or restore there: the parent's cores.
+    k.lift_cpuset_in_place(&own).unwrap();
+    assert_eq!(read(&own.join("cpuset.cpus")), "");
     k.undo_all().unwrap();
     assert_eq!(
         read(&cg.join("torpor-services/cgroup.subtree_control")),
@@ -267,23 +268,69 @@ fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
 }
 
 #[test]
-fn a_cgroup_outside_a_unified_root_is_not_limited_in_place() {
+fn only_a_service_cgroup_of_a_unified_hierarchy_is_limited_in_place() {
     let host = FakeHost::new(2);
     // Legacy cpusets (no cgroup.controllers at the root): processes are moved instead.
-    let own = host.cgroup().join("unified/torpor-services/web");
-    std::fs::create_dir_all(&own).unwrap();
+    let v1_own = host.cgroup().join("unified/torpor-services/web");
+    std::fs::create_dir_all(&v1_own).unwrap();
     let mut k = knobs(&host, false);
-    assert!(!k.cpuset_fits_in_place(&own));
-    let e = k.cpuset_in_place(&own, &[1].into()).unwrap_err();
+    assert!(!k.cpusets_unified());
+    let e = k.cpuset_in_place(&v1_own, &[1].into()).unwrap_err();
     assert!(e.to_string().contains("unified"), "{e}");
-    assert!(k.changes().is_empty());
-    // Unified, but empty: refused before anything is written.
     write(&host.cgroup().join("cgroup.controllers"), "cpuset\n");
+    assert!(k.cpusets_unified());
     let own = host.cgroup().join("torpor-services/web");
     std::fs::create_dir_all(&own).unwrap();
-    let e = k.cpuset_in_place(&own, &[].into()).unwrap_err();
-    assert!(e.to_string().contains("no CPU"), "{e}");
-    assert!(k.changes().is_empty());
+    let elsewhere = host.cgroup().join("system.slice/web");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for (cgroup, cpus, why) in [
+        (&own, vec![], "no CPU"),
+        (&host.cgroup(), vec![1], "torpor-services"),
+        (
+            &host.cgroup().join("torpor-services"),
+            vec![1],
+            "torpor-services",
+        ),
+        (&elsewhere, vec![1], "torpor-services"),
+        (
+            &host.cgroup().join("torpor-services/gone"),
+            vec![1],
+            "torpor-services",
+        ),
+    ] {
+        let e = k
+            .cpuset_in_place(cgroup, &cpus.into_iter().collect())
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{}: {e}", cgroup.display());
+    }
+    assert!(k.changes().is_empty(), "refused before anything is written");
+    assert!(!elsewhere.join("cpuset.cpus").exists());
+    // Lifting where nothing was set writes nothing.
+    k.lift_cpuset_in_place(&own).unwrap();
+    assert!(!own.join("cpuset.cpus").exists());
+}
+
+#[test]
+fn a_controller_the_kernel_refuses_leaves_no_journal_entry() {
+    let host = FakeHost::new(2);
+    let cg = host.cgroup();
+    write(&cg.join("cgroup.controllers"), "cpuset\n");
+    let own = cg.join("torpor-services/web");
+    std::fs::create_dir_all(&own).unwrap();
+    // A directory where the attribute is: every write to it fails.
+    std::fs::create_dir_all(cg.join("torpor-services/cgroup.subtree_control")).unwrap();
+    let mut k = knobs(&host, false);
+    for _ in 0..3 {
+        k.cpuset_in_place(&own, &[1].into()).unwrap_err();
+        // As the kernel shows the root's, enabled at the first try.
+        write(&cg.join("cgroup.subtree_control"), "cpuset\n");
+    }
+    assert_eq!(
+        k.changes().len(),
+        1,
+        "the root's, once; none for the refused one"
+    );
+    assert!(!own.join("cpuset.cpus").exists());
 }
 
 #[test]

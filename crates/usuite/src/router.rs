@@ -14,7 +14,7 @@ use crate::{
         key_value_server::{KeyValue, KeyValueServer},
         GetReply, GetRequest, SetReply, SetRequest,
     },
-    tier::{bucket_channels, fnv1a, with_retry},
+    tier::{bucket_channels, failed_in_transport, fnv1a, with_retry, with_retry_unsent},
 };
 
 fn check(key: &str) -> Result<(), Status> {
@@ -119,7 +119,8 @@ impl KeyValue for Mid {
             .await;
             match got {
                 Ok(reply) => return Ok(Response::new(reply)),
-                Err(s) if s.code() == tonic::Code::Unavailable => last = s,
+                // The next replica, as when this one is down.
+                Err(s) if failed_in_transport(&s) => last = s,
                 Err(s) => return Err(s),
             }
         }
@@ -134,7 +135,7 @@ impl KeyValue for Mid {
             .map(|b| {
                 let (ch, r) = (self.buckets[b].clone(), r.clone());
                 async move {
-                    with_retry(|| {
+                    with_retry_unsent(|| {
                         let (mut c, r) = (KeyValueClient::new(ch.clone()), r.clone());
                         async move { c.set(r).await.map(Response::into_inner) }
                     })

@@ -122,24 +122,56 @@ pub fn bucket_channels(buckets: &[SocketAddr]) -> Vec<Channel> {
 /// bucket: the bucket unreachable, or the connection closed or reset under the call. A tier
 /// restored from a snapshot comes back with its connections closed (`--tcp-close`), and a call
 /// can be queued on one before the channel has seen it close (hyper then cancels it unsent).
-/// Every fan-out call is idempotent, so once more on a new connection is safe.
-pub async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+/// For reads only: the failed attempt may have reached the bucket (see [`with_retry_unsent`]).
+pub async fn with_retry<T, F, Fut>(f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retry_once_if(failed_in_transport, f).await
+}
+
+/// Calls `f` once more only if the first attempt never left this side: the bucket refused
+/// the connection, or the call was cancelled on a connection that closed before it was sent.
+/// For writes, which a second delivery could apply over a newer one.
+pub async fn with_retry_unsent<T, F, Fut>(f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retry_once_if(never_sent, f).await
+}
+
+async fn retry_once_if<T, F, Fut>(
+    again: fn(&tonic::Status) -> bool,
+    mut f: F,
+) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     match f().await {
-        Err(s) if failed_in_transport(&s) => f().await,
+        Err(s) if again(&s) => f().await,
         other => other,
     }
 }
 
 /// A status the channel made from its own connection's failure; a bucket's answer (even an
 /// error) comes back without a source.
-fn failed_in_transport(s: &tonic::Status) -> bool {
+pub fn failed_in_transport(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable || made_by_channel(s)
+}
+
+/// A failure before the request left: tonic maps a refused connection to Unavailable and a
+/// request hyper dropped unsent (its connection closed first) to Cancelled.
+fn never_sent(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable
-        || s.source()
-            .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
+        || (s.code() == tonic::Code::Cancelled && made_by_channel(s))
+}
+
+fn made_by_channel(s: &tonic::Status) -> bool {
+    s.source()
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
 }
 
 /// A stable 64-bit FNV-1a hash (keys must route the same in every process).

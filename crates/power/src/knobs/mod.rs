@@ -7,8 +7,8 @@
 //! A journal entry is undone as root, so it is trusted no further than the knobs go: before an
 //! entry is undone its paths are resolved (`..` and symlinks) and checked against what the
 //! knobs write under the roots (a CPU's `online`, an idle state's `disable`, torpor's own
-//! cgroups, the root cgroup's `subtree_control`); anything else is refused, logged and
-//! dropped. The node wake hook that runs is the configured one, never the journal's.
+//! cgroups, the cpuset controller in the `subtree_control` of the root cgroup and of the
+//! services' directory); anything else is refused, logged and dropped. The node wake hook that runs is the configured one, never the journal's.
 
 pub mod journal;
 mod plan;
@@ -108,6 +108,10 @@ pub struct Knobs {
 
 /// Name of the cgroup under which torpor puts services.
 const CGROUP: &str = "torpor";
+
+/// The directory under a hierarchy's root that holds one cgroup per service (the agent makes
+/// them); on the unified hierarchy consolidation limits those where they are.
+pub const SERVICES_CGROUP: &str = "torpor-services";
 
 impl Knobs {
     /// Opens the journal and first undoes whatever a previous run left in it. `wake_hook` is
@@ -278,11 +282,12 @@ impl Knobs {
                 controller,
             } => {
                 let rel = within(subtree_control, &self.roots.cgroup)?;
-                if rel.file_name().and_then(|n| n.to_str()) != Some("cgroup.subtree_control")
+                let services = Path::new(SERVICES_CGROUP).join("cgroup.subtree_control");
+                if (rel != Path::new("cgroup.subtree_control") && rel != services)
                     || controller != "cpuset"
                 {
                     return Err(format!(
-                        "+{controller} in {} is not a unified cgroup's cpuset controller",
+                        "+{controller} in {} is not the cpuset controller of the root cgroup or of the services' directory",
                         subtree_control.display()
                     ));
                 }
@@ -456,26 +461,27 @@ impl Knobs {
         Ok(dir)
     }
 
-    /// Whether `cgroup` (a service's own) can be limited where it is, with
-    /// [`Knobs::cpuset_in_place`]: it is a cgroup below the root of a unified hierarchy that
-    /// holds the cpusets. On a legacy cpuset hierarchy the processes are moved instead, which
-    /// leaves their membership in other hierarchies as it was.
-    pub fn cpuset_fits_in_place(&self, cgroup: &Path) -> bool {
-        self.unified_root_above(cgroup).is_some()
+    /// Whether the cpusets are on the unified hierarchy, where a service's own cgroup is
+    /// limited in place ([`Knobs::cpuset_in_place`]) rather than its processes moved: moving
+    /// them would take them out of the cgroup that freezes, kills and accounts for them.
+    pub fn cpusets_unified(&self) -> bool {
+        matches!(self.cpusets(), Cpusets::V2 { .. })
     }
 
     /// The unified hierarchy's root, resolved, when it holds the cpusets and `cgroup` is an
-    /// existing cgroup below it.
+    /// existing service cgroup in its services' directory.
     fn unified_root_above(&self, cgroup: &Path) -> Option<PathBuf> {
         let Cpusets::V2 { root } = self.cpusets() else {
             return None;
         };
         let rel = within(cgroup, &root).ok()?;
-        (cgroup.is_dir() && !rel.as_os_str().is_empty()).then(|| root.canonicalize().ok())?
+        let parent = rel.parent()?;
+        (cgroup.is_dir() && parent == Path::new(SERVICES_CGROUP))
+            .then(|| root.canonicalize().ok())?
     }
 
-    /// Limits `cgroup`, an existing cgroup of the unified hierarchy (a service's own), to
-    /// `cpus`, with the cpuset controller enabled from the root down to it (journaled). Its
+    /// Limits `cgroup`, a service's own cgroup on the unified hierarchy, to `cpus`, with the
+    /// cpuset controller enabled in the root and the services' directory (journaled). Its
     /// processes stay in it, so freezing, killing and CPU accounting by that cgroup go on
     /// working; disabling the controller again at the undo lifts the limit with it.
     pub fn cpuset_in_place(
@@ -489,24 +495,27 @@ impl Knobs {
                 cgroup.display()
             )));
         }
-        let refused = || {
+        let root = self.unified_root_above(cgroup).ok_or_else(|| {
             KnobError::Refused(format!(
-                "{} is not a cgroup below the root of a unified hierarchy holding the cpusets",
+                "{} is not a service cgroup under {SERVICES_CGROUP} of a unified hierarchy holding the cpusets",
                 cgroup.display()
             ))
-        };
-        let root = self.unified_root_above(cgroup).ok_or_else(refused)?;
-        let cgroup = cgroup.canonicalize().map_err(|_| refused())?;
-        let mut ancestors: Vec<&Path> = cgroup
-            .ancestors()
-            .skip(1)
-            .take_while(|a| a.starts_with(&root))
-            .collect();
-        ancestors.reverse();
-        for a in ancestors {
-            self.enable_cpuset_below(a)?;
-        }
+        })?;
+        self.enable_cpuset_below(&root)?;
+        self.enable_cpuset_below(&root.join(SERVICES_CGROUP))?;
         self.write_own(&cgroup.join("cpuset.cpus"), &crate::cpulist::format(cpus))
+    }
+
+    /// Lifts what [`Knobs::cpuset_in_place`] set (an empty `cpuset.cpus` is the parent's), so
+    /// that a service starting or being restored there is not held to the cores of its last
+    /// plan; nothing when the cgroup or its cpuset is gone.
+    pub fn lift_cpuset_in_place(&mut self, cgroup: &Path) -> Result<(), KnobError> {
+        let cpus = cgroup.join("cpuset.cpus");
+        if self.unified_root_above(cgroup).is_none() || !cpus.is_file() {
+            return Ok(());
+        }
+        // A write of nothing would not reach the kernel: the newline is the empty value.
+        self.write_own(&cpus, "\n")
     }
 
     /// Enables the cpuset controller for the children of the unified cgroup `dir`, journaled
@@ -521,11 +530,17 @@ impl Knobs {
             info!(path = %control.display(), "dry run: would enable the cpuset controller");
             return Ok(());
         }
-        self.journal.push(Change::Controller {
+        let change = Change::Controller {
             subtree_control: control.clone(),
             controller: "cpuset".into(),
-        })?;
-        write_attr(&control, "+cpuset")
+        };
+        self.journal.push(change.clone())?;
+        if let Err(e) = write_attr(&control, "+cpuset") {
+            // Nothing changed: an entry kept would only grow the journal at every settle.
+            self.journal.remove(&change)?;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Moves processes into `group`'s cpuset (made with [`Knobs::cpuset`]).
