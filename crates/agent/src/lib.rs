@@ -749,7 +749,16 @@ impl Agent {
             }
             None => {
                 let (_never, mut cancel) = watch::channel(false);
-                if let Err(source) = m.cold_start_initial(&mut cancel).await {
+                // A start needs the node up and its cores back, as a restore does.
+                let node = self.shared.node.clone();
+                if let Some(n) = &node {
+                    n.before_wake();
+                }
+                let started = m.cold_start_initial(&mut cancel).await;
+                if let Some(n) = &node {
+                    n.after_wake();
+                }
+                if let Err(source) = started {
                     Managed::stop(&m).await;
                     return Err(AgentError::Start { name, source }.into());
                 }

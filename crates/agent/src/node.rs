@@ -217,16 +217,7 @@ impl NodePower {
         let mut s = state.lock().expect("knob lock");
         s.waking += 1;
         s.all_asleep_since = None;
-        if s.node_asleep {
-            s.node_asleep = false;
-            s.node_resumes += 1;
-            s.transitions.resumes += 1;
-            if s.node_asleep_dry_run {
-                info!("dry run: would run the node wake hook");
-            } else if let Err(e) = s.knobs.node_wake() {
-                warn!(error = %e, "node wake hook failed");
-            }
-        }
+        s.wake_node();
         if let Some(us) = s.config.wake_latency_us {
             if !s.knobs.holds_latency() {
                 if let Err(e) = s.knobs.hold_latency(us) {
@@ -364,6 +355,12 @@ impl NodePower {
         let mut s = state.lock().expect("knob lock");
         if !all_asleep || s.waking > 0 {
             s.all_asleep_since = None;
+            if !all_asleep && s.waking == 0 && s.node_asleep {
+                // A service is awake that no wake brought (one added by a reload, say): a
+                // node cannot sleep under it.
+                info!("a service is awake while the node sleeps; waking the node");
+                s.wake_node();
+            }
             return s.node_state();
         }
         let since = *s.all_asleep_since.get_or_insert_with(Instant::now);
@@ -466,6 +463,21 @@ impl KnobState {
             node_sleeps: 0,
             node_resumes: 0,
             transitions: NodeTransitions::default(),
+        }
+    }
+
+    /// Runs the node wake hook (or says it would) if the node sleeps, counting the resume.
+    fn wake_node(&mut self) {
+        if !self.node_asleep {
+            return;
+        }
+        self.node_asleep = false;
+        self.node_resumes += 1;
+        self.transitions.resumes += 1;
+        if self.node_asleep_dry_run {
+            info!("dry run: would run the node wake hook");
+        } else if let Err(e) = self.knobs.node_wake() {
+            warn!(error = %e, "node wake hook failed");
         }
     }
 

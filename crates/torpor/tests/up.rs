@@ -636,6 +636,50 @@ fn power_knobs_follow_sleep_and_wake_and_are_undone_at_stop() -> Result<()> {
 }
 
 #[test]
+fn a_service_added_while_the_node_sleeps_wakes_the_node_first() -> Result<()> {
+    let _g = serial();
+    let tree = tempfile::tempdir()?;
+    fake_knob_tree(tree.path())?;
+    let hooks = tree.path().join("hooks.log");
+    let web = sample_http("web", own_addr(), own_addr(), "8MiB", "200ms");
+    let mut up = Up::launch(
+        Config {
+            power: Some(knob_config(tree.path())),
+            ..embedded()
+        }
+        .services([web.clone()]),
+    )?;
+    wait_node_asleep(&up, &hooks)?;
+    // A reload adds a service, started from its command: the node must be up for it.
+    let api_addr = own_addr();
+    let api = sample_http("api", api_addr, own_addr(), "8MiB", "1h");
+    up.rewrite(&Config {
+        services: vec![web, api],
+        ..up.config().clone()
+    })?;
+    let (st, out, err) = up.command(&["reload"])?;
+    anyhow::ensure!(st.success(), "reload: {out}{err}\n{}", up.log_text());
+    assert_eq!(
+        std::fs::read_to_string(&hooks)?.trim(),
+        "sleep\nwake",
+        "{}",
+        up.log_text()
+    );
+    assert_eq!(http_get(api_addr, "/ping")?, "PONG");
+    // With a service awake, the node does not go back to sleep.
+    let s = up.wait_state("web", "asleep", Duration::from_secs(15))?;
+    assert!(s["pid"].is_null(), "{s}");
+    let seen = up.status_text()?;
+    assert_eq!(
+        std::fs::read_to_string(&hooks)?.trim(),
+        "sleep\nwake",
+        "{seen}"
+    );
+    assert!(up.stop()?.success());
+    Ok(())
+}
+
+#[test]
 fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     let _g = serial();
     let tree = tempfile::tempdir()?;
