@@ -858,6 +858,8 @@ impl Managed {
     async fn manual(&self, req: manual::Request) {
         let manual::Request { command, by, reply } = req;
         let result = self.carry_out(command, &by).await;
+        // A thaw, wake or sleep by hand changes what is awake, as the policy's do.
+        self.shared.replan.notify_one();
         let action = ManualAction {
             at_s: self.shared.started.elapsed().as_secs_f64(),
             at_unix_ms: manual::unix_ms_now(),
