@@ -750,14 +750,11 @@ impl Agent {
             None => {
                 let (_never, mut cancel) = watch::channel(false);
                 // A start needs the node up and its cores back, as a restore does.
-                let node = self.shared.node.clone();
-                if let Some(n) = &node {
-                    n.before_wake();
-                }
+                let waking = self.shared.node.as_ref().map(|n| n.waking());
                 let started = m.cold_start_initial(&mut cancel).await;
-                if let Some(n) = &node {
-                    n.after_wake();
-                }
+                drop(waking);
+                // Settles asked for while it started were held off: one now, whatever the outcome.
+                self.shared.replan.notify_one();
                 if let Err(source) = started {
                     Managed::stop(&m).await;
                     return Err(AgentError::Start { name, source }.into());

@@ -142,6 +142,15 @@ struct KnobState {
     transitions: NodeTransitions,
 }
 
+/// A wake or start in progress, from [`NodePower::waking`].
+pub(crate) struct Waking<'a>(&'a NodePower);
+
+impl Drop for Waking<'_> {
+    fn drop(&mut self) {
+        self.0.after_wake();
+    }
+}
+
 /// The node's power side, shared by the service loops and the node loop.
 #[derive(Debug)]
 pub(crate) struct NodePower {
@@ -210,9 +219,16 @@ impl NodePower {
         })
     }
 
-    /// Before a restore: the node is woken, freed cores come back, and the latency request is
-    /// held, so the restore has cores that answer fast.
-    pub fn before_wake(&self) {
+    /// Holds the node up for a restore or start until the guard is dropped: the node is woken,
+    /// freed cores come back and the latency request is held, so the restore has cores that
+    /// answer fast. A drop ends it even when the wake's future is cancelled or panics, which
+    /// would otherwise leave every later settle and node sleep held off.
+    pub fn waking(&self) -> Waking<'_> {
+        self.before_wake();
+        Waking(self)
+    }
+
+    fn before_wake(&self) {
         let Some(state) = &self.knobs else { return };
         let mut s = state.lock().expect("knob lock");
         s.waking += 1;
@@ -232,7 +248,7 @@ impl NodePower {
     }
 
     /// A wake finished (well or not).
-    pub fn after_wake(&self) {
+    fn after_wake(&self) {
         let Some(state) = &self.knobs else { return };
         let mut s = state.lock().expect("knob lock");
         s.waking = s.waking.saturating_sub(1);

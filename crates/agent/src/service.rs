@@ -1646,13 +1646,9 @@ impl Managed {
             // no core is given back and no latency request held for it.
             self.thaw_for(cause, asked).await;
         } else {
-            if let Some(node) = &self.shared.node {
-                node.before_wake();
-            }
+            let waking = self.shared.node.as_ref().map(|n| n.waking());
             self.wake_service(cause, asked).await;
-            if let Some(node) = &self.shared.node {
-                node.after_wake();
-            }
+            drop(waking);
         }
         self.shared.replan.notify_one();
     }
