@@ -75,6 +75,8 @@ pub enum AgentError {
     },
     #[error("processes of an earlier run are left in {path} and cannot be killed")]
     Leftover { path: std::path::PathBuf },
+    #[error("{path} holds the processes of another torpor that runs now (pid {pid}) with the same [node] namespace; give one of the two its own namespace")]
+    AnotherAgent { path: std::path::PathBuf, pid: i32 },
     #[error("start-up was cancelled")]
     Cancelled,
     #[error("service {name:?} did not start")]
@@ -1196,9 +1198,17 @@ async fn clear_leftovers(root: &CgroupRoot, names: &[&str]) -> Result<(), AgentE
     Ok(())
 }
 
-/// Kills what an earlier run left in a cgroup of this agent's and removes the cgroup.
+/// Kills what an earlier run left in a cgroup of this agent's and removes the cgroup; refused
+/// while another torpor that runs now (same namespace, so the same cgroup names) is the
+/// parent of processes there: they are its services, not leftovers.
 async fn clear_leftover(cg: ServiceCgroup) -> Result<(), AgentError> {
     let procs = cg.procs();
+    if let Some(pid) = other_torpor_parent(&procs) {
+        return Err(AgentError::AnotherAgent {
+            path: cg.path().to_path_buf(),
+            pid,
+        });
+    }
     if !procs.is_empty() {
         tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
     }
@@ -1212,6 +1222,31 @@ async fn clear_leftover(cg: ServiceCgroup) -> Result<(), AgentError> {
         });
     }
     Ok(())
+}
+
+/// A live torpor, not this process, that is the parent of one of `procs` (an agent is its
+/// services' parent, or their subreaper; what a dead agent left has been reparented).
+fn other_torpor_parent(procs: &[i32]) -> Option<i32> {
+    let me = std::process::id() as i32;
+    let own_exe = std::env::current_exe().ok();
+    procs.iter().find_map(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (in parentheses) may hold spaces: fields are counted after it.
+        let ppid: i32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        if ppid <= 1 || ppid == me || procs.contains(&ppid) {
+            return None;
+        }
+        let exe = std::fs::read_link(format!("/proc/{ppid}/exe")).ok()?;
+        let torpor = exe.file_name().is_some_and(|n| n == "torpor")
+            || own_exe.as_ref().is_some_and(|own| *own == exe);
+        torpor.then_some(ppid)
+    })
 }
 
 impl Shared {

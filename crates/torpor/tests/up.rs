@@ -692,6 +692,38 @@ fn a_service_added_while_the_node_sleeps_wakes_the_node_first() -> Result<()> {
 }
 
 #[test]
+fn a_second_torpor_in_the_same_namespace_leaves_the_first_ones_services_alone() -> Result<()> {
+    let _g = serial();
+    let ns = format!("twin{}", std::process::id());
+    let web = own_addr();
+    let mut first = Up::launch(embedded().namespace(&ns).services([sample_http(
+        "web",
+        web,
+        own_addr(),
+        "8MiB",
+        "1h",
+    )]))?;
+    // The same service name in the same namespace: the same cgroup, which is not a leftover.
+    let mut second = Up::spawn(
+        &embedded()
+            .namespace(&ns)
+            .status(own_addr())
+            .services([sample_http("web", own_addr(), own_addr(), "8MiB", "1h")]),
+    )?;
+    let st = second.wait_exit(Duration::from_secs(60))?;
+    let log = second.log_text();
+    assert!(!st.success(), "{log}");
+    assert!(
+        log.contains("another torpor that runs now")
+            && log.contains(&format!("pid {}", first.pid()?)),
+        "{log}"
+    );
+    assert_eq!(http_get(web, "/ping")?, "PONG", "{}", first.log_text());
+    assert!(first.stop()?.success());
+    Ok(())
+}
+
+#[test]
 fn knobs_left_by_a_killed_agent_are_undone_at_the_next_start() -> Result<()> {
     let _g = serial();
     let tree = tempfile::tempdir()?;
