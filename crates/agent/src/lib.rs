@@ -75,7 +75,7 @@ pub enum AgentError {
     },
     #[error("processes of an earlier run are left in {path} and cannot be killed")]
     Leftover { path: std::path::PathBuf },
-    #[error("{path} holds the processes of another torpor that runs now (pid {pid}) with the same [node] namespace; give one of the two its own namespace")]
+    #[error("{path} holds the processes of another torpor that runs now (pid {pid}) with the same [node] namespace: stop it (or wait for its stop to end), or give one of the two its own namespace")]
     AnotherAgent { path: std::path::PathBuf, pid: i32 },
     #[error("start-up was cancelled")]
     Cancelled,
@@ -1202,12 +1202,19 @@ async fn clear_leftovers(root: &CgroupRoot, names: &[&str]) -> Result<(), AgentE
 /// while another torpor that runs now (same namespace, so the same cgroup names) is the
 /// parent of processes there: they are its services, not leftovers.
 async fn clear_leftover(cg: ServiceCgroup) -> Result<(), AgentError> {
-    let procs = cg.procs();
-    if let Some(pid) = other_torpor_parent(&procs) {
-        return Err(AgentError::AnotherAgent {
-            path: cg.path().to_path_buf(),
-            pid,
-        });
+    // An earlier run still stopping (`torpor stop` returns once the stop is ordered) gets a
+    // while to end before this start is refused.
+    let deadline = tokio::time::Instant::now() + OTHER_AGENT_WAIT;
+    let mut procs = cg.procs();
+    while let Some(pid) = other_torpor_parent(&procs) {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(AgentError::AnotherAgent {
+                path: cg.path().to_path_buf(),
+                pid,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        procs = cg.procs();
     }
     if !procs.is_empty() {
         tracing::warn!(service = %cg.name(), ?procs, "stopping processes left by an earlier run");
@@ -1224,8 +1231,13 @@ async fn clear_leftover(cg: ServiceCgroup) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// A live torpor, not this process, that is the parent of one of `procs` (an agent is its
-/// services' parent, or their subreaper; what a dead agent left has been reparented).
+/// How long a start waits for another torpor holding its services' cgroups to end.
+const OTHER_AGENT_WAIT: Duration = Duration::from_secs(10);
+
+/// A live torpor agent, not this process, that is the parent of one of `procs` (an agent is
+/// its services' parent, or their subreaper; what a dead agent left has been reparented).
+/// A torpor service init outside the cgroup is no agent: it is the subreaper of a torpor that
+/// ran as a service of another torpor and died.
 fn other_torpor_parent(procs: &[i32]) -> Option<i32> {
     let me = std::process::id() as i32;
     let own_exe = std::env::current_exe().ok();
@@ -1243,9 +1255,20 @@ fn other_torpor_parent(procs: &[i32]) -> Option<i32> {
             return None;
         }
         let exe = std::fs::read_link(format!("/proc/{ppid}/exe")).ok()?;
+        // A binary replaced since it started (an upgrade) reads as "PATH (deleted)".
+        let exe = std::path::PathBuf::from(
+            exe.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        );
         let torpor = exe.file_name().is_some_and(|n| n == "torpor")
             || own_exe.as_ref().is_some_and(|own| *own == exe);
-        torpor.then_some(ppid)
+        let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+        let service_init = cmdline
+            .split(|b| *b == 0)
+            .nth(1)
+            .is_some_and(|a| a == init::SUBCOMMAND.as_bytes());
+        (torpor && !service_init).then_some(ppid)
     })
 }
 

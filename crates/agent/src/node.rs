@@ -143,6 +143,7 @@ struct KnobState {
 }
 
 /// A wake or start in progress, from [`NodePower::waking`].
+#[must_use = "the wake ends when this is dropped"]
 pub(crate) struct Waking<'a>(&'a NodePower);
 
 impl Drop for Waking<'_> {
@@ -250,7 +251,10 @@ impl NodePower {
     /// A wake finished (well or not).
     fn after_wake(&self) {
         let Some(state) = &self.knobs else { return };
-        let mut s = state.lock().expect("knob lock");
+        // Also run while a panicking wake unwinds: a second panic here would abort.
+        let mut s = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.waking = s.waking.saturating_sub(1);
         if s.waking == 0 {
             s.knobs.release_latency();

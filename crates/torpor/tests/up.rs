@@ -715,7 +715,7 @@ fn a_second_torpor_in_the_same_namespace_leaves_the_first_ones_services_alone() 
     assert!(!st.success(), "{log}");
     assert!(
         log.contains("another torpor that runs now")
-            && log.contains(&format!("pid {}", first.pid()?)),
+            && log.contains(&format!("(pid {})", first.pid()?)),
         "{log}"
     );
     assert_eq!(http_get(web, "/ping")?, "PONG", "{}", first.log_text());
