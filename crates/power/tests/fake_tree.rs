@@ -227,14 +227,21 @@ fn cgroup_v2_enables_the_controller_and_disables_it_again() {
     assert!(!host.cgroup().join("torpor").exists());
 }
 
-#[test]
-fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
+/// A unified-only host with the cpuset controller available and service "web"'s own cgroup
+/// holding process 4242: (host, its cgroup root, web's cgroup).
+fn unified_host_with_web() -> (FakeHost, std::path::PathBuf, std::path::PathBuf) {
     let host = FakeHost::new(2);
     let cg = host.cgroup();
     write(&cg.join("cgroup.controllers"), "cpuset cpu memory\n");
-    write(&cg.join("cgroup.subtree_control"), "memory\n");
     let own = cg.join("torpor-services/web");
     write(&own.join("cgroup.procs"), "4242\n");
+    (host, cg, own)
+}
+
+#[test]
+fn cgroup_v2_limits_a_service_in_its_own_cgroup_and_lifts_it_again() {
+    let (host, cg, own) = unified_host_with_web();
+    write(&cg.join("cgroup.subtree_control"), "memory\n");
     let mut k = knobs(&host, false);
     assert!(k.cpusets_unified());
     k.cpuset_in_place(&own, &[1].into()).unwrap();
@@ -312,11 +319,7 @@ fn only_a_service_cgroup_of_a_unified_hierarchy_is_limited_in_place() {
 
 #[test]
 fn a_controller_the_kernel_refuses_leaves_no_journal_entry() {
-    let host = FakeHost::new(2);
-    let cg = host.cgroup();
-    write(&cg.join("cgroup.controllers"), "cpuset\n");
-    let own = cg.join("torpor-services/web");
-    std::fs::create_dir_all(&own).unwrap();
+    let (host, cg, own) = unified_host_with_web();
     // A directory where the attribute is: every write to it fails.
     std::fs::create_dir_all(cg.join("torpor-services/cgroup.subtree_control")).unwrap();
     let mut k = knobs(&host, false);
@@ -335,11 +338,7 @@ fn a_controller_the_kernel_refuses_leaves_no_journal_entry() {
 
 #[test]
 fn a_journaled_controller_whose_cgroup_is_gone_is_undone_as_nothing() {
-    let host = FakeHost::new(2);
-    let cg = host.cgroup();
-    write(&cg.join("cgroup.controllers"), "cpuset\n");
-    let own = cg.join("torpor-services/web");
-    std::fs::create_dir_all(&own).unwrap();
+    let (host, cg, own) = unified_host_with_web();
     let mut k = knobs(&host, false);
     k.cpuset_in_place(&own, &[1].into()).unwrap();
     std::fs::remove_dir_all(cg.join("torpor-services")).unwrap();

@@ -28,6 +28,15 @@ fn small() -> DataArgs {
     }
 }
 
+/// A Set Algebra bucket of one shard, served on a fresh port until the test ends.
+async fn bucket() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let router = Server::builder().add_service(setalgebra::Bucket::new(&small(), 0, 1));
+    tokio::spawn(tier::serve(l, router, std::future::pending()));
+    addr
+}
+
 /// Relays connections to `upstream`; a message on the returned sender resets every
 /// connection accepted so far (zero linger: the client side gets a RST) and answers once done.
 async fn relay(upstream: SocketAddr) -> (SocketAddr, mpsc::Sender<oneshot::Sender<()>>) {
@@ -76,12 +85,7 @@ fn query() -> IntersectRequest {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_bucket_call_on_a_connection_reset_under_it_is_sent_again_on_a_new_one() {
-    let d = small();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bucket = l.local_addr().unwrap();
-    let router = Server::builder().add_service(setalgebra::Bucket::new(&d, 0, 1));
-    tokio::spawn(tier::serve(l, router, std::future::pending()));
-    let (via, reset) = relay(bucket).await;
+    let (via, reset) = relay(bucket().await).await;
     let channel = tier::bucket_channels(&[via]).remove(0);
     let call = || {
         let mut c = SetAlgebraClient::new(channel.clone());
@@ -103,11 +107,7 @@ async fn a_bucket_call_on_a_connection_reset_under_it_is_sent_again_on_a_new_one
 
 #[tokio::test]
 async fn a_bucket_that_answers_with_an_error_is_not_asked_again() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bucket = l.local_addr().unwrap();
-    let router = Server::builder().add_service(setalgebra::Bucket::new(&small(), 0, 1));
-    tokio::spawn(tier::serve(l, router, std::future::pending()));
-    let channel = tier::bucket_channels(&[bucket]).remove(0);
+    let channel = tier::bucket_channels(&[bucket().await]).remove(0);
     let attempts = std::sync::atomic::AtomicUsize::new(0);
     let got = tier::with_retry(|| {
         attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -8,7 +8,8 @@
 //! entry is undone its paths are resolved (`..` and symlinks) and checked against what the
 //! knobs write under the roots (a CPU's `online`, an idle state's `disable`, torpor's own
 //! cgroups, the cpuset controller in the `subtree_control` of the root cgroup and of the
-//! services' directory); anything else is refused, logged and dropped. The node wake hook that runs is the configured one, never the journal's.
+//! services' directory); anything else is refused, logged and dropped. The node wake hook
+//! that runs is the configured one, never the journal's.
 
 pub mod journal;
 mod plan;
